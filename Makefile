@@ -1,0 +1,42 @@
+# cnikit: `sudo make demo` runs every lesson in a sandbox; `sudo make test` runs the tests.
+# Both install what they need first (make deps).
+PYTHON  ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+APT_PKGS := iproute2 iptables iputils-ping socat procps
+PY_TEST_PKGS := pytest pytest-subprocess sh
+
+.PHONY: deps apt-deps test demo clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "sudo make demo   # every lesson, end to end, in a throwaway sandbox"
+	@echo "sudo make test   # the test suite (root, real namespaces, sandboxed)"
+	@echo "make deps        # venv with the test packages + missing apt packages"
+	@echo "make clean       # remove the venv and caches"
+
+# Missing apt packages only; a fresh Debian machine has empty package lists, so update first.
+apt-deps:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  missing=$$(for p in $(APT_PKGS) $(EXTRA_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "apt-get install $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi; \
+	fi
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+deps: apt-deps $(VPY)
+	$(VPY) -m pip install -q $(PY_TEST_PKGS)
+
+test: deps
+	$(VPY) -m pytest -q tests
+
+demo: apt-deps
+	$(PYTHON) stages/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__ *.egg-info build

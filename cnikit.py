@@ -1,0 +1,1211 @@
+#!/usr/bin/env python3
+"""cnikit: container networking from first principles.
+
+cnikit builds what a CNI plugin builds (network namespaces, veth pairs, a bridge,
+NAT egress, a VXLAN overlay) by running iproute2 and iptables, and prints every
+command that changes the kernel as a line you can paste into a shell.
+
+    sudo ./cnikit.py netns add ns1
+    sudo ./cnikit.py veth add veth-ns1 eth0 --netns ns1 --addr 10.0.0.1/24 --peer-addr 10.0.0.2/24
+    sudo ./cnikit.py show
+    sudo ./cnikit.py --dry-run bridge add br0 --addr 10.0.0.1/24 | sh -e
+
+It needs only python3's standard library plus iproute2 (ip, bridge), iptables and
+procps (sysctl).  As a library, the stages/ lessons call the same functions:
+
+    r = cnikit.Runner()
+    cnikit.netns_add(r, "ns1")
+
+The story of this file, top to bottom: constants; errors; validation; argv
+builders (pure functions); the runner (the only place that executes anything);
+the verbs (netns, veth, bridge, nat, vxlan, show, cleanup); the sandbox; the CLI.
+"""
+import argparse
+import ctypes
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
+VXLAN_PORT = 4789                 # IANA port for VXLAN
+VXLAN_OVERHEAD = 50               # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+DEFAULT_MTU = 1500
+NETNS_DIR = "/run/netns"
+IFNAME_MAX = 15                   # IFNAMSIZ - 1
+VNI_MAX = 2 ** 24 - 1
+SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
+PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "iptables": "iptables", "sysctl": "procps",
+            "ping": "iputils-ping", "socat": "socat", "tcpdump": "tcpdump", "conntrack": "conntrack",
+            "ss": "iproute2", "nsenter": "util-linux"}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Namespace and mount flags for the sandbox (linux/sched.h, linux/mount.h).
+CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+
+
+# ---------------------------------------------------------------- errors
+
+class CnikitError(Exception):
+    """Anything cnikit reports to a user: one line, and an exit code."""
+    code = EXIT_FAILED
+
+
+class UsageError(CnikitError):
+    """Bad input or usage, found before anything changed (exit 2)."""
+    code = EXIT_USAGE
+
+
+class CommandFailed(CnikitError):
+    """A command returned non-zero: carries the argv and the kernel's message (exit 1)."""
+
+    def __init__(self, argv, returncode, stderr):
+        self.argv, self.returncode, self.stderr = argv, returncode, (stderr or "").strip()
+        msg = self.stderr.splitlines()[-1] if self.stderr else f"exit status {returncode}"
+        super().__init__(f"command failed: {shlex.join(argv)}: {msg}")
+
+
+# ---------------------------------------------------------------- validation (pure)
+
+_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
+def check_ifname(name, what="interface name"):
+    """Linux accepts 1-15 bytes without '/', ':' or whitespace, and not '.' or '..'."""
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{what} is empty")
+    if len(name.encode()) > IFNAME_MAX:
+        raise UsageError(f"{what} {name!r} is {len(name.encode())} characters; Linux allows at most {IFNAME_MAX}")
+    if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
+        raise UsageError(f"{what} {name!r} is invalid: no '/', ':', whitespace, and not '.' or '..'")
+    return name
+
+
+def check_netns(name):
+    """Namespace names become files in /run/netns: keep them to a safe alphabet."""
+    if not isinstance(name, str) or not _NETNS_RE.match(name):
+        raise UsageError(f"namespace name {name!r} is invalid: use letters, digits, '_', '.', '-' "
+                         "(not starting with '.' or '-'), at most 64 characters")
+    return name
+
+
+def check_ifaddr(text, what="address"):
+    """An interface address with its prefix, e.g. 10.0.0.1/24 (the host part may be set)."""
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an address with a prefix such as 10.0.0.1/24") from None
+    if "/" not in text:
+        raise UsageError(f"{what} {text!r} needs a prefix length, e.g. {text}/24")
+    if iface.ip == iface.network.network_address and iface.network.prefixlen < iface.max_prefixlen - 1:
+        raise UsageError(f"{what} {text!r} is the network address of {iface.network}; pick a host address")
+    return str(iface)
+
+
+def check_subnet(text, what="subnet"):
+    """A network in CIDR form with no host bits set, e.g. 10.0.0.0/24."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise UsageError(f"{what} {text!r} is not a CIDR network such as 10.0.0.0/24 ({e})") from None
+    if "/" not in text:
+        raise UsageError(f"{what} {text!r} needs a prefix length, e.g. {text}/24")
+    return str(net)
+
+
+def check_ip(text, what="address"):
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an IP address") from None
+
+
+def check_int(value, low, high, what):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} {value!r} is not a number") from None
+    if not low <= n <= high:
+        raise UsageError(f"{what} {n} is out of range {low}-{high}")
+    return n
+
+
+def check_mtu(value):
+    return None if value is None else check_int(value, 68, 65535, "MTU")
+
+
+def check_mac(text):
+    if not _MAC_RE.match(text or ""):
+        raise UsageError(f"MAC address {text!r} is invalid; expected six hex pairs such as 02:42:0a:00:00:02")
+    return text.lower()
+
+
+# ---------------------------------------------------------------- argv builders (pure)
+
+def ip(*args, ns=None):
+    """`ip [-n NS] ARGS...`: iproute2 enters the namespace itself."""
+    return ["ip"] + (["-n", ns] if ns else []) + [str(a) for a in args]
+
+
+def bridge(*args, ns=None):
+    return ["bridge"] + (["-n", ns] if ns else []) + [str(a) for a in args]
+
+
+def in_netns(argv, ns=None):
+    """Run any other tool inside NS: `ip netns exec NS ARGV...`."""
+    return (["ip", "netns", "exec", ns] if ns else []) + list(argv)
+
+
+def iptables(*args, ns=None):
+    return in_netns(["iptables"] + [str(a) for a in args], ns)
+
+
+def sysctl_set(key, value, ns=None):
+    return in_netns(["sysctl", "-w", f"{key}={value}"], ns)
+
+
+def kv(**options):
+    """Keyword args become iproute2's `key value` pairs; None is left out."""
+    out = []
+    for key, value in options.items():
+        if value is not None:
+            out += [key, str(value)]
+    return out
+
+
+def tag_link(name, ns=None):
+    """Mark a link as cnikit's in the kernel itself, so cleanup finds it by its ifalias."""
+    return ip("link", "set", "dev", name, "alias", TAG, ns=ns)
+
+
+def link_up(name, ns=None):
+    return ip("link", "set", "dev", name, "up", ns=ns)
+
+
+def addr_add(cidr, dev, ns=None):
+    return ip("addr", "add", cidr, "dev", dev, ns=ns)
+
+
+def netns_add_argv(name):
+    # lo carries the tag: a namespace has no label of its own in the kernel.
+    return [ip("netns", "add", name), tag_link("lo", ns=name)]
+
+
+def veth_add_argv(name, peer, netns=None, mtu=None, host=None):
+    peer_opts = ["peer", "name", peer] + kv(mtu=mtu, netns=netns)
+    return ip("link", "add", name, *kv(mtu=mtu), "type", "veth", *peer_opts, ns=host)
+
+
+def bridge_add_argv(name, mtu=None, host=None):
+    return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
+
+
+def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None):
+    opts = kv(id=vni, dstport=dstport, remote=remote, group=group, local=local, dev=dev)
+    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, ns=host)
+
+
+def nat_comment(subnet):
+    return f"{TAG} nat {subnet}"
+
+
+def nat_rules(subnet, out_iface):
+    """(table, chain, rule spec) for a subnet's egress: masquerade what leaves OUT,
+    and let it be forwarded out and its replies back in."""
+    tag = ["-m", "comment", "--comment", nat_comment(subnet)]
+    return [
+        ("nat", "POSTROUTING", ["-s", subnet, "-o", out_iface] + tag + ["-j", "MASQUERADE"]),
+        ("filter", "FORWARD", ["-s", subnet, "-o", out_iface] + tag + ["-j", "ACCEPT"]),
+        ("filter", "FORWARD", ["-d", subnet, "-i", out_iface, "-m", "conntrack", "--ctstate",
+                               "RELATED,ESTABLISHED"] + tag + ["-j", "ACCEPT"]),
+    ]
+
+
+def iptables_rule(action, table, chain, spec, ns=None):
+    return iptables("-t", table, action, chain, *spec, ns=ns)
+
+
+# ---------------------------------------------------------------- the runner
+
+def which(tool):
+    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def require_tools(*tools):
+    """Fail before anything runs when a tool is missing, naming its Debian package."""
+    for tool in tools:
+        if not which(tool):
+            pkg = PACKAGES.get(tool, tool)
+            raise UsageError(f"{tool} not found: install it with `apt-get install {pkg}` (Debian package {pkg})")
+
+
+class Runner:
+    """Executes and echoes argv lists: the only place cnikit runs anything.
+
+    `run` is for commands that change the kernel: always echoed (unless quiet),
+    skipped in a dry run, and an `undo` argv may be given to roll back on failure.
+    `query` is for look-ups cnikit makes to decide (echoed with verbose only).
+    `show` is for commands whose output is the point (echoed, output printed).
+    """
+
+    def __init__(self, dry_run=False, quiet=False, verbose=False, out=None, color=None):
+        self.dry_run, self.quiet, self.verbose = dry_run, quiet, verbose
+        self.out = out or sys.stdout
+        self.color = self.out.isatty() if color is None else color
+        self.undo = []            # argv lists that undo what this invocation created, in order
+        self.log = []             # every argv run or printed by run/show, for tests and lessons
+
+    # -- printing
+    def _print(self, text):
+        print(text, file=self.out, flush=True)
+
+    def echo(self, argv):
+        self.log.append(list(argv))
+        if self.quiet:
+            return
+        line = shlex.join(argv)
+        self._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if self.color else line)
+
+    def note(self, text):
+        """A remark between commands, as a shell comment so a dry run stays a script."""
+        if not self.quiet:
+            self._print(f"\033[2m# {text}\033[0m" if self.color else f"# {text}")
+
+    def output(self, text):
+        if text:
+            self._print(text.rstrip("\n"))
+
+    # -- executing
+    def _exec(self, argv, input=None):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, input=input)
+        except FileNotFoundError:
+            pkg = PACKAGES.get(argv[0], argv[0])
+            raise CnikitError(f"{argv[0]} not found: install the Debian package {pkg}") from None
+        except PermissionError as e:
+            raise CnikitError(f"cannot run {argv[0]}: {e.strerror}") from None
+
+    def run(self, argv, undo=None, check=True):
+        """Echo ARGV, then run it; on success remember UNDO for a rollback."""
+        self.echo(argv)
+        if self.dry_run:
+            return ""
+        proc = self._exec(argv)
+        if proc.returncode != 0 and check:
+            raise CommandFailed(argv, proc.returncode, proc.stderr)
+        if undo:
+            self.undo.append(undo)
+        if not self.quiet:
+            self.output(proc.stdout)
+        return proc.stdout
+
+    def show(self, argv):
+        """Echo ARGV and print its output even with -q: it is what the user asked to see."""
+        self.echo(argv)
+        if self.dry_run:
+            return ""
+        proc = self._exec(argv)
+        if proc.returncode != 0:
+            raise CommandFailed(argv, proc.returncode, proc.stderr)
+        self.output(proc.stdout)
+        return proc.stdout
+
+    def query(self, argv, in_dry_run=False):
+        """A read-only look-up: returns (ok, stdout). A dry run plans for a fresh host
+        and skips look-ups (answering 'absent') unless IN_DRY_RUN says it is safe."""
+        if self.dry_run and not in_dry_run:
+            return False, ""
+        if self.verbose:
+            self.note("look-up: " + shlex.join(argv))
+        proc = self._exec(argv)
+        return proc.returncode == 0, proc.stdout
+
+    def query_json(self, argv, in_dry_run=False):
+        ok, out = self.query(argv, in_dry_run)
+        if not ok or not out.strip():
+            return None
+        try:
+            return json.loads(out)
+        except ValueError:
+            return None
+
+    def rollback(self):
+        """Undo, newest first, what this invocation created; keep going past failures."""
+        if not self.undo or self.dry_run:
+            return
+        self.note("rolling back what this command created")
+        while self.undo:
+            argv = self.undo.pop()
+            self.echo(argv)
+            self._exec(argv)
+
+    def transaction(self):
+        return _Transaction(self)
+
+
+class _Transaction:
+    """`with runner.transaction():` rolls back this block's objects if it fails."""
+
+    def __init__(self, runner):
+        self.runner, self.mark = runner, None
+
+    def __enter__(self):
+        self.mark = len(self.runner.undo)
+        return self.runner
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, CnikitError):
+            newer = self.runner.undo[self.mark:]
+            del self.runner.undo[self.mark:]
+            saved, self.runner.undo = self.runner.undo, newer
+            self.runner.rollback()
+            self.runner.undo = saved
+        return False
+
+
+# ---------------------------------------------------------------- kernel look-ups
+
+def get_link(r, name, ns=None):
+    """The link's `ip -j -d link show` record, or None when it does not exist."""
+    data = r.query_json(ip("-j", "-d", "link", "show", "dev", name, ns=ns))
+    return data[0] if data else None
+
+
+def link_addrs(r, name, ns=None):
+    data = r.query_json(ip("-j", "addr", "show", "dev", name, ns=ns)) or []
+    return {f"{a['local']}/{a['prefixlen']}" for rec in data for a in rec.get("addr_info", [])
+            if a.get("family") == "inet" or a.get("family") == "inet6" and a.get("scope") == "global"}
+
+
+def link_kind(link):
+    return (link or {}).get("linkinfo", {}).get("info_kind", "")
+
+
+def netns_names(r):
+    data = r.query_json(ip("-j", "netns", "list")) or []
+    return [n["name"] for n in data]
+
+
+def netns_exists(name):
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def require_netns(r, name, what="namespace"):
+    """A namespace this command needs; a dry run plans for it to exist by then."""
+    if name and not r.dry_run and not netns_exists(name):
+        raise UsageError(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})")
+
+
+def ensure_addrs(r, dev, cidrs, ns=None):
+    """Add the addresses DEV lacks; an address already there is left as is."""
+    have = link_addrs(r, dev, ns) if not r.dry_run else set()
+    for cidr in cidrs:
+        if cidr and cidr not in have:
+            r.run(addr_add(cidr, dev, ns))
+
+
+def say_if_unchanged(r, mark, what):
+    """After a re-run: tell the user when nothing needed doing (no command since MARK)."""
+    if not r.dry_run and len(r.log) == mark:
+        r.note(f"{what} already exists as asked; nothing to do")
+
+
+def ensure_up(r, dev, ns=None, link=None):
+    link = link if link is not None else get_link(r, dev, ns)
+    if r.dry_run or not link or "UP" not in link.get("flags", []):
+        r.run(link_up(dev, ns))
+
+
+# ---------------------------------------------------------------- netns
+
+def netns_add(r, name, lo_up=False):
+    """Create netns NAME (tagged as cnikit's). Re-run: an existing NAME is left as is."""
+    check_netns(name)
+    if not r.dry_run and netns_exists(name):
+        r.note(f"netns {name} already exists; nothing to do")
+    else:
+        add, tag = netns_add_argv(name)
+        r.run(add, undo=ip("netns", "del", name))
+        r.run(tag)
+    if lo_up:
+        netns_lo_up(r, name)
+
+
+def netns_lo_up(r, name):
+    """Bring up lo in NAME: without it even 127.0.0.1 is unreachable inside."""
+    check_netns(name)
+    require_netns(r, name)
+    ensure_up(r, "lo", ns=name)
+
+
+def netns_del(r, name):
+    """Delete netns NAME and everything inside it. Re-run: absent is fine."""
+    check_netns(name)
+    if not r.dry_run and not netns_exists(name):
+        r.note(f"netns {name} does not exist; nothing to delete")
+        return
+    r.run(ip("netns", "del", name))
+
+
+def netns_list(r):
+    return r.show(ip("netns", "list"))
+
+
+def netns_exec(r, name, cmd):
+    """Run CMD inside NAME with the terminal attached; returns its exit code."""
+    check_netns(name)
+    require_netns(r, name)
+    if not cmd:
+        raise UsageError("netns exec needs a command after --, e.g. cnikit netns exec ns1 -- ip addr")
+    argv = ip("netns", "exec", name, *cmd)
+    r.echo(argv)
+    if r.dry_run:
+        return 0
+    try:
+        return subprocess.call(argv)
+    except FileNotFoundError:
+        raise CnikitError("ip not found: install the Debian package iproute2") from None
+
+
+# ---------------------------------------------------------------- veth
+
+def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, host=None):
+    """A veth pair NAME <-> PEER, PEER moved into NETNS, addresses set, both ends up.
+
+    Re-run contract: if NAME already is a veth whose peer is PEER (in NETNS), only
+    what is missing (addresses, up) is done; any other NAME or PEER is a conflict.
+    """
+    check_ifname(name)
+    check_ifname(peer, "peer name")
+    if netns:
+        check_netns(netns)
+    if host:
+        check_netns(host)
+    addr = check_ifaddr(addr, "--addr") if addr else None
+    peer_addr = check_ifaddr(peer_addr, "--peer-addr") if peer_addr else None
+    mtu = check_mtu(mtu)
+    if netns is None and name == peer:
+        raise UsageError("a veth's two ends in one namespace need two different names")
+    require_netns(r, host, "host namespace")
+    require_netns(r, netns)
+    peer_ns = netns or host
+    link, mark = get_link(r, name, host), len(r.log)
+    with r.transaction():
+        if link:
+            _check_veth_peer(r, link, name, peer, peer_ns, host)
+            r.note(f"veth {name} already exists with peer {peer}; checking the rest")
+        else:
+            if get_link(r, peer, peer_ns):
+                raise UsageError(f"{peer} already exists{' in ' + peer_ns if peer_ns else ''}; "
+                                 "pick another peer name")
+            r.run(veth_add_argv(name, peer, netns, mtu, host), undo=ip("link", "del", name, ns=host))
+            r.run(tag_link(name, host))
+        ensure_addrs(r, name, [addr], host)
+        ensure_addrs(r, peer, [peer_addr], peer_ns)
+        ensure_up(r, name, host)
+        ensure_up(r, peer, peer_ns)
+    say_if_unchanged(r, mark, f"veth {name} <=> {peer}")
+
+
+def _check_veth_peer(r, link, name, peer, peer_ns, host):
+    if link_kind(link) != "veth":
+        raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-veth'} link, not a veth")
+    if not is_veth_pair(link, get_link(r, peer, peer_ns)):
+        where = f" in {peer_ns}" if peer_ns else ""
+        raise UsageError(f"veth {name} already exists but its peer is not {peer}{where}")
+
+
+def is_veth_pair(link, other):
+    """Two link records are the ends of one veth: by name in one namespace, by
+    ifindex across namespaces (ip -j shows the peer's index there)."""
+    if not link or not other:
+        return False
+    if link.get("link") == other["ifname"] and other.get("link") == link["ifname"]:
+        return True
+    return link.get("link_index") == other["ifindex"] and other.get("link_index") == link["ifindex"]
+
+
+def veth_del(r, name, host=None):
+    """Delete veth NAME (its peer goes with it). Re-run: absent is fine."""
+    check_ifname(name)
+    require_netns(r, host, "host namespace")
+    link = get_link(r, name, host)
+    if not r.dry_run and not link:
+        r.note(f"veth {name} does not exist; nothing to delete")
+        return
+    if link and link_kind(link) != "veth":
+        raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a veth; not deleting it")
+    r.run(ip("link", "del", name, ns=host))
+
+
+# ---------------------------------------------------------------- bridge
+
+def bridge_add(r, name, addr=None, mtu=None, host=None):
+    """A Linux bridge NAME, optionally holding the gateway ADDR, up.
+
+    Re-run contract: an existing bridge NAME gets only what is missing; a non-bridge
+    link called NAME is a conflict.
+    """
+    check_ifname(name, "bridge name")
+    addr = check_ifaddr(addr, "--addr") if addr else None
+    mtu = check_mtu(mtu)
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    link, mark = get_link(r, name, host), len(r.log)
+    with r.transaction():
+        if link:
+            if link_kind(link) != "bridge":
+                raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-bridge'} link")
+            r.note(f"bridge {name} already exists; checking the rest")
+        else:
+            r.run(bridge_add_argv(name, mtu, host), undo=ip("link", "del", name, ns=host))
+            r.run(tag_link(name, host))
+        ensure_addrs(r, name, [addr], host)
+        ensure_up(r, name, host)
+    say_if_unchanged(r, mark, f"bridge {name}")
+
+
+def bridge_attach(r, name, ifaces, host=None):
+    """Enslave each IFACE to bridge NAME and bring it up. Re-run: ports stay."""
+    check_ifname(name, "bridge name")
+    for iface in ifaces:
+        check_ifname(iface)
+    if not ifaces:
+        raise UsageError("bridge attach needs at least one interface")
+    require_netns(r, host, "host namespace")
+    br = get_link(r, name, host)
+    if not r.dry_run:
+        if not br or link_kind(br) != "bridge":
+            raise UsageError(f"bridge {name} does not exist (create it with: cnikit bridge add {name})")
+        for iface in ifaces:
+            if not get_link(r, iface, host):
+                raise UsageError(f"interface {iface} does not exist{' in ' + host if host else ''}")
+    for iface in ifaces:
+        link = get_link(r, iface, host)
+        if link and link.get("master") == name:
+            r.note(f"{iface} is already a port of {name}")
+        else:
+            r.run(ip("link", "set", "dev", iface, "master", name, ns=host))
+        ensure_up(r, iface, host, link)
+
+
+def bridge_del(r, name, host=None):
+    """Delete bridge NAME (its ports stay, detached). Re-run: absent is fine."""
+    check_ifname(name, "bridge name")
+    require_netns(r, host, "host namespace")
+    link = get_link(r, name, host)
+    if not r.dry_run and not link:
+        r.note(f"bridge {name} does not exist; nothing to delete")
+        return
+    if link and link_kind(link) != "bridge":
+        raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a bridge; not deleting it")
+    r.run(ip("link", "del", name, ns=host))
+
+
+def bridge_show(r, name, host=None):
+    """Print the bridge's ports and the MAC addresses it has learned (its fdb)."""
+    check_ifname(name, "bridge name")
+    require_netns(r, host, "host namespace")
+    if not r.dry_run and link_kind(get_link(r, name, host)) != "bridge":
+        raise UsageError(f"bridge {name} does not exist")
+    ports = r.show(ip("-br", "link", "show", "master", name, ns=host))
+    fdb = r.show(bridge("fdb", "show", "br", name, ns=host))
+    return ports, fdb
+
+
+# ---------------------------------------------------------------- nat
+
+def _cnikit_rules(r, host=None, subnet=None):
+    """cnikit's rules as (table, chain, spec), read back from `iptables -S`."""
+    found = []
+    for table in ("nat", "filter"):
+        ok, out = r.query(iptables("-t", table, "-S", ns=host))
+        for line in out.splitlines() if ok else []:
+            words = shlex.split(line)
+            if len(words) < 3 or words[0] != "-A" or "--comment" not in words:
+                continue
+            comment = words[words.index("--comment") + 1]
+            if comment == TAG or comment.startswith(TAG + " "):
+                if subnet is None or comment == nat_comment(subnet):
+                    found.append((table, words[1], words[2:]))
+    return found
+
+
+def nat_add(r, subnet, out_iface, host=None):
+    """Egress for SUBNET through OUT: ip_forward on, MASQUERADE, FORWARD accept.
+
+    Re-run contract: rules already present are not added twice; the same subnet
+    through another interface is a conflict (nat del it first).
+    """
+    subnet = check_subnet(subnet)
+    check_ifname(out_iface, "--out interface")
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    require_tools("iptables", "sysctl")
+    existing = _cnikit_rules(r, host, subnet)
+    for _, _, spec in existing:
+        if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
+            raise UsageError(f"NAT for {subnet} already leaves through {spec[spec.index('-o') + 1]}; "
+                             f"run `cnikit nat del {subnet}` first")
+    with r.transaction():
+        # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
+        ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
+        if ok and value.strip() == "1":
+            r.note("net.ipv4.ip_forward is already 1")
+        else:
+            r.run(sysctl_set("net.ipv4.ip_forward", 1, host))
+        for table, chain, spec in nat_rules(subnet, out_iface):
+            present, _ = r.query(iptables_rule("-C", table, chain, spec, host))
+            if present:
+                r.note(f"{table} {chain} rule for {subnet} already present")
+                continue
+            r.run(iptables_rule("-A", table, chain, spec, host),
+                  undo=iptables_rule("-D", table, chain, spec, host))
+
+
+def nat_del(r, subnet, host=None):
+    """Remove exactly the rules `nat add SUBNET` added. Re-run: none left is fine."""
+    subnet = check_subnet(subnet)
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    require_tools("iptables")
+    rules = _cnikit_rules(r, host, subnet)
+    if not rules and not r.dry_run:
+        r.note(f"no cnikit NAT rules for {subnet}; nothing to delete")
+    for table, chain, spec in rules:
+        r.run(iptables_rule("-D", table, chain, spec, host))
+
+
+def nat_show(r, host=None):
+    """Print cnikit's rules, as iptables -S lines."""
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    require_tools("iptables")
+    lines = []
+    for table, chain, spec in _cnikit_rules(r, host):
+        lines.append(shlex.join(["iptables", "-t", table, "-A", chain] + spec))
+    r.note(f"cnikit's iptables rules{' in ' + host if host else ''}: {len(lines)}")
+    r.output("\n".join(lines))
+    return lines
+
+
+# ---------------------------------------------------------------- vxlan
+
+def underlay_mtu(r, dev=None, remote=None, host=None):
+    """The MTU of the device the overlay rides on: DEV, else the route to REMOTE."""
+    if not dev and remote:
+        route = r.query_json(ip("-j", "route", "get", remote, ns=host), in_dry_run=True)
+        dev = route[0].get("dev") if route else None
+    if dev:
+        data = r.query_json(ip("-j", "link", "show", "dev", dev, ns=host), in_dry_run=True)
+        if data:
+            return data[0]["mtu"]
+    r.note(f"underlay MTU unknown here; assuming {DEFAULT_MTU}")
+    return DEFAULT_MTU
+
+
+def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT,
+              bridge_name=None, mtu=None, host=None):
+    """A VXLAN device NAME (VNI, UDP DSTPORT) to REMOTE or multicast GROUP, its MTU
+    the underlay's minus 50, optionally a port of BRIDGE, up.
+
+    Without --remote or --group, peers come from `vxlan fdb add` (flannel's way).
+    Re-run contract: an existing vxlan NAME with the same VNI gets only what is
+    missing; any other link NAME, or another VNI, is a conflict.
+    """
+    check_ifname(name, "vxlan name")
+    vni = check_int(vni, 1, VNI_MAX, "VNI")
+    dstport = check_int(dstport, 1, 65535, "--dstport")
+    if remote and group:
+        raise UsageError("give --remote (unicast peer) or --group (multicast), not both")
+    remote = check_ip(remote, "--remote") if remote else None
+    group = check_ip(group, "--group") if group else None
+    if group and not ipaddress.ip_address(group).is_multicast:
+        raise UsageError(f"--group {group} is not a multicast address (224.0.0.0/4)")
+    if group and not dev:
+        raise UsageError("--group needs --dev: the interface to join the multicast group on")
+    local = check_ip(local, "--local") if local else None
+    if dev:
+        check_ifname(dev, "--dev")
+    if bridge_name:
+        check_ifname(bridge_name, "--bridge")
+    mtu = check_mtu(mtu)
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    if dev and not r.dry_run and not get_link(r, dev, host):
+        raise UsageError(f"--dev {dev} does not exist{' in ' + host if host else ''}")
+    link, mark = get_link(r, name, host), len(r.log)
+    with r.transaction():
+        if link:
+            have = link.get("linkinfo", {}).get("info_data", {}).get("id")
+            if link_kind(link) != "vxlan" or have != vni:
+                raise UsageError(f"{name} already exists as {link_kind(link) or 'a link'}"
+                                 f"{' with VNI ' + str(have) if have else ''}; not VNI {vni}")
+            r.note(f"vxlan {name} (VNI {vni}) already exists; checking the rest")
+        else:
+            mtu = mtu or underlay_mtu(r, dev, remote or group, host) - VXLAN_OVERHEAD
+            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host),
+                  undo=ip("link", "del", name, ns=host))
+            r.run(tag_link(name, host))
+        if bridge_name:
+            if not r.dry_run and link_kind(get_link(r, bridge_name, host)) != "bridge":
+                raise UsageError(f"bridge {bridge_name} does not exist")
+            if not link or link.get("master") != bridge_name:
+                r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host))
+        ensure_up(r, name, host, link)
+    say_if_unchanged(r, mark, f"vxlan {name}")
+
+
+def vxlan_fdb_add(r, name, mac, dst, host=None):
+    """Tell vxlan NAME that MAC lives behind underlay address DST. The all-zeros MAC
+    is the flood entry (broadcast, ARP): it may have several destinations, so it is
+    appended; re-run: an entry already there is left alone."""
+    check_ifname(name, "vxlan name")
+    mac = check_mac(mac)
+    dst = check_ip(dst, "--dst")
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    if not r.dry_run and link_kind(get_link(r, name, host)) != "vxlan":
+        raise UsageError(f"vxlan {name} does not exist")
+    entries = r.query_json(bridge("-j", "fdb", "show", "dev", name, ns=host)) or []
+    if any(e.get("mac") == mac and e.get("dst") == dst for e in entries):
+        r.note(f"fdb entry {mac} dst {dst} on {name} already present")
+        return
+    r.run(bridge("fdb", "append", mac, "dev", name, "dst", dst, ns=host))
+
+
+def vxlan_del(r, name, host=None):
+    """Delete vxlan NAME. Re-run: absent is fine."""
+    check_ifname(name, "vxlan name")
+    require_netns(r, host, "host namespace")
+    link = get_link(r, name, host)
+    if not r.dry_run and not link:
+        r.note(f"vxlan {name} does not exist; nothing to delete")
+        return
+    if link and link_kind(link) != "vxlan":
+        raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a vxlan; not deleting it")
+    r.run(ip("link", "del", name, ns=host))
+
+
+# ---------------------------------------------------------------- show
+
+HOST_NAME = "host"     # how show names the namespace cnikit runs in
+
+
+def collect(r):
+    """What exists now: every namespace's links (with peers and masters), addresses,
+    routes, and cnikit's NAT rules, as plain data."""
+    names = [None] + netns_names(r)
+    spaces = []
+    for ns in names:
+        links = r.query_json(ip("-j", "-d", "addr", "show", ns=ns)) or []
+        routes = r.query_json(ip("-j", "route", "show", ns=ns)) or []
+        ids = {i.get("nsid"): i.get("name") or HOST_NAME
+               for i in (r.query_json(ip("-j", "netns", "list-id", ns=ns)) or [])}
+        nat = [{"table": t, "chain": c, "rule": shlex.join(s)} for t, c, s in _cnikit_rules(r, ns)] \
+            if which("iptables") else []
+        spaces.append({"name": ns or HOST_NAME, "links": [_link_record(l, ids) for l in links],
+                       "routes": [_route_text(rt) for rt in routes], "nat": nat})
+    _resolve_peers(spaces)
+    return {"namespaces": spaces}
+
+
+def _link_record(link, nsids):
+    info = link.get("linkinfo", {})
+    rec = {"name": link["ifname"], "index": link["ifindex"], "kind": info.get("info_kind") or
+           ("loopback" if link.get("link_type") == "loopback" else "device"),
+           "state": "UP" if "UP" in link.get("flags", []) else "DOWN", "mtu": link.get("mtu"),
+           "mac": link.get("address"), "master": link.get("master"), "cnikit": link.get("ifalias") == TAG,
+           "addrs": [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
+                     if a.get("family") == "inet" or a.get("scope") == "global"]}
+    if rec["kind"] == "veth":
+        rec["peer_index"] = link.get("link_index")
+        rec["peer_name"] = link.get("link")      # set when the peer is in the same namespace
+        rec["peer_netns"] = nsids.get(link.get("link_netnsid")) if "link_netnsid" in link else None
+    if rec["kind"] == "vxlan":
+        data = info.get("info_data", {})
+        rec["vxlan"] = {k: data.get(k) for k in ("id", "remote", "group", "local", "port", "link") if data.get(k)}
+    return rec
+
+
+def _route_text(route):
+    words = [route.get("dst", "?")]
+    for key in ("gateway", "dev", "protocol", "scope", "prefsrc"):
+        if route.get(key) and not (key == "protocol" and route[key] == "kernel"):
+            words += ["via" if key == "gateway" else "src" if key == "prefsrc" else key, route[key]]
+    return " ".join(str(w) for w in words)
+
+
+def _resolve_peers(spaces):
+    by_index = {(s["name"], l["index"]): l for s in spaces for l in s["links"]}
+    for space in spaces:
+        for link in space["links"]:
+            if link["kind"] != "veth":
+                continue
+            peer_ns = link.pop("peer_netns") or space["name"]
+            peer_index, peer_name = link.pop("peer_index"), link.pop("peer_name")
+            peer = by_index.get((peer_ns, peer_index))
+            name = peer["name"] if peer else peer_name
+            link["peer"] = f"{peer_ns}:{name}" if name else None
+
+
+def draw(state):
+    """The topology as text: a box per namespace, bridge ports under their bridge,
+    veth peers named across boxes, routes and NAT rules at the bottom of each box."""
+    pictures = []
+    for space in state["namespaces"]:
+        rows = []
+        links = space["links"]
+        ports = {}
+        for link in links:
+            if link.get("master"):
+                ports.setdefault(link["master"], []).append(link)
+        for link in links:
+            if link.get("master") and any(l["name"] == link["master"] for l in links):
+                continue
+            rows.append(_link_row(link, ""))
+            for i, port in enumerate(ports.get(link["name"], [])):
+                rows.append(_link_row(port, "  `-- " if i == len(ports[link["name"]]) - 1 else "  |-- "))
+        rows += [f"route  {rt}" for rt in space["routes"]]
+        rows += [f"nat    {line}" for line in _nat_summary(space["nat"])]
+        title = f" {space['name']} " + ("(netns)" if space["name"] != HOST_NAME else "(where cnikit runs)")
+        width = max([len(row) for row in rows] + [len(title) + 4])
+        box = ["+-" + title + "-" * (width - len(title) + 1) + "+"]
+        box += [f"| {row.ljust(width)} |" for row in rows]
+        box.append("+" + "-" * (width + 2) + "+")
+        pictures.append("\n".join(box))
+    return "\n".join(pictures)
+
+
+def _nat_summary(rules):
+    """One line per NATed subnet: what a reader wants, not the three raw rules."""
+    lines = []
+    for n in rules:
+        words = shlex.split(n["rule"])
+        if "MASQUERADE" in words and "-s" in words:
+            out = words[words.index("-o") + 1] if "-o" in words else "any"
+            lines.append(f"{words[words.index('-s') + 1]} masquerade out {out} (+ FORWARD accept)")
+    return lines
+
+
+def _link_row(link, prefix):
+    words = [prefix + link["name"], link["kind"], link["state"], f"mtu {link['mtu']}"] + link["addrs"]
+    if link.get("peer"):
+        words.append(f"<=> {link['peer']}")
+    if link.get("vxlan"):
+        v = link["vxlan"]
+        words.append("vni {id} -> {to}:{port}".format(id=v.get("id"), to=v.get("remote") or v.get("group") or
+                                                      "fdb", port=v.get("port", VXLAN_PORT)))
+    return "  ".join(str(w) for w in words)
+
+
+def show(r, as_json=False):
+    state = collect(r)
+    r.output(json.dumps(state, indent=2) if as_json else draw(state))
+    return state
+
+
+# ---------------------------------------------------------------- cleanup
+
+def cleanup(r):
+    """Remove exactly what cnikit created: its tagged iptables rules, its tagged
+    links, and namespaces whose lo carries the tag. Anything else stays. Re-run: a
+    second cleanup finds nothing and says so."""
+    removed = 0
+    if which("iptables"):
+        for table, chain, spec in _cnikit_rules(r):
+            r.run(iptables_rule("-D", table, chain, spec), check=False)
+            removed += 1
+    for link in r.query_json(ip("-j", "link", "show")) or []:
+        if link.get("ifalias") == TAG and link["ifname"] != "lo":
+            r.run(ip("link", "del", link["ifname"]), check=False)
+            removed += 1
+    for ns in netns_names(r):
+        lo = get_link(r, "lo", ns)
+        if lo and lo.get("ifalias") == TAG:
+            r.run(ip("netns", "del", ns), check=False)
+            removed += 1
+    r.note(f"cleanup: removed {removed} object(s) cnikit had created" if removed
+           else "cleanup: nothing of cnikit's is left")
+    return removed
+
+
+# ---------------------------------------------------------------- sandbox
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check_libc(result, what):
+    if result != 0:
+        err = ctypes.get_errno()
+        raise CnikitError(f"sandbox: {what} failed: {os.strerror(err)}")
+
+
+def enter_sandbox(private_dirs=()):
+    """Move this process into a fresh network namespace and a private mount
+    namespace with an empty /run/netns (and empty PRIVATE_DIRS), /sys showing the
+    new namespace. Whatever is created afterwards vanishes when the last process
+    in the sandbox exits; the host is never touched."""
+    if os.geteuid() != 0:
+        raise UsageError("the sandbox needs root (it creates namespaces): run with sudo")
+    libc = _libc()
+    _check_libc(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare(CLONE_NEWNS|CLONE_NEWNET)")
+    # Mounts made from now on must not propagate back to the host.
+    _check_libc(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
+    for path in (NETNS_DIR,) + tuple(private_dirs):
+        os.makedirs(path, exist_ok=True)
+        _check_libc(libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, b"mode=755"), f"tmpfs on {path}")
+    # A sysfs mounted now shows this namespace's interfaces under /sys/class/net.
+    if libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None) != 0:
+        pass  # read-only /sys (some containers): ip and netlink work without it
+    subprocess.run(["ip", "link", "set", "dev", "lo", "up"], capture_output=True)
+
+
+def sandbox(cmd=None, quiet=False):
+    """Run CMD (default: an interactive shell) in a fresh sandbox; returns its exit code."""
+    enter_sandbox()
+    if not quiet:
+        print("# sandbox: a fresh network + mount namespace; /run/netns is private; "
+              "everything created here is gone on exit", file=sys.stderr)
+    if not cmd:
+        shell = os.environ.get("SHELL") or "/bin/bash"
+        env = dict(os.environ, PS1=SANDBOX_PROMPT, CNIKIT_SANDBOX="1")
+        argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
+        return subprocess.call(argv, env=env)
+    try:
+        return subprocess.call(cmd, env=dict(os.environ, CNIKIT_SANDBOX="1"))
+    except FileNotFoundError:
+        raise UsageError(f"{cmd[0]}: command not found") from None
+
+
+# ---------------------------------------------------------------- CLI
+
+EPILOG = """examples:
+  cnikit netns add ns1 --lo-up
+  cnikit veth add veth-ns1 eth0 --netns ns1 --addr 10.0.0.1/24 --peer-addr 10.0.0.2/24
+  cnikit bridge add br0 --addr 10.0.0.1/24 && cnikit bridge attach br0 veth-ns1
+  cnikit nat add 10.0.0.0/24 --out eth0
+  cnikit -n node1 vxlan add vxlan0 --id 42 --remote 192.0.2.2 --dev eth0 --bridge br0
+  cnikit show                     # a picture of what exists now (--json for data)
+  cnikit --dry-run bridge add br0 # print the commands only; pipe into `sh -e`
+  cnikit sandbox                  # a throwaway shell: nothing you build there survives it
+  cnikit --sandbox show           # one command in a throwaway sandbox
+  cnikit cleanup                  # remove exactly what cnikit created
+
+Every command that changes the kernel is printed before it runs (-q hides it; -v
+also prints the look-ups cnikit makes to decide). Exit codes: 0 done, 1 a command
+failed (what this invocation created is rolled back), 2 bad usage or input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage dump."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def build_parser():
+    p = _Parser(prog="cnikit", description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--in", dest="host", metavar="NS",
+                   help="act inside namespace NS, standing for a host (like `ip -n NS`)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands for a fresh host; run nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands")
+    p.add_argument("-v", "--verbose", action="store_true", help="also echo read-only look-ups")
+    p.add_argument("--sandbox", action="store_true", help="run this one command in a throwaway sandbox")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    objs = p.add_subparsers(dest="obj", metavar="OBJECT")
+    objs.required = True
+
+    def verbs(name, help_text):
+        sub = objs.add_parser(name, help=help_text, description=help_text)
+        v = sub.add_subparsers(dest="verb", metavar="VERB")
+        v.required = True
+        return v
+
+    ns = verbs("netns", "network namespaces: add, del, list, exec, lo")
+    a = ns.add_parser("add", help="create a namespace (tagged as cnikit's)")
+    a.add_argument("name")
+    a.add_argument("--lo-up", action="store_true", help="also bring lo up inside")
+    ns.add_parser("del", help="delete a namespace").add_argument("name")
+    ns.add_parser("list", help="list namespaces")
+    ns.add_parser("lo", help="bring lo up inside a namespace").add_argument("name")
+    e = ns.add_parser("exec", help="run a command inside: netns exec NAME -- CMD...")
+    e.add_argument("name")
+    e.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    ve = verbs("veth", "veth pairs: add, del")
+    a = ve.add_parser("add", help="create a veth pair, optionally moving the peer into a namespace")
+    a.add_argument("name")
+    a.add_argument("peer")
+    a.add_argument("--netns", help="move the peer into this namespace")
+    a.add_argument("--addr", help="address for NAME, e.g. 10.0.0.1/24")
+    a.add_argument("--peer-addr", help="address for PEER, e.g. 10.0.0.2/24")
+    a.add_argument("--mtu", help="MTU for both ends")
+    ve.add_parser("del", help="delete a veth pair").add_argument("name")
+
+    br = verbs("bridge", "Linux bridges: add, attach, del, show")
+    a = br.add_parser("add", help="create a bridge")
+    a.add_argument("name")
+    a.add_argument("--addr", help="gateway address on the bridge, e.g. 10.0.0.1/24")
+    a.add_argument("--mtu")
+    a = br.add_parser("attach", help="make interfaces ports of the bridge")
+    a.add_argument("name")
+    a.add_argument("ifaces", nargs="+", metavar="IFACE")
+    br.add_parser("del", help="delete a bridge").add_argument("name")
+    br.add_parser("show", help="ports and learned MACs (fdb)").add_argument("name")
+
+    nat = verbs("nat", "egress NAT: add, del, show")
+    a = nat.add_parser("add", help="masquerade SUBNET leaving through --out")
+    a.add_argument("subnet")
+    a.add_argument("--out", required=True, metavar="IFACE", help="the uplink interface")
+    nat.add_parser("del", help="remove the rules nat add made").add_argument("subnet")
+    nat.add_parser("show", help="cnikit's iptables rules")
+
+    vx = verbs("vxlan", "VXLAN overlay: add, fdb, del")
+    a = vx.add_parser("add", help="create a VXLAN device")
+    a.add_argument("name")
+    a.add_argument("--id", required=True, dest="vni", metavar="VNI", help="VXLAN network id, 1-16777215")
+    a.add_argument("--remote", help="unicast underlay address of the peer host")
+    a.add_argument("--group", help="multicast group (needs --dev)")
+    a.add_argument("--local", help="source underlay address")
+    a.add_argument("--dev", help="underlay interface")
+    a.add_argument("--dstport", default=VXLAN_PORT, help=f"UDP port (default {VXLAN_PORT})")
+    a.add_argument("--bridge", dest="bridge_name", metavar="BR", help="attach to this bridge")
+    a.add_argument("--mtu", help=f"default: the underlay's MTU minus {VXLAN_OVERHEAD}")
+    f = vx.add_parser("fdb", help="forwarding entries: fdb add NAME MAC --dst IP")
+    fv = f.add_subparsers(dest="fdb_verb", metavar="VERB")
+    fv.required = True
+    a = fv.add_parser("add", help="send frames for MAC to underlay address --dst")
+    a.add_argument("name")
+    a.add_argument("mac")
+    a.add_argument("--dst", required=True)
+    vx.add_parser("del", help="delete a VXLAN device").add_argument("name")
+
+    s = objs.add_parser("show", help="a picture of namespaces, links, addresses, routes, NAT")
+    s.add_argument("--json", action="store_true", help="print data instead of a picture")
+    objs.add_parser("cleanup", help="remove exactly what cnikit created")
+    sb = objs.add_parser("sandbox", help="run a shell or CMD in a throwaway network + mount namespace")
+    sb.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... (default: an interactive shell)")
+    return p
+
+
+# verb -> tools it needs; look-only verbs need no root.
+TOOLS = {"nat": ("ip", "iptables", "sysctl"), "bridge": ("ip", "bridge"), "vxlan": ("ip", "bridge")}
+READ_ONLY = {("netns", "list"), ("bridge", "show"), ("nat", "show"), ("show", None)}
+
+
+def dispatch(args, r):
+    """Call the library function the parsed command names; returns an exit code."""
+    h = args.host
+    o, v = args.obj, getattr(args, "verb", None)
+    if o == "netns":
+        if v == "add":
+            netns_add(r, args.name, lo_up=args.lo_up)
+        elif v == "del":
+            netns_del(r, args.name)
+        elif v == "list":
+            netns_list(r)
+        elif v == "lo":
+            netns_lo_up(r, args.name)
+        elif v == "exec":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            return netns_exec(r, args.name, cmd)
+    elif o == "veth":
+        if v == "add":
+            veth_add(r, args.name, args.peer, args.netns, args.addr, args.peer_addr, args.mtu, host=h)
+        else:
+            veth_del(r, args.name, host=h)
+    elif o == "bridge":
+        if v == "add":
+            bridge_add(r, args.name, args.addr, args.mtu, host=h)
+        elif v == "attach":
+            bridge_attach(r, args.name, args.ifaces, host=h)
+        elif v == "del":
+            bridge_del(r, args.name, host=h)
+        else:
+            bridge_show(r, args.name, host=h)
+    elif o == "nat":
+        if v == "add":
+            nat_add(r, args.subnet, args.out, host=h)
+        elif v == "del":
+            nat_del(r, args.subnet, host=h)
+        else:
+            nat_show(r, host=h)
+    elif o == "vxlan":
+        if v == "add":
+            vxlan_add(r, args.name, args.vni, args.remote, args.group, args.local, args.dev, args.dstport,
+                      args.bridge_name, args.mtu, host=h)
+        elif v == "fdb":
+            vxlan_fdb_add(r, args.name, args.mac, args.dst, host=h)
+        else:
+            vxlan_del(r, args.name, host=h)
+    elif o == "show":
+        show(r, as_json=args.json)
+    elif o == "cleanup":
+        cleanup(r)
+    return EXIT_OK
+
+
+def main(argv=None):
+    r = None
+    try:
+        args = build_parser().parse_args(argv)
+        if args.host:
+            check_netns(args.host)
+        if args.obj == "sandbox":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            return sandbox(cmd, quiet=args.quiet)
+        json_out = args.obj == "show" and args.json
+        color = {"always": True, "never": False}.get(args.color)
+        r = Runner(dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
+                   out=sys.stderr if json_out else sys.stdout, color=color)
+        read_only = (args.obj, getattr(args, "verb", None)) in READ_ONLY
+        if not args.dry_run and os.geteuid() != 0 and not read_only:
+            # Validate first, then show what would run: the user learns either way.
+            print("cnikit: root is needed to change the kernel (try sudo); this is what would run:",
+                  file=sys.stderr)
+            r.dry_run = True
+            dispatch(args, r)
+            return EXIT_USAGE
+        if not args.dry_run:
+            require_tools(*TOOLS.get(args.obj, ("ip",)))
+        if args.sandbox:
+            enter_sandbox()
+            r.note("in a throwaway sandbox: nothing below survives this command")
+        if json_out:
+            r_json = Runner(dry_run=r.dry_run, quiet=True, verbose=args.verbose)
+            state = collect(r_json)
+            print(json.dumps(state, indent=2))
+            return EXIT_OK
+        return dispatch(args, r)
+    except CnikitError as e:
+        if r is not None:
+            r.rollback()
+        print(f"cnikit: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("cnikit: interrupted", file=sys.stderr)
+        return 130
+
+
+def main_exit():
+    """Console-script entry point (`pip install .` puts `cnikit` on PATH)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()
