@@ -316,6 +316,38 @@ class Runner:
         self.output(proc.stdout)
         return proc.stdout
 
+    def probe(self, argv, timeout=30):
+        """Echo and run a check (ping, curl, ss...): returns (ok, output) and never
+        raises, so a lesson can print PASS or FAIL. Echoed and printed even with -q
+        unless quiet; a dry run prints it and answers (True, "")."""
+        self.echo(argv)
+        if self.dry_run:
+            return True, ""
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            return False, f"{argv[0]} not found (Debian package {PACKAGES.get(argv[0], argv[0])})"
+        except subprocess.TimeoutExpired:
+            return False, f"timed out after {timeout}s"
+        out = (proc.stdout + proc.stderr).rstrip("\n")
+        if not self.quiet:
+            self.output(out)
+        return proc.returncode == 0, out
+
+    def spawn(self, argv):
+        """Start a background process (a listener, tcpdump), echoed with a trailing `&`.
+        Returns the Popen (None in a dry run); the caller stops it."""
+        self.log.append(list(argv))
+        if not self.quiet:
+            line = shlex.join(argv) + " &"
+            self._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if self.color else line)
+        if self.dry_run:
+            return None
+        try:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except FileNotFoundError:
+            raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}")
+
     def query(self, argv, in_dry_run=False):
         """A read-only look-up: returns (ok, stdout). A dry run plans for a fresh host
         and skips look-ups (answering 'absent') unless IN_DRY_RUN says it is safe."""
@@ -420,6 +452,24 @@ def ensure_up(r, dev, ns=None, link=None):
     link = link if link is not None else get_link(r, dev, ns)
     if r.dry_run or not link or "UP" not in link.get("flags", []):
         r.run(link_up(dev, ns))
+
+
+def route_add(r, dst, via=None, dev=None, ns=None):
+    """A route to DST ("default" or a CIDR) via a gateway and/or out of DEV.
+    Re-run contract: a route to DST already there is left alone."""
+    if dst != "default":
+        dst = check_subnet(dst, "route destination")
+    via = check_ip(via, "gateway") if via else None
+    if dev:
+        check_ifname(dev)
+    if not via and not dev:
+        raise UsageError("a route needs a gateway (via) or a device")
+    if ns:
+        check_netns(ns)
+    if r.query_json(ip("-j", "route", "show", dst, ns=ns)):
+        r.note(f"a route to {dst}{' in ' + ns if ns else ''} already exists")
+        return
+    r.run(ip("route", "add", dst, *kv(via=via, dev=dev), ns=ns), undo=ip("route", "del", dst, ns=ns))
 
 
 # ---------------------------------------------------------------- netns
