@@ -1,0 +1,1315 @@
+#!/usr/bin/env python3
+"""cni-bash-compatible: a spec-conformant CNI bridge plugin with host-local style IPAM.
+
+A drop-in replacement for the classic "CNI from scratch" bash plugin: the same
+minimal config works ({"cniVersion":"1.0.0","name":"fromScratch","type":"demystifying"})
+and every call is logged the same way (command, CNI_* env, stdin, then what it did).
+Python 3.9+ standard library only; needs iproute2-free Linux (it talks netlink itself)
+and iptables only when ipMasq is on.  It never imports cnikit.py.
+
+Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
+Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
+
+Config keys (defaults in brackets; the classic minimal config gets all defaults):
+  bridge [cni0]            created when missing
+  isGateway [true]         gateway address on the bridge, ip_forward on
+  isDefaultGateway [true]  default route in the pod via the gateway (implies isGateway)
+  ipMasq [true]            masquerade pod traffic leaving the subnet (own nat chain
+                           CNIKIT-<hash> per attachment, rules commented
+                           "cnikit name: <net> id: <container> if: <ifname>")
+  mtu [kernel default]     on the bridge and both ends of the veth
+  hairpinMode [false]      a pod may reach itself through a service address
+  dns                      passed through to the result
+  log [/var/log/cni.log]   the call log; env CNIKIT_LOG overrides it; an unwritable log is ignored
+  ipam.type                absent / "cnikit" / "builtin": the built-in allocator; the name of an
+                           IPAM plugin found in CNI_PATH (e.g. "host-local"): ADD/DEL/CHECK are
+                           delegated to it, like the reference bridge.  "host-local" not found in
+                           CNI_PATH falls back to the built-in allocator (same on-disk format).
+  ipam.subnet / ipam.ranges, rangeStart, rangeEnd, gateway, routes, dataDir
+                           as host-local: gateway [first address] is never handed out, rangeStart
+                           [first address], rangeEnd [last usable address], dataDir
+                           [/var/lib/cni/networks]; routes [none, plus the default route].
+Subnet precedence: ipam config > CNI_ARGS CNIKIT_SUBNET=<cidr> > node file
+/run/cnikit/subnet.env (flannel-style line CNIKIT_SUBNET=10.244.1.0/24, written per node by
+`cnikit cni kind-install`) > 10.244.0.0/24.
+
+Runtime input: CNI_ARGS IP=<addr> (specific address), IgnoreUnknown=1, K8S_POD_*; runtimeConfig
+keys (ips, mac, dns) matched case-insensitively.
+
+Allocations (host-local format, so either can take over the other's):
+<dataDir>/<network>/<ip> holds "<container id>\\r\\n<ifname>"; last_reserved_ip.<n> remembers where
+round-robin continues; <dataDir>/<network>/lock is flock'ed around every change.
+
+Host-side veth name: "veth" + 11 hex digits of sha256(container id / ifname): unique per
+attachment and stable, so DEL finds it without the netns.
+
+Error codes: 1 incompatible version, 2 unsupported field, 4 bad environment variable,
+5 I/O failure, 6 decoding failure, 7 invalid network config, 11 try again later (no address
+left), 50 plugin not available (STATUS); plugin-specific: 100 CHECK found a difference,
+101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
+already exists in the container.
+"""
+import os
+import sys
+
+# Imports are expensive at start-up (json pulls in re, socket pulls in enum: ~9 ms each on a
+# small VM), and this runs once per pod start: use the C modules directly, import the rest lazily.
+import _socket
+import struct
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST = "1.1.0"
+DEFAULT_BRIDGE = "cni0"
+DEFAULT_SUBNET = "10.244.0.0/24"
+NODE_SUBNET_FILE = "/run/cnikit/subnet.env"
+DEFAULT_DATA_DIR = "/var/lib/cni/networks"
+DEFAULT_LOG = "/var/log/cni.log"
+BUILTIN_IPAM = ("", "cnikit", "builtin")
+CHAIN_PREFIX = "CNIKIT-"
+STDIN_LIMIT = 1 << 20  # a network config is a few KiB; refuse to buffer more than 1 MiB
+MULTICAST = {2: "224.0.0.0/4", 10: "ff00::/8"}  # never masqueraded, like the reference bridge
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+KNOWN_ARGS = ("IGNOREUNKNOWN", "IP", "CNIKIT_SUBNET", "K8S_POD_NAMESPACE", "K8S_POD_NAME",
+              "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID")
+
+# CNI error codes (spec) and ours (100+)
+E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG, E_TRY_LATER = 1, 2, 3, 4, 5, 6, 7, 11
+E_NOT_AVAILABLE = 50
+E_CHECK, E_KERNEL, E_COMMAND, E_EXISTS = 100, 101, 102, 103
+
+AF_INET, AF_INET6, AF_BRIDGE, AF_NETLINK = 2, 10, 7, 16
+CLONE_NEWNET = 0x40000000
+
+
+class CNIError(Exception):
+    def __init__(self, code, msg, details=""):
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+# ---------------------------------------------------------------- log and commands
+
+LOG = []
+
+
+def log(line):
+    LOG.append(line)
+
+
+def write_log(path):
+    """Append this call's record in one write; a log we cannot write never fails the plugin."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, ("\n".join(LOG) + "\n").encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def run(argv, stdin=None, env=None):
+    """Every external command passes here: echoed to stderr and the log, one error type."""
+    import subprocess  # lazily: 14 ms of imports, needed only for iptables and IPAM plugins
+    line = "+ " + " ".join(argv)
+    log(line)
+    sys.stderr.write(line + "\n")
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, env=env)
+    except OSError as e:
+        raise CNIError(E_COMMAND, f"cannot run {argv[0]}: {e.strerror}")
+    out = proc.stdout.decode("utf-8", "replace") if proc.stdout else ""
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace").strip() if proc.stderr else ""
+        log(f"  exit {proc.returncode}: {err or out.strip()}")
+        raise CNIError(E_COMMAND, f"{argv[0]} failed (exit {proc.returncode})", err or out.strip())
+    return out
+
+
+def which(name, path=None):
+    for d in (path if path is not None else os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")).split(":"):
+        p = os.path.join(d or ".", name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+# ---------------------------------------------------------------- JSON without the json package
+
+def _json_codec():
+    """The C scanner/encoder behind the json package, without its 10 ms of imports."""
+    try:
+        import _json
+
+        class Ctx:
+            strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
+
+            @staticmethod
+            def parse_constant(name):
+                raise ValueError(name)
+        scan = _json.make_scanner(Ctx())
+        enc = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False)
+        if "".join(enc({"a": [1, None, "\u00e9"]}, 0)) != '{"a": [1, null, "\\u00e9"]}':
+            raise ValueError("unexpected encoder")
+
+        def loads(text):
+            try:
+                obj, end = scan(text, len(text) - len(text.lstrip(" \t\n\r")))
+                if text[end:].strip(" \t\n\r"):
+                    raise ValueError("extra data")
+                return obj
+            except Exception:
+                import json  # slow path, for a proper error message
+                return json.loads(text)
+
+        return loads, lambda obj: "".join(enc(obj, 0))
+    except Exception:
+        import json
+        return json.loads, json.dumps
+
+
+json_loads, json_dumps = _json_codec()
+
+
+# ---------------------------------------------------------------- addresses (no ipaddress module: 5 ms)
+
+def parse_ip(text):
+    """'10.0.0.1' -> (family, int); raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"not an address: {text!r}")
+    for family in (AF_INET, AF_INET6):
+        try:
+            return family, int.from_bytes(_socket.inet_pton(family, text), "big")
+        except (OSError, ValueError):
+            pass
+    raise ValueError(f"not an address: {text!r}")
+
+
+def fmt_ip(family, n):
+    return _socket.inet_ntop(family, n.to_bytes(4 if family == AF_INET else 16, "big"))
+
+
+def ip_bytes(family, n):
+    return n.to_bytes(4 if family == AF_INET else 16, "big")
+
+
+def bits(family):
+    return 32 if family == AF_INET else 128
+
+
+def parse_cidr(text):
+    """'10.0.0.5/24' -> (family, address int, prefix)."""
+    if not isinstance(text, str) or "/" not in text:
+        raise ValueError(f"not a CIDR: {text!r}")
+    addr, _, plen = text.partition("/")
+    family, n = parse_ip(addr)
+    if not plen.isdigit() or int(plen) > bits(family):
+        raise ValueError(f"not a CIDR: {text!r}")
+    return family, n, int(plen)
+
+
+def network_of(family, n, plen):
+    host_bits = bits(family) - plen
+    return (n >> host_bits) << host_bits
+
+
+def in_subnet(family, n, subnet):
+    sfam, snet, splen = subnet
+    return family == sfam and network_of(family, n, splen) == snet
+
+
+def fmt_cidr(family, n, plen):
+    return f"{fmt_ip(family, n)}/{plen}"
+
+
+# ---------------------------------------------------------------- netlink (rtnetlink through _socket)
+
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
+RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_GETROUTE = 20, 22, 24, 26
+F_REQUEST, F_ACK, F_DUMP, F_REPLACE, F_EXCL, F_CREATE = 1, 4, 0x300, 0x100, 0x200, 0x400
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_PROTINFO = 1, 3, 4, 10, 12
+IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 18, 28, 1, 2, 1
+IFLA_BRPORT_MODE = 4  # hairpin
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+IFF_UP, NLA_F_NESTED = 1, 0x8000
+RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST = 254, 3, 253, 1
+
+
+def nla(kind, data):
+    if isinstance(data, str):
+        data = data.encode() + b"\0"
+    n = 4 + len(data)
+    return struct.pack("=HH", n, kind) + data + b"\0" * ((4 - n % 4) % 4)
+
+
+def parse_nla(buf, off=0):
+    attrs = {}
+    while off + 4 <= len(buf):
+        n, kind = struct.unpack_from("=HH", buf, off)
+        if n < 4:
+            break
+        attrs[kind & 0x3FFF] = buf[off + 4:off + n]
+        off += (n + 3) & ~3
+    return attrs
+
+
+def ifinfo(index=0, flags=0, change=0, family=0):
+    return struct.pack("=BxHiII", family, 0, index, flags, change)
+
+
+class Netlink:
+    """One rtnetlink socket, bound to the network namespace it was opened in."""
+
+    def __init__(self):
+        self.sock = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, 0)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self):
+        self.sock.close()
+
+    def request(self, mtype, flags, body, what):
+        """Send one message; return the reply payloads (a dump's or a get's); raise on error."""
+        self.seq += 1
+        msg = struct.pack("=IHHII", 16 + len(body), mtype, F_REQUEST | flags, self.seq, 0) + body
+        if what:
+            log("  netlink: " + what)
+        self.sock.send(msg)
+        replies = []
+        while True:
+            data = self.sock.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                n, rtype, _, seq, _ = struct.unpack_from("=IHHII", data, off)
+                payload = data[off + 16:off + n]
+                off += (n + 3) & ~3
+                if seq != self.seq:
+                    continue
+                if rtype == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", payload)[0]
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    return replies
+                if rtype == NLMSG_DONE:
+                    return replies
+                replies.append((rtype, payload))
+                if not flags & F_DUMP and not flags & F_ACK:
+                    return replies
+
+    # links
+    def link(self, name=None, index=0):
+        """The link called name (or with index) as a dict, or None if there is none."""
+        body = ifinfo(index) + (nla(IFLA_IFNAME, name) if name else b"")
+        try:
+            (_, payload), = self.request(RTM_GETLINK, 0, body, None)
+        except OSError as e:
+            if e.errno in (19, 2):  # ENODEV, ENOENT
+                return None
+            raise
+        return parse_link(payload)
+
+    def links(self):
+        return [parse_link(p) for t, p in self.request(RTM_GETLINK, F_DUMP, ifinfo(), None) if t == RTM_NEWLINK]
+
+    def add_bridge(self, name, mtu):
+        info = nla(IFLA_LINKINFO | NLA_F_NESTED, nla(IFLA_INFO_KIND, "bridge"))
+        body = ifinfo() + nla(IFLA_IFNAME, name) + (nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b"") + info
+        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, f"ip link add {name} type bridge")
+
+    def add_veth(self, host_name, peer_name, mtu, netns_fd, peer_mac):
+        """Create the veth pair with its peer born inside the container's namespace."""
+        mtu_attr = nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b""
+        peer = (ifinfo() + nla(IFLA_IFNAME, peer_name) + mtu_attr + nla(IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
+                + (nla(IFLA_ADDRESS, peer_mac) if peer_mac else b""))
+        data = nla(IFLA_INFO_DATA | NLA_F_NESTED, nla(VETH_INFO_PEER | NLA_F_NESTED, peer))
+        info = nla(IFLA_LINKINFO | NLA_F_NESTED, nla(IFLA_INFO_KIND, "veth") + data)
+        body = ifinfo() + nla(IFLA_IFNAME, host_name) + mtu_attr + info
+        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body,
+                     f"ip link add {host_name} type veth peer name {peer_name} netns <container>")
+
+    def set_link(self, index, name, up=False, master=None):
+        """master: (index, name) of the bridge to enslave the link to."""
+        body = ifinfo(index, IFF_UP if up else 0, IFF_UP if up else 0)
+        if master is not None:
+            body += nla(IFLA_MASTER, struct.pack("=I", master[0]))
+        what = f"ip link set {name}" + (f" master {master[1]}" if master is not None else "") + (" up" if up else "")
+        self.request(RTM_SETLINK, F_ACK, body, what)
+
+    def set_hairpin(self, index, name):
+        body = ifinfo(index, family=AF_BRIDGE) + nla(IFLA_PROTINFO | NLA_F_NESTED, nla(IFLA_BRPORT_MODE, b"\1"))
+        self.request(RTM_SETLINK, F_ACK, body, f"bridge link set dev {name} hairpin on")
+
+    def del_link(self, index, name):
+        self.request(RTM_DELLINK, F_ACK, ifinfo(index), f"ip link del {name}")
+
+    # addresses
+    def add_addr(self, index, name, family, n, plen):
+        body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
+            + nla(IFA_ADDRESS, ip_bytes(family, n))
+        if family == AF_INET and plen < 31:
+            body += nla(IFA_BROADCAST, ip_bytes(family, n | ((1 << (32 - plen)) - 1)))
+        self.request(RTM_NEWADDR, F_ACK | F_CREATE | F_REPLACE, body, f"ip addr add {fmt_cidr(family, n, plen)} dev {name}")
+
+    def addrs(self, index, family=0):
+        """[(family, address int, prefix)] on the link."""
+        out = []
+        for t, p in self.request(RTM_GETADDR, F_DUMP, struct.pack("=BBBBI", family, 0, 0, 0, 0), None):
+            fam, plen, _, _, idx = struct.unpack_from("=BBBBI", p)
+            if t != RTM_NEWADDR or idx != index:
+                continue
+            a = parse_nla(p, 8)
+            raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+            if raw:
+                out.append((fam, int.from_bytes(raw, "big"), plen))
+        return out
+
+    # routes
+    def add_route(self, family, dst, plen, gw, oif, name):
+        scope = RT_SCOPE_LINK if gw is None else 0
+        body = struct.pack("=BBBBBBBBI", family, plen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, RTN_UNICAST, 0)
+        if plen:
+            body += nla(RTA_DST, ip_bytes(family, dst))
+        if gw is not None:
+            body += nla(RTA_GATEWAY, ip_bytes(family, gw))
+        body += nla(RTA_OIF, struct.pack("=I", oif))
+        via = f" via {fmt_ip(family, gw)}" if gw is not None else ""
+        self.request(RTM_NEWROUTE, F_ACK | F_CREATE | F_EXCL, body, f"ip route add {fmt_cidr(family, dst, plen)}{via} dev {name}")
+
+    def routes(self, family):
+        """[(dst int, prefix, gw int or None, oif)] in the main table."""
+        out = []
+        body = struct.pack("=BBBBBBBBI", family, 0, 0, 0, 0, 0, 0, 0, 0)
+        for t, p in self.request(RTM_GETROUTE, F_DUMP, body, None):
+            fam, plen, _, _, table = struct.unpack_from("=BBBBB", p)
+            a = parse_nla(p, 12)
+            if RTA_TABLE in a:
+                table = struct.unpack("=I", a[RTA_TABLE])[0]
+            if fam != family or table != RT_TABLE_MAIN:
+                continue
+            dst = int.from_bytes(a[RTA_DST], "big") if RTA_DST in a else 0
+            gw = int.from_bytes(a[RTA_GATEWAY], "big") if RTA_GATEWAY in a else None
+            oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
+            out.append((dst, plen, gw, oif))
+        return out
+
+
+def parse_link(payload):
+    _, _, index, flags, _ = struct.unpack_from("=BxHiII", payload)
+    a = parse_nla(payload, 16)
+    info = parse_nla(a.get(IFLA_LINKINFO, b""))
+    return {
+        "index": index,
+        "name": a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
+        "up": bool(flags & IFF_UP),
+        "mac": ":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b"")),
+        "mtu": struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0,
+        "master": struct.unpack("=I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0,
+        "kind": info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode(),
+    }
+
+
+def kernel(what, fn, *args):
+    """A netlink call whose failure is a CNI error naming what we were doing."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise CNIError(E_KERNEL, f"{what}: {e.strerror or e}")
+
+
+def setns(fd):
+    if hasattr(os, "setns"):  # Python 3.12+
+        os.setns(fd, CLONE_NEWNET)
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def open_container(netns):
+    """A netlink socket inside the container's network namespace (and the namespace fd)."""
+    try:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CNIError(E_ENV, f"CNI_NETNS {netns!r} cannot be opened: {e.strerror}")
+    host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            setns(fd)
+        except OSError as e:
+            os.close(fd)
+            raise CNIError(E_ENV, f"CNI_NETNS {netns!r} is not a network namespace: {e.strerror}")
+        try:
+            sock = Netlink()
+        finally:
+            setns(host)
+    finally:
+        os.close(host)
+    return fd, sock
+
+
+# ---------------------------------------------------------------- input
+
+def read_stdin():
+    chunks, size = [], 0
+    try:
+        while True:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > STDIN_LIMIT:
+                raise CNIError(E_DECODE, f"network config on stdin is larger than {STDIN_LIMIT} bytes")
+    except OSError:
+        pass
+    return b"".join(chunks)
+
+
+def decode_config(raw):
+    try:
+        conf = json_loads(raw.decode("utf-8"))
+    except Exception as e:
+        raise CNIError(E_DECODE, f"cannot decode the network config: {e}")
+    if not isinstance(conf, dict):
+        raise CNIError(E_DECODE, "the network config is not a JSON object")
+    return conf
+
+
+def valid_name(text, max_len=None):
+    return (isinstance(text, str) and text != "" and text[0].isascii() and text[0].isalnum()
+            and all(c in NAME_CHARS for c in text) and (max_len is None or len(text) <= max_len))
+
+
+def valid_ifname(name):
+    return (0 < len(name) <= 15 and name not in (".", "..")
+            and not any(c in "/:" or c.isspace() for c in name) and name.isprintable())
+
+
+def require_env(names):
+    env = {}
+    for name in names:
+        value = os.environ.get(name, "")
+        if not value:
+            raise CNIError(E_ENV, f"required environment variable {name} is missing")
+        env[name] = value
+    return env
+
+
+def parse_cni_args(text):
+    args, unknown = {}, []
+    for pair in filter(None, text.split(";")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CNIError(E_ENV, f"CNI_ARGS: {pair!r} is not KEY=VALUE")
+        args[key.upper()] = value
+        if key.upper() not in KNOWN_ARGS:
+            unknown.append(key)
+    if unknown and args.get("IGNOREUNKNOWN", "").lower() not in ("1", "true"):
+        raise CNIError(E_FIELD, f"CNI_ARGS: unknown key(s) {', '.join(unknown)} (set IgnoreUnknown=1)")
+    return args
+
+
+def lower_keys(obj):
+    return {k.lower(): v for k, v in obj.items()} if isinstance(obj, dict) else {}
+
+
+class Net:
+    """The network config, validated and with the defaults applied."""
+
+    def __init__(self, conf, cni_args):
+        self.raw = conf
+        self.version = conf.get("cniVersion", "")
+        self.name = conf.get("name")
+        if not valid_name(self.name, 200):
+            raise CNIError(E_CONFIG, f"invalid network name {self.name!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+        self.bridge = conf.get("bridge") or DEFAULT_BRIDGE
+        if not isinstance(self.bridge, str) or not valid_ifname(self.bridge):
+            raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
+        self.default_gw = self.flag("isDefaultGateway", True)
+        self.is_gw = self.flag("isGateway", True) or self.default_gw
+        self.masq = self.flag("ipMasq", True)
+        self.hairpin = self.flag("hairpinMode", False)
+        self.mtu = conf.get("mtu") or 0
+        if type(self.mtu) is not int or not 0 <= self.mtu <= 65535:
+            raise CNIError(E_CONFIG, f"invalid mtu {self.mtu!r}")
+        self.dns = conf.get("dns") if isinstance(conf.get("dns"), dict) else {}
+        self.ipam = conf.get("ipam") or {}
+        if not isinstance(self.ipam, dict):
+            raise CNIError(E_CONFIG, "ipam must be an object")
+        self.ipam_type = self.ipam.get("type") or ""
+        if not isinstance(self.ipam_type, str) or (self.ipam_type and not valid_name(self.ipam_type)):
+            raise CNIError(E_CONFIG, f"invalid ipam type {self.ipam_type!r}")
+        self.runtime = lower_keys(conf.get("runtimeConfig"))
+        self.args = cni_args
+        self.prev = conf.get("prevResult") if isinstance(conf.get("prevResult"), dict) else None
+        self.data_dir = self.ipam.get("dataDir") or DEFAULT_DATA_DIR
+        if not isinstance(self.data_dir, str) or not self.data_dir.startswith("/"):
+            raise CNIError(E_CONFIG, f"ipam.dataDir must be an absolute path, not {self.data_dir!r}")
+
+    def flag(self, key, default):
+        value = self.raw.get(key, default)
+        if not isinstance(value, bool):
+            raise CNIError(E_CONFIG, f"{key} must be true or false, not {value!r}")
+        return value
+
+    def range_sets(self):
+        """[[range dict]]: one address is allocated from each set."""
+        ipam = self.ipam
+        if ipam.get("ranges"):
+            sets = ipam["ranges"]
+            if not isinstance(sets, list) or not all(isinstance(s, list) and s for s in sets):
+                raise CNIError(E_CONFIG, "ipam.ranges must be a list of non-empty lists of ranges")
+        else:
+            subnet = ipam.get("subnet") or self.args.get("CNIKIT_SUBNET") or node_subnet() or DEFAULT_SUBNET
+            sets = [[dict(ipam, subnet=subnet)]]
+        return [[parse_range(r) for r in s] for s in sets]
+
+
+def node_subnet():
+    try:
+        with open(NODE_SUBNET_FILE) as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                if key == "CNIKIT_SUBNET" and value:
+                    return value.strip("'\"")
+    except OSError:
+        pass
+    return None
+
+
+def parse_range(r):
+    """host-local's range: subnet, rangeStart, rangeEnd, gateway (never handed out)."""
+    if not isinstance(r, dict):
+        raise CNIError(E_CONFIG, f"invalid ipam range {r!r}")
+    try:
+        family, addr, plen = parse_cidr(r.get("subnet"))
+        net = network_of(family, addr, plen)
+        last = net | ((1 << (bits(family) - plen)) - 1)
+        if family == AF_INET and plen < 31:
+            last -= 1  # the broadcast address
+        if last - net < 2:
+            raise ValueError(f"subnet {r.get('subnet')} is too small")
+        subnet = (family, net, plen)
+        start = parse_ip(r["rangeStart"])[1] if r.get("rangeStart") else net + 1
+        end = parse_ip(r["rangeEnd"])[1] if r.get("rangeEnd") else last
+        gw = parse_ip(r["gateway"])[1] if r.get("gateway") else net + 1
+        for what, n in (("rangeStart", start), ("rangeEnd", end), ("gateway", gw)):
+            if not in_subnet(family, n, subnet):
+                raise ValueError(f"{what} {fmt_ip(family, n)} is outside {r.get('subnet')}")
+        if not net < start <= end <= last:
+            raise ValueError(f"range {fmt_ip(family, start)}-{fmt_ip(family, end)} is not inside {r.get('subnet')}")
+    except (ValueError, KeyError) as e:
+        raise CNIError(E_CONFIG, f"invalid ipam range: {e}")
+    return {"family": family, "subnet": subnet, "start": start, "end": end, "gw": gw}
+
+
+# ---------------------------------------------------------------- IPAM: built-in, host-local format
+
+class Store:
+    """host-local's disk layout: one file per address, a round-robin cursor, one flock'ed lock file."""
+
+    def __init__(self, data_dir, network):
+        self.dir = os.path.join(data_dir, network)
+
+    def __enter__(self):
+        import fcntl
+        try:
+            os.makedirs(self.dir, 0o755, exist_ok=True)
+            self.lock = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+        except OSError as e:
+            raise CNIError(E_IO, f"cannot lock {self.dir}: {e.strerror}")
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.lock)  # closing releases the flock
+
+    def path(self, family, n):
+        return os.path.join(self.dir, fmt_ip(family, n))
+
+    def owner(self, family, n):
+        try:
+            with open(self.path(family, n), "rb") as f:
+                return f.read().decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+
+    def reserve(self, family, n, cid, ifname):
+        """Create <ip> holding 'id\\r\\nifname' atomically (link fails if it exists)."""
+        tmp = os.path.join(self.dir, f".tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(f"{cid}\r\n{ifname}".encode())
+            try:
+                os.link(tmp, self.path(family, n))
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        except OSError as e:
+            raise CNIError(E_IO, f"cannot write allocation in {self.dir}: {e.strerror}")
+
+    def set_last(self, index, family, n):
+        tmp = os.path.join(self.dir, f".last-{os.getpid()}")
+        try:
+            with open(tmp, "w") as f:
+                f.write(fmt_ip(family, n))
+            os.rename(tmp, os.path.join(self.dir, f"last_reserved_ip.{index}"))
+        except OSError as e:
+            raise CNIError(E_IO, f"cannot write {self.dir}: {e.strerror}")
+
+    def last(self, index):
+        try:
+            with open(os.path.join(self.dir, f"last_reserved_ip.{index}")) as f:
+                return parse_ip(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def allocations(self):
+        """{(family, int): 'id\\r\\nifname'} of every address file."""
+        out = {}
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return out
+        for name in names:
+            try:
+                key = parse_ip(name)
+            except ValueError:
+                continue
+            owner = self.owner(*key)
+            if owner is not None:
+                out[key] = owner
+        return out
+
+    def release(self, family, n):
+        log(f"  ipam: release {fmt_ip(family, n)}")
+        try:
+            os.unlink(self.path(family, n))
+        except FileNotFoundError:
+            pass
+
+
+def candidates(rset, after):
+    """Addresses of a range set in round-robin order, starting after the last reserved one."""
+    flat = []
+    for r in rset:
+        flat.append((r, r["start"], r["end"]))
+    start_at = 0
+    if after is not None:
+        for i, (r, lo, hi) in enumerate(flat):
+            if after[0] == r["family"] and lo <= after[1] <= hi:
+                start_at = i
+                if after[1] < hi:
+                    flat[i] = (r, after[1] + 1, hi)
+                    flat.append((r, lo, after[1]))
+                else:
+                    start_at = (i + 1) % len(flat)
+                    flat.append((r, lo, hi))
+                break
+    ordered = flat[start_at:] + flat[:start_at]
+    for r, lo, hi in ordered:
+        for n in range(lo, hi + 1):
+            if n != r["gw"]:
+                yield r, n
+
+
+def requested_ips(net):
+    """Specific addresses asked for in CNI_ARGS IP= or runtimeConfig ips."""
+    wanted = []
+    if net.args.get("IP"):
+        wanted += net.args["IP"].split(",")
+    ips = net.runtime.get("ips")
+    if isinstance(ips, list):
+        wanted += [i for i in ips if isinstance(i, str)]
+    out = []
+    for text in wanted:
+        try:
+            out.append(parse_ip(text.split("/")[0].strip()))
+        except ValueError:
+            raise CNIError(E_ENV, f"requested IP {text!r} is not an address")
+    return out
+
+
+def builtin_add(net, cid, ifname):
+    sets = net.range_sets()
+    wanted = requested_ips(net)
+    ips = []
+    with Store(net.data_dir, net.name) as store:
+        try:
+            for index, rset in enumerate(sets):
+                ips.append(allocate(store, index, rset, wanted, cid, ifname))
+        except CNIError:
+            for ip in ips:
+                store.release(ip["family"], ip["n"])
+            raise
+    for w in wanted:
+        if not any(w == (ip["family"], ip["n"]) for ip in ips):
+            raise CNIError(E_CONFIG, f"requested IP {fmt_ip(*w)} is in none of the ranges")
+    return ips
+
+
+def allocate(store, index, rset, wanted, cid, ifname):
+    def lease(r, n):
+        log(f"  ipam: reserve {fmt_cidr(r['family'], n, r['subnet'][2])} for {cid} {ifname}")
+        return {"family": r["family"], "n": n, "plen": r["subnet"][2], "gw": r["gw"], "subnet": r["subnet"]}
+
+    for family, n in wanted:
+        for r in rset:
+            if family == r["family"] and r["start"] <= n <= r["end"]:
+                if n == r["gw"]:
+                    raise CNIError(E_CONFIG, f"requested IP {fmt_ip(family, n)} is the gateway")
+                if not store.reserve(family, n, cid, ifname):
+                    raise CNIError(E_TRY_LATER, f"requested IP {fmt_ip(family, n)} is already allocated")
+                return lease(r, n)
+    for r, n in candidates(rset, store.last(index)):
+        if store.reserve(r["family"], n, cid, ifname):
+            store.set_last(index, r["family"], n)
+            return lease(r, n)
+    subnets = ", ".join(fmt_cidr(*r["subnet"]) for r in rset)
+    raise CNIError(E_TRY_LATER, f"no IP addresses left in range set {subnets} of network {store.dir}")
+
+
+def builtin_del(net, cid, ifname):
+    owner = f"{cid}\r\n{ifname}"
+    with Store(net.data_dir, net.name) as store:
+        for key, who in store.allocations().items():
+            if who == owner:
+                store.release(*key)
+
+
+def builtin_owned(net, cid, ifname):
+    owner = f"{cid}\r\n{ifname}"
+    with Store(net.data_dir, net.name) as store:
+        return {key for key, who in store.allocations().items() if who == owner}
+
+
+def use_builtin(net):
+    if net.ipam_type in BUILTIN_IPAM:
+        return True
+    if net.ipam_type == "host-local" and not find_plugin("host-local"):
+        return True  # same on-disk format: take over
+    return False
+
+
+def find_plugin(name):
+    return which(name, os.environ.get("CNI_PATH", ""))
+
+
+def delegate(net, command, raw):
+    """Run the IPAM plugin named in ipam.type, as the reference bridge does."""
+    path = find_plugin(net.ipam_type)
+    if not path:
+        raise CNIError(E_CONFIG, f"IPAM plugin {net.ipam_type!r} not found in CNI_PATH")
+    env = dict(os.environ, CNI_COMMAND=command)
+    try:
+        out = run([path], stdin=raw, env=env)
+    except CNIError as e:
+        try:
+            err = json_loads(e.details)
+            e.code, e.msg, e.details = err.get("code", e.code), f"{net.ipam_type}: {err.get('msg', e.msg)}", err.get("details", "")
+        except Exception:
+            pass
+        raise
+    return json_loads(out) if out.strip() else {}
+
+
+def ipam_result_ips(res):
+    ips = []
+    for ip in res.get("ips") or []:
+        family, n, plen = parse_cidr(ip["address"])
+        gw = parse_ip(ip["gateway"])[1] if ip.get("gateway") else None
+        ips.append({"family": family, "n": n, "plen": plen, "gw": gw, "subnet": (family, network_of(family, n, plen), plen)})
+    return ips
+
+
+def ipam_add(net, cid, ifname, raw):
+    if use_builtin(net):
+        ips = builtin_add(net, cid, ifname)
+        routes = net.ipam.get("routes") or []
+        return ips, routes, {}
+    res = delegate(net, "ADD", raw)
+    try:
+        ips = ipam_result_ips(res)
+    except (KeyError, ValueError, TypeError) as e:
+        delegate(net, "DEL", raw)
+        raise CNIError(E_CONFIG, f"IPAM plugin returned an unusable result: {e}")
+    for ip in ips:  # like the reference bridge: a gateway is the subnet's first address when unset
+        if ip["gw"] is None:
+            ip["gw"] = ip["subnet"][1] + 1
+    return ips, res.get("routes") or [], res.get("dns") or {}
+
+
+def ipam_del(net, cid, ifname, raw):
+    if use_builtin(net):
+        builtin_del(net, cid, ifname)
+    else:
+        delegate(net, "DEL", raw)
+
+
+# ---------------------------------------------------------------- masquerade (iptables)
+
+def attachment_hash(*parts):
+    try:
+        from _sha256 import sha256  # Python <= 3.11; hashlib costs 4 ms to import
+    except ImportError:
+        try:
+            from _sha2 import sha256
+        except ImportError:
+            from hashlib import sha256
+    return sha256("/".join(parts).encode()).hexdigest()
+
+
+def host_veth_name(cid, ifname):
+    return "veth" + attachment_hash(cid, ifname)[:11]
+
+
+def chain_name(network, cid, ifname):
+    return CHAIN_PREFIX + attachment_hash(network, cid, ifname)[:20]
+
+
+def masq_comment(network, cid, ifname):
+    return f"cnikit name: {network} id: {cid} if: {ifname}"
+
+
+def tool(family, name):
+    return name.replace("iptables", "ip6tables") if family == AF_INET6 else name
+
+
+def setup_masq(net, cid, ifname, ips):
+    """Own nat chain: traffic to the subnet stays as is, the rest leaves masqueraded."""
+    chain = chain_name(net.name, cid, ifname)
+    comment = '"' + masq_comment(net.name, cid, ifname) + '"'
+    for family in sorted({ip["family"] for ip in ips}):
+        lines = ["*nat", f":{chain} - [0:0]"]
+        for ip in ips:
+            if ip["family"] == family:
+                lines.append(f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT")
+        lines.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
+        for ip in ips:
+            if ip["family"] == family:
+                lines.append(f"-A POSTROUTING -s {fmt_cidr(family, ip['n'], bits(family))} -m comment --comment {comment} -j {chain}")
+        lines.append("COMMIT")
+        run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+
+
+def teardown_masq(chains, families=(AF_INET, AF_INET6)):
+    """Remove every rule jumping to our chains, then the chains.  Missing ones are fine."""
+    for family in families:
+        if not which(tool(family, "iptables-save")):
+            continue
+        saved = run([tool(family, "iptables-save"), "-t", "nat"])
+        present = [c for c in chains if f":{c} " in saved]
+        if not present:
+            continue
+        lines = ["*nat"]
+        for line in saved.splitlines():
+            if line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
+                lines.append("-D " + line[3:])
+        for c in present:
+            lines += [f"-F {c}", f"-X {c}"]
+        lines.append("COMMIT")
+        run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+
+
+def our_chains(network):
+    """{chain: (container id, ifname)} of this network's attachments, from the rule comments."""
+    found = {}
+    for family in (AF_INET, AF_INET6):
+        if not which(tool(family, "iptables-save")):
+            continue
+        for line in run([tool(family, "iptables-save"), "-t", "nat"]).splitlines():
+            if not line.startswith("-A POSTROUTING ") or f" -j {CHAIN_PREFIX}" not in line:
+                continue
+            marker = f'--comment "cnikit name: {network} id: '
+            if marker in line:
+                rest = line.split(marker, 1)[1].split('"', 1)[0]
+                cid, _, ifname = rest.partition(" if: ")
+                found[line.rsplit(" -j ", 1)[1]] = (cid, ifname)
+    return found
+
+
+# ---------------------------------------------------------------- host side
+
+def sysctl_on(path):
+    try:
+        with open(path, "r+") as f:
+            if f.read().strip() != "1":
+                log(f"  sysctl: {path} = 1")
+                f.seek(0)
+                f.write("1")
+    except OSError as e:
+        raise CNIError(E_KERNEL, f"cannot enable {path}: {e.strerror}")
+
+
+def ensure_bridge(nl, net, ips):
+    br = nl.link(net.bridge)
+    if br is None:
+        try:
+            nl.add_bridge(net.bridge, net.mtu)
+        except OSError as e:
+            if e.errno != 17:  # EEXIST: a parallel ADD created it first
+                raise CNIError(E_KERNEL, f"cannot create bridge {net.bridge}: {e.strerror}")
+        br = nl.link(net.bridge)
+    if br is None or br["kind"] != "bridge":
+        raise CNIError(E_CONFIG, f"{net.bridge} exists and is not a bridge")
+    if not br["up"]:
+        kernel(f"cannot bring {net.bridge} up", nl.set_link, br["index"], net.bridge, True)
+    if net.is_gw:
+        have = set(nl.addrs(br["index"]))
+        for ip in ips:
+            gw = (ip["family"], ip["gw"], ip["plen"])
+            if gw not in have:
+                kernel(f"cannot add gateway address to {net.bridge}", nl.add_addr, br["index"], net.bridge, *gw)
+        for family in {ip["family"] for ip in ips}:
+            sysctl_on("/proc/sys/net/ipv4/ip_forward" if family == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
+    return br
+
+
+def container_routes(net, ips, ipam_routes):
+    """[(family, dst, plen, gw)] for the pod: the IPAM routes plus the default route."""
+    gws = {}
+    for ip in ips:
+        gws.setdefault(ip["family"], ip["gw"])
+    routes = []
+    for r in ipam_routes:
+        try:
+            family, dst, plen = parse_cidr(r["dst"])
+            gw = parse_ip(r["gw"])[1] if r.get("gw") else gws.get(family)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CNIError(E_CONFIG, f"invalid route {r!r}: {e}")
+        routes.append((family, network_of(family, dst, plen), plen, gw, bool(r.get("gw"))))
+    if net.default_gw:
+        for family, gw in gws.items():
+            if not any(r[0] == family and r[2] == 0 for r in routes):
+                routes.append((family, 0, 0, gw, True))
+    return routes
+
+
+# ---------------------------------------------------------------- results
+
+def build_result(net, br, veth, cont, netns, ips, routes, dns):
+    with_mtu = net.version == "1.1.0"
+
+    def iface(link, sandbox=None):
+        out = {"name": link["name"], "mac": link["mac"]}
+        if with_mtu:
+            out["mtu"] = link["mtu"]
+        if sandbox:
+            out["sandbox"] = sandbox
+        return out
+
+    res = {"cniVersion": net.version, "interfaces": [iface(br), iface(veth), iface(cont, netns)], "ips": [], "routes": []}
+    for ip in ips:
+        entry = {"address": fmt_cidr(ip["family"], ip["n"], ip["plen"]), "gateway": fmt_ip(ip["family"], ip["gw"]), "interface": 2}
+        if net.version < "1.0.0":
+            entry["version"] = "4" if ip["family"] == AF_INET else "6"
+        res["ips"].append(entry)
+    for family, dst, plen, gw, explicit in routes:
+        route = {"dst": fmt_cidr(family, dst, plen)}
+        if explicit:
+            route["gw"] = fmt_ip(family, gw)
+        res["routes"].append(route)
+    res["dns"] = result_dns(net, dns)
+    return res
+
+
+def result_dns(net, ipam_dns):
+    dns = {}
+    rt = lower_keys(net.runtime.get("dns"))
+    for src in (ipam_dns, net.dns):
+        for key in ("nameservers", "domain", "search", "options"):
+            if src.get(key):
+                dns[key] = src[key]
+    for rt_key, key in (("servers", "nameservers"), ("searches", "search"), ("domain", "domain"), ("options", "options")):
+        if rt.get(rt_key):
+            dns[key] = rt[rt_key]
+    return dns
+
+
+def requested_mac(net):
+    mac = net.runtime.get("mac") or ""
+    if not mac:
+        return None
+    try:
+        raw = bytes(int(x, 16) for x in mac.split(":"))
+        if len(raw) != 6:
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise CNIError(E_CONFIG, f"invalid mac {mac!r}")
+    return raw
+
+
+# ---------------------------------------------------------------- verbs
+
+def cmd_add(net, env, raw):
+    cid, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env["CNI_NETNS"]
+    mac = requested_mac(net)
+    nsfd, cnl = open_container(netns)
+    nl = Netlink()
+    if cnl.link(ifname):
+        raise CNIError(E_EXISTS, f"interface {ifname} already exists in {netns}")
+    undo = []
+    try:
+        ips, ipam_routes, ipam_dns = ipam_add(net, cid, ifname, raw)
+        undo.append(lambda: ipam_del(net, cid, ifname, raw))
+        routes = container_routes(net, ips, ipam_routes)
+        br = ensure_bridge(nl, net, ips)
+        veth_name = host_veth_name(cid, ifname)
+        kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or br["mtu"], nsfd, mac)
+        veth = nl.link(veth_name)
+        undo.append(lambda: nl.del_link(veth["index"], veth_name))
+        kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
+        if net.hairpin:
+            kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
+        cont = configure_container(cnl, ifname, ips, routes)
+        if net.masq:
+            undo.append(lambda: teardown_masq([chain_name(net.name, cid, ifname)], {ip["family"] for ip in ips}))
+            setup_masq(net, cid, ifname, ips)
+        br = nl.link(net.bridge)  # its MAC follows its ports
+    except BaseException as e:
+        log(f"  ADD failed ({e}); rolling back")
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception as e2:
+                log(f"  rollback step failed: {e2}")
+        raise
+    return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
+
+
+def configure_container(cnl, ifname, ips, routes):
+    cont = cnl.link(ifname)
+    if cont is None:
+        raise CNIError(E_KERNEL, f"{ifname} did not appear in the container")
+    kernel(f"cannot bring {ifname} up", cnl.set_link, cont["index"], ifname, True)
+    for ip in ips:
+        kernel(f"cannot add address to {ifname}", cnl.add_addr, cont["index"], ifname, ip["family"], ip["n"], ip["plen"])
+    for family, dst, plen, gw, _ in routes:
+        try:
+            cnl.add_route(family, dst, plen, gw, cont["index"], ifname)
+        except OSError as e:
+            if e.errno != 17:  # EEXIST: already there (e.g. the subnet's own route)
+                raise CNIError(E_KERNEL, f"cannot add route {fmt_cidr(family, dst, plen)} in the container: {e.strerror}")
+    return cont
+
+
+def cmd_del(net, env, raw):
+    """Best effort and repeatable: rules, veth, then the address - each may already be gone."""
+    cid, ifname = env["CNI_CONTAINERID"], env["CNI_IFNAME"]
+    if net.masq:
+        teardown_masq([chain_name(net.name, cid, ifname)], attachment_families(net, cid, ifname))
+    nl = Netlink()
+    veth_name = host_veth_name(cid, ifname)
+    veth = nl.link(veth_name)
+    if veth is not None:  # deleting our end removes the pod's end too, netns or not
+        try:
+            nl.del_link(veth["index"], veth_name)
+        except OSError as e:
+            if e.errno not in (19, 2):
+                raise CNIError(E_KERNEL, f"cannot delete {veth_name}: {e.strerror}")
+    ipam_del(net, cid, ifname, raw)
+
+
+def attachment_families(net, cid, ifname):
+    """Address families of an attachment (to spare an ip6tables-save), from its state or prevResult."""
+    families = set()
+    if use_builtin(net):
+        families = {family for family, _ in builtin_owned(net, cid, ifname)}
+    if not families and net.prev:
+        try:
+            families = {ip["family"] for ip in ipam_result_ips(net.prev)}
+        except (KeyError, ValueError, TypeError):
+            pass
+    return families or (AF_INET, AF_INET6)
+
+
+def cmd_check(net, env, raw):
+    cid, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env["CNI_NETNS"]
+    prev = net.prev
+    if prev is None:
+        raise CNIError(E_CONFIG, "CHECK needs prevResult")
+    if not use_builtin(net):
+        delegate(net, "CHECK", raw)
+    _, cnl = open_container(netns)
+    nl = Netlink()
+
+    def fail(msg):
+        raise CNIError(E_CHECK, msg)
+
+    br = nl.link(net.bridge)
+    if br is None or br["kind"] != "bridge":
+        fail(f"bridge {net.bridge} is missing")
+    veth_name = host_veth_name(cid, ifname)
+    veth = nl.link(veth_name)
+    if veth is None or veth["master"] != br["index"]:
+        fail(f"host veth {veth_name} is missing or not attached to {net.bridge}")
+    cont = cnl.link(ifname)
+    if cont is None:
+        fail(f"interface {ifname} is missing in {netns}")
+    ifaces = prev.get("interfaces") or []
+    for i in ifaces:
+        if i.get("name") == ifname and i.get("sandbox") and i.get("mac") and i["mac"].lower() != cont["mac"]:
+            fail(f"{ifname} has MAC {cont['mac']}, prevResult says {i['mac']}")
+    have = set(cnl.addrs(cont["index"]))
+    try:
+        ips = ipam_result_ips(prev)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CNIError(E_CONFIG, f"invalid prevResult: {e}")
+    for ip in ips:
+        if (ip["family"], ip["n"], ip["plen"]) not in have:
+            fail(f"{ifname} lacks address {fmt_cidr(ip['family'], ip['n'], ip['plen'])}")
+    if use_builtin(net):
+        owned = builtin_owned(net, cid, ifname)
+        for ip in ips:
+            if (ip["family"], ip["n"]) not in owned:
+                fail(f"address {fmt_ip(ip['family'], ip['n'])} is not allocated to {cid} {ifname}")
+    tables = {}
+    for r in prev.get("routes") or []:
+        try:
+            family, dst, plen = parse_cidr(r["dst"])
+            gw = parse_ip(r["gw"])[1] if r.get("gw") else None
+        except (KeyError, ValueError, TypeError) as e:
+            raise CNIError(E_CONFIG, f"invalid route in prevResult {r!r}: {e}")
+        table = tables.setdefault(family, cnl.routes(family))
+        dst = network_of(family, dst, plen)
+        if not any(d == dst and p == plen and (gw is None or g == gw) for d, p, g, _ in table):
+            fail(f"route {r['dst']}{' via ' + r['gw'] if r.get('gw') else ''} is missing in {netns}")
+    if net.masq:
+        chain = chain_name(net.name, cid, ifname)
+        families = {ip["family"] for ip in ips}
+        for family in families:
+            if f":{chain} " not in run([tool(family, "iptables-save"), "-t", "nat"]):
+                fail(f"masquerade chain {chain} is missing")
+
+
+def cmd_status(net):
+    problems = []
+    if net.masq and not which("iptables-restore"):
+        problems.append("iptables-restore is not installed (needed for ipMasq)")
+    if use_builtin(net):
+        try:
+            sets = net.range_sets()
+        except CNIError as e:
+            problems.append(e.msg)
+            sets = []
+        with Store(net.data_dir, net.name) as store:
+            taken = set(store.allocations())
+            for rset in sets:
+                if not any((r["family"], n) not in taken for r, n in candidates(rset, None)):
+                    problems.append("no IP addresses left in " + ", ".join(fmt_cidr(*r["subnet"]) for r in rset))
+    elif not find_plugin(net.ipam_type):
+        problems.append(f"IPAM plugin {net.ipam_type!r} not found in CNI_PATH")
+    if problems:
+        raise CNIError(E_NOT_AVAILABLE, "; ".join(problems))
+
+
+def cmd_gc(net):
+    valid = net.raw.get("cni.dev/valid-attachments", net.raw.get("cni.dev/attachments"))
+    if not isinstance(valid, list):
+        raise CNIError(E_CONFIG, "GC needs cni.dev/valid-attachments")
+    keep = {(a.get("containerID"), a.get("ifname")) for a in valid if isinstance(a, dict)}
+    if net.masq or which("iptables-save"):
+        stale = [c for c, att in our_chains(net.name).items() if att not in keep]
+        if stale:
+            teardown_masq(stale)
+    if use_builtin(net) or net.ipam_type == "host-local":  # host-local's files are ours too
+        with Store(net.data_dir, net.name) as store:
+            for key, who in store.allocations().items():
+                cid, _, ifname = who.partition("\r\n")
+                if (cid, ifname) not in keep:
+                    store.release(*key)
+
+
+def cmd_version(raw):
+    asked = None
+    if raw.strip():
+        asked = decode_config(raw).get("cniVersion")
+    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def main():
+    command = os.environ.get("CNI_COMMAND", "")
+    log(f"=== {command or '(no CNI_COMMAND)'} pid {os.getpid()}")
+    for key in sorted(os.environ):
+        if key.startswith("CNI_"):
+            log(f"  {key}={os.environ[key]}")
+    version, net = LATEST, None
+    try:
+        if not command:
+            raise CNIError(E_ENV, "required environment variable CNI_COMMAND is missing")
+        if command == "VERSION":
+            raw = read_stdin()
+            log(f"  stdin: {raw.decode('utf-8', 'replace').strip()}")
+            return cmd_version(raw)
+        if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
+            raise CNIError(E_ENV, f"unknown CNI_COMMAND {command!r}")
+        needed = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+                  "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+                  "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")}.get(command, ())
+        env = require_env(needed)
+        env["CNI_NETNS"] = os.environ.get("CNI_NETNS", "")
+        if "CNI_CONTAINERID" in env and not valid_name(env["CNI_CONTAINERID"]):
+            raise CNIError(E_ENV, "invalid CNI_CONTAINERID: must match [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+        if "CNI_IFNAME" in env and not valid_ifname(env["CNI_IFNAME"]):
+            raise CNIError(E_ENV, "invalid CNI_IFNAME: 1-15 characters, not . or .., no / : or whitespace")
+        if env["CNI_NETNS"] and (not env["CNI_NETNS"].startswith("/") or "\0" in env["CNI_NETNS"]):
+            raise CNIError(E_ENV, "invalid CNI_NETNS: must be an absolute path to a network namespace")
+        raw = read_stdin()
+        log(f"  stdin: {raw.decode('utf-8', 'replace').strip()}")
+        conf = decode_config(raw)
+        if isinstance(conf.get("cniVersion"), str):
+            version = conf["cniVersion"] if conf["cniVersion"] in SUPPORTED_VERSIONS else LATEST
+        if conf.get("cniVersion") not in SUPPORTED_VERSIONS:
+            raise CNIError(E_VERSION, f"unsupported cniVersion {conf.get('cniVersion')!r}",
+                           "supported: " + ", ".join(SUPPORTED_VERSIONS))
+        if command == "CHECK" and conf["cniVersion"] < "0.4.0":
+            raise CNIError(E_VERSION, f"CHECK is not supported in cniVersion {conf['cniVersion']}")
+        if command in ("STATUS", "GC") and conf["cniVersion"] < "1.1.0":
+            raise CNIError(E_VERSION, f"{command} is not supported in cniVersion {conf['cniVersion']}")
+        if isinstance(conf.get("log"), str) and not os.environ.get("CNIKIT_LOG"):
+            main.log_path = conf["log"]
+        net = Net(conf, parse_cni_args(os.environ.get("CNI_ARGS", "")))
+        if command == "ADD":
+            return cmd_add(net, env, raw)
+        if command == "DEL":
+            return cmd_del(net, env, raw)
+        if command == "CHECK":
+            return cmd_check(net, env, raw)
+        if command == "STATUS":
+            return cmd_status(net)
+        return cmd_gc(net)
+    except CNIError as e:
+        raise
+    except Exception as e:  # a bug must still answer in CNI's terms, never a traceback
+        raise CNIError(E_IO if isinstance(e, OSError) else 999, f"internal error: {type(e).__name__}: {e}") from e
+    finally:
+        main.version = version
+
+
+def entry():
+    main.log_path = os.environ.get("CNIKIT_LOG") or DEFAULT_LOG
+    main.version = LATEST
+    code = 0
+    try:
+        result = main()
+        out = json_dumps(result) if result is not None else ""
+        log(f"  result: {out or '(none)'}")
+    except CNIError as e:
+        out = json_dumps({"cniVersion": main.version, "code": e.code, "msg": e.msg, "details": str(e.details)})
+        log(f"  error: {out}")
+        code = 1
+    write_log(main.log_path)
+    if out:
+        sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
