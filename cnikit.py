@@ -234,7 +234,7 @@ def iptables_rule(action, table, chain, spec, ns=None):
 # ---------------------------------------------------------------- the runner
 
 def which(tool):
-    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    return shutil.which(tool)
 
 
 def require_tools(*tools):
@@ -259,6 +259,7 @@ class Runner:
         self.out = out or sys.stdout
         self.color = self.out.isatty() if color is None else color
         self.undo = []            # argv lists that undo what this invocation created, in order
+        self.planned_mtu = {}     # (namespace, link) -> MTU of links a dry run has planned so far
         self.log = []             # every argv run or printed by run/show, for tests and lessons
 
     # -- printing
@@ -555,6 +556,7 @@ def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, hos
                 raise UsageError(f"{peer} already exists{' in ' + peer_ns if peer_ns else ''}; "
                                  "pick another peer name")
             r.run(veth_add_argv(name, peer, netns, mtu, host), undo=ip("link", "del", name, ns=host))
+            r.planned_mtu[(host, name)] = r.planned_mtu[(peer_ns, peer)] = mtu or DEFAULT_MTU
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host)
         ensure_addrs(r, peer, [peer_addr], peer_ns)
@@ -752,7 +754,10 @@ def nat_show(r, host=None):
 # ---------------------------------------------------------------- vxlan
 
 def underlay_mtu(r, dev=None, remote=None, host=None):
-    """The MTU of the device the overlay rides on: DEV, else the route to REMOTE."""
+    """The MTU of the device the overlay rides on: DEV, else the route to REMOTE.
+    A dry run knows the links it planned itself; others it looks up read-only."""
+    if r.dry_run and (host, dev) in r.planned_mtu:
+        return r.planned_mtu[(host, dev)]
     if not dev and remote:
         route = r.query_json(ip("-j", "route", "get", remote, ns=host), in_dry_run=True)
         dev = route[0].get("dev") if route else None

@@ -1,0 +1,80 @@
+"""Test helpers that look at the real kernel (through `sh`) and run the cnikit CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import sh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CNIKIT = os.path.join(ROOT, "cnikit.py")
+
+
+def cli(*args, check=False, input=None):
+    """Run `cnikit.py ARGS` as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, CNIKIT, *args], capture_output=True, text=True, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cnikit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _ns(ns):
+    return ["-n", ns] if ns else []
+
+
+def links(ns=None):
+    """{ifname: `ip -j -d link` record} in NS (or here)."""
+    return {l["ifname"]: l for l in json.loads(str(sh.ip(*_ns(ns), "-j", "-d", "link", "show")))}
+
+
+def addrs(dev, ns=None):
+    data = json.loads(str(sh.ip(*_ns(ns), "-j", "addr", "show", "dev", dev)))
+    return sorted(f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"] if a["family"] == "inet")
+
+
+def routes(ns=None):
+    return json.loads(str(sh.ip(*_ns(ns), "-j", "route", "show")))
+
+
+def netns_list():
+    return sorted(n["name"] for n in json.loads(str(sh.ip("-j", "netns", "list")) or "[]"))
+
+
+def ping(addr, ns=None, count=1):
+    """True when ADDR answers from inside NS."""
+    args = ["-c", str(count), "-W", "2", addr]
+    try:
+        sh.ip("netns", "exec", ns, "ping", *args) if ns else sh.ping(*args)
+        return True
+    except sh.ErrorReturnCode:
+        return False
+
+
+def iptables_rules(table="filter", ns=None):
+    argv = ["iptables", "-t", table, "-S"]
+    out = sh.ip("netns", "exec", ns, *argv) if ns else sh.iptables(*argv[1:])
+    return [line for line in str(out).splitlines() if line.startswith("-A")]
+
+
+def snapshot(namespaces=()):
+    """Kernel state comparable across runs: links (no MACs, ifindexes), addresses,
+    routes, iptables rules, per namespace."""
+    state = {}
+    for ns in [None, *namespaces]:
+        ls = {}
+        for name, l in links(ns).items():
+            info = l.get("linkinfo", {})
+            ls[name] = {"kind": info.get("info_kind"), "mtu": l["mtu"], "up": "UP" in l["flags"],
+                        "master": l.get("master"), "alias": l.get("ifalias"),
+                        "vxlan": {k: v for k, v in info.get("info_data", {}).items()
+                                  if k in ("id", "remote", "port", "local", "group")}
+                        if info.get("info_kind") == "vxlan" else None,
+                        "addrs": addrs(name, ns)}
+        state[ns or "host"] = {"links": ls,
+                               "routes": sorted(json.dumps(r, sort_keys=True) for r in routes(ns)),
+                               "nat": iptables_rules("nat", ns), "filter": iptables_rules("filter", ns),
+                               "forwarding": str(sh.ip(*(["netns", "exec", ns] if ns else []),
+                                                       "sysctl", "-n", "net.ipv4.ip_forward") if ns else
+                                                 sh.sysctl("-n", "net.ipv4.ip_forward")).strip()}
+    state["netns"] = netns_list()
+    return state

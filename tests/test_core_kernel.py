@@ -1,0 +1,216 @@
+"""Each verb against the real kernel, inside the test's sandbox."""
+import json
+import subprocess
+import time
+
+import sh
+
+from kernel import addrs, cli, iptables_rules, links, netns_list, ping, snapshot
+
+
+def run(*args):
+    return cli(*args, check=True)
+
+
+def pair(ns, host_end, addr=None, peer_addr=None, host=None):
+    run(*(["-n", host] if host else []), "veth", "add", host_end, "eth0", "--netns", ns,
+        *(["--addr", addr] if addr else []), *(["--peer-addr", peer_addr] if peer_addr else []))
+
+
+def test_netns_add_list_lo_del():
+    proc = run("netns", "add", "ns1")
+    assert proc.stdout.splitlines()[:2] == ["ip netns add ns1", "ip -n ns1 link set dev lo alias cnikit"]
+    assert netns_list() == ["ns1"]
+    lo = links("ns1")["lo"]
+    assert "UP" not in lo["flags"] and lo["ifalias"] == "cnikit"
+    assert list(links("ns1")) == ["lo"]
+    assert "already exists" in run("netns", "add", "ns1").stdout
+    assert "ns1" in run("netns", "list").stdout
+    run("netns", "lo", "ns1")
+    assert "UP" in links("ns1")["lo"]["flags"]
+    assert ping("127.0.0.1", ns="ns1")
+    assert run("netns", "exec", "ns1", "--", "ip", "-br", "link").returncode == 0
+    run("netns", "del", "ns1")
+    assert netns_list() == []
+    again = run("netns", "del", "ns1")
+    assert again.returncode == 0 and "does not exist" in again.stdout
+
+
+def test_veth_pair_carries_a_ping_both_ways_and_reruns_are_noops():
+    run("netns", "add", "ns1", "--lo-up")
+    pair("ns1", "veth-ns1", "10.0.0.1/24", "10.0.0.2/24")
+    host_end, peer = links()["veth-ns1"], links("ns1")["eth0"]
+    assert host_end["linkinfo"]["info_kind"] == "veth" and "UP" in host_end["flags"] and "UP" in peer["flags"]
+    assert addrs("veth-ns1") == ["10.0.0.1/24"] and addrs("eth0", "ns1") == ["10.0.0.2/24"]
+    assert ping("10.0.0.2") and ping("10.0.0.1", ns="ns1")
+    again = run("veth", "add", "veth-ns1", "eth0", "--netns", "ns1", "--addr", "10.0.0.1/24",
+                "--peer-addr", "10.0.0.2/24")
+    assert "nothing to do" in again.stdout and "ip link add" not in again.stdout
+    conflict = cli("veth", "add", "veth-ns1", "eth9", "--netns", "ns1")
+    assert conflict.returncode == 2 and "peer is not eth9" in conflict.stderr
+    run("veth", "del", "veth-ns1")
+    assert "veth-ns1" not in links() and "eth0" not in links("ns1")
+    assert "does not exist" in run("veth", "del", "veth-ns1").stdout
+
+
+def test_veth_mtu_applies_to_both_ends():
+    run("netns", "add", "ns1")
+    run("veth", "add", "v0", "eth0", "--netns", "ns1", "--mtu", "1400")
+    assert links()["v0"]["mtu"] == 1400 and links("ns1")["eth0"]["mtu"] == 1400
+
+
+def test_bridge_joins_two_namespaces_and_learns_their_macs():
+    run("bridge", "add", "br0", "--addr", "10.0.0.1/24")
+    for i in (1, 2):
+        run("netns", "add", f"ns{i}", "--lo-up")
+        pair(f"ns{i}", f"veth-ns{i}", peer_addr=f"10.0.0.{i + 1}/24")
+    run("bridge", "attach", "br0", "veth-ns1", "veth-ns2")
+    assert links()["veth-ns1"]["master"] == "br0" and links()["veth-ns2"]["master"] == "br0"
+    assert addrs("br0") == ["10.0.0.1/24"]
+    assert ping("10.0.0.3", ns="ns1") and ping("10.0.0.2", ns="ns2") and ping("10.0.0.2") and ping("10.0.0.3")
+    shown = run("bridge", "show", "br0").stdout
+    mac1 = links("ns1")["eth0"]["address"]
+    assert "bridge fdb show br br0" in shown and f"{mac1} dev veth-ns1 master br0" in shown
+    assert "already a port of br0" in run("bridge", "attach", "br0", "veth-ns1").stdout
+    assert "nothing to do" in run("bridge", "add", "br0", "--addr", "10.0.0.1/24").stdout
+    run("bridge", "del", "br0")
+    assert "br0" not in links()
+
+
+def test_vxlan_overlay_between_two_host_namespaces_carries_a_ping():
+    # Two "hosts" on an underlay veth (MTU 1400), each with br0 + vxlan0 + a pod.
+    run("netns", "add", "host1", "--lo-up")
+    run("netns", "add", "host2", "--lo-up")
+    run("-n", "host1", "veth", "add", "under1", "under2", "--netns", "host2", "--mtu", "1400",
+        "--addr", "192.0.2.1/24", "--peer-addr", "192.0.2.2/24")
+    for h, peer, pod_ip in (("host1", "192.0.2.2", "10.10.0.1/24"), ("host2", "192.0.2.1", "10.10.0.2/24")):
+        run("netns", "add", f"pod-{h}", "--lo-up")
+        run("-n", h, "bridge", "add", "br0")
+        run("-n", h, "veth", "add", "veth-pod", "eth0", "--netns", f"pod-{h}", "--peer-addr", pod_ip)
+        run("-n", h, "bridge", "attach", "br0", "veth-pod")
+        dev = "under1" if h == "host1" else "under2"
+        run("-n", h, "vxlan", "add", "vxlan0", "--id", "42", "--remote", peer, "--dev", dev, "--bridge", "br0")
+    vx = links("host1")["vxlan0"]
+    assert vx["mtu"] == 1400 - 50
+    assert vx["master"] == "br0" and vx["linkinfo"]["info_data"]["id"] == 42
+    assert vx["linkinfo"]["info_data"]["port"] == 4789
+    assert ping("10.10.0.2", ns="pod-host1", count=2)
+    tx = json.loads(str(sh.ip("-n", "host1", "-s", "-j", "link", "show", "vxlan0")))[0]["stats64"]["tx"]["packets"]
+    assert tx > 0
+    assert "already exists" in run("-n", "host1", "vxlan", "add", "vxlan0", "--id", "42",
+                                   "--remote", "192.0.2.2").stdout
+    assert cli("-n", "host1", "vxlan", "add", "vxlan0", "--id", "43", "--remote", "192.0.2.2").returncode == 2
+    run("-n", "host1", "vxlan", "del", "vxlan0")
+    assert "vxlan0" not in links("host1")
+
+
+def test_vxlan_fdb_entries_for_a_remote_less_device():
+    run("netns", "add", "h1")
+    run("-n", "h1", "veth", "add", "u1", "u2", "--addr", "198.51.100.1/24")
+    run("-n", "h1", "vxlan", "add", "vx0", "--id", "7", "--dev", "u1", "--mtu", "1400")
+    run("-n", "h1", "vxlan", "fdb", "add", "vx0", "00:00:00:00:00:00", "--dst", "198.51.100.2")
+    run("-n", "h1", "vxlan", "fdb", "add", "vx0", "02:00:00:00:00:02", "--dst", "198.51.100.2")
+    fdb = json.loads(str(sh.bridge("-n", "h1", "-j", "fdb", "show", "dev", "vx0")))
+    assert {("00:00:00:00:00:00", "198.51.100.2"), ("02:00:00:00:00:02", "198.51.100.2")} <= \
+        {(e["mac"], e.get("dst")) for e in fdb}
+    assert "already present" in run("-n", "h1", "vxlan", "fdb", "add", "vx0", "02:00:00:00:00:02",
+                                    "--dst", "198.51.100.2").stdout
+    assert links("h1")["vx0"]["mtu"] == 1400
+
+
+def test_nat_lets_a_namespace_reach_the_internet_namespace_masqueraded():
+    # ns1 (10.0.0.2) -> br0 (10.0.0.1) -> this "host" -> uplink 203.0.113.1 -> inet (203.0.113.10)
+    run("bridge", "add", "br0", "--addr", "10.0.0.1/24")
+    run("netns", "add", "ns1", "--lo-up")
+    pair("ns1", "veth-ns1", peer_addr="10.0.0.2/24")
+    run("bridge", "attach", "br0", "veth-ns1")
+    sh.ip("-n", "ns1", "route", "add", "default", "via", "10.0.0.1")
+    run("netns", "add", "inet", "--lo-up")
+    run("veth", "add", "uplink", "eth0", "--netns", "inet", "--addr", "203.0.113.1/24",
+        "--peer-addr", "203.0.113.10/24")
+    # An unrelated rule that nat del must leave alone.
+    sh.iptables("-t", "nat", "-A", "POSTROUTING", "-s", "10.99.0.0/24", "-j", "RETURN")
+    assert not ping("203.0.113.10", ns="ns1")      # inet has no route back to 10.0.0.0/24
+    run("nat", "add", "10.0.0.0/24", "--out", "uplink")
+    assert open("/proc/sys/net/ipv4/ip_forward").read().strip() == "1"
+    assert ping("203.0.113.10", ns="ns1")
+    # The far side sees the uplink address, not 10.0.0.2.
+    server = subprocess.Popen(["ip", "netns", "exec", "inet", "socat", "-u",
+                               "TCP-LISTEN:8080,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR >&2"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(50):
+            if "8080" in str(sh.ip("netns", "exec", "inet", "ss", "-ltn")):
+                break
+            time.sleep(0.05)
+        sh.ip("netns", "exec", "ns1", "socat", "-u", "OPEN:/dev/null", "TCP:203.0.113.10:8080")
+        seen = server.communicate(timeout=5)[1].strip()
+    finally:
+        server.kill()
+    assert seen == "203.0.113.1"
+    tagged = [r for r in iptables_rules("nat") + iptables_rules("filter") if "cnikit nat 10.0.0.0/24" in r]
+    assert len(tagged) == 3
+    assert "masquerade" in run("nat", "show").stdout.lower()
+    assert "already present" in run("nat", "add", "10.0.0.0/24", "--out", "uplink").stdout
+    other = cli("nat", "add", "10.0.0.0/24", "--out", "br0")
+    assert other.returncode == 2 and "already leaves through uplink" in other.stderr
+    run("nat", "del", "10.0.0.0/24")
+    assert iptables_rules("nat") == ["-A POSTROUTING -s 10.99.0.0/24 -j RETURN"]
+    assert iptables_rules("filter") == []
+    assert "nothing to delete" in run("nat", "del", "10.0.0.0/24").stdout
+
+
+def test_show_draws_peers_masters_addresses_routes_and_nat():
+    run("bridge", "add", "br0", "--addr", "10.0.0.1/24")
+    run("netns", "add", "ns1", "--lo-up")
+    pair("ns1", "veth-ns1", peer_addr="10.0.0.2/24")
+    run("bridge", "attach", "br0", "veth-ns1")
+    run("nat", "add", "10.0.0.0/24", "--out", "br0")
+    state = json.loads(run("show", "--json").stdout)
+    spaces = {s["name"]: s for s in state["namespaces"]}
+    host_links = {l["name"]: l for l in spaces["host"]["links"]}
+    assert host_links["veth-ns1"]["peer"] == "ns1:eth0" and host_links["veth-ns1"]["master"] == "br0"
+    assert {l["name"]: l for l in spaces["ns1"]["links"]}["eth0"]["peer"] == "host:veth-ns1"
+    assert host_links["br0"]["addrs"] == ["10.0.0.1/24"] and host_links["br0"]["cnikit"]
+    assert len(spaces["host"]["nat"]) == 3
+    picture = run("show").stdout
+    for text in ("host", "ns1", "br0", "`-- veth-ns1", "<=> ns1:eth0", "10.0.0.2/24", "masquerade out br0"):
+        assert text in picture
+
+
+def test_cleanup_removes_exactly_cnikits_objects_and_is_safe_twice():
+    run("netns", "add", "ns1")
+    run("bridge", "add", "br0")
+    run("veth", "add", "v0", "eth0", "--netns", "ns1")
+    run("nat", "add", "10.0.0.0/24", "--out", "br0")
+    # Things cnikit did not create.
+    sh.ip("netns", "add", "theirs")
+    sh.ip("link", "add", "their-br", "type", "bridge")
+    sh.iptables("-A", "FORWARD", "-s", "10.5.0.0/16", "-j", "ACCEPT")
+    first = run("cleanup").stdout
+    assert "removed" in first
+    assert netns_list() == ["theirs"]
+    assert set(links()) == {"lo", "their-br"}
+    assert iptables_rules("filter") == ["-A FORWARD -s 10.5.0.0/16 -j ACCEPT"] and iptables_rules("nat") == []
+    assert "nothing of cnikit's is left" in run("cleanup").stdout
+    sh.ip("netns", "del", "theirs")
+
+
+def test_sandbox_runs_a_command_and_leaves_nothing():
+    before = snapshot()
+    proc = cli("sandbox", "--", "sh", "-c", "ip netns add inside && ip link add br9 type bridge && ip netns list")
+    assert proc.returncode == 0 and "inside" in proc.stdout
+    one = cli("--sandbox", "netns", "add", "gone")
+    assert one.returncode == 0 and "ip netns add gone" in one.stdout
+    assert snapshot() == before
+    assert cli("sandbox", "--", "sh", "-c", "exit 3").returncode == 3
+
+
+def test_not_root_says_so_and_shows_what_would_run():
+    proc = subprocess.run(["python3", "cnikit.py", "bridge", "add", "br0", "--addr", "10.0.0.1/24"],
+                          capture_output=True, text=True, user=65534, group=65534,
+                          cwd=__file__.rsplit("/tests/", 1)[0])
+    assert proc.returncode == 2
+    assert "root is needed" in proc.stderr
+    assert "ip link add br0 type bridge" in proc.stdout
+    assert "br0" not in links()

@@ -1,0 +1,79 @@
+"""The runner's failure paths: a missing tool, a failing command, rollback.
+Mocks (pytest-subprocess) only where the path can't be produced for real."""
+import io
+import os
+
+import pytest
+
+import cnikit
+from kernel import cli, links, snapshot
+
+
+def absent(fp, argv):
+    fp.register(argv, returncode=1, stderr='Device "x" does not exist.\n')
+
+
+def test_failing_command_rolls_back_what_was_created_in_order(fp):
+    absent(fp, ["ip", "-j", "-d", "link", "show", "dev", "v0"])
+    absent(fp, ["ip", "-j", "-d", "link", "show", "dev", "v1"])
+    fp.register(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+    fp.register(["ip", "link", "set", "dev", "v0", "alias", "cnikit"])
+    fp.register(["ip", "-j", "addr", "show", "dev", "v0"], stdout="[]")
+    fp.register(["ip", "addr", "add", "10.0.0.1/24", "dev", "v0"], returncode=2,
+                stderr="RTNETLINK answers: Permission denied\n")
+    fp.register(["ip", "link", "del", "v0"])
+    out = io.StringIO()
+    r = cnikit.Runner(out=out)
+    with pytest.raises(cnikit.CommandFailed) as e:
+        cnikit.veth_add(r, "v0", "v1", addr="10.0.0.1/24")
+    assert "ip addr add 10.0.0.1/24 dev v0" in str(e.value) and "Permission denied" in str(e.value)
+    ran = [list(c) for c in fp.calls if "-j" not in c]
+    assert ran == [["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                   ["ip", "link", "set", "dev", "v0", "alias", "cnikit"],
+                   ["ip", "addr", "add", "10.0.0.1/24", "dev", "v0"],
+                   ["ip", "link", "del", "v0"]]
+    assert "# rolling back" in out.getvalue()
+
+
+def test_missing_binary_names_the_debian_package(fp):
+    def not_there(process):
+        raise FileNotFoundError(2, "No such file or directory", "iptables")
+    fp.register(["iptables", fp.any()], callback=not_there)
+    with pytest.raises(cnikit.CnikitError, match="Debian package iptables"):
+        cnikit.Runner(out=io.StringIO()).run(["iptables", "-t", "nat", "-S"])
+
+
+def test_probe_reports_failure_without_raising(fp):
+    fp.register(["ping", fp.any()], returncode=1, stdout="1 packets transmitted, 0 received\n")
+    ok, out = cnikit.Runner(out=io.StringIO()).probe(["ping", "-c1", "192.0.2.1"])
+    assert not ok and "0 received" in out
+
+
+def test_missing_tool_is_named_before_anything_changes(tmp_path):
+    # A PATH with ip but without iptables/sysctl: nat add must refuse up front.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink("/usr/sbin/ip", bindir / "ip")
+    before = snapshot()
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, cnikit.__file__, "nat", "add", "10.9.0.0/24", "--out", "lo"],
+                          capture_output=True, text=True, env={"PATH": str(bindir)})
+    assert proc.returncode == 2
+    assert "iptables not found" in proc.stderr and "apt-get install iptables" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert snapshot() == before
+
+
+def test_real_failure_mid_veth_add_leaves_nothing_behind():
+    # IPv6 switched off in this sandbox: the link is created, then the v6 address fails.
+    with open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as f:
+        f.write("1")
+    with open("/proc/sys/net/ipv6/conf/all/disable_ipv6", "w") as f:
+        f.write("1")
+    proc = cli("veth", "add", "v6a", "v6b", "--addr", "2001:db8::1/64")
+    assert proc.returncode == 1
+    assert "ip link add v6a type veth peer name v6b" in proc.stdout
+    assert "ip link del v6a" in proc.stdout          # the rollback is echoed too
+    assert proc.stderr.startswith("cnikit: error: command failed: ip addr add 2001:db8::1/64 dev v6a")
+    assert "v6a" not in links() and "v6b" not in links()

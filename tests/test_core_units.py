@@ -1,0 +1,122 @@
+"""Pure parts of cnikit.py: validation, argv builders, the echo, the parser."""
+import io
+
+import pytest
+
+import cnikit
+from cnikit import UsageError
+
+
+@pytest.mark.parametrize("name", ["eth0", "a", "x" * 15, "veth-ns1", "br_0.1"])
+def test_valid_interface_names(name):
+    assert cnikit.check_ifname(name) == name
+
+
+@pytest.mark.parametrize("name,why", [("x" * 16, "at most 15"), ("", "empty"), ("a/b", "'/'"), ("a:b", "':'"),
+                                      ("a b", "whitespace"), (".", "'.'"), ("..", "'..'"), ("tab\t", "whitespace")])
+def test_bad_interface_names(name, why):
+    with pytest.raises(UsageError, match=why.replace(".", r"\.")):
+        cnikit.check_ifname(name)
+
+
+@pytest.mark.parametrize("name", ["../etc", "-rf", "a/b", "", "x" * 65, ".hidden", "a b"])
+def test_bad_namespace_names(name):
+    with pytest.raises(UsageError):
+        cnikit.check_netns(name)
+
+
+def test_addresses_and_subnets():
+    assert cnikit.check_ifaddr("10.0.0.1/24") == "10.0.0.1/24"
+    assert cnikit.check_ifaddr("2001:db8::1/64") == "2001:db8::1/64"
+    for bad in ("10.0.0.1", "10.0.0.300/24", "10.0.0.0/24", "bogus", "10.0.0.1/33"):
+        with pytest.raises(UsageError):
+            cnikit.check_ifaddr(bad)
+    assert cnikit.check_subnet("10.0.0.0/24") == "10.0.0.0/24"
+    for bad in ("10.0.0.1/24", "10.0.0.0", "10.0.0.0/40", "x"):
+        with pytest.raises(UsageError):
+            cnikit.check_subnet(bad)
+
+
+@pytest.mark.parametrize("value,low,high,ok", [(1, 1, cnikit.VNI_MAX, True), (cnikit.VNI_MAX, 1, cnikit.VNI_MAX, True),
+                                               (0, 1, cnikit.VNI_MAX, False), (2 ** 24, 1, cnikit.VNI_MAX, False),
+                                               ("4789", 1, 65535, True), ("70000", 1, 65535, False),
+                                               ("abc", 1, 65535, False)])
+def test_number_ranges(value, low, high, ok):
+    if ok:
+        assert cnikit.check_int(value, low, high, "n") == int(value)
+    else:
+        with pytest.raises(UsageError):
+            cnikit.check_int(value, low, high, "n")
+
+
+def test_mtu_and_mac():
+    assert cnikit.check_mtu("1450") == 1450
+    with pytest.raises(UsageError):
+        cnikit.check_mtu(67)
+    assert cnikit.check_mac("02:42:AC:11:00:02") == "02:42:ac:11:00:02"
+    with pytest.raises(UsageError):
+        cnikit.check_mac("02:42:ac:11:00")
+
+
+def test_argv_builders_are_plain_iproute2():
+    assert cnikit.ip("link", "show", ns="ns1") == ["ip", "-n", "ns1", "link", "show"]
+    assert cnikit.in_netns(["iptables", "-S"], "h1") == ["ip", "netns", "exec", "h1", "iptables", "-S"]
+    assert cnikit.kv(mtu=None, netns="ns1", id=42) == ["netns", "ns1", "id", "42"]
+    assert cnikit.veth_add_argv("v0", "eth0", netns="ns1", mtu=1400) == \
+        ["ip", "link", "add", "v0", "mtu", "1400", "type", "veth", "peer", "name", "eth0", "mtu", "1400",
+         "netns", "ns1"]
+    assert cnikit.vxlan_add_argv("vx0", 42, 1450, remote="192.0.2.2", dev="eth0", host="node1") == \
+        ["ip", "-n", "node1", "link", "add", "vx0", "mtu", "1450", "type", "vxlan", "id", "42", "dstport",
+         "4789", "remote", "192.0.2.2", "dev", "eth0"]
+    assert cnikit.netns_add_argv("ns1") == [["ip", "netns", "add", "ns1"],
+                                            ["ip", "-n", "ns1", "link", "set", "dev", "lo", "alias", "cnikit"]]
+
+
+def test_every_nat_rule_is_tagged_as_cnikits():
+    rules = cnikit.nat_rules("10.0.0.0/24", "eth0")
+    assert [(t, c) for t, c, _ in rules] == [("nat", "POSTROUTING"), ("filter", "FORWARD"), ("filter", "FORWARD")]
+    for _, _, spec in rules:
+        assert spec[spec.index("--comment") + 1] == "cnikit nat 10.0.0.0/24"
+    assert rules[0][2][-2:] == ["-j", "MASQUERADE"]
+
+
+def test_echo_is_a_pasteable_line_and_colour_only_on_request():
+    out = io.StringIO()
+    r = cnikit.Runner(dry_run=True, out=out)
+    r.run(["ip", "addr", "add", "10.0.0.1/24", "dev", "my if"])
+    r.note("why")
+    assert out.getvalue() == "ip addr add 10.0.0.1/24 dev 'my if'\n# why\n"
+    tty = io.StringIO()
+    cnikit.Runner(dry_run=True, out=tty, color=True).run(["ip", "link"])
+    assert "\033[" in tty.getvalue() and "ip link" in tty.getvalue()
+    quiet = io.StringIO()
+    cnikit.Runner(dry_run=True, out=quiet, quiet=True).run(["ip", "link"])
+    assert quiet.getvalue() == ""
+
+
+def test_dry_run_executes_nothing(fp):
+    # fp raises on any process not registered: a dry run must start none.
+    out = io.StringIO()
+    r = cnikit.Runner(dry_run=True, out=out)
+    cnikit.veth_add(r, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24")
+    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    assert len(fp.calls) == 0
+    assert out.getvalue().splitlines()[0] == "ip link add v0 type veth peer name eth0 netns ns1"
+    assert "iptables -t nat -A POSTROUTING" in out.getvalue()
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert cnikit.main(["veth"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cnikit: error:")
+    assert cnikit.main(["frobnicate"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_help_documents_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        cnikit.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("netns", "veth", "bridge", "nat", "vxlan", "show", "sandbox", "cleanup", "--dry-run", "examples:"):
+        assert word in out
