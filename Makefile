@@ -3,7 +3,10 @@
 PYTHON  ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-APT_PKGS := iproute2 iptables iputils-ping socat procps
+# What the lessons need (tcpdump and conntrack add proofs; lessons fall back without them).
+APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack python3 python3-venv
+# What the tests add: the reference CNI plugins (a baseline), real runtimes, an image source, vagrant.
+TEST_APT_PKGS := containernetworking-plugins podman containerd runc busybox-static vagrant
 PY_TEST_PKGS := pytest pytest-subprocess sh
 
 .PHONY: deps apt-deps test demo clean help
@@ -25,15 +28,16 @@ apt-deps:
 	  fi; \
 	fi
 
-$(VPY):
+$(VPY): | apt-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
-deps: apt-deps $(VPY)
+deps: $(VPY)
+	@$(MAKE) --no-print-directory apt-deps EXTRA_APT="$(TEST_APT_PKGS)"
 	$(VPY) -m pip install -q $(PY_TEST_PKGS)
 
 test: deps
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest tests
 
 demo: apt-deps
 	$(PYTHON) stages/demo.py
