@@ -21,6 +21,7 @@ builders (pure functions); the runner (the only place that executes anything);
 the verbs (netns, veth, bridge, nat, vxlan, show, cleanup); the sandbox; the CLI.
 """
 import argparse
+import base64
 import ctypes
 import ipaddress
 import json
@@ -30,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
 VXLAN_PORT = 4789                 # IANA port for VXLAN
@@ -997,6 +999,712 @@ def cleanup(r):
     return removed
 
 
+# ---------------------------------------------------------------- cni: play the container runtime
+#
+# What kubelet's container runtime (containerd, CRI-O) or podman does with a CNI plugin, done in
+# the open the way libcni does it: read the network config (a .conf or a .conflist), set the CNI_*
+# variables, run each plugin of the chain with the previous plugin's result as prevResult, run
+# DEL in reverse order, and cache the result of ADD so CHECK and DEL get it as prevResult.
+# Every plugin invocation is printed as a line you can paste (env ... PLUGIN <<< 'stdin').
+
+CNI_PLUGIN_DIR = "/opt/cni/bin"
+CNI_CONF_DIR = "/etc/cni/net.d"
+CNI_PATH = "/opt/cni/bin:/usr/lib/cni"     # where containerd and podman look (Debian ships the reference ones in the 2nd)
+CNI_CACHE_DIR = "/var/lib/cni/results"      # libcni's cache: <network>-<container id>-<ifname>
+CNI_NET = "cnikit"                          # default network name
+CNI_TYPE = "cnikit"                         # the `type` our conflist uses, so the plugin's file name
+CNI_LOG = "/var/log/cni.log"                # the plugin's log unless its config says `log`
+CNI_CONF_EXT = (".conf", ".conflist", ".json")
+CNI_CHAINABLE = {"portmap": {"type": "portmap", "capabilities": {"portMappings": True}},
+                 "loopback": {"type": "loopback"}}
+CNI_PLUGIN_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins", "cni-bash-compatible.py")
+CNI_SHOW_MAX = 240                          # stdin longer than this is shortened when echoed (-v: never)
+CNI_TIMEOUT = 60
+CNI_VERSION_CHECK, CNI_VERSION_STATUS = (0, 4, 0), (1, 1, 0)   # CHECK needs 0.4.0, STATUS and GC 1.1.0
+_CNI_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+KIND_NODE_LABEL = "io.x-k8s.kind.cluster"
+KIND_POD_CIDR = "10.244.0.0/16"             # kind's default podSubnet; node i gets 10.244.i.0/24
+KIND_PYTHON_PKG = "python3-minimal"
+KIND_NODE_IMAGE = "cnikit/kind-node:latest" # built from kind/Dockerfile (kindest/node + python3)
+
+
+def cni_version_tuple(text):
+    try:
+        return tuple(int(p) for p in str(text).split("."))
+    except ValueError:
+        raise UsageError(f"cniVersion {text!r} is not a version such as 1.0.0") from None
+
+
+def cni_load(path):
+    """The network config at PATH as a list {cniVersion, name, plugins[]}, plus its raw bytes.
+    A single-plugin .conf becomes a list of one, as libcni does."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read network config {path}: {e.strerror}") from None
+    try:
+        conf = json.loads(raw)
+    except ValueError as e:
+        raise UsageError(f"network config {path} is not JSON: {e}") from None
+    if not isinstance(conf, dict):
+        raise UsageError(f"network config {path} is not a JSON object")
+    single = "plugins" not in conf
+    plugins = [conf] if single else conf["plugins"]
+    if not isinstance(plugins, list) or not plugins or not all(isinstance(p, dict) for p in plugins):
+        raise UsageError(f"network config {path}: `plugins` must be a non-empty list of objects")
+    for p in plugins:
+        if not isinstance(p.get("type"), str) or not p["type"] or "/" in p["type"]:
+            raise UsageError(f"network config {path}: every plugin needs a `type` (a file name in CNI_PATH)")
+    if not isinstance(conf.get("name"), str) or not conf["name"]:
+        raise UsageError(f"network config {path} has no `name`")
+    version = conf.get("cniVersion")
+    if not isinstance(version, str):
+        raise UsageError(f"network config {path} has no `cniVersion`")
+    cni_version_tuple(version)
+    return {"path": path, "raw": raw, "name": conf["name"], "cniVersion": version,
+            "plugins": plugins, "single": single}
+
+
+def cni_default_conf(conf_dir=CNI_CONF_DIR):
+    """The file a runtime would pick: the alphabetically first .conf/.conflist/.json."""
+    try:
+        names = sorted(n for n in os.listdir(conf_dir) if n.endswith(CNI_CONF_EXT) and not n.startswith("."))
+    except OSError:
+        names = []
+    if not names:
+        raise UsageError(f"no network config in {conf_dir} (write one with: cnikit cni install)")
+    return os.path.join(conf_dir, names[0])
+
+
+def cni_plugin_stdin(net, plugin, prev=None, runtime_config=None):
+    """What one plugin of the chain reads on stdin (libcni's buildOneConfig): its own object
+    with the list's name and cniVersion, prevResult from the plugin before it, and the
+    runtimeConfig entries for the capabilities it declares."""
+    if net["single"]:
+        conf = dict(plugin)
+    else:
+        conf = dict(plugin, name=net["name"], cniVersion=net["cniVersion"])
+    if prev is not None:
+        conf["prevResult"] = prev
+    caps = {k for k, on in (plugin.get("capabilities") or {}).items() if on}
+    rc = {k: v for k, v in (runtime_config or {}).items() if k in caps}
+    if rc:
+        conf["runtimeConfig"] = rc
+    return conf
+
+
+def cni_find_plugin(ptype, cni_path):
+    """libcni's FindInPath: the first executable TYPE in the CNI_PATH directories."""
+    for d in cni_path.split(":"):
+        candidate = os.path.join(d, ptype)
+        if d and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise UsageError(f"CNI plugin {ptype!r} not found in CNI_PATH {cni_path} "
+                     f"(install ours with: cnikit cni install; reference ones: apt-get install containernetworking-plugins)")
+
+
+def cni_shorten(text, limit=CNI_SHOW_MAX):
+    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
+def cni_invocation_line(env, plugin, stdin, host=None, limit=CNI_SHOW_MAX):
+    """A pasteable line for one plugin call: `env CNI_...=... PLUGIN <<< 'STDIN'`."""
+    argv = in_netns(["env"] + [f"{k}={v}" for k, v in env.items()] + [plugin], host)
+    return shlex.join(argv) + " <<< " + shlex.quote(cni_shorten(stdin, limit))
+
+
+def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
+    """Run plugin TYPE for COMMAND the way a runtime does; echo the call, print what it
+    answers. Returns the parsed result (None when the plugin prints nothing, and in a dry
+    run). A CNI error (non-zero exit, JSON error on stdout) raises CnikitError."""
+    plugin = cni_find_plugin(ptype, cni_path) if not r.dry_run else \
+        next((os.path.join(d, ptype) for d in cni_path.split(":") if os.path.exists(os.path.join(d, ptype))),
+             os.path.join(cni_path.split(":")[0], ptype))
+    env = dict({"CNI_COMMAND": command}, **env, CNI_PATH=cni_path)
+    stdin = json.dumps(stdin_obj, separators=(",", ":"))
+    argv = in_netns([plugin], host)
+    r.log.append(["env"] + [f"{k}={v}" for k, v in env.items()] + argv)
+    if not r.quiet:
+        line = cni_invocation_line(env, plugin, stdin, host, None if r.verbose else CNI_SHOW_MAX)
+        r._print(f"\033[2m$\033[0m \033[1;35m{line}\033[0m" if r.color else line)
+    if r.dry_run:
+        return None
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=CNI_TIMEOUT,
+                              env=dict(os.environ, **env))
+    except FileNotFoundError:
+        raise CnikitError(f"cannot run CNI plugin {plugin}: not found") from None
+    except PermissionError as e:
+        raise CnikitError(f"cannot run CNI plugin {plugin}: {e.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise CnikitError(f"CNI plugin {ptype} {command} did not answer within {CNI_TIMEOUT}s") from None
+    ms = (time.monotonic() - started) * 1000
+    out = proc.stdout.strip()
+    try:
+        answer = json.loads(out) if out else None
+    except ValueError:
+        answer = None
+        if proc.returncode == 0:
+            raise CnikitError(f"CNI plugin {ptype} {command} printed something that is not JSON: "
+                              f"{cni_shorten(out, 120)!r}") from None
+    if proc.stderr.strip() and (r.verbose or proc.returncode != 0):
+        r.note(f"{ptype} stderr: " + " | ".join(proc.stderr.strip().splitlines()[-5:]))
+    if proc.returncode != 0:
+        if isinstance(answer, dict) and "code" in answer:
+            details = f" ({answer['details']})" if answer.get("details") else ""
+            raise CnikitError(f"CNI plugin {ptype} {command} failed with CNI error {answer['code']}: "
+                              f"{answer.get('msg', '')}{details}")
+        raise CnikitError(f"CNI plugin {ptype} {command} failed (exit {proc.returncode}): "
+                          f"{cni_shorten(out or proc.stderr.strip(), 200)}")
+    r.note(f"{ptype} {command}: exit 0 in {ms:.0f} ms" + ("" if answer is not None else ", no output"))
+    return answer
+
+
+def cni_netns_path(netns):
+    """NETNS as a runtime passes it: a path; a bare name means /run/netns/NAME."""
+    if netns is None or netns == "":
+        return ""
+    if "/" in netns:
+        return netns
+    return os.path.join(NETNS_DIR, check_netns(netns))
+
+
+def cni_check_id(cid):
+    if not isinstance(cid, str) or not _CNI_ID_RE.match(cid):
+        raise UsageError(f"container id {cid!r} is invalid: letters, digits, '_', '.', '-', "
+                         "starting with a letter or digit")
+    return cid
+
+
+def cni_parse_args(text):
+    """CNI_ARGS `K=V;K=V` as pairs; IgnoreUnknown=1 first, as every runtime sends it."""
+    pairs = [("IgnoreUnknown", "1")]
+    for item in (text or "").split(";"):
+        if not item:
+            continue
+        if "=" not in item:
+            raise UsageError(f"--args item {item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        if k == "IgnoreUnknown":
+            continue
+        pairs.append((k, v))
+    return pairs
+
+
+def cni_cache_path(net_name, cid, ifname):
+    return os.path.join(CNI_CACHE_DIR, f"{net_name}-{cid}-{ifname}")
+
+
+def cni_cache_read(net_name, cid, ifname):
+    try:
+        with open(cni_cache_path(net_name, cid, ifname)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result):
+    """Store the ADD result as libcni does (cniCacheV1), atomically."""
+    path = cni_cache_path(net["name"], cid, ifname)
+    if r.dry_run:
+        r.note(f"the result would be cached in {path}")
+        return path
+    record = {"kind": "cniCacheV1", "containerId": cid, "ifName": ifname, "networkName": net["name"],
+              "config": base64.b64encode(net["raw"]).decode(), "cniArgs": [list(p) for p in cni_args],
+              "capabilityArgs": runtime_config or {}, "result": result}
+    os.makedirs(CNI_CACHE_DIR, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+    r.note(f"result cached in {path} (CHECK and DEL get it as prevResult)")
+    return path
+
+
+def cni_cache_drop(r, net_name, cid, ifname):
+    path = cni_cache_path(net_name, cid, ifname)
+    if not r.dry_run and os.path.exists(path):
+        os.unlink(path)
+        r.note(f"cached result {path} removed")
+
+
+class CniCall:
+    """One attachment as a runtime sees it: network config, container id, netns, ifname."""
+
+    def __init__(self, netns=None, conf=None, ifname="eth0", cid=None, conf_dir=CNI_CONF_DIR,
+                 cni_path=CNI_PATH, args=None, runtime_config=None, host=None):
+        self.net = cni_load(conf or cni_default_conf(conf_dir))
+        self.ifname = check_ifname(ifname, "--ifname")
+        self.netns = cni_netns_path(netns)
+        default_id = os.path.basename(netns) if netns else None
+        self.cid = cni_check_id(cid or default_id) if (cid or default_id) else None
+        self.cni_path = cni_path
+        self.args = cni_parse_args(args)
+        if runtime_config is not None and not isinstance(runtime_config, dict):
+            raise UsageError("--runtime-config must be a JSON object such as {\"portMappings\": [...]}")
+        self.runtime_config = runtime_config or {}
+        self.host = check_netns(host) if host else None
+
+    def env(self, netns=None):
+        return {"CNI_CONTAINERID": self.cid, "CNI_NETNS": self.netns if netns is None else netns,
+                "CNI_IFNAME": self.ifname, "CNI_ARGS": ";".join(f"{k}={v}" for k, v in self.args)}
+
+    def version_at_least(self, wanted):
+        return cni_version_tuple(self.net["cniVersion"]) >= wanted
+
+
+def _cni_need_attachment(r, call, verb):
+    if not call.cid:
+        raise UsageError(f"cni {verb} needs a NETNS (a name in {NETNS_DIR} or a path)")
+    if call.host:
+        require_netns(r, call.host, "node namespace")
+
+
+def cni_add(r, call):
+    """ADD the container to the network: each plugin in order, each getting the result
+    of the one before; the last result is cached and printed.
+
+    Re-run contract: an attachment already added (cached result) is refused, exit 2;
+    if a plugin fails, the chain is DELeted as a runtime does, so nothing is left."""
+    _cni_need_attachment(r, call, "add")
+    if not r.dry_run and not os.path.exists(call.netns):
+        raise UsageError(f"network namespace {call.netns} does not exist "
+                         f"(a runtime creates it first: cnikit netns add {os.path.basename(call.netns)})")
+    net = call.net
+    if cni_cache_read(net["name"], call.cid, call.ifname) and not r.dry_run:
+        raise UsageError(f"{call.cid} {call.ifname} is already attached to {net['name']} "
+                         f"(cached result in {cni_cache_path(net['name'], call.cid, call.ifname)}); "
+                         "run cnikit cni del first")
+    r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
+           + " -> ".join(p["type"] for p in net["plugins"]))
+    prev = None
+    try:
+        for i, plugin in enumerate(net["plugins"]):
+            prev = cni_exec(r, plugin["type"], "ADD", call.env(),
+                            cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host)
+            if prev is not None and not r.quiet and i < len(net["plugins"]) - 1:
+                r.note(f"{plugin['type']} result (the next plugin's prevResult): "
+                       + cni_shorten(json.dumps(prev, separators=(",", ":")), 160))
+    except CnikitError:
+        r.note("ADD failed: DEL the whole chain, as a runtime does, so nothing is left behind")
+        try:
+            _cni_del_chain(r, call, None)
+        except CnikitError as e:
+            r.note(f"cleanup DEL also failed: {e}")
+        raise
+    cni_cache_write(r, net, call.cid, call.ifname, call.args, call.runtime_config, prev)
+    if prev is not None:
+        r.output(json.dumps(prev, indent=2))
+    return prev
+
+
+def _cni_del_chain(r, call, prev):
+    net = call.net
+    # DEL may come after the netns is gone (containerd's second DEL passes ""): still release.
+    netns = call.netns if call.netns and (r.dry_run or os.path.exists(call.netns)) else ""
+    for plugin in reversed(net["plugins"]):
+        cni_exec(r, plugin["type"], "DEL", call.env(netns),
+                 cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host)
+
+
+def cni_del(r, call):
+    """DEL the attachment: the plugins in reverse order, with the cached ADD result as
+    prevResult (cniVersion >= 0.4.0), then drop the cache.
+
+    Re-run contract: DEL is repeatable; without a cached result the plugins are still
+    asked (without prevResult) so they release whatever they hold."""
+    _cni_need_attachment(r, call, "del")
+    net = call.net
+    cached = cni_cache_read(net["name"], call.cid, call.ifname)
+    prev = cached.get("result") if cached and call.version_at_least(CNI_VERSION_CHECK) else None
+    if cached and call.runtime_config == {}:
+        call.runtime_config = cached.get("capabilityArgs") or {}
+    r.note(f"DEL {call.cid} {call.ifname} from network {net['name']}, in reverse order"
+           + ("" if cached else " (no cached result: plugins get no prevResult)"))
+    _cni_del_chain(r, call, prev)
+    cni_cache_drop(r, net["name"], call.cid, call.ifname)
+
+
+def cni_check(r, call):
+    """CHECK: each plugin verifies that what the cached result says is really there.
+    Needs cniVersion >= 0.4.0 and a cached result (an ADD before it)."""
+    _cni_need_attachment(r, call, "check")
+    net = call.net
+    if not call.version_at_least(CNI_VERSION_CHECK):
+        raise UsageError(f"CHECK needs cniVersion 0.4.0 or later; {net['path']} says {net['cniVersion']}")
+    cached = cni_cache_read(net["name"], call.cid, call.ifname)
+    if not cached and not r.dry_run:
+        raise CnikitError(f"no cached result for {call.cid} {call.ifname} on {net['name']}: "
+                          f"was it added? (looked for {cni_cache_path(net['name'], call.cid, call.ifname)})")
+    prev = cached["result"] if cached else None
+    r.note(f"CHECK {call.cid} {call.ifname} on network {net['name']} against its cached result")
+    for plugin in net["plugins"]:
+        cni_exec(r, plugin["type"], "CHECK", call.env(),
+                 cni_plugin_stdin(net, plugin, prev, cached.get("capabilityArgs") if cached else None),
+                 call.cni_path, call.host)
+    r.note("CHECK passed: every plugin found its part in place")
+    return True
+
+
+def cni_status(r, call):
+    """STATUS (cniVersion >= 1.1.0): is each plugin ready to ADD? Older configs: libcni
+    does not ask, and neither does this."""
+    net = call.net
+    if not call.version_at_least(CNI_VERSION_STATUS):
+        r.note(f"STATUS needs cniVersion 1.1.0; {net['path']} says {net['cniVersion']}: a runtime does not ask")
+        return None
+    for plugin in net["plugins"]:
+        cni_exec(r, plugin["type"], "STATUS", {}, cni_plugin_stdin(net, plugin), call.cni_path, call.host)
+    r.note(f"STATUS: network {net['name']} is ready")
+    return True
+
+
+def cni_valid_attachments(net_name):
+    """The attachments the cache knows for NET_NAME: what GC must keep."""
+    keep = []
+    try:
+        names = sorted(os.listdir(CNI_CACHE_DIR))
+    except OSError:
+        names = []
+    for n in names:
+        if n.startswith(net_name + "-") and not n.endswith(".tmp"):
+            try:
+                with open(os.path.join(CNI_CACHE_DIR, n)) as f:
+                    rec = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if rec.get("networkName") == net_name:
+                keep.append({"containerID": rec.get("containerId"), "ifname": rec.get("ifName")})
+    return keep
+
+
+def cni_gc(r, call):
+    """GC (cniVersion >= 1.1.0): tell each plugin which attachments are still valid (the
+    cached ones) so it releases everything else."""
+    net = call.net
+    if not call.version_at_least(CNI_VERSION_STATUS):
+        r.note(f"GC needs cniVersion 1.1.0; {net['path']} says {net['cniVersion']}: a runtime does not ask")
+        return None
+    keep = cni_valid_attachments(net["name"])
+    r.note(f"GC on network {net['name']}: {len(keep)} valid attachment(s) to keep")
+    for plugin in net["plugins"]:
+        conf = cni_plugin_stdin(net, plugin)
+        conf["cni.dev/valid-attachments"] = keep
+        conf["cni.dev/attachments"] = keep      # the key of the 1.1.0 draft some plugins read
+        cni_exec(r, plugin["type"], "GC", {}, conf, call.cni_path, call.host)
+    return keep
+
+
+def cni_version(r, call):
+    """VERSION: ask each plugin which spec versions it speaks."""
+    answers = {}
+    for plugin in call.net["plugins"]:
+        answers[plugin["type"]] = cni_exec(r, plugin["type"], "VERSION", {},
+                                           {"cniVersion": call.net["cniVersion"]}, call.cni_path, call.host)
+        if answers[plugin["type"]] is not None:
+            r.output(json.dumps(answers[plugin["type"]]))
+    return answers
+
+
+def cni_log_path(conf_dir=CNI_CONF_DIR, conf=None):
+    """The plugin's log: the `log` key of our plugin's config, CNIKIT_LOG, or /var/log/cni.log."""
+    try:
+        net = cni_load(conf or cni_default_conf(conf_dir))
+    except UsageError:
+        net = None
+    for plugin in (net or {}).get("plugins", []):
+        if isinstance(plugin.get("log"), str):
+            return plugin["log"]
+    return os.environ.get("CNIKIT_LOG") or CNI_LOG
+
+
+def cni_log(r, conf_dir=CNI_CONF_DIR, conf=None, lines=20, follow=True):
+    """Print the plugin's log; with FOLLOW keep printing as it grows (Ctrl-C stops)."""
+    lines = check_int(lines, 0, 1000000, "--lines")
+    path = cni_log_path(conf_dir, conf)
+    if not r.dry_run and not os.path.exists(path):
+        raise UsageError(f"no plugin log at {path} yet (the plugin writes it on its first call)")
+    if not follow:
+        return r.show(["tail", "-n", str(lines), path])
+    argv = ["tail", "-n", str(lines), "-F", path]
+    r.echo(argv)
+    if r.dry_run:
+        return 0
+    try:
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- install: put the plugin and a conflist where a runtime looks
+
+def cni_conflist(name=CNI_NET, subnet=None, ptype=CNI_TYPE, chain=(), version=None, extra=None):
+    """The conflist `install` writes: our plugin, then the chained reference plugins.
+    Default cniVersion 1.1.0 (STATUS, GC) alone; 1.0.0 with reference plugins 1.1.x,
+    which speak no 1.1.0."""
+    ours = {"type": ptype}
+    if subnet:
+        ours["ipam"] = {"subnet": subnet}
+    ours.update(extra or {})
+    plugins = [ours] + [dict(CNI_CHAINABLE[c]) for c in chain]
+    return {"cniVersion": version or ("1.0.0" if chain else "1.1.0"), "name": name, "plugins": plugins}
+
+
+def cni_conf_file(conf_dir, name):
+    return os.path.join(conf_dir, f"10-{name}.conflist")
+
+
+def run_with_stdin(r, argv, text):
+    """Echo ARGV with TEXT as a here-document (pasteable), then run it with TEXT on stdin."""
+    r.log.append(list(argv))
+    if not r.quiet:
+        line = shlex.join(argv) + " <<'EOF'"
+        r._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if r.color else line)
+        r._print(text.rstrip("\n") + "\nEOF")
+    if r.dry_run:
+        return ""
+    proc = r._exec(argv, input=text)
+    if proc.returncode != 0:
+        raise CommandFailed(argv, proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+def write_file_atomic(r, path, text, prefix=()):
+    """Write TEXT to PATH atomically (temp file + rename in the same directory), so a
+    runtime never reads half a config. PREFIX runs it elsewhere (docker exec -i NODE)."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    script = f"cat > {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(path)}"
+    return run_with_stdin(r, list(prefix) + ["sh", "-c", script], text)
+
+
+def _cni_plugin_source(plugin_src):
+    src = plugin_src or CNI_PLUGIN_SRC
+    if not os.path.isfile(src):
+        raise UsageError(f"plugin source {src} not found (the CNI plugin of plugins/; or give --plugin FILE)")
+    return src
+
+
+def _same_file(a, b):
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read() == fb.read()
+    except OSError:
+        return False
+
+
+def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR,
+                chain=(), plugin_src=None, ptype=CNI_TYPE, version=None, extra=None):
+    """Copy the plugin to PLUGIN_DIR/TYPE and write CONF_DIR/10-NAME.conflist, each
+    atomically (temp file + rename).
+
+    Re-run contract: files already as asked are left alone; a changed plugin or
+    config is replaced whole."""
+    name = _cni_check_name(name)
+    subnet = check_subnet(subnet, "--subnet") if subnet else None
+    for c in chain:
+        if c not in CNI_CHAINABLE:
+            raise UsageError(f"--chain {c!r}: cnikit chains {', '.join(CNI_CHAINABLE)}")
+    if version:
+        cni_version_tuple(version)
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", ptype or ""):
+        raise UsageError(f"--type {ptype!r} is not a plain file name")
+    src = _cni_plugin_source(plugin_src)
+    dst = os.path.join(plugin_dir, ptype)
+    conf_path = cni_conf_file(conf_dir, name)
+    text = json.dumps(cni_conflist(name, subnet, ptype, chain, version, extra), indent=2) + "\n"
+    mark = len(r.log)
+    for d in (plugin_dir, conf_dir):
+        if r.dry_run or not os.path.isdir(d):
+            r.run(["mkdir", "-p", d])
+    if not r.dry_run and _same_file(src, dst) and os.access(dst, os.X_OK):
+        r.note(f"{dst} is already this plugin")
+    else:
+        tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
+        r.run(["install", "-m", "0755", src, tmp], undo=["rm", "-f", tmp])
+        r.run(["mv", "-f", tmp, dst], undo=["rm", "-f", dst])
+    try:
+        with open(conf_path) as f:
+            same = f.read() == text
+    except OSError:
+        same = False
+    if same and not r.dry_run:
+        r.note(f"{conf_path} already says this")
+    else:
+        write_file_atomic(r, conf_path, text)
+    say_if_unchanged(r, mark, f"plugin {dst} and {conf_path}")
+    return conf_path
+
+
+def _cni_check_name(name):
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", name):
+        raise UsageError(f"network name {name!r} is invalid: letters, digits, '_', '.', '-'")
+    return name
+
+
+def cni_uninstall(r, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
+    """Remove exactly what `install --name NAME` wrote: its conflist, and its plugin file
+    unless another config in CONF_DIR still uses that type. Re-run: absent is fine."""
+    name = _cni_check_name(name)
+    conf_path = cni_conf_file(conf_dir, name)
+    if not os.path.exists(conf_path):
+        r.note(f"{conf_path} does not exist; nothing to uninstall")
+        return False
+    ptype = cni_load(conf_path)["plugins"][0]["type"]
+    r.run(["rm", "-f", conf_path])
+    in_use = []
+    for other in os.listdir(conf_dir) if os.path.isdir(conf_dir) else []:
+        path = os.path.join(conf_dir, other)
+        if path == conf_path or not other.endswith(CNI_CONF_EXT):
+            continue
+        try:
+            if any(p["type"] == ptype for p in cni_load(path)["plugins"]):
+                in_use.append(other)
+        except UsageError:
+            continue
+    dst = os.path.join(plugin_dir, ptype)
+    if in_use and not r.dry_run:
+        r.note(f"{dst} stays: {', '.join(in_use)} still uses type {ptype}")
+    elif r.dry_run or os.path.exists(dst):
+        r.run(["rm", "-f", dst])
+    return True
+
+
+# -- kind: the same install into every node of a kind cluster, through docker
+
+def docker(*args):
+    return ["docker"] + [str(a) for a in args]
+
+
+def docker_exec(node, *argv, stdin=False):
+    return ["docker", "exec"] + (["-i"] if stdin else []) + [node] + [str(a) for a in argv]
+
+
+def kubectl(cluster, *args):
+    return ["kubectl", "--context", f"kind-{cluster}"] + [str(a) for a in args]
+
+
+def kind_nodes(r, cluster):
+    """The cluster's node containers, from docker's kind label (no kind binary needed).
+    A dry run without docker plans for kind.yaml's two nodes."""
+    ok, out = r.query(docker("ps", "--filter", f"label={KIND_NODE_LABEL}={cluster}", "--format", "{{.Names}}"),
+                      in_dry_run=True) if which("docker") else (False, "")
+    nodes = sorted(out.split()) if ok else []
+    if not nodes and r.dry_run:
+        nodes = [f"{cluster}-control-plane", f"{cluster}-worker"]
+        r.note(f"dry run: no docker answer, planning for kind.yaml's nodes {' '.join(nodes)}")
+    if not nodes:
+        raise UsageError(f"kind cluster {cluster!r} has no node containers (create it: make kind-up)")
+    # The control plane first, the workers in order: node i gets 10.244.i.0/24 if kubectl is silent.
+    return sorted(nodes, key=lambda n: (not n.endswith("-control-plane"), n))
+
+
+def kind_pod_cidr(r, cluster, node, index):
+    """The node's spec.podCIDR from the API server, else 10.244.INDEX.0/24 (kind's default split)."""
+    if which("kubectl"):
+        ok, out = r.query(kubectl(cluster, "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"), in_dry_run=True)
+        if ok and out.strip():
+            return check_subnet(out.strip(), f"podCIDR of {node}")
+    cidr = str(list(ipaddress.ip_network(KIND_POD_CIDR).subnets(new_prefix=24))[index])
+    r.note(f"podCIDR of {node} not known from kubectl: using {cidr}")
+    return cidr
+
+
+def kind_node_ip(r, node):
+    ok, out = r.query(docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node),
+                      in_dry_run=True) if which("docker") else (False, "")
+    addrs = out.split() if ok else []
+    return addrs[0] if addrs else None
+
+
+def kind_ensure_python(r, node):
+    """kind node images carry no python3, and our plugin is Python: detect it and, when
+    missing, install python3-minimal in the node. Returns what it did, in words."""
+    ok, out = r.query(docker_exec(node, "sh", "-c", "command -v python3"), in_dry_run=True) \
+        if which("docker") else (False, "")
+    if ok and out.strip():
+        r.note(f"{node}: python3 is there ({out.strip()}; e.g. the derived image of kind/Dockerfile): nothing to install")
+        return "present"
+    r.note(f"{node}: no python3 (kind node images carry none): installing {KIND_PYTHON_PKG} in the node")
+    r.run(docker_exec(node, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+                      f"apt-get install -y -qq --no-install-recommends {KIND_PYTHON_PKG}"))
+    return "installed"
+
+
+def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chain=("portmap",),
+                 plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
+    """Install the plugin into every node of kind cluster CLUSTER: python3 in the node,
+    the plugin (docker cp, then rename), a conflist with the node's own podCIDR (written
+    atomically), and a route on every node to every other node's pods (as kindnet does).
+
+    Re-run contract: every step replaces or re-checks; running it twice changes nothing more."""
+    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
+        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    name = _cni_check_name(name)
+    src = _cni_plugin_source(plugin_src)
+    if not r.dry_run:
+        require_tools("docker")
+    nodes = kind_nodes(r, cluster)
+    plan = {}
+    for i, node in enumerate(nodes):
+        cidr = kind_pod_cidr(r, cluster, node, i)
+        plan[node] = {"podCIDR": cidr, "ip": kind_node_ip(r, node)}
+        plan[node]["python3"] = kind_ensure_python(r, node)
+        dst = os.path.join(plugin_dir, ptype)
+        tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
+        r.run(docker("cp", src, f"{node}:{tmp}"))
+        r.run(docker_exec(node, "sh", "-c", f"chmod 0755 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} "
+                                            f"{shlex.quote(dst)}"))
+        text = json.dumps(cni_conflist(name, cidr, ptype, chain), indent=2) + "\n"
+        write_file_atomic(r, cni_conf_file(conf_dir, name), text, prefix=docker_exec(node, stdin=True))
+    for node in nodes:
+        for other in nodes:
+            if other == node:
+                continue
+            via = plan[other]["ip"]
+            if via:
+                r.run(docker_exec(node, "ip", "route", "replace", plan[other]["podCIDR"], "via", via))
+            else:
+                r.note(f"address of {other} unknown (no docker answer): route to {plan[other]['podCIDR']} "
+                       f"on {node} left out")
+    for node in nodes:
+        p = plan[node]
+        r.note(f"{node}: pods in {p['podCIDR']}, python3 {p['python3']}")
+    return plan
+
+
+def cni_dispatch(args, r):
+    """`cnikit cni VERB`: the runtime verbs above, from parsed arguments."""
+    v = args.verb
+    if v == "install" and args.kind:
+        kind_install(r, args.kind, args.name, args.plugin_src, args.ptype, tuple(args.chain) or ("portmap",),
+                     args.plugin_dir, args.conf_dir)
+    elif v == "install":
+        cni_install(r, args.name, args.subnet, args.plugin_dir, args.conf_dir, tuple(args.chain),
+                    args.plugin_src, args.ptype, args.cni_version)
+    elif v == "uninstall":
+        cni_uninstall(r, args.name, args.plugin_dir, args.conf_dir)
+    elif v == "kind-install":
+        kind_install(r, args.cluster, args.name, args.plugin_src)
+    elif v == "log":
+        out = cni_log(r, args.conf_dir, args.conf, args.lines, args.follow)
+        return out if isinstance(out, int) else EXIT_OK
+    else:
+        rc = None
+        if args.runtime_config:
+            try:
+                rc = json.loads(args.runtime_config)
+            except ValueError as e:
+                raise UsageError(f"--runtime-config is not JSON: {e}") from None
+        call = CniCall(args.netns, args.conf, args.ifname, args.cid, args.conf_dir, args.cni_path,
+                       args.cni_args, rc, args.host)
+        {"add": cni_add, "del": cni_del, "check": cni_check, "status": cni_status, "gc": cni_gc,
+         "version": cni_version}[v](r, call)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- sandbox
 
 def _libc():
@@ -1059,6 +1767,7 @@ EPILOG = """examples:
   cnikit sandbox                  # a throwaway shell: nothing you build there survives it
   cnikit --sandbox show           # one command in a throwaway sandbox
   cnikit cleanup                  # remove exactly what cnikit created
+  cnikit cni install && cnikit netns add pod1 && cnikit cni add pod1   # be the runtime
 
 Every command that changes the kernel is printed before it runs (-q hides it; -v
 also prints the look-ups cnikit makes to decide). Exit codes: 0 done, 1 a command
@@ -1150,6 +1859,48 @@ def build_parser():
     a.add_argument("--dst", required=True)
     vx.add_parser("del", help="delete a VXLAN device").add_argument("name")
 
+    cn = verbs("cni", "play the container runtime: install the plugin, ADD/DEL/CHECK like libcni")
+    a = cn.add_parser("install", help="copy the plugin to --plugin-dir and write a .conflist (atomically)")
+    a.add_argument("--name", default=CNI_NET, help=f"network name (default {CNI_NET})")
+    a.add_argument("--subnet", help="pod subnet for the plugin's IPAM (default: the plugin's own choice)")
+    a.add_argument("--plugin-dir", default=CNI_PLUGIN_DIR)
+    a.add_argument("--conf-dir", default=CNI_CONF_DIR)
+    a.add_argument("--chain", action="append", default=[], choices=sorted(CNI_CHAINABLE),
+                   help="append a reference plugin after ours (repeatable)")
+    a.add_argument("--plugin", dest="plugin_src", metavar="FILE", help="plugin to install (default: ours)")
+    a.add_argument("--type", dest="ptype", default=CNI_TYPE, help=f"the plugin's type, its file name (default {CNI_TYPE})")
+    a.add_argument("--cni-version", help="cniVersion of the conflist (default 1.1.0; 1.0.0 with --chain)")
+    a.add_argument("--kind", metavar="CLUSTER", help="install into every node of this kind cluster instead")
+    a = cn.add_parser("uninstall", help="remove exactly what install wrote")
+    a.add_argument("--name", default=CNI_NET)
+    a.add_argument("--plugin-dir", default=CNI_PLUGIN_DIR)
+    a.add_argument("--conf-dir", default=CNI_CONF_DIR)
+    for verb, text in (("add", "ADD a netns to the network, each plugin of the chain in order"),
+                       ("del", "DEL it: the chain in reverse, with the cached result as prevResult"),
+                       ("check", "CHECK it against the cached result"),
+                       ("status", "STATUS: is the network ready (cniVersion 1.1.0)"),
+                       ("gc", "GC: release all but the cached attachments (cniVersion 1.1.0)"),
+                       ("version", "VERSION: which spec versions each plugin speaks")):
+        a = cn.add_parser(verb, help=text)
+        a.add_argument("netns", nargs=None if verb in ("add", "del", "check") else "?", metavar="NETNS",
+                       help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
+        a.add_argument("--conf", help=f"network config (default: the first in --conf-dir)")
+        a.add_argument("--conf-dir", default=CNI_CONF_DIR)
+        a.add_argument("--ifname", default="eth0")
+        a.add_argument("--id", dest="cid", help="container id (default: the netns name)")
+        a.add_argument("--cni-path", default=CNI_PATH, help=f"where plugins are looked up (default {CNI_PATH})")
+        a.add_argument("--args", dest="cni_args", metavar="K=V;...", help="extra CNI_ARGS (IgnoreUnknown=1 is always sent)")
+        a.add_argument("--runtime-config", metavar="JSON", help="capability args, e.g. '{\"portMappings\": [...]}'")
+    a = cn.add_parser("log", help="follow the plugin's log")
+    a.add_argument("--conf", help="network config whose `log` key names the file")
+    a.add_argument("--conf-dir", default=CNI_CONF_DIR)
+    a.add_argument("--lines", default=20, help="lines to show first (default 20)")
+    a.add_argument("--no-follow", dest="follow", action="store_false", help="print and exit")
+    a = cn.add_parser("kind-install", help="install into every node of a kind cluster (docker cp/exec)")
+    a.add_argument("cluster")
+    a.add_argument("--name", default=CNI_NET)
+    a.add_argument("--plugin", dest="plugin_src", metavar="FILE")
+
     s = objs.add_parser("show", help="a picture of namespaces, links, addresses, routes, NAT")
     s.add_argument("--json", action="store_true", help="print data instead of a picture")
     objs.add_parser("cleanup", help="remove exactly what cnikit created")
@@ -1160,7 +1911,7 @@ def build_parser():
 
 # verb -> tools it needs; look-only verbs need no root.
 TOOLS = {"nat": ("ip", "iptables", "sysctl"), "bridge": ("ip", "bridge"), "vxlan": ("ip", "bridge")}
-READ_ONLY = {("netns", "list"), ("bridge", "show"), ("nat", "show"), ("show", None)}
+READ_ONLY = {("cni", "version"), ("cni", "log"), ("netns", "list"), ("bridge", "show"), ("nat", "show"), ("show", None)}
 
 
 def dispatch(args, r):
@@ -1208,6 +1959,8 @@ def dispatch(args, r):
             vxlan_fdb_add(r, args.name, args.mac, args.dst, host=h)
         else:
             vxlan_del(r, args.name, host=h)
+    elif o == "cni":
+        return cni_dispatch(args, r)
     elif o == "show":
         show(r, as_json=args.json)
     elif o == "cleanup":
