@@ -214,3 +214,29 @@ def test_not_root_says_so_and_shows_what_would_run():
     assert "root is needed" in proc.stderr
     assert "ip link add br0 type bridge" in proc.stdout
     assert "br0" not in links()
+
+
+def test_interactive_sandbox_shell_has_a_clear_prompt_and_leaves_nothing():
+    before = snapshot()
+    proc = cli("sandbox", input="ip netns add inside\nip netns list\nexit 0\n")
+    assert proc.returncode == 0
+    assert "(cnikit-sandbox)" in proc.stderr and "inside" in proc.stdout
+    assert snapshot() == before
+
+
+def test_echo_is_highlighted_on_a_terminal_and_plain_when_piped_or_silenced():
+    import os
+    import pty
+    import sys
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, __file__.rsplit("/tests/", 1)[0] + "/cnikit.py", "netns", "add", "t1"],
+                            stdout=slave, stderr=slave)
+    proc.wait(timeout=10)
+    os.close(slave)
+    tty_out = os.read(master, 65536).decode()
+    os.close(master)
+    assert "\033[" in tty_out and "ip netns add t1" in tty_out
+    piped = run("netns", "add", "t2").stdout
+    assert "\033[" not in piped and piped.splitlines()[0] == "ip netns add t2"
+    assert run("-q", "netns", "add", "t3").stdout == ""
+    assert netns_list() == ["t1", "t2", "t3"]
