@@ -268,11 +268,12 @@ class Runner:
     def _print(self, text):
         print(text, file=self.out, flush=True)
 
-    def echo(self, argv):
+    def echo(self, argv, suffix=""):
+        """Print ARGV as one shell-quoted line (SUFFIX such as ' &' after it)."""
         self.log.append(list(argv))
         if self.quiet:
             return
-        line = shlex.join(argv)
+        line = shlex.join(argv) + suffix
         self._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if self.color else line)
 
     def note(self, text):
@@ -320,16 +321,16 @@ class Runner:
         return proc.stdout
 
     def probe(self, argv, timeout=30):
-        """Echo and run a check (ping, curl, ss...): returns (ok, output) and never
-        raises, so a lesson can print PASS or FAIL. Echoed and printed even with -q
-        unless quiet; a dry run prints it and answers (True, "")."""
+        """Echo and run a check (ping, ss, socat...): returns (ok, output) and never
+        raises, so a lesson can print PASS or FAIL. A dry run prints it and answers
+        (True, "")."""
         self.echo(argv)
         if self.dry_run:
             return True, ""
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        except FileNotFoundError:
-            return False, f"{argv[0]} not found (Debian package {PACKAGES.get(argv[0], argv[0])})"
+        except OSError as e:
+            return False, f"{argv[0]}: {e.strerror} (Debian package {PACKAGES.get(argv[0], argv[0])})"
         except subprocess.TimeoutExpired:
             return False, f"timed out after {timeout}s"
         out = (proc.stdout + proc.stderr).rstrip("\n")
@@ -340,10 +341,7 @@ class Runner:
     def spawn(self, argv):
         """Start a background process (a listener, tcpdump), echoed with a trailing `&`.
         Returns the Popen (None in a dry run); the caller stops it."""
-        self.log.append(list(argv))
-        if not self.quiet:
-            line = shlex.join(argv) + " &"
-            self._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if self.color else line)
+        self.echo(argv, " &")
         if self.dry_run:
             return None
         try:
@@ -1466,7 +1464,10 @@ def run_with_stdin(r, argv, text):
         r._print(text.rstrip("\n") + "\nEOF")
     if r.dry_run:
         return ""
-    proc = r._exec(argv, input=text)
+    try:
+        proc = subprocess.run(argv, input=text, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}") from None
     if proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, proc.stderr)
     return proc.stdout
