@@ -66,6 +66,7 @@ DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 DEFAULT_LOG = "/var/log/cni.log"
 BUILTIN_IPAM = ("", "cnikit", "builtin")
 CHAIN_PREFIX = "CNIKIT-"
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 STDIN_LIMIT = 1 << 20  # a network config is a few KiB; refuse to buffer more than 1 MiB
 MULTICAST = {2: "224.0.0.0/4", 10: "ff00::/8"}  # never masqueraded, like the reference bridge
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -110,20 +111,50 @@ def write_log(path):
 
 def run(argv, stdin=None, env=None):
     """Every external command passes here: echoed to stderr and the log, one error type."""
-    import subprocess  # lazily: 14 ms of imports, needed only for iptables and IPAM plugins
     line = "+ " + " ".join(argv)
     log(line)
     sys.stderr.write(line + "\n")
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, env=env)
+        if "subprocess" in sys.modules:  # already paid for (embedding, tests): use it
+            proc = sys.modules["subprocess"].run(argv, input=stdin, capture_output=True, env=env)
+            rc, out, err = proc.returncode, proc.stdout or b"", proc.stderr or b""
+        else:  # importing subprocess costs 14 ms of start-up; posix_spawn is all we need
+            rc, out, err = spawn(argv, stdin, env)
     except OSError as e:
         raise CNIError(E_COMMAND, f"cannot run {argv[0]}: {e.strerror}")
-    out = proc.stdout.decode("utf-8", "replace") if proc.stdout else ""
-    if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip() if proc.stderr else ""
-        log(f"  exit {proc.returncode}: {err or out.strip()}")
-        raise CNIError(E_COMMAND, f"{argv[0]} failed (exit {proc.returncode})", err or out.strip())
+    out = out.decode("utf-8", "replace")
+    if rc != 0:
+        err = err.decode("utf-8", "replace").strip() or out.strip()
+        log(f"  exit {rc}: {err}")
+        raise CNIError(E_COMMAND, f"{argv[0]} failed (exit {rc})", err)
     return out
+
+
+def spawn(argv, stdin, env):
+    """Run argv; stdin and stderr through memory files, so no pipe can fill up and block."""
+    inp = os.memfd_create("stdin", os.MFD_CLOEXEC)
+    err = os.memfd_create("stderr", os.MFD_CLOEXEC)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(inp, stdin or b"")
+        os.lseek(inp, 0, 0)
+        pid = os.posix_spawnp(argv[0], argv, env if env is not None else os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, inp, 0), (os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_DUP2, err, 2)])
+        os.close(w)
+        w = None
+        chunks = []
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        status = os.waitpid(pid, 0)[1]
+        os.lseek(err, 0, 0)
+        return os.waitstatus_to_exitcode(status), b"".join(chunks), os.read(err, 65536)
+    finally:
+        for fd in (inp, err, r, w):
+            if fd is not None:
+                os.close(fd)
 
 
 def which(name, path=None):
@@ -917,6 +948,25 @@ def teardown_masq(chains, families=(AF_INET, AF_INET6)):
         run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
 
 
+def teardown_attachment_masq(net, cid, ifname, ips):
+    """DEL's fast path: the rules ADD wrote are known, so one iptables-restore removes them all.
+    If that fails (already gone, edited by hand) fall back to looking at what is really there."""
+    chain = chain_name(net.name, cid, ifname)
+    comment = '"' + masq_comment(net.name, cid, ifname) + '"'
+    families = sorted({family for family, _ in ips}) or (AF_INET, AF_INET6)
+    for family in families:
+        own = [n for f, n in ips if f == family]
+        if own:
+            lines = ["*nat"] + [f"-D POSTROUTING -s {fmt_cidr(family, n, bits(family))} -m comment --comment {comment} -j {chain}"
+                                for n in own] + [f"-F {chain}", f"-X {chain}", "COMMIT"]
+            try:
+                run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+                continue
+            except CNIError:
+                pass
+        teardown_masq([chain], (family,))
+
+
 def our_chains(network):
     """{chain: (container id, ifname)} of this network's attachments, from the rule comments."""
     found = {}
@@ -1069,7 +1119,7 @@ def cmd_add(net, env, raw):
             kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
         cont = configure_container(cnl, ifname, ips, routes)
         if net.masq:
-            undo.append(lambda: teardown_masq([chain_name(net.name, cid, ifname)], {ip["family"] for ip in ips}))
+            undo.append(lambda: teardown_attachment_masq(net, cid, ifname, {(ip["family"], ip["n"]) for ip in ips}))
             setup_masq(net, cid, ifname, ips)
         br = nl.link(net.bridge)  # its MAC follows its ports
     except BaseException as e:
@@ -1103,7 +1153,7 @@ def cmd_del(net, env, raw):
     """Best effort and repeatable: rules, veth, then the address - each may already be gone."""
     cid, ifname = env["CNI_CONTAINERID"], env["CNI_IFNAME"]
     if net.masq:
-        teardown_masq([chain_name(net.name, cid, ifname)], attachment_families(net, cid, ifname))
+        teardown_attachment_masq(net, cid, ifname, attachment_ips(net, cid, ifname))
     nl = Netlink()
     veth_name = host_veth_name(cid, ifname)
     veth = nl.link(veth_name)
@@ -1116,17 +1166,17 @@ def cmd_del(net, env, raw):
     ipam_del(net, cid, ifname, raw)
 
 
-def attachment_families(net, cid, ifname):
-    """Address families of an attachment (to spare an ip6tables-save), from its state or prevResult."""
-    families = set()
+def attachment_ips(net, cid, ifname):
+    """{(family, address)} of an attachment, from the allocation files or else prevResult."""
+    ips = set()
     if use_builtin(net):
-        families = {family for family, _ in builtin_owned(net, cid, ifname)}
-    if not families and net.prev:
+        ips = builtin_owned(net, cid, ifname)
+    if not ips and net.prev:
         try:
-            families = {ip["family"] for ip in ipam_result_ips(net.prev)}
+            ips = {(ip["family"], ip["n"]) for ip in ipam_result_ips(net.prev)}
         except (KeyError, ValueError, TypeError):
             pass
-    return families or (AF_INET, AF_INET6)
+    return ips
 
 
 def cmd_check(net, env, raw):
@@ -1234,6 +1284,8 @@ def cmd_version(raw):
 
 
 def main():
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = ":".join([path] * bool(path) + [d for d in SYSTEM_PATH if d not in path.split(":")])
     command = os.environ.get("CNI_COMMAND", "")
     log(f"=== {command or '(no CNI_COMMAND)'} pid {os.getpid()}")
     for key in sorted(os.environ):
