@@ -1276,6 +1276,9 @@ def cni_add(r, call):
         raise UsageError(f"{call.cid} {call.ifname} is already attached to {net['name']} "
                          f"(cached result in {cni_cache_path(net['name'], call.cid, call.ifname)}); "
                          "run cnikit cni del first")
+    if not r.dry_run:
+        for plugin in net["plugins"]:      # a missing plugin is bad input: say so before anything runs
+            cni_find_plugin(plugin["type"], call.cni_path)
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
     prev = None
@@ -1288,10 +1291,7 @@ def cni_add(r, call):
                        + cni_shorten(json.dumps(prev, separators=(",", ":")), 160))
     except CnikitError:
         r.note("ADD failed: DEL the whole chain, as a runtime does, so nothing is left behind")
-        try:
-            _cni_del_chain(r, call, None)
-        except CnikitError as e:
-            r.note(f"cleanup DEL also failed: {e}")
+        _cni_del_chain(r, call, None, best_effort=True)
         raise
     cni_cache_write(r, net, call.cid, call.ifname, call.args, call.runtime_config, prev)
     if prev is not None:
@@ -1299,13 +1299,20 @@ def cni_add(r, call):
     return prev
 
 
-def _cni_del_chain(r, call, prev):
+def _cni_del_chain(r, call, prev, best_effort=False):
+    """DEL each plugin, last first. BEST_EFFORT (cleaning up after a failed ADD) goes on
+    past a failing plugin so the others still release what they hold."""
     net = call.net
     # DEL may come after the netns is gone (containerd's second DEL passes ""): still release.
     netns = call.netns if call.netns and (r.dry_run or os.path.exists(call.netns)) else ""
     for plugin in reversed(net["plugins"]):
-        cni_exec(r, plugin["type"], "DEL", call.env(netns),
-                 cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host)
+        try:
+            cni_exec(r, plugin["type"], "DEL", call.env(netns),
+                     cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host)
+        except CnikitError as e:
+            if not best_effort:
+                raise
+            r.note(f"cleanup DEL: {e}")
 
 
 def cni_del(r, call):
