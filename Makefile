@@ -44,3 +44,32 @@ demo: apt-deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__ *.egg-info build
+
+# ---------------------------------------------------------------- lesson 06 on two real VMs
+# Two Debian 12 VMs with their own kernels (vagrant/Vagrantfile), lesson 06's node steps
+# on each over `vagrant ssh`, then the cross-node ping and the encapsulation proof.
+# Run these as your user, not with sudo: Vagrant's VMs belong to whoever created them.
+# See docs/vagrant.md. PROVIDER=virtualbox|libvirt picks the provider for vagrant-up.
+VAGRANT  ?= vagrant
+NODE1_IP ?= 192.168.56.11
+NODE2_IP ?= 192.168.56.12
+VAGRANT_RUN = VAGRANT_CWD=$(CURDIR)/vagrant VAGRANT_CHECKPOINT_DISABLE=1 \
+  CNIKIT_NODE1_IP=$(NODE1_IP) CNIKIT_NODE2_IP=$(NODE2_IP) $(VAGRANT)
+# Inside a VM the repository is /vagrant and the VM is the host: one node's half.
+IN_VM = cd /vagrant && sudo make --no-print-directory stage-06
+
+.PHONY: vagrant-up vagrant-stage-06 vagrant-down
+
+vagrant-up:
+	$(VAGRANT_RUN) up $(if $(PROVIDER),--provider=$(PROVIDER))
+
+vagrant-stage-06:
+	$(VAGRANT_RUN) rsync
+	$(VAGRANT_RUN) ssh node1 -c '$(IN_VM) ROLE=node1 PEER=$(NODE2_IP)'
+	$(VAGRANT_RUN) ssh node2 -c '$(IN_VM) ROLE=node2 PEER=$(NODE1_IP)'
+	@if $(VAGRANT_RUN) ssh node1 -c '$(IN_VM) ROLE=node1 PEER=$(NODE2_IP) VERIFY=1'; \
+	then echo "PASS: lesson 06 across two VMs: node1's pod reached node2's pod over VXLAN ($(NODE1_IP) <-> $(NODE2_IP))"; \
+	else echo "FAIL: lesson 06 across two VMs: see the output above"; exit 1; fi
+
+vagrant-down:
+	$(VAGRANT_RUN) destroy -f
