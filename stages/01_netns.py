@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Lesson 01: a network namespace is a whole, separate network stack.
+
+    sudo python3 stages/01_netns.py            # in a throwaway sandbox
+    python3 stages/01_netns.py --dry-run       # the lesson as a shell script
+"""
+import json
+
+from lesson import Lesson, cnikit, ip, in_netns, have
+
+NS = "ns1"
+PRIVATE = "private0"      # an interface only ns1 has (a bridge here is just a link with no cable)
+
+LESSON = Lesson(
+    "01", "netns",
+    goal="a namespace starts with only lo, DOWN, no routes and no firewall rules; "
+         "with lo up it reaches 127.0.0.1, and the host cannot see its interfaces",
+    picture=r"""
+   +------------------ host ------------------+
+   |  lo  127.0.0.1   UP   (the host's own)   |
+   |  ... the host's interfaces ...           |
+   +------------------------------------------+
+              no link between the two
+   +------------------ ns1 -------------------+
+   |  lo  127.0.0.1   DOWN  ->  UP            |
+   |  private0        (only ns1 can see it)   |
+   |  routes: none    iptables: no rules      |
+   +------------------------------------------+
+""",
+    skips={"lo-up": "lo stays DOWN: even 127.0.0.1 is unreachable inside ns1"},
+)
+
+
+def build(L):
+    r = L.r
+    L.step("a namespace is a fresh copy of the network stack: interfaces, routes, firewall")
+    cnikit.netns_add(r, NS)
+
+    L.step("what is inside: only lo, and it is DOWN")
+    r.show(ip("link", "show", ns=NS))
+
+    L.step("its own routing table: empty (the host's routes do not apply in here)")
+    r.show(ip("route", "show", ns=NS))
+
+    if have("iptables"):
+        L.step("its own firewall: default policies only, none of the host's rules")
+        r.show(in_netns(["iptables", "-S"], NS))
+
+    L.step("with lo DOWN even 127.0.0.1 is unreachable: this ping is expected to fail")
+    L.ping("127.0.0.1", NS)
+
+    if L.step("bring lo up: the loopback is an interface like any other", skip="lo-up"):
+        cnikit.netns_lo_up(r, NS)
+
+    L.step(f"give ns1 an interface of its own ({PRIVATE}), then look for it from the host")
+    cnikit.bridge_add(r, PRIVATE, host=NS)
+    r.show(ip("-br", "link", "show", ns=NS))
+    r.probe(ip("link", "show", "dev", PRIVATE))
+    r.show(ip("-br", "link", "show"))
+
+
+def verify(L):
+    r = L.r
+    L.check("ns1 reaches 127.0.0.1 over its own lo", L.ping("127.0.0.1", NS))
+    ok, out = r.probe(ip("-j", "route", "show", ns=NS))
+    L.check("ns1's routing table is its own, and empty", ok and json.loads(out or "[]") == [], out)
+    seen_in_ns, _ = r.probe(ip("link", "show", "dev", PRIVATE, ns=NS))
+    seen_on_host, _ = r.probe(ip("link", "show", "dev", PRIVATE))
+    L.check(f"{PRIVATE} exists in ns1 and the host cannot see it", seen_in_ns and not seen_on_host)
+
+
+if __name__ == "__main__":
+    LESSON.main(build, verify)

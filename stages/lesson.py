@@ -1,0 +1,399 @@
+"""What every lesson in stages/ shares, so each lesson script reads as the lesson itself.
+
+A lesson is a `Lesson` (number, title, goal, a hand-drawn picture of what it builds,
+and the steps you may --skip with what breaks without each) plus two functions:
+`build(L)` gives a one-line why before each step and calls cnikit's verbs with `L.r`,
+the runner that echoes every command; `verify(L)` runs the checks that prove the goal
+with `L.check(...)`. `L.main(build, verify)` does the rest: the command line, the
+sandbox (or the real host with --host), the PASS/FAIL verdict and exit code, the
+picture of what really exists, and leaving nothing behind.
+
+    LESSON = Lesson("01", "netns", goal="...", picture="...", skips={"lo-up": "..."})
+    def build(L): ...
+    def verify(L): ...
+    if __name__ == "__main__":
+        LESSON.main(build, verify)
+"""
+import argparse
+import os
+import re
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cnikit  # noqa: E402  (the library every lesson drives)
+from cnikit import ip, bridge, in_netns  # noqa: E402,F401  (re-exported for the lessons)
+
+CNIKIT = os.path.join(ROOT, "cnikit.py")
+PING = ("ping", "-c", "1", "-W", "1")      # one echo, one second: a lost reply fails fast
+WAIT_READY = 5.0                             # seconds a background tool gets to start
+STOP_GRACE = 2.0                             # seconds between SIGTERM and SIGKILL
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ---------------------------------------------------------------- the runner
+
+class LessonRunner(cnikit.Runner):
+    """cnikit's Runner plus what a live lesson needs: --step pauses before each
+    command, and the background processes it starts are remembered so they are
+    always stopped (a process left inside a namespace would keep it alive)."""
+
+    def __init__(self, stepping=False, **kw):
+        super().__init__(**kw)
+        self.stepping = stepping
+        self.procs = []
+
+    def _line(self, text):
+        return f"\033[2m$\033[0m \033[1;36m{text}\033[0m" if self.color else text
+
+    def _pause(self):
+        """Like a presenter: the command is on screen, Enter runs it, q quits."""
+        if not self.stepping or self.dry_run or self.quiet:
+            return
+        print("\033[2m  [Enter] run, q quit\033[0m" if self.color else "  [Enter] run, q quit",
+              end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline()
+        print("\r" + " " * 24 + "\r", end="", file=sys.stderr, flush=True)
+        if not answer:                # stdin closed: carry on without pausing
+            self.stepping = False
+        elif answer.strip().lower() == "q":
+            raise KeyboardInterrupt
+
+    def echo(self, argv):
+        super().echo(argv)
+        self._pause()
+
+    def show(self, argv):
+        """As cnikit's show, but -q (a lesson's "verdict only") keeps it silent too."""
+        if not self.quiet:
+            return super().show(argv)
+        self.echo(argv)
+        if self.dry_run:
+            return ""
+        proc = self._exec(argv)
+        if proc.returncode != 0:
+            raise cnikit.CommandFailed(argv, proc.returncode, proc.stderr)
+        return proc.stdout
+
+    def spawn(self, argv, stdin=False):
+        """Start a background process, echoed with `&`; STDIN=True gives it a pipe
+        the lesson writes to. Each gets its own process group, stopped as a whole."""
+        self.log.append(list(argv))
+        if not self.quiet:
+            self._print(self._line(shlex.join(argv) + " &"))
+            self._pause()
+        if self.dry_run:
+            return None
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise cnikit.CnikitError(f"{argv[0]} not found: install the Debian package "
+                                     f"{cnikit.PACKAGES.get(argv[0], argv[0])}") from None
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc):
+        """Stop PROC's whole process group; returns what it printed (stdout, stderr)."""
+        if proc is None:
+            return "", ""
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            out, err = proc.communicate()
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return out or "", err or ""
+
+    def stop_all(self):
+        for proc in list(self.procs):
+            self.stop(proc)
+
+
+def _signal_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def have(tool):
+    """Is an optional tool (tcpdump, conntrack, iptables) installed? Lessons fall back
+    to another proof, and say so, when it is not."""
+    return bool(cnikit.which(tool))
+
+
+def read_until(proc, pattern, stream="stdout", timeout=WAIT_READY):
+    """Read PROC's STREAM line by line until a line matches PATTERN; returns the lines
+    read (the match last) or None on timeout/exit. Used to wait until tcpdump listens
+    and to read a TCP echo back, without sleeping for a guessed time."""
+    f = getattr(proc, stream)
+    lines, deadline, rx = [], time.monotonic() + timeout, re.compile(pattern)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([f], [], [], left)[0]:
+            return None
+        line = f.readline()
+        if not line:
+            return None
+        lines.append(line.rstrip("\n"))
+        if rx.search(line):
+            return lines
+
+
+# ---------------------------------------------------------------- the lesson
+
+class Lesson:
+    def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping")):
+        self.number, self.title, self.goal = number, title, goal
+        self.picture = picture.strip("\n")
+        self.skips = dict(skips or {})      # step name -> what breaks without it
+        self.tools = tools
+        self.r = None
+        self.skipped = set()
+        self.checks = []                    # (what, ok)
+        self.on_host = False
+        self.steps = 0
+
+    # -- printing: prose is shell comments, so a dry run stays a script
+    def say(self, text=""):
+        if self.r.quiet:
+            return
+        for line in (text.splitlines() or [""]):
+            line = f"# {line}".rstrip()
+            self.r._print(f"\033[33m{line}\033[0m" if self.r.color else line)
+
+    def opening(self):
+        title = f"lesson {self.number}: {self.title}"
+        self.say(f"{title}\n{'=' * len(title)}\ngoal: {self.goal}\n\nwhat this lesson builds:\n\n"
+                 + self.picture + "\n")
+        if self.skipped:
+            self.say("leaving out (--skip): " + ", ".join(sorted(self.skipped)))
+
+    def step(self, why, skip=None):
+        """Announce the next step with its one-line why. With SKIP (a name declared in
+        `skips`) the step can be left out: returns False when --skip names it."""
+        if skip is not None and skip not in self.skips:
+            raise ValueError(f"step {skip!r} is not declared in skips of lesson {self.number}")
+        self.steps += 1
+        self.say("")
+        self.say(f"[{self.steps}] {why}")
+        if skip in self.skipped:
+            self.say(f"    skipped (--skip {skip}): {self.skips[skip]}")
+            return False
+        return True
+
+    # -- checks
+    def check(self, what, ok, detail=""):
+        """One fact the verification proves; the lesson passes when every check holds."""
+        if self.r.dry_run:
+            return True
+        self.checks.append((what, bool(ok)))
+        mark = "ok" if ok else "FAILED"
+        self.say(f"check: {what}: {mark}" + (f" ({detail})" if detail and not ok else ""))
+        return bool(ok)
+
+    def passed(self):
+        return bool(self.checks) and all(ok for _, ok in self.checks)
+
+    def ping(self, addr, ns=None, count=1):
+        """ping ADDR from inside NS (or from where the lesson runs); True if answered."""
+        argv = list(PING) if count == 1 else ["ping", "-c", str(count), "-i", "0.2", "-W", "1"]
+        return self.r.probe(in_netns(argv + [addr], ns))[0]
+
+    def wait_listening(self, port, ns=None):
+        """Wait until a TCP listener is up on PORT (the server starts in the background)."""
+        script = f'until ss -Htln "sport = :{port}" | grep -q .; do sleep 0.02; done'
+        self.r.run(in_netns(["timeout", str(int(WAIT_READY)), "sh", "-c", script], ns))
+
+    def sysctl(self, key, value, ns=None):
+        """Set a sysctl, remembering the old value so the end of the lesson restores it
+        (on a real host a lesson must not leave, say, forwarding switched on)."""
+        ok, old = self.r.query(in_netns(["sysctl", "-n", key], ns))
+        undo = cnikit.sysctl_set(key, old.strip(), ns) if ok and old.strip() != str(value) else None
+        self.r.run(cnikit.sysctl_set(key, value, ns), undo=undo)
+
+    # -- life cycle
+    def start(self, dry_run=False, quiet=False, stepping=False, skip=(), color=None, out=None):
+        """A fresh runner and no checks yet; used by main and by tests that drive
+        build() and verify() themselves in a sandbox they made."""
+        unknown = sorted(set(skip) - set(self.skips))
+        if unknown:
+            raise cnikit.UsageError(f"unknown step {unknown[0]!r} for --skip; lesson {self.number} has: "
+                                    + (", ".join(self.skips) or "none"))
+        self.r = LessonRunner(stepping=stepping, dry_run=dry_run, quiet=quiet, color=color, out=out)
+        self.skipped, self.checks, self.steps = set(skip), [], 0
+        return self
+
+    def plan(self, build):
+        """The commands BUILD would run, from a silent dry run: what --host will change."""
+        saved = (self.r, self.checks, self.steps)
+        self.r = LessonRunner(dry_run=True, quiet=True)
+        try:
+            build(self)
+            return self.r.log
+        finally:
+            self.r, self.checks, self.steps = saved
+
+    def parser(self):
+        epilog = "steps you can --skip, and what breaks without each:\n" + "\n".join(
+            f"  {name:<10} {breaks}" for name, breaks in self.skips.items())
+        p = argparse.ArgumentParser(
+            prog=os.path.basename(sys.argv[0]) or f"{self.number}_{self.title}.py",
+            description=f"Lesson {self.number} ({self.title}): {self.goal}", epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--host", action="store_true",
+                       help="run on the real host, after saying what it will change (default: a sandbox)")
+        p.add_argument("--keep", action="store_true",
+                       help="leave the topology up; in the sandbox, open a shell to explore it")
+        p.add_argument("--step", action="store_true", help="pause before each command: Enter runs it")
+        p.add_argument("--dry-run", action="store_true", help="print the whole lesson as a shell script")
+        p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
+        p.add_argument("--skip", action="append", default=[], metavar="STEP",
+                       help="leave out STEP to see what breaks (listed below); repeatable")
+        p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+        p.error = lambda message: _usage_exit(p.prog, message)
+        return p
+
+    def main(self, build, verify, argv=None, parser=None):
+        """Run the lesson as a command; exits 0 on PASS, 1 on FAIL, 2 on bad usage."""
+        parser = parser or self.parser()
+        args = parser.parse_args(argv)
+        sys.exit(self.run(build, verify, args))
+
+    def run(self, build, verify, args, finish=True):
+        """Build, verify, print the verdict, then leave nothing behind (or --keep)."""
+        color = {"always": True, "never": False}.get(getattr(args, "color", "auto"))
+        try:
+            self.start(dry_run=args.dry_run, quiet=args.quiet, stepping=args.step and not args.dry_run,
+                       skip=args.skip, color=color)
+            self.on_host = args.host
+            if not args.dry_run:
+                self._prepare(build, args.host)
+            self.opening()
+            build(self)
+            self.say("")
+            self.say("verification: does the goal hold?")
+            verify(self)
+            return self._verdict(args, finish)
+        except cnikit.UsageError as e:
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+            self._leave(args, keep=False)
+            return EXIT_USAGE
+        except cnikit.CnikitError as e:
+            self._fail_line(f"error: {e}")
+            self._leave(args, keep=False)
+            return EXIT_FAIL
+        except KeyboardInterrupt:
+            self._fail_line("interrupted")
+            self._leave(args, keep=False)
+            return EXIT_INTERRUPTED
+
+    def _prepare(self, build, on_host):
+        if os.geteuid() != 0:
+            raise cnikit.UsageError("a lesson builds real namespaces and needs root: run it with sudo "
+                                    "(or --dry-run to print it as a script)")
+        cnikit.require_tools(*self.tools)
+        if not on_host:
+            cnikit.enter_sandbox()
+            return
+        planned = self.plan(build)
+        self._refuse_existing(planned)
+        self.say("--host: this lesson changes this machine; everything is removed at the end unless --keep:")
+        self.say(_summarize(planned))
+
+    def _refuse_existing(self, planned):
+        """On a real host, names the lesson would create must be free: it must never
+        adopt (and then delete) a namespace or link that is not its own."""
+        for argv in planned:
+            if argv[:3] == ["ip", "netns", "add"] and cnikit.netns_exists(argv[3]):
+                raise cnikit.UsageError(f"namespace {argv[3]} already exists on this host; "
+                                        "delete it or run the lesson in the sandbox (without --host)")
+            if argv[:3] == ["ip", "link", "add"] and cnikit.get_link(self.r, argv[3]):
+                raise cnikit.UsageError(f"interface {argv[3]} already exists on this host; "
+                                        "delete it or run the lesson in the sandbox (without --host)")
+
+    def _verdict(self, args, finish):
+        r = self.r
+        if r.dry_run:
+            r.note("dry run: the checks above were printed, not run; the lesson's picture of what "
+                   "exists comes from: " + shlex.join([CNIKIT, "show"]))
+            return EXIT_PASS
+        ok = self.passed()
+        if not r.quiet:
+            self.say("")
+            self.say("what really exists now (cnikit show):")
+            cnikit.show(r)
+        failed = [what for what, good in self.checks if not good]
+        line = (f"PASS lesson {self.number} {self.title}: {self.goal}" if ok else
+                f"FAIL lesson {self.number} {self.title}: " + ("; ".join(failed) or "nothing was checked"))
+        r._print(f"\033[1;{32 if ok else 31}m{line}\033[0m" if r.color else line)
+        if finish:
+            self._leave(args, keep=args.keep)
+        return EXIT_PASS if ok else EXIT_FAIL
+
+    def _fail_line(self, why):
+        line = f"FAIL lesson {self.number} {self.title}: {why}"
+        print(line, file=sys.stderr if self.r is None else self.r.out, flush=True)
+
+    def _leave(self, args, keep):
+        """Leave nothing behind: the sandbox vanishes on exit; on the host, undo what
+        the lesson created, newest first. --keep leaves it up (a shell in the sandbox)."""
+        r = self.r
+        if r is None or r.dry_run:
+            return
+        r.stepping = False
+        if keep and not args.host:
+            self.say("--keep: a shell inside the sandbox; the topology is yours to explore "
+                     "(`exit` ends it and everything goes)")
+            _sandbox_shell()
+        r.stop_all()
+        if keep and args.host:
+            self.say("--keep: the topology stays on this host; remove it with: sudo " + CNIKIT + " cleanup")
+            return
+        if args.host and r.undo:
+            self.say("removing what the lesson created on this host:")
+            while r.undo:
+                r.run(r.undo.pop(), check=False)
+
+
+def _sandbox_shell():
+    """An interactive shell in the current (sandboxed) process's namespaces."""
+    shell = os.environ.get("SHELL") or "/bin/bash"
+    env = dict(os.environ, PS1=cnikit.SANDBOX_PROMPT, CNIKIT_SANDBOX="1")
+    argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
+    return subprocess.call(argv, env=env)
+
+
+def _summarize(planned):
+    """What a list of argv lists changes on the host, in a few lines a reader can judge
+    (what happens inside the lesson's own namespaces goes away with them)."""
+    groups = {"namespaces": [], "links": [], "routes": [], "iptables rules": [], "sysctls": []}
+    for argv in planned:
+        if argv[:3] == ["ip", "netns", "add"]:
+            groups["namespaces"].append(argv[3])
+        elif argv[:3] == ["ip", "link", "add"]:
+            groups["links"].append(argv[3])
+        elif argv[:3] == ["ip", "route", "add"]:
+            groups["routes"].append(" ".join(argv[3:]))
+        elif argv[:1] == ["iptables"] and "-A" in argv:
+            groups["iptables rules"].append(shlex.join(argv[1:]))
+        elif argv[:2] == ["sysctl", "-w"]:
+            groups["sysctls"].append(argv[2] + " (restored at the end)")
+    lines = [f"  {name}: " + ", ".join(items) for name, items in groups.items() if items]
+    return "\n".join(lines) or "  nothing"
+
+
+def _usage_exit(prog, message):
+    print(f"{prog}: error: {message} (see: {prog} --help)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
