@@ -80,6 +80,7 @@ E_CHECK, E_KERNEL, E_COMMAND, E_EXISTS = 100, 101, 102, 103
 
 AF_INET, AF_INET6, AF_BRIDGE, AF_NETLINK = 2, 10, 7, 16
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703
 
 
 class CNIError(Exception):
@@ -460,6 +461,25 @@ def setns(fd):
         raise OSError(err, os.strerror(err))
 
 
+def check_netns(path, must_exist):
+    """CNI_NETNS must be a network namespace file (NS_GET_NSTYPE says so); DEL may find it gone."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if must_exist or e.errno not in (2, 20):  # ENOENT, ENOTDIR: the pod is gone, fine for DEL
+            raise CNIError(E_ENV, f"CNI_NETNS {path!r} cannot be opened: {e.strerror}")
+        return
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = None
+    finally:
+        os.close(fd)
+    if kind != CLONE_NEWNET:
+        raise CNIError(E_ENV, f"CNI_NETNS {path!r} is not a network namespace")
+
+
 def open_container(netns):
     """A netlink socket inside the container's network namespace (and the namespace fd)."""
     try:
@@ -539,6 +559,11 @@ def parse_cni_args(text):
         args[key.upper()] = value
         if key.upper() not in KNOWN_ARGS:
             unknown.append(key)
+    for text in filter(None, args.get("IP", "").split(",")):
+        try:
+            parse_ip(text.split("/")[0].strip())
+        except ValueError:
+            raise CNIError(E_ENV, f"CNI_ARGS: IP={text!r} is not an address")
     if unknown and args.get("IGNOREUNKNOWN", "").lower() not in ("1", "true"):
         raise CNIError(E_FIELD, f"CNI_ARGS: unknown key(s) {', '.join(unknown)} (set IgnoreUnknown=1)")
     return args
@@ -1305,13 +1330,15 @@ def main():
                   "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
                   "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")}.get(command, ())
         env = require_env(needed)
-        env["CNI_NETNS"] = os.environ.get("CNI_NETNS", "")
+        env["CNI_NETNS"] = os.environ.get("CNI_NETNS", "") if needed else ""  # STATUS/GC: no pod
         if "CNI_CONTAINERID" in env and not valid_name(env["CNI_CONTAINERID"]):
             raise CNIError(E_ENV, "invalid CNI_CONTAINERID: must match [a-zA-Z0-9][a-zA-Z0-9_.-]*")
         if "CNI_IFNAME" in env and not valid_ifname(env["CNI_IFNAME"]):
             raise CNIError(E_ENV, "invalid CNI_IFNAME: 1-15 characters, not . or .., no / : or whitespace")
         if env["CNI_NETNS"] and (not env["CNI_NETNS"].startswith("/") or "\0" in env["CNI_NETNS"]):
             raise CNIError(E_ENV, "invalid CNI_NETNS: must be an absolute path to a network namespace")
+        if env["CNI_NETNS"]:
+            check_netns(env["CNI_NETNS"], must_exist=command != "DEL")
         raw = read_stdin()
         log(f"  stdin: {raw.decode('utf-8', 'replace').strip()}")
         conf = decode_config(raw)

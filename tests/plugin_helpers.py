@@ -1,0 +1,143 @@
+"""Shared helpers for the tests of plugins/cni-bash-compatible.py: run it the way a runtime
+does (exec through its shebang, config on stdin, CNI_* in the environment) and look at the
+real kernel with `sh`."""
+import json
+import os
+import subprocess
+
+import pytest
+import sh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(ROOT, "plugins", "cni-bash-compatible.py")
+REFERENCE = "/usr/lib/cni"
+RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what runtimes pass
+VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+CLASSIC = {"cniVersion": "1.0.0", "name": "fromScratch", "type": "demystifying"}
+
+
+@pytest.fixture(autouse=True)
+def private_log_dirs(sandbox):
+    """The default log (/var/log/cni.log) must land in the sandbox, not on the host."""
+    subprocess.run(["mount", "-t", "tmpfs", "cni-test-log", "/var/log"], check=True)
+    yield
+
+
+class Result:
+    def __init__(self, proc):
+        self.rc = proc.returncode
+        self.stdout = proc.stdout.decode()
+        self.stderr = proc.stderr.decode()
+        self.json = json.loads(self.stdout) if self.stdout.strip() else None
+
+    @property
+    def code(self):
+        return self.json.get("code") if self.json else None
+
+    def __repr__(self):
+        return f"<rc={self.rc} stdout={self.stdout!r} stderr={self.stderr[-2000:]!r}>"
+
+
+def env_for(command, cid="c1", netns=None, ifname="eth0", args="IgnoreUnknown=1", path=REFERENCE, **extra):
+    env = {"PATH": RUNTIME_PATH, "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname,
+           "CNI_NETNS": netns if netns is not None else f"/run/netns/{cid}", "CNI_ARGS": args, "CNI_PATH": path}
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def cni(command, conf, plugin=PLUGIN, stdin=None, **kw):
+    """Exec a plugin like a runtime does; returns a Result."""
+    raw = stdin if stdin is not None else json.dumps(conf).encode()
+    proc = subprocess.run([plugin], input=raw, env=env_for(command, **kw), capture_output=True, timeout=60)
+    return Result(proc)
+
+
+def ok(res):
+    assert res.rc == 0, res
+    assert "Traceback" not in res.stderr, res
+    return res.json
+
+
+def error(res, code):
+    assert res.rc != 0, res
+    assert res.json is not None and res.json["code"] == code, res
+    assert set(res.json) >= {"cniVersion", "code", "msg"}, res
+    assert "Traceback" not in res.stderr + res.stdout, res
+    return res.json
+
+
+def netns(name):
+    sh.ip("netns", "add", name)
+    return f"/run/netns/{name}"
+
+
+def pod(cid, conf, ifname="eth0", **kw):
+    """A namespace plus a successful ADD; returns the result."""
+    ns = netns(cid)
+    return ok(cni("ADD", conf, cid=cid, netns=ns, ifname=ifname, **kw))
+
+
+def links(ns=None):
+    pre = ("-n", ns) if ns else ()
+    return {link["ifname"]: link for link in json.loads(sh.ip(*pre, "-j", "-d", "link", "show"))}
+
+
+def addrs(dev, ns=None):
+    pre = ("-n", ns) if ns else ()
+    info = json.loads(sh.ip(*pre, "-j", "addr", "show", "dev", dev))
+    return sorted(f"{a['local']}/{a['prefixlen']}" for i in info for a in i["addr_info"] if a["family"] == "inet")
+
+
+def routes(ns=None):
+    pre = ("-n", ns) if ns else ()
+    return json.loads(sh.ip(*pre, "-j", "route", "show"))
+
+
+def nat_rules():
+    return sh.iptables("-t", "nat", "-S")
+
+
+def allocation_files(network, data_dir="/var/lib/cni/networks"):
+    d = os.path.join(data_dir, network)
+    if not os.path.isdir(d):
+        return {}
+    out = {}
+    for name in os.listdir(d):
+        if name[0].isdigit() or ":" in name:
+            with open(os.path.join(d, name), "rb") as f:
+                out[name] = f.read().decode()
+    return out
+
+
+def ping(ns, addr):
+    sh.ip("netns", "exec", ns, "ping", "-c", "1", "-W", "2", addr)
+
+
+def all_files(top):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(top) for f in files)
+
+
+def check_result_shape(res, version, n_ips=1):
+    """The spec's result shape for the config's version."""
+    assert res["cniVersion"] == version
+    assert set(res) <= {"cniVersion", "interfaces", "ips", "routes", "dns"}
+    ifaces = res["interfaces"]
+    assert isinstance(ifaces, list) and ifaces
+    for i in ifaces:
+        allowed = {"name", "mac", "sandbox"} | ({"mtu"} if version == "1.1.0" else set())
+        assert set(i) <= allowed and isinstance(i["name"], str) and i["name"]
+        assert len(i["mac"].split(":")) == 6, i  # the classic plugin printed an empty MAC
+        if version == "1.1.0":
+            assert isinstance(i["mtu"], int) and i["mtu"] > 0
+    assert len(res["ips"]) == n_ips
+    for ip in res["ips"]:
+        keys = {"address", "gateway", "interface"} | ({"version"} if version < "1.0.0" else set())
+        assert set(ip) == keys, ip
+        if version < "1.0.0":
+            assert ip["version"] in ("4", "6")
+        addr, plen = ip["address"].split("/")
+        assert int(plen) <= 128
+        assert 0 <= ip["interface"] < len(ifaces) and ifaces[ip["interface"]].get("sandbox")
+    for r in res.get("routes", []):
+        assert set(r) <= {"dst", "gw"} and "/" in r["dst"]
+    assert isinstance(res.get("dns", {}), dict)
