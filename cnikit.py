@@ -1012,6 +1012,7 @@ CNI_CACHE_DIR = "/var/lib/cni/results"      # libcni's cache: <network>-<contain
 CNI_NET = "cnikit"                          # default network name
 CNI_TYPE = "cnikit"                         # the `type` our conflist uses, so the plugin's file name
 CNI_LOG = "/var/log/cni.log"                # the plugin's log unless its config says `log`
+CNI_VERSION = "1.0.0"                       # what install writes: podman 4.3/containerd 1.6 know no 1.1.0
 CNI_CONF_EXT = (".conf", ".conflist", ".json")
 CNI_CHAINABLE = {"portmap": {"type": "portmap", "capabilities": {"portMappings": True}},
                  "loopback": {"type": "loopback"}}
@@ -1448,14 +1449,14 @@ def cni_log(r, conf_dir=CNI_CONF_DIR, conf=None, lines=20, follow=True):
 
 def cni_conflist(name=CNI_NET, subnet=None, ptype=CNI_TYPE, chain=(), version=None, extra=None):
     """The conflist `install` writes: our plugin, then the chained reference plugins.
-    Default cniVersion 1.1.0 (STATUS, GC) alone; 1.0.0 with reference plugins 1.1.x,
-    which speak no 1.1.0."""
+    Default cniVersion 1.0.0: what the runtimes in use speak (podman 4.3 and containerd
+    1.6 refuse a 1.1.0 result, as do reference plugins 1.1.x); 1.1.0 adds STATUS and GC."""
     ours = {"type": ptype}
     if subnet:
         ours["ipam"] = {"subnet": subnet}
     ours.update(extra or {})
     plugins = [ours] + [dict(CNI_CHAINABLE[c]) for c in chain]
-    return {"cniVersion": version or ("1.0.0" if chain else "1.1.0"), "name": name, "plugins": plugins}
+    return {"cniVersion": version or CNI_VERSION, "name": name, "plugins": plugins}
 
 
 def cni_conf_file(conf_dir, name):
@@ -1877,7 +1878,7 @@ def build_parser():
                    help="append a reference plugin after ours (repeatable)")
     a.add_argument("--plugin", dest="plugin_src", metavar="FILE", help="plugin to install (default: ours)")
     a.add_argument("--type", dest="ptype", default=CNI_TYPE, help=f"the plugin's type, its file name (default {CNI_TYPE})")
-    a.add_argument("--cni-version", help="cniVersion of the conflist (default 1.1.0; 1.0.0 with --chain)")
+    a.add_argument("--cni-version", help=f"cniVersion of the conflist (default {CNI_VERSION}; 1.1.0 adds STATUS and GC)")
     a.add_argument("--kind", metavar="CLUSTER", help="install into every node of this kind cluster instead")
     a = cn.add_parser("uninstall", help="remove exactly what install wrote")
     a.add_argument("--name", default=CNI_NET)

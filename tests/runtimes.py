@@ -1,0 +1,268 @@
+"""Real container runtimes (podman with its CNI backend, containerd + ctr) inside a sandbox,
+for the runtime tests and bench/container_start.py.
+
+Everything they write goes to a temp dir (root, runroot, state, socket) or to the sandbox's
+private tmpfs (/etc/cni, /var/lib/cni, /opt/cni/bin, /run/netns); nothing reaches the host's
+runtime configuration. Images come from busybox-static: no registry is needed.
+"""
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+
+BUSYBOX = "/bin/busybox"
+APPLETS = ("sh", "ping", "ip", "sleep", "cat", "true", "ifconfig", "route")
+IMAGE = "localhost/bb:latest"
+
+# The settings podman 4.3 needs on these machines (hybrid cgroups, no systemd, no
+# CAP_SYS_RESOURCE), from shared/notes/runtimes.md, plus the CNI backend looking where we install.
+CONTAINERS_CONF = """[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+runtime = "runc"
+[network]
+network_backend = "cni"
+cni_plugin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+network_config_dir = "/etc/cni/net.d"
+"""
+
+
+def scratch_dir(prefix):
+    """A short-path temp dir (podman refuses a runroot over 50 characters) on a tmpfs of this
+    private mount namespace: whatever the runtime mounts or leaves there dies with it."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=700", "scratch", path], check=True)
+    return path
+
+
+def drop_scratch_dir(path):
+    subprocess.run(["umount", "-l", path], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def busybox():
+    for path in (BUSYBOX, "/usr/bin/busybox"):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def mount_cgroups():
+    """The sandbox mounted a fresh sysfs on /sys, which hides the cgroup mounts under it;
+    runc needs them: mount the same hierarchies again (in this private mount namespace)."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, post = line.split(" - ", 1)
+            mountpoint = pre.split()[4]
+            fstype, _, options = post.split()[:3]
+            if fstype in ("cgroup", "cgroup2") and mountpoint.startswith("/sys/fs/cgroup/") \
+                    and (mountpoint, fstype, options) not in found:
+                found.append((mountpoint, fstype, options))
+    if os.path.isdir("/sys/fs/cgroup") and os.listdir("/sys/fs/cgroup"):
+        return                                   # still visible: nothing hid them
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cgroup", "/sys/fs/cgroup"], check=True)
+    if not found:                                # a pure cgroup2 host: one mount
+        subprocess.run(["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"], check=False)
+    for mountpoint, fstype, options in found:
+        os.makedirs(mountpoint, exist_ok=True)
+        opts = ",".join(o for o in options.split(",") if o != "rw")
+        subprocess.run(["mount", "-t", fstype] + (["-o", opts] if opts else []) + [fstype, mountpoint],
+                       capture_output=True)
+
+
+def cgroup_dirs():
+    """The top-level cgroups of every hierarchy: runtimes create parents (libpod_parent,
+    default) that outlive their containers."""
+    found = set()
+    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
+        if root.count("/") > 4:
+            dirs[:] = []
+            continue
+        if os.path.exists(os.path.join(root, "cgroup.procs")):
+            found.update(os.path.join(root, d) for d in dirs)
+            dirs[:] = []
+    return found
+
+
+def drop_new_cgroups(before):
+    """Remove the (empty) cgroups a runtime created since BEFORE, deepest first."""
+    for top in cgroup_dirs() - before:
+        for root, dirs, _ in sorted(os.walk(top, topdown=False), key=lambda w: -w[0].count("/")):
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
+
+
+def rootfs_tar():
+    """A root filesystem with busybox and a few applet links, as tar bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for d in ("bin", "tmp", "etc", "proc", "sys", "dev"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            t.addfile(info)
+        t.add(busybox(), "bin/busybox")
+        for applet in APPLETS:
+            info = tarfile.TarInfo("bin/" + applet)
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            t.addfile(info)
+    return buf.getvalue()
+
+
+def docker_archive(path, tag=IMAGE):
+    """A docker-archive image (what `docker save` writes; `ctr images import` reads it)."""
+    layer = rootfs_tar()
+    layer_id = hashlib.sha256(layer).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + layer_id]}}).encode()
+    config_id = hashlib.sha256(config).hexdigest()
+    manifest = json.dumps([{"Config": config_id + ".json", "RepoTags": [tag],
+                            "Layers": [layer_id + "/layer.tar"]}]).encode()
+    with tarfile.open(path, "w") as t:
+        for name, data in ((layer_id + "/layer.tar", layer), (config_id + ".json", config),
+                           ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def allocations(net):
+    """{container id: address} from the IPAM files (host-local format: id on the first line)."""
+    d = os.path.join("/var/lib/cni/networks", net)
+    found = {}
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        if name[0].isdigit() or ":" in name:
+            with open(os.path.join(d, name)) as f:
+                found[f.read().split()[0]] = name
+    return found
+
+
+class Podman:
+    """podman with its own root, runroot and tmpdir under DIR, and a containers.conf there."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        conf = os.path.join(directory, "containers.conf")
+        with open(conf, "w") as f:
+            f.write(CONTAINERS_CONF)
+        self.env = dict(os.environ, CONTAINERS_CONF=conf)
+        self.base = ["podman", "--root", os.path.join(directory, "root"), "--runroot",
+                     os.path.join(directory, "runroot"), "--tmpdir", os.path.join(directory, "tmp")]
+
+    def __call__(self, *args, check=True, timeout=120):
+        proc = subprocess.run(self.base + list(args), capture_output=True, text=True, env=self.env,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"podman {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def import_busybox(self):
+        tar = os.path.join(self.dir, "rootfs.tar")
+        with open(tar, "wb") as f:
+            f.write(rootfs_tar())
+        self("import", "--change", 'CMD ["/bin/sh"]', tar, IMAGE)
+
+    def cannot_start(self):
+        """Why podman cannot run a container at all here (None when it can)."""
+        if not shutil.which("podman"):
+            return "podman is not installed (apt-get install podman runc)"
+        if not busybox():
+            return "busybox-static is not installed (apt-get install busybox-static)"
+        try:
+            self.import_busybox()
+            proc = self("run", "--rm", "--network", "none", IMAGE, "true", check=False)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            return f"podman cannot start: {e}"
+        if proc.returncode != 0:
+            return f"podman cannot start a container here (even without a network): {proc.stderr.strip()[-300:]}"
+        return None
+
+
+class Containerd:
+    """A containerd of our own (root, state, socket under DIR), started with setsid and
+    stopped by its pid; `ctr` talks to it."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.sock = os.path.join(directory, "containerd.sock")
+        self.proc = None
+        self.log = os.path.join(directory, "containerd.log")
+
+    def start(self):
+        config = os.path.join(self.dir, "config.toml")
+        with open(config, "w") as f:
+            f.write(f'version = 2\nroot = "{self.dir}/root"\nstate = "{self.dir}/state"\n'
+                    f'[grpc]\n  address = "{self.sock}"\n[ttrpc]\n  address = "{self.sock}.ttrpc"\n')
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(["containerd", "--config", config], stdout=log, stderr=log,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if os.path.exists(self.sock) and self("version", check=False).returncode == 0:
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.1)
+        return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # its shims run in their own sessions: stop the ones under our state dir by pid
+        for pid in _pids_with_arg(self.dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def argv(self, *args):
+        return ["ctr", "--address", self.sock] + list(args)
+
+    def __call__(self, *args, check=True, timeout=120):
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"ctr {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def cannot_start(self):
+        if not shutil.which("containerd") or not shutil.which("ctr"):
+            return "containerd is not installed (apt-get install containerd runc)"
+        if not busybox():
+            return "busybox-static is not installed (apt-get install busybox-static)"
+        if not self.start():
+            with open(self.log) as f:
+                return "containerd did not start: " + f.read().strip()[-300:]
+        self("images", "import", docker_archive(os.path.join(self.dir, "bb.tar")))
+        proc = self("run", "--rm", IMAGE, "probe", "true", check=False)
+        if proc.returncode != 0:
+            return f"containerd cannot start a container here (even without a network): {proc.stderr.strip()[-300:]}"
+        return None
+
+
+def _pids_with_arg(text):
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.append(int(pid))
+            except OSError:
+                continue
+    return [p for p in pids if p != os.getpid()]
