@@ -163,6 +163,7 @@ class Lesson:
         self.skipped = set()
         self.checks = []                    # (what, ok)
         self.on_host = False
+        self.host_changes = ""
         self.steps = 0
 
     # -- printing: prose is shell comments, so a dry run stays a script
@@ -281,6 +282,9 @@ class Lesson:
             if not args.dry_run:
                 self._prepare(build, args.host)
             self.opening()
+            if self.on_host and not args.dry_run:
+                self.say("--host: this lesson changes this machine (all removed at the end unless --keep):")
+                self.say(self.host_changes + "\n")
             build(self)
             self.say("")
             self.say("verification: does the goal hold?")
@@ -309,8 +313,7 @@ class Lesson:
             return
         planned = self.plan(build)
         self._refuse_existing(planned)
-        self.say("--host: this lesson changes this machine; everything is removed at the end unless --keep:")
-        self.say(_summarize(planned))
+        self.host_changes = _summarize(planned)
 
     def _refuse_existing(self, planned):
         """On a real host, names the lesson would create must be free: it must never
@@ -390,7 +393,13 @@ def _summarize(planned):
             groups["iptables rules"].append(shlex.join(argv[1:]))
         elif argv[:2] == ["sysctl", "-w"]:
             groups["sysctls"].append(argv[2] + " (restored at the end)")
-    lines = [f"  {name}: " + ", ".join(items) for name, items in groups.items() if items]
+    lines = []
+    for name, items in groups.items():
+        items = list(dict.fromkeys(items))          # a plan may repeat a change; say it once
+        if len(items) > 1 and max(map(len, items)) > 30:
+            lines += [f"  {name}:"] + [f"    {item}" for item in items]
+        elif items:
+            lines.append(f"  {name}: " + ", ".join(items))
     return "\n".join(lines) or "  nothing"
 
 

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Lesson 05: egress. A namespace on a private subnet reaches "the internet" through
+the host: default route, forwarding, and NAT (MASQUERADE).
+
+    sudo python3 stages/05_egress.py           # in a throwaway sandbox
+    python3 stages/05_egress.py --dry-run      # the lesson as a shell script
+
+"The internet" is a namespace this lesson creates, with a server at a documentation
+address (203.0.113.10): no packet leaves the lesson's own namespaces.
+"""
+from lesson import Lesson, cnikit, have, in_netns, ip, read_until
+
+BRIDGE, GATEWAY = "br0", "10.0.5.1/24"
+NS, NS_ADDR, SUBNET = "ns1", "10.0.5.2/24", "10.0.5.0/24"
+INTERNET = "internet"
+UPLINK, UPLINK_ADDR = "uplink0", "203.0.113.1/24"      # the host's side of its uplink
+SERVER_ADDR, PORT = "203.0.113.10/24", 8080            # a server out there
+GATEWAY_IP, NS_IP, UPLINK_IP, SERVER_IP = (a.split("/")[0] for a in (GATEWAY, NS_ADDR, UPLINK_ADDR, SERVER_ADDR))
+
+LESSON = Lesson(
+    "05", "egress",
+    goal=f"ns1 ({NS_IP}) reaches the server at {SERVER_IP} only once the host masquerades it, "
+         f"and the server sees the host's uplink address {UPLINK_IP}, not {NS_IP}",
+    picture=r"""
+   +----------- ns1 -------------+
+   |  eth0  10.0.5.2/24          |
+   |  default via 10.0.5.1       |
+   +-------------|---------------+
+                 | veth-ns1
+   +-------------|------------------------ host -------------------------+
+   |   br0  10.0.5.1/24        net.ipv4.ip_forward = 1                   |
+   |   iptables: MASQUERADE 10.0.5.0/24 out uplink0, FORWARD accept      |
+   |                                          uplink0  203.0.113.1/24    |
+   +-----------------------------------------------|---------------------+
+                                                   | veth: the uplink
+   +------------------------------ internet ------|----------------------+
+   |                                eth0  203.0.113.10/24                |
+   |   server on tcp/8080 replies with the address it sees;              |
+   |   like the real internet, it has no route to private 10.x addresses |
+   +---------------------------------------------------------------------+
+""",
+    skips={"route": "ns1 has no default route: it does not know where to send 203.0.113.10",
+           "nat": "no MASQUERADE: packets reach the server from 10.0.5.2 and the replies have "
+                  "no way back"},
+    tools=("ip", "ping", "iptables", "sysctl", "socat", "ss"),
+)
+
+
+def build(L):
+    r = L.r
+    L.step("ns1 on br0, as in lesson 03: a container on a private subnet")
+    cnikit.netns_add(r, NS, lo_up=True)
+    cnikit.bridge_add(r, BRIDGE, addr=GATEWAY)
+    cnikit.veth_add(r, "veth-ns1", "eth0", netns=NS, peer_addr=NS_ADDR)
+    cnikit.bridge_attach(r, BRIDGE, ["veth-ns1"])
+
+    L.step("\"the internet\": a namespace behind the host's uplink (a veth), documentation addresses")
+    cnikit.netns_add(r, INTERNET, lo_up=True)
+    cnikit.veth_add(r, UPLINK, "eth0", netns=INTERNET, addr=UPLINK_ADDR, peer_addr=SERVER_ADDR)
+
+    L.step(f"a server at {SERVER_IP}:{PORT} that answers each connection with the source address it sees")
+    r.spawn(in_netns(["socat", f"TCP-LISTEN:{PORT},bind={SERVER_IP},reuseaddr,fork",
+                      "SYSTEM:echo $SOCAT_PEERADDR"], INTERNET))
+    L.wait_listening(PORT, INTERNET)
+
+    if L.step("ns1's default route: anything not on its own subnet goes to the gateway on br0",
+              skip="route"):
+        cnikit.route_add(r, "default", via=GATEWAY_IP, ns=NS)
+
+    L.step("forwarding turns the host into a router: without it the host drops packets not meant for it")
+    L.sysctl("net.ipv4.ip_forward", 1)
+
+    L.step("try it before NAT: this ping is expected to FAIL")
+    L.check(f"without NAT, ns1 cannot reach {SERVER_IP}", not _ping_seen_by_server(L))
+    L.say(f"the missing piece: the request left with source {NS_IP}, a private address; the "
+          "server's reply goes to 10.0.5.2, and the internet has no route to it:")
+    r.probe(ip("route", "get", NS_IP, ns=INTERNET))
+
+    if L.step(f"MASQUERADE rewrites the source of what leaves uplink0 to {UPLINK_IP}, an address "
+              "the internet can answer; conntrack maps the replies back to 10.0.5.2", skip="nat"):
+        cnikit.nat_add(r, SUBNET, UPLINK)
+        r.show(cnikit.iptables("-t", "nat", "-S", "POSTROUTING"))
+
+
+def _ping_seen_by_server(L):
+    """Ping the server from ns1, with tcpdump on the server's side when installed so
+    the learner sees the request arrive (and from which address). True if answered."""
+    r = L.r
+    capture = None
+    if have("tcpdump"):
+        capture = r.spawn(in_netns(["tcpdump", "-lni", "eth0", "-c", "2", "icmp"], INTERNET))
+        if capture is not None and read_until(capture, "listening on", "stderr") is None:
+            L.say("tcpdump did not start; going on without it")
+    answered = L.ping(SERVER_IP, NS)
+    if capture is not None:
+        out, _ = r.stop(capture)
+        if not r.quiet:
+            L.say("what the server's side saw (tcpdump in the internet namespace):")
+            r.output(out)
+    return answered
+
+
+def verify(L):
+    r = L.r
+    L.check(f"ns1 reaches {SERVER_IP}", L.ping(SERVER_IP, NS))
+    ok, seen = r.probe(in_netns(["socat", "-u", f"TCP:{SERVER_IP}:{PORT},connect-timeout=2", "-"], NS))
+    seen = seen.strip() if ok else ""
+    L.check(f"the server saw the host's uplink address {UPLINK_IP} (not {NS_IP})", seen == UPLINK_IP,
+            f"it saw {seen or 'nothing'}")
+
+    if have("conntrack"):
+        L.say("conntrack remembers each translation; its reply direction is addressed to the uplink:")
+        ok, out = r.probe(["conntrack", "-L", "-s", NS_IP])
+        L.check(f"conntrack holds ns1's flow with replies to {UPLINK_IP}",
+                ok and f"dst={UPLINK_IP}" in out, out.strip().splitlines()[-1] if out.strip() else "")
+    else:
+        L.say("conntrack (Debian package conntrack) is not installed: skipping the look at the NAT table")
+
+
+if __name__ == "__main__":
+    LESSON.main(build, verify)
