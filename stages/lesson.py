@@ -100,10 +100,16 @@ class LessonRunner(cnikit.Runner):
         self.procs.append(proc)
         return proc
 
-    def stop(self, proc):
-        """Stop PROC's whole process group; returns what it printed (stdout, stderr)."""
+    def stop(self, proc, wait=0.0):
+        """Stop PROC's whole process group, after letting it end by itself for up to
+        WAIT seconds (tcpdump -c N); returns what it printed (stdout, stderr)."""
         if proc is None:
             return "", ""
+        if wait:
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
         if proc.poll() is None:
             _signal_group(proc, signal.SIGTERM)
         try:
@@ -134,21 +140,25 @@ def have(tool):
 
 
 def read_until(proc, pattern, stream="stdout", timeout=WAIT_READY):
-    """Read PROC's STREAM line by line until a line matches PATTERN; returns the lines
-    read (the match last) or None on timeout/exit. Used to wait until tcpdump listens
-    and to read a TCP echo back, without sleeping for a guessed time."""
-    f = getattr(proc, stream)
-    lines, deadline, rx = [], time.monotonic() + timeout, re.compile(pattern)
+    """Read PROC's STREAM until a line matches PATTERN; returns the lines read (the
+    match last) or None on timeout or exit. Used to wait until tcpdump listens and to
+    read a TCP echo back, without sleeping for a guessed time. Reads the raw pipe (a
+    buffered readline could swallow lines that select would then never report);
+    what arrives after the matching line in the same read is dropped."""
+    fd, rx = getattr(proc, stream).fileno(), re.compile(pattern)
+    data, deadline = b"", time.monotonic() + timeout
     while True:
+        lines = data.decode(errors="replace").split("\n")
+        for i, line in enumerate(lines[:-1]):
+            if rx.search(line):
+                return lines[:i + 1]
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([f], [], [], left)[0]:
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
             return None
-        line = f.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             return None
-        lines.append(line.rstrip("\n"))
-        if rx.search(line):
-            return lines
+        data += chunk
 
 
 # ---------------------------------------------------------------- the lesson
@@ -164,6 +174,7 @@ class Lesson:
         self.checks = []                    # (what, ok)
         self.on_host = False
         self.host_changes = ""
+        self.keep_hint = f"sudo {CNIKIT} cleanup"
         self.steps = 0
 
     # -- printing: prose is shell comments, so a dry run stays a script
@@ -272,7 +283,7 @@ class Lesson:
         args = parser.parse_args(argv)
         sys.exit(self.run(build, verify, args))
 
-    def run(self, build, verify, args, finish=True):
+    def run(self, build, verify, args, finish=True, adopt=False):
         """Build, verify, print the verdict, then leave nothing behind (or --keep)."""
         color = {"always": True, "never": False}.get(getattr(args, "color", "auto"))
         try:
@@ -280,7 +291,7 @@ class Lesson:
                        skip=args.skip, color=color)
             self.on_host = args.host
             if not args.dry_run:
-                self._prepare(build, args.host)
+                self._prepare(build, args.host, adopt)
             self.opening()
             if self.on_host and not args.dry_run:
                 self.say("--host: this lesson changes this machine (all removed at the end unless --keep):")
@@ -303,7 +314,7 @@ class Lesson:
             self._leave(args, keep=False)
             return EXIT_INTERRUPTED
 
-    def _prepare(self, build, on_host):
+    def _prepare(self, build, on_host, adopt=False):
         if os.geteuid() != 0:
             raise cnikit.UsageError("a lesson builds real namespaces and needs root: run it with sudo "
                                     "(or --dry-run to print it as a script)")
@@ -312,7 +323,8 @@ class Lesson:
             cnikit.enter_sandbox()
             return
         planned = self.plan(build)
-        self._refuse_existing(planned)
+        if not adopt:         # ADOPT: a re-run of the same lesson half may find its own objects
+            self._refuse_existing(planned)
         self.host_changes = _summarize(planned)
 
     def _refuse_existing(self, planned):
@@ -362,7 +374,7 @@ class Lesson:
             _sandbox_shell()
         r.stop_all()
         if keep and args.host:
-            self.say("--keep: the topology stays on this host; remove it with: sudo " + CNIKIT + " cleanup")
+            self.say("--keep: the topology stays on this host; remove it with: " + self.keep_hint)
             return
         if args.host and r.undo:
             self.say("removing what the lesson created on this host:")

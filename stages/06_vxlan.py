@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Lesson 06: a VXLAN overlay. Two nodes, a pod on each, one layer-2 segment for the
+pods carried in UDP (port 4789) over the nodes' own network, the underlay.
+
+    sudo python3 stages/06_vxlan.py            # both nodes as namespaces, in a sandbox
+    python3 stages/06_vxlan.py --dry-run       # the lesson as a shell script
+
+On two real hosts (the Vagrant VMs) each runs its own half, then node1 proves it:
+
+    node1$ sudo python3 stages/06_vxlan.py --role node1 --peer 192.168.56.12
+    node2$ sudo python3 stages/06_vxlan.py --role node2 --peer 192.168.56.11
+    node1$ sudo python3 stages/06_vxlan.py --role node1 --peer 192.168.56.12 --verify
+    both$  sudo python3 stages/06_vxlan.py --role nodeN --peer ... --down
+
+The per-node steps are one function, build_node(), called with host=<node namespace>
+in the sandbox and host=None on a real machine.
+"""
+import sys
+
+from lesson import Lesson, bridge, cnikit, have, in_netns, ip, read_until
+
+VNI, PORT = 42, cnikit.VXLAN_PORT
+BRIDGE, VXLAN = "br0", "vxlan0"
+FLOOD = "00:00:00:00:00:00"          # the fdb entry for frames to unknown MACs (ARP broadcasts)
+# Each node: its pod, the pod's address (one subnet stretched across both nodes), and
+# in the sandbox its underlay address on the link the lesson creates between them.
+NODES = {
+    "node1": {"pod": "pod1", "pod_addr": "10.0.6.11/24", "underlay": "192.0.2.1/24"},
+    "node2": {"pod": "pod2", "pod_addr": "10.0.6.12/24", "underlay": "192.0.2.2/24"},
+}
+# tcpdump filter: VXLAN on the underlay whose inner frame is IPv4 (EtherType at byte 28
+# of the UDP datagram: 8 UDP + 8 VXLAN + 12) carrying ICMP (inner protocol, byte 39).
+# It leaves out the pods' IPv6 chatter and keeps just the ping, request and reply.
+CAPTURE = f"udp port {PORT} and udp[28:2] = 0x0800 and udp[39] = 1"
+CAPTURE_WAIT = 1.0                   # seconds tcpdump gets to see request and reply
+UNDERLAY_DEV = "eth0"                # in the sandbox; on real hosts, the route to the peer decides
+
+
+def ip_of(cidr):
+    return cidr.split("/")[0]
+
+
+def other(role):
+    return "node2" if role == "node1" else "node1"
+
+
+LESSON = Lesson(
+    "06", "vxlan",
+    goal="pod1 on node1 reaches pod2 on node2 through vxlan0 (VNI 42): the frames cross "
+         "the underlay inside UDP 4789, and each vxlan0 learned where the other pod lives",
+    picture=r"""
+            node1 (netns)                                 node2 (netns)
+   +--------------------------------+          +--------------------------------+
+   |  +---- pod1 -----------+       |          |       +---- pod2 -----------+  |
+   |  | eth0 10.0.6.11/24   |       |          |       | eth0 10.0.6.12/24   |  |
+   |  +---------|-----------+       |          |       +---------|-----------+  |
+   |            | veth-pod1         |          |         veth-pod2 |            |
+   |           br0 --- vxlan0       |          |       vxlan0 --- br0           |
+   |        VNI 42, mtu = 1500 - 50 |          | VNI 42, udp 4789               |
+   |                   |            |          |            |                   |
+   |   eth0 192.0.2.1/24 ===========|=underlay=|=========== eth0 192.0.2.2/24   |
+   +--------------------------------+          +--------------------------------+
+""",
+    skips={"vxlan": "no vxlan0: br0 has no way off the node, pod2 is unreachable",
+           "fdb": "no flood entry: vxlan0 does not know where to send ARP for pod2; nothing crosses"},
+    tools=("ip", "bridge", "ping"),
+)
+
+
+# ---------------------------------------------------------------- one node's half
+
+def build_node(L, role, underlay_ip, peer_ip, underlay_dev, host=None):
+    """Everything ROLE's node needs: its pod on br0, and vxlan0 on br0 tunnelling to
+    PEER_IP from UNDERLAY_IP over UNDERLAY_DEV. HOST is the node's namespace in the
+    sandbox, None on a real machine (the Vagrant VMs run exactly this)."""
+    r, node = L.r, NODES[role]
+    pod, veth = node["pod"], f"veth-{node['pod']}"
+    where = f" on {host}" if host else ""
+    # Every pod frame gets 50 bytes of outer headers: the overlay's MTU is the underlay's - 50.
+    mtu = cnikit.underlay_mtu(r, underlay_dev, host=host) - cnikit.VXLAN_OVERHEAD
+
+    L.step(f"{role}: its pod {pod} ({node['pod_addr']}) on a bridge{where}, MTU {mtu} so a full "
+           "pod packet still fits in the tunnel")
+    cnikit.netns_add(r, pod, lo_up=True)
+    cnikit.bridge_add(r, BRIDGE, host=host)
+    cnikit.veth_add(r, veth, "eth0", netns=pod, peer_addr=node["pod_addr"], mtu=mtu, host=host)
+    cnikit.bridge_attach(r, BRIDGE, [veth], host=host)
+
+    if not L.step(f"{role}: vxlan0 (VNI {VNI}, UDP {PORT}) from {underlay_ip} on {underlay_dev}, a port "
+                  "of br0: frames the bridge sends into it leave as UDP on the underlay", skip="vxlan"):
+        return
+    cnikit.vxlan_add(r, VXLAN, VNI, local=underlay_ip, dev=underlay_dev, dstport=PORT,
+                     bridge_name=BRIDGE, mtu=mtu, host=host)
+
+    if L.step(f"{role}: the flood entry: frames for MACs vxlan0 does not know yet (ARP "
+              f"broadcasts) go to the peer {peer_ip}", skip="fdb"):
+        cnikit.vxlan_fdb_add(r, VXLAN, FLOOD, peer_ip, host=host)
+
+
+def verify_pods(L, role, peer_ip, underlay_dev, host=None):
+    """From ROLE's pod, ping the other node's pod; prove the frames were encapsulated
+    (tcpdump on the underlay when installed, vxlan0's counters always) and that
+    vxlan0 learned the remote pod's MAC behind PEER_IP."""
+    r = L.r
+    pod, target = NODES[role]["pod"], ip_of(NODES[other(role)]["pod_addr"])
+    capture = None
+    if have("tcpdump"):
+        L.say(f"watch the underlay for UDP {PORT} while the pod pings")
+        capture = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", underlay_dev, "-c", "2", CAPTURE], host))
+        if capture is not None and read_until(capture, "listening on", "stderr") is None:
+            L.say("tcpdump did not start; the counters below are the proof")
+    else:
+        L.say("tcpdump (Debian package tcpdump) is not installed: vxlan0's counters are the proof")
+    before = _counters(r, host)
+    L.check(f"{pod} on {role} reaches {target} on {other(role)}", L.ping(target, pod))
+    after = _counters(r, host)
+
+    if capture is not None:
+        out, _ = r.stop(capture, wait=CAPTURE_WAIT)
+        r.output(out) if not r.quiet else None
+        # tcpdump decodes UDP 4789 as VXLAN and prints the inner frame: the pod's own
+        # ICMP echo, wrapped in UDP between the two underlay addresses.
+        L.check(f"the underlay carried pod1's ping inside UDP {PORT} (VNI {VNI}) to {peer_ip}",
+                f"> {peer_ip}.{PORT}: VXLAN" in out and f"vni {VNI}" in out and "ICMP echo request" in out)
+    r.probe(ip("-s", "link", "show", "dev", VXLAN, ns=host))
+    L.check(f"vxlan0 sent and received packets during the ping (tx {before[0]}->{after[0]}, "
+            f"rx {before[1]}->{after[1]})", after[0] > before[0] and after[1] > before[1])
+
+    _, fdb = r.probe(bridge("fdb", "show", "dev", VXLAN, ns=host))
+    learned = [line for line in fdb.splitlines()
+               if f"dst {peer_ip}" in line and not line.startswith(FLOOD)]
+    L.check(f"vxlan0 learned a remote MAC behind {peer_ip}", learned)
+
+
+def _counters(r, host):
+    """(tx_packets, rx_packets) of vxlan0: a look-up, not a step."""
+    data = r.query_json(ip("-s", "-j", "link", "show", "dev", VXLAN, ns=host)) or [{}]
+    stats = data[0].get("stats64", {})
+    return stats.get("tx", {}).get("packets", 0), stats.get("rx", {}).get("packets", 0)
+
+
+# ---------------------------------------------------------------- the sandbox: both nodes
+
+def build(L):
+    r = L.r
+    L.step("two nodes, each a namespace standing for a machine, on one shared link: the "
+           "underlay (documentation addresses 192.0.2.0/24)")
+    for role in NODES:
+        cnikit.netns_add(r, role, lo_up=True)
+    cnikit.veth_add(r, UNDERLAY_DEV, UNDERLAY_DEV, netns="node2", addr=NODES["node1"]["underlay"],
+                    peer_addr=NODES["node2"]["underlay"], host="node1")
+    for role in NODES:
+        build_node(L, role, ip_of(NODES[role]["underlay"]), ip_of(NODES[other(role)]["underlay"]),
+                   UNDERLAY_DEV, host=role)
+
+
+def verify(L):
+    verify_pods(L, "node1", ip_of(NODES["node2"]["underlay"]), UNDERLAY_DEV, host="node1")
+
+
+# ---------------------------------------------------------------- a real host: one node
+
+def underlay_of(r, peer, dev=None):
+    """(local address, device) this host uses to reach PEER: the route decides."""
+    route = r.query_json(ip("-j", "route", "get", peer, *(["oif", dev] if dev else [])), in_dry_run=True)
+    if not route or not route[0].get("prefsrc"):
+        raise cnikit.UsageError(f"no route to --peer {peer}{' via ' + dev if dev else ''}: "
+                                "is the underlay network up?")
+    return route[0]["prefsrc"], route[0]["dev"]
+
+
+def run_role(args):
+    """One node's half on this machine (no sandbox: the peer is another machine)."""
+    L, role = LESSON, args.role
+    peer = cnikit.check_ip(args.peer, "--peer")
+    args.host, args.keep = True, True           # the half must stay up for the peer
+    L.keep_hint = f"sudo python3 {sys.argv[0]} --role {role} --peer {peer} --down"
+    if args.down:
+        L.start(dry_run=args.dry_run, quiet=args.quiet)
+        return down_node(L, role)
+    r = cnikit.Runner(dry_run=args.dry_run, quiet=True)
+    local, dev = underlay_of(r, peer, args.underlay_dev)
+
+    def build_half(L):
+        L.say(f"this host is {role}: underlay {dev}, {local} -> peer {peer}")
+        build_node(L, role, local, peer, dev)
+
+    def verify_half(L):
+        if args.verify:
+            if not L.r.dry_run and not cnikit.netns_exists(NODES[role]["pod"]):
+                raise cnikit.UsageError(f"{NODES[role]['pod']} does not exist: run this node's half "
+                                        f"first (--role {role} --peer {peer})")
+            return verify_pods(L, role, peer, dev)
+        link = cnikit.get_link(L.r, VXLAN)
+        L.check(f"vxlan0 is up, VNI {VNI}, a port of br0",
+                link and "UP" in link.get("flags", []) and link.get("master") == BRIDGE
+                and link["linkinfo"]["info_data"].get("id") == VNI)
+        _, fdb = L.r.probe(bridge("fdb", "show", "dev", VXLAN))
+        L.check(f"vxlan0 floods to the peer {peer}", f"{FLOOD} dst {peer}" in fdb)
+        L.say(f"now run the other half on {other(role)}, then --verify here")
+
+    return L.run((lambda L: None) if args.verify else build_half, verify_half, args, adopt=True)
+
+
+def down_node(L, role):
+    """Remove this node's half: the pod namespace (its veth goes with it), vxlan0, br0."""
+    r = L.r
+    try:
+        cnikit.netns_del(r, NODES[role]["pod"])
+        cnikit.vxlan_del(r, VXLAN)
+        cnikit.bridge_del(r, BRIDGE)
+    except cnikit.CnikitError as e:
+        print(f"lesson 06: error: {e}", file=sys.stderr)
+        return e.code
+    return 0
+
+
+def main():
+    p = LESSON.parser()
+    g = p.add_argument_group("two real hosts (e.g. the Vagrant VMs): each runs its own half, no sandbox")
+    g.add_argument("--role", choices=list(NODES), help="build only this node's half on this machine")
+    g.add_argument("--peer", metavar="IP", help="the other node's underlay address")
+    g.add_argument("--underlay-dev", metavar="DEV", help="default: the interface of the route to --peer")
+    g.add_argument("--verify", action="store_true",
+                   help="after both halves are up: ping the other pod and prove the encapsulation")
+    g.add_argument("--down", action="store_true", help="remove this node's half")
+    args = p.parse_args()
+    if not args.role:
+        if args.peer or args.underlay_dev or args.verify or args.down:
+            p.error("--peer, --underlay-dev, --verify and --down go with --role node1|node2")
+        return LESSON.run(build, verify, args)
+    if not args.peer:
+        p.error("--role needs --peer IP: the other node's underlay address")
+    try:
+        return run_role(args)
+    except cnikit.UsageError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
