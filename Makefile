@@ -73,3 +73,27 @@ vagrant-stage-06:
 
 vagrant-down:
 	$(VAGRANT_RUN) destroy -f
+
+# ---------------------------------------------------------------- lesson 07 in kind
+# A kind cluster without CNI (kind.yaml), our plugin installed into every node, and gone.
+# Needs kind, docker and kubectl; see docs/cni.md. KIND_NODE=derived builds kind/Dockerfile
+# (kindest/node + python3) first; by default kind-cni installs python3-minimal in each node.
+KIND_CLUSTER ?= cnikit
+KIND_NODE    ?= stock
+KIND_IMAGE_DERIVED := cnikit/kind-node:latest
+
+.PHONY: kind-up kind-cni kind-down
+
+kind-up:
+ifeq ($(KIND_NODE),derived)
+	docker build -t $(KIND_IMAGE_DERIVED) kind/
+	kind create cluster --name $(KIND_CLUSTER) --config kind.yaml --image $(KIND_IMAGE_DERIVED)
+else
+	kind create cluster --name $(KIND_CLUSTER) --config kind.yaml
+endif
+
+kind-cni:
+	$(PYTHON) cnikit.py cni kind-install $(KIND_CLUSTER)
+
+kind-down:
+	kind delete cluster --name $(KIND_CLUSTER)

@@ -56,7 +56,9 @@ def test_install_writes_plugin_and_conflist_and_uninstall_removes_exactly_that()
     plugin, conf = "/opt/cni/bin/cnikit", "/etc/cni/net.d/10-cnikit.conflist"
     assert os.access(plugin, os.X_OK)
     with open(plugin, "rb") as a, open(cnikit.CNI_PLUGIN_SRC, "rb") as b:
-        assert a.read() == b.read()
+        installed, source = a.read().split(b"\n", 1), b.read().split(b"\n", 1)
+    # the plugin itself, its interpreter fixed (a runtime's PATH may hold a slow python3 shim)
+    assert installed[1] == source[1] and installed[0] == b"#!/usr/bin/python3 -IS"
     data = json.load(open(conf))
     assert data["name"] == "cnikit" and data["cniVersion"] == "1.0.0"
     assert data["plugins"][0] == {"type": "cnikit", "ipam": {"subnet": "10.244.7.0/24"}}
@@ -91,6 +93,10 @@ def test_install_custom_dirs_type_and_version():
     data = json.load(open("/run/cni/net.d/10-cnikit.conflist"))
     assert data["cniVersion"] == "1.1.0" and data["plugins"] == [{"type": "demystifying"}]
     assert os.access("/run/cni/bin/demystifying", os.X_OK)
+    run("cni", "install", "--plugin-dir", "/run/cni/bin", "--conf-dir", "/run/cni/net.d", "--type", "demystifying",
+        "--cni-version", "1.1.0", "--python", "keep")
+    with open("/run/cni/bin/demystifying", "rb") as a, open(cnikit.CNI_PLUGIN_SRC, "rb") as b:
+        assert a.read() == b.read()
 
 
 def test_install_dry_run_is_a_script_and_changes_nothing():
@@ -98,7 +104,8 @@ def test_install_dry_run_is_a_script_and_changes_nothing():
     assert files(CONF_DIR) == [] and files("/opt/cni/bin") == []
     lines = proc.stdout.splitlines()
     assert lines[2] == f"install -m 0755 {cnikit.CNI_PLUGIN_SRC} /opt/cni/bin/.cnikit.tmp"
-    assert lines[4].startswith("sh -c 'cat > /etc/cni/net.d/.10-cnikit.conflist.tmp && mv -f")
+    assert lines[3] == "sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp"
+    assert lines[5].startswith("sh -c 'mkdir -p /etc/cni/net.d && cat > /etc/cni/net.d/.10-cnikit.conflist.tmp")
     assert lines[-1] == "EOF"
     # the printed script does the install when piped into sh
     sh.sh("-e", _in=proc.stdout)
@@ -111,6 +118,7 @@ def test_install_dry_run_is_a_script_and_changes_nothing():
     (["--name", "bad/name"], "network name"),
     (["--plugin", "/nonexistent"], "plugin source /nonexistent not found"),
     (["--type", "../x"], "not a plain file name"),
+    (["--python", "python3"], "must be an absolute path"),
 ])
 def test_install_bad_input_exits_2_and_changes_nothing(args, msg):
     proc = cli("cni", "install", *args)

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Lesson 07: be kubelet's container runtime and call our CNI plugin the way it does.
+
+    sudo python3 stages/07_cni.py              # in a throwaway sandbox
+    python3 stages/07_cni.py --dry-run         # the lesson as a shell script
+    sudo python3 stages/07_cni.py --kind demo  # the classic kind flow (needs kind, docker, kubectl)
+"""
+import ipaddress
+import json
+import os
+import subprocess
+
+from lesson import ROOT, Lesson, cnikit, ip
+
+SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
+PODS = ("pod1", "pod2")
+# What the runtime's sandbox needs private besides /run/netns: where CNI keeps files.
+CNI_DIRS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cnikit", "/var/log")
+KIND_YAML = os.path.join(ROOT, "kind.yaml")
+KIND_POD = "web"
+KIND_IMAGE = "busybox:1.36"
+
+
+def private_cni_dirs(L):
+    """In the sandbox, the CNI directories get their own empty tmpfs too (the sandbox's
+    mount namespace is private): the plugin, its config, address files and log live and
+    die with the lesson. On a real host (--host) they are the host's, and DEL cleans up."""
+    if L.on_host or L.r.dry_run:
+        return
+    for d in CNI_DIRS:
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cnikit-lesson", d], check=True)
+
+
+LESSON = Lesson(
+    "07", "cni",
+    goal="as a container runtime, we ADD two pods with our CNI plugin: each gets an address from "
+         "10.244.0.0/24, they reach each other and the gateway, CHECK agrees, and DEL leaves nothing",
+    picture=r"""
+   kubelet -> runtime (here: cnikit cni) -> plugin /opt/cni/bin/cnikit  (config /etc/cni/net.d/10-cnikit.conflist)
+        CNI_COMMAND=ADD CNI_CONTAINERID=pod1 CNI_NETNS=/run/netns/pod1 CNI_IFNAME=eth0 ... < config
+   +---------------------------------- node ----------------------------------+
+   |                  cni0  10.244.0.1/24  (the pods' gateway)                |
+   |                 /                                  \                     |
+   |      veth<hash> (the plugin names it)        veth<hash>                  |
+   +-------------|---------------------------------------|-------------------+
+   +----------- pod1 ------------+          +----------- pod2 ------------+
+   |  eth0  10.244.0.x/24        |          |  eth0  10.244.0.y/24        |
+   |  default via 10.244.0.1     |          |  default via 10.244.0.1     |
+   +-----------------------------+          +-----------------------------+
+""",
+    skips={"install": "no plugin of type cnikit in CNI_PATH: ADD fails, as kubelet reports "
+                      "'failed to find plugin', and the pods get no network"},
+    tools=("ip", "ping", "iptables"),
+)
+
+
+def call(pod):
+    return cnikit.CniCall(pod, conf=cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET),
+                          args=f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")
+
+
+def build(L):
+    r = L.r
+    L.stage = {}
+    private_cni_dirs(L)
+    if L.step("install the plugin where every runtime looks: the program in /opt/cni/bin under the "
+              "`type` name its config uses, the config in /etc/cni/net.d (both written to a temp file, "
+              "then renamed: a runtime must never read half a file)", skip="install"):
+        cnikit.cni_install(r, subnet=SUBNET)
+    else:
+        conf = json.dumps(cnikit.cni_conflist(subnet=SUBNET), indent=2) + "\n"
+        cnikit.write_file_atomic(r, cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET), conf)
+
+    L.step("kubelet asks the runtime for a pod sandbox: the runtime creates its network namespace "
+           "(and brings lo up, as containerd does with the loopback plugin)")
+    cnikit.netns_add(r, "pod1", lo_up=True)
+
+    L.step("VERSION first (podman does this before every call): which spec versions does the plugin speak?")
+    _try(L, cnikit.cni_version, "pod1")
+
+    L.step("ADD: the runtime sets CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS, CNI_PATH, "
+           "pipes the config into the plugin, and keeps the result it prints (the pod's IP) in "
+           "/var/lib/cni/results so CHECK and DEL get it back as prevResult")
+    L.stage["pod1"] = _try(L, cnikit.cni_add, "pod1")
+
+    L.step("the plugin's side of it: its log (every call, its env and stdin, what it did)")
+    if not r.dry_run and os.path.exists(cnikit.cni_log_path()):
+        cnikit.cni_log(r, lines=12, follow=False)
+    elif not r.dry_run:
+        L.say("    (no log: the plugin never ran)")
+
+    L.step("inside the pod: the interface the plugin moved in and named eth0, its address and routes")
+    if not r.dry_run and "eth0" not in (cnikit.get_link(r, "eth0", "pod1") or {}).get("ifname", ""):
+        L.say("    pod1 has no eth0")
+    else:
+        r.show(ip("-br", "addr", "show", "dev", "eth0", ns="pod1"))
+        r.show(ip("route", "show", ns="pod1"))
+
+    L.step("a second pod, the same way: it gets the next address of the node's subnet")
+    cnikit.netns_add(r, "pod2", lo_up=True)
+    L.stage["pod2"] = _try(L, cnikit.cni_add, "pod2")
+
+
+def _try(L, verb, pod):
+    """Run a runtime verb; a plugin failure is the lesson's FAIL, not a crash."""
+    try:
+        return verb(L.r, call(pod))
+    except cnikit.CnikitError as e:
+        L.say(f"    the runtime reports: {e}")
+        return None
+
+
+def pod_ip(L, pod):
+    result = (getattr(L, "stage", {}) or {}).get(pod) or {}
+    ips = result.get("ips") or [{}]
+    return (ips[0].get("address") or "/").split("/")[0]
+
+
+def leftovers(r):
+    """What our plugin could leave on the node: host-side veths, address files, cached
+    results, its iptables chains."""
+    left = [l["ifname"] for l in r.query_json(ip("-j", "link", "show")) or [] if l["ifname"].startswith("veth")]
+    net_dir = os.path.join("/var/lib/cni/networks", cnikit.CNI_NET)
+    left += [f"address file {f}" for f in (os.listdir(net_dir) if os.path.isdir(net_dir) else []) if f[0].isdigit()]
+    left += [f"cached result {f}" for f in (os.listdir(cnikit.CNI_CACHE_DIR) if os.path.isdir(cnikit.CNI_CACHE_DIR)
+                                           else [])]
+    ok, rules = r.query(["iptables", "-t", "nat", "-S"])
+    left += [line for line in rules.splitlines() if ok and "CNIKIT-" in line]
+    return left
+
+
+def verify(L):
+    r = L.r
+    a, b = pod_ip(L, "pod1"), pod_ip(L, "pod2")
+    L.check(f"the plugin gave pod1 an address in {SUBNET} ({a})", ipaddress.ip_address(a or "0.0.0.0") in
+            ipaddress.ip_network(SUBNET) if a else False)
+    L.check(f"pod2 got another one ({b})", bool(b) and a != b)
+    L.check("pod1 reaches pod2", bool(b) and L.ping(b, "pod1"))
+    L.check("pod2 reaches pod1", bool(a) and L.ping(a, "pod2"))
+    L.check(f"pod1 reaches its gateway {GATEWAY} on cni0", L.ping(GATEWAY, "pod1"))
+    L.say("CHECK: the runtime hands the cached result back; the plugin verifies it is all still there")
+    L.check("CHECK agrees for pod1", _try(L, cnikit.cni_check, "pod1") is True)
+    L.say("DEL both pods (the chain in reverse, with prevResult), as kubelet does when a pod is deleted")
+    for pod in PODS:
+        _try(L, cnikit.cni_del, pod)
+    if not r.dry_run:
+        left = leftovers(r)
+        L.check("nothing is left on the node: no veth, address file, cached result or iptables chain",
+                not left, ", ".join(left))
+        L.check("the pods' eth0 went with DEL", not cnikit.get_link(r, "eth0", "pod1"))
+
+
+# ---------------------------------------------------------------- the classic kind flow
+
+KIND_LESSON = Lesson(
+    "07", "cni-kind",
+    goal="a kind cluster without CNI keeps a pod Pending; after `cnikit cni kind-install` the pod runs "
+         "with an address from our plugin",
+    picture=r"""
+   docker: kind nodes (containers)  <cluster>-control-plane, <cluster>-worker
+     kubelet -> containerd (CRI) -> /opt/cni/bin/cnikit  (python3 added to the node)
+     each node: /run/cnikit/subnet.env = its spec.podCIDR; routes to the other nodes' pods
+""",
+    tools=("kind", "docker", "kubectl"),
+)
+
+
+def kubectl(*args):
+    return cnikit.kubectl(KIND_LESSON.cluster, *args)
+
+
+def build_kind(L):
+    r = L.r
+    c = L.cluster
+    L.step(f"a cluster whose nodes have no CNI plugin at all (kind.yaml: disableDefaultCNI: true)")
+    ok, out = r.query(["kind", "get", "clusters"], in_dry_run=False)
+    if ok and c in out.split():
+        r.note(f"kind cluster {c} already exists")
+    else:
+        r.run(["kind", "create", "cluster", "--name", c, "--config", KIND_YAML],
+              undo=["kind", "delete", "cluster", "--name", c])
+    L.step("a pod: the scheduler has nowhere to put it (nodes are NotReady: 'cni plugin not initialized')")
+    r.run(kubectl("run", KIND_POD, f"--image={KIND_IMAGE}", "--restart=Never", "--", "sleep", "3600"))
+    r.probe(kubectl("get", "nodes"))
+    r.probe(kubectl("get", "pod", KIND_POD, "-o", "wide"))
+    L.step("install our plugin into every node (python3 first: kind node images carry none)")
+    cnikit.kind_install(r, c)
+    L.step("kubelet notices the config, the node turns Ready, containerd calls our plugin for the pod")
+    r.probe(kubectl("wait", "--for=condition=Ready", f"pod/{KIND_POD}", "--timeout=180s"), timeout=200)
+    r.probe(kubectl("get", "pod", KIND_POD, "-o", "wide"))
+
+
+def verify_kind(L):
+    r = L.r
+    ok, phase = r.probe(kubectl("get", "pod", KIND_POD, "-o", "jsonpath={.status.phase}"))
+    L.check("the pod is Running", ok and phase.strip() == "Running", phase)
+    ok, pod_ip_ = r.probe(kubectl("get", "pod", KIND_POD, "-o", "jsonpath={.status.podIP}"))
+    ok2, node = r.probe(kubectl("get", "pod", KIND_POD, "-o", "jsonpath={.spec.nodeName}"))
+    ok3, cidr = r.probe(kubectl("get", "node", node.strip(), "-o", "jsonpath={.spec.podCIDR}"))
+    inside = False
+    try:
+        inside = ipaddress.ip_address(pod_ip_.strip()) in ipaddress.ip_network(cidr.strip())
+    except ValueError:
+        pass
+    L.check(f"its address {pod_ip_.strip()} comes from its node's podCIDR {cidr.strip()} (our plugin)", inside)
+    ok, log = r.probe(["docker", "exec", node.strip(), "tail", "-n", "5", cnikit.CNI_LOG])
+    L.check("our plugin's log on the node shows the ADD", ok and "ADD" in log)
+
+
+def main():
+    p = LESSON.parser()
+    p.add_argument("--kind", metavar="CLUSTER", help="run the classic kind flow on this machine instead "
+                   "(needs kind, docker, kubectl; the cluster is deleted at the end unless --keep)")
+    args = p.parse_args()
+    if args.kind:
+        KIND_LESSON.cluster = args.kind
+        args.host = True                 # docker and kind live on the real host
+        raise SystemExit(KIND_LESSON.run(build_kind, verify_kind, args))
+    raise SystemExit(LESSON.run(build, verify, args))
+
+
+if __name__ == "__main__":
+    main()
