@@ -42,6 +42,13 @@ test: deps
 demo: apt-deps
 	$(PYTHON) stages/demo.py
 
+# One lesson: `sudo make stage-03 ARGS="--step"` runs stages/03_*.py. Lesson 06 on a real
+# host runs one node's half: ROLE=node1|node2 PEER=<other node's IP> [VERIFY=1] [UNDERLAY_DEV=eth1].
+STAGE_ARGS = $(ARGS) $(if $(ROLE),--role $(ROLE)) $(if $(PEER),--peer $(PEER)) \
+  $(if $(VERIFY),--verify) $(if $(UNDERLAY_DEV),--underlay-dev $(UNDERLAY_DEV))
+stage-%:
+	$(PYTHON) $(or $(firstword $(wildcard stages/$*_*.py)),$(error no lesson stages/$*_*.py)) $(STAGE_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__ *.egg-info build
 

@@ -88,7 +88,7 @@ def _ping_seen_by_server(L):
     r = L.r
     capture = None
     if have("tcpdump"):
-        capture = r.spawn(in_netns(["tcpdump", "-lni", "eth0", "-c", "2", "icmp"], INTERNET))
+        capture = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", "eth0", "-c", "2", "icmp"], INTERNET))
         if capture is not None and read_until(capture, "listening on", "stderr") is None:
             L.say("tcpdump did not start; going on without it")
     answered = L.ping(SERVER_IP, NS)

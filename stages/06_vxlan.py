@@ -180,6 +180,9 @@ def run_role(args):
         return down_node(L, role)
     r = cnikit.Runner(dry_run=args.dry_run, quiet=True)
     local, dev = underlay_of(r, peer, args.underlay_dev)
+    if not args.verify:
+        L.goal = (f"{role}'s half is up: {NODES[role]['pod']} on br0, vxlan0 (VNI {VNI}) flooding to "
+                  f"{peer}; then --verify, once {other(role)} has its half, proves the overlay")
 
     def build_half(L):
         L.say(f"this host is {role}: underlay {dev}, {local} -> peer {peer}")

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Run every lesson (stages/0*.py) end to end, each in its own sandbox, and end with a
+table: lesson, PASS/FAIL, seconds. Exit 1 if any lesson failed.
+
+    sudo python3 stages/demo.py            # all lessons
+    sudo python3 stages/demo.py 03 05      # only these
+    sudo python3 stages/demo.py -v         # also print every lesson's full output
+"""
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TAIL = 25            # lines of a failed lesson's output shown under the table
+LESSON_TIMEOUT = 120
+
+
+def lessons(wanted=()):
+    found = sorted(glob.glob(os.path.join(HERE, "0[0-9]_*.py")))
+    if wanted:
+        found = [path for path in found if os.path.basename(path)[:2] in wanted]
+    return found
+
+
+def run(path, verbose):
+    """(passed, seconds, output) of one lesson, non-interactive, in its own sandbox."""
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, path, "--color", "never"], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=LESSON_TIMEOUT)
+        output, ok = proc.stdout + proc.stderr, proc.returncode == 0
+    except subprocess.TimeoutExpired:
+        output, ok = f"timed out after {LESSON_TIMEOUT}s", False
+    seconds = time.monotonic() - started
+    if verbose:
+        print(output, flush=True)
+    return ok, seconds, output
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="every lesson end to end in a sandbox, then a PASS/FAIL table")
+    p.add_argument("only", nargs="*", metavar="NN", help="lesson numbers to run (default: all)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each lesson's full output")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("demo: the lessons build real namespaces (in a sandbox) and need root: sudo make demo",
+              file=sys.stderr)
+        return 2
+    paths = lessons(args.only)
+    if not paths:
+        print(f"demo: no lesson matches {' '.join(args.only)}", file=sys.stderr)
+        return 2
+    rows, failures = [], []
+    for path in paths:
+        name = os.path.basename(path)[:-3]
+        print(f"# running {name} ...", flush=True)
+        ok, seconds, output = run(path, args.verbose)
+        rows.append((name, "PASS" if ok else "FAIL", f"{seconds:.1f}"))
+        if not ok:
+            failures.append((name, output))
+    width = max(len(r[0]) for r in rows + [("lesson",)])
+    print(f"\n{'lesson'.ljust(width)}  result  seconds")
+    print(f"{'-' * width}  ------  -------")
+    for name, result, seconds in rows:
+        print(f"{name.ljust(width)}  {result:<6}  {seconds:>7}")
+    total = sum(float(r[2]) for r in rows)
+    print(f"{'total'.ljust(width)}  {len(rows) - len(failures)}/{len(rows)}     {total:>7.1f}")
+    for name, output in failures:
+        print(f"\n# {name} failed; the end of its output:")
+        print("\n".join(output.rstrip().splitlines()[-TAIL:]))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
