@@ -1049,6 +1049,11 @@ def cni_load(path):
             raw = f.read()
     except OSError as e:
         raise UsageError(f"cannot read network config {path}: {e.strerror}") from None
+    return cni_parse(raw, path)
+
+
+def cni_parse(raw, path):
+    """Network config bytes RAW (from PATH) as cni_load returns them."""
     try:
         conf = json.loads(raw)
     except ValueError as e:
@@ -1240,8 +1245,10 @@ class CniCall:
     """One attachment as a runtime sees it: network config, container id, netns, ifname."""
 
     def __init__(self, netns=None, conf=None, ifname="eth0", cid=None, conf_dir=CNI_CONF_DIR,
-                 cni_path=CNI_PATH, args=None, runtime_config=None, host=None):
-        self.net = cni_load(conf or cni_default_conf(conf_dir))
+                 cni_path=CNI_PATH, args=None, runtime_config=None, host=None, net=None, print_result=True):
+        # NET: an already parsed config (cni_parse), e.g. for a dry run of a config not yet written
+        self.net = net or cni_load(conf or cni_default_conf(conf_dir))
+        self.print_result = print_result
         self.ifname = check_ifname(ifname, "--ifname")
         self.netns = cni_netns_path(netns)
         default_id = os.path.basename(netns) if netns else None
@@ -1301,7 +1308,7 @@ def cni_add(r, call):
         _cni_del_chain(r, call, None, best_effort=True)
         raise
     cni_cache_write(r, net, call.cid, call.ifname, call.args, call.runtime_config, prev)
-    if prev is not None:
+    if prev is not None and call.print_result:
         r.output(json.dumps(prev, indent=2))
     return prev
 
@@ -1416,7 +1423,7 @@ def cni_version(r, call):
     for plugin in call.net["plugins"]:
         answers[plugin["type"]] = cni_exec(r, plugin["type"], "VERSION", {},
                                            {"cniVersion": call.net["cniVersion"]}, call.cni_path, call.host)
-        if answers[plugin["type"]] is not None:
+        if answers[plugin["type"]] is not None and call.print_result:
             r.output(json.dumps(answers[plugin["type"]]))
     return answers
 

@@ -55,9 +55,13 @@ LESSON = Lesson(
 )
 
 
-def call(pod):
-    return cnikit.CniCall(pod, conf=cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET),
-                          args=f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")
+def call(L, pod):
+    """The attachment kubelet's runtime would make for POD (a dry run plans with the config
+    install would have written)."""
+    path = cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET)
+    net = cnikit.cni_parse(json.dumps(cnikit.cni_conflist(subnet=SUBNET)).encode(), path) if L.r.dry_run else None
+    return cnikit.CniCall(pod, conf=path, net=net, args=f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}",
+                          print_result=not L.r.quiet)
 
 
 def build(L):
@@ -105,7 +109,7 @@ def build(L):
 def _try(L, verb, pod):
     """Run a runtime verb; a plugin failure is the lesson's FAIL, not a crash."""
     try:
-        return verb(L.r, call(pod))
+        return verb(L.r, call(L, pod))
     except cnikit.CnikitError as e:
         L.say(f"    the runtime reports: {e}")
         return None

@@ -1,0 +1,135 @@
+"""The kind path of `cnikit cni`, without docker: the exact docker/kubectl commands of a dry
+run, and the real code path against a mocked `docker` (pytest-subprocess) where a path
+cannot be produced here: a node without python3 (install python3-minimal), a node that has it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cnikit
+from kernel import ROOT, cli
+
+PLUGIN = cnikit.CNI_PLUGIN_SRC
+
+
+def test_kind_install_dry_run_prints_every_docker_command():
+    proc = cli("-v", "--dry-run", "cni", "kind-install", "demo", check=True)
+    out = proc.stdout
+    for node, cidr in (("demo-control-plane", "10.244.0.0/24"), ("demo-worker", "10.244.1.0/24")):
+        assert f"docker exec {node} sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install " \
+               "-y -qq --no-install-recommends python3-minimal'" in out
+        assert f"docker cp {PLUGIN} {node}:/opt/cni/bin/.cnikit.tmp" in out
+        assert (f"docker exec {node} sh -c 'sed -i '\"'\"'1s|^#!.*|#!/usr/bin/python3 -IS|'\"'\"' "
+                f"/opt/cni/bin/.cnikit.tmp && chmod 0755 /opt/cni/bin/.cnikit.tmp && "
+                f"mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit'") in out
+        assert (f"docker exec -i {node} sh -c 'mkdir -p /run/cnikit && cat > /run/cnikit/.subnet.env.tmp && "
+                f"mv -f /run/cnikit/.subnet.env.tmp /run/cnikit/subnet.env' <<'EOF'\nCNIKIT_SUBNET={cidr}\nEOF") in out
+        assert f"docker exec -i {node} sh -c 'mkdir -p /etc/cni/net.d && cat > /etc/cni/net.d/.10-cnikit.conflist.tmp" in out
+        assert f"{node}: no python3 (kind node images carry none): installing python3-minimal in the node" in out
+    # the look-ups it makes to decide, shown with -v
+    assert "# look-up: docker ps --filter label=io.x-k8s.kind.cluster=demo --format '{{.Names}}'" in out \
+        or "no docker answer" in out
+    # the same conflist on every node; the node's subnet lives in subnet.env (flannel-style)
+    conflist = out.split("10-cnikit.conflist' <<'EOF'\n")[1].split("\nEOF")[0]
+    assert json.loads(conflist) == {"cniVersion": "1.0.0", "name": "cnikit", "plugins": [
+        {"type": "cnikit"}, {"type": "portmap", "capabilities": {"portMappings": True}}]}
+
+
+def test_install_kind_is_the_same_as_kind_install():
+    a = cli("--dry-run", "cni", "install", "--kind", "demo", check=True).stdout
+    b = cli("--dry-run", "cni", "kind-install", "demo", check=True).stdout
+    assert a == b
+
+
+def test_kind_install_bad_cluster_name():
+    proc = cli("--dry-run", "cni", "kind-install", "Bad_Name")
+    assert proc.returncode == 2 and "kind cluster name" in proc.stderr
+
+
+def _mock_docker(fp, python_on):
+    """docker and kubectl answering as for a two-node kind cluster `demo`."""
+    fp.register(["docker", "ps", "--filter", "label=io.x-k8s.kind.cluster=demo", "--format", "{{.Names}}"],
+                stdout="demo-worker\ndemo-control-plane\n")
+    for i, node in enumerate(("demo-control-plane", "demo-worker")):
+        fp.register(["kubectl", "--context", "kind-demo", "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"],
+                    stdout=f"10.244.{i + 5}.0/24")
+        fp.register(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node],
+                    stdout=f"172.18.0.{i + 2} ")
+        if node in python_on:
+            fp.register(["docker", "exec", node, "sh", "-c", "command -v python3"], stdout="/usr/bin/python3\n")
+        else:
+            fp.register(["docker", "exec", node, "sh", "-c", "command -v python3"], returncode=1)
+    fp.register(["docker", fp.any()], occurrences=100)
+
+
+def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(fp, monkeypatch, capsys):
+    monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
+    _mock_docker(fp, python_on={"demo-worker"})
+    r = cnikit.Runner(color=False)
+    plan = cnikit.kind_install(r, "demo")
+    out = capsys.readouterr().out
+    assert plan == {"demo-control-plane": {"podCIDR": "10.244.5.0/24", "ip": "172.18.0.2", "python3": "installed"},
+                    "demo-worker": {"podCIDR": "10.244.6.0/24", "ip": "172.18.0.3", "python3": "present"}}
+    calls = [list(c) for c in fp.calls]
+    apt = [c for c in calls if "apt-get" in " ".join(c)]
+    assert [c[2] for c in apt] == ["demo-control-plane"]       # python3-minimal only where it was missing
+    assert "demo-worker: python3 is there (/usr/bin/python3" in out
+    assert "demo-control-plane: no python3" in out and "installing python3-minimal" in out
+    # each node: the plugin copied then renamed, its subnet from spec.podCIDR, the shared conflist
+    for node, cidr in (("demo-control-plane", "10.244.5.0/24"), ("demo-worker", "10.244.6.0/24")):
+        assert ["docker", "cp", cnikit.CNI_PLUGIN_SRC, f"{node}:/opt/cni/bin/.cnikit.tmp"] in calls
+        assert f"CNIKIT_SUBNET={cidr}" in out
+    # routes to the other node's pods, as kindnet does
+    assert ["docker", "exec", "demo-control-plane", "ip", "route", "replace", "10.244.6.0/24", "via",
+            "172.18.0.3"] in calls
+    assert ["docker", "exec", "demo-worker", "ip", "route", "replace", "10.244.5.0/24", "via", "172.18.0.2"] in calls
+    # the order on a node: python3 before the plugin that needs it
+    i_apt = calls.index(apt[0])
+    i_cp = calls.index(["docker", "cp", cnikit.CNI_PLUGIN_SRC, "demo-control-plane:/opt/cni/bin/.cnikit.tmp"])
+    assert i_apt < i_cp
+
+
+def test_kind_install_no_nodes_is_a_usage_error(fp, monkeypatch):
+    monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
+    fp.register(["docker", "ps", fp.any()], stdout="")
+    with pytest.raises(cnikit.UsageError, match="has no node containers"):
+        cnikit.kind_install(cnikit.Runner(color=False), "demo")
+
+
+def test_kind_install_failed_apt_in_node_is_one_line_error(fp, monkeypatch):
+    monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}" if tool == "docker" else None)
+    fp.register(["docker", "ps", fp.any()], stdout="demo-control-plane\n")
+    fp.register(["docker", "inspect", fp.any()], stdout="172.18.0.2")
+    fp.register(["docker", "exec", "demo-control-plane", "sh", "-c", "command -v python3"], returncode=1)
+    fp.register(["docker", "exec", "demo-control-plane", "sh", "-c", fp.any()], returncode=100,
+                stderr="E: Unable to locate package python3-minimal\n")
+    with pytest.raises(cnikit.CommandFailed, match="Unable to locate package python3-minimal"):
+        cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
+
+
+def test_kind_yaml_and_make_targets():
+    with open(os.path.join(ROOT, "kind.yaml")) as f:
+        text = f.read()
+    assert "disableDefaultCNI: true" in text and "role: worker" in text
+    with open(os.path.join(ROOT, "kind", "Dockerfile")) as f:
+        assert "python3-minimal" in f.read()
+    make = subprocess.run(["make", "-s", "-n", "--no-print-directory", "-C", ROOT, "kind-up", "kind-cni", "kind-down"], capture_output=True, text=True)
+    assert make.returncode == 0, make.stderr
+    assert make.stdout.splitlines() == ["kind create cluster --name cnikit --config kind.yaml",
+                                        "python3 cnikit.py cni kind-install cnikit",
+                                        "kind delete cluster --name cnikit"]
+    derived = subprocess.run(["make", "-s", "-n", "--no-print-directory", "-C", ROOT, "kind-up", "KIND_NODE=derived"], capture_output=True, text=True)
+    assert derived.stdout.splitlines()[0] == "docker build -t cnikit/kind-node:latest kind/"
+
+
+def test_lesson_07_kind_flow_dry_run_prints_the_classic_steps():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "stages", "07_cni.py"), "--kind", "demo", "--dry-run",
+                           "--color", "never"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"kind create cluster --name demo --config {os.path.join(ROOT, 'kind.yaml')}" in out
+    assert "kubectl --context kind-demo run web --image=busybox:1.36 --restart=Never -- sleep 3600" in out
+    assert "docker cp " in out and "python3-minimal" in out
+    assert "kubectl --context kind-demo wait --for=condition=Ready pod/web --timeout=180s" in out
