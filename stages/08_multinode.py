@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Lesson 08 (beyond the classic lesson 07): a pod network across two nodes, flannel's
+vxlan backend by hand. Each node runs our CNI plugin with its own pod subnet; a VXLAN
+device per node carries pod traffic to the other node.
+
+    sudo python3 stages/08_multinode.py           # in a throwaway sandbox
+    python3 stages/08_multinode.py --dry-run      # the lesson as a shell script
+
+In the sandbox a node is a network namespace, so the nodes share one filesystem: each
+gets its own config directory and network name (its own address files), which real
+nodes get for free.
+"""
+import ipaddress
+import json
+import os
+import subprocess
+
+from lesson import Lesson, cnikit, ip
+
+NODES = {   # node -> underlay address, pod subnet, its pod
+    "node1": {"underlay": "10.0.8.1/24", "pods": "10.244.1.0/24", "pod": "pod1"},
+    "node2": {"underlay": "10.0.8.2/24", "pods": "10.244.2.0/24", "pod": "pod2"},
+}
+VNI, VXLAN = 1, "vxlan0"          # flannel's device is flannel.1 (VNI 1)
+MTU = 1500 - cnikit.VXLAN_OVERHEAD
+CNI_DIRS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cnikit", "/var/log")
+
+LESSON = Lesson(
+    "08", "multinode",
+    goal="pods on two nodes get addresses from distinct per-node subnets (our CNI plugin) and "
+         "reach each other across the nodes through VXLAN, like flannel's vxlan backend",
+    picture=r"""
+   +----------- node1 (netns) -----------+          +----------- node2 (netns) -----------+
+   | pod1 eth0 10.244.1.2                |          | pod2 eth0 10.244.2.2                |
+   |   | veth (our plugin, ADD)          |          |   | veth (our plugin, ADD)          |
+   | cni0 10.244.1.1/24                  |          | cni0 10.244.2.1/24                  |
+   | route 10.244.2.0/24 via 10.244.2.0  |          | route 10.244.1.0/24 via 10.244.1.0  |
+   |       dev vxlan0 onlink             |          |       dev vxlan0 onlink             |
+   | vxlan0 10.244.1.0/32 (VNI 1)        |          | vxlan0 10.244.2.0/32 (VNI 1)        |
+   | eth0 10.0.8.1/24 ===== underlay (veth), UDP 4789 ===== eth0 10.0.8.2/24          |
+   +-------------------------------------+          +-------------------------------------+
+""",
+    skips={"routes": "no node knows the other node's pod subnet: pod1's packets to 10.244.2.0/24 "
+                     "leave node1 by no route, the cross-node ping fails"},
+    tools=("ip", "ping", "iptables", "bridge"),
+)
+
+
+def private_cni_dirs(L):
+    """In the sandbox the CNI directories are private tmpfs too (see lesson 07)."""
+    if L.on_host or L.r.dry_run:
+        return
+    for d in CNI_DIRS:
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cnikit-lesson", d], check=True)
+
+
+def conf_dir(node):
+    return f"/etc/cni/{node}.d"
+
+
+def net_name(node):
+    return f"pods-{node}"
+
+
+def pod_call(L, node):
+    path = cnikit.cni_conf_file(conf_dir(node), net_name(node))
+    net = cnikit.cni_parse(json.dumps(node_conflist(node)).encode(), path) if L.r.dry_run else None
+    return cnikit.CniCall(NODES[node]["pod"], conf=path, net=net, host=node, print_result=not L.r.quiet)
+
+
+def node_conflist(node):
+    # ipMasq off: pod-to-pod traffic across nodes keeps the pod's address (flannel leaves the
+    # cluster CIDR unmasqueraded); MTU leaves room for the 50 bytes of VXLAN headers.
+    return cnikit.cni_conflist(net_name(node), NODES[node]["pods"], extra={"ipMasq": False, "mtu": MTU})
+
+
+def vtep(node):
+    """The node's VXLAN address: the network address of its pod subnet, as flannel does."""
+    return str(ipaddress.ip_network(NODES[node]["pods"]).network_address)
+
+
+def other(node):
+    return "node2" if node == "node1" else "node1"
+
+
+def build(L):
+    r = L.r
+    L.stage = {}
+    private_cni_dirs(L)
+    L.step("two nodes (namespaces standing for machines) on one underlay link")
+    for node in NODES:
+        cnikit.netns_add(r, node, lo_up=True)
+    cnikit.veth_add(r, "eth0", "eth1", netns="node2", addr=NODES["node1"]["underlay"], host="node1")
+    r.run(ip("link", "set", "dev", "eth1", "name", "eth0", ns="node2"))
+    cnikit.ensure_addrs(r, "eth0", [NODES["node2"]["underlay"]], ns="node2")
+    cnikit.ensure_up(r, "eth0", ns="node2")
+
+    L.step("each node gets its own pod subnet (kubernetes: the node's spec.podCIDR) and our plugin with "
+           "a config saying so")
+    for node in NODES:
+        cnikit.cni_install(r, net_name(node), conf_dir=conf_dir(node), extra={"ipMasq": False, "mtu": MTU},
+                           subnet=NODES[node]["pods"])
+
+    L.step("the runtime on each node ADDs a pod: the plugin runs on that node (ip netns exec NODE)")
+    for node in NODES:
+        pod = NODES[node]["pod"]
+        cnikit.netns_add(r, pod, lo_up=True)
+        try:
+            L.stage[pod] = cnikit.cni_add(r, pod_call(L, node))
+        except cnikit.CnikitError as e:
+            L.say(f"    the runtime reports: {e}")
+
+    L.step("a VXLAN device per node (VNI 1, UDP 4789) towards the other node; its address is the "
+           "network address of the node's pod subnet, as flannel.1's is")
+    for node in NODES:
+        peer = NODES[other(node)]["underlay"].split("/")[0]
+        cnikit.vxlan_add(r, VXLAN, VNI, remote=peer, dev="eth0", mtu=MTU, host=node)
+        cnikit.ensure_addrs(r, VXLAN, [vtep(node) + "/32"], ns=node)
+
+    if L.step("each node routes the other node's pod subnet into the VXLAN device, via the other "
+              "node's VXLAN address (onlink: it is not on any local subnet)", skip="routes"):
+        for node in NODES:
+            o = other(node)
+            r.run(ip("route", "add", NODES[o]["pods"], "via", vtep(o), "dev", VXLAN, "onlink", ns=node),
+                  undo=ip("route", "del", NODES[o]["pods"], ns=node))
+
+
+def pod_ip(L, pod):
+    ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
+    return (ips[0].get("address") or "/").split("/")[0]
+
+
+def verify(L):
+    r = L.r
+    a, b = pod_ip(L, "pod1"), pod_ip(L, "pod2")
+    for node, addr in (("node1", a), ("node2", b)):
+        inside = bool(addr) and ipaddress.ip_address(addr) in ipaddress.ip_network(NODES[node]["pods"])
+        L.check(f"{NODES[node]['pod']} on {node} got {addr or 'no address'} from {node}'s subnet "
+                f"{NODES[node]['pods']}", inside)
+    ok, route = r.probe(ip("route", "get", b or "10.244.2.2", ns="node1"))
+    L.check("node1 sends pod2's traffic into vxlan0", ok and f"dev {VXLAN}" in route)
+    L.check("pod1 (node1) reaches pod2 (node2) across the nodes", bool(b) and L.ping(b, "pod1"))
+    L.check("pod2 (node2) reaches pod1 (node1) across the nodes", bool(a) and L.ping(a, "pod2"))
+    ok, stats = r.probe(ip("-s", "-j", "link", "show", "dev", VXLAN, ns="node1"))
+    packets = json.loads(stats)[0]["stats64"]["tx"]["packets"] if ok and stats.startswith("[") else 0
+    L.check("the packets went through vxlan0 (its TX counter moved)", packets > 0, f"{packets} packets")
+    for node in NODES:
+        try:
+            cnikit.cni_del(r, pod_call(L, node))
+        except cnikit.CnikitError as e:
+            L.say(f"    DEL: {e}")
+
+
+if __name__ == "__main__":
+    LESSON.main(build, verify)
