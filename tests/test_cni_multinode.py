@@ -1,4 +1,4 @@
-"""The multi-node pod network (stages/08_multinode.py): our plugin on two nodes with
+"""The multi-node pod network (stages/07b_multinode.py): our plugin on two nodes with
 per-node subnets, VXLAN between them; a ping crosses the nodes, and without the routes
 it does not."""
 import os
@@ -7,7 +7,7 @@ import sys
 
 from kernel import ROOT
 
-STAGE = os.path.join(ROOT, "stages", "08_multinode.py")
+STAGE = os.path.join(ROOT, "stages", "07b_multinode.py")
 
 
 def stage(*args):
@@ -24,12 +24,12 @@ def test_pods_on_two_nodes_reach_each_other_through_vxlan():
     assert "check: pod1 (node1) reaches pod2 (node2) across the nodes: ok" in out
     assert "ip netns exec node1 env CNI_COMMAND=ADD CNI_CONTAINERID=pod1" in out
     assert "ip -n node1 route add 10.244.2.0/24 via 10.244.2.0 dev vxlan0 onlink" in out
-    assert out.splitlines()[-1].startswith("PASS lesson 08 multinode")
+    assert out.splitlines()[-1].startswith("PASS lesson 07b multinode")
 
 
 def test_without_routes_the_cross_node_ping_fails():
     proc = stage("--skip", "routes", "-q")
-    assert proc.returncode == 1 and "FAIL lesson 08 multinode" in proc.stdout
+    assert proc.returncode == 1 and "FAIL lesson 07b multinode" in proc.stdout
     assert "pod1 (node1) reaches pod2 (node2) across the nodes" in proc.stdout
 
 

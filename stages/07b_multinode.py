@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Lesson 08 (beyond the classic lesson 07): a pod network across two nodes, flannel's
+"""Lesson 07b (beyond the classic lesson 07): a pod network across two nodes, flannel's
 vxlan backend by hand. Each node runs our CNI plugin with its own pod subnet; a VXLAN
 device per node carries pod traffic to the other node.
 
-    sudo python3 stages/08_multinode.py           # in a throwaway sandbox
-    python3 stages/08_multinode.py --dry-run      # the lesson as a shell script
+    sudo make stage-07b                            # in a throwaway sandbox (not in make demo: it is beyond lesson 07)
+    python3 stages/07b_multinode.py --dry-run      # the lesson as a shell script
 
 In the sandbox a node is a network namespace, so the nodes share one filesystem: each
 gets its own config directory and network name (its own address files), which real
@@ -26,7 +26,7 @@ MTU = 1500 - cnikit.VXLAN_OVERHEAD
 CNI_DIRS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cnikit", "/var/log")
 
 LESSON = Lesson(
-    "08", "multinode",
+    "07b", "multinode",
     goal="pods on two nodes get addresses from distinct per-node subnets (our CNI plugin) and "
          "reach each other across the nodes through VXLAN, like flannel's vxlan backend",
     picture=r"""
