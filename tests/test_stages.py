@@ -1,0 +1,262 @@
+"""The lessons in stages/: each one PASSes for real, each one FAILs when an essential
+step is left out or broken (a verification that cannot fail is a defect), a dry run is
+a shell script, --host leaves the host as it found it, and no lesson sends a packet
+to an address it did not create.
+
+Every test runs in the conftest sandbox; a lesson run as a subprocess enters its own
+sandbox inside it (or, with --host, treats the test's sandbox as its host).
+"""
+import importlib.util
+import ipaddress
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import sh
+
+from host_state import host_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = os.path.join(ROOT, "stages")
+LESSONS = {"01": "01_netns", "02": "02_veth", "03": "03_bridge", "04": "04_tcp",
+           "05": "05_egress", "06": "06_vxlan"}
+# One essential step per lesson (two where the lesson has two distinct failure modes).
+BREAKS = [("01", "lo-up"), ("02", "addr-ns1"), ("03", "master"), ("04", "listen"),
+          ("05", "nat"), ("05", "route"), ("06", "fdb"), ("06", "vxlan")]
+TIMEOUT = 90
+
+
+def lesson(number, *args, input=None, env=None):
+    path = os.path.join(STAGES, LESSONS[number] + ".py")
+    return subprocess.run([sys.executable, path, "--color", "never", *args], capture_output=True,
+                          text=True, input=input, timeout=TIMEOUT, env=env,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def verdict(proc):
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS lesson", "FAIL lesson"))]
+    return lines[-1] if lines else ""
+
+
+def load(number):
+    """Import a lesson script as a module (its name starts with a digit)."""
+    sys.path.insert(0, STAGES)
+    spec = importlib.util.spec_from_file_location(f"lesson_{number}", os.path.join(STAGES, LESSONS[number] + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- every lesson proves its goal
+
+@pytest.mark.parametrize("number", sorted(LESSONS))
+def test_lesson_passes_in_its_sandbox_and_leaves_nothing(number):
+    before = host_state()
+    proc = lesson(number)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert verdict(proc).startswith(f"PASS lesson {number}")
+    out = proc.stdout
+    assert "# goal: " in out and "# what this lesson builds:" in out      # the opening and its picture
+    assert re.search(r"^# \[1\] \S", out, re.M)                           # a why before the first step
+    assert "# check: " in out and "FAILED" not in out
+    assert "what really exists now (cnikit show):" in out and "(netns)" in out
+    assert "Traceback" not in proc.stderr
+    assert host_state() == before          # the test's sandbox saw nothing: the lesson had its own
+
+
+@pytest.mark.parametrize("number,step", BREAKS)
+def test_leaving_out_an_essential_step_makes_the_lesson_fail(number, step):
+    proc = lesson(number, "--skip", step)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert verdict(proc).startswith(f"FAIL lesson {number}")
+    assert f"skipped (--skip {step})" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_vxlan_device_down_on_one_node_makes_lesson_06_fail():
+    """Drive lesson 06's own build() and verify() in this sandbox: it passes, then with
+    node2's vxlan0 set down the very same verification reports the failure."""
+    mod = load("06")
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.build(L)
+        for node in ("node1", "node2"):     # the overlay MTU is the underlay's minus 50, pods included
+            assert _mtu("vxlan0", node) == _mtu("eth0", node) - 50 == 1450
+        assert _mtu("eth0", "pod1") == 1450
+        mod.verify(L)
+        assert L.passed(), L.checks
+        sh.ip("-n", "node2", "link", "set", "dev", "vxlan0", "down")
+        L.checks = []
+        mod.verify(L)
+        assert not L.passed()
+        assert (f"pod1 on node1 reaches 10.0.6.12 on node2", False) in L.checks
+    finally:
+        L.r.stop_all()
+
+
+def _mtu(dev, ns):
+    return int(re.search(r"mtu (\d+)", str(sh.ip("-n", ns, "link", "show", "dev", dev))).group(1))
+
+
+def test_lesson_06_halves_on_two_hosts_as_the_vagrant_vms_run_them():
+    """Two 'machines' (namespaces joined by an underlay in 198.51.100.0/24); each runs
+    `--role nodeN --peer IP` with host=None, as a real VM would; node1 then --verify."""
+    for name, addr in (("hostA", "198.51.100.11/24"), ("hostB", "198.51.100.12/24")):
+        sh.ip("netns", "add", name)
+        sh.ip("-n", name, "link", "set", "lo", "up")
+    sh.ip("-n", "hostA", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1", "netns", "hostB")
+    for name, addr in (("hostA", "198.51.100.11/24"), ("hostB", "198.51.100.12/24")):
+        sh.ip("-n", name, "addr", "add", addr, "dev", "eth1")
+        sh.ip("-n", name, "link", "set", "eth1", "up")
+
+    def on(host, *args):
+        # nsenter switches only the network namespace: /run/netns stays shared, as on a VM.
+        return subprocess.run(["nsenter", f"--net=/run/netns/{host}", sys.executable,
+                               os.path.join(STAGES, "06_vxlan.py"), "--color", "never", *args],
+                              capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+
+    half1 = on("hostA", "--role", "node1", "--peer", "198.51.100.12")
+    assert half1.returncode == 0, half1.stdout[-2000:] + half1.stderr
+    assert "this host is node1: underlay eth1, 198.51.100.11 -> peer 198.51.100.12" in half1.stdout
+    half2 = on("hostB", "--role", "node2", "--peer", "198.51.100.11")
+    assert half2.returncode == 0, half2.stdout[-2000:] + half2.stderr
+    proof = on("hostA", "--role", "node1", "--peer", "198.51.100.12", "--verify")
+    assert proof.returncode == 0, proof.stdout[-3000:]
+    assert verdict(proof).startswith("PASS lesson 06")
+    assert on("hostA", "--role", "node1", "--peer", "198.51.100.12").returncode == 0   # re-run is fine
+    down = on("hostB", "--role", "node2", "--peer", "198.51.100.11", "--down")
+    assert down.returncode == 0
+    assert "vxlan0" not in str(sh.ip("-n", "hostB", "link", "show"))
+    failed = on("hostA", "--role", "node1", "--peer", "198.51.100.12", "--verify")
+    assert failed.returncode == 1 and verdict(failed).startswith("FAIL lesson 06")
+
+
+# ---------------------------------------------------------------- the modes
+
+@pytest.mark.parametrize("number", sorted(LESSONS))
+def test_dry_run_is_a_shell_script_with_the_checks_and_changes_nothing(number):
+    before = host_state()
+    proc = lesson(number, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    body = script.split("# verification: does the goal hold?")
+    assert len(body) == 2 and re.search(r"^(ip|ping|bridge|conntrack|socat)\b", body[1], re.M)
+    for line in script.splitlines():
+        assert not line or line.startswith("#") or shlex.split(line)[0] in {
+            "ip", "bridge", "iptables", "sysctl", "ping", "socat", "tcpdump", "conntrack", "ss"}, line
+    assert not re.search(r"^(PASS|FAIL) lesson", script, re.M)      # nothing was verified
+    assert host_state() == before
+
+
+def _assigned_and_targets(script):
+    """Addresses the script assigns (addr add, vxlan local, fdb dst, listeners) and
+    the addresses it sends to (ping, socat TCP:)."""
+    assigned, targets = set(), set()
+    for line in script.splitlines():
+        if line.startswith("#"):
+            continue
+        words = shlex.split(line)
+        for key in ("add", "local"):
+            for i, w in enumerate(words[:-1]):
+                if w == key and "/" in words[i + 1]:
+                    assigned.add(words[i + 1].split("/")[0])
+                if w == "local" and key == "local":
+                    assigned.add(words[i + 1])
+        if "ping" in words:
+            targets.add(words[-1])
+        for w in words:
+            m = re.match(r"TCP:([\d.]+):\d+", w)
+            if m:
+                targets.add(m.group(1))
+        if words[:3] == ["bridge", "fdb", "append"] or (words[:2] == ["bridge", "-n"] and "append" in words):
+            targets.add(words[words.index("dst") + 1])
+    return assigned, targets
+
+
+@pytest.mark.parametrize("number", sorted(LESSONS))
+def test_no_lesson_sends_a_packet_outside_what_it_created(number):
+    script = lesson(number, "--dry-run").stdout
+    assigned, targets = _assigned_and_targets(script)
+    assert targets, "the lesson sends nothing: nothing to prove"
+    for addr in targets:
+        assert ipaddress.ip_address(addr).is_loopback or addr in assigned, f"{addr} is not the lesson's own"
+
+
+def test_host_mode_says_what_it_changes_and_restores_everything():
+    """--host on lesson 05 (iptables, ip_forward, links, namespaces) in this test's
+    sandbox, which stands for the real host."""
+    sh.sysctl("-w", "net.ipv4.ip_forward=0")
+    before = host_state()
+    proc = lesson("05", "--host")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    out = proc.stdout
+    assert "# --host: this lesson changes this machine" in out
+    assert "#   namespaces: ns1, internet" in out and "net.ipv4.ip_forward=1" in out
+    assert "# removing what the lesson created on this host:" in out
+    assert host_state() == before
+    assert str(sh.sysctl("-n", "net.ipv4.ip_forward")).strip() == "0"
+
+
+def test_host_mode_refuses_to_adopt_a_namespace_it_did_not_create():
+    sh.ip("netns", "add", "ns1")
+    proc = lesson("02", "--host")
+    assert proc.returncode == 2
+    assert "namespace ns1 already exists on this host" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "ns1" in str(sh.ip("netns", "list"))
+
+
+def test_keep_opens_a_shell_inside_the_sandbox_with_the_topology():
+    proc = lesson("02", "--keep", input="ip -n ns1 -br addr show dev eth0\nexit\n",
+                  env=dict(os.environ, SHELL="/bin/bash"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    assert "--keep: a shell inside the sandbox" in proc.stdout
+    assert "10.0.2.2/24" in proc.stdout
+    assert sh.ip("netns", "list").strip() == ""          # the sandbox took it all away
+
+
+def test_step_mode_waits_for_enter_and_q_quits_before_running_the_command():
+    done = lesson("01", "--step", input="\n" * 100)
+    assert done.returncode == 0 and verdict(done).startswith("PASS lesson 01")
+    assert done.stderr.count("[Enter] run, q quit") >= 10
+    quit_ = lesson("01", "--step", input="q\n")
+    assert quit_.returncode == 130
+    assert "ip netns add ns1" in quit_.stdout and "FAIL lesson 01 netns: interrupted" in quit_.stdout
+    assert "ip -n ns1 link set dev lo alias cnikit" not in quit_.stdout     # stopped at the first command
+
+
+def test_help_lists_the_steps_to_skip_and_what_breaks():
+    proc = lesson("05", "--help")
+    assert proc.returncode == 0
+    assert "--skip STEP" in proc.stdout and "--host" in proc.stdout and "--dry-run" in proc.stdout
+    assert re.search(r"^  nat\s+no MASQUERADE", proc.stdout, re.M)
+    assert "--role" in lesson("06", "--help").stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--skip", "nope"), "unknown step 'nope' for --skip; lesson 03 has: master"),
+    (("--bogus",), "unrecognized arguments: --bogus"),
+])
+def test_bad_usage_is_one_line_and_exit_2(args, message):
+    proc = lesson("03", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_lesson_06_role_flags_go_together():
+    assert "--role needs --peer" in lesson("06", "--role", "node1").stderr
+    assert "go with --role" in lesson("06", "--verify").stderr
+
+
+def test_demo_runs_lessons_and_ends_with_a_table():
+    proc = subprocess.run([sys.executable, os.path.join(STAGES, "demo.py"), "01", "04"],
+                          capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout
+    rows = re.findall(r"^(0\d_\w+)\s+(PASS|FAIL)\s+([\d.]+)$", proc.stdout, re.M)
+    assert [(name, result) for name, result, _ in rows] == [("01_netns", "PASS"), ("04_tcp", "PASS")]
+    assert re.search(r"^total\s+2/2\s+[\d.]+$", proc.stdout, re.M)
