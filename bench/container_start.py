@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""End-to-end container start with our CNI plugin vs the reference bridge + host-local:
+same runtime, same machine, same image, alternating, printed as a ratio (target <= 1.05x).
+
+    sudo python3 bench/container_start.py [--rounds 15] [--runtime podman|containerd|both]
+
+One sample is a whole `podman run --rm --network NET IMAGE true` (or `ctr run --rm --cni`):
+the container is created, the runtime calls the network's plugins (ADD; podman also
+VERSION), the container runs and exits, the runtime DELs and removes it. Both networks do
+the same: a bridge, a veth, an address from the subnet, a default route, masquerading.
+
+It runs itself in a throwaway sandbox (network + mount namespace, private /etc/cni,
+/opt/cni/bin, /var/lib/cni, /var/log; the runtimes' storage on a private tmpfs): nothing
+reaches the host, and no packet leaves the sandbox. Our plugin is installed as
+`cnikit cni install` does (its interpreter fixed to /usr/bin/python3 -IS).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import cnikit  # noqa: E402
+from runtimes import IMAGE, Containerd, Podman, cgroup_dirs, drop_new_cgroups, drop_scratch_dir, \
+    mount_cgroups, scratch_dir  # noqa: E402
+
+PRIVATE_DIRS = ("/var/lib/cni", "/etc/cni", "/opt/cni/bin", "/run/cni", "/run/cnikit", "/var/log")
+CONF_DIR = "/etc/cni/net.d"
+TARGET = 1.05
+OURS = {"cniVersion": "1.0.0", "name": "ours", "plugins": [
+    {"type": "cnikit", "bridge": "cni0", "isGateway": True, "ipMasq": True,
+     "ipam": {"subnet": "10.244.20.0/24"}}]}
+REFERENCE = {"cniVersion": "1.0.0", "name": "ref", "plugins": [
+    {"type": "bridge", "bridge": "cni1", "isGateway": True, "isDefaultGateway": True, "ipMasq": True,
+     "ipam": {"type": "host-local", "subnet": "10.244.21.0/24"}}]}
+
+
+def write_conf(conf, only=False):
+    """Put CONF in /etc/cni/net.d; ONLY: as the only one (ctr takes the first file it finds)."""
+    os.makedirs(CONF_DIR, exist_ok=True)
+    if only:
+        for name in os.listdir(CONF_DIR):
+            os.unlink(os.path.join(CONF_DIR, name))
+    with open(os.path.join(CONF_DIR, f"10-{conf['name']}.conflist"), "w") as f:
+        json.dump(conf, f)
+
+
+def timed(argv, env=None):
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = (time.perf_counter() - started) * 1000
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(argv[-6:])} failed: {proc.stderr.strip()[-400:]}")
+    return elapsed
+
+
+def bench_podman(rounds):
+    d = scratch_dir("pm")
+    try:
+        pm = Podman(d)
+        reason = pm.cannot_start()
+        if reason:
+            return None, reason
+        write_conf(OURS)
+        write_conf(REFERENCE)
+        runs = {"ours": [], "ref": []}
+        for net in ("ours", "ref"):                       # warm-up: first start of each network
+            timed(pm.base + ["run", "--rm", "--network", net, IMAGE, "true"], env=pm.env)
+        for i in range(rounds):
+            order = ("ours", "ref") if i % 2 == 0 else ("ref", "ours")
+            for net in order:
+                runs[net].append(timed(pm.base + ["run", "--rm", "--network", net, IMAGE, "true"], env=pm.env))
+        return runs, None
+    finally:
+        subprocess.run(["podman", "--root", f"{d}/root", "--runroot", f"{d}/runroot", "rm", "-af"],
+                       capture_output=True)
+        drop_scratch_dir(d)
+
+
+def bench_containerd(rounds):
+    d = scratch_dir("ct")
+    c = Containerd(d)
+    try:
+        reason = c.cannot_start()
+        if reason:
+            return None, reason
+        runs = {"ours": [], "ref": []}
+        confs = {"ours": OURS, "ref": REFERENCE}
+        for i in range(rounds + 1):
+            order = ("ours", "ref") if i % 2 == 0 else ("ref", "ours")
+            for net in order:
+                write_conf(confs[net], only=True)
+                ms = timed(c.argv("run", "--rm", "--cni", IMAGE, f"b{i}{net}", "true"))
+                if i:                                      # round 0 is the warm-up
+                    runs[net].append(ms)
+        return runs, None
+    finally:
+        c.stop()
+        drop_scratch_dir(d)
+
+
+def report(name, runs, reason):
+    if runs is None:
+        print(f"{name:<11} skipped: {reason}")
+        return None
+    ours, ref = statistics.median(runs["ours"]), statistics.median(runs["ref"])
+    ratio = ours / ref
+    verdict = "within" if ratio <= TARGET else "over"
+    print(f"{name:<11} ours {ours:7.1f} ms   reference {ref:7.1f} ms   ratio {ratio:.3f}x "
+          f"({verdict} the {TARGET}x target; medians of {len(runs['ours'])}, "
+          f"ours min/max {min(runs['ours']):.0f}/{max(runs['ours']):.0f}, "
+          f"reference {min(runs['ref']):.0f}/{max(runs['ref']):.0f})")
+    return ratio
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=15, help="samples per contender (default 15)")
+    p.add_argument("--runtime", choices=("podman", "containerd", "both"), default="both")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench: needs root (it starts containers in a sandbox): sudo python3 bench/container_start.py")
+    if not 1 <= args.rounds <= 500:
+        raise SystemExit("bench: --rounds must be 1-500")
+    cnikit.enter_sandbox(private_dirs=PRIVATE_DIRS)
+    mount_cgroups()
+    cgroups = cgroup_dirs()
+    r = cnikit.Runner(quiet=True)
+    cnikit.cni_install(r, "ours-install")                  # the plugin as install puts it
+    os.unlink(cnikit.cni_conf_file(CONF_DIR, "ours-install"))
+    print(f"container start, {args.rounds} alternating rounds, our plugin vs bridge + host-local "
+          f"(python: {open('/opt/cni/bin/cnikit').readline().strip()})")
+    try:
+        if args.runtime in ("podman", "both"):
+            report("podman", *bench_podman(args.rounds))
+        if args.runtime in ("containerd", "both"):
+            report("containerd", *bench_containerd(args.rounds))
+    finally:
+        drop_new_cgroups(cgroups)
+
+
+if __name__ == "__main__":
+    main()
