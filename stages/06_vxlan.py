@@ -169,6 +169,20 @@ def underlay_of(r, peer, dev=None):
     return route[0]["prefsrc"], route[0]["dev"]
 
 
+def role_picture(picture, role, local, dev, peer):
+    """The picture with the real underlay: this host's device and address, the peer's
+    address (its device is not known from here). The sandbox keeps its own picture."""
+    mine, theirs = f"{dev} {local}", peer
+    left, right = (mine, theirs) if role == "node1" else (theirs, mine)
+    lines = picture.splitlines()
+    names = {role: f"{role} (this host)", other(role): f"{other(role)} ({peer})"}
+    lines[0] = ("   " + f"{names['node1']:^34}" + " " * 10 + f"{names['node2']:^34}").rstrip()
+    for i, line in enumerate(lines):
+        if "=underlay=" in line:
+            lines[i] = "   |" + f"   {left} ".ljust(32, "=") + "|=underlay=|" + f" {right}   ".rjust(32, "=") + "|"
+    return "\n".join(lines)
+
+
 def run_role(args):
     """One node's half on this machine (no sandbox: the peer is another machine)."""
     L, role = LESSON, args.role
@@ -180,6 +194,7 @@ def run_role(args):
         return down_node(L, role)
     r = cnikit.Runner(dry_run=args.dry_run, quiet=True)
     local, dev = underlay_of(r, peer, args.underlay_dev)
+    L.picture = role_picture(L.picture, role, local, dev, peer)
     if not args.verify:
         L.goal = (f"{role}'s half is up: {NODES[role]['pod']} on br0, vxlan0 (VNI {VNI}) flooding to "
                   f"{peer}; then --verify, once {other(role)} has its half, proves the overlay")
