@@ -262,6 +262,7 @@ class Runner:
         self.color = self.out.isatty() if color is None else color
         self.undo = []            # argv lists that undo what this invocation created, in order
         self.planned_mtu = {}     # (namespace, link) -> MTU of links a dry run has planned so far
+        self.planned_up = set()   # (namespace, link) a dry run has already brought up
         self.log = []             # every argv run or printed by run/show, for tests and lessons
 
     # -- printing
@@ -288,7 +289,9 @@ class Runner:
     # -- executing
     def _exec(self, argv, input=None):
         try:
-            return subprocess.run(argv, capture_output=True, text=True, input=input)
+            # A look-up or change never reads the user's terminal: stdin is /dev/null unless given.
+            return subprocess.run(argv, capture_output=True, text=True, input=input,
+                                  stdin=subprocess.DEVNULL if input is None else None)
         except FileNotFoundError:
             pkg = PACKAGES.get(argv[0], argv[0])
             raise CnikitError(f"{argv[0]} not found: install the Debian package {pkg}") from None
@@ -328,7 +331,7 @@ class Runner:
         if self.dry_run:
             return True, ""
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except OSError as e:
             return False, f"{argv[0]}: {e.strerror} (Debian package {PACKAGES.get(argv[0], argv[0])})"
         except subprocess.TimeoutExpired:
@@ -345,7 +348,8 @@ class Runner:
         if self.dry_run:
             return None
         try:
-            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
         except FileNotFoundError:
             raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}")
 
@@ -435,11 +439,13 @@ def require_netns(r, name, what="namespace"):
         raise UsageError(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})")
 
 
-def ensure_addrs(r, dev, cidrs, ns=None):
-    """Add the addresses DEV lacks; an address already there is left as is."""
-    have = link_addrs(r, dev, ns) if not r.dry_run else set()
-    for cidr in cidrs:
-        if cidr and cidr not in have:
+def ensure_addrs(r, dev, cidrs, ns=None, fresh=False):
+    """Add the addresses DEV lacks; an address already there is left as is.
+    FRESH: DEV was just created, so it has none (no look-up needed)."""
+    wanted = [c for c in cidrs if c]
+    have = link_addrs(r, dev, ns) if wanted and not (r.dry_run or fresh) else set()
+    for cidr in wanted:
+        if cidr not in have:
             r.run(addr_add(cidr, dev, ns))
 
 
@@ -449,9 +455,16 @@ def say_if_unchanged(r, mark, what):
         r.note(f"{what} already exists as asked; nothing to do")
 
 
-def ensure_up(r, dev, ns=None, link=None):
-    link = link if link is not None else get_link(r, dev, ns)
-    if r.dry_run or not link or "UP" not in link.get("flags", []):
+def ensure_up(r, dev, ns=None, link=None, fresh=False):
+    """Bring DEV up unless it is up. FRESH: just created, so down (no look-up).
+    A dry run remembers what it already brought up, so it says it once."""
+    if r.dry_run:
+        if (ns, dev) not in r.planned_up:
+            r.planned_up.add((ns, dev))
+            r.run(link_up(dev, ns))
+        return
+    link = {} if fresh else link if link is not None else get_link(r, dev, ns)
+    if "UP" not in (link or {}).get("flags", []):
         r.run(link_up(dev, ns))
 
 
@@ -558,10 +571,11 @@ def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, hos
             r.run(veth_add_argv(name, peer, netns, mtu, host), undo=ip("link", "del", name, ns=host))
             r.planned_mtu[(host, name)] = r.planned_mtu[(peer_ns, peer)] = mtu or DEFAULT_MTU
             r.run(tag_link(name, host))
-        ensure_addrs(r, name, [addr], host)
-        ensure_addrs(r, peer, [peer_addr], peer_ns)
-        ensure_up(r, name, host)
-        ensure_up(r, peer, peer_ns)
+        fresh = link is None
+        ensure_addrs(r, name, [addr], host, fresh)
+        ensure_addrs(r, peer, [peer_addr], peer_ns, fresh)
+        ensure_up(r, name, host, fresh=fresh)
+        ensure_up(r, peer, peer_ns, fresh=fresh)
     say_if_unchanged(r, mark, f"veth {name} <=> {peer}")
 
 
@@ -619,8 +633,8 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
         else:
             r.run(bridge_add_argv(name, mtu, host), undo=ip("link", "del", name, ns=host))
             r.run(tag_link(name, host))
-        ensure_addrs(r, name, [addr], host)
-        ensure_up(r, name, host)
+        ensure_addrs(r, name, [addr], host, fresh=link is None)
+        ensure_up(r, name, host, link, fresh=link is None)
     say_if_unchanged(r, mark, f"bridge {name}")
 
 
@@ -818,7 +832,7 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
                 raise UsageError(f"bridge {bridge_name} does not exist")
             if not link or link.get("master") != bridge_name:
                 r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host))
-        ensure_up(r, name, host, link)
+        ensure_up(r, name, host, link, fresh=link is None)
     say_if_unchanged(r, mark, f"vxlan {name}")
 
 
