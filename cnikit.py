@@ -287,23 +287,31 @@ class Runner:
             self._print(text.rstrip("\n"))
 
     # -- executing
-    def _exec(self, argv, input=None):
+    def execute(self, argv, input=None, env=None, timeout=None):
+        """Run ARGV without echo and return the CompletedProcess: every process cnikit
+        waits for starts here. It never reads the user's terminal (stdin is /dev/null
+        unless INPUT is given); ENV adds variables to cnikit's own environment."""
         try:
-            # A look-up or change never reads the user's terminal: stdin is /dev/null unless given.
             return subprocess.run(argv, capture_output=True, text=True, input=input,
-                                  stdin=subprocess.DEVNULL if input is None else None)
+                                  stdin=subprocess.DEVNULL if input is None else None,
+                                  env=dict(os.environ, **env) if env else None, timeout=timeout)
         except FileNotFoundError:
             pkg = PACKAGES.get(argv[0], argv[0])
             raise CnikitError(f"{argv[0]} not found: install the Debian package {pkg}") from None
         except PermissionError as e:
             raise CnikitError(f"cannot run {argv[0]}: {e.strerror}") from None
+        except subprocess.TimeoutExpired:
+            raise CnikitError(f"{shlex.join(argv)} did not finish within {timeout}s") from None
 
-    def run(self, argv, undo=None, check=True):
-        """Echo ARGV, then run it; on success remember UNDO for a rollback."""
-        self.echo(argv)
+    def run(self, argv, undo=None, check=True, input=None):
+        """Echo ARGV, then run it; on success remember UNDO for a rollback. INPUT goes
+        to its stdin and is echoed as a here-document, so the line still pastes."""
+        self.echo(argv, " <<'EOF'" if input is not None else "")
+        if input is not None and not self.quiet:
+            self._print(input.rstrip("\n") + "\nEOF")
         if self.dry_run:
             return ""
-        proc = self._exec(argv)
+        proc = self.execute(argv, input=input)
         if proc.returncode != 0 and check:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         if undo:
@@ -317,7 +325,7 @@ class Runner:
         self.echo(argv)
         if self.dry_run:
             return ""
-        proc = self._exec(argv)
+        proc = self.execute(argv)
         if proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         self.output(proc.stdout)
@@ -331,25 +339,25 @@ class Runner:
         if self.dry_run:
             return True, ""
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except OSError as e:
-            return False, f"{argv[0]}: {e.strerror} (Debian package {PACKAGES.get(argv[0], argv[0])})"
-        except subprocess.TimeoutExpired:
-            return False, f"timed out after {timeout}s"
+            proc = self.execute(argv, timeout=timeout)
+        except CnikitError as e:
+            return False, str(e)
         out = (proc.stdout + proc.stderr).rstrip("\n")
         if not self.quiet:
             self.output(out)
         return proc.returncode == 0, out
 
-    def spawn(self, argv):
+    def spawn(self, argv, stdin=False):
         """Start a background process (a listener, tcpdump), echoed with a trailing `&`.
-        Returns the Popen (None in a dry run); the caller stops it."""
+        Returns the Popen (None in a dry run); the caller stops it. STDIN=True gives it
+        a pipe to write to; it runs in its own session so its whole group can be stopped."""
         self.echo(argv, " &")
         if self.dry_run:
             return None
         try:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+            return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
         except FileNotFoundError:
             raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}")
 
@@ -360,7 +368,7 @@ class Runner:
             return False, ""
         if self.verbose:
             self.note("look-up: " + shlex.join(argv))
-        proc = self._exec(argv)
+        proc = self.execute(argv)
         return proc.returncode == 0, proc.stdout
 
     def query_json(self, argv, in_dry_run=False):
@@ -380,7 +388,21 @@ class Runner:
         while self.undo:
             argv = self.undo.pop()
             self.echo(argv)
-            self._exec(argv)
+            self.execute(argv)
+
+    def hand_over(self, argv):
+        """Echo ARGV and run it attached to the user's terminal (a shell, `tail -F`);
+        returns its exit code. Ctrl-C stops it, not cnikit."""
+        self.echo(argv)
+        if self.dry_run:
+            return 0
+        try:
+            return subprocess.call(argv)
+        except FileNotFoundError:
+            raise CnikitError(f"{argv[0]} not found: install the Debian package "
+                              f"{PACKAGES.get(argv[0], argv[0])}") from None
+        except KeyboardInterrupt:
+            return 130
 
     def transaction(self):
         return _Transaction(self)
@@ -527,14 +549,7 @@ def netns_exec(r, name, cmd):
     require_netns(r, name)
     if not cmd:
         raise UsageError("netns exec needs a command after --, e.g. cnikit netns exec ns1 -- ip addr")
-    argv = ip("netns", "exec", name, *cmd)
-    r.echo(argv)
-    if r.dry_run:
-        return 0
-    try:
-        return subprocess.call(argv)
-    except FileNotFoundError:
-        raise CnikitError("ip not found: install the Debian package iproute2") from None
+    return r.hand_over(ip("netns", "exec", name, *cmd))
 
 
 # ---------------------------------------------------------------- veth
@@ -1133,10 +1148,9 @@ def cni_shorten(text, limit=CNI_SHOW_MAX):
     return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
 
 
-def cni_invocation_line(env, plugin, stdin, host=None, limit=CNI_SHOW_MAX):
-    """A pasteable line for one plugin call: `env CNI_...=... PLUGIN <<< 'STDIN'`."""
-    argv = in_netns(["env"] + [f"{k}={v}" for k, v in env.items()] + [plugin], host)
-    return shlex.join(argv) + " <<< " + shlex.quote(cni_shorten(stdin, limit))
+def cni_invocation_argv(env, plugin, host=None):
+    """One plugin call as a command a person can run: `env CNI_...=... PLUGIN`."""
+    return in_netns(["env"] + [f"{k}={v}" for k, v in env.items()] + [plugin], host)
 
 
 def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
@@ -1149,22 +1163,13 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
     env = dict({"CNI_COMMAND": command}, **env, CNI_PATH=cni_path)
     stdin = json.dumps(stdin_obj, separators=(",", ":"))
     argv = in_netns([plugin], host)
-    r.log.append(["env"] + [f"{k}={v}" for k, v in env.items()] + argv)
-    if not r.quiet:
-        line = cni_invocation_line(env, plugin, stdin, host, None if r.verbose else CNI_SHOW_MAX)
-        r._print(f"\033[2m$\033[0m \033[1;35m{line}\033[0m" if r.color else line)
+    # Echoed with its stdin as a here-string: the line pastes into bash (-v: stdin in full).
+    r.echo(cni_invocation_argv(env, plugin, host),
+           " <<< " + shlex.quote(cni_shorten(stdin, None if r.verbose else CNI_SHOW_MAX)))
     if r.dry_run:
         return None
     started = time.monotonic()
-    try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=CNI_TIMEOUT,
-                              env=dict(os.environ, **env))
-    except FileNotFoundError:
-        raise CnikitError(f"cannot run CNI plugin {plugin}: not found") from None
-    except PermissionError as e:
-        raise CnikitError(f"cannot run CNI plugin {plugin}: {e.strerror}") from None
-    except subprocess.TimeoutExpired:
-        raise CnikitError(f"CNI plugin {ptype} {command} did not answer within {CNI_TIMEOUT}s") from None
+    proc = r.execute(argv, input=stdin, env=env, timeout=CNI_TIMEOUT)
     ms = (time.monotonic() - started) * 1000
     out = proc.stdout.strip()
     try:
@@ -1462,14 +1467,7 @@ def cni_log(r, conf_dir=CNI_CONF_DIR, conf=None, lines=20, follow=True):
         raise UsageError(f"no plugin log at {path} yet (the plugin writes it on its first call)")
     if not follow:
         return r.show(["tail", "-n", str(lines), path])
-    argv = ["tail", "-n", str(lines), "-F", path]
-    r.echo(argv)
-    if r.dry_run:
-        return 0
-    try:
-        return subprocess.call(argv)
-    except KeyboardInterrupt:
-        return 0
+    return r.hand_over(["tail", "-n", str(lines), "-F", path])
 
 
 # -- install: put the plugin and a conflist where a runtime looks
@@ -1490,31 +1488,18 @@ def cni_conf_file(conf_dir, name):
     return os.path.join(conf_dir, f"10-{name}.conflist")
 
 
-def run_with_stdin(r, argv, text):
-    """Echo ARGV with TEXT as a here-document (pasteable), then run it with TEXT on stdin."""
-    r.log.append(list(argv))
-    if not r.quiet:
-        line = shlex.join(argv) + " <<'EOF'"
-        r._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if r.color else line)
-        r._print(text.rstrip("\n") + "\nEOF")
-    if r.dry_run:
-        return ""
-    try:
-        proc = subprocess.run(argv, input=text, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}") from None
-    if proc.returncode != 0:
-        raise CommandFailed(argv, proc.returncode, proc.stderr)
-    return proc.stdout
-
-
-def write_file_atomic(r, path, text, prefix=()):
-    """Write TEXT to PATH atomically (temp file + rename in the same directory), so a
-    runtime never reads half a config. PREFIX runs it elsewhere (docker exec -i NODE)."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    script = f"mkdir -p {shlex.quote(os.path.dirname(path))} && cat > {shlex.quote(tmp)} && " \
-             f"mv -f {shlex.quote(tmp)} {shlex.quote(path)}"
-    return run_with_stdin(r, list(prefix) + ["sh", "-c", script], text)
+def write_file_atomic(r, path, text, node=None):
+    """Write TEXT to PATH atomically (a temp file in the same directory, then a rename),
+    so a runtime never reads half a config: three plain commands, the text on stdin.
+    NODE: inside that kind node container (docker exec)."""
+    here = docker_exec(node) if node else []
+    stdin_here = docker_exec(node, stdin=True) if node else []
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, "." + os.path.basename(path) + ".tmp")
+    if node or r.dry_run or not os.path.isdir(directory):
+        r.run(here + ["mkdir", "-p", directory])
+    r.run(stdin_here + ["cp", "/dev/stdin", tmp], input=text)
+    r.run(here + ["mv", "-f", tmp, path])
 
 
 def _cni_plugin_source(plugin_src):
@@ -1580,9 +1565,8 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
     conf_path = cni_conf_file(conf_dir, name)
     text = json.dumps(cni_conflist(name, subnet, ptype, chain, version, extra), indent=2) + "\n"
     mark = len(r.log)
-    for d in (plugin_dir, conf_dir):
-        if r.dry_run or not os.path.isdir(d):
-            r.run(["mkdir", "-p", d])
+    if r.dry_run or not os.path.isdir(plugin_dir):
+        r.run(["mkdir", "-p", plugin_dir])
     if not r.dry_run and _installed_matches(src, dst, shebang):
         r.note(f"{dst} is already this plugin")
     else:
@@ -1691,14 +1675,15 @@ def kind_node_ip(r, node):
 def kind_ensure_python(r, node):
     """kind node images carry no python3, and our plugin is Python: detect it and, when
     missing, install python3-minimal in the node. Returns what it did, in words."""
-    ok, out = r.query(docker_exec(node, "sh", "-c", "command -v python3"), in_dry_run=True) \
+    ok, _ = r.query(docker_exec(node, "test", "-x", CNI_PYTHON), in_dry_run=True) \
         if which("docker") else (False, "")
-    if ok and out.strip():
-        r.note(f"{node}: python3 is there ({out.strip()}; e.g. the derived image of kind/Dockerfile): nothing to install")
+    if ok:
+        r.note(f"{node}: {CNI_PYTHON} is there (e.g. the derived image of kind/Dockerfile): nothing to install")
         return "present"
     r.note(f"{node}: no python3 (kind node images carry none): installing {KIND_PYTHON_PKG} in the node")
-    r.run(docker_exec(node, "sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-                      f"apt-get install -y -qq --no-install-recommends {KIND_PYTHON_PKG}"))
+    r.run(docker_exec(node, "apt-get", "update", "-qq"))
+    r.run(docker("exec", "-e", "DEBIAN_FRONTEND=noninteractive", node, "apt-get", "install", "-y", "-qq",
+                 "--no-install-recommends", KIND_PYTHON_PKG))
     return "installed"
 
 
@@ -1725,12 +1710,13 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
         dst = os.path.join(plugin_dir, ptype)
         tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
         r.run(docker("cp", src, f"{node}:{tmp}"))
-        fix = shlex.join(_set_shebang_argv(tmp, cni_shebang(None)))    # python3-minimal is /usr/bin/python3
-        r.run(docker_exec(node, "sh", "-c", f"{fix} && chmod 0755 {shlex.quote(tmp)} && "
-                                            f"mv -f {shlex.quote(tmp)} {shlex.quote(dst)}"))
-        write_file_atomic(r, NODE_SUBNET_FILE, f"CNIKIT_SUBNET={cidr}\n", prefix=docker_exec(node, stdin=True))
+        # python3-minimal is /usr/bin/python3: fix the interpreter, then rename into place.
+        r.run(docker_exec(node, *_set_shebang_argv(tmp, cni_shebang(None))))
+        r.run(docker_exec(node, "chmod", "0755", tmp))
+        r.run(docker_exec(node, "mv", "-f", tmp, dst))
+        write_file_atomic(r, NODE_SUBNET_FILE, f"CNIKIT_SUBNET={cidr}\n", node=node)
         text = json.dumps(cni_conflist(name, None, ptype, chain), indent=2) + "\n"
-        write_file_atomic(r, cni_conf_file(conf_dir, name), text, prefix=docker_exec(node, stdin=True))
+        write_file_atomic(r, cni_conf_file(conf_dir, name), text, node=node)
     for node in nodes:
         for other in nodes:
             if other == node:

@@ -49,9 +49,6 @@ class LessonRunner(cnikit.Runner):
         self.stepping = stepping
         self.procs = []
 
-    def _line(self, text):
-        return f"\033[2m$\033[0m \033[1;36m{text}\033[0m" if self.color else text
-
     def _pause(self):
         """Like a presenter: the command is on screen, Enter runs it, q quits."""
         if not self.stepping or self.dry_run or self.quiet:
@@ -65,8 +62,8 @@ class LessonRunner(cnikit.Runner):
         elif answer.strip().lower() == "q":
             raise KeyboardInterrupt
 
-    def echo(self, argv):
-        super().echo(argv)
+    def echo(self, argv, suffix=""):
+        super().echo(argv, suffix)
         self._pause()
 
     def show(self, argv):
@@ -76,7 +73,7 @@ class LessonRunner(cnikit.Runner):
         self.echo(argv)
         if self.dry_run:
             return ""
-        proc = self._exec(argv)
+        proc = self.execute(argv)
         if proc.returncode != 0:
             raise cnikit.CommandFailed(argv, proc.returncode, proc.stderr)
         return proc.stdout
@@ -84,20 +81,9 @@ class LessonRunner(cnikit.Runner):
     def spawn(self, argv, stdin=False):
         """Start a background process, echoed with `&`; STDIN=True gives it a pipe
         the lesson writes to. Each gets its own process group, stopped as a whole."""
-        self.log.append(list(argv))
-        if not self.quiet:
-            self._print(self._line(shlex.join(argv) + " &"))
-            self._pause()
-        if self.dry_run:
-            return None
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True)
-        except FileNotFoundError:
-            raise cnikit.CnikitError(f"{argv[0]} not found: install the Debian package "
-                                     f"{cnikit.PACKAGES.get(argv[0], argv[0])}") from None
-        self.procs.append(proc)
+        proc = super().spawn(argv, stdin=stdin)
+        if proc is not None:
+            self.procs.append(proc)
         return proc
 
     def stop(self, proc, wait=0.0):

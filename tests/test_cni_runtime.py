@@ -103,10 +103,13 @@ def test_install_dry_run_is_a_script_and_changes_nothing():
     proc = run("--dry-run", "cni", "install", "--subnet", "10.244.1.0/24")
     assert files(CONF_DIR) == [] and files("/opt/cni/bin") == []
     lines = proc.stdout.splitlines()
-    assert lines[2] == f"install -m 0755 {cnikit.CNI_PLUGIN_SRC} /opt/cni/bin/.cnikit.tmp"
-    assert lines[3] == "sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp"
-    assert lines[5].startswith("sh -c 'mkdir -p /etc/cni/net.d && cat > /etc/cni/net.d/.10-cnikit.conflist.tmp")
-    assert lines[-1] == "EOF"
+    assert lines[:6] == ["mkdir -p /opt/cni/bin",
+                         f"install -m 0755 {cnikit.CNI_PLUGIN_SRC} /opt/cni/bin/.cnikit.tmp",
+                         "sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp",
+                         "mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit",
+                         "mkdir -p /etc/cni/net.d",
+                         "cp /dev/stdin /etc/cni/net.d/.10-cnikit.conflist.tmp <<'EOF'"]
+    assert lines[-1] == "mv -f /etc/cni/net.d/.10-cnikit.conflist.tmp /etc/cni/net.d/10-cnikit.conflist"
     # the printed script does the install when piped into sh
     sh.sh("-e", _in=proc.stdout)
     assert json.load(open("/etc/cni/net.d/10-cnikit.conflist"))["plugins"][0]["ipam"]["subnet"] == "10.244.1.0/24"

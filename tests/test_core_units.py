@@ -120,3 +120,22 @@ def test_help_documents_examples(capsys):
     out = capsys.readouterr().out
     for word in ("netns", "veth", "bridge", "nat", "vxlan", "show", "sandbox", "cleanup", "--dry-run", "examples:"):
         assert word in out
+
+
+def test_no_command_cnikit_runs_goes_through_a_shell():
+    # Every verb's plan, kind-install's included: plain argv lists, never `sh -c`.
+    r = cnikit.Runner(dry_run=True, out=io.StringIO())
+    cnikit.netns_add(r, "ns1", lo_up=True)
+    cnikit.veth_add(r, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24", mtu=1400)
+    cnikit.bridge_add(r, "br0", addr="10.0.0.1/24")
+    cnikit.bridge_attach(r, "br0", ["v0"])
+    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    cnikit.vxlan_add(r, "vx0", 42, remote="192.0.2.2", dev="v0", bridge_name="br0")
+    cnikit.vxlan_fdb_add(r, "vx0", "02:00:00:00:00:02", "192.0.2.2")
+    cnikit.cni_install(r, subnet="10.244.1.0/24")
+    cnikit.kind_install(r, "demo")
+    assert len(r.log) > 40
+    for argv in r.log:
+        assert argv[0] not in ("sh", "bash", "/bin/sh") and "-c" not in argv[:3], argv
+        if argv[:2] == ["docker", "exec"]:
+            assert "sh" not in argv and "bash" not in argv, argv
