@@ -1527,12 +1527,34 @@ def cni_plugin_bytes(src, shebang):
     return data
 
 
-def _installed_matches(src, dst, shebang):
+def _installed_matches(src, dst, shebang, precompiled=False):
+    """Is DST already SRC installed this way (same interpreter line; a zipapp of it
+    when PRECOMPILED)?"""
     try:
+        if not os.access(dst, os.X_OK):
+            return False
+        if precompiled:
+            import zipfile
+            with open(dst, "rb") as f:
+                first = f.readline().rstrip(b"\n").decode()
+            with zipfile.ZipFile(dst) as z, open(src, "rb") as f:
+                return first == shebang and z.read("__main__.py") == f.read() and "__main__.pyc" in z.namelist()
         with open(dst, "rb") as f:
-            return f.read() == cni_plugin_bytes(src, shebang) and os.access(dst, os.X_OK)
-    except OSError:
+            return f.read() == cni_plugin_bytes(src, shebang)
+    except (OSError, ValueError, KeyError):
         return False
+
+
+def cni_precompile_argv(src, python, build, tmp, shebang):
+    """Commands that turn SRC into one executable zipapp holding its bytecode: Python
+    compiles the script it runs on every start (~15 ms for the plugin), but imports a
+    zipapp's __main__ from the compiled __main__.pyc beside its source (compileall -b).
+    A different Python (other bytecode magic) falls back to the source inside."""
+    main = os.path.join(build, "__main__.py")
+    return [["mkdir", "-p", build], ["cp", src, main],
+            [python, "-m", "compileall", "-q", "-b", build],
+            [python, "-m", "zipapp", build, "-o", tmp, "-p", shebang[2:]],
+            ["chmod", "0755", tmp], ["rm", "-rf", build]]
 
 
 def _set_shebang_argv(path, shebang):
@@ -1540,10 +1562,12 @@ def _set_shebang_argv(path, shebang):
 
 
 def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR,
-                chain=(), plugin_src=None, ptype=CNI_TYPE, version=None, extra=None, python=None):
+                chain=(), plugin_src=None, ptype=CNI_TYPE, version=None, extra=None, python=None,
+                precompiled=False):
     """Copy the plugin to PLUGIN_DIR/TYPE (its interpreter fixed to PYTHON -IS, default
     /usr/bin/python3; "keep" keeps its shebang) and write CONF_DIR/10-NAME.conflist, each
-    atomically (temp file + rename).
+    atomically (temp file + rename). PRECOMPILED installs the plugin as a zipapp that
+    carries its bytecode (one file still), which saves the compile on every call.
 
     Re-run contract: files already as asked are left alone; a changed plugin or
     config is replaced whole."""
@@ -1558,7 +1582,11 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         raise UsageError(f"--type {ptype!r} is not a plain file name")
     src = _cni_plugin_source(plugin_src)
     shebang = cni_shebang(python)
+    if precompiled and not shebang:
+        raise UsageError("--precompiled needs an interpreter to compile for; not --python keep")
     if shebang and python is None and not os.path.exists(CNI_PYTHON):
+        if precompiled:
+            raise UsageError(f"--precompiled: {CNI_PYTHON} not found; give --python PATH")
         r.note(f"{CNI_PYTHON} not found: the plugin keeps its own first line")
         shebang = None
     dst = os.path.join(plugin_dir, ptype)
@@ -1567,13 +1595,18 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
     mark = len(r.log)
     if r.dry_run or not os.path.isdir(plugin_dir):
         r.run(["mkdir", "-p", plugin_dir])
-    if not r.dry_run and _installed_matches(src, dst, shebang):
+    if not r.dry_run and _installed_matches(src, dst, shebang, precompiled):
         r.note(f"{dst} is already this plugin")
     else:
         tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
-        r.run(["install", "-m", "0755", src, tmp], undo=["rm", "-f", tmp])
-        if shebang:
-            r.run(_set_shebang_argv(tmp, shebang))
+        if precompiled:
+            build = os.path.join(plugin_dir, f".{ptype}.build")
+            for argv in cni_precompile_argv(src, shebang[2:].split()[0], build, tmp, shebang):
+                r.run(argv, undo=["rm", "-rf", build, tmp] if argv[0] == "mkdir" else None)
+        else:
+            r.run(["install", "-m", "0755", src, tmp], undo=["rm", "-f", tmp])
+            if shebang:
+                r.run(_set_shebang_argv(tmp, shebang))
         r.run(["mv", "-f", tmp, dst], undo=["rm", "-f", dst])
     try:
         with open(conf_path) as f:
@@ -1741,7 +1774,8 @@ def cni_dispatch(args, r):
                      args.plugin_dir, args.conf_dir)
     elif v == "install":
         cni_install(r, args.name, args.subnet, args.plugin_dir, args.conf_dir, tuple(args.chain),
-                    args.plugin_src, args.ptype, args.cni_version, python=args.python)
+                    args.plugin_src, args.ptype, args.cni_version, python=args.python,
+                    precompiled=args.precompiled)
     elif v == "uninstall":
         cni_uninstall(r, args.name, args.plugin_dir, args.conf_dir)
     elif v == "kind-install":
@@ -1930,6 +1964,8 @@ def build_parser():
     a.add_argument("--cni-version", help=f"cniVersion of the conflist (default {CNI_VERSION}; 1.1.0 adds STATUS and GC)")
     a.add_argument("--python", help=f"the plugin's interpreter (default {CNI_PYTHON} {CNI_PYTHON_FLAGS}; "
                    "'keep' keeps its own first line)")
+    a.add_argument("--precompiled", action="store_true",
+                   help="install the plugin as a zipapp carrying its bytecode: one file, ~15 ms less per call")
     a.add_argument("--kind", metavar="CLUSTER", help="install into every node of this kind cluster instead")
     a = cn.add_parser("uninstall", help="remove exactly what install wrote")
     a.add_argument("--name", default=CNI_NET)

@@ -18,6 +18,8 @@ Contenders:
   python3-I-S        /usr/bin/python3 -I -S <file> (how much interpreter flags would save)
   precompiled        /usr/bin/python3 <the file compiled to .pyc> (what the ~15 ms per-exec compile of a
                      script costs: scripts, unlike imported modules, never use cached bytecode)
+  installed          what `cnikit cni install` puts in /opt/cni/bin: the file, first line #!/usr/bin/python3 -IS
+  installed-precompiled  `cnikit cni install --precompiled`: one zipapp file carrying the bytecode
 """
 import argparse
 import json
@@ -30,7 +32,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PLUGIN = os.path.join(os.path.dirname(HERE), "plugins", "cni-bash-compatible.py")
+ROOT = os.path.dirname(HERE)
+PLUGIN = os.path.join(ROOT, "plugins", "cni-bash-compatible.py")
 REFERENCE_DIR = "/usr/lib/cni"
 RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SUBNET = "10.244.0.0/24"
@@ -66,6 +69,14 @@ def contenders():
     import py_compile
     pyc = os.path.join(tempfile.gettempdir(), "cni-bash-compatible.bench.pyc")
     out["precompiled"] = ["/usr/bin/python3", py_compile.compile(PLUGIN, cfile=pyc, doraise=True)]
+    # The two ways cnikit installs the plugin, built by cnikit itself.
+    sys.path.insert(0, ROOT)
+    import cnikit
+    for name, precompiled in (("installed", False), ("installed-precompiled", True)):
+        plugin_dir = tempfile.mkdtemp(prefix=f"cni-bench-{name}-")
+        cnikit.cni_install(cnikit.Runner(quiet=True), plugin_dir=plugin_dir, conf_dir=os.path.join(plugin_dir, "net.d"),
+                           precompiled=precompiled)
+        out[name] = [os.path.join(plugin_dir, cnikit.CNI_TYPE)]
     return out
 
 
@@ -127,10 +138,10 @@ def report(title, med):
     ref = med["reference"]
     cols = ("ADD", "CHECK", "DEL", "VERSION", "ADD+DEL")
     print(f"\n## {title}: median ms (ratio to reference)")
-    print(f"{'contender':20s}" + "".join(f"{c:>18s}" for c in cols))
+    print(f"{'contender':22s}" + "".join(f"{c:>18s}" for c in cols))
     for name, m in med.items():
         cells = "".join(f"{m[c]:9.1f} ({m[c] / ref[c]:4.2f}x)" for c in cols)
-        print(f"{name:20s}{cells}")
+        print(f"{name:22s}{cells}")
 
 
 def main():

@@ -322,3 +322,29 @@ def test_node_namespace_runs_the_plugin_there():
     run("-n", "node1", "cni", "del", "pod1")
     assert [l for l in links("node1") if l.startswith("veth")] == []
     assert netns_list() == ["node1", "pod1"]
+
+
+def test_install_precompiled_is_one_zipapp_carrying_bytecode_that_pods_run_with():
+    import zipfile
+    out = run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout
+    assert "-m compileall -q -b" in out and "-m zipapp" in out and " sh -c " not in out
+    plugin = "/opt/cni/bin/cnikit"
+    assert os.stat(plugin).st_mode & 0o777 == 0o755
+    with open(plugin, "rb") as f:
+        assert f.readline() == b"#!/usr/bin/python3 -IS\n"
+    with zipfile.ZipFile(plugin) as z, open(cnikit.CNI_PLUGIN_SRC, "rb") as src:
+        assert sorted(z.namelist()) == ["__main__.py", "__main__.pyc"]
+        assert z.read("__main__.py") == src.read()
+    assert files("/opt/cni/bin") == ["cnikit"]              # no build dir or temp file left
+    assert "nothing to do" in run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout
+    # a pod comes up and goes away through the zipapp
+    run("netns", "add", "zpod")
+    run("cni", "add", "zpod")
+    assert pod_addr("zpod").startswith("10.244.9.") and ping("10.244.9.1", ns="zpod")
+    run("cni", "del", "zpod")
+    assert files("/var/lib/cni/networks/cnikit") in ([], ["last_reserved_ip.0"], ["last_reserved_ip.0", "lock"],
+                                                      ["lock"])
+    bad = cli("cni", "install", "--precompiled", "--python", "keep")
+    assert bad.returncode == 2 and "--precompiled" in bad.stderr
+    run("cni", "uninstall")
+    assert files("/opt/cni/bin") == [] and files(CONF_DIR) == []
