@@ -56,7 +56,7 @@ clean:
 # Two Debian 12 VMs with their own kernels (vagrant/Vagrantfile), lesson 06's node steps
 # on each over `vagrant ssh`, then the cross-node ping and the encapsulation proof.
 # Run these as your user, not with sudo: Vagrant's VMs belong to whoever created them.
-# See docs/vagrant.md. PROVIDER=virtualbox|libvirt picks the provider for vagrant-up.
+# See the README, "Lesson 06 on two real machines (Vagrant)". PROVIDER=virtualbox|libvirt picks the provider for vagrant-up.
 VAGRANT  ?= vagrant
 NODE1_IP ?= 192.168.56.11
 NODE2_IP ?= 192.168.56.12
@@ -83,7 +83,7 @@ vagrant-down:
 
 # ---------------------------------------------------------------- lesson 07 in kind
 # A kind cluster without CNI (kind.yaml), our plugin installed into every node, and gone.
-# Needs kind, docker and kubectl; see docs/cni.md. KIND_NODE=derived builds kind/Dockerfile
+# Needs kind, docker and kubectl; see the README, "In kind, step by step". KIND_NODE=derived builds kind/Dockerfile
 # (kindest/node + python3) first; by default kind-cni installs python3-minimal in each node.
 KIND_CLUSTER ?= cnikit
 KIND_NODE    ?= stock

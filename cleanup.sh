@@ -2,7 +2,7 @@
 # Remove what cnikit created on this host: its tagged namespaces, links and iptables
 # rules (cnikit cleanup), and nothing else. Safe to run twice.
 #   ./cleanup.sh              cnikit's namespaces, links and rules on this host
-#   ./cleanup.sh --vagrant    also `vagrant destroy -f` lesson 06's two VMs (docs/vagrant.md)
+#   ./cleanup.sh --vagrant    also `vagrant destroy -f` lesson 06's two VMs (see the README)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 

@@ -12,7 +12,8 @@ the same: a bridge, a veth, an address from the subnet, a default route, masquer
 It runs itself in a throwaway sandbox (network + mount namespace, private /etc/cni,
 /opt/cni/bin, /var/lib/cni, /var/log; the runtimes' storage on a private tmpfs): nothing
 reaches the host, and no packet leaves the sandbox. Our plugin is installed as
-`cnikit cni install` does (its interpreter fixed to /usr/bin/python3 -IS).
+`cnikit cni install` does (its interpreter fixed to /usr/bin/python3 -IS), or with
+`--precompiled` as `cnikit cni install --precompiled` does (a zipapp carrying its bytecode).
 """
 import argparse
 import json
@@ -124,6 +125,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15, help="samples per contender (default 15)")
     p.add_argument("--runtime", choices=("podman", "containerd", "both"), default="both")
+    p.add_argument("--precompiled", action="store_true", help="install our plugin with --precompiled")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: needs root (it starts containers in a sandbox): sudo python3 bench/container_start.py")
@@ -133,10 +135,12 @@ def main():
     mount_cgroups()
     cgroups = cgroup_dirs()
     r = cnikit.Runner(quiet=True)
-    cnikit.cni_install(r, "ours-install")                  # the plugin as install puts it
+    cnikit.cni_install(r, "ours-install", precompiled=args.precompiled)   # the plugin as install puts it
     os.unlink(cnikit.cni_conf_file(CONF_DIR, "ours-install"))
+    with open("/opt/cni/bin/cnikit", "rb") as f:
+        first = f.readline().decode().strip()
     print(f"container start, {args.rounds} alternating rounds, our plugin vs bridge + host-local "
-          f"(python: {open('/opt/cni/bin/cnikit').readline().strip()})")
+          f"(installed{' --precompiled' if args.precompiled else ''}: {first})")
     try:
         if args.runtime in ("podman", "both"):
             report("podman", *bench_podman(args.rounds))

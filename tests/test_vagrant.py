@@ -277,7 +277,7 @@ def test_vagrant_stage_06_runs_each_role_on_its_own_namespace_host(tmp_path):
         fdb = on_node(hosts, "node2", "bridge", "fdb", "show", "dev", "vxlan0").stdout
         assert re.search(rf"^[0-9a-f:]+ dst {re.escape(NODE1_IP)} self\s*$", fdb, re.M), fdb   # learned pod1
 
-        # A firewall on node2 drops VXLAN (docs/vagrant.md names it as a cause of FAIL):
+        # A firewall on node2 drops VXLAN (the README names it as a cause of FAIL):
         # a re-run rebuilds nothing (each half is already there) and says FAIL.
         drop = on_node(hosts, "node2", "iptables", "-I", "INPUT", "-p", "udp", "--dport", "4789", "-j", "DROP")
         assert drop.returncode == 0, drop.stderr
