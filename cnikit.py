@@ -612,17 +612,23 @@ def is_veth_pair(link, other):
     return link.get("link_index") == other["ifindex"] and other.get("link_index") == link["ifindex"]
 
 
-def veth_del(r, name, host=None):
-    """Delete veth NAME (its peer goes with it). Re-run: absent is fine."""
-    check_ifname(name)
+def link_del(r, name, kind, host=None):
+    """Delete link NAME, which must be a KIND (veth, bridge, vxlan): cnikit never
+    deletes a link of another kind by mistake. Re-run: absent is fine."""
+    check_ifname(name, f"{kind} name")
     require_netns(r, host, "host namespace")
     link = get_link(r, name, host)
     if not r.dry_run and not link:
-        r.note(f"veth {name} does not exist; nothing to delete")
+        r.note(f"{kind} {name} does not exist; nothing to delete")
         return
-    if link and link_kind(link) != "veth":
-        raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a veth; not deleting it")
+    if link and link_kind(link) != kind:
+        raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a {kind}; not deleting it")
     r.run(ip("link", "del", name, ns=host))
+
+
+def veth_del(r, name, host=None):
+    """Delete veth NAME (its peer goes with it). Re-run: absent is fine."""
+    link_del(r, name, "veth", host)
 
 
 # ---------------------------------------------------------------- bridge
@@ -679,15 +685,7 @@ def bridge_attach(r, name, ifaces, host=None):
 
 def bridge_del(r, name, host=None):
     """Delete bridge NAME (its ports stay, detached). Re-run: absent is fine."""
-    check_ifname(name, "bridge name")
-    require_netns(r, host, "host namespace")
-    link = get_link(r, name, host)
-    if not r.dry_run and not link:
-        r.note(f"bridge {name} does not exist; nothing to delete")
-        return
-    if link and link_kind(link) != "bridge":
-        raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a bridge; not deleting it")
-    r.run(ip("link", "del", name, ns=host))
+    link_del(r, name, "bridge", host)
 
 
 def bridge_show(r, name, host=None):
@@ -872,15 +870,7 @@ def vxlan_fdb_add(r, name, mac, dst, host=None):
 
 def vxlan_del(r, name, host=None):
     """Delete vxlan NAME. Re-run: absent is fine."""
-    check_ifname(name, "vxlan name")
-    require_netns(r, host, "host namespace")
-    link = get_link(r, name, host)
-    if not r.dry_run and not link:
-        r.note(f"vxlan {name} does not exist; nothing to delete")
-        return
-    if link and link_kind(link) != "vxlan":
-        raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a vxlan; not deleting it")
-    r.run(ip("link", "del", name, ns=host))
+    link_del(r, name, "vxlan", host)
 
 
 # ---------------------------------------------------------------- show

@@ -73,6 +73,8 @@ def test_bridge_joins_two_namespaces_and_learns_their_macs():
     assert "bridge fdb show br br0" in shown and f"{mac1} dev veth-ns1 master br0" in shown
     assert "already a port of br0" in run("bridge", "attach", "br0", "veth-ns1").stdout
     assert "nothing to do" in run("bridge", "add", "br0", "--addr", "10.0.0.1/24").stdout
+    wrong = cli("veth", "del", "br0")
+    assert wrong.returncode == 2 and "not a veth" in wrong.stderr and "br0" in links()
     run("bridge", "del", "br0")
     assert "br0" not in links()
 
