@@ -7,7 +7,7 @@ import pytest
 import sh
 
 from plugin_helpers import (CLASSIC, PLUGIN, VERSIONS, addrs, all_files, allocation_files, check_result_shape,
-                            cni, error, links, nat_rules, netns, ok, pod, private_log_dirs, routes)  # noqa: F401
+                            cni, error, links, nat_rules, netns, ok, pod, routes)  # noqa: F401
 
 
 def conf(version="1.0.0", **kw):

@@ -8,7 +8,7 @@ import os
 import pytest
 import sh
 
-from plugin_helpers import PLUGIN, allocation_files, links, netns, private_log_dirs  # noqa: F401
+from plugin_helpers import PLUGIN, allocation_files, links, netns
 
 
 @pytest.fixture
