@@ -1970,7 +1970,7 @@ def build_parser():
         a = cn.add_parser(verb, help=text)
         a.add_argument("netns", nargs=None if verb in ("add", "del", "check") else "?", metavar="NETNS",
                        help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
-        a.add_argument("--conf", help=f"network config (default: the first in --conf-dir)")
+        a.add_argument("--conf", help="network config (default: the first in --conf-dir)")
         a.add_argument("--conf-dir", default=CNI_CONF_DIR)
         a.add_argument("--ifname", default="eth0")
         a.add_argument("--id", dest="cid", help="container id (default: the netns name)")

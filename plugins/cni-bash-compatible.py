@@ -1363,7 +1363,7 @@ def main():
         if command == "STATUS":
             return cmd_status(net)
         return cmd_gc(net)
-    except CNIError as e:
+    except CNIError:
         raise
     except Exception as e:  # a bug must still answer in CNI's terms, never a traceback
         raise CNIError(E_IO if isinstance(e, OSError) else 999, f"internal error: {type(e).__name__}: {e}") from e

@@ -177,7 +177,7 @@ def kubectl(*args):
 def build_kind(L):
     r = L.r
     c = L.cluster
-    L.step(f"a cluster whose nodes have no CNI plugin at all (kind.yaml: disableDefaultCNI: true)")
+    L.step("a cluster whose nodes have no CNI plugin at all (kind.yaml: disableDefaultCNI: true)")
     ok, out = r.query(["kind", "get", "clusters"], in_dry_run=False)
     if ok and c in out.split():
         r.note(f"kind cluster {c} already exists")

@@ -18,6 +18,13 @@ def cli(*args, check=False, input=None):
     return proc
 
 
+def run_stage(script, *args, input=None, env=None, timeout=300):
+    """Run stages/SCRIPT (a lesson) as a learner would, colours off; stdin closed unless INPUT."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "stages", script), "--color", "never", *args],
+                          capture_output=True, text=True, input=input, env=env, timeout=timeout,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
 def _ns(ns):
     return ["-n", ns] if ns else []
 

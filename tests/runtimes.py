@@ -5,6 +5,7 @@ Everything they write goes to a temp dir (root, runroot, state, socket) or to th
 private tmpfs (/etc/cni, /var/lib/cni, /opt/cni/bin, /run/netns); nothing reaches the host's
 runtime configuration. Images come from busybox-static: no registry is needed.
 """
+import contextlib
 import hashlib
 import io
 import json
@@ -188,6 +189,11 @@ class Podman:
             return f"podman cannot start a container here (even without a network): {proc.stderr.strip()[-300:]}"
         return None
 
+    def close(self):
+        """Remove every container it still has (their DEL runs through the plugins)."""
+        if shutil.which("podman"):
+            self("rm", "-a", "-f", "-t", "0", check=False)
+
 
 class Containerd:
     """A containerd of our own (root, state, socket under DIR), started with setsid and
@@ -217,6 +223,7 @@ class Containerd:
         return False
 
     def stop(self):
+        """Stop containerd by its pid, and the shims it started."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -230,6 +237,8 @@ class Containerd:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    close = stop
 
     def argv(self, *args):
         return ["ctr", "--address", self.sock] + list(args)
@@ -253,6 +262,28 @@ class Containerd:
         if proc.returncode != 0:
             return f"containerd cannot start a container here (even without a network): {proc.stderr.strip()[-300:]}"
         return None
+
+
+@contextlib.contextmanager
+def runtime_session(make, tag):
+    """A runtime of the test's own (MAKE(scratch dir): Podman or Containerd) with cgroups
+    mounted in the sandbox. Skips, saying why, only when it cannot start even a container
+    without a network. Afterwards: its containers gone, its scratch dir and the empty
+    cgroups it left removed."""
+    mount_cgroups()
+    cgroups = cgroup_dirs()
+    directory = scratch_dir(tag)
+    rt = make(directory)
+    try:
+        reason = rt.cannot_start()
+        if reason:
+            import pytest        # only the tests use this; the bench imports this module too
+            pytest.skip(reason)
+        yield rt
+    finally:
+        rt.close()
+        drop_scratch_dir(directory)
+        drop_new_cgroups(cgroups)
 
 
 def _pids_with_arg(text):

@@ -9,8 +9,7 @@ import time
 import pytest
 
 from kernel import cli, iptables_rules, links
-from runtimes import (IMAGE, Containerd, allocations, cgroup_dirs, drop_new_cgroups, drop_scratch_dir,
-                      mount_cgroups, scratch_dir)
+from runtimes import IMAGE, Containerd, allocations, runtime_session
 
 SUBNET = "10.244.13.0/24"
 GATEWAY = "10.244.13.1"
@@ -18,19 +17,8 @@ GATEWAY = "10.244.13.1"
 
 @pytest.fixture
 def ctr():
-    mount_cgroups()
-    cgroups = cgroup_dirs()
-    directory = scratch_dir("ct")
-    c = Containerd(directory)
-    try:
-        reason = c.cannot_start()
-        if reason:
-            pytest.skip(reason)
+    with runtime_session(Containerd, "ct") as c:
         yield c
-    finally:
-        c.stop()
-        drop_scratch_dir(directory)
-        drop_new_cgroups(cgroups)
 
 
 def veths():

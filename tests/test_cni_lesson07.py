@@ -1,17 +1,13 @@
 """Lesson 07 end to end in its own sandbox: PASS as written, FAIL without the install step,
 and its dry run is the runtime's script."""
 import os
-import subprocess
-import sys
 
-from kernel import ROOT
+from kernel import run_stage
 
-LESSON = os.path.join(ROOT, "stages", "07_cni.py")
 
 
 def lesson(*args):
-    return subprocess.run([sys.executable, LESSON, "--color", "never", *args], capture_output=True, text=True,
-                          timeout=300)
+    return run_stage("07_cni.py", *args)
 
 
 def test_lesson_07_passes():

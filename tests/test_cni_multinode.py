@@ -1,18 +1,13 @@
 """The multi-node pod network (stages/07b_multinode.py): our plugin on two nodes with
 per-node subnets, VXLAN between them; a ping crosses the nodes, and without the routes
 it does not."""
-import os
-import subprocess
-import sys
 
-from kernel import ROOT
+from kernel import run_stage
 
-STAGE = os.path.join(ROOT, "stages", "07b_multinode.py")
 
 
 def stage(*args):
-    return subprocess.run([sys.executable, STAGE, "--color", "never", *args], capture_output=True, text=True,
-                          timeout=300)
+    return run_stage("07b_multinode.py", *args)
 
 
 def test_pods_on_two_nodes_reach_each_other_through_vxlan():

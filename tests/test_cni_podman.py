@@ -9,8 +9,7 @@ import os
 import pytest
 
 from kernel import cli, iptables_rules, links
-from runtimes import (IMAGE, Podman, allocations, cgroup_dirs, drop_new_cgroups, drop_scratch_dir, mount_cgroups,
-                      scratch_dir)
+from runtimes import IMAGE, Podman, allocations, runtime_session
 
 SUBNET = "10.244.11.0/24"
 GATEWAY = "10.244.11.1"
@@ -18,19 +17,8 @@ GATEWAY = "10.244.11.1"
 
 @pytest.fixture
 def podman():
-    mount_cgroups()
-    cgroups = cgroup_dirs()
-    directory = scratch_dir("pm")
-    pm = Podman(directory)
-    reason = pm.cannot_start()
-    if reason:
-        drop_scratch_dir(directory)
-        drop_new_cgroups(cgroups)
-        pytest.skip(reason)
-    yield pm
-    pm("rm", "-a", "-f", "-t", "0", check=False)
-    drop_scratch_dir(directory)
-    drop_new_cgroups(cgroups)
+    with runtime_session(Podman, "pm") as pm:
+        yield pm
 
 
 def veths():
@@ -49,7 +37,7 @@ def test_podman_runs_containers_on_our_plugin_and_rm_leaves_nothing(podman):
     proc = podman("run", "--name", "c2", "--network", "cnikit", IMAGE, "sh", "-c",
                   f"ip -4 -o addr show dev eth0 && ping -c 1 -W 2 {ip1} && ping -c 1 -W 2 {GATEWAY}", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"inet 10.244.11." in proc.stdout and f"{ip1}: seq=0" in proc.stdout and f"{GATEWAY}: seq=0" in proc.stdout
+    assert "inet 10.244.11." in proc.stdout and f"{ip1}: seq=0" in proc.stdout and f"{GATEWAY}: seq=0" in proc.stdout
     with open("/var/log/cni.log") as f:
         log = f.read()
     assert "VERSION" in log and "ADD" in log and c1 in log      # podman called ours, with its 64-hex id

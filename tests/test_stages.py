@@ -18,6 +18,7 @@ import pytest
 import sh
 
 from host_state import host_state
+from kernel import run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = os.path.join(ROOT, "stages")
@@ -30,10 +31,7 @@ TIMEOUT = 90
 
 
 def lesson(number, *args, input=None, env=None):
-    path = os.path.join(STAGES, LESSONS[number] + ".py")
-    return subprocess.run([sys.executable, path, "--color", "never", *args], capture_output=True,
-                          text=True, input=input, timeout=TIMEOUT, env=env,
-                          stdin=None if input is not None else subprocess.DEVNULL)
+    return run_stage(LESSONS[number] + ".py", *args, input=input, env=env, timeout=TIMEOUT)
 
 
 def verdict(proc):
@@ -92,7 +90,7 @@ def test_vxlan_device_down_on_one_node_makes_lesson_06_fail():
         L.checks = []
         mod.verify(L)
         assert not L.passed()
-        assert (f"pod1 on node1 reaches 10.0.6.12 on node2", False) in L.checks
+        assert ("pod1 on node1 reaches 10.0.6.12 on node2", False) in L.checks
     finally:
         L.r.stop_all()
 
