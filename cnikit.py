@@ -41,6 +41,10 @@ NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1
 VNI_MAX = 2 ** 24 - 1
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
+# What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
+# runtime writes (configs, plugins, address files, results, the plugin's log), so a lesson
+# or a test that installs and runs a plugin never writes to the host.
+SANDBOX_DIRS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cni", "/run/cnikit", "/var/log")
 PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "iptables": "iptables", "sysctl": "procps",
             "ping": "iputils-ping", "socat": "socat", "tcpdump": "tcpdump", "conntrack": "conntrack",
             "ss": "iproute2", "nsenter": "util-linux"}
@@ -1488,7 +1492,7 @@ def write_file_atomic(r, path, text, node=None):
     tmp = os.path.join(directory, "." + os.path.basename(path) + ".tmp")
     if node or r.dry_run or not os.path.isdir(directory):
         r.run(here + ["mkdir", "-p", directory])
-    r.run(stdin_here + ["cp", "/dev/stdin", tmp], input=text)
+    r.run(stdin_here + ["install", "-m", "0644", "/dev/stdin", tmp], input=text)
     r.run(here + ["mv", "-f", tmp, path])
 
 
@@ -1799,11 +1803,13 @@ def _check_libc(result, what):
         raise CnikitError(f"sandbox: {what} failed: {os.strerror(err)}")
 
 
-def enter_sandbox(private_dirs=()):
+def enter_sandbox(private_dirs=SANDBOX_DIRS):
     """Move this process into a fresh network namespace and a private mount
-    namespace with an empty /run/netns (and empty PRIVATE_DIRS), /sys showing the
-    new namespace. Whatever is created afterwards vanishes when the last process
-    in the sandbox exits; the host is never touched."""
+    namespace with an empty /run/netns and empty PRIVATE_DIRS (the CNI directories
+    and /var/log by default), /sys showing the new namespace. Whatever is created
+    afterwards vanishes when the last process in the sandbox exits; the host is never
+    touched (a private directory missing on the host is created there, empty, as its
+    mount point)."""
     if os.geteuid() != 0:
         raise UsageError("the sandbox needs root (it creates namespaces): run with sudo")
     libc = _libc()

@@ -32,7 +32,6 @@ import cnikit  # noqa: E402
 from runtimes import IMAGE, Containerd, Podman, cgroup_dirs, drop_new_cgroups, drop_scratch_dir, \
     mount_cgroups, scratch_dir  # noqa: E402
 
-PRIVATE_DIRS = ("/var/lib/cni", "/etc/cni", "/opt/cni/bin", "/run/cni", "/run/cnikit", "/var/log")
 CONF_DIR = "/etc/cni/net.d"
 TARGET = 1.05
 OURS = {"cniVersion": "1.0.0", "name": "ours", "plugins": [
@@ -131,7 +130,7 @@ def main():
         raise SystemExit("bench: needs root (it starts containers in a sandbox): sudo python3 bench/container_start.py")
     if not 1 <= args.rounds <= 500:
         raise SystemExit("bench: --rounds must be 1-500")
-    cnikit.enter_sandbox(private_dirs=PRIVATE_DIRS)
+    cnikit.enter_sandbox()                                 # CNI dirs and /var/log private too
     mount_cgroups()
     cgroups = cgroup_dirs()
     r = cnikit.Runner(quiet=True)

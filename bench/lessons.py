@@ -19,12 +19,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = os.path.join(ROOT, "stages")
+sys.path.insert(0, ROOT)
+import cnikit  # noqa: E402  (its sandbox's private directories)
 TARGET = 1.5
 BASELINE = "plain bash"
 # The same kind of sandbox the lessons make for themselves, in shell: a new network and
-# mount namespace with a private, empty /run/netns.
+# mount namespace with a private, empty /run/netns and CNI directories (lesson 07's script
+# installs a plugin and a config: they must land in the sandbox, never on the host).
+_PRIVATE = " ".join(("/run/netns",) + cnikit.SANDBOX_DIRS)
 SANDBOX = ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c",
-           'mkdir -p /run/netns && mount -t tmpfs tmpfs /run/netns && ip link set lo up && exec bash "$0"']
+           f'for d in {_PRIVATE}; do mkdir -p "$d" && mount -t tmpfs tmpfs "$d" || exit 1; done; '
+           'ip link set lo up && exec bash "$0"']
 # Background tools the script started (listeners, tcpdump) end with it, as the lesson's do.
 EPILOGUE = '\nkill $(jobs -p) 2>/dev/null; wait\n'
 

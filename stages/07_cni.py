@@ -8,28 +8,14 @@
 import ipaddress
 import json
 import os
-import subprocess
 
 from lesson import ROOT, Lesson, cnikit, ip
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
 PODS = ("pod1", "pod2")
-# What the runtime's sandbox needs private besides /run/netns: where CNI keeps files.
-CNI_DIRS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cnikit", "/var/log")
 KIND_YAML = os.path.join(ROOT, "kind.yaml")
 KIND_POD = "web"
 KIND_IMAGE = "busybox:1.36"
-
-
-def private_cni_dirs(L):
-    """In the sandbox, the CNI directories get their own empty tmpfs too (the sandbox's
-    mount namespace is private): the plugin, its config, address files and log live and
-    die with the lesson. On a real host (--host) they are the host's, and DEL cleans up."""
-    if L.on_host or L.r.dry_run:
-        return
-    for d in CNI_DIRS:
-        os.makedirs(d, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cnikit-lesson", d], check=True)
 
 
 LESSON = Lesson(
@@ -67,7 +53,6 @@ def call(L, pod):
 def build(L):
     r = L.r
     L.stage = {}
-    private_cni_dirs(L)
     if L.step("install the plugin where every runtime looks: the program in /opt/cni/bin under the "
               "`type` name its config uses, the config in /etc/cni/net.d (both written to a temp file, "
               "then renamed: a runtime must never read half a file)", skip="install"):

@@ -12,8 +12,6 @@ nodes get for free.
 """
 import ipaddress
 import json
-import os
-import subprocess
 
 from lesson import Lesson, cnikit, ip
 
@@ -23,7 +21,6 @@ NODES = {   # node -> underlay address, pod subnet, its pod
 }
 VNI, VXLAN = 1, "vxlan0"          # flannel's device is flannel.1 (VNI 1)
 MTU = 1500 - cnikit.VXLAN_OVERHEAD
-CNI_DIRS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cnikit", "/var/log")
 
 LESSON = Lesson(
     "07b", "multinode",
@@ -44,15 +41,6 @@ LESSON = Lesson(
                      "leave node1 by no route, the cross-node ping fails"},
     tools=("ip", "ping", "iptables", "bridge"),
 )
-
-
-def private_cni_dirs(L):
-    """In the sandbox the CNI directories are private tmpfs too (see lesson 07)."""
-    if L.on_host or L.r.dry_run:
-        return
-    for d in CNI_DIRS:
-        os.makedirs(d, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cnikit-lesson", d], check=True)
 
 
 def conf_dir(node):
@@ -87,7 +75,6 @@ def other(node):
 def build(L):
     r = L.r
     L.stage = {}
-    private_cni_dirs(L)
     L.step("two nodes (namespaces standing for machines) on one underlay link")
     for node in NODES:
         cnikit.netns_add(r, node, lo_up=True)

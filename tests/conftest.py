@@ -19,7 +19,7 @@ import cnikit  # noqa: E402
 from host_state import host_state  # noqa: E402
 
 # Directories a CNI plugin or runtime writes to: private (empty tmpfs) in every sandbox.
-PRIVATE_DIRS = ("/var/lib/cni", "/etc/cni", "/opt/cni/bin", "/run/cni", "/run/cnikit", "/var/log")
+PRIVATE_DIRS = cnikit.SANDBOX_DIRS
 
 # File descriptors of the namespaces pytest started in, and their state then.
 HOST = {}

@@ -2,8 +2,12 @@
 """Print, as JSON, the network state the hygiene test compares: namespaces, links,
 addresses, routes and iptables rules of the namespaces this runs in."""
 import json
+import os
 import shutil
 import subprocess
+
+
+CNI_PATHS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cnikit")
 
 
 def out(argv):
@@ -17,6 +21,10 @@ def host_state():
         "addrs": out(["ip", "-br", "addr"]),
         "routes": out(["ip", "route", "show", "table", "all"]),
     }
+    # What a CNI plugin or runtime writes: a test or lesson must leave these as they were.
+    state["cni_files"] = sorted(os.path.join(d, f) for top in CNI_PATHS if os.path.isdir(top)
+                                for d, _, files in os.walk(top) for f in files)
+    state["cni_log"] = os.path.exists("/var/log/cni.log")
     if shutil.which("iptables"):
         state["iptables"] = "".join(out(["iptables", "-t", t, "-S"]) for t in ("filter", "nat"))
     return state

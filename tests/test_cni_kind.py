@@ -26,9 +26,9 @@ def test_kind_install_dry_run_prints_every_docker_command():
                 f"docker exec {node} chmod 0755 /opt/cni/bin/.cnikit.tmp\n"
                 f"docker exec {node} mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit\n") in out
         assert (f"docker exec {node} mkdir -p /run/cnikit\n"
-                f"docker exec -i {node} cp /dev/stdin /run/cnikit/.subnet.env.tmp <<'EOF'\nCNIKIT_SUBNET={cidr}\nEOF\n"
+                f"docker exec -i {node} install -m 0644 /dev/stdin /run/cnikit/.subnet.env.tmp <<'EOF'\nCNIKIT_SUBNET={cidr}\nEOF\n"
                 f"docker exec {node} mv -f /run/cnikit/.subnet.env.tmp /run/cnikit/subnet.env\n") in out
-        assert f"docker exec -i {node} cp /dev/stdin /etc/cni/net.d/.10-cnikit.conflist.tmp <<'EOF'" in out
+        assert f"docker exec -i {node} install -m 0644 /dev/stdin /etc/cni/net.d/.10-cnikit.conflist.tmp <<'EOF'" in out
         assert " sh -c " not in out      # plain commands only, never a shell
         assert f"{node}: no python3 (kind node images carry none): installing python3-minimal in the node" in out
     # the look-ups it makes to decide, shown with -v

@@ -108,12 +108,13 @@ def test_install_dry_run_is_a_script_and_changes_nothing():
                          "sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp",
                          "mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit",
                          "mkdir -p /etc/cni/net.d",
-                         "cp /dev/stdin /etc/cni/net.d/.10-cnikit.conflist.tmp <<'EOF'"]
+                         "install -m 0644 /dev/stdin /etc/cni/net.d/.10-cnikit.conflist.tmp <<'EOF'"]
     assert lines[-1] == "mv -f /etc/cni/net.d/.10-cnikit.conflist.tmp /etc/cni/net.d/10-cnikit.conflist"
     # the printed script does the install when piped into sh
     sh.sh("-e", _in=proc.stdout)
     assert json.load(open("/etc/cni/net.d/10-cnikit.conflist"))["plugins"][0]["ipam"]["subnet"] == "10.244.1.0/24"
     assert os.access("/opt/cni/bin/cnikit", os.X_OK)
+    assert os.stat("/etc/cni/net.d/10-cnikit.conflist").st_mode & 0o777 == 0o644   # runtimes and people read it
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -1,5 +1,6 @@
 """Each verb against the real kernel, inside the test's sandbox."""
 import json
+import os
 import subprocess
 import time
 
@@ -216,6 +217,17 @@ def test_not_root_says_so_and_shows_what_would_run():
     assert "root is needed" in proc.stderr
     assert "ip link add br0 type bridge" in proc.stdout
     assert "br0" not in links()
+
+
+def test_sandbox_keeps_what_cni_writes_private():
+    # A plugin install, its config, address files and log inside a sandbox never reach
+    # the namespace that started it (here: the test's own sandbox, standing for the host).
+    marks = ["/etc/cni/net.d/10-x.conflist", "/opt/cni/bin/x", "/var/lib/cni/networks/x/10.0.0.2",
+             "/var/log/cni.log", "/run/cnikit/subnet.env", "/run/netns/x"]
+    script = " && ".join(f"mkdir -p {os.path.dirname(m)} && touch {m}" for m in marks)
+    proc = cli("sandbox", "--", "sh", "-c", script + " && ls " + " ".join(marks))
+    assert proc.returncode == 0, proc.stderr
+    assert all(not os.path.exists(m) for m in marks)
 
 
 def test_interactive_sandbox_shell_has_a_clear_prompt_and_leaves_nothing():
