@@ -40,7 +40,7 @@ test: deps
 	$(VPY) -m pytest tests
 
 demo: apt-deps
-	$(PYTHON) stages/demo.py
+	$(PYTHON) stages/demo.py $(ARGS)
 
 # One lesson: `sudo make stage-03 ARGS="--step"` runs stages/03_*.py. Lesson 06 on a real
 # host runs one node's half: ROLE=node1|node2 PEER=<other node's IP> [VERIFY=1] [UNDERLAY_DEV=eth1].

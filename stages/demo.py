@@ -2,9 +2,9 @@
 """Run every lesson (stages/0*.py) end to end, each in its own sandbox, and end with a
 table: lesson, PASS/FAIL, seconds. Exit 1 if any lesson failed.
 
-    sudo python3 stages/demo.py            # all lessons
+    sudo python3 stages/demo.py            # all lessons, each one's output as it runs
     sudo python3 stages/demo.py 03 05      # only these
-    sudo python3 stages/demo.py -v         # also print every lesson's full output
+    sudo python3 stages/demo.py -q         # only the table (and the end of a failed lesson)
 """
 import argparse
 import glob
@@ -25,25 +25,25 @@ def lessons(wanted=()):
     return found
 
 
-def run(path, verbose):
-    """(passed, seconds, output) of one lesson, non-interactive, in its own sandbox."""
+def run(path, quiet):
+    """(passed, seconds, output) of one lesson, non-interactive, in its own sandbox. Unless
+    QUIET the lesson talks to the terminal as it runs (colours included), and OUTPUT is ""."""
     started = time.monotonic()
+    capture = {"capture_output": True, "text": True} if quiet else {}
     try:
-        proc = subprocess.run([sys.executable, path, "--color", "never"], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=LESSON_TIMEOUT)
-        output, ok = proc.stdout + proc.stderr, proc.returncode == 0
+        proc = subprocess.run([sys.executable, path] + (["--color", "never"] if quiet else []),
+                              stdin=subprocess.DEVNULL, timeout=LESSON_TIMEOUT, **capture)
+        output, ok = (proc.stdout + proc.stderr) if quiet else "", proc.returncode == 0
     except subprocess.TimeoutExpired:
         output, ok = f"timed out after {LESSON_TIMEOUT}s", False
-    seconds = time.monotonic() - started
-    if verbose:
-        print(output, flush=True)
-    return ok, seconds, output
+    return ok, time.monotonic() - started, output
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="every lesson end to end in a sandbox, then a PASS/FAIL table")
     p.add_argument("only", nargs="*", metavar="NN", help="lesson numbers to run (default: all)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each lesson's full output")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the table (and the end of a failed lesson's output)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("demo: the lessons build real namespaces (in a sandbox) and need root: sudo make demo",
@@ -57,7 +57,7 @@ def main(argv=None):
     for path in paths:
         name = os.path.basename(path)[:-3]
         print(f"# running {name} ...", flush=True)
-        ok, seconds, output = run(path, args.verbose)
+        ok, seconds, output = run(path, args.quiet)
         rows.append((name, "PASS" if ok else "FAIL", f"{seconds:.1f}"))
         if not ok:
             failures.append((name, output))
@@ -69,8 +69,9 @@ def main(argv=None):
     total = sum(float(r[2]) for r in rows)
     print(f"{'total'.ljust(width)}  {len(rows) - len(failures)}/{len(rows)}     {total:>7.1f}")
     for name, output in failures:
-        print(f"\n# {name} failed; the end of its output:")
-        print("\n".join(output.rstrip().splitlines()[-TAIL:]))
+        if output:
+            print(f"\n# {name} failed; the end of its output:")
+            print("\n".join(output.rstrip().splitlines()[-TAIL:]))
     return 1 if failures else 0
 
 
