@@ -3,7 +3,8 @@
 
 cnikit builds what a CNI plugin builds (network namespaces, veth pairs, a bridge,
 NAT egress, a VXLAN overlay) by running iproute2 and iptables, and prints every
-command that changes the kernel as a line you can paste into a shell.
+command that changes the kernel as a line you can paste into a shell. It also plays
+the container runtime (`cnikit cni`): it calls a CNI plugin the way libcni does.
 
     sudo ./cnikit.py netns add ns1
     sudo ./cnikit.py veth add veth-ns1 eth0 --netns ns1 --addr 10.0.0.1/24 --peer-addr 10.0.0.2/24
@@ -18,7 +19,8 @@ procps (sysctl).  As a library, the stages/ lessons call the same functions:
 
 The story of this file, top to bottom: constants; errors; validation; argv
 builders (pure functions); the runner (the only place that executes anything);
-the verbs (netns, veth, bridge, nat, vxlan, show, cleanup); the sandbox; the CLI.
+the verbs (netns, veth, bridge, nat, vxlan, show, cleanup); cni (the runtime's part:
+call plugins, install them, kind); the sandbox; the CLI.
 """
 import argparse
 import base64
@@ -1850,6 +1852,7 @@ EPILOG = """examples:
   cnikit bridge add br0 --addr 10.0.0.1/24 && cnikit bridge attach br0 veth-ns1
   cnikit nat add 10.0.0.0/24 --out eth0
   cnikit -n node1 vxlan add vxlan0 --id 42 --remote 192.0.2.2 --dev eth0 --bridge br0
+  cnikit cni install && cnikit netns add pod1 && cnikit cni add pod1   # be the container runtime
   cnikit show                     # a picture of what exists now (--json for data)
   cnikit --dry-run bridge add br0 # print the commands only; pipe into `sh -e`
   cnikit sandbox                  # a throwaway shell: nothing you build there survives it
