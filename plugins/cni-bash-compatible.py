@@ -101,12 +101,12 @@ def log(line):
 def write_log(path):
     """Append this call's record in one write; a log we cannot write never fails the plugin."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o640)
         try:
             os.write(fd, ("\n".join(LOG) + "\n").encode("utf-8", "replace"))
         finally:
             os.close(fd)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         pass
 
 
@@ -461,11 +461,20 @@ def setns(fd):
         raise OSError(err, os.strerror(err))
 
 
+def open_netns(path):
+    """Open a namespace file: nsfs files are regular files, so a FIFO (open would block) or a
+    device (open may have side effects) is refused before it is opened."""
+    import stat
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(22, "not a regular file")
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+
+
 def check_netns(path, must_exist):
     """CNI_NETNS must be a network namespace file (NS_GET_NSTYPE says so); DEL may find it gone."""
     import fcntl
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_netns(path)
     except OSError as e:
         if must_exist or e.errno not in (2, 20):  # ENOENT, ENOTDIR: the pod is gone, fine for DEL
             raise CNIError(E_ENV, f"CNI_NETNS {path!r} cannot be opened: {e.strerror}")
@@ -483,7 +492,7 @@ def check_netns(path, must_exist):
 def open_container(netns):
     """A netlink socket inside the container's network namespace (and the namespace fd)."""
     try:
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_netns(netns)
     except OSError as e:
         raise CNIError(E_ENV, f"CNI_NETNS {netns!r} cannot be opened: {e.strerror}")
     host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -536,7 +545,7 @@ def valid_name(text, max_len=None):
 
 
 def valid_ifname(name):
-    return (0 < len(name) <= 15 and name not in (".", "..")
+    return (0 < len(name.encode("utf-8", "surrogateescape")) <= 15 and name not in (".", "..")
             and not any(c in "/:" or c.isspace() for c in name) and name.isprintable())
 
 
@@ -599,11 +608,13 @@ class Net:
         self.ipam_type = self.ipam.get("type") or ""
         if not isinstance(self.ipam_type, str) or (self.ipam_type and not valid_name(self.ipam_type)):
             raise CNIError(E_CONFIG, f"invalid ipam type {self.ipam_type!r}")
+        if self.ipam_type and self.ipam_type not in BUILTIN_IPAM and self.ipam_type == conf.get("type"):
+            raise CNIError(E_CONFIG, f"ipam.type {self.ipam_type!r} is this plugin itself (it would call itself forever)")
         self.runtime = lower_keys(conf.get("runtimeConfig"))
         self.args = cni_args
         self.prev = conf.get("prevResult") if isinstance(conf.get("prevResult"), dict) else None
         self.data_dir = self.ipam.get("dataDir") or DEFAULT_DATA_DIR
-        if not isinstance(self.data_dir, str) or not self.data_dir.startswith("/"):
+        if not isinstance(self.data_dir, str) or not self.data_dir.startswith("/") or "\0" in self.data_dir:
             raise CNIError(E_CONFIG, f"ipam.dataDir must be an absolute path, not {self.data_dir!r}")
 
     def flag(self, key, default):
@@ -619,6 +630,8 @@ class Net:
             sets = ipam["ranges"]
             if not isinstance(sets, list) or not all(isinstance(s, list) and s for s in sets):
                 raise CNIError(E_CONFIG, "ipam.ranges must be a list of non-empty lists of ranges")
+            if ipam.get("subnet"):  # host-local: the old single range comes first
+                sets = [[dict(ipam, subnet=ipam["subnet"])]] + sets
         else:
             subnet = ipam.get("subnet") or self.args.get("CNIKIT_SUBNET") or node_subnet() or DEFAULT_SUBNET
             sets = [[dict(ipam, subnet=subnet)]]
@@ -800,13 +813,13 @@ def builtin_add(net, cid, ifname):
         try:
             for index, rset in enumerate(sets):
                 ips.append(allocate(store, index, rset, wanted, cid, ifname))
+            for w in wanted:
+                if not any(w == (ip["family"], ip["n"]) for ip in ips):
+                    raise CNIError(E_CONFIG, f"requested IP {fmt_ip(*w)} is in none of the ranges")
         except CNIError:
             for ip in ips:
                 store.release(ip["family"], ip["n"])
             raise
-    for w in wanted:
-        if not any(w == (ip["family"], ip["n"]) for ip in ips):
-            raise CNIError(E_CONFIG, f"requested IP {fmt_ip(*w)} is in none of the ranges")
     return ips
 
 
@@ -822,6 +835,7 @@ def allocate(store, index, rset, wanted, cid, ifname):
                     raise CNIError(E_CONFIG, f"requested IP {fmt_ip(family, n)} is the gateway")
                 if not store.reserve(family, n, cid, ifname):
                     raise CNIError(E_TRY_LATER, f"requested IP {fmt_ip(family, n)} is already allocated")
+                store.set_last(index, family, n)
                 return lease(r, n)
     for r, n in candidates(rset, store.last(index)):
         if store.reserve(r["family"], n, cid, ifname):
@@ -862,7 +876,9 @@ def delegate(net, command, raw):
     path = find_plugin(net.ipam_type)
     if not path:
         raise CNIError(E_CONFIG, f"IPAM plugin {net.ipam_type!r} not found in CNI_PATH")
-    env = dict(os.environ, CNI_COMMAND=command)
+    if os.environ.get("CNIKIT_DELEGATED"):  # we are the IPAM plugin of ourselves (another name): stop the loop
+        raise CNIError(E_CONFIG, f"ipam.type {net.ipam_type!r} leads back to this plugin")
+    env = dict(os.environ, CNI_COMMAND=command, CNIKIT_DELEGATED="1")
     try:
         out = run([path], stdin=raw, env=env)
     except CNIError as e:
@@ -930,7 +946,8 @@ def chain_name(network, cid, ifname):
 
 
 def masq_comment(network, cid, ifname):
-    return f"cnikit name: {network} id: {cid} if: {ifname}"
+    """At most 255 characters (xt_comment); the network part always fits (names <= 200)."""
+    return f"cnikit name: {network} id: {cid} if: {ifname}"[:255]
 
 
 def tool(family, name):
@@ -993,19 +1010,16 @@ def teardown_attachment_masq(net, cid, ifname, ips):
 
 
 def our_chains(network):
-    """{chain: (container id, ifname)} of this network's attachments, from the rule comments."""
-    found = {}
+    """The CNIKIT- chains of this network's attachments, from the rule comments."""
+    found = set()
     for family in (AF_INET, AF_INET6):
         if not which(tool(family, "iptables-save")):
             continue
         for line in run([tool(family, "iptables-save"), "-t", "nat"]).splitlines():
             if not line.startswith("-A POSTROUTING ") or f" -j {CHAIN_PREFIX}" not in line:
                 continue
-            marker = f'--comment "cnikit name: {network} id: '
-            if marker in line:
-                rest = line.split(marker, 1)[1].split('"', 1)[0]
-                cid, _, ifname = rest.partition(" if: ")
-                found[line.rsplit(" -j ", 1)[1]] = (cid, ifname)
+            if f'--comment "cnikit name: {network} id: ' in line:
+                found.add(line.rsplit(" -j ", 1)[1])
     return found
 
 
@@ -1273,11 +1287,15 @@ def cmd_status(net):
         except CNIError as e:
             problems.append(e.msg)
             sets = []
-        with Store(net.data_dir, net.name) as store:
-            taken = set(store.allocations())
-            for rset in sets:
-                if not any((r["family"], n) not in taken for r, n in candidates(rset, None)):
-                    problems.append("no IP addresses left in " + ", ".join(fmt_cidr(*r["subnet"]) for r in rset))
+        try:
+            with Store(net.data_dir, net.name) as store:
+                taken = set(store.allocations())
+        except CNIError as e:
+            problems.append(e.msg)
+            taken, sets = set(), []
+        for rset in sets:
+            if not any((r["family"], n) not in taken for r, n in candidates(rset, None)):
+                problems.append("no IP addresses left in " + ", ".join(fmt_cidr(*r["subnet"]) for r in rset))
     elif not find_plugin(net.ipam_type):
         problems.append(f"IPAM plugin {net.ipam_type!r} not found in CNI_PATH")
     if problems:
@@ -1288,9 +1306,13 @@ def cmd_gc(net):
     valid = net.raw.get("cni.dev/valid-attachments", net.raw.get("cni.dev/attachments"))
     if not isinstance(valid, list):
         raise CNIError(E_CONFIG, "GC needs cni.dev/valid-attachments")
-    keep = {(a.get("containerID"), a.get("ifname")) for a in valid if isinstance(a, dict)}
+    if not all(isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)
+               for a in valid):
+        raise CNIError(E_CONFIG, "cni.dev/valid-attachments: every entry needs string containerID and ifname")
+    keep = {(a["containerID"], a["ifname"]) for a in valid}
     if net.masq or which("iptables-save"):
-        stale = [c for c, att in our_chains(net.name).items() if att not in keep]
+        keep_chains = {chain_name(net.name, cid, ifname) for cid, ifname in keep}
+        stale = [c for c in our_chains(net.name) if c not in keep_chains]
         if stale:
             teardown_masq(stale)
     if use_builtin(net) or net.ipam_type == "host-local":  # host-local's files are ours too
@@ -1326,6 +1348,17 @@ def main():
             return cmd_version(raw)
         if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
             raise CNIError(E_ENV, f"unknown CNI_COMMAND {command!r}")
+        # the config first: an error about the environment is printed in the config's version too
+        raw = read_stdin()
+        log(f"  stdin: {raw.decode('utf-8', 'replace').strip()}")
+        try:
+            conf, undecodable = decode_config(raw), None
+        except CNIError as e:
+            conf, undecodable = {}, e
+        if isinstance(conf.get("cniVersion"), str):
+            version = conf["cniVersion"] if conf["cniVersion"] in SUPPORTED_VERSIONS else LATEST
+        if isinstance(conf.get("log"), str) and not os.environ.get("CNIKIT_LOG"):
+            main.log_path = conf["log"]
         needed = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
                   "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
                   "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")}.get(command, ())
@@ -1339,11 +1372,8 @@ def main():
             raise CNIError(E_ENV, "invalid CNI_NETNS: must be an absolute path to a network namespace")
         if env["CNI_NETNS"]:
             check_netns(env["CNI_NETNS"], must_exist=command != "DEL")
-        raw = read_stdin()
-        log(f"  stdin: {raw.decode('utf-8', 'replace').strip()}")
-        conf = decode_config(raw)
-        if isinstance(conf.get("cniVersion"), str):
-            version = conf["cniVersion"] if conf["cniVersion"] in SUPPORTED_VERSIONS else LATEST
+        if undecodable:
+            raise undecodable
         if conf.get("cniVersion") not in SUPPORTED_VERSIONS:
             raise CNIError(E_VERSION, f"unsupported cniVersion {conf.get('cniVersion')!r}",
                            "supported: " + ", ".join(SUPPORTED_VERSIONS))
@@ -1351,8 +1381,6 @@ def main():
             raise CNIError(E_VERSION, f"CHECK is not supported in cniVersion {conf['cniVersion']}")
         if command in ("STATUS", "GC") and conf["cniVersion"] < "1.1.0":
             raise CNIError(E_VERSION, f"{command} is not supported in cniVersion {conf['cniVersion']}")
-        if isinstance(conf.get("log"), str) and not os.environ.get("CNIKIT_LOG"):
-            main.log_path = conf["log"]
         net = Net(conf, parse_cni_args(os.environ.get("CNI_ARGS", "")))
         if command == "ADD":
             return cmd_add(net, env, raw)

@@ -279,3 +279,95 @@ def test_oversized_stdin_is_refused():
     big = json.dumps(dict(CLASSIC, pad="x" * (2 << 20))).encode()
     assert "larger than" in error(cni("ADD", None, stdin=big, cid="p1"), 6)["msg"]
     assert "eth0" not in links("p1")
+
+
+# ---------------------------------------------------------------- review: defects found and fixed
+
+def test_requested_ip_outside_every_range_leaves_no_allocation():
+    netns("p1")
+    c = conf(ipMasq=False)
+    assert "none of the ranges" in error(cni("ADD", c, cid="p1", args="IgnoreUnknown=1;IP=10.99.0.5"), 7)["msg"]
+    assert allocation_files("testnet") == {}
+    # a range set that fulfils nothing asked for must not keep what it took either
+    c = conf(ipMasq=False, ipam={"ranges": [[{"subnet": "10.5.0.0/24"}], [{"subnet": "fd00:5::/64"}]]})
+    error(cni("ADD", c, cid="p1", args="IgnoreUnknown=1;IP=10.6.0.9"), 7)
+    assert allocation_files("testnet") == {} and "eth0" not in links("p1")
+
+
+def test_requested_ip_moves_the_round_robin_cursor_like_host_local():
+    c = conf(ipMasq=False)
+    ns = netns("p1")
+    ok(cni("ADD", c, cid="p1", netns=ns, args="IgnoreUnknown=1;IP=10.244.0.50"))
+    assert pod("p2", c)["ips"][0]["address"] == "10.244.0.51/24"
+
+
+def test_top_level_subnet_is_prepended_to_ranges_like_host_local():
+    c = conf(ipMasq=False, ipam={"subnet": "10.6.0.0/24", "ranges": [[{"subnet": "fd00:6::/64"}]]})
+    res = pod("p1", c)
+    assert [ip["address"] for ip in res["ips"]] == ["10.6.0.2/24", "fd00:6::2/64"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev"])
+def test_netns_that_is_a_fifo_or_device_is_refused_without_blocking(kind):
+    path = "/run/cni/ns-" + kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/null", path)
+    for verb in ("ADD", "DEL", "CHECK"):
+        c = conf(prevResult={}) if verb == "CHECK" else conf()
+        error(cni(verb, c, cid="p1", netns=path), 4)  # cni() times out (60 s) if the open blocks
+
+
+def test_log_path_with_a_nul_or_a_fifo_never_breaks_the_plugin():
+    netns("p1")
+    res = cni("ADD", conf(ipMasq=False, log="/run/cni/a\u0000b"), cid="p1")
+    ok(res)
+    os.mkfifo("/run/cni/log.fifo")
+    netns("p2")
+    ok(cni("ADD", conf(ipMasq=False, log="/run/cni/log.fifo"), cid="p2"))
+
+
+def test_long_container_id_gets_masquerade_and_gc_still_tells_attachments_apart():
+    c = conf("1.1.0")
+    long_a, long_b = "a" * 1000, "a" * 999 + "b"  # the same first 255 comment characters
+    for cid in (long_a, long_b):
+        ns = netns(cid[-1])
+        ok(cni("ADD", c, cid=cid, netns=ns))
+    assert nat_rules().count("-j CNIKIT-") == 2
+    gc = dict(c, **{"cni.dev/valid-attachments": [{"containerID": long_a, "ifname": "eth0"}]})
+    ok(cni("GC", gc))
+    assert nat_rules().count("-j CNIKIT-") == 1
+    assert list(allocation_files("testnet").values()) == [long_a + "\r\neth0"]
+    ok(cni("DEL", c, cid=long_a, netns=""))
+    assert "CNIKIT-" not in nat_rules() and allocation_files("testnet") == {}
+
+
+@pytest.mark.parametrize("attachments", [[1], ["a"], [{"containerID": ["x"], "ifname": "eth0"}],
+                                         [{"containerID": "a"}]])
+def test_gc_with_a_malformed_attachment_list_is_a_config_error_and_releases_nothing(attachments):
+    c = conf("1.1.0")
+    pod("a", c)
+    error(cni("GC", dict(c, **{"cni.dev/valid-attachments": attachments})), 7)
+    assert list(allocation_files("testnet").values()) == ["a\r\neth0"] and "id: a if: eth0" in nat_rules()
+
+
+def test_status_is_50_when_the_data_dir_is_unusable():
+    assert "cannot lock" in error(cni("STATUS", conf("1.1.0", ipMasq=False, ipam={"dataDir": "/proc/nope"})), 50)["msg"]
+
+
+def test_data_dir_with_a_nul_is_a_config_error():
+    for verb in ("ADD", "DEL"):
+        netns("p1") if verb == "ADD" else None
+        error(cni(verb, conf(ipMasq=False, ipam={"dataDir": "/run/cni/a\u0000b"}), cid="p1"), 7)
+
+
+def test_ifname_longer_than_15_bytes_is_refused_before_anything_is_allocated():
+    netns("p1")
+    error(cni("ADD", conf(ipMasq=False), cid="p1", ifname="\u00e9" * 9), 4)
+    assert allocation_files("testnet") == {}
+
+
+def test_an_environment_error_is_printed_in_the_config_version():
+    netns("p1")
+    assert error(cni("ADD", conf("0.3.1"), cid="p1", ifname="."), 4)["cniVersion"] == "0.3.1"

@@ -130,3 +130,22 @@ def test_round_robin_continues_after_the_last_reserved_address(plugin):
     assert got == [2, 3, 4]
     plugin.builtin_del(net, "c0", "eth0")
     assert [plugin.builtin_add(net, f"d{i}", "eth0")[0]["n"] & 0xFF for i in range(3)] == [5, 6, 2]
+
+
+def test_ipam_type_naming_the_plugin_itself_is_refused_not_run_forever(plugin, fp):
+    path = fake_ipam("/run/cni/bin/selfy")
+    fp.register([path], stdout="{}")
+    os.environ["CNI_PATH"] = "/run/cni/bin"
+    try:
+        with pytest.raises(plugin.CNIError) as err:  # refused while reading the config
+            plugin.cmd_add(make_net(plugin, {"type": "selfy", "ipMasq": False, "ipam": {"type": "selfy"}}), env(), b"{}")
+        assert err.value.code == plugin.E_CONFIG and fp.call_count([path]) == 0
+        # an indirect loop (another name for this plugin): the delegated call refuses to delegate again
+        os.environ["CNIKIT_DELEGATED"] = "1"
+        net = make_net(plugin, {"ipMasq": False, "ipam": {"type": "selfy"}})
+        with pytest.raises(plugin.CNIError) as err:
+            plugin.cmd_add(net, env("p2"), b"{}")
+        assert err.value.code == plugin.E_CONFIG and fp.call_count([path]) == 0
+    finally:
+        os.environ.pop("CNI_PATH")
+        os.environ.pop("CNIKIT_DELEGATED", None)
