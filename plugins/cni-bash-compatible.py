@@ -888,11 +888,32 @@ def delegate(net, command, raw):
         except Exception:
             pass
         raise
-    return json_loads(out) if out.strip() else {}
+    return out
+
+
+def ipam_plugin_add(net, raw):
+    """Delegated ADD: a failing plugin cleaned up after itself; an unusable answer is released here."""
+    out = delegate(net, "ADD", raw)
+    try:
+        res = json_loads(out)
+        if not isinstance(res, dict):
+            raise ValueError("not a JSON object")
+        ips = ipam_result_ips(res)
+        if not isinstance(res.get("routes") or [], list) or not isinstance(res.get("dns") or {}, dict):
+            raise ValueError("routes must be a list and dns an object")
+    except (KeyError, ValueError, TypeError) as e:
+        try:
+            delegate(net, "DEL", raw)
+        except CNIError as e2:
+            log(f"  IPAM DEL after an unusable ADD result failed: {e2.msg}")
+        raise CNIError(E_COMMAND, f"{net.ipam_type}: unusable ADD result: {e}", out[:1000])
+    return res, ips
 
 
 def ipam_result_ips(res):
     ips = []
+    if not isinstance(res.get("ips") or [], list) or not all(isinstance(ip, dict) for ip in res.get("ips") or []):
+        raise ValueError("ips must be a list of objects")
     for ip in res.get("ips") or []:
         family, n, plen = parse_cidr(ip["address"])
         gw = parse_ip(ip["gateway"])[1] if ip.get("gateway") else None
@@ -905,12 +926,7 @@ def ipam_add(net, cid, ifname, raw):
         ips = builtin_add(net, cid, ifname)
         routes = net.ipam.get("routes") or []
         return ips, routes, {}
-    res = delegate(net, "ADD", raw)
-    try:
-        ips = ipam_result_ips(res)
-    except (KeyError, ValueError, TypeError) as e:
-        delegate(net, "DEL", raw)
-        raise CNIError(E_CONFIG, f"IPAM plugin returned an unusable result: {e}")
+    res, ips = ipam_plugin_add(net, raw)
     for ip in ips:  # like the reference bridge: a gateway is the subnet's first address when unset
         if ip["gw"] is None:
             ip["gw"] = ip["subnet"][1] + 1
@@ -1006,7 +1022,12 @@ def teardown_attachment_masq(net, cid, ifname, ips):
                 continue
             except CNIError:
                 pass
-        teardown_masq([chain], (family,))
+            teardown_masq([chain], (family,))
+        else:  # nothing known about this attachment: look, but a family we only guess at never fails DEL
+            try:
+                teardown_masq([chain], (family,))
+            except CNIError as e:
+                log(f"  ignored: {e.msg} {e.details}")
 
 
 def our_chains(network):
@@ -1242,6 +1263,10 @@ def cmd_check(net, env, raw):
     if cont is None:
         fail(f"interface {ifname} is missing in {netns}")
     ifaces = prev.get("interfaces") or []
+    if not isinstance(ifaces, list) or not all(isinstance(i, dict) and isinstance(i.get("mac", ""), str) for i in ifaces):
+        raise CNIError(E_CONFIG, "invalid prevResult: interfaces must be a list of objects with string macs")
+    if not isinstance(prev.get("routes") or [], list):
+        raise CNIError(E_CONFIG, "invalid prevResult: routes must be a list")
     for i in ifaces:
         if i.get("name") == ifname and i.get("sandbox") and i.get("mac") and i["mac"].lower() != cont["mac"]:
             fail(f"{ifname} has MAC {cont['mac']}, prevResult says {i['mac']}")

@@ -371,3 +371,37 @@ def test_ifname_longer_than_15_bytes_is_refused_before_anything_is_allocated():
 def test_an_environment_error_is_printed_in_the_config_version():
     netns("p1")
     assert error(cni("ADD", conf("0.3.1"), cid="p1", ifname="."), 4)["cniVersion"] == "0.3.1"
+
+
+@pytest.mark.parametrize("prev", [{"interfaces": ["x"]}, {"interfaces": [{"name": "eth0", "sandbox": "/x", "mac": 5}]},
+                                  {"interfaces": {"a": 1}}, {"routes": "x"}])
+def test_check_with_a_malformed_prev_result_is_a_config_error(prev):
+    c = conf(ipMasq=False)
+    pod("p1", c)
+    error(cni("CHECK", dict(c, prevResult=prev), cid="p1"), 7)
+
+
+def fake_plugin(name, body):
+    os.makedirs("/run/cni/bin", exist_ok=True)
+    path = f"/run/cni/bin/{name}"
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\necho \"$CNI_COMMAND\" >> /run/cni/calls\n" + body)
+    os.chmod(path, 0o755)
+
+
+@pytest.mark.parametrize("output", ["garbage", "[1]", '{"ips": [{"address": "nope"}]}'])
+def test_an_ipam_plugin_answering_nonsense_is_released_and_reported(output):
+    fake_plugin("junk", f"echo '{output}'\n")
+    netns("p1")
+    res = error(cni("ADD", conf(ipMasq=False, ipam={"type": "junk"}), cid="p1", path="/run/cni/bin"), 102)
+    assert "junk" in res["msg"]
+    assert open("/run/cni/calls").read().split() == ["ADD", "DEL"]
+    assert "eth0" not in links("p1")
+
+
+def test_del_of_an_unknown_attachment_survives_a_failing_ip6tables_save():
+    os.makedirs("/run/cni/fakebin")
+    with open("/run/cni/fakebin/ip6tables-save", "w") as f:
+        f.write("#!/bin/sh\necho 'ip6tables-save: no nat table' >&2\nexit 1\n")
+    os.chmod("/run/cni/fakebin/ip6tables-save", 0o755)
+    ok(cni("DEL", CLASSIC, cid="never-added", netns="", PATH="/run/cni/fakebin:/usr/sbin:/usr/bin:/sbin:/bin"))
