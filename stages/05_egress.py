@@ -8,6 +8,8 @@ the host: default route, forwarding, and NAT (MASQUERADE).
 "The internet" is a namespace this lesson creates, with a server at a documentation
 address (203.0.113.10): no packet leaves the lesson's own namespaces.
 """
+import re
+
 from lesson import Lesson, cnikit, have, in_netns, ip, read_until
 
 BRIDGE, GATEWAY = "br0", "10.0.5.1/24"
@@ -74,7 +76,7 @@ def build(L):
     L.check(f"without NAT, ns1 cannot reach {SERVER_IP}", not _ping_seen_by_server(L))
     L.say(f"the missing piece: the request left with source {NS_IP}, a private address; the "
           "server's reply goes to 10.0.5.2, and the internet has no route to it:")
-    r.probe(ip("route", "get", NS_IP, ns=INTERNET))
+    r.probe(ip("route", "get", NS_IP, ns=INTERNET), expect_fail=True)
 
     if L.step(f"MASQUERADE rewrites the source of what leaves uplink0 to {UPLINK_IP}, an address "
               "the internet can answer; conntrack maps the replies back to 10.0.5.2", skip="nat"):
@@ -91,7 +93,7 @@ def _ping_seen_by_server(L):
         capture = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", "eth0", "-c", "2", "icmp"], INTERNET))
         if capture is not None and read_until(capture, "listening on", "stderr") is None:
             L.say("tcpdump did not start; going on without it")
-    answered = L.ping(SERVER_IP, NS)
+    answered = L.ping(SERVER_IP, NS, expect_fail=True)
     if capture is not None:
         out, _ = r.stop(capture)
         if not r.quiet:
@@ -112,9 +114,19 @@ def verify(L):
         L.say("conntrack remembers each translation; its reply direction is addressed to the uplink:")
         ok, out = r.probe(["conntrack", "-L", "-s", NS_IP])
         L.check(f"conntrack holds ns1's flow with replies to {UPLINK_IP}",
-                ok and f"dst={UPLINK_IP}" in out, out.strip().splitlines()[-1] if out.strip() else "")
+                ok and _replies_to(out, UPLINK_IP), out.strip().splitlines()[-1] if out.strip() else "")
     else:
         L.say("conntrack (Debian package conntrack) is not installed: skipping the look at the NAT table")
+
+
+def _replies_to(conntrack_out, addr):
+    """Does a flow's reply direction (its second src=/dst= pair) go to ADDR? Whole
+    addresses only: dst=203.0.113.1 is not dst=203.0.113.10."""
+    for line in conntrack_out.splitlines():
+        dsts = re.findall(r"\bdst=(\S+)", line)
+        if len(dsts) >= 2 and dsts[1] == addr:
+            return True
+    return False
 
 
 if __name__ == "__main__":

@@ -126,10 +126,23 @@ def verify_pods(L, role, peer_ip, underlay_dev, host=None):
     L.check(f"vxlan0 sent and received packets during the ping (tx {before[0]}->{after[0]}, "
             f"rx {before[1]}->{after[1]})", after[0] > before[0] and after[1] > before[1])
 
+    check_learned(L, role, peer_ip, host)
+
+
+def check_learned(L, role, peer_ip, host=None, pod_ns=None):
+    """ROLE's vxlan0 learned, from the ping, a MAC behind PEER_IP: the other pod's own
+    eth0 MAC when POD_NS (its namespace) can be looked at from here (the sandbox), any
+    remote MAC otherwise (the other pod lives on another machine)."""
+    r = L.r
     _, fdb = r.probe(bridge("fdb", "show", "dev", VXLAN, ns=host))
-    learned = [line for line in fdb.splitlines()
+    learned = [line.split()[0] for line in fdb.splitlines()
                if f"dst {peer_ip}" in line and not line.startswith(FLOOD)]
-    L.check(f"vxlan0 learned a remote MAC behind {peer_ip}", learned)
+    if pod_ns is None:
+        L.check(f"vxlan0 learned a remote MAC behind {peer_ip}", learned)
+        return
+    ok, link = r.probe(ip("-br", "link", "show", "dev", "eth0", ns=pod_ns))
+    mac = link.split()[2] if ok and len(link.split()) > 2 else "?"
+    L.check(f"{role}'s vxlan0 learned {pod_ns}'s MAC {mac} behind {peer_ip}", mac in learned)
 
 
 def _counters(r, host):
@@ -156,6 +169,10 @@ def build(L):
 
 def verify(L):
     verify_pods(L, "node1", ip_of(NODES["node2"]["underlay"]), UNDERLAY_DEV, host="node1")
+    # Each side learned where the other pod lives: the MAC of the pod's own eth0.
+    for role in NODES:
+        check_learned(L, role, ip_of(NODES[other(role)]["underlay"]), host=role,
+                      pod_ns=NODES[other(role)]["pod"])
 
 
 # ---------------------------------------------------------------- a real host: one node

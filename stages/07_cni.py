@@ -38,6 +38,10 @@ LESSON = Lesson(
     skips={"install": "no plugin of type cnikit in CNI_PATH: ADD fails, as kubelet reports "
                       "'failed to find plugin', and the pods get no network"},
     tools=("ip", "ping", "iptables"),
+    # what the plugin's ADD does besides what the lesson runs: the bridge, forwarding, its
+    # address files and its log
+    indirect={"links": ["cni0"], "sysctls": ["net.ipv4.ip_forward"],
+              "paths": [os.path.join("/var/lib/cni/networks", cnikit.CNI_NET), cnikit.CNI_LOG]},
 )
 
 

@@ -48,6 +48,8 @@ class LessonRunner(cnikit.Runner):
         super().__init__(**kw)
         self.stepping = stepping
         self.procs = []
+        self.spawned = 0          # background processes started (a dry run's script must stop them)
+        self._suffix = ""
 
     def _pause(self):
         """Like a presenter: the command is on screen, Enter runs it, q quits."""
@@ -63,8 +65,17 @@ class LessonRunner(cnikit.Runner):
             raise KeyboardInterrupt
 
     def echo(self, argv, suffix=""):
-        super().echo(argv, suffix)
+        super().echo(argv, suffix or self._suffix)
         self._pause()
+
+    def probe(self, argv, timeout=30, expect_fail=False):
+        """As cnikit's probe; EXPECT_FAIL (a command the lesson shows failing) is printed
+        with `|| true`, so the line, and a dry run piped into `sh -e`, carry on past it."""
+        self._suffix = " || true" if expect_fail else ""
+        try:
+            return super().probe(argv, timeout)
+        finally:
+            self._suffix = ""
 
     def show(self, argv):
         """As cnikit's show, but -q (a lesson's "verdict only") keeps it silent too."""
@@ -82,6 +93,7 @@ class LessonRunner(cnikit.Runner):
         """Start a background process, echoed with `&`; STDIN=True gives it a pipe
         the lesson writes to. Each gets its own process group, stopped as a whole."""
         proc = super().spawn(argv, stdin=stdin)
+        self.spawned += 1
         if proc is not None:
             self.procs.append(proc)
         return proc
@@ -150,8 +162,13 @@ def read_until(proc, pattern, stream="stdout", timeout=WAIT_READY):
 # ---------------------------------------------------------------- the lesson
 
 class Lesson:
-    def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping")):
+    def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping"), indirect=None):
         self.number, self.title, self.goal = number, title, goal
+        # What the lesson changes on a host through another program (lesson 07's plugin
+        # makes cni0 and switches forwarding on): {"links": [...], "sysctls": [...], "paths": [...]}.
+        # --host names them, refuses a link that already exists, and undoes them at the end
+        # (a path only when it did not exist before).
+        self.indirect = dict(indirect or {})
         self.picture = picture.strip("\n")
         self.skips = dict(skips or {})      # step name -> what breaks without it
         self.tools = tools
@@ -204,10 +221,11 @@ class Lesson:
     def passed(self):
         return bool(self.checks) and all(ok for _, ok in self.checks)
 
-    def ping(self, addr, ns=None, count=1):
-        """ping ADDR from inside NS (or from where the lesson runs); True if answered."""
+    def ping(self, addr, ns=None, count=1, expect_fail=False):
+        """ping ADDR from inside NS (or from where the lesson runs); True if answered.
+        EXPECT_FAIL: the lesson shows this ping failing (printed with `|| true`)."""
         argv = list(PING) if count == 1 else ["ping", "-c", str(count), "-i", "0.2", "-W", "1"]
-        return self.r.probe(in_netns(argv + [addr], ns))[0]
+        return self.r.probe(in_netns(argv + [addr], ns), expect_fail=expect_fail)[0]
 
     def wait_listening(self, port, ns=None):
         """Wait until a TCP listener is up on PORT (the server starts in the background)."""
@@ -309,9 +327,20 @@ class Lesson:
             cnikit.enter_sandbox()
             return
         planned = self.plan(build)
+        links, sysctls = self.indirect.get("links", ()), self.indirect.get("sysctls", ())
         if not adopt:         # ADOPT: a re-run of the same lesson half may find its own objects
-            self._refuse_existing(planned)
-        self.host_changes = _summarize(planned)
+            self._refuse_existing(planned + [["ip", "link", "add", name] for name in links])
+        self.host_changes = _summarize(planned + [["ip", "link", "add", f"{name} (by the plugin)"] for name in links]
+                                       + [["sysctl", "-w", key] for key in sysctls])
+        for key in sysctls:   # undone last, after everything the lesson made itself
+            ok, old = self.r.query(["sysctl", "-n", key])
+            if ok:
+                self.r.undo.append(cnikit.sysctl_set(key, old.strip()))
+        for name in links:
+            self.r.undo.append(ip("link", "del", name))
+        for path in self.indirect.get("paths", ()):   # removed at the end only if the lesson made it
+            if not os.path.lexists(path):
+                self.r.undo.append(["rm", "-rf", path])
 
     def _refuse_existing(self, planned):
         """On a real host, names the lesson would create must be free: it must never
@@ -323,10 +352,18 @@ class Lesson:
             if argv[:3] == ["ip", "link", "add"] and cnikit.get_link(self.r, argv[3]):
                 raise cnikit.UsageError(f"interface {argv[3]} already exists on this host; "
                                         "delete it or run the lesson in the sandbox (without --host)")
+            if argv[:2] == ["mv", "-f"] and os.path.exists(argv[3]):
+                raise cnikit.UsageError(f"{argv[3]} already exists on this host; the lesson would replace "
+                                        "it: remove it or run the lesson in the sandbox (without --host)")
 
     def _verdict(self, args, finish):
         r = self.r
         if r.dry_run:
+            if r.spawned and not r.quiet:
+                # The live lesson stops its listeners and captures; so must the script, or
+                # they outlive it (and keep its namespaces alive).
+                r.note("stop what this script started in the background (listeners, captures)")
+                r._print("kill $(jobs -p) 2>/dev/null || true")
             r.note("dry run: the checks above were printed, not run; the lesson's picture of what "
                    "exists comes from: " + shlex.join([CNIKIT, "show"]))
             return EXIT_PASS
@@ -379,7 +416,7 @@ def _sandbox_shell():
 def _summarize(planned):
     """What a list of argv lists changes on the host, in a few lines a reader can judge
     (what happens inside the lesson's own namespaces goes away with them)."""
-    groups = {"namespaces": [], "links": [], "routes": [], "iptables rules": [], "sysctls": []}
+    groups = {"namespaces": [], "links": [], "routes": [], "iptables rules": [], "sysctls": [], "files": []}
     for argv in planned:
         if argv[:3] == ["ip", "netns", "add"]:
             groups["namespaces"].append(argv[3])
@@ -391,6 +428,8 @@ def _summarize(planned):
             groups["iptables rules"].append(shlex.join(argv[1:]))
         elif argv[:2] == ["sysctl", "-w"]:
             groups["sysctls"].append(argv[2] + " (restored at the end)")
+        elif argv[:2] == ["mv", "-f"]:
+            groups["files"].append(argv[3])
     lines = []
     for name, items in groups.items():
         items = list(dict.fromkeys(items))          # a plan may repeat a change; say it once

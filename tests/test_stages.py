@@ -11,8 +11,10 @@ import ipaddress
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import sh
@@ -145,7 +147,7 @@ def test_dry_run_is_a_shell_script_with_the_checks_and_changes_nothing(number):
     assert len(body) == 2 and re.search(r"^(ip|ping|bridge|conntrack|socat)\b", body[1], re.M)
     for line in script.splitlines():
         assert not line or line.startswith("#") or shlex.split(line)[0] in {
-            "ip", "bridge", "iptables", "sysctl", "ping", "socat", "tcpdump", "conntrack", "ss"}, line
+            "ip", "bridge", "iptables", "sysctl", "ping", "socat", "tcpdump", "conntrack", "ss", "kill"}, line
     assert not re.search(r"^(PASS|FAIL) lesson", script, re.M)      # nothing was verified
     assert host_state() == before
 
@@ -158,6 +160,8 @@ def _assigned_and_targets(script):
         if line.startswith("#"):
             continue
         words = shlex.split(line)
+        if words[-2:] == ["||", "true"]:          # a command the lesson shows failing
+            words = words[:-2]
         for key in ("add", "local"):
             for i, w in enumerate(words[:-1]):
                 if w == key and "/" in words[i + 1]:
@@ -258,3 +262,140 @@ def test_demo_runs_lessons_and_ends_with_a_table():
     rows = re.findall(r"^(0\d_\w+)\s+(PASS|FAIL)\s+([\d.]+)$", proc.stdout, re.M)
     assert [(name, result) for name, result, _ in rows] == [("01_netns", "PASS"), ("04_tcp", "PASS")]
     assert re.search(r"^total\s+2/2\s+[\d.]+$", proc.stdout, re.M)
+
+
+# ---------------------------------------------------------------- review: dry runs really run, proofs can fail
+
+EVERY = dict(LESSONS, **{"07": "07_cni", "07b": "07b_multinode"})
+
+
+def _background_tools():
+    """PIDs of the live background tools lessons start (socat, tcpdump), anywhere; a
+    zombie (killed, not yet reaped by an init that may never reap it) is not live."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:][:1]
+        if comm in ("socat", "tcpdump") and state != "Z":
+            found.add(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("number", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason="cnikit.py: a dry run's CHECK carries no prevResult (the ADD result is not known "
+    "in advance), and the plugin rejects it with code 7")) if n == "07" else n for n in sorted(EVERY)])
+def test_dry_run_piped_into_bash_e_runs_to_the_end_and_leaves_no_process_behind(number):
+    """README: a dry run is the lesson as a shell script. A probe that is expected to fail
+    (lesson 01's ping before lo is up, 05's ping before NAT) must not stop `bash -e`, and
+    the script must stop the listeners and captures it started in the background."""
+    script = run_stage(EVERY[number] + ".py", "--dry-run", timeout=TIMEOUT).stdout
+    before = _background_tools()
+    proc = subprocess.run(["bash", "-e"], input=script, capture_output=True, text=True, timeout=TIMEOUT)
+    deadline = time.monotonic() + 2             # a process killed at the end takes a moment to go
+    while (left := _background_tools() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:                      # never leak them out of the test, even on failure
+        os.kill(pid, 9)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    assert not left, f"the script left {len(left)} background process(es) running"
+
+
+def test_expected_failures_are_marked_in_the_printed_commands():
+    before, after = lesson("01").stdout.split("# verification: does the goal hold?")
+    assert "ip netns exec ns1 ping -c 1 -W 1 127.0.0.1 || true" in before     # lo is still DOWN
+    assert "ip link show dev private0 || true" in after                       # the host must not see it
+    assert "ip netns exec ns1 ping -c 1 -W 1 127.0.0.1\n" in after           # this one must succeed
+
+
+def test_lesson_05_conntrack_check_reads_the_reply_direction():
+    """dst=203.0.113.1 must not be found inside dst=203.0.113.10: without MASQUERADE the
+    reply goes to 10.0.5.2, and the check must say so."""
+    mod = load("05")
+    unnatted = ("icmp     1 29 src=10.0.5.2 dst=203.0.113.10 type=8 code=0 id=7 [UNREPLIED] "
+                "src=203.0.113.10 dst=10.0.5.2 type=0 code=0 id=7 mark=0 use=1")
+    natted = ("tcp      6 119 TIME_WAIT src=10.0.5.2 dst=203.0.113.10 sport=51500 dport=8080 "
+              "src=203.0.113.10 dst=203.0.113.1 sport=8080 dport=51500 [ASSURED] mark=0 use=1")
+    assert not mod._replies_to(unnatted, "203.0.113.1")
+    assert mod._replies_to(natted, "203.0.113.1")
+    assert not mod._replies_to("conntrack v1.4.7 (conntrack-tools): 0 flow entries have been shown.",
+                               "203.0.113.1")
+
+
+def test_lesson_05_without_masquerade_but_with_conntrack_fails_the_conntrack_check():
+    """Drive lesson 05 in this sandbox, then delete only the MASQUERADE rule (conntrack
+    stays active through the FORWARD rules): no check about the translation may pass."""
+    if not shutil.which("conntrack"):
+        pytest.skip("conntrack not installed")
+    mod = load("05")
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.build(L)
+        sh.iptables("-t", "nat", "-D", "POSTROUTING", "-s", "10.0.5.0/24", "-o", "uplink0", "-m", "comment",
+                    "--comment", "cnikit nat 10.0.5.0/24", "-j", "MASQUERADE")
+        L.checks = []
+        mod.verify(L)
+        failed = [what for what, ok in L.checks if not ok]
+        assert any("conntrack" in what for what in failed), L.checks
+    finally:
+        L.r.stop_all()
+
+
+def test_lesson_07b_counter_check_fails_when_no_pod_traffic_crosses():
+    proc = run_stage("07b_multinode.py", "--skip", "routes", timeout=TIMEOUT)
+    assert proc.returncode == 1
+    assert "the ping went through node1's vxlan0" in verdict(proc), verdict(proc)
+
+
+def test_lesson_07b_never_renames_an_interface_that_is_up():
+    """Linux before 6.2 (Debian 12 runs 6.1) refuses to rename an UP link (EBUSY)."""
+    script = run_stage("07b_multinode.py", "--dry-run", timeout=TIMEOUT).stdout
+    assert not re.search(r"^ip .*link set dev \S+ name ", script, re.M), script
+
+
+def test_lesson_06_checks_that_each_vxlan0_learned_the_other_pods_mac():
+    mod = load("06")
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.build(L)
+        mod.verify(L)
+        whats = [what for what, _ in L.checks]
+        assert any("node2's vxlan0" in w and "pod1" in w for w in whats), whats
+        assert any("node1's vxlan0" in w and "pod2" in w for w in whats), whats
+        assert L.passed(), L.checks
+    finally:
+        L.r.stop_all()
+
+
+def test_lesson_07_host_mode_removes_cni0_and_restores_forwarding():
+    """The plugin creates cni0 and switches forwarding on: --host must say so and undo it."""
+    sh.sysctl("-w", "net.ipv4.ip_forward=0")
+    before = host_state()
+    proc = run_stage("07_cni.py", "--host", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "cni0" in proc.stdout.split("# [1]")[0]            # the summary names what the plugin adds
+    assert host_state() == before
+    assert str(sh.sysctl("-n", "net.ipv4.ip_forward")).strip() == "0"
+
+
+def test_lesson_07_host_mode_refuses_to_overwrite_an_existing_install():
+    os.makedirs("/etc/cni/net.d", exist_ok=True)
+    with open("/etc/cni/net.d/10-cnikit.conflist", "w") as f:
+        f.write('{"cniVersion":"1.0.0","name":"cnikit","plugins":[{"type":"cnikit","ipam":{"subnet":"10.99.0.0/24"}}]}\n')
+    proc = run_stage("07_cni.py", "--host", timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "/etc/cni/net.d/10-cnikit.conflist already exists on this host" in proc.stderr
+    with open("/etc/cni/net.d/10-cnikit.conflist") as f:
+        assert "10.99.0.0/24" in f.read()
+
+
+def test_lesson_07b_host_mode_leaves_no_file_behind():
+    before = host_state()
+    proc = run_stage("07b_multinode.py", "--host", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "#   files:" in proc.stdout and "/etc/cni/node1.d/10-pods-node1.conflist" in proc.stdout
+    assert host_state() == before
+    assert not os.path.exists("/etc/cni/node1.d")
