@@ -452,9 +452,10 @@ def link_kind(link):
     return (link or {}).get("linkinfo", {}).get("info_kind", "")
 
 
-def netns_names(r):
-    data = r.query_json(ip("-j", "netns", "list")) or []
-    return [n["name"] for n in data]
+def netns_names(r, in_dry_run=False):
+    """Named namespaces, in name order."""
+    data = r.query_json(ip("-j", "netns", "list"), in_dry_run) or []
+    return sorted(n["name"] for n in data)
 
 
 def netns_exists(name):
@@ -474,6 +475,9 @@ def ensure_addrs(r, dev, cidrs, ns=None, fresh=False):
     have = link_addrs(r, dev, ns) if wanted and not (r.dry_run or fresh) else set()
     for cidr in wanted:
         if cidr not in have:
+            same_family = [h for h in have if ":" in h] if ":" in cidr else [h for h in have if ":" not in h]
+            if same_family:
+                r.note(f"{dev} already has {', '.join(sorted(same_family))}; adding {cidr} as another address")
             r.run(addr_add(cidr, dev, ns))
 
 
@@ -707,11 +711,11 @@ def bridge_show(r, name, host=None):
 
 # ---------------------------------------------------------------- nat
 
-def _cnikit_rules(r, host=None, subnet=None):
+def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False):
     """cnikit's rules as (table, chain, spec), read back from `iptables -S`."""
     found = []
     for table in ("nat", "filter"):
-        ok, out = r.query(iptables("-t", table, "-S", ns=host))
+        ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
         for line in out.splitlines() if ok else []:
             words = shlex.split(line)
             if len(words) < 3 or words[0] != "-A" or "--comment" not in words:
@@ -735,6 +739,9 @@ def nat_add(r, subnet, out_iface, host=None):
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables", "sysctl")
+    if not r.dry_run and not get_link(r, out_iface, host):
+        raise UsageError(f"--out interface {out_iface} does not exist{' in ' + host if host else ''}: "
+                         "the rules would never match")
     existing = _cnikit_rules(r, host, subnet)
     for _, _, spec in existing:
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
@@ -750,7 +757,8 @@ def nat_add(r, subnet, out_iface, host=None):
         for table, chain, spec in nat_rules(subnet, out_iface):
             present, _ = r.query(iptables_rule("-C", table, chain, spec, host))
             if present:
-                r.note(f"{table} {chain} rule for {subnet} already present")
+                r.note(f"{table} {chain} {spec[-1]} rule for {subnet} "
+                       f"({'out' if '-o' in spec else 'replies in'} {out_iface}) already present")
                 continue
             r.run(iptables_rule("-A", table, chain, spec, host),
                   undo=iptables_rule("-D", table, chain, spec, host))
@@ -884,9 +892,13 @@ def vxlan_del(r, name, host=None):
 HOST_NAME = "host"     # how show names the namespace cnikit runs in
 
 
-def collect(r):
+def collect(r, only=None):
     """What exists now: every namespace's links (with peers and masters), addresses,
-    routes, and cnikit's NAT rules, as plain data."""
+    routes, and cnikit's NAT rules, as plain data. ONLY: just that namespace."""
+    if only:
+        check_netns(only)
+        if not netns_exists(only):
+            raise UsageError(f"namespace {only!r} does not exist")
     names = [None] + netns_names(r)
     spaces = []
     for ns in names:
@@ -899,7 +911,7 @@ def collect(r):
         spaces.append({"name": ns or HOST_NAME, "links": [_link_record(l, ids) for l in links],
                        "routes": [_route_text(rt) for rt in routes], "nat": nat})
     _resolve_peers(spaces)
-    return {"namespaces": spaces}
+    return {"namespaces": [sp for sp in spaces if not only or sp["name"] == only]}
 
 
 def _link_record(link, nsids):
@@ -991,34 +1003,51 @@ def _link_row(link, prefix):
     return "  ".join(str(w) for w in words)
 
 
-def show(r, as_json=False):
-    state = collect(r)
-    r.output(json.dumps(state, indent=2) if as_json else draw(state))
+def show(r, as_json=False, only=None):
+    """Print what exists now: a picture, or JSON on stdout (echoes then go to stderr)."""
+    state = collect(r, only)
+    if as_json:
+        print(json.dumps(state, indent=2), flush=True)
+    else:
+        r.output(draw(state))
     return state
 
 
 # ---------------------------------------------------------------- cleanup
 
-def cleanup(r):
+def cleanup(r, host=None):
     """Remove exactly what cnikit created: its tagged iptables rules, its tagged
-    links, and namespaces whose lo carries the tag. Anything else stays. Re-run: a
-    second cleanup finds nothing and says so."""
-    removed = 0
+    links, and namespaces whose lo carries the tag. Anything else stays. HOST: only
+    the rules and links inside that namespace. Re-run: a second cleanup finds nothing
+    and says so. Unlike other verbs, a dry run looks (read-only) at what exists now:
+    its plan is what this cleanup would remove here."""
+    if host:
+        check_netns(host)
+        if not netns_exists(host):
+            raise UsageError(f"namespace {host!r} does not exist")
+    removed, blind = 0, []
     if which("iptables"):
-        for table, chain, spec in _cnikit_rules(r):
-            r.run(iptables_rule("-D", table, chain, spec), check=False)
+        if not r.query(iptables("-S", ns=host), in_dry_run=True)[0]:
+            blind.append("iptables rules")
+        for table, chain, spec in _cnikit_rules(r, host, in_dry_run=True):
+            r.run(iptables_rule("-D", table, chain, spec, host), check=False)
             removed += 1
-    for link in r.query_json(ip("-j", "link", "show")) or []:
+    for link in r.query_json(ip("-j", "link", "show", ns=host), in_dry_run=True) or []:
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
-            r.run(ip("link", "del", link["ifname"]), check=False)
+            r.run(ip("link", "del", link["ifname"], ns=host), check=False)
             removed += 1
-    for ns in netns_names(r):
-        lo = get_link(r, "lo", ns)
-        if lo and lo.get("ifalias") == TAG:
+    for ns in [] if host else netns_names(r, in_dry_run=True):
+        lo = r.query_json(ip("-j", "link", "show", "dev", "lo", ns=ns), in_dry_run=True)
+        if lo is None:
+            blind.append(f"namespace {ns}")
+        elif lo[0].get("ifalias") == TAG:
             r.run(ip("netns", "del", ns), check=False)
             removed += 1
-    r.note(f"cleanup: removed {removed} object(s) cnikit had created" if removed
-           else "cleanup: nothing of cnikit's is left")
+    if blind:
+        r.note("could not look at " + ", ".join(blind) + " (root needed): what cnikit made there is not listed")
+    verb = "would remove" if r.dry_run else "removed"
+    r.note(f"cleanup: {verb} {removed} object(s) cnikit had created" if removed
+           else "cleanup: nothing of cnikit's is left" + (" that could be seen" if blind else ""))
     return removed
 
 
@@ -1369,15 +1398,20 @@ def cni_check(r, call):
     net = call.net
     if not call.version_at_least(CNI_VERSION_CHECK):
         raise UsageError(f"CHECK needs cniVersion 0.4.0 or later; {net['path']} says {net['cniVersion']}")
+    if r.dry_run:
+        # The ADD result lives only in the runtime's cache, after a real ADD: a script
+        # printed in advance cannot hand it to the plugin, and CHECK without it is an error.
+        r.note(f"CHECK {call.cid} {call.ifname}: needs the ADD result as prevResult (the runtime's cache), "
+               "which a dry run cannot know: not printed")
+        return True
     cached = cni_cache_read(net["name"], call.cid, call.ifname)
-    if not cached and not r.dry_run:
+    if not cached:
         raise CnikitError(f"no cached result for {call.cid} {call.ifname} on {net['name']}: "
                           f"was it added? (looked for {cni_cache_path(net['name'], call.cid, call.ifname)})")
-    prev = cached["result"] if cached else None
     r.note(f"CHECK {call.cid} {call.ifname} on network {net['name']} against its cached result")
     for plugin in net["plugins"]:
         cni_exec(r, plugin["type"], "CHECK", call.env(),
-                 cni_plugin_stdin(net, plugin, prev, cached.get("capabilityArgs") if cached else None),
+                 cni_plugin_stdin(net, plugin, cached["result"], cached.get("capabilityArgs")),
                  call.cni_path, call.host)
     r.note("CHECK passed: every plugin found its part in place")
     return True
@@ -2057,9 +2091,9 @@ def dispatch(args, r):
     elif o == "cni":
         return cni_dispatch(args, r)
     elif o == "show":
-        show(r, as_json=args.json)
+        show(r, as_json=args.json, only=h)
     elif o == "cleanup":
-        cleanup(r)
+        cleanup(r, host=h)
     return EXIT_OK
 
 
@@ -2069,6 +2103,9 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         if args.host:
             check_netns(args.host)
+        if args.host and args.obj in ("netns", "sandbox"):
+            raise UsageError(f"-n/--in does not apply to {args.obj}: namespace names are global "
+                             f"(/run/netns); use it with veth, bridge, nat, vxlan, cni, show, cleanup")
         if args.obj == "sandbox":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return sandbox(cmd, quiet=args.quiet)
@@ -2089,11 +2126,6 @@ def main(argv=None):
         if args.sandbox:
             enter_sandbox()
             r.note("in a throwaway sandbox: nothing below survives this command")
-        if json_out:
-            r_json = Runner(dry_run=r.dry_run, quiet=True, verbose=args.verbose)
-            state = collect(r_json)
-            print(json.dumps(state, indent=2))
-            return EXIT_OK
         return dispatch(args, r)
     except CnikitError as e:
         if r is not None:
@@ -2107,7 +2139,14 @@ def main(argv=None):
 
 def main_exit():
     """Console-script entry point (`pip install .` puts `cnikit` on PATH)."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `cnikit show | head -1`: the reader left; say nothing more, like other tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_FAILED
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -349,3 +349,10 @@ def test_install_precompiled_is_one_zipapp_carrying_bytecode_that_pods_run_with(
     assert bad.returncode == 2 and "--precompiled" in bad.stderr
     run("cni", "uninstall")
     assert files("/opt/cni/bin") == [] and files(CONF_DIR) == []
+
+
+def test_dry_run_check_says_why_it_prints_no_plugin_call():
+    run("cni", "install")
+    out = run("--dry-run", "cni", "check", "pod1").stdout
+    assert "CNI_COMMAND=CHECK" not in out
+    assert "needs the ADD result as prevResult" in out and "not printed" in out

@@ -80,6 +80,10 @@ BAD = [
     (["netns", "add", "../../tmp/x"], "namespace name"),
     (["netns", "exec", "missing", "--", "true"], "does not exist"),
     (["bridge", "add"], "required"),
+    (["nat", "add", "10.0.0.0/24", "--out", "nope0"], "does not exist"),
+    (["-n", "ns1", "netns", "add", "x"], "does not apply to netns"),
+    (["-n", "missing", "show"], "does not exist"),
+    (["-n", "missing", "cleanup"], "does not exist"),
 ]
 
 

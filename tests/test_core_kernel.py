@@ -254,3 +254,53 @@ def test_echo_is_highlighted_on_a_terminal_and_plain_when_piped_or_silenced():
     assert "\033[" not in piped and piped.splitlines()[0] == "ip netns add t2"
     assert run("-q", "netns", "add", "t3").stdout == ""
     assert netns_list() == ["t1", "t2", "t3"]
+
+
+def test_show_and_cleanup_with_n_act_on_that_namespace_only():
+    run("netns", "add", "h1")
+    run("netns", "add", "h2")
+    run("-n", "h1", "bridge", "add", "br1", "--addr", "10.1.0.1/24")
+    run("-n", "h2", "bridge", "add", "br2")
+    run("-n", "h1", "nat", "add", "10.1.0.0/24", "--out", "br1")
+    shown = json.loads(run("-n", "h1", "show", "--json").stdout)
+    assert [sp["name"] for sp in shown["namespaces"]] == ["h1"]
+    assert "br1" in run("-n", "h1", "show").stdout and "br2" not in run("-n", "h1", "show").stdout
+    out = run("-n", "h1", "cleanup").stdout
+    assert "ip -n h1 link del br1" in out and "iptables -t nat -D POSTROUTING" in out
+    assert netns_list() == ["h1", "h2"]                   # the namespaces stay
+    assert "br1" not in links("h1") and "br2" in links("h2")
+    assert iptables_rules("nat", "h1") == []
+
+
+def test_cleanup_dry_run_lists_what_exists_and_without_root_says_what_it_cannot_see():
+    run("netns", "add", "ns1")
+    run("bridge", "add", "br0")
+    plan = run("--dry-run", "cleanup").stdout
+    assert "ip link del br0" in plan and "ip netns del ns1" in plan and "would remove 2" in plan
+    assert "br0" in links() and netns_list() == ["ns1"]
+    proc = subprocess.run(["python3", "cnikit.py", "cleanup"], capture_output=True, text=True,
+                          user=65534, group=65534, cwd=__file__.rsplit("/tests/", 1)[0])
+    assert proc.returncode == 2 and "ip link del br0" in proc.stdout
+    assert "could not look at" in proc.stdout and "namespace ns1" in proc.stdout
+
+
+def test_a_second_address_on_a_rerun_is_said_out_loud():
+    run("bridge", "add", "br0", "--addr", "10.0.0.1/24")
+    out = run("bridge", "add", "br0", "--addr", "10.0.0.5/24").stdout
+    assert "br0 already has 10.0.0.1/24; adding 10.0.0.5/24 as another address" in out
+    assert addrs("br0") == ["10.0.0.1/24", "10.0.0.5/24"]
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    run("bridge", "add", "br0")
+    for i in range(40):
+        run("-q", "veth", "add", f"v{i}", f"p{i}")
+        run("-q", "bridge", "attach", "br0", f"v{i}")
+    import sys
+    proc = subprocess.Popen([sys.executable, __file__.rsplit("/tests/", 1)[0] + "/cnikit.py", "bridge", "show", "br0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=10)
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -285,9 +285,7 @@ def _background_tools():
     return found
 
 
-@pytest.mark.parametrize("number", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="cnikit.py: a dry run's CHECK carries no prevResult (the ADD result is not known "
-    "in advance), and the plugin rejects it with code 7")) if n == "07" else n for n in sorted(EVERY)])
+@pytest.mark.parametrize("number", sorted(EVERY))
 def test_dry_run_piped_into_bash_e_runs_to_the_end_and_leaves_no_process_behind(number):
     """README: a dry run is the lesson as a shell script. A probe that is expected to fail
     (lesson 01's ping before lo is up, 05's ping before NAT) must not stop `bash -e`, and
