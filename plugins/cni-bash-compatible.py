@@ -1396,7 +1396,14 @@ def main():
         if env["CNI_NETNS"] and (not env["CNI_NETNS"].startswith("/") or "\0" in env["CNI_NETNS"]):
             raise CNIError(E_ENV, "invalid CNI_NETNS: must be an absolute path to a network namespace")
         if env["CNI_NETNS"]:
-            check_netns(env["CNI_NETNS"], must_exist=command != "DEL")
+            try:
+                check_netns(env["CNI_NETNS"], must_exist=command != "DEL")
+            except CNIError as e:
+                if command != "DEL":
+                    raise
+                # DEL never enters the namespace (removing our veth end removes the pod's), and
+                # a runtime must be able to clean up after a half-removed pod: go on without it.
+                log(f"  {e.msg}: DEL goes on without entering it")
         if undecodable:
             raise undecodable
         if conf.get("cniVersion") not in SUPPORTED_VERSIONS:
