@@ -37,14 +37,14 @@ def build(L):
     cnikit.netns_add(r, NS)
 
     L.step("what is inside: only lo, and it is DOWN")
-    r.show(ip("link", "show", ns=NS))
+    L.fresh = {"links": r.show(ip("-j", "link", "show", ns=NS))}
 
     L.step("its own routing table: empty (the host's routes do not apply in here)")
     r.show(ip("route", "show", ns=NS))
 
     if have("iptables"):
         L.step("its own firewall: default policies only, none of the host's rules")
-        r.show(in_netns(["iptables", "-S"], NS))
+        L.fresh["iptables"] = r.show(in_netns(["iptables", "-S"], NS))
 
     L.step("with lo DOWN even 127.0.0.1 is unreachable: this ping is expected to fail")
     L.ping("127.0.0.1", NS, expect_fail=True)
@@ -61,6 +61,13 @@ def build(L):
 
 def verify(L):
     r = L.r
+    fresh = getattr(L, "fresh", {})
+    links = json.loads(fresh.get("links") or "[]")
+    L.check("ns1 started with only lo, and lo was DOWN",
+            [link["ifname"] for link in links] == ["lo"] and "UP" not in links[0]["flags"], fresh.get("links"))
+    if "iptables" in fresh:
+        rules = [line for line in fresh["iptables"].splitlines() if not line.startswith("-P ")]
+        L.check("ns1 started with no firewall rules (default policies only)", rules == [], "\n".join(rules))
     L.check("ns1 reaches 127.0.0.1 over its own lo", L.ping("127.0.0.1", NS))
     ok, out = r.probe(ip("-j", "route", "show", ns=NS))
     L.check("ns1's routing table is its own, and empty", ok and json.loads(out or "[]") == [], out)

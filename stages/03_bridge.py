@@ -48,9 +48,9 @@ def build(L):
            "the host's one interface into the 10.0.3.0/24 segment")
     cnikit.bridge_add(r, BRIDGE, addr=GATEWAY)
 
-    L.step("a veth pair per namespace; NO address on the host ends: they are switch ports "
-           "(layer 2). An address there would give the host a second route to 10.0.3.0/24 "
-           "out of one port, and traffic for the other namespace would leave the wrong way")
+    L.step("a veth pair per namespace; NO address on the host ends: once plugged into the "
+           "bridge they are switch ports (layer 2), handing every frame they receive to br0, so an "
+           "address on a port is never reached; the host's address for the segment is br0's")
     for ns, cidr in PODS.items():
         cnikit.veth_add(r, host_end(ns), "eth0", netns=ns, peer_addr=cidr)
 

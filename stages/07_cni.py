@@ -128,7 +128,8 @@ def verify(L):
     a, b = pod_ip(L, "pod1"), pod_ip(L, "pod2")
     L.check(f"the plugin gave pod1 an address in {SUBNET} ({a})", ipaddress.ip_address(a or "0.0.0.0") in
             ipaddress.ip_network(SUBNET) if a else False)
-    L.check(f"pod2 got another one ({b})", bool(b) and a != b)
+    L.check(f"pod2 got another one in {SUBNET} ({b})",
+            bool(b) and a != b and ipaddress.ip_address(b) in ipaddress.ip_network(SUBNET))
     L.check("pod1 reaches pod2", bool(b) and L.ping(b, "pod1"))
     L.check("pod2 reaches pod1", bool(a) and L.ping(a, "pod2"))
     L.check(f"pod1 reaches its gateway {GATEWAY} on cni0", L.ping(GATEWAY, "pod1"))
@@ -141,7 +142,7 @@ def verify(L):
         left = leftovers(r)
         L.check("nothing is left on the node: no veth, address file, cached result or iptables chain",
                 not left, ", ".join(left))
-        L.check("the pods' eth0 went with DEL", not cnikit.get_link(r, "eth0", "pod1"))
+        L.check("the pods' eth0 went with DEL", not any(cnikit.get_link(r, "eth0", pod) for pod in PODS))
 
 
 # ---------------------------------------------------------------- the classic kind flow

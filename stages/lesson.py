@@ -285,7 +285,14 @@ class Lesson:
         """Run the lesson as a command; exits 0 on PASS, 1 on FAIL, 2 on bad usage."""
         parser = parser or self.parser()
         args = parser.parse_args(argv)
-        sys.exit(self.run(build, verify, args))
+        try:
+            code = self.run(build, verify, args)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `--dry-run | head`: the reader left; no traceback, like any other tool.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = EXIT_FAIL
+        sys.exit(code)
 
     def run(self, build, verify, args, finish=True, adopt=False):
         """Build, verify, print the verdict, then leave nothing behind (or --keep)."""

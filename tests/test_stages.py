@@ -97,6 +97,25 @@ def test_vxlan_device_down_on_one_node_makes_lesson_06_fail():
         L.r.stop_all()
 
 
+def test_lesson_01_fails_when_the_namespace_was_not_fresh():
+    """Lesson 01's first checks are about a new namespace: one that already had a link, a
+    lo that is up and a firewall rule must make the very same verification fail."""
+    mod = load("01")
+    sh.ip("netns", "add", "ns1")
+    sh.ip("-n", "ns1", "link", "add", "stale0", "type", "bridge")
+    sh.ip("-n", "ns1", "link", "set", "lo", "up")
+    sh.ip("netns", "exec", "ns1", "iptables", "-A", "INPUT", "-j", "ACCEPT")
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.build(L)
+        mod.verify(L)
+    finally:
+        L.r.stop_all()
+    assert ("ns1 started with only lo, and lo was DOWN", False) in L.checks
+    assert ("ns1 started with no firewall rules (default policies only)", False) in L.checks
+    assert not L.passed()
+
+
 def _mtu(dev, ns):
     return int(re.search(r"mtu (\d+)", str(sh.ip("-n", ns, "link", "show", "dev", dev))).group(1))
 
