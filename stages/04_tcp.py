@@ -56,6 +56,9 @@ def verify(L):
     client = r.spawn(in_netns(["socat", "-", f"TCP:{SERVER_IP}:{PORT},connect-timeout=2"], CLIENT),
                      stdin=True)
     echoed = _send_line(client, PAYLOAD)
+    if r.dry_run:   # a script's background job reads /dev/null: the lesson types the payload itself
+        r.note(f"the lesson types {PAYLOAD!r} into that client; by hand, in a second shell: "
+               f"echo {PAYLOAD} | ip netns exec {CLIENT} socat - TCP:{SERVER_IP}:{PORT}")
     if client is not None:
         L.say(f"sent {PAYLOAD!r}, got back {echoed!r}")
     L.check("the payload came back unchanged", echoed == PAYLOAD, f"got {echoed!r}")
