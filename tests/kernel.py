@@ -34,6 +34,11 @@ def links(ns=None):
     return {l["ifname"]: l for l in json.loads(str(sh.ip(*_ns(ns), "-j", "-d", "link", "show")))}
 
 
+def veths(ns=None):
+    """Names of the veth-named links in NS (a CNI plugin's host ends), sorted."""
+    return sorted(name for name in links(ns) if name.startswith("veth"))
+
+
 def addrs(dev, ns=None):
     data = json.loads(str(sh.ip(*_ns(ns), "-j", "addr", "show", "dev", dev)))
     return sorted(f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"] if a["family"] == "inet")

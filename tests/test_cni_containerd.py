@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kernel import cli, iptables_rules, links
+from kernel import cli, iptables_rules, links, veths
 from runtimes import IMAGE, Containerd, allocations, runtime_session
 
 SUBNET = "10.244.13.0/24"
@@ -19,10 +19,6 @@ GATEWAY = "10.244.13.1"
 def ctr():
     with runtime_session(Containerd, "ct") as c:
         yield c
-
-
-def veths():
-    return sorted(name for name in links() if name.startswith("veth"))
 
 
 def wait_for(predicate, seconds=20):

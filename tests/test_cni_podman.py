@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from kernel import cli, iptables_rules, links
+from kernel import cli, iptables_rules, links, veths
 from runtimes import IMAGE, Podman, allocations, runtime_session
 
 SUBNET = "10.244.11.0/24"
@@ -19,10 +19,6 @@ GATEWAY = "10.244.11.1"
 def podman():
     with runtime_session(Podman, "pm") as pm:
         yield pm
-
-
-def veths():
-    return sorted(name for name in links() if name.startswith("veth"))
 
 
 def test_podman_runs_containers_on_our_plugin_and_rm_leaves_nothing(podman):
