@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kernel import cli, iptables_rules, links, veths
+from kernel import cli, iptables_rules, veths
 from runtimes import IMAGE, Containerd, allocations, runtime_session
 
 SUBNET = "10.244.13.0/24"
