@@ -1855,9 +1855,9 @@ def enter_sandbox(private_dirs=SANDBOX_DIRS):
     for path in (NETNS_DIR,) + tuple(private_dirs):
         os.makedirs(path, exist_ok=True)
         _check_libc(libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, b"mode=755"), f"tmpfs on {path}")
-    # A sysfs mounted now shows this namespace's interfaces under /sys/class/net.
-    if libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None) != 0:
-        pass  # read-only /sys (some containers): ip and netlink work without it
+    # A sysfs mounted now shows this namespace's interfaces under /sys/class/net. It may
+    # fail where /sys is read-only (some containers): ip and netlink work without it.
+    libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None)
     subprocess.run(["ip", "link", "set", "dev", "lo", "up"], capture_output=True)
 
 
