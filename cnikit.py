@@ -678,14 +678,14 @@ def bridge_attach(r, name, ifaces, host=None):
         raise UsageError("bridge attach needs at least one interface")
     require_netns(r, host, "host namespace")
     br = get_link(r, name, host)
+    ports = {iface: get_link(r, iface, host) for iface in ifaces}     # one look-up each
     if not r.dry_run:
         if not br or link_kind(br) != "bridge":
             raise UsageError(f"bridge {name} does not exist (create it with: cnikit bridge add {name})")
-        for iface in ifaces:
-            if not get_link(r, iface, host):
+        for iface, link in ports.items():
+            if not link:
                 raise UsageError(f"interface {iface} does not exist{' in ' + host if host else ''}")
-    for iface in ifaces:
-        link = get_link(r, iface, host)
+    for iface, link in ports.items():
         if link and link.get("master") == name:
             r.note(f"{iface} is already a port of {name}")
         else:
