@@ -1121,6 +1121,18 @@ def cni_parse(raw, path):
     for p in plugins:
         if not isinstance(p.get("type"), str) or not p["type"] or "/" in p["type"]:
             raise UsageError(f"network config {path}: every plugin needs a `type` (a file name in CNI_PATH)")
+        caps = p.get("capabilities")
+        if caps is not None and not (isinstance(caps, dict) and all(isinstance(v, bool) for v in caps.values())):
+            raise UsageError(f"network config {path}: `capabilities` of plugin {p['type']} must be an object "
+                             'of true/false, such as {"portMappings": true}')
+    flags = {}
+    for key in ("disableCheck", "disableGC"):      # libcni: a boolean, or the string "true"/"false"
+        value = conf.get(key, False) if not single else False
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise UsageError(f"network config {path}: `{key}` must be true or false, not {value!r}")
+        flags[key] = value
     if not isinstance(conf.get("name"), str) or not conf["name"]:
         raise UsageError(f"network config {path} has no `name`")
     version = conf.get("cniVersion")
@@ -1128,7 +1140,7 @@ def cni_parse(raw, path):
         raise UsageError(f"network config {path} has no `cniVersion`")
     cni_version_tuple(version)
     return {"path": path, "raw": raw, "name": conf["name"], "cniVersion": version,
-            "plugins": plugins, "single": single}
+            "plugins": plugins, "single": single, **flags}
 
 
 def cni_default_conf(conf_dir=CNI_CONF_DIR):
@@ -1173,6 +1185,11 @@ def cni_shorten(text, limit=CNI_SHOW_MAX):
     return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _one_line(text):
+    """A plugin's words inside cnikit's one-line error: line breaks become spaces."""
+    return " ".join(str(text).split())
+
+
 def cni_invocation_argv(env, plugin, host=None):
     """One plugin call as a command a person can run: `env CNI_...=... PLUGIN`."""
     return in_netns(["env"] + [f"{k}={v}" for k, v in env.items()] + [plugin], host)
@@ -1194,7 +1211,11 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
     if r.dry_run:
         return None
     started = time.monotonic()
-    proc = r.execute(argv, input=stdin, env=env, timeout=CNI_TIMEOUT)
+    try:
+        proc = r.execute(argv, input=stdin, env=env, timeout=CNI_TIMEOUT)
+    except UnicodeDecodeError:
+        raise CnikitError(f"CNI plugin {ptype} {command} printed bytes that are not UTF-8 text "
+                          "(a CNI answer is JSON)") from None
     ms = (time.monotonic() - started) * 1000
     out = proc.stdout.strip()
     try:
@@ -1209,10 +1230,15 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
     if proc.returncode != 0:
         if isinstance(answer, dict) and "code" in answer:
             details = f" ({answer['details']})" if answer.get("details") else ""
-            raise CnikitError(f"CNI plugin {ptype} {command} failed with CNI error {answer['code']}: "
-                              f"{answer.get('msg', '')}{details}")
+            raise CnikitError(_one_line(f"CNI plugin {ptype} {command} failed with CNI error {answer['code']}: "
+                                        f"{answer.get('msg', '')}{details}"))
+        # the last line says why (a traceback's last line is the exception); the note above has more
+        last = (out or proc.stderr.strip()).splitlines()[-1:] or [""]
         raise CnikitError(f"CNI plugin {ptype} {command} failed (exit {proc.returncode}): "
-                          f"{cni_shorten(out or proc.stderr.strip(), 200)}")
+                          f"{cni_shorten(_one_line(last[0]), 200)}")
+    if answer is not None and not isinstance(answer, dict):
+        raise CnikitError(f"CNI plugin {ptype} {command} printed JSON that is not a CNI result (an object): "
+                          f"{cni_shorten(_one_line(out), 120)!r}")
     r.note(f"{ptype} {command}: exit 0 in {ms:.0f} ms" + ("" if answer is not None else ", no output"))
     return answer
 
@@ -1260,7 +1286,7 @@ def cni_cache_read(net_name, cid, ifname):
         return None
 
 
-def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result):
+def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result, netns=""):
     """Store the ADD result as libcni does (cniCacheV1), atomically."""
     path = cni_cache_path(net["name"], cid, ifname)
     if r.dry_run:
@@ -1268,6 +1294,7 @@ def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result):
         return path
     record = {"kind": "cniCacheV1", "containerId": cid, "ifName": ifname, "networkName": net["name"],
               "config": base64.b64encode(net["raw"]).decode(), "cniArgs": [list(p) for p in cni_args],
+              **({"netns": netns} if netns else {}),
               "capabilityArgs": runtime_config or {}, "result": result}
     os.makedirs(CNI_CACHE_DIR, exist_ok=True)
     tmp = path + ".tmp"
@@ -1295,10 +1322,12 @@ class CniCall:
         self.print_result = print_result
         self.ifname = check_ifname(ifname, "--ifname")
         self.netns = cni_netns_path(netns)
-        default_id = os.path.basename(netns) if netns else None
+        # The default id is the netns name; a path elsewhere (/proc/PID/ns/net, always `net`) names no container.
+        default_id = os.path.basename(self.netns) if os.path.dirname(self.netns) == NETNS_DIR else None
         self.cid = cni_check_id(cid or default_id) if (cid or default_id) else None
         self.cni_path = cni_path
         self.args = cni_parse_args(args)
+        self.args_given = args is not None
         if runtime_config is not None and not isinstance(runtime_config, dict):
             raise UsageError("--runtime-config must be a JSON object such as {\"portMappings\": [...]}")
         self.runtime_config = runtime_config or {}
@@ -1313,6 +1342,9 @@ class CniCall:
 
 
 def _cni_need_attachment(r, call, verb):
+    if not call.cid and call.netns:
+        raise UsageError(f"cni {verb} {call.netns}: a path outside {NETNS_DIR} names no container "
+                         "(every /proc/PID/ns/net ends in `net`): give the container's --id")
     if not call.cid:
         raise UsageError(f"cni {verb} needs a NETNS (a name in {NETNS_DIR} or a path)")
     if call.host:
@@ -1351,7 +1383,7 @@ def cni_add(r, call):
         r.note("ADD failed: DEL the whole chain, as a runtime does, so nothing is left behind")
         _cni_del_chain(r, call, None, best_effort=True)
         raise
-    cni_cache_write(r, net, call.cid, call.ifname, call.args, call.runtime_config, prev)
+    cni_cache_write(r, net, call.cid, call.ifname, call.args, call.runtime_config, prev, call.netns)
     if prev is not None and call.print_result:
         r.output(json.dumps(prev, indent=2))
     return prev
@@ -1383,8 +1415,13 @@ def cni_del(r, call):
     net = call.net
     cached = cni_cache_read(net["name"], call.cid, call.ifname)
     prev = cached.get("result") if cached and call.version_at_least(CNI_VERSION_CHECK) else None
-    if cached and call.runtime_config == {}:
-        call.runtime_config = cached.get("capabilityArgs") or {}
+    # As libcni's cached config: what ADD was given (CNI_ARGS, capability args) unless given again now.
+    if cached and call.runtime_config == {} and isinstance(cached.get("capabilityArgs"), dict):
+        call.runtime_config = cached["capabilityArgs"]
+    cached_args = cached.get("cniArgs") if cached else None
+    if not call.args_given and isinstance(cached_args, list) and \
+            all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in cached_args):
+        call.args = [tuple(p) for p in cached_args]
     r.note(f"DEL {call.cid} {call.ifname} from network {net['name']}, in reverse order"
            + ("" if cached else " (no cached result: plugins get no prevResult)"))
     _cni_del_chain(r, call, prev)
@@ -1398,6 +1435,9 @@ def cni_check(r, call):
     net = call.net
     if not call.version_at_least(CNI_VERSION_CHECK):
         raise UsageError(f"CHECK needs cniVersion 0.4.0 or later; {net['path']} says {net['cniVersion']}")
+    if net.get("disableCheck"):
+        r.note(f"{net['path']} says disableCheck: a runtime skips CHECK for network {net['name']}, and so does this")
+        return True
     if r.dry_run:
         # The ADD result lives only in the runtime's cache, after a real ADD: a script
         # printed in advance cannot hand it to the plugin, and CHECK without it is an error.
@@ -1455,6 +1495,9 @@ def cni_gc(r, call):
     net = call.net
     if not call.version_at_least(CNI_VERSION_STATUS):
         r.note(f"GC needs cniVersion 1.1.0; {net['path']} says {net['cniVersion']}: a runtime does not ask")
+        return None
+    if net.get("disableGC"):
+        r.note(f"{net['path']} says disableGC: a runtime skips GC for network {net['name']}, and so does this")
         return None
     keep = cni_valid_attachments(net["name"])
     r.note(f"GC on network {net['name']}: {len(keep)} valid attachment(s) to keep")
@@ -1800,6 +1843,11 @@ def cni_dispatch(args, r):
     """`cnikit cni VERB`: the runtime verbs above, from parsed arguments."""
     v = args.verb
     if v == "install" and args.kind:
+        ignored = [opt for opt, given in (("--subnet", args.subnet), ("--cni-version", args.cni_version),
+                                          ("--precompiled", args.precompiled), ("--python", args.python)) if given]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} does not apply with --kind (each node's subnet is its "
+                             "podCIDR; the nodes get cniVersion 1.0.0 and /usr/bin/python3)")
         kind_install(r, args.kind, args.name, args.plugin_src, args.ptype, tuple(args.chain) or ("portmap",),
                      args.plugin_dir, args.conf_dir)
     elif v == "install":
