@@ -69,7 +69,8 @@ def build(L):
            "(and brings lo up, as containerd does with the loopback plugin)")
     cnikit.netns_add(r, "pod1", lo_up=True)
 
-    L.step("VERSION first (podman does this before every call): which spec versions does the plugin speak?")
+    L.step("VERSION: which spec versions does the plugin speak? (podman asks before every ADD and DEL; "
+           "containerd, kubelet's runtime, goes straight to ADD)")
     _try(L, cnikit.cni_version, "pod1")
 
     L.step("ADD: the runtime sets CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS, CNI_PATH, "

@@ -51,6 +51,8 @@ def test_ctr_run_cni_uses_our_plugin_and_leaves_nothing(ctr):
     with open("/var/log/cni.log") as f:
         log = f.read()
     assert "default-c1" in log and "DEL" in log
+    # lesson 07 says so: containerd goes straight to ADD; the VERSION before every call is podman's habit
+    assert "=== ADD" in log and "=== VERSION" not in log
     assert allocations("cnikit") == {}
     assert veths() == []
     assert iptables_rules("nat") == nat_before and iptables_rules("filter") == filter_before

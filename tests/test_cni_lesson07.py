@@ -43,3 +43,6 @@ def test_lesson_07_dry_run_is_a_script():
     assert lines[0].startswith("mkdir -p /opt/cni/bin")
     assert any(l.startswith("env CNI_COMMAND=ADD CNI_CONTAINERID=pod2") for l in lines)
     assert not os.path.exists("/etc/cni/net.d/10-cnikit.conflist")
+    # VERSION before ADD is podman's habit, not kubelet's containerd (test_cni_containerd checks it)
+    step = [l for l in proc.stdout.splitlines() if "VERSION" in l and "podman" in l]
+    assert step and "containerd" in step[0] and "before every call" not in step[0]
