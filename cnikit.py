@@ -1136,8 +1136,16 @@ def cni_parse(raw, path):
     if not isinstance(conf.get("name"), str) or not conf["name"]:
         raise UsageError(f"network config {path} has no `name`")
     version = conf.get("cniVersion")
+    if "cniVersions" in conf and not single:
+        # spec 1.1.0: a list of versions; libcni takes the highest it implements (with cniVersion, if any)
+        listed = conf["cniVersions"]
+        if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
+            raise UsageError(f"network config {path}: `cniVersions` must be a list of versions such as [\"1.0.0\"]")
+        known = [v for v in listed + ([version] if isinstance(version, str) else [])
+                 if cni_version_tuple(v) <= CNI_VERSION_STATUS]
+        version = max(known, key=cni_version_tuple) if known else version
     if not isinstance(version, str):
-        raise UsageError(f"network config {path} has no `cniVersion`")
+        raise UsageError(f"network config {path} has no `cniVersion` (or none this runtime knows in `cniVersions`)")
     cni_version_tuple(version)
     return {"path": path, "raw": raw, "name": conf["name"], "cniVersion": version,
             "plugins": plugins, "single": single, **flags}

@@ -32,7 +32,8 @@ def conflist(plugins, name="rec", version="1.0.0", **top):
     os.makedirs(CONF_DIR, exist_ok=True)
     path = f"{CONF_DIR}/10-{name}.conflist"
     with open(path, "w") as f:
-        json.dump(dict({"cniVersion": version, "name": name, "plugins": plugins}, **top), f)
+        conf = dict({"cniVersion": version, "name": name, "plugins": plugins}, **top)
+        json.dump({k: v for k, v in conf.items() if v is not None}, f)
     return path
 
 
@@ -155,3 +156,15 @@ def test_install_kind_refuses_options_it_would_ignore(extra):
     proc = cli("--dry-run", "cni", "install", "--kind", "demo", *extra)
     one_line_error(proc, 2)
     assert extra[0] in proc.stderr and "--kind" in proc.stderr
+
+
+def test_cni_versions_list_picks_the_highest_this_runtime_knows():
+    """Spec 1.1.0's `cniVersions`: libcni takes the highest version it implements (1.1.0 here)."""
+    fake_plugin()
+    conflist([{"type": "rec"}], cniVersions=["0.4.0", "1.0.0", "9.9.9"], version=None)
+    cli("cni", "add", "/proc/self/ns/net", "--id", "c8", check=True)
+    assert json.loads(calls()[0][6])["cniVersion"] == "1.0.0"
+    conflist([{"type": "rec"}], cniVersions="1.0.0", version=None)
+    proc = cli("cni", "add", "/proc/self/ns/net", "--id", "c9")
+    one_line_error(proc, 2)
+    assert "cniVersions" in proc.stderr
