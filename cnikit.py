@@ -1626,6 +1626,16 @@ def _installed_matches(src, dst, shebang, precompiled=False):
         return False
 
 
+def is_compiled_plugin(path):
+    """An ELF binary (a compiled plugin, such as the reference ones): never cnikit's to
+    overwrite or remove. cnikit installs scripts and zipapps, which start with `#!`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
 def cni_precompile_argv(src, python, build, tmp, shebang):
     """Commands that turn SRC into one executable zipapp holding its bytecode: Python
     compiles the script it runs on every start (~15 ms for the plugin), but imports a
@@ -1671,6 +1681,9 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         r.note(f"{CNI_PYTHON} not found: the plugin keeps its own first line")
         shebang = None
     dst = os.path.join(plugin_dir, ptype)
+    if not r.dry_run and is_compiled_plugin(dst):
+        raise UsageError(f"{dst} is a compiled plugin that cnikit did not install; not replacing it "
+                         f"(choose another --type)")
     conf_path = cni_conf_file(conf_dir, name)
     text = json.dumps(cni_conflist(name, subnet, ptype, chain, version, extra), indent=2) + "\n"
     mark = len(r.log)
@@ -1734,6 +1747,8 @@ def cni_uninstall(r, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_
     dst = os.path.join(plugin_dir, ptype)
     if in_use and not r.dry_run:
         r.note(f"{dst} stays: {', '.join(in_use)} still uses type {ptype}")
+    elif not r.dry_run and is_compiled_plugin(dst):
+        r.note(f"{dst} stays: a compiled plugin, not one cnikit installed")
     elif r.dry_run or os.path.exists(dst):
         r.run(["rm", "-f", dst])
     return True

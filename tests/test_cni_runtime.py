@@ -356,3 +356,22 @@ def test_dry_run_check_says_why_it_prints_no_plugin_call():
     out = run("--dry-run", "cni", "check", "pod1").stdout
     assert "CNI_COMMAND=CHECK" not in out
     assert "needs the ADD result as prevResult" in out and "not printed" in out
+
+
+@needs_ref
+def test_install_and_uninstall_never_replace_or_remove_a_compiled_plugin():
+    import shutil
+    os.makedirs("/opt/cni/bin", exist_ok=True)
+    shutil.copy(os.path.join(REF_DIR, "portmap"), "/opt/cni/bin/portmap")
+    with open("/opt/cni/bin/portmap", "rb") as f:
+        before = f.read()
+    bad = cli("cni", "install", "--type", "portmap")
+    assert bad.returncode == 2 and "compiled plugin" in bad.stderr
+    # a conflist naming that type, written by hand, then uninstalled: the binary stays
+    os.makedirs(CONF_DIR, exist_ok=True)
+    with open(os.path.join(CONF_DIR, "10-cnikit.conflist"), "w") as f:
+        json.dump({"cniVersion": "1.0.0", "name": "cnikit", "plugins": [{"type": "portmap"}]}, f)
+    out = run("cni", "uninstall").stdout
+    assert "stays: a compiled plugin" in out
+    with open("/opt/cni/bin/portmap", "rb") as f:
+        assert f.read() == before
