@@ -1079,6 +1079,7 @@ CNI_PLUGIN_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugi
 CNI_SHOW_MAX = 240                          # stdin longer than this is shortened when echoed (-v: never)
 CNI_TIMEOUT = 60
 CNI_VERSION_CHECK, CNI_VERSION_STATUS = (0, 4, 0), (1, 1, 0)   # CHECK needs 0.4.0, STATUS and GC 1.1.0
+CNI_VERSION_ENV = {"CNI_NETNS": "dummy", "CNI_IFNAME": "dummy", "CNI_PATH": "dummy"}  # libcni's VERSION call
 _CNI_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 KIND_NODE_LABEL = "io.x-k8s.kind.cluster"
@@ -1210,7 +1211,7 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
     plugin = cni_find_plugin(ptype, cni_path) if not r.dry_run else \
         next((os.path.join(d, ptype) for d in cni_path.split(":") if os.path.exists(os.path.join(d, ptype))),
              os.path.join(cni_path.split(":")[0], ptype))
-    env = dict({"CNI_COMMAND": command}, **env, CNI_PATH=cni_path)
+    env = {"CNI_COMMAND": command, **env, "CNI_PATH": env.get("CNI_PATH", cni_path)}
     stdin = json.dumps(stdin_obj, separators=(",", ":"))
     argv = in_netns([plugin], host)
     # Echoed with its stdin as a here-string: the line pastes into bash (-v: stdin in full).
@@ -1521,7 +1522,8 @@ def cni_version(r, call):
     """VERSION: ask each plugin which spec versions it speaks."""
     answers = {}
     for plugin in call.net["plugins"]:
-        answers[plugin["type"]] = cni_exec(r, plugin["type"], "VERSION", {},
+        # As libcni (and so podman, before every ADD and DEL) asks: no pod, dummy values.
+        answers[plugin["type"]] = cni_exec(r, plugin["type"], "VERSION", CNI_VERSION_ENV,
                                            {"cniVersion": call.net["cniVersion"]}, call.cni_path, call.host)
         if answers[plugin["type"]] is not None and call.print_result:
             r.output(json.dumps(answers[plugin["type"]]))

@@ -375,3 +375,11 @@ def test_install_and_uninstall_never_replace_or_remove_a_compiled_plugin():
     assert "stays: a compiled plugin" in out
     with open("/opt/cni/bin/portmap", "rb") as f:
         assert f.read() == before
+
+
+def test_version_is_asked_as_libcni_asks_it_with_dummy_values():
+    run("cni", "install")
+    out = run("cni", "version").stdout
+    line = [l for l in out.splitlines() if l.startswith("env CNI_COMMAND=VERSION")][0]
+    assert "CNI_NETNS=dummy CNI_IFNAME=dummy CNI_PATH=dummy /opt/cni/bin/cnikit" in line
+    assert '"supportedVersions"' in out
