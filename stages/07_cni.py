@@ -9,7 +9,7 @@ import ipaddress
 import json
 import os
 
-from lesson import ROOT, Lesson, cnikit, ip
+from lesson import ROOT, Lesson, cnikit, ip, pod_ip
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
 PODS = ("pod1", "pod2")
@@ -103,12 +103,6 @@ def _try(L, verb, pod):
     except cnikit.CnikitError as e:
         L.say(f"    the runtime reports: {e}")
         return None
-
-
-def pod_ip(L, pod):
-    result = (getattr(L, "stage", {}) or {}).get(pod) or {}
-    ips = result.get("ips") or [{}]
-    return (ips[0].get("address") or "/").split("/")[0]
 
 
 def leftovers(r):

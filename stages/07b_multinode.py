@@ -13,7 +13,7 @@ nodes get for free.
 import ipaddress
 import json
 
-from lesson import Lesson, cnikit, ip
+from lesson import Lesson, cnikit, ip, pod_ip
 
 NODES = {   # node -> underlay address, pod subnet, its pod
     "node1": {"underlay": "10.0.8.1/24", "pods": "10.244.1.0/24", "pod": "pod1"},
@@ -112,11 +112,6 @@ def build(L):
             o = other(node)
             r.run(ip("route", "add", NODES[o]["pods"], "via", vtep(o), "dev", VXLAN, "onlink", ns=node),
                   undo=ip("route", "del", NODES[o]["pods"], ns=node))
-
-
-def pod_ip(L, pod):
-    ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
-    return (ips[0].get("address") or "/").split("/")[0]
 
 
 def verify(L):

@@ -131,6 +131,12 @@ def _signal_group(proc, sig):
         pass
 
 
+def pod_ip(L, pod):
+    """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
+    ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
+    return (ips[0].get("address") or "/").split("/")[0]
+
+
 def have(tool):
     """Is an optional tool (tcpdump, conntrack, iptables) installed? Lessons fall back
     to another proof, and say so, when it is not."""
