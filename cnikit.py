@@ -1208,9 +1208,12 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
     """Run plugin TYPE for COMMAND the way a runtime does; echo the call, print what it
     answers. Returns the parsed result (None when the plugin prints nothing, and in a dry
     run). A CNI error (non-zero exit, JSON error on stdout) raises CnikitError."""
-    plugin = cni_find_plugin(ptype, cni_path) if not r.dry_run else \
-        next((os.path.join(d, ptype) for d in cni_path.split(":") if os.path.exists(os.path.join(d, ptype))),
-             os.path.join(cni_path.split(":")[0], ptype))
+    try:
+        plugin = cni_find_plugin(ptype, cni_path)
+    except UsageError:
+        if not r.dry_run:
+            raise
+        plugin = os.path.join(cni_path.split(":")[0], ptype)   # where a planned install puts it
     env = {"CNI_COMMAND": command, **env, "CNI_PATH": env.get("CNI_PATH", cni_path)}
     stdin = json.dumps(stdin_obj, separators=(",", ":"))
     argv = in_netns([plugin], host)
