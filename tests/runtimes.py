@@ -286,6 +286,16 @@ class Containerd:
         return None
 
 
+def wait_for(predicate, seconds=20):
+    """True as soon as PREDICATE() is (polled every 0.1 s), False after SECONDS."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @contextlib.contextmanager
 def runtime_session(make, tag):
     """A runtime of the test's own (MAKE(scratch dir): Podman or Containerd) with cgroups

@@ -14,12 +14,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
 from kernel import cli, iptables_rules, veths
-from runtimes import Containerd, allocations, runtime_session
+from runtimes import Containerd, allocations, runtime_session, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT = [sys.executable, os.path.join(HERE, "cri.py")]
@@ -67,15 +66,6 @@ def install(flavour, subnet):
              "ipam": {"type": "host-local", "subnet": subnet}},
             {"type": "portmap", "capabilities": {"portMappings": True}}]}, f)
     return "ref"
-
-
-def wait_for(predicate, seconds=20):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def fetch(addr, port):
