@@ -21,6 +21,9 @@ Config keys (defaults in brackets; the classic minimal config gets all defaults)
   ipMasq [true]            masquerade pod traffic leaving the subnet (own nat chain
                            CNIKIT-<hash> per attachment, rules commented
                            "cnikit name: <net> id: <container> if: <ifname>")
+  nonMasqueradeCIDRs [[]]  destinations never masqueraded besides the pod's own subnet, e.g.
+                           the whole cluster pod range (Kubernetes: no NAT between pods; as
+                           kindnet and ip-masq-agent do)
   mtu [kernel default]     on the bridge and both ends of the veth
   hairpinMode [false]      a pod may reach itself through a service address
   dns                      passed through to the result
@@ -606,6 +609,7 @@ class Net:
         self.default_gw = self.flag("isDefaultGateway", True)
         self.is_gw = self.flag("isGateway", True) or self.default_gw
         self.masq = self.flag("ipMasq", True)
+        self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = self.flag("hairpinMode", False)
         self.mtu = conf.get("mtu") or 0
         if type(self.mtu) is not int or not 0 <= self.mtu <= 65535:
@@ -631,6 +635,16 @@ class Net:
         if not isinstance(value, bool):
             raise CNIError(E_CONFIG, f"{key} must be true or false, not {value!r}")
         return value
+
+    def cidr_list(self, key):
+        """KEY as a list of (family, network, prefix); absent is an empty list."""
+        value = self.raw.get(key, [])
+        if not isinstance(value, list):
+            raise CNIError(E_CONFIG, f"{key} must be a list of CIDRs, not {value!r}")
+        try:
+            return [(f, network_of(f, n, plen), plen) for f, n, plen in map(parse_cidr, value)]
+        except ValueError as e:
+            raise CNIError(E_CONFIG, f"{key}: {e}") from None
 
     def range_sets(self):
         """[[range dict]]: one address is allocated from each set."""
@@ -988,6 +1002,9 @@ def setup_masq(net, cid, ifname, ips):
         for ip in ips:
             if ip["family"] == family:
                 lines.append(f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT")
+        for f, n, plen in net.no_masq:
+            if f == family:
+                lines.append(f"-A {chain} -d {fmt_cidr(f, n, plen)} -m comment --comment {comment} -j ACCEPT")
         lines.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
         for ip in ips:
             if ip["family"] == family:

@@ -39,7 +39,7 @@ def build(L):
     L.step("a veth pair is two interfaces joined by a virtual cable; made on the host, both ends "
            f"start there: the peer under a name unique on the host, {TEMP_NAME}")
     r.run(ip("link", "add", HOST_END, "type", "veth", "peer", "name", TEMP_NAME),
-          undo=ip("link", "del", HOST_END))
+          creates=cnikit.Change.link(HOST_END))
     r.run(cnikit.tag_link(HOST_END))
     r.show(ip("-br", "link", "show", "type", "veth"))
 

@@ -532,3 +532,24 @@ def test_keep_on_lesson_07_opens_the_shell_before_the_pods_are_deleted():
     shell_at = proc.stdout.index("--keep: a shell `ip netns exec pod1 bash`")
     assert re.search(r"^eth0@\S+\s+UP\s+10\.244\.0\.2/24", proc.stdout[shell_at:], re.M)
     assert proc.stdout.index("DEL both pods") > shell_at
+
+
+def test_host_mode_leaves_even_when_build_breaks_unexpectedly():
+    """Whatever goes wrong in build (here a bug, not a CnikitError), --host removes what
+    the lesson had already made before the exception goes on."""
+    import argparse
+    sys.path.insert(0, STAGES)
+    from lesson import Lesson
+    import cnikit
+    L = Lesson("99", "broken", goal="nothing", picture="nothing")
+
+    def build(L):
+        cnikit.netns_add(L.r, "nsbug")
+        if not L.r.dry_run:
+            assert "nsbug" in str(sh.ip("netns", "list"))
+            raise RuntimeError("a bug in the lesson")
+
+    args = argparse.Namespace(dry_run=False, quiet=True, step=False, skip=[], color="never", host=True, keep=False)
+    with pytest.raises(RuntimeError):
+        L.run(build, lambda L: None, args)
+    assert "nsbug" not in str(sh.ip("netns", "list"))
