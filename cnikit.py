@@ -2054,7 +2054,7 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
     conf_path = cni_conf_file(conf_dir, name)
     conflist = json.dumps(cni_conflist(name, None, ptype, chain,
                                        extra={"nonMasqueradeCIDRs": kind_cluster_cidrs(plan)}), indent=2) + "\n"
-    mark = len(r.log)
+    mark = r.mark()
     for node, p in plan.items():
         subnet = f"CNIKIT_SUBNET={p['podCIDR']}\n"
         want = {path: hashlib.sha256(data).hexdigest() for path, data in (
@@ -2100,7 +2100,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
         require_tools("docker")
     plan = kind_plan(r, cluster)
     conf_path = cni_conf_file(conf_dir, name)
-    mark = len(r.log)
+    mark = r.mark()
     for node in plan:
         ok, text = r.query(docker_exec(node, "cat", conf_path))
         try:
@@ -2122,7 +2122,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     for node, cidr, via in kind_routes(plan):
         if via and (r.dry_run or kind_has_route(r, node, cidr, via)):
             r.run(docker_exec(node, "ip", "route", "del", cidr, "via", via))
-    if not r.dry_run and len(r.log) == mark:
+    if not r.dry_run and not r.ran_since(mark):
         r.note(f"kind cluster {cluster}: no plugin, {conf_path}, {NODE_SUBNET_FILE} or route of ours "
                "on any node; nothing to do")
     return plan
