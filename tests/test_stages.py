@@ -299,7 +299,7 @@ def test_demo_runs_lessons_and_ends_with_a_table():
 
 # ---------------------------------------------------------------- review: dry runs really run, proofs can fail
 
-EVERY = dict(LESSONS, **{"07": "07_cni", "07b": "07b_multinode"})
+EVERY = dict(LESSONS, **{"07": "07_cni", "07b": "07b_multinode", "07c": "07c_routed"})
 
 
 def _background_tools():
@@ -553,3 +553,26 @@ def test_host_mode_leaves_even_when_build_breaks_unexpectedly():
     with pytest.raises(RuntimeError):
         L.run(build, lambda L: None, args)
     assert "nsbug" not in str(sh.ip("netns", "list"))
+
+
+# ---------------------------------------------------------------- 07c: the routed model beside the bridge model
+
+def test_lesson_07c_routed_model_passes_compares_arp_and_path_and_leaves_nothing():
+    before = host_state()
+    proc = run_stage("07c_routed.py", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    out = proc.stdout
+    assert verdict(proc).startswith("PASS lesson 07c routed")
+    assert re.search(r"^eth0@\S+\s+UP\s+10\.244\.2\.2/32", out, re.M)           # the pod's /32
+    assert re.search(r"^default via 10\.244\.2\.1 dev eth0", out, re.M)
+    assert re.search(r"^10\.244\.2\.3 dev veth[0-9a-f]{11} scope link", out, re.M)  # host route /32 dev veth
+    assert "# check: bridged: the reply's TTL says switched, not routed (64): ok" in out
+    assert "# check: routed: the reply's TTL says routed by the node, once (63): ok" in out
+    assert "rpod2's address is not in its neighbour table: ok" in out
+    assert host_state() == before
+
+
+def test_lesson_07c_without_the_host_route_rpod1_cannot_reach_rpod2():
+    proc = run_stage("07c_routed.py", "--skip", "host-route", timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "rpod1 reaches rpod2 (routed)" in verdict(proc) and "bpod1 reaches bpod2" not in verdict(proc)
