@@ -396,6 +396,11 @@ class Lesson:
             if change.kind == "link" and change.ns is None and cnikit.get_link(self.r, change.name):
                 raise cnikit.UsageError(f"interface {change.name} already exists on this host; "
                                         "delete it or run the lesson in the sandbox (without --host)")
+            if change.kind == "chain" and change.ns is None:
+                table, chain = change.name.split()[1:3]
+                if self.r.query(cnikit.iptables("-t", table, "-S", chain))[0]:
+                    raise cnikit.UsageError(f"iptables chain {chain} ({table}) already exists on this host; "
+                                            "run the lesson in the sandbox (without --host)")
             if change.kind == "file" and os.path.exists(change.name):
                 raise cnikit.UsageError(f"{change.name} already exists on this host; the lesson would replace "
                                         "it: remove it or run the lesson in the sandbox (without --host)")

@@ -299,7 +299,7 @@ def test_demo_runs_lessons_and_ends_with_a_table():
 
 # ---------------------------------------------------------------- review: dry runs really run, proofs can fail
 
-EVERY = dict(LESSONS, **{"07": "07_cni", "07b": "07b_multinode", "07c": "07c_routed"})
+EVERY = dict(LESSONS, **{"07": "07_cni", "07b": "07b_multinode", "07c": "07c_routed", "07d": "07d_services"})
 
 
 def _background_tools():
@@ -576,3 +576,53 @@ def test_lesson_07c_without_the_host_route_rpod1_cannot_reach_rpod2():
     proc = run_stage("07c_routed.py", "--skip", "host-route", timeout=TIMEOUT)
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "rpod1 reaches rpod2 (routed)" in verdict(proc) and "bpod1 reaches bpod2" not in verdict(proc)
+
+
+# ---------------------------------------------------------------- 07d: Services, kube-proxy's iptables mode
+
+def test_lesson_07d_services_answer_from_both_backends_from_a_pod_the_node_outside_and_hairpin():
+    before = host_state()
+    proc = run_stage("07d_services.py", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    out = proc.stdout
+    assert verdict(proc).startswith("PASS lesson 07d services")
+    assert "-A KUBE-SVC-WEB -m statistic --mode random --probability 0.5 -j KUBE-SEP-WEB1" in out
+    assert "-A KUBE-SEP-WEB2 -p tcp -m tcp -j DNAT --to-destination 10.244.0.12:8080" in out
+    for proof in ("every connection from the client pod to 10.96.0.10:80 was answered, by both backends",
+                  "from the node, 10.96.0.10:80 answers every connection, from both backends",
+                  "the NodePort 203.0.113.1:30080 answers every connection from outside, from both backends",
+                  "web1 reached itself through the Service, and no connection failed"):
+        assert f"# check: {proof}: ok" in out
+    # real TCP: each connection's answer names its backend and the peer that backend saw
+    answers = re.findall(r"^(web[12]) (\S+)$", out, re.M)
+    assert {"web1", "web2"} == {name for name, _ in answers} and len(answers) >= 4 * 20
+    assert ("web2", "203.0.113.10") in answers                 # NodePort: the outside client, unmasqueraded
+    if shutil.which("conntrack"):
+        assert "# check: conntrack maps 10.244.0.20 -> 10.96.0.10:80 to replies from both backends: ok" in out
+    assert host_state() == before
+
+
+@pytest.mark.parametrize("step,broken", [
+    ("br-netfilter", "every connection from the client pod to 10.96.0.10:80 was answered"),
+    ("hairpin", "web1 reached itself through the Service"),
+])
+def test_lesson_07d_without_br_netfilter_or_hairpin_the_service_fails_where_it_should(step, broken):
+    proc = run_stage("07d_services.py", "--skip", step, "-q", timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert broken in verdict(proc)
+    if step == "hairpin":        # pods and the node still reach the Service: only hairpin breaks
+        assert "from the client pod" not in verdict(proc) and "from the node" not in verdict(proc)
+
+
+def test_lesson_07d_host_mode_names_its_chains_restores_everything_and_refuses_kube_proxys():
+    sh.sysctl("-w", "net.ipv4.ip_forward=0")
+    before = host_state()
+    proc = run_stage("07d_services.py", "--host", "-q", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert host_state() == before
+    assert str(sh.sysctl("-n", "net.ipv4.ip_forward")).strip() == "0"
+    summary = run_stage("07d_services.py", "--host", "--step", input="q\n", timeout=TIMEOUT).stdout
+    assert "iptables chains" in summary and "-t nat KUBE-SERVICES" in summary
+    sh.iptables("-t", "nat", "-N", "KUBE-SERVICES")
+    refused = run_stage("07d_services.py", "--host", timeout=TIMEOUT)
+    assert refused.returncode == 2 and "iptables chain KUBE-SERVICES (nat) already exists" in refused.stderr
