@@ -168,11 +168,10 @@ def build(L):
 def connect_loop(L, target, port, ns=None, tries=TRIES):
     """TRIES real TCP connections to TARGET:PORT from NS (None: the node), one shell loop;
     returns the answers, one "<backend> <the peer it saw>" per connection that got one."""
-    # A connection that fails twice running ends the loop: one is enough to fail the proof, and
-    # a broken Service (--skip) then costs two connect timeouts, not TRIES of them. The one retry
-    # keeps a single lost handshake on a busy shared machine from failing a working Service.
-    once = f"socat -u TCP:{target}:{port},connect-timeout={CONNECT_TIMEOUT} -"
-    loop = f"for i in $(seq {tries}); do {once} || {once} || {{ echo failed; break; }}; done"
+    # A connection that fails ends the loop: one is enough to fail the proof, and a broken
+    # Service (--skip) then costs one connect timeout, not TRIES of them.
+    loop = (f"for i in $(seq {tries}); do socat -u TCP:{target}:{port},connect-timeout={CONNECT_TIMEOUT} - "
+            "|| { echo failed; break; }; done")
     ok, out = L.r.probe(in_netns(["sh", "-c", loop], ns))
     return [line.split() for line in out.splitlines() if re.match(r"^(web\d|failed)\b", line)]
 
