@@ -2026,6 +2026,9 @@ def _parse_iptables(text):
         elif len(words) >= 2 and words[0] == "-N":
             chains.setdefault(words[1], {"rules": []})
         elif len(words) >= 2 and words[0] == "-A":
+            if "-c" in words:           # the rule's counters: not part of what it matches
+                at = words.index("-c")
+                words = words[:at] + words[at + 3:]
             chains.setdefault(words[1], {"rules": []})["rules"].append(words[2:])
     return chains
 
@@ -2186,7 +2189,10 @@ def _walk(v, report, ns, dst, proto, port):
         report["hops"].append(hop)
         if iif is not None:
             hop["in"] = iif
-            pkt["dst"] = _check_conntrack_and_dnat(v, ns, pkt, iif)
+            dnat = _check_conntrack_and_dnat(v, ns, pkt, iif)
+            if dnat != pkt["dst"]:
+                hop["dnat"] = {"from": pkt["dst"], "to": dnat}
+            pkt["dst"] = dnat
             _check_rp_filter(v, ns, pkt, iif, where)
             if v.local(ns, pkt["dst"]):
                 _check_filter(v, ns, "INPUT", dict(pkt, iif=iif, oif=None), where)
@@ -2520,18 +2526,13 @@ def doctor_text(report):
     head += f", {report['proto']}" + (f" port {report['port']}" if report.get("port") else "")
     lines = [head]
     for i, hop in enumerate(report["hops"], 1):
-        words = [f"  hop {i}  {hop['ns']}:"]
-        if hop.get("in"):
-            words.append(f"in {hop['in']},")
-        if hop.get("out"):
-            words.append(f"out {hop['out']} to {hop['via']}")
-        for step in hop.get("l2", []):
-            words.append(f"[{step}]")
-        if hop.get("nat"):
-            words.append(f"[source {hop['nat']['from']} becomes {hop['nat']['to']}]")
-        if hop.get("note"):
-            words.append(hop["note"])
-        lines.append(" ".join(words))
+        parts = [f"in {hop['in']}" if hop.get("in") else "",
+                 f"destination {hop['dnat']['from']} becomes {hop['dnat']['to']} (DNAT)" if hop.get("dnat") else "",
+                 f"out {hop['out']} to {hop['via']}" if hop.get("out") else "",
+                 f"source {hop['nat']['from']} becomes {hop['nat']['to']} (masquerade)" if hop.get("nat") else "",
+                 hop.get("note", "")]
+        lines.append(f"  hop {i}  {hop['ns']}: " + ", ".join(p for p in parts if p)
+                     + "".join(f" [{step}]" for step in hop.get("l2", [])))
     b = report["broken"]
     if not b:
         lines.append(f"HEALTHY: {report['from']} reaches {report['dst']} along these hops; nothing on the path "

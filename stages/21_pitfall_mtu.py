@@ -59,7 +59,8 @@ def setup(L):
     pitfall.link_between(L, "node1", "eth0", NODES["node1"]["underlay"], "node2", "eth0", NODES["node2"]["underlay"])
     for node, spec in NODES.items():
         peer = NODES["node2" if node == "node1" else "node1"]["underlay"].split("/")[0]
-        pitfall.node_with_pods(L, node, "br0", None, {spec["pod"]: spec["pod_addr"]}, mtu=OVERLAY_MTU)
+        pitfall.node_with_pods(L, node, "br0", None, {spec["pod"]: spec["pod_addr"]}, mtu=OVERLAY_MTU,
+                               new_node=False)
         cnikit.vxlan_add(r, "vxlan0", VNI, local=spec["underlay"].split("/")[0], dev="eth0",
                          bridge_name="br0", mtu=OVERLAY_MTU, host=node)
         cnikit.vxlan_fdb_add(r, "vxlan0", FLOOD, peer, host=node)

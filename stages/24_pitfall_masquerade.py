@@ -59,7 +59,7 @@ def setup(L):
     pitfall.link_between(L, "node1", "eth0", NODES["node1"]["underlay"], "node2", "eth0", NODES["node2"]["underlay"])
     for node, spec in NODES.items():
         other = NODES["node2" if node == "node1" else "node1"]
-        pitfall.node_with_pods(L, node, "br0", spec["gw"], {spec["pod"]: spec["addr"]})
+        pitfall.node_with_pods(L, node, "br0", spec["gw"], {spec["pod"]: spec["addr"]}, new_node=False)
         cnikit.route_add(r, other["subnet"], via=other["underlay"].split("/")[0], ns=node)
         L.sysctl("net.ipv4.ip_forward", 1, ns=node)
     L.step(f"pod2 runs a server on tcp/{PORT} that answers each connection with the address it sees")

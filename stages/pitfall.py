@@ -20,11 +20,13 @@ from lesson import CNIKIT, cnikit, in_netns
 STAGE_ARGS_HELP = "stop at the broken state, after the diagnosis (with --keep: a shell to explore it)"
 
 
-def node_with_pods(L, node, bridge_name, gateway, pods, mtu=None, default_route=True):
-    """NODE (a namespace standing for a machine) with BRIDGE_NAME at GATEWAY and a pod
-    namespace per entry of PODS {pod: cidr} on it, as lesson 03 builds on the host."""
+def node_with_pods(L, node, bridge_name, gateway, pods, mtu=None, default_route=True, new_node=True):
+    """NODE (a namespace standing for a machine; made here unless NEW_NODE is False) with
+    BRIDGE_NAME at GATEWAY and a pod namespace per entry of PODS {pod: cidr} on it, as
+    lesson 03 builds on the host."""
     r = L.r
-    cnikit.netns_add(r, node, lo_up=True)
+    if new_node:
+        cnikit.netns_add(r, node, lo_up=True)
     cnikit.bridge_add(r, bridge_name, addr=gateway, host=node)
     for pod, cidr in pods.items():
         cnikit.netns_add(r, pod, lo_up=True)
