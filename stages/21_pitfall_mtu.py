@@ -70,7 +70,8 @@ def setup(L):
     for spec in NODES.values():
         r.run(ip("link", "set", "dev", "eth0", "gso_max_segs", 1, ns=spec["pod"]))
     L.step(f"pod2 counts the bytes it receives on tcp/{PORT} and says how many")
-    r.spawn(in_netns(["socat", f"TCP-LISTEN:{PORT},bind={POD2_IP},reuseaddr,fork", "SYSTEM:wc -c"], "pod2"))
+    # -T: a connection the black hole stalled ends after 5 s idle instead of lingering
+    r.spawn(in_netns(["socat", "-T", "5", f"TCP-LISTEN:{PORT},bind={POD2_IP},reuseaddr,fork", "SYSTEM:wc -c"], "pod2"))
     L.wait_listening(PORT, "pod2")
 
 
