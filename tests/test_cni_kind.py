@@ -135,3 +135,24 @@ def test_lesson_07_kind_flow_dry_run_prints_the_classic_steps():
     assert "kubectl --context kind-demo run web --image=busybox:1.36 --restart=Never -- sleep 3600" in out
     assert "docker cp " in out and "python3-minimal" in out
     assert "kubectl --context kind-demo wait --for=condition=Ready pod/web --timeout=180s" in out
+
+
+# -- the plugin key kind-install writes: the cluster pod range is never masqueraded
+
+def test_plugin_non_masquerade_cidrs_exempts_them_before_the_masquerade():
+    from plugin_helpers import cni, error, nat_rules, netns, ok
+    conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "cnikit", "ipam": {"subnet": "10.244.1.0/24"},
+            "nonMasqueradeCIDRs": ["10.244.0.0/16", "fd00:10:244::/56", "192.0.2.7/24"]}
+    ok(cni("ADD", conf, cid="p1", netns=netns("p1")))
+    rules = [line for line in str(nat_rules()).splitlines() if line.startswith("-A CNIKIT-")]
+    targets = [(line.split(" -d ")[1].split()[0] if " -d " in line else None, line.split(" -j ")[1])
+               for line in rules]
+    # own subnet, then the cluster range (IPv4 only in the IPv4 table; host bits dropped), then MASQUERADE
+    assert targets == [("10.244.1.0/24", "ACCEPT"), ("10.244.0.0/16", "ACCEPT"), ("192.0.2.0/24", "ACCEPT"),
+                       ("224.0.0.0/4", "MASQUERADE")], rules
+    ok(cni("DEL", conf, cid="p1", netns="/run/netns/p1"))
+    assert "CNIKIT-" not in str(nat_rules())
+    for bad in ("10.244.0.0/16", ["10.244.0.0/33"], ["pods"], [16]):
+        res = error(cni("ADD", dict(conf, nonMasqueradeCIDRs=bad), cid="p2", netns=netns(f"p2{len(str(bad))}")), 7)
+        assert "nonMasqueradeCIDRs" in res["msg"]
+    assert "CNIKIT-" not in str(nat_rules())
