@@ -192,7 +192,7 @@ def test_single_conf_file_and_version_verb():
                    "ipam": {"type": "host-local", "subnet": "10.89.0.0/24"}}, f)
     run("netns", "add", "p")
     out = run("cni", "add", "p", "--id", "c0ffee", "--ifname", "net1").stdout    # the first conf in the dir
-    assert json.loads(out[out.index("\n{") + 1:])["cniVersion"] == "0.4.0"
+    assert json.loads(out[out.index("\n{\n") + 1:])["cniVersion"] == "0.4.0"
     assert "net1" in links("p") and os.path.exists("/var/lib/cni/results/one-c0ffee-net1")
     run("cni", "check", "p", "--id", "c0ffee", "--ifname", "net1")
     run("cni", "del", "p", "--id", "c0ffee", "--ifname", "net1")

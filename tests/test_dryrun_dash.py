@@ -150,11 +150,16 @@ def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
     try:
         while proc.stdout.readline().strip() != "waiting":
             pass
-        foreground = {}
-        for pid in marked(mark):
-            with open(f"/proc/{pid}/comm") as f:
-                foreground.setdefault(f.read().strip(), []).append(pid)
-        assert len(foreground["dash"]) == 1 and len(foreground["sleep"]) == 1, foreground
+        deadline = time.monotonic() + 10
+        while True:             # "waiting" is printed just before the step starts
+            foreground = {}
+            for pid in marked(mark):
+                with open(f"/proc/{pid}/comm") as f:
+                    foreground.setdefault(f.read().strip(), []).append(pid)
+            if "sleep" in foreground or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert len(foreground["dash"]) == 1 and len(foreground.get("sleep", [])) == 1, foreground
         for pid in foreground["dash"] + foreground["sleep"]:
             os.kill(pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 130
