@@ -7,6 +7,7 @@ The real run and the replay each get a nested sandbox of their own (`cnikit.py s
 so their namespaces, links, rules and CNI directories start empty and vanish after.
 """
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import uuid
 
 import pytest
 
-from kernel import ROOT, cli
+from kernel import ROOT, cli, netns_list, snapshot
 
 STAGES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "stages", "[0-9]*.py")))
 CNIKIT = [sys.executable, os.path.join(ROOT, "cnikit.py")]
@@ -103,15 +104,31 @@ def dry_run_lines(script):
 
 # ---------------------------------------------------------------- the lessons
 
+def load_lesson(stage):
+    """Import stages/STAGE.py as a module (its name starts with a digit)."""
+    sys.path.insert(0, os.path.join(ROOT, "stages"))
+    spec = importlib.util.spec_from_file_location(f"lesson_{stage}", os.path.join(ROOT, "stages", stage + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, tmp_path):
-    """The lesson for real (--host --keep, in a sandbox standing for the host: what it built
-    stays for the snapshot) against its --dry-run piped into `dash -e`."""
-    path = os.path.join(ROOT, "stages", stage + ".py")
-    real = state_of(in_sandbox(f"{sys.executable} {path} --host --keep --color never >/dev/null\n"
-                               f"{sys.executable} -c \"$SNAP\"", uuid.uuid4().hex))
-    dry = subprocess.run([sys.executable, path, "--dry-run", "--color", "never"], capture_output=True, text=True,
-                         timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    """The lesson for real, as in its sandbox (build and verify, driven here in the test's
+    fresh sandbox, so what it built is still there to look at), against its --dry-run
+    piped into `dash -e` in a fresh sandbox of its own."""
+    mod = load_lesson(stage)
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.build(L)
+        mod.verify(L)
+    finally:
+        L.r.stop_all()
+    assert L.passed(), L.checks
+    real = snapshot(netns_list())
+    dry = subprocess.run([sys.executable, os.path.join(ROOT, "stages", stage + ".py"), "--dry-run", "--color",
+                          "never"], capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert dry.returncode == 0, dry.stderr
     assert "<<<" not in dry.stdout and "jobs -p" not in dry.stdout      # bash-only, or empty in dash
     (tmp_path / "lesson.sh").write_text(dry.stdout)
