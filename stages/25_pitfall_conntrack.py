@@ -19,6 +19,7 @@ BACKENDS = {"pod-a": "10.0.25.2/24", "pod-b": "10.0.25.3/24"}
 NODE_ADDR, CLIENT_ADDR = "198.51.100.1/24", "198.51.100.10/24"
 NODE_IP = NODE_ADDR.split("/")[0]
 PORT, CLIENT_PORT = 5353, 40000      # the hostPort; the client's long-lived socket (one flow)
+ANSWER_WAIT = "3"                    # seconds the client waits for an answer (a loaded machine forks slowly)
 COMMENT = ["-m", "comment", "--comment", "cnikit lab25: hostPort udp/5353"]
 
 WORKS = f"the client's query to the hostPort {NODE_IP}:{PORT}/udp is answered by the backend the DNAT rule names"
@@ -61,9 +62,11 @@ def setup(L):
     cnikit.netns_add(r, CLIENT, lo_up=True)
     pitfall.link_between(L, NODE, "eth1", NODE_ADDR, CLIENT, "eth0", CLIENT_ADDR)
     L.sysctl("net.ipv4.ip_forward", 1, ns=NODE)
+    # The server reads the query before it answers: a reply that exits before socat has written
+    # the datagram to it would make socat fail (broken pipe) and send nothing.
     for pod, cidr in BACKENDS.items():
-        r.spawn(in_netns(["socat", f"UDP4-RECVFROM:{PORT},bind={cidr.split('/')[0]},fork", f"SYSTEM:echo {pod}"],
-                         pod))
+        r.spawn(in_netns(["socat", f"UDP4-RECVFROM:{PORT},bind={cidr.split('/')[0]},fork",
+                          f"SYSTEM:read query; echo {pod}"], pod))
     for pod in BACKENDS:        # a UDP server is ready once its socket is bound
         script = f'until ss -Huln "sport = :{PORT}" | grep -q .; do sleep 0.02; done'
         r.run(in_netns(["timeout", "5", "sh", "-c", script], pod))
@@ -73,7 +76,8 @@ def setup(L):
 
 
 def answer(L, expect_fail=False):
-    query = ["socat", "-T", "1", "-", f"UDP4:{NODE_IP}:{PORT},sourceport={CLIENT_PORT},reuseaddr"]
+    query = ["socat", "-t", ANSWER_WAIT, "-T", ANSWER_WAIT, "-",
+             f"UDP4:{NODE_IP}:{PORT},sourceport={CLIENT_PORT},reuseaddr"]
     ok, out = L.r.probe(in_netns(["sh", "-c", "echo query | " + " ".join(query)], CLIENT), expect_fail=expect_fail)
     return out.strip().splitlines()[-1] if ok and out.strip() else ""
 

@@ -19,7 +19,8 @@ import sh
 from kernel import ROOT, cli, run_stage
 
 STAGES = os.path.join(ROOT, "stages")
-LABS = {os.path.basename(p)[:2]: os.path.basename(p) for p in sorted(glob.glob(os.path.join(STAGES, "2?_pitfall_*.py")))}
+LABS = {os.path.basename(p)[:2]: os.path.basename(p)
+        for p in sorted(glob.glob(os.path.join(STAGES, "2?_pitfall_*.py")))}
 TIMEOUT = 120
 SYSCTLS = re.compile(r"^net\.(ipv4\.(ip_forward|conf\.\S+\.(rp_filter|forwarding))|bridge\.\S+) = ")
 
@@ -49,19 +50,25 @@ def _out(argv):
 
 
 def kernel_state():
-    """Everything doctor could conceivably change, in every namespace: links, addresses,
-    routes, neighbours (address, MAC, device; not the NUD state, which ages by itself),
-    iptables-save without counters, the sysctls doctor reads, conntrack flows."""
+    """Everything doctor could conceivably change, in every namespace: links (kind, flags,
+    MTU, master, MAC, alias), IPv4 addresses and routes, neighbours (address, MAC, device;
+    not the NUD state, which ages by itself), iptables-save without counters, the sysctls
+    doctor reads, conntrack flows (without their timeouts). Timers and IPv6 autoconfiguration,
+    which move by themselves, are left out."""
     state = {}
     names = [n["name"] for n in json.loads(_out(["ip", "-j", "netns", "list"]) or "[]")]
     for ns in [None] + sorted(names):
+        ip_ = ["ip", *(["-n", ns] if ns else []), "-j"]
         pre = ["ip", "netns", "exec", ns] if ns else []
-        neigh = json.loads(_out(["ip", *(["-n", ns] if ns else []), "-j", "neigh", "show"]) or "[]")
+        links = json.loads(_out(ip_ + ["-d", "link", "show"]) or "[]")
         state[ns or "host"] = {
-            "links": _out(["ip", *(["-n", ns] if ns else []), "-d", "link", "show"]),
-            "addrs": _out(["ip", *(["-n", ns] if ns else []), "addr", "show"]),
-            "routes": _out(["ip", *(["-n", ns] if ns else []), "route", "show", "table", "all"]),
-            "neigh": sorted((n.get("dst"), n.get("lladdr"), n.get("dev")) for n in neigh),
+            "links": sorted((l["ifname"], l.get("linkinfo", {}).get("info_kind"), tuple(l.get("flags", [])),
+                             l.get("mtu"), l.get("master"), l.get("address"), l.get("ifalias")) for l in links),
+            "addrs": sorted((l["ifname"], a["local"], a["prefixlen"]) for l in json.loads(_out(ip_ + ["-4", "addr"]))
+                            for a in l.get("addr_info", [])),
+            "routes": _out(ip_[:-1] + ["-4", "route", "show", "table", "all"]),
+            "neigh": sorted((n.get("dst"), n.get("lladdr"), n.get("dev"))
+                            for n in json.loads(_out(ip_ + ["neigh", "show"]) or "[]")),
             "iptables": re.sub(r"\[\d+:\d+\]|^#.*$", "", _out(pre + ["iptables-save"]), flags=re.M),
             "sysctls": sorted(l for l in _out(pre + ["sysctl", "-a"]).splitlines() if SYSCTLS.match(l)),
             "conntrack": sorted(re.sub(r"^(\S+\s+\d+)\s+\d+", r"\1", l)          # leave out the timeout
@@ -99,8 +106,8 @@ def test_skipping_the_fix_makes_the_lab_fail(number):
 
 
 def test_broken_stops_at_the_broken_state_and_keep_opens_a_shell_in_it():
-    proc = run_stage(LABS["23"], "--broken", "--keep", timeout=TIMEOUT,
-                     input="echo forwarding=$(ip netns exec node1 sysctl -n net.ipv4.ip_forward)\nexit\n",
+    proc = run_stage(LABS["23"], "--broken", "--keep", "node1", timeout=TIMEOUT,
+                     input="echo forwarding=$(sysctl -n net.ipv4.ip_forward)\nexit\n",
                      env=dict(os.environ, SHELL="/bin/bash"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
     assert "fix it:" not in proc.stdout and "--broken: the lab stops here" in proc.stdout
