@@ -49,7 +49,7 @@ left), 50 plugin not available (STATUS); plugin-specific: 100 CHECK found a diff
 101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
 already exists in the container.
 """
-import os
+import posix  # os, without the ~2 ms of imports behind it (os is loaded after the VERSION head)
 import sys
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -85,7 +85,7 @@ class CNIError(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
-# ---------------------------------------------------------------- log and commands
+# ---------------------------------------------------------------- log
 
 LOG = []
 
@@ -97,14 +97,163 @@ def log(line):
 def write_log(path):
     """Append this call's record in one write; a log we cannot write never fails the plugin."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o640)
+        flags = posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_CLOEXEC | posix.O_NONBLOCK | posix.O_NOCTTY
+        fd = posix.open(path, flags, 0o640)
         try:
-            os.write(fd, ("\n".join(LOG) + "\n").encode("utf-8", "replace"))
+            posix.write(fd, ("\n".join(LOG) + "\n").encode("utf-8", "replace"))
         finally:
-            os.close(fd)
+            posix.close(fd)
     except (OSError, ValueError):  # ValueError: a NUL in the path
         pass
 
+
+# ---------------------------------------------------------------- JSON without the json package
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")  # json accepts NaN and Infinity; CNI (Go) does not
+
+
+def _json_codec():
+    """The C scanner/encoder behind the json package, without its 10 ms of imports."""
+    try:
+        import _json
+
+        class Ctx:
+            strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
+            parse_constant = staticmethod(_refuse_constant)
+        scan = _json.make_scanner(Ctx())
+        enc = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False)
+        if "".join(enc({"a": [1, None, "\u00e9"]}, 0)) != '{"a": [1, null, "\\u00e9"]}':
+            raise ValueError("unexpected encoder")
+
+        def loads(text):
+            try:
+                obj, end = scan(text, len(text) - len(text.lstrip(" \t\n\r")))
+                if text[end:].strip(" \t\n\r"):
+                    raise ValueError("extra data")
+                return obj
+            except Exception:
+                return slow_loads(text)  # the same answer, with json's error message
+
+        return loads, lambda obj: "".join(enc(obj, 0))
+    except Exception:  # an interpreter without _json (not CPython): the json package
+        import json
+        return slow_loads, json.dumps
+
+
+def slow_loads(text):
+    import json
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+json_loads, json_dumps = _json_codec()
+
+
+# ---------------------------------------------------------------- the call, and VERSION
+
+def read_stdin():
+    chunks, size = [], 0
+    try:
+        while True:
+            chunk = posix.read(0, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > STDIN_LIMIT:
+                raise CNIError(E_DECODE, f"network config on stdin is larger than {STDIN_LIMIT} bytes")
+    except OSError:
+        pass
+    return b"".join(chunks)
+
+
+def decode_config(raw):
+    try:
+        conf = json_loads(raw.decode("utf-8"))
+    except Exception as e:
+        raise CNIError(E_DECODE, f"cannot decode the network config: {e}")
+    if not isinstance(conf, dict):
+        raise CNIError(E_DECODE, "the network config is not a JSON object")
+    return conf
+
+
+def version_tuple(text):
+    """'1.0.0' -> (1, 0, 0); anything else -> None (versions compare as tuples, never as strings)."""
+    parts = text.split(".") if isinstance(text, str) else ()
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+class Call:
+    """One invocation, read once: CNI_COMMAND, the CNI_* environment, stdin and what it says.
+    version is the one every answer is printed in: the config's when it is supported."""
+
+    def __init__(self, environ):
+        self.command = environ.get("CNI_COMMAND", "")
+        self.env = {k: v for k, v in environ.items() if k.startswith("CNI_")}
+        self.raw, self.conf, self.error = b"", {}, None
+        self.version = LATEST
+        self.log_path = environ.get("CNIKIT_LOG") or DEFAULT_LOG
+        log(f"=== {self.command or '(no CNI_COMMAND)'} pid {posix.getpid()}")
+        for key in sorted(self.env):
+            log(f"  {key}={self.env[key]}")
+        if not self.command:
+            return  # nothing to do: do not wait for stdin a terminal may never close
+        try:
+            self.raw = read_stdin()
+            log(f"  stdin: {self.raw.decode('utf-8', 'replace').strip()}")
+            self.conf = decode_config(self.raw) if self.raw.strip() or self.command != "VERSION" else {}
+        except CNIError as e:  # reported after the environment: an env error is the more useful one
+            self.error = e
+        if self.conf.get("cniVersion") in SUPPORTED_VERSIONS:
+            self.version = self.conf["cniVersion"]
+        if isinstance(self.conf.get("log"), str) and not environ.get("CNIKIT_LOG"):
+            self.log_path = self.conf["log"]
+
+
+def cmd_version(call):
+    if call.error:
+        raise call.error
+    asked = call.conf.get("cniVersion")
+    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def answer(call, verb):
+    """Run VERB(call); print its result or its error JSON (stdout carries nothing else), write
+    the log record, return the exit code.  A bug still answers in CNI's terms, never a traceback."""
+    code, out = 0, ""
+    try:
+        result = verb(call)
+        out = json_dumps(result) if result is not None else ""
+        log(f"  result: {out or '(none)'}")
+    except Exception as e:
+        if not isinstance(e, CNIError):
+            e = CNIError(E_IO if isinstance(e, OSError) else E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        out = json_dumps({"cniVersion": call.version, "code": e.code, "msg": e.msg, "details": str(e.details)})
+        log(f"  error: {out}")
+        code = 1
+    write_log(call.log_path)
+    if out:
+        sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+    return code
+
+
+# Podman asks VERSION before every ADD and DEL: answer it before the rest of this file is even
+# loaded (`cnikit cni install` compiles what is above this point and what is below it apart).
+if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
+    sys.exit(answer(Call({k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+                          for k, v in posix.environ.items()}), cmd_version))
+# ==== end of the VERSION head ====
+
+import os  # noqa: E402
+import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
+import struct  # noqa: E402
+from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR  # noqa: E402  (errno is built in: free)
+
+
+# ---------------------------------------------------------------- commands
 
 def run(argv, stdin=None, env=None):
     """Every external command passes here: echoed to stderr and the log, one error type."""
@@ -162,148 +311,6 @@ def which(name, path=None):
     return None
 
 
-# ---------------------------------------------------------------- JSON without the json package
-
-def _refuse_constant(name):
-    raise ValueError(f"{name} is not JSON")  # json accepts NaN and Infinity; CNI (Go) does not
-
-
-def _json_codec():
-    """The C scanner/encoder behind the json package, without its 10 ms of imports."""
-    try:
-        import _json
-
-        class Ctx:
-            strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
-            parse_constant = staticmethod(_refuse_constant)
-        scan = _json.make_scanner(Ctx())
-        enc = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False)
-        if "".join(enc({"a": [1, None, "\u00e9"]}, 0)) != '{"a": [1, null, "\\u00e9"]}':
-            raise ValueError("unexpected encoder")
-
-        def loads(text):
-            try:
-                obj, end = scan(text, len(text) - len(text.lstrip(" \t\n\r")))
-                if text[end:].strip(" \t\n\r"):
-                    raise ValueError("extra data")
-                return obj
-            except Exception:
-                return slow_loads(text)  # the same answer, with json's error message
-
-        return loads, lambda obj: "".join(enc(obj, 0))
-    except Exception:  # an interpreter without _json (not CPython): the json package
-        import json
-        return slow_loads, json.dumps
-
-
-def slow_loads(text):
-    import json
-    return json.loads(text, parse_constant=_refuse_constant)
-
-
-json_loads, json_dumps = _json_codec()
-
-
-# ---------------------------------------------------------------- the call, and VERSION
-
-def read_stdin():
-    chunks, size = [], 0
-    try:
-        while True:
-            chunk = os.read(0, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > STDIN_LIMIT:
-                raise CNIError(E_DECODE, f"network config on stdin is larger than {STDIN_LIMIT} bytes")
-    except OSError:
-        pass
-    return b"".join(chunks)
-
-
-def decode_config(raw):
-    try:
-        conf = json_loads(raw.decode("utf-8"))
-    except Exception as e:
-        raise CNIError(E_DECODE, f"cannot decode the network config: {e}")
-    if not isinstance(conf, dict):
-        raise CNIError(E_DECODE, "the network config is not a JSON object")
-    return conf
-
-
-def version_tuple(text):
-    """'1.0.0' -> (1, 0, 0); anything else -> None (versions compare as tuples, never as strings)."""
-    parts = text.split(".") if isinstance(text, str) else ()
-    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
-        return None
-    return tuple(int(p) for p in parts)
-
-
-class Call:
-    """One invocation, read once: CNI_COMMAND, the CNI_* environment, stdin and what it says.
-    version is the one every answer is printed in: the config's when it is supported."""
-
-    def __init__(self, environ):
-        self.command = environ.get("CNI_COMMAND", "")
-        self.env = {k: v for k, v in environ.items() if k.startswith("CNI_")}
-        self.raw, self.conf, self.error = b"", {}, None
-        self.version = LATEST
-        self.log_path = environ.get("CNIKIT_LOG") or DEFAULT_LOG
-        log(f"=== {self.command or '(no CNI_COMMAND)'} pid {os.getpid()}")
-        for key in sorted(self.env):
-            log(f"  {key}={self.env[key]}")
-        if not self.command:
-            return  # nothing to do: do not wait for stdin a terminal may never close
-        try:
-            self.raw = read_stdin()
-            log(f"  stdin: {self.raw.decode('utf-8', 'replace').strip()}")
-            self.conf = decode_config(self.raw) if self.raw.strip() or self.command != "VERSION" else {}
-        except CNIError as e:  # reported after the environment: an env error is the more useful one
-            self.error = e
-        if self.conf.get("cniVersion") in SUPPORTED_VERSIONS:
-            self.version = self.conf["cniVersion"]
-        if isinstance(self.conf.get("log"), str) and not environ.get("CNIKIT_LOG"):
-            self.log_path = self.conf["log"]
-
-
-def cmd_version(call):
-    if call.error:
-        raise call.error
-    asked = call.conf.get("cniVersion")
-    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
-
-
-def answer(call, verb):
-    """Run VERB(call); print its result or its error JSON (stdout carries nothing else), write
-    the log record, return the exit code.  A bug still answers in CNI's terms, never a traceback."""
-    code, out = 0, ""
-    try:
-        result = verb(call)
-        out = json_dumps(result) if result is not None else ""
-        log(f"  result: {out or '(none)'}")
-    except Exception as e:
-        if not isinstance(e, CNIError):
-            e = CNIError(E_IO if isinstance(e, OSError) else E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
-        out = json_dumps({"cniVersion": call.version, "code": e.code, "msg": e.msg, "details": str(e.details)})
-        log(f"  error: {out}")
-        code = 1
-    write_log(call.log_path)
-    if out:
-        sys.stdout.write(out + "\n")
-    sys.stdout.flush()
-    return code
-
-
-# Podman asks VERSION before every ADD and DEL: answer it before the rest of this file is even
-# loaded (`cnikit cni install` compiles what is above this point and what is below it apart).
-if __name__ == "__main__" and os.environ.get("CNI_COMMAND") == "VERSION":
-    sys.exit(answer(Call(os.environ), cmd_version))
-# ==== end of the VERSION head ====
-
-import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
-import struct  # noqa: E402
-from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR  # noqa: E402  (errno is built in: free)
 
 
 # ---------------------------------------------------------------- addresses (no ipaddress module: 5 ms)
@@ -1812,8 +1819,73 @@ def dispatch(call):
     return verb.run(net, call)
 
 
+HEAD_END = "# ==== end of the VERSION head ====\n"
+COMPILED_STUB = """{shebang}
+# {name} compiled for {python} (bytecode {magic}) by `{python} -I -S {name} --compile`; source sha256 {sha}.
+# The plain file does the same, slower: `cnikit cni install --plain`.
+import marshal, sys
+from binascii import a2b_base64
+from zlib import decompress
+if getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None) == {magic!r}:
+    exec(marshal.loads(decompress(a2b_base64({head!r}))))  # VERSION is answered here
+    exec(marshal.loads(decompress(a2b_base64({body!r}))))
+else:  # another Python: compile the source carried here (slower, the same plugin)
+    exec(compile(decompress(a2b_base64({source!r})), {name!r}, "exec"))
+"""
+
+
+def compile_plugin(src, out):
+    """Write OUT: SRC as one executable Python file that carries its bytecode for this
+    interpreter.  Python compiles the script it runs on every start (~15 ms for this one); a
+    zipapp avoids that but costs ~7 ms of runpy imports.  This is a short script holding the
+    bytecode compressed: the part above HEAD_END (VERSION ends there), then the rest.  Python
+    still tokenizes what a script holds, so the bytecode is kept small: no docstrings, no
+    line tables (tracebacks never reach a user: see answer()).  Another Python (other bytecode)
+    compiles the source, which the file carries too."""
+    import binascii
+    import hashlib
+    import marshal
+    import zlib
+    from importlib.util import MAGIC_NUMBER
+    with open(src, "rb") as f:
+        data = f.read()
+    text = data.decode("utf-8")
+    head, sep, body = text.partition(HEAD_END)
+    if not sep:
+        head, body = "", text
+    name = os.path.basename(src)
+
+    def small(code):
+        consts = tuple(small(c) if isinstance(c, type(code)) else c for c in code.co_consts)
+        return code.replace(co_linetable=b"", co_consts=consts)
+
+    def blob(code):
+        return binascii.b2a_base64(zlib.compress(marshal.dumps(small(code)), 9), newline=False)
+    head_code = compile(head, name, "exec", dont_inherit=True, optimize=2)
+    body_code = compile("\n" * (head.count("\n") + 1) + body, name, "exec", dont_inherit=True, optimize=2)
+    stub = COMPILED_STUB.format(
+        shebang=f"#!{sys.executable} -IS", name=name, python=sys.executable, magic=MAGIC_NUMBER,
+        sha=hashlib.sha256(data).hexdigest(), head=blob(head_code), body=blob(body_code),
+        source=binascii.b2a_base64(zlib.compress(data, 9), newline=False))
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
+    with open(fd, "w") as f:
+        f.write(stub)
+    os.chmod(out, 0o755)
+    return 0
+
+
 def main():
-    """The runtime's way in: PATH completed with the system directories (runtimes pass odd ones)."""
+    """The runtime's way in: PATH completed with the system directories (runtimes pass odd ones).
+    `--compile SRC OUT` (never sent by a runtime) builds the installed form: see compile_plugin."""
+    if sys.argv[1:2] == ["--compile"]:
+        if len(sys.argv) != 4:
+            sys.stderr.write("usage: python3 -I -S cni-bash-compatible.py --compile SRC OUT\n")
+            return 2
+        try:
+            return compile_plugin(sys.argv[2], sys.argv[3])
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as e:
+            sys.stderr.write(f"cannot compile {sys.argv[2]}: {e}\n")
+            return 1
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = ":".join([path] * bool(path) + [d for d in SYSTEM_PATH if d not in path.split(":")])
     call = Call(os.environ)
