@@ -9,12 +9,12 @@ import types
 import pytest
 import sh
 
-from plugin_helpers import PLUGIN, allocation_files, links, netns
+from plugin_helpers import PLUGIN_SRC, allocation_files, links, netns
 
 
 @pytest.fixture
 def plugin():
-    spec = importlib.util.spec_from_file_location("cni_bash_compatible", PLUGIN)
+    spec = importlib.util.spec_from_file_location("cni_bash_compatible", PLUGIN_SRC)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.LOG.clear()
