@@ -11,12 +11,19 @@ Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
 Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
 
 Config keys (defaults in brackets; the classic minimal config gets all defaults):
-  bridge [cni0]            created when missing
+  mode [bridge]            "bridge": pods share a bridge (one layer-2 segment, the gateway on the
+                           bridge); "routed": no bridge, point-to-point like Calico or the reference
+                           ptp: the pod gets <ip>/32 and `default via <gateway>`, the host end of
+                           its veth holds the gateway as /32 and the host routes <ip>/32 to it
+  bridge [cni0]            created when missing (bridge mode only)
   isGateway [true]         gateway address on the bridge, ip_forward on
   isDefaultGateway [true]  default route in the pod via the gateway (implies isGateway)
   ipMasq [true]            masquerade pod traffic leaving the subnet (own nat chain
                            CNIKIT-<hash> per attachment, rules commented
                            "cnikit name: <net> id: <container> if: <ifname>")
+  nonMasqueradeCIDRs [[]]  destinations never masqueraded besides the pod's own subnet, e.g.
+                           the whole cluster pod range (Kubernetes: no NAT between pods; as
+                           kindnet and ip-masq-agent do)
   mtu [kernel default]     on the bridge and both ends of the veth
   hairpinMode [false]      a pod may reach itself through a service address
   dns                      passed through to the result
@@ -55,6 +62,7 @@ import sys
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
 DEFAULT_BRIDGE = "cni0"
+MODES = ("bridge", "routed")
 DEFAULT_SUBNET = "10.244.0.0/24"
 NODE_SUBNET_FILE = "/run/cnikit/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
@@ -724,12 +732,17 @@ class Net:
         self.name = conf.get("name")
         if not valid_name(self.name, 200):
             raise CNIError(E_CONFIG, f"invalid network name {self.name!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+        self.mode = conf_value(conf, "mode", str, "bridge")
+        if self.mode not in MODES:
+            raise CNIError(E_CONFIG, f"invalid mode {self.mode!r}: one of " + ", ".join(MODES))
+        self.routed = self.mode == "routed"
         self.bridge = conf_value(conf, "bridge", str, DEFAULT_BRIDGE)
         if not valid_ifname(self.bridge):
             raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
         self.default_gw = conf_value(conf, "isDefaultGateway", bool, True)
         self.is_gw = conf_value(conf, "isGateway", bool, True) or self.default_gw
         self.masq = conf_value(conf, "ipMasq", bool, True)
+        self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = conf_value(conf, "hairpinMode", bool, False)
         self.mtu = conf_value(conf, "mtu", int, 0)
         if not 0 <= self.mtu <= 65535:
@@ -757,6 +770,14 @@ class Net:
         self.ranges = conf_value(self.ipam, "ranges", list, [], "ipam.")
         if self.ipam_type in BUILTIN_IPAM or self.ipam_type == "host-local":
             self.range_sets()  # every key checked now, before anything is changed
+
+    def cidr_list(self, key):
+        """KEY as a list of (family, network, prefix); absent is an empty list."""
+        value = conf_value(self.raw, key, list, [])
+        try:
+            return [(f, network_of(f, n, plen), plen) for f, n, plen in map(parse_cidr, value)]
+        except ValueError as e:
+            raise CNIError(E_CONFIG, f"{key}: {e}") from None
 
     def range_sets(self):
         """[[range dict]]: one address is allocated from each set."""
@@ -1320,6 +1341,8 @@ def attachment_rules(net, cid, ifname, ips):
     for family in sorted({ip["family"] for ip in ips}):
         own = [ip for ip in ips if ip["family"] == family]
         rules = [f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT" for ip in own]
+        rules += [f"-A {chain} -d {fmt_cidr(f, n, plen)} -m comment --comment {comment} -j ACCEPT"
+                  for f, n, plen in net.no_masq if f == family]
         rules.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
         jumps = [f"POSTROUTING -s {fmt_cidr(family, ip['n'], bits(family))} -m comment --comment {comment} -j {chain}"
                  for ip in own]
@@ -1486,6 +1509,58 @@ def container_routes(net, ips, ipam_routes):
     return routes
 
 
+# ---------------------------------------------------------------- routed mode (point-to-point, no bridge)
+# The pod's only neighbour is the host end of its veth: the pod holds <ip>/32, reaches the gateway
+# address through a link route and everything else via it; the host end holds the gateway as /32
+# (every host end holds the same one: an address is per interface) and the host routes <ip>/32 to
+# it. Every packet between pods is routed by the host, never switched.
+
+def routed_ips(ips):
+    """The IPAM addresses as the pod holds them: host-sized (/32, /128), same gateway."""
+    return [dict(ip, plen=bits(ip["family"])) for ip in ips]
+
+
+def routed_container_routes(net, ips, ipam_routes):
+    """A link route to each gateway first (it is on no subnet of the pod), then the usual routes."""
+    gws = {(ip["family"], ip["gw"]) for ip in ips}
+    return [(family, gw, bits(family), None, False) for family, gw in sorted(gws)] \
+        + container_routes(net, ips, ipam_routes)
+
+
+def routed_host_side(nl, veth, name, ips):
+    """The host end: up, holding each gateway address as /32 (/128)."""
+    kernel(f"cannot bring {name} up", nl.set_link, veth["index"], name, True)
+    for family, gw in sorted({(ip["family"], ip["gw"]) for ip in ips}):
+        kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family))
+    for ip in ips:
+        sysctl_on("/proc/sys/net/ipv4/ip_forward" if ip["family"] == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
+
+
+def routed_host_routes(nl, veth, name, ips):
+    """On the host: <pod ip>/32 dev <host end> (after the pod's end is up: a route needs a live link)."""
+    for ip in ips:
+        try:
+            nl.add_route(ip["family"], ip["n"], bits(ip["family"]), None, veth["index"], name)
+        except OSError as e:
+            if e.errno != EEXIST:
+                raise CNIError(E_KERNEL, f"cannot add route {fmt_cidr(ip['family'], ip['n'], bits(ip['family']))} "
+                               f"dev {name}: {e.strerror}")
+
+
+def routed_check(nl, veth, name, ips):
+    """What CHECK verifies on the host in routed mode: the gateway on the host end, the /32 route to it."""
+    have = set(nl.addrs(veth["index"]))
+    tables = {}
+    for ip in ips:
+        family, host = ip["family"], bits(ip["family"])
+        if (family, ip["gw"], host) not in have:
+            return f"host veth {name} lacks the gateway address {fmt_cidr(family, ip['gw'], host)}"
+        table = tables.setdefault(family, nl.routes(family))
+        if not any(d == ip["n"] and p == host and o == veth["index"] for d, p, _, o in table):
+            return f"host route {fmt_cidr(family, ip['n'], host)} dev {name} is missing"
+    return ""
+
+
 # ---------------------------------------------------------------- results
 
 def build_result(net, br, veth, cont, netns, ips, routes, dns):
@@ -1499,10 +1574,13 @@ def build_result(net, br, veth, cont, netns, ips, routes, dns):
             out["sandbox"] = sandbox
         return out
 
-    res = {"cniVersion": net.version, "interfaces": [iface(br), iface(veth), iface(cont, netns)], "ips": [], "routes": []}
+    links = ([br] if br else []) + [veth]
+    res = {"cniVersion": net.version, "interfaces": [iface(link) for link in links] + [iface(cont, netns)],
+           "ips": [], "routes": []}
     for ip in ips:
-        entry = {"address": fmt_cidr(ip["family"], ip["n"], ip["plen"]), "gateway": fmt_ip(ip["family"], ip["gw"]), "interface": 2}
-        if net.version < "1.0.0":
+        entry = {"address": fmt_cidr(ip["family"], ip["n"], ip["plen"]), "gateway": fmt_ip(ip["family"], ip["gw"]),
+                 "interface": len(links)}
+        if version_tuple(net.version) < (1, 0, 0):
             entry["version"] = "4" if ip["family"] == AF_INET else "6"
         res["ips"].append(entry)
     for family, dst, plen, gw, explicit in routes:
@@ -1560,20 +1638,29 @@ def cmd_add(net, call):
         try:
             ips, ipam_routes, ipam_dns, rec = ipam_add(net, cid, ifname, call.raw, make_record)
             undo.append(lambda: ipam_undo(net, rec, ips, call.raw))
-            routes = container_routes(net, ips, ipam_routes)
-            br, gateways = ensure_bridge(nl, net, ips)
-            undo.append(lambda: drop_gateways(nl, net, br, gateways, rec))
-            kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or br["mtu"], pod.fd, mac)
+            if net.routed:
+                ips, routes = routed_ips(ips), routed_container_routes(net, ips, ipam_routes)
+                br = None
+            else:
+                routes = container_routes(net, ips, ipam_routes)
+                br, gateways = ensure_bridge(nl, net, ips)
+                undo.append(lambda: drop_gateways(nl, net, br, gateways, rec))
+            kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or (br or {}).get("mtu"), pod.fd, mac)
             veth = nl.link(veth_name)
             undo.append(lambda: nl.del_link(veth["index"], veth_name))
-            kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
-            if net.hairpin:
+            if net.routed:
+                routed_host_side(nl, veth, veth_name, ips)
+            else:
+                kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
+            if net.hairpin and not net.routed:
                 kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
             cont = configure_container(pod.nl, ifname, ips, routes)
+            if net.routed:
+                routed_host_routes(nl, veth, veth_name, ips)
             if rec.rules:
                 undo.append(lambda: remove_rules(rec.rules))
                 apply_rules(rec.rules)
-            br = nl.link(net.bridge)  # its MAC follows its ports
+            br = nl.link(net.bridge) if br else None  # its MAC follows its ports
         except BaseException as e:
             log(f"  ADD failed ({e}); rolling back")
             for step in reversed(undo):
@@ -1646,13 +1733,17 @@ def check_attachment(net, env, prev, cnl, nl):
     def fail(msg):
         raise CNIError(E_CHECK, msg)
 
-    br = nl.link(net.bridge)
-    if br is None or br["kind"] != "bridge":
-        fail(f"bridge {net.bridge} is missing")
     veth_name = host_veth_name(cid, ifname)
     veth = nl.link(veth_name)
-    if veth is None or veth["master"] != br["index"]:
-        fail(f"host veth {veth_name} is missing or not attached to {net.bridge}")
+    if net.routed:
+        if veth is None:
+            fail(f"host veth {veth_name} is missing")
+    else:
+        br = nl.link(net.bridge)
+        if br is None or br["kind"] != "bridge":
+            fail(f"bridge {net.bridge} is missing")
+        if veth is None or veth["master"] != br["index"]:
+            fail(f"host veth {veth_name} is missing or not attached to {net.bridge}")
     cont = cnl.link(ifname)
     if cont is None:
         fail(f"interface {ifname} is missing in {netns}")
@@ -1688,6 +1779,10 @@ def check_attachment(net, env, prev, cnl, nl):
         dst = network_of(family, dst, plen)
         if not any(d == dst and p == plen and (gw is None or g == gw) for d, p, g, _ in table):
             fail(f"route {r['dst']}{' via ' + r['gw'] if r.get('gw') else ''} is missing in {netns}")
+    if net.routed:
+        problem = routed_check(nl, veth, veth_name, ips)
+        if problem:
+            fail(problem)
     if net.masq:
         chain = chain_name(net.name, cid, ifname)
         families = {ip["family"] for ip in ips}

@@ -168,7 +168,7 @@ def build_kind(L):
         r.note(f"kind cluster {c} already exists")
     else:
         r.run(["kind", "create", "cluster", "--name", c, "--config", KIND_YAML],
-              undo=["kind", "delete", "cluster", "--name", c])
+              creates=cnikit.Change("cluster", c, undo=["kind", "delete", "cluster", "--name", c]))
     L.step("a pod: the scheduler has nowhere to put it (nodes are NotReady: 'cni plugin not initialized')")
     r.run(kubectl("run", KIND_POD, f"--image={KIND_IMAGE}", "--restart=Never", "--", "sleep", "3600"))
     r.probe(kubectl("get", "nodes"))

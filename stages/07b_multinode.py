@@ -111,7 +111,7 @@ def build(L):
         for node in NODES:
             o = other(node)
             r.run(ip("route", "add", NODES[o]["pods"], "via", vtep(o), "dev", VXLAN, "onlink", ns=node),
-                  undo=ip("route", "del", NODES[o]["pods"], ns=node))
+                  creates=cnikit.Change.route(NODES[o]["pods"], node, via=vtep(o), dev=VXLAN))
 
 
 def verify(L):

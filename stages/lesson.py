@@ -192,7 +192,7 @@ class Lesson:
             return
         for line in (text.splitlines() or [""]):
             line = f"# {line}".rstrip()
-            self.r._print(f"\033[33m{line}\033[0m" if self.r.color else line)
+            self.r.output(line, ansi="33")
 
     def opening(self):
         title = f"lesson {self.number}: {self.title}"
@@ -242,8 +242,8 @@ class Lesson:
         """Set a sysctl, remembering the old value so the end of the lesson restores it
         (on a real host a lesson must not leave, say, forwarding switched on)."""
         ok, old = self.r.query(in_netns(["sysctl", "-n", key], ns))
-        undo = cnikit.sysctl_set(key, old.strip(), ns) if ok and old.strip() != str(value) else None
-        self.r.run(cnikit.sysctl_set(key, value, ns), undo=undo)
+        self.r.run(cnikit.sysctl_set(key, value, ns),
+                   creates=cnikit.Change.sysctl(key, value, ns, old=old.strip() if ok else None))
 
     # -- life cycle
     def start(self, dry_run=False, quiet=False, stepping=False, skip=(), color=None, out=None):
@@ -258,12 +258,13 @@ class Lesson:
         return self
 
     def plan(self, build):
-        """The commands BUILD would run, from a silent dry run: what --host will change."""
+        """What BUILD would change (cnikit.Change records), from a silent dry run: what
+        --host will change."""
         saved = (self.r, self.checks, self.steps)
         self.r = LessonRunner(dry_run=True, quiet=True)
         try:
             build(self)
-            return self.r.log
+            return self.r.changes()
         finally:
             self.r, self.checks, self.steps = saved
 
@@ -330,6 +331,15 @@ class Lesson:
             self._fail_line("interrupted")
             self._leave(args, keep=False)
             return EXIT_INTERRUPTED
+        except OSError as e:
+            # A disk or system error: one line, and the host left as it was.
+            self._fail_line(f"error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+            self._leave(args, keep=False)
+            return EXIT_FAIL
+        except BaseException:
+            # Whatever else goes wrong in build or verify (a bug, SystemExit), --host leaves.
+            self._leave(args, keep=False)
+            raise
 
     def _prepare(self, build, on_host, adopt=False):
         if os.geteuid() != 0:
@@ -341,32 +351,32 @@ class Lesson:
             return
         planned = self.plan(build)
         links, sysctls = self.indirect.get("links", ()), self.indirect.get("sysctls", ())
+        by_plugin = [cnikit.Change.link(name) for name in links]
         if not adopt:         # ADOPT: a re-run of the same lesson half may find its own objects
-            self._refuse_existing(planned + [["ip", "link", "add", name] for name in links])
-        self.host_changes = _summarize(planned + [["ip", "link", "add", f"{name} (by the plugin)"] for name in links]
-                                       + [["sysctl", "-w", key] for key in sysctls])
-        for key in sysctls:   # undone last, after everything the lesson made itself
+            self._refuse_existing(planned + by_plugin)
+        self.host_changes = _summarize(planned, [f"{name} (by the plugin)" for name in links], sysctls)
+        # Recorded first, so undone last: after everything the lesson made itself.
+        for key in sysctls:
             ok, old = self.r.query(["sysctl", "-n", key])
             if ok:
-                self.r.undo.append(cnikit.sysctl_set(key, old.strip()))
-        for name in links:
-            self.r.undo.append(ip("link", "del", name))
+                self.r.record(cnikit.Change("sysctl", key, undo=cnikit.sysctl_set(key, old.strip())))
+        self.r.record(*by_plugin)
         for path in self.indirect.get("paths", ()):   # removed at the end only if the lesson made it
             if not os.path.lexists(path):
-                self.r.undo.append(["rm", "-rf", path])
+                self.r.record(cnikit.Change.file(path, undo=["rm", "-rf", path]))
 
     def _refuse_existing(self, planned):
         """On a real host, names the lesson would create must be free: it must never
-        adopt (and then delete) a namespace or link that is not its own."""
-        for argv in planned:
-            if argv[:3] == ["ip", "netns", "add"] and cnikit.netns_exists(argv[3]):
-                raise cnikit.UsageError(f"namespace {argv[3]} already exists on this host; "
+        adopt (and then delete) a namespace, link or file that is not its own."""
+        for change in planned:
+            if change.kind == "netns" and cnikit.netns_exists(change.name):
+                raise cnikit.UsageError(f"namespace {change.name} already exists on this host; "
                                         "delete it or run the lesson in the sandbox (without --host)")
-            if argv[:3] == ["ip", "link", "add"] and cnikit.get_link(self.r, argv[3]):
-                raise cnikit.UsageError(f"interface {argv[3]} already exists on this host; "
+            if change.kind == "link" and change.ns is None and cnikit.get_link(self.r, change.name):
+                raise cnikit.UsageError(f"interface {change.name} already exists on this host; "
                                         "delete it or run the lesson in the sandbox (without --host)")
-            if argv[:2] == ["mv", "-f"] and os.path.exists(argv[3]):
-                raise cnikit.UsageError(f"{argv[3]} already exists on this host; the lesson would replace "
+            if change.kind == "file" and os.path.exists(change.name):
+                raise cnikit.UsageError(f"{change.name} already exists on this host; the lesson would replace "
                                         "it: remove it or run the lesson in the sandbox (without --host)")
 
     def _verdict(self, args, finish):
@@ -376,7 +386,7 @@ class Lesson:
                 # The live lesson stops its listeners and captures; so must the script, or
                 # they outlive it (and keep its namespaces alive).
                 r.note("stop what this script started in the background (listeners, captures)")
-                r._print("kill $(jobs -p) 2>/dev/null || true")
+                r.output("kill $(jobs -p) 2>/dev/null || true")
             r.note("dry run: the checks above were printed, not run; the lesson's picture of what "
                    "exists comes from: " + shlex.join([CNIKIT, "show"]))
             return EXIT_PASS
@@ -388,7 +398,7 @@ class Lesson:
         failed = [what for what, good in self.checks if not good]
         line = (f"PASS lesson {self.number} {self.title}: {self.goal}" if ok else
                 f"FAIL lesson {self.number} {self.title}: " + ("; ".join(failed) or "nothing was checked"))
-        r._print(f"\033[1;{32 if ok else 31}m{line}\033[0m" if r.color else line)
+        r.output(line, ansi=f"1;{32 if ok else 31}")
         if finish:
             self._leave(args, keep=args.keep)
         return EXIT_PASS if ok else EXIT_FAIL
@@ -412,10 +422,8 @@ class Lesson:
         if keep and args.host:
             self.say("--keep: the topology stays on this host; remove it with: " + self.keep_hint)
             return
-        if args.host and r.undo:
-            self.say("removing what the lesson created on this host:")
-            while r.undo:
-                r.run(r.undo.pop(), check=False)
+        if args.host:
+            r.rollback(why="removing what the lesson created on this host:")
 
 
 def _sandbox_shell():
@@ -426,23 +434,22 @@ def _sandbox_shell():
     return subprocess.call(argv, env=env)
 
 
-def _summarize(planned):
-    """What a list of argv lists changes on the host, in a few lines a reader can judge
-    (what happens inside the lesson's own namespaces goes away with them)."""
-    groups = {"namespaces": [], "links": [], "routes": [], "iptables rules": [], "sysctls": [], "files": []}
-    for argv in planned:
-        if argv[:3] == ["ip", "netns", "add"]:
-            groups["namespaces"].append(argv[3])
-        elif argv[:3] == ["ip", "link", "add"]:
-            groups["links"].append(argv[3])
-        elif argv[:3] == ["ip", "route", "add"]:
-            groups["routes"].append(" ".join(argv[3:]))
-        elif argv[:1] == ["iptables"] and "-A" in argv:
-            groups["iptables rules"].append(shlex.join(argv[1:]))
-        elif argv[:2] == ["sysctl", "-w"]:
-            groups["sysctls"].append(argv[2] + " (restored at the end)")
-        elif argv[:2] == ["mv", "-f"]:
-            groups["files"].append(argv[3])
+# How a lesson's summary names each kind of cnikit.Change it lists.
+SUMMARY_GROUPS = {"netns": "namespaces", "link": "links", "route": "routes", "chain": "iptables chains",
+                  "rule": "iptables rules", "sysctl": "sysctls", "file": "files", "cluster": "kind clusters"}
+
+
+def _summarize(planned, plugin_links=(), plugin_sysctls=()):
+    """What the planned changes (and those another program makes: PLUGIN_LINKS and
+    PLUGIN_SYSCTLS) do to the host, in a few lines a reader can judge (what happens
+    inside the lesson's own namespaces goes away with them)."""
+    groups = {name: [] for name in SUMMARY_GROUPS.values()}
+    for change in planned:
+        if change.ns is None and change.kind in SUMMARY_GROUPS:
+            restored = " (restored at the end)" if change.kind == "sysctl" else ""
+            groups[SUMMARY_GROUPS[change.kind]].append(change.name + restored)
+    groups["links"] += plugin_links
+    groups["sysctls"] += [f"{key} (restored at the end)" for key in plugin_sysctls]
     lines = []
     for name, items in groups.items():
         items = list(dict.fromkeys(items))          # a plan may repeat a change; say it once

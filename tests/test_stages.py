@@ -416,3 +416,24 @@ def test_lesson_07b_host_mode_leaves_no_file_behind():
     assert "#   files:" in proc.stdout and "/etc/cni/node1.d/10-pods-node1.conflist" in proc.stdout
     assert host_state() == before
     assert not os.path.exists("/etc/cni/node1.d")
+
+
+def test_host_mode_leaves_even_when_build_breaks_unexpectedly():
+    """Whatever goes wrong in build (here a bug, not a CnikitError), --host removes what
+    the lesson had already made before the exception goes on."""
+    import argparse
+    sys.path.insert(0, STAGES)
+    from lesson import Lesson
+    import cnikit
+    L = Lesson("99", "broken", goal="nothing", picture="nothing")
+
+    def build(L):
+        cnikit.netns_add(L.r, "nsbug")
+        if not L.r.dry_run:
+            assert "nsbug" in str(sh.ip("netns", "list"))
+            raise RuntimeError("a bug in the lesson")
+
+    args = argparse.Namespace(dry_run=False, quiet=True, step=False, skip=[], color="never", host=True, keep=False)
+    with pytest.raises(RuntimeError):
+        L.run(build, lambda L: None, args)
+    assert "nsbug" not in str(sh.ip("netns", "list"))
