@@ -165,3 +165,44 @@ def test_ipam_type_naming_the_plugin_itself_is_refused_not_run_forever(plugin, f
     finally:
         os.environ.pop("CNI_PATH")
         os.environ.pop("CNIKIT_DELEGATED", None)
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_add_del_and_check_close_every_fd_and_socket_they_open(plugin):
+    net = make_net(plugin, {"ipMasq": False, "cniVersion": "1.0.0"})
+    before = open_fds()
+    e = env()
+    res = plugin.cmd_add(net, call(e))
+    assert open_fds() == before
+    plugin.cmd_check(make_net(plugin, {"ipMasq": False, "prevResult": res}), call(e))
+    assert open_fds() == before
+    plugin.cmd_del(net, call(dict(e, CNI_NETNS="")))
+    assert open_fds() == before and allocation_files("unit") == {}
+
+
+def test_a_bug_answers_in_cni_terms_with_code_999_never_a_traceback(plugin, capsys):
+    c = plugin.Call({"CNIKIT_LOG": "/run/cni/unit.log"})  # no CNI_COMMAND: stdin is not read
+
+    def buggy(_):
+        return 1 // 0
+    assert plugin.answer(c, buggy) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["code"] == plugin.E_INTERNAL == 999 and out["msg"] == "internal error: ZeroDivisionError: integer division or modulo by zero"
+    with open("/run/cni/unit.log") as f:
+        assert '"code": 999' in f.read()
+
+
+def test_versions_compare_as_numbers_and_the_verb_table_says_what_each_verb_needs(plugin):
+    assert plugin.version_tuple("0.10.0") > plugin.version_tuple("0.4.0") > plugin.version_tuple("0.3.1")
+    assert plugin.version_tuple("1.0") is None and plugin.version_tuple("1.0.\u0662") is None
+    assert plugin.VERBS["CHECK"].since == (0, 4, 0) and plugin.VERBS["GC"].since == (1, 1, 0)
+    assert plugin.VERBS["DEL"].needs == ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")  # no netns needed
+    c = plugin.Call({})  # as read from a CHECK call whose config says 0.3.1
+    c.command, c.conf = "CHECK", {"cniVersion": "0.3.1", "name": "unit"}
+    c.env = {"CNI_CONTAINERID": "x", "CNI_NETNS": netns("x"), "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+    with pytest.raises(plugin.CNIError) as err:
+        plugin.dispatch(c)
+    assert err.value.code == plugin.E_VERSION and "0.3.1" in err.value.msg
