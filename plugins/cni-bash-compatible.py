@@ -1079,13 +1079,35 @@ def load_record(path, cid=None, ifname=None):
         return Record(cid, ifname, None, None) if cid is not None else None
 
 
+def record_path(net, cid, ifname):
+    return os.path.join(Store(net.data_dir, net.name).records, attachment_hash(cid, ifname)[:32])
+
+
+def hold_record(path, inherit=False):
+    """flock the attachment's record, the lock of one attachment (None if it has no record).
+    ADD holds it with INHERIT: the commands it starts inherit the lock, so after a kill -9 of
+    the ADD, its DEL waits for the orphaned helpers (an iptables-restore that outlived the ADD
+    would otherwise add its rules after DEL removed them).  Closing the fd releases it."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    os.set_inheritable(fd, inherit)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def record_of(net, cid, ifname):
-    """This attachment's record; None when it owns nothing (or, before records, when unknown)."""
+    """This attachment's record, and the held lock of it: (record or None, fd or None).  No
+    record: it owns nothing (the first use of a network directory records older attachments)."""
     store = Store(net.data_dir, net.name)
     if not os.path.isdir(store.records):
-        with store:  # the first use of this directory builds the records of older attachments
+        with store:
             pass
-    return load_record(os.path.join(store.records, attachment_hash(cid, ifname)[:32]), cid, ifname)
+    path = record_path(net, cid, ifname)
+    fd = hold_record(path)
+    return load_record(path, cid, ifname), fd
 
 
 def candidates(rset, after):
@@ -1634,9 +1656,10 @@ def cmd_add(net, call):
             return Record(cid, ifname, [fmt_cidr(ip["family"], ip["n"], ip["plen"]) for ip in ips],
                           attachment_rules(net, cid, ifname, ips), veth_name)
 
-        undo = []
+        undo, held = [], None
         try:
             ips, ipam_routes, ipam_dns, rec = ipam_add(net, cid, ifname, call.raw, make_record)
+            held = hold_record(record_path(net, cid, ifname), inherit=True)
             undo.append(lambda: ipam_undo(net, rec, ips, call.raw))
             if net.routed:
                 ips, routes = routed_ips(ips), routed_container_routes(net, ips, ipam_routes)
@@ -1669,11 +1692,14 @@ def cmd_add(net, call):
                 except Exception as e2:
                     log(f"  rollback step failed: {e2}")
             raise
+        finally:
+            if held is not None:
+                os.close(held)
         return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
 
 
 def record_exists(net, cid, ifname):
-    return os.path.exists(os.path.join(Store(net.data_dir, net.name).records, attachment_hash(cid, ifname)[:32]))
+    return os.path.exists(record_path(net, cid, ifname))
 
 
 def configure_container(cnl, ifname, ips, routes):
@@ -1697,7 +1723,16 @@ def cmd_del(net, call):
     What to remove comes from the attachment's record; no record means it owns nothing (unless
     records started after it: then iptables-save and the allocations are looked at)."""
     cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
-    rec = record_of(net, cid, ifname)
+    rec, held = record_of(net, cid, ifname)
+    try:
+        del_attachment(net, call, rec)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def del_attachment(net, call, rec):
+    cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
     if rec is not None and rec.rules is not None:
         remove_rules(rec.rules)
     elif rec is not None and net.masq:
