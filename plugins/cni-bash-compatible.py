@@ -257,7 +257,7 @@ if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
 
 import os  # noqa: E402
 import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
-import struct  # noqa: E402
+import _struct as struct  # noqa: E402  (struct.py only re-exports _struct, which is built in)
 from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR  # noqa: E402  (errno is built in: free)
 
 
