@@ -94,6 +94,18 @@ def _install(cnikit, plugin_dir, **form):
     return os.path.join(plugin_dir, cnikit.CNI_TYPE)
 
 
+def install_form(cnikit, form):
+    """cni_install's keyword arguments for FORM: "default" (what `cnikit cni install` does
+    with no option), "plain" (the file) or "precompiled" (a zipapp carrying its bytecode);
+    None when this cnikit has no such option."""
+    params = inspect.signature(cnikit.cni_install).parameters
+    if form == "default":
+        return {}
+    if form == "plain":
+        return {"plain": True} if "plain" in params else {"precompiled": False} if "precompiled" in params else None
+    return {"precompiled": True} if "precompiled" in params else None
+
+
 def installed_forms(work):
     """{name: argv}: our plugin as `cnikit cni install` puts it by default ("installed"),
     and in its other form (a plain file or a zipapp carrying bytecode), built by cnikit itself."""
@@ -101,12 +113,12 @@ def installed_forms(work):
     import cnikit
     default = _install(cnikit, tempfile.mkdtemp(prefix="installed-", dir=work))
     forms = {OURS: [default]}
-    if "plain" in inspect.signature(cnikit.cni_install).parameters:  # the default is compiled: --plain
-        forms["installed-plain"] = [_install(cnikit, tempfile.mkdtemp(prefix="installed-plain-", dir=work), plain=True)]
-    elif "precompiled" in inspect.signature(cnikit.cni_install).parameters:
-        zipped = zipfile.is_zipfile(default)
-        other = "installed-plain" if zipped else "installed-precompiled"
-        forms[other] = [_install(cnikit, tempfile.mkdtemp(prefix=other + "-", dir=work), precompiled=not zipped)]
+    other = "precompiled" if form_label([default]).startswith("plain") else "plain"
+    kwargs = install_form(cnikit, other)
+    if kwargs is not None:
+        path = _install(cnikit, tempfile.mkdtemp(prefix=other + "-", dir=work), **kwargs)
+        if form_label([path]) != form_label([default]):
+            forms["installed-" + other] = [path]
     return forms
 
 
