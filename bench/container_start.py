@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import cnikit  # noqa: E402
-from cni_latency import install_form  # noqa: E402
+from cni_latency import install_form, machine  # noqa: E402
 from runtimes import IMAGE, Containerd, Podman, cgroup_dirs, drop_new_cgroups, drop_scratch_dir, \
     mount_cgroups, scratch_dir  # noqa: E402
 
@@ -199,8 +199,8 @@ def main():
     with open(installed, "rb") as f:
         first = f.readline().decode().strip()
     first = f"{'zipapp' if zipfile.is_zipfile(installed) else 'plain file'}, {first}"
-    print(f"container start {time.strftime('%Y-%m-%d')}, {args.rounds} alternating rounds, {os.cpu_count()} CPUs, "
-          f"kernel {os.uname().release}; our plugin vs bridge + host-local "
+    print(f"container start {time.strftime('%Y-%m-%d')}, {args.rounds} alternating rounds; {machine()}\n"
+          f"our plugin vs bridge + host-local "
           f"(installed, form {args.form}: {first})")
     try:
         if args.runtime in ("podman", "all"):
@@ -209,6 +209,7 @@ def main():
             report("containerd", *bench_containerd(args.rounds))
         if args.runtime in ("cri", "all"):
             report("cri", *bench_cri(args.rounds))
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         drop_new_cgroups(cgroups)
 
