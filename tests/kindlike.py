@@ -142,9 +142,9 @@ def pod_del(r, node, pod, conf, netns_first=False):
     pod_stop(r, node, pod)
     cid = sandbox_id(node, pod)
     if not netns_first:
-        r.run(node_runtime(node, "cni", "del", pod, "--id", cid, "--conf", conf))
+        r.run(node_runtime(node, "cni", "del", pod, "--id", cid, "--conf", conf, "--args", pod_args(node, pod)))
     r.run(cnikit.docker_exec(node, "ip", "netns", "del", pod))
-    r.run(node_runtime(node, "cni", "del", "", "--id", cid, "--conf", conf))
+    r.run(node_runtime(node, "cni", "del", "", "--id", cid, "--conf", conf, "--args", pod_args(node, pod)))
 
 
 def serve_peer_address(r, node, pod, port, udp=False):
