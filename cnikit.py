@@ -214,9 +214,10 @@ def bridge_add_argv(name, mtu=None, host=None):
     return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
 
 
-def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None):
+def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
+                   learning=True):
     opts = kv(id=vni, dstport=dstport, remote=remote, group=group, local=local, dev=dev)
-    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, ns=host)
+    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, *([] if learning else ["nolearning"]), ns=host)
 
 
 def nat_comment(subnet):
@@ -939,9 +940,10 @@ def underlay_mtu(r, dev=None, remote=None, host=None):
 
 
 def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT,
-              bridge_name=None, mtu=None, host=None):
+              bridge_name=None, mtu=None, host=None, learning=True):
     """A VXLAN device NAME (VNI, UDP DSTPORT) to REMOTE or multicast GROUP, its MTU
-    the underlay's minus 50, optionally a port of BRIDGE, up.
+    the underlay's minus 50, optionally a port of BRIDGE, up. LEARNING=False: its
+    forwarding table holds only the entries it is given (flannel's `nolearning`).
 
     Without --remote or --group, peers come from `vxlan fdb add` (flannel's way).
     Re-run contract: an existing vxlan NAME with the same VNI gets only what is
@@ -979,7 +981,7 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
             r.note(f"vxlan {name} (VNI {vni}) already exists; checking the rest")
         else:
             mtu = mtu or underlay_mtu(r, dev, remote or group, host) - VXLAN_OVERHEAD
-            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host),
+            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host, learning),
                   creates=Change.link(name, host, mtu))
             r.run(tag_link(name, host))
         if bridge_name:
