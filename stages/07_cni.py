@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from lesson import PING, ROOT, Lesson, cnikit, ip, pod_ip
+from lesson import ROOT, Lesson, cnikit, ip, pod_ip
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import kindlike  # noqa: E402  (the stand-in nodes, shared with tests/test_cni_kind_nodes.py)
@@ -247,6 +247,7 @@ KIND_LIKE_LESSON = Lesson(
 )
 KIND_LIKE_PODS = ("web-0", "web-1")
 ECHO_PORT = 8080
+NODE_PING = ("ping", "-c", "2", "-i", "0.2", "-W", "2")   # across two bridges and a container runtime: a little slack
 
 
 def build_kind_like(L):
@@ -292,7 +293,7 @@ def verify_kind_like(L):
                 inside)
         gateway = str(ipaddress.ip_network(plan[node])[1])
         L.check(f"{pods[node]} reaches its gateway {gateway} (cni0 on {node})", r.probe(
-            cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], *PING, gateway))[0])
+            cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], *NODE_PING, gateway))[0])
         ok, rp = r.query(cnikit.docker_exec(node, "sysctl", "-n", "net.ipv4.conf.all.rp_filter"))
         L.check(f"{node} filters by reverse path (rp_filter=1), as kind's nodes do", ok and rp.strip() == "1")
     L.say("each pod answers TCP with the address a connection came from (socat): the far side's own view")
@@ -304,7 +305,7 @@ def verify_kind_like(L):
                 continue
             L.check(f"{pods[node]} ({node}) reaches {pods[other]} ({other}) through kind-install's route",
                     bool(addr[other]) and r.probe(cnikit.docker_exec(
-                        node, "ip", "netns", "exec", pods[node], *PING, addr[other]))[0])
+                        node, "ip", "netns", "exec", pods[node], *NODE_PING, addr[other]))[0])
             seen = kindlike.peer_address_seen(r, node, pods[node], addr[other], ECHO_PORT) if addr[other] else ""
             L.check(f"no NAT between pods: {pods[other]} sees {pods[node]}'s own address {addr[node]}",
                     bool(seen) and seen == addr[node], f"it saw {seen or 'nothing'}")
