@@ -1818,12 +1818,18 @@ def check_attachment(net, env, prev, cnl, nl):
         problem = routed_check(nl, veth, veth_name, ips)
         if problem:
             fail(problem)
-    if net.masq:
-        chain = chain_name(net.name, cid, ifname)
-        families = {ip["family"] for ip in ips}
-        for family in families:
-            if f":{chain} " not in run([tool(family, "iptables-save"), "-t", "nat"]):
-                fail(f"masquerade chain {chain} is missing")
+    rec = load_record(record_path(net, cid, ifname), cid, ifname)
+    if rec is not None and rec.rules:
+        owned = [(AF_INET if e.get("family") == 4 else AF_INET6, e["table"], c) for e in rec.rules for c in e["chains"]]
+    elif net.masq:
+        owned = [(family, "nat", chain_name(net.name, cid, ifname)) for family in sorted({ip["family"] for ip in ips})]
+    else:
+        owned = []
+    for family, table, chain in owned:  # each chain listed on its own: no dump of the whole table
+        try:
+            run([tool(family, "iptables"), "-w", "-t", table, "-S", chain])
+        except CNIError:
+            fail(f"{table} chain {chain} is missing")
 
 
 def cmd_status(net, call):
