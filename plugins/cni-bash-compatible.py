@@ -1649,8 +1649,9 @@ def cmd_add(net, call):
     with Container(netns) as pod, Netlink() as nl:
         if pod.nl.link(ifname):
             raise CNIError(E_EXISTS, f"interface {ifname} already exists in {netns}")
-        if nl.link(veth_name) or record_exists(net, cid, ifname):  # a duplicate ADD: never touch the live one
+        if record_exists(net, cid, ifname):  # a duplicate ADD: never touch the live one
             raise CNIError(E_EXISTS, f"{cid} {ifname} is already attached to network {net.name} ({veth_name}): DEL it first")
+        # (an attachment older than records fails below, on its veth's name, and gives back only its own)
 
         def make_record(ips):
             return Record(cid, ifname, [fmt_cidr(ip["family"], ip["n"], ip["plen"]) for ip in ips],

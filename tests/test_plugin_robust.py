@@ -229,3 +229,13 @@ def test_check_looks_at_each_recorded_chain_without_dumping_the_table():
     rules = [r for r in nat_rules().splitlines() if r.startswith("-A POSTROUTING") and chain in r]
     os.system(f"iptables -t nat {rules[0].replace('-A', '-D', 1)} && iptables -t nat -F {chain} && iptables -t nat -X {chain}")
     assert chain in error(cni("CHECK", dict(conf, prevResult=res), cid="c1"), 100)["msg"]
+
+
+def test_a_duplicate_add_of_an_attachment_older_than_records_gives_back_only_its_own_address():
+    pod("c1", dict(CLASSIC, ipMasq=False))
+    for name in os.listdir(RECORDS):
+        os.unlink(os.path.join(RECORDS, name))              # as if made before records: only the veth says it
+    netns("other")
+    assert "cannot create veth" in error(cni("ADD", dict(CLASSIC, ipMasq=False), cid="c1", netns="/run/netns/other"), 101)["msg"]
+    assert allocation_files("fromScratch") == {"10.244.0.2": "c1\r\neth0"} and records() == {}
+    ping("c1", "10.244.0.1")
