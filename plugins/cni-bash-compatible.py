@@ -45,7 +45,9 @@ keys (ips, mac, dns) matched case-insensitively.
 
 Allocations (host-local format, so either can take over the other's):
 <dataDir>/<network>/<ip> holds "<container id>\\r\\n<ifname>"; last_reserved_ip.<n> remembers where
-round-robin continues; <dataDir>/<network>/lock is flock'ed around every change.
+round-robin continues; <dataDir>/<network>/lock is flock'ed around every change.  Beside them,
+.cnikit/attachments/<key> records what each attachment owns (addresses, veth, iptables chains),
+so DEL reads one file instead of scanning (see Store and Record).
 
 Host-side veth name: "veth" + 11 hex digits of sha256(container id / ifname): unique per
 attachment and stable, so DEL finds it without the netns.
@@ -54,7 +56,11 @@ Error codes: 1 incompatible version, 2 unsupported field, 4 bad environment vari
 5 I/O failure, 6 decoding failure, 7 invalid network config, 11 try again later (no address
 left), 50 plugin not available (STATUS); plugin-specific: 100 CHECK found a difference,
 101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
-already exists in the container.
+already exists in the container or the attachment is already attached, 999 internal error (a
+bug, answered in CNI's terms instead of a traceback).
+
+Installed by `cnikit cni install` as one file carrying its bytecode (`--compile`, see
+compile_plugin); everything above the VERSION head's end is all a VERSION call loads.
 """
 import posix  # os, without the ~2 ms of imports behind it (os is loaded after the VERSION head)
 import sys
