@@ -5,7 +5,7 @@ A drop-in replacement for the classic "CNI from scratch" bash plugin: the same
 minimal config works ({"cniVersion":"1.0.0","name":"fromScratch","type":"demystifying"})
 and every call is logged the same way (command, CNI_* env, stdin, then what it did).
 Python 3.9+ standard library only; needs iproute2-free Linux (it talks netlink itself)
-and iptables only when ipMasq is on.  It never imports cnikit.py.
+and iptables only when ipMasq or forwardAccept is on.  It never imports cnikit.py.
 
 Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
 Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
@@ -17,6 +17,8 @@ Config keys (defaults in brackets; the classic minimal config gets all defaults)
   ipMasq [true]            masquerade pod traffic leaving the subnet (own nat chain
                            CNIKIT-<hash> per attachment, rules commented
                            "cnikit name: <net> id: <container> if: <ifname>")
+  forwardAccept [true]     accept the pod's forwarded traffic in its own filter chain (same name,
+                           same comment), so a host whose FORWARD policy is DROP (Docker) passes it
   mtu [kernel default]     on the bridge and both ends of the veth
   hairpinMode [false]      a pod may reach itself through a service address
   dns                      passed through to the result
@@ -597,6 +599,7 @@ class Net:
         self.default_gw = self.flag("isDefaultGateway", True)
         self.is_gw = self.flag("isGateway", True) or self.default_gw
         self.masq = self.flag("ipMasq", True)
+        self.forward = self.flag("forwardAccept", True)
         self.hairpin = self.flag("hairpinMode", False)
         self.mtu = conf.get("mtu") or 0
         if type(self.mtu) is not int or not 0 <= self.mtu <= 65535:
@@ -940,7 +943,18 @@ def ipam_del(net, cid, ifname, raw):
         delegate(net, "DEL", raw)
 
 
-# ---------------------------------------------------------------- masquerade (iptables)
+# ---------------------------------------------------------------- iptables: masquerade and forward accept
+#
+# Each attachment owns one chain, CNIKIT-<hash>, in each table it uses (a chain name is per table):
+#   nat:    POSTROUTING -s <pod> jumps to it; peers stay as they are, the rest is masqueraded (ipMasq);
+#   filter: FORWARD -i <bridge> -s <pod> and -o <bridge> -d <pod> jump to it; it accepts what the pod
+#           sends, replies and port-mapped (DNAT) connections to it, and connections from its peers
+#           (forwardAccept).  A host whose FORWARD policy is DROP (Docker sets it; with br_netfilter,
+#           bridge-nf-call-iptables=1, even frames between two ports of one bridge traverse FORWARD)
+#           then passes the pod's traffic, and nobody else's.  The jumps are appended: an admin's own
+#           rules earlier in FORWARD (Docker's DOCKER-USER) still decide first.
+# Every rule carries the attachment's comment; all of an attachment's rules, both tables, go in with
+# one iptables-restore per family, and come out with one.
 
 def attachment_hash(*parts):
     try:
@@ -961,7 +975,7 @@ def chain_name(network, cid, ifname):
     return CHAIN_PREFIX + attachment_hash(network, cid, ifname)[:20]
 
 
-def masq_comment(network, cid, ifname):
+def rule_comment(network, cid, ifname):
     """At most 255 characters (xt_comment); the network part always fits (names <= 200)."""
     return f"cnikit name: {network} id: {cid} if: {ifname}"[:255]
 
@@ -970,78 +984,125 @@ def tool(family, name):
     return name.replace("iptables", "ip6tables") if family == AF_INET6 else name
 
 
-def setup_masq(net, cid, ifname, ips):
-    """Own nat chain: traffic to the subnet stays as is, the rest leaves masqueraded."""
-    chain = chain_name(net.name, cid, ifname)
-    comment = '"' + masq_comment(net.name, cid, ifname) + '"'
+def rule_tables(net):
+    """The tables an attachment of NET has a chain in."""
+    return [table for table, on in (("nat", net.masq), ("filter", net.forward)) if on]
+
+
+def peer_subnets(ips, family):
+    """Where the pod's peers live (its subnets): never masqueraded, always let in."""
+    return list(dict.fromkeys(fmt_cidr(*ip["subnet"]) for ip in ips if ip["family"] == family))
+
+
+def jump_rules(net, chain, tag, table, pods):
+    """The rules in the built-in chains that send a pod's traffic to its own chain."""
+    if table == "nat":
+        return [f"POSTROUTING -s {pod} {tag} -j {chain}" for pod in pods]
+    return [f"FORWARD{flags} {tag} -j {chain}" for pod in pods
+            for flags in (f" -s {pod} -i {net.bridge}", f" -d {pod} -o {net.bridge}")]
+
+
+def attachment_restore(net, cid, ifname, ips, family):
+    """iptables-restore input creating the attachment's chains and jumps for one family."""
+    chain, tag = chain_name(net.name, cid, ifname), '-m comment --comment "' + rule_comment(net.name, cid, ifname) + '"'
+    pods = [fmt_cidr(family, ip["n"], bits(family)) for ip in ips if ip["family"] == family]
+    peers = peer_subnets(ips, family)
+    lines = []
+    for table in rule_tables(net):
+        lines += [f"*{table}", f":{chain} - [0:0]"]
+        if table == "nat":
+            lines += [f"-A {chain} -d {peer} {tag} -j ACCEPT" for peer in peers]
+            lines.append(f"-A {chain} ! -d {MULTICAST[family]} {tag} -j MASQUERADE")
+        else:
+            for pod in pods:
+                lines.append(f"-A {chain} -s {pod} {tag} -j ACCEPT")
+                lines.append(f"-A {chain} -d {pod} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT {tag} -j ACCEPT")
+                lines += [f"-A {chain} -s {peer} -d {pod} {tag} -j ACCEPT" for peer in peers]
+        lines += ["-A " + rule for rule in jump_rules(net, chain, tag, table, pods)] + ["COMMIT"]
+    return lines
+
+
+def restore(family, lines):
+    run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+
+
+def setup_attachment_rules(net, cid, ifname, ips):
+    """All of the attachment's chains and jumps: one iptables-restore per family."""
     for family in sorted({ip["family"] for ip in ips}):
-        lines = ["*nat", f":{chain} - [0:0]"]
-        for ip in ips:
-            if ip["family"] == family:
-                lines.append(f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT")
-        lines.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
-        for ip in ips:
-            if ip["family"] == family:
-                lines.append(f"-A POSTROUTING -s {fmt_cidr(family, ip['n'], bits(family))} -m comment --comment {comment} -j {chain}")
-        lines.append("COMMIT")
-        run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+        restore(family, attachment_restore(net, cid, ifname, ips, family))
 
 
-def teardown_masq(chains, families=(AF_INET, AF_INET6)):
-    """Remove every rule jumping to our chains, then the chains.  Missing ones are fine."""
+def teardown_chains(chains, families=(AF_INET, AF_INET6)):
+    """Remove every rule jumping to our chains, then the chains, in every table.  Missing ones are fine."""
     for family in families:
         if not which(tool(family, "iptables-save")):
             continue
-        saved = run([tool(family, "iptables-save"), "-t", "nat"])
-        present = [c for c in chains if f":{c} " in saved]
-        if not present:
-            continue
-        lines = ["*nat"]
-        for line in saved.splitlines():
-            if line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
+        lines, table, present = [], None, []
+        for line in run([tool(family, "iptables-save")]).splitlines():
+            if line.startswith("*"):
+                table, present = line, []
+            elif line.startswith(":") and line[1:].split(" ", 1)[0] in chains:
+                present.append(line[1:].split(" ", 1)[0])
+                if len(present) == 1:
+                    lines.append(table)
+            elif line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
                 lines.append("-D " + line[3:])
-        for c in present:
-            lines += [f"-F {c}", f"-X {c}"]
-        lines.append("COMMIT")
-        run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+            elif line == "COMMIT" and present:
+                lines += [f"-F {c}" for c in present] + [f"-X {c}" for c in present] + ["COMMIT"]
+        if lines:
+            restore(family, lines)
 
 
-def teardown_attachment_masq(net, cid, ifname, ips):
-    """DEL's fast path: the rules ADD wrote are known, so one iptables-restore removes them all.
-    If that fails (already gone, edited by hand) fall back to looking at what is really there."""
-    chain = chain_name(net.name, cid, ifname)
-    comment = '"' + masq_comment(net.name, cid, ifname) + '"'
+def teardown_attachment_rules(net, cid, ifname, ips):
+    """DEL's fast path: the rules ADD wrote are known, so one iptables-restore per family
+    removes them all.  If that fails (already gone, edited by hand, config changed since ADD)
+    fall back to looking at what is really there."""
+    chain, tag = chain_name(net.name, cid, ifname), '-m comment --comment "' + rule_comment(net.name, cid, ifname) + '"'
     families = sorted({family for family, _ in ips}) or (AF_INET, AF_INET6)
     for family in families:
-        own = [n for f, n in ips if f == family]
-        if own:
-            lines = ["*nat"] + [f"-D POSTROUTING -s {fmt_cidr(family, n, bits(family))} -m comment --comment {comment} -j {chain}"
-                                for n in own] + [f"-F {chain}", f"-X {chain}", "COMMIT"]
+        pods = [fmt_cidr(family, n, bits(family)) for f, n in ips if f == family]
+        if pods:
+            lines = []
+            for table in rule_tables(net):
+                lines += [f"*{table}"] + ["-D " + rule for rule in jump_rules(net, chain, tag, table, pods)]
+                lines += [f"-F {chain}", f"-X {chain}", "COMMIT"]
             try:
-                run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+                restore(family, lines)
                 continue
             except CNIError:
                 pass
-            teardown_masq([chain], (family,))
+            teardown_chains([chain], (family,))
         else:  # nothing known about this attachment: look, but a family we only guess at never fails DEL
             try:
-                teardown_masq([chain], (family,))
+                teardown_chains([chain], (family,))
             except CNIError as e:
                 log(f"  ignored: {e.msg} {e.details}")
 
 
 def our_chains(network):
-    """The CNIKIT- chains of this network's attachments, from the rule comments."""
+    """The CNIKIT- chains of this network's attachments (any table), from the rule comments."""
     found = set()
     for family in (AF_INET, AF_INET6):
         if not which(tool(family, "iptables-save")):
             continue
-        for line in run([tool(family, "iptables-save"), "-t", "nat"]).splitlines():
-            if not line.startswith("-A POSTROUTING ") or f" -j {CHAIN_PREFIX}" not in line:
+        for line in run([tool(family, "iptables-save")]).splitlines():
+            if not line.startswith(("-A POSTROUTING ", "-A FORWARD ")) or f" -j {CHAIN_PREFIX}" not in line:
                 continue
             if f'--comment "cnikit name: {network} id: ' in line:
                 found.add(line.rsplit(" -j ", 1)[1])
     return found
+
+
+def missing_chains(net, cid, ifname, families):
+    """'<table> chain <name>' for each of the attachment's chains that is not there (CHECK)."""
+    chain, missing = chain_name(net.name, cid, ifname), []
+    for family in sorted(families):
+        saved = run([tool(family, "iptables-save")])
+        for table in rule_tables(net):
+            section = saved.partition(f"*{table}\n")[2].partition("\nCOMMIT")[0]
+            if f":{chain} " not in section:
+                missing.append(f"{table} chain {chain}")
+    return missing
 
 
 # ---------------------------------------------------------------- host side
@@ -1178,9 +1239,9 @@ def cmd_add(net, env, raw):
         if net.hairpin:
             kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
         cont = configure_container(cnl, ifname, ips, routes)
-        if net.masq:
-            undo.append(lambda: teardown_attachment_masq(net, cid, ifname, {(ip["family"], ip["n"]) for ip in ips}))
-            setup_masq(net, cid, ifname, ips)
+        if net.masq or net.forward:
+            undo.append(lambda: teardown_attachment_rules(net, cid, ifname, {(ip["family"], ip["n"]) for ip in ips}))
+            setup_attachment_rules(net, cid, ifname, ips)
         br = nl.link(net.bridge)  # its MAC follows its ports
     except BaseException as e:
         log(f"  ADD failed ({e}); rolling back")
@@ -1212,8 +1273,8 @@ def configure_container(cnl, ifname, ips, routes):
 def cmd_del(net, env, raw):
     """Best effort and repeatable: rules, veth, then the address - each may already be gone."""
     cid, ifname = env["CNI_CONTAINERID"], env["CNI_IFNAME"]
-    if net.masq:
-        teardown_attachment_masq(net, cid, ifname, attachment_ips(net, cid, ifname))
+    if net.masq or net.forward:
+        teardown_attachment_rules(net, cid, ifname, attachment_ips(net, cid, ifname))
     nl = Netlink()
     veth_name = host_veth_name(cid, ifname)
     veth = nl.link(veth_name)
@@ -1294,18 +1355,17 @@ def cmd_check(net, env, raw):
         dst = network_of(family, dst, plen)
         if not any(d == dst and p == plen and (gw is None or g == gw) for d, p, g, _ in table):
             fail(f"route {r['dst']}{' via ' + r['gw'] if r.get('gw') else ''} is missing in {netns}")
-    if net.masq:
-        chain = chain_name(net.name, cid, ifname)
-        families = {ip["family"] for ip in ips}
-        for family in families:
-            if f":{chain} " not in run([tool(family, "iptables-save"), "-t", "nat"]):
-                fail(f"masquerade chain {chain} is missing")
+    if net.masq or net.forward:
+        missing = missing_chains(net, cid, ifname, {ip["family"] for ip in ips})
+        if missing:
+            fail(" and ".join(missing) + " missing")
 
 
 def cmd_status(net):
     problems = []
-    if net.masq and not which("iptables-restore"):
-        problems.append("iptables-restore is not installed (needed for ipMasq)")
+    if (net.masq or net.forward) and not which("iptables-restore"):
+        problems.append("iptables-restore is not installed (needed for " + " and ".join(
+            key for key, on in (("ipMasq", net.masq), ("forwardAccept", net.forward)) if on) + ")")
     if use_builtin(net):
         try:
             sets = net.range_sets()
@@ -1335,11 +1395,11 @@ def cmd_gc(net):
                for a in valid):
         raise CNIError(E_CONFIG, "cni.dev/valid-attachments: every entry needs string containerID and ifname")
     keep = {(a["containerID"], a["ifname"]) for a in valid}
-    if net.masq or which("iptables-save"):
+    if net.masq or net.forward or which("iptables-save"):
         keep_chains = {chain_name(net.name, cid, ifname) for cid, ifname in keep}
         stale = [c for c in our_chains(net.name) if c not in keep_chains]
         if stale:
-            teardown_masq(stale)
+            teardown_chains(stale)
     if use_builtin(net) or net.ipam_type == "host-local":  # host-local's files are ours too
         with Store(net.data_dir, net.name) as store:
             for key, who in store.allocations().items():

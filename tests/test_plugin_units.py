@@ -31,7 +31,7 @@ def env(cid="p1"):
 def test_iptables_failure_rolls_back_masquerade_veth_then_address(plugin, fp):
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="iptables: simulated")
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="No chain/target/match")
-    fp.register(["iptables-save", "-t", "nat"], stdout="*nat\nCOMMIT\n")
+    fp.register(["iptables-save"], stdout="*nat\nCOMMIT\n*filter\nCOMMIT\n")
     net = make_net(plugin, {"ipMasq": True})
     with pytest.raises(plugin.CNIError) as err:
         plugin.cmd_add(net, env(), b"{}")
@@ -107,13 +107,18 @@ def test_delegated_ipam_error_code_is_passed_through(plugin, fp):
 def test_del_falls_back_to_iptables_save_when_the_known_rules_are_gone(plugin, fp):
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="Bad rule")
     chain = plugin.chain_name("unit", "p1", "eth0")
-    saved = f"*nat\n:{chain} - [0:0]\n-A POSTROUTING -s 10.244.0.5/32 -j {chain}\nCOMMIT\n"
-    fp.register(["iptables-save", "-t", "nat"], stdout=saved)
+    saved = (f"*filter\n:FORWARD DROP [0:0]\n:{chain} - [0:0]\n-A FORWARD -s 10.244.0.5/32 -i cni0 -j {chain}\n"
+             f"-A {chain} -s 10.244.0.5/32 -j ACCEPT\nCOMMIT\n*mangle\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"
+             f"*nat\n:{chain} - [0:0]\n-A POSTROUTING -s 10.244.0.5/32 -j {chain}\nCOMMIT\n")
+    fp.register(["iptables-save"], stdout=saved)
     seen = []
-    fp.register(["iptables-restore", "-w", "--noflush"], callback=lambda p: seen.append(p))
-    plugin.teardown_attachment_masq(make_net(plugin, {}), "p1", "eth0", {(plugin.AF_INET, 0x0AF40005)})
+    fp.register(["iptables-restore", "-w", "--noflush"], stdin_callable=lambda data: seen.append(data.decode()))
+    plugin.teardown_attachment_rules(make_net(plugin, {}), "p1", "eth0", {(plugin.AF_INET, 0x0AF40005)})
     assert fp.call_count(["iptables-restore", "-w", "--noflush"]) == 2
-    assert fp.call_count(["iptables-save", "-t", "nat"]) == 1
+    assert fp.call_count(["iptables-save"]) == 1
+    # what is really there goes, in both tables, in one call; other tables are left alone
+    assert seen == [f"*filter\n-D FORWARD -s 10.244.0.5/32 -i cni0 -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"
+                    f"*nat\n-D POSTROUTING -s 10.244.0.5/32 -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"]
 
 
 def test_command_runner_logs_argv_and_raises_one_error_type(plugin, fp):
