@@ -215,9 +215,10 @@ def bridge_add_argv(name, mtu=None, host=None):
     return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
 
 
-def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None):
+def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
+                   learning=True):
     opts = kv(id=vni, dstport=dstport, remote=remote, group=group, local=local, dev=dev)
-    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, ns=host)
+    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, *([] if learning else ["nolearning"]), ns=host)
 
 
 def nat_comment(subnet):
@@ -260,23 +261,104 @@ def require_tools(*tools):
             raise UsageError(f"{tool} not found: install it with `apt-get install {pkg}` (Debian package {pkg})")
 
 
+class Change:
+    """What one command makes: the typed record the runner keeps of it, so rollback, a
+    lesson's --host refusal and its summary read kinds and names, never argv patterns.
+
+    KIND is one of CHANGE_KINDS; NAME says the object in the kernel's words (a link or
+    namespace name, a path, a route as `DST via GW dev DEV`, an iptables rule as
+    `-t TABLE -A CHAIN SPEC`, `key=value` of a sysctl); NS is the namespace it lives in
+    (None: where cnikit runs); UNDO is the argv that removes it (None: nothing to undo);
+    MTU is a new link's, which a dry run's later plans read (the overlay's underlay)."""
+    __slots__ = ("kind", "name", "ns", "undo", "mtu")
+
+    def __init__(self, kind, name, ns=None, undo=None, mtu=None):
+        if kind not in CHANGE_KINDS:
+            raise ValueError(f"change kind {kind!r} is not one of {', '.join(CHANGE_KINDS)}")
+        self.kind, self.name, self.ns, self.undo, self.mtu = kind, name, ns, undo, mtu
+
+    def __repr__(self):
+        return f"Change({self.kind!r}, {self.name!r}, ns={self.ns!r})"
+
+    def same(self, kind, name, ns=None):
+        return (self.kind, self.name, self.ns) == (kind, name, ns)
+
+    @classmethod
+    def netns(cls, name):
+        return cls("netns", name, undo=ip("netns", "del", name))
+
+    @classmethod
+    def link(cls, name, ns=None, mtu=None):
+        return cls("link", name, ns, undo=ip("link", "del", name, ns=ns), mtu=mtu)
+
+    @classmethod
+    def up(cls, name, ns=None):
+        """A link brought up: state, not an object (nothing to undo; goes with the link)."""
+        return cls("up", name, ns)
+
+    @classmethod
+    def route(cls, dst, ns=None, **how):
+        """A route to DST; HOW (via, dev, proto...) only names it, the undo deletes DST's route."""
+        return cls("route", " ".join([dst] + kv(**how)), ns, undo=ip("route", "del", dst, ns=ns))
+
+    @classmethod
+    def rule(cls, table, chain, spec, ns=None):
+        return cls("rule", shlex.join(["-t", table, "-A", chain] + list(spec)), ns,
+                   undo=iptables_rule("-D", table, chain, spec, ns))
+
+    @classmethod
+    def chain(cls, table, chain, ns=None):
+        """A chain of cnikit's own; undone after the rules in it, so empty by then."""
+        return cls("chain", f"-t {table} {chain}", ns, undo=iptables("-t", table, "-X", chain, ns=ns))
+
+    @classmethod
+    def sysctl(cls, key, value, ns=None, old=None):
+        """KEY set to VALUE; undone (back to OLD) only when OLD is known and differs."""
+        undo = sysctl_set(key, old, ns) if old is not None and str(old) != str(value) else None
+        return cls("sysctl", f"{key}={value}", ns, undo=undo)
+
+    @classmethod
+    def file(cls, path, undo=True):
+        """A file written where a runtime looks; UNDO False: it was there before (replaced)."""
+        return cls("file", path, undo=["rm", "-f", path] if undo is True else (undo or None))
+
+    @classmethod
+    def scratch(cls, *paths):
+        """Temporary files or directories a later command renames or removes."""
+        return cls("scratch", " ".join(paths), undo=["rm", "-rf", *paths])
+
+
+# What a Change can be. "up" is a state (no object of its own); "scratch" is a temporary
+# file a later step renames or removes (neither summarised nor refused); "cluster" is a
+# kind cluster a lesson creates.
+CHANGE_KINDS = ("netns", "link", "up", "route", "rule", "chain", "sysctl", "file", "scratch", "cluster")
+
+
 class Runner:
     """Executes and echoes argv lists: the only place cnikit runs anything.
 
     `run` is for commands that change the kernel: always echoed (unless quiet),
-    skipped in a dry run, and an `undo` argv may be given to roll back on failure.
+    skipped in a dry run; CREATES, a Change (or several), says what it makes, and
+    the runner keeps it: rollback undoes it, a lesson summarises and refuses with it,
+    and a dry run's later steps plan with it (`made`).
     `query` is for look-ups cnikit makes to decide (echoed with verbose only).
     `show` is for commands whose output is the point (echoed, output printed).
+    `probe`, `spawn` and `hand_over` run checks, background tools and terminal programs.
+
+    Documented exceptions, which do not go through a runner: the sandbox's own set-up
+    (enter_sandbox: syscalls, mount points, `ip link set lo up` inside the new namespace,
+    before any runner exists, gone with it) and the shell or CMD a sandbox hands over to;
+    the runtime's result cache (cni_cache_write/cni_cache_drop write in-process as libcni
+    does, noted as comments and recorded here as a Change.file so rollback removes it).
     """
 
     def __init__(self, dry_run=False, quiet=False, verbose=False, out=None, color=None):
         self.dry_run, self.quiet, self.verbose = dry_run, quiet, verbose
         self.out = out or sys.stdout
         self.color = self.out.isatty() if color is None else color
-        self.undo = []            # argv lists that undo what this invocation created, in order
-        self.planned_mtu = {}     # (namespace, link) -> MTU of links a dry run has planned so far
-        self.planned_up = set()   # (namespace, link) a dry run has already brought up
-        self.log = []             # every argv run or printed by run/show, for tests and lessons
+        self._log = []            # every argv echoed by run/show/probe/spawn/hand_over
+        self._changes = []        # Change records of what ran (in a dry run: what is planned)
+        self._undo = []           # the Changes a rollback undoes, oldest first
 
     # -- printing
     def _print(self, text):
@@ -284,7 +366,7 @@ class Runner:
 
     def echo(self, argv, suffix=""):
         """Print ARGV as one shell-quoted line (SUFFIX such as ' &' after it)."""
-        self.log.append(list(argv))
+        self._log.append(list(argv))
         if self.quiet:
             return
         line = shlex.join(argv) + suffix
@@ -295,9 +377,40 @@ class Runner:
         if not self.quiet:
             self._print(f"\033[2m# {text}\033[0m" if self.color else f"# {text}")
 
-    def output(self, text):
+    def output(self, text, ansi=None):
+        """Print TEXT as it is (even with -q); ANSI, an SGR code such as "33", colours it."""
         if text:
-            self._print(text.rstrip("\n"))
+            text = text.rstrip("\n")
+            self._print(f"\033[{ansi}m{text}\033[0m" if ansi and self.color else text)
+
+    # -- what this invocation did
+    def mark(self):
+        """A position in the commands echoed so far, for `ran_since`."""
+        return len(self._log)
+
+    def ran_since(self, mark):
+        return len(self._log) > mark
+
+    def commands(self):
+        """Every argv echoed so far (copies), in order."""
+        return [list(argv) for argv in self._log]
+
+    def changes(self, kind=None):
+        """The Change records so far (a dry run: the planned ones), oldest first."""
+        return [c for c in self._changes if kind is None or c.kind == kind]
+
+    def made(self, kind, name, ns=None):
+        """The newest Change of KIND called NAME in NS that this invocation made or planned."""
+        return next((c for c in reversed(self._changes) if c.same(kind, name, ns)), None)
+
+    def record(self, *changes):
+        """Remember CHANGES as this invocation's: made by a command `run` just ran, by
+        another program cnikit started (the plugin makes cni0), or by cnikit in-process
+        (a cache file). A dry run only plans them; otherwise rollback undoes them."""
+        for change in changes:
+            self._changes.append(change)
+            if change.undo and not self.dry_run:
+                self._undo.append(change)
 
     # -- executing
     def execute(self, argv, input=None, env=None, timeout=None):
@@ -316,19 +429,23 @@ class Runner:
         except subprocess.TimeoutExpired:
             raise CnikitError(f"{shlex.join(argv)} did not finish within {timeout}s") from None
 
-    def run(self, argv, undo=None, check=True, input=None):
-        """Echo ARGV, then run it; on success remember UNDO for a rollback. INPUT goes
-        to its stdin and is echoed as a here-document, so the line still pastes."""
+    def run(self, argv, creates=None, check=True, input=None):
+        """Echo ARGV, then run it; on success record CREATES (a Change or a list of
+        them) for rollback. INPUT goes to its stdin and is echoed as a here-document,
+        so the line still pastes."""
         self.echo(argv, " <<'EOF'" if input is not None else "")
         if input is not None and not self.quiet:
             self._print(input.rstrip("\n") + "\nEOF")
+        changes = [] if creates is None else [creates] if isinstance(creates, Change) else list(creates)
         if self.dry_run:
+            self.record(*changes)
             return ""
         proc = self.execute(argv, input=input)
-        if proc.returncode != 0 and check:
-            raise CommandFailed(argv, proc.returncode, proc.stderr)
-        if undo:
-            self.undo.append(undo)
+        if proc.returncode != 0:
+            if check:
+                raise CommandFailed(argv, proc.returncode, proc.stderr)
+        else:
+            self.record(*changes)
         if not self.quiet:
             self.output(proc.stdout)
         return proc.stdout
@@ -393,15 +510,29 @@ class Runner:
         except ValueError:
             return None
 
-    def rollback(self):
-        """Undo, newest first, what this invocation created; keep going past failures."""
-        if not self.undo or self.dry_run:
-            return
-        self.note("rolling back what this command created")
-        while self.undo:
-            argv = self.undo.pop()
-            self.echo(argv)
-            self.execute(argv)
+    def rollback(self, since=0, why="rolling back what this command created"):
+        """Undo, newest first, what this invocation made (the changes recorded after the
+        first SINCE); keep going past failures, and report each one on stderr. Returns
+        the changes that could not be undone."""
+        if self.dry_run or len(self._undo) <= since:
+            return []
+        self.note(why)
+        failed = []
+        while len(self._undo) > since:
+            change = self._undo.pop()
+            self.echo(change.undo)
+            try:
+                proc = self.execute(change.undo)
+                why_not = None if proc.returncode == 0 else \
+                    (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            except CnikitError as e:
+                why_not = str(e)
+            if why_not:
+                failed.append(change)
+                print(f"cnikit: warning: could not undo {change.kind} {change.name}"
+                      f"{' in ' + change.ns if change.ns else ''}: {shlex.join(change.undo)}: {why_not}",
+                      file=sys.stderr, flush=True)
+        return failed
 
     def hand_over(self, argv):
         """Echo ARGV and run it attached to the user's terminal (a shell, `tail -F`);
@@ -422,22 +553,19 @@ class Runner:
 
 
 class _Transaction:
-    """`with runner.transaction():` rolls back this block's objects if it fails."""
+    """`with runner.transaction():` rolls back this block's objects if it fails, for
+    any reason: a failed command, Ctrl-C, an OSError, a bug."""
 
     def __init__(self, runner):
         self.runner, self.mark = runner, None
 
     def __enter__(self):
-        self.mark = len(self.runner.undo)
+        self.mark = len(self.runner._undo)
         return self.runner
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, CnikitError):
-            newer = self.runner.undo[self.mark:]
-            del self.runner.undo[self.mark:]
-            saved, self.runner.undo = self.runner.undo, newer
-            self.runner.rollback()
-            self.runner.undo = saved
+        if exc_type is not None:
+            self.runner.rollback(since=self.mark)
         return False
 
 
@@ -490,21 +618,20 @@ def ensure_addrs(r, dev, cidrs, ns=None, fresh=False):
 
 def say_if_unchanged(r, mark, what):
     """After a re-run: tell the user when nothing needed doing (no command since MARK)."""
-    if not r.dry_run and len(r.log) == mark:
+    if not r.dry_run and not r.ran_since(mark):
         r.note(f"{what} already exists as asked; nothing to do")
 
 
 def ensure_up(r, dev, ns=None, link=None, fresh=False):
     """Bring DEV up unless it is up. FRESH: just created, so down (no look-up).
-    A dry run remembers what it already brought up, so it says it once."""
+    A dry run reads what its plan already brought up, so it says it once."""
     if r.dry_run:
-        if (ns, dev) not in r.planned_up:
-            r.planned_up.add((ns, dev))
-            r.run(link_up(dev, ns))
+        if not r.made("up", dev, ns):
+            r.run(link_up(dev, ns), creates=Change.up(dev, ns))
         return
     link = {} if fresh else link if link is not None else get_link(r, dev, ns)
     if "UP" not in (link or {}).get("flags", []):
-        r.run(link_up(dev, ns))
+        r.run(link_up(dev, ns), creates=Change.up(dev, ns))
 
 
 def route_add(r, dst, via=None, dev=None, ns=None):
@@ -522,7 +649,7 @@ def route_add(r, dst, via=None, dev=None, ns=None):
     if r.query_json(ip("-j", "route", "show", dst, ns=ns)):
         r.note(f"a route to {dst}{' in ' + ns if ns else ''} already exists")
         return
-    r.run(ip("route", "add", dst, *kv(via=via, dev=dev), ns=ns), undo=ip("route", "del", dst, ns=ns))
+    r.run(ip("route", "add", dst, *kv(via=via, dev=dev), ns=ns), creates=Change.route(dst, ns, via=via, dev=dev))
 
 
 # ---------------------------------------------------------------- netns
@@ -534,7 +661,7 @@ def netns_add(r, name, lo_up=False):
         r.note(f"netns {name} already exists; nothing to do")
     else:
         add, tag = netns_add_argv(name)
-        r.run(add, undo=ip("netns", "del", name))
+        r.run(add, creates=Change.netns(name))
         r.run(tag)
     if lo_up:
         netns_lo_up(r, name)
@@ -591,7 +718,7 @@ def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, hos
     require_netns(r, host, "host namespace")
     require_netns(r, netns)
     peer_ns = netns or host
-    link, mark = get_link(r, name, host), len(r.log)
+    link, mark = get_link(r, name, host), r.mark()
     with r.transaction():
         if link:
             _check_veth_peer(r, link, name, peer, peer_ns, host)
@@ -600,8 +727,10 @@ def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, hos
             if get_link(r, peer, peer_ns):
                 raise UsageError(f"{peer} already exists{' in ' + peer_ns if peer_ns else ''}; "
                                  "pick another peer name")
-            r.run(veth_add_argv(name, peer, netns, mtu, host), undo=ip("link", "del", name, ns=host))
-            r.planned_mtu[(host, name)] = r.planned_mtu[(peer_ns, peer)] = mtu or DEFAULT_MTU
+            # The peer goes with NAME: only NAME is undone; both MTUs are for a dry run's plans.
+            r.run(veth_add_argv(name, peer, netns, mtu, host),
+                  creates=[Change.link(name, host, mtu or DEFAULT_MTU),
+                           Change("link", peer, peer_ns, mtu=mtu or DEFAULT_MTU)])
             r.run(tag_link(name, host))
         fresh = link is None
         ensure_addrs(r, name, [addr], host, fresh)
@@ -662,14 +791,14 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
-    link, mark = get_link(r, name, host), len(r.log)
+    link, mark = get_link(r, name, host), r.mark()
     with r.transaction():
         if link:
             if link_kind(link) != "bridge":
                 raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-bridge'} link")
             r.note(f"bridge {name} already exists; checking the rest")
         else:
-            r.run(bridge_add_argv(name, mtu, host), undo=ip("link", "del", name, ns=host))
+            r.run(bridge_add_argv(name, mtu, host), creates=Change.link(name, host))
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
@@ -724,7 +853,7 @@ def bridge_forward_accept(r, name, host=None):
     if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
         r.note(f"the FORWARD accept rule for {name} is already present")
         return
-    r.run(iptables_rule("-A", table, chain, spec, host), undo=iptables_rule("-D", table, chain, spec, host))
+    r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
 
 
 def forward_drops(r, host=None):
@@ -815,8 +944,7 @@ def nat_add(r, subnet, out_iface, host=None):
                 r.note(f"{table} {chain} {spec[-1]} rule for {subnet} "
                        f"({'out' if '-o' in spec else 'replies in'} {out_iface}) already present")
                 continue
-            r.run(iptables_rule("-A", table, chain, spec, host),
-                  undo=iptables_rule("-D", table, chain, spec, host))
+            r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
 
 
 def nat_del(r, subnet, host=None):
@@ -852,8 +980,9 @@ def nat_show(r, host=None):
 def underlay_mtu(r, dev=None, remote=None, host=None):
     """The MTU of the device the overlay rides on: DEV, else the route to REMOTE.
     A dry run knows the links it planned itself; others it looks up read-only."""
-    if r.dry_run and (host, dev) in r.planned_mtu:
-        return r.planned_mtu[(host, dev)]
+    planned = r.made("link", dev, host) if r.dry_run and dev else None
+    if planned and planned.mtu:
+        return planned.mtu
     if not dev and remote:
         route = r.query_json(ip("-j", "route", "get", remote, ns=host), in_dry_run=True)
         dev = route[0].get("dev") if route else None
@@ -866,9 +995,10 @@ def underlay_mtu(r, dev=None, remote=None, host=None):
 
 
 def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT,
-              bridge_name=None, mtu=None, host=None):
+              bridge_name=None, mtu=None, host=None, learning=True):
     """A VXLAN device NAME (VNI, UDP DSTPORT) to REMOTE or multicast GROUP, its MTU
-    the underlay's minus 50, optionally a port of BRIDGE, up.
+    the underlay's minus 50, optionally a port of BRIDGE, up. LEARNING=False: its
+    forwarding table holds only the entries it is given (flannel's `nolearning`).
 
     Without --remote or --group, peers come from `vxlan fdb add` (flannel's way).
     Re-run contract: an existing vxlan NAME with the same VNI gets only what is
@@ -896,7 +1026,7 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
     require_netns(r, host, "host namespace")
     if dev and not r.dry_run and not get_link(r, dev, host):
         raise UsageError(f"--dev {dev} does not exist{' in ' + host if host else ''}")
-    link, mark = get_link(r, name, host), len(r.log)
+    link, mark = get_link(r, name, host), r.mark()
     with r.transaction():
         if link:
             have = link.get("linkinfo", {}).get("info_data", {}).get("id")
@@ -906,8 +1036,8 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
             r.note(f"vxlan {name} (VNI {vni}) already exists; checking the rest")
         else:
             mtu = mtu or underlay_mtu(r, dev, remote or group, host) - VXLAN_OVERHEAD
-            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host),
-                  undo=ip("link", "del", name, ns=host))
+            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host, learning),
+                  creates=Change.link(name, host, mtu))
             r.run(tag_link(name, host))
         if bridge_name:
             if not r.dry_run and link_kind(get_link(r, bridge_name, host)) != "bridge":
@@ -1354,20 +1484,28 @@ def cni_cache_read(net_name, cid, ifname):
 
 
 def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result, netns=""):
-    """Store the ADD result as libcni does (cniCacheV1), atomically."""
+    """Store the ADD result as libcni does (cniCacheV1), atomically: in-process, as a
+    runtime does (a documented exception to "everything runs through the runner"), and
+    recorded as this invocation's file. A disk error is a CnikitError (the caller rolls back)."""
     path = cni_cache_path(net["name"], cid, ifname)
     if r.dry_run:
         r.note(f"the result would be cached in {path}")
+        r.record(Change.file(path))
         return path
     record = {"kind": "cniCacheV1", "containerId": cid, "ifName": ifname, "networkName": net["name"],
               "config": base64.b64encode(net["raw"]).decode(), "cniArgs": [list(p) for p in cni_args],
               **({"netns": netns} if netns else {}),
               "capabilityArgs": runtime_config or {}, "result": result}
-    os.makedirs(CNI_CACHE_DIR, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(CNI_CACHE_DIR, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise CnikitError(f"cannot cache the ADD result in {path}: {e.strerror or e}") from None
+    r.record(Change.file(path))
     r.note(f"result cached in {path} (CHECK and DEL get it as prevResult)")
     return path
 
@@ -1375,8 +1513,19 @@ def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result, netns
 def cni_cache_drop(r, net_name, cid, ifname):
     path = cni_cache_path(net_name, cid, ifname)
     if not r.dry_run and os.path.exists(path):
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError as e:
+            raise CnikitError(f"cannot remove the cached result {path}: {e.strerror or e}") from None
         r.note(f"cached result {path} removed")
+
+
+def _remove_quietly(path):
+    """Remove a temporary file a failed write may have left; absent is fine."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class CniCall:
@@ -1449,11 +1598,11 @@ def cni_add(r, call):
             if prev is not None and not r.quiet and i < len(net["plugins"]) - 1:
                 r.note(f"{plugin['type']} result (the next plugin's prevResult): "
                        + cni_shorten(json.dumps(prev, separators=(",", ":")), 160))
-    except CnikitError:
+        cni_cache_write(r, net, call.cid, call.ifname, call.args, call.runtime_config, prev, call.netns)
+    except (CnikitError, KeyboardInterrupt):
         r.note("ADD failed: DEL the whole chain, as a runtime does, so nothing is left behind")
         _cni_del_chain(r, call, None, best_effort=True)
         raise
-    cni_cache_write(r, net, call.cid, call.ifname, call.args, call.runtime_config, prev, call.netns)
     if prev is not None and call.print_result:
         r.output(json.dumps(prev, indent=2))
     return prev
@@ -1642,8 +1791,12 @@ def write_file_atomic(r, path, text, node=None):
     tmp = os.path.join(directory, "." + os.path.basename(path) + ".tmp")
     if node or r.dry_run or not os.path.isdir(directory):
         r.run(here + ["mkdir", "-p", directory])
-    r.run(stdin_here + ["install", "-m", "0644", "/dev/stdin", tmp], input=text)
-    r.run(here + ["mv", "-f", tmp, path])
+    # A file in a node is the node's (it goes with the cluster); here, one that was not
+    # there before is this invocation's, and rollback removes it.
+    made = None if node else Change.file(path, undo=r.dry_run or not os.path.exists(path))
+    r.run(stdin_here + ["install", "-m", "0644", "/dev/stdin", tmp], input=text,
+          creates=None if node else Change.scratch(tmp))
+    r.run(here + ["mv", "-f", tmp, path], creates=made)
 
 
 def _cni_plugin_source(plugin_src):
@@ -1749,7 +1902,7 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
                          f"(choose another --type)")
     conf_path = cni_conf_file(conf_dir, name)
     text = json.dumps(cni_conflist(name, subnet, ptype, chain, version, extra), indent=2) + "\n"
-    mark = len(r.log)
+    mark = r.mark()
     if r.dry_run or not os.path.isdir(plugin_dir):
         r.run(["mkdir", "-p", plugin_dir])
     if not r.dry_run and _installed_matches(src, dst, shebang, precompiled):
@@ -1759,12 +1912,12 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         if precompiled:
             build = os.path.join(plugin_dir, f".{ptype}.build")
             for argv in cni_precompile_argv(src, shebang[2:].split()[0], build, tmp, shebang):
-                r.run(argv, undo=["rm", "-rf", build, tmp] if argv[0] == "mkdir" else None)
+                r.run(argv, creates=Change.scratch(build, tmp) if argv[0] == "mkdir" else None)
         else:
-            r.run(["install", "-m", "0755", src, tmp], undo=["rm", "-f", tmp])
+            r.run(["install", "-m", "0755", src, tmp], creates=Change.scratch(tmp))
             if shebang:
                 r.run(_set_shebang_argv(tmp, shebang))
-        r.run(["mv", "-f", tmp, dst], undo=["rm", "-f", dst])
+        r.run(["mv", "-f", tmp, dst], creates=Change.file(dst, undo=r.dry_run or not os.path.exists(dst)))
     try:
         with open(conf_path) as f:
             same = f.read() == text
@@ -1773,10 +1926,7 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
     if same and not r.dry_run:
         r.note(f"{conf_path} already says this")
     else:
-        existed = os.path.exists(conf_path)
         write_file_atomic(r, conf_path, text)
-        if not existed and not r.dry_run:
-            r.undo.append(["rm", "-f", conf_path])
     say_if_unchanged(r, mark, f"plugin {dst} and {conf_path}")
     return conf_path
 
@@ -1866,62 +2016,175 @@ def kind_node_ip(r, node):
 
 def kind_ensure_python(r, node):
     """kind node images carry no python3, and our plugin is Python: detect it and, when
-    missing, install python3-minimal in the node. Returns what it did, in words."""
+    missing, install python3-minimal in the node. Returns what it did, in words. A node
+    that cannot get it is one CnikitError line naming the node, the cause and the fix."""
     ok, _ = r.query(docker_exec(node, "test", "-x", CNI_PYTHON), in_dry_run=True) \
         if which("docker") else (False, "")
     if ok:
         r.note(f"{node}: {CNI_PYTHON} is there (e.g. the derived image of kind/Dockerfile): nothing to install")
         return "present"
     r.note(f"{node}: no python3 (kind node images carry none): installing {KIND_PYTHON_PKG} in the node")
-    r.run(docker_exec(node, "apt-get", "update", "-qq"))
-    r.run(docker("exec", "-e", "DEBIAN_FRONTEND=noninteractive", node, "apt-get", "install", "-y", "-qq",
-                 "--no-install-recommends", KIND_PYTHON_PKG))
+    try:
+        # Error-Mode=any: apt-get update otherwise exits 0 although no mirror answered, and
+        # the install then fails with a misleading "Unable to locate package" (older apt
+        # ignores the option: that case is explained below too).
+        r.run(docker_exec(node, "apt-get", "update", "-qq", "-o", "APT::Update::Error-Mode=any"))
+        r.run(docker("exec", "-e", "DEBIAN_FRONTEND=noninteractive", node, "apt-get", "install", "-y", "-qq",
+                     "--no-install-recommends", KIND_PYTHON_PKG))
+    except CommandFailed as e:
+        raise CnikitError(kind_python_failure(node, e)) from None
     return "installed"
+
+
+def kind_python_failure(node, err):
+    """One line for a failed python3 install in NODE: apt's own words for the cause, then the fix."""
+    lines = [line.strip() for line in err.stderr.splitlines() if line.strip()]
+    fetch = [line for line in lines if "Failed to fetch" in line]
+    fix = (f"use the derived node image that carries python3 (make kind-up KIND_NODE=derived builds "
+           f"{KIND_NODE_IMAGE} from kind/Dockerfile), or give the nodes a package mirror")
+    if fetch or any("Unable to locate package" in line for line in lines):
+        # apt's line is "E: Failed to fetch URL  REASON"; no line at all: update got no lists
+        cause = fetch[0].split("  ", 1)[-1] if fetch else "apt-get update fetched no package lists"
+        why = f"cannot reach a package mirror ({cause})"
+    else:
+        why = f"apt-get failed ({lines[-1] if lines else f'exit {err.returncode}'})"
+    return (f"{node} has no python3 (the plugin's interpreter) and {why}: no node was changed; "
+            f"fix: {fix}")
+
+
+def kind_plan(r, cluster):
+    """{node: {podCIDR, ip}} for every node of CLUSTER, the control plane first (look-ups only)."""
+    return {node: {"podCIDR": kind_pod_cidr(r, cluster, node, i), "ip": kind_node_ip(r, node)}
+            for i, node in enumerate(kind_nodes(r, cluster))}
+
+
+def kind_cluster_cidrs(plan):
+    """The cluster's whole pod range, never masqueraded (as kindnet): kind's podSubnet when
+    every node's podCIDR lies in it, else the nodes' podCIDRs merged."""
+    nets = [ipaddress.ip_network(p["podCIDR"]) for p in plan.values()]
+    whole = ipaddress.ip_network(KIND_POD_CIDR)
+    if all(n.version == whole.version and n.subnet_of(whole) for n in nets):
+        return [KIND_POD_CIDR]
+    return [str(n) for v in (4, 6) for n in ipaddress.collapse_addresses(n for n in nets if n.version == v)]
+
+
+def kind_routes(plan):
+    """(node, podCIDR of another node, that node's address): the routes between nodes (as kindnet's)."""
+    return [(node, plan[other]["podCIDR"], plan[other]["ip"]) for node in plan for other in plan if other != node]
+
+
+def kind_node_files(r, node, paths):
+    """{path: sha256} of those of PATHS that exist in NODE (one look-up; a dry run: none)."""
+    ok, out = r.query(docker_exec(node, "sha256sum", *paths))
+    found = {}
+    for line in out.splitlines():
+        digest, _, path = line.partition("  ")
+        if path in paths:
+            found[path] = digest
+    return found
+
+
+def kind_has_route(r, node, cidr, via):
+    routes = r.query_json(docker_exec(node, "ip", "-j", "route", "show", cidr)) or []
+    return any(rt.get("dst") == cidr and rt.get("gateway") == via for rt in routes)
 
 
 def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chain=("portmap",),
                  plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
-    """Install the plugin into every node of kind cluster CLUSTER: python3 in the node,
-    the plugin (docker cp, then rename), the node's own podCIDR in /run/cnikit/subnet.env
-    (flannel-style), the same conflist on every node (both written atomically), and a
-    route on every node to every other node's pods (as kindnet does).
+    """Install the plugin into every node of kind cluster CLUSTER: python3 in every node
+    first (a node that cannot get it stops everything before any node is written), then on
+    each node the plugin (docker cp to a temp name, then rename), the node's own podCIDR in
+    /run/cnikit/subnet.env (flannel-style) and the same conflist (both written atomically;
+    the cluster's pod range exempt from masquerade: no NAT between pods), and a route on
+    every node to every other node's pods (as kindnet does).
 
-    Re-run contract: every step replaces or re-checks; running it twice changes nothing more."""
+    Re-run contract: what is already as asked (same file contents, same route) is left
+    alone and said so; running it twice changes nothing more."""
+    import hashlib
     if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
         raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
     if not r.dry_run:
         require_tools("docker")
-    nodes = kind_nodes(r, cluster)
-    plan = {}
-    for i, node in enumerate(nodes):
-        cidr = kind_pod_cidr(r, cluster, node, i)
-        plan[node] = {"podCIDR": cidr, "ip": kind_node_ip(r, node)}
+    plan = kind_plan(r, cluster)
+    for node in plan:
         plan[node]["python3"] = kind_ensure_python(r, node)
-        dst = os.path.join(plugin_dir, ptype)
-        tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
-        r.run(docker("cp", src, f"{node}:{tmp}"))
-        # python3-minimal is /usr/bin/python3: fix the interpreter, then rename into place.
-        r.run(docker_exec(node, *_set_shebang_argv(tmp, cni_shebang(None))))
-        r.run(docker_exec(node, "chmod", "0755", tmp))
-        r.run(docker_exec(node, "mv", "-f", tmp, dst))
-        write_file_atomic(r, NODE_SUBNET_FILE, f"CNIKIT_SUBNET={cidr}\n", node=node)
-        text = json.dumps(cni_conflist(name, None, ptype, chain), indent=2) + "\n"
-        write_file_atomic(r, cni_conf_file(conf_dir, name), text, node=node)
-    for node in nodes:
-        for other in nodes:
-            if other == node:
-                continue
-            via = plan[other]["ip"]
-            if via:
-                r.run(docker_exec(node, "ip", "route", "replace", plan[other]["podCIDR"], "via", via))
+    dst, tmp = os.path.join(plugin_dir, ptype), os.path.join(plugin_dir, f".{ptype}.tmp")
+    conf_path = cni_conf_file(conf_dir, name)
+    conflist = json.dumps(cni_conflist(name, None, ptype, chain,
+                                       extra={"nonMasqueradeCIDRs": kind_cluster_cidrs(plan)}), indent=2) + "\n"
+    mark = r.mark()
+    for node, p in plan.items():
+        subnet = f"CNIKIT_SUBNET={p['podCIDR']}\n"
+        want = {path: hashlib.sha256(data).hexdigest() for path, data in (
+            (dst, cni_plugin_bytes(src, cni_shebang(None))), (NODE_SUBNET_FILE, subnet.encode()),
+            (conf_path, conflist.encode()))}
+        have = kind_node_files(r, node, list(want))
+        if have.get(dst) == want[dst]:
+            r.note(f"{node}: {dst} is already this plugin")
+        else:
+            r.run(docker("cp", src, f"{node}:{tmp}"))
+            # python3-minimal is /usr/bin/python3: fix the interpreter, then rename into place.
+            r.run(docker_exec(node, *_set_shebang_argv(tmp, cni_shebang(None))))
+            r.run(docker_exec(node, "chmod", "0755", tmp))
+            r.run(docker_exec(node, "mv", "-f", tmp, dst))
+        for path, text in ((NODE_SUBNET_FILE, subnet), (conf_path, conflist)):
+            if have.get(path) == want[path]:
+                r.note(f"{node}: {path} already says this")
             else:
-                r.note(f"address of {other} unknown (no docker answer): route to {plan[other]['podCIDR']} "
-                       f"on {node} left out")
-    for node in nodes:
-        p = plan[node]
+                write_file_atomic(r, path, text, node=node)
+    for node, cidr, via in kind_routes(plan):
+        if not via:
+            r.note(f"address of the node with pods {cidr} unknown (no docker answer): route on {node} left out")
+        elif kind_has_route(r, node, cidr, via):
+            r.note(f"{node}: route to {cidr} via {via} is there")
+        else:
+            r.run(docker_exec(node, "ip", "route", "replace", cidr, "via", via))
+    for node, p in plan.items():
         r.note(f"{node}: pods in {p['podCIDR']}, python3 {p['python3']}")
+    say_if_unchanged(r, mark, f"kind cluster {cluster}: the plugin, {conf_path}, {NODE_SUBNET_FILE} "
+                              "and the routes on every node")
+    return plan
+
+
+def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
+    """Remove from every node of CLUSTER what kind_install wrote: the conflist, the plugin
+    it names (a script, never a compiled plugin), the subnet file and the routes to the
+    other nodes' pods. python3 stays (other things may use it). Pods still attached keep
+    their veths until kubelet DELs them. Re-run: absent is fine."""
+    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
+        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    name = _cni_check_name(name)
+    if not r.dry_run:
+        require_tools("docker")
+    plan = kind_plan(r, cluster)
+    conf_path = cni_conf_file(conf_dir, name)
+    mark = r.mark()
+    for node in plan:
+        ok, text = r.query(docker_exec(node, "cat", conf_path))
+        try:
+            ptype = json.loads(text)["plugins"][0]["type"] if ok else CNI_TYPE
+        except (ValueError, KeyError, IndexError, TypeError):
+            ptype = CNI_TYPE
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", str(ptype)):
+            ptype = CNI_TYPE
+        dst = os.path.join(plugin_dir, ptype)
+        files = [conf_path, NODE_SUBNET_FILE]
+        ok, head = r.query(docker_exec(node, "head", "-c", "2", dst))
+        if r.dry_run or head == "#!":
+            files.append(dst)
+        elif ok:
+            r.note(f"{node}: {dst} stays: a compiled plugin, not one cnikit installed")
+        present = files if r.dry_run else [f for f in files if f in kind_node_files(r, node, files)]
+        if present:
+            r.run(docker_exec(node, "rm", "-f", *present))
+    for node, cidr, via in kind_routes(plan):
+        if via and (r.dry_run or kind_has_route(r, node, cidr, via)):
+            r.run(docker_exec(node, "ip", "route", "del", cidr, "via", via))
+    if not r.dry_run and not r.ran_since(mark):
+        r.note(f"kind cluster {cluster}: no plugin, {conf_path}, {NODE_SUBNET_FILE} or route of ours "
+               "on any node; nothing to do")
     return plan
 
 
@@ -1940,6 +2203,8 @@ def cni_dispatch(args, r):
         cni_install(r, args.name, args.subnet, args.plugin_dir, args.conf_dir, tuple(args.chain),
                     args.plugin_src, args.ptype, args.cni_version, python=args.python,
                     precompiled=args.precompiled)
+    elif v == "uninstall" and args.kind:
+        kind_uninstall(r, args.kind, args.name, args.plugin_dir, args.conf_dir)
     elif v == "uninstall":
         cni_uninstall(r, args.name, args.plugin_dir, args.conf_dir)
     elif v == "kind-install":
@@ -1987,7 +2252,10 @@ def enter_sandbox(private_dirs=SANDBOX_DIRS):
     # Mounts made from now on must not propagate back to the host.
     _check_libc(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
     for path in (NETNS_DIR,) + tuple(private_dirs):
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise CnikitError(f"sandbox: cannot create the mount point {path}: {e.strerror or e}") from None
         _check_libc(libc.mount(b"tmpfs", path.encode(), b"tmpfs", 0, b"mode=755"), f"tmpfs on {path}")
     # A sysfs mounted now shows this namespace's interfaces under /sys/class/net. It may
     # fail where /sys is read-only (some containers): ip and netlink work without it.
@@ -2138,6 +2406,8 @@ def build_parser():
     a.add_argument("--name", default=CNI_NET)
     a.add_argument("--plugin-dir", default=CNI_PLUGIN_DIR)
     a.add_argument("--conf-dir", default=CNI_CONF_DIR)
+    a.add_argument("--kind", metavar="CLUSTER", help="from every node of this kind cluster: plugin, conflist, "
+                   "subnet file and the routes between nodes (what install --kind wrote)")
     for verb, text in (("add", "ADD a netns to the network, each plugin of the chain in order"),
                        ("del", "DEL it: the chain in reverse, with the cached result as prevResult"),
                        ("check", "CHECK it against the cached result"),
@@ -2266,7 +2536,16 @@ def main(argv=None):
             r.rollback()
         print(f"cnikit: error: {e}", file=sys.stderr)
         return e.code
+    except OSError as e:
+        # A disk or system error cnikit did not foresee: still one line, and undone.
+        if r is not None:
+            r.rollback()
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"cnikit: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
+        if r is not None:
+            r.rollback()
         print("cnikit: interrupted", file=sys.stderr)
         return 130
 

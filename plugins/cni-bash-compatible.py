@@ -11,7 +11,11 @@ Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
 Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
 
 Config keys (defaults in brackets; the classic minimal config gets all defaults):
-  bridge [cni0]            created when missing
+  mode [bridge]            "bridge": pods share a bridge (one layer-2 segment, the gateway on the
+                           bridge); "routed": no bridge, point-to-point like Calico or the reference
+                           ptp: the pod gets <ip>/32 and `default via <gateway>`, the host end of
+                           its veth holds the gateway as /32 and the host routes <ip>/32 to it
+  bridge [cni0]            created when missing (bridge mode only)
   isGateway [true]         gateway address on the bridge, ip_forward on
   isDefaultGateway [true]  default route in the pod via the gateway (implies isGateway)
   ipMasq [true]            masquerade pod traffic leaving the subnet (own nat chain
@@ -19,6 +23,9 @@ Config keys (defaults in brackets; the classic minimal config gets all defaults)
                            "cnikit name: <net> id: <container> if: <ifname>")
   forwardAccept [true]     accept the pod's forwarded traffic in its own filter chain (same name,
                            same comment), so a host whose FORWARD policy is DROP (Docker) passes it
+  nonMasqueradeCIDRs [[]]  destinations never masqueraded besides the pod's own subnet, e.g.
+                           the whole cluster pod range (Kubernetes: no NAT between pods; as
+                           kindnet and ip-masq-agent do); forwardAccept lets connections from them in
   mtu [kernel default]     on the bridge and both ends of the veth
   hairpinMode [false]      a pod may reach itself through a service address
   dns                      passed through to the result
@@ -62,6 +69,7 @@ import struct
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
 DEFAULT_BRIDGE = "cni0"
+MODES = ("bridge", "routed")
 DEFAULT_SUBNET = "10.244.0.0/24"
 NODE_SUBNET_FILE = "/run/cnikit/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
@@ -593,6 +601,10 @@ class Net:
         self.name = conf.get("name")
         if not valid_name(self.name, 200):
             raise CNIError(E_CONFIG, f"invalid network name {self.name!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+        self.mode = conf.get("mode") or "bridge"
+        if self.mode not in MODES:
+            raise CNIError(E_CONFIG, f"invalid mode {self.mode!r}: one of " + ", ".join(MODES))
+        self.routed = self.mode == "routed"
         self.bridge = conf.get("bridge") or DEFAULT_BRIDGE
         if not isinstance(self.bridge, str) or not valid_ifname(self.bridge):
             raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
@@ -600,6 +612,7 @@ class Net:
         self.is_gw = self.flag("isGateway", True) or self.default_gw
         self.masq = self.flag("ipMasq", True)
         self.forward = self.flag("forwardAccept", True)
+        self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = self.flag("hairpinMode", False)
         self.mtu = conf.get("mtu") or 0
         if type(self.mtu) is not int or not 0 <= self.mtu <= 65535:
@@ -625,6 +638,16 @@ class Net:
         if not isinstance(value, bool):
             raise CNIError(E_CONFIG, f"{key} must be true or false, not {value!r}")
         return value
+
+    def cidr_list(self, key):
+        """KEY as a list of (family, network, prefix); absent is an empty list."""
+        value = self.raw.get(key, [])
+        if not isinstance(value, list):
+            raise CNIError(E_CONFIG, f"{key} must be a list of CIDRs, not {value!r}")
+        try:
+            return [(f, network_of(f, n, plen), plen) for f, n, plen in map(parse_cidr, value)]
+        except ValueError as e:
+            raise CNIError(E_CONFIG, f"{key}: {e}") from None
 
     def range_sets(self):
         """[[range dict]]: one address is allocated from each set."""
@@ -989,24 +1012,28 @@ def rule_tables(net):
     return [table for table, on in (("nat", net.masq), ("filter", net.forward)) if on]
 
 
-def peer_subnets(ips, family):
-    """Where the pod's peers live (its subnets): never masqueraded, always let in."""
-    return list(dict.fromkeys(fmt_cidr(*ip["subnet"]) for ip in ips if ip["family"] == family))
+def peer_subnets(net, ips, family):
+    """Where the pod's peers live: its own subnets and nonMasqueradeCIDRs (the cluster's pod
+    range).  Traffic to them is never masqueraded, and connections from them are let in."""
+    own = [fmt_cidr(*ip["subnet"]) for ip in ips if ip["family"] == family]
+    return list(dict.fromkeys(own + [fmt_cidr(f, n, plen) for f, n, plen in net.no_masq if f == family]))
 
 
-def jump_rules(net, chain, tag, table, pods):
-    """The rules in the built-in chains that send a pod's traffic to its own chain."""
+def jump_rules(net, cid, ifname, chain, tag, table, pods):
+    """The rules in the built-in chains that send a pod's traffic to its own chain; in FORWARD,
+    only through the pod's link on the host (its bridge, or in routed mode its veth)."""
     if table == "nat":
         return [f"POSTROUTING -s {pod} {tag} -j {chain}" for pod in pods]
+    dev = host_veth_name(cid, ifname) if net.routed else net.bridge
     return [f"FORWARD{flags} {tag} -j {chain}" for pod in pods
-            for flags in (f" -s {pod} -i {net.bridge}", f" -d {pod} -o {net.bridge}")]
+            for flags in (f" -s {pod} -i {dev}", f" -d {pod} -o {dev}")]
 
 
 def attachment_restore(net, cid, ifname, ips, family):
     """iptables-restore input creating the attachment's chains and jumps for one family."""
     chain, tag = chain_name(net.name, cid, ifname), '-m comment --comment "' + rule_comment(net.name, cid, ifname) + '"'
     pods = [fmt_cidr(family, ip["n"], bits(family)) for ip in ips if ip["family"] == family]
-    peers = peer_subnets(ips, family)
+    peers = peer_subnets(net, ips, family)
     lines = []
     for table in rule_tables(net):
         lines += [f"*{table}", f":{chain} - [0:0]"]
@@ -1018,7 +1045,7 @@ def attachment_restore(net, cid, ifname, ips, family):
                 lines.append(f"-A {chain} -s {pod} {tag} -j ACCEPT")
                 lines.append(f"-A {chain} -d {pod} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT {tag} -j ACCEPT")
                 lines += [f"-A {chain} -s {peer} -d {pod} {tag} -j ACCEPT" for peer in peers]
-        lines += ["-A " + rule for rule in jump_rules(net, chain, tag, table, pods)] + ["COMMIT"]
+        lines += ["-A " + rule for rule in jump_rules(net, cid, ifname, chain, tag, table, pods)] + ["COMMIT"]
     return lines
 
 
@@ -1064,7 +1091,7 @@ def teardown_attachment_rules(net, cid, ifname, ips):
         if pods:
             lines = []
             for table in rule_tables(net):
-                lines += [f"*{table}"] + ["-D " + rule for rule in jump_rules(net, chain, tag, table, pods)]
+                lines += [f"*{table}"] + ["-D " + rule for rule in jump_rules(net, cid, ifname, chain, tag, table, pods)]
                 lines += [f"-F {chain}", f"-X {chain}", "COMMIT"]
             try:
                 restore(family, lines)
@@ -1162,6 +1189,58 @@ def container_routes(net, ips, ipam_routes):
     return routes
 
 
+# ---------------------------------------------------------------- routed mode (point-to-point, no bridge)
+# The pod's only neighbour is the host end of its veth: the pod holds <ip>/32, reaches the gateway
+# address through a link route and everything else via it; the host end holds the gateway as /32
+# (every host end holds the same one: an address is per interface) and the host routes <ip>/32 to
+# it. Every packet between pods is routed by the host, never switched.
+
+def routed_ips(ips):
+    """The IPAM addresses as the pod holds them: host-sized (/32, /128), same gateway."""
+    return [dict(ip, plen=bits(ip["family"])) for ip in ips]
+
+
+def routed_container_routes(net, ips, ipam_routes):
+    """A link route to each gateway first (it is on no subnet of the pod), then the usual routes."""
+    gws = {(ip["family"], ip["gw"]) for ip in ips}
+    return [(family, gw, bits(family), None, False) for family, gw in sorted(gws)] \
+        + container_routes(net, ips, ipam_routes)
+
+
+def routed_host_side(nl, veth, name, ips):
+    """The host end: up, holding each gateway address as /32 (/128)."""
+    kernel(f"cannot bring {name} up", nl.set_link, veth["index"], name, True)
+    for family, gw in sorted({(ip["family"], ip["gw"]) for ip in ips}):
+        kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family))
+    for ip in ips:
+        sysctl_on("/proc/sys/net/ipv4/ip_forward" if ip["family"] == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
+
+
+def routed_host_routes(nl, veth, name, ips):
+    """On the host: <pod ip>/32 dev <host end> (after the pod's end is up: a route needs a live link)."""
+    for ip in ips:
+        try:
+            nl.add_route(ip["family"], ip["n"], bits(ip["family"]), None, veth["index"], name)
+        except OSError as e:
+            if e.errno != 17:
+                raise CNIError(E_KERNEL, f"cannot add route {fmt_cidr(ip['family'], ip['n'], bits(ip['family']))} "
+                               f"dev {name}: {e.strerror}")
+
+
+def routed_check(nl, veth, name, ips):
+    """What CHECK verifies on the host in routed mode: the gateway on the host end, the /32 route to it."""
+    have = set(nl.addrs(veth["index"]))
+    tables = {}
+    for ip in ips:
+        family, host = ip["family"], bits(ip["family"])
+        if (family, ip["gw"], host) not in have:
+            return f"host veth {name} lacks the gateway address {fmt_cidr(family, ip['gw'], host)}"
+        table = tables.setdefault(family, nl.routes(family))
+        if not any(d == ip["n"] and p == host and o == veth["index"] for d, p, _, o in table):
+            return f"host route {fmt_cidr(family, ip['n'], host)} dev {name} is missing"
+    return ""
+
+
 # ---------------------------------------------------------------- results
 
 def build_result(net, br, veth, cont, netns, ips, routes, dns):
@@ -1175,9 +1254,12 @@ def build_result(net, br, veth, cont, netns, ips, routes, dns):
             out["sandbox"] = sandbox
         return out
 
-    res = {"cniVersion": net.version, "interfaces": [iface(br), iface(veth), iface(cont, netns)], "ips": [], "routes": []}
+    links = ([br] if br else []) + [veth]
+    res = {"cniVersion": net.version, "interfaces": [iface(link) for link in links] + [iface(cont, netns)],
+           "ips": [], "routes": []}
     for ip in ips:
-        entry = {"address": fmt_cidr(ip["family"], ip["n"], ip["plen"]), "gateway": fmt_ip(ip["family"], ip["gw"]), "interface": 2}
+        entry = {"address": fmt_cidr(ip["family"], ip["n"], ip["plen"]), "gateway": fmt_ip(ip["family"], ip["gw"]),
+                 "interface": len(links)}
         if net.version < "1.0.0":
             entry["version"] = "4" if ip["family"] == AF_INET else "6"
         res["ips"].append(entry)
@@ -1229,20 +1311,29 @@ def cmd_add(net, env, raw):
     try:
         ips, ipam_routes, ipam_dns = ipam_add(net, cid, ifname, raw)
         undo.append(lambda: ipam_del(net, cid, ifname, raw))
-        routes = container_routes(net, ips, ipam_routes)
-        br = ensure_bridge(nl, net, ips)
+        if net.routed:
+            ips, routes = routed_ips(ips), routed_container_routes(net, ips, ipam_routes)
+            br = None
+        else:
+            routes = container_routes(net, ips, ipam_routes)
+            br = ensure_bridge(nl, net, ips)
         veth_name = host_veth_name(cid, ifname)
-        kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or br["mtu"], nsfd, mac)
+        kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or (br or {}).get("mtu"), nsfd, mac)
         veth = nl.link(veth_name)
         undo.append(lambda: nl.del_link(veth["index"], veth_name))
-        kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
-        if net.hairpin:
+        if net.routed:
+            routed_host_side(nl, veth, veth_name, ips)
+        else:
+            kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
+        if net.hairpin and not net.routed:
             kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
         cont = configure_container(cnl, ifname, ips, routes)
+        if net.routed:
+            routed_host_routes(nl, veth, veth_name, ips)
         if net.masq or net.forward:
             undo.append(lambda: teardown_attachment_rules(net, cid, ifname, {(ip["family"], ip["n"]) for ip in ips}))
             setup_attachment_rules(net, cid, ifname, ips)
-        br = nl.link(net.bridge)  # its MAC follows its ports
+        br = nl.link(net.bridge) if br else None  # its MAC follows its ports
     except BaseException as e:
         log(f"  ADD failed ({e}); rolling back")
         for step in reversed(undo):
@@ -1313,13 +1404,17 @@ def cmd_check(net, env, raw):
     def fail(msg):
         raise CNIError(E_CHECK, msg)
 
-    br = nl.link(net.bridge)
-    if br is None or br["kind"] != "bridge":
-        fail(f"bridge {net.bridge} is missing")
     veth_name = host_veth_name(cid, ifname)
     veth = nl.link(veth_name)
-    if veth is None or veth["master"] != br["index"]:
-        fail(f"host veth {veth_name} is missing or not attached to {net.bridge}")
+    if net.routed:
+        if veth is None:
+            fail(f"host veth {veth_name} is missing")
+    else:
+        br = nl.link(net.bridge)
+        if br is None or br["kind"] != "bridge":
+            fail(f"bridge {net.bridge} is missing")
+        if veth is None or veth["master"] != br["index"]:
+            fail(f"host veth {veth_name} is missing or not attached to {net.bridge}")
     cont = cnl.link(ifname)
     if cont is None:
         fail(f"interface {ifname} is missing in {netns}")
@@ -1355,6 +1450,10 @@ def cmd_check(net, env, raw):
         dst = network_of(family, dst, plen)
         if not any(d == dst and p == plen and (gw is None or g == gw) for d, p, g, _ in table):
             fail(f"route {r['dst']}{' via ' + r['gw'] if r.get('gw') else ''} is missing in {netns}")
+    if net.routed:
+        problem = routed_check(nl, veth, veth_name, ips)
+        if problem:
+            fail(problem)
     if net.masq or net.forward:
         missing = missing_chains(net, cid, ifname, {ip["family"] for ip in ips})
         if missing:

@@ -32,6 +32,8 @@ from cnikit import ip, bridge, in_netns  # noqa: E402,F401  (re-exported for the
 
 CNIKIT = os.path.join(ROOT, "cnikit.py")
 PING = ("ping", "-c", "1", "-W", "1")      # one echo, one second: a lost reply fails fast
+ASK_TRIES = 3                                # --keep asks this often for a namespace name
+HOST_SIDE = "host"                           # --keep's name for the sandbox's own (host) side
 WAIT_READY = 5.0                             # seconds a background tool gets to start
 STOP_GRACE = 2.0                             # seconds between SIGTERM and SIGKILL
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -50,6 +52,7 @@ class LessonRunner(cnikit.Runner):
         self.procs = []
         self.spawned = 0          # background processes started (a dry run's script must stop them)
         self._suffix = ""
+        self._tag_said = False    # the ownership tag is explained once per lesson
 
     def _pause(self):
         """Like a presenter: the command is on screen, Enter runs it, q quits."""
@@ -65,8 +68,13 @@ class LessonRunner(cnikit.Runner):
             raise KeyboardInterrupt
 
     def echo(self, argv, suffix=""):
+        tag = is_tag(argv)
+        if tag and not self._tag_said:
+            self._tag_said = True
+            self.note(TAG_WHY)
         super().echo(argv, suffix or self._suffix)
-        self._pause()
+        if not tag:               # bookkeeping, not a step of the lesson: no pause
+            self._pause()
 
     def probe(self, argv, timeout=30, expect_fail=False):
         """As cnikit's probe; EXPECT_FAIL (a command the lesson shows failing) is printed
@@ -131,6 +139,16 @@ def _signal_group(proc, sig):
         pass
 
 
+TAG_WHY = (f"`alias {cnikit.TAG}`: cnikit labels each link it creates (its ifalias, kept by the kernel) "
+           "so `cnikit cleanup` finds its own objects by that label, never by guessing from names; "
+           "it changes nothing in how the link works")
+
+
+def is_tag(argv):
+    """Is ARGV cnikit's `ip link set dev X alias cnikit` (an ownership label)?"""
+    return len(argv) >= 4 and argv[-2:] == ["alias", cnikit.TAG] and "link" in argv and "set" in argv
+
+
 def pod_ip(L, pod):
     """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
     ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
@@ -185,6 +203,7 @@ class Lesson:
         self.host_changes = ""
         self.keep_hint = f"sudo {CNIKIT} cleanup"
         self.steps = 0
+        self.keep, self.explored = False, False     # --keep (True or a namespace); its shell was opened
 
     # -- printing: prose is shell comments, so a dry run stays a script
     def say(self, text=""):
@@ -192,7 +211,7 @@ class Lesson:
             return
         for line in (text.splitlines() or [""]):
             line = f"# {line}".rstrip()
-            self.r._print(f"\033[33m{line}\033[0m" if self.r.color else line)
+            self.r.output(line, ansi="33")
 
     def opening(self):
         title = f"lesson {self.number}: {self.title}"
@@ -242,8 +261,8 @@ class Lesson:
         """Set a sysctl, remembering the old value so the end of the lesson restores it
         (on a real host a lesson must not leave, say, forwarding switched on)."""
         ok, old = self.r.query(in_netns(["sysctl", "-n", key], ns))
-        undo = cnikit.sysctl_set(key, old.strip(), ns) if ok and old.strip() != str(value) else None
-        self.r.run(cnikit.sysctl_set(key, value, ns), undo=undo)
+        self.r.run(cnikit.sysctl_set(key, value, ns),
+                   creates=cnikit.Change.sysctl(key, value, ns, old=old.strip() if ok else None))
 
     # -- life cycle
     def start(self, dry_run=False, quiet=False, stepping=False, skip=(), color=None, out=None):
@@ -258,12 +277,13 @@ class Lesson:
         return self
 
     def plan(self, build):
-        """The commands BUILD would run, from a silent dry run: what --host will change."""
+        """What BUILD would change (cnikit.Change records), from a silent dry run: what
+        --host will change."""
         saved = (self.r, self.checks, self.steps)
         self.r = LessonRunner(dry_run=True, quiet=True)
         try:
             build(self)
-            return self.r.log
+            return self.r.changes()
         finally:
             self.r, self.checks, self.steps = saved
 
@@ -276,8 +296,9 @@ class Lesson:
             formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--host", action="store_true",
                        help="run on the real host, after saying what it will change (default: a sandbox)")
-        p.add_argument("--keep", action="store_true",
-                       help="leave the topology up; in the sandbox, open a shell to explore it")
+        p.add_argument("--keep", nargs="?", const=True, default=False, metavar="NS",
+                       help="leave the topology up; in the sandbox, open a shell to explore it "
+                            "(`ip netns exec NS bash`: NS given here, else you are asked which)")
         p.add_argument("--step", action="store_true", help="pause before each command: Enter runs it")
         p.add_argument("--dry-run", action="store_true", help="print the whole lesson as a shell script")
         p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
@@ -307,6 +328,7 @@ class Lesson:
             self.start(dry_run=args.dry_run, quiet=args.quiet, stepping=args.step and not args.dry_run,
                        skip=args.skip, color=color)
             self.on_host = args.host
+            self.keep, self.explored = args.keep, False
             if not args.dry_run:
                 self._prepare(build, args.host, adopt)
             self.opening()
@@ -330,6 +352,15 @@ class Lesson:
             self._fail_line("interrupted")
             self._leave(args, keep=False)
             return EXIT_INTERRUPTED
+        except OSError as e:
+            # A disk or system error: one line, and the host left as it was.
+            self._fail_line(f"error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+            self._leave(args, keep=False)
+            return EXIT_FAIL
+        except BaseException:
+            # Whatever else goes wrong in build or verify (a bug, SystemExit), --host leaves.
+            self._leave(args, keep=False)
+            raise
 
     def _prepare(self, build, on_host, adopt=False):
         if os.geteuid() != 0:
@@ -341,32 +372,32 @@ class Lesson:
             return
         planned = self.plan(build)
         links, sysctls = self.indirect.get("links", ()), self.indirect.get("sysctls", ())
+        by_plugin = [cnikit.Change.link(name) for name in links]
         if not adopt:         # ADOPT: a re-run of the same lesson half may find its own objects
-            self._refuse_existing(planned + [["ip", "link", "add", name] for name in links])
-        self.host_changes = _summarize(planned + [["ip", "link", "add", f"{name} (by the plugin)"] for name in links]
-                                       + [["sysctl", "-w", key] for key in sysctls])
-        for key in sysctls:   # undone last, after everything the lesson made itself
+            self._refuse_existing(planned + by_plugin)
+        self.host_changes = _summarize(planned, [f"{name} (by the plugin)" for name in links], sysctls)
+        # Recorded first, so undone last: after everything the lesson made itself.
+        for key in sysctls:
             ok, old = self.r.query(["sysctl", "-n", key])
             if ok:
-                self.r.undo.append(cnikit.sysctl_set(key, old.strip()))
-        for name in links:
-            self.r.undo.append(ip("link", "del", name))
+                self.r.record(cnikit.Change("sysctl", key, undo=cnikit.sysctl_set(key, old.strip())))
+        self.r.record(*by_plugin)
         for path in self.indirect.get("paths", ()):   # removed at the end only if the lesson made it
             if not os.path.lexists(path):
-                self.r.undo.append(["rm", "-rf", path])
+                self.r.record(cnikit.Change.file(path, undo=["rm", "-rf", path]))
 
     def _refuse_existing(self, planned):
         """On a real host, names the lesson would create must be free: it must never
-        adopt (and then delete) a namespace or link that is not its own."""
-        for argv in planned:
-            if argv[:3] == ["ip", "netns", "add"] and cnikit.netns_exists(argv[3]):
-                raise cnikit.UsageError(f"namespace {argv[3]} already exists on this host; "
+        adopt (and then delete) a namespace, link or file that is not its own."""
+        for change in planned:
+            if change.kind == "netns" and cnikit.netns_exists(change.name):
+                raise cnikit.UsageError(f"namespace {change.name} already exists on this host; "
                                         "delete it or run the lesson in the sandbox (without --host)")
-            if argv[:3] == ["ip", "link", "add"] and cnikit.get_link(self.r, argv[3]):
-                raise cnikit.UsageError(f"interface {argv[3]} already exists on this host; "
+            if change.kind == "link" and change.ns is None and cnikit.get_link(self.r, change.name):
+                raise cnikit.UsageError(f"interface {change.name} already exists on this host; "
                                         "delete it or run the lesson in the sandbox (without --host)")
-            if argv[:2] == ["mv", "-f"] and os.path.exists(argv[3]):
-                raise cnikit.UsageError(f"{argv[3]} already exists on this host; the lesson would replace "
+            if change.kind == "file" and os.path.exists(change.name):
+                raise cnikit.UsageError(f"{change.name} already exists on this host; the lesson would replace "
                                         "it: remove it or run the lesson in the sandbox (without --host)")
 
     def _verdict(self, args, finish):
@@ -376,7 +407,7 @@ class Lesson:
                 # The live lesson stops its listeners and captures; so must the script, or
                 # they outlive it (and keep its namespaces alive).
                 r.note("stop what this script started in the background (listeners, captures)")
-                r._print("kill $(jobs -p) 2>/dev/null || true")
+                r.output("kill $(jobs -p) 2>/dev/null || true")
             r.note("dry run: the checks above were printed, not run; the lesson's picture of what "
                    "exists comes from: " + shlex.join([CNIKIT, "show"]))
             return EXIT_PASS
@@ -388,7 +419,7 @@ class Lesson:
         failed = [what for what, good in self.checks if not good]
         line = (f"PASS lesson {self.number} {self.title}: {self.goal}" if ok else
                 f"FAIL lesson {self.number} {self.title}: " + ("; ".join(failed) or "nothing was checked"))
-        r._print(f"\033[1;{32 if ok else 31}m{line}\033[0m" if r.color else line)
+        r.output(line, ansi=f"1;{32 if ok else 31}")
         if finish:
             self._leave(args, keep=args.keep)
         return EXIT_PASS if ok else EXIT_FAIL
@@ -397,6 +428,19 @@ class Lesson:
         line = f"FAIL lesson {self.number} {self.title}: {why}"
         print(line, file=sys.stderr if self.r is None else self.r.out, flush=True)
 
+    def explore(self, after):
+        """--keep in the sandbox: a shell to explore what exists now, in the namespace the
+        learner picks (`ip netns exec NS bash`). Lessons that undo their own work at the end
+        (07's DEL) call it before that; AFTER says what happens once the shell exits."""
+        if not self.keep or self.on_host or self.r.dry_run or self.explored:
+            return
+        self.explored = True
+        self.r.stepping = False
+        ns = choose_netns(self.keep, cnikit.netns_names(self.r))
+        where = f"`ip netns exec {ns} bash`, inside {ns}" if ns else "on the sandbox's host side"
+        self.say(f"--keep: a shell {where}; the topology is yours to explore ({after})")
+        _sandbox_shell(ns)
+
     def _leave(self, args, keep):
         """Leave nothing behind: the sandbox vanishes on exit; on the host, undo what
         the lesson created, newest first. --keep leaves it up (a shell in the sandbox)."""
@@ -404,45 +448,72 @@ class Lesson:
         if r is None or r.dry_run:
             return
         r.stepping = False
-        if keep and not args.host:
-            self.say("--keep: a shell inside the sandbox; the topology is yours to explore "
-                     "(`exit` ends it and everything goes)")
-            _sandbox_shell()
+        if keep and not args.host and not self.explored:
+            self.explore("`exit` ends it and everything goes")
         r.stop_all()
         if keep and args.host:
             self.say("--keep: the topology stays on this host; remove it with: " + self.keep_hint)
             return
-        if args.host and r.undo:
-            self.say("removing what the lesson created on this host:")
-            while r.undo:
-                r.run(r.undo.pop(), check=False)
+        if args.host:
+            r.rollback(why="removing what the lesson created on this host:")
 
 
-def _sandbox_shell():
-    """An interactive shell in the current (sandboxed) process's namespaces."""
+def _sandbox_shell(ns=None):
+    """An interactive shell in the sandbox: in namespace NS (`ip netns exec NS bash`), or
+    on the sandbox's host side."""
     shell = os.environ.get("SHELL") or "/bin/bash"
-    env = dict(os.environ, PS1=cnikit.SANDBOX_PROMPT, CNIKIT_SANDBOX="1")
+    prompt = cnikit.SANDBOX_PROMPT.replace("cnikit-sandbox", f"cnikit-sandbox {ns}") if ns else cnikit.SANDBOX_PROMPT
+    env = dict(os.environ, PS1=prompt, CNIKIT_SANDBOX="1")
     argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
-    return subprocess.call(argv, env=env)
+    return subprocess.call(in_netns(argv, ns), env=env)
 
 
-def _summarize(planned):
-    """What a list of argv lists changes on the host, in a few lines a reader can judge
-    (what happens inside the lesson's own namespaces goes away with them)."""
-    groups = {"namespaces": [], "links": [], "routes": [], "iptables rules": [], "sysctls": [], "files": []}
-    for argv in planned:
-        if argv[:3] == ["ip", "netns", "add"]:
-            groups["namespaces"].append(argv[3])
-        elif argv[:3] == ["ip", "link", "add"]:
-            groups["links"].append(argv[3])
-        elif argv[:3] == ["ip", "route", "add"]:
-            groups["routes"].append(" ".join(argv[3:]))
-        elif argv[:1] == ["iptables"] and "-A" in argv:
-            groups["iptables rules"].append(shlex.join(argv[1:]))
-        elif argv[:2] == ["sysctl", "-w"]:
-            groups["sysctls"].append(argv[2] + " (restored at the end)")
-        elif argv[:2] == ["mv", "-f"]:
-            groups["files"].append(argv[3])
+def _read_line():
+    """One line from stdin, read byte by byte: what follows stays in the pipe for the shell."""
+    data = b""
+    while not data.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            break
+        data += byte
+    return data.decode(errors="replace")
+
+
+def choose_netns(wanted, names, ask=ASK_TRIES):
+    """The namespace --keep opens a shell in: WANTED when it is one of NAMES, else the
+    answer to a question on stdin (Enter, or no answer: the sandbox's host side, None)."""
+    if isinstance(wanted, str):
+        if wanted in names or wanted == HOST_SIDE:
+            return None if wanted == HOST_SIDE else wanted
+        print(f"--keep: there is no namespace {wanted!r} (there are: {' '.join(names)})", file=sys.stderr)
+    for _ in range(ask):
+        print(f"--keep: open a shell in which namespace? {' '.join(names)} "
+              f"[Enter: {HOST_SIDE}, the sandbox's host side] ", end="", file=sys.stderr, flush=True)
+        answer = _read_line()
+        if not answer.strip():
+            return None
+        if answer.strip() in names:
+            return answer.strip()
+        print(f"  no namespace {answer.strip()!r}", file=sys.stderr)
+    return None
+
+
+# How a lesson's summary names each kind of cnikit.Change it lists.
+SUMMARY_GROUPS = {"netns": "namespaces", "link": "links", "route": "routes", "chain": "iptables chains",
+                  "rule": "iptables rules", "sysctl": "sysctls", "file": "files", "cluster": "kind clusters"}
+
+
+def _summarize(planned, plugin_links=(), plugin_sysctls=()):
+    """What the planned changes (and those another program makes: PLUGIN_LINKS and
+    PLUGIN_SYSCTLS) do to the host, in a few lines a reader can judge (what happens
+    inside the lesson's own namespaces goes away with them)."""
+    groups = {name: [] for name in SUMMARY_GROUPS.values()}
+    for change in planned:
+        if change.ns is None and change.kind in SUMMARY_GROUPS:
+            restored = " (restored at the end)" if change.kind == "sysctl" else ""
+            groups[SUMMARY_GROUPS[change.kind]].append(change.name + restored)
+    groups["links"] += plugin_links
+    groups["sysctls"] += [f"{key} (restored at the end)" for key in plugin_sysctls]
     lines = []
     for name, items in groups.items():
         items = list(dict.fromkeys(items))          # a plan may repeat a change; say it once

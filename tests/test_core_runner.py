@@ -77,3 +77,41 @@ def test_real_failure_mid_veth_add_leaves_nothing_behind():
     assert "ip link del v6a" in proc.stdout          # the rollback is echoed too
     assert proc.stderr.startswith("cnikit: error: command failed: ip addr add 2001:db8::1/64 dev v6a")
     assert "v6a" not in links() and "v6b" not in links()
+
+
+def test_ctrl_c_rolls_back_the_transaction_in_progress():
+    r = cnikit.Runner(out=io.StringIO())
+    with pytest.raises(KeyboardInterrupt):
+        with r.transaction():
+            cnikit.bridge_add(r, "brc")
+            assert "brc" in links()
+            raise KeyboardInterrupt
+    assert "brc" not in links()
+    assert "# rolling back" in r.out.getvalue()
+
+
+def test_a_failed_undo_is_reported_not_ignored(capsys):
+    r = cnikit.Runner(out=io.StringIO())
+    with pytest.raises(cnikit.CommandFailed):
+        with r.transaction():
+            cnikit.bridge_add(r, "bru")
+            r.execute(["ip", "link", "del", "bru"])          # gone behind cnikit's back
+            r.run(["ip", "link", "set", "dev", "nosuchdev", "up"])
+    err = capsys.readouterr().err
+    assert "cnikit: warning: could not undo link bru: ip link del bru:" in err
+    assert "Cannot find device" in err
+
+
+def test_cache_write_failure_is_one_line_and_rolled_back(tmp_path):
+    # /var/lib/cni/results is a file here: the cache write fails after the plugin's ADD,
+    # and the chain is DELeted again (the pod's veth and address go).
+    assert cli("cni", "install").returncode == 0
+    os.makedirs("/var/lib/cni", exist_ok=True)
+    open("/var/lib/cni/results", "w").close()
+    assert cli("netns", "add", "pod1").returncode == 0
+    proc = cli("cni", "add", "pod1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("cnikit: error: cannot cache the ADD result in /var/lib/cni/results/")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "ADD failed: DEL the whole chain" in proc.stdout
+    assert "eth0" not in links("pod1")

@@ -134,8 +134,32 @@ def test_no_command_cnikit_runs_goes_through_a_shell():
     cnikit.vxlan_fdb_add(r, "vx0", "02:00:00:00:00:02", "192.0.2.2")
     cnikit.cni_install(r, subnet="10.244.1.0/24")
     cnikit.kind_install(r, "demo")
-    assert len(r.log) > 40
-    for argv in r.log:
+    assert len(r.commands()) > 40
+    for argv in r.commands():
         assert argv[0] not in ("sh", "bash", "/bin/sh") and "-c" not in argv[:3], argv
         if argv[:2] == ["docker", "exec"]:
             assert "sh" not in argv and "bash" not in argv, argv
+
+
+def test_a_plan_is_typed_records_of_what_it_creates():
+    # What rollback, a lesson's --host refusal and its summary read: kinds and names, not argv.
+    r = cnikit.Runner(dry_run=True, out=io.StringIO())
+    cnikit.netns_add(r, "ns1")
+    cnikit.veth_add(r, "v0", "eth0", netns="ns1", mtu=1400)
+    cnikit.route_add(r, "192.0.2.0/24", via="10.0.0.2")
+    cnikit.cni_install(r, subnet="10.244.1.0/24")
+    made = [(c.kind, c.name, c.ns) for c in r.changes() if c.kind != "up"]
+    assert made[:3] == [("netns", "ns1", None), ("link", "v0", None), ("link", "eth0", "ns1")]
+    assert ("file", "/opt/cni/bin/cnikit", None) in made and ("file", "/etc/cni/net.d/10-cnikit.conflist", None) in made
+    assert any(k == "route" and n.startswith("192.0.2.0/24 via 10.0.0.2") for k, n, _ in made)
+    assert r.made("link", "eth0", "ns1").mtu == 1400 and r.made("up", "v0")
+    # A dry run plans; nothing is there to roll back.
+    assert r.rollback() == []
+    # each link is brought up once in a plan, however often a verb asks
+    cnikit.ensure_up(r, "v0")
+    assert [a for a in r.commands() if a == ["ip", "link", "set", "dev", "v0", "up"]] == [["ip", "link", "set", "dev", "v0", "up"]]
+
+
+def test_change_kinds_are_closed():
+    with pytest.raises(ValueError):
+        cnikit.Change("gadget", "x")

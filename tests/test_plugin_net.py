@@ -217,3 +217,38 @@ def test_range_start_end_and_exhaustion():
     assert "no IP addresses left" in error(cni("ADD", c, cid="p3"), 11)["msg"]
     ok(cni("DEL", c, cid="p1"))
     assert ok(cni("ADD", c, cid="p3"))["ips"][0]["address"] == "10.50.0.100/24"
+
+
+ROUTED = dict(CLASSIC, mode="routed")
+
+
+def test_routed_mode_is_point_to_point_with_no_bridge():
+    """mode=routed: the pod holds a /32 and a default route via the host end of its veth, which
+    holds the gateway as /32; the host routes each pod's /32 to its veth; no bridge exists.
+    Pod to pod crosses the host's routing (the TTL drops by one), CHECK agrees, DEL removes it all."""
+    results = [pod(f"p{i}", ROUTED) for i in range(2)]
+    ips = [r["ips"][0]["address"] for r in results]
+    assert ips == ["10.244.0.2/32", "10.244.0.3/32"]
+    assert [i["name"] for i in results[0]["interfaces"]][1:] == ["eth0"] and results[0]["ips"][0]["interface"] == 1
+    assert "cni0" not in links()
+    host_end = results[0]["interfaces"][0]["name"]
+    assert links()[host_end].get("master") is None
+    assert addrs(host_end) == ["10.244.0.1/32"]
+    assert any(r["dst"] == "10.244.0.2" and r["dev"] == host_end for r in routes())
+    assert any(r["dst"] == "default" and r.get("gateway") == "10.244.0.1" for r in routes("p0"))
+    ping("p0", "10.244.0.1")
+    out = str(sh.ip("netns", "exec", "p0", "ping", "-c", "1", "-W", "1", "10.244.0.3"))
+    assert "ttl=63" in out, out                    # routed by the host, not switched
+    ok(cni("CHECK", dict(ROUTED, prevResult=results[0]), cid="p0"))
+    sh.ip("route", "del", "10.244.0.2/32")
+    assert "host route 10.244.0.2/32" in error(cni("CHECK", dict(ROUTED, prevResult=results[0]), cid="p0"), 100)["msg"]
+    for i, res in enumerate(results):
+        ok(cni("DEL", dict(ROUTED, prevResult=res), cid=f"p{i}"))
+    assert not [name for name in links() if name.startswith("veth")]
+    assert "CNIKIT-" not in nat_rules() and allocation_files("fromScratch") == {}
+
+
+def test_routed_mode_rejects_an_unknown_mode_before_changing_anything():
+    netns("p1")
+    assert "invalid mode 'ptp'" in error(cni("ADD", dict(CLASSIC, mode="ptp"), cid="p1"), 7)["msg"]
+    assert not [name for name in links() if name.startswith("veth")] and allocation_files("fromScratch") == {}
