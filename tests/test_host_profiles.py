@@ -18,14 +18,21 @@ from kernel import cli, iptables_rules, ping, run_stage
 from plugin_helpers import CLASSIC, cni, error, netns, ok, pod
 
 LESSONS = ("01_netns", "02_veth", "03_bridge", "04_tcp", "05_egress", "06_vxlan", "07_cni", "07b_multinode")
-# The one line each lesson that meets the Docker condition says about it.
-BRIDGE_NOTE = re.compile(r"^# this host's FORWARD policy is DROP \(Docker sets it\) and br_netfilter sends br0's "
-                         r"switched frames through it \(bridge-nf-call-iptables=1\): accept traffic between "
-                         r"br0's own ports$", re.M)
+
+
+def bridge_note(name):
+    return re.compile(rf"^# this host's FORWARD policy is DROP \(Docker sets it\) and br_netfilter sends {name}'s "
+                      rf"switched frames through it \(bridge-nf-call-iptables=1\): accept traffic between "
+                      rf"{name}'s own ports$", re.M)
+
+
+BRIDGE_NOTE = bridge_note("br0")
 NAT_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): only the FORWARD accept rules below let"
 CNI_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept rules"
-NOTES = {"03_bridge": [BRIDGE_NOTE], "04_tcp": [BRIDGE_NOTE], "05_egress": [BRIDGE_NOTE, NAT_NOTE],
-         "07_cni": [CNI_NOTE]}
+EGRESS_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): the request was dropped in FORWARD"
+# The lines a lesson that meets the Docker condition says about it (a bridge on the host, egress, pods).
+NOTES = {"03_bridge": [BRIDGE_NOTE], "04_tcp": [BRIDGE_NOTE], "05_egress": [BRIDGE_NOTE, EGRESS_NOTE, NAT_NOTE],
+         "07_cni": [CNI_NOTE], "07b_multinode": [bridge_note("underlay0")]}
 SUBNET, GATEWAY = "10.244.9.0/24", "10.244.9.1"
 UPLINK, SERVER = "203.0.113.1/24", "203.0.113.10/24"
 
@@ -58,7 +65,7 @@ def test_every_lesson_passes_with_host_and_leaves_the_host_as_it_was(host_profil
     if host_profile.forward_drop:
         assert forward_policy() == "DROP"
     for note in NOTES.get(lesson, []):       # the pitfall is said, once a step meets it, and only then
-        if note is BRIDGE_NOTE and host_profile.missing:
+        if isinstance(note, re.Pattern) and host_profile.missing:
             continue
         assert said(proc.stdout, note) == host_profile.forward_drop, (note, proc.stdout[:4000])
     assert ("FORWARD policy is DROP" in proc.stdout) == (host_profile.forward_drop and lesson in NOTES)
