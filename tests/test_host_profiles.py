@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 import sh
@@ -15,7 +16,7 @@ import sh
 from host_profiles import BR_NF, docker_host, forward_policy, host_profile, kind_node  # noqa: F401
 from host_state import host_state
 from kernel import cli, iptables_rules, ping, run_stage
-from plugin_helpers import CLASSIC, cni, error, netns, ok, pod
+from plugin_helpers import CLASSIC, PLUGIN, cni, env_for, error, netns, ok, pod
 
 LESSONS = ("01_netns", "02_veth", "03_bridge", "04_tcp", "05_egress", "06_vxlan", "07_cni", "07b_multinode")
 
@@ -204,3 +205,41 @@ def test_bridge_add_on_a_clean_host_or_kind_node_adds_no_rule(kind_node):
     sh.sysctl("-w", "net.bridge.bridge-nf-call-iptables=0")      # DROP, but bridged frames skip iptables
     out = cli("bridge", "add", "br1", check=True).stdout
     assert "FORWARD" not in out and iptables_rules("filter") == []
+
+
+def _node_cni(node, command, conf, cid):
+    """Run the plugin inside NODE's network namespace, as its runtime would."""
+    env = env_for(command, cid=cid, netns=f"/run/netns/{cid}")
+    proc = subprocess.run(["ip", "netns", "exec", node, PLUGIN], input=json.dumps(conf).encode(), env=env,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
+@pytest.mark.parametrize("cluster_range", [True, False])
+def test_pods_on_two_docker_host_nodes_reach_each_other_with_the_cluster_range_as_peers(cluster_range):
+    """Two nodes that are Docker hosts themselves (policy DROP in each), our plugin on each with
+    its own /24, routes between the nodes. With the cluster pod range in nonMasqueradeCIDRs a pod
+    reaches the other node's pod unmasqueraded and is let in there; without it the far node sees
+    a new connection from the near node's address, which is nobody's peer, and drops it."""
+    for node in ("node1", "node2"):
+        sh.ip("netns", "add", node)
+        sh.ip("netns", "exec", node, "sh", "-c", "iptables -P FORWARD DROP && ip link set lo up && "
+              "sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1")
+    sh.ip("-n", "node1", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", "node2")
+    for i, node in enumerate(("node1", "node2"), 1):
+        sh.ip("-n", node, "addr", "add", f"198.51.100.{i}/24", "dev", "eth0")
+        sh.ip("-n", node, "link", "set", "eth0", "up")
+        sh.ip("-n", node, "route", "add", f"10.244.{3 - i}.0/24", "via", f"198.51.100.{3 - i}")
+    confs = {i: dict(CLASSIC, ipam={"subnet": f"10.244.{i}.0/24", "dataDir": f"/run/cni/node{i}"},
+                     **({"nonMasqueradeCIDRs": ["10.244.0.0/16"]} if cluster_range else {})) for i in (1, 2)}
+    addrs = {}
+    for i, node in enumerate(("node1", "node2"), 1):
+        netns(f"pod{i}")
+        addrs[i] = _node_cni(node, "ADD", confs[i], f"pod{i}")["ips"][0]["address"].split("/")[0]
+        assert ping(f"10.244.{i}.1", f"pod{i}")
+    assert ping(addrs[2], "pod1") == cluster_range and ping(addrs[1], "pod2") == cluster_range
+    for i, node in enumerate(("node1", "node2"), 1):
+        _node_cni(node, "DEL", confs[i], f"pod{i}")
+        assert ours(iptables_rules("filter", node)) == [] and ours(iptables_rules("nat", node)) == []
+        assert "-P FORWARD DROP" in str(sh.ip("netns", "exec", node, "iptables", "-S", "FORWARD"))
