@@ -39,9 +39,19 @@ def invocations(stdout):
     calls = []
     for line in stdout.splitlines():
         if line.startswith("env CNI_COMMAND="):
-            words = line.split(" <<< ")[0].split()
+            words = line.split(" <<")[0].split()
             calls.append((words[1].split("=", 1)[1], os.path.basename(words[-1])))
     return calls
+
+
+def calls_printed(stdout, command):
+    """Each COMMAND call the runtime printed: its lines, from `env ...` to its here-document's EOF."""
+    lines, found = stdout.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.startswith(f"env CNI_COMMAND={command} "):
+            assert line.endswith(" <<'EOF'") and lines[i + 2] == "EOF", lines[i:i + 3]
+            found.append(lines[i:i + 3])
+    return found
 
 
 def pod_addr(ns):
@@ -55,10 +65,10 @@ def test_install_writes_plugin_and_conflist_and_uninstall_removes_exactly_that()
     out = run("cni", "install", "--subnet", "10.244.7.0/24", "--chain", "portmap").stdout
     plugin, conf = "/opt/cni/bin/cnikit", "/etc/cni/net.d/10-cnikit.conflist"
     assert os.access(plugin, os.X_OK)
-    with open(plugin, "rb") as a, open(cnikit.CNI_PLUGIN_SRC, "rb") as b:
-        installed, source = a.read().split(b"\n", 1), b.read().split(b"\n", 1)
-    # the plugin itself, its interpreter fixed (a runtime's PATH may hold a slow python3 shim)
-    assert installed[1] == source[1] and installed[0] == b"#!/usr/bin/python3 -IS"
+    with open(plugin, "rb") as a:
+        installed = a.read().split(b"\n", 2)
+    # the plugin compiled, its interpreter fixed (a runtime's PATH may hold a slow python3 shim)
+    assert installed[0] == b"#!/usr/bin/python3 -IS" and b" compiled for /usr/bin/python3 " in installed[1]
     data = json.load(open(conf))
     assert data["name"] == "cnikit" and data["cniVersion"] == "1.0.0"
     assert data["plugins"][0] == {"type": "cnikit", "ipam": {"subnet": "10.244.7.0/24"}}
@@ -103,9 +113,9 @@ def test_install_dry_run_is_a_script_and_changes_nothing():
     proc = run("--dry-run", "cni", "install", "--subnet", "10.244.1.0/24")
     assert files(CONF_DIR) == [] and files("/opt/cni/bin") == []
     lines = proc.stdout.splitlines()
-    assert lines[:6] == ["mkdir -p /opt/cni/bin",
-                         f"install -m 0755 {cnikit.CNI_PLUGIN_SRC} /opt/cni/bin/.cnikit.tmp",
-                         "sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp",
+    src = cnikit.CNI_PLUGIN_SRC
+    assert lines[:5] == ["mkdir -p /opt/cni/bin",
+                         f"/usr/bin/python3 -I -S {src} --compile {src} /opt/cni/bin/.cnikit.tmp",
                          "mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit",
                          "mkdir -p /etc/cni/net.d",
                          "install -m 0644 /dev/stdin /etc/cni/net.d/.10-cnikit.conflist.tmp <<'EOF'"]
@@ -141,10 +151,10 @@ def test_runtime_drives_reference_chain_with_prev_result_cache_and_reverse_del()
     # the echoed call is the one a runtime makes: the real env, the plugin, its stdin
     first = [l for l in add.stdout.splitlines() if l.startswith("env CNI_COMMAND=ADD")][0]
     for part in ("CNI_CONTAINERID=pod1", "CNI_NETNS=/run/netns/pod1", "CNI_IFNAME=eth0",
-                 "CNI_ARGS=IgnoreUnknown=1", "CNI_PATH=/opt/cni/bin:/usr/lib/cni", "/usr/lib/cni/bridge <<< "):
+                 "CNI_ARGS=IgnoreUnknown=1", "CNI_PATH=/opt/cni/bin:/usr/lib/cni", "/usr/lib/cni/bridge <<'EOF'"):
         assert part in first
-    second = [l for l in add.stdout.splitlines() if "/usr/lib/cni/portmap <<< " in l][0]
-    assert '"prevResult":' in second
+    second = calls_printed(add.stdout, "ADD")[1]
+    assert second[0].endswith("/usr/lib/cni/portmap <<'EOF'") and '"prevResult":' in second[1]
     cache = json.load(open("/var/lib/cni/results/refnet-pod1-eth0"))
     assert cache["kind"] == "cniCacheV1" and cache["containerId"] == "pod1" and cache["ifName"] == "eth0"
     assert cache["result"]["ips"][0]["address"] == "10.88.0.2/24"
@@ -155,7 +165,7 @@ def test_runtime_drives_reference_chain_with_prev_result_cache_and_reverse_del()
     assert refused.returncode == 2 and "already attached" in refused.stderr
     dele = run("cni", "del", "pod1", "--conf", conf)
     assert invocations(dele.stdout) == [("DEL", "portmap"), ("DEL", "bridge")]
-    assert all('"prevResult":' in l for l in dele.stdout.splitlines() if l.startswith("env CNI_COMMAND=DEL"))
+    assert all('"prevResult":' in stdin for _, stdin, _ in calls_printed(dele.stdout, "DEL"))
     assert not os.path.exists("/var/lib/cni/results/refnet-pod1-eth0")
     assert "eth0" not in links("pod1") and os.listdir("/var/lib/cni/networks/refnet") in ([], ["last_reserved_ip.0", "lock"], ["lock", "last_reserved_ip.0"])
     again = run("cni", "del", "pod1", "--conf", conf)
@@ -182,7 +192,7 @@ def test_single_conf_file_and_version_verb():
                    "ipam": {"type": "host-local", "subnet": "10.89.0.0/24"}}, f)
     run("netns", "add", "p")
     out = run("cni", "add", "p", "--id", "c0ffee", "--ifname", "net1").stdout    # the first conf in the dir
-    assert json.loads(out[out.index("\n{") + 1:])["cniVersion"] == "0.4.0"
+    assert json.loads(out[out.index("\n{\n") + 1:])["cniVersion"] == "0.4.0"
     assert "net1" in links("p") and os.path.exists("/var/lib/cni/results/one-c0ffee-net1")
     run("cni", "check", "p", "--id", "c0ffee", "--ifname", "net1")
     run("cni", "del", "p", "--id", "c0ffee", "--ifname", "net1")
@@ -303,11 +313,11 @@ def test_verbose_prints_the_whole_stdin_pasteable():
     run("cni", "install")
     run("netns", "add", "pod1")
     out = run("-v", "cni", "add", "pod1").stdout
-    line = [l for l in out.splitlines() if l.startswith("env CNI_COMMAND=ADD")][0]
-    assert "…" not in line
+    call = calls_printed(out, "ADD")[0]
+    assert "…" not in call[1]
     run("cni", "del", "pod1")
-    # pasting the printed line into a shell does the same ADD
-    sh.bash("-c", line.replace("<<< ", "<<< "))
+    # pasting the printed lines into a shell (dash, Debian's sh) does the same ADD
+    sh.dash("-e", _in="\n".join(call) + "\n")
     assert pod_addr("pod1").startswith("10.244.0.")
 
 
@@ -325,26 +335,30 @@ def test_node_namespace_runs_the_plugin_there():
     assert netns_list() == ["node1", "pod1"]
 
 
-def test_install_precompiled_is_one_zipapp_carrying_bytecode_that_pods_run_with():
-    import zipfile
-    out = run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout
-    assert "-m compileall -q -b" in out and "-m zipapp" in out and " sh -c " not in out
+def test_install_compiles_the_plugin_into_one_file_pods_run_with_and_plain_keeps_the_readable_copy():
+    import hashlib
+    out = run("cni", "install", "--subnet", "10.244.9.0/24").stdout
+    assert f"-I -S {cnikit.CNI_PLUGIN_SRC} --compile " in out and " sh -c " not in out
     plugin = "/opt/cni/bin/cnikit"
     assert os.stat(plugin).st_mode & 0o777 == 0o755
-    with open(plugin, "rb") as f:
+    with open(plugin, "rb") as f, open(cnikit.CNI_PLUGIN_SRC, "rb") as src:
         assert f.readline() == b"#!/usr/bin/python3 -IS\n"
-    with zipfile.ZipFile(plugin) as z, open(cnikit.CNI_PLUGIN_SRC, "rb") as src:
-        assert sorted(z.namelist()) == ["__main__.py", "__main__.pyc"]
-        assert z.read("__main__.py") == src.read()
-    assert files("/opt/cni/bin") == ["cnikit"]              # no build dir or temp file left
-    assert "nothing to do" in run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout
-    # a pod comes up and goes away through the zipapp
+        assert f"source sha256 {hashlib.sha256(src.read()).hexdigest()}.".encode() in f.readline()
+        assert b"marshal.loads" in f.read()
+    assert files("/opt/cni/bin") == ["cnikit"]              # no temp file left
+    assert "nothing to do" in run("cni", "install", "--subnet", "10.244.9.0/24").stdout
+    assert "nothing to do" in run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout  # the old name
+    # a pod comes up and goes away through the compiled file
     run("netns", "add", "zpod")
     run("cni", "add", "zpod")
     assert pod_addr("zpod").startswith("10.244.9.") and ping("10.244.9.1", ns="zpod")
     run("cni", "del", "zpod")
-    assert files("/var/lib/cni/networks/cnikit") in ([], ["last_reserved_ip.0"], ["last_reserved_ip.0", "lock"],
-                                                      ["lock"])
+    assert set(files("/var/lib/cni/networks/cnikit")) <= {".cnikit", "last_reserved_ip.0", "lock"}  # no address
+    assert files("/var/lib/cni/networks/cnikit/.cnikit/attachments") == []                          # no record
+    # --plain: the readable file itself, first line pinned; the compiled one is replaced
+    assert "--compile" not in run("cni", "install", "--plain", "--subnet", "10.244.9.0/24").stdout
+    with open(plugin, "rb") as f:
+        assert f.read() == cnikit.cni_plugin_bytes(cnikit.CNI_PLUGIN_SRC, "#!/usr/bin/python3 -IS")
     bad = cli("cni", "install", "--precompiled", "--python", "keep")
     assert bad.returncode == 2 and "--precompiled" in bad.stderr
     run("cni", "uninstall")
