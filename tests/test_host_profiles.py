@@ -163,7 +163,7 @@ def test_check_and_gc_know_the_accept_chain(docker_host):
         sh.iptables("-D", *shlex.split(jump)[1:])
     sh.iptables("-F", chain)
     sh.iptables("-X", chain)
-    assert f"filter chain {chain} missing" in error(cni("CHECK", dict(conf, prevResult=res), cid="p1"), 100)["msg"]
+    assert f"filter chain {chain} is missing" in error(cni("CHECK", dict(conf, prevResult=res), cid="p1"), 100)["msg"]
     gc = dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "p1", "ifname": "eth0"}]})
     ok(cni("GC", gc))
     left = ours(iptables_rules("filter")) + ours(iptables_rules("nat"))
