@@ -1852,21 +1852,22 @@ def cni_plugin_bytes(src, shebang):
     return data
 
 
-def _installed_matches(src, dst, shebang, precompiled=False):
-    """Is DST already SRC installed this way (same interpreter line; a zipapp of it
-    when PRECOMPILED)?"""
+def _installed_matches(src, dst, shebang, compiled=False):
+    """Is DST already SRC installed this way (same interpreter line; compiled from the same
+    source when COMPILED: its second line names the source's sha256)?"""
     try:
         if not os.access(dst, os.X_OK):
             return False
-        if precompiled:
-            import zipfile
+        if compiled:
+            import hashlib
             with open(dst, "rb") as f:
-                first = f.readline().rstrip(b"\n").decode()
-            with zipfile.ZipFile(dst) as z, open(src, "rb") as f:
-                return first == shebang and z.read("__main__.py") == f.read() and "__main__.pyc" in z.namelist()
+                first, second = f.readline().rstrip(b"\n").decode(), f.readline().decode()
+            with open(src, "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+            return first == shebang and f"source sha256 {sha}." in second
         with open(dst, "rb") as f:
             return f.read() == cni_plugin_bytes(src, shebang)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return False
 
 
@@ -1880,16 +1881,21 @@ def is_compiled_plugin(path):
         return False
 
 
-def cni_precompile_argv(src, python, build, tmp, shebang):
-    """Commands that turn SRC into one executable zipapp holding its bytecode: Python
-    compiles the script it runs on every start (~15 ms for the plugin), but imports a
-    zipapp's __main__ from the compiled __main__.pyc beside its source (compileall -b).
-    A different Python (other bytecode magic) falls back to the source inside."""
-    main = os.path.join(build, "__main__.py")
-    return [["mkdir", "-p", build], ["cp", src, main],
-            [python, "-m", "compileall", "-q", "-b", build],
-            [python, "-m", "zipapp", build, "-o", tmp, "-p", shebang[2:]],
-            ["chmod", "0755", tmp], ["rm", "-rf", build]]
+def _is_python_script(path):
+    """Only a Python plugin can be compiled; any other (--plugin FILE) is installed as it is."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" in first or path.endswith(".py")
+
+
+def cni_compile_argv(src, python, tmp):
+    """The command that writes SRC, compiled for PYTHON, to TMP: the plugin builds its own
+    installed form (`--compile`, see compile_plugin in the plugin): one executable Python file
+    carrying its bytecode, so no call compiles the script again (~15 ms each)."""
+    return [python, "-I", "-S", CNI_PLUGIN_SRC, "--compile", src, tmp]
 
 
 def _set_shebang_argv(path, shebang):
@@ -1898,11 +1904,12 @@ def _set_shebang_argv(path, shebang):
 
 def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR,
                 chain=(), plugin_src=None, ptype=CNI_TYPE, version=None, extra=None, python=None,
-                precompiled=False):
-    """Copy the plugin to PLUGIN_DIR/TYPE (its interpreter fixed to PYTHON -IS, default
-    /usr/bin/python3; "keep" keeps its shebang) and write CONF_DIR/10-NAME.conflist, each
-    atomically (temp file + rename). PRECOMPILED installs the plugin as a zipapp that
-    carries its bytecode (one file still), which saves the compile on every call.
+                plain=False, precompiled=None):
+    """Install the plugin as PLUGIN_DIR/TYPE and write CONF_DIR/10-NAME.conflist, each atomically
+    (temp file + rename).  By default the plugin is compiled for PYTHON (default /usr/bin/python3,
+    run -IS): one file that carries its bytecode, the fastest form.  PLAIN (or PYTHON "keep",
+    which keeps the file's own first line) installs the readable file itself, a drop-in that is
+    slower by the compile of the script on every call.  PRECOMPILED is the old name of the default.
 
     Re-run contract: files already as asked are left alone; a changed plugin or
     config is replaced whole."""
@@ -1917,13 +1924,15 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         raise UsageError(f"--type {ptype!r} is not a plain file name")
     src = _cni_plugin_source(plugin_src)
     shebang = cni_shebang(python)
-    if precompiled and not shebang:
-        raise UsageError("--precompiled needs an interpreter to compile for; not --python keep")
+    if precompiled and (plain or not shebang):
+        raise UsageError("--precompiled (compiled, the default) needs an interpreter to compile for; "
+                         "not --plain or --python keep")
     if shebang and python is None and not os.path.exists(CNI_PYTHON):
         if precompiled:
             raise UsageError(f"--precompiled: {CNI_PYTHON} not found; give --python PATH")
-        r.note(f"{CNI_PYTHON} not found: the plugin keeps its own first line")
+        r.note(f"{CNI_PYTHON} not found: the plugin is installed plain, keeping its own first line")
         shebang = None
+    compiled = bool(shebang) and not plain and _is_python_script(src)
     dst = os.path.join(plugin_dir, ptype)
     if not r.dry_run and is_compiled_plugin(dst):
         raise UsageError(f"{dst} is a compiled plugin that cnikit did not install; not replacing it "
@@ -1933,14 +1942,12 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
     mark = r.mark()
     if r.dry_run or not os.path.isdir(plugin_dir):
         r.run(["mkdir", "-p", plugin_dir])
-    if not r.dry_run and _installed_matches(src, dst, shebang, precompiled):
+    if not r.dry_run and _installed_matches(src, dst, shebang, compiled):
         r.note(f"{dst} is already this plugin")
     else:
         tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
-        if precompiled:
-            build = os.path.join(plugin_dir, f".{ptype}.build")
-            for argv in cni_precompile_argv(src, shebang[2:].split()[0], build, tmp, shebang):
-                r.run(argv, creates=Change.scratch(build, tmp) if argv[0] == "mkdir" else None)
+        if compiled:
+            r.run(cni_compile_argv(src, shebang[2:].split()[0], tmp), creates=Change.scratch(tmp))
         else:
             r.run(["install", "-m", "0755", src, tmp], creates=Change.scratch(tmp))
             if shebang:
@@ -2246,7 +2253,8 @@ def cni_dispatch(args, r):
     v = args.verb
     if v == "install" and args.kind:
         ignored = [opt for opt, given in (("--subnet", args.subnet), ("--cni-version", args.cni_version),
-                                          ("--precompiled", args.precompiled), ("--python", args.python)) if given]
+                                          ("--precompiled", args.precompiled), ("--plain", args.plain),
+                                          ("--python", args.python)) if given]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} does not apply with --kind (each node's subnet is its "
                              "podCIDR; the nodes get cniVersion 1.0.0 and /usr/bin/python3)")
@@ -2255,7 +2263,7 @@ def cni_dispatch(args, r):
     elif v == "install":
         cni_install(r, args.name, args.subnet, args.plugin_dir, args.conf_dir, tuple(args.chain),
                     args.plugin_src, args.ptype, args.cni_version, python=args.python,
-                    precompiled=args.precompiled)
+                    plain=args.plain, precompiled=args.precompiled)
     elif v == "uninstall" and args.kind:
         kind_uninstall(r, args.kind, args.name, args.plugin_dir, args.conf_dir)
     elif v == "uninstall":
@@ -2278,6 +2286,685 @@ def cni_dispatch(args, r):
          "version": cni_version}[v](r, call)
     return EXIT_OK
 
+
+# ---------------------------------------------------------------- doctor
+#
+# `cnikit doctor FROM TO` walks the path a packet from FROM to TO would take, the way
+# the kernel decides it: a route look-up in each namespace it enters, the L2 segment to
+# the next hop (veth peer, bridge port, vxlan tunnel), and at each hop the settings
+# that silently drop packets. It reports the first broken hop, the read-only command
+# that shows the problem and the command that would fix it. It only reads (the Runner's
+# query methods): it never changes the kernel.
+
+DOCTOR_MAX_HOPS = 16
+DOCTOR_PROTOS = ("icmp", "tcp", "udp")
+EXIT_BROKEN = 1
+
+
+class _Broken(Exception):
+    """The first broken hop, found deep in the walk: carries the finding."""
+
+    def __init__(self, cause, where, what, see, fix):
+        super().__init__(what)
+        self.finding = {"cause": cause, "hop": where, "what": what, "see": see, "fix": fix}
+
+
+def _ns_name(ns):
+    return ns or HOST_NAME
+
+
+def _as_shell(argv_list):
+    return [shlex.join(argv) for argv in argv_list]
+
+
+class _View:
+    """Read-only look-ups of kernel state, each made once per doctor run."""
+
+    def __init__(self, r, namespaces):
+        self.r, self.namespaces, self._cache = r, namespaces, {}
+
+    def _q(self, key, argv, as_json=True):
+        if key not in self._cache:
+            if as_json:
+                self._cache[key] = self.r.query_json(argv)
+            else:
+                ok, out = self.r.query(argv)
+                self._cache[key] = out if ok else None
+        return self._cache[key]
+
+    def links(self, ns):
+        return self._q(("links", ns), ip("-j", "-d", "addr", "show", ns=ns)) or []
+
+    def link(self, ns, name):
+        return next((l for l in self.links(ns) if l.get("ifname") == name), None)
+
+    def nsids(self, ns):
+        data = self._q(("nsids", ns), ip("-j", "netns", "list-id", ns=ns)) or []
+        return {i.get("nsid"): i.get("name") for i in data}
+
+    def sysctl(self, ns, key):
+        out = self._q(("sysctl", ns, key), in_netns(["sysctl", "-n", key], ns), as_json=False)
+        return out.strip() if out is not None else None
+
+    def route_get(self, ns, dst, src=None, iif=None):
+        extra = (["from", src, "iif", iif] if iif else [])
+        data = self._q(("route", ns, dst, src, iif), ip("-j", "route", "get", dst, *extra, ns=ns))
+        return data[0] if data else None
+
+    def neigh(self, ns, addr, dev):
+        data = self._q(("neigh", ns, addr, dev), ip("-j", "neigh", "show", "to", addr, "dev", dev, ns=ns)) or []
+        return data[0] if data else None
+
+    def fdb(self, ns, dev):
+        return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
+
+    def rules(self, ns, table):
+        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `iptables -S -v`."""
+        if not which("iptables"):
+            return {}
+        out = self._q(("rules", ns, table), iptables("-t", table, "-S", "-v", ns=ns), as_json=False)
+        return _parse_iptables(out or "")
+
+    def conntrack(self, ns, proto, dst):
+        if not which("conntrack"):
+            return None
+        out = self._q(("ct", ns, proto, dst), in_netns(["conntrack", "-L", "-p", proto, "--orig-dst", dst], ns),
+                      as_json=False)
+        return [_parse_conntrack(line) for line in (out or "").splitlines() if "src=" in line]
+
+    def addrs(self, ns, name):
+        link = self.link(ns, name) or {}
+        return [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]
+
+    def owner(self, addr):
+        """(namespace, link) that has ADDR, among the namespaces doctor can see."""
+        for ns in self.namespaces:
+            for link in self.links(ns):
+                if addr in [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]:
+                    return ns, link["ifname"]
+        return None
+
+    def peer(self, ns, link):
+        """(namespace, name) of a veth's other end, or None when doctor cannot see it."""
+        peer_ns = ns
+        if "link_netnsid" in link:
+            peer_ns = self.nsids(ns).get(link["link_netnsid"])
+            if peer_ns is None and (ns is None or None not in self.namespaces):
+                return None         # a namespace without a name: not one doctor can look into
+        for l in self.links(peer_ns):
+            if l.get("ifindex") == link.get("link_index"):
+                return peer_ns, l["ifname"]
+        return None
+
+    def local(self, ns, addr):
+        return any(addr in self.addrs(ns, l["ifname"]) for l in self.links(ns)) or addr.startswith("127.")
+
+
+def _parse_iptables(text):
+    chains = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if len(words) >= 3 and words[0] == "-P":
+            counts = words[words.index("-c") + 1] if "-c" in words else "0"
+            chains.setdefault(words[1], {"rules": []}).update(policy=words[2], packets=int(counts))
+        elif len(words) >= 2 and words[0] == "-N":
+            chains.setdefault(words[1], {"rules": []})
+        elif len(words) >= 2 and words[0] == "-A":
+            if "-c" in words:           # the rule's counters: not part of what it matches
+                at = words.index("-c")
+                words = words[:at] + words[at + 3:]
+            chains.setdefault(words[1], {"rules": []})["rules"].append(words[2:])
+    return chains
+
+
+def _parse_conntrack(line):
+    """{"proto", "orig": {src, dst, sport, dport}, "reply": {...}} from one `conntrack -L` line."""
+    words = line.split()
+    tuples, cur = [], None
+    for w in words:
+        key, _, value = w.partition("=")
+        if key == "src":
+            cur = {}
+            tuples.append(cur)
+        if cur is not None and key in ("src", "dst", "sport", "dport"):
+            cur[key] = value
+    return {"proto": words[0], "orig": tuples[0] if tuples else {}, "reply": tuples[1] if len(tuples) > 1 else {},
+            "line": line.strip()}
+
+
+def _iface_match(pattern, name):
+    if name is None:
+        return False
+    return name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern
+
+
+def _rule_matches(words, pkt):
+    """Does an iptables rule (its -S words, after the chain) match PKT? Returns (matches,
+    target words); a match option doctor does not know makes the rule not count."""
+    i, negate, target = 0, False, []
+    ok = True
+    while i < len(words):
+        w = words[i]
+        if w == "!":
+            negate, i = True, i + 1
+            continue
+        arg = words[i + 1] if i + 1 < len(words) else ""
+        if w in ("-j", "-g"):
+            target = words[i + 1:]
+            break
+        if w == "-c":
+            i += 3
+            continue
+        if w == "-m":
+            hit = None
+        elif w in ("-s", "-d"):
+            addr = pkt.get("src" if w == "-s" else "dst")
+            hit = addr is not None and ipaddress.ip_address(addr) in ipaddress.ip_network(arg, strict=False)
+        elif w in ("-i", "-o"):
+            hit = _iface_match(arg, pkt.get("iif" if w == "-i" else "oif"))
+        elif w == "-p":
+            hit = arg == "all" or arg == pkt.get("proto")
+        elif w in ("--dport", "--sport"):
+            port = pkt.get("dport" if w == "--dport" else "sport")
+            low, _, high = arg.partition(":")
+            hit = port is not None and int(low) <= int(port) <= int(high or low)
+        elif w in ("--ctstate", "--state"):
+            hit = "NEW" in arg.split(",")
+        elif w == "--comment":
+            hit = None
+        elif w == "--physdev-is-bridged":
+            hit, arg = bool(pkt.get("bridged")), None
+        else:
+            return False, []            # an option doctor cannot judge: do not count on this rule
+        if hit is not None and hit == negate:
+            ok = False
+        negate = False
+        i += 1 if arg is None else 2
+    return ok, target
+
+
+def _chain_verdict(chains, chain, pkt, depth=0):
+    """The target (ACCEPT, DROP, DNAT ...) with its words, and the rule that decided,
+    of a packet through CHAIN; (None, ..) when it falls off the end of CHAIN."""
+    for words in chains.get(chain, {}).get("rules", []):
+        ok, target = _rule_matches(words, pkt)
+        if not ok or not target:
+            continue
+        if target[0] in chains and depth < 8:
+            verdict, rule = _chain_verdict(chains, target[0], pkt, depth + 1)
+            if verdict and verdict[0] != "RETURN":
+                return verdict, rule
+            continue
+        if target[0] in ("LOG", "MARK", "CONNMARK", "NFLOG", "TRACE"):
+            continue
+        return target, words
+    return None, None
+
+
+def _filter_verdict(chains, chain, pkt):
+    target, rule = _chain_verdict(chains, chain, pkt)
+    if target:
+        return target[0], rule
+    return chains.get(chain, {}).get("policy", "ACCEPT"), None
+
+
+def _to_address(target):
+    """The address of a DNAT/SNAT target's --to-destination/--to-source (port left off)."""
+    for key in ("--to-destination", "--to-source"):
+        if key in target:
+            return target[target.index(key) + 1].split(":")[0].split("-")[0]
+    return None
+
+
+def doctor_walk(r, frm, to, proto="icmp", port=None, host=None):
+    """Walk the path from FROM ("host" or a namespace) to TO (an address or a namespace)
+    and return the report: {"from", "to", "dst", "src", "hops": [...], "healthy", "broken"}.
+    Read-only: every look-up goes through r.query/r.query_json."""
+    namespaces = [host] + [n for n in netns_names(r) if n != host] if host else [None] + netns_names(r)
+    v = _View(r, namespaces)
+    src_ns = host if frm == HOST_NAME else frm
+    dst = _doctor_target(v, to, host)
+    report = {"from": _ns_name(src_ns), "to": to, "dst": dst, "src": None, "proto": proto, "port": port,
+              "hops": [], "healthy": False, "broken": None}
+    try:
+        _walk(v, report, src_ns, dst, proto, port)
+        report["healthy"] = True
+    except _Broken as b:
+        report["broken"] = b.finding
+    for hop in report["hops"]:
+        hop.pop("_ns", None)
+    return report
+
+
+def _doctor_target(v, to, host):
+    """TO as an address: itself, or the first IPv4 address of namespace TO on an up link."""
+    if to != HOST_NAME:
+        try:
+            return str(ipaddress.IPv4Address(to))
+        except ValueError:
+            pass
+    to_ns = host if to == HOST_NAME else to
+    for link in v.links(to_ns):
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet" and link.get("ifname") != "lo" and "UP" in link.get("flags", []):
+                return a["local"]
+    raise UsageError(f"namespace {_ns_name(to_ns)} has no IPv4 address on an up interface: nothing to reach")
+
+
+def _walk(v, report, ns, dst, proto, port):
+    """Hop by hop, as the kernel decides: FROM's own route, then in each namespace the
+    packet enters: conntrack/DNAT, rp_filter, local delivery or forwarding, FORWARD,
+    masquerade; between hops the L2 segment and the neighbour entry."""
+    route = v.route_get(ns, dst)
+    if not route or route.get("type") in ("unreachable", "prohibit", "blackhole"):
+        raise _Broken("no-route", _ns_name(ns), f"{_ns_name(ns)} has no route to {dst}",
+                      _as_shell([ip("route", "show", ns=ns)]),
+                      _as_shell([ip("route", "add", "default", "via", "GATEWAY", ns=ns)]))
+    if route.get("type") == "local":
+        report["hops"].append({"ns": _ns_name(ns), "note": f"{dst} is an address of {_ns_name(ns)} itself"})
+        return
+    src = route.get("prefsrc")
+    report["src"] = src
+    pkt = {"src": src, "dst": dst, "proto": proto, "dport": port}
+    iif = None
+    for _ in range(DOCTOR_MAX_HOPS):
+        where = _ns_name(ns)
+        hop = {"ns": where, "_ns": ns}
+        report["hops"].append(hop)
+        if iif is not None:
+            hop["in"] = iif
+            dnat = _check_conntrack_and_dnat(v, ns, pkt, iif)
+            if dnat != pkt["dst"]:
+                hop["dnat"] = {"from": pkt["dst"], "to": dnat}
+            pkt["dst"] = dnat
+            _check_rp_filter(v, ns, pkt, iif, where)
+            if v.local(ns, pkt["dst"]):
+                _check_filter(v, ns, "INPUT", dict(pkt, iif=iif, oif=None), where)
+                hop["note"] = f"{pkt['dst']} is here: delivered"
+                _check_return(v, report, ns, pkt)
+                return
+            _check_forwarding(v, ns, pkt, iif, where)
+            route = v.route_get(ns, pkt["dst"], pkt["src"], iif)
+            if not route:
+                raise _Broken("no-route", where, f"{where} has no route to {pkt['dst']} (for packets in from {iif})",
+                              _as_shell([ip("route", "get", pkt["dst"], "from", pkt["src"], "iif", iif, ns=ns)]),
+                              _as_shell([ip("route", "add", pkt["dst"], "via", "GATEWAY", ns=ns)]))
+            _check_filter(v, ns, "FORWARD", dict(pkt, iif=iif, oif=route.get("dev")), where)
+            pkt["src"] = _postrouting(v, ns, pkt, iif, route, hop)
+        out, nh = route.get("dev"), route.get("gateway") or pkt["dst"]
+        hop.update(out=out, via=nh)
+        link = v.link(ns, out) or {"ifname": out}
+        _check_up(ns, link, where)
+        ref = {"mtu": link.get("mtu") or DEFAULT_MTU, "ns": ns, "ifname": out}
+        found = _l2(v, ns, link, nh, ref, hop)
+        if found is None:
+            hop["note"] = f"leaves {where} through {out} towards {nh}: beyond what doctor can see from here"
+            return
+        next_ns, next_dev = found
+        _check_neighbour(v, ns, out, nh, next_ns, next_dev, where)
+        ns, iif = next_ns, next_dev
+    raise _Broken("loop", _ns_name(ns), f"the path to {dst} is longer than {DOCTOR_MAX_HOPS} hops: a routing loop",
+                  _as_shell([ip("route", "get", dst, ns=ns)]), [])
+
+
+def _check_up(ns, link, where):
+    name = link.get("ifname", "?")
+    if "UP" not in link.get("flags", []):
+        raise _Broken("link-down", where, f"{name} in {where} is down",
+                      _as_shell([ip("link", "show", "dev", name, ns=ns)]),
+                      _as_shell([ip("link", "set", "dev", name, "up", ns=ns)]))
+
+
+def _check_mtu(ns, link, ref):
+    """REF: the routing hop's out link, whose MTU sets the biggest packet on this L2
+    segment; a smaller MTU inside the segment drops bigger frames without a word."""
+    if (link.get("mtu") or ref["mtu"]) >= ref["mtu"]:
+        return
+    name, where, sender = link.get("ifname"), _ns_name(ns), _ns_name(ref["ns"])
+    raise _Broken("mtu", where,
+                  f"packets up to {ref['mtu']} bytes (the MTU of {ref['ifname']} in {sender}) must cross {name} "
+                  f"in {where}, whose MTU is {link['mtu']}: bigger ones are dropped silently (small pings pass, "
+                  "bulk transfers stall)",
+                  _as_shell([ip("link", "show", "dev", name, ns=ns), ip("link", "show", "dev", ref["ifname"], ns=ref["ns"])]),
+                  _as_shell([ip("link", "set", "dev", ref["ifname"], "mtu", link["mtu"], ns=ref["ns"])]))
+
+
+def _l2(v, ns, link, nh, ref, hop):
+    """The namespace and link that answer for next hop NH on LINK's segment: through a veth
+    to its peer, across a bridge to the port that leads there, through a vxlan to the
+    remote node. None when the segment leaves what doctor can see."""
+    kind, where = link_kind(link), _ns_name(ns)
+    if kind == "veth":
+        peer = v.peer(ns, link)
+        if not peer:
+            return None
+        pns, pname = peer
+        plink = v.link(pns, pname) or {}
+        _check_up(pns, plink, _ns_name(pns))
+        _check_mtu(pns, plink, ref)
+        if nh in v.addrs(pns, pname):
+            return pns, pname
+        if plink.get("master"):
+            return _bridge(v, pns, plink["master"], pname, nh, ref, hop)
+        raise _Broken("no-l2-path", _ns_name(pns),
+                      f"{pname} in {_ns_name(pns)} (the other end of {link['ifname']}) is not a bridge port and "
+                      f"does not have {nh}: frames from {where} go nowhere",
+                      _as_shell([ip("-br", "link", "show", "type", "bridge", ns=pns)]),
+                      _as_shell([ip("link", "set", "dev", pname, "master", "BRIDGE", ns=pns)]))
+    if kind == "bridge":
+        return _bridge(v, ns, link["ifname"], None, nh, ref, hop)
+    if kind == "vxlan":
+        return _vxlan(v, ns, link, nh, ref, hop)
+    return None
+
+
+def _leads_to(v, ns, link, nh):
+    """Does port LINK (in NS) lead to NH: its veth peer, or a remote vxlan's side, has it?"""
+    kind = link_kind(link)
+    if kind == "veth":
+        peer = v.peer(ns, link)
+        return bool(peer) and nh in v.addrs(*peer)
+    if kind == "vxlan":
+        return _vxlan_remote(v, ns, link, nh) is not None
+    return False
+
+
+def _vxlan_remote(v, ns, link, nh):
+    """(remote address, remote namespace, remote vxlan) of the node behind LINK that has NH."""
+    data = link.get("linkinfo", {}).get("info_data", {})
+    remotes = [data["remote"]] if data.get("remote") else []
+    remotes += [e["dst"] for e in v.fdb(ns, link["ifname"]) if e.get("dst") and e["dst"] not in remotes]
+    for remote in remotes:
+        owner = v.owner(remote)
+        if not owner or owner[0] == ns:
+            continue
+        rns = owner[0]
+        for rvx in v.links(rns):
+            if link_kind(rvx) != "vxlan" or rvx.get("linkinfo", {}).get("info_data", {}).get("id") != data.get("id"):
+                continue
+            if nh in v.addrs(rns, rvx["ifname"]) or rvx.get("master") and any(
+                    _leads_to(v, rns, p, nh) for p in v.links(rns)
+                    if p.get("master") == rvx["master"] and link_kind(p) == "veth"):
+                return remote, rns, rvx
+    return None
+
+
+def _bridge(v, ns, br, in_port, nh, ref, hop):
+    where = _ns_name(ns)
+    _check_up(ns, v.link(ns, br) or {"ifname": br}, where)
+    hop.setdefault("l2", []).append(f"bridge {br} in {where}")
+    if in_port is not None and nh in v.addrs(ns, br):
+        return ns, br
+    for port in v.links(ns):
+        if port.get("master") != br or port.get("ifname") == in_port or not _leads_to(v, ns, port, nh):
+            continue
+        _check_up(ns, port, where)
+        _check_mtu(ns, port, ref)
+        if in_port is not None:
+            _check_bridged_forward(v, ns, br, nh, hop)
+        return _l2(v, ns, port, nh, ref, hop)
+    raise _Broken("no-l2-path", where, f"no port of bridge {br} in {where} leads to {nh}: "
+                  "the veth or vxlan that should reach it is not attached",
+                  _as_shell([ip("-br", "link", "show", "master", br, ns=ns)]),
+                  _as_shell([ip("link", "set", "dev", "PORT", "master", br, ns=ns)]))
+
+
+def _vxlan(v, ns, link, nh, ref, hop):
+    where, name = _ns_name(ns), link["ifname"]
+    found = _vxlan_remote(v, ns, link, nh)
+    if not found:
+        return None
+    remote, rns, rvx = found
+    under = v.route_get(ns, remote)
+    udev = v.link(ns, under.get("dev")) if under else None
+    if not udev:
+        raise _Broken("no-route", where, f"{where} has no underlay route to {remote}, the far end of {name}",
+                      _as_shell([ip("route", "get", remote, ns=ns)]),
+                      _as_shell([ip("route", "add", remote, "via", "GATEWAY", ns=ns)]))
+    if link.get("mtu", 0) + VXLAN_OVERHEAD > udev.get("mtu", DEFAULT_MTU):
+        raise _Broken("mtu", where,
+                      f"{name} in {where} has MTU {link['mtu']}, but its packets gain {VXLAN_OVERHEAD} bytes "
+                      f"of VXLAN headers on {udev['ifname']} (MTU {udev['mtu']}): the overlay has no headroom",
+                      _as_shell([ip("-d", "link", "show", "dev", name, ns=ns),
+                                 ip("link", "show", "dev", udev["ifname"], ns=ns)]),
+                      _as_shell([ip("link", "set", "dev", name, "mtu", udev["mtu"] - VXLAN_OVERHEAD, ns=ns)]))
+    hop.setdefault("l2", []).append(f"{name} (VNI {link['linkinfo']['info_data'].get('id')}) in {where} "
+                                    f"over {udev['ifname']} to {remote} ({_ns_name(rns)})")
+    _check_up(rns, rvx, _ns_name(rns))
+    _check_mtu(rns, rvx, ref)
+    if nh in v.addrs(rns, rvx["ifname"]):
+        return rns, rvx["ifname"]
+    return _bridge(v, rns, rvx["master"], rvx["ifname"], nh, ref, hop)
+
+
+def _check_bridged_forward(v, ns, br, nh, hop):
+    """With br_netfilter, frames a bridge passes between two of its ports go through
+    iptables FORWARD (in and out are the bridge): Docker's policy DROP kills them."""
+    if v.sysctl(ns, "net/bridge/bridge-nf-call-iptables") != "1":
+        return
+    where = _ns_name(ns)
+    chains = v.rules(ns, "filter")
+    verdict, rule = _filter_verdict(chains, "FORWARD", {"iif": br, "oif": br, "dst": nh, "bridged": True})
+    if verdict in ("DROP", "REJECT"):
+        raise _Broken("forward-drop", where, _drop_text(chains, "FORWARD", rule, where) +
+                      f"; bridge-nf-call-iptables=1 (br_netfilter) sends {br}'s bridged frames through it",
+                      _as_shell([iptables("-L", "FORWARD", "-v", "-n", "-x", ns=ns),
+                                 in_netns(["sysctl", "net.bridge.bridge-nf-call-iptables"], ns)]),
+                      _as_shell([iptables("-I", "FORWARD", "-i", br, "-o", br, "-j", "ACCEPT", ns=ns)]))
+    hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
+
+
+def _drop_text(chains, chain, rule, where):
+    if rule is None:
+        return (f"iptables {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
+                f"traffic (the policy has dropped {chains[chain].get('packets', 0)} packets so far)")
+    return f"the iptables {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
+
+
+def _check_filter(v, ns, chain, pkt, where):
+    chains = v.rules(ns, "filter")
+    if chain not in chains:
+        return
+    verdict, rule = _filter_verdict(chains, chain, pkt)
+    if verdict in ("DROP", "REJECT"):
+        iif, oif = pkt.get("iif"), pkt.get("oif")
+        narrow = (["-i", iif] if iif else []) + (["-o", oif] if oif else []) + ["-d", pkt["dst"]]
+        raise _Broken("forward-drop" if chain == "FORWARD" else "input-drop", where,
+                      _drop_text(chains, chain, rule, where),
+                      _as_shell([iptables("-L", chain, "-v", "-n", "-x", ns=ns)]),
+                      _as_shell([iptables("-I", chain, *narrow, "-j", "ACCEPT", ns=ns)]))
+
+
+def _check_rp_filter(v, ns, pkt, iif, where):
+    """Reverse-path filtering: the route back to the source must leave through the
+    link the packet came in on (strict, 1), or at least exist (loose, 2)."""
+    modes = [v.sysctl(ns, f"net/ipv4/conf/{k}/rp_filter") for k in ("all", iif)]
+    mode = max([int(m) for m in modes if m and m.isdigit()] or [0])
+    if mode == 0:
+        return
+    back = v.route_get(ns, pkt["src"])
+    back_dev = back.get("dev") if back and back.get("type") not in ("unreachable", "prohibit", "blackhole") else None
+    if back_dev is None or (mode == 1 and back_dev != iif):
+        how = f"leaves through {back_dev}" if back_dev else "does not exist"
+        raise _Broken("rp-filter", where,
+                      f"{pkt['src']} arrives on {iif} in {where}, but the route back to it {how}: reverse-path "
+                      f"filtering (rp_filter={mode}{', strict' if mode == 1 else ''}) drops it as a spoofed source",
+                      _as_shell([ip("route", "get", pkt["src"], ns=ns),
+                                 in_netns(["sysctl", "net.ipv4.conf.all.rp_filter", f"net.ipv4.conf.{iif}.rp_filter"], ns),
+                                 in_netns(["nstat", "-asz", "TcpExtIPReversePathFilter"], ns)]),
+                      _as_shell([sysctl_set(f"net.ipv4.conf.{iif}.rp_filter", 2, ns)]))
+
+
+def _check_forwarding(v, ns, pkt, iif, where):
+    if v.sysctl(ns, f"net/ipv4/conf/{iif}/forwarding") == "0":
+        raise _Broken("ip-forward", where,
+                      f"{where} must route {pkt['src']} -> {pkt['dst']} (in on {iif}), but forwarding is off "
+                      "(net.ipv4.ip_forward=0): it drops every packet not addressed to itself",
+                      _as_shell([in_netns(["sysctl", "net.ipv4.ip_forward", f"net.ipv4.conf.{iif}.forwarding"], ns)]),
+                      _as_shell([sysctl_set("net.ipv4.ip_forward", 1, ns)]))
+
+
+def _check_conntrack_and_dnat(v, ns, pkt, iif):
+    """The destination after PREROUTING: a conntrack entry for the flow wins over the
+    DNAT rules (that is how conntrack works); one that disagrees with them is stale."""
+    where = _ns_name(ns)
+    target, _ = _chain_verdict(v.rules(ns, "nat"), "PREROUTING", dict(pkt, iif=iif))
+    by_rule = (_to_address(target) if target and target[0] == "DNAT" else None) or pkt["dst"]
+    flows = [f for f in (v.conntrack(ns, pkt["proto"], pkt["dst"]) or [])
+             if f["orig"].get("src") == pkt["src"] and f["orig"].get("dst") == pkt["dst"]
+             and (pkt.get("dport") is None or f["orig"].get("dport") == str(pkt["dport"]))]
+    for flow in flows:
+        pinned = flow["reply"].get("src")
+        if pinned and pinned != by_rule:
+            sel = ["-p", pkt["proto"], "--orig-src", pkt["src"], "--orig-dst", pkt["dst"]] + \
+                (["--dport", str(pkt["dport"])] if pkt.get("dport") else [])
+            raise _Broken("stale-conntrack", where,
+                          f"conntrack in {where} still sends the flow {pkt['src']} -> {pkt['dst']} to {pinned}, "
+                          f"but the NAT rules now say {by_rule}: the entry predates the rule change and lives "
+                          "as long as packets keep coming",
+                          _as_shell([in_netns(["conntrack", "-L"] + sel, ns),
+                                     iptables("-t", "nat", "-S", "PREROUTING", ns=ns)]),
+                          _as_shell([in_netns(["conntrack", "-D"] + sel, ns)]))
+    return flows[0]["reply"].get("src") or by_rule if flows else by_rule
+
+
+def _postrouting(v, ns, pkt, iif, route, hop):
+    """The source after POSTROUTING: MASQUERADE (the out link's address) or SNAT."""
+    target, rule = _chain_verdict(v.rules(ns, "nat"), "POSTROUTING", dict(pkt, iif=iif, oif=route.get("dev")))
+    if not target or target[0] not in ("MASQUERADE", "SNAT"):
+        return pkt["src"]
+    addrs = v.addrs(ns, route["dev"])
+    new = _to_address(target) if target[0] == "SNAT" else route.get("prefsrc") or (addrs[0] if addrs else None)
+    if not new:
+        return pkt["src"]
+    hop["nat"] = {"from": pkt["src"], "to": new, "rule": shlex.join(rule)}
+    return new
+
+
+def _src_subnet(v, ns, src):
+    for link in v.links(ns):
+        for a in link.get("addr_info", []):
+            if a.get("local") == src:
+                return str(ipaddress.ip_interface(f"{src}/{a['prefixlen']}").network)
+    return f"{src}/32"
+
+
+def _check_return(v, report, ns, pkt):
+    """At the destination: can the reply find its way back to the source it sees? And
+    if a hop masqueraded the flow though the destination could reach the real source,
+    the NAT only hides the pod: pod-to-pod traffic must keep its address."""
+    where, seen, src = _ns_name(ns), pkt["src"], report["src"]
+    hops = report["hops"]
+    if not v.route_get(ns, seen):
+        routers = [h for h in hops if h.get("in") and h.get("out")]
+        fix = (["cnikit" + (f" -n {routers[-1]['_ns']}" if routers[-1]["_ns"] else "") +
+                f" nat add {_src_subnet(v, hops[0]['_ns'], src)} --out {routers[-1]['out']}"] if routers
+               else _as_shell([ip("route", "add", seen, "via", "GATEWAY", ns=ns)]))
+        raise _Broken("no-return-route", where,
+                      f"{where} gets the request from {seen} and has no route back to it: the reply is lost "
+                      "(a network that does not know the pod subnet must see the node's address: MASQUERADE)",
+                      _as_shell([ip("route", "get", seen, ns=ns)]), fix)
+    if seen != src and v.route_get(ns, src):
+        nat_hop = next(h for h in hops if h.get("nat"))
+        node = nat_hop["_ns"]
+        raise _Broken("masquerade", nat_hop["ns"],
+                      f"{nat_hop['ns']} masquerades {src} -> {pkt['dst']} to {seen}: {where} sees the node, "
+                      f"not the pod, though it has a route back to {src} (the rule `{nat_hop['nat']['rule']}` "
+                      "lacks the pod-to-pod exemption)",
+                      _as_shell([iptables("-t", "nat", "-S", "POSTROUTING", ns=node),
+                                 in_netns(["conntrack", "-L", "--orig-src", src, "--orig-dst", pkt["dst"]], node)]),
+                      _as_shell([iptables("-t", "nat", "-I", "POSTROUTING", "-s", _src_subnet(v, hops[0]["_ns"], src),
+                                          "-d", _src_subnet(v, ns, pkt["dst"]), "-j", "RETURN", ns=node)]))
+
+
+def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
+    entry = v.neigh(ns, nh, dev)
+    owner = v.link(owner_ns, owner_dev) or {}
+    if not entry:
+        if "NOARP" in owner.get("flags", []):
+            raise _Broken("neighbour", _ns_name(owner_ns),
+                          f"{owner_dev} in {_ns_name(owner_ns)} has ARP off: {where} never learns {nh}'s MAC",
+                          _as_shell([ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
+                          _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
+        return
+    mac, state = entry.get("lladdr"), entry.get("state", [])
+    if mac and owner.get("address") and mac != owner["address"] and link_kind(owner) != "vxlan":
+        raise _Broken("neighbour", where,
+                      f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
+                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",
+                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns),
+                                 ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
+                      _as_shell([ip("neigh", "del", nh, "dev", dev, ns=ns)]))
+    if "FAILED" in state and "NOARP" in owner.get("flags", []):
+        raise _Broken("neighbour", _ns_name(owner_ns),
+                      f"ARP for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has ARP off",
+                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns)]),
+                      _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
+
+
+def doctor_text(report):
+    """The report in plain words: the hops, then HEALTHY or the first broken hop."""
+    head = f"doctor: {report['from']} -> {report['to']}"
+    if report["to"] != report["dst"]:
+        head += f" ({report['dst']})"
+    head += f", {report['proto']}" + (f" port {report['port']}" if report.get("port") else "")
+    lines = [head]
+    for i, hop in enumerate(report["hops"], 1):
+        parts = [f"in {hop['in']}" if hop.get("in") else "",
+                 f"destination {hop['dnat']['from']} becomes {hop['dnat']['to']} (DNAT)" if hop.get("dnat") else "",
+                 f"out {hop['out']} to {hop['via']}" if hop.get("out") else "",
+                 f"source {hop['nat']['from']} becomes {hop['nat']['to']} (masquerade)" if hop.get("nat") else "",
+                 hop.get("note", "")]
+        lines.append(f"  hop {i}  {hop['ns']}: " + ", ".join(p for p in parts if p)
+                     + "".join(f" [{step}]" for step in hop.get("l2", [])))
+    b = report["broken"]
+    if not b:
+        lines.append(f"HEALTHY: {report['from']} reaches {report['dst']} along these hops; nothing on the path "
+                     "drops the packet")
+        return "\n".join(lines)
+    lines.append(f"BROKEN at {b['hop']}: {b['cause']}")
+    lines.append(f"  what: {b['what']}")
+    for cmd in b["see"]:
+        lines.append(f"  see:  {cmd}")
+    for cmd in b["fix"]:
+        lines.append(f"  fix:  {cmd}")
+    return "\n".join(lines)
+
+
+def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False):
+    """`cnikit doctor FROM TO`: print the path and its first broken hop; exit 0 when
+    healthy, 1 when broken, 2 on bad input. Read-only: it changes nothing."""
+    if frm != HOST_NAME:
+        check_netns(frm)
+        if not netns_exists(frm):
+            raise UsageError(f"FROM namespace {frm!r} does not exist (use '{HOST_NAME}' for where cnikit runs)")
+    if to != HOST_NAME:
+        try:
+            addr = ipaddress.ip_address(to)
+        except ValueError:
+            check_netns(to)
+            if not netns_exists(to):
+                raise UsageError(f"TO {to!r} is neither an IPv4 address nor an existing namespace") from None
+        else:
+            if addr.version != 4:
+                raise UsageError(f"TO {to}: doctor follows IPv4 paths only")
+    port = check_int(port, 1, 65535, "--port") if port is not None else None
+    proto = proto or ("tcp" if port else "icmp")
+    if proto not in DOCTOR_PROTOS:
+        raise UsageError(f"--proto {proto!r}: use one of {', '.join(DOCTOR_PROTOS)}")
+    if port and proto == "icmp":
+        raise UsageError("--port goes with --proto tcp or udp, not icmp")
+    if host:
+        require_netns(r, host, "host namespace")
+    if os.geteuid() != 0:
+        raise UsageError("doctor looks inside namespaces and at iptables: run it as root (sudo)")
+    require_tools("ip", "sysctl")
+    report = doctor_walk(r, frm, to, proto, port, host)
+    if as_json:
+        print(json.dumps(report, indent=2), flush=True)
+    else:
+        r.output(doctor_text(report))
+    return EXIT_OK if report["healthy"] else EXIT_BROKEN
 
 # ---------------------------------------------------------------- sandbox
 
@@ -2452,8 +3139,11 @@ def build_parser():
     a.add_argument("--cni-version", help=f"cniVersion of the conflist (default {CNI_VERSION}; 1.1.0 adds STATUS and GC)")
     a.add_argument("--python", help=f"the plugin's interpreter (default {CNI_PYTHON} {CNI_PYTHON_FLAGS}; "
                    "'keep' keeps its own first line)")
+    a.add_argument("--plain", action="store_true",
+                   help="install the readable plugin file itself (a drop-in; ~15 ms slower per call: Python "
+                   "compiles a script on every run) instead of the default compiled form")
     a.add_argument("--precompiled", action="store_true",
-                   help="install the plugin as a zipapp carrying its bytecode: one file, ~15 ms less per call")
+                   help="the default now (one file carrying the plugin's bytecode); kept for old scripts")
     a.add_argument("--kind", metavar="CLUSTER", help="install into every node of this kind cluster instead")
     a = cn.add_parser("uninstall", help="remove exactly what install wrote")
     a.add_argument("--name", default=CNI_NET)
@@ -2487,6 +3177,16 @@ def build_parser():
     a.add_argument("--name", default=CNI_NET)
     a.add_argument("--plugin", dest="plugin_src", metavar="FILE")
 
+    d = objs.add_parser("doctor", help="walk the path FROM -> TO and name its first broken hop (read-only)",
+                        description="Walk the path the kernel would use from FROM to TO, hop by hop (routes, "
+                        "links, bridge ports, vxlan, neighbours, forwarding, rp_filter, iptables FORWARD/INPUT, "
+                        "NAT, MTU, conntrack) and print the first broken hop, the command that shows it and the "
+                        "command that would fix it. It changes nothing. Exit 0 healthy, 1 broken, 2 bad input.")
+    d.add_argument("frm", metavar="FROM", help=f"a namespace, or '{HOST_NAME}' (where cnikit runs, or -n NS)")
+    d.add_argument("to", metavar="TO", help=f"an IPv4 address, a namespace, or '{HOST_NAME}'")
+    d.add_argument("--proto", choices=DOCTOR_PROTOS, help="the flow's protocol (default icmp; tcp with --port)")
+    d.add_argument("--port", help="the flow's destination port (tcp/udp): DNAT and conntrack are per port")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
     s = objs.add_parser("show", help="a picture of namespaces, links, addresses, routes, NAT")
     s.add_argument("--json", action="store_true", help="print data instead of a picture")
     objs.add_parser("cleanup", help="remove exactly what cnikit created")
@@ -2497,7 +3197,7 @@ def build_parser():
 
 # verb -> tools it needs; look-only verbs need no root.
 TOOLS = {"nat": ("ip", "iptables", "sysctl"), "bridge": ("ip", "bridge"), "vxlan": ("ip", "bridge")}
-READ_ONLY = {("cni", "version"), ("cni", "log"), ("netns", "list"), ("bridge", "show"), ("nat", "show"), ("show", None)}
+READ_ONLY = {("cni", "version"), ("cni", "log"), ("netns", "list"), ("bridge", "show"), ("nat", "show"), ("show", None), ("doctor", None)}
 
 
 def dispatch(args, r):
@@ -2547,6 +3247,8 @@ def dispatch(args, r):
             vxlan_del(r, args.name, host=h)
     elif o == "cni":
         return cni_dispatch(args, r)
+    elif o == "doctor":
+        return doctor(r, args.frm, args.to, args.proto, args.port, host=h, as_json=args.json)
     elif o == "show":
         show(r, as_json=args.json, only=h)
     elif o == "cleanup":
@@ -2566,7 +3268,7 @@ def main(argv=None):
         if args.obj == "sandbox":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return sandbox(cmd, quiet=args.quiet)
-        json_out = args.obj == "show" and args.json
+        json_out = args.obj in ("show", "doctor") and args.json
         color = {"always": True, "never": False}.get(args.color)
         r = Runner(dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
                    out=sys.stderr if json_out else sys.stdout, color=color)

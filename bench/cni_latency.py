@@ -113,19 +113,32 @@ def installed_forms(work):
     import cnikit
     default = _install(cnikit, tempfile.mkdtemp(prefix="installed-", dir=work))
     forms = {OURS: [default]}
-    other = "plain" if zipfile.is_zipfile(default) else "precompiled"
+    other = "precompiled" if form_label([default]).startswith("plain") else "plain"
     kwargs = install_form(cnikit, other)
     if kwargs is not None:
         path = _install(cnikit, tempfile.mkdtemp(prefix=other + "-", dir=work), **kwargs)
-        if zipfile.is_zipfile(path) != zipfile.is_zipfile(default):
+        if form_label([path]) != form_label([default]):
             forms["installed-" + other] = [path]
     return forms
 
 
+def machine():
+    """The machine a result belongs to: CPUs, CPU model, kernel, the plugin's Python, load."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        model = "?"
+    py = subprocess.run([PYTHON, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True)
+    return (f"{os.cpu_count()} CPUs ({model}), kernel {os.uname().release}, {PYTHON} {py.stdout.strip()}, "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
 def form_label(argv):
     with open(argv[0], "rb") as f:
-        first = f.readline().decode(errors="replace").strip()
-    return f"{'zipapp' if zipfile.is_zipfile(argv[0]) else 'plain file'}, {first}"
+        first, second = (f.readline().decode(errors="replace").strip() for _ in range(2))
+    kind = "zipapp" if zipfile.is_zipfile(argv[0]) else "compiled" if " compiled for " in second else "plain file"
+    return f"{kind}, {first}"
 
 
 def contenders(work, all_forms):
@@ -444,9 +457,7 @@ def main():
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     try:
         who = contenders(work, args.all_forms)
-        print(f"# cni_latency {time.strftime('%Y-%m-%d')}: {args.rounds} rounds, cniVersion 1.0.0, "
-              f"{os.cpu_count()} CPUs, {PYTHON} {sys.version.split()[0] if sys.executable == PYTHON else ''}, "
-              f"kernel {os.uname().release}")
+        print(f"# cni_latency {time.strftime('%Y-%m-%d')}: {args.rounds} rounds, cniVersion 1.0.0; {machine()}")
         for name in who:
             if name.startswith("installed"):
                 print(f"# {name}: {form_label(who[name])}")
@@ -455,19 +466,21 @@ def main():
             results[scen], floors[scen] = bench(who, SCENARIOS[scen], args.rounds, args.rss_rounds, work)
             report(TITLES[scen], results[scen], floors[scen])
         names = [BASELINE, OURS]
-        scaled = scale(who, names, args.pods, args.scale_samples, work) if args.pods else None
-        if scaled:
-            print(f"\n## scale (classic): median ADD ms on an empty bridge vs with {args.pods} pods on it "
-                  f"({args.scale_samples} alternating samples)")
-            for name, (e, f) in scaled.items():
-                print(f"{name:22s} empty {e:7.1f}   {args.pods} pods {f:7.1f}   ratio {f / e:.2f}x")
+        # before the scale row, whose pods stay until the end
         par = parallel(who, names, args.parallel, args.parallel_rounds, work) if args.parallel else None
         if par:
             print(f"\n## parallel (classic): {args.parallel} ADDs at once, median wall ms of "
                   f"{args.parallel_rounds} alternating rounds")
             for name, wall in par.items():
                 print(f"{name:22s} {wall:7.1f} ms   {args.parallel * 1000 / wall:6.1f} ADD/s")
+        scaled = scale(who, names, args.pods, args.scale_samples, work) if args.pods else None
+        if scaled:
+            print(f"\n## scale (classic): median ADD ms on an empty bridge vs with {args.pods} pods on it "
+                  f"({args.scale_samples} alternating samples)")
+            for name, (e, f) in scaled.items():
+                print(f"{name:22s} empty {e:7.1f}   {args.pods} pods {f:7.1f}   ratio {f / e:.2f}x")
         rows = summary(results, floors, scaled, par, args.parallel, args.pods)
+        print(f"# load average at the end {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
         if args.json:
             print(json.dumps({"latency": results, "floor": floors, "scale": scaled, "parallel": par,
                               "targets": [{"what": w, "measured": m, "ok": ok} for w, m, ok in rows]}, indent=1))
