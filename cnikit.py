@@ -2324,11 +2324,12 @@ class _View:
         self.r, self.namespaces, self._cache = r, namespaces, {}
 
     def _q(self, key, argv, as_json=True):
+        # in_dry_run: doctor only looks, so a dry run looks too (it has nothing else to do)
         if key not in self._cache:
             if as_json:
-                self._cache[key] = self.r.query_json(argv)
+                self._cache[key] = self.r.query_json(argv, in_dry_run=True)
             else:
-                ok, out = self.r.query(argv)
+                ok, out = self.r.query(argv, in_dry_run=True)
                 self._cache[key] = out if ok else None
         return self._cache[key]
 
@@ -2520,7 +2521,8 @@ def doctor_walk(r, frm, to, proto="icmp", port=None, host=None):
     """Walk the path from FROM ("host" or a namespace) to TO (an address or a namespace)
     and return the report: {"from", "to", "dst", "src", "hops": [...], "healthy", "broken"}.
     Read-only: every look-up goes through r.query/r.query_json."""
-    namespaces = [host] + [n for n in netns_names(r) if n != host] if host else [None] + netns_names(r)
+    names = netns_names(r, in_dry_run=True)
+    namespaces = [host] + [n for n in names if n != host] if host else [None] + names
     v = _View(r, namespaces)
     src_ns = host if frm == HOST_NAME else frm
     dst = _doctor_target(v, to, host)
@@ -2646,11 +2648,13 @@ def _l2(v, ns, link, nh, ref, hop):
             return pns, pname
         if plink.get("master"):
             return _bridge(v, pns, plink["master"], pname, nh, ref, hop)
+        bridges = [l["ifname"] for l in v.links(pns) if link_kind(l) == "bridge"]
         raise _Broken("no-l2-path", _ns_name(pns),
                       f"{pname} in {_ns_name(pns)} (the other end of {link['ifname']}) is not a bridge port and "
                       f"does not have {nh}: frames from {where} go nowhere",
                       _as_shell([ip("-br", "link", "show", "type", "bridge", ns=pns)]),
-                      _as_shell([ip("link", "set", "dev", pname, "master", "BRIDGE", ns=pns)]))
+                      _as_shell([ip("link", "set", "dev", pname, "master",
+                                    bridges[0] if len(bridges) == 1 else "BRIDGE", ns=pns)]))
     if kind == "bridge":
         return _bridge(v, ns, link["ifname"], None, nh, ref, hop)
     if kind == "vxlan":
@@ -2703,6 +2707,16 @@ def _bridge(v, ns, br, in_port, nh, ref, hop):
         if in_port is not None:
             _check_bridged_forward(v, ns, br, nh, hop)
         return _l2(v, ns, port, nh, ref, hop)
+    for port in v.links(ns):
+        data = port.get("linkinfo", {}).get("info_data", {})
+        if port.get("master") == br and link_kind(port) == "vxlan" and not data.get("remote") \
+                and not any(e.get("dst") for e in v.fdb(ns, port["ifname"])):
+            raise _Broken("no-l2-path", where,
+                          f"{port['ifname']} in {where} has no remote and no fdb entry: it does not know where "
+                          f"to send frames (ARP for {nh} included), so nothing crosses the overlay",
+                          _as_shell([bridge("fdb", "show", "dev", port["ifname"], ns=ns)]),
+                          _as_shell([bridge("fdb", "append", "00:00:00:00:00:00", "dev", port["ifname"],
+                                            "dst", "REMOTE_NODE", ns=ns)]))
     raise _Broken("no-l2-path", where, f"no port of bridge {br} in {where} leads to {nh}: "
                   "the veth or vxlan that should reach it is not attached",
                   _as_shell([ip("-br", "link", "show", "master", br, ns=ns)]),
@@ -2888,7 +2902,13 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
                           _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
         return
     mac, state = entry.get("lladdr"), entry.get("state", [])
-    if mac and owner.get("address") and mac != owner["address"] and link_kind(owner) != "vxlan":
+    # A bridge also answers for its ports' MACs (local fdb entries); a learned (dynamic)
+    # entry that went stale is probed and relearned by the kernel itself: only a static
+    # one (PERMANENT, NOARP) stays wrong.
+    macs = {owner.get("address")} | {l.get("address") for l in v.links(owner_ns)
+                                     if link_kind(owner) == "bridge" and l.get("master") == owner_dev}
+    static = any(s in state for s in ("PERMANENT", "NOARP"))
+    if mac and owner.get("address") and mac not in macs and static and link_kind(owner) != "vxlan":
         raise _Broken("neighbour", where,
                       f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
                       f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",
