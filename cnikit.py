@@ -43,6 +43,7 @@ DEFAULT_MTU = 1500
 NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1
 VNI_MAX = 2 ** 24 - 1
+BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netfilter, per namespace
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
 # What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
 # runtime writes (configs, plugins, address files, results, the plugin's log), so a lesson
@@ -239,6 +240,12 @@ def nat_rules(subnet, out_iface):
 
 def iptables_rule(action, table, chain, spec, ns=None):
     return iptables("-t", table, action, chain, *spec, ns=ns)
+
+
+def bridge_forward_rule(name):
+    """(table, chain, rule spec) accepting what a bridge switches between its own ports."""
+    return ("filter", "FORWARD", ["-i", name, "-o", name, "-m", "comment", "--comment",
+                                  f"{TAG} bridge {name}", "-j", "ACCEPT"])
 
 
 # ---------------------------------------------------------------- the runner
@@ -796,6 +803,7 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
+        bridge_forward_accept(r, name, host)
     say_if_unchanged(r, mark, f"bridge {name}")
 
 
@@ -824,8 +832,52 @@ def bridge_attach(r, name, ifaces, host=None):
 
 
 def bridge_del(r, name, host=None):
-    """Delete bridge NAME (its ports stay, detached). Re-run: absent is fine."""
+    """Delete bridge NAME (its ports stay, detached) and the FORWARD accept bridge add
+    gave it on a Docker host. Re-run: absent is fine."""
     link_del(r, name, "bridge", host)
+    table, chain, spec = bridge_forward_rule(name)
+    if which("iptables") and r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+        r.run(iptables_rule("-D", table, chain, spec, host))
+
+
+def bridge_forward_accept(r, name, host=None):
+    """A Docker host drops bridged traffic: its iptables FORWARD policy is DROP, and with
+    br_netfilter (net.bridge.bridge-nf-call-iptables=1) even frames switched between two
+    ports of one bridge traverse FORWARD. There, and only there, accept what moves between
+    NAME's own ports (tagged, so bridge del and cleanup remove it), nothing else.
+    Re-run: a rule already present is not added twice."""
+    if not (forward_drops(r, host) and bridged_frames_filtered(r, host)):
+        return
+    r.note(f"this host's FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
+           f"switched frames through it (bridge-nf-call-iptables=1): accept traffic between {name}'s own ports")
+    table, chain, spec = bridge_forward_rule(name)
+    if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+        r.note(f"the FORWARD accept rule for {name} is already present")
+        return
+    r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+
+
+def forward_drops(r, host=None):
+    """Is this host's iptables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
+    fresh host (policy ACCEPT) and does not look; without iptables: no."""
+    if r.dry_run or not which("iptables"):
+        return False
+    ok, out = r.query(iptables("-S", "FORWARD", ns=host))
+    return ok and "-P FORWARD DROP" in out.splitlines()
+
+
+def bridged_frames_filtered(r, host=None):
+    """Does br_netfilter pass bridged IPv4 frames through iptables here (per namespace)?"""
+    if r.dry_run:
+        return False
+    if host is None:
+        try:
+            with open(BR_NF_CALL_IPTABLES) as f:
+                return f.read().strip() == "1"
+        except OSError:            # no br_netfilter: bridged frames never see iptables
+            return False
+    ok, out = r.query(in_netns(["cat", BR_NF_CALL_IPTABLES], host))
+    return ok and out.strip() == "1"
 
 
 def bridge_show(r, name, host=None):
@@ -877,6 +929,9 @@ def nat_add(r, subnet, out_iface, host=None):
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
             raise UsageError(f"NAT for {subnet} already leaves through {spec[spec.index('-o') + 1]}; "
                              f"run `cnikit nat del {subnet}` first")
+    if forward_drops(r, host):
+        r.note(f"this host's FORWARD policy is DROP (Docker sets it): only the FORWARD accept rules "
+               f"below let {subnet}'s packets and their replies through")
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
         ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
@@ -1600,6 +1655,9 @@ def cni_add(r, call):
             cni_find_plugin(plugin["type"], call.cni_path)
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
+    if forward_drops(r, call.host):
+        r.note("this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept "
+               "rules; cnikit's plugin adds them per pod in its own chain (forwardAccept), the reference bridge does not")
     prev = None
     keep = cni_result_var(call) if r.dry_run else None
     try:
@@ -2327,11 +2385,12 @@ class _View:
         self.r, self.namespaces, self._cache = r, namespaces, {}
 
     def _q(self, key, argv, as_json=True):
+        # in_dry_run: doctor only looks, so a dry run looks too (it has nothing else to do)
         if key not in self._cache:
             if as_json:
-                self._cache[key] = self.r.query_json(argv)
+                self._cache[key] = self.r.query_json(argv, in_dry_run=True)
             else:
-                ok, out = self.r.query(argv)
+                ok, out = self.r.query(argv, in_dry_run=True)
                 self._cache[key] = out if ok else None
         return self._cache[key]
 
@@ -2523,7 +2582,8 @@ def doctor_walk(r, frm, to, proto="icmp", port=None, host=None):
     """Walk the path from FROM ("host" or a namespace) to TO (an address or a namespace)
     and return the report: {"from", "to", "dst", "src", "hops": [...], "healthy", "broken"}.
     Read-only: every look-up goes through r.query/r.query_json."""
-    namespaces = [host] + [n for n in netns_names(r) if n != host] if host else [None] + netns_names(r)
+    names = netns_names(r, in_dry_run=True)
+    namespaces = [host] + [n for n in names if n != host] if host else [None] + names
     v = _View(r, namespaces)
     src_ns = host if frm == HOST_NAME else frm
     dst = _doctor_target(v, to, host)
@@ -2649,11 +2709,13 @@ def _l2(v, ns, link, nh, ref, hop):
             return pns, pname
         if plink.get("master"):
             return _bridge(v, pns, plink["master"], pname, nh, ref, hop)
+        bridges = [l["ifname"] for l in v.links(pns) if link_kind(l) == "bridge"]
         raise _Broken("no-l2-path", _ns_name(pns),
                       f"{pname} in {_ns_name(pns)} (the other end of {link['ifname']}) is not a bridge port and "
                       f"does not have {nh}: frames from {where} go nowhere",
                       _as_shell([ip("-br", "link", "show", "type", "bridge", ns=pns)]),
-                      _as_shell([ip("link", "set", "dev", pname, "master", "BRIDGE", ns=pns)]))
+                      _as_shell([ip("link", "set", "dev", pname, "master",
+                                    bridges[0] if len(bridges) == 1 else "BRIDGE", ns=pns)]))
     if kind == "bridge":
         return _bridge(v, ns, link["ifname"], None, nh, ref, hop)
     if kind == "vxlan":
@@ -2706,6 +2768,16 @@ def _bridge(v, ns, br, in_port, nh, ref, hop):
         if in_port is not None:
             _check_bridged_forward(v, ns, br, nh, hop)
         return _l2(v, ns, port, nh, ref, hop)
+    for port in v.links(ns):
+        data = port.get("linkinfo", {}).get("info_data", {})
+        if port.get("master") == br and link_kind(port) == "vxlan" and not data.get("remote") \
+                and not any(e.get("dst") for e in v.fdb(ns, port["ifname"])):
+            raise _Broken("no-l2-path", where,
+                          f"{port['ifname']} in {where} has no remote and no fdb entry: it does not know where "
+                          f"to send frames (ARP for {nh} included), so nothing crosses the overlay",
+                          _as_shell([bridge("fdb", "show", "dev", port["ifname"], ns=ns)]),
+                          _as_shell([bridge("fdb", "append", "00:00:00:00:00:00", "dev", port["ifname"],
+                                            "dst", "REMOTE_NODE", ns=ns)]))
     raise _Broken("no-l2-path", where, f"no port of bridge {br} in {where} leads to {nh}: "
                   "the veth or vxlan that should reach it is not attached",
                   _as_shell([ip("-br", "link", "show", "master", br, ns=ns)]),
@@ -2891,7 +2963,13 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
                           _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
         return
     mac, state = entry.get("lladdr"), entry.get("state", [])
-    if mac and owner.get("address") and mac != owner["address"] and link_kind(owner) != "vxlan":
+    # A bridge also answers for its ports' MACs (local fdb entries); a learned (dynamic)
+    # entry that went stale is probed and relearned by the kernel itself: only a static
+    # one (PERMANENT, NOARP) stays wrong.
+    macs = {owner.get("address")} | {l.get("address") for l in v.links(owner_ns)
+                                     if link_kind(owner) == "bridge" and l.get("master") == owner_dev}
+    static = any(s in state for s in ("PERMANENT", "NOARP"))
+    if mac and owner.get("address") and mac not in macs and static and link_kind(owner) != "vxlan":
         raise _Broken("neighbour", where,
                       f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
                       f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",

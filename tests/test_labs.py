@@ -243,6 +243,36 @@ def test_doctor_inside_lesson_05_names_missing_nat_as_no_way_back():
         L.r.stop_all()
 
 
+def _lesson(name):
+    sys.path.insert(0, STAGES)
+    spec = importlib.util.spec_from_file_location(f"lesson_{name[:3]}", os.path.join(STAGES, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name,skip,frm,to,cause,words", [
+    ("03_bridge.py", "master", "ns1", "ns2", "no-l2-path", "ip link set dev veth-ns1 master br0"),
+    ("03_bridge.py", None, "ns1", "host", None, "host"),
+    ("06_vxlan.py", "fdb", "pod1", "pod2", "no-l2-path", "fdb append 00:00:00:00:00:00 dev vxlan0"),
+    ("07b_multinode.py", None, "pod1", "pod2", None, "vxlan0 (VNI 1) in node1"),
+    ("07b_multinode.py", "routes", "pod1", "pod2", "no-route", "node1 has no route to 10.244.2.2"),
+])
+def test_doctor_inside_the_lessons(name, skip, frm, to, cause, words):
+    """Doctor reads any topology, not only the labs': the lessons' states, whole or with a
+    step left out; and a dry run of doctor looks just the same (it only reads)."""
+    mod = _lesson(name)
+    L = mod.LESSON.start(quiet=True, skip=[skip] if skip else [])
+    try:
+        mod.build(L)
+        proc = cli("doctor", frm, to)
+        assert proc.returncode == (1 if cause else 0), proc.stdout + proc.stderr
+        assert (f": {cause}\n" if cause else "\nHEALTHY: ") in proc.stdout and words in proc.stdout, proc.stdout
+        assert cli("--dry-run", "doctor", frm, to).stdout == proc.stdout
+    finally:
+        L.r.stop_all()
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("args,message", [
