@@ -25,6 +25,7 @@ call plugins, install them, kind); the sandbox; the CLI.
 import argparse
 import base64
 import ctypes
+import hashlib
 import ipaddress
 import json
 import os
@@ -42,6 +43,14 @@ DEFAULT_MTU = 1500
 NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1
 VNI_MAX = 2 ** 24 - 1
+# The routing protocol number cnikit's routes carry (unassigned in rt_protos): the route's
+# ownership tag, as the ifalias is a link's, so cleanup finds exactly them.
+ROUTE_PROTO = 157
+# Prefix of every iptables chain cnikit makes: the plugin's per-attachment chains and the
+# CLI's per-subnet NAT chains (CNIKIT-NAT-<hash>). A chain has no comment: its name is its tag.
+CHAIN_PREFIX = "CNIKIT-"
+NAT_CHAIN_PREFIX = CHAIN_PREFIX + "NAT-"
+IPTABLES_TABLES = ("nat", "filter")
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
 # What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
 # runtime writes (configs, plugins, address files, results, the plugin's log), so a lesson
@@ -171,7 +180,9 @@ def in_netns(argv, ns=None):
 
 
 def iptables(*args, ns=None):
-    return in_netns(["iptables"] + [str(a) for a in args], ns)
+    """`iptables -w ARGS`: -w waits for the xtables lock instead of failing when another
+    program (a CNI plugin, kube-proxy, docker) holds it."""
+    return in_netns(["iptables", "-w"] + [str(a) for a in args], ns)
 
 
 def sysctl_set(key, value, ns=None):
@@ -223,16 +234,28 @@ def nat_comment(subnet):
     return f"{TAG} nat {subnet}"
 
 
+def nat_chain(subnet):
+    """The chain `nat add SUBNET` owns, in the nat and in the filter table: CNIKIT-NAT- and
+    12 hex digits of the subnet's hash (a chain name holds at most 28 characters)."""
+    return NAT_CHAIN_PREFIX + hashlib.sha256(subnet.encode()).hexdigest()[:12]
+
+
 def nat_rules(subnet, out_iface):
-    """(table, chain, rule spec) for a subnet's egress: masquerade what leaves OUT,
-    and let it be forwarded out and its replies back in."""
-    tag = ["-m", "comment", "--comment", nat_comment(subnet)]
+    """(table, chain, rule spec) for a subnet's egress, in its own chain: masquerade what
+    leaves OUT, and let it be forwarded out and its replies back in."""
+    tag, chain = ["-m", "comment", "--comment", nat_comment(subnet)], nat_chain(subnet)
     return [
-        ("nat", "POSTROUTING", ["-s", subnet, "-o", out_iface] + tag + ["-j", "MASQUERADE"]),
-        ("filter", "FORWARD", ["-s", subnet, "-o", out_iface] + tag + ["-j", "ACCEPT"]),
-        ("filter", "FORWARD", ["-d", subnet, "-i", out_iface, "-m", "conntrack", "--ctstate",
-                               "RELATED,ESTABLISHED"] + tag + ["-j", "ACCEPT"]),
+        ("nat", chain, ["-s", subnet, "-o", out_iface] + tag + ["-j", "MASQUERADE"]),
+        ("filter", chain, ["-s", subnet, "-o", out_iface] + tag + ["-j", "ACCEPT"]),
+        ("filter", chain, ["-d", subnet, "-i", out_iface, "-m", "conntrack", "--ctstate",
+                           "RELATED,ESTABLISHED"] + tag + ["-j", "ACCEPT"]),
     ]
+
+
+def nat_jumps(subnet):
+    """The one jump rule per table into SUBNET's chain (table, built-in chain, spec)."""
+    tag, chain = ["-m", "comment", "--comment", nat_comment(subnet)], nat_chain(subnet)
+    return [("nat", "POSTROUTING", tag + ["-j", chain]), ("filter", "FORWARD", tag + ["-j", chain])]
 
 
 def iptables_rule(action, table, chain, spec, ns=None):
@@ -627,8 +650,12 @@ def ensure_up(r, dev, ns=None, link=None, fresh=False):
 
 
 def route_add(r, dst, via=None, dev=None, ns=None):
-    """A route to DST ("default" or a CIDR) via a gateway and/or out of DEV.
-    Re-run contract: a route to DST already there is left alone."""
+    """A route to DST ("default" or a CIDR) via a gateway and/or out of DEV, tagged with
+    cnikit's protocol number (`proto 157`) so cleanup finds it.
+
+    Re-run contract: the same route (the same gateway and device, where given) already
+    there is left alone; a route to DST through another gateway or device is a conflict,
+    never replaced (cnikit does not take over a route it did not make): delete it first."""
     if dst != "default":
         dst = check_subnet(dst, "route destination")
     via = check_ip(via, "gateway") if via else None
@@ -638,10 +665,16 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         raise UsageError("a route needs a gateway (via) or a device")
     if ns:
         check_netns(ns)
-    if r.query_json(ip("-j", "route", "show", dst, ns=ns)):
-        r.note(f"a route to {dst}{' in ' + ns if ns else ''} already exists")
+    where = f" in {ns}" if ns else ""
+    for route in r.query_json(ip("-j", "route", "show", "exact", dst, ns=ns)) or []:
+        if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
+            have = " ".join(kv(via=route.get("gateway"), dev=route.get("dev")))
+            raise UsageError(f"a route to {dst}{where} already exists ({have}), not "
+                             f"{' '.join(kv(via=via, dev=dev))}: delete it first (ip route del {dst})")
+        r.note(f"the route to {dst}{where} already exists as asked")
         return
-    r.run(ip("route", "add", dst, *kv(via=via, dev=dev), ns=ns), creates=Change.route(dst, ns, via=via, dev=dev))
+    r.run(ip("route", "add", dst, *kv(via=via, dev=dev, proto=ROUTE_PROTO), ns=ns),
+          creates=Change.route(dst, ns, via=via, dev=dev))
 
 
 # ---------------------------------------------------------------- netns
@@ -840,25 +873,49 @@ def bridge_show(r, name, host=None):
 # ---------------------------------------------------------------- nat
 
 def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False):
-    """cnikit's rules as (table, chain, spec), read back from `iptables -S`."""
+    """cnikit's rules as (table, chain, spec), read back from `iptables -S`: those its
+    comment tags (the jumps, the CLI's NAT rules, the plugin's) and, with no SUBNET, every
+    rule inside a chain of cnikit's."""
     found = []
-    for table in ("nat", "filter"):
+    for table in IPTABLES_TABLES:
         ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
         for line in out.splitlines() if ok else []:
             words = shlex.split(line)
-            if len(words) < 3 or words[0] != "-A" or "--comment" not in words:
+            if len(words) < 3 or words[0] != "-A":
                 continue
-            comment = words[words.index("--comment") + 1]
-            if comment == TAG or comment.startswith(TAG + " "):
-                if subnet is None or comment == nat_comment(subnet):
-                    found.append((table, words[1], words[2:]))
+            comment = words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
+            ours = comment is not None and (comment == TAG or comment.startswith(TAG + " "))
+            if subnet is not None:
+                ours = comment == nat_comment(subnet)
+            elif words[1].startswith(CHAIN_PREFIX):
+                ours = True
+            if ours:
+                found.append((table, words[1], words[2:]))
     return found
 
 
-def nat_add(r, subnet, out_iface, host=None):
-    """Egress for SUBNET through OUT: ip_forward on, MASQUERADE, FORWARD accept.
+def _cnikit_chains(r, host=None, in_dry_run=False):
+    """The chains cnikit made, as (table, chain): their names carry its prefix."""
+    found = []
+    for table in IPTABLES_TABLES:
+        ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
+        found += [(table, line.split()[1]) for line in (out.splitlines() if ok else [])
+                  if line.startswith("-N " + CHAIN_PREFIX)]
+    return found
 
-    Re-run contract: rules already present are not added twice; the same subnet
+
+def _remove_chains(r, chains, host=None, check=True):
+    """Empty, then delete, each (table, chain): the jumps into them must be gone first."""
+    for table, chain in chains:
+        r.run(iptables("-t", table, "-F", chain, ns=host), check=check)
+        r.run(iptables("-t", table, "-X", chain, ns=host), check=check)
+
+
+def nat_add(r, subnet, out_iface, host=None):
+    """Egress for SUBNET through OUT: ip_forward on; in a chain of its own per table
+    (CNIKIT-NAT-<hash>), MASQUERADE and the FORWARD accepts; one jump into each chain.
+
+    Re-run contract: what is already present is not added twice; the same subnet
     through another interface is a conflict (nat del it first).
     """
     subnet = check_subnet(subnet)
@@ -875,46 +932,61 @@ def nat_add(r, subnet, out_iface, host=None):
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
             raise UsageError(f"NAT for {subnet} already leaves through {spec[spec.index('-o') + 1]}; "
                              f"run `cnikit nat del {subnet}` first")
+    chain = nat_chain(subnet)
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
         ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
         if ok and value.strip() == "1":
             r.note("net.ipv4.ip_forward is already 1")
         else:
-            r.run(sysctl_set("net.ipv4.ip_forward", 1, host))
-        for table, chain, spec in nat_rules(subnet, out_iface):
-            present, _ = r.query(iptables_rule("-C", table, chain, spec, host))
-            if present:
-                r.note(f"{table} {chain} {spec[-1]} rule for {subnet} "
-                       f"({'out' if '-o' in spec else 'replies in'} {out_iface}) already present")
-                continue
-            r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+            r.run(sysctl_set("net.ipv4.ip_forward", 1, host),
+                  creates=Change.sysctl("net.ipv4.ip_forward", 1, host, old=value.strip() if ok else None))
+        for table in IPTABLES_TABLES:
+            if r.query(iptables("-t", table, "-S", chain, ns=host))[0]:
+                r.note(f"chain {chain} ({table}) for {subnet} already exists")
+            else:
+                r.run(iptables("-t", table, "-N", chain, ns=host), creates=Change.chain(table, chain, host))
+            # The chain is filled before the jump into it: no packet sees it half made.
+            for t, c, spec in [rule for rule in nat_rules(subnet, out_iface) if rule[0] == table] + \
+                    [jump for jump in nat_jumps(subnet) if jump[0] == table]:
+                present, _ = r.query(iptables_rule("-C", t, c, spec, host))
+                if present:
+                    r.note(f"{t} {c} {spec[-1]} rule for {subnet} already present")
+                    continue
+                r.run(iptables_rule("-A", t, c, spec, host), creates=Change.rule(t, c, spec, host))
 
 
 def nat_del(r, subnet, host=None):
-    """Remove exactly the rules `nat add SUBNET` added. Re-run: none left is fine."""
+    """Remove what `nat add SUBNET` made: the jumps, then its chains (flush, delete).
+    Re-run: none left is fine."""
     subnet = check_subnet(subnet)
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables")
-    rules = _cnikit_rules(r, host, subnet)
-    if not rules and not r.dry_run:
+    chain = nat_chain(subnet)
+    # Rules in the chain go with it; tagged rules elsewhere (the jumps) are deleted one by one.
+    rules = [(t, c, spec) for t, c, spec in _cnikit_rules(r, host, subnet) if c != chain]
+    chains = [(t, c) for t, c in _cnikit_chains(r, host) if c == chain]
+    if not rules and not chains and not r.dry_run:
         r.note(f"no cnikit NAT rules for {subnet}; nothing to delete")
-    for table, chain, spec in rules:
-        r.run(iptables_rule("-D", table, chain, spec, host))
+    for table, c, spec in rules:
+        r.run(iptables_rule("-D", table, c, spec, host))
+    _remove_chains(r, chains, host)
 
 
 def nat_show(r, host=None):
-    """Print cnikit's rules, as iptables -S lines."""
+    """Print cnikit's chains and rules, as iptables commands that would make them."""
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables")
-    lines = []
-    for table, chain, spec in _cnikit_rules(r, host):
-        lines.append(shlex.join(["iptables", "-t", table, "-A", chain] + spec))
-    r.note(f"cnikit's iptables rules{' in ' + host if host else ''}: {len(lines)}")
+    chains = _cnikit_chains(r, host)
+    rules = _cnikit_rules(r, host)
+    lines = [shlex.join(iptables("-t", table, "-N", chain)) for table, chain in chains]
+    lines += [shlex.join(iptables_rule("-A", table, chain, spec)) for table, chain, spec in rules]
+    r.note(f"cnikit's iptables chains and rules{' in ' + host if host else ''}: "
+           f"{len(chains)} chain(s), {len(rules)} rule(s)")
     r.output("\n".join(lines))
     return lines
 
@@ -1144,22 +1216,36 @@ def show(r, as_json=False, only=None):
 # ---------------------------------------------------------------- cleanup
 
 def cleanup(r, host=None):
-    """Remove exactly what cnikit created: its tagged iptables rules, its tagged
-    links, and namespaces whose lo carries the tag. Anything else stays. HOST: only
-    the rules and links inside that namespace. Re-run: a second cleanup finds nothing
-    and says so. Unlike other verbs, a dry run looks (read-only) at what exists now:
-    its plan is what this cleanup would remove here."""
+    """Remove exactly what cnikit created: the attachments `cni add` made (DEL through the
+    plugin, as libcni's GC does, so it releases addresses, veths and chains), what
+    `cni install` put (conflists, plugin, the plugin's bridge once it has no ports, the
+    network's empty address directory), its tagged iptables rules and CNIKIT- chains,
+    routes carrying its protocol number, its tagged links, and namespaces whose lo
+    carries the tag. Anything else stays. HOST: only the rules, routes and links inside
+    that namespace. Re-run: a second cleanup finds nothing and says so. Unlike other
+    verbs, a dry run looks (read-only) at what exists now: its plan is what this cleanup
+    would remove here."""
     if host:
         check_netns(host)
         if not netns_exists(host):
             raise UsageError(f"namespace {host!r} does not exist")
     removed, blind = 0, []
+    if not host:
+        removed += cleanup_cni(r)
     if which("iptables"):
         if not r.query(iptables("-S", ns=host), in_dry_run=True)[0]:
             blind.append("iptables rules")
+        # Jumps and tagged rules in built-in chains one by one; cnikit's own chains whole.
         for table, chain, spec in _cnikit_rules(r, host, in_dry_run=True):
-            r.run(iptables_rule("-D", table, chain, spec, host), check=False)
-            removed += 1
+            if not chain.startswith(CHAIN_PREFIX):
+                r.run(iptables_rule("-D", table, chain, spec, host), check=False)
+                removed += 1
+        chains = _cnikit_chains(r, host, in_dry_run=True)
+        _remove_chains(r, chains, host, check=False)
+        removed += len(chains)
+    for route in r.query_json(ip("-j", "route", "show", "proto", ROUTE_PROTO, ns=host), in_dry_run=True) or []:
+        r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False)
+        removed += 1
     for link in r.query_json(ip("-j", "link", "show", ns=host), in_dry_run=True) or []:
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
             r.run(ip("link", "del", link["ifname"], ns=host), check=False)
@@ -1179,6 +1265,118 @@ def cleanup(r, host=None):
     return removed
 
 
+def cni_installed_networks(conf_dir=None, plugin_dir=None):
+    """The networks `cni install` wrote, as parsed configs: a conflist whose first
+    plugin is cnikit's (a script or zipapp in PLUGIN_DIR that says so, never a binary)."""
+    conf_dir, plugin_dir = conf_dir or CNI_CONF_DIR, plugin_dir or CNI_PLUGIN_DIR
+    found = []
+    try:
+        names = sorted(os.listdir(conf_dir))
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(conf_dir, name)
+        if not (name.startswith("10-") and name.endswith(".conflist")):
+            continue
+        try:
+            net = cni_load(path)
+        except UsageError:
+            continue
+        if is_cnikit_plugin(os.path.join(plugin_dir, net["plugins"][0]["type"])):
+            found.append(net)
+    return found
+
+
+def is_cnikit_plugin(path):
+    """Is PATH a plugin cnikit installed: a script or zipapp (`#!`) of cnikit's plugin?"""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return False
+    return data.startswith(b"#!") and CNI_PLUGIN_MARK in data
+
+
+def cni_cached_attachments():
+    """Every attachment in the runtime cache, as (path, record)."""
+    found = []
+    try:
+        names = sorted(os.listdir(CNI_CACHE_DIR))
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(CNI_CACHE_DIR, name)
+        if name.endswith(".tmp") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "cniCacheV1":
+            found.append((path, rec))
+    return found
+
+
+def cleanup_cni(r, conf_dir=None, plugin_dir=None):
+    """The CNI part of cleanup: DEL every cached attachment of cnikit's plugin with its
+    cached config and arguments (as libcni's GC), then uninstall what `cni install`
+    wrote, the plugin's bridge once no port is left on it, and the network's address
+    directory once it holds no address. Returns how many things it removed."""
+    conf_dir, plugin_dir = conf_dir or CNI_CONF_DIR, plugin_dir or CNI_PLUGIN_DIR
+    removed = 0
+    networks = cni_installed_networks(conf_dir, plugin_dir)
+    for path, rec in cni_cached_attachments():
+        try:
+            net = cni_parse(base64.b64decode(rec.get("config") or ""), path)
+        except (UsageError, ValueError):
+            r.note(f"{path}: the cached config cannot be read; left alone")
+            continue
+        if not (net["name"] in {n["name"] for n in networks} or
+                is_cnikit_plugin(os.path.join(plugin_dir, net["plugins"][0]["type"]))):
+            continue
+        args = ";".join(f"{k}={v}" for k, v in rec.get("cniArgs") or [] if k != "IgnoreUnknown")
+        try:
+            call = CniCall(rec.get("netns") or None, ifname=rec.get("ifName") or "eth0",
+                           cid=rec.get("containerId"), net=net, args=args or None,
+                           runtime_config=rec.get("capabilityArgs") or None, print_result=False)
+            cni_del(r, call)
+            removed += 1
+        except CnikitError as e:
+            r.note(f"cleanup: could not DEL the attachment cached in {path}: {e}")
+    for net in networks:
+        plugin = net["plugins"][0]
+        cni_uninstall(r, net["name"], plugin_dir, conf_dir)
+        removed += 1
+        bridge_name = plugin.get("bridge") or CNI_DEFAULT_BRIDGE
+        if isinstance(bridge_name, str) and plugin.get("mode", "bridge") == "bridge":
+            br = r.query_json(ip("-j", "-d", "link", "show", "dev", bridge_name), in_dry_run=True)
+            ports = r.query_json(ip("-j", "link", "show", "master", bridge_name), in_dry_run=True) or []
+            if br and link_kind(br[0]) == "bridge" and not ports:
+                r.run(ip("link", "del", bridge_name), check=False)
+                removed += 1
+            elif br and ports:
+                r.note(f"{bridge_name} stays: {len(ports)} port(s) still on it (attachments cnikit did not make)")
+        ipam = plugin.get("ipam") if isinstance(plugin.get("ipam"), dict) else {}
+        data_dir = os.path.join(ipam.get("dataDir") or CNI_DATA_DIR, net["name"])
+        if os.path.isdir(data_dir):
+            held = [n for n in os.listdir(data_dir) if _is_ip(n)]
+            if held:
+                r.note(f"{data_dir} stays: {len(held)} address(es) still allocated there")
+            else:
+                r.run(["rm", "-rf", data_dir], check=False)
+                removed += 1
+    return removed
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------- cni: play the container runtime
 #
 # What kubelet's container runtime (containerd, CRI-O) or podman does with a CNI plugin, done in
@@ -1194,6 +1392,9 @@ CNI_CACHE_DIR = "/var/lib/cni/results"      # libcni's cache: <network>-<contain
 CNI_NET = "cnikit"                          # default network name
 CNI_TYPE = "cnikit"                         # the `type` our conflist uses, so the plugin's file name
 CNI_LOG = "/var/log/cni.log"                # the plugin's log unless its config says `log`
+CNI_DATA_DIR = "/var/lib/cni/networks"      # the plugin's address files: <dataDir>/<network>/<address>
+CNI_DEFAULT_BRIDGE = "cni0"                 # the plugin's bridge unless its config says `bridge`
+CNI_PLUGIN_MARK = b"cni-bash-compatible"    # in our plugin's first lines, installed as script or zipapp
 CNI_VERSION = "1.0.0"                       # what install writes: podman 4.3/containerd 1.6 know no 1.1.0
 # The installed plugin's interpreter, fixed at install time as pip does for scripts: a runtime
 # runs it with the runtime's PATH, where `env python3` may be a slow shim (pyenv: ~80 ms a start).
