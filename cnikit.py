@@ -1609,6 +1609,8 @@ def cni_parse_args(text):
         if "=" not in item:
             raise UsageError(f"--args item {item!r} is not KEY=VALUE")
         k, v = item.split("=", 1)
+        if not k or any(c.isspace() for c in k):
+            raise UsageError(f"--args item {item!r} has no KEY (KEY=VALUE, the key without spaces)")
         if k == "IgnoreUnknown":
             continue
         pairs.append((k, v))
@@ -1951,9 +1953,10 @@ def cni_shebang(python):
     """The first line install gives the plugin: None keeps the plugin's own ("keep")."""
     if python == "keep":
         return None
-    if not os.path.isabs(python or CNI_PYTHON):
-        raise UsageError(f"--python {python!r} must be an absolute path (or 'keep')")
-    return f"#!{python or CNI_PYTHON} {CNI_PYTHON_FLAGS}"
+    python = CNI_PYTHON if python is None else python
+    if not os.path.isabs(python) or any(c.isspace() for c in python):
+        raise UsageError(f"--python {python!r} must be an absolute path without spaces (or 'keep')")
+    return f"#!{python} {CNI_PYTHON_FLAGS}"
 
 
 def cni_plugin_bytes(src, shebang):
@@ -2216,9 +2219,65 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
     return plan
 
 
+# What each attachment verb reads besides --conf, --conf-dir and --cni-path (as libcni
+# passes them): an option a verb would ignore is refused, never silently dropped.
+CNI_VERB_READS = {"add": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
+                  "del": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
+                  "check": {"netns", "ifname", "cid", "cni_args"},
+                  "status": set(), "gc": set(), "version": set()}
+CNI_VERB_DEFAULTS = {"ifname": "eth0"}      # the parser's defaults that are not None
+CNI_FLAGS = {"netns": "NETNS", "cid": "--id", "cni_args": "--args", "plugin_src": "--plugin", "ptype": "--type"}
+
+
+def _cni_flag(dest):
+    return CNI_FLAGS.get(dest, "--" + dest.replace("_", "-"))
+
+
+def cni_check_options(args):
+    """Every option of a `cni` verb, before anything runs: no empty values, absolute
+    directories where a runtime reads them, and nothing a verb would ignore."""
+    for dest, value in sorted(vars(args).items()):
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} is empty")
+    for dest in ("plugin_dir", "conf_dir"):
+        value = getattr(args, dest, None)
+        if args.verb in ("install", "uninstall") and value is not None and not os.path.isabs(value):
+            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} {value!r} must be an absolute path "
+                             "(where a runtime looks)")
+    if args.verb in CNI_VERB_READS:
+        ignored = [_cni_flag(d) for d in ("netns", "ifname", "cid", "cni_args", "runtime_config")
+                   if d not in CNI_VERB_READS[args.verb] and getattr(args, d) != CNI_VERB_DEFAULTS.get(d)]
+        if ignored:
+            what = {"status": "STATUS and VERSION ask about the network, not an attachment",
+                    "version": "STATUS and VERSION ask about the network, not an attachment",
+                    "gc": "GC acts on every attachment of the network",
+                    "check": "CHECK uses the capability args cached by ADD"}[args.verb]
+            raise UsageError(f"cni {args.verb}: {', '.join(ignored)} does not apply ({what})")
+    if getattr(args, "cni_args", None) is not None:
+        cni_parse_args(args.cni_args)
+    cni_runtime_config(getattr(args, "runtime_config", None))
+    if getattr(args, "cni_path", None) is not None and not any(d for d in args.cni_path.split(":")):
+        raise UsageError(f"cni {args.verb}: --cni-path {args.cni_path!r} names no directory")
+
+
+def cni_runtime_config(text):
+    """--runtime-config: a JSON object (capability name -> value), or None when not given."""
+    if text is None:
+        return None
+    try:
+        rc = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--runtime-config is not JSON: {e}") from None
+    if not isinstance(rc, dict):
+        raise UsageError("--runtime-config must be a JSON object such as {\"portMappings\": [...]}, "
+                         f"not {text.strip()!r}")
+    return rc
+
+
 def cni_dispatch(args, r):
     """`cnikit cni VERB`: the runtime verbs above, from parsed arguments."""
     v = args.verb
+    cni_check_options(args)
     if v == "install" and args.kind:
         ignored = [opt for opt, given in (("--subnet", args.subnet), ("--cni-version", args.cni_version),
                                           ("--precompiled", args.precompiled), ("--python", args.python)) if given]
@@ -2239,14 +2298,8 @@ def cni_dispatch(args, r):
         out = cni_log(r, args.conf_dir, args.conf, args.lines, args.follow)
         return out if isinstance(out, int) else EXIT_OK
     else:
-        rc = None
-        if args.runtime_config:
-            try:
-                rc = json.loads(args.runtime_config)
-            except ValueError as e:
-                raise UsageError(f"--runtime-config is not JSON: {e}") from None
         call = CniCall(args.netns, args.conf, args.ifname, args.cid, args.conf_dir, args.cni_path,
-                       args.cni_args, rc, args.host)
+                       args.cni_args, cni_runtime_config(args.runtime_config), args.host)
         {"add": cni_add, "del": cni_del, "check": cni_check, "status": cni_status, "gc": cni_gc,
          "version": cni_version}[v](r, call)
     return EXIT_OK
@@ -2443,7 +2496,7 @@ def build_parser():
                        help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
         a.add_argument("--conf", help="network config (default: the first in --conf-dir)")
         a.add_argument("--conf-dir", default=CNI_CONF_DIR)
-        a.add_argument("--ifname", default="eth0")
+        a.add_argument("--ifname", default=CNI_VERB_DEFAULTS["ifname"])
         a.add_argument("--id", dest="cid", help="container id (default: the netns name)")
         a.add_argument("--cni-path", default=CNI_PATH, help=f"where plugins are looked up (default {CNI_PATH})")
         a.add_argument("--args", dest="cni_args", metavar="K=V;...", help="extra CNI_ARGS (IgnoreUnknown=1 is always sent)")

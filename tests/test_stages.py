@@ -21,6 +21,7 @@ import sh
 
 from host_state import host_state
 from kernel import run_stage
+from cnikit import nat_chain as cnikit_nat_chain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = os.path.join(ROOT, "stages")
@@ -288,19 +289,23 @@ def test_demo_runs_lessons_and_ends_with_a_table():
 EVERY = dict(LESSONS, **{"07": "07_cni", "07b": "07b_multinode"})
 
 
-def _background_tools():
-    """PIDs of the live background tools lessons start (socat, tcpdump), anywhere; a
-    zombie (killed, not yet reaped by an init that may never reap it) is not live."""
+def _background_tools(mark):
+    """PIDs of the live background tools lessons start (socat, tcpdump) that carry MARK
+    in their environment (so: started by this test's script, not by anything else on the
+    machine); a zombie (killed, not yet reaped by an init that may never reap it) is not live."""
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
+            comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:][:1]
+            if comm not in ("socat", "tcpdump") or state == "Z":
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark.encode() in f.read().split(b"\0"):
+                    found.add(int(pid))
         except OSError:
             continue
-        comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:][:1]
-        if comm in ("socat", "tcpdump") and state != "Z":
-            found.add(int(pid))
     return found
 
 
@@ -310,10 +315,12 @@ def test_dry_run_piped_into_bash_e_runs_to_the_end_and_leaves_no_process_behind(
     (lesson 01's ping before lo is up, 05's ping before NAT) must not stop `bash -e`, and
     the script must stop the listeners and captures it started in the background."""
     script = run_stage(EVERY[number] + ".py", "--dry-run", timeout=TIMEOUT).stdout
-    before = _background_tools()
-    proc = subprocess.run(["bash", "-e"], input=script, capture_output=True, text=True, timeout=TIMEOUT)
+    mark = f"CNIKIT_TEST_SCRIPT={os.getpid()}-{number}-{time.monotonic_ns()}"
+    before = _background_tools(mark)
+    proc = subprocess.run(["bash", "-e"], input=script, capture_output=True, text=True, timeout=TIMEOUT,
+                          env=dict(os.environ, **dict([mark.split("=", 1)])))
     deadline = time.monotonic() + 2             # a process killed at the end takes a moment to go
-    while (left := _background_tools() - before) and time.monotonic() < deadline:
+    while (left := _background_tools(mark) - before) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in left:                      # never leak them out of the test, even on failure
         os.kill(pid, 9)
@@ -351,8 +358,8 @@ def test_lesson_05_without_masquerade_but_with_conntrack_fails_the_conntrack_che
     L = mod.LESSON.start(quiet=True)
     try:
         mod.build(L)
-        sh.iptables("-t", "nat", "-D", "POSTROUTING", "-s", "10.0.5.0/24", "-o", "uplink0", "-m", "comment",
-                    "--comment", "cnikit nat 10.0.5.0/24", "-j", "MASQUERADE")
+        sh.iptables("-t", "nat", "-D", cnikit_nat_chain("10.0.5.0/24"), "-s", "10.0.5.0/24", "-o", "uplink0",
+                    "-m", "comment", "--comment", "cnikit nat 10.0.5.0/24", "-j", "MASQUERADE")
         L.checks = []
         mod.verify(L)
         failed = [what for what, ok in L.checks if not ok]
