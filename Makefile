@@ -7,7 +7,7 @@ VPY     := $(VENV)/bin/python
 APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack python3 python3-venv
 # What the tests add: the reference CNI plugins (a baseline), real runtimes, an image source, vagrant.
 TEST_APT_PKGS := containernetworking-plugins podman containerd runc busybox-static vagrant
-PY_TEST_PKGS := pytest pytest-subprocess sh
+PY_TEST_PKGS := pytest pytest-subprocess sh grpcio grpcio-tools
 
 .PHONY: deps apt-deps test demo clean help
 .DEFAULT_GOAL := help

@@ -225,9 +225,10 @@ def bridge_add_argv(name, mtu=None, host=None):
     return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
 
 
-def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None):
+def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
+                   learning=True):
     opts = kv(id=vni, dstport=dstport, remote=remote, group=group, local=local, dev=dev)
-    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, ns=host)
+    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, *([] if learning else ["nolearning"]), ns=host)
 
 
 def nat_comment(subnet):
@@ -1011,9 +1012,10 @@ def underlay_mtu(r, dev=None, remote=None, host=None):
 
 
 def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT,
-              bridge_name=None, mtu=None, host=None):
+              bridge_name=None, mtu=None, host=None, learning=True):
     """A VXLAN device NAME (VNI, UDP DSTPORT) to REMOTE or multicast GROUP, its MTU
-    the underlay's minus 50, optionally a port of BRIDGE, up.
+    the underlay's minus 50, optionally a port of BRIDGE, up. LEARNING=False: its
+    forwarding table holds only the entries it is given (flannel's `nolearning`).
 
     Without --remote or --group, peers come from `vxlan fdb add` (flannel's way).
     Re-run contract: an existing vxlan NAME with the same VNI gets only what is
@@ -1051,7 +1053,7 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
             r.note(f"vxlan {name} (VNI {vni}) already exists; checking the rest")
         else:
             mtu = mtu or underlay_mtu(r, dev, remote or group, host) - VXLAN_OVERHEAD
-            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host),
+            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host, learning),
                   creates=Change.link(name, host, mtu))
             r.run(tag_link(name, host))
         if bridge_name:
@@ -2160,62 +2162,175 @@ def kind_node_ip(r, node):
 
 def kind_ensure_python(r, node):
     """kind node images carry no python3, and our plugin is Python: detect it and, when
-    missing, install python3-minimal in the node. Returns what it did, in words."""
+    missing, install python3-minimal in the node. Returns what it did, in words. A node
+    that cannot get it is one CnikitError line naming the node, the cause and the fix."""
     ok, _ = r.query(docker_exec(node, "test", "-x", CNI_PYTHON), in_dry_run=True) \
         if which("docker") else (False, "")
     if ok:
         r.note(f"{node}: {CNI_PYTHON} is there (e.g. the derived image of kind/Dockerfile): nothing to install")
         return "present"
     r.note(f"{node}: no python3 (kind node images carry none): installing {KIND_PYTHON_PKG} in the node")
-    r.run(docker_exec(node, "apt-get", "update", "-qq"))
-    r.run(docker("exec", "-e", "DEBIAN_FRONTEND=noninteractive", node, "apt-get", "install", "-y", "-qq",
-                 "--no-install-recommends", KIND_PYTHON_PKG))
+    try:
+        # Error-Mode=any: apt-get update otherwise exits 0 although no mirror answered, and
+        # the install then fails with a misleading "Unable to locate package" (older apt
+        # ignores the option: that case is explained below too).
+        r.run(docker_exec(node, "apt-get", "update", "-qq", "-o", "APT::Update::Error-Mode=any"))
+        r.run(docker("exec", "-e", "DEBIAN_FRONTEND=noninteractive", node, "apt-get", "install", "-y", "-qq",
+                     "--no-install-recommends", KIND_PYTHON_PKG))
+    except CommandFailed as e:
+        raise CnikitError(kind_python_failure(node, e)) from None
     return "installed"
+
+
+def kind_python_failure(node, err):
+    """One line for a failed python3 install in NODE: apt's own words for the cause, then the fix."""
+    lines = [line.strip() for line in err.stderr.splitlines() if line.strip()]
+    fetch = [line for line in lines if "Failed to fetch" in line]
+    fix = (f"use the derived node image that carries python3 (make kind-up KIND_NODE=derived builds "
+           f"{KIND_NODE_IMAGE} from kind/Dockerfile), or give the nodes a package mirror")
+    if fetch or any("Unable to locate package" in line for line in lines):
+        # apt's line is "E: Failed to fetch URL  REASON"; no line at all: update got no lists
+        cause = fetch[0].split("  ", 1)[-1] if fetch else "apt-get update fetched no package lists"
+        why = f"cannot reach a package mirror ({cause})"
+    else:
+        why = f"apt-get failed ({lines[-1] if lines else f'exit {err.returncode}'})"
+    return (f"{node} has no python3 (the plugin's interpreter) and {why}: no node was changed; "
+            f"fix: {fix}")
+
+
+def kind_plan(r, cluster):
+    """{node: {podCIDR, ip}} for every node of CLUSTER, the control plane first (look-ups only)."""
+    return {node: {"podCIDR": kind_pod_cidr(r, cluster, node, i), "ip": kind_node_ip(r, node)}
+            for i, node in enumerate(kind_nodes(r, cluster))}
+
+
+def kind_cluster_cidrs(plan):
+    """The cluster's whole pod range, never masqueraded (as kindnet): kind's podSubnet when
+    every node's podCIDR lies in it, else the nodes' podCIDRs merged."""
+    nets = [ipaddress.ip_network(p["podCIDR"]) for p in plan.values()]
+    whole = ipaddress.ip_network(KIND_POD_CIDR)
+    if all(n.version == whole.version and n.subnet_of(whole) for n in nets):
+        return [KIND_POD_CIDR]
+    return [str(n) for v in (4, 6) for n in ipaddress.collapse_addresses(n for n in nets if n.version == v)]
+
+
+def kind_routes(plan):
+    """(node, podCIDR of another node, that node's address): the routes between nodes (as kindnet's)."""
+    return [(node, plan[other]["podCIDR"], plan[other]["ip"]) for node in plan for other in plan if other != node]
+
+
+def kind_node_files(r, node, paths):
+    """{path: sha256} of those of PATHS that exist in NODE (one look-up; a dry run: none)."""
+    ok, out = r.query(docker_exec(node, "sha256sum", *paths))
+    found = {}
+    for line in out.splitlines():
+        digest, _, path = line.partition("  ")
+        if path in paths:
+            found[path] = digest
+    return found
+
+
+def kind_has_route(r, node, cidr, via):
+    routes = r.query_json(docker_exec(node, "ip", "-j", "route", "show", cidr)) or []
+    return any(rt.get("dst") == cidr and rt.get("gateway") == via for rt in routes)
 
 
 def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chain=("portmap",),
                  plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
-    """Install the plugin into every node of kind cluster CLUSTER: python3 in the node,
-    the plugin (docker cp, then rename), the node's own podCIDR in /run/cnikit/subnet.env
-    (flannel-style), the same conflist on every node (both written atomically), and a
-    route on every node to every other node's pods (as kindnet does).
+    """Install the plugin into every node of kind cluster CLUSTER: python3 in every node
+    first (a node that cannot get it stops everything before any node is written), then on
+    each node the plugin (docker cp to a temp name, then rename), the node's own podCIDR in
+    /run/cnikit/subnet.env (flannel-style) and the same conflist (both written atomically;
+    the cluster's pod range exempt from masquerade: no NAT between pods), and a route on
+    every node to every other node's pods (as kindnet does).
 
-    Re-run contract: every step replaces or re-checks; running it twice changes nothing more."""
+    Re-run contract: what is already as asked (same file contents, same route) is left
+    alone and said so; running it twice changes nothing more."""
+    import hashlib
     if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
         raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
     if not r.dry_run:
         require_tools("docker")
-    nodes = kind_nodes(r, cluster)
-    plan = {}
-    for i, node in enumerate(nodes):
-        cidr = kind_pod_cidr(r, cluster, node, i)
-        plan[node] = {"podCIDR": cidr, "ip": kind_node_ip(r, node)}
+    plan = kind_plan(r, cluster)
+    for node in plan:
         plan[node]["python3"] = kind_ensure_python(r, node)
-        dst = os.path.join(plugin_dir, ptype)
-        tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
-        r.run(docker("cp", src, f"{node}:{tmp}"))
-        # python3-minimal is /usr/bin/python3: fix the interpreter, then rename into place.
-        r.run(docker_exec(node, *_set_shebang_argv(tmp, cni_shebang(None))))
-        r.run(docker_exec(node, "chmod", "0755", tmp))
-        r.run(docker_exec(node, "mv", "-f", tmp, dst))
-        write_file_atomic(r, NODE_SUBNET_FILE, f"CNIKIT_SUBNET={cidr}\n", node=node)
-        text = json.dumps(cni_conflist(name, None, ptype, chain), indent=2) + "\n"
-        write_file_atomic(r, cni_conf_file(conf_dir, name), text, node=node)
-    for node in nodes:
-        for other in nodes:
-            if other == node:
-                continue
-            via = plan[other]["ip"]
-            if via:
-                r.run(docker_exec(node, "ip", "route", "replace", plan[other]["podCIDR"], "via", via))
+    dst, tmp = os.path.join(plugin_dir, ptype), os.path.join(plugin_dir, f".{ptype}.tmp")
+    conf_path = cni_conf_file(conf_dir, name)
+    conflist = json.dumps(cni_conflist(name, None, ptype, chain,
+                                       extra={"nonMasqueradeCIDRs": kind_cluster_cidrs(plan)}), indent=2) + "\n"
+    mark = r.mark()
+    for node, p in plan.items():
+        subnet = f"CNIKIT_SUBNET={p['podCIDR']}\n"
+        want = {path: hashlib.sha256(data).hexdigest() for path, data in (
+            (dst, cni_plugin_bytes(src, cni_shebang(None))), (NODE_SUBNET_FILE, subnet.encode()),
+            (conf_path, conflist.encode()))}
+        have = kind_node_files(r, node, list(want))
+        if have.get(dst) == want[dst]:
+            r.note(f"{node}: {dst} is already this plugin")
+        else:
+            r.run(docker("cp", src, f"{node}:{tmp}"))
+            # python3-minimal is /usr/bin/python3: fix the interpreter, then rename into place.
+            r.run(docker_exec(node, *_set_shebang_argv(tmp, cni_shebang(None))))
+            r.run(docker_exec(node, "chmod", "0755", tmp))
+            r.run(docker_exec(node, "mv", "-f", tmp, dst))
+        for path, text in ((NODE_SUBNET_FILE, subnet), (conf_path, conflist)):
+            if have.get(path) == want[path]:
+                r.note(f"{node}: {path} already says this")
             else:
-                r.note(f"address of {other} unknown (no docker answer): route to {plan[other]['podCIDR']} "
-                       f"on {node} left out")
-    for node in nodes:
-        p = plan[node]
+                write_file_atomic(r, path, text, node=node)
+    for node, cidr, via in kind_routes(plan):
+        if not via:
+            r.note(f"address of the node with pods {cidr} unknown (no docker answer): route on {node} left out")
+        elif kind_has_route(r, node, cidr, via):
+            r.note(f"{node}: route to {cidr} via {via} is there")
+        else:
+            r.run(docker_exec(node, "ip", "route", "replace", cidr, "via", via))
+    for node, p in plan.items():
         r.note(f"{node}: pods in {p['podCIDR']}, python3 {p['python3']}")
+    say_if_unchanged(r, mark, f"kind cluster {cluster}: the plugin, {conf_path}, {NODE_SUBNET_FILE} "
+                              "and the routes on every node")
+    return plan
+
+
+def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
+    """Remove from every node of CLUSTER what kind_install wrote: the conflist, the plugin
+    it names (a script, never a compiled plugin), the subnet file and the routes to the
+    other nodes' pods. python3 stays (other things may use it). Pods still attached keep
+    their veths until kubelet DELs them. Re-run: absent is fine."""
+    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
+        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    name = _cni_check_name(name)
+    if not r.dry_run:
+        require_tools("docker")
+    plan = kind_plan(r, cluster)
+    conf_path = cni_conf_file(conf_dir, name)
+    mark = r.mark()
+    for node in plan:
+        ok, text = r.query(docker_exec(node, "cat", conf_path))
+        try:
+            ptype = json.loads(text)["plugins"][0]["type"] if ok else CNI_TYPE
+        except (ValueError, KeyError, IndexError, TypeError):
+            ptype = CNI_TYPE
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", str(ptype)):
+            ptype = CNI_TYPE
+        dst = os.path.join(plugin_dir, ptype)
+        files = [conf_path, NODE_SUBNET_FILE]
+        ok, head = r.query(docker_exec(node, "head", "-c", "2", dst))
+        if r.dry_run or head == "#!":
+            files.append(dst)
+        elif ok:
+            r.note(f"{node}: {dst} stays: a compiled plugin, not one cnikit installed")
+        present = files if r.dry_run else [f for f in files if f in kind_node_files(r, node, files)]
+        if present:
+            r.run(docker_exec(node, "rm", "-f", *present))
+    for node, cidr, via in kind_routes(plan):
+        if via and (r.dry_run or kind_has_route(r, node, cidr, via)):
+            r.run(docker_exec(node, "ip", "route", "del", cidr, "via", via))
+    if not r.dry_run and not r.ran_since(mark):
+        r.note(f"kind cluster {cluster}: no plugin, {conf_path}, {NODE_SUBNET_FILE} or route of ours "
+               "on any node; nothing to do")
     return plan
 
 
@@ -2290,6 +2405,8 @@ def cni_dispatch(args, r):
         cni_install(r, args.name, args.subnet, args.plugin_dir, args.conf_dir, tuple(args.chain),
                     args.plugin_src, args.ptype, args.cni_version, python=args.python,
                     precompiled=args.precompiled)
+    elif v == "uninstall" and args.kind:
+        kind_uninstall(r, args.kind, args.name, args.plugin_dir, args.conf_dir)
     elif v == "uninstall":
         cni_uninstall(r, args.name, args.plugin_dir, args.conf_dir)
     elif v == "kind-install":
@@ -2485,6 +2602,8 @@ def build_parser():
     a.add_argument("--name", default=CNI_NET)
     a.add_argument("--plugin-dir", default=CNI_PLUGIN_DIR)
     a.add_argument("--conf-dir", default=CNI_CONF_DIR)
+    a.add_argument("--kind", metavar="CLUSTER", help="from every node of this kind cluster: plugin, conflist, "
+                   "subnet file and the routes between nodes (what install --kind wrote)")
     for verb, text in (("add", "ADD a netns to the network, each plugin of the chain in order"),
                        ("del", "DEL it: the chain in reverse, with the cached result as prevResult"),
                        ("check", "CHECK it against the cached result"),

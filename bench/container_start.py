@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """End-to-end container start with our CNI plugin vs the reference bridge + host-local:
-same runtime, same machine, same image, alternating, printed as a ratio (target <= 1.05x).
+same runtime, same machine, same image, alternating, printed as a ratio (target <= 1.0x).
 
-    sudo python3 bench/container_start.py [--rounds 15] [--runtime podman|containerd|both]
+    sudo .venv/bin/python bench/container_start.py [--rounds 15] [--runtime podman|containerd|cri|all]
 
 One sample is a whole `podman run --rm --network NET IMAGE true` (or `ctr run --rm --cni`):
 the container is created, the runtime calls the network's plugins (ADD; podman also
-VERSION), the container runs and exits, the runtime DELs and removes it. Both networks do
-the same: a bridge, a veth, an address from the subnet, a default route, masquerading.
+VERSION), the container runs and exits, the runtime DELs and removes it. For containerd's
+CRI (what kubelet calls) one sample is RunPodSandbox -> StopPodSandbox -> RemovePodSandbox
+over gRPC (tests/cri.py: needs grpcio and grpcio-tools, hence the venv's python): ADD, a
+DEL with the netns and prevResult, and a DEL with neither; each network has a containerd
+of its own (the CRI reads one CNI config directory). Both networks do the same, options
+spelled out: a bridge, a veth, an address from the subnet, a default route, masquerading.
 
 It runs itself in a throwaway sandbox (network + mount namespace, private /etc/cni,
 /opt/cni/bin, /var/lib/cni, /var/log; the runtimes' storage on a private tmpfs): nothing
-reaches the host, and no packet leaves the sandbox. Our plugin is installed as
-`cnikit cni install` does (its interpreter fixed to /usr/bin/python3 -IS), or with
-`--precompiled` as `cnikit cni install --precompiled` does (a zipapp carrying its bytecode).
+reaches the host, and no packet leaves the sandbox. Our plugin is installed in the form
+`cnikit cni install` uses by default (the first line says which), or with `--precompiled`
+as `cnikit cni install --precompiled` does (a zipapp carrying its bytecode).
 """
 import argparse
 import json
@@ -22,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -33,22 +38,23 @@ from runtimes import IMAGE, Containerd, Podman, cgroup_dirs, drop_new_cgroups, d
     mount_cgroups, scratch_dir  # noqa: E402
 
 CONF_DIR = "/etc/cni/net.d"
-TARGET = 1.05
+REFERENCE_BIN = "/usr/lib/cni"
+TARGET = 1.0
 OURS = {"cniVersion": "1.0.0", "name": "ours", "plugins": [
-    {"type": "cnikit", "bridge": "cni0", "isGateway": True, "ipMasq": True,
+    {"type": "cnikit", "bridge": "cni0", "isGateway": True, "isDefaultGateway": True, "ipMasq": True,
      "ipam": {"subnet": "10.244.20.0/24"}}]}
 REFERENCE = {"cniVersion": "1.0.0", "name": "ref", "plugins": [
     {"type": "bridge", "bridge": "cni1", "isGateway": True, "isDefaultGateway": True, "ipMasq": True,
      "ipam": {"type": "host-local", "subnet": "10.244.21.0/24"}}]}
 
 
-def write_conf(conf, only=False):
-    """Put CONF in /etc/cni/net.d; ONLY: as the only one (ctr takes the first file it finds)."""
-    os.makedirs(CONF_DIR, exist_ok=True)
+def write_conf(conf, only=False, conf_dir=CONF_DIR):
+    """Put CONF in CONF_DIR; ONLY: as the only one (ctr takes the first file it finds)."""
+    os.makedirs(conf_dir, exist_ok=True)
     if only:
-        for name in os.listdir(CONF_DIR):
-            os.unlink(os.path.join(CONF_DIR, name))
-    with open(os.path.join(CONF_DIR, f"10-{conf['name']}.conflist"), "w") as f:
+        for name in os.listdir(conf_dir):
+            os.unlink(os.path.join(conf_dir, name))
+    with open(os.path.join(conf_dir, f"10-{conf['name']}.conflist"), "w") as f:
         json.dump(conf, f)
 
 
@@ -106,6 +112,51 @@ def bench_containerd(rounds):
         drop_scratch_dir(d)
 
 
+def bench_cri(rounds):
+    """RunPodSandbox -> StopPodSandbox -> RemovePodSandbox through containerd's CRI, one
+    containerd per network: ours (our plugin where install put it, /opt/cni/bin, with the
+    reference loopback the CRI runs for every pod linked beside it, as on a node) and the
+    reference (/usr/lib/cni)."""
+    try:
+        from cri import CriClient
+        import grpc  # noqa: F401
+    except ImportError as e:
+        return None, f"needs grpcio and grpcio-tools ({e}): `make deps`, then run this with .venv/bin/python"
+    loopback = os.path.join(cnikit.CNI_PLUGIN_DIR, "loopback")
+    if not os.path.exists(loopback):
+        os.symlink(os.path.join(REFERENCE_BIN, "loopback"), loopback)
+    setups = {"ours": (OURS, cnikit.CNI_PLUGIN_DIR), "ref": (REFERENCE, REFERENCE_BIN)}
+    dirs, daemons, clients = [], {}, {}
+    try:
+        for net, (conf, bin_dir) in setups.items():
+            conf_dir = f"/etc/cni/cri-{net}.d"
+            write_conf(conf, only=True, conf_dir=conf_dir)
+            dirs.append(scratch_dir("cr"))
+            daemons[net] = Containerd(dirs[-1], cri=(bin_dir, conf_dir))
+            reason = daemons[net].cannot_start()
+            if reason:
+                return None, reason
+            clients[net] = CriClient(daemons[net].sock)
+        runs = {"ours": [], "ref": []}
+        for i in range(rounds + 1):
+            for net in (("ours", "ref") if i % 2 == 0 else ("ref", "ours")):
+                c = clients[net]
+                started = time.perf_counter()
+                pod = c.run_pod(f"bench{i}{net}")
+                c.stop_pod(pod)
+                c.remove_pod(pod)
+                if i:                                      # round 0 is the warm-up
+                    runs[net].append((time.perf_counter() - started) * 1000)
+        return runs, None
+    finally:
+        for c in clients.values():
+            c.close()
+        for d in daemons.values():
+            d.stop()
+        for d in dirs:
+            drop_scratch_dir(d)
+
+
 def report(name, runs, reason):
     if runs is None:
         print(f"{name:<11} skipped: {reason}")
@@ -123,8 +174,9 @@ def report(name, runs, reason):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15, help="samples per contender (default 15)")
-    p.add_argument("--runtime", choices=("podman", "containerd", "both"), default="both")
-    p.add_argument("--precompiled", action="store_true", help="install our plugin with --precompiled")
+    p.add_argument("--runtime", choices=("podman", "containerd", "cri", "all"), default="all")
+    p.add_argument("--precompiled", action="store_true",
+                   help="install our plugin with --precompiled (default: the form install uses by default)")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: needs root (it starts containers in a sandbox): sudo python3 bench/container_start.py")
@@ -134,17 +186,23 @@ def main():
     mount_cgroups()
     cgroups = cgroup_dirs()
     r = cnikit.Runner(quiet=True)
-    cnikit.cni_install(r, "ours-install", precompiled=args.precompiled)   # the plugin as install puts it
+    # the plugin as `cnikit cni install` puts it by default (or --precompiled)
+    cnikit.cni_install(r, "ours-install", **({"precompiled": True} if args.precompiled else {}))
     os.unlink(cnikit.cni_conf_file(CONF_DIR, "ours-install"))
-    with open("/opt/cni/bin/cnikit", "rb") as f:
+    installed = os.path.join(cnikit.CNI_PLUGIN_DIR, cnikit.CNI_TYPE)
+    with open(installed, "rb") as f:
         first = f.readline().decode().strip()
-    print(f"container start, {args.rounds} alternating rounds, our plugin vs bridge + host-local "
+    first = f"{'zipapp' if zipfile.is_zipfile(installed) else 'plain file'}, {first}"
+    print(f"container start {time.strftime('%Y-%m-%d')}, {args.rounds} alternating rounds, {os.cpu_count()} CPUs, "
+          f"kernel {os.uname().release}; our plugin vs bridge + host-local "
           f"(installed{' --precompiled' if args.precompiled else ''}: {first})")
     try:
-        if args.runtime in ("podman", "both"):
+        if args.runtime in ("podman", "all"):
             report("podman", *bench_podman(args.rounds))
-        if args.runtime in ("containerd", "both"):
+        if args.runtime in ("containerd", "all"):
             report("containerd", *bench_containerd(args.rounds))
+        if args.runtime in ("cri", "all"):
+            report("cri", *bench_cri(args.rounds))
     finally:
         drop_new_cgroups(cgroups)
 

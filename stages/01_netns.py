@@ -10,15 +10,16 @@ from lesson import Lesson, cnikit, ip, in_netns, have
 
 NS = "ns1"
 PRIVATE = "private0"      # an interface only ns1 has (a bridge here is just a link with no cable)
+HOST_IF, HOST_ADDR = "host0", "192.0.2.1/24"   # in the sandbox: something the host side has and ns1 lacks
 
 LESSON = Lesson(
     "01", "netns",
     goal="a namespace starts with only lo, DOWN, no routes and no firewall rules; "
          "with lo up it reaches 127.0.0.1, and the host cannot see its interfaces",
     picture=r"""
-   +------------------ host ------------------+
-   |  lo  127.0.0.1   UP   (the host's own)   |
-   |  ... the host's interfaces ...           |
+   +------------ host (the sandbox) ----------+
+   |  lo  127.0.0.1   UP                      |
+   |  host0  192.0.2.1/24, its route          |
    +------------------------------------------+
               no link between the two
    +------------------ ns1 -------------------+
@@ -33,13 +34,21 @@ LESSON = Lesson(
 
 def build(L):
     r = L.r
+    if not L.on_host:
+        L.step("the \"host\" here is a sandbox: a fresh network namespace this lesson runs in (your "
+               "machine's own interfaces are never touched; --host runs it there). Give it something "
+               f"of its own to compare with: {HOST_IF}, with an address and so a route")
+        cnikit.bridge_add(r, HOST_IF, addr=HOST_ADDR)
+        r.show(ip("-br", "addr", "show"))
+        r.show(ip("route", "show"))
+
     L.step("a namespace is a fresh copy of the network stack: interfaces, routes, firewall")
     cnikit.netns_add(r, NS)
 
     L.step("what is inside: only lo, and it is DOWN")
     L.fresh = {"links": r.show(ip("-j", "link", "show", ns=NS))}
 
-    L.step("its own routing table: empty (the host's routes do not apply in here)")
+    L.step("its own routing table: empty (the host's routes, shown above, do not apply in here)")
     r.show(ip("route", "show", ns=NS))
 
     if have("iptables"):
@@ -74,6 +83,10 @@ def verify(L):
     seen_in_ns, _ = r.probe(ip("link", "show", "dev", PRIVATE, ns=NS))
     seen_on_host, _ = r.probe(ip("link", "show", "dev", PRIVATE), expect_fail=True)
     L.check(f"{PRIVATE} exists in ns1 and the host cannot see it", seen_in_ns and not seen_on_host)
+    if not L.on_host:
+        host_has, _ = r.probe(ip("link", "show", "dev", HOST_IF))
+        ns_has, _ = r.probe(ip("link", "show", "dev", HOST_IF, ns=NS), expect_fail=True)
+        L.check(f"the host side has {HOST_IF} and ns1 does not", host_has and not ns_has)
 
 
 if __name__ == "__main__":

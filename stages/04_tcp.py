@@ -60,7 +60,8 @@ def verify(L):
         r.note(f"the lesson types {PAYLOAD!r} into that client; by hand, in a second shell: "
                f"echo {PAYLOAD} | ip netns exec {CLIENT} socat - TCP:{SERVER_IP}:{PORT}")
     if client is not None:
-        L.say(f"sent {PAYLOAD!r}, got back {echoed!r}")
+        L.say(f"sent {PAYLOAD!r}, got back " + (repr(echoed) if echoed is not None else
+                                                 "nothing: the connection failed (see below)"))
     L.check("the payload came back unchanged", echoed == PAYLOAD, f"got {echoed!r}")
 
     # While the connection is open each kernel shows its own end of it, mirrored.

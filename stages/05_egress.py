@@ -10,7 +10,7 @@ address (203.0.113.10): no packet leaves the lesson's own namespaces.
 """
 import re
 
-from lesson import Lesson, cnikit, have, in_netns, ip, read_until
+from lesson import PING, Lesson, cnikit, have, in_netns, ip, read_until
 
 BRIDGE, GATEWAY = "br0", "10.0.5.1/24"
 NS, NS_ADDR, SUBNET = "ns1", "10.0.5.2/24", "10.0.5.0/24"
@@ -18,6 +18,7 @@ INTERNET = "internet"
 UPLINK, UPLINK_ADDR = "uplink0", "203.0.113.1/24"      # the host's side of its uplink
 SERVER_ADDR, PORT = "203.0.113.10/24", 8080            # a server out there
 GATEWAY_IP, NS_IP, UPLINK_IP, SERVER_IP = (a.split("/")[0] for a in (GATEWAY, NS_ADDR, UPLINK_ADDR, SERVER_ADDR))
+UNREACHABLE = "Network is unreachable"     # what ping says when ns1 has no route at all
 
 LESSON = Lesson(
     "05", "egress",
@@ -41,7 +42,7 @@ LESSON = Lesson(
    |   like the real internet, it has no route to private 10.x addresses |
    +---------------------------------------------------------------------+
 """,
-    skips={"route": "ns1 has no default route: it does not know where to send 203.0.113.10",
+    skips={"route": "ns1 has no default route: its ping fails inside ns1, Network is unreachable",
            "nat": "no MASQUERADE: packets reach the server from 10.0.5.2 and the replies have "
                   "no way back"},
     tools=("ip", "ping", "iptables", "sysctl", "socat", "ss"),
@@ -65,6 +66,12 @@ def build(L):
                       "SYSTEM:echo $SOCAT_PEERADDR"], INTERNET))
     L.wait_listening(PORT, INTERNET)
 
+    L.step(f"first try: ns1 knows only its own subnet, so {SERVER_IP} has no route; this ping is "
+           f"expected to FAIL at once with '{UNREACHABLE}', before any packet leaves ns1")
+    answered, out = r.probe(in_netns(list(PING) + [SERVER_IP], NS), expect_fail=True)
+    L.check(f"without a route, ns1's ping fails inside ns1 ({UNREACHABLE})", not answered and
+            (r.dry_run or UNREACHABLE in out), out.strip().splitlines()[-1] if out.strip() else "")
+
     if L.step("ns1's default route: anything not on its own subnet goes to the gateway on br0",
               skip="route"):
         cnikit.route_add(r, "default", via=GATEWAY_IP, ns=NS)
@@ -72,34 +79,48 @@ def build(L):
     L.step("forwarding turns the host into a router: without it the host drops packets not meant for it")
     L.sysctl("net.ipv4.ip_forward", 1)
 
-    L.step("try it before NAT: this ping is expected to FAIL")
-    L.check(f"without NAT, ns1 cannot reach {SERVER_IP}", not _ping_seen_by_server(L))
-    L.say(f"the missing piece: the request left with source {NS_IP}, a private address; the "
-          "server's reply goes to 10.0.5.2, and the internet has no route to it:")
-    r.probe(ip("route", "get", NS_IP, ns=INTERNET), expect_fail=True)
+    L.step("second try, with the route but before NAT: this ping is expected to FAIL too, differently")
+    answered, out, seen = _ping_seen_by_server(L)
+    if UNREACHABLE in out:
+        L.say(f"the same failure as before: ns1 still has no route ({UNREACHABLE}); nothing left ns1")
+    elif r.dry_run or not answered:
+        L.say(f"this time the request left: " + (f"the server's side saw it arrive from {NS_IP}. " if seen else "")
+              + f"Its source {NS_IP} is a private address: the server's reply goes to {NS_IP}, and the "
+              "internet has no route to it, so the reply never comes back:")
+        r.probe(ip("route", "get", NS_IP, ns=INTERNET), expect_fail=True)
+    L.check(f"with a route but without NAT, the request reaches the server from {NS_IP} and no reply "
+            "comes back", not answered and UNREACHABLE not in out and (seen or not have("tcpdump")))
 
     if L.step(f"MASQUERADE rewrites the source of what leaves uplink0 to {UPLINK_IP}, an address "
               "the internet can answer; conntrack maps the replies back to 10.0.5.2", skip="nat"):
         cnikit.nat_add(r, SUBNET, UPLINK)
         r.show(cnikit.iptables("-t", "nat", "-S", "POSTROUTING"))
+        L.say("nat add also wrote two FORWARD rules: the first lets ns1's subnet out of uplink0, the "
+              "second lets back in only replies to connections that went out (conntrack's ESTABLISHED, "
+              "RELATED). Where FORWARD's policy is ACCEPT (a fresh sandbox) they change nothing; "
+              "where it is DROP (Docker sets it) egress fails without them")
+        r.show(cnikit.iptables("-S", "FORWARD"))
 
 
 def _ping_seen_by_server(L):
     """Ping the server from ns1, with tcpdump on the server's side when installed so
-    the learner sees the request arrive (and from which address). True if answered."""
+    the learner sees the request arrive (and from which address). Returns (answered,
+    what ping said, whether the server's side saw the request come from ns1's address)."""
     r = L.r
     capture = None
     if have("tcpdump"):
         capture = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", "eth0", "-c", "2", "icmp"], INTERNET))
         if capture is not None and read_until(capture, "listening on", "stderr") is None:
             L.say("tcpdump did not start; going on without it")
-    answered = L.ping(SERVER_IP, NS, expect_fail=True)
+    answered, said = r.probe(in_netns(list(PING) + [SERVER_IP], NS), expect_fail=True)
+    seen = False
     if capture is not None:
         out, _ = r.stop(capture)
+        seen = f"IP {NS_IP} > {SERVER_IP}: ICMP echo request" in out
         if not r.quiet:
             L.say("what the server's side saw (tcpdump in the internet namespace):")
             r.output(out)
-    return answered
+    return answered, said, seen
 
 
 def verify(L):

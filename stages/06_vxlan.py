@@ -97,15 +97,20 @@ def build_node(L, role, underlay_ip, peer_ip, underlay_dev, host=None):
         cnikit.vxlan_fdb_add(r, VXLAN, FLOOD, peer_ip, host=host)
 
 
-def verify_pods(L, role, peer_ip, underlay_dev, host=None):
+def verify_pods(L, role, peer_ip, underlay_dev, host=None, peer_node=None):
     """From ROLE's pod, ping the other node's pod; prove the frames were encapsulated
     (tcpdump on the underlay when installed, vxlan0's counters always) and that
-    vxlan0 learned the remote pod's MAC behind PEER_IP."""
+    vxlan0 learned the remote pod's MAC behind PEER_IP (that pod's own MAC when
+    PEER_NODE, the other node's namespace, can be looked at from here)."""
     r = L.r
     pod, target = NODES[role]["pod"], ip_of(NODES[other(role)]["pod_addr"])
     capture = None
     if have("tcpdump"):
-        L.say(f"watch the underlay for UDP {PORT} while the pod pings")
+        L.say(f"watch the underlay for UDP {PORT} while the pod pings. The filter keeps only the ping: "
+              f"UDP {PORT} (VXLAN) whose inner frame is IPv4 (`udp[28:2] = 0x0800`: the EtherType, after "
+              "8 bytes of UDP header, 8 of VXLAN header and 12 of inner MAC addresses) carrying ICMP "
+              "(`udp[39] = 1`: the inner IPv4 header's protocol byte, 9 bytes into it); the pods' IPv6 "
+              "chatter is left out")
         capture = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", underlay_dev, "-c", "2", CAPTURE], host))
         if capture is not None and read_until(capture, "listening on", "stderr") is None:
             L.say("tcpdump did not start; the counters below are the proof")
@@ -120,29 +125,41 @@ def verify_pods(L, role, peer_ip, underlay_dev, host=None):
         r.output(out) if not r.quiet else None
         # tcpdump decodes UDP 4789 as VXLAN and prints the inner frame: the pod's own
         # ICMP echo, wrapped in UDP between the two underlay addresses.
-        L.check(f"the underlay carried pod1's ping inside UDP {PORT} (VNI {VNI}) to {peer_ip}",
+        L.check(f"the underlay carried {pod}'s ping inside UDP {PORT} (VNI {VNI}) to {peer_ip}",
                 f"> {peer_ip}.{PORT}: VXLAN" in out and f"vni {VNI}" in out and "ICMP echo request" in out)
     r.probe(ip("-s", "link", "show", "dev", VXLAN, ns=host))
     L.check(f"vxlan0 sent and received packets during the ping (tx {before[0]}->{after[0]}, "
             f"rx {before[1]}->{after[1]})", after[0] > before[0] and after[1] > before[1])
 
-    check_learned(L, role, peer_ip, host)
+    check_learned(L, role, peer_ip, host, peer_node)
 
 
-def check_learned(L, role, peer_ip, host=None, pod_ns=None):
+def check_learned(L, role, peer_ip, host=None, peer_node=None):
     """ROLE's vxlan0 learned, from the ping, a MAC behind PEER_IP: the other pod's own
-    eth0 MAC when POD_NS (its namespace) can be looked at from here (the sandbox), any
-    remote MAC otherwise (the other pod lives on another machine)."""
+    eth0 MAC when PEER_NODE (the other node's namespace) can be looked at from here (the
+    sandbox), any remote MAC otherwise (the other pod lives on another machine)."""
     r = L.r
+    L.say(f"{role}'s vxlan0 forwarding table: `self` lines say behind which underlay address a MAC "
+          f"lives (learned from the source of what arrived); {FLOOD} is the flood entry")
     _, fdb = r.probe(bridge("fdb", "show", "dev", VXLAN, ns=host))
     learned = [line.split()[0] for line in fdb.splitlines()
                if f"dst {peer_ip}" in line and not line.startswith(FLOOD)]
-    if pod_ns is None:
+    if peer_node is None:
         L.check(f"vxlan0 learned a remote MAC behind {peer_ip}", learned)
+        if len(learned) > 1:
+            L.say("more than one MAC behind the peer: besides its pod, the peer's own vxlan0 or br0 sent "
+                  "frames of its own (IPv6 neighbour discovery and multicast reports when they came up)")
         return
+    pod_ns = NODES[peer_node]["pod"]
     ok, link = r.probe(ip("-br", "link", "show", "dev", "eth0", ns=pod_ns))
     mac = link.split()[2] if ok and len(link.split()) > 2 else "?"
     L.check(f"{role}'s vxlan0 learned {pod_ns}'s MAC {mac} behind {peer_ip}", mac in learned)
+    own = {(cnikit.get_link(r, dev, peer_node) or {}).get("address"): dev for dev in (VXLAN, BRIDGE)}
+    for other_mac in learned:
+        if other_mac != mac and other_mac in own:
+            L.say(f"the other MAC behind {peer_ip}, {other_mac}, is {peer_node}'s {own[other_mac]} itself: "
+                  "when it came up, its IPv6 sent neighbour discovery and multicast reports of its own, "
+                  f"flooded to {role}, and vxlan0 learned their source like any other")
 
 
 def _counters(r, host):
@@ -168,11 +185,9 @@ def build(L):
 
 
 def verify(L):
-    verify_pods(L, "node1", ip_of(NODES["node2"]["underlay"]), UNDERLAY_DEV, host="node1")
-    # Each side learned where the other pod lives: the MAC of the pod's own eth0.
-    for role in NODES:
-        check_learned(L, role, ip_of(NODES[other(role)]["underlay"]), host=role,
-                      pod_ns=NODES[other(role)]["pod"])
+    verify_pods(L, "node1", ip_of(NODES["node2"]["underlay"]), UNDERLAY_DEV, host="node1", peer_node="node2")
+    # node2 learned too, from the frames that came in: pod1's MAC behind node1.
+    check_learned(L, "node2", ip_of(NODES["node1"]["underlay"]), host="node2", peer_node="node1")
 
 
 # ---------------------------------------------------------------- a real host: one node
@@ -212,7 +227,10 @@ def run_role(args):
     r = cnikit.Runner(dry_run=args.dry_run, quiet=True)
     local, dev = underlay_of(r, peer, args.underlay_dev)
     L.picture = role_picture(L.picture, role, local, dev, peer)
-    if not args.verify:
+    if args.verify:
+        L.goal = (f"{NODES[role]['pod']} on {role} (this host) reaches {NODES[other(role)]['pod']} on "
+                  f"{other(role)} ({peer}) through vxlan0 (VNI {VNI}), inside UDP {PORT} on the underlay")
+    else:
         L.goal = (f"{role}'s half is up: {NODES[role]['pod']} on br0, vxlan0 (VNI {VNI}) flooding to "
                   f"{peer}; then --verify, once {other(role)} has its half, proves the overlay")
 

@@ -21,7 +21,8 @@ KIND_IMAGE = "busybox:1.36"
 LESSON = Lesson(
     "07", "cni",
     goal="as a container runtime, we ADD two pods with our CNI plugin: each gets an address from "
-         "10.244.0.0/24, they reach each other and the gateway, CHECK agrees, and DEL leaves nothing",
+         "10.244.0.0/24, they reach each other and the gateway, CHECK agrees, and DEL leaves nothing of "
+         "the pods (cni0, the node's bridge, stays for the next pod)",
     picture=r"""
    kubelet -> runtime (here: cnikit cni) -> plugin /opt/cni/bin/cnikit  (config /etc/cni/net.d/10-cnikit.conflist)
         CNI_COMMAND=ADD CNI_CONTAINERID=pod1 CNI_NETNS=/run/netns/pod1 CNI_IFNAME=eth0 ... < config
@@ -78,13 +79,18 @@ def build(L):
            "/var/lib/cni/results so CHECK and DEL get it back as prevResult")
     L.stage["pod1"] = _try(L, cnikit.cni_add, "pod1")
 
-    L.step("the plugin's side of it: its log (every call, its env and stdin, what it did)")
+    L.step("the plugin's side of it: its log of that ADD (the call, its CNI_* env and stdin, each "
+           "netlink request it made, the result it printed)")
     if not r.dry_run and os.path.exists(cnikit.cni_log_path()):
-        cnikit.cni_log(r, lines=12, follow=False)
+        cnikit.cni_log(r, lines=_last_call_lines(cnikit.cni_log_path()), follow=False)
     elif not r.dry_run:
         L.say("    (no log: the plugin never ran)")
 
-    L.step("inside the pod: the interface the plugin moved in and named eth0, its address and routes")
+    L.step("and its masquerade (ipMasq): one nat chain per pod, jumped to from POSTROUTING for the pod's "
+           "address: traffic to the pod subnet stays as it is, the rest leaves with the node's address")
+    r.show(cnikit.iptables("-t", "nat", "-S"))
+
+    L.step("inside the pod: the interface the plugin created there as eth0, its address and routes")
     if not r.dry_run and "eth0" not in (cnikit.get_link(r, "eth0", "pod1") or {}).get("ifname", ""):
         L.say("    pod1 has no eth0")
     else:
@@ -94,6 +100,14 @@ def build(L):
     L.step("a second pod, the same way: it gets the next address of the node's subnet")
     cnikit.netns_add(r, "pod2", lo_up=True)
     L.stage["pod2"] = _try(L, cnikit.cni_add, "pod2")
+
+
+def _last_call_lines(path):
+    """How many lines at the end of the plugin's log its last call wrote (from its `===` line)."""
+    with open(path, errors="replace") as f:
+        lines = f.read().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("=== ")]
+    return len(lines) - starts[-1] if starts else len(lines)
 
 
 def _try(L, verb, pod):
@@ -130,6 +144,7 @@ def verify(L):
     L.check(f"pod1 reaches its gateway {GATEWAY} on cni0", L.ping(GATEWAY, "pod1"))
     L.say("CHECK: the runtime hands the cached result back; the plugin verifies it is all still there")
     L.check("CHECK agrees for pod1", _try(L, cnikit.cni_check, "pod1") is True)
+    L.explore("then the lesson DELs both pods, and everything goes")
     L.say("DEL both pods (the chain in reverse, with prevResult), as kubelet does when a pod is deleted")
     for pod in PODS:
         _try(L, cnikit.cni_del, pod)
@@ -138,6 +153,9 @@ def verify(L):
         L.check("nothing is left on the node: no veth, address file, cached result or iptables chain",
                 not left, ", ".join(left))
         L.check("the pods' eth0 went with DEL", not any(cnikit.get_link(r, "eth0", pod) for pod in PODS))
+        L.say("cni0 stays: it is the node's, shared by every pod on it; a DEL cannot know that no other "
+              "pod is about to be added (runtimes call in parallel), so, like the reference bridge "
+              "plugin, ours never deletes it")
 
 
 # ---------------------------------------------------------------- the classic kind flow

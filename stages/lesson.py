@@ -32,6 +32,8 @@ from cnikit import ip, bridge, in_netns  # noqa: E402,F401  (re-exported for the
 
 CNIKIT = os.path.join(ROOT, "cnikit.py")
 PING = ("ping", "-c", "1", "-W", "1")      # one echo, one second: a lost reply fails fast
+ASK_TRIES = 3                                # --keep asks this often for a namespace name
+HOST_SIDE = "host"                           # --keep's name for the sandbox's own (host) side
 WAIT_READY = 5.0                             # seconds a background tool gets to start
 STOP_GRACE = 2.0                             # seconds between SIGTERM and SIGKILL
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -50,6 +52,7 @@ class LessonRunner(cnikit.Runner):
         self.procs = []
         self.spawned = 0          # background processes started (a dry run's script must stop them)
         self._suffix = ""
+        self._tag_said = False    # the ownership tag is explained once per lesson
 
     def _pause(self):
         """Like a presenter: the command is on screen, Enter runs it, q quits."""
@@ -65,8 +68,13 @@ class LessonRunner(cnikit.Runner):
             raise KeyboardInterrupt
 
     def echo(self, argv, suffix=""):
+        tag = is_tag(argv)
+        if tag and not self._tag_said:
+            self._tag_said = True
+            self.note(TAG_WHY)
         super().echo(argv, suffix or self._suffix)
-        self._pause()
+        if not tag:               # bookkeeping, not a step of the lesson: no pause
+            self._pause()
 
     def probe(self, argv, timeout=30, expect_fail=False):
         """As cnikit's probe; EXPECT_FAIL (a command the lesson shows failing) is printed
@@ -131,6 +139,16 @@ def _signal_group(proc, sig):
         pass
 
 
+TAG_WHY = (f"`alias {cnikit.TAG}`: cnikit labels each link it creates (its ifalias, kept by the kernel) "
+           "so `cnikit cleanup` finds its own objects by that label, never by guessing from names; "
+           "it changes nothing in how the link works")
+
+
+def is_tag(argv):
+    """Is ARGV cnikit's `ip link set dev X alias cnikit` (an ownership label)?"""
+    return len(argv) >= 4 and argv[-2:] == ["alias", cnikit.TAG] and "link" in argv and "set" in argv
+
+
 def pod_ip(L, pod):
     """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
     ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
@@ -185,6 +203,7 @@ class Lesson:
         self.host_changes = ""
         self.keep_hint = f"sudo {CNIKIT} cleanup"
         self.steps = 0
+        self.keep, self.explored = False, False     # --keep (True or a namespace); its shell was opened
 
     # -- printing: prose is shell comments, so a dry run stays a script
     def say(self, text=""):
@@ -277,8 +296,9 @@ class Lesson:
             formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--host", action="store_true",
                        help="run on the real host, after saying what it will change (default: a sandbox)")
-        p.add_argument("--keep", action="store_true",
-                       help="leave the topology up; in the sandbox, open a shell to explore it")
+        p.add_argument("--keep", nargs="?", const=True, default=False, metavar="NS",
+                       help="leave the topology up; in the sandbox, open a shell to explore it "
+                            "(`ip netns exec NS bash`: NS given here, else you are asked which)")
         p.add_argument("--step", action="store_true", help="pause before each command: Enter runs it")
         p.add_argument("--dry-run", action="store_true", help="print the whole lesson as a shell script")
         p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
@@ -308,6 +328,7 @@ class Lesson:
             self.start(dry_run=args.dry_run, quiet=args.quiet, stepping=args.step and not args.dry_run,
                        skip=args.skip, color=color)
             self.on_host = args.host
+            self.keep, self.explored = args.keep, False
             if not args.dry_run:
                 self._prepare(build, args.host, adopt)
             self.opening()
@@ -407,6 +428,19 @@ class Lesson:
         line = f"FAIL lesson {self.number} {self.title}: {why}"
         print(line, file=sys.stderr if self.r is None else self.r.out, flush=True)
 
+    def explore(self, after):
+        """--keep in the sandbox: a shell to explore what exists now, in the namespace the
+        learner picks (`ip netns exec NS bash`). Lessons that undo their own work at the end
+        (07's DEL) call it before that; AFTER says what happens once the shell exits."""
+        if not self.keep or self.on_host or self.r.dry_run or self.explored:
+            return
+        self.explored = True
+        self.r.stepping = False
+        ns = choose_netns(self.keep, cnikit.netns_names(self.r))
+        where = f"`ip netns exec {ns} bash`, inside {ns}" if ns else "on the sandbox's host side"
+        self.say(f"--keep: a shell {where}; the topology is yours to explore ({after})")
+        _sandbox_shell(ns)
+
     def _leave(self, args, keep):
         """Leave nothing behind: the sandbox vanishes on exit; on the host, undo what
         the lesson created, newest first. --keep leaves it up (a shell in the sandbox)."""
@@ -414,10 +448,8 @@ class Lesson:
         if r is None or r.dry_run:
             return
         r.stepping = False
-        if keep and not args.host:
-            self.say("--keep: a shell inside the sandbox; the topology is yours to explore "
-                     "(`exit` ends it and everything goes)")
-            _sandbox_shell()
+        if keep and not args.host and not self.explored:
+            self.explore("`exit` ends it and everything goes")
         r.stop_all()
         if keep and args.host:
             self.say("--keep: the topology stays on this host; remove it with: " + self.keep_hint)
@@ -426,12 +458,44 @@ class Lesson:
             r.rollback(why="removing what the lesson created on this host:")
 
 
-def _sandbox_shell():
-    """An interactive shell in the current (sandboxed) process's namespaces."""
+def _sandbox_shell(ns=None):
+    """An interactive shell in the sandbox: in namespace NS (`ip netns exec NS bash`), or
+    on the sandbox's host side."""
     shell = os.environ.get("SHELL") or "/bin/bash"
-    env = dict(os.environ, PS1=cnikit.SANDBOX_PROMPT, CNIKIT_SANDBOX="1")
+    prompt = cnikit.SANDBOX_PROMPT.replace("cnikit-sandbox", f"cnikit-sandbox {ns}") if ns else cnikit.SANDBOX_PROMPT
+    env = dict(os.environ, PS1=prompt, CNIKIT_SANDBOX="1")
     argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
-    return subprocess.call(argv, env=env)
+    return subprocess.call(in_netns(argv, ns), env=env)
+
+
+def _read_line():
+    """One line from stdin, read byte by byte: what follows stays in the pipe for the shell."""
+    data = b""
+    while not data.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            break
+        data += byte
+    return data.decode(errors="replace")
+
+
+def choose_netns(wanted, names, ask=ASK_TRIES):
+    """The namespace --keep opens a shell in: WANTED when it is one of NAMES, else the
+    answer to a question on stdin (Enter, or no answer: the sandbox's host side, None)."""
+    if isinstance(wanted, str):
+        if wanted in names or wanted == HOST_SIDE:
+            return None if wanted == HOST_SIDE else wanted
+        print(f"--keep: there is no namespace {wanted!r} (there are: {' '.join(names)})", file=sys.stderr)
+    for _ in range(ask):
+        print(f"--keep: open a shell in which namespace? {' '.join(names)} "
+              f"[Enter: {HOST_SIDE}, the sandbox's host side] ", end="", file=sys.stderr, flush=True)
+        answer = _read_line()
+        if not answer.strip():
+            return None
+        if answer.strip() in names:
+            return answer.strip()
+        print(f"  no namespace {answer.strip()!r}", file=sys.stderr)
+    return None
 
 
 # How a lesson's summary names each kind of cnikit.Change it lists.

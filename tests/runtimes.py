@@ -20,6 +20,11 @@ import time
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ping", "ip", "sleep", "cat", "true", "ifconfig", "route")
 IMAGE = "localhost/bb:latest"
+# containerd's CRI runs every pod's sandbox ("pause") container from this image: busybox
+# sleeping, imported into the k8s.io namespace, so nothing is ever pulled.
+PAUSE_IMAGE = "localhost/pause:cnikit"
+PAUSE_CMD = ["/bin/sleep", "2147483647"]
+CRI_NAMESPACE = "k8s.io"
 
 # The settings podman 4.3 needs on these machines (hybrid cgroups, no systemd, no
 # CAP_SYS_RESOURCE), from shared/notes/runtimes.md, plus the CNI backend looking where we install.
@@ -120,11 +125,11 @@ def rootfs_tar():
     return buf.getvalue()
 
 
-def docker_archive(path, tag=IMAGE):
+def docker_archive(path, tag=IMAGE, cmd=("/bin/sh",)):
     """A docker-archive image (what `docker save` writes; `ctr images import` reads it)."""
     layer = rootfs_tar()
     layer_id = hashlib.sha256(layer).hexdigest()
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": list(cmd)},
                          "rootfs": {"type": "layers", "diff_ids": ["sha256:" + layer_id]}}).encode()
     config_id = hashlib.sha256(config).hexdigest()
     manifest = json.dumps([{"Config": config_id + ".json", "RepoTags": [tag],
@@ -195,21 +200,35 @@ class Podman:
             self("rm", "-a", "-f", "-t", "0", check=False)
 
 
+def cri_config(bin_dir, conf_dir):
+    """containerd 1.6's CRI plugin section (what kubelet talks to): the pause image we
+    import, the CNI directories, and restrict_oom_score_adj (without it runc fails here:
+    no CAP_SYS_RESOURCE). Its streaming server (exec/attach) listens on loopback only."""
+    cri = '[plugins."io.containerd.grpc.v1.cri"]'
+    return (f'{cri}\n  sandbox_image = "{PAUSE_IMAGE}"\n  restrict_oom_score_adj = true\n'
+            f'  stream_server_address = "127.0.0.1"\n  stream_server_port = "0"\n'
+            f'{cri[:-1]}.cni]\n  bin_dir = "{bin_dir}"\n  conf_dir = "{conf_dir}"\n  max_conf_num = 1\n')
+
+
 class Containerd:
     """A containerd of our own (root, state, socket under DIR), started with setsid and
-    stopped by its pid; `ctr` talks to it."""
+    stopped by its pid; `ctr` talks to it. CRI=(bin_dir, conf_dir): its CRI service uses
+    those CNI directories, with our pause image (tests/cri.py speaks to it)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, cri=None):
         self.dir = directory
         self.sock = os.path.join(directory, "containerd.sock")
         self.proc = None
         self.log = os.path.join(directory, "containerd.log")
+        self.cri = cri
 
     def start(self):
         config = os.path.join(self.dir, "config.toml")
         with open(config, "w") as f:
             f.write(f'version = 2\nroot = "{self.dir}/root"\nstate = "{self.dir}/state"\n'
                     f'[grpc]\n  address = "{self.sock}"\n[ttrpc]\n  address = "{self.sock}.ttrpc"\n')
+            if self.cri:
+                f.write(cri_config(*self.cri))
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(["containerd", "--config", config], stdout=log, stderr=log,
                                          start_new_session=True)
@@ -258,10 +277,23 @@ class Containerd:
             with open(self.log) as f:
                 return "containerd did not start: " + f.read().strip()[-300:]
         self("images", "import", docker_archive(os.path.join(self.dir, "bb.tar")))
+        if self.cri:
+            self("-n", CRI_NAMESPACE, "images", "import",
+                 docker_archive(os.path.join(self.dir, "pause.tar"), PAUSE_IMAGE, PAUSE_CMD))
         proc = self("run", "--rm", IMAGE, "probe", "true", check=False)
         if proc.returncode != 0:
             return f"containerd cannot start a container here (even without a network): {proc.stderr.strip()[-300:]}"
         return None
+
+
+def wait_for(predicate, seconds=20):
+    """True as soon as PREDICATE() is (polled every 0.1 s), False after SECONDS."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @contextlib.contextmanager

@@ -4,12 +4,11 @@ is started by the fixture (setsid) on its own socket and state dirs and stopped 
 Skips only when containerd cannot start a container at all here (and says why)."""
 import ipaddress
 import subprocess
-import time
 
 import pytest
 
 from kernel import cli, iptables_rules, veths
-from runtimes import IMAGE, Containerd, allocations, runtime_session
+from runtimes import IMAGE, Containerd, allocations, runtime_session, wait_for
 
 SUBNET = "10.244.13.0/24"
 GATEWAY = "10.244.13.1"
@@ -19,15 +18,6 @@ GATEWAY = "10.244.13.1"
 def ctr():
     with runtime_session(Containerd, "ct") as c:
         yield c
-
-
-def wait_for(predicate, seconds=20):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_ctr_run_cni_uses_our_plugin_and_leaves_nothing(ctr):

@@ -18,7 +18,7 @@ def test_kind_install_dry_run_prints_every_docker_command():
     proc = cli("-v", "--dry-run", "cni", "kind-install", "demo", check=True)
     out = proc.stdout
     for node, cidr in (("demo-control-plane", "10.244.0.0/24"), ("demo-worker", "10.244.1.0/24")):
-        assert (f"docker exec {node} apt-get update -qq\n"
+        assert (f"docker exec {node} apt-get update -qq -o APT::Update::Error-Mode=any\n"
                 f"docker exec -e DEBIAN_FRONTEND=noninteractive {node} apt-get install -y -qq "
                 "--no-install-recommends python3-minimal\n") in out
         assert (f"docker cp {PLUGIN} {node}:/opt/cni/bin/.cnikit.tmp\n"
@@ -36,8 +36,24 @@ def test_kind_install_dry_run_prints_every_docker_command():
         or "no docker answer" in out
     # the same conflist on every node; the node's subnet lives in subnet.env (flannel-style)
     conflist = out.split("10-cnikit.conflist.tmp <<'EOF'\n")[1].split("\nEOF")[0]
+    # ... and the whole cluster pod range is never masqueraded: no NAT between pods (as kindnet)
     assert json.loads(conflist) == {"cniVersion": "1.0.0", "name": "cnikit", "plugins": [
-        {"type": "cnikit"}, {"type": "portmap", "capabilities": {"portMappings": True}}]}
+        {"type": "cnikit", "nonMasqueradeCIDRs": ["10.244.0.0/16"]},
+        {"type": "portmap", "capabilities": {"portMappings": True}}]}
+
+
+def test_uninstall_kind_dry_run_removes_what_install_wrote_on_every_node():
+    out = cli("--dry-run", "cni", "uninstall", "--kind", "demo", check=True).stdout
+    for node in ("demo-control-plane", "demo-worker"):
+        assert (f"docker exec {node} rm -f /etc/cni/net.d/10-cnikit.conflist /run/cnikit/subnet.env "
+                "/opt/cni/bin/cnikit\n") in out
+
+
+def test_cluster_pod_range_is_kinds_or_the_nodes_podcidrs_merged():
+    plan = lambda *cidrs: {f"n{i}": {"podCIDR": c} for i, c in enumerate(cidrs)}  # noqa: E731
+    assert cnikit.kind_cluster_cidrs(plan("10.244.0.0/24", "10.244.7.0/24")) == ["10.244.0.0/16"]
+    assert cnikit.kind_cluster_cidrs(plan("10.100.0.0/24", "10.100.1.0/24", "fd00:10::/64")) == \
+        ["10.100.0.0/23", "fd00:10::/64"]
 
 
 def test_install_kind_is_the_same_as_kind_install():
@@ -99,15 +115,34 @@ def test_kind_install_no_nodes_is_a_usage_error(fp, monkeypatch):
         cnikit.kind_install(cnikit.Runner(color=False), "demo")
 
 
-def test_kind_install_failed_apt_in_node_is_one_line_error(fp, monkeypatch):
+def _mock_node_without_python(fp, monkeypatch, update_rc, install_rc, install_err):
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}" if tool == "docker" else None)
     fp.register(["docker", "ps", fp.any()], stdout="demo-control-plane\n")
     fp.register(["docker", "inspect", fp.any()], stdout="172.18.0.2")
     fp.register(["docker", "exec", "demo-control-plane", "test", "-x", "/usr/bin/python3"], returncode=1)
-    fp.register(["docker", "exec", "demo-control-plane", "apt-get", "update", "-qq"])
+    fp.register(["docker", "exec", "demo-control-plane", "apt-get", "update", fp.any()], returncode=update_rc,
+                stderr="" if update_rc == 0 else "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/"
+                "InRelease  Could not connect to deb.debian.org:80\nE: Some index files failed to download.\n")
     fp.register(["docker", "exec", "-e", "DEBIAN_FRONTEND=noninteractive", "demo-control-plane", "apt-get",
-                 "install", fp.any()], returncode=100, stderr="E: Unable to locate package python3-minimal\n")
-    with pytest.raises(cnikit.CommandFailed, match="Unable to locate package python3-minimal"):
+                 "install", fp.any()], returncode=install_rc, stderr=install_err)
+
+
+def test_kind_install_apt_that_exits_0_without_lists_names_the_real_cause(fp, monkeypatch):
+    """An apt too old for Error-Mode=any: update exits 0 although no mirror answered, and the
+    install then says "Unable to locate package" (apt-get's exit 0 cannot be made for real here)."""
+    _mock_node_without_python(fp, monkeypatch, 0, 100, "E: Unable to locate package python3-minimal\n")
+    with pytest.raises(cnikit.CnikitError) as e:
+        cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
+    msg = str(e.value)
+    assert msg.startswith("demo-control-plane has no python3") and "\n" not in msg
+    assert "cannot reach a package mirror (apt-get update fetched no package lists)" in msg
+    assert "make kind-up KIND_NODE=derived" in msg
+    assert not any("docker cp" in " ".join(c) for c in fp.calls)      # nothing written
+
+
+def test_kind_install_other_apt_failure_is_quoted(fp, monkeypatch):
+    _mock_node_without_python(fp, monkeypatch, 0, 100, "E: Could not get lock /var/lib/dpkg/lock-frontend\n")
+    with pytest.raises(cnikit.CnikitError, match=r"apt-get failed \(E: Could not get lock"):
         cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
 
 

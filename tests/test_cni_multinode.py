@@ -1,6 +1,6 @@
-"""The multi-node pod network (stages/07b_multinode.py): our plugin on two nodes with
-per-node subnets, VXLAN between them; a ping crosses the nodes, and without the routes
-it does not."""
+"""The multi-node pod network (stages/07b_multinode.py): our plugin on three nodes with
+per-node subnets, VXLAN between them flannel's way; pings cross the nodes, and without the
+routes they do not."""
 
 from kernel import run_stage
 
@@ -10,12 +10,14 @@ def stage(*args):
     return run_stage("07b_multinode.py", *args)
 
 
-def test_pods_on_two_nodes_reach_each_other_through_vxlan():
+def test_pods_on_three_nodes_reach_each_other_through_vxlan():
     proc = stage()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     out = proc.stdout
     assert "check: pod1 on node1 got 10.244.1.2 from node1's subnet 10.244.1.0/24: ok" in out
     assert "check: pod2 on node2 got 10.244.2.2 from node2's subnet 10.244.2.0/24: ok" in out
+    assert "check: pod3 on node3 got 10.244.3.2 from node3's subnet 10.244.3.0/24: ok" in out
+    assert "check: pod3 (node3) reaches pod1 (node1): ok" in out
     assert "check: pod1 (node1) reaches pod2 (node2) across the nodes: ok" in out
     assert "ip netns exec node1 env CNI_COMMAND=ADD CNI_CONTAINERID=pod1" in out
     assert "ip -n node1 route add 10.244.2.0/24 via 10.244.2.0 dev vxlan0 onlink" in out
@@ -31,4 +33,5 @@ def test_without_routes_the_cross_node_ping_fails():
 def test_dry_run_is_a_script():
     proc = stage("--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "ip -n node1 link add vxlan0 mtu 1450 type vxlan id 1 dstport 4789 remote 10.0.8.2 dev eth0" in proc.stdout
+    assert "ip -n node1 link add vxlan0 mtu 1450 type vxlan id 1 dstport 4789 local 10.0.8.1 dev eth0 nolearning" \
+        in proc.stdout

@@ -232,13 +232,27 @@ def test_host_mode_refuses_to_adopt_a_namespace_it_did_not_create():
     assert "ns1" in str(sh.ip("netns", "list"))
 
 
-def test_keep_opens_a_shell_inside_the_sandbox_with_the_topology():
-    proc = lesson("02", "--keep", input="ip -n ns1 -br addr show dev eth0\nexit\n",
+def test_keep_asks_for_a_namespace_and_opens_a_shell_inside_it():
+    """--keep asks which namespace (a wrong name is asked again), then the shell is
+    `ip netns exec NS bash`: a bare `ip addr` there shows ns1's own eth0."""
+    proc = lesson("02", "--keep", input="nope\nns1\nip -br addr show dev eth0\nexit\n",
                   env=dict(os.environ, SHELL="/bin/bash"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    assert "--keep: a shell inside the sandbox" in proc.stdout
-    assert "10.0.2.2/24" in proc.stdout
+    assert "open a shell in which namespace? ns1" in proc.stderr and "no namespace 'nope'" in proc.stderr
+    assert "--keep: a shell `ip netns exec ns1 bash`, inside ns1" in proc.stdout
+    assert re.search(r"^eth0@\S+\s+UP\s+10\.0\.2\.2/24", proc.stdout, re.M), proc.stdout[-1500:]
     assert sh.ip("netns", "list").strip() == ""          # the sandbox took it all away
+
+
+def test_keep_with_a_namespace_named_and_enter_for_the_host_side():
+    named = lesson("02", "--keep", "ns1", input="ip -br link show dev eth0\nexit\n",
+                   env=dict(os.environ, SHELL="/bin/bash"))
+    assert named.returncode == 0 and "inside ns1" in named.stdout and "open a shell in which" not in named.stderr
+    assert re.search(r"^eth0@\S+\s+UP", named.stdout, re.M), named.stdout[-1500:]
+    host = lesson("02", "--keep", input="\nip -br link show dev veth-ns1\nexit\n",
+                  env=dict(os.environ, SHELL="/bin/bash"))
+    assert host.returncode == 0 and "on the sandbox's host side" in host.stdout
+    assert re.search(r"^veth-ns1@\S+\s+UP", host.stdout, re.M), host.stdout[-1500:]
 
 
 def test_step_mode_waits_for_enter_and_q_quits_before_running_the_command():
@@ -247,8 +261,8 @@ def test_step_mode_waits_for_enter_and_q_quits_before_running_the_command():
     assert done.stderr.count("[Enter] run, q quit") >= 10
     quit_ = lesson("01", "--step", input="q\n")
     assert quit_.returncode == 130
-    assert "ip netns add ns1" in quit_.stdout and "FAIL lesson 01 netns: interrupted" in quit_.stdout
-    assert "ip -n ns1 link set dev lo alias cnikit" not in quit_.stdout     # stopped at the first command
+    assert "ip link add host0 type bridge" in quit_.stdout and "FAIL lesson 01 netns: interrupted" in quit_.stdout
+    assert "ip link set dev host0 alias cnikit" not in quit_.stdout     # stopped at the first command
 
 
 def test_help_lists_the_steps_to_skip_and_what_breaks():
@@ -368,6 +382,24 @@ def test_lesson_05_without_masquerade_but_with_conntrack_fails_the_conntrack_che
         L.r.stop_all()
 
 
+def test_lesson_07b_without_forwarding_entries_fails_flannel_has_no_flood_to_fall_back_on():
+    proc = run_stage("07b_multinode.py", "--skip", "fdb", timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "pod3 (node3) reaches pod1 (node1)" in verdict(proc) and "floods nowhere" in verdict(proc)
+
+
+def test_lesson_07b_is_flannel_three_nodes_no_remote_no_multicast_one_entry_per_peer():
+    script = run_stage("07b_multinode.py", "--dry-run", timeout=TIMEOUT).stdout
+    vxlans = re.findall(r"^ip -n (node\d) link add vxlan0 .*$", script, re.M)
+    assert vxlans == ["node1", "node2", "node3"]
+    for line in re.findall(r"^ip -n node\d link add vxlan0 .*$", script, re.M):
+        assert " remote " not in line and " group " not in line and line.endswith(" nolearning")
+    fdb = re.findall(r"^bridge -n (node\d) fdb append (\S+) dev vxlan0 dst (\S+)$", script, re.M)
+    assert len(fdb) == 6 and "00:00:00:00:00:00" not in script.split("# verification")[0]
+    neigh = re.findall(r"^ip -n (node\d) neigh replace (\S+) lladdr (\S+) dev vxlan0 nud permanent$", script, re.M)
+    assert sorted((n, mac) for n, _, mac in neigh) == sorted((n, mac) for n, mac, _ in fdb)
+
+
 def test_lesson_07b_counter_check_fails_when_no_pod_traffic_crosses():
     proc = run_stage("07b_multinode.py", "--skip", "routes", timeout=TIMEOUT)
     assert proc.returncode == 1
@@ -423,6 +455,90 @@ def test_lesson_07b_host_mode_leaves_no_file_behind():
     assert "#   files:" in proc.stdout and "/etc/cni/node1.d/10-pods-node1.conflist" in proc.stdout
     assert host_state() == before
     assert not os.path.exists("/etc/cni/node1.d")
+
+
+# ---------------------------------------------------------------- narration a learner can trust
+
+def test_lesson_02_moves_and_renames_the_peer_as_the_series_plugin_does_then_shows_the_short_way():
+    script = lesson("02", "--dry-run").stdout
+    order = ["ip link add veth-ns1 type veth peer name veth-ns1-peer",
+             "ip link set dev veth-ns1-peer netns ns1",
+             "ip -n ns1 link set dev veth-ns1-peer name eth0",
+             "ip -n ns1 link set dev eth0 up",
+             "ip link add veth-ns2 type veth peer name eth0 netns ns2"]
+    at = [script.index(line + "\n") for line in order]
+    assert at == sorted(at), at
+
+
+def test_lesson_03_shows_an_address_on_a_bridge_port_answering_no_one_then_moves_it():
+    out = lesson("03").stdout
+    assert "# check: over its plain cable ns1 reaches 10.0.3.1 on veth-ns1: ok" in out
+    assert "# check: with 10.0.3.1 on a port, no namespace reaches it: ok" in out
+    assert "ip addr del 10.0.3.1/24 dev veth-ns1\nip addr add 10.0.3.1/24 dev br0\n" in out
+    assert "# check: 10.0.3.1 is on br0, and on no port: ok" in out
+    assert "gateway" not in out.split("# [1]")[0]          # no route uses it in lesson 03
+
+
+def test_lesson_05_egress_fails_twice_in_the_normal_run_each_failure_named_rightly():
+    out = lesson("05").stdout
+    first, rest = out.split("# [5]", 1)
+    assert "ping: connect: Network is unreachable" in first
+    assert "# check: without a route, ns1's ping fails inside ns1 (Network is unreachable): ok" in first
+    assert "IP 10.0.5.2 > 203.0.113.10: ICMP echo request" in rest       # seen from the far side
+    assert "the internet has no route to it" in rest
+    assert "the request reaches the server from 10.0.5.2 and no reply comes back: ok" in rest
+    assert "-A FORWARD -d 10.0.5.0/24 -i uplink0 -m conntrack --ctstate RELATED,ESTABLISHED" in rest
+    skipped = lesson("05", "--skip", "route").stdout
+    second = skipped.split("second try")[1].split("# [")[0]
+    assert "Network is unreachable" in second and "ns1 still has no route" in second
+    assert "the internet has no route to it" not in second
+
+
+def test_lesson_04_without_a_listener_says_nothing_came_back():
+    out = lesson("04", "--skip", "listen").stdout
+    assert "got back nothing" in out and "got back None" not in out
+
+
+def test_the_ownership_alias_is_explained_once_and_never_paused_on(monkeypatch):
+    import io
+    sys.path.insert(0, STAGES)
+    import lesson as lesson_lib
+    out = io.StringIO()
+    r = lesson_lib.LessonRunner(stepping=True, dry_run=False, quiet=False, color=False, out=out)
+    answers = io.StringIO("\n" * 10)
+    monkeypatch.setattr(sys, "stdin", answers)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    for argv in (["ip", "link", "add", "br0", "type", "bridge"], ["ip", "link", "set", "dev", "br0", "alias", "cnikit"],
+                 ["ip", "-n", "ns1", "link", "set", "dev", "lo", "alias", "cnikit"], ["ip", "link", "set", "br0", "up"]):
+        r.echo(argv)
+    assert answers.tell() == 2                            # two pauses: the two real steps
+    assert out.getvalue().count("# `alias cnikit`: cnikit labels each link") == 1
+    full = lesson("03").stdout
+    assert full.count("# `alias cnikit`:") == 1 and full.count("alias cnikit\n") >= 4
+
+
+def test_lesson_06_names_each_side_and_prints_each_forwarding_table_once():
+    out = lesson("06").stdout
+    assert out.count("bridge -n node1 fdb show dev vxlan0\n") == 1
+    assert out.count("bridge -n node2 fdb show dev vxlan0\n") == 1
+    assert "udp[28:2] = 0x0800`: the EtherType" in out and "`udp[39] = 1`" in out
+
+
+def test_lesson_07_shows_the_whole_add_in_the_log_the_masquerade_rules_and_why_cni0_stays():
+    out = run_stage("07_cni.py", timeout=TIMEOUT).stdout
+    log = out.split("its log of that ADD")[1].split("# [")[0]
+    assert "=== ADD" in log and "CNI_CONTAINERID=pod1" in log and '  stdin: {' in log and "  result: {" in log
+    assert re.search(r"^-A POSTROUTING -s 10\.244\.0\.2/32 .*-j CNIKIT-", out, re.M)
+    assert "cni0 stays: it is the node's" in out and "(cni0, the node's bridge, stays" in out
+
+
+def test_keep_on_lesson_07_opens_the_shell_before_the_pods_are_deleted():
+    proc = run_stage("07_cni.py", "--keep", "pod1", input="ip -br addr show dev eth0\nexit\n",
+                     env=dict(os.environ, SHELL="/bin/bash"), timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    shell_at = proc.stdout.index("--keep: a shell `ip netns exec pod1 bash`")
+    assert re.search(r"^eth0@\S+\s+UP\s+10\.244\.0\.2/24", proc.stdout[shell_at:], re.M)
+    assert proc.stdout.index("DEL both pods") > shell_at
 
 
 def test_host_mode_leaves_even_when_build_breaks_unexpectedly():

@@ -1,0 +1,161 @@
+"""`cnikit cni kind-install` on real containers that stand in for a kind cluster's nodes
+(tests/kindlike.py: podman, `--rootfs /:O`, `docker` being podman), not on a mocked docker.
+
+Proves: the derived-image path (python3 in the nodes) installs plugin, conflist, subnet file
+and routes on every node, atomically, and a re-run changes nothing; kubelet's part played
+inside each node (pod netns, ADD through the installed conflist with K8S_POD_* args, DEL with
+and without the netns) gives pods that reach their gateway and the pods of every other node
+with rp_filter=1, with no NAT between pods (seen from the receiving pod), and DEL leaves
+nothing; uninstall --kind removes it all; the stock path (no python3, no mirror) stops with
+one line naming the node and the fix, changing no node.
+"""
+import ipaddress
+import json
+
+import pytest
+
+import cnikit
+import kindlike
+from kernel import cli
+
+CLUSTER = "kl"
+CONF = cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET)
+PLUGIN = f"{cnikit.CNI_PLUGIN_DIR}/{cnikit.CNI_TYPE}"
+SUBNETS = {f"{CLUSTER}-control-plane": "10.244.0.0/24", f"{CLUSTER}-worker": "10.244.1.0/24",
+           f"{CLUSTER}-worker2": "10.244.2.0/24"}
+
+
+def make_cluster(python):
+    reason = kindlike.cannot_run()
+    if reason:
+        pytest.skip(reason)
+    with kindlike.podman_as_docker():
+        r = cnikit.Runner(quiet=True, color=False)
+        try:
+            nodes = kindlike.up(r, CLUSTER, workers=2, python=python)
+        except cnikit.CnikitError as e:
+            pytest.skip(f"podman cannot start a kind-like node here: {e}")
+        yield r, nodes
+
+
+@pytest.fixture
+def derived():
+    """Three kind-like nodes with python3 (as from kind/Dockerfile's derived image)."""
+    yield from make_cluster(python=True)
+
+
+@pytest.fixture
+def stock():
+    """Three kind-like nodes as kind's stock image: no python3."""
+    yield from make_cluster(python=False)
+
+
+def installed_state(r, node):
+    return {"plugin": kindlike.node_file(r, node, PLUGIN), "conf": kindlike.node_file(r, node, CONF),
+            "subnet": kindlike.node_file(r, node, cnikit.NODE_SUBNET_FILE),
+            "routes": kindlike.node_routes(r, node)}
+
+
+def test_kind_install_on_nodes_with_python3_then_rerun_then_uninstall(derived):
+    r, nodes = derived
+    assert nodes == list(SUBNETS)
+    ips = {node: cnikit.kind_node_ip(r, node) for node in nodes}
+    assert all(ips.values()), ips
+    proc = cli("cni", "kind-install", CLUSTER, check=True)
+    out = proc.stdout
+    with open(cnikit.CNI_PLUGIN_SRC) as f:
+        plugin = "#!/usr/bin/python3 -IS\n" + f.read().split("\n", 1)[1]
+    for node in nodes:
+        assert f"{node}: {cnikit.CNI_PYTHON} is there" in out
+        # written atomically: to a temp name in the same directory, then renamed
+        assert f"docker exec {node} mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit" in out
+        assert f"docker exec {node} mv -f /etc/cni/net.d/.10-cnikit.conflist.tmp {CONF}" in out
+        state = installed_state(r, node)
+        assert state["plugin"] == plugin
+        assert json.loads(state["conf"]) == {"cniVersion": "1.0.0", "name": "cnikit", "plugins": [
+            {"type": "cnikit", "nonMasqueradeCIDRs": ["10.244.0.0/16"]},
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}
+        assert state["subnet"] == f"CNIKIT_SUBNET={SUBNETS[node]}\n"
+        assert state["routes"] == {SUBNETS[o]: ips[o] for o in nodes if o != node}
+        ok, tmp = r.query(cnikit.docker_exec(node, "find", "/opt/cni/bin", "/etc/cni/net.d", "/run/cnikit",
+                                             "-name", ".*.tmp"))
+        assert ok and tmp == ""
+    before = {node: installed_state(r, node) for node in nodes}
+
+    again = cli("cni", "kind-install", CLUSTER, check=True).stdout
+    assert "nothing to do" in again, again
+    commands = [line for line in again.splitlines() if not line.startswith("#")]
+    assert commands == [], commands            # no docker cp, no write, no route: only look-ups
+    assert {node: installed_state(r, node) for node in nodes} == before
+
+    gone = cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
+    for node in nodes:
+        assert f"docker exec {node} rm -f" in gone
+        assert installed_state(r, node) == {"plugin": None, "conf": None, "subnet": None, "routes": {}}
+        # what the node had before stays: the reference plugins, python3
+        ok, left = r.query(cnikit.docker_exec(node, "ls", cnikit.CNI_PLUGIN_DIR))
+        assert sorted(left.split()) == sorted(kindlike.NODE_PLUGINS)
+    assert "nothing to do" in cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
+
+
+def test_kubelet_played_in_the_nodes_pods_reach_across_nodes_without_nat(derived):
+    r, nodes = derived
+    cli("cni", "kind-install", CLUSTER, check=True)
+    for node in nodes:
+        ok, rp = r.query(cnikit.docker_exec(node, "sysctl", "-n", "net.ipv4.conf.all.rp_filter"))
+        assert ok and rp.strip() == "1"
+        kindlike.install_runtime(r, node)
+    pods = {node: f"web-{i}" for i, node in enumerate(nodes)}
+    addr = {node: kindlike.pod_add(r, node, pods[node], CONF) for node in nodes}
+    for node in nodes:
+        assert addr[node] and ipaddress.ip_address(addr[node]) in ipaddress.ip_network(SUBNETS[node]), addr
+        ok, log = r.query(cnikit.docker_exec(node, "cat", cnikit.CNI_LOG))
+        # the plugin ran in that node, called as kubelet's runtime calls it
+        assert ok and "ADD" in log and f"K8S_POD_NAME={pods[node]}" in log and kindlike.sandbox_id(node, pods[node]) in log
+        gateway = str(ipaddress.ip_network(SUBNETS[node])[1])
+        ok, out = r.probe(cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], "ping", "-c", "1", "-W", "2",
+                                             gateway))
+        assert ok, out
+    for i, node in enumerate(nodes):      # every pod serves "which address do you come from?"
+        kindlike.serve_peer_address(r, node, pods[node], 8080)
+        kindlike.serve_peer_address(r, node, pods[node], 5353, udp=True)
+    for node in nodes:
+        for other in nodes:
+            if other == node:
+                continue
+            ok, out = r.probe(cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], "ping", "-c", "1", "-W",
+                                                 "2", addr[other]))
+            assert ok, f"{pods[node]} on {node} cannot reach {pods[other]} on {other}: {out}"
+            # no NAT between pods: the far side sees the sender pod's own address, not its node's
+            seen_tcp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 8080)
+            seen_udp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 5353, udp=True)
+            assert seen_tcp == addr[node] and seen_udp == addr[node], (node, other, seen_tcp, seen_udp)
+    # DEL as containerd does: with the netns and prevResult, then again without either;
+    # on the last node the netns is gone first (a node restart): only the DEL without it
+    for i, node in enumerate(nodes):
+        kindlike.pod_del(r, node, pods[node], CONF, netns_first=(i == len(nodes) - 1))
+        assert kindlike.node_leftovers(r, node) == []
+        ok, netns = r.query(cnikit.docker_exec(node, "ip", "netns", "list"))
+        assert ok and netns.strip() == ""
+        ok, log = r.query(cnikit.docker_exec(node, "cat", cnikit.CNI_LOG))
+        assert log.count("DEL") >= 1
+
+
+def test_stock_nodes_without_python3_fail_in_one_line_and_stay_unchanged(stock):
+    r, nodes = stock
+    before = {node: installed_state(r, node) for node in nodes}
+    proc = cli("cni", "kind-install", CLUSTER)
+    assert proc.returncode == 1, proc
+    node = nodes[0]
+    assert f"{node}: no python3 (kind node images carry none): installing python3-minimal in the node" in proc.stdout
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line = errors[0]
+    assert line.startswith(f"cnikit: error: {node} has no python3"), line
+    assert "cannot reach a package mirror" in line and "Temporary failure resolving" in line, line
+    assert "make kind-up KIND_NODE=derived" in line and "no node was changed" in line, line
+    assert "Unable to locate package" not in line
+    assert {node: installed_state(r, node) for node in nodes} == before
+    for node in nodes:
+        ok, _ = r.query(cnikit.docker_exec(node, "test", "-e", cnikit.CNI_PYTHON))
+        assert not ok
