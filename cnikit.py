@@ -89,8 +89,8 @@ class CommandFailed(CnikitError):
 
 # ---------------------------------------------------------------- validation (pure)
 
-_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
 
 
 def check_ifname(name, what="interface name"):
@@ -1411,7 +1411,9 @@ CNI_SHOW_MAX = 240                          # stdin longer than this is shortene
 CNI_TIMEOUT = 60
 CNI_VERSION_CHECK, CNI_VERSION_STATUS = (0, 4, 0), (1, 1, 0)   # CHECK needs 0.4.0, STATUS and GC 1.1.0
 CNI_VERSION_ENV = {"CNI_NETNS": "dummy", "CNI_IFNAME": "dummy", "CNI_PATH": "dummy"}  # libcni's VERSION call
-_CNI_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A name the plugin accepts (container id, network name, plugin type): what its valid_name takes.
+CNI_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")     # \Z: no trailing newline
+CNI_NET_NAME_MAX = 63                       # a network name becomes a file name and part of a conflist's
 
 KIND_NODE_LABEL = "io.x-k8s.kind.cluster"
 KIND_POD_CIDR = "10.244.0.0/16"             # kind's default podSubnet; node i gets 10.244.i.0/24
@@ -1596,7 +1598,7 @@ def cni_netns_path(netns):
 
 
 def cni_check_id(cid):
-    if not isinstance(cid, str) or not _CNI_ID_RE.match(cid):
+    if not isinstance(cid, str) or not CNI_NAME_RE.match(cid):
         raise UsageError(f"container id {cid!r} is invalid: letters, digits, '_', '.', '-', "
                          "starting with a letter or digit")
     return cid
@@ -2031,7 +2033,7 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
             raise UsageError(f"--chain {c!r}: cnikit chains {', '.join(CNI_CHAINABLE)}")
     if version:
         cni_version_tuple(version)
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", ptype or ""):
+    if not CNI_NAME_RE.match(ptype or ""):
         raise UsageError(f"--type {ptype!r} is not a plain file name")
     src = _cni_plugin_source(plugin_src)
     shebang = cni_shebang(python)
@@ -2078,7 +2080,7 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
 
 
 def _cni_check_name(name):
-    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", name):
+    if not isinstance(name, str) or not CNI_NAME_RE.match(name) or len(name) > CNI_NET_NAME_MAX:
         raise UsageError(f"network name {name!r} is invalid: letters, digits, '_', '.', '-'")
     return name
 
@@ -2313,7 +2315,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
             ptype = json.loads(text)["plugins"][0]["type"] if ok else CNI_TYPE
         except (ValueError, KeyError, IndexError, TypeError):
             ptype = CNI_TYPE
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", str(ptype)):
+        if not CNI_NAME_RE.match(str(ptype)):
             ptype = CNI_TYPE
         dst = os.path.join(plugin_dir, ptype)
         files = [conf_path, NODE_SUBNET_FILE]
@@ -2352,6 +2354,9 @@ def cni_check_options(args):
     """Every option of a `cni` verb, before anything runs: no empty values, absolute
     directories where a runtime reads them, and nothing a verb would ignore."""
     for dest, value in sorted(vars(args).items()):
+        # DEL may name no netns (a runtime's second DEL, after the netns is gone: CNI_NETNS="")
+        if dest == "netns" and args.verb == "del" and value == "":
+            continue
         if isinstance(value, str) and not value.strip():
             raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} is empty")
     for dest in ("plugin_dir", "conf_dir"):
