@@ -1385,7 +1385,9 @@ def _is_ip(text):
 # the open the way libcni does it: read the network config (a .conf or a .conflist), set the CNI_*
 # variables, run each plugin of the chain with the previous plugin's result as prevResult, run
 # DEL in reverse order, and cache the result of ADD so CHECK and DEL get it as prevResult.
-# Every plugin invocation is printed as a line you can paste (env ... PLUGIN <<< 'stdin').
+# Every plugin invocation is printed as lines you can paste into any POSIX sh: env ... PLUGIN <<'EOF',
+# the stdin, EOF. A dry run keeps each ADD result in a shell variable, so the script it prints
+# hands it on as the next plugin's prevResult, caches it, and gives it back to CHECK and DEL.
 
 CNI_PLUGIN_DIR = "/opt/cni/bin"
 CNI_CONF_DIR = "/etc/cni/net.d"
@@ -1537,10 +1539,49 @@ def cni_invocation_argv(env, plugin, host=None):
     return in_netns(["env"] + [f"{k}={v}" for k, v in env.items()] + [plugin], host)
 
 
-def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
+class PlannedResult:
+    """A plugin's result that a dry run cannot know: the script it prints keeps it in the
+    shell variable NAME. Put in a stdin object (as prevResult), it is printed as $NAME."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def heredoc_json(obj, separators=(",", ":")):
+    """OBJ as JSON for a here-document: (text, expands). A PlannedResult inside becomes
+    $NAME; then the document must expand (<<EOF), so JSON's own \\, $ and ` are escaped."""
+    names = []
+
+    def planned(o):
+        if isinstance(o, PlannedResult):
+            names.append(o.name)
+            return f"\0{o.name}\0"
+        raise TypeError(f"{type(o).__name__} is not JSON")
+    text = json.dumps(obj, separators=separators, default=planned)
+    if not names:
+        return text, False
+    text = re.sub(r"[\\$`]", r"\\\g<0>", text)
+    for name in names:
+        text = text.replace(f'"\\\\u0000{name}\\\\u0000"', "$" + name)
+    return text, True
+
+
+def echo_heredoc(r, argv, body, expands=False, capture=None):
+    """Echo ARGV with BODY as its here-document, lines any POSIX sh (dash) runs. EXPANDS:
+    BODY names shell variables (<<EOF, not <<'EOF'). CAPTURE: the script keeps what ARGV
+    prints in that shell variable (NAME=$( ... ))."""
+    if capture and not r.quiet:
+        r.output(f"{capture}=$(")
+    r.echo(argv, " <<EOF" if expands else " <<'EOF'")
+    if not r.quiet:
+        r.output(body + "\nEOF" + ("\n)" if capture else ""))
+
+
+def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None, keep=None):
     """Run plugin TYPE for COMMAND the way a runtime does; echo the call, print what it
     answers. Returns the parsed result (None when the plugin prints nothing, and in a dry
-    run). A CNI error (non-zero exit, JSON error on stdout) raises CnikitError."""
+    run, where KEEP names the shell variable the script keeps the answer in: then a
+    PlannedResult). A CNI error (non-zero exit, JSON error on stdout) raises CnikitError."""
     try:
         plugin = cni_find_plugin(ptype, cni_path)
     except UsageError:
@@ -1548,13 +1589,15 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None):
             raise
         plugin = os.path.join(cni_path.split(":")[0], ptype)   # where a planned install puts it
     env = {"CNI_COMMAND": command, **env, "CNI_PATH": env.get("CNI_PATH", cni_path)}
-    stdin = json.dumps(stdin_obj, separators=(",", ":"))
     argv = in_netns([plugin], host)
-    # Echoed with its stdin as a here-string: the line pastes into bash (-v: stdin in full).
-    r.echo(cni_invocation_argv(env, plugin, host),
-           " <<< " + shlex.quote(cni_shorten(stdin, None if r.verbose else CNI_SHOW_MAX)))
     if r.dry_run:
-        return None
+        # The script must replay: stdin in full, results kept in shell variables.
+        body, expands = heredoc_json(stdin_obj)
+        echo_heredoc(r, cni_invocation_argv(env, plugin, host), body, expands, capture=keep)
+        return PlannedResult(keep) if keep else None
+    stdin = json.dumps(stdin_obj, separators=(",", ":"))
+    # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
+    echo_heredoc(r, cni_invocation_argv(env, plugin, host), cni_shorten(stdin, None if r.verbose else CNI_SHOW_MAX))
     started = time.monotonic()
     try:
         proc = r.execute(argv, input=stdin, env=env, timeout=CNI_TIMEOUT)
@@ -1638,14 +1681,22 @@ def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result, netns
     runtime does (a documented exception to "everything runs through the runner"), and
     recorded as this invocation's file. A disk error is a CnikitError (the caller rolls back)."""
     path = cni_cache_path(net["name"], cid, ifname)
-    if r.dry_run:
-        r.note(f"the result would be cached in {path}")
-        r.record(Change.file(path))
-        return path
     record = {"kind": "cniCacheV1", "containerId": cid, "ifName": ifname, "networkName": net["name"],
               "config": base64.b64encode(net["raw"]).decode(), "cniArgs": [list(p) for p in cni_args],
               **({"netns": netns} if netns else {}),
               "capabilityArgs": runtime_config or {}, "result": result}
+    if r.dry_run:
+        if not isinstance(result, PlannedResult):
+            r.note(f"the result would be cached in {path}")
+            r.record(Change.file(path))
+            return path
+        # the script caches the result it kept, as the real run does (CHECK and DEL read it)
+        r.note(f"cache the result in {path} (CHECK and DEL get it as prevResult)")
+        body, expands = heredoc_json(record, separators=None)
+        r.run(["mkdir", "-p", CNI_CACHE_DIR])
+        echo_heredoc(r, ["install", "-m", "0644", "/dev/stdin", path + ".tmp"], body, expands)
+        r.run(["mv", "-f", path + ".tmp", path], creates=Change.file(path))
+        return path
     tmp = path + ".tmp"
     try:
         os.makedirs(CNI_CACHE_DIR, exist_ok=True)
@@ -1662,7 +1713,9 @@ def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result, netns
 
 def cni_cache_drop(r, net_name, cid, ifname):
     path = cni_cache_path(net_name, cid, ifname)
-    if not r.dry_run and os.path.exists(path):
+    if r.dry_run:
+        r.run(["rm", "-f", path])       # a planned ADD's script cached it
+    elif os.path.exists(path):
         try:
             os.unlink(path)
         except OSError as e:
@@ -1707,6 +1760,18 @@ class CniCall:
         return cni_version_tuple(self.net["cniVersion"]) >= wanted
 
 
+def cni_result_var(call):
+    """The shell variable a dry run's script keeps this attachment's ADD result in."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"result_{call.cid}_{call.ifname}")
+
+
+def cni_planned_result(r, call):
+    """The result a planned ADD in this same dry run keeps in the script (a PlannedResult),
+    or None: a dry run of DEL or CHECK alone cannot know it."""
+    planned = r.dry_run and r.made("file", cni_cache_path(call.net["name"], call.cid, call.ifname))
+    return PlannedResult(cni_result_var(call)) if planned else None
+
+
 def _cni_need_attachment(r, call, verb):
     if not call.cid and call.netns:
         raise UsageError(f"cni {verb} {call.netns}: a path outside {NETNS_DIR} names no container "
@@ -1738,10 +1803,14 @@ def cni_add(r, call):
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
     prev = None
+    keep = cni_result_var(call) if r.dry_run else None
     try:
         for i, plugin in enumerate(net["plugins"]):
             prev = cni_exec(r, plugin["type"], "ADD", call.env(),
-                            cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host)
+                            cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host,
+                            keep=keep)
+            if isinstance(prev, PlannedResult):
+                continue
             if prev is not None and not r.quiet and i < len(net["plugins"]) - 1:
                 r.note(f"{plugin['type']} result (the next plugin's prevResult): "
                        + cni_shorten(json.dumps(prev, separators=(",", ":")), 160))
@@ -1750,6 +1819,10 @@ def cni_add(r, call):
         r.note("ADD failed: DEL the whole chain, as a runtime does, so nothing is left behind")
         _cni_del_chain(r, call, None, best_effort=True)
         raise
+    if isinstance(prev, PlannedResult):
+        if call.print_result and not r.quiet:
+            r.output(f"printf '%s\\n' \"${keep}\"")     # the result, as the real run prints it
+        return None
     if prev is not None and call.print_result:
         r.output(json.dumps(prev, indent=2))
     return prev
@@ -1780,7 +1853,10 @@ def cni_del(r, call):
     _cni_need_attachment(r, call, "del")
     net = call.net
     cached = cni_cache_read(net["name"], call.cid, call.ifname)
-    prev = cached.get("result") if cached and call.version_at_least(CNI_VERSION_CHECK) else None
+    planned = cni_planned_result(r, call)
+    prev = None
+    if call.version_at_least(CNI_VERSION_CHECK):
+        prev = planned or (cached or {}).get("result")
     # As libcni's cached config: what ADD was given (CNI_ARGS, capability args) unless given again now.
     if cached and call.runtime_config == {} and isinstance(cached.get("capabilityArgs"), dict):
         call.runtime_config = cached["capabilityArgs"]
@@ -1788,8 +1864,14 @@ def cni_del(r, call):
     if not call.args_given and isinstance(cached_args, list) and \
             all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in cached_args):
         call.args = [tuple(p) for p in cached_args]
-    r.note(f"DEL {call.cid} {call.ifname} from network {net['name']}, in reverse order"
-           + ("" if cached else " (no cached result: plugins get no prevResult)"))
+    if planned or cached:
+        why = ""
+    elif r.dry_run:
+        why = (" (a dry run cannot read the result an ADD caches when the script runs: plugins get no "
+               "prevResult and release what they hold by container id, as on containerd's second DEL)")
+    else:
+        why = " (no cached result: plugins get no prevResult)"
+    r.note(f"DEL {call.cid} {call.ifname} from network {net['name']}, in reverse order{why}")
     _cni_del_chain(r, call, prev)
     cni_cache_drop(r, net["name"], call.cid, call.ifname)
 
@@ -1804,13 +1886,16 @@ def cni_check(r, call):
     if net.get("disableCheck"):
         r.note(f"{net['path']} says disableCheck: a runtime skips CHECK for network {net['name']}, and so does this")
         return True
-    if r.dry_run:
+    planned = cni_planned_result(r, call)
+    if r.dry_run and not planned:
         # The ADD result lives only in the runtime's cache, after a real ADD: a script
         # printed in advance cannot hand it to the plugin, and CHECK without it is an error.
         r.note(f"CHECK {call.cid} {call.ifname}: needs the ADD result as prevResult (the runtime's cache), "
                "which a dry run cannot know: not printed")
         return True
-    cached = cni_cache_read(net["name"], call.cid, call.ifname)
+    # a planned ADD of this same dry run: the script hands over the result it kept
+    cached = {"result": planned, "capabilityArgs": call.runtime_config} if planned else \
+        cni_cache_read(net["name"], call.cid, call.ifname)
     if not cached:
         raise CnikitError(f"no cached result for {call.cid} {call.ifname} on {net['name']}: "
                           f"was it added? (looked for {cni_cache_path(net['name'], call.cid, call.ifname)})")
@@ -1819,7 +1904,8 @@ def cni_check(r, call):
         cni_exec(r, plugin["type"], "CHECK", call.env(),
                  cni_plugin_stdin(net, plugin, cached["result"], cached.get("capabilityArgs")),
                  call.cni_path, call.host)
-    r.note("CHECK passed: every plugin found its part in place")
+    if not r.dry_run:
+        r.note("CHECK passed: every plugin found its part in place")
     return True
 
 
@@ -2394,6 +2480,31 @@ def cni_runtime_config(text):
     return rc
 
 
+def cni_planned_conf(r, conf, conf_dir):
+    """A dry run plans for a fresh host: with no network config there yet (and none named
+    with --conf but the default one), it plans against the one a plain `cni install` writes,
+    says so, and prints a guard that stops the script if another config is in place when it
+    runs. Returns that parsed config, or None (the config on disk is read as usual)."""
+    path = cni_conf_file(conf_dir, CNI_NET)
+    if not r.dry_run or (conf or path) != path or os.path.exists(path):
+        return None
+    if not conf:
+        try:
+            cni_default_conf(conf_dir)
+            return None
+        except UsageError:
+            pass
+    text = json.dumps(cni_conflist(), indent=2) + "\n"
+    r.note(f"no network config in {conf_dir} yet: planned against the one `cnikit cni install` writes "
+           f"by default ({path}); the script stops here if another one is in place")
+    r.echo(["cmp", "-s", path, "-"], " <<'EOF' || { echo " + shlex.quote(
+        f"{path} is not the config this script was planned against: the default of cnikit cni install")
+        + " >&2; exit 1; }")
+    if not r.quiet:
+        r.output(text + "EOF")
+    return cni_parse(text.encode(), path)
+
+
 def cni_dispatch(args, r):
     """`cnikit cni VERB`: the runtime verbs above, from parsed arguments."""
     v = args.verb
@@ -2421,7 +2532,8 @@ def cni_dispatch(args, r):
         return out if isinstance(out, int) else EXIT_OK
     else:
         call = CniCall(args.netns, args.conf, args.ifname, args.cid, args.conf_dir, args.cni_path,
-                       args.cni_args, cni_runtime_config(args.runtime_config), args.host)
+                       args.cni_args, cni_runtime_config(args.runtime_config), args.host,
+                       net=cni_planned_conf(r, args.conf, args.conf_dir))
         {"add": cni_add, "del": cni_del, "check": cni_check, "status": cni_status, "gc": cni_gc,
          "version": cni_version}[v](r, call)
     return EXIT_OK

@@ -94,6 +94,18 @@ def _install(cnikit, plugin_dir, **form):
     return os.path.join(plugin_dir, cnikit.CNI_TYPE)
 
 
+def install_form(cnikit, form):
+    """cni_install's keyword arguments for FORM: "default" (what `cnikit cni install` does
+    with no option), "plain" (the file) or "precompiled" (a zipapp carrying its bytecode);
+    None when this cnikit has no such option."""
+    params = inspect.signature(cnikit.cni_install).parameters
+    if form == "default":
+        return {}
+    if form == "plain":
+        return {"plain": True} if "plain" in params else {"precompiled": False} if "precompiled" in params else None
+    return {"precompiled": True} if "precompiled" in params else None
+
+
 def installed_forms(work):
     """{name: argv}: our plugin as `cnikit cni install` puts it by default ("installed"),
     and in its other form (a plain file or a zipapp carrying bytecode), built by cnikit itself."""
@@ -101,11 +113,25 @@ def installed_forms(work):
     import cnikit
     default = _install(cnikit, tempfile.mkdtemp(prefix="installed-", dir=work))
     forms = {OURS: [default]}
-    if "precompiled" in inspect.signature(cnikit.cni_install).parameters:
-        zipped = zipfile.is_zipfile(default)
-        other = "installed-plain" if zipped else "installed-precompiled"
-        forms[other] = [_install(cnikit, tempfile.mkdtemp(prefix=other + "-", dir=work), precompiled=not zipped)]
+    other = "plain" if zipfile.is_zipfile(default) else "precompiled"
+    kwargs = install_form(cnikit, other)
+    if kwargs is not None:
+        path = _install(cnikit, tempfile.mkdtemp(prefix=other + "-", dir=work), **kwargs)
+        if zipfile.is_zipfile(path) != zipfile.is_zipfile(default):
+            forms["installed-" + other] = [path]
     return forms
+
+
+def machine():
+    """The machine a result belongs to: CPUs, CPU model, kernel, the plugin's Python, load."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        model = "?"
+    py = subprocess.run([PYTHON, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True, text=True)
+    return (f"{os.cpu_count()} CPUs ({model}), kernel {os.uname().release}, {PYTHON} {py.stdout.strip()}, "
+            f"load average {os.getloadavg()[0]:.1f}")
 
 
 def form_label(argv):
@@ -430,9 +456,7 @@ def main():
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     try:
         who = contenders(work, args.all_forms)
-        print(f"# cni_latency {time.strftime('%Y-%m-%d')}: {args.rounds} rounds, cniVersion 1.0.0, "
-              f"{os.cpu_count()} CPUs, {PYTHON} {sys.version.split()[0] if sys.executable == PYTHON else ''}, "
-              f"kernel {os.uname().release}")
+        print(f"# cni_latency {time.strftime('%Y-%m-%d')}: {args.rounds} rounds, cniVersion 1.0.0; {machine()}")
         for name in who:
             if name.startswith("installed"):
                 print(f"# {name}: {form_label(who[name])}")
@@ -441,19 +465,21 @@ def main():
             results[scen], floors[scen] = bench(who, SCENARIOS[scen], args.rounds, args.rss_rounds, work)
             report(TITLES[scen], results[scen], floors[scen])
         names = [BASELINE, OURS]
-        scaled = scale(who, names, args.pods, args.scale_samples, work) if args.pods else None
-        if scaled:
-            print(f"\n## scale (classic): median ADD ms on an empty bridge vs with {args.pods} pods on it "
-                  f"({args.scale_samples} alternating samples)")
-            for name, (e, f) in scaled.items():
-                print(f"{name:22s} empty {e:7.1f}   {args.pods} pods {f:7.1f}   ratio {f / e:.2f}x")
+        # before the scale row, whose pods stay until the end
         par = parallel(who, names, args.parallel, args.parallel_rounds, work) if args.parallel else None
         if par:
             print(f"\n## parallel (classic): {args.parallel} ADDs at once, median wall ms of "
                   f"{args.parallel_rounds} alternating rounds")
             for name, wall in par.items():
                 print(f"{name:22s} {wall:7.1f} ms   {args.parallel * 1000 / wall:6.1f} ADD/s")
+        scaled = scale(who, names, args.pods, args.scale_samples, work) if args.pods else None
+        if scaled:
+            print(f"\n## scale (classic): median ADD ms on an empty bridge vs with {args.pods} pods on it "
+                  f"({args.scale_samples} alternating samples)")
+            for name, (e, f) in scaled.items():
+                print(f"{name:22s} empty {e:7.1f}   {args.pods} pods {f:7.1f}   ratio {f / e:.2f}x")
         rows = summary(results, floors, scaled, par, args.parallel, args.pods)
+        print(f"# load average at the end {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
         if args.json:
             print(json.dumps({"latency": results, "floor": floors, "scale": scaled, "parallel": par,
                               "targets": [{"what": w, "measured": m, "ok": ok} for w, m, ok in rows]}, indent=1))

@@ -3,6 +3,7 @@
 same runtime, same machine, same image, alternating, printed as a ratio (target <= 1.0x).
 
     sudo .venv/bin/python bench/container_start.py [--rounds 15] [--runtime podman|containerd|cri|all]
+                                               [--form default|plain|precompiled]
 
 One sample is a whole `podman run --rm --network NET IMAGE true` (or `ctr run --rm --cni`):
 the container is created, the runtime calls the network's plugins (ADD; podman also
@@ -16,8 +17,8 @@ spelled out: a bridge, a veth, an address from the subnet, a default route, masq
 It runs itself in a throwaway sandbox (network + mount namespace, private /etc/cni,
 /opt/cni/bin, /var/lib/cni, /var/log; the runtimes' storage on a private tmpfs): nothing
 reaches the host, and no packet leaves the sandbox. Our plugin is installed in the form
-`cnikit cni install` uses by default (the first line says which), or with `--precompiled`
-as `cnikit cni install --precompiled` does (a zipapp carrying its bytecode).
+`cnikit cni install` uses by default (the first line says which), or with --form plain or
+--form precompiled (a zipapp carrying its bytecode) as install's options of those names do.
 """
 import argparse
 import json
@@ -34,6 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import cnikit  # noqa: E402
+from cni_latency import install_form, machine  # noqa: E402
 from runtimes import IMAGE, Containerd, Podman, cgroup_dirs, drop_new_cgroups, drop_scratch_dir, \
     mount_cgroups, scratch_dir  # noqa: E402
 
@@ -175,8 +177,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15, help="samples per contender (default 15)")
     p.add_argument("--runtime", choices=("podman", "containerd", "cri", "all"), default="all")
-    p.add_argument("--precompiled", action="store_true",
-                   help="install our plugin with --precompiled (default: the form install uses by default)")
+    p.add_argument("--form", choices=("default", "plain", "precompiled"), default="default",
+                   help="how our plugin is installed: as `cnikit cni install` does by default, or the plain "
+                        "file, or a zipapp carrying its bytecode")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: needs root (it starts containers in a sandbox): sudo python3 bench/container_start.py")
@@ -186,16 +189,19 @@ def main():
     mount_cgroups()
     cgroups = cgroup_dirs()
     r = cnikit.Runner(quiet=True)
-    # the plugin as `cnikit cni install` puts it by default (or --precompiled)
-    cnikit.cni_install(r, "ours-install", **({"precompiled": True} if args.precompiled else {}))
+    # the plugin as `cnikit cni install` puts it by default (or --form plain|precompiled)
+    form = install_form(cnikit, args.form)
+    if form is None:
+        raise SystemExit(f"bench: this cnikit has no install option for --form {args.form}")
+    cnikit.cni_install(r, "ours-install", **form)
     os.unlink(cnikit.cni_conf_file(CONF_DIR, "ours-install"))
     installed = os.path.join(cnikit.CNI_PLUGIN_DIR, cnikit.CNI_TYPE)
     with open(installed, "rb") as f:
         first = f.readline().decode().strip()
     first = f"{'zipapp' if zipfile.is_zipfile(installed) else 'plain file'}, {first}"
-    print(f"container start {time.strftime('%Y-%m-%d')}, {args.rounds} alternating rounds, {os.cpu_count()} CPUs, "
-          f"kernel {os.uname().release}; our plugin vs bridge + host-local "
-          f"(installed{' --precompiled' if args.precompiled else ''}: {first})")
+    print(f"container start {time.strftime('%Y-%m-%d')}, {args.rounds} alternating rounds; {machine()}\n"
+          f"our plugin vs bridge + host-local "
+          f"(installed, form {args.form}: {first})")
     try:
         if args.runtime in ("podman", "all"):
             report("podman", *bench_podman(args.rounds))
@@ -203,6 +209,7 @@ def main():
             report("containerd", *bench_containerd(args.rounds))
         if args.runtime in ("cri", "all"):
             report("cri", *bench_cri(args.rounds))
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         drop_new_cgroups(cgroups)
 

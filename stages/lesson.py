@@ -51,6 +51,7 @@ class LessonRunner(cnikit.Runner):
         self.stepping = stepping
         self.procs = []
         self.spawned = 0          # background processes started (a dry run's script must stop them)
+        self.jobs = []            # a dry run: shell variables holding the PIDs ($!) of jobs still running
         self._suffix = ""
         self._tag_said = False    # the ownership tag is explained once per lesson
 
@@ -99,17 +100,53 @@ class LessonRunner(cnikit.Runner):
 
     def spawn(self, argv, stdin=False):
         """Start a background process, echoed with `&`; STDIN=True gives it a pipe
-        the lesson writes to. Each gets its own process group, stopped as a whole."""
+        the lesson writes to. Each gets its own process group, stopped as a whole.
+        A dry run's script remembers each job's PID ($!) and, from the first one on,
+        traps its own end (a failing step under `sh -e`, Ctrl-C) to stop exactly those."""
+        if self.dry_run and not self.spawned:
+            self.note("the script remembers what it starts in the background by its PID ($!) and stops it "
+                      "when it ends, even when a step fails or it is interrupted")
+            self._script("trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM")
         proc = super().spawn(argv, stdin=stdin)
         self.spawned += 1
         if proc is not None:
             self.procs.append(proc)
+        elif self.dry_run:
+            self.jobs.append(f"job{self.spawned}")
+            self._script(f"{self.jobs[-1]}=$!")
+            self._trap_jobs()
         return proc
+
+    def _script(self, line):
+        """A line of shell that only a dry run's script needs (no command of the lesson's)."""
+        if not self.quiet:
+            self.output(line)
+
+    def _trap_jobs(self):
+        """(Re)set the script's EXIT trap to stop the jobs still running, and no others."""
+        pids = " ".join(f"${job}" for job in self.jobs)
+        self._script(f"trap 'kill {pids} 2>/dev/null; wait' EXIT" if self.jobs else "trap - EXIT")
+
+    def _stop_job(self, job):
+        self.jobs.remove(job)
+        self._script(f"kill ${job} 2>/dev/null && wait ${job} || true")
+
+    def stop_jobs(self):
+        """A dry run's end: its script stops the jobs still running (the live lesson's stop_all)."""
+        if self.jobs:
+            self.note("stop what this script started in the background (listeners, captures)")
+            for job in list(self.jobs):
+                self._stop_job(job)
+            self._trap_jobs()
 
     def stop(self, proc, wait=0.0):
         """Stop PROC's whole process group, after letting it end by itself for up to
-        WAIT seconds (tcpdump -c N); returns what it printed (stdout, stderr)."""
+        WAIT seconds (tcpdump -c N); returns what it printed (stdout, stderr). A dry run
+        has no process (spawn returned None): its script stops the newest job still running."""
         if proc is None:
+            if self.dry_run and self.jobs:
+                self._stop_job(self.jobs[-1])
+                self._trap_jobs()
             return "", ""
         if wait:
             try:
@@ -403,11 +440,9 @@ class Lesson:
     def _verdict(self, args, finish):
         r = self.r
         if r.dry_run:
-            if r.spawned and not r.quiet:
-                # The live lesson stops its listeners and captures; so must the script, or
-                # they outlive it (and keep its namespaces alive).
-                r.note("stop what this script started in the background (listeners, captures)")
-                r.output("kill $(jobs -p) 2>/dev/null || true")
+            # The live lesson stops its listeners and captures; so must the script, or
+            # they outlive it (and keep its namespaces alive).
+            r.stop_jobs()
             r.note("dry run: the checks above were printed, not run; the lesson's picture of what "
                    "exists comes from: " + shlex.join([CNIKIT, "show"]))
             return EXIT_PASS

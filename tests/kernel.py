@@ -1,8 +1,11 @@
 """Test helpers that look at the real kernel (through `sh`) and run the cnikit CLI."""
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 
 import sh
 
@@ -16,6 +19,33 @@ def cli(*args, check=False, input=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"cnikit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+NOBODY = 65534
+
+
+def _others_can_enter(path):
+    """Can a user who is not root reach files in PATH (o+x on it and every parent)?"""
+    path = os.path.abspath(path)
+    while True:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
+
+
+def cli_as_nobody(*args):
+    """Run `python3 cnikit.py ARGS` as uid/gid 65534, as a user without root would. It runs
+    a world-readable copy of cnikit.py (all it needs: stdlib only) from a temp directory,
+    because the checkout may live where that user cannot read, e.g. a clone in /root (0700)."""
+    base = next(d for d in (tempfile.gettempdir(), "/tmp", "/dev/shm") if os.path.isdir(d) and _others_can_enter(d))
+    with tempfile.TemporaryDirectory(prefix="cnikit-nobody-", dir=base) as d:
+        os.chmod(d, 0o755)
+        shutil.copyfile(CNIKIT, os.path.join(d, "cnikit.py"))
+        os.chmod(os.path.join(d, "cnikit.py"), 0o644)
+        return subprocess.run(["python3", "cnikit.py", *args], capture_output=True, text=True, cwd=d,
+                              user=NOBODY, group=NOBODY, extra_groups=[], stdin=subprocess.DEVNULL)
 
 
 def run_stage(script, *args, input=None, env=None, timeout=300):

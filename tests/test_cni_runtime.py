@@ -39,9 +39,19 @@ def invocations(stdout):
     calls = []
     for line in stdout.splitlines():
         if line.startswith("env CNI_COMMAND="):
-            words = line.split(" <<< ")[0].split()
+            words = line.split(" <<")[0].split()
             calls.append((words[1].split("=", 1)[1], os.path.basename(words[-1])))
     return calls
+
+
+def calls_printed(stdout, command):
+    """Each COMMAND call the runtime printed: its lines, from `env ...` to its here-document's EOF."""
+    lines, found = stdout.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.startswith(f"env CNI_COMMAND={command} "):
+            assert line.endswith(" <<'EOF'") and lines[i + 2] == "EOF", lines[i:i + 3]
+            found.append(lines[i:i + 3])
+    return found
 
 
 def pod_addr(ns):
@@ -141,10 +151,10 @@ def test_runtime_drives_reference_chain_with_prev_result_cache_and_reverse_del()
     # the echoed call is the one a runtime makes: the real env, the plugin, its stdin
     first = [l for l in add.stdout.splitlines() if l.startswith("env CNI_COMMAND=ADD")][0]
     for part in ("CNI_CONTAINERID=pod1", "CNI_NETNS=/run/netns/pod1", "CNI_IFNAME=eth0",
-                 "CNI_ARGS=IgnoreUnknown=1", "CNI_PATH=/opt/cni/bin:/usr/lib/cni", "/usr/lib/cni/bridge <<< "):
+                 "CNI_ARGS=IgnoreUnknown=1", "CNI_PATH=/opt/cni/bin:/usr/lib/cni", "/usr/lib/cni/bridge <<'EOF'"):
         assert part in first
-    second = [l for l in add.stdout.splitlines() if "/usr/lib/cni/portmap <<< " in l][0]
-    assert '"prevResult":' in second
+    second = calls_printed(add.stdout, "ADD")[1]
+    assert second[0].endswith("/usr/lib/cni/portmap <<'EOF'") and '"prevResult":' in second[1]
     cache = json.load(open("/var/lib/cni/results/refnet-pod1-eth0"))
     assert cache["kind"] == "cniCacheV1" and cache["containerId"] == "pod1" and cache["ifName"] == "eth0"
     assert cache["result"]["ips"][0]["address"] == "10.88.0.2/24"
@@ -155,7 +165,7 @@ def test_runtime_drives_reference_chain_with_prev_result_cache_and_reverse_del()
     assert refused.returncode == 2 and "already attached" in refused.stderr
     dele = run("cni", "del", "pod1", "--conf", conf)
     assert invocations(dele.stdout) == [("DEL", "portmap"), ("DEL", "bridge")]
-    assert all('"prevResult":' in l for l in dele.stdout.splitlines() if l.startswith("env CNI_COMMAND=DEL"))
+    assert all('"prevResult":' in stdin for _, stdin, _ in calls_printed(dele.stdout, "DEL"))
     assert not os.path.exists("/var/lib/cni/results/refnet-pod1-eth0")
     assert "eth0" not in links("pod1") and os.listdir("/var/lib/cni/networks/refnet") in ([], ["last_reserved_ip.0", "lock"], ["lock", "last_reserved_ip.0"])
     again = run("cni", "del", "pod1", "--conf", conf)
@@ -182,7 +192,7 @@ def test_single_conf_file_and_version_verb():
                    "ipam": {"type": "host-local", "subnet": "10.89.0.0/24"}}, f)
     run("netns", "add", "p")
     out = run("cni", "add", "p", "--id", "c0ffee", "--ifname", "net1").stdout    # the first conf in the dir
-    assert json.loads(out[out.index("\n{") + 1:])["cniVersion"] == "0.4.0"
+    assert json.loads(out[out.index("\n{\n") + 1:])["cniVersion"] == "0.4.0"
     assert "net1" in links("p") and os.path.exists("/var/lib/cni/results/one-c0ffee-net1")
     run("cni", "check", "p", "--id", "c0ffee", "--ifname", "net1")
     run("cni", "del", "p", "--id", "c0ffee", "--ifname", "net1")
@@ -303,11 +313,11 @@ def test_verbose_prints_the_whole_stdin_pasteable():
     run("cni", "install")
     run("netns", "add", "pod1")
     out = run("-v", "cni", "add", "pod1").stdout
-    line = [l for l in out.splitlines() if l.startswith("env CNI_COMMAND=ADD")][0]
-    assert "…" not in line
+    call = calls_printed(out, "ADD")[0]
+    assert "…" not in call[1]
     run("cni", "del", "pod1")
-    # pasting the printed line into a shell does the same ADD
-    sh.bash("-c", line.replace("<<< ", "<<< "))
+    # pasting the printed lines into a shell (dash, Debian's sh) does the same ADD
+    sh.dash("-e", _in="\n".join(call) + "\n")
     assert pod_addr("pod1").startswith("10.244.0.")
 
 

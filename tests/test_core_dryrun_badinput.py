@@ -52,7 +52,7 @@ def test_dry_run_replayed_with_sh_builds_the_same_kernel_state_as_the_real_run(t
     plan = "".join(cli("--dry-run", *cmd, check=True).stdout for cmd in SCENARIO)
     (tmp_path / "plan.sh").write_text(plan)
     assert "ip -n node1 link add vxlan0 mtu 1450" in plan and "iptables -w -t nat -A POSTROUTING" in plan
-    replayed = in_fresh_sandbox(f"sh -e {tmp_path / 'plan.sh'} >/dev/null")
+    replayed = in_fresh_sandbox(f"dash -e {tmp_path / 'plan.sh'} >/dev/null")     # Debian's sh
     assert replayed == real
     assert real["node1"]["links"]["vxlan0"]["mtu"] == 1450
 

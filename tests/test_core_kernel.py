@@ -9,7 +9,7 @@ import sh
 
 import cnikit
 
-from kernel import addrs, cli, iptables_rules, links, netns_list, ping, snapshot
+from kernel import addrs, cli, cli_as_nobody, iptables_rules, links, netns_list, ping, snapshot
 
 
 def run(*args):
@@ -228,9 +228,7 @@ def test_sandbox_runs_a_command_and_leaves_nothing():
 
 
 def test_not_root_says_so_and_shows_what_would_run():
-    proc = subprocess.run(["python3", "cnikit.py", "bridge", "add", "br0", "--addr", "10.0.0.1/24"],
-                          capture_output=True, text=True, user=65534, group=65534,
-                          cwd=__file__.rsplit("/tests/", 1)[0])
+    proc = cli_as_nobody("bridge", "add", "br0", "--addr", "10.0.0.1/24")
     assert proc.returncode == 2
     assert "root is needed" in proc.stderr
     assert "ip link add br0 type bridge" in proc.stdout
@@ -296,8 +294,7 @@ def test_cleanup_dry_run_lists_what_exists_and_without_root_says_what_it_cannot_
     plan = run("--dry-run", "cleanup").stdout
     assert "ip link del br0" in plan and "ip netns del ns1" in plan and "would remove 2" in plan
     assert "br0" in links() and netns_list() == ["ns1"]
-    proc = subprocess.run(["python3", "cnikit.py", "cleanup"], capture_output=True, text=True,
-                          user=65534, group=65534, cwd=__file__.rsplit("/tests/", 1)[0])
+    proc = cli_as_nobody("cleanup")
     assert proc.returncode == 2 and "ip link del br0" in proc.stdout
     assert "could not look at" in proc.stdout and "namespace ns1" in proc.stdout
 

@@ -1,0 +1,279 @@
+"""A dry run is a POSIX sh script (Debian's sh is dash): every lesson's, the README tour's
+and the README's `cnikit cni` sequence, each replayed with `dash -e` in a fresh sandbox,
+build the same kernel state as the real run, and nothing the script starts outlives it,
+also when one of its steps fails or it is stopped.
+
+The real run and the replay each get a nested sandbox of their own (`cnikit.py sandbox`),
+so their namespaces, links, rules and CNI directories start empty and vanish after.
+"""
+import glob
+import importlib.util
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from kernel import ROOT, cli, netns_list, snapshot
+
+STAGES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "stages", "[0-9]*.py")))
+CNIKIT = [sys.executable, os.path.join(ROOT, "cnikit.py")]
+DASH = "/bin/dash"
+TIMEOUT = 180
+# The kernel state of the sandbox and of every namespace in it (kernel.snapshot leaves out
+# what legitimately differs between two runs: MACs, ifindexes, counters).
+SNAPSHOT = ("import json, subprocess, sys; sys.path.insert(0, {tests!r}); from kernel import snapshot, netns_list; "
+            "print(json.dumps(snapshot(netns_list())))").format(tests=os.path.join(ROOT, "tests"))
+MARK = "CNIKIT_REPLAY"     # an environment variable every process a replay starts inherits
+
+
+def in_sandbox(script, mark):
+    """Run shell SCRIPT (sh) in a fresh nested sandbox, then snapshot the kernel state there.
+    Every process it starts carries MARK=<mark> in its environment."""
+    return subprocess.run(CNIKIT + ["-q", "sandbox", "--", "sh", "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, SNAP=SNAPSHOT, **{MARK: mark}), timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def state_of(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def marked(mark):
+    """PIDs of live processes (not zombies) whose environment carries MARK=<mark>."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if f"{MARK}={mark}".encode() in env and stat[stat.rindex(")") + 2:][:1] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def assert_nothing_left(mark):
+    """No process the replay started is still alive (a killed one gets a moment to go);
+    whatever is left is killed so it never leaks out of the test, then reported."""
+    deadline = time.monotonic() + 2
+    while (left := marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    names = []
+    for pid in left:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                names.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, f"the script left {len(left)} process(es) running: {names}"
+
+
+def replay(script_path, mark=None):
+    """`dash -e SCRIPT` in a fresh sandbox: (the CompletedProcess, the kernel state it left)."""
+    mark = mark or uuid.uuid4().hex
+    proc = in_sandbox(f"{DASH} -e {shlex.quote(str(script_path))} >/dev/null\n{sys.executable} -c \"$SNAP\"", mark)
+    assert_nothing_left(mark)
+    return state_of(proc)
+
+
+def dry_run_lines(script):
+    """The commands of a script, comments and here-document bodies left out."""
+    out, end = [], None
+    for line in script.splitlines():
+        if end is not None:
+            end = None if line == end else end
+            continue
+        m = re.search(r"<<'?(\w+)'?", line)
+        if m:
+            end = m.group(1)
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+# ---------------------------------------------------------------- the lessons
+
+def load_lesson(stage):
+    """Import stages/STAGE.py as a module (its name starts with a digit)."""
+    sys.path.insert(0, os.path.join(ROOT, "stages"))
+    spec = importlib.util.spec_from_file_location(f"lesson_{stage}", os.path.join(ROOT, "stages", stage + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, tmp_path):
+    """The lesson for real, as in its sandbox (build and verify, driven here in the test's
+    fresh sandbox, so what it built is still there to look at), against its --dry-run
+    piped into `dash -e` in a fresh sandbox of its own."""
+    mod = load_lesson(stage)
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.build(L)
+        mod.verify(L)
+    finally:
+        L.r.stop_all()
+    assert L.passed(), L.checks
+    real = snapshot(netns_list())
+    dry = subprocess.run([sys.executable, os.path.join(ROOT, "stages", stage + ".py"), "--dry-run", "--color",
+                          "never"], capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert dry.returncode == 0, dry.stderr
+    assert "<<<" not in dry.stdout and "jobs -p" not in dry.stdout      # bash-only, or empty in dash
+    (tmp_path / "lesson.sh").write_text(dry.stdout)
+    assert subprocess.run([DASH, "-n", str(tmp_path / "lesson.sh")]).returncode == 0
+    assert replay(tmp_path / "lesson.sh") == real
+
+
+def _script_with_background_jobs():
+    """Lesson 04's dry run: a listener and a client in the background."""
+    script = subprocess.run([sys.executable, os.path.join(ROOT, "stages", "04_tcp.py"), "--dry-run", "--color",
+                             "never"], capture_output=True, text=True, timeout=TIMEOUT).stdout
+    assert re.search(r"^job1=\$!$", script, re.M) and re.search(r"^job2=\$!$", script, re.M)
+    return script
+
+
+def test_a_failing_step_after_background_jobs_still_stops_them(tmp_path):
+    """Under `sh -e` a failing step ends the script at once: its EXIT trap stops the jobs."""
+    script = _script_with_background_jobs()
+    head = script[:script.index("job2=$!")]
+    (tmp_path / "fails.sh").write_text(head + "job2=$!\nip link del no-such-link\necho not reached\n")
+    mark = uuid.uuid4().hex
+    proc = in_sandbox(f"{DASH} -e {tmp_path / 'fails.sh'}", mark)
+    assert_nothing_left(mark)
+    assert proc.returncode != 0 and "not reached" not in proc.stdout
+
+
+def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
+    """Ctrl-C while the script waits on a step: the terminal interrupts the step and the
+    shell (its background jobs ignore SIGINT, as POSIX says); the script's trap stops them."""
+    script = _script_with_background_jobs()
+    head = script[:script.index("job2=$!")]
+    (tmp_path / "waits.sh").write_text(head + "job2=$!\necho waiting\nsleep 30\n")
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(CNIKIT + ["-q", "sandbox", "--", DASH, "-e", str(tmp_path / "waits.sh")],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, **{MARK: mark}))
+    try:
+        while proc.stdout.readline().strip() != "waiting":
+            pass
+        deadline = time.monotonic() + 10
+        while True:             # "waiting" is printed just before the step starts
+            foreground = {}
+            for pid in marked(mark):
+                with open(f"/proc/{pid}/comm") as f:
+                    foreground.setdefault(f.read().strip(), []).append(pid)
+            if "sleep" in foreground or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert len(foreground["dash"]) == 1 and len(foreground.get("sleep", [])) == 1, foreground
+        for pid in foreground["dash"] + foreground["sleep"]:
+            os.kill(pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_nothing_left(mark)
+
+
+def test_a_dry_run_names_each_background_job_by_its_pid_and_kills_exactly_those():
+    lines = dry_run_lines(_script_with_background_jobs())
+    started = [l for l in lines if l.endswith(" &")]
+    assert len(started) == 2
+    for i, line in enumerate(lines):
+        if line.endswith(" &"):
+            assert re.match(r"^job\d+=\$!$", lines[i + 1]), lines[i + 1]
+    kills = [l for l in lines if l.startswith("kill ")]
+    assert kills == ["kill $job2 2>/dev/null && wait $job2 || true", "kill $job1 2>/dev/null && wait $job1 || true"]
+    assert lines[-1] == "trap - EXIT" or "trap - EXIT" in lines
+
+
+# ---------------------------------------------------------------- the tour and the cni sequence
+
+def readme_block(after):
+    """The first fenced block of README.md after the line AFTER."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    rest = text[text.index(after):]
+    return re.search(r"```\w*\n(.*?)```", rest, re.S).group(1)
+
+
+def tour_commands():
+    """The cnikit commands of README's "A tour", as argv lists (show and cleanup left out)."""
+    cmds = [shlex.split(l[len("$ sudo ./cnikit.py "):]) for l in readme_block("## A tour").splitlines()
+            if l.startswith("$ sudo ./cnikit.py ")]
+    return [c for c in cmds if c[0] not in ("show", "cleanup")]
+
+
+def real_and_dry(cmds, tmp_path):
+    """The kernel state after running CMDS for real, and after replaying their dry runs with dash."""
+    real = state_of(in_sandbox("set -e\n" + "\n".join(shlex.join(CNIKIT + ["-q"] + c) + " >/dev/null" for c in cmds)
+                               + f"\n{sys.executable} -c \"$SNAP\"", uuid.uuid4().hex))
+    plan = ""
+    for c in cmds:
+        proc = cli("--dry-run", *c)
+        assert proc.returncode == 0, proc.stderr
+        plan += proc.stdout
+    (tmp_path / "plan.sh").write_text(plan)
+    assert "<<<" not in plan
+    return real, replay(tmp_path / "plan.sh"), plan
+
+
+def test_readme_tour_dry_run_replays_under_dash_to_the_real_runs_state(tmp_path):
+    cmds = tour_commands()
+    assert [c[:2] for c in cmds][:3] == [["netns", "add"], ["bridge", "add"], ["veth", "add"]]
+    real, replayed, _ = real_and_dry(cmds, tmp_path)
+    assert replayed == real
+    assert "br0" in real["host"]["links"] and real["netns"] == ["ns1"]
+
+
+def readme_cni_sequence():
+    """README's runtime sequence as one dry-run script: the cnikit commands of its block."""
+    block = readme_block("print the runtime's whole sequence as one script")
+    cmds = [shlex.split(m) for m in re.findall(r"\./cnikit\.py --dry-run ([^;}\n]+)", block)]
+    return [[w for w in c] for c in cmds]
+
+
+def test_readme_cni_sequence_dry_run_on_a_fresh_host_replays_under_dash_to_the_real_runs_state(tmp_path):
+    """No network config yet: `cni add` plans against what `cni install` writes by default,
+    says so, and the whole sequence, printed as one script, does what the real run does."""
+    cmds = readme_cni_sequence()
+    assert [c[:2] for c in cmds] == [["cni", "install"], ["netns", "add"], ["cni", "add"], ["cni", "del"]]
+    real, replayed, plan = real_and_dry(cmds, tmp_path)
+    assert replayed == real
+    assert "cni0" in real["host"]["links"] and real["netns"] == ["pod1"]
+    assert "# no network config in /etc/cni/net.d yet: planned against the one `cnikit cni install` writes" in plan
+
+
+def test_cni_add_dry_run_alone_prints_a_dash_script_that_adds_the_pod(tmp_path):
+    """Half of the sequence for real (install, netns), the ADD from its dry run: the pod
+    gets its address, the chain's prevResult and the cache come from the shell variable."""
+    proc = cli("--dry-run", "cni", "add", "pod1")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^result_pod1_eth0=\$\($", proc.stdout, re.M) and "<<<" not in proc.stdout
+    (tmp_path / "add.sh").write_text(proc.stdout)
+    mark = uuid.uuid4().hex
+    script = "\n".join([shlex.join(CNIKIT + ["-q", "cni", "install", "--chain", "portmap"]),
+                        shlex.join(CNIKIT + ["-q", "netns", "add", "pod1"]),
+                        f"{DASH} -e {tmp_path / 'add.sh'}",
+                        "ip -n pod1 -j addr show dev eth0", "cat /var/lib/cni/results/cnikit-pod1-eth0"])
+    out = in_sandbox(script, mark)
+    assert_nothing_left(mark)
+    assert out.returncode != 0 and "is not the config this script was planned against" in out.stderr
+    # with the default config in place, as planned
+    script = script.replace(" --chain portmap", "")
+    out = in_sandbox("set -e\n" + script, mark)
+    assert out.returncode == 0, out.stderr
+    assert '"local":"10.244.0.2"' in out.stdout.replace(" ", "")
+    cache = json.loads(out.stdout.splitlines()[-1])
+    assert cache["kind"] == "cniCacheV1" and cache["result"]["ips"][0]["address"] == "10.244.0.2/24"
