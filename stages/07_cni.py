@@ -4,18 +4,26 @@
     sudo python3 stages/07_cni.py              # in a throwaway sandbox
     python3 stages/07_cni.py --dry-run         # the lesson as a shell script
     sudo python3 stages/07_cni.py --kind demo  # the classic kind flow (needs kind, docker, kubectl)
+    sudo python3 stages/07_cni.py --kind-like  # the same on podman containers standing in for kind's nodes
 """
+import contextlib
 import ipaddress
 import json
 import os
+import sys
 
 from lesson import ROOT, Lesson, cnikit, ip, pod_ip
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import kindlike  # noqa: E402  (the stand-in nodes, shared with tests/test_cni_kind_nodes.py)
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
 PODS = ("pod1", "pod2")
 KIND_YAML = os.path.join(ROOT, "kind.yaml")
 KIND_POD = "web"
 KIND_IMAGE = "busybox:1.36"
+KIND_LIKE_CONF = cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET)
+KIND_LIKE_PLUGIN = os.path.join(cnikit.CNI_PLUGIN_DIR, cnikit.CNI_TYPE)
 
 
 LESSON = Lesson(
@@ -215,15 +223,139 @@ def verify_kind(L):
     L.check("our plugin's log on the node shows the ADD", ok and "ADD" in log)
 
 
+# ---------------------------------------------------------------- kind-like: podman nodes, kubelet played
+
+KIND_LIKE_LESSON = Lesson(
+    "07", "cni-kind-like",
+    goal="on containers standing in for a kind cluster's nodes, `cnikit cni kind-install` puts our plugin "
+         "in every node; with kubelet's part played inside each node, pods get their node's podCIDR, reach "
+         "their gateway and the pods of the other node (rp_filter=1) without NAT, and DEL leaves nothing",
+    picture=r"""
+   docker = podman here; the nodes are podman containers standing in for kind's (no kind, no node image)
+   +----- <c>-control-plane (container) ------+    +--------- <c>-worker (container) ---------+
+   | kubelet's part, played: netns web-0,     |    | netns web-1, ADD through the same        |
+   |   ADD through 10-cnikit.conflist         |    |   conflist, K8S_POD_* in CNI_ARGS        |
+   | pod web-0 eth0 10.244.0.x                |    | pod web-1 eth0 10.244.1.x                |
+   |   cni0 10.244.0.1 (our plugin's bridge)  |    |   cni0 10.244.1.1 (our plugin's bridge)  |
+   | route 10.244.1.0/24 via <worker>         |    | route 10.244.0.0/24 via <control-plane>  |
+   | /opt/cni/bin: host-local loopback ptp    |    | rp_filter=1; python3 (the derived        |
+   |   portmap, + cnikit (kind-install)       |    |   image's case: stock kind has none)     |
+   +------------------ eth0 ------------------+    +------------------ eth0 ------------------+
+                         \________ podman network "kind" (as docker's "kind") ________/
+""",
+    tools=("podman", "runc", "ip", "socat"),
+)
+KIND_LIKE_PODS = ("web-0", "web-1")
+ECHO_PORT = 8080
+NODE_PING = ("ping", "-c", "2", "-i", "0.2", "-W", "2")   # across two bridges and a container runtime: a little slack
+
+
+def build_kind_like(L):
+    r = L.r
+    c = L.cluster
+    L.stage = {}
+    L.step("podman with a store of its own inside this sandbox, and `docker` being podman (a wrapper on "
+           "PATH, what Debian's podman-docker installs): kind-install speaks docker, as to real kind nodes")
+    if r.dry_run:
+        r.note("as a script: give podman a store of its own (CONTAINERS_STORAGE_CONF) and put a `docker` that "
+               "execs podman on PATH (Debian's podman-docker) first")
+    else:
+        L.cleanup.enter_context(kindlike.podman_as_docker("k07"))
+        L.cleanup.callback(kindlike.down, cnikit.Runner(quiet=True), c)
+    L.step("the stand-ins: a container per node, labelled as kind labels its nodes, privileged, on one shared "
+           "network, its filesystem an overlay of this machine's (--rootfs /:O); inside, what a kind node "
+           "image has: only host-local, loopback, ptp, portmap in /opt/cni/bin, rp_filter=1 (python3 kept: "
+           "this is the derived image's case, kind/Dockerfile)")
+    L.nodes = kindlike.up(r, c, workers=1)
+    L.step("install our plugin into every node, exactly as on a real kind cluster (`make kind-cni`): the plugin, "
+           "the node's podCIDR in subnet.env, one conflist whose nonMasqueradeCIDRs is the cluster's pod range "
+           "(no NAT between pods, as kindnet), and routes between the nodes' pod subnets")
+    cnikit.kind_install(r, c)
+    L.step("what a node now holds: the conflist kubelet's runtime will read, and the route to the other node's pods")
+    r.show(cnikit.docker_exec(L.nodes[0], "cat", KIND_LIKE_CONF))
+    r.show(cnikit.docker_exec(L.nodes[0], "ip", "route"))
+    L.step("kubelet's part, played by hand (real kind: kubelet asks containerd over CRI): on each node "
+           "containerd's RunPodSandbox makes the pod's network namespace and calls the plugin through the "
+           "installed conflist, CNI_ARGS carrying K8S_POD_NAMESPACE/NAME/INFRA_CONTAINER_ID/UID; here "
+           "cnikit's runtime verbs, copied into the node, make that call")
+    for node, pod in zip(L.nodes, KIND_LIKE_PODS):
+        kindlike.install_runtime(r, node)
+        L.stage[node] = kindlike.pod_add(r, node, pod, KIND_LIKE_CONF)
+
+
+def verify_kind_like(L):
+    r = L.r
+    nodes, pods, addr = L.nodes, dict(zip(L.nodes, KIND_LIKE_PODS)), L.stage
+    plan = {node: cnikit.kind_pod_cidr(cnikit.Runner(quiet=True), L.cluster, node, i) for i, node in enumerate(nodes)}
+    for node in nodes:
+        inside = bool(addr[node]) and ipaddress.ip_address(addr[node]) in ipaddress.ip_network(plan[node])
+        L.check(f"{pods[node]} on {node} got {addr[node] or 'no address'} from the node's podCIDR {plan[node]}",
+                inside)
+        gateway = str(ipaddress.ip_network(plan[node])[1])
+        L.check(f"{pods[node]} reaches its gateway {gateway} (cni0 on {node})", r.probe(
+            cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], *NODE_PING, gateway))[0])
+        ok, rp = r.query(cnikit.docker_exec(node, "sysctl", "-n", "net.ipv4.conf.all.rp_filter"))
+        L.check(f"{node} filters by reverse path (rp_filter=1), as kind's nodes do", ok and rp.strip() == "1")
+    L.say("each pod answers TCP with the address a connection came from (socat): the far side's own view")
+    for node in nodes:
+        kindlike.serve_peer_address(r, node, pods[node], ECHO_PORT)
+    for node in nodes:
+        for other in nodes:
+            if other == node:
+                continue
+            L.check(f"{pods[node]} ({node}) reaches {pods[other]} ({other}) through kind-install's route",
+                    bool(addr[other]) and r.probe(cnikit.docker_exec(
+                        node, "ip", "netns", "exec", pods[node], *NODE_PING, addr[other]))[0])
+            seen = kindlike.peer_address_seen(r, node, pods[node], addr[other], ECHO_PORT) if addr[other] else ""
+            L.check(f"no NAT between pods: {pods[other]} sees {pods[node]}'s own address {addr[node]}",
+                    bool(seen) and seen == addr[node], f"it saw {seen or 'nothing'}")
+    L.say("kubelet deletes the pods: containerd DELs with the netns and the cached result (StopPodSandbox), "
+          "then again without either (RemovePodSandbox)")
+    for node in nodes:
+        kindlike.pod_del(r, node, pods[node], KIND_LIKE_CONF)
+        if not r.dry_run:
+            left = kindlike.node_leftovers(r, node)
+            L.check(f"nothing is left on {node}: no veth, address file, cached result or nat chain",
+                    not left, ", ".join(left))
+    L.say("and our CNI goes from every node again")
+    cnikit.kind_uninstall(r, L.cluster)
+    if not r.dry_run:
+        L.check("uninstall --kind left no plugin, conflist, subnet file or pod route on any node",
+                all(kindlike.node_file(r, n, p) is None for n in nodes
+                    for p in (KIND_LIKE_CONF, cnikit.NODE_SUBNET_FILE, KIND_LIKE_PLUGIN))
+                and not any(dst in plan.values() for n in nodes for dst in kindlike.node_routes(r, n)))
+
+
+def run_kind_like(args):
+    if args.host:
+        raise cnikit.UsageError("--kind-like runs in its sandbox only: the stand-in nodes and their network "
+                                "live there (without --host)")
+    reason = None if args.dry_run else kindlike.cannot_run()
+    if reason:
+        raise cnikit.UsageError(f"--kind-like needs podman: {reason}")
+    KIND_LIKE_LESSON.cluster = args.kind_like
+    with contextlib.ExitStack() as KIND_LIKE_LESSON.cleanup:
+        return KIND_LIKE_LESSON.run(build_kind_like, verify_kind_like, args)
+
+
 def main():
     p = LESSON.parser()
     p.add_argument("--kind", metavar="CLUSTER", help="run the classic kind flow on this machine instead "
                    "(needs kind, docker, kubectl; the cluster is deleted at the end unless --keep)")
+    p.add_argument("--kind-like", metavar="CLUSTER", nargs="?", const="cnikit",
+                   help="the kind flow on podman containers standing in for kind's nodes, kubelet's part "
+                        "played inside them, in the sandbox (needs podman, runc, containernetworking-plugins)")
     args = p.parse_args()
     if args.kind:
         KIND_LESSON.cluster = args.kind
         args.host = True                 # docker and kind live on the real host
         raise SystemExit(KIND_LESSON.run(build_kind, verify_kind, args))
+    if args.kind_like:
+        try:
+            raise SystemExit(run_kind_like(args))
+        except cnikit.UsageError as e:
+            print(f"{os.path.basename(__file__)}: error: {e}", file=sys.stderr)
+            raise SystemExit(2)
     raise SystemExit(LESSON.run(build, verify, args))
 
 

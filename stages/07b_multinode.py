@@ -16,7 +16,7 @@ import ipaddress
 import itertools
 import json
 
-from lesson import Lesson, bridge, cnikit, ip, pod_ip
+from lesson import Lesson, bridge, cnikit, in_netns, ip, pod_ip
 
 NODES = {   # node -> underlay address, pod subnet, its pod
     "node1": {"underlay": "10.0.8.1/24", "pods": "10.244.1.0/24", "pod": "pod1"},
@@ -25,6 +25,12 @@ NODES = {   # node -> underlay address, pod subnet, its pod
 }
 VNI, VXLAN = 1, "vxlan0"          # flannel's device is flannel.1 (VNI 1)
 MTU = 1500 - cnikit.VXLAN_OVERHEAD
+CLUSTER_PODS = "10.244.0.0/16"    # every node's pod subnet lies in it (flannel's Network, kind's podSubnet)
+# Masquerade stays on for traffic leaving the cluster, but never towards another pod (the
+# Kubernetes model: no NAT between pods; flannel and kindnet exempt the whole cluster range);
+# MTU leaves room for the 50 bytes of VXLAN headers.
+POD_CONF = {"nonMasqueradeCIDRs": [CLUSTER_PODS], "mtu": MTU}
+ECHO_PORT = 8080
 UNDERLAY = "underlay0"            # the switch the nodes' eth0 plug into (the machines' LAN)
 FLOOD = "00:00:00:00:00:00"
 
@@ -75,7 +81,7 @@ LESSON = Lesson(
                      "leave node1 by no route, the cross-node pings fail",
            "fdb": "vxlan0 knows each peer VTEP's MAC but not behind which node it lives, and has no "
                   "flood entry: the frames are dropped, the cross-node pings fail"},
-    tools=("ip", "ping", "iptables", "bridge"),
+    tools=("ip", "ping", "iptables", "bridge", "socat", "ss"),
     # --host: what the plugin and the config writes leave besides the lesson's own commands
     indirect={"paths": [conf_dir(n) for n in NODES]
               + [f"/var/lib/cni/networks/{net_name(n)}" for n in NODES] + [cnikit.CNI_LOG]},
@@ -89,9 +95,7 @@ def pod_call(L, node):
 
 
 def node_conflist(node):
-    # ipMasq off: pod-to-pod traffic across nodes keeps the pod's address (flannel leaves the
-    # cluster CIDR unmasqueraded); MTU leaves room for the 50 bytes of VXLAN headers.
-    return cnikit.cni_conflist(net_name(node), NODES[node]["pods"], extra={"ipMasq": False, "mtu": MTU})
+    return cnikit.cni_conflist(net_name(node), NODES[node]["pods"], extra=POD_CONF)
 
 
 def vtep(node):
@@ -113,7 +117,7 @@ def build(L):
     L.step("each node gets its own pod subnet (kubernetes: the node's spec.podCIDR) and our plugin with "
            "a config saying so")
     for node in NODES:
-        cnikit.cni_install(r, net_name(node), conf_dir=conf_dir(node), extra={"ipMasq": False, "mtu": MTU},
+        cnikit.cni_install(r, net_name(node), conf_dir=conf_dir(node), extra=POD_CONF,
                            subnet=NODES[node]["pods"])
 
     L.step("the runtime on each node ADDs a pod: the plugin runs on that node (ip netns exec NODE)")
@@ -178,6 +182,16 @@ def verify(L):
         if (src, dst) != ("node1", "node2"):
             L.check(f"{NODES[src]['pod']} ({src}) reaches {NODES[dst]['pod']} ({dst})",
                     bool(addrs[dst]) and L.ping(addrs[dst], NODES[src]["pod"]))
+    L.say(f"no NAT between pods: pod2 answers each connection with the address it came from (socat), "
+          f"and pod1 must come from its own address, not node1's ({CLUSTER_PODS} is exempt from masquerade)")
+    server = r.spawn(in_netns(["socat", f"TCP-LISTEN:{ECHO_PORT},reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"],
+                              "pod2"))
+    L.wait_listening(ECHO_PORT, "pod2")
+    ok, seen = r.probe(in_netns(["socat", "-u", f"TCP:{b or '10.244.2.2'}:{ECHO_PORT},connect-timeout=2", "-"],
+                                "pod1"))
+    r.stop(server)
+    L.check(f"pod2 sees pod1's own address {addrs['node1']}", ok and seen.strip() == addrs["node1"],
+            f"it saw {seen.strip() or 'nothing'}")
     L.say("each vxlan0's forwarding table: one entry per peer (its VTEP MAC -> its underlay address), "
           "no flood entry; and its neighbour table: each peer VTEP's MAC, permanent")
     for node in NODES:

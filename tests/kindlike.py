@@ -142,9 +142,9 @@ def pod_del(r, node, pod, conf, netns_first=False):
     pod_stop(r, node, pod)
     cid = sandbox_id(node, pod)
     if not netns_first:
-        r.run(node_runtime(node, "cni", "del", pod, "--id", cid, "--conf", conf))
+        r.run(node_runtime(node, "cni", "del", pod, "--id", cid, "--conf", conf, "--args", pod_args(node, pod)))
     r.run(cnikit.docker_exec(node, "ip", "netns", "del", pod))
-    r.run(node_runtime(node, "cni", "del", "", "--id", cid, "--conf", conf))
+    r.run(node_runtime(node, "cni", "del", "", "--id", cid, "--conf", conf, "--args", pod_args(node, pod)))
 
 
 def serve_peer_address(r, node, pod, port, udp=False):
@@ -155,7 +155,7 @@ def serve_peer_address(r, node, pod, port, udp=False):
                         "socat", listen, ECHO_PEER))
 
 
-def peer_address_seen(r, node, pod, addr, port, udp=False, wait=5.0):
+def peer_address_seen(r, node, pod, addr, port, udp=False, wait=20.0):
     """From POD on NODE, ask the listener at ADDR:PORT which address it saw us come from."""
     remote = f"UDP4:{addr}:{port}" if udp else f"TCP4:{addr}:{port}"
     argv = cnikit.docker_exec(node, "ip", "netns", "exec", pod, "socat", "-T", "2", "-t", "2", "-", remote,

@@ -16,9 +16,11 @@ import pytest
 
 import cnikit
 import kindlike
-from kernel import cli
+import runtimes
+from kernel import cli, run_stage
 
 CLUSTER = "kl"
+PING = ("ping", "-c", "3", "-i", "0.2", "-W", "2")   # any answer of three: a loaded machine may lose the first
 CONF = cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET)
 PLUGIN = f"{cnikit.CNI_PLUGIN_DIR}/{cnikit.CNI_TYPE}"
 SUBNETS = {f"{CLUSTER}-control-plane": "10.244.0.0/24", f"{CLUSTER}-worker": "10.244.1.0/24",
@@ -113,8 +115,7 @@ def test_kubelet_played_in_the_nodes_pods_reach_across_nodes_without_nat(derived
         # the plugin ran in that node, called as kubelet's runtime calls it
         assert ok and "ADD" in log and f"K8S_POD_NAME={pods[node]}" in log and kindlike.sandbox_id(node, pods[node]) in log
         gateway = str(ipaddress.ip_network(SUBNETS[node])[1])
-        ok, out = r.probe(cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], "ping", "-c", "1", "-W", "2",
-                                             gateway))
+        ok, out = r.probe(cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], *PING, gateway))
         assert ok, out
     for i, node in enumerate(nodes):      # every pod serves "which address do you come from?"
         kindlike.serve_peer_address(r, node, pods[node], 8080)
@@ -123,8 +124,7 @@ def test_kubelet_played_in_the_nodes_pods_reach_across_nodes_without_nat(derived
         for other in nodes:
             if other == node:
                 continue
-            ok, out = r.probe(cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], "ping", "-c", "1", "-W",
-                                                 "2", addr[other]))
+            ok, out = r.probe(cnikit.docker_exec(node, "ip", "netns", "exec", pods[node], *PING, addr[other]))
             assert ok, f"{pods[node]} on {node} cannot reach {pods[other]} on {other}: {out}"
             # no NAT between pods: the far side sees the sender pod's own address, not its node's
             seen_tcp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 8080)
@@ -159,3 +159,36 @@ def test_stock_nodes_without_python3_fail_in_one_line_and_stay_unchanged(stock):
     for node in nodes:
         ok, _ = r.query(cnikit.docker_exec(node, "test", "-e", cnikit.CNI_PYTHON))
         assert not ok
+
+
+def test_lesson_07_kind_like_passes_and_leaves_no_container():
+    reason = kindlike.cannot_run()
+    if reason:
+        pytest.skip(reason)
+    proc = run_stage("07_cni.py", "--kind-like", timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr
+    assert out.splitlines()[-1].startswith("PASS lesson 07 cni-kind-like:"), out[-2000:]
+    assert "FAILED" not in out
+    # the narration says what stands in for what, and which part is kubelet's
+    assert "standing in for kind's" in out and "kubelet's part, played by hand" in out
+    for check in ("reaches its gateway", "through kind-install's route", "no NAT between pods",
+                  "nothing is left on cnikit-worker", "uninstall --kind left no plugin"):
+        assert check in out, check
+    assert "--rootfs /:O sleep infinity\n" in out
+    assert runtimes._pids_with_arg("/tmp/k07") == []        # its nodes' conmon and sleep are gone
+
+
+def test_lesson_07_kind_like_dry_run_and_host_refusal():
+    proc = run_stage("07_cni.py", "--kind-like", "demo", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for node in ("demo-control-plane", "demo-worker"):
+        # every podman option before --rootfs /:O; what follows it is the command
+        assert (f"podman run -d --privileged --label io.x-k8s.kind.cluster=demo --name {node} --hostname {node} "
+                "--network kind --rootfs /:O sleep infinity\n") in out
+        assert f"docker exec {node} python3 /usr/local/bin/cnikit cni add " in out
+    assert "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=" in out
+    assert '"nonMasqueradeCIDRs": [\n        "10.244.0.0/16"' in out
+    refused = run_stage("07_cni.py", "--kind-like", "--host")
+    assert refused.returncode == 2 and "runs in its sandbox only" in refused.stderr
