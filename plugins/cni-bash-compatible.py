@@ -1818,12 +1818,18 @@ def check_attachment(net, env, prev, cnl, nl):
         problem = routed_check(nl, veth, veth_name, ips)
         if problem:
             fail(problem)
-    if net.masq:
-        chain = chain_name(net.name, cid, ifname)
-        families = {ip["family"] for ip in ips}
-        for family in families:
-            if f":{chain} " not in run([tool(family, "iptables-save"), "-t", "nat"]):
-                fail(f"masquerade chain {chain} is missing")
+    rec = load_record(record_path(net, cid, ifname), cid, ifname)
+    if rec is not None and rec.rules:
+        owned = [(AF_INET if e.get("family") == 4 else AF_INET6, e["table"], c) for e in rec.rules for c in e["chains"]]
+    elif net.masq:
+        owned = [(family, "nat", chain_name(net.name, cid, ifname)) for family in sorted({ip["family"] for ip in ips})]
+    else:
+        owned = []
+    for family, table, chain in owned:  # each chain listed on its own: no dump of the whole table
+        try:
+            run([tool(family, "iptables"), "-w", "-t", table, "-S", chain])
+        except CNIError:
+            fail(f"{table} chain {chain} is missing")
 
 
 def cmd_status(net, call):
@@ -1955,11 +1961,12 @@ COMPILED_STUB = """{shebang}
 # The plain file does the same, slower: `cnikit cni install --plain`.
 import marshal, sys
 from binascii import a2b_base64
-from zlib import decompress
 if getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None) == {magic!r}:
-    exec(marshal.loads(decompress(a2b_base64({head!r}))))  # VERSION is answered here
+    exec(marshal.loads(a2b_base64({head!r})))  # VERSION is answered here
+    from zlib import decompress
     exec(marshal.loads(decompress(a2b_base64({body!r}))))
 else:  # another Python: compile the source carried here (slower, the same plugin)
+    from zlib import decompress
     exec(compile(decompress(a2b_base64({source!r})), {name!r}, "exec"))
 """
 
@@ -1989,13 +1996,14 @@ def compile_plugin(src, out):
         consts = tuple(small(c) if isinstance(c, type(code)) else c for c in code.co_consts)
         return code.replace(co_linetable=b"", co_consts=consts)
 
-    def blob(code):
-        return binascii.b2a_base64(zlib.compress(marshal.dumps(small(code)), 9), newline=False)
+    def blob(code, compress):  # the head is left uncompressed: VERSION does not even import zlib
+        raw = marshal.dumps(small(code))
+        return binascii.b2a_base64(zlib.compress(raw, 9) if compress else raw, newline=False)
     head_code = compile(head, name, "exec", dont_inherit=True, optimize=2)
-    body_code = compile("\n" * (head.count("\n") + 1) + body, name, "exec", dont_inherit=True, optimize=2)
+    body_code = compile("\n" * (head.count("\n") + 1) + body, name, "exec", dont_inherit=True, optimize=2)  # same lines
     stub = COMPILED_STUB.format(
         shebang=f"#!{sys.executable} -IS", name=name, python=sys.executable, magic=MAGIC_NUMBER,
-        sha=hashlib.sha256(data).hexdigest(), head=blob(head_code), body=blob(body_code),
+        sha=hashlib.sha256(data).hexdigest(), head=blob(head_code, False), body=blob(body_code, True),
         source=binascii.b2a_base64(zlib.compress(data, 9), newline=False))
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
     with open(fd, "w") as f:
