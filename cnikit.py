@@ -1931,7 +1931,7 @@ def _installed_matches(src, dst, shebang, compiled=False):
 
 def is_compiled_plugin(path):
     """An ELF binary (a compiled plugin, such as the reference ones): never cnikit's to
-    overwrite or remove. cnikit installs scripts and zipapps, which start with `#!`."""
+    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"
