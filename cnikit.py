@@ -1852,21 +1852,22 @@ def cni_plugin_bytes(src, shebang):
     return data
 
 
-def _installed_matches(src, dst, shebang, precompiled=False):
-    """Is DST already SRC installed this way (same interpreter line; a zipapp of it
-    when PRECOMPILED)?"""
+def _installed_matches(src, dst, shebang, compiled=False):
+    """Is DST already SRC installed this way (same interpreter line; compiled from the same
+    source when COMPILED: its second line names the source's sha256)?"""
     try:
         if not os.access(dst, os.X_OK):
             return False
-        if precompiled:
-            import zipfile
+        if compiled:
+            import hashlib
             with open(dst, "rb") as f:
-                first = f.readline().rstrip(b"\n").decode()
-            with zipfile.ZipFile(dst) as z, open(src, "rb") as f:
-                return first == shebang and z.read("__main__.py") == f.read() and "__main__.pyc" in z.namelist()
+                first, second = f.readline().rstrip(b"\n").decode(), f.readline().decode()
+            with open(src, "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+            return first == shebang and f"source sha256 {sha}." in second
         with open(dst, "rb") as f:
             return f.read() == cni_plugin_bytes(src, shebang)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return False
 
 
@@ -1880,16 +1881,21 @@ def is_compiled_plugin(path):
         return False
 
 
-def cni_precompile_argv(src, python, build, tmp, shebang):
-    """Commands that turn SRC into one executable zipapp holding its bytecode: Python
-    compiles the script it runs on every start (~15 ms for the plugin), but imports a
-    zipapp's __main__ from the compiled __main__.pyc beside its source (compileall -b).
-    A different Python (other bytecode magic) falls back to the source inside."""
-    main = os.path.join(build, "__main__.py")
-    return [["mkdir", "-p", build], ["cp", src, main],
-            [python, "-m", "compileall", "-q", "-b", build],
-            [python, "-m", "zipapp", build, "-o", tmp, "-p", shebang[2:]],
-            ["chmod", "0755", tmp], ["rm", "-rf", build]]
+def _is_python_script(path):
+    """Only a Python plugin can be compiled; any other (--plugin FILE) is installed as it is."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" in first or path.endswith(".py")
+
+
+def cni_compile_argv(src, python, tmp):
+    """The command that writes SRC, compiled for PYTHON, to TMP: the plugin builds its own
+    installed form (`--compile`, see compile_plugin in the plugin): one executable Python file
+    carrying its bytecode, so no call compiles the script again (~15 ms each)."""
+    return [python, "-I", "-S", CNI_PLUGIN_SRC, "--compile", src, tmp]
 
 
 def _set_shebang_argv(path, shebang):
@@ -1898,11 +1904,12 @@ def _set_shebang_argv(path, shebang):
 
 def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR,
                 chain=(), plugin_src=None, ptype=CNI_TYPE, version=None, extra=None, python=None,
-                precompiled=False):
-    """Copy the plugin to PLUGIN_DIR/TYPE (its interpreter fixed to PYTHON -IS, default
-    /usr/bin/python3; "keep" keeps its shebang) and write CONF_DIR/10-NAME.conflist, each
-    atomically (temp file + rename). PRECOMPILED installs the plugin as a zipapp that
-    carries its bytecode (one file still), which saves the compile on every call.
+                plain=False, precompiled=None):
+    """Install the plugin as PLUGIN_DIR/TYPE and write CONF_DIR/10-NAME.conflist, each atomically
+    (temp file + rename).  By default the plugin is compiled for PYTHON (default /usr/bin/python3,
+    run -IS): one file that carries its bytecode, the fastest form.  PLAIN (or PYTHON "keep",
+    which keeps the file's own first line) installs the readable file itself, a drop-in that is
+    slower by the compile of the script on every call.  PRECOMPILED is the old name of the default.
 
     Re-run contract: files already as asked are left alone; a changed plugin or
     config is replaced whole."""
@@ -1917,13 +1924,15 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         raise UsageError(f"--type {ptype!r} is not a plain file name")
     src = _cni_plugin_source(plugin_src)
     shebang = cni_shebang(python)
-    if precompiled and not shebang:
-        raise UsageError("--precompiled needs an interpreter to compile for; not --python keep")
+    if precompiled and (plain or not shebang):
+        raise UsageError("--precompiled (compiled, the default) needs an interpreter to compile for; "
+                         "not --plain or --python keep")
     if shebang and python is None and not os.path.exists(CNI_PYTHON):
         if precompiled:
             raise UsageError(f"--precompiled: {CNI_PYTHON} not found; give --python PATH")
-        r.note(f"{CNI_PYTHON} not found: the plugin keeps its own first line")
+        r.note(f"{CNI_PYTHON} not found: the plugin is installed plain, keeping its own first line")
         shebang = None
+    compiled = bool(shebang) and not plain and _is_python_script(src)
     dst = os.path.join(plugin_dir, ptype)
     if not r.dry_run and is_compiled_plugin(dst):
         raise UsageError(f"{dst} is a compiled plugin that cnikit did not install; not replacing it "
@@ -1933,14 +1942,12 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
     mark = r.mark()
     if r.dry_run or not os.path.isdir(plugin_dir):
         r.run(["mkdir", "-p", plugin_dir])
-    if not r.dry_run and _installed_matches(src, dst, shebang, precompiled):
+    if not r.dry_run and _installed_matches(src, dst, shebang, compiled):
         r.note(f"{dst} is already this plugin")
     else:
         tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
-        if precompiled:
-            build = os.path.join(plugin_dir, f".{ptype}.build")
-            for argv in cni_precompile_argv(src, shebang[2:].split()[0], build, tmp, shebang):
-                r.run(argv, creates=Change.scratch(build, tmp) if argv[0] == "mkdir" else None)
+        if compiled:
+            r.run(cni_compile_argv(src, shebang[2:].split()[0], tmp), creates=Change.scratch(tmp))
         else:
             r.run(["install", "-m", "0755", src, tmp], creates=Change.scratch(tmp))
             if shebang:
@@ -2249,7 +2256,8 @@ def cni_dispatch(args, r):
     v = args.verb
     if v == "install" and args.kind:
         ignored = [opt for opt, given in (("--subnet", args.subnet), ("--cni-version", args.cni_version),
-                                          ("--precompiled", args.precompiled), ("--python", args.python)) if given]
+                                          ("--precompiled", args.precompiled), ("--plain", args.plain),
+                                          ("--python", args.python)) if given]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} does not apply with --kind (each node's subnet is its "
                              "podCIDR; the nodes get cniVersion 1.0.0 and /usr/bin/python3)")
@@ -2258,7 +2266,7 @@ def cni_dispatch(args, r):
     elif v == "install":
         cni_install(r, args.name, args.subnet, args.plugin_dir, args.conf_dir, tuple(args.chain),
                     args.plugin_src, args.ptype, args.cni_version, python=args.python,
-                    precompiled=args.precompiled)
+                    plain=args.plain, precompiled=args.precompiled)
     elif v == "uninstall" and args.kind:
         kind_uninstall(r, args.kind, args.name, args.plugin_dir, args.conf_dir)
     elif v == "uninstall":
@@ -2455,8 +2463,11 @@ def build_parser():
     a.add_argument("--cni-version", help=f"cniVersion of the conflist (default {CNI_VERSION}; 1.1.0 adds STATUS and GC)")
     a.add_argument("--python", help=f"the plugin's interpreter (default {CNI_PYTHON} {CNI_PYTHON_FLAGS}; "
                    "'keep' keeps its own first line)")
+    a.add_argument("--plain", action="store_true",
+                   help="install the readable plugin file itself (a drop-in; ~15 ms slower per call: Python "
+                   "compiles a script on every run) instead of the default compiled form")
     a.add_argument("--precompiled", action="store_true",
-                   help="install the plugin as a zipapp carrying its bytecode: one file, ~15 ms less per call")
+                   help="the default now (one file carrying the plugin's bytecode); kept for old scripts")
     a.add_argument("--kind", metavar="CLUSTER", help="install into every node of this kind cluster instead")
     a = cn.add_parser("uninstall", help="remove exactly what install wrote")
     a.add_argument("--name", default=CNI_NET)

@@ -113,11 +113,11 @@ def installed_forms(work):
     import cnikit
     default = _install(cnikit, tempfile.mkdtemp(prefix="installed-", dir=work))
     forms = {OURS: [default]}
-    other = "plain" if zipfile.is_zipfile(default) else "precompiled"
+    other = "precompiled" if form_label([default]).startswith("plain") else "plain"
     kwargs = install_form(cnikit, other)
     if kwargs is not None:
         path = _install(cnikit, tempfile.mkdtemp(prefix=other + "-", dir=work), **kwargs)
-        if zipfile.is_zipfile(path) != zipfile.is_zipfile(default):
+        if form_label([path]) != form_label([default]):
             forms["installed-" + other] = [path]
     return forms
 
@@ -136,8 +136,9 @@ def machine():
 
 def form_label(argv):
     with open(argv[0], "rb") as f:
-        first = f.readline().decode(errors="replace").strip()
-    return f"{'zipapp' if zipfile.is_zipfile(argv[0]) else 'plain file'}, {first}"
+        first, second = (f.readline().decode(errors="replace").strip() for _ in range(2))
+    kind = "zipapp" if zipfile.is_zipfile(argv[0]) else "compiled" if " compiled for " in second else "plain file"
+    return f"{kind}, {first}"
 
 
 def contenders(work, all_forms):

@@ -56,13 +56,8 @@ left), 50 plugin not available (STATUS); plugin-specific: 100 CHECK found a diff
 101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
 already exists in the container.
 """
-import os
+import posix  # os, without the ~2 ms of imports behind it (os is loaded after the VERSION head)
 import sys
-
-# Imports are expensive at start-up (json pulls in re, socket pulls in enum: ~9 ms each on a
-# small VM), and this runs once per pod start: use the C modules directly, import the rest lazily.
-import _socket
-import struct
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
@@ -85,6 +80,7 @@ KNOWN_ARGS = ("IGNOREUNKNOWN", "IP", "CNIKIT_SUBNET", "K8S_POD_NAMESPACE", "K8S_
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG, E_TRY_LATER = 1, 2, 3, 4, 5, 6, 7, 11
 E_NOT_AVAILABLE = 50
 E_CHECK, E_KERNEL, E_COMMAND, E_EXISTS = 100, 101, 102, 103
+E_INTERNAL = 999  # a bug in this plugin; libcni's Go types call the same code ErrInternal
 
 AF_INET, AF_INET6, AF_BRIDGE, AF_NETLINK = 2, 10, 7, 16
 CLONE_NEWNET = 0x40000000
@@ -97,7 +93,7 @@ class CNIError(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
-# ---------------------------------------------------------------- log and commands
+# ---------------------------------------------------------------- log
 
 LOG = []
 
@@ -109,14 +105,163 @@ def log(line):
 def write_log(path):
     """Append this call's record in one write; a log we cannot write never fails the plugin."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o640)
+        flags = posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_CLOEXEC | posix.O_NONBLOCK | posix.O_NOCTTY
+        fd = posix.open(path, flags, 0o640)
         try:
-            os.write(fd, ("\n".join(LOG) + "\n").encode("utf-8", "replace"))
+            posix.write(fd, ("\n".join(LOG) + "\n").encode("utf-8", "replace"))
         finally:
-            os.close(fd)
+            posix.close(fd)
     except (OSError, ValueError):  # ValueError: a NUL in the path
         pass
 
+
+# ---------------------------------------------------------------- JSON without the json package
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not JSON")  # json accepts NaN and Infinity; CNI (Go) does not
+
+
+def _json_codec():
+    """The C scanner/encoder behind the json package, without its 10 ms of imports."""
+    try:
+        import _json
+
+        class Ctx:
+            strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
+            parse_constant = staticmethod(_refuse_constant)
+        scan = _json.make_scanner(Ctx())
+        enc = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False)
+        if "".join(enc({"a": [1, None, "\u00e9"]}, 0)) != '{"a": [1, null, "\\u00e9"]}':
+            raise ValueError("unexpected encoder")
+
+        def loads(text):
+            try:
+                obj, end = scan(text, len(text) - len(text.lstrip(" \t\n\r")))
+                if text[end:].strip(" \t\n\r"):
+                    raise ValueError("extra data")
+                return obj
+            except Exception:
+                return slow_loads(text)  # the same answer, with json's error message
+
+        return loads, lambda obj: "".join(enc(obj, 0))
+    except Exception:  # an interpreter without _json (not CPython): the json package
+        import json
+        return slow_loads, json.dumps
+
+
+def slow_loads(text):
+    import json
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+json_loads, json_dumps = _json_codec()
+
+
+# ---------------------------------------------------------------- the call, and VERSION
+
+def read_stdin():
+    chunks, size = [], 0
+    try:
+        while True:
+            chunk = posix.read(0, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > STDIN_LIMIT:
+                raise CNIError(E_DECODE, f"network config on stdin is larger than {STDIN_LIMIT} bytes")
+    except OSError:
+        pass
+    return b"".join(chunks)
+
+
+def decode_config(raw):
+    try:
+        conf = json_loads(raw.decode("utf-8"))
+    except Exception as e:
+        raise CNIError(E_DECODE, f"cannot decode the network config: {e}")
+    if not isinstance(conf, dict):
+        raise CNIError(E_DECODE, "the network config is not a JSON object")
+    return conf
+
+
+def version_tuple(text):
+    """'1.0.0' -> (1, 0, 0); anything else -> None (versions compare as tuples, never as strings)."""
+    parts = text.split(".") if isinstance(text, str) else ()
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+class Call:
+    """One invocation, read once: CNI_COMMAND, the CNI_* environment, stdin and what it says.
+    version is the one every answer is printed in: the config's when it is supported."""
+
+    def __init__(self, environ):
+        self.command = environ.get("CNI_COMMAND", "")
+        self.env = {k: v for k, v in environ.items() if k.startswith("CNI_")}
+        self.raw, self.conf, self.error = b"", {}, None
+        self.version = LATEST
+        self.log_path = environ.get("CNIKIT_LOG") or DEFAULT_LOG
+        log(f"=== {self.command or '(no CNI_COMMAND)'} pid {posix.getpid()}")
+        for key in sorted(self.env):
+            log(f"  {key}={self.env[key]}")
+        if not self.command:
+            return  # nothing to do: do not wait for stdin a terminal may never close
+        try:
+            self.raw = read_stdin()
+            log(f"  stdin: {self.raw.decode('utf-8', 'replace').strip()}")
+            self.conf = decode_config(self.raw) if self.raw.strip() or self.command != "VERSION" else {}
+        except CNIError as e:  # reported after the environment: an env error is the more useful one
+            self.error = e
+        if self.conf.get("cniVersion") in SUPPORTED_VERSIONS:
+            self.version = self.conf["cniVersion"]
+        if isinstance(self.conf.get("log"), str) and not environ.get("CNIKIT_LOG"):
+            self.log_path = self.conf["log"]
+
+
+def cmd_version(call):
+    if call.error:
+        raise call.error
+    asked = call.conf.get("cniVersion")
+    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def answer(call, verb):
+    """Run VERB(call); print its result or its error JSON (stdout carries nothing else), write
+    the log record, return the exit code.  A bug still answers in CNI's terms, never a traceback."""
+    code, out = 0, ""
+    try:
+        result = verb(call)
+        out = json_dumps(result) if result is not None else ""
+        log(f"  result: {out or '(none)'}")
+    except Exception as e:
+        if not isinstance(e, CNIError):
+            e = CNIError(E_IO if isinstance(e, OSError) else E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        out = json_dumps({"cniVersion": call.version, "code": e.code, "msg": e.msg, "details": str(e.details)})
+        log(f"  error: {out}")
+        code = 1
+    write_log(call.log_path)
+    if out:
+        sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+    return code
+
+
+# Podman asks VERSION before every ADD and DEL: answer it before the rest of this file is even
+# loaded (`cnikit cni install` compiles what is above this point and what is below it apart).
+if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
+    sys.exit(answer(Call({k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+                          for k, v in posix.environ.items()}), cmd_version))
+# ==== end of the VERSION head ====
+
+import os  # noqa: E402
+import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
+import _struct as struct  # noqa: E402  (struct.py only re-exports _struct, which is built in)
+from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR  # noqa: E402  (errno is built in: free)
+
+
+# ---------------------------------------------------------------- commands
 
 def run(argv, stdin=None, env=None):
     """Every external command passes here: echoed to stderr and the log, one error type."""
@@ -174,41 +319,6 @@ def which(name, path=None):
     return None
 
 
-# ---------------------------------------------------------------- JSON without the json package
-
-def _json_codec():
-    """The C scanner/encoder behind the json package, without its 10 ms of imports."""
-    try:
-        import _json
-
-        class Ctx:
-            strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
-
-            @staticmethod
-            def parse_constant(name):
-                raise ValueError(name)
-        scan = _json.make_scanner(Ctx())
-        enc = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False)
-        if "".join(enc({"a": [1, None, "\u00e9"]}, 0)) != '{"a": [1, null, "\\u00e9"]}':
-            raise ValueError("unexpected encoder")
-
-        def loads(text):
-            try:
-                obj, end = scan(text, len(text) - len(text.lstrip(" \t\n\r")))
-                if text[end:].strip(" \t\n\r"):
-                    raise ValueError("extra data")
-                return obj
-            except Exception:
-                import json  # slow path, for a proper error message
-                return json.loads(text)
-
-        return loads, lambda obj: "".join(enc(obj, 0))
-    except Exception:
-        import json
-        return json.loads, json.dumps
-
-
-json_loads, json_dumps = _json_codec()
 
 
 # ---------------------------------------------------------------- addresses (no ipaddress module: 5 ms)
@@ -243,7 +353,7 @@ def parse_cidr(text):
         raise ValueError(f"not a CIDR: {text!r}")
     addr, _, plen = text.partition("/")
     family, n = parse_ip(addr)
-    if not plen.isdigit() or int(plen) > bits(family):
+    if not (plen.isascii() and plen.isdigit()) or int(plen) > bits(family):  # isdigit() alone takes '２４'
         raise ValueError(f"not a CIDR: {text!r}")
     return family, n, int(plen)
 
@@ -266,7 +376,7 @@ def fmt_cidr(family, n, plen):
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
-RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_GETROUTE = 20, 22, 24, 26
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_GETROUTE = 20, 21, 22, 24, 26
 F_REQUEST, F_ACK, F_DUMP, F_REPLACE, F_EXCL, F_CREATE = 1, 4, 0x300, 0x100, 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_PROTINFO = 1, 3, 4, 10, 12
 IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 18, 28, 1, 2, 1
@@ -310,6 +420,12 @@ class Netlink:
     def close(self):
         self.sock.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def request(self, mtype, flags, body, what):
         """Send one message; return the reply payloads (a dump's or a get's); raise on error."""
         self.seq += 1
@@ -345,7 +461,7 @@ class Netlink:
         try:
             (_, payload), = self.request(RTM_GETLINK, 0, body, None)
         except OSError as e:
-            if e.errno in (19, 2):  # ENODEV, ENOENT
+            if e.errno in (ENODEV, ENOENT):
                 return None
             raise
         return parse_link(payload)
@@ -385,12 +501,19 @@ class Netlink:
         self.request(RTM_DELLINK, F_ACK, ifinfo(index), f"ip link del {name}")
 
     # addresses
-    def add_addr(self, index, name, family, n, plen):
+    def add_addr(self, index, name, family, n, plen, exclusive=False):
+        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it)."""
         body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
             + nla(IFA_ADDRESS, ip_bytes(family, n))
         if family == AF_INET and plen < 31:
             body += nla(IFA_BROADCAST, ip_bytes(family, n | ((1 << (32 - plen)) - 1)))
-        self.request(RTM_NEWADDR, F_ACK | F_CREATE | F_REPLACE, body, f"ip addr add {fmt_cidr(family, n, plen)} dev {name}")
+        self.request(RTM_NEWADDR, F_ACK | F_CREATE | (F_EXCL if exclusive else F_REPLACE), body,
+                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}")
+
+    def del_addr(self, index, name, family, n, plen):
+        body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
+            + nla(IFA_ADDRESS, ip_bytes(family, n))
+        self.request(RTM_DELADDR, F_ACK, body, f"ip addr del {fmt_cidr(family, n, plen)} dev {name}")
 
     def addrs(self, index, family=0):
         """[(family, address int, prefix)] on the link."""
@@ -458,15 +581,32 @@ def kernel(what, fn, *args):
         raise CNIError(E_KERNEL, f"{what}: {e.strerror or e}")
 
 
+def libc_setns():
+    """setns(2) for Python < 3.12 through _ctypes, the C half of ctypes: the ctypes package
+    costs ~6 ms of imports, _ctypes under 1 ms."""
+    import _ctypes
+
+    class CInt(_ctypes._SimpleCData):
+        _type_ = "i"
+
+    class CFunction(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = CInt
+
+    class Libc:
+        _handle = _ctypes.dlopen(None, os.RTLD_NOW)
+
+    call = CFunction(("setns", Libc))
+
+    def setns(fd, nstype):
+        if call(fd, nstype) != 0:
+            err = _ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    return setns
+
+
 def setns(fd):
-    if hasattr(os, "setns"):  # Python 3.12+
-        os.setns(fd, CLONE_NEWNET)
-        return
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    (os.setns if hasattr(os, "setns") else libc_setns())(fd, CLONE_NEWNET)
 
 
 def open_netns(path):
@@ -474,7 +614,7 @@ def open_netns(path):
     device (open may have side effects) is refused before it is opened."""
     import stat
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(22, "not a regular file")
+        raise OSError(EINVAL, "not a regular file")
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
 
 
@@ -484,7 +624,7 @@ def check_netns(path, must_exist):
     try:
         fd = open_netns(path)
     except OSError as e:
-        if must_exist or e.errno not in (2, 20):  # ENOENT, ENOTDIR: the pod is gone, fine for DEL
+        if must_exist or e.errno not in (ENOENT, ENOTDIR):  # the pod is gone: fine for DEL
             raise CNIError(E_ENV, f"CNI_NETNS {path!r} cannot be opened: {e.strerror}")
         return
     try:
@@ -497,55 +637,44 @@ def check_netns(path, must_exist):
         raise CNIError(E_ENV, f"CNI_NETNS {path!r} is not a network namespace")
 
 
-def open_container(netns):
-    """A netlink socket inside the container's network namespace (and the namespace fd)."""
-    try:
-        fd = open_netns(netns)
-    except OSError as e:
-        raise CNIError(E_ENV, f"CNI_NETNS {netns!r} cannot be opened: {e.strerror}")
-    host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
+class Container:
+    """The pod's network namespace, held open: its fd (veths are born in it through
+    IFLA_NET_NS_FD) and a netlink socket opened inside it.  Closed on leaving the with block."""
+
+    def __init__(self, netns):
         try:
-            setns(fd)
+            self.fd = open_netns(netns)
         except OSError as e:
-            os.close(fd)
-            raise CNIError(E_ENV, f"CNI_NETNS {netns!r} is not a network namespace: {e.strerror}")
+            raise CNIError(E_ENV, f"CNI_NETNS {netns!r} cannot be opened: {e.strerror}")
         try:
-            sock = Netlink()
+            self.nl = self.netlink_inside(netns)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def netlink_inside(self, netns):
+        host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                setns(self.fd)
+            except OSError as e:
+                raise CNIError(E_ENV, f"CNI_NETNS {netns!r} is not a network namespace: {e.strerror}")
+            try:
+                return Netlink()
+            finally:
+                setns(host)
         finally:
-            setns(host)
-    finally:
-        os.close(host)
-    return fd, sock
+            os.close(host)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.nl.close()
+        os.close(self.fd)
 
 
 # ---------------------------------------------------------------- input
-
-def read_stdin():
-    chunks, size = [], 0
-    try:
-        while True:
-            chunk = os.read(0, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > STDIN_LIMIT:
-                raise CNIError(E_DECODE, f"network config on stdin is larger than {STDIN_LIMIT} bytes")
-    except OSError:
-        pass
-    return b"".join(chunks)
-
-
-def decode_config(raw):
-    try:
-        conf = json_loads(raw.decode("utf-8"))
-    except Exception as e:
-        raise CNIError(E_DECODE, f"cannot decode the network config: {e}")
-    if not isinstance(conf, dict):
-        raise CNIError(E_DECODE, "the network config is not a JSON object")
-    return conf
-
 
 def valid_name(text, max_len=None):
     return (isinstance(text, str) and text != "" and text[0].isascii() and text[0].isalnum()
@@ -555,16 +684,6 @@ def valid_name(text, max_len=None):
 def valid_ifname(name):
     return (0 < len(name.encode("utf-8", "surrogateescape")) <= 15 and name not in (".", "..")
             and not any(c in "/:" or c.isspace() for c in name) and name.isprintable())
-
-
-def require_env(names):
-    env = {}
-    for name in names:
-        value = os.environ.get(name, "")
-        if not value:
-            raise CNIError(E_ENV, f"required environment variable {name} is missing")
-        env[name] = value
-    return env
 
 
 def parse_cni_args(text):
@@ -590,6 +709,20 @@ def lower_keys(obj):
     return {k.lower(): v for k, v in obj.items()} if isinstance(obj, dict) else {}
 
 
+TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", dict: "an object", list: "a list"}
+
+
+def conf_value(obj, key, kind, default, where=""):
+    """obj[key] when it is of type KIND; absent or null (and "" for a string) mean DEFAULT; any
+    other value is error 7 naming the key: a wrong type never silently becomes the default."""
+    value = obj.get(key)
+    if value is None or (kind is str and value == ""):
+        return default
+    if type(value) is not kind:  # type(): True is not an int, and 1 is not true
+        raise CNIError(E_CONFIG, f"{where}{key} must be {TYPE_NAMES[kind]}, not {json_dumps(value)}")
+    return value
+
+
 class Net:
     """The network config, validated and with the defaults applied."""
 
@@ -599,48 +732,48 @@ class Net:
         self.name = conf.get("name")
         if not valid_name(self.name, 200):
             raise CNIError(E_CONFIG, f"invalid network name {self.name!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*")
-        self.mode = conf.get("mode") or "bridge"
+        self.mode = conf_value(conf, "mode", str, "bridge")
         if self.mode not in MODES:
             raise CNIError(E_CONFIG, f"invalid mode {self.mode!r}: one of " + ", ".join(MODES))
         self.routed = self.mode == "routed"
-        self.bridge = conf.get("bridge") or DEFAULT_BRIDGE
-        if not isinstance(self.bridge, str) or not valid_ifname(self.bridge):
+        self.bridge = conf_value(conf, "bridge", str, DEFAULT_BRIDGE)
+        if not valid_ifname(self.bridge):
             raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
-        self.default_gw = self.flag("isDefaultGateway", True)
-        self.is_gw = self.flag("isGateway", True) or self.default_gw
-        self.masq = self.flag("ipMasq", True)
+        self.default_gw = conf_value(conf, "isDefaultGateway", bool, True)
+        self.is_gw = conf_value(conf, "isGateway", bool, True) or self.default_gw
+        self.masq = conf_value(conf, "ipMasq", bool, True)
         self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
-        self.hairpin = self.flag("hairpinMode", False)
-        self.mtu = conf.get("mtu") or 0
-        if type(self.mtu) is not int or not 0 <= self.mtu <= 65535:
+        self.hairpin = conf_value(conf, "hairpinMode", bool, False)
+        self.mtu = conf_value(conf, "mtu", int, 0)
+        if not 0 <= self.mtu <= 65535:
             raise CNIError(E_CONFIG, f"invalid mtu {self.mtu!r}")
-        self.dns = conf.get("dns") if isinstance(conf.get("dns"), dict) else {}
-        self.ipam = conf.get("ipam") or {}
-        if not isinstance(self.ipam, dict):
-            raise CNIError(E_CONFIG, "ipam must be an object")
-        self.ipam_type = self.ipam.get("type") or ""
-        if not isinstance(self.ipam_type, str) or (self.ipam_type and not valid_name(self.ipam_type)):
+        self.dns = conf_value(conf, "dns", dict, {})
+        self.ipam = conf_value(conf, "ipam", dict, {})
+        self.ipam_type = conf_value(self.ipam, "type", str, "", "ipam.")
+        if self.ipam_type and not valid_name(self.ipam_type):
             raise CNIError(E_CONFIG, f"invalid ipam type {self.ipam_type!r}")
         if self.ipam_type and self.ipam_type not in BUILTIN_IPAM and self.ipam_type == conf.get("type"):
             raise CNIError(E_CONFIG, f"ipam.type {self.ipam_type!r} is this plugin itself (it would call itself forever)")
         self.runtime = lower_keys(conf.get("runtimeConfig"))
         self.args = cni_args
-        self.prev = conf.get("prevResult") if isinstance(conf.get("prevResult"), dict) else None
-        self.data_dir = self.ipam.get("dataDir") or DEFAULT_DATA_DIR
-        if not isinstance(self.data_dir, str) or not self.data_dir.startswith("/") or "\0" in self.data_dir:
+        self.prev = conf_value(conf, "prevResult", dict, None)
+        self.data_dir = conf_value(self.ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
+        if not self.data_dir.startswith("/") or "\0" in self.data_dir:
             raise CNIError(E_CONFIG, f"ipam.dataDir must be an absolute path, not {self.data_dir!r}")
-
-    def flag(self, key, default):
-        value = self.raw.get(key, default)
-        if not isinstance(value, bool):
-            raise CNIError(E_CONFIG, f"{key} must be true or false, not {value!r}")
-        return value
+        self.routes = conf_value(self.ipam, "routes", list, [], "ipam.")
+        for i, route in enumerate(self.routes):
+            if type(route) is not dict:
+                raise CNIError(E_CONFIG, f"ipam.routes[{i}] must be an object, not {json_dumps(route)}")
+            for key in ("dst", "gw"):
+                conf_value(route, key, str, None, f"ipam.routes[{i}].")
+        self.subnet = conf_value(self.ipam, "subnet", str, None, "ipam.")
+        self.ranges = conf_value(self.ipam, "ranges", list, [], "ipam.")
+        if self.ipam_type in BUILTIN_IPAM or self.ipam_type == "host-local":
+            self.range_sets()  # every key checked now, before anything is changed
 
     def cidr_list(self, key):
         """KEY as a list of (family, network, prefix); absent is an empty list."""
-        value = self.raw.get(key, [])
-        if not isinstance(value, list):
-            raise CNIError(E_CONFIG, f"{key} must be a list of CIDRs, not {value!r}")
+        value = conf_value(self.raw, key, list, [])
         try:
             return [(f, network_of(f, n, plen), plen) for f, n, plen in map(parse_cidr, value)]
         except ValueError as e:
@@ -648,16 +781,14 @@ class Net:
 
     def range_sets(self):
         """[[range dict]]: one address is allocated from each set."""
-        ipam = self.ipam
-        if ipam.get("ranges"):
-            sets = ipam["ranges"]
-            if not isinstance(sets, list) or not all(isinstance(s, list) and s for s in sets):
-                raise CNIError(E_CONFIG, "ipam.ranges must be a list of non-empty lists of ranges")
-            if ipam.get("subnet"):  # host-local: the old single range comes first
-                sets = [[dict(ipam, subnet=ipam["subnet"])]] + sets
+        for i, rset in enumerate(self.ranges):
+            if type(rset) is not list or not rset:
+                raise CNIError(E_CONFIG, f"ipam.ranges[{i}] must be a non-empty list of ranges")
+        if self.ranges:
+            sets = [[dict(self.ipam, subnet=self.subnet)]] * bool(self.subnet) + self.ranges  # host-local: subnet first
         else:
-            subnet = ipam.get("subnet") or self.args.get("CNIKIT_SUBNET") or node_subnet() or DEFAULT_SUBNET
-            sets = [[dict(ipam, subnet=subnet)]]
+            subnet = self.subnet or self.args.get("CNIKIT_SUBNET") or node_subnet() or DEFAULT_SUBNET
+            sets = [[dict(self.ipam, subnet=subnet)]]
         return [[parse_range(r) for r in s] for s in sets]
 
 
@@ -673,28 +804,49 @@ def node_subnet():
     return None
 
 
+# Never a pod subnet: the kernel or the routing would treat these addresses specially.
+RESERVED_SUBNETS = {AF_INET: (("0.0.0.0/8", "this network"), ("127.0.0.0/8", "loopback"), ("224.0.0.0/4", "multicast"),
+                              ("240.0.0.0/4", "reserved")),
+                    AF_INET6: (("::/128", "unspecified"), ("::1/128", "loopback"), ("ff00::/8", "multicast"))}
+
+
+def reserved_overlap(family, net, plen):
+    """The name of the reserved block the subnet overlaps, or None."""
+    for text, what in RESERVED_SUBNETS[family]:
+        _, rnet, rplen = parse_cidr(text)
+        shorter = min(plen, rplen)
+        if network_of(family, net, shorter) == network_of(family, rnet, shorter):
+            return what
+    return None
+
+
 def parse_range(r):
     """host-local's range: subnet, rangeStart, rangeEnd, gateway (never handed out)."""
-    if not isinstance(r, dict):
-        raise CNIError(E_CONFIG, f"invalid ipam range {r!r}")
+    if type(r) is not dict:
+        raise CNIError(E_CONFIG, f"invalid ipam range {json_dumps(r)}: must be an object")
+    subnet_text = conf_value(r, "subnet", str, None, "ipam range ")
+    texts = {key: conf_value(r, key, str, None, "ipam range ") for key in ("rangeStart", "rangeEnd", "gateway")}
     try:
-        family, addr, plen = parse_cidr(r.get("subnet"))
+        family, addr, plen = parse_cidr(subnet_text)
         net = network_of(family, addr, plen)
+        reserved = reserved_overlap(family, net, plen)
+        if reserved:
+            raise ValueError(f"subnet {subnet_text} overlaps the {reserved} block")
         last = net | ((1 << (bits(family) - plen)) - 1)
         if family == AF_INET and plen < 31:
             last -= 1  # the broadcast address
         if last - net < 2:
-            raise ValueError(f"subnet {r.get('subnet')} is too small")
+            raise ValueError(f"subnet {subnet_text} is too small")
         subnet = (family, net, plen)
-        start = parse_ip(r["rangeStart"])[1] if r.get("rangeStart") else net + 1
-        end = parse_ip(r["rangeEnd"])[1] if r.get("rangeEnd") else last
-        gw = parse_ip(r["gateway"])[1] if r.get("gateway") else net + 1
+        start = parse_ip(texts["rangeStart"])[1] if texts["rangeStart"] else net + 1
+        end = parse_ip(texts["rangeEnd"])[1] if texts["rangeEnd"] else last
+        gw = parse_ip(texts["gateway"])[1] if texts["gateway"] else net + 1
         for what, n in (("rangeStart", start), ("rangeEnd", end), ("gateway", gw)):
             if not in_subnet(family, n, subnet):
-                raise ValueError(f"{what} {fmt_ip(family, n)} is outside {r.get('subnet')}")
+                raise ValueError(f"{what} {fmt_ip(family, n)} is outside {subnet_text}")
         if not net < start <= end <= last:
-            raise ValueError(f"range {fmt_ip(family, start)}-{fmt_ip(family, end)} is not inside {r.get('subnet')}")
-    except (ValueError, KeyError) as e:
+            raise ValueError(f"range {fmt_ip(family, start)}-{fmt_ip(family, end)} is not inside {subnet_text}")
+    except ValueError as e:
         raise CNIError(E_CONFIG, f"invalid ipam range: {e}")
     return {"family": family, "subnet": subnet, "start": start, "end": end, "gw": gw}
 
@@ -702,37 +854,88 @@ def parse_range(r):
 # ---------------------------------------------------------------- IPAM: built-in, host-local format
 
 class Store:
-    """host-local's disk layout: one file per address, a round-robin cursor, one flock'ed lock file."""
+    """host-local's disk layout, plus this plugin's ownership records beside it:
+
+        <dataDir>/<network>/<ip>                      "<container id>\\r\\n<ifname>" (host-local's)
+        <dataDir>/<network>/last_reserved_ip.<n>      round-robin cursor of range set n (host-local's)
+        <dataDir>/<network>/lock                      flock'ed around every change (shared with host-local)
+        <dataDir>/<network>/.cnikit/attachments/<key> what one attachment owns (JSON, see Record)
+        <dataDir>/<network>/.cnikit/tmp/              files being written; only ever under the lock
+
+    Every temporary file is written under the lock, so any found while holding it belongs to a
+    call that died (kill -9): entering sweeps them.  The attachments directory appears, by one
+    rename, once every older allocation has a record, so from then on "no record" means "owns
+    nothing" and DEL needs no scan."""
 
     def __init__(self, data_dir, network):
         self.dir = os.path.join(data_dir, network)
+        self.records = os.path.join(self.dir, ".cnikit", "attachments")
+        self.tmp = os.path.join(self.dir, ".cnikit", "tmp")
+        self.lock = None
 
     def __enter__(self):
         import fcntl
         try:
-            os.makedirs(self.dir, 0o755, exist_ok=True)
-            self.lock = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self.lock = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                os.makedirs(self.dir, 0o755, exist_ok=True)
+                self.lock = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(self.lock, fcntl.LOCK_EX)
+            os.makedirs(self.tmp, 0o755, exist_ok=True)
+            for name in os.listdir(self.tmp):  # only files of calls that died: see the class comment
+                log(f"  ipam: sweep {name} (left by a call that died)")
+                os.unlink(os.path.join(self.tmp, name))
+            if not os.path.isdir(self.records):
+                self.start_records()
         except OSError as e:
+            self.__exit__()
             raise CNIError(E_IO, f"cannot lock {self.dir}: {e.strerror}")
         return self
 
     def __exit__(self, *exc):
-        os.close(self.lock)  # closing releases the flock
+        if self.lock is not None:
+            os.close(self.lock)  # closing releases the flock
+            self.lock = None
+
+    def start_records(self):
+        """Once per network directory: a record for each attachment that predates records (from
+        its allocation files, with its rules marked unknown), then the directory appears."""
+        building = self.records + ".new"
+        rmtree(building)
+        os.makedirs(building, 0o755)
+        owners = {}
+        for key, who in self.allocations().items():
+            owners.setdefault(who, []).append(key)
+        for who, keys in owners.items():
+            cid, _, ifname = who.partition("\r\n")
+            rec = Record(cid, ifname, [fmt_ip(*k) for k in keys], rules=None)
+            self.write_file(os.path.join(building, rec.key), json_dumps(rec.fields()))
+        for name in os.listdir(self.dir):  # older versions' temporary files (named by pid)
+            if name.startswith((".tmp-", ".last-")):
+                log(f"  ipam: sweep {name} (left by a call that died)")
+                os.unlink(os.path.join(self.dir, name))
+        os.rename(building, self.records)
+
+    def write_file(self, path, text):
+        """Write a whole file atomically: a temporary file under the lock, then rename."""
+        tmp = os.path.join(self.tmp, f"{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.rename(tmp, path)
 
     def path(self, family, n):
         return os.path.join(self.dir, fmt_ip(family, n))
 
     def owner(self, family, n):
-        try:
-            with open(self.path(family, n), "rb") as f:
-                return f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return None
+        return read_owner(self.path(family, n))
+
+    def free(self, family, n):
+        return not os.path.lexists(self.path(family, n))
 
     def reserve(self, family, n, cid, ifname):
         """Create <ip> holding 'id\\r\\nifname' atomically (link fails if it exists)."""
-        tmp = os.path.join(self.dir, f".tmp-{os.getpid()}")
+        tmp = os.path.join(self.tmp, f"ip-{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
                 f.write(f"{cid}\r\n{ifname}".encode())
@@ -747,11 +950,8 @@ class Store:
             raise CNIError(E_IO, f"cannot write allocation in {self.dir}: {e.strerror}")
 
     def set_last(self, index, family, n):
-        tmp = os.path.join(self.dir, f".last-{os.getpid()}")
         try:
-            with open(tmp, "w") as f:
-                f.write(fmt_ip(family, n))
-            os.rename(tmp, os.path.join(self.dir, f"last_reserved_ip.{index}"))
+            self.write_file(os.path.join(self.dir, f"last_reserved_ip.{index}"), fmt_ip(family, n))
         except OSError as e:
             raise CNIError(E_IO, f"cannot write {self.dir}: {e.strerror}")
 
@@ -763,7 +963,8 @@ class Store:
             return None
 
     def allocations(self):
-        """{(family, int): 'id\\r\\nifname'} of every address file."""
+        """{(family, int): 'id\\r\\nifname'} of every address file: a scan, for GC, STATUS and
+        the first use of records only."""
         out = {}
         try:
             names = os.listdir(self.dir)
@@ -779,12 +980,134 @@ class Store:
                 out[key] = owner
         return out
 
-    def release(self, family, n):
+    def release(self, family, n, cid=None, ifname=None):
+        """Remove <ip>; with CID and IFNAME only if it is still theirs (never someone else's)."""
+        if cid is not None and self.owner(family, n) != f"{cid}\r\n{ifname}":
+            return
         log(f"  ipam: release {fmt_ip(family, n)}")
         try:
             os.unlink(self.path(family, n))
         except FileNotFoundError:
             pass
+
+    def save(self, rec):
+        try:
+            self.write_file(os.path.join(self.records, rec.key), json_dumps(rec.fields()))
+        except OSError as e:
+            raise CNIError(E_IO, f"cannot write the record of {rec.cid} {rec.ifname} in {self.records}: {e.strerror}")
+        log(f"  record: {rec.cid} {rec.ifname} owns {', '.join(rec.ips) or 'no address'}")
+
+    def drop(self, rec):
+        try:
+            os.unlink(os.path.join(self.records, rec.key))
+        except FileNotFoundError:
+            pass
+
+    def all_records(self):
+        """Every record (GC and a failed ADD's gateway question only: a scan)."""
+        out = []
+        for name in os.listdir(self.records) if os.path.isdir(self.records) else ():
+            rec = load_record(os.path.join(self.records, name))
+            if rec is not None:
+                out.append(rec)
+        return out
+
+
+def read_owner(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def rmtree(path):
+    """Remove a directory of plain files (our half-built records directory), if it is there."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
+
+
+class Record:
+    """What one attachment owns, written when ADD reserves its addresses (before it creates
+    anything, so a call killed half-way is still undone by DEL) and read by DEL instead of
+    scanning: {"containerID", "ifname", "ips": ["10.244.0.2/24"], "veth",
+    "iptables": [{"family": 4, "table": "nat", "chains": [...], "jumps": [...], "rules": [...]}]}.
+    null means unknown (a record made from allocations that predate records, or an unreadable
+    one): DEL then looks for the rules (iptables-save) and the addresses (a scan) as before."""
+
+    def __init__(self, cid, ifname, ips, rules, veth=None):
+        self.cid, self.ifname, self.ips, self.rules = cid, ifname, ips, rules
+        self.veth = veth or host_veth_name(cid, ifname)
+        self.key = attachment_hash(cid, ifname)[:32]
+
+    def fields(self):
+        return {"containerID": self.cid, "ifname": self.ifname, "ips": self.ips, "veth": self.veth,
+                "iptables": self.rules}
+
+    def addresses(self):
+        """{(family, int)} of the recorded addresses."""
+        out = set()
+        for text in self.ips or ():
+            try:
+                out.add(parse_ip(text.split("/")[0]))
+            except ValueError:
+                pass
+        return out
+
+
+def load_record(path, cid=None, ifname=None):
+    """The record at PATH, or None when there is none.  An unreadable one (edited by hand, a full
+    disk) is a record of CID IFNAME that knows nothing, so DEL looks at the kernel and files."""
+    try:
+        with open(path) as f:
+            d = json_loads(f.read())
+        rec = Record(d["containerID"], d["ifname"], list(d["ips"]), d["iptables"], d["veth"])
+        if not all(isinstance(x, str) for x in [rec.cid, rec.ifname, rec.veth] + rec.ips):
+            raise TypeError("not strings")
+        if rec.rules is not None and not (isinstance(rec.rules, list) and all(isinstance(e, dict) for e in rec.rules)):
+            raise TypeError("iptables must be a list of objects")
+        return rec
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"  record {path} is unreadable ({e}): looking at the kernel and the allocations instead")
+        return Record(cid, ifname, None, None) if cid is not None else None
+
+
+def record_path(net, cid, ifname):
+    return os.path.join(Store(net.data_dir, net.name).records, attachment_hash(cid, ifname)[:32])
+
+
+def hold_record(path, inherit=False):
+    """flock the attachment's record, the lock of one attachment (None if it has no record).
+    ADD holds it with INHERIT: the commands it starts inherit the lock, so after a kill -9 of
+    the ADD, its DEL waits for the orphaned helpers (an iptables-restore that outlived the ADD
+    would otherwise add its rules after DEL removed them).  Closing the fd releases it."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    os.set_inheritable(fd, inherit)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def record_of(net, cid, ifname):
+    """This attachment's record, and the held lock of it: (record or None, fd or None).  No
+    record: it owns nothing (the first use of a network directory records older attachments)."""
+    store = Store(net.data_dir, net.name)
+    if not os.path.isdir(store.records):
+        with store:
+            pass
+    path = record_path(net, cid, ifname)
+    fd = hold_record(path)
+    return load_record(path, cid, ifname), fd
 
 
 def candidates(rset, after):
@@ -828,58 +1151,69 @@ def requested_ips(net):
     return out
 
 
-def builtin_add(net, cid, ifname):
+def builtin_add(net, cid, ifname, make_record):
+    """Choose an address from each range set, write the attachment's record (MAKE_RECORD(ips)),
+    then reserve the addresses: all under the lock.  A failure releases only what this call
+    reserved; a duplicate ADD (the attachment has a record) is refused before anything."""
     sets = net.range_sets()
     wanted = requested_ips(net)
-    ips = []
     with Store(net.data_dir, net.name) as store:
+        if os.path.exists(os.path.join(store.records, attachment_hash(cid, ifname)[:32])):
+            raise CNIError(E_EXISTS, f"{cid} {ifname} is already attached to network {net.name}: DEL it first")
+        ips = []
+        for index, rset in enumerate(sets):
+            ips.append(choose(store, index, rset, wanted, ips))
+        for w in wanted:
+            if not any(w == (ip["family"], ip["n"]) for ip in ips):
+                raise CNIError(E_CONFIG, f"requested IP {fmt_ip(*w)} is in none of the ranges")
+        rec = make_record(ips)
+        store.save(rec)
+        reserved = []
         try:
-            for index, rset in enumerate(sets):
-                ips.append(allocate(store, index, rset, wanted, cid, ifname))
-            for w in wanted:
-                if not any(w == (ip["family"], ip["n"]) for ip in ips):
-                    raise CNIError(E_CONFIG, f"requested IP {fmt_ip(*w)} is in none of the ranges")
-        except CNIError:
             for ip in ips:
-                store.release(ip["family"], ip["n"])
+                log(f"  ipam: reserve {fmt_cidr(ip['family'], ip['n'], ip['plen'])} for {cid} {ifname}")
+                if not store.reserve(ip["family"], ip["n"], cid, ifname):  # a writer that ignores the lock
+                    raise CNIError(E_TRY_LATER, f"IP {fmt_ip(ip['family'], ip['n'])} was taken meanwhile; try again")
+                reserved.append(ip)
+                store.set_last(ip["index"], ip["family"], ip["n"])
+        except BaseException:
+            for ip in reserved:
+                store.release(ip["family"], ip["n"], cid, ifname)
+            store.drop(rec)
             raise
-    return ips
+    return ips, rec
 
 
-def allocate(store, index, rset, wanted, cid, ifname):
+def choose(store, index, rset, wanted, chosen):
+    """The address for range set INDEX: the requested one, else the next free one round-robin."""
     def lease(r, n):
-        log(f"  ipam: reserve {fmt_cidr(r['family'], n, r['subnet'][2])} for {cid} {ifname}")
-        return {"family": r["family"], "n": n, "plen": r["subnet"][2], "gw": r["gw"], "subnet": r["subnet"]}
+        return {"family": r["family"], "n": n, "plen": r["subnet"][2], "gw": r["gw"], "subnet": r["subnet"], "index": index}
 
     for family, n in wanted:
         for r in rset:
             if family == r["family"] and r["start"] <= n <= r["end"]:
                 if n == r["gw"]:
                     raise CNIError(E_CONFIG, f"requested IP {fmt_ip(family, n)} is the gateway")
-                if not store.reserve(family, n, cid, ifname):
+                if not store.free(family, n) or any(c["n"] == n and c["family"] == family for c in chosen):
                     raise CNIError(E_TRY_LATER, f"requested IP {fmt_ip(family, n)} is already allocated")
-                store.set_last(index, family, n)
                 return lease(r, n)
     for r, n in candidates(rset, store.last(index)):
-        if store.reserve(r["family"], n, cid, ifname):
-            store.set_last(index, r["family"], n)
+        if store.free(r["family"], n) and not any(c["n"] == n and c["family"] == r["family"] for c in chosen):
             return lease(r, n)
     subnets = ", ".join(fmt_cidr(*r["subnet"]) for r in rset)
     raise CNIError(E_TRY_LATER, f"no IP addresses left in range set {subnets} of network {store.dir}")
 
 
-def builtin_del(net, cid, ifname):
-    owner = f"{cid}\r\n{ifname}"
-    with Store(net.data_dir, net.name) as store:
-        for key, who in store.allocations().items():
-            if who == owner:
-                store.release(*key)
-
-
-def builtin_owned(net, cid, ifname):
-    owner = f"{cid}\r\n{ifname}"
-    with Store(net.data_dir, net.name) as store:
-        return {key for key, who in store.allocations().items() if who == owner}
+def release_owned(store, rec):
+    """Release what the record lists, each only while it is still this attachment's.  A record
+    that does not know its addresses (unreadable): a scan of the allocations."""
+    if rec.ips is not None:
+        keys = rec.addresses()
+    else:
+        owner = f"{rec.cid}\r\n{rec.ifname}"
+        keys = [key for key, who in store.allocations().items() if who == owner]
+    for key in keys:
+        store.release(*key, rec.cid, rec.ifname)
 
 
 def use_builtin(net):
@@ -905,10 +1239,10 @@ def delegate(net, command, raw):
     try:
         out = run([path], stdin=raw, env=env)
     except CNIError as e:
-        try:
+        try:  # the plugin's own CNI error, when it printed one
             err = json_loads(e.details)
             e.code, e.msg, e.details = err.get("code", e.code), f"{net.ipam_type}: {err.get('msg', e.msg)}", err.get("details", "")
-        except Exception:
+        except (ValueError, AttributeError):  # not JSON, or JSON but not an object: keep its text
             pass
         raise
     return out
@@ -944,23 +1278,46 @@ def ipam_result_ips(res):
     return ips
 
 
-def ipam_add(net, cid, ifname, raw):
+def ipam_add(net, cid, ifname, raw, make_record):
+    """Addresses for the attachment, and its record saved: (ips, routes, dns, record)."""
     if use_builtin(net):
-        ips = builtin_add(net, cid, ifname)
-        routes = net.ipam.get("routes") or []
-        return ips, routes, {}
+        ips, rec = builtin_add(net, cid, ifname, make_record)
+        return ips, net.routes, {}, rec
     res, ips = ipam_plugin_add(net, raw)
     for ip in ips:  # like the reference bridge: a gateway is the subnet's first address when unset
         if ip["gw"] is None:
             ip["gw"] = ip["subnet"][1] + 1
-    return ips, res.get("routes") or [], res.get("dns") or {}
+    rec = make_record(ips)
+    try:
+        with Store(net.data_dir, net.name) as store:
+            store.save(rec)
+    except BaseException:
+        delegate(net, "DEL", raw)  # not a duplicate (cmd_add refused those): the plugin's answer is ours
+        raise
+    return ips, res.get("routes") or [], res.get("dns") or {}, rec
 
 
-def ipam_del(net, cid, ifname, raw):
+def ipam_undo(net, rec, ips, raw):
+    """A failed ADD gives back exactly what it got, and its record."""
     if use_builtin(net):
-        builtin_del(net, cid, ifname)
+        with Store(net.data_dir, net.name) as store:
+            for ip in ips:
+                store.release(ip["family"], ip["n"], rec.cid, rec.ifname)
+            store.drop(rec)
     else:
         delegate(net, "DEL", raw)
+        with Store(net.data_dir, net.name) as store:
+            store.drop(rec)
+
+
+def ipam_del(net, rec, raw):
+    """DEL's addresses: the IPAM plugin's DEL, or ours from the record; the record goes last."""
+    if not use_builtin(net):
+        delegate(net, "DEL", raw)
+    if rec is not None:  # delegated too: recorded files still ours after a take-over
+        with Store(net.data_dir, net.name) as store:
+            release_owned(store, rec)
+            store.drop(rec)
 
 
 # ---------------------------------------------------------------- masquerade (iptables)
@@ -993,36 +1350,72 @@ def tool(family, name):
     return name.replace("iptables", "ip6tables") if family == AF_INET6 else name
 
 
-def setup_masq(net, cid, ifname, ips):
-    """Own nat chain: traffic to the subnet stays as is, the rest leaves masqueraded."""
+def attachment_rules(net, cid, ifname, ips):
+    """What the attachment will own in iptables: the record's "iptables", one entry per family
+    and table: {"family": 4 or 6, "table", "chains": [its own chains], "rules": [what goes in
+    them], "jumps": [rules in built-in chains that lead to them]}.  ipMasq: the nat chain
+    CNIKIT-<hash>, where traffic to the subnet stays as is and the rest leaves masqueraded."""
+    if not net.masq:
+        return []
     chain = chain_name(net.name, cid, ifname)
     comment = '"' + masq_comment(net.name, cid, ifname) + '"'
+    entries = []
     for family in sorted({ip["family"] for ip in ips}):
-        lines = ["*nat", f":{chain} - [0:0]"]
-        for ip in ips:
-            if ip["family"] == family:
-                lines.append(f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT")
-        for f, n, plen in net.no_masq:
-            if f == family:
-                lines.append(f"-A {chain} -d {fmt_cidr(f, n, plen)} -m comment --comment {comment} -j ACCEPT")
-        lines.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
-        for ip in ips:
-            if ip["family"] == family:
-                lines.append(f"-A POSTROUTING -s {fmt_cidr(family, ip['n'], bits(family))} -m comment --comment {comment} -j {chain}")
-        lines.append("COMMIT")
+        own = [ip for ip in ips if ip["family"] == family]
+        rules = [f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT" for ip in own]
+        rules += [f"-A {chain} -d {fmt_cidr(f, n, plen)} -m comment --comment {comment} -j ACCEPT"
+                  for f, n, plen in net.no_masq if f == family]
+        rules.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
+        jumps = [f"POSTROUTING -s {fmt_cidr(family, ip['n'], bits(family))} -m comment --comment {comment} -j {chain}"
+                 for ip in own]
+        entries.append({"family": 4 if family == AF_INET else 6, "table": "nat", "chains": [chain],
+                        "rules": rules, "jumps": jumps})
+    return entries
+
+
+def rules_by_family(entries):
+    out = {}
+    for e in entries:
+        out.setdefault(AF_INET if e.get("family") == 4 else AF_INET6, []).append(e)
+    return sorted(out.items())
+
+
+def apply_rules(entries):
+    """Create the chains, their rules and the jumps: one iptables-restore per family."""
+    for family, group in rules_by_family(entries):
+        lines = []
+        for e in group:
+            lines += [f"*{e['table']}"] + [f":{c} - [0:0]" for c in e["chains"]] + e["rules"]
+            lines += ["-A " + j for j in e["jumps"]] + ["COMMIT"]
         run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
 
 
-def teardown_masq(chains, families=(AF_INET, AF_INET6)):
+def remove_rules(entries):
+    """The fast way out: the rules are known, so one iptables-restore per family deletes the
+    jumps, then flushes and deletes the chains.  If that fails (already gone, edited by hand),
+    look at what is really there (iptables-save) and remove that."""
+    for family, group in rules_by_family(entries):
+        lines = []
+        for e in group:
+            lines += [f"*{e['table']}"] + ["-D " + j for j in e["jumps"]]
+            lines += [f"{op} {c}" for c in e["chains"] for op in ("-F", "-X")] + ["COMMIT"]
+        try:
+            run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+        except CNIError:
+            for e in group:
+                teardown_masq(e["chains"], (family,), e["table"])
+
+
+def teardown_masq(chains, families=(AF_INET, AF_INET6), table="nat"):
     """Remove every rule jumping to our chains, then the chains.  Missing ones are fine."""
     for family in families:
         if not which(tool(family, "iptables-save")):
             continue
-        saved = run([tool(family, "iptables-save"), "-t", "nat"])
+        saved = run([tool(family, "iptables-save"), "-t", table])
         present = [c for c in chains if f":{c} " in saved]
         if not present:
             continue
-        lines = ["*nat"]
+        lines = [f"*{table}"]
         for line in saved.splitlines():
             if line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
                 lines.append("-D " + line[3:])
@@ -1032,28 +1425,14 @@ def teardown_masq(chains, families=(AF_INET, AF_INET6)):
         run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
 
 
-def teardown_attachment_masq(net, cid, ifname, ips):
-    """DEL's fast path: the rules ADD wrote are known, so one iptables-restore removes them all.
-    If that fails (already gone, edited by hand) fall back to looking at what is really there."""
-    chain = chain_name(net.name, cid, ifname)
-    comment = '"' + masq_comment(net.name, cid, ifname) + '"'
-    families = sorted({family for family, _ in ips}) or (AF_INET, AF_INET6)
-    for family in families:
-        own = [n for f, n in ips if f == family]
-        if own:
-            lines = ["*nat"] + [f"-D POSTROUTING -s {fmt_cidr(family, n, bits(family))} -m comment --comment {comment} -j {chain}"
-                                for n in own] + [f"-F {chain}", f"-X {chain}", "COMMIT"]
-            try:
-                run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
-                continue
-            except CNIError:
-                pass
-            teardown_masq([chain], (family,))
-        else:  # nothing known about this attachment: look, but a family we only guess at never fails DEL
-            try:
-                teardown_masq([chain], (family,))
-            except CNIError as e:
-                log(f"  ignored: {e.msg} {e.details}")
+def teardown_unrecorded(net, cid, ifname):
+    """Rules of an attachment whose record does not know them (older state): look for its chain
+    in both families; a family we only guess at (no IPv6 nat table) never fails DEL."""
+    for family in (AF_INET, AF_INET6):
+        try:
+            teardown_masq([chain_name(net.name, cid, ifname)], (family,))
+        except CNIError as e:
+            log(f"  ignored: {e.msg} {e.details}")
 
 
 def our_chains(network):
@@ -1084,27 +1463,52 @@ def sysctl_on(path):
 
 
 def ensure_bridge(nl, net, ips):
+    """The bridge, up, with the gateway addresses: (bridge, [gateways this call added])."""
     br = nl.link(net.bridge)
     if br is None:
         try:
             nl.add_bridge(net.bridge, net.mtu)
         except OSError as e:
-            if e.errno != 17:  # EEXIST: a parallel ADD created it first
+            if e.errno != EEXIST:  # a parallel ADD created it first
                 raise CNIError(E_KERNEL, f"cannot create bridge {net.bridge}: {e.strerror}")
         br = nl.link(net.bridge)
     if br is None or br["kind"] != "bridge":
         raise CNIError(E_CONFIG, f"{net.bridge} exists and is not a bridge")
     if not br["up"]:
         kernel(f"cannot bring {net.bridge} up", nl.set_link, br["index"], net.bridge, True)
+    added = []
     if net.is_gw:
-        have = set(nl.addrs(br["index"]))
-        for ip in ips:
+        for ip in ips:  # no dump of the addresses (it grows with the pods' link-local ones): EEXIST says it
             gw = (ip["family"], ip["gw"], ip["plen"])
-            if gw not in have:
-                kernel(f"cannot add gateway address to {net.bridge}", nl.add_addr, br["index"], net.bridge, *gw)
+            try:
+                nl.add_addr(br["index"], net.bridge, *gw, exclusive=True)
+                added.append(gw)
+            except OSError as e:
+                if e.errno != EEXIST:
+                    raise CNIError(E_KERNEL, f"cannot add gateway address to {net.bridge}: {e.strerror}")
         for family in {ip["family"] for ip in ips}:
             sysctl_on("/proc/sys/net/ipv4/ip_forward" if family == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
-    return br
+    return br, added
+
+
+def drop_gateways(nl, net, br, gateways, rec):
+    """A failed ADD takes back the gateway addresses it added, unless another attachment of the
+    network has an address in that subnet by now (decided under the lock, which every ADD takes
+    to reserve its address before it looks for the gateway)."""
+    if not gateways:
+        return
+    with Store(net.data_dir, net.name) as store:
+        others = {k for r in store.all_records() if r.key != rec.key for k in r.addresses()}
+        if use_builtin(net):
+            others |= {k for k, who in store.allocations().items() if who != f"{rec.cid}\r\n{rec.ifname}"}
+        for family, gw, plen in gateways:
+            if any(f == family and network_of(f, n, plen) == network_of(family, gw, plen) for f, n in others):
+                log(f"  keeping gateway {fmt_cidr(family, gw, plen)}: another attachment uses the subnet")
+                continue
+            try:
+                nl.del_addr(br["index"], net.bridge, family, gw, plen)
+            except OSError as e:
+                log(f"  rollback: cannot remove gateway {fmt_cidr(family, gw, plen)}: {e.strerror}")
 
 
 def container_routes(net, ips, ipam_routes):
@@ -1160,7 +1564,7 @@ def routed_host_routes(nl, veth, name, ips):
         try:
             nl.add_route(ip["family"], ip["n"], bits(ip["family"]), None, veth["index"], name)
         except OSError as e:
-            if e.errno != 17:
+            if e.errno != EEXIST:
                 raise CNIError(E_KERNEL, f"cannot add route {fmt_cidr(ip['family'], ip['n'], bits(ip['family']))} "
                                f"dev {name}: {e.strerror}")
 
@@ -1198,7 +1602,7 @@ def build_result(net, br, veth, cont, netns, ips, routes, dns):
     for ip in ips:
         entry = {"address": fmt_cidr(ip["family"], ip["n"], ip["plen"]), "gateway": fmt_ip(ip["family"], ip["gw"]),
                  "interface": len(links)}
-        if net.version < "1.0.0":
+        if version_tuple(net.version) < (1, 0, 0):
             entry["version"] = "4" if ip["family"] == AF_INET else "6"
         res["ips"].append(entry)
     for family, dst, plen, gw, explicit in routes:
@@ -1238,49 +1642,64 @@ def requested_mac(net):
 
 # ---------------------------------------------------------------- verbs
 
-def cmd_add(net, env, raw):
-    cid, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env["CNI_NETNS"]
+def cmd_add(net, call):
+    cid, ifname, netns = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"], call.env["CNI_NETNS"]
     mac = requested_mac(net)
-    nsfd, cnl = open_container(netns)
-    nl = Netlink()
-    if cnl.link(ifname):
-        raise CNIError(E_EXISTS, f"interface {ifname} already exists in {netns}")
-    undo = []
-    try:
-        ips, ipam_routes, ipam_dns = ipam_add(net, cid, ifname, raw)
-        undo.append(lambda: ipam_del(net, cid, ifname, raw))
-        if net.routed:
-            ips, routes = routed_ips(ips), routed_container_routes(net, ips, ipam_routes)
-            br = None
-        else:
-            routes = container_routes(net, ips, ipam_routes)
-            br = ensure_bridge(nl, net, ips)
-        veth_name = host_veth_name(cid, ifname)
-        kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or (br or {}).get("mtu"), nsfd, mac)
-        veth = nl.link(veth_name)
-        undo.append(lambda: nl.del_link(veth["index"], veth_name))
-        if net.routed:
-            routed_host_side(nl, veth, veth_name, ips)
-        else:
-            kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
-        if net.hairpin and not net.routed:
-            kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
-        cont = configure_container(cnl, ifname, ips, routes)
-        if net.routed:
-            routed_host_routes(nl, veth, veth_name, ips)
-        if net.masq:
-            undo.append(lambda: teardown_attachment_masq(net, cid, ifname, {(ip["family"], ip["n"]) for ip in ips}))
-            setup_masq(net, cid, ifname, ips)
-        br = nl.link(net.bridge) if br else None  # its MAC follows its ports
-    except BaseException as e:
-        log(f"  ADD failed ({e}); rolling back")
-        for step in reversed(undo):
-            try:
-                step()
-            except Exception as e2:
-                log(f"  rollback step failed: {e2}")
-        raise
-    return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
+    veth_name = host_veth_name(cid, ifname)
+    with Container(netns) as pod, Netlink() as nl:
+        if pod.nl.link(ifname):
+            raise CNIError(E_EXISTS, f"interface {ifname} already exists in {netns}")
+        if nl.link(veth_name) or record_exists(net, cid, ifname):  # a duplicate ADD: never touch the live one
+            raise CNIError(E_EXISTS, f"{cid} {ifname} is already attached to network {net.name} ({veth_name}): DEL it first")
+
+        def make_record(ips):
+            return Record(cid, ifname, [fmt_cidr(ip["family"], ip["n"], ip["plen"]) for ip in ips],
+                          attachment_rules(net, cid, ifname, ips), veth_name)
+
+        undo, held = [], None
+        try:
+            ips, ipam_routes, ipam_dns, rec = ipam_add(net, cid, ifname, call.raw, make_record)
+            held = hold_record(record_path(net, cid, ifname), inherit=True)
+            undo.append(lambda: ipam_undo(net, rec, ips, call.raw))
+            if net.routed:
+                ips, routes = routed_ips(ips), routed_container_routes(net, ips, ipam_routes)
+                br = None
+            else:
+                routes = container_routes(net, ips, ipam_routes)
+                br, gateways = ensure_bridge(nl, net, ips)
+                undo.append(lambda: drop_gateways(nl, net, br, gateways, rec))
+            kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or (br or {}).get("mtu"), pod.fd, mac)
+            veth = nl.link(veth_name)
+            undo.append(lambda: nl.del_link(veth["index"], veth_name))
+            if net.routed:
+                routed_host_side(nl, veth, veth_name, ips)
+            else:
+                kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
+            if net.hairpin and not net.routed:
+                kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
+            cont = configure_container(pod.nl, ifname, ips, routes)
+            if net.routed:
+                routed_host_routes(nl, veth, veth_name, ips)
+            if rec.rules:
+                undo.append(lambda: remove_rules(rec.rules))
+                apply_rules(rec.rules)
+            br = nl.link(net.bridge) if br else None  # its MAC follows its ports
+        except BaseException as e:
+            log(f"  ADD failed ({e}); rolling back")
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception as e2:
+                    log(f"  rollback step failed: {e2}")
+            raise
+        finally:
+            if held is not None:
+                os.close(held)
+        return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
+
+
+def record_exists(net, cid, ifname):
+    return os.path.exists(record_path(net, cid, ifname))
 
 
 def configure_container(cnl, ifname, ips, routes):
@@ -1294,50 +1713,57 @@ def configure_container(cnl, ifname, ips, routes):
         try:
             cnl.add_route(family, dst, plen, gw, cont["index"], ifname)
         except OSError as e:
-            if e.errno != 17:  # EEXIST: already there (e.g. the subnet's own route)
+            if e.errno != EEXIST:  # already there (e.g. the subnet's own route)
                 raise CNIError(E_KERNEL, f"cannot add route {fmt_cidr(family, dst, plen)} in the container: {e.strerror}")
     return cont
 
 
-def cmd_del(net, env, raw):
-    """Best effort and repeatable: rules, veth, then the address - each may already be gone."""
-    cid, ifname = env["CNI_CONTAINERID"], env["CNI_IFNAME"]
-    if net.masq:
-        teardown_attachment_masq(net, cid, ifname, attachment_ips(net, cid, ifname))
-    nl = Netlink()
-    veth_name = host_veth_name(cid, ifname)
-    veth = nl.link(veth_name)
-    if veth is not None:  # deleting our end removes the pod's end too, netns or not
-        try:
-            nl.del_link(veth["index"], veth_name)
-        except OSError as e:
-            if e.errno not in (19, 2):
-                raise CNIError(E_KERNEL, f"cannot delete {veth_name}: {e.strerror}")
-    ipam_del(net, cid, ifname, raw)
+def cmd_del(net, call):
+    """Best effort and repeatable: rules, veth, then the addresses - each may already be gone.
+    What to remove comes from the attachment's record; no record means it owns nothing (unless
+    records started after it: then iptables-save and the allocations are looked at)."""
+    cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
+    rec, held = record_of(net, cid, ifname)
+    try:
+        del_attachment(net, call, rec)
+    finally:
+        if held is not None:
+            os.close(held)
 
 
-def attachment_ips(net, cid, ifname):
-    """{(family, address)} of an attachment, from the allocation files or else prevResult."""
-    ips = set()
-    if use_builtin(net):
-        ips = builtin_owned(net, cid, ifname)
-    if not ips and net.prev:
-        try:
-            ips = {(ip["family"], ip["n"]) for ip in ipam_result_ips(net.prev)}
-        except (KeyError, ValueError, TypeError):
-            pass
-    return ips
+def del_attachment(net, call, rec):
+    cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
+    if rec is not None and rec.rules is not None:
+        remove_rules(rec.rules)
+    elif rec is not None and net.masq:
+        teardown_unrecorded(net, cid, ifname)
+    veth_name = rec.veth if rec is not None else host_veth_name(cid, ifname)
+    with Netlink() as nl:
+        veth = nl.link(veth_name)
+        if veth is not None:  # deleting our end removes the pod's end too, netns or not
+            try:
+                nl.del_link(veth["index"], veth_name)
+            except OSError as e:
+                if e.errno not in (ENODEV, ENOENT):
+                    raise CNIError(E_KERNEL, f"cannot delete {veth_name}: {e.strerror}")
+    if rec is None and net.prev and use_builtin(net):  # prevResult's addresses, if still this attachment's
+        rec = Record(cid, ifname, [ip["address"] for ip in net.prev.get("ips") or [] if isinstance(ip, dict)
+                                   and isinstance(ip.get("address"), str)], [])
+    ipam_del(net, rec, call.raw)
 
 
-def cmd_check(net, env, raw):
-    cid, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env["CNI_NETNS"]
+def cmd_check(net, call):
     prev = net.prev
     if prev is None:
         raise CNIError(E_CONFIG, "CHECK needs prevResult")
     if not use_builtin(net):
-        delegate(net, "CHECK", raw)
-    _, cnl = open_container(netns)
-    nl = Netlink()
+        delegate(net, "CHECK", call.raw)
+    with Container(call.env["CNI_NETNS"]) as pod, Netlink() as nl:
+        check_attachment(net, call.env, prev, pod.nl, nl)
+
+
+def check_attachment(net, env, prev, cnl, nl):
+    cid, ifname, netns = env["CNI_CONTAINERID"], env["CNI_IFNAME"], env["CNI_NETNS"]
 
     def fail(msg):
         raise CNIError(E_CHECK, msg)
@@ -1373,9 +1799,9 @@ def cmd_check(net, env, raw):
         if (ip["family"], ip["n"], ip["plen"]) not in have:
             fail(f"{ifname} lacks address {fmt_cidr(ip['family'], ip['n'], ip['plen'])}")
     if use_builtin(net):
-        owned = builtin_owned(net, cid, ifname)
-        for ip in ips:
-            if (ip["family"], ip["n"]) not in owned:
+        store = Store(net.data_dir, net.name)
+        for ip in ips:  # each allocation file read directly: no scan
+            if store.owner(ip["family"], ip["n"]) != f"{cid}\r\n{ifname}":
                 fail(f"address {fmt_ip(ip['family'], ip['n'])} is not allocated to {cid} {ifname}")
     tables = {}
     for r in prev.get("routes") or []:
@@ -1400,7 +1826,7 @@ def cmd_check(net, env, raw):
                 fail(f"masquerade chain {chain} is missing")
 
 
-def cmd_status(net):
+def cmd_status(net, call):
     problems = []
     if net.masq and not which("iptables-restore"):
         problems.append("iptables-restore is not installed (needed for ipMasq)")
@@ -1425,7 +1851,7 @@ def cmd_status(net):
         raise CNIError(E_NOT_AVAILABLE, "; ".join(problems))
 
 
-def cmd_gc(net):
+def cmd_gc(net, call):
     valid = net.raw.get("cni.dev/valid-attachments", net.raw.get("cni.dev/attachments"))
     if not isinstance(valid, list):
         raise CNIError(E_CONFIG, "GC needs cni.dev/valid-attachments")
@@ -1433,6 +1859,15 @@ def cmd_gc(net):
                for a in valid):
         raise CNIError(E_CONFIG, "cni.dev/valid-attachments: every entry needs string containerID and ifname")
     keep = {(a["containerID"], a["ifname"]) for a in valid}
+    with Store(net.data_dir, net.name) as store:
+        gone = [r for r in store.all_records() if (r.cid, r.ifname) not in keep]
+    with Netlink() as nl:
+        for rec in gone:  # what records know is removed without looking; the scans below find the rest
+            if rec.rules:
+                remove_rules(rec.rules)
+            veth = nl.link(rec.veth)
+            if veth is not None:
+                kernel(f"cannot delete {rec.veth}", nl.del_link, veth["index"], rec.veth)
     if net.masq or which("iptables-save"):
         keep_chains = {chain_name(net.name, cid, ifname) for cid, ifname in keep}
         stale = [c for c in our_chains(net.name) if c not in keep_chains]
@@ -1444,109 +1879,148 @@ def cmd_gc(net):
                 cid, _, ifname = who.partition("\r\n")
                 if (cid, ifname) not in keep:
                     store.release(*key)
+    with Store(net.data_dir, net.name) as store:
+        for rec in gone:
+            if rec.ips:
+                release_owned(store, rec)  # a take-over's files under another IPAM type
+            store.drop(rec)
 
 
-def cmd_version(raw):
-    asked = None
-    if raw.strip():
-        asked = decode_config(raw).get("cniVersion")
-    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST, "supportedVersions": list(SUPPORTED_VERSIONS)}
+class Verb:
+    """A row of the verb table: the CNI_* variables it needs, the first cniVersion that has it."""
+
+    def __init__(self, needs, since, run):
+        self.needs, self.since, self.run = needs, since, run
+
+
+POD_ENV = ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
+VERBS = {  # VERSION is answered by the head, before this part of the file is loaded
+    "ADD": Verb(POD_ENV, (0, 3, 0), cmd_add),
+    "DEL": Verb(("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"), (0, 3, 0), cmd_del),
+    "CHECK": Verb(POD_ENV, (0, 4, 0), cmd_check),
+    "STATUS": Verb((), (1, 1, 0), cmd_status),
+    "GC": Verb((), (1, 1, 0), cmd_gc),
+}
+
+
+def check_env(call, needs):
+    """The pod's CNI_* variables, present and well-formed (STATUS and GC have no pod)."""
+    env = {}
+    for name in needs:
+        if not call.env.get(name):
+            raise CNIError(E_ENV, f"required environment variable {name} is missing")
+        env[name] = call.env[name]
+    env["CNI_NETNS"] = call.env.get("CNI_NETNS", "") if needs else ""
+    if "CNI_CONTAINERID" in env and not valid_name(env["CNI_CONTAINERID"]):
+        raise CNIError(E_ENV, "invalid CNI_CONTAINERID: must match [a-zA-Z0-9][a-zA-Z0-9_.-]*")
+    if "CNI_IFNAME" in env and not valid_ifname(env["CNI_IFNAME"]):
+        raise CNIError(E_ENV, "invalid CNI_IFNAME: 1-15 characters, not . or .., no / : or whitespace")
+    netns = env["CNI_NETNS"]
+    if netns and (not netns.startswith("/") or "\0" in netns):
+        raise CNIError(E_ENV, "invalid CNI_NETNS: must be an absolute path to a network namespace")
+    if netns:
+        try:
+            check_netns(netns, must_exist=call.command != "DEL")
+        except CNIError as e:
+            if call.command != "DEL":
+                raise
+            # DEL never enters the namespace (removing our veth end removes the pod's), and
+            # a runtime must be able to clean up after a half-removed pod: go on without it.
+            log(f"  {e.msg}: DEL goes on without entering it")
+    return env
+
+
+def dispatch(call):
+    """Look the verb up, check the environment, then the config, then run it."""
+    if not call.command:
+        raise CNIError(E_ENV, "required environment variable CNI_COMMAND is missing")
+    verb = VERBS.get(call.command)
+    if verb is None:
+        raise CNIError(E_ENV, f"unknown CNI_COMMAND {call.command!r}")
+    call.env.update(check_env(call, verb.needs))
+    if call.error:
+        raise call.error
+    asked = call.conf.get("cniVersion")
+    if asked not in SUPPORTED_VERSIONS:
+        raise CNIError(E_VERSION, f"unsupported cniVersion {asked!r}", "supported: " + ", ".join(SUPPORTED_VERSIONS))
+    if version_tuple(asked) < verb.since:
+        raise CNIError(E_VERSION, f"{call.command} is not supported in cniVersion {asked}")
+    net = Net(call.conf, parse_cni_args(call.env.get("CNI_ARGS", "")))
+    return verb.run(net, call)
+
+
+HEAD_END = "# ==== end of the VERSION head ====\n"
+COMPILED_STUB = """{shebang}
+# {name} compiled for {python} (bytecode {magic}) by `{python} -I -S {name} --compile`; source sha256 {sha}.
+# The plain file does the same, slower: `cnikit cni install --plain`.
+import marshal, sys
+from binascii import a2b_base64
+from zlib import decompress
+if getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None) == {magic!r}:
+    exec(marshal.loads(decompress(a2b_base64({head!r}))))  # VERSION is answered here
+    exec(marshal.loads(decompress(a2b_base64({body!r}))))
+else:  # another Python: compile the source carried here (slower, the same plugin)
+    exec(compile(decompress(a2b_base64({source!r})), {name!r}, "exec"))
+"""
+
+
+def compile_plugin(src, out):
+    """Write OUT: SRC as one executable Python file that carries its bytecode for this
+    interpreter.  Python compiles the script it runs on every start (~15 ms for this one); a
+    zipapp avoids that but costs ~7 ms of runpy imports.  This is a short script holding the
+    bytecode compressed: the part above HEAD_END (VERSION ends there), then the rest.  Python
+    still tokenizes what a script holds, so the bytecode is kept small: no docstrings, no
+    line tables (tracebacks never reach a user: see answer()).  Another Python (other bytecode)
+    compiles the source, which the file carries too."""
+    import binascii
+    import hashlib
+    import marshal
+    import zlib
+    from importlib.util import MAGIC_NUMBER
+    with open(src, "rb") as f:
+        data = f.read()
+    text = data.decode("utf-8")
+    head, sep, body = text.partition(HEAD_END)
+    if not sep:
+        head, body = "", text
+    name = os.path.basename(src)
+
+    def small(code):
+        consts = tuple(small(c) if isinstance(c, type(code)) else c for c in code.co_consts)
+        return code.replace(co_linetable=b"", co_consts=consts)
+
+    def blob(code):
+        return binascii.b2a_base64(zlib.compress(marshal.dumps(small(code)), 9), newline=False)
+    head_code = compile(head, name, "exec", dont_inherit=True, optimize=2)
+    body_code = compile("\n" * (head.count("\n") + 1) + body, name, "exec", dont_inherit=True, optimize=2)
+    stub = COMPILED_STUB.format(
+        shebang=f"#!{sys.executable} -IS", name=name, python=sys.executable, magic=MAGIC_NUMBER,
+        sha=hashlib.sha256(data).hexdigest(), head=blob(head_code), body=blob(body_code),
+        source=binascii.b2a_base64(zlib.compress(data, 9), newline=False))
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
+    with open(fd, "w") as f:
+        f.write(stub)
+    os.chmod(out, 0o755)
+    return 0
 
 
 def main():
+    """The runtime's way in: PATH completed with the system directories (runtimes pass odd ones).
+    `--compile SRC OUT` (never sent by a runtime) builds the installed form: see compile_plugin."""
+    if sys.argv[1:2] == ["--compile"]:
+        if len(sys.argv) != 4:
+            sys.stderr.write("usage: python3 -I -S cni-bash-compatible.py --compile SRC OUT\n")
+            return 2
+        try:
+            return compile_plugin(sys.argv[2], sys.argv[3])
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as e:
+            sys.stderr.write(f"cannot compile {sys.argv[2]}: {e}\n")
+            return 1
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = ":".join([path] * bool(path) + [d for d in SYSTEM_PATH if d not in path.split(":")])
-    command = os.environ.get("CNI_COMMAND", "")
-    log(f"=== {command or '(no CNI_COMMAND)'} pid {os.getpid()}")
-    for key in sorted(os.environ):
-        if key.startswith("CNI_"):
-            log(f"  {key}={os.environ[key]}")
-    version, net = LATEST, None
-    try:
-        if not command:
-            raise CNIError(E_ENV, "required environment variable CNI_COMMAND is missing")
-        if command == "VERSION":
-            raw = read_stdin()
-            log(f"  stdin: {raw.decode('utf-8', 'replace').strip()}")
-            return cmd_version(raw)
-        if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
-            raise CNIError(E_ENV, f"unknown CNI_COMMAND {command!r}")
-        # the config first: an error about the environment is printed in the config's version too
-        raw = read_stdin()
-        log(f"  stdin: {raw.decode('utf-8', 'replace').strip()}")
-        try:
-            conf, undecodable = decode_config(raw), None
-        except CNIError as e:
-            conf, undecodable = {}, e
-        if isinstance(conf.get("cniVersion"), str):
-            version = conf["cniVersion"] if conf["cniVersion"] in SUPPORTED_VERSIONS else LATEST
-        if isinstance(conf.get("log"), str) and not os.environ.get("CNIKIT_LOG"):
-            main.log_path = conf["log"]
-        needed = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
-                  "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
-                  "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")}.get(command, ())
-        env = require_env(needed)
-        env["CNI_NETNS"] = os.environ.get("CNI_NETNS", "") if needed else ""  # STATUS/GC: no pod
-        if "CNI_CONTAINERID" in env and not valid_name(env["CNI_CONTAINERID"]):
-            raise CNIError(E_ENV, "invalid CNI_CONTAINERID: must match [a-zA-Z0-9][a-zA-Z0-9_.-]*")
-        if "CNI_IFNAME" in env and not valid_ifname(env["CNI_IFNAME"]):
-            raise CNIError(E_ENV, "invalid CNI_IFNAME: 1-15 characters, not . or .., no / : or whitespace")
-        if env["CNI_NETNS"] and (not env["CNI_NETNS"].startswith("/") or "\0" in env["CNI_NETNS"]):
-            raise CNIError(E_ENV, "invalid CNI_NETNS: must be an absolute path to a network namespace")
-        if env["CNI_NETNS"]:
-            try:
-                check_netns(env["CNI_NETNS"], must_exist=command != "DEL")
-            except CNIError as e:
-                if command != "DEL":
-                    raise
-                # DEL never enters the namespace (removing our veth end removes the pod's), and
-                # a runtime must be able to clean up after a half-removed pod: go on without it.
-                log(f"  {e.msg}: DEL goes on without entering it")
-        if undecodable:
-            raise undecodable
-        if conf.get("cniVersion") not in SUPPORTED_VERSIONS:
-            raise CNIError(E_VERSION, f"unsupported cniVersion {conf.get('cniVersion')!r}",
-                           "supported: " + ", ".join(SUPPORTED_VERSIONS))
-        if command == "CHECK" and conf["cniVersion"] < "0.4.0":
-            raise CNIError(E_VERSION, f"CHECK is not supported in cniVersion {conf['cniVersion']}")
-        if command in ("STATUS", "GC") and conf["cniVersion"] < "1.1.0":
-            raise CNIError(E_VERSION, f"{command} is not supported in cniVersion {conf['cniVersion']}")
-        net = Net(conf, parse_cni_args(os.environ.get("CNI_ARGS", "")))
-        if command == "ADD":
-            return cmd_add(net, env, raw)
-        if command == "DEL":
-            return cmd_del(net, env, raw)
-        if command == "CHECK":
-            return cmd_check(net, env, raw)
-        if command == "STATUS":
-            return cmd_status(net)
-        return cmd_gc(net)
-    except CNIError:
-        raise
-    except Exception as e:  # a bug must still answer in CNI's terms, never a traceback
-        raise CNIError(E_IO if isinstance(e, OSError) else 999, f"internal error: {type(e).__name__}: {e}") from e
-    finally:
-        main.version = version
-
-
-def entry():
-    main.log_path = os.environ.get("CNIKIT_LOG") or DEFAULT_LOG
-    main.version = LATEST
-    code = 0
-    try:
-        result = main()
-        out = json_dumps(result) if result is not None else ""
-        log(f"  result: {out or '(none)'}")
-    except CNIError as e:
-        out = json_dumps({"cniVersion": main.version, "code": e.code, "msg": e.msg, "details": str(e.details)})
-        log(f"  error: {out}")
-        code = 1
-    write_log(main.log_path)
-    if out:
-        sys.stdout.write(out + "\n")
-    sys.stdout.flush()
-    return code
+    call = Call(os.environ)
+    return answer(call, cmd_version if call.command == "VERSION" else dispatch)
 
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

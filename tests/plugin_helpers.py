@@ -11,7 +11,10 @@ import kernel
 from kernel import addrs, links, routes  # noqa: F401  (the tests import them from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLUGIN = os.path.join(ROOT, "plugins", "cni-bash-compatible.py")
+PLUGIN_SRC = os.path.join(ROOT, "plugins", "cni-bash-compatible.py")
+# CNIKIT_TEST_PLUGIN=/path runs these tests against another build of it (e.g. the compiled form
+# `cni install` writes: python3 -I -S plugins/cni-bash-compatible.py --compile SRC /path)
+PLUGIN = os.environ.get("CNIKIT_TEST_PLUGIN") or PLUGIN_SRC
 REFERENCE = "/usr/lib/cni"
 RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what runtimes pass
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")

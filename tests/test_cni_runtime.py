@@ -65,10 +65,10 @@ def test_install_writes_plugin_and_conflist_and_uninstall_removes_exactly_that()
     out = run("cni", "install", "--subnet", "10.244.7.0/24", "--chain", "portmap").stdout
     plugin, conf = "/opt/cni/bin/cnikit", "/etc/cni/net.d/10-cnikit.conflist"
     assert os.access(plugin, os.X_OK)
-    with open(plugin, "rb") as a, open(cnikit.CNI_PLUGIN_SRC, "rb") as b:
-        installed, source = a.read().split(b"\n", 1), b.read().split(b"\n", 1)
-    # the plugin itself, its interpreter fixed (a runtime's PATH may hold a slow python3 shim)
-    assert installed[1] == source[1] and installed[0] == b"#!/usr/bin/python3 -IS"
+    with open(plugin, "rb") as a:
+        installed = a.read().split(b"\n", 2)
+    # the plugin compiled, its interpreter fixed (a runtime's PATH may hold a slow python3 shim)
+    assert installed[0] == b"#!/usr/bin/python3 -IS" and b" compiled for /usr/bin/python3 " in installed[1]
     data = json.load(open(conf))
     assert data["name"] == "cnikit" and data["cniVersion"] == "1.0.0"
     assert data["plugins"][0] == {"type": "cnikit", "ipam": {"subnet": "10.244.7.0/24"}}
@@ -113,9 +113,9 @@ def test_install_dry_run_is_a_script_and_changes_nothing():
     proc = run("--dry-run", "cni", "install", "--subnet", "10.244.1.0/24")
     assert files(CONF_DIR) == [] and files("/opt/cni/bin") == []
     lines = proc.stdout.splitlines()
-    assert lines[:6] == ["mkdir -p /opt/cni/bin",
-                         f"install -m 0755 {cnikit.CNI_PLUGIN_SRC} /opt/cni/bin/.cnikit.tmp",
-                         "sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp",
+    src = cnikit.CNI_PLUGIN_SRC
+    assert lines[:5] == ["mkdir -p /opt/cni/bin",
+                         f"/usr/bin/python3 -I -S {src} --compile {src} /opt/cni/bin/.cnikit.tmp",
                          "mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit",
                          "mkdir -p /etc/cni/net.d",
                          "install -m 0644 /dev/stdin /etc/cni/net.d/.10-cnikit.conflist.tmp <<'EOF'"]
@@ -335,26 +335,30 @@ def test_node_namespace_runs_the_plugin_there():
     assert netns_list() == ["node1", "pod1"]
 
 
-def test_install_precompiled_is_one_zipapp_carrying_bytecode_that_pods_run_with():
-    import zipfile
-    out = run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout
-    assert "-m compileall -q -b" in out and "-m zipapp" in out and " sh -c " not in out
+def test_install_compiles_the_plugin_into_one_file_pods_run_with_and_plain_keeps_the_readable_copy():
+    import hashlib
+    out = run("cni", "install", "--subnet", "10.244.9.0/24").stdout
+    assert f"-I -S {cnikit.CNI_PLUGIN_SRC} --compile " in out and " sh -c " not in out
     plugin = "/opt/cni/bin/cnikit"
     assert os.stat(plugin).st_mode & 0o777 == 0o755
-    with open(plugin, "rb") as f:
+    with open(plugin, "rb") as f, open(cnikit.CNI_PLUGIN_SRC, "rb") as src:
         assert f.readline() == b"#!/usr/bin/python3 -IS\n"
-    with zipfile.ZipFile(plugin) as z, open(cnikit.CNI_PLUGIN_SRC, "rb") as src:
-        assert sorted(z.namelist()) == ["__main__.py", "__main__.pyc"]
-        assert z.read("__main__.py") == src.read()
-    assert files("/opt/cni/bin") == ["cnikit"]              # no build dir or temp file left
-    assert "nothing to do" in run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout
-    # a pod comes up and goes away through the zipapp
+        assert f"source sha256 {hashlib.sha256(src.read()).hexdigest()}.".encode() in f.readline()
+        assert b"marshal.loads" in f.read()
+    assert files("/opt/cni/bin") == ["cnikit"]              # no temp file left
+    assert "nothing to do" in run("cni", "install", "--subnet", "10.244.9.0/24").stdout
+    assert "nothing to do" in run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout  # the old name
+    # a pod comes up and goes away through the compiled file
     run("netns", "add", "zpod")
     run("cni", "add", "zpod")
     assert pod_addr("zpod").startswith("10.244.9.") and ping("10.244.9.1", ns="zpod")
     run("cni", "del", "zpod")
-    assert files("/var/lib/cni/networks/cnikit") in ([], ["last_reserved_ip.0"], ["last_reserved_ip.0", "lock"],
-                                                      ["lock"])
+    assert set(files("/var/lib/cni/networks/cnikit")) <= {".cnikit", "last_reserved_ip.0", "lock"}  # no address
+    assert files("/var/lib/cni/networks/cnikit/.cnikit/attachments") == []                          # no record
+    # --plain: the readable file itself, first line pinned; the compiled one is replaced
+    assert "--compile" not in run("cni", "install", "--plain", "--subnet", "10.244.9.0/24").stdout
+    with open(plugin, "rb") as f:
+        assert f.read() == cnikit.cni_plugin_bytes(cnikit.CNI_PLUGIN_SRC, "#!/usr/bin/python3 -IS")
     bad = cli("cni", "install", "--precompiled", "--python", "keep")
     assert bad.returncode == 2 and "--precompiled" in bad.stderr
     run("cni", "uninstall")

@@ -4,16 +4,17 @@ netlink calls are real (this test's sandbox), only external commands are faked."
 import importlib.util
 import json
 import os
+import types
 
 import pytest
 import sh
 
-from plugin_helpers import PLUGIN, allocation_files, links, netns
+from plugin_helpers import PLUGIN_SRC, allocation_files, links, netns
 
 
 @pytest.fixture
 def plugin():
-    spec = importlib.util.spec_from_file_location("cni_bash_compatible", PLUGIN)
+    spec = importlib.util.spec_from_file_location("cni_bash_compatible", PLUGIN_SRC)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.LOG.clear()
@@ -28,13 +29,23 @@ def env(cid="p1"):
     return {"CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0", "CNI_NETNS": netns(cid), "CNI_PATH": "/run/cni/bin"}
 
 
+def call(environ, raw=b"{}"):
+    """What cmd_add reads of a plugin.Call."""
+    return types.SimpleNamespace(env=environ, raw=raw)
+
+
+def record_for(plugin, net, cid):
+    return lambda ips: plugin.Record(cid, "eth0", [plugin.fmt_cidr(i["family"], i["n"], i["plen"]) for i in ips],
+                                     plugin.attachment_rules(net, cid, "eth0", ips))
+
+
 def test_iptables_failure_rolls_back_masquerade_veth_then_address(plugin, fp):
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="iptables: simulated")
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="No chain/target/match")
     fp.register(["iptables-save", "-t", "nat"], stdout="*nat\nCOMMIT\n")
     net = make_net(plugin, {"ipMasq": True})
     with pytest.raises(plugin.CNIError) as err:
-        plugin.cmd_add(net, env(), b"{}")
+        plugin.cmd_add(net, call(env()))
     assert err.value.code == plugin.E_COMMAND and "simulated" in err.value.details
     steps = [line.strip() for line in plugin.LOG]
     created = steps.index(next(s for s in steps if s.startswith("netlink: ip link add veth")))
@@ -54,7 +65,7 @@ def test_missing_iptables_is_a_command_error_and_rolls_back(plugin, fp):
     fp.register(["iptables-restore", fp.any()], callback=missing)
     fp.register(["iptables-save", fp.any()], callback=missing)
     with pytest.raises(plugin.CNIError) as err:
-        plugin.cmd_add(make_net(plugin, {}), env(), b"{}")
+        plugin.cmd_add(make_net(plugin, {}), call(env()))
     assert err.value.code == plugin.E_COMMAND and "cannot run iptables-restore" in err.value.msg
     assert allocation_files("unit") == {} and "eth0" not in links("p1")
 
@@ -67,7 +78,7 @@ def fake_ipam(path="/run/cni/bin/fakeipam"):
     return path
 
 
-def test_delegated_ipam_is_released_when_the_veth_cannot_be_created(plugin, fp):
+def test_delegated_ipam_is_released_when_the_veth_cannot_be_created(plugin, fp, monkeypatch):
     path = fake_ipam()
     commands = []
 
@@ -79,10 +90,11 @@ def test_delegated_ipam_is_released_when_the_veth_cannot_be_created(plugin, fp):
     e = env()
     os.environ.update(e)
     try:
-        # a link that already has our host-side veth name makes the veth creation fail
-        sh.ip("link", "add", plugin.host_veth_name("p1", "eth0"), "type", "bridge")
+        def refused(*args):  # the kernel refusing the veth (e.g. out of memory) after the IPAM ADD
+            raise OSError(12, "Cannot allocate memory")
+        monkeypatch.setattr(plugin.Netlink, "add_veth", refused)
         with pytest.raises(plugin.CNIError) as err:
-            plugin.cmd_add(make_net(plugin, {"ipMasq": False, "ipam": {"type": "fakeipam"}}), e, b"{}")
+            plugin.cmd_add(make_net(plugin, {"ipMasq": False, "ipam": {"type": "fakeipam"}}), call(e))
     finally:
         for k in e:
             os.environ.pop(k, None)
@@ -97,7 +109,7 @@ def test_delegated_ipam_error_code_is_passed_through(plugin, fp):
     os.environ["CNI_PATH"] = "/run/cni/bin"
     try:
         with pytest.raises(plugin.CNIError) as err:
-            plugin.cmd_add(make_net(plugin, {"ipMasq": False, "ipam": {"type": "fakeipam"}}), env(), b"{}")
+            plugin.cmd_add(make_net(plugin, {"ipMasq": False, "ipam": {"type": "fakeipam"}}), call(env()))
     finally:
         os.environ.pop("CNI_PATH")
     assert err.value.code == 11 and "fakeipam: pool busy" in err.value.msg
@@ -110,10 +122,13 @@ def test_del_falls_back_to_iptables_save_when_the_known_rules_are_gone(plugin, f
     saved = f"*nat\n:{chain} - [0:0]\n-A POSTROUTING -s 10.244.0.5/32 -j {chain}\nCOMMIT\n"
     fp.register(["iptables-save", "-t", "nat"], stdout=saved)
     seen = []
-    fp.register(["iptables-restore", "-w", "--noflush"], callback=lambda p: seen.append(p))
-    plugin.teardown_attachment_masq(make_net(plugin, {}), "p1", "eth0", {(plugin.AF_INET, 0x0AF40005)})
+    fp.register(["iptables-restore", "-w", "--noflush"], stdin_callable=lambda data: seen.append(data.decode()))
+    ip = {"family": plugin.AF_INET, "n": 0x0AF40005, "plen": 24, "subnet": (plugin.AF_INET, 0x0AF40000, 24)}
+    plugin.remove_rules(plugin.attachment_rules(make_net(plugin, {}), "p1", "eth0", [ip]))
     assert fp.call_count(["iptables-restore", "-w", "--noflush"]) == 2
     assert fp.call_count(["iptables-save", "-t", "nat"]) == 1
+    # the second restore deletes what iptables-save showed: the jump, then the chain
+    assert seen == [f"*nat\n-D POSTROUTING -s 10.244.0.5/32 -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"]
 
 
 def test_command_runner_logs_argv_and_raises_one_error_type(plugin, fp):
@@ -126,10 +141,11 @@ def test_command_runner_logs_argv_and_raises_one_error_type(plugin, fp):
 
 def test_round_robin_continues_after_the_last_reserved_address(plugin):
     net = make_net(plugin, {"ipam": {"subnet": "10.60.0.0/29"}})  # .1 gateway, .2-.6 usable
-    got = [plugin.builtin_add(net, f"c{i}", "eth0")[0]["n"] & 0xFF for i in range(3)]
-    assert got == [2, 3, 4]
-    plugin.builtin_del(net, "c0", "eth0")
-    assert [plugin.builtin_add(net, f"d{i}", "eth0")[0]["n"] & 0xFF for i in range(3)] == [5, 6, 2]
+    added = [plugin.builtin_add(net, f"c{i}", "eth0", record_for(plugin, net, f"c{i}")) for i in range(3)]
+    assert [ips[0]["n"] & 0xFF for ips, _ in added] == [2, 3, 4]
+    plugin.ipam_del(net, added[0][1], b"{}")
+    assert [plugin.builtin_add(net, f"d{i}", "eth0", record_for(plugin, net, f"d{i}"))[0][0]["n"] & 0xFF
+            for i in range(3)] == [5, 6, 2]
 
 
 def test_ipam_type_naming_the_plugin_itself_is_refused_not_run_forever(plugin, fp):
@@ -138,14 +154,55 @@ def test_ipam_type_naming_the_plugin_itself_is_refused_not_run_forever(plugin, f
     os.environ["CNI_PATH"] = "/run/cni/bin"
     try:
         with pytest.raises(plugin.CNIError) as err:  # refused while reading the config
-            plugin.cmd_add(make_net(plugin, {"type": "selfy", "ipMasq": False, "ipam": {"type": "selfy"}}), env(), b"{}")
+            plugin.cmd_add(make_net(plugin, {"type": "selfy", "ipMasq": False, "ipam": {"type": "selfy"}}), call(env()))
         assert err.value.code == plugin.E_CONFIG and fp.call_count([path]) == 0
         # an indirect loop (another name for this plugin): the delegated call refuses to delegate again
         os.environ["CNIKIT_DELEGATED"] = "1"
         net = make_net(plugin, {"ipMasq": False, "ipam": {"type": "selfy"}})
         with pytest.raises(plugin.CNIError) as err:
-            plugin.cmd_add(net, env("p2"), b"{}")
+            plugin.cmd_add(net, call(env("p2")))
         assert err.value.code == plugin.E_CONFIG and fp.call_count([path]) == 0
     finally:
         os.environ.pop("CNI_PATH")
         os.environ.pop("CNIKIT_DELEGATED", None)
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_add_del_and_check_close_every_fd_and_socket_they_open(plugin):
+    net = make_net(plugin, {"ipMasq": False, "cniVersion": "1.0.0"})
+    before = open_fds()
+    e = env()
+    res = plugin.cmd_add(net, call(e))
+    assert open_fds() == before
+    plugin.cmd_check(make_net(plugin, {"ipMasq": False, "prevResult": res}), call(e))
+    assert open_fds() == before
+    plugin.cmd_del(net, call(dict(e, CNI_NETNS="")))
+    assert open_fds() == before and allocation_files("unit") == {}
+
+
+def test_a_bug_answers_in_cni_terms_with_code_999_never_a_traceback(plugin, capsys):
+    c = plugin.Call({"CNIKIT_LOG": "/run/cni/unit.log"})  # no CNI_COMMAND: stdin is not read
+
+    def buggy(_):
+        return 1 // 0
+    assert plugin.answer(c, buggy) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["code"] == plugin.E_INTERNAL == 999 and out["msg"] == "internal error: ZeroDivisionError: integer division or modulo by zero"
+    with open("/run/cni/unit.log") as f:
+        assert '"code": 999' in f.read()
+
+
+def test_versions_compare_as_numbers_and_the_verb_table_says_what_each_verb_needs(plugin):
+    assert plugin.version_tuple("0.10.0") > plugin.version_tuple("0.4.0") > plugin.version_tuple("0.3.1")
+    assert plugin.version_tuple("1.0") is None and plugin.version_tuple("1.0.\u0662") is None
+    assert plugin.VERBS["CHECK"].since == (0, 4, 0) and plugin.VERBS["GC"].since == (1, 1, 0)
+    assert plugin.VERBS["DEL"].needs == ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH")  # no netns needed
+    c = plugin.Call({})  # as read from a CHECK call whose config says 0.3.1
+    c.command, c.conf = "CHECK", {"cniVersion": "0.3.1", "name": "unit"}
+    c.env = {"CNI_CONTAINERID": "x", "CNI_NETNS": netns("x"), "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+    with pytest.raises(plugin.CNIError) as err:
+        plugin.dispatch(c)
+    assert err.value.code == plugin.E_VERSION and "0.3.1" in err.value.msg
