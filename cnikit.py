@@ -2089,6 +2089,11 @@ def kind_python_failure(node, err, installed=()):
     return f"{node} has no python3 (the plugin's interpreter) and {why}: {changed}; fix: {fix}"
 
 
+def _kind_check_cluster(cluster):
+    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
+        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+
+
 def kind_plan(r, cluster):
     """{node: {podCIDR, ip}} for every node of CLUSTER, the control plane first (look-ups only)."""
     return {node: {"podCIDR": kind_pod_cidr(r, cluster, node, i), "ip": kind_node_ip(r, node)}
@@ -2138,8 +2143,7 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
     Re-run contract: what is already as asked (same file contents, same route) is left
     alone and said so; running it twice changes nothing more."""
     import hashlib
-    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
-        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
     if not r.dry_run:
@@ -2191,8 +2195,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     it names (a script, never a compiled plugin), the subnet file and the routes to the
     other nodes' pods. python3 stays (other things may use it). Pods still attached keep
     their veths until kubelet DELs them. Re-run: absent is fine."""
-    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
-        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     if not r.dry_run:
         require_tools("docker")
