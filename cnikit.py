@@ -42,6 +42,7 @@ DEFAULT_MTU = 1500
 NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1
 VNI_MAX = 2 ** 24 - 1
+BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netfilter, per namespace
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
 # What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
 # runtime writes (configs, plugins, address files, results, the plugin's log), so a lesson
@@ -238,6 +239,12 @@ def nat_rules(subnet, out_iface):
 
 def iptables_rule(action, table, chain, spec, ns=None):
     return iptables("-t", table, action, chain, *spec, ns=ns)
+
+
+def bridge_forward_rule(name):
+    """(table, chain, rule spec) accepting what a bridge switches between its own ports."""
+    return ("filter", "FORWARD", ["-i", name, "-o", name, "-m", "comment", "--comment",
+                                  f"{TAG} bridge {name}", "-j", "ACCEPT"])
 
 
 # ---------------------------------------------------------------- the runner
@@ -795,6 +802,7 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
+        bridge_forward_accept(r, name, host)
     say_if_unchanged(r, mark, f"bridge {name}")
 
 
@@ -823,8 +831,52 @@ def bridge_attach(r, name, ifaces, host=None):
 
 
 def bridge_del(r, name, host=None):
-    """Delete bridge NAME (its ports stay, detached). Re-run: absent is fine."""
+    """Delete bridge NAME (its ports stay, detached) and the FORWARD accept bridge add
+    gave it on a Docker host. Re-run: absent is fine."""
     link_del(r, name, "bridge", host)
+    table, chain, spec = bridge_forward_rule(name)
+    if which("iptables") and r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+        r.run(iptables_rule("-D", table, chain, spec, host))
+
+
+def bridge_forward_accept(r, name, host=None):
+    """A Docker host drops bridged traffic: its iptables FORWARD policy is DROP, and with
+    br_netfilter (net.bridge.bridge-nf-call-iptables=1) even frames switched between two
+    ports of one bridge traverse FORWARD. There, and only there, accept what moves between
+    NAME's own ports (tagged, so bridge del and cleanup remove it), nothing else.
+    Re-run: a rule already present is not added twice."""
+    if not (forward_drops(r, host) and bridged_frames_filtered(r, host)):
+        return
+    r.note(f"this host's FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
+           f"switched frames through it (bridge-nf-call-iptables=1): accept traffic between {name}'s own ports")
+    table, chain, spec = bridge_forward_rule(name)
+    if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+        r.note(f"the FORWARD accept rule for {name} is already present")
+        return
+    r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+
+
+def forward_drops(r, host=None):
+    """Is this host's iptables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
+    fresh host (policy ACCEPT) and does not look; without iptables: no."""
+    if r.dry_run or not which("iptables"):
+        return False
+    ok, out = r.query(iptables("-S", "FORWARD", ns=host))
+    return ok and "-P FORWARD DROP" in out.splitlines()
+
+
+def bridged_frames_filtered(r, host=None):
+    """Does br_netfilter pass bridged IPv4 frames through iptables here (per namespace)?"""
+    if r.dry_run:
+        return False
+    if host is None:
+        try:
+            with open(BR_NF_CALL_IPTABLES) as f:
+                return f.read().strip() == "1"
+        except OSError:            # no br_netfilter: bridged frames never see iptables
+            return False
+    ok, out = r.query(in_netns(["cat", BR_NF_CALL_IPTABLES], host))
+    return ok and out.strip() == "1"
 
 
 def bridge_show(r, name, host=None):
@@ -876,6 +928,9 @@ def nat_add(r, subnet, out_iface, host=None):
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
             raise UsageError(f"NAT for {subnet} already leaves through {spec[spec.index('-o') + 1]}; "
                              f"run `cnikit nat del {subnet}` first")
+    if forward_drops(r, host):
+        r.note(f"this host's FORWARD policy is DROP (Docker sets it): only the FORWARD accept rules "
+               f"below let {subnet}'s packets and their replies through")
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
         ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
@@ -1597,6 +1652,9 @@ def cni_add(r, call):
             cni_find_plugin(plugin["type"], call.cni_path)
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
+    if forward_drops(r, call.host):
+        r.note("this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept "
+               "rules; cnikit's plugin adds them per pod in its own chain (forwardAccept), the reference bridge does not")
     prev = None
     keep = cni_result_var(call) if r.dry_run else None
     try:
@@ -2293,6 +2351,705 @@ def cni_dispatch(args, r):
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- doctor
+#
+# `cnikit doctor FROM TO` walks the path a packet from FROM to TO would take, the way
+# the kernel decides it: a route look-up in each namespace it enters, the L2 segment to
+# the next hop (veth peer, bridge port, vxlan tunnel), and at each hop the settings
+# that silently drop packets. It reports the first broken hop, the read-only command
+# that shows the problem and the command that would fix it. It only reads (the Runner's
+# query methods): it never changes the kernel.
+
+DOCTOR_MAX_HOPS = 16
+DOCTOR_PROTOS = ("icmp", "tcp", "udp")
+EXIT_BROKEN = 1
+
+
+class _Broken(Exception):
+    """The first broken hop, found deep in the walk: carries the finding."""
+
+    def __init__(self, cause, where, what, see, fix):
+        super().__init__(what)
+        self.finding = {"cause": cause, "hop": where, "what": what, "see": see, "fix": fix}
+
+
+def _ns_name(ns):
+    return ns or HOST_NAME
+
+
+def _as_shell(argv_list):
+    return [shlex.join(argv) for argv in argv_list]
+
+
+class _View:
+    """Read-only look-ups of kernel state, each made once per doctor run."""
+
+    def __init__(self, r, namespaces):
+        self.r, self.namespaces, self._cache = r, namespaces, {}
+
+    def _q(self, key, argv, as_json=True):
+        # in_dry_run: doctor only looks, so a dry run looks too (it has nothing else to do)
+        if key not in self._cache:
+            if as_json:
+                self._cache[key] = self.r.query_json(argv, in_dry_run=True)
+            else:
+                ok, out = self.r.query(argv, in_dry_run=True)
+                self._cache[key] = out if ok else None
+        return self._cache[key]
+
+    def links(self, ns):
+        return self._q(("links", ns), ip("-j", "-d", "addr", "show", ns=ns)) or []
+
+    def link(self, ns, name):
+        return next((l for l in self.links(ns) if l.get("ifname") == name), None)
+
+    def nsids(self, ns):
+        data = self._q(("nsids", ns), ip("-j", "netns", "list-id", ns=ns)) or []
+        return {i.get("nsid"): i.get("name") for i in data}
+
+    def sysctl(self, ns, key):
+        out = self._q(("sysctl", ns, key), in_netns(["sysctl", "-n", key], ns), as_json=False)
+        return out.strip() if out is not None else None
+
+    def route_get(self, ns, dst, src=None, iif=None):
+        extra = (["from", src, "iif", iif] if iif else [])
+        data = self._q(("route", ns, dst, src, iif), ip("-j", "route", "get", dst, *extra, ns=ns))
+        return data[0] if data else None
+
+    def neigh(self, ns, addr, dev):
+        data = self._q(("neigh", ns, addr, dev), ip("-j", "neigh", "show", "to", addr, "dev", dev, ns=ns)) or []
+        return data[0] if data else None
+
+    def fdb(self, ns, dev):
+        return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
+
+    def rules(self, ns, table):
+        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `iptables -S -v`."""
+        if not which("iptables"):
+            return {}
+        out = self._q(("rules", ns, table), iptables("-t", table, "-S", "-v", ns=ns), as_json=False)
+        return _parse_iptables(out or "")
+
+    def conntrack(self, ns, proto, dst):
+        if not which("conntrack"):
+            return None
+        out = self._q(("ct", ns, proto, dst), in_netns(["conntrack", "-L", "-p", proto, "--orig-dst", dst], ns),
+                      as_json=False)
+        return [_parse_conntrack(line) for line in (out or "").splitlines() if "src=" in line]
+
+    def addrs(self, ns, name):
+        link = self.link(ns, name) or {}
+        return [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]
+
+    def owner(self, addr):
+        """(namespace, link) that has ADDR, among the namespaces doctor can see."""
+        for ns in self.namespaces:
+            for link in self.links(ns):
+                if addr in [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]:
+                    return ns, link["ifname"]
+        return None
+
+    def peer(self, ns, link):
+        """(namespace, name) of a veth's other end, or None when doctor cannot see it."""
+        peer_ns = ns
+        if "link_netnsid" in link:
+            peer_ns = self.nsids(ns).get(link["link_netnsid"])
+            if peer_ns is None and (ns is None or None not in self.namespaces):
+                return None         # a namespace without a name: not one doctor can look into
+        for l in self.links(peer_ns):
+            if l.get("ifindex") == link.get("link_index"):
+                return peer_ns, l["ifname"]
+        return None
+
+    def local(self, ns, addr):
+        return any(addr in self.addrs(ns, l["ifname"]) for l in self.links(ns)) or addr.startswith("127.")
+
+
+def _parse_iptables(text):
+    chains = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if len(words) >= 3 and words[0] == "-P":
+            counts = words[words.index("-c") + 1] if "-c" in words else "0"
+            chains.setdefault(words[1], {"rules": []}).update(policy=words[2], packets=int(counts))
+        elif len(words) >= 2 and words[0] == "-N":
+            chains.setdefault(words[1], {"rules": []})
+        elif len(words) >= 2 and words[0] == "-A":
+            if "-c" in words:           # the rule's counters: not part of what it matches
+                at = words.index("-c")
+                words = words[:at] + words[at + 3:]
+            chains.setdefault(words[1], {"rules": []})["rules"].append(words[2:])
+    return chains
+
+
+def _parse_conntrack(line):
+    """{"proto", "orig": {src, dst, sport, dport}, "reply": {...}} from one `conntrack -L` line."""
+    words = line.split()
+    tuples, cur = [], None
+    for w in words:
+        key, _, value = w.partition("=")
+        if key == "src":
+            cur = {}
+            tuples.append(cur)
+        if cur is not None and key in ("src", "dst", "sport", "dport"):
+            cur[key] = value
+    return {"proto": words[0], "orig": tuples[0] if tuples else {}, "reply": tuples[1] if len(tuples) > 1 else {},
+            "line": line.strip()}
+
+
+def _iface_match(pattern, name):
+    if name is None:
+        return False
+    return name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern
+
+
+def _rule_matches(words, pkt):
+    """Does an iptables rule (its -S words, after the chain) match PKT? Returns (matches,
+    target words); a match option doctor does not know makes the rule not count."""
+    i, negate, target = 0, False, []
+    ok = True
+    while i < len(words):
+        w = words[i]
+        if w == "!":
+            negate, i = True, i + 1
+            continue
+        arg = words[i + 1] if i + 1 < len(words) else ""
+        if w in ("-j", "-g"):
+            target = words[i + 1:]
+            break
+        if w == "-c":
+            i += 3
+            continue
+        if w == "-m":
+            hit = None
+        elif w in ("-s", "-d"):
+            addr = pkt.get("src" if w == "-s" else "dst")
+            hit = addr is not None and ipaddress.ip_address(addr) in ipaddress.ip_network(arg, strict=False)
+        elif w in ("-i", "-o"):
+            hit = _iface_match(arg, pkt.get("iif" if w == "-i" else "oif"))
+        elif w == "-p":
+            hit = arg == "all" or arg == pkt.get("proto")
+        elif w in ("--dport", "--sport"):
+            port = pkt.get("dport" if w == "--dport" else "sport")
+            low, _, high = arg.partition(":")
+            hit = port is not None and int(low) <= int(port) <= int(high or low)
+        elif w in ("--ctstate", "--state"):
+            hit = "NEW" in arg.split(",")
+        elif w == "--comment":
+            hit = None
+        elif w == "--physdev-is-bridged":
+            hit, arg = bool(pkt.get("bridged")), None
+        else:
+            return False, []            # an option doctor cannot judge: do not count on this rule
+        if hit is not None and hit == negate:
+            ok = False
+        negate = False
+        i += 1 if arg is None else 2
+    return ok, target
+
+
+def _chain_verdict(chains, chain, pkt, depth=0):
+    """The target (ACCEPT, DROP, DNAT ...) with its words, and the rule that decided,
+    of a packet through CHAIN; (None, ..) when it falls off the end of CHAIN."""
+    for words in chains.get(chain, {}).get("rules", []):
+        ok, target = _rule_matches(words, pkt)
+        if not ok or not target:
+            continue
+        if target[0] in chains and depth < 8:
+            verdict, rule = _chain_verdict(chains, target[0], pkt, depth + 1)
+            if verdict and verdict[0] != "RETURN":
+                return verdict, rule
+            continue
+        if target[0] in ("LOG", "MARK", "CONNMARK", "NFLOG", "TRACE"):
+            continue
+        return target, words
+    return None, None
+
+
+def _filter_verdict(chains, chain, pkt):
+    target, rule = _chain_verdict(chains, chain, pkt)
+    if target:
+        return target[0], rule
+    return chains.get(chain, {}).get("policy", "ACCEPT"), None
+
+
+def _to_address(target):
+    """The address of a DNAT/SNAT target's --to-destination/--to-source (port left off)."""
+    for key in ("--to-destination", "--to-source"):
+        if key in target:
+            return target[target.index(key) + 1].split(":")[0].split("-")[0]
+    return None
+
+
+def doctor_walk(r, frm, to, proto="icmp", port=None, host=None):
+    """Walk the path from FROM ("host" or a namespace) to TO (an address or a namespace)
+    and return the report: {"from", "to", "dst", "src", "hops": [...], "healthy", "broken"}.
+    Read-only: every look-up goes through r.query/r.query_json."""
+    names = netns_names(r, in_dry_run=True)
+    namespaces = [host] + [n for n in names if n != host] if host else [None] + names
+    v = _View(r, namespaces)
+    src_ns = host if frm == HOST_NAME else frm
+    dst = _doctor_target(v, to, host)
+    report = {"from": _ns_name(src_ns), "to": to, "dst": dst, "src": None, "proto": proto, "port": port,
+              "hops": [], "healthy": False, "broken": None}
+    try:
+        _walk(v, report, src_ns, dst, proto, port)
+        report["healthy"] = True
+    except _Broken as b:
+        report["broken"] = b.finding
+    for hop in report["hops"]:
+        hop.pop("_ns", None)
+    return report
+
+
+def _doctor_target(v, to, host):
+    """TO as an address: itself, or the first IPv4 address of namespace TO on an up link."""
+    if to != HOST_NAME:
+        try:
+            return str(ipaddress.IPv4Address(to))
+        except ValueError:
+            pass
+    to_ns = host if to == HOST_NAME else to
+    for link in v.links(to_ns):
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet" and link.get("ifname") != "lo" and "UP" in link.get("flags", []):
+                return a["local"]
+    raise UsageError(f"namespace {_ns_name(to_ns)} has no IPv4 address on an up interface: nothing to reach")
+
+
+def _walk(v, report, ns, dst, proto, port):
+    """Hop by hop, as the kernel decides: FROM's own route, then in each namespace the
+    packet enters: conntrack/DNAT, rp_filter, local delivery or forwarding, FORWARD,
+    masquerade; between hops the L2 segment and the neighbour entry."""
+    route = v.route_get(ns, dst)
+    if not route or route.get("type") in ("unreachable", "prohibit", "blackhole"):
+        raise _Broken("no-route", _ns_name(ns), f"{_ns_name(ns)} has no route to {dst}",
+                      _as_shell([ip("route", "show", ns=ns)]),
+                      _as_shell([ip("route", "add", "default", "via", "GATEWAY", ns=ns)]))
+    if route.get("type") == "local":
+        report["hops"].append({"ns": _ns_name(ns), "note": f"{dst} is an address of {_ns_name(ns)} itself"})
+        return
+    src = route.get("prefsrc")
+    report["src"] = src
+    pkt = {"src": src, "dst": dst, "proto": proto, "dport": port}
+    iif = None
+    for _ in range(DOCTOR_MAX_HOPS):
+        where = _ns_name(ns)
+        hop = {"ns": where, "_ns": ns}
+        report["hops"].append(hop)
+        if iif is not None:
+            hop["in"] = iif
+            dnat = _check_conntrack_and_dnat(v, ns, pkt, iif)
+            if dnat != pkt["dst"]:
+                hop["dnat"] = {"from": pkt["dst"], "to": dnat}
+            pkt["dst"] = dnat
+            _check_rp_filter(v, ns, pkt, iif, where)
+            if v.local(ns, pkt["dst"]):
+                _check_filter(v, ns, "INPUT", dict(pkt, iif=iif, oif=None), where)
+                hop["note"] = f"{pkt['dst']} is here: delivered"
+                _check_return(v, report, ns, pkt)
+                return
+            _check_forwarding(v, ns, pkt, iif, where)
+            route = v.route_get(ns, pkt["dst"], pkt["src"], iif)
+            if not route:
+                raise _Broken("no-route", where, f"{where} has no route to {pkt['dst']} (for packets in from {iif})",
+                              _as_shell([ip("route", "get", pkt["dst"], "from", pkt["src"], "iif", iif, ns=ns)]),
+                              _as_shell([ip("route", "add", pkt["dst"], "via", "GATEWAY", ns=ns)]))
+            _check_filter(v, ns, "FORWARD", dict(pkt, iif=iif, oif=route.get("dev")), where)
+            pkt["src"] = _postrouting(v, ns, pkt, iif, route, hop)
+        out, nh = route.get("dev"), route.get("gateway") or pkt["dst"]
+        hop.update(out=out, via=nh)
+        link = v.link(ns, out) or {"ifname": out}
+        _check_up(ns, link, where)
+        ref = {"mtu": link.get("mtu") or DEFAULT_MTU, "ns": ns, "ifname": out}
+        found = _l2(v, ns, link, nh, ref, hop)
+        if found is None:
+            hop["note"] = f"leaves {where} through {out} towards {nh}: beyond what doctor can see from here"
+            return
+        next_ns, next_dev = found
+        _check_neighbour(v, ns, out, nh, next_ns, next_dev, where)
+        ns, iif = next_ns, next_dev
+    raise _Broken("loop", _ns_name(ns), f"the path to {dst} is longer than {DOCTOR_MAX_HOPS} hops: a routing loop",
+                  _as_shell([ip("route", "get", dst, ns=ns)]), [])
+
+
+def _check_up(ns, link, where):
+    name = link.get("ifname", "?")
+    if "UP" not in link.get("flags", []):
+        raise _Broken("link-down", where, f"{name} in {where} is down",
+                      _as_shell([ip("link", "show", "dev", name, ns=ns)]),
+                      _as_shell([ip("link", "set", "dev", name, "up", ns=ns)]))
+
+
+def _check_mtu(ns, link, ref):
+    """REF: the routing hop's out link, whose MTU sets the biggest packet on this L2
+    segment; a smaller MTU inside the segment drops bigger frames without a word."""
+    if (link.get("mtu") or ref["mtu"]) >= ref["mtu"]:
+        return
+    name, where, sender = link.get("ifname"), _ns_name(ns), _ns_name(ref["ns"])
+    raise _Broken("mtu", where,
+                  f"packets up to {ref['mtu']} bytes (the MTU of {ref['ifname']} in {sender}) must cross {name} "
+                  f"in {where}, whose MTU is {link['mtu']}: bigger ones are dropped silently (small pings pass, "
+                  "bulk transfers stall)",
+                  _as_shell([ip("link", "show", "dev", name, ns=ns), ip("link", "show", "dev", ref["ifname"], ns=ref["ns"])]),
+                  _as_shell([ip("link", "set", "dev", ref["ifname"], "mtu", link["mtu"], ns=ref["ns"])]))
+
+
+def _l2(v, ns, link, nh, ref, hop):
+    """The namespace and link that answer for next hop NH on LINK's segment: through a veth
+    to its peer, across a bridge to the port that leads there, through a vxlan to the
+    remote node. None when the segment leaves what doctor can see."""
+    kind, where = link_kind(link), _ns_name(ns)
+    if kind == "veth":
+        peer = v.peer(ns, link)
+        if not peer:
+            return None
+        pns, pname = peer
+        plink = v.link(pns, pname) or {}
+        _check_up(pns, plink, _ns_name(pns))
+        _check_mtu(pns, plink, ref)
+        if nh in v.addrs(pns, pname):
+            return pns, pname
+        if plink.get("master"):
+            return _bridge(v, pns, plink["master"], pname, nh, ref, hop)
+        bridges = [l["ifname"] for l in v.links(pns) if link_kind(l) == "bridge"]
+        raise _Broken("no-l2-path", _ns_name(pns),
+                      f"{pname} in {_ns_name(pns)} (the other end of {link['ifname']}) is not a bridge port and "
+                      f"does not have {nh}: frames from {where} go nowhere",
+                      _as_shell([ip("-br", "link", "show", "type", "bridge", ns=pns)]),
+                      _as_shell([ip("link", "set", "dev", pname, "master",
+                                    bridges[0] if len(bridges) == 1 else "BRIDGE", ns=pns)]))
+    if kind == "bridge":
+        return _bridge(v, ns, link["ifname"], None, nh, ref, hop)
+    if kind == "vxlan":
+        return _vxlan(v, ns, link, nh, ref, hop)
+    return None
+
+
+def _leads_to(v, ns, link, nh):
+    """Does port LINK (in NS) lead to NH: its veth peer, or a remote vxlan's side, has it?"""
+    kind = link_kind(link)
+    if kind == "veth":
+        peer = v.peer(ns, link)
+        return bool(peer) and nh in v.addrs(*peer)
+    if kind == "vxlan":
+        return _vxlan_remote(v, ns, link, nh) is not None
+    return False
+
+
+def _vxlan_remote(v, ns, link, nh):
+    """(remote address, remote namespace, remote vxlan) of the node behind LINK that has NH."""
+    data = link.get("linkinfo", {}).get("info_data", {})
+    remotes = [data["remote"]] if data.get("remote") else []
+    remotes += [e["dst"] for e in v.fdb(ns, link["ifname"]) if e.get("dst") and e["dst"] not in remotes]
+    for remote in remotes:
+        owner = v.owner(remote)
+        if not owner or owner[0] == ns:
+            continue
+        rns = owner[0]
+        for rvx in v.links(rns):
+            if link_kind(rvx) != "vxlan" or rvx.get("linkinfo", {}).get("info_data", {}).get("id") != data.get("id"):
+                continue
+            if nh in v.addrs(rns, rvx["ifname"]) or rvx.get("master") and any(
+                    _leads_to(v, rns, p, nh) for p in v.links(rns)
+                    if p.get("master") == rvx["master"] and link_kind(p) == "veth"):
+                return remote, rns, rvx
+    return None
+
+
+def _bridge(v, ns, br, in_port, nh, ref, hop):
+    where = _ns_name(ns)
+    _check_up(ns, v.link(ns, br) or {"ifname": br}, where)
+    hop.setdefault("l2", []).append(f"bridge {br} in {where}")
+    if in_port is not None and nh in v.addrs(ns, br):
+        return ns, br
+    for port in v.links(ns):
+        if port.get("master") != br or port.get("ifname") == in_port or not _leads_to(v, ns, port, nh):
+            continue
+        _check_up(ns, port, where)
+        _check_mtu(ns, port, ref)
+        if in_port is not None:
+            _check_bridged_forward(v, ns, br, nh, hop)
+        return _l2(v, ns, port, nh, ref, hop)
+    for port in v.links(ns):
+        data = port.get("linkinfo", {}).get("info_data", {})
+        if port.get("master") == br and link_kind(port) == "vxlan" and not data.get("remote") \
+                and not any(e.get("dst") for e in v.fdb(ns, port["ifname"])):
+            raise _Broken("no-l2-path", where,
+                          f"{port['ifname']} in {where} has no remote and no fdb entry: it does not know where "
+                          f"to send frames (ARP for {nh} included), so nothing crosses the overlay",
+                          _as_shell([bridge("fdb", "show", "dev", port["ifname"], ns=ns)]),
+                          _as_shell([bridge("fdb", "append", "00:00:00:00:00:00", "dev", port["ifname"],
+                                            "dst", "REMOTE_NODE", ns=ns)]))
+    raise _Broken("no-l2-path", where, f"no port of bridge {br} in {where} leads to {nh}: "
+                  "the veth or vxlan that should reach it is not attached",
+                  _as_shell([ip("-br", "link", "show", "master", br, ns=ns)]),
+                  _as_shell([ip("link", "set", "dev", "PORT", "master", br, ns=ns)]))
+
+
+def _vxlan(v, ns, link, nh, ref, hop):
+    where, name = _ns_name(ns), link["ifname"]
+    found = _vxlan_remote(v, ns, link, nh)
+    if not found:
+        return None
+    remote, rns, rvx = found
+    under = v.route_get(ns, remote)
+    udev = v.link(ns, under.get("dev")) if under else None
+    if not udev:
+        raise _Broken("no-route", where, f"{where} has no underlay route to {remote}, the far end of {name}",
+                      _as_shell([ip("route", "get", remote, ns=ns)]),
+                      _as_shell([ip("route", "add", remote, "via", "GATEWAY", ns=ns)]))
+    if link.get("mtu", 0) + VXLAN_OVERHEAD > udev.get("mtu", DEFAULT_MTU):
+        raise _Broken("mtu", where,
+                      f"{name} in {where} has MTU {link['mtu']}, but its packets gain {VXLAN_OVERHEAD} bytes "
+                      f"of VXLAN headers on {udev['ifname']} (MTU {udev['mtu']}): the overlay has no headroom",
+                      _as_shell([ip("-d", "link", "show", "dev", name, ns=ns),
+                                 ip("link", "show", "dev", udev["ifname"], ns=ns)]),
+                      _as_shell([ip("link", "set", "dev", name, "mtu", udev["mtu"] - VXLAN_OVERHEAD, ns=ns)]))
+    hop.setdefault("l2", []).append(f"{name} (VNI {link['linkinfo']['info_data'].get('id')}) in {where} "
+                                    f"over {udev['ifname']} to {remote} ({_ns_name(rns)})")
+    _check_up(rns, rvx, _ns_name(rns))
+    _check_mtu(rns, rvx, ref)
+    if nh in v.addrs(rns, rvx["ifname"]):
+        return rns, rvx["ifname"]
+    return _bridge(v, rns, rvx["master"], rvx["ifname"], nh, ref, hop)
+
+
+def _check_bridged_forward(v, ns, br, nh, hop):
+    """With br_netfilter, frames a bridge passes between two of its ports go through
+    iptables FORWARD (in and out are the bridge): Docker's policy DROP kills them."""
+    if v.sysctl(ns, "net/bridge/bridge-nf-call-iptables") != "1":
+        return
+    where = _ns_name(ns)
+    chains = v.rules(ns, "filter")
+    verdict, rule = _filter_verdict(chains, "FORWARD", {"iif": br, "oif": br, "dst": nh, "bridged": True})
+    if verdict in ("DROP", "REJECT"):
+        raise _Broken("forward-drop", where, _drop_text(chains, "FORWARD", rule, where) +
+                      f"; bridge-nf-call-iptables=1 (br_netfilter) sends {br}'s bridged frames through it",
+                      _as_shell([iptables("-L", "FORWARD", "-v", "-n", "-x", ns=ns),
+                                 in_netns(["sysctl", "net.bridge.bridge-nf-call-iptables"], ns)]),
+                      _as_shell([iptables("-I", "FORWARD", "-i", br, "-o", br, "-j", "ACCEPT", ns=ns)]))
+    hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
+
+
+def _drop_text(chains, chain, rule, where):
+    if rule is None:
+        return (f"iptables {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
+                f"traffic (the policy has dropped {chains[chain].get('packets', 0)} packets so far)")
+    return f"the iptables {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
+
+
+def _check_filter(v, ns, chain, pkt, where):
+    chains = v.rules(ns, "filter")
+    if chain not in chains:
+        return
+    verdict, rule = _filter_verdict(chains, chain, pkt)
+    if verdict in ("DROP", "REJECT"):
+        iif, oif = pkt.get("iif"), pkt.get("oif")
+        narrow = (["-i", iif] if iif else []) + (["-o", oif] if oif else []) + ["-d", pkt["dst"]]
+        raise _Broken("forward-drop" if chain == "FORWARD" else "input-drop", where,
+                      _drop_text(chains, chain, rule, where),
+                      _as_shell([iptables("-L", chain, "-v", "-n", "-x", ns=ns)]),
+                      _as_shell([iptables("-I", chain, *narrow, "-j", "ACCEPT", ns=ns)]))
+
+
+def _check_rp_filter(v, ns, pkt, iif, where):
+    """Reverse-path filtering: the route back to the source must leave through the
+    link the packet came in on (strict, 1), or at least exist (loose, 2)."""
+    modes = [v.sysctl(ns, f"net/ipv4/conf/{k}/rp_filter") for k in ("all", iif)]
+    mode = max([int(m) for m in modes if m and m.isdigit()] or [0])
+    if mode == 0:
+        return
+    back = v.route_get(ns, pkt["src"])
+    back_dev = back.get("dev") if back and back.get("type") not in ("unreachable", "prohibit", "blackhole") else None
+    if back_dev is None or (mode == 1 and back_dev != iif):
+        how = f"leaves through {back_dev}" if back_dev else "does not exist"
+        raise _Broken("rp-filter", where,
+                      f"{pkt['src']} arrives on {iif} in {where}, but the route back to it {how}: reverse-path "
+                      f"filtering (rp_filter={mode}{', strict' if mode == 1 else ''}) drops it as a spoofed source",
+                      _as_shell([ip("route", "get", pkt["src"], ns=ns),
+                                 in_netns(["sysctl", "net.ipv4.conf.all.rp_filter", f"net.ipv4.conf.{iif}.rp_filter"], ns),
+                                 in_netns(["nstat", "-asz", "TcpExtIPReversePathFilter"], ns)]),
+                      _as_shell([sysctl_set(f"net.ipv4.conf.{iif}.rp_filter", 2, ns)]))
+
+
+def _check_forwarding(v, ns, pkt, iif, where):
+    if v.sysctl(ns, f"net/ipv4/conf/{iif}/forwarding") == "0":
+        raise _Broken("ip-forward", where,
+                      f"{where} must route {pkt['src']} -> {pkt['dst']} (in on {iif}), but forwarding is off "
+                      "(net.ipv4.ip_forward=0): it drops every packet not addressed to itself",
+                      _as_shell([in_netns(["sysctl", "net.ipv4.ip_forward", f"net.ipv4.conf.{iif}.forwarding"], ns)]),
+                      _as_shell([sysctl_set("net.ipv4.ip_forward", 1, ns)]))
+
+
+def _check_conntrack_and_dnat(v, ns, pkt, iif):
+    """The destination after PREROUTING: a conntrack entry for the flow wins over the
+    DNAT rules (that is how conntrack works); one that disagrees with them is stale."""
+    where = _ns_name(ns)
+    target, _ = _chain_verdict(v.rules(ns, "nat"), "PREROUTING", dict(pkt, iif=iif))
+    by_rule = (_to_address(target) if target and target[0] == "DNAT" else None) or pkt["dst"]
+    flows = [f for f in (v.conntrack(ns, pkt["proto"], pkt["dst"]) or [])
+             if f["orig"].get("src") == pkt["src"] and f["orig"].get("dst") == pkt["dst"]
+             and (pkt.get("dport") is None or f["orig"].get("dport") == str(pkt["dport"]))]
+    for flow in flows:
+        pinned = flow["reply"].get("src")
+        if pinned and pinned != by_rule:
+            sel = ["-p", pkt["proto"], "--orig-src", pkt["src"], "--orig-dst", pkt["dst"]] + \
+                (["--dport", str(pkt["dport"])] if pkt.get("dport") else [])
+            raise _Broken("stale-conntrack", where,
+                          f"conntrack in {where} still sends the flow {pkt['src']} -> {pkt['dst']} to {pinned}, "
+                          f"but the NAT rules now say {by_rule}: the entry predates the rule change and lives "
+                          "as long as packets keep coming",
+                          _as_shell([in_netns(["conntrack", "-L"] + sel, ns),
+                                     iptables("-t", "nat", "-S", "PREROUTING", ns=ns)]),
+                          _as_shell([in_netns(["conntrack", "-D"] + sel, ns)]))
+    return flows[0]["reply"].get("src") or by_rule if flows else by_rule
+
+
+def _postrouting(v, ns, pkt, iif, route, hop):
+    """The source after POSTROUTING: MASQUERADE (the out link's address) or SNAT."""
+    target, rule = _chain_verdict(v.rules(ns, "nat"), "POSTROUTING", dict(pkt, iif=iif, oif=route.get("dev")))
+    if not target or target[0] not in ("MASQUERADE", "SNAT"):
+        return pkt["src"]
+    addrs = v.addrs(ns, route["dev"])
+    new = _to_address(target) if target[0] == "SNAT" else route.get("prefsrc") or (addrs[0] if addrs else None)
+    if not new:
+        return pkt["src"]
+    hop["nat"] = {"from": pkt["src"], "to": new, "rule": shlex.join(rule)}
+    return new
+
+
+def _src_subnet(v, ns, src):
+    for link in v.links(ns):
+        for a in link.get("addr_info", []):
+            if a.get("local") == src:
+                return str(ipaddress.ip_interface(f"{src}/{a['prefixlen']}").network)
+    return f"{src}/32"
+
+
+def _check_return(v, report, ns, pkt):
+    """At the destination: can the reply find its way back to the source it sees? And
+    if a hop masqueraded the flow though the destination could reach the real source,
+    the NAT only hides the pod: pod-to-pod traffic must keep its address."""
+    where, seen, src = _ns_name(ns), pkt["src"], report["src"]
+    hops = report["hops"]
+    if not v.route_get(ns, seen):
+        routers = [h for h in hops if h.get("in") and h.get("out")]
+        fix = (["cnikit" + (f" -n {routers[-1]['_ns']}" if routers[-1]["_ns"] else "") +
+                f" nat add {_src_subnet(v, hops[0]['_ns'], src)} --out {routers[-1]['out']}"] if routers
+               else _as_shell([ip("route", "add", seen, "via", "GATEWAY", ns=ns)]))
+        raise _Broken("no-return-route", where,
+                      f"{where} gets the request from {seen} and has no route back to it: the reply is lost "
+                      "(a network that does not know the pod subnet must see the node's address: MASQUERADE)",
+                      _as_shell([ip("route", "get", seen, ns=ns)]), fix)
+    if seen != src and v.route_get(ns, src):
+        nat_hop = next(h for h in hops if h.get("nat"))
+        node = nat_hop["_ns"]
+        raise _Broken("masquerade", nat_hop["ns"],
+                      f"{nat_hop['ns']} masquerades {src} -> {pkt['dst']} to {seen}: {where} sees the node, "
+                      f"not the pod, though it has a route back to {src} (the rule `{nat_hop['nat']['rule']}` "
+                      "lacks the pod-to-pod exemption)",
+                      _as_shell([iptables("-t", "nat", "-S", "POSTROUTING", ns=node),
+                                 in_netns(["conntrack", "-L", "--orig-src", src, "--orig-dst", pkt["dst"]], node)]),
+                      _as_shell([iptables("-t", "nat", "-I", "POSTROUTING", "-s", _src_subnet(v, hops[0]["_ns"], src),
+                                          "-d", _src_subnet(v, ns, pkt["dst"]), "-j", "RETURN", ns=node)]))
+
+
+def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
+    entry = v.neigh(ns, nh, dev)
+    owner = v.link(owner_ns, owner_dev) or {}
+    if not entry:
+        if "NOARP" in owner.get("flags", []):
+            raise _Broken("neighbour", _ns_name(owner_ns),
+                          f"{owner_dev} in {_ns_name(owner_ns)} has ARP off: {where} never learns {nh}'s MAC",
+                          _as_shell([ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
+                          _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
+        return
+    mac, state = entry.get("lladdr"), entry.get("state", [])
+    # A bridge also answers for its ports' MACs (local fdb entries); a learned (dynamic)
+    # entry that went stale is probed and relearned by the kernel itself: only a static
+    # one (PERMANENT, NOARP) stays wrong.
+    macs = {owner.get("address")} | {l.get("address") for l in v.links(owner_ns)
+                                     if link_kind(owner) == "bridge" and l.get("master") == owner_dev}
+    static = any(s in state for s in ("PERMANENT", "NOARP"))
+    if mac and owner.get("address") and mac not in macs and static and link_kind(owner) != "vxlan":
+        raise _Broken("neighbour", where,
+                      f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
+                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",
+                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns),
+                                 ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
+                      _as_shell([ip("neigh", "del", nh, "dev", dev, ns=ns)]))
+    if "FAILED" in state and "NOARP" in owner.get("flags", []):
+        raise _Broken("neighbour", _ns_name(owner_ns),
+                      f"ARP for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has ARP off",
+                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns)]),
+                      _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
+
+
+def doctor_text(report):
+    """The report in plain words: the hops, then HEALTHY or the first broken hop."""
+    head = f"doctor: {report['from']} -> {report['to']}"
+    if report["to"] != report["dst"]:
+        head += f" ({report['dst']})"
+    head += f", {report['proto']}" + (f" port {report['port']}" if report.get("port") else "")
+    lines = [head]
+    for i, hop in enumerate(report["hops"], 1):
+        parts = [f"in {hop['in']}" if hop.get("in") else "",
+                 f"destination {hop['dnat']['from']} becomes {hop['dnat']['to']} (DNAT)" if hop.get("dnat") else "",
+                 f"out {hop['out']} to {hop['via']}" if hop.get("out") else "",
+                 f"source {hop['nat']['from']} becomes {hop['nat']['to']} (masquerade)" if hop.get("nat") else "",
+                 hop.get("note", "")]
+        lines.append(f"  hop {i}  {hop['ns']}: " + ", ".join(p for p in parts if p)
+                     + "".join(f" [{step}]" for step in hop.get("l2", [])))
+    b = report["broken"]
+    if not b:
+        lines.append(f"HEALTHY: {report['from']} reaches {report['dst']} along these hops; nothing on the path "
+                     "drops the packet")
+        return "\n".join(lines)
+    lines.append(f"BROKEN at {b['hop']}: {b['cause']}")
+    lines.append(f"  what: {b['what']}")
+    for cmd in b["see"]:
+        lines.append(f"  see:  {cmd}")
+    for cmd in b["fix"]:
+        lines.append(f"  fix:  {cmd}")
+    return "\n".join(lines)
+
+
+def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False):
+    """`cnikit doctor FROM TO`: print the path and its first broken hop; exit 0 when
+    healthy, 1 when broken, 2 on bad input. Read-only: it changes nothing."""
+    if frm != HOST_NAME:
+        check_netns(frm)
+        if not netns_exists(frm):
+            raise UsageError(f"FROM namespace {frm!r} does not exist (use '{HOST_NAME}' for where cnikit runs)")
+    if to != HOST_NAME:
+        try:
+            addr = ipaddress.ip_address(to)
+        except ValueError:
+            check_netns(to)
+            if not netns_exists(to):
+                raise UsageError(f"TO {to!r} is neither an IPv4 address nor an existing namespace") from None
+        else:
+            if addr.version != 4:
+                raise UsageError(f"TO {to}: doctor follows IPv4 paths only")
+    port = check_int(port, 1, 65535, "--port") if port is not None else None
+    proto = proto or ("tcp" if port else "icmp")
+    if proto not in DOCTOR_PROTOS:
+        raise UsageError(f"--proto {proto!r}: use one of {', '.join(DOCTOR_PROTOS)}")
+    if port and proto == "icmp":
+        raise UsageError("--port goes with --proto tcp or udp, not icmp")
+    if host:
+        require_netns(r, host, "host namespace")
+    if os.geteuid() != 0:
+        raise UsageError("doctor looks inside namespaces and at iptables: run it as root (sudo)")
+    require_tools("ip", "sysctl")
+    report = doctor_walk(r, frm, to, proto, port, host)
+    if as_json:
+        print(json.dumps(report, indent=2), flush=True)
+    else:
+        r.output(doctor_text(report))
+    return EXIT_OK if report["healthy"] else EXIT_BROKEN
+
 # ---------------------------------------------------------------- sandbox
 
 def _libc():
@@ -2504,6 +3261,16 @@ def build_parser():
     a.add_argument("--name", default=CNI_NET)
     a.add_argument("--plugin", dest="plugin_src", metavar="FILE")
 
+    d = objs.add_parser("doctor", help="walk the path FROM -> TO and name its first broken hop (read-only)",
+                        description="Walk the path the kernel would use from FROM to TO, hop by hop (routes, "
+                        "links, bridge ports, vxlan, neighbours, forwarding, rp_filter, iptables FORWARD/INPUT, "
+                        "NAT, MTU, conntrack) and print the first broken hop, the command that shows it and the "
+                        "command that would fix it. It changes nothing. Exit 0 healthy, 1 broken, 2 bad input.")
+    d.add_argument("frm", metavar="FROM", help=f"a namespace, or '{HOST_NAME}' (where cnikit runs, or -n NS)")
+    d.add_argument("to", metavar="TO", help=f"an IPv4 address, a namespace, or '{HOST_NAME}'")
+    d.add_argument("--proto", choices=DOCTOR_PROTOS, help="the flow's protocol (default icmp; tcp with --port)")
+    d.add_argument("--port", help="the flow's destination port (tcp/udp): DNAT and conntrack are per port")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
     s = objs.add_parser("show", help="a picture of namespaces, links, addresses, routes, NAT")
     s.add_argument("--json", action="store_true", help="print data instead of a picture")
     objs.add_parser("cleanup", help="remove exactly what cnikit created")
@@ -2514,7 +3281,7 @@ def build_parser():
 
 # verb -> tools it needs; look-only verbs need no root.
 TOOLS = {"nat": ("ip", "iptables", "sysctl"), "bridge": ("ip", "bridge"), "vxlan": ("ip", "bridge")}
-READ_ONLY = {("cni", "version"), ("cni", "log"), ("netns", "list"), ("bridge", "show"), ("nat", "show"), ("show", None)}
+READ_ONLY = {("cni", "version"), ("cni", "log"), ("netns", "list"), ("bridge", "show"), ("nat", "show"), ("show", None), ("doctor", None)}
 
 
 def dispatch(args, r):
@@ -2564,6 +3331,8 @@ def dispatch(args, r):
             vxlan_del(r, args.name, host=h)
     elif o == "cni":
         return cni_dispatch(args, r)
+    elif o == "doctor":
+        return doctor(r, args.frm, args.to, args.proto, args.port, host=h, as_json=args.json)
     elif o == "show":
         show(r, as_json=args.json, only=h)
     elif o == "cleanup":
@@ -2583,7 +3352,7 @@ def main(argv=None):
         if args.obj == "sandbox":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return sandbox(cmd, quiet=args.quiet)
-        json_out = args.obj == "show" and args.json
+        json_out = args.obj in ("show", "doctor") and args.json
         color = {"always": True, "never": False}.get(args.color)
         r = Runner(dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
                    out=sys.stderr if json_out else sys.stdout, color=color)

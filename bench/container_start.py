@@ -17,8 +17,8 @@ spelled out: a bridge, a veth, an address from the subnet, a default route, masq
 It runs itself in a throwaway sandbox (network + mount namespace, private /etc/cni,
 /opt/cni/bin, /var/lib/cni, /var/log; the runtimes' storage on a private tmpfs): nothing
 reaches the host, and no packet leaves the sandbox. Our plugin is installed in the form
-`cnikit cni install` uses by default (the first line says which), or with --form plain or
---form precompiled (a zipapp carrying its bytecode) as install's options of those names do.
+`cnikit cni install` uses by default (the first line says which), or with --form plain (install's
+--plain: the readable file) or --form precompiled (install's --precompiled).
 """
 import argparse
 import json
@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -35,7 +34,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import cnikit  # noqa: E402
-from cni_latency import install_form, machine  # noqa: E402
+from cni_latency import form_label, install_form, machine  # noqa: E402
 from runtimes import IMAGE, Containerd, Podman, cgroup_dirs, drop_new_cgroups, drop_scratch_dir, \
     mount_cgroups, scratch_dir  # noqa: E402
 
@@ -196,9 +195,7 @@ def main():
     cnikit.cni_install(r, "ours-install", **form)
     os.unlink(cnikit.cni_conf_file(CONF_DIR, "ours-install"))
     installed = os.path.join(cnikit.CNI_PLUGIN_DIR, cnikit.CNI_TYPE)
-    with open(installed, "rb") as f:
-        first = f.readline().decode().strip()
-    first = f"{'zipapp' if zipfile.is_zipfile(installed) else 'plain file'}, {first}"
+    first = form_label([installed])
     print(f"container start {time.strftime('%Y-%m-%d')}, {args.rounds} alternating rounds; {machine()}\n"
           f"our plugin vs bridge + host-local "
           f"(installed, form {args.form}: {first})")

@@ -5,7 +5,7 @@ A drop-in replacement for the classic "CNI from scratch" bash plugin: the same
 minimal config works ({"cniVersion":"1.0.0","name":"fromScratch","type":"demystifying"})
 and every call is logged the same way (command, CNI_* env, stdin, then what it did).
 Python 3.9+ standard library only; needs iproute2-free Linux (it talks netlink itself)
-and iptables only when ipMasq is on.  It never imports cnikit.py.
+and iptables only when ipMasq or forwardAccept is on.  It never imports cnikit.py.
 
 Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
 Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
@@ -23,7 +23,9 @@ Config keys (defaults in brackets; the classic minimal config gets all defaults)
                            "cnikit name: <net> id: <container> if: <ifname>")
   nonMasqueradeCIDRs [[]]  destinations never masqueraded besides the pod's own subnet, e.g.
                            the whole cluster pod range (Kubernetes: no NAT between pods; as
-                           kindnet and ip-masq-agent do)
+                           kindnet and ip-masq-agent do); forwardAccept lets connections from them in
+  forwardAccept [true]     accept the pod's forwarded traffic in its own filter chain (same name,
+                           same comment), so a host whose FORWARD policy is DROP (Docker) passes it
   mtu [kernel default]     on the bridge and both ends of the veth
   hairpinMode [false]      a pod may reach itself through a service address
   dns                      passed through to the result
@@ -742,6 +744,7 @@ class Net:
         self.default_gw = conf_value(conf, "isDefaultGateway", bool, True)
         self.is_gw = conf_value(conf, "isGateway", bool, True) or self.default_gw
         self.masq = conf_value(conf, "ipMasq", bool, True)
+        self.forward = conf_value(conf, "forwardAccept", bool, True)
         self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = conf_value(conf, "hairpinMode", bool, False)
         self.mtu = conf_value(conf, "mtu", int, 0)
@@ -1320,7 +1323,18 @@ def ipam_del(net, rec, raw):
             store.drop(rec)
 
 
-# ---------------------------------------------------------------- masquerade (iptables)
+# ---------------------------------------------------------------- iptables: masquerade and forward accept
+#
+# Each attachment owns one chain, CNIKIT-<hash>, in each table it uses (a chain name is per table):
+#   nat:    POSTROUTING -s <pod> jumps to it; peers stay as they are, the rest is masqueraded (ipMasq);
+#   filter: FORWARD -i <bridge> -s <pod> and -o <bridge> -d <pod> jump to it; it accepts what the pod
+#           sends, replies and port-mapped (DNAT) connections to it, and connections from its peers
+#           (forwardAccept).  A host whose FORWARD policy is DROP (Docker sets it; with br_netfilter,
+#           bridge-nf-call-iptables=1, even frames between two ports of one bridge traverse FORWARD)
+#           then passes the pod's traffic, and nobody else's.  The jumps are appended: an admin's own
+#           rules earlier in FORWARD (Docker's DOCKER-USER) still decide first.
+# Every rule carries the attachment's comment; the record lists them all (attachment_rules), and
+# they go in, and come out, with one iptables-restore per family.
 
 def attachment_hash(*parts):
     try:
@@ -1341,7 +1355,7 @@ def chain_name(network, cid, ifname):
     return CHAIN_PREFIX + attachment_hash(network, cid, ifname)[:20]
 
 
-def masq_comment(network, cid, ifname):
+def rule_comment(network, cid, ifname):
     """At most 255 characters (xt_comment); the network part always fits (names <= 200)."""
     return f"cnikit name: {network} id: {cid} if: {ifname}"[:255]
 
@@ -1350,26 +1364,46 @@ def tool(family, name):
     return name.replace("iptables", "ip6tables") if family == AF_INET6 else name
 
 
+def rule_tables(net):
+    """The tables an attachment of NET has a chain in."""
+    return [table for table, on in (("nat", net.masq), ("filter", net.forward)) if on]
+
+
+def peer_subnets(net, ips, family):
+    """Where the pod's peers live: its own subnets and nonMasqueradeCIDRs (the cluster's pod
+    range).  Traffic to them is never masqueraded, and connections from them are let in."""
+    own = [fmt_cidr(*ip["subnet"]) for ip in ips if ip["family"] == family]
+    return list(dict.fromkeys(own + [fmt_cidr(f, n, plen) for f, n, plen in net.no_masq if f == family]))
+
+
 def attachment_rules(net, cid, ifname, ips):
     """What the attachment will own in iptables: the record's "iptables", one entry per family
     and table: {"family": 4 or 6, "table", "chains": [its own chains], "rules": [what goes in
     them], "jumps": [rules in built-in chains that lead to them]}.  ipMasq: the nat chain
-    CNIKIT-<hash>, where traffic to the subnet stays as is and the rest leaves masqueraded."""
-    if not net.masq:
-        return []
+    CNIKIT-<hash>, where traffic to its peers stays as is and the rest leaves masqueraded.
+    forwardAccept: the filter chain of the same name, jumped to from FORWARD only for the pod's
+    address through its link on the host (the bridge, or in routed mode its veth)."""
     chain = chain_name(net.name, cid, ifname)
-    comment = '"' + masq_comment(net.name, cid, ifname) + '"'
+    tag = '-m comment --comment "' + rule_comment(net.name, cid, ifname) + '"'
+    dev = host_veth_name(cid, ifname) if net.routed else net.bridge
     entries = []
     for family in sorted({ip["family"] for ip in ips}):
-        own = [ip for ip in ips if ip["family"] == family]
-        rules = [f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT" for ip in own]
-        rules += [f"-A {chain} -d {fmt_cidr(f, n, plen)} -m comment --comment {comment} -j ACCEPT"
-                  for f, n, plen in net.no_masq if f == family]
-        rules.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
-        jumps = [f"POSTROUTING -s {fmt_cidr(family, ip['n'], bits(family))} -m comment --comment {comment} -j {chain}"
-                 for ip in own]
-        entries.append({"family": 4 if family == AF_INET else 6, "table": "nat", "chains": [chain],
-                        "rules": rules, "jumps": jumps})
+        pods = [fmt_cidr(family, ip["n"], bits(family)) for ip in ips if ip["family"] == family]
+        peers = peer_subnets(net, ips, family)
+        for table in rule_tables(net):
+            if table == "nat":
+                rules = [f"-A {chain} -d {peer} {tag} -j ACCEPT" for peer in peers]
+                rules.append(f"-A {chain} ! -d {MULTICAST[family]} {tag} -j MASQUERADE")
+                jumps = [f"POSTROUTING -s {pod} {tag} -j {chain}" for pod in pods]
+            else:
+                rules = [rule for pod in pods for rule in
+                         [f"-A {chain} -s {pod} {tag} -j ACCEPT",
+                          f"-A {chain} -d {pod} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT {tag} -j ACCEPT"]
+                         + [f"-A {chain} -s {peer} -d {pod} {tag} -j ACCEPT" for peer in peers]]
+                jumps = [f"FORWARD {flags} {tag} -j {chain}" for pod in pods
+                         for flags in (f"-s {pod} -i {dev}", f"-d {pod} -o {dev}")]
+            entries.append({"family": 4 if family == AF_INET else 6, "table": table, "chains": [chain],
+                            "rules": rules, "jumps": jumps})
     return entries
 
 
@@ -1402,47 +1436,49 @@ def remove_rules(entries):
         try:
             run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
         except CNIError:
-            for e in group:
-                teardown_masq(e["chains"], (family,), e["table"])
+            teardown_chains(sorted({c for e in group for c in e["chains"]}), (family,))
 
 
-def teardown_masq(chains, families=(AF_INET, AF_INET6), table="nat"):
-    """Remove every rule jumping to our chains, then the chains.  Missing ones are fine."""
+def teardown_chains(chains, families=(AF_INET, AF_INET6)):
+    """Remove every rule jumping to our chains, then the chains, in every table (one
+    iptables-save and one iptables-restore per family).  Missing ones are fine."""
     for family in families:
         if not which(tool(family, "iptables-save")):
             continue
-        saved = run([tool(family, "iptables-save"), "-t", table])
-        present = [c for c in chains if f":{c} " in saved]
-        if not present:
-            continue
-        lines = [f"*{table}"]
-        for line in saved.splitlines():
-            if line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
+        lines, table, present = [], None, []
+        for line in run([tool(family, "iptables-save")]).splitlines():
+            if line.startswith("*"):
+                table, present = line, []
+            elif line.startswith(":") and line[1:].split(" ", 1)[0] in chains:
+                present.append(line[1:].split(" ", 1)[0])
+                if len(present) == 1:
+                    lines.append(table)
+            elif line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
                 lines.append("-D " + line[3:])
-        for c in present:
-            lines += [f"-F {c}", f"-X {c}"]
-        lines.append("COMMIT")
-        run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+            elif line == "COMMIT" and present:
+                lines += [f"-F {c}" for c in present] + [f"-X {c}" for c in present] + ["COMMIT"]
+        if lines:
+            run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
 
 
 def teardown_unrecorded(net, cid, ifname):
-    """Rules of an attachment whose record does not know them (older state): look for its chain
-    in both families; a family we only guess at (no IPv6 nat table) never fails DEL."""
+    """Rules of an attachment whose record does not know them (older state): look for its chains
+    in both families; a family we only guess at (no IPv6 tables) never fails DEL."""
     for family in (AF_INET, AF_INET6):
         try:
-            teardown_masq([chain_name(net.name, cid, ifname)], (family,))
+            teardown_chains([chain_name(net.name, cid, ifname)], (family,))
         except CNIError as e:
             log(f"  ignored: {e.msg} {e.details}")
 
 
 def our_chains(network):
-    """The CNIKIT- chains of this network's attachments, from the rule comments."""
+    """The CNIKIT- chains (any table) of this network's attachments, from the comments on the jumps."""
     found = set()
     for family in (AF_INET, AF_INET6):
         if not which(tool(family, "iptables-save")):
             continue
-        for line in run([tool(family, "iptables-save"), "-t", "nat"]).splitlines():
-            if not line.startswith("-A POSTROUTING ") or f" -j {CHAIN_PREFIX}" not in line:
+        for line in run([tool(family, "iptables-save")]).splitlines():
+            if not line.startswith(("-A POSTROUTING ", "-A FORWARD ")) or f" -j {CHAIN_PREFIX}" not in line:
                 continue
             if f'--comment "cnikit name: {network} id: ' in line:
                 found.add(line.rsplit(" -j ", 1)[1])
@@ -1735,7 +1771,7 @@ def del_attachment(net, call, rec):
     cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
     if rec is not None and rec.rules is not None:
         remove_rules(rec.rules)
-    elif rec is not None and net.masq:
+    elif rec is not None and (net.masq or net.forward):
         teardown_unrecorded(net, cid, ifname)
     veth_name = rec.veth if rec is not None else host_veth_name(cid, ifname)
     with Netlink() as nl:
@@ -1818,18 +1854,26 @@ def check_attachment(net, env, prev, cnl, nl):
         problem = routed_check(nl, veth, veth_name, ips)
         if problem:
             fail(problem)
-    if net.masq:
-        chain = chain_name(net.name, cid, ifname)
-        families = {ip["family"] for ip in ips}
-        for family in families:
-            if f":{chain} " not in run([tool(family, "iptables-save"), "-t", "nat"]):
-                fail(f"masquerade chain {chain} is missing")
+    rec = load_record(record_path(net, cid, ifname), cid, ifname)
+    if rec is not None and rec.rules:
+        owned = [(AF_INET if e.get("family") == 4 else AF_INET6, e["table"], c) for e in rec.rules for c in e["chains"]]
+    elif net.masq or net.forward:
+        owned = [(family, table, chain_name(net.name, cid, ifname))
+                 for family in sorted({ip["family"] for ip in ips}) for table in rule_tables(net)]
+    else:
+        owned = []
+    for family, table, chain in owned:  # each chain listed on its own: no dump of the whole table
+        try:
+            run([tool(family, "iptables"), "-w", "-t", table, "-S", chain])
+        except CNIError:
+            fail(f"{table} chain {chain} is missing")
 
 
 def cmd_status(net, call):
     problems = []
-    if net.masq and not which("iptables-restore"):
-        problems.append("iptables-restore is not installed (needed for ipMasq)")
+    if (net.masq or net.forward) and not which("iptables-restore"):
+        problems.append("iptables-restore is not installed (needed for " + " and ".join(
+            key for key, on in (("ipMasq", net.masq), ("forwardAccept", net.forward)) if on) + ")")
     if use_builtin(net):
         try:
             sets = net.range_sets()
@@ -1868,11 +1912,11 @@ def cmd_gc(net, call):
             veth = nl.link(rec.veth)
             if veth is not None:
                 kernel(f"cannot delete {rec.veth}", nl.del_link, veth["index"], rec.veth)
-    if net.masq or which("iptables-save"):
+    if net.masq or net.forward or which("iptables-save"):
         keep_chains = {chain_name(net.name, cid, ifname) for cid, ifname in keep}
         stale = [c for c in our_chains(net.name) if c not in keep_chains]
         if stale:
-            teardown_masq(stale)
+            teardown_chains(stale)
     if use_builtin(net) or net.ipam_type == "host-local":  # host-local's files are ours too
         with Store(net.data_dir, net.name) as store:
             for key, who in store.allocations().items():
@@ -1955,11 +1999,12 @@ COMPILED_STUB = """{shebang}
 # The plain file does the same, slower: `cnikit cni install --plain`.
 import marshal, sys
 from binascii import a2b_base64
-from zlib import decompress
 if getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None) == {magic!r}:
-    exec(marshal.loads(decompress(a2b_base64({head!r}))))  # VERSION is answered here
+    exec(marshal.loads(a2b_base64({head!r})))  # VERSION is answered here
+    from zlib import decompress
     exec(marshal.loads(decompress(a2b_base64({body!r}))))
 else:  # another Python: compile the source carried here (slower, the same plugin)
+    from zlib import decompress
     exec(compile(decompress(a2b_base64({source!r})), {name!r}, "exec"))
 """
 
@@ -1989,13 +2034,14 @@ def compile_plugin(src, out):
         consts = tuple(small(c) if isinstance(c, type(code)) else c for c in code.co_consts)
         return code.replace(co_linetable=b"", co_consts=consts)
 
-    def blob(code):
-        return binascii.b2a_base64(zlib.compress(marshal.dumps(small(code)), 9), newline=False)
+    def blob(code, compress):  # the head is left uncompressed: VERSION does not even import zlib
+        raw = marshal.dumps(small(code))
+        return binascii.b2a_base64(zlib.compress(raw, 9) if compress else raw, newline=False)
     head_code = compile(head, name, "exec", dont_inherit=True, optimize=2)
-    body_code = compile("\n" * (head.count("\n") + 1) + body, name, "exec", dont_inherit=True, optimize=2)
+    body_code = compile("\n" * (head.count("\n") + 1) + body, name, "exec", dont_inherit=True, optimize=2)  # same lines
     stub = COMPILED_STUB.format(
         shebang=f"#!{sys.executable} -IS", name=name, python=sys.executable, magic=MAGIC_NUMBER,
-        sha=hashlib.sha256(data).hexdigest(), head=blob(head_code), body=blob(body_code),
+        sha=hashlib.sha256(data).hexdigest(), head=blob(head_code, False), body=blob(body_code, True),
         source=binascii.b2a_base64(zlib.compress(data, 9), newline=False))
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
     with open(fd, "w") as f:

@@ -218,3 +218,14 @@ def test_gc_removes_what_the_records_of_stale_attachments_own():
     assert gone["interfaces"][1]["name"] not in links() and keep["interfaces"][1]["name"] in links()
     assert allocation_files("fromScratch") == {"10.244.0.2": "keep\r\neth0"}
     assert "id: gone" not in nat_rules() and "id: keep" in nat_rules()
+
+
+def test_check_looks_at_each_recorded_chain_without_dumping_the_table():
+    conf = dict(CLASSIC, cniVersion="1.1.0")
+    res = pod("c1", conf)
+    ok(cni("CHECK", dict(conf, prevResult=res), cid="c1", **logged()))
+    assert "iptables-save" not in log_text() and "-t nat -S CNIKIT-" in log_text()
+    ((chain,),) = [e["chains"] for r in records().values() for e in r["iptables"]]
+    rules = [r for r in nat_rules().splitlines() if r.startswith("-A POSTROUTING") and chain in r]
+    os.system(f"iptables -t nat {rules[0].replace('-A', '-D', 1)} && iptables -t nat -F {chain} && iptables -t nat -X {chain}")
+    assert chain in error(cni("CHECK", dict(conf, prevResult=res), cid="c1"), 100)["msg"]

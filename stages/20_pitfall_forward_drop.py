@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Pitfall lab 20: Docker's FORWARD DROP meets br_netfilter. Two pods on one bridge talk
+until Docker starts on the node: it sets the iptables FORWARD policy to DROP, and with
+br_netfilter (bridge-nf-call-iptables=1) even frames the bridge switches between two of
+its own ports go through FORWARD.
+
+    sudo python3 stages/20_pitfall_forward_drop.py            # in a throwaway sandbox
+    sudo python3 stages/20_pitfall_forward_drop.py --broken --keep   # explore the broken state
+    python3 stages/20_pitfall_forward_drop.py --dry-run       # the lab as a shell script
+
+The node is a namespace the lab creates: the machine's own firewall is never touched.
+"""
+import os
+import sys
+
+import pitfall
+from lesson import Lesson, cnikit, in_netns
+
+NODE, BRIDGE, GATEWAY = "node1", "br0", "10.0.20.1/24"
+PODS = {"pod1": "10.0.20.2/24", "pod2": "10.0.20.3/24"}
+POD2_IP = PODS["pod2"].split("/")[0]
+BR_NF = "net.bridge.bridge-nf-call-iptables"
+TAG = ["-m", "comment", "--comment", "cnikit lab20: bridged traffic on br0"]
+
+WORKS = f"pod1 pings pod2 ({POD2_IP}) across br0"
+BREAK = ("Docker starts on the node: it loads br_netfilter (bridge-nf-call-iptables=1) and sets "
+         "the iptables FORWARD policy to DROP")
+SYMPTOM = "pod1 no longer reaches pod2, though both sit on the same bridge"
+REVEAL = "the FORWARD policy's own counter grows with every lost ping; the sysctl says why bridged frames see it"
+FIX = "a narrow accept for what br0 switches between its own ports (-i br0 -o br0), as Docker does for docker0"
+CAUSE = "forward-drop"
+DOCTOR = ("pod1", POD2_IP)
+
+LESSON = Lesson(
+    "20", "pitfall_forward_drop",
+    goal="pods on one bridge stop talking when Docker's FORWARD DROP meets br_netfilter; "
+         "the policy counter shows the drops, a narrow accept rule brings them back",
+    picture=r"""
+   +------------------------------ node1 (netns) -------------------------------+
+   |   iptables FORWARD policy DROP (Docker)   bridge-nf-call-iptables = 1      |
+   |                       br0  10.0.20.1/24                                     |
+   |                      /                 \     frames switched between two   |
+   |             veth-pod1                   veth-pod2   ports go through FORWARD |
+   +---------------|-----------------------------|-------------------------------+
+   +---- pod1 -----|--------+          +---------|------- pod2 ----+
+   |  eth0 10.0.20.2/24     |          |  eth0 10.0.20.3/24        |
+   +------------------------+          +---------------------------+
+""",
+    skips={"fix": "no accept rule: the FORWARD policy keeps dropping pod-to-pod frames"},
+    tools=("ip", "ping", "iptables", "sysctl"),
+)
+
+
+def setup(L):
+    L.step("a node (a namespace standing for a machine) with br0 and two pods on it, as in lesson 03")
+    pitfall.node_with_pods(L, NODE, BRIDGE, GATEWAY, PODS)
+
+
+def works(L, expect_fail=False):
+    return L.ping(POD2_IP, "pod1", expect_fail=expect_fail)
+
+
+def breakage(L):
+    r = L.r
+    if not r.dry_run and not os.path.exists("/proc/sys/net/bridge"):
+        raise cnikit.UsageError("br_netfilter is not loaded on this machine (no /proc/sys/net/bridge): "
+                                "`modprobe br_netfilter` (Docker loads it) and run the lab again")
+    L.sysctl(BR_NF, 1, ns=NODE)
+    r.run(cnikit.iptables("-P", "FORWARD", "DROP", ns=NODE))
+
+
+def _policy_packets(L):
+    ok, out = L.r.query(cnikit.iptables("-S", "FORWARD", "-v", ns=NODE))
+    for line in out.splitlines() if ok else []:
+        words = line.split()
+        if words[:2] == ["-P", "FORWARD"] and "-c" in words:
+            return int(words[words.index("-c") + 1])
+    return 0
+
+
+def reveal(L):
+    r = L.r
+    r.show(in_netns(["sysctl", BR_NF], NODE))
+    before = _policy_packets(L)
+    L.ping(POD2_IP, "pod1", count=3, expect_fail=True)
+    r.show(cnikit.iptables("-L", "FORWARD", "-v", "-n", "-x", ns=NODE))
+    after = _policy_packets(L)
+    L.check(f"the FORWARD policy counter grew with the lost pings ({before} -> {after} packets)",
+            r.dry_run or after > before)
+
+
+def fix(L):
+    rule = ["-i", BRIDGE, "-o", BRIDGE] + TAG + ["-j", "ACCEPT"]
+    L.r.run(cnikit.iptables("-I", "FORWARD", *rule, ns=NODE))
+    L.r.show(cnikit.iptables("-S", "FORWARD", ns=NODE))
+
+
+def prove(L):
+    before = _policy_packets(L)
+    L.ping(POD2_IP, "pod1", count=3)
+    after = _policy_packets(L)
+    L.check(f"the policy drops nothing any more (counter stays at {before})", L.r.dry_run or after == before)
+    ok, out = L.r.query(cnikit.iptables("-S", "FORWARD", ns=NODE))
+    L.check("the policy is still DROP: the fix opened br0's own traffic, not the whole node",
+            L.r.dry_run or "-P FORWARD DROP" in out)
+
+
+if __name__ == "__main__":
+    pitfall.main(sys.modules[__name__])

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Pitfall lab 21: the VXLAN MTU black hole. Pods at MTU 1500 over a 1450 overlay: small
+pings pass, a full-size ping and a bulk TCP transfer vanish without a word, because the
+bridge cannot hand a 1500-byte frame to vxlan0 (MTU 1450) and says nothing to anyone.
+
+    sudo python3 stages/21_pitfall_mtu.py            # both nodes as namespaces, in a sandbox
+    sudo python3 stages/21_pitfall_mtu.py --broken --keep
+    python3 stages/21_pitfall_mtu.py --dry-run       # the lab as a shell script
+"""
+import sys
+
+import pitfall
+from lesson import Lesson, cnikit, have, in_netns, ip, read_until
+
+VNI, PORT = 42, 8080
+NODES = {"node1": {"pod": "pod1", "pod_addr": "10.0.21.11/24", "underlay": "192.0.2.1/24"},
+         "node2": {"pod": "pod2", "pod_addr": "10.0.21.12/24", "underlay": "192.0.2.2/24"}}
+POD2_IP = "10.0.21.12"
+FLOOD = "00:00:00:00:00:00"
+OVERLAY_MTU = cnikit.DEFAULT_MTU - cnikit.VXLAN_OVERHEAD        # 1450
+BULK = 300000                                                   # bytes of the bulk transfer
+BULK_TIMEOUT = 8                                                 # seconds before we call it stalled (a loaded machine is slow)
+
+WORKS = f"a bulk TCP transfer ({BULK} bytes) from pod1 reaches pod2 across the overlay"
+BREAK = (f"the pods come up at MTU {cnikit.DEFAULT_MTU} (a CNI config that forgot the overlay's MTU), "
+         f"while vxlan0 carries only {OVERLAY_MTU}")
+SYMPTOM = "the bulk transfer stalls and times out; nothing reports an error"
+REVEAL = ("small pings pass, a full-size one (-M do -s 1472) does not; tcpdump shows where it dies: "
+          "it enters node1's bridge and never leaves through vxlan0")
+FIX = f"every pod link back to MTU {OVERLAY_MTU}: the overlay's MTU is the underlay's minus {cnikit.VXLAN_OVERHEAD}"
+CAUSE = "mtu"
+DOCTOR = ("pod1", POD2_IP)
+
+LESSON = Lesson(
+    "21", "pitfall_mtu",
+    goal="pods at MTU 1500 over a 1450 VXLAN overlay lose every full-size packet silently; "
+         "doctor finds the MTU step, and the same bulk transfer passes at 1450",
+    picture=r"""
+            node1 (netns)                                 node2 (netns)
+   +--------------------------------+          +--------------------------------+
+   |  pod1 eth0 10.0.21.11  mtu 1500|          |mtu 1500  10.0.21.12 eth0 pod2  |
+   |            | veth-pod1 mtu 1500|          |mtu 1500 veth-pod2 |            |
+   |           br0 --- vxlan0       |          |       vxlan0 --- br0           |
+   |        1500 frames  mtu 1450 X |          | mtu 1450   (VNI 42)            |
+   |   eth0 192.0.2.1/24 mtu 1500 ==|=underlay=|== mtu 1500 eth0 192.0.2.2/24   |
+   +--------------------------------+          +--------------------------------+
+""",
+    skips={"fix": "the pods stay at MTU 1500: every full-size packet keeps dying at vxlan0"},
+    tools=("ip", "bridge", "ping", "socat", "ss"),
+)
+
+
+def setup(L):
+    r = L.r
+    L.step("two nodes joined by an underlay (MTU 1500), a VXLAN overlay on a bridge in each, "
+           f"as in lesson 06; pods at the overlay's MTU {OVERLAY_MTU}")
+    for node in NODES:
+        cnikit.netns_add(r, node, lo_up=True)
+    pitfall.link_between(L, "node1", "eth0", NODES["node1"]["underlay"], "node2", "eth0", NODES["node2"]["underlay"])
+    for node, spec in NODES.items():
+        peer = NODES["node2" if node == "node1" else "node1"]["underlay"].split("/")[0]
+        pitfall.node_with_pods(L, node, "br0", None, {spec["pod"]: spec["pod_addr"]}, mtu=OVERLAY_MTU,
+                               new_node=False)
+        cnikit.vxlan_add(r, "vxlan0", VNI, local=spec["underlay"].split("/")[0], dev="eth0",
+                         bridge_name="br0", mtu=OVERLAY_MTU, host=node)
+        cnikit.vxlan_fdb_add(r, "vxlan0", FLOOD, peer, host=node)
+    L.step("a real NIC puts TCP on the wire one MTU-sized segment at a time; between namespaces the kernel "
+           "would pass 64 KB bundles (GSO) straight through and hide the MTU; gso_max_segs 1 makes the "
+           "pods' eth0 behave like the wire")
+    for spec in NODES.values():
+        r.run(ip("link", "set", "dev", "eth0", "gso_max_segs", 1, ns=spec["pod"]))
+    L.step(f"pod2 counts the bytes it receives on tcp/{PORT} and says how many")
+    # -T: a connection the black hole stalled ends after 5 s idle instead of lingering
+    r.spawn(in_netns(["socat", "-T", "5", f"TCP-LISTEN:{PORT},bind={POD2_IP},reuseaddr,fork", "SYSTEM:wc -c"], "pod2"))
+    L.wait_listening(PORT, "pod2")
+
+
+def works(L, expect_fail=False):
+    send = (f"head -c {BULK} /dev/zero | timeout {BULK_TIMEOUT} socat -t {BULK_TIMEOUT} - "
+            f"TCP:{POD2_IP}:{PORT},connect-timeout=2")
+    ok, out = L.r.probe(in_netns(["sh", "-c", send], "pod1"), expect_fail=expect_fail)
+    return ok and out.strip().splitlines()[-1:] == [str(BULK)] if not L.r.dry_run else ok
+
+
+def _set_mtu(L, mtu):
+    for node, spec in NODES.items():
+        L.r.run(ip("link", "set", "dev", "eth0", "mtu", mtu, ns=spec["pod"]))
+        L.r.run(ip("link", "set", "dev", f"veth-{spec['pod']}", "mtu", mtu, ns=node))
+
+
+def breakage(L):
+    _set_mtu(L, cnikit.DEFAULT_MTU)
+
+
+def reveal(L):
+    r = L.r
+    L.check("a small ping still passes (it fits in any MTU)", L.ping(POD2_IP, "pod1"))
+    seen = {}
+    captures = {}
+    if have("tcpdump"):
+        for dev in ("veth-pod1", "vxlan0"):
+            proc = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", dev, "-c", "1", "icmp and greater 1400"],
+                                    "node1"))
+            if proc is not None and read_until(proc, "listening on", "stderr") is None:
+                L.say(f"tcpdump on {dev} did not start")
+            captures[dev] = proc
+    big = r.probe(in_netns(["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", POD2_IP], "pod1"),
+                  expect_fail=True)[0]
+    L.check("a full-size ping (1472 bytes of data + 28 of headers = 1500, do not fragment) gets no answer "
+            "and no error", not big)
+    for dev, proc in captures.items():
+        out, _ = r.stop(proc, wait=0.5)
+        seen[dev] = "ICMP echo request" in out
+        if not r.quiet:
+            L.say(f"tcpdump on node1's {dev}: " + (out.strip() or "nothing"))
+    if captures:
+        L.check("tcpdump: the 1500-byte request entered node1's bridge (veth-pod1) and never left through vxlan0",
+                r.dry_run or (seen.get("veth-pod1") and not seen.get("vxlan0")))
+    r.show(ip("link", "show", "dev", "eth0", ns="pod1"))
+    r.show(ip("link", "show", "dev", "vxlan0", ns="node1"))
+
+
+def fix(L):
+    _set_mtu(L, OVERLAY_MTU)
+
+
+def prove(L):
+    ok, out = L.r.probe(in_netns(["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", POD2_IP], "pod1"),
+                        expect_fail=True)
+    L.check("pod1's eth0 now refuses to build a packet vxlan0 cannot carry (ping -s 1472 says "
+            "'message too long' instead of vanishing)", not ok and "message too long" in out)
+    L.check("the largest ping that fits the overlay (1422 + 28 = 1450) passes",
+            L.r.probe(in_netns(["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1422", POD2_IP], "pod1"))[0])
+
+
+if __name__ == "__main__":
+    pitfall.main(sys.modules[__name__])

@@ -1,0 +1,298 @@
+"""The pitfall labs (stages/2N_pitfall_*.py) and `cnikit doctor`.
+
+Each lab passes in its own sandbox; built with the lab's own functions in this test's
+sandbox, its broken state is named by doctor with the lab's cause and its fixed state is
+healthy; doctor changes nothing (links, addresses, routes, neighbours, iptables, sysctls,
+conntrack compared before and after) and answers bad input with one line and exit 2.
+"""
+import glob
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import sh
+
+from kernel import ROOT, cli, run_stage
+
+STAGES = os.path.join(ROOT, "stages")
+LABS = {os.path.basename(p)[:2]: os.path.basename(p)
+        for p in sorted(glob.glob(os.path.join(STAGES, "2?_pitfall_*.py")))}
+TIMEOUT = 120
+SYSCTLS = re.compile(r"^net\.(ipv4\.(ip_forward|conf\.\S+\.(rp_filter|forwarding))|bridge\.\S+) = ")
+
+
+def load(number):
+    sys.path.insert(0, STAGES)
+    spec = importlib.util.spec_from_file_location(f"lab_{number}", os.path.join(STAGES, LABS[number]))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def verdict(proc):
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS lesson", "FAIL lesson"))]
+    return lines[-1] if lines else ""
+
+
+def doctor(*args):
+    """`cnikit doctor ARGS --json` as a user runs it: (exit code, report or None, stderr)."""
+    proc = cli("doctor", *args, "--json")
+    report = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, report, proc.stderr
+
+
+def _out(argv):
+    return subprocess.run(argv, capture_output=True, text=True).stdout
+
+
+def kernel_state():
+    """Everything doctor could conceivably change, in every namespace: links (kind, flags,
+    MTU, master, MAC, alias), IPv4 addresses and routes, neighbours (address, MAC, device;
+    not the NUD state, which ages by itself), iptables-save without counters, the sysctls
+    doctor reads, conntrack flows (without their timeouts). Timers and IPv6 autoconfiguration,
+    which move by themselves, are left out."""
+    state = {}
+    names = [n["name"] for n in json.loads(_out(["ip", "-j", "netns", "list"]) or "[]")]
+    for ns in [None] + sorted(names):
+        ip_ = ["ip", *(["-n", ns] if ns else []), "-j"]
+        pre = ["ip", "netns", "exec", ns] if ns else []
+        links = json.loads(_out(ip_ + ["-d", "link", "show"]) or "[]")
+        state[ns or "host"] = {
+            "links": sorted((l["ifname"], l.get("linkinfo", {}).get("info_kind"), tuple(l.get("flags", [])),
+                             l.get("mtu"), l.get("master"), l.get("address"), l.get("ifalias")) for l in links),
+            "addrs": sorted((l["ifname"], a["local"], a["prefixlen"]) for l in json.loads(_out(ip_ + ["-4", "addr"]))
+                            for a in l.get("addr_info", [])),
+            "routes": _out(ip_[:-1] + ["-4", "route", "show", "table", "all"]),
+            "neigh": sorted((n.get("dst"), n.get("lladdr"), n.get("dev"))
+                            for n in json.loads(_out(ip_ + ["neigh", "show"]) or "[]")),
+            "iptables": re.sub(r"\[\d+:\d+\]|^#.*$", "", _out(pre + ["iptables-save"]), flags=re.M),
+            "sysctls": sorted(l for l in _out(pre + ["sysctl", "-a"]).splitlines() if SYSCTLS.match(l)),
+            "conntrack": sorted(re.sub(r"^(\S+\s+\d+)\s+\d+", r"\1", l)          # leave out the timeout
+                                for l in _out(pre + ["conntrack", "-L"]).splitlines()),
+        }
+    return state
+
+
+# ---------------------------------------------------------------- every lab, end to end
+
+@pytest.mark.parametrize("number", sorted(LABS))
+def test_lab_passes_in_its_sandbox_with_doctor_naming_the_cause(number):
+    mod = load(number)
+    proc = run_stage(LABS[number], timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    out = proc.stdout
+    assert verdict(proc).startswith(f"PASS lesson {number} pitfall_")
+    assert "# check: " in out and "FAILED" not in out
+    assert re.search(rf"^BROKEN at \S+: {mod.CAUSE}$", out, re.M), out[-3000:]
+    assert re.search(r"^HEALTHY: ", out, re.M)
+    # the six steps, in order
+    order = ["before anything breaks", "break it the way it breaks in real life", "the symptom, as a user meets it",
+             "diagnose:", "cnikit doctor walks the path", "fix it:", "verification: does the goal hold?"]
+    at = [out.find(s) for s in order]
+    assert -1 not in at and at == sorted(at), dict(zip(order, at))
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("number", ["20", "25"])
+def test_skipping_the_fix_makes_the_lab_fail(number):
+    proc = run_stage(LABS[number], "--skip", "fix", timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert verdict(proc).startswith(f"FAIL lesson {number}")
+    assert "skipped (--skip fix)" in proc.stdout
+
+
+def test_broken_stops_at_the_broken_state_and_keep_opens_a_shell_in_it():
+    proc = run_stage(LABS["23"], "--broken", "--keep", "node1", timeout=TIMEOUT,
+                     input="echo forwarding=$(sysctl -n net.ipv4.ip_forward)\nexit\n",
+                     env=dict(os.environ, SHELL="/bin/bash"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    assert "fix it:" not in proc.stdout and "--broken: the lab stops here" in proc.stdout
+    assert "forwarding=0" in proc.stdout
+    assert verdict(proc).startswith("PASS lesson 23")
+
+
+@pytest.mark.parametrize("number", sorted(LABS))
+def test_dry_run_runs_under_dash_and_lists_the_doctor_call(number):
+    script = run_stage(LABS[number], "--dry-run", timeout=TIMEOUT).stdout
+    assert " doctor " in script
+    proc = subprocess.run(["timeout", "90", "dash", "-e"], input=script, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+
+
+# ---------------------------------------------------------------- doctor on each lab's states
+
+@pytest.mark.parametrize("number", sorted(LABS))
+def test_doctor_names_the_broken_state_changes_nothing_and_finds_the_fixed_one_healthy(number):
+    """Build the lab's states with its own functions in this sandbox: working, broken, fixed."""
+    mod = load(number)
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.setup(L)
+        assert mod.works(L)
+        code, report, _ = doctor(*mod.DOCTOR)
+        assert code == 0 and report["healthy"], report["broken"]
+
+        mod.breakage(L)
+        before = kernel_state()
+        code, report, err = doctor(*mod.DOCTOR)
+        assert kernel_state() == before, "doctor changed the kernel's state"
+        assert code == 1 and not report["healthy"], err
+        broken = report["broken"]
+        assert broken["cause"] == mod.CAUSE, broken
+        assert broken["what"] and broken["see"] and broken["fix"]
+        assert report["hops"][0]["ns"] == mod.DOCTOR[0]
+
+        mod.fix(L)
+        assert mod.works(L)
+        code, report, _ = doctor(*mod.DOCTOR)
+        assert code == 0 and report["healthy"] and report["broken"] is None, report["broken"]
+        assert report["hops"][-1].get("note", "").endswith("delivered")
+    finally:
+        L.r.stop_all()
+
+
+def test_doctor_fix_command_really_fixes_the_broken_state():
+    """The printed fix is a real command: run it by hand and the path is healthy."""
+    mod = load("20")
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.setup(L)
+        mod.breakage(L)
+        code, report, _ = doctor(*mod.DOCTOR)
+        assert code == 1
+        for line in report["broken"]["fix"]:
+            subprocess.run(line, shell=True, check=True)
+        assert mod.works(L)
+        assert doctor(*mod.DOCTOR)[0] == 0
+    finally:
+        L.r.stop_all()
+
+
+def test_doctor_text_report_names_hop_cause_see_and_fix():
+    mod = load("23")
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.setup(L)
+        mod.breakage(L)
+        proc = cli("doctor", *mod.DOCTOR)
+    finally:
+        L.r.stop_all()
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert out.startswith("doctor: pod1 -> 198.51.100.10, icmp\n")
+    assert re.search(r"^  hop 1  pod1: out eth0 to 10\.0\.23\.1", out, re.M)
+    assert re.search(r"^  hop 2  node1: in br0", out, re.M)
+    assert "BROKEN at node1: ip-forward" in out
+    assert "  see:  ip netns exec node1 sysctl net.ipv4.ip_forward net.ipv4.conf.br0.forwarding" in out
+    assert "  fix:  ip netns exec node1 sysctl -w net.ipv4.ip_forward=1" in out
+
+
+def test_doctor_on_simulated_nodes_and_from_the_host():
+    """-n NODE makes NODE the host: `doctor host ADDR` starts there. Lab 21's nodes: the
+    underlay is healthy; an underlay too small for the overlay is named by its MTU."""
+    mod = load("21")
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.setup(L)
+        proc = cli("-n", "node1", "doctor", "host", "192.0.2.2", "--json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["from"] == "node1" and report["hops"][-1]["ns"] == "node2"
+        sh.ip("-n", "node1", "link", "set", "dev", "eth0", "mtu", "1400")     # an underlay smaller than planned
+        code, report, _ = doctor("pod1", "pod2")
+        assert code == 1 and report["broken"]["cause"] == "mtu"
+        assert "headroom" in report["broken"]["what"], report["broken"]
+    finally:
+        L.r.stop_all()
+    # from the host (this test's sandbox) into a namespace of its own
+    sh.ip("netns", "add", "ns1")
+    sh.ip("link", "add", "veth-ns1", "type", "veth", "peer", "name", "eth0", "netns", "ns1")
+    sh.ip("addr", "add", "10.0.99.1/24", "dev", "veth-ns1")
+    sh.ip("link", "set", "veth-ns1", "up")
+    sh.ip("-n", "ns1", "addr", "add", "10.0.99.2/24", "dev", "eth0")
+    sh.ip("-n", "ns1", "link", "set", "eth0", "up")
+    code, report, _ = doctor("host", "ns1")
+    assert code == 0 and report["dst"] == "10.0.99.2" and report["hops"][-1]["ns"] == "ns1"
+    sh.ip("-n", "ns1", "link", "set", "eth0", "down")
+    code, report, _ = doctor("host", "10.0.99.2")
+    assert code == 1 and report["broken"]["cause"] == "link-down" and report["broken"]["hop"] == "ns1"
+
+
+def test_doctor_inside_lesson_05_names_missing_nat_as_no_way_back():
+    """Lesson 05 without its NAT step: the internet has no route back to the pod."""
+    sys.path.insert(0, STAGES)
+    spec = importlib.util.spec_from_file_location("lesson_05", os.path.join(STAGES, "05_egress.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    L = mod.LESSON.start(quiet=True, skip=["nat"])
+    try:
+        mod.build(L)
+        code, report, _ = doctor("ns1", "internet")
+        assert code == 1 and report["broken"]["cause"] == "no-return-route", report["broken"]
+        assert report["broken"]["fix"] == ["cnikit nat add 10.0.5.0/24 --out uplink0"]
+        subprocess.run([sys.executable, os.path.join(ROOT, "cnikit.py"), "-q", "nat", "add", "10.0.5.0/24",
+                        "--out", "uplink0"], check=True)
+        code, report, _ = doctor("ns1", "internet")
+        assert code == 0, report["broken"]
+        assert any(h.get("nat", {}).get("to") == "203.0.113.1" for h in report["hops"])
+    finally:
+        L.r.stop_all()
+
+
+def _lesson(name):
+    sys.path.insert(0, STAGES)
+    spec = importlib.util.spec_from_file_location(f"lesson_{name[:3]}", os.path.join(STAGES, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name,skip,frm,to,cause,words", [
+    ("03_bridge.py", "master", "ns1", "ns2", "no-l2-path", "ip link set dev veth-ns1 master br0"),
+    ("03_bridge.py", None, "ns1", "host", None, "host"),
+    ("06_vxlan.py", "fdb", "pod1", "pod2", "no-l2-path", "fdb append 00:00:00:00:00:00 dev vxlan0"),
+    ("07b_multinode.py", None, "pod1", "pod2", None, "vxlan0 (VNI 1) in node1"),
+    ("07b_multinode.py", "routes", "pod1", "pod2", "no-route", "node1 has no route to 10.244.2.2"),
+])
+def test_doctor_inside_the_lessons(name, skip, frm, to, cause, words):
+    """Doctor reads any topology, not only the labs': the lessons' states, whole or with a
+    step left out; and a dry run of doctor looks just the same (it only reads)."""
+    mod = _lesson(name)
+    L = mod.LESSON.start(quiet=True, skip=[skip] if skip else [])
+    try:
+        mod.build(L)
+        proc = cli("doctor", frm, to)
+        assert proc.returncode == (1 if cause else 0), proc.stdout + proc.stderr
+        assert (f": {cause}\n" if cause else "\nHEALTHY: ") in proc.stdout and words in proc.stdout, proc.stdout
+        assert cli("--dry-run", "doctor", frm, to).stdout == proc.stdout
+    finally:
+        L.r.stop_all()
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("args,message", [
+    (("nope", "10.0.0.1"), "FROM namespace 'nope' does not exist"),
+    (("host", "999.1.1.1"), "TO '999.1.1.1' is neither an IPv4 address nor an existing namespace"),
+    (("host", "2001:db8::1"), "doctor follows IPv4 paths only"),
+    (("bad/name", "10.0.0.1"), "namespace name 'bad/name' is invalid"),
+    (("host", "192.0.2.1", "--port", "70000"), "--port 70000 is out of range 1-65535"),
+    (("host", "192.0.2.1", "--proto", "icmp", "--port", "53"), "--port goes with --proto tcp or udp"),
+    (("host", "192.0.2.1", "--proto", "sctp"), "invalid choice: 'sctp'"),
+    (("host",), "the following arguments are required: TO"),
+])
+def test_doctor_bad_input_is_one_line_and_exit_2(args, message):
+    proc = cli("doctor", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_doctor_with_n_of_a_missing_namespace_is_exit_2():
+    proc = cli("-n", "ghost", "doctor", "host", "192.0.2.1")
+    assert proc.returncode == 2 and "ghost" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
