@@ -2137,7 +2137,7 @@ def _installed_matches(src, dst, shebang, compiled=False):
 
 def is_compiled_plugin(path):
     """An ELF binary (a compiled plugin, such as the reference ones): never cnikit's to
-    overwrite or remove. cnikit installs scripts and zipapps, which start with `#!`."""
+    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"
@@ -2313,10 +2313,11 @@ def kind_node_ip(r, node):
     return addrs[0] if addrs else None
 
 
-def kind_ensure_python(r, node):
+def kind_ensure_python(r, node, installed=()):
     """kind node images carry no python3, and our plugin is Python: detect it and, when
     missing, install python3-minimal in the node. Returns what it did, in words. A node
-    that cannot get it is one CnikitError line naming the node, the cause and the fix."""
+    that cannot get it is one CnikitError line naming the node, the cause and the fix
+    (INSTALLED: the nodes that got python3 before it, the only change made so far)."""
     ok, _ = r.query(docker_exec(node, "test", "-x", CNI_PYTHON), in_dry_run=True) \
         if which("docker") else (False, "")
     if ok:
@@ -2331,11 +2332,11 @@ def kind_ensure_python(r, node):
         r.run(docker("exec", "-e", "DEBIAN_FRONTEND=noninteractive", node, "apt-get", "install", "-y", "-qq",
                      "--no-install-recommends", KIND_PYTHON_PKG))
     except CommandFailed as e:
-        raise CnikitError(kind_python_failure(node, e)) from None
+        raise CnikitError(kind_python_failure(node, e, installed)) from None
     return "installed"
 
 
-def kind_python_failure(node, err):
+def kind_python_failure(node, err, installed=()):
     """One line for a failed python3 install in NODE: apt's own words for the cause, then the fix."""
     lines = [line.strip() for line in err.stderr.splitlines() if line.strip()]
     fetch = [line for line in lines if "Failed to fetch" in line]
@@ -2347,8 +2348,14 @@ def kind_python_failure(node, err):
         why = f"cannot reach a package mirror ({cause})"
     else:
         why = f"apt-get failed ({lines[-1] if lines else f'exit {err.returncode}'})"
-    return (f"{node} has no python3 (the plugin's interpreter) and {why}: no node was changed; "
-            f"fix: {fix}")
+    changed = (f"nothing but python3 on {', '.join(installed)} was written" if installed
+               else "no node was changed")
+    return f"{node} has no python3 (the plugin's interpreter) and {why}: {changed}; fix: {fix}"
+
+
+def _kind_check_cluster(cluster):
+    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
+        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
 
 
 def kind_plan(r, cluster):
@@ -2400,15 +2407,15 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
     Re-run contract: what is already as asked (same file contents, same route) is left
     alone and said so; running it twice changes nothing more."""
     import hashlib
-    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
-        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
     if not r.dry_run:
         require_tools("docker")
     plan = kind_plan(r, cluster)
     for node in plan:
-        plan[node]["python3"] = kind_ensure_python(r, node)
+        plan[node]["python3"] = kind_ensure_python(
+            r, node, [n for n in plan if plan[n].get("python3") == "installed"])
     dst, tmp = os.path.join(plugin_dir, ptype), os.path.join(plugin_dir, f".{ptype}.tmp")
     conf_path = cni_conf_file(conf_dir, name)
     conflist = json.dumps(cni_conflist(name, None, ptype, chain,
@@ -2452,8 +2459,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     it names (a script, never a compiled plugin), the subnet file and the routes to the
     other nodes' pods. python3 stays (other things may use it). Pods still attached keep
     their veths until kubelet DELs them. Re-run: absent is fine."""
-    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
-        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     if not r.dry_run:
         require_tools("docker")
