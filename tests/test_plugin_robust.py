@@ -244,3 +244,30 @@ def test_a_duplicate_add_of_an_attachment_older_than_records_gives_back_only_its
     assert "cannot create veth" in error(cni("ADD", dict(CLASSIC, ipMasq=False), cid="c1", netns="/run/netns/other"), 101)["msg"]
     assert allocation_files("fromScratch") == {"10.244.0.2": "c1\r\neth0"} and records() == {}
     ping("c1", "10.244.0.1")
+
+
+# ---------------------------------------------------------------- the compiled form
+
+def test_the_compiled_form_answers_like_the_file_and_falls_back_to_its_source_on_another_python():
+    import subprocess
+    from plugin_helpers import PLUGIN_SRC
+    out = "/run/cni/compiled"
+    subprocess.run(["/usr/bin/python3", "-I", "-S", PLUGIN_SRC, "--compile", PLUGIN_SRC, out], check=True)
+    with open(out) as f:
+        text = f.read()
+    assert text.startswith("#!/usr/bin/python3 -IS\n") and "marshal.loads" in text
+    other = "/run/cni/compiled-other"
+    with open(other, "w") as f:  # as if /usr/bin/python3 were upgraded: its bytecode magic differs
+        f.write(text.replace("MAGIC_NUMBER\", None) == b'", "MAGIC_NUMBER\", None) == b'X", 1))
+    os.chmod(other, 0o755)
+    with open(other) as f:
+        assert f.read() != text
+    for plugin in (out, other):
+        version = ok(cni("VERSION", None, stdin=b'{"cniVersion":"0.4.0"}', plugin=plugin))
+        assert version == {"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+        cid = "cc" if plugin == out else "co"
+        res = ok(cni("ADD", CLASSIC, plugin=plugin, cid=cid, netns=netns(cid)))
+        ping(cid, "10.244.0.1")
+        ok(cni("DEL", dict(CLASSIC, prevResult=res), plugin=plugin, cid=cid))
+        assert error(cni("ADD", dict(CLASSIC, mtu="x"), plugin=plugin, cid=cid), 7)
+    assert allocation_files("fromScratch") == {} and records() == {}

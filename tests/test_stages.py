@@ -20,6 +20,7 @@ import sh
 
 from host_state import host_state
 from kernel import run_stage
+from cnikit import nat_chain as cnikit_nat_chain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = os.path.join(ROOT, "stages")
@@ -333,8 +334,8 @@ def test_lesson_05_without_masquerade_but_with_conntrack_fails_the_conntrack_che
     L = mod.LESSON.start(quiet=True)
     try:
         mod.build(L)
-        sh.iptables("-t", "nat", "-D", "POSTROUTING", "-s", "10.0.5.0/24", "-o", "uplink0", "-m", "comment",
-                    "--comment", "cnikit nat 10.0.5.0/24", "-j", "MASQUERADE")
+        sh.iptables("-t", "nat", "-D", cnikit_nat_chain("10.0.5.0/24"), "-s", "10.0.5.0/24", "-o", "uplink0",
+                    "-m", "comment", "--comment", "cnikit nat 10.0.5.0/24", "-j", "MASQUERADE")
         L.checks = []
         mod.verify(L)
         failed = [what for what, ok in L.checks if not ok]
@@ -448,7 +449,8 @@ def test_lesson_05_egress_fails_twice_in_the_normal_run_each_failure_named_right
     assert "IP 10.0.5.2 > 203.0.113.10: ICMP echo request" in rest       # seen from the far side
     assert "the internet has no route to it" in rest
     assert "the request reaches the server from 10.0.5.2 and no reply comes back: ok" in rest
-    assert "-A FORWARD -d 10.0.5.0/24 -i uplink0 -m conntrack --ctstate RELATED,ESTABLISHED" in rest
+    assert f"-A {cnikit_nat_chain('10.0.5.0/24')} -d 10.0.5.0/24 -i uplink0 -m conntrack --ctstate RELATED,ESTABLISHED" \
+        in rest
     skipped = lesson("05", "--skip", "route").stdout
     second = skipped.split("second try")[1].split("# [")[0]
     assert "Network is unreachable" in second and "ns1 still has no route" in second
