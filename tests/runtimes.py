@@ -242,8 +242,13 @@ class Containerd:
         return False
 
     def stop(self):
-        """Stop containerd by its pid, and the shims it started."""
+        """Stop what still runs in it (a test that failed half-way leaves pods and containers:
+        their processes would outlive the shims), then containerd by its pid, and its shims."""
         if self.proc and self.proc.poll() is None:
+            for ns in ("default", CRI_NAMESPACE):
+                tasks = self("-n", ns, "tasks", "ls", "-q", check=False, timeout=30).stdout.split()
+                for task in tasks:
+                    self("-n", ns, "tasks", "kill", "-s", "KILL", task, check=False, timeout=30)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
