@@ -6,7 +6,7 @@
 """
 import json
 
-from lesson import Lesson, cnikit, ip, in_netns, have
+from lesson import Lesson, cnikit, ip, have
 
 NS = "ns1"
 PRIVATE = "private0"      # an interface only ns1 has (a bridge here is just a link with no cable)
