@@ -144,7 +144,12 @@ def test_lesson_06_halves_on_two_hosts_as_the_vagrant_vms_run_them():
     assert half2.returncode == 0, half2.stdout[-2000:] + half2.stderr
     proof = on("hostA", "--role", "node1", "--peer", "198.51.100.12", "--verify")
     assert proof.returncode == 0, proof.stdout[-3000:]
-    assert verdict(proof).startswith("PASS lesson 06")
+    assert verdict(proof).startswith("PASS lesson 06 vxlan: pod1 on node1 (this host) reaches pod2 on node2 "
+                                     "(198.51.100.12)")
+    reverse = on("hostB", "--role", "node2", "--peer", "198.51.100.11", "--verify")    # named from node2's side
+    assert verdict(reverse).startswith("PASS lesson 06 vxlan: pod2 on node2 (this host) reaches pod1 on node1"), \
+        reverse.stdout[-2000:]
+    assert "# check: the underlay carried pod2's ping inside UDP 4789" in reverse.stdout or "tcpdump" not in reverse.stdout
     assert on("hostA", "--role", "node1", "--peer", "198.51.100.12").returncode == 0   # re-run is fine
     down = on("hostB", "--role", "node2", "--peer", "198.51.100.11", "--down")
     assert down.returncode == 0
@@ -597,3 +602,19 @@ def test_lesson_07d_host_mode_names_its_chains_restores_everything_and_refuses_k
     sh.iptables("-t", "nat", "-N", "KUBE-SERVICES")
     refused = run_stage("07d_services.py", "--host", timeout=TIMEOUT)
     assert refused.returncode == 2 and "iptables chain KUBE-SERVICES (nat) already exists" in refused.stderr
+
+
+def test_lesson_01_says_what_the_sandbox_is_and_contrasts_the_host_side_with_the_namespace():
+    out = lesson("01").stdout
+    opening = out.split("# [2]")[0]
+    assert "the \"host\" here is a sandbox" in opening
+    assert re.search(r"^host0\s+\S+\s+192\.0\.2\.1/24", opening, re.M)          # the host side's own interface
+    assert re.search(r"^192\.0\.2\.0/24 dev host0", opening, re.M)                # and its route
+    assert "# check: the host side has host0 and ns1 does not: ok" in out
+
+
+def test_keep_with_host_on_lesson_07_leaves_the_pods_as_add_made_them():
+    proc = run_stage("07_cni.py", "--host", "--keep", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "--keep: the pods stay as ADD left them" in proc.stdout and "DEL both pods" not in proc.stdout
+    assert "10.244.0." in str(sh.ip("-n", "pod1", "-br", "addr", "show", "dev", "eth0"))
