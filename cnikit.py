@@ -34,6 +34,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
@@ -1317,8 +1318,10 @@ def cleanup(r, host=None):
     if blind:
         r.note("could not look at " + ", ".join(blind) + " (root needed): what cnikit made there is not listed")
     verb = "would remove" if r.dry_run else "removed"
-    r.note(f"cleanup: {verb} {removed} object(s) cnikit had created" if removed
-           else "cleanup: nothing of cnikit's is left" + (" that could be seen" if blind else ""))
+    inside = f" inside namespace {host} (the namespace itself stays: `cnikit cleanup` without -n removes it)" \
+        if host else ""
+    r.note(f"cleanup: {verb} {removed} object(s) cnikit had created{inside}" if removed
+           else "cleanup: nothing of cnikit's is left" + (" that could be seen" if blind else "") + inside)
     return removed
 
 
@@ -3378,11 +3381,92 @@ EPILOG = """examples:
   cnikit sandbox                  # a throwaway shell: nothing you build there survives it
   cnikit --sandbox show           # one command in a throwaway sandbox
   cnikit cleanup                  # remove exactly what cnikit created
-  cnikit cni install && cnikit netns add pod1 && cnikit cni add pod1   # be the runtime
 
+Options such as --dry-run, -q, -v and -n NS go before OBJECT or after VERB. Run as
+root (`sudo` where it is installed; a root shell without sudo: drop the `sudo`).
 Every command that changes the kernel is printed before it runs (-q hides it; -v
 also prints the look-ups cnikit makes to decide). Exit codes: 0 done, 1 a command
 failed (what this invocation created is rolled back), 2 bad usage or input."""
+
+
+# `cnikit OBJECT --help`: what each object is for, by example.
+OBJECT_EXAMPLES = {
+    "netns": """examples:
+  cnikit netns add ns1 --lo-up            # a namespace, tagged as cnikit's, lo up
+  cnikit netns exec ns1 -- ip addr        # any command inside it
+  cnikit netns list
+  cnikit netns del ns1""",
+    "veth": """examples:
+  cnikit veth add veth-ns1 eth0 --netns ns1 --addr 10.0.0.1/24 --peer-addr 10.0.0.2/24
+  cnikit -n node1 veth add eth0 eth0 --netns node2   # both ends inside namespaces (hosts)
+  cnikit veth del veth-ns1                # its peer goes with it""",
+    "bridge": """examples:
+  cnikit bridge add br0 --addr 10.0.0.1/24   # the address goes on the bridge, never on a port
+  cnikit bridge attach br0 veth-ns1 veth-ns2
+  cnikit bridge show br0                  # its ports and the MACs it learned on each
+  cnikit bridge del br0""",
+    "nat": """examples:
+  cnikit nat add 10.0.0.0/24 --out eth0   # MASQUERADE + two FORWARD accepts, ip_forward on
+  cnikit nat show
+  cnikit nat del 10.0.0.0/24""",
+    "vxlan": """examples:
+  cnikit -n node1 vxlan add vxlan0 --id 42 --remote 192.0.2.2 --dev eth0 --bridge br0
+  cnikit -n node1 vxlan add vxlan0 --id 1 --local 192.0.2.1 --dev eth0   # peers from fdb entries:
+  cnikit -n node1 vxlan fdb add vxlan0 00:00:00:00:00:00 --dst 192.0.2.2  # flood to a peer
+  cnikit -n node1 vxlan del vxlan0""",
+    "cni": """examples:
+  cnikit cni install --subnet 10.244.1.0/24 --chain portmap   # plugin + conflist, atomically
+  cnikit netns add pod1 --lo-up && cnikit cni add pod1         # be the container runtime
+  cnikit cni check pod1 && cnikit cni del pod1
+  cnikit cni log --no-follow                                   # the plugin's own log
+  cnikit cni uninstall""",
+    "show": """examples:
+  cnikit show                             # every namespace: links, addresses, routes, NAT
+  cnikit -n node1 show                    # only inside node1
+  cnikit show --json""",
+    "cleanup": """examples:
+  cnikit cleanup                          # everything cnikit made, here and in its namespaces
+  cnikit cleanup --dry-run                # what it would remove, nothing removed
+  cnikit -n node1 cleanup                 # only what cnikit made inside node1""",
+    "sandbox": """examples:
+  cnikit sandbox                          # a throwaway shell
+  cnikit sandbox -- python3 stages/03_bridge.py
+  cnikit --sandbox show                   # one cnikit command in a throwaway sandbox""",
+}
+OBJECT_DESCRIPTIONS = {
+    "show": "A picture of what exists now: each namespace with its links (veth peers, bridge ports), "
+            "addresses, routes and cnikit's NAT rules. Looks only; changes nothing.",
+    "cleanup": "Remove exactly what cnikit created: links and namespaces tagged with the ifalias "
+               "`cnikit`, iptables rules whose comment starts with `cnikit`. Nothing else is touched. "
+               "With -n NS: only inside NS (the namespace itself stays).",
+    "sandbox": "Run a shell, or CMD, in a fresh network namespace and a private mount namespace (empty "
+               "/run/netns and CNI directories): whatever is built there vanishes when it exits, and "
+               "the host's network is never touched.",
+}
+
+
+def _common_options(p, top=True):
+    """The options every command takes; TOP: the main parser's defaults. A subcommand
+    repeats them without defaults, so `cnikit cleanup --dry-run` and `cnikit --dry-run
+    cleanup` say the same."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-n", "--in", dest="host", metavar="NS",
+                   help="act inside namespace NS, standing for a host (like `ip -n NS`)", **d)
+    p.add_argument("--dry-run", action="store_true", help="print the commands for a fresh host; run nothing", **d)
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands", **d)
+    p.add_argument("-v", "--verbose", action="store_true", help="also echo read-only look-ups", **d)
+    p.add_argument("--sandbox", action="store_true", help="run this one command in a throwaway sandbox", **d)
+    p.add_argument("--color", choices=("auto", "always", "never"), **(d or {"default": "auto"}))
+
+
+def _leaf_parsers(p):
+    """Every parser that ends a command line (a verb, or an object without verbs)."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield p
+    for action in subs:
+        for sub in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(sub)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3395,18 +3479,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(prog="cnikit", description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--in", dest="host", metavar="NS",
-                   help="act inside namespace NS, standing for a host (like `ip -n NS`)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands for a fresh host; run nothing")
-    p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands")
-    p.add_argument("-v", "--verbose", action="store_true", help="also echo read-only look-ups")
-    p.add_argument("--sandbox", action="store_true", help="run this one command in a throwaway sandbox")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    _common_options(p)
     objs = p.add_subparsers(dest="obj", metavar="OBJECT")
     objs.required = True
 
     def verbs(name, help_text):
-        sub = objs.add_parser(name, help=help_text, description=help_text)
+        sub = objs.add_parser(name, help=help_text, description=help_text, epilog=OBJECT_EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         v = sub.add_subparsers(dest="verb", metavar="VERB")
         v.required = True
         return v
@@ -3521,6 +3600,10 @@ def build_parser():
     a.add_argument("--name", default=CNI_NET)
     a.add_argument("--plugin", dest="plugin_src", metavar="FILE")
 
+    def plain(name, help_text):
+        return objs.add_parser(name, help=help_text, description=textwrap.fill(OBJECT_DESCRIPTIONS[name], 80),
+                               epilog=OBJECT_EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
+
     d = objs.add_parser("doctor", help="walk the path FROM -> TO and name its first broken hop (read-only)",
                         description="Walk the path the kernel would use from FROM to TO, hop by hop (routes, "
                         "links, bridge ports, vxlan, neighbours, forwarding, rp_filter, iptables FORWARD/INPUT, "
@@ -3531,10 +3614,13 @@ def build_parser():
     d.add_argument("--proto", choices=DOCTOR_PROTOS, help="the flow's protocol (default icmp; tcp with --port)")
     d.add_argument("--port", help="the flow's destination port (tcp/udp): DNAT and conntrack are per port")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
-    s = objs.add_parser("show", help="a picture of namespaces, links, addresses, routes, NAT")
+    s = plain("show", "a picture of namespaces, links, addresses, routes, NAT")
     s.add_argument("--json", action="store_true", help="print data instead of a picture")
-    objs.add_parser("cleanup", help="remove exactly what cnikit created")
-    sb = objs.add_parser("sandbox", help="run a shell or CMD in a throwaway network + mount namespace")
+    plain("cleanup", "remove exactly what cnikit created")
+    sb = plain("sandbox", "run a shell or CMD in a throwaway network + mount namespace")
+    for leaf in _leaf_parsers(p):
+        if leaf is not sb:          # sandbox: everything after it is the command to run
+            _common_options(leaf, top=False)
     sb.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... (default: an interactive shell)")
     return p
 

@@ -256,3 +256,23 @@ def test_routed_mode_rejects_an_unknown_mode_before_changing_anything():
     netns("p1")
     assert "invalid mode 'ptp'" in error(cni("ADD", dict(CLASSIC, mode="ptp"), cid="p1"), 7)["msg"]
     assert not [name for name in links() if name.startswith("veth")] and allocation_files("fromScratch") == {}
+
+
+def test_routed_mode_dual_stack_gives_host_sized_addresses_and_routes_in_both_families():
+    conf = dict(ROUTED, ipMasq=False, ipam={"ranges": [[{"subnet": "10.244.5.0/24"}], [{"subnet": "fd00:5::/64"}]]})
+    results = [pod(f"p{i}", conf) for i in range(2)]
+    assert [ip["address"] for ip in results[1]["ips"]] == ["10.244.5.3/32", "fd00:5::3/128"]
+    host_end = results[1]["interfaces"][0]["name"]
+    v6 = json.loads(str(sh.ip("-6", "-j", "route", "show")))
+    assert any(r["dst"] == "fd00:5::3" and r["dev"] == host_end for r in v6)
+    # new IPv6 addresses (the pods', the gateway on the host ends) are tentative for a moment
+    # (duplicate address detection): ping fails at once until then
+    deadline = time.monotonic() + 10
+    while subprocess.run(["ip", "netns", "exec", "p0", "ping", "-c", "1", "-W", "1", "fd00:5::3"],
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "p0 never reached fd00:5::3"
+        time.sleep(0.2)
+    ping("p0", "10.244.5.3")
+    for i, res in enumerate(results):
+        ok(cni("DEL", dict(conf, prevResult=res), cid=f"p{i}"))
+    assert "fd00:5::3" not in str(sh.ip("-6", "route", "show"))
