@@ -1330,11 +1330,7 @@ def cni_installed_networks(conf_dir=None, plugin_dir=None):
     plugin is cnikit's (a script or zipapp in PLUGIN_DIR that says so, never a binary)."""
     conf_dir, plugin_dir = conf_dir or CNI_CONF_DIR, plugin_dir or CNI_PLUGIN_DIR
     found = []
-    try:
-        names = sorted(os.listdir(conf_dir))
-    except OSError:
-        return found
-    for name in names:
+    for name in _listdir(conf_dir):
         path = os.path.join(conf_dir, name)
         if not (name.startswith("10-") and name.endswith(".conflist")):
             continue
@@ -1357,14 +1353,18 @@ def is_cnikit_plugin(path):
     return data.startswith(b"#!") and CNI_PLUGIN_MARK in data
 
 
+def _listdir(path):
+    """The names in directory PATH, sorted; none when it cannot be read."""
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
 def cni_cached_attachments():
     """Every attachment in the runtime cache, as (path, record)."""
     found = []
-    try:
-        names = sorted(os.listdir(CNI_CACHE_DIR))
-    except OSError:
-        return found
-    for name in names:
+    for name in _listdir(CNI_CACHE_DIR):
         path = os.path.join(CNI_CACHE_DIR, name)
         if name.endswith(".tmp") or not os.path.isfile(path):
             continue
@@ -1373,7 +1373,7 @@ def cni_cached_attachments():
                 rec = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(rec, dict) and rec.get("kind") == "cniCacheV1":
+        if isinstance(rec, dict):
             found.append((path, rec))
     return found
 
@@ -1985,21 +1985,8 @@ def cni_status(r, call):
 
 def cni_valid_attachments(net_name):
     """The attachments the cache knows for NET_NAME: what GC must keep."""
-    keep = []
-    try:
-        names = sorted(os.listdir(CNI_CACHE_DIR))
-    except OSError:
-        names = []
-    for n in names:
-        if n.startswith(net_name + "-") and not n.endswith(".tmp"):
-            try:
-                with open(os.path.join(CNI_CACHE_DIR, n)) as f:
-                    rec = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if rec.get("networkName") == net_name:
-                keep.append({"containerID": rec.get("containerId"), "ifname": rec.get("ifName")})
-    return keep
+    return [{"containerID": rec.get("containerId"), "ifname": rec.get("ifName")}
+            for _, rec in cni_cached_attachments() if rec.get("networkName") == net_name]
 
 
 def cni_gc(r, call):
