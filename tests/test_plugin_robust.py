@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import sh
 
 from plugin_helpers import (CLASSIC, addrs, allocation_files, cni, error, links, nat_rules, netns, ok, ping,
                             pod)
@@ -173,16 +174,18 @@ def test_add_records_what_the_attachment_owns_and_del_reads_it_instead_of_scanni
     (rec,) = records().values()
     assert rec["containerID"] == "c1" and rec["ifname"] == "eth0" and rec["ips"] == ["10.244.0.2/24"]
     assert rec["veth"] == res["interfaces"][1]["name"]
-    (nat,) = rec["iptables"]
-    assert nat["family"] == 4 and nat["table"] == "nat" and len(nat["chains"]) == 1
+    nat, accept = rec["iptables"]                      # ipMasq's nat chain, forwardAccept's filter chain
+    assert nat["family"] == accept["family"] == 4 and (nat["table"], accept["table"]) == ("nat", "filter")
+    assert len(nat["chains"]) == 1 and accept["chains"] == nat["chains"]
     chain = nat["chains"][0]
     assert f":{chain}" in nat_rules() or f"-N {chain}" in nat_rules()
-    assert all(f"-j {chain}" in j for j in nat["jumps"])
+    assert f"-N {chain}" in str(sh.iptables("-S"))
+    assert all(f"-j {chain}" in j for j in nat["jumps"] + accept["jumps"])
     # containerd's RemovePodSandbox: CNI_NETNS="" and no prevResult, as the only DEL
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
     text = log_text()
     assert "iptables-save" not in text and "+ iptables-restore" in text         # the known rules, no dump
-    assert chain not in nat_rules() and rec["veth"] not in links()
+    assert chain not in nat_rules() and chain not in str(sh.iptables("-S")) and rec["veth"] not in links()
     assert allocation_files("fromScratch") == {} and records() == {}
     # and again: it owns nothing now, so nothing is run at all
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
@@ -225,7 +228,7 @@ def test_check_looks_at_each_recorded_chain_without_dumping_the_table():
     res = pod("c1", conf)
     ok(cni("CHECK", dict(conf, prevResult=res), cid="c1", **logged()))
     assert "iptables-save" not in log_text() and "-t nat -S CNIKIT-" in log_text()
-    ((chain,),) = [e["chains"] for r in records().values() for e in r["iptables"]]
+    ((chain,),) = {tuple(e["chains"]) for r in records().values() for e in r["iptables"]}   # nat and filter
     rules = [r for r in nat_rules().splitlines() if r.startswith("-A POSTROUTING") and chain in r]
     os.system(f"iptables -t nat {rules[0].replace('-A', '-D', 1)} && iptables -t nat -F {chain} && iptables -t nat -X {chain}")
     assert chain in error(cni("CHECK", dict(conf, prevResult=res), cid="c1"), 100)["msg"]
