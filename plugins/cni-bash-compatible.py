@@ -47,7 +47,9 @@ keys (ips, mac, dns) matched case-insensitively.
 
 Allocations (host-local format, so either can take over the other's):
 <dataDir>/<network>/<ip> holds "<container id>\\r\\n<ifname>"; last_reserved_ip.<n> remembers where
-round-robin continues; <dataDir>/<network>/lock is flock'ed around every change.
+round-robin continues; <dataDir>/<network>/lock is flock'ed around every change.  Beside them,
+.cnikit/attachments/<key> records what each attachment owns (addresses, veth, iptables chains),
+so DEL reads one file instead of scanning (see Store and Record).
 
 Host-side veth name: "veth" + 11 hex digits of sha256(container id / ifname): unique per
 attachment and stable, so DEL finds it without the netns.
@@ -56,7 +58,11 @@ Error codes: 1 incompatible version, 2 unsupported field, 4 bad environment vari
 5 I/O failure, 6 decoding failure, 7 invalid network config, 11 try again later (no address
 left), 50 plugin not available (STATUS); plugin-specific: 100 CHECK found a difference,
 101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
-already exists in the container.
+already exists in the container or the attachment is already attached, 999 internal error (a
+bug, answered in CNI's terms instead of a traceback).
+
+Installed by `cnikit cni install` as one file carrying its bytecode (`--compile`, see
+compile_plugin); everything above the VERSION head's end is all a VERSION call loads.
 """
 import posix  # os, without the ~2 ms of imports behind it (os is loaded after the VERSION head)
 import sys
@@ -476,16 +482,21 @@ class Netlink:
         body = ifinfo() + nla(IFLA_IFNAME, name) + (nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b"") + info
         self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, f"ip link add {name} type bridge")
 
-    def add_veth(self, host_name, peer_name, mtu, netns_fd, peer_mac):
-        """Create the veth pair with its peer born inside the container's namespace."""
+    def add_veth(self, host_name, peer_name, mtu, netns_fd, peer_mac, host_mac=None, master=None):
+        """Create the veth pair with its peer born inside the container's namespace.  MASTER
+        ((index, name) of a bridge): the host end is born enslaved and up, with HOST_MAC, so no
+        look-up or set follows (each would wait for RTNL behind every other pod's ADD and DEL)."""
         mtu_attr = nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b""
         peer = (ifinfo() + nla(IFLA_IFNAME, peer_name) + mtu_attr + nla(IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
                 + (nla(IFLA_ADDRESS, peer_mac) if peer_mac else b""))
         data = nla(IFLA_INFO_DATA | NLA_F_NESTED, nla(VETH_INFO_PEER | NLA_F_NESTED, peer))
         info = nla(IFLA_LINKINFO | NLA_F_NESTED, nla(IFLA_INFO_KIND, "veth") + data)
-        body = ifinfo() + nla(IFLA_IFNAME, host_name) + mtu_attr + info
-        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body,
-                     f"ip link add {host_name} type veth peer name {peer_name} netns <container>")
+        up = IFF_UP if master is not None else 0
+        body = (ifinfo(0, up, up) + nla(IFLA_IFNAME, host_name) + mtu_attr + info
+                + (nla(IFLA_ADDRESS, host_mac) if host_mac else b"")
+                + (nla(IFLA_MASTER, struct.pack("=I", master[0])) if master is not None else b""))
+        what = f"ip link add {host_name}" + (f" master {master[1]} up" if master is not None else "")
+        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, f"{what} type veth peer name {peer_name} netns <container>")
 
     def set_link(self, index, name, up=False, master=None):
         """master: (index, name) of the bridge to enslave the link to."""
@@ -500,7 +511,9 @@ class Netlink:
         self.request(RTM_SETLINK, F_ACK, body, f"bridge link set dev {name} hairpin on")
 
     def del_link(self, index, name):
-        self.request(RTM_DELLINK, F_ACK, ifinfo(index), f"ip link del {name}")
+        """By INDEX, or by NAME when the index is not known (None)."""
+        body = ifinfo(index) if index is not None else ifinfo() + nla(IFLA_IFNAME, name)
+        self.request(RTM_DELLINK, F_ACK, body, f"ip link del {name}")
 
     # addresses
     def add_addr(self, index, name, family, n, plen, exclusive=False):
@@ -1685,8 +1698,9 @@ def cmd_add(net, call):
     with Container(netns) as pod, Netlink() as nl:
         if pod.nl.link(ifname):
             raise CNIError(E_EXISTS, f"interface {ifname} already exists in {netns}")
-        if nl.link(veth_name) or record_exists(net, cid, ifname):  # a duplicate ADD: never touch the live one
+        if record_exists(net, cid, ifname):  # a duplicate ADD: never touch the live one
             raise CNIError(E_EXISTS, f"{cid} {ifname} is already attached to network {net.name} ({veth_name}): DEL it first")
+        # (an attachment older than records fails below, on its veth's name, and gives back only its own)
 
         def make_record(ips):
             return Record(cid, ifname, [fmt_cidr(ip["family"], ip["n"], ip["plen"]) for ip in ips],
@@ -1704,14 +1718,21 @@ def cmd_add(net, call):
                 routes = container_routes(net, ips, ipam_routes)
                 br, gateways = ensure_bridge(nl, net, ips)
                 undo.append(lambda: drop_gateways(nl, net, br, gateways, rec))
-            kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or (br or {}).get("mtu"), pod.fd, mac)
-            veth = nl.link(veth_name)
-            undo.append(lambda: nl.del_link(veth["index"], veth_name))
+            mtu = net.mtu or (br or {}).get("mtu")
             if net.routed:
+                kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, mtu, pod.fd, mac)
+                undo.append(lambda: nl.del_link(None, veth_name))
+                veth = nl.link(veth_name)
                 routed_host_side(nl, veth, veth_name, ips)
-            else:
-                kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
+            else:  # born on the bridge and up, its MAC chosen here: nothing to look up or set after
+                host_mac = random_mac()
+                kernel(f"cannot create veth {veth_name} on {net.bridge}", nl.add_veth, veth_name, ifname, mtu, pod.fd,
+                       mac, host_mac, (br["index"], net.bridge))
+                undo.append(lambda: nl.del_link(None, veth_name))
+                veth = {"name": veth_name, "mac": ":".join(f"{b:02x}" for b in host_mac), "mtu": mtu or br["mtu"],
+                        "index": None}
             if net.hairpin and not net.routed:
+                veth = nl.link(veth_name)
                 kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
             cont = configure_container(pod.nl, ifname, ips, routes)
             if net.routed:
@@ -1732,6 +1753,13 @@ def cmd_add(net, call):
             if held is not None:
                 os.close(held)
         return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
+
+
+def random_mac():
+    """A random unicast, locally administered MAC, as the kernel picks for a new veth."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return bytes(raw)
 
 
 def record_exists(net, cid, ifname):

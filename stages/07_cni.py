@@ -153,6 +153,8 @@ def verify(L):
     L.say("CHECK: the runtime hands the cached result back; the plugin verifies it is all still there")
     L.check("CHECK agrees for pod1", _try(L, cnikit.cni_check, "pod1") is True)
     L.explore("then the lesson DELs both pods, and everything goes")
+    if L.keeps_on_host():
+        return
     L.say("DEL both pods (the chain in reverse, with prevResult), as kubelet does when a pod is deleted")
     for pod in PODS:
         _try(L, cnikit.cni_del, pod)

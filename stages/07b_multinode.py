@@ -204,6 +204,8 @@ def verify(L):
         L.check(f"{node} holds a permanent neighbour entry for each peer VTEP",
                 all(f"{vtep(p)} lladdr {vtep_mac(p)} PERMANENT" in neigh for p in peers(node)), neigh)
     L.explore("then the lesson DELs the pods, and everything goes")
+    if L.keeps_on_host():
+        return
     for node in NODES:
         try:
             cnikit.cni_del(r, pod_call(L, node))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print, as JSON, the network state the hygiene test compares: namespaces, links,
+"""Print, as JSON, the network state the session-end hygiene check compares: namespaces, links,
 addresses, routes and iptables rules of the namespaces this runs in."""
 import json
 import os

@@ -140,6 +140,14 @@ def test_kind_install_apt_that_exits_0_without_lists_names_the_real_cause(fp, mo
     assert not any("docker cp" in " ".join(c) for c in fp.calls)      # nothing written
 
 
+def test_python_failure_after_another_node_got_python3_says_so():
+    err = cnikit.CommandFailed(["apt-get", "update"], 100, "E: Failed to fetch http://deb.debian.org/x  "
+                               "Temporary failure resolving 'deb.debian.org'\n")
+    msg = cnikit.kind_python_failure("demo-worker2", err, ["demo-worker"])
+    assert "(Temporary failure resolving 'deb.debian.org')" in msg
+    assert "nothing but python3 on demo-worker was written" in msg and "no node was changed" not in msg
+
+
 def test_kind_install_other_apt_failure_is_quoted(fp, monkeypatch):
     _mock_node_without_python(fp, monkeypatch, 0, 100, "E: Could not get lock /var/lib/dpkg/lock-frontend\n")
     with pytest.raises(cnikit.CnikitError, match=r"apt-get failed \(E: Could not get lock"):

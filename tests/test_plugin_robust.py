@@ -28,6 +28,10 @@ def log_text():
         return f.read()
 
 
+def filter_rules():
+    return str(sh.iptables("-S"))
+
+
 def records():
     out = {}
     for name in sorted(os.listdir(RECORDS)) if os.path.isdir(RECORDS) else []:
@@ -174,18 +178,16 @@ def test_add_records_what_the_attachment_owns_and_del_reads_it_instead_of_scanni
     (rec,) = records().values()
     assert rec["containerID"] == "c1" and rec["ifname"] == "eth0" and rec["ips"] == ["10.244.0.2/24"]
     assert rec["veth"] == res["interfaces"][1]["name"]
-    nat, accept = rec["iptables"]                      # ipMasq's nat chain, forwardAccept's filter chain
-    assert nat["family"] == accept["family"] == 4 and (nat["table"], accept["table"]) == ("nat", "filter")
-    assert len(nat["chains"]) == 1 and accept["chains"] == nat["chains"]
-    chain = nat["chains"][0]
-    assert f":{chain}" in nat_rules() or f"-N {chain}" in nat_rules()
-    assert f"-N {chain}" in str(sh.iptables("-S"))
-    assert all(f"-j {chain}" in j for j in nat["jumps"] + accept["jumps"])
+    tables = {e["table"]: e for e in rec["iptables"]}
+    assert sorted(tables) == ["filter", "nat"] and all(e["family"] == 4 for e in tables.values())  # ipMasq, forwardAccept
+    (chain,) = tables["nat"]["chains"]
+    assert f"-N {chain}" in nat_rules() and f"-N {chain}" in filter_rules()
+    assert all(f"-j {chain}" in j for e in tables.values() for j in e["jumps"])
     # containerd's RemovePodSandbox: CNI_NETNS="" and no prevResult, as the only DEL
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
     text = log_text()
     assert "iptables-save" not in text and "+ iptables-restore" in text         # the known rules, no dump
-    assert chain not in nat_rules() and chain not in str(sh.iptables("-S")) and rec["veth"] not in links()
+    assert chain not in nat_rules() and chain not in filter_rules() and rec["veth"] not in links()
     assert allocation_files("fromScratch") == {} and records() == {}
     # and again: it owns nothing now, so nothing is run at all
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
@@ -228,7 +230,44 @@ def test_check_looks_at_each_recorded_chain_without_dumping_the_table():
     res = pod("c1", conf)
     ok(cni("CHECK", dict(conf, prevResult=res), cid="c1", **logged()))
     assert "iptables-save" not in log_text() and "-t nat -S CNIKIT-" in log_text()
-    ((chain,),) = {tuple(e["chains"]) for r in records().values() for e in r["iptables"]}   # nat and filter
+    (chain,) = {c for r in records().values() for e in r["iptables"] for c in e["chains"]}
     rules = [r for r in nat_rules().splitlines() if r.startswith("-A POSTROUTING") and chain in r]
     os.system(f"iptables -t nat {rules[0].replace('-A', '-D', 1)} && iptables -t nat -F {chain} && iptables -t nat -X {chain}")
     assert chain in error(cni("CHECK", dict(conf, prevResult=res), cid="c1"), 100)["msg"]
+
+
+def test_a_duplicate_add_of_an_attachment_older_than_records_gives_back_only_its_own_address():
+    pod("c1", dict(CLASSIC, ipMasq=False))
+    for name in os.listdir(RECORDS):
+        os.unlink(os.path.join(RECORDS, name))              # as if made before records: only the veth says it
+    netns("other")
+    assert "cannot create veth" in error(cni("ADD", dict(CLASSIC, ipMasq=False), cid="c1", netns="/run/netns/other"), 101)["msg"]
+    assert allocation_files("fromScratch") == {"10.244.0.2": "c1\r\neth0"} and records() == {}
+    ping("c1", "10.244.0.1")
+
+
+# ---------------------------------------------------------------- the compiled form
+
+def test_the_compiled_form_answers_like_the_file_and_falls_back_to_its_source_on_another_python():
+    import subprocess
+    from plugin_helpers import PLUGIN_SRC
+    out = "/run/cni/compiled"
+    subprocess.run(["/usr/bin/python3", "-I", "-S", PLUGIN_SRC, "--compile", PLUGIN_SRC, out], check=True)
+    with open(out) as f:
+        text = f.read()
+    assert text.startswith("#!/usr/bin/python3 -IS\n") and "marshal.loads" in text
+    other = "/run/cni/compiled-other"
+    with open(other, "w") as f:  # as if /usr/bin/python3 were upgraded: its bytecode magic differs
+        f.write(text.replace("MAGIC_NUMBER\", None) == b'", "MAGIC_NUMBER\", None) == b'X", 1))
+    os.chmod(other, 0o755)
+    with open(other) as f:
+        assert f.read() != text
+    for plugin in (out, other):
+        version = ok(cni("VERSION", None, stdin=b'{"cniVersion":"0.4.0"}', plugin=plugin))
+        assert version == {"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+        cid = "cc" if plugin == out else "co"
+        res = ok(cni("ADD", CLASSIC, plugin=plugin, cid=cid, netns=netns(cid)))
+        ping(cid, "10.244.0.1")
+        ok(cni("DEL", dict(CLASSIC, prevResult=res), plugin=plugin, cid=cid))
+        assert error(cni("ADD", dict(CLASSIC, mtu="x"), plugin=plugin, cid=cid), 7)
+    assert allocation_files("fromScratch") == {} and records() == {}
