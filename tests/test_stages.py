@@ -532,19 +532,25 @@ def test_host_mode_leaves_even_when_build_breaks_unexpectedly():
 
 # ---------------------------------------------------------------- 07c: the routed model beside the bridge model
 
-def test_lesson_07c_routed_model_passes_compares_arp_and_path_and_leaves_nothing():
+def _passes_and_leaves_nothing(script, title):
+    """Run lesson SCRIPT; it must PASS as TITLE and leave the test's sandbox as it was.
+    Returns its output."""
     before = host_state()
-    proc = run_stage("07c_routed.py", timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    out = proc.stdout
-    assert verdict(proc).startswith("PASS lesson 07c routed")
+    proc = run_stage(script, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert verdict(proc).startswith(f"PASS lesson {title}")
+    assert host_state() == before
+    return proc.stdout
+
+
+def test_lesson_07c_routed_model_passes_compares_arp_and_path_and_leaves_nothing():
+    out = _passes_and_leaves_nothing("07c_routed.py", "07c routed")
     assert re.search(r"^eth0@\S+\s+UP\s+10\.244\.2\.2/32", out, re.M)           # the pod's /32
     assert re.search(r"^default via 10\.244\.2\.1 dev eth0", out, re.M)
     assert re.search(r"^10\.244\.2\.3 dev veth[0-9a-f]{11} scope link", out, re.M)  # host route /32 dev veth
     assert "# check: bridged: the reply's TTL says switched, not routed (64): ok" in out
     assert "# check: routed: the reply's TTL says routed by the node, once (63): ok" in out
     assert "rpod2's address is not in its neighbour table: ok" in out
-    assert host_state() == before
 
 
 def test_lesson_07c_without_the_host_route_rpod1_cannot_reach_rpod2():
@@ -556,11 +562,7 @@ def test_lesson_07c_without_the_host_route_rpod1_cannot_reach_rpod2():
 # ---------------------------------------------------------------- 07d: Services, kube-proxy's iptables mode
 
 def test_lesson_07d_services_answer_from_both_backends_from_a_pod_the_node_outside_and_hairpin():
-    before = host_state()
-    proc = run_stage("07d_services.py", timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
-    out = proc.stdout
-    assert verdict(proc).startswith("PASS lesson 07d services")
+    out = _passes_and_leaves_nothing("07d_services.py", "07d services")
     assert "-A KUBE-SVC-WEB -m statistic --mode random --probability 0.5 -j KUBE-SEP-WEB1" in out
     assert re.search(r"^-A KUBE-SEP-WEB2 -p tcp (-m tcp )?-j DNAT --to-destination 10\.244\.0\.12:8080$", out, re.M)
     for proof in ("every connection from the client pod to 10.96.0.10:80 was answered, by both backends",
@@ -574,7 +576,6 @@ def test_lesson_07d_services_answer_from_both_backends_from_a_pod_the_node_outsi
     assert ("web2", "203.0.113.10") in answers                 # NodePort: the outside client, unmasqueraded
     if shutil.which("conntrack"):
         assert "# check: conntrack maps 10.244.0.20 -> 10.96.0.10:80 to replies from both backends: ok" in out
-    assert host_state() == before
 
 
 @pytest.mark.parametrize("step,broken", [
