@@ -350,3 +350,12 @@ def test_doctor_reads_a_conntrack_line_both_ways():
                                    "src=10.0.25.2 dst=198.51.100.10 sport=5353 dport=40000 mark=0 use=1")
     assert flow["orig"] == {"src": "198.51.100.10", "dst": "198.51.100.1", "sport": "40000", "dport": "5353"}
     assert flow["reply"]["src"] == "10.0.25.2"
+
+
+def test_doctor_names_a_link_without_carrier():
+    """Up but no carrier (a tap nobody holds open): the packet goes nowhere."""
+    sh.ip("tuntap", "add", "tap0", "mode", "tap")
+    sh.ip("addr", "add", "192.0.2.5/24", "dev", "tap0")
+    sh.ip("link", "set", "tap0", "up")
+    code, report, _ = doctor("host", "192.0.2.77")
+    assert code == 1 and report["broken"]["cause"] == "link-down" and "no carrier" in report["broken"]["what"]
