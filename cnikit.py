@@ -42,6 +42,7 @@ DEFAULT_MTU = 1500
 NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1
 VNI_MAX = 2 ** 24 - 1
+BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netfilter, per namespace
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
 # What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
 # runtime writes (configs, plugins, address files, results, the plugin's log), so a lesson
@@ -238,6 +239,12 @@ def nat_rules(subnet, out_iface):
 
 def iptables_rule(action, table, chain, spec, ns=None):
     return iptables("-t", table, action, chain, *spec, ns=ns)
+
+
+def bridge_forward_rule(name):
+    """(table, chain, rule spec) accepting what a bridge switches between its own ports."""
+    return ("filter", "FORWARD", ["-i", name, "-o", name, "-m", "comment", "--comment",
+                                  f"{TAG} bridge {name}", "-j", "ACCEPT"])
 
 
 # ---------------------------------------------------------------- the runner
@@ -795,6 +802,7 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
+        bridge_forward_accept(r, name, host)
     say_if_unchanged(r, mark, f"bridge {name}")
 
 
@@ -823,8 +831,52 @@ def bridge_attach(r, name, ifaces, host=None):
 
 
 def bridge_del(r, name, host=None):
-    """Delete bridge NAME (its ports stay, detached). Re-run: absent is fine."""
+    """Delete bridge NAME (its ports stay, detached) and the FORWARD accept bridge add
+    gave it on a Docker host. Re-run: absent is fine."""
     link_del(r, name, "bridge", host)
+    table, chain, spec = bridge_forward_rule(name)
+    if which("iptables") and r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+        r.run(iptables_rule("-D", table, chain, spec, host))
+
+
+def bridge_forward_accept(r, name, host=None):
+    """A Docker host drops bridged traffic: its iptables FORWARD policy is DROP, and with
+    br_netfilter (net.bridge.bridge-nf-call-iptables=1) even frames switched between two
+    ports of one bridge traverse FORWARD. There, and only there, accept what moves between
+    NAME's own ports (tagged, so bridge del and cleanup remove it), nothing else.
+    Re-run: a rule already present is not added twice."""
+    if not (forward_drops(r, host) and bridged_frames_filtered(r, host)):
+        return
+    r.note(f"this host's FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
+           f"switched frames through it (bridge-nf-call-iptables=1): accept traffic between {name}'s own ports")
+    table, chain, spec = bridge_forward_rule(name)
+    if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+        r.note(f"the FORWARD accept rule for {name} is already present")
+        return
+    r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+
+
+def forward_drops(r, host=None):
+    """Is this host's iptables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
+    fresh host (policy ACCEPT) and does not look; without iptables: no."""
+    if r.dry_run or not which("iptables"):
+        return False
+    ok, out = r.query(iptables("-S", "FORWARD", ns=host))
+    return ok and "-P FORWARD DROP" in out.splitlines()
+
+
+def bridged_frames_filtered(r, host=None):
+    """Does br_netfilter pass bridged IPv4 frames through iptables here (per namespace)?"""
+    if r.dry_run:
+        return False
+    if host is None:
+        try:
+            with open(BR_NF_CALL_IPTABLES) as f:
+                return f.read().strip() == "1"
+        except OSError:            # no br_netfilter: bridged frames never see iptables
+            return False
+    ok, out = r.query(in_netns(["cat", BR_NF_CALL_IPTABLES], host))
+    return ok and out.strip() == "1"
 
 
 def bridge_show(r, name, host=None):
@@ -876,6 +928,9 @@ def nat_add(r, subnet, out_iface, host=None):
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
             raise UsageError(f"NAT for {subnet} already leaves through {spec[spec.index('-o') + 1]}; "
                              f"run `cnikit nat del {subnet}` first")
+    if forward_drops(r, host):
+        r.note(f"this host's FORWARD policy is DROP (Docker sets it): only the FORWARD accept rules "
+               f"below let {subnet}'s packets and their replies through")
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
         ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
@@ -1597,6 +1652,9 @@ def cni_add(r, call):
             cni_find_plugin(plugin["type"], call.cni_path)
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
+    if forward_drops(r, call.host):
+        r.note("this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept "
+               "rules; cnikit's plugin adds them per pod in its own chain (forwardAccept), the reference bridge does not")
     prev = None
     keep = cni_result_var(call) if r.dry_run else None
     try:

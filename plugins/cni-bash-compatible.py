@@ -5,7 +5,7 @@ A drop-in replacement for the classic "CNI from scratch" bash plugin: the same
 minimal config works ({"cniVersion":"1.0.0","name":"fromScratch","type":"demystifying"})
 and every call is logged the same way (command, CNI_* env, stdin, then what it did).
 Python 3.9+ standard library only; needs iproute2-free Linux (it talks netlink itself)
-and iptables only when ipMasq is on.  It never imports cnikit.py.
+and iptables only when ipMasq or forwardAccept is on.  It never imports cnikit.py.
 
 Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
 Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
@@ -23,7 +23,9 @@ Config keys (defaults in brackets; the classic minimal config gets all defaults)
                            "cnikit name: <net> id: <container> if: <ifname>")
   nonMasqueradeCIDRs [[]]  destinations never masqueraded besides the pod's own subnet, e.g.
                            the whole cluster pod range (Kubernetes: no NAT between pods; as
-                           kindnet and ip-masq-agent do)
+                           kindnet and ip-masq-agent do); forwardAccept lets connections from them in
+  forwardAccept [true]     accept the pod's forwarded traffic in its own filter chain (same name,
+                           same comment), so a host whose FORWARD policy is DROP (Docker) passes it
   mtu [kernel default]     on the bridge and both ends of the veth
   hairpinMode [false]      a pod may reach itself through a service address
   dns                      passed through to the result
@@ -45,7 +47,9 @@ keys (ips, mac, dns) matched case-insensitively.
 
 Allocations (host-local format, so either can take over the other's):
 <dataDir>/<network>/<ip> holds "<container id>\\r\\n<ifname>"; last_reserved_ip.<n> remembers where
-round-robin continues; <dataDir>/<network>/lock is flock'ed around every change.
+round-robin continues; <dataDir>/<network>/lock is flock'ed around every change.  Beside them,
+.cnikit/attachments/<key> records what each attachment owns (addresses, veth, iptables chains),
+so DEL reads one file instead of scanning (see Store and Record).
 
 Host-side veth name: "veth" + 11 hex digits of sha256(container id / ifname): unique per
 attachment and stable, so DEL finds it without the netns.
@@ -54,7 +58,11 @@ Error codes: 1 incompatible version, 2 unsupported field, 4 bad environment vari
 5 I/O failure, 6 decoding failure, 7 invalid network config, 11 try again later (no address
 left), 50 plugin not available (STATUS); plugin-specific: 100 CHECK found a difference,
 101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
-already exists in the container.
+already exists in the container or the attachment is already attached, 999 internal error (a
+bug, answered in CNI's terms instead of a traceback).
+
+Installed by `cnikit cni install` as one file carrying its bytecode (`--compile`, see
+compile_plugin); everything above the VERSION head's end is all a VERSION call loads.
 """
 import posix  # os, without the ~2 ms of imports behind it (os is loaded after the VERSION head)
 import sys
@@ -474,16 +482,21 @@ class Netlink:
         body = ifinfo() + nla(IFLA_IFNAME, name) + (nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b"") + info
         self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, f"ip link add {name} type bridge")
 
-    def add_veth(self, host_name, peer_name, mtu, netns_fd, peer_mac):
-        """Create the veth pair with its peer born inside the container's namespace."""
+    def add_veth(self, host_name, peer_name, mtu, netns_fd, peer_mac, host_mac=None, master=None):
+        """Create the veth pair with its peer born inside the container's namespace.  MASTER
+        ((index, name) of a bridge): the host end is born enslaved and up, with HOST_MAC, so no
+        look-up or set follows (each would wait for RTNL behind every other pod's ADD and DEL)."""
         mtu_attr = nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b""
         peer = (ifinfo() + nla(IFLA_IFNAME, peer_name) + mtu_attr + nla(IFLA_NET_NS_FD, struct.pack("=I", netns_fd))
                 + (nla(IFLA_ADDRESS, peer_mac) if peer_mac else b""))
         data = nla(IFLA_INFO_DATA | NLA_F_NESTED, nla(VETH_INFO_PEER | NLA_F_NESTED, peer))
         info = nla(IFLA_LINKINFO | NLA_F_NESTED, nla(IFLA_INFO_KIND, "veth") + data)
-        body = ifinfo() + nla(IFLA_IFNAME, host_name) + mtu_attr + info
-        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body,
-                     f"ip link add {host_name} type veth peer name {peer_name} netns <container>")
+        up = IFF_UP if master is not None else 0
+        body = (ifinfo(0, up, up) + nla(IFLA_IFNAME, host_name) + mtu_attr + info
+                + (nla(IFLA_ADDRESS, host_mac) if host_mac else b"")
+                + (nla(IFLA_MASTER, struct.pack("=I", master[0])) if master is not None else b""))
+        what = f"ip link add {host_name}" + (f" master {master[1]} up" if master is not None else "")
+        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, f"{what} type veth peer name {peer_name} netns <container>")
 
     def set_link(self, index, name, up=False, master=None):
         """master: (index, name) of the bridge to enslave the link to."""
@@ -498,7 +511,9 @@ class Netlink:
         self.request(RTM_SETLINK, F_ACK, body, f"bridge link set dev {name} hairpin on")
 
     def del_link(self, index, name):
-        self.request(RTM_DELLINK, F_ACK, ifinfo(index), f"ip link del {name}")
+        """By INDEX, or by NAME when the index is not known (None)."""
+        body = ifinfo(index) if index is not None else ifinfo() + nla(IFLA_IFNAME, name)
+        self.request(RTM_DELLINK, F_ACK, body, f"ip link del {name}")
 
     # addresses
     def add_addr(self, index, name, family, n, plen, exclusive=False):
@@ -742,6 +757,7 @@ class Net:
         self.default_gw = conf_value(conf, "isDefaultGateway", bool, True)
         self.is_gw = conf_value(conf, "isGateway", bool, True) or self.default_gw
         self.masq = conf_value(conf, "ipMasq", bool, True)
+        self.forward = conf_value(conf, "forwardAccept", bool, True)
         self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = conf_value(conf, "hairpinMode", bool, False)
         self.mtu = conf_value(conf, "mtu", int, 0)
@@ -1320,7 +1336,18 @@ def ipam_del(net, rec, raw):
             store.drop(rec)
 
 
-# ---------------------------------------------------------------- masquerade (iptables)
+# ---------------------------------------------------------------- iptables: masquerade and forward accept
+#
+# Each attachment owns one chain, CNIKIT-<hash>, in each table it uses (a chain name is per table):
+#   nat:    POSTROUTING -s <pod> jumps to it; peers stay as they are, the rest is masqueraded (ipMasq);
+#   filter: FORWARD -i <bridge> -s <pod> and -o <bridge> -d <pod> jump to it; it accepts what the pod
+#           sends, replies and port-mapped (DNAT) connections to it, and connections from its peers
+#           (forwardAccept).  A host whose FORWARD policy is DROP (Docker sets it; with br_netfilter,
+#           bridge-nf-call-iptables=1, even frames between two ports of one bridge traverse FORWARD)
+#           then passes the pod's traffic, and nobody else's.  The jumps are appended: an admin's own
+#           rules earlier in FORWARD (Docker's DOCKER-USER) still decide first.
+# Every rule carries the attachment's comment; the record lists them all (attachment_rules), and
+# they go in, and come out, with one iptables-restore per family.
 
 def attachment_hash(*parts):
     try:
@@ -1341,7 +1368,7 @@ def chain_name(network, cid, ifname):
     return CHAIN_PREFIX + attachment_hash(network, cid, ifname)[:20]
 
 
-def masq_comment(network, cid, ifname):
+def rule_comment(network, cid, ifname):
     """At most 255 characters (xt_comment); the network part always fits (names <= 200)."""
     return f"cnikit name: {network} id: {cid} if: {ifname}"[:255]
 
@@ -1350,26 +1377,46 @@ def tool(family, name):
     return name.replace("iptables", "ip6tables") if family == AF_INET6 else name
 
 
+def rule_tables(net):
+    """The tables an attachment of NET has a chain in."""
+    return [table for table, on in (("nat", net.masq), ("filter", net.forward)) if on]
+
+
+def peer_subnets(net, ips, family):
+    """Where the pod's peers live: its own subnets and nonMasqueradeCIDRs (the cluster's pod
+    range).  Traffic to them is never masqueraded, and connections from them are let in."""
+    own = [fmt_cidr(*ip["subnet"]) for ip in ips if ip["family"] == family]
+    return list(dict.fromkeys(own + [fmt_cidr(f, n, plen) for f, n, plen in net.no_masq if f == family]))
+
+
 def attachment_rules(net, cid, ifname, ips):
     """What the attachment will own in iptables: the record's "iptables", one entry per family
     and table: {"family": 4 or 6, "table", "chains": [its own chains], "rules": [what goes in
     them], "jumps": [rules in built-in chains that lead to them]}.  ipMasq: the nat chain
-    CNIKIT-<hash>, where traffic to the subnet stays as is and the rest leaves masqueraded."""
-    if not net.masq:
-        return []
+    CNIKIT-<hash>, where traffic to its peers stays as is and the rest leaves masqueraded.
+    forwardAccept: the filter chain of the same name, jumped to from FORWARD only for the pod's
+    address through its link on the host (the bridge, or in routed mode its veth)."""
     chain = chain_name(net.name, cid, ifname)
-    comment = '"' + masq_comment(net.name, cid, ifname) + '"'
+    tag = '-m comment --comment "' + rule_comment(net.name, cid, ifname) + '"'
+    dev = host_veth_name(cid, ifname) if net.routed else net.bridge
     entries = []
     for family in sorted({ip["family"] for ip in ips}):
-        own = [ip for ip in ips if ip["family"] == family]
-        rules = [f"-A {chain} -d {fmt_cidr(*ip['subnet'])} -m comment --comment {comment} -j ACCEPT" for ip in own]
-        rules += [f"-A {chain} -d {fmt_cidr(f, n, plen)} -m comment --comment {comment} -j ACCEPT"
-                  for f, n, plen in net.no_masq if f == family]
-        rules.append(f"-A {chain} ! -d {MULTICAST[family]} -m comment --comment {comment} -j MASQUERADE")
-        jumps = [f"POSTROUTING -s {fmt_cidr(family, ip['n'], bits(family))} -m comment --comment {comment} -j {chain}"
-                 for ip in own]
-        entries.append({"family": 4 if family == AF_INET else 6, "table": "nat", "chains": [chain],
-                        "rules": rules, "jumps": jumps})
+        pods = [fmt_cidr(family, ip["n"], bits(family)) for ip in ips if ip["family"] == family]
+        peers = peer_subnets(net, ips, family)
+        for table in rule_tables(net):
+            if table == "nat":
+                rules = [f"-A {chain} -d {peer} {tag} -j ACCEPT" for peer in peers]
+                rules.append(f"-A {chain} ! -d {MULTICAST[family]} {tag} -j MASQUERADE")
+                jumps = [f"POSTROUTING -s {pod} {tag} -j {chain}" for pod in pods]
+            else:
+                rules = [rule for pod in pods for rule in
+                         [f"-A {chain} -s {pod} {tag} -j ACCEPT",
+                          f"-A {chain} -d {pod} -m conntrack --ctstate RELATED,ESTABLISHED,DNAT {tag} -j ACCEPT"]
+                         + [f"-A {chain} -s {peer} -d {pod} {tag} -j ACCEPT" for peer in peers]]
+                jumps = [f"FORWARD {flags} {tag} -j {chain}" for pod in pods
+                         for flags in (f"-s {pod} -i {dev}", f"-d {pod} -o {dev}")]
+            entries.append({"family": 4 if family == AF_INET else 6, "table": table, "chains": [chain],
+                            "rules": rules, "jumps": jumps})
     return entries
 
 
@@ -1402,47 +1449,49 @@ def remove_rules(entries):
         try:
             run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
         except CNIError:
-            for e in group:
-                teardown_masq(e["chains"], (family,), e["table"])
+            teardown_chains(sorted({c for e in group for c in e["chains"]}), (family,))
 
 
-def teardown_masq(chains, families=(AF_INET, AF_INET6), table="nat"):
-    """Remove every rule jumping to our chains, then the chains.  Missing ones are fine."""
+def teardown_chains(chains, families=(AF_INET, AF_INET6)):
+    """Remove every rule jumping to our chains, then the chains, in every table (one
+    iptables-save and one iptables-restore per family).  Missing ones are fine."""
     for family in families:
         if not which(tool(family, "iptables-save")):
             continue
-        saved = run([tool(family, "iptables-save"), "-t", table])
-        present = [c for c in chains if f":{c} " in saved]
-        if not present:
-            continue
-        lines = [f"*{table}"]
-        for line in saved.splitlines():
-            if line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
+        lines, table, present = [], None, []
+        for line in run([tool(family, "iptables-save")]).splitlines():
+            if line.startswith("*"):
+                table, present = line, []
+            elif line.startswith(":") and line[1:].split(" ", 1)[0] in chains:
+                present.append(line[1:].split(" ", 1)[0])
+                if len(present) == 1:
+                    lines.append(table)
+            elif line.startswith("-A ") and any(line.endswith(f" -j {c}") for c in present):
                 lines.append("-D " + line[3:])
-        for c in present:
-            lines += [f"-F {c}", f"-X {c}"]
-        lines.append("COMMIT")
-        run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+            elif line == "COMMIT" and present:
+                lines += [f"-F {c}" for c in present] + [f"-X {c}" for c in present] + ["COMMIT"]
+        if lines:
+            run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
 
 
 def teardown_unrecorded(net, cid, ifname):
-    """Rules of an attachment whose record does not know them (older state): look for its chain
-    in both families; a family we only guess at (no IPv6 nat table) never fails DEL."""
+    """Rules of an attachment whose record does not know them (older state): look for its chains
+    in both families; a family we only guess at (no IPv6 tables) never fails DEL."""
     for family in (AF_INET, AF_INET6):
         try:
-            teardown_masq([chain_name(net.name, cid, ifname)], (family,))
+            teardown_chains([chain_name(net.name, cid, ifname)], (family,))
         except CNIError as e:
             log(f"  ignored: {e.msg} {e.details}")
 
 
 def our_chains(network):
-    """The CNIKIT- chains of this network's attachments, from the rule comments."""
+    """The CNIKIT- chains (any table) of this network's attachments, from the comments on the jumps."""
     found = set()
     for family in (AF_INET, AF_INET6):
         if not which(tool(family, "iptables-save")):
             continue
-        for line in run([tool(family, "iptables-save"), "-t", "nat"]).splitlines():
-            if not line.startswith("-A POSTROUTING ") or f" -j {CHAIN_PREFIX}" not in line:
+        for line in run([tool(family, "iptables-save")]).splitlines():
+            if not line.startswith(("-A POSTROUTING ", "-A FORWARD ")) or f" -j {CHAIN_PREFIX}" not in line:
                 continue
             if f'--comment "cnikit name: {network} id: ' in line:
                 found.add(line.rsplit(" -j ", 1)[1])
@@ -1649,8 +1698,9 @@ def cmd_add(net, call):
     with Container(netns) as pod, Netlink() as nl:
         if pod.nl.link(ifname):
             raise CNIError(E_EXISTS, f"interface {ifname} already exists in {netns}")
-        if nl.link(veth_name) or record_exists(net, cid, ifname):  # a duplicate ADD: never touch the live one
+        if record_exists(net, cid, ifname):  # a duplicate ADD: never touch the live one
             raise CNIError(E_EXISTS, f"{cid} {ifname} is already attached to network {net.name} ({veth_name}): DEL it first")
+        # (an attachment older than records fails below, on its veth's name, and gives back only its own)
 
         def make_record(ips):
             return Record(cid, ifname, [fmt_cidr(ip["family"], ip["n"], ip["plen"]) for ip in ips],
@@ -1668,14 +1718,21 @@ def cmd_add(net, call):
                 routes = container_routes(net, ips, ipam_routes)
                 br, gateways = ensure_bridge(nl, net, ips)
                 undo.append(lambda: drop_gateways(nl, net, br, gateways, rec))
-            kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, net.mtu or (br or {}).get("mtu"), pod.fd, mac)
-            veth = nl.link(veth_name)
-            undo.append(lambda: nl.del_link(veth["index"], veth_name))
+            mtu = net.mtu or (br or {}).get("mtu")
             if net.routed:
+                kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, mtu, pod.fd, mac)
+                undo.append(lambda: nl.del_link(None, veth_name))
+                veth = nl.link(veth_name)
                 routed_host_side(nl, veth, veth_name, ips)
-            else:
-                kernel(f"cannot attach {veth_name} to {net.bridge}", nl.set_link, veth["index"], veth_name, True, (br["index"], net.bridge))
+            else:  # born on the bridge and up, its MAC chosen here: nothing to look up or set after
+                host_mac = random_mac()
+                kernel(f"cannot create veth {veth_name} on {net.bridge}", nl.add_veth, veth_name, ifname, mtu, pod.fd,
+                       mac, host_mac, (br["index"], net.bridge))
+                undo.append(lambda: nl.del_link(None, veth_name))
+                veth = {"name": veth_name, "mac": ":".join(f"{b:02x}" for b in host_mac), "mtu": mtu or br["mtu"],
+                        "index": None}
             if net.hairpin and not net.routed:
+                veth = nl.link(veth_name)
                 kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
             cont = configure_container(pod.nl, ifname, ips, routes)
             if net.routed:
@@ -1696,6 +1753,13 @@ def cmd_add(net, call):
             if held is not None:
                 os.close(held)
         return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
+
+
+def random_mac():
+    """A random unicast, locally administered MAC, as the kernel picks for a new veth."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return bytes(raw)
 
 
 def record_exists(net, cid, ifname):
@@ -1735,7 +1799,7 @@ def del_attachment(net, call, rec):
     cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
     if rec is not None and rec.rules is not None:
         remove_rules(rec.rules)
-    elif rec is not None and net.masq:
+    elif rec is not None and (net.masq or net.forward):
         teardown_unrecorded(net, cid, ifname)
     veth_name = rec.veth if rec is not None else host_veth_name(cid, ifname)
     with Netlink() as nl:
@@ -1821,8 +1885,9 @@ def check_attachment(net, env, prev, cnl, nl):
     rec = load_record(record_path(net, cid, ifname), cid, ifname)
     if rec is not None and rec.rules:
         owned = [(AF_INET if e.get("family") == 4 else AF_INET6, e["table"], c) for e in rec.rules for c in e["chains"]]
-    elif net.masq:
-        owned = [(family, "nat", chain_name(net.name, cid, ifname)) for family in sorted({ip["family"] for ip in ips})]
+    elif net.masq or net.forward:
+        owned = [(family, table, chain_name(net.name, cid, ifname))
+                 for family in sorted({ip["family"] for ip in ips}) for table in rule_tables(net)]
     else:
         owned = []
     for family, table, chain in owned:  # each chain listed on its own: no dump of the whole table
@@ -1834,8 +1899,9 @@ def check_attachment(net, env, prev, cnl, nl):
 
 def cmd_status(net, call):
     problems = []
-    if net.masq and not which("iptables-restore"):
-        problems.append("iptables-restore is not installed (needed for ipMasq)")
+    if (net.masq or net.forward) and not which("iptables-restore"):
+        problems.append("iptables-restore is not installed (needed for " + " and ".join(
+            key for key, on in (("ipMasq", net.masq), ("forwardAccept", net.forward)) if on) + ")")
     if use_builtin(net):
         try:
             sets = net.range_sets()
@@ -1874,11 +1940,11 @@ def cmd_gc(net, call):
             veth = nl.link(rec.veth)
             if veth is not None:
                 kernel(f"cannot delete {rec.veth}", nl.del_link, veth["index"], rec.veth)
-    if net.masq or which("iptables-save"):
+    if net.masq or net.forward or which("iptables-save"):
         keep_chains = {chain_name(net.name, cid, ifname) for cid, ifname in keep}
         stale = [c for c in our_chains(net.name) if c not in keep_chains]
         if stale:
-            teardown_masq(stale)
+            teardown_chains(stale)
     if use_builtin(net) or net.ipam_type == "host-local":  # host-local's files are ours too
         with Store(net.data_dir, net.name) as store:
             for key, who in store.allocations().items():

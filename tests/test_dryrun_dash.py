@@ -119,10 +119,12 @@ def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, 
     fresh sandbox, so what it built is still there to look at), against its --dry-run
     piped into `dash -e` in a fresh sandbox of its own."""
     mod = load_lesson(stage)
+    # a pitfall lab's steps come from stages/pitfall.py; every other lesson defines its own
+    build, verify = (mod.build, mod.verify) if hasattr(mod, "build") else mod.pitfall.steps(mod)
     L = mod.LESSON.start(quiet=True)
     try:
-        mod.build(L)
-        mod.verify(L)
+        build(L)
+        verify(L)
     finally:
         L.r.stop_all()
     assert L.passed(), L.checks
@@ -277,3 +279,16 @@ def test_cni_add_dry_run_alone_prints_a_dash_script_that_adds_the_pod(tmp_path):
     assert '"local":"10.244.0.2"' in out.stdout.replace(" ", "")
     cache = json.loads(out.stdout.splitlines()[-1])
     assert cache["kind"] == "cniCacheV1" and cache["result"]["ips"][0]["address"] == "10.244.0.2/24"
+
+
+def test_a_planned_result_in_a_here_document_expands_and_nothing_else_does():
+    """JSON's own $, ` and \\ stay as they are; only the kept result is expanded."""
+    import cnikit
+    nasty = {"msg": "$HOME `id` \\ \\$x \\n \"q\" ${y} $(z)", "n": [1, None, True]}
+    body, expands = cnikit.heredoc_json(dict(nasty, prevResult=cnikit.PlannedResult("result_p_eth0")))
+    assert expands and "$result_p_eth0" in body
+    script = f"result_p_eth0='{{\"ips\": [{{\"address\": \"10.0.0.2/24\"}}]}}'\ncat <<EOF\n{body}\nEOF\n"
+    out = subprocess.run([DASH, "-e"], input=script, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == dict(nasty, prevResult={"ips": [{"address": "10.0.0.2/24"}]})
+    plain, expands = cnikit.heredoc_json(nasty)
+    assert not expands and json.loads(plain) == nasty

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import sh
 
 from plugin_helpers import (CLASSIC, addrs, allocation_files, cni, error, links, nat_rules, netns, ok, ping,
                             pod)
@@ -25,6 +26,10 @@ def logged(**kw):
 def log_text():
     with open(LOG) as f:
         return f.read()
+
+
+def filter_rules():
+    return str(sh.iptables("-S"))
 
 
 def records():
@@ -173,16 +178,16 @@ def test_add_records_what_the_attachment_owns_and_del_reads_it_instead_of_scanni
     (rec,) = records().values()
     assert rec["containerID"] == "c1" and rec["ifname"] == "eth0" and rec["ips"] == ["10.244.0.2/24"]
     assert rec["veth"] == res["interfaces"][1]["name"]
-    (nat,) = rec["iptables"]
-    assert nat["family"] == 4 and nat["table"] == "nat" and len(nat["chains"]) == 1
-    chain = nat["chains"][0]
-    assert f":{chain}" in nat_rules() or f"-N {chain}" in nat_rules()
-    assert all(f"-j {chain}" in j for j in nat["jumps"])
+    tables = {e["table"]: e for e in rec["iptables"]}
+    assert sorted(tables) == ["filter", "nat"] and all(e["family"] == 4 for e in tables.values())  # ipMasq, forwardAccept
+    (chain,) = tables["nat"]["chains"]
+    assert f"-N {chain}" in nat_rules() and f"-N {chain}" in filter_rules()
+    assert all(f"-j {chain}" in j for e in tables.values() for j in e["jumps"])
     # containerd's RemovePodSandbox: CNI_NETNS="" and no prevResult, as the only DEL
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
     text = log_text()
     assert "iptables-save" not in text and "+ iptables-restore" in text         # the known rules, no dump
-    assert chain not in nat_rules() and rec["veth"] not in links()
+    assert chain not in nat_rules() and chain not in filter_rules() and rec["veth"] not in links()
     assert allocation_files("fromScratch") == {} and records() == {}
     # and again: it owns nothing now, so nothing is run at all
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
@@ -225,7 +230,17 @@ def test_check_looks_at_each_recorded_chain_without_dumping_the_table():
     res = pod("c1", conf)
     ok(cni("CHECK", dict(conf, prevResult=res), cid="c1", **logged()))
     assert "iptables-save" not in log_text() and "-t nat -S CNIKIT-" in log_text()
-    ((chain,),) = [e["chains"] for r in records().values() for e in r["iptables"]]
+    (chain,) = {c for r in records().values() for e in r["iptables"] for c in e["chains"]}
     rules = [r for r in nat_rules().splitlines() if r.startswith("-A POSTROUTING") and chain in r]
     os.system(f"iptables -t nat {rules[0].replace('-A', '-D', 1)} && iptables -t nat -F {chain} && iptables -t nat -X {chain}")
     assert chain in error(cni("CHECK", dict(conf, prevResult=res), cid="c1"), 100)["msg"]
+
+
+def test_a_duplicate_add_of_an_attachment_older_than_records_gives_back_only_its_own_address():
+    pod("c1", dict(CLASSIC, ipMasq=False))
+    for name in os.listdir(RECORDS):
+        os.unlink(os.path.join(RECORDS, name))              # as if made before records: only the veth says it
+    netns("other")
+    assert "cannot create veth" in error(cni("ADD", dict(CLASSIC, ipMasq=False), cid="c1", netns="/run/netns/other"), 101)["msg"]
+    assert allocation_files("fromScratch") == {"10.244.0.2": "c1\r\neth0"} and records() == {}
+    ping("c1", "10.244.0.1")

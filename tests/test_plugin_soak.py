@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import sh
+
 from plugin_helpers import CLASSIC, PLUGIN, allocation_files, cni, env_for, links, nat_rules, netns
 
 SECONDS = float(os.environ.get("CNIKIT_SOAK_SECONDS", "6"))  # longer: CNIKIT_SOAK_SECONDS=600
@@ -34,7 +36,7 @@ def leftovers():
             "records": sorted(os.listdir(records)) if os.path.isdir(records) else [],
             "temporary": sorted(os.listdir(tmp)) if os.path.isdir(tmp) else [],
             "veths": sorted(n for n in links() if n.startswith("veth")),
-            "rules": [r for r in nat_rules().splitlines() if "CNIKIT-" in r]}
+            "rules": [r for r in nat_rules().splitlines() + str(sh.iptables("-S")).splitlines() if "CNIKIT-" in r]}
 
 
 EMPTY = {"addresses": {}, "records": [], "temporary": [], "veths": [], "rules": []}

@@ -42,7 +42,7 @@ def record_for(plugin, net, cid):
 def test_iptables_failure_rolls_back_masquerade_veth_then_address(plugin, fp):
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="iptables: simulated")
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="No chain/target/match")
-    fp.register(["iptables-save", "-t", "nat"], stdout="*nat\nCOMMIT\n")
+    fp.register(["iptables-save"], stdout="*nat\nCOMMIT\n*filter\nCOMMIT\n")
     net = make_net(plugin, {"ipMasq": True})
     with pytest.raises(plugin.CNIError) as err:
         plugin.cmd_add(net, call(env()))
@@ -119,16 +119,42 @@ def test_delegated_ipam_error_code_is_passed_through(plugin, fp):
 def test_del_falls_back_to_iptables_save_when_the_known_rules_are_gone(plugin, fp):
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="Bad rule")
     chain = plugin.chain_name("unit", "p1", "eth0")
-    saved = f"*nat\n:{chain} - [0:0]\n-A POSTROUTING -s 10.244.0.5/32 -j {chain}\nCOMMIT\n"
-    fp.register(["iptables-save", "-t", "nat"], stdout=saved)
+    saved = (f"*filter\n:FORWARD DROP [0:0]\n:{chain} - [0:0]\n-A FORWARD -s 10.244.0.5/32 -i cni0 -j {chain}\n"
+             f"-A {chain} -s 10.244.0.5/32 -j ACCEPT\nCOMMIT\n*mangle\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"
+             f"*nat\n:{chain} - [0:0]\n-A POSTROUTING -s 10.244.0.5/32 -j {chain}\nCOMMIT\n")
+    fp.register(["iptables-save"], stdout=saved)
     seen = []
     fp.register(["iptables-restore", "-w", "--noflush"], stdin_callable=lambda data: seen.append(data.decode()))
     ip = {"family": plugin.AF_INET, "n": 0x0AF40005, "plen": 24, "subnet": (plugin.AF_INET, 0x0AF40000, 24)}
     plugin.remove_rules(plugin.attachment_rules(make_net(plugin, {}), "p1", "eth0", [ip]))
     assert fp.call_count(["iptables-restore", "-w", "--noflush"]) == 2
-    assert fp.call_count(["iptables-save", "-t", "nat"]) == 1
-    # the second restore deletes what iptables-save showed: the jump, then the chain
-    assert seen == [f"*nat\n-D POSTROUTING -s 10.244.0.5/32 -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"]
+    assert fp.call_count(["iptables-save"]) == 1
+    # the second restore deletes what iptables-save showed, in both tables, in one call: the jumps,
+    # then the chains; other tables are left alone
+    assert seen == [f"*filter\n-D FORWARD -s 10.244.0.5/32 -i cni0 -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"
+                    f"*nat\n-D POSTROUTING -s 10.244.0.5/32 -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"]
+
+
+def test_an_attachments_rules_are_one_entry_per_family_and_table(plugin):
+    """ipMasq: the nat chain; forwardAccept: the filter chain of the same name, jumped to for the
+    pod's address on its bridge only; the peers (own subnet, nonMasqueradeCIDRs) in both."""
+    ip = {"family": plugin.AF_INET, "n": 0x0AF40105, "plen": 24, "subnet": (plugin.AF_INET, 0x0AF40100, 24)}
+    net = make_net(plugin, {"nonMasqueradeCIDRs": ["10.244.0.0/16"]})
+    nat, filt = plugin.attachment_rules(net, "p1", "eth0", [ip])
+    chain = plugin.chain_name("unit", "p1", "eth0")
+    tag = '-m comment --comment "cnikit name: unit id: p1 if: eth0"'
+    assert (nat["table"], filt["table"]) == ("nat", "filter") and nat["chains"] == filt["chains"] == [chain]
+    assert filt["jumps"] == [f"FORWARD -s 10.244.1.5/32 -i cni0 {tag} -j {chain}",
+                             f"FORWARD -d 10.244.1.5/32 -o cni0 {tag} -j {chain}"]
+    assert filt["rules"] == [f"-A {chain} -s 10.244.1.5/32 {tag} -j ACCEPT",
+                             f"-A {chain} -d 10.244.1.5/32 -m conntrack --ctstate RELATED,ESTABLISHED,DNAT {tag} -j ACCEPT",
+                             f"-A {chain} -s 10.244.1.0/24 -d 10.244.1.5/32 {tag} -j ACCEPT",
+                             f"-A {chain} -s 10.244.0.0/16 -d 10.244.1.5/32 {tag} -j ACCEPT"]
+    assert f"-A {chain} -d 10.244.0.0/16 {tag} -j ACCEPT" in nat["rules"]
+    routed = plugin.attachment_rules(make_net(plugin, {"mode": "routed", "ipMasq": False}), "p1", "eth0", [ip])
+    assert [e["table"] for e in routed] == ["filter"]
+    assert routed[0]["jumps"][0].startswith(f"FORWARD -s 10.244.1.5/32 -i {plugin.host_veth_name('p1', 'eth0')} ")
+    assert plugin.attachment_rules(make_net(plugin, {"ipMasq": False, "forwardAccept": False}), "p1", "eth0", [ip]) == []
 
 
 def test_command_runner_logs_argv_and_raises_one_error_type(plugin, fp):
