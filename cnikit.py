@@ -2827,7 +2827,7 @@ def _check_bridged_forward(v, ns, br, nh, hop):
                       f"; bridge-nf-call-iptables=1 (br_netfilter) sends {br}'s bridged frames through it",
                       _as_shell([iptables("-L", "FORWARD", "-v", "-n", "-x", ns=ns),
                                  in_netns(["sysctl", "net.bridge.bridge-nf-call-iptables"], ns)]),
-                      _as_shell([iptables("-I", "FORWARD", "-i", br, "-o", br, "-j", "ACCEPT", ns=ns)]))
+                      _as_shell([iptables_rule("-I", *bridge_forward_rule(br), ns=ns)]))
     hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
 
 
