@@ -40,7 +40,7 @@ test:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory deps || exit 1; \
 	setup=$$(date +%s); \
-	$(VPY) -m pytest tests --durations=10 $(PYTEST_ARGS); rc=$$?; \
+	$(VPY) -m pytest tests --durations=10 --durations-by-file=10 $(PYTEST_ARGS); rc=$$?; \
 	end=$$(date +%s); \
 	echo "make test: set-up $$((setup - start)) s, tests $$((end - setup)) s, in all $$((end - start)) s"; \
 	exit $$rc

@@ -25,6 +25,7 @@ call plugins, install them, kind); the sandbox; the CLI.
 import argparse
 import base64
 import ctypes
+import hashlib
 import ipaddress
 import json
 import os
@@ -33,6 +34,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
@@ -42,6 +44,14 @@ DEFAULT_MTU = 1500
 NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1
 VNI_MAX = 2 ** 24 - 1
+# The routing protocol number cnikit's routes carry (unassigned in rt_protos): the route's
+# ownership tag, as the ifalias is a link's, so cleanup finds exactly them.
+ROUTE_PROTO = 157
+# Prefix of every iptables chain cnikit makes: the plugin's per-attachment chains and the
+# CLI's per-subnet NAT chains (CNIKIT-NAT-<hash>). A chain has no comment: its name is its tag.
+CHAIN_PREFIX = "CNIKIT-"
+NAT_CHAIN_PREFIX = CHAIN_PREFIX + "NAT-"
+IPTABLES_TABLES = ("nat", "filter")
 BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netfilter, per namespace
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
 # What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
@@ -81,8 +91,8 @@ class CommandFailed(CnikitError):
 
 # ---------------------------------------------------------------- validation (pure)
 
-_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+_NETNS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
 
 
 def check_ifname(name, what="interface name"):
@@ -172,7 +182,9 @@ def in_netns(argv, ns=None):
 
 
 def iptables(*args, ns=None):
-    return in_netns(["iptables"] + [str(a) for a in args], ns)
+    """`iptables -w ARGS`: -w waits for the xtables lock instead of failing when another
+    program (a CNI plugin, kube-proxy, docker) holds it."""
+    return in_netns(["iptables", "-w"] + [str(a) for a in args], ns)
 
 
 def sysctl_set(key, value, ns=None):
@@ -225,16 +237,28 @@ def nat_comment(subnet):
     return f"{TAG} nat {subnet}"
 
 
+def nat_chain(subnet):
+    """The chain `nat add SUBNET` owns, in the nat and in the filter table: CNIKIT-NAT- and
+    12 hex digits of the subnet's hash (a chain name holds at most 28 characters)."""
+    return NAT_CHAIN_PREFIX + hashlib.sha256(subnet.encode()).hexdigest()[:12]
+
+
 def nat_rules(subnet, out_iface):
-    """(table, chain, rule spec) for a subnet's egress: masquerade what leaves OUT,
-    and let it be forwarded out and its replies back in."""
-    tag = ["-m", "comment", "--comment", nat_comment(subnet)]
+    """(table, chain, rule spec) for a subnet's egress, in its own chain: masquerade what
+    leaves OUT, and let it be forwarded out and its replies back in."""
+    tag, chain = ["-m", "comment", "--comment", nat_comment(subnet)], nat_chain(subnet)
     return [
-        ("nat", "POSTROUTING", ["-s", subnet, "-o", out_iface] + tag + ["-j", "MASQUERADE"]),
-        ("filter", "FORWARD", ["-s", subnet, "-o", out_iface] + tag + ["-j", "ACCEPT"]),
-        ("filter", "FORWARD", ["-d", subnet, "-i", out_iface, "-m", "conntrack", "--ctstate",
-                               "RELATED,ESTABLISHED"] + tag + ["-j", "ACCEPT"]),
+        ("nat", chain, ["-s", subnet, "-o", out_iface] + tag + ["-j", "MASQUERADE"]),
+        ("filter", chain, ["-s", subnet, "-o", out_iface] + tag + ["-j", "ACCEPT"]),
+        ("filter", chain, ["-d", subnet, "-i", out_iface, "-m", "conntrack", "--ctstate",
+                           "RELATED,ESTABLISHED"] + tag + ["-j", "ACCEPT"]),
     ]
+
+
+def nat_jumps(subnet):
+    """The one jump rule per table into SUBNET's chain (table, built-in chain, spec)."""
+    tag, chain = ["-m", "comment", "--comment", nat_comment(subnet)], nat_chain(subnet)
+    return [("nat", "POSTROUTING", tag + ["-j", chain]), ("filter", "FORWARD", tag + ["-j", chain])]
 
 
 def iptables_rule(action, table, chain, spec, ns=None):
@@ -635,8 +659,12 @@ def ensure_up(r, dev, ns=None, link=None, fresh=False):
 
 
 def route_add(r, dst, via=None, dev=None, ns=None):
-    """A route to DST ("default" or a CIDR) via a gateway and/or out of DEV.
-    Re-run contract: a route to DST already there is left alone."""
+    """A route to DST ("default" or a CIDR) via a gateway and/or out of DEV, tagged with
+    cnikit's protocol number (`proto 157`) so cleanup finds it.
+
+    Re-run contract: the same route (the same gateway and device, where given) already
+    there is left alone; a route to DST through another gateway or device is a conflict,
+    never replaced (cnikit does not take over a route it did not make): delete it first."""
     if dst != "default":
         dst = check_subnet(dst, "route destination")
     via = check_ip(via, "gateway") if via else None
@@ -646,10 +674,16 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         raise UsageError("a route needs a gateway (via) or a device")
     if ns:
         check_netns(ns)
-    if r.query_json(ip("-j", "route", "show", dst, ns=ns)):
-        r.note(f"a route to {dst}{' in ' + ns if ns else ''} already exists")
+    where = f" in {ns}" if ns else ""
+    for route in r.query_json(ip("-j", "route", "show", "exact", dst, ns=ns)) or []:
+        if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
+            have = " ".join(kv(via=route.get("gateway"), dev=route.get("dev")))
+            raise UsageError(f"a route to {dst}{where} already exists ({have}), not "
+                             f"{' '.join(kv(via=via, dev=dev))}: delete it first (ip route del {dst})")
+        r.note(f"the route to {dst}{where} already exists as asked")
         return
-    r.run(ip("route", "add", dst, *kv(via=via, dev=dev), ns=ns), creates=Change.route(dst, ns, via=via, dev=dev))
+    r.run(ip("route", "add", dst, *kv(via=via, dev=dev, proto=ROUTE_PROTO), ns=ns),
+          creates=Change.route(dst, ns, via=via, dev=dev))
 
 
 # ---------------------------------------------------------------- netns
@@ -893,25 +927,49 @@ def bridge_show(r, name, host=None):
 # ---------------------------------------------------------------- nat
 
 def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False):
-    """cnikit's rules as (table, chain, spec), read back from `iptables -S`."""
+    """cnikit's rules as (table, chain, spec), read back from `iptables -S`: those its
+    comment tags (the jumps, the CLI's NAT rules, the plugin's) and, with no SUBNET, every
+    rule inside a chain of cnikit's."""
     found = []
-    for table in ("nat", "filter"):
+    for table in IPTABLES_TABLES:
         ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
         for line in out.splitlines() if ok else []:
             words = shlex.split(line)
-            if len(words) < 3 or words[0] != "-A" or "--comment" not in words:
+            if len(words) < 3 or words[0] != "-A":
                 continue
-            comment = words[words.index("--comment") + 1]
-            if comment == TAG or comment.startswith(TAG + " "):
-                if subnet is None or comment == nat_comment(subnet):
-                    found.append((table, words[1], words[2:]))
+            comment = words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
+            ours = comment is not None and (comment == TAG or comment.startswith(TAG + " "))
+            if subnet is not None:
+                ours = comment == nat_comment(subnet)
+            elif words[1].startswith(CHAIN_PREFIX):
+                ours = True
+            if ours:
+                found.append((table, words[1], words[2:]))
     return found
 
 
-def nat_add(r, subnet, out_iface, host=None):
-    """Egress for SUBNET through OUT: ip_forward on, MASQUERADE, FORWARD accept.
+def _cnikit_chains(r, host=None, in_dry_run=False):
+    """The chains cnikit made, as (table, chain): their names carry its prefix."""
+    found = []
+    for table in IPTABLES_TABLES:
+        ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
+        found += [(table, line.split()[1]) for line in (out.splitlines() if ok else [])
+                  if line.startswith("-N " + CHAIN_PREFIX)]
+    return found
 
-    Re-run contract: rules already present are not added twice; the same subnet
+
+def _remove_chains(r, chains, host=None, check=True):
+    """Empty, then delete, each (table, chain): the jumps into them must be gone first."""
+    for table, chain in chains:
+        r.run(iptables("-t", table, "-F", chain, ns=host), check=check)
+        r.run(iptables("-t", table, "-X", chain, ns=host), check=check)
+
+
+def nat_add(r, subnet, out_iface, host=None):
+    """Egress for SUBNET through OUT: ip_forward on; in a chain of its own per table
+    (CNIKIT-NAT-<hash>), MASQUERADE and the FORWARD accepts; one jump into each chain.
+
+    Re-run contract: what is already present is not added twice; the same subnet
     through another interface is a conflict (nat del it first).
     """
     subnet = check_subnet(subnet)
@@ -931,46 +989,61 @@ def nat_add(r, subnet, out_iface, host=None):
     if forward_drops(r, host):
         r.note(f"this host's FORWARD policy is DROP (Docker sets it): only the FORWARD accept rules "
                f"below let {subnet}'s packets and their replies through")
+    chain = nat_chain(subnet)
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
         ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
         if ok and value.strip() == "1":
             r.note("net.ipv4.ip_forward is already 1")
         else:
-            r.run(sysctl_set("net.ipv4.ip_forward", 1, host))
-        for table, chain, spec in nat_rules(subnet, out_iface):
-            present, _ = r.query(iptables_rule("-C", table, chain, spec, host))
-            if present:
-                r.note(f"{table} {chain} {spec[-1]} rule for {subnet} "
-                       f"({'out' if '-o' in spec else 'replies in'} {out_iface}) already present")
-                continue
-            r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+            r.run(sysctl_set("net.ipv4.ip_forward", 1, host),
+                  creates=Change.sysctl("net.ipv4.ip_forward", 1, host, old=value.strip() if ok else None))
+        for table in IPTABLES_TABLES:
+            if r.query(iptables("-t", table, "-S", chain, ns=host))[0]:
+                r.note(f"chain {chain} ({table}) for {subnet} already exists")
+            else:
+                r.run(iptables("-t", table, "-N", chain, ns=host), creates=Change.chain(table, chain, host))
+            # The chain is filled before the jump into it: no packet sees it half made.
+            for t, c, spec in [rule for rule in nat_rules(subnet, out_iface) if rule[0] == table] + \
+                    [jump for jump in nat_jumps(subnet) if jump[0] == table]:
+                present, _ = r.query(iptables_rule("-C", t, c, spec, host))
+                if present:
+                    r.note(f"{t} {c} {spec[-1]} rule for {subnet} already present")
+                    continue
+                r.run(iptables_rule("-A", t, c, spec, host), creates=Change.rule(t, c, spec, host))
 
 
 def nat_del(r, subnet, host=None):
-    """Remove exactly the rules `nat add SUBNET` added. Re-run: none left is fine."""
+    """Remove what `nat add SUBNET` made: the jumps, then its chains (flush, delete).
+    Re-run: none left is fine."""
     subnet = check_subnet(subnet)
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables")
-    rules = _cnikit_rules(r, host, subnet)
-    if not rules and not r.dry_run:
+    chain = nat_chain(subnet)
+    # Rules in the chain go with it; tagged rules elsewhere (the jumps) are deleted one by one.
+    rules = [(t, c, spec) for t, c, spec in _cnikit_rules(r, host, subnet) if c != chain]
+    chains = [(t, c) for t, c in _cnikit_chains(r, host) if c == chain]
+    if not rules and not chains and not r.dry_run:
         r.note(f"no cnikit NAT rules for {subnet}; nothing to delete")
-    for table, chain, spec in rules:
-        r.run(iptables_rule("-D", table, chain, spec, host))
+    for table, c, spec in rules:
+        r.run(iptables_rule("-D", table, c, spec, host))
+    _remove_chains(r, chains, host)
 
 
 def nat_show(r, host=None):
-    """Print cnikit's rules, as iptables -S lines."""
+    """Print cnikit's chains and rules, as iptables commands that would make them."""
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables")
-    lines = []
-    for table, chain, spec in _cnikit_rules(r, host):
-        lines.append(shlex.join(["iptables", "-t", table, "-A", chain] + spec))
-    r.note(f"cnikit's iptables rules{' in ' + host if host else ''}: {len(lines)}")
+    chains = _cnikit_chains(r, host)
+    rules = _cnikit_rules(r, host)
+    lines = [shlex.join(iptables("-t", table, "-N", chain)) for table, chain in chains]
+    lines += [shlex.join(iptables_rule("-A", table, chain, spec)) for table, chain, spec in rules]
+    r.note(f"cnikit's iptables chains and rules{' in ' + host if host else ''}: "
+           f"{len(chains)} chain(s), {len(rules)} rule(s)")
     r.output("\n".join(lines))
     return lines
 
@@ -1201,22 +1274,36 @@ def show(r, as_json=False, only=None):
 # ---------------------------------------------------------------- cleanup
 
 def cleanup(r, host=None):
-    """Remove exactly what cnikit created: its tagged iptables rules, its tagged
-    links, and namespaces whose lo carries the tag. Anything else stays. HOST: only
-    the rules and links inside that namespace. Re-run: a second cleanup finds nothing
-    and says so. Unlike other verbs, a dry run looks (read-only) at what exists now:
-    its plan is what this cleanup would remove here."""
+    """Remove exactly what cnikit created: the attachments `cni add` made (DEL through the
+    plugin, as libcni's GC does, so it releases addresses, veths and chains), what
+    `cni install` put (conflists, plugin, the plugin's bridge once it has no ports, the
+    network's empty address directory), its tagged iptables rules and CNIKIT- chains,
+    routes carrying its protocol number, its tagged links, and namespaces whose lo
+    carries the tag. Anything else stays. HOST: only the rules, routes and links inside
+    that namespace. Re-run: a second cleanup finds nothing and says so. Unlike other
+    verbs, a dry run looks (read-only) at what exists now: its plan is what this cleanup
+    would remove here."""
     if host:
         check_netns(host)
         if not netns_exists(host):
             raise UsageError(f"namespace {host!r} does not exist")
     removed, blind = 0, []
+    if not host:
+        removed += cleanup_cni(r)
     if which("iptables"):
         if not r.query(iptables("-S", ns=host), in_dry_run=True)[0]:
             blind.append("iptables rules")
+        # Jumps and tagged rules in built-in chains one by one; cnikit's own chains whole.
         for table, chain, spec in _cnikit_rules(r, host, in_dry_run=True):
-            r.run(iptables_rule("-D", table, chain, spec, host), check=False)
-            removed += 1
+            if not chain.startswith(CHAIN_PREFIX):
+                r.run(iptables_rule("-D", table, chain, spec, host), check=False)
+                removed += 1
+        chains = _cnikit_chains(r, host, in_dry_run=True)
+        _remove_chains(r, chains, host, check=False)
+        removed += len(chains)
+    for route in r.query_json(ip("-j", "route", "show", "proto", ROUTE_PROTO, ns=host), in_dry_run=True) or []:
+        r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False)
+        removed += 1
     for link in r.query_json(ip("-j", "link", "show", ns=host), in_dry_run=True) or []:
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
             r.run(ip("link", "del", link["ifname"], ns=host), check=False)
@@ -1231,9 +1318,123 @@ def cleanup(r, host=None):
     if blind:
         r.note("could not look at " + ", ".join(blind) + " (root needed): what cnikit made there is not listed")
     verb = "would remove" if r.dry_run else "removed"
-    r.note(f"cleanup: {verb} {removed} object(s) cnikit had created" if removed
-           else "cleanup: nothing of cnikit's is left" + (" that could be seen" if blind else ""))
+    inside = f" inside namespace {host} (the namespace itself stays: `cnikit cleanup` without -n removes it)" \
+        if host else ""
+    r.note(f"cleanup: {verb} {removed} object(s) cnikit had created{inside}" if removed
+           else "cleanup: nothing of cnikit's is left" + (" that could be seen" if blind else "") + inside)
     return removed
+
+
+def cni_installed_networks(conf_dir=None, plugin_dir=None):
+    """The networks `cni install` wrote, as parsed configs: a conflist whose first
+    plugin is cnikit's (a script or zipapp in PLUGIN_DIR that says so, never a binary)."""
+    conf_dir, plugin_dir = conf_dir or CNI_CONF_DIR, plugin_dir or CNI_PLUGIN_DIR
+    found = []
+    try:
+        names = sorted(os.listdir(conf_dir))
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(conf_dir, name)
+        if not (name.startswith("10-") and name.endswith(".conflist")):
+            continue
+        try:
+            net = cni_load(path)
+        except UsageError:
+            continue
+        if is_cnikit_plugin(os.path.join(plugin_dir, net["plugins"][0]["type"])):
+            found.append(net)
+    return found
+
+
+def is_cnikit_plugin(path):
+    """Is PATH a plugin cnikit installed: a script or zipapp (`#!`) of cnikit's plugin?"""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return False
+    return data.startswith(b"#!") and CNI_PLUGIN_MARK in data
+
+
+def cni_cached_attachments():
+    """Every attachment in the runtime cache, as (path, record)."""
+    found = []
+    try:
+        names = sorted(os.listdir(CNI_CACHE_DIR))
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(CNI_CACHE_DIR, name)
+        if name.endswith(".tmp") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "cniCacheV1":
+            found.append((path, rec))
+    return found
+
+
+def cleanup_cni(r, conf_dir=None, plugin_dir=None):
+    """The CNI part of cleanup: DEL every cached attachment of cnikit's plugin with its
+    cached config and arguments (as libcni's GC), then uninstall what `cni install`
+    wrote, the plugin's bridge once no port is left on it, and the network's address
+    directory once it holds no address. Returns how many things it removed."""
+    conf_dir, plugin_dir = conf_dir or CNI_CONF_DIR, plugin_dir or CNI_PLUGIN_DIR
+    removed = 0
+    networks = cni_installed_networks(conf_dir, plugin_dir)
+    for path, rec in cni_cached_attachments():
+        try:
+            net = cni_parse(base64.b64decode(rec.get("config") or ""), path)
+        except (UsageError, ValueError):
+            r.note(f"{path}: the cached config cannot be read; left alone")
+            continue
+        if not (net["name"] in {n["name"] for n in networks} or
+                is_cnikit_plugin(os.path.join(plugin_dir, net["plugins"][0]["type"]))):
+            continue
+        args = ";".join(f"{k}={v}" for k, v in rec.get("cniArgs") or [] if k != "IgnoreUnknown")
+        try:
+            call = CniCall(rec.get("netns") or None, ifname=rec.get("ifName") or "eth0",
+                           cid=rec.get("containerId"), net=net, args=args or None,
+                           runtime_config=rec.get("capabilityArgs") or None, print_result=False)
+            cni_del(r, call)
+            removed += 1
+        except CnikitError as e:
+            r.note(f"cleanup: could not DEL the attachment cached in {path}: {e}")
+    for net in networks:
+        plugin = net["plugins"][0]
+        cni_uninstall(r, net["name"], plugin_dir, conf_dir)
+        removed += 1
+        bridge_name = plugin.get("bridge") or CNI_DEFAULT_BRIDGE
+        if isinstance(bridge_name, str) and plugin.get("mode", "bridge") == "bridge":
+            br = r.query_json(ip("-j", "-d", "link", "show", "dev", bridge_name), in_dry_run=True)
+            ports = r.query_json(ip("-j", "link", "show", "master", bridge_name), in_dry_run=True) or []
+            if br and link_kind(br[0]) == "bridge" and not ports:
+                r.run(ip("link", "del", bridge_name), check=False)
+                removed += 1
+            elif br and ports:
+                r.note(f"{bridge_name} stays: {len(ports)} port(s) still on it (attachments cnikit did not make)")
+        ipam = plugin.get("ipam") if isinstance(plugin.get("ipam"), dict) else {}
+        data_dir = os.path.join(ipam.get("dataDir") or CNI_DATA_DIR, net["name"])
+        if os.path.isdir(data_dir):
+            held = [n for n in os.listdir(data_dir) if _is_ip(n)]
+            if held:
+                r.note(f"{data_dir} stays: {len(held)} address(es) still allocated there")
+            else:
+                r.run(["rm", "-rf", data_dir], check=False)
+                removed += 1
+    return removed
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------- cni: play the container runtime
@@ -1253,6 +1454,9 @@ CNI_CACHE_DIR = "/var/lib/cni/results"      # libcni's cache: <network>-<contain
 CNI_NET = "cnikit"                          # default network name
 CNI_TYPE = "cnikit"                         # the `type` our conflist uses, so the plugin's file name
 CNI_LOG = "/var/log/cni.log"                # the plugin's log unless its config says `log`
+CNI_DATA_DIR = "/var/lib/cni/networks"      # the plugin's address files: <dataDir>/<network>/<address>
+CNI_DEFAULT_BRIDGE = "cni0"                 # the plugin's bridge unless its config says `bridge`
+CNI_PLUGIN_MARK = b"cni-bash-compatible"    # in our plugin's first lines, installed as script or zipapp
 CNI_VERSION = "1.0.0"                       # what install writes: podman 4.3/containerd 1.6 know no 1.1.0
 # The installed plugin's interpreter, fixed at install time as pip does for scripts: a runtime
 # runs it with the runtime's PATH, where `env python3` may be a slow shim (pyenv: ~80 ms a start).
@@ -1267,7 +1471,9 @@ CNI_SHOW_MAX = 240                          # stdin longer than this is shortene
 CNI_TIMEOUT = 60
 CNI_VERSION_CHECK, CNI_VERSION_STATUS = (0, 4, 0), (1, 1, 0)   # CHECK needs 0.4.0, STATUS and GC 1.1.0
 CNI_VERSION_ENV = {"CNI_NETNS": "dummy", "CNI_IFNAME": "dummy", "CNI_PATH": "dummy"}  # libcni's VERSION call
-_CNI_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A name the plugin accepts (container id, network name, plugin type): what its valid_name takes.
+CNI_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")     # \Z: no trailing newline
+CNI_NET_NAME_MAX = 63                       # a network name becomes a file name and part of a conflist's
 
 KIND_NODE_LABEL = "io.x-k8s.kind.cluster"
 KIND_POD_CIDR = "10.244.0.0/16"             # kind's default podSubnet; node i gets 10.244.i.0/24
@@ -1493,7 +1699,7 @@ def cni_netns_path(netns):
 
 
 def cni_check_id(cid):
-    if not isinstance(cid, str) or not _CNI_ID_RE.match(cid):
+    if not isinstance(cid, str) or not CNI_NAME_RE.match(cid):
         raise UsageError(f"container id {cid!r} is invalid: letters, digits, '_', '.', '-', "
                          "starting with a letter or digit")
     return cid
@@ -1508,6 +1714,8 @@ def cni_parse_args(text):
         if "=" not in item:
             raise UsageError(f"--args item {item!r} is not KEY=VALUE")
         k, v = item.split("=", 1)
+        if not k or any(c.isspace() for c in k):
+            raise UsageError(f"--args item {item!r} has no KEY (KEY=VALUE, the key without spaces)")
         if k == "IgnoreUnknown":
             continue
         pairs.append((k, v))
@@ -1896,9 +2104,10 @@ def cni_shebang(python):
     """The first line install gives the plugin: None keeps the plugin's own ("keep")."""
     if python == "keep":
         return None
-    if not os.path.isabs(python or CNI_PYTHON):
-        raise UsageError(f"--python {python!r} must be an absolute path (or 'keep')")
-    return f"#!{python or CNI_PYTHON} {CNI_PYTHON_FLAGS}"
+    python = CNI_PYTHON if python is None else python
+    if not os.path.isabs(python) or any(c.isspace() for c in python):
+        raise UsageError(f"--python {python!r} must be an absolute path without spaces (or 'keep')")
+    return f"#!{python} {CNI_PYTHON_FLAGS}"
 
 
 def cni_plugin_bytes(src, shebang):
@@ -1931,7 +2140,7 @@ def _installed_matches(src, dst, shebang, compiled=False):
 
 def is_compiled_plugin(path):
     """An ELF binary (a compiled plugin, such as the reference ones): never cnikit's to
-    overwrite or remove. cnikit installs scripts and zipapps, which start with `#!`."""
+    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"
@@ -1978,7 +2187,7 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
             raise UsageError(f"--chain {c!r}: cnikit chains {', '.join(CNI_CHAINABLE)}")
     if version:
         cni_version_tuple(version)
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", ptype or ""):
+    if not CNI_NAME_RE.match(ptype or ""):
         raise UsageError(f"--type {ptype!r} is not a plain file name")
     src = _cni_plugin_source(plugin_src)
     shebang = cni_shebang(python)
@@ -2025,7 +2234,7 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
 
 
 def _cni_check_name(name):
-    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", name):
+    if not isinstance(name, str) or not CNI_NAME_RE.match(name) or len(name) > CNI_NET_NAME_MAX:
         raise UsageError(f"network name {name!r} is invalid: letters, digits, '_', '.', '-'")
     return name
 
@@ -2107,10 +2316,11 @@ def kind_node_ip(r, node):
     return addrs[0] if addrs else None
 
 
-def kind_ensure_python(r, node):
+def kind_ensure_python(r, node, installed=()):
     """kind node images carry no python3, and our plugin is Python: detect it and, when
     missing, install python3-minimal in the node. Returns what it did, in words. A node
-    that cannot get it is one CnikitError line naming the node, the cause and the fix."""
+    that cannot get it is one CnikitError line naming the node, the cause and the fix
+    (INSTALLED: the nodes that got python3 before it, the only change made so far)."""
     ok, _ = r.query(docker_exec(node, "test", "-x", CNI_PYTHON), in_dry_run=True) \
         if which("docker") else (False, "")
     if ok:
@@ -2125,11 +2335,11 @@ def kind_ensure_python(r, node):
         r.run(docker("exec", "-e", "DEBIAN_FRONTEND=noninteractive", node, "apt-get", "install", "-y", "-qq",
                      "--no-install-recommends", KIND_PYTHON_PKG))
     except CommandFailed as e:
-        raise CnikitError(kind_python_failure(node, e)) from None
+        raise CnikitError(kind_python_failure(node, e, installed)) from None
     return "installed"
 
 
-def kind_python_failure(node, err):
+def kind_python_failure(node, err, installed=()):
     """One line for a failed python3 install in NODE: apt's own words for the cause, then the fix."""
     lines = [line.strip() for line in err.stderr.splitlines() if line.strip()]
     fetch = [line for line in lines if "Failed to fetch" in line]
@@ -2141,8 +2351,14 @@ def kind_python_failure(node, err):
         why = f"cannot reach a package mirror ({cause})"
     else:
         why = f"apt-get failed ({lines[-1] if lines else f'exit {err.returncode}'})"
-    return (f"{node} has no python3 (the plugin's interpreter) and {why}: no node was changed; "
-            f"fix: {fix}")
+    changed = (f"nothing but python3 on {', '.join(installed)} was written" if installed
+               else "no node was changed")
+    return f"{node} has no python3 (the plugin's interpreter) and {why}: {changed}; fix: {fix}"
+
+
+def _kind_check_cluster(cluster):
+    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
+        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
 
 
 def kind_plan(r, cluster):
@@ -2194,15 +2410,15 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
     Re-run contract: what is already as asked (same file contents, same route) is left
     alone and said so; running it twice changes nothing more."""
     import hashlib
-    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
-        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
     if not r.dry_run:
         require_tools("docker")
     plan = kind_plan(r, cluster)
     for node in plan:
-        plan[node]["python3"] = kind_ensure_python(r, node)
+        plan[node]["python3"] = kind_ensure_python(
+            r, node, [n for n in plan if plan[n].get("python3") == "installed"])
     dst, tmp = os.path.join(plugin_dir, ptype), os.path.join(plugin_dir, f".{ptype}.tmp")
     conf_path = cni_conf_file(conf_dir, name)
     conflist = json.dumps(cni_conflist(name, None, ptype, chain,
@@ -2246,8 +2462,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     it names (a script, never a compiled plugin), the subnet file and the routes to the
     other nodes' pods. python3 stays (other things may use it). Pods still attached keep
     their veths until kubelet DELs them. Re-run: absent is fine."""
-    if not re.match(r"^[a-z0-9][a-z0-9.-]*$", cluster or ""):
-        raise UsageError(f"kind cluster name {cluster!r} is invalid: lower-case letters, digits, '-', '.'")
+    _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     if not r.dry_run:
         require_tools("docker")
@@ -2260,7 +2475,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
             ptype = json.loads(text)["plugins"][0]["type"] if ok else CNI_TYPE
         except (ValueError, KeyError, IndexError, TypeError):
             ptype = CNI_TYPE
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", str(ptype)):
+        if not CNI_NAME_RE.match(str(ptype)):
             ptype = CNI_TYPE
         dst = os.path.join(plugin_dir, ptype)
         files = [conf_path, NODE_SUBNET_FILE]
@@ -2279,6 +2494,64 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
         r.note(f"kind cluster {cluster}: no plugin, {conf_path}, {NODE_SUBNET_FILE} or route of ours "
                "on any node; nothing to do")
     return plan
+
+
+# What each attachment verb reads besides --conf, --conf-dir and --cni-path (as libcni
+# passes them): an option a verb would ignore is refused, never silently dropped.
+CNI_VERB_READS = {"add": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
+                  "del": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
+                  "check": {"netns", "ifname", "cid", "cni_args"},
+                  "status": set(), "gc": set(), "version": set()}
+CNI_VERB_DEFAULTS = {"ifname": "eth0"}      # the parser's defaults that are not None
+CNI_FLAGS = {"netns": "NETNS", "cid": "--id", "cni_args": "--args", "plugin_src": "--plugin", "ptype": "--type"}
+
+
+def _cni_flag(dest):
+    return CNI_FLAGS.get(dest, "--" + dest.replace("_", "-"))
+
+
+def cni_check_options(args):
+    """Every option of a `cni` verb, before anything runs: no empty values, absolute
+    directories where a runtime reads them, and nothing a verb would ignore."""
+    for dest, value in sorted(vars(args).items()):
+        # DEL may name no netns (a runtime's second DEL, after the netns is gone: CNI_NETNS="")
+        if dest == "netns" and args.verb == "del" and value == "":
+            continue
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} is empty")
+    for dest in ("plugin_dir", "conf_dir"):
+        value = getattr(args, dest, None)
+        if args.verb in ("install", "uninstall") and value is not None and not os.path.isabs(value):
+            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} {value!r} must be an absolute path "
+                             "(where a runtime looks)")
+    if args.verb in CNI_VERB_READS:
+        ignored = [_cni_flag(d) for d in ("netns", "ifname", "cid", "cni_args", "runtime_config")
+                   if d not in CNI_VERB_READS[args.verb] and getattr(args, d) != CNI_VERB_DEFAULTS.get(d)]
+        if ignored:
+            what = {"status": "STATUS and VERSION ask about the network, not an attachment",
+                    "version": "STATUS and VERSION ask about the network, not an attachment",
+                    "gc": "GC acts on every attachment of the network",
+                    "check": "CHECK uses the capability args cached by ADD"}[args.verb]
+            raise UsageError(f"cni {args.verb}: {', '.join(ignored)} does not apply ({what})")
+    if getattr(args, "cni_args", None) is not None:
+        cni_parse_args(args.cni_args)
+    cni_runtime_config(getattr(args, "runtime_config", None))
+    if getattr(args, "cni_path", None) is not None and not any(d for d in args.cni_path.split(":")):
+        raise UsageError(f"cni {args.verb}: --cni-path {args.cni_path!r} names no directory")
+
+
+def cni_runtime_config(text):
+    """--runtime-config: a JSON object (capability name -> value), or None when not given."""
+    if text is None:
+        return None
+    try:
+        rc = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--runtime-config is not JSON: {e}") from None
+    if not isinstance(rc, dict):
+        raise UsageError("--runtime-config must be a JSON object such as {\"portMappings\": [...]}, "
+                         f"not {text.strip()!r}")
+    return rc
 
 
 def cni_planned_conf(r, conf, conf_dir):
@@ -2309,6 +2582,7 @@ def cni_planned_conf(r, conf, conf_dir):
 def cni_dispatch(args, r):
     """`cnikit cni VERB`: the runtime verbs above, from parsed arguments."""
     v = args.verb
+    cni_check_options(args)
     if v == "install" and args.kind:
         ignored = [opt for opt, given in (("--subnet", args.subnet), ("--cni-version", args.cni_version),
                                           ("--precompiled", args.precompiled), ("--plain", args.plain),
@@ -2332,14 +2606,9 @@ def cni_dispatch(args, r):
         out = cni_log(r, args.conf_dir, args.conf, args.lines, args.follow)
         return out if isinstance(out, int) else EXIT_OK
     else:
-        rc = None
-        if args.runtime_config:
-            try:
-                rc = json.loads(args.runtime_config)
-            except ValueError as e:
-                raise UsageError(f"--runtime-config is not JSON: {e}") from None
         call = CniCall(args.netns, args.conf, args.ifname, args.cid, args.conf_dir, args.cni_path,
-                       args.cni_args, rc, args.host, net=cni_planned_conf(r, args.conf, args.conf_dir))
+                       args.cni_args, cni_runtime_config(args.runtime_config), args.host,
+                       net=cni_planned_conf(r, args.conf, args.conf_dir))
         {"add": cni_add, "del": cni_del, "check": cni_check, "status": cni_status, "gc": cni_gc,
          "version": cni_version}[v](r, call)
     return EXIT_OK
@@ -3120,11 +3389,92 @@ EPILOG = """examples:
   cnikit sandbox                  # a throwaway shell: nothing you build there survives it
   cnikit --sandbox show           # one command in a throwaway sandbox
   cnikit cleanup                  # remove exactly what cnikit created
-  cnikit cni install && cnikit netns add pod1 && cnikit cni add pod1   # be the runtime
 
+Options such as --dry-run, -q, -v and -n NS go before OBJECT or after VERB. Run as
+root (`sudo` where it is installed; a root shell without sudo: drop the `sudo`).
 Every command that changes the kernel is printed before it runs (-q hides it; -v
 also prints the look-ups cnikit makes to decide). Exit codes: 0 done, 1 a command
 failed (what this invocation created is rolled back), 2 bad usage or input."""
+
+
+# `cnikit OBJECT --help`: what each object is for, by example.
+OBJECT_EXAMPLES = {
+    "netns": """examples:
+  cnikit netns add ns1 --lo-up            # a namespace, tagged as cnikit's, lo up
+  cnikit netns exec ns1 -- ip addr        # any command inside it
+  cnikit netns list
+  cnikit netns del ns1""",
+    "veth": """examples:
+  cnikit veth add veth-ns1 eth0 --netns ns1 --addr 10.0.0.1/24 --peer-addr 10.0.0.2/24
+  cnikit -n node1 veth add eth0 eth0 --netns node2   # both ends inside namespaces (hosts)
+  cnikit veth del veth-ns1                # its peer goes with it""",
+    "bridge": """examples:
+  cnikit bridge add br0 --addr 10.0.0.1/24   # the address goes on the bridge, never on a port
+  cnikit bridge attach br0 veth-ns1 veth-ns2
+  cnikit bridge show br0                  # its ports and the MACs it learned on each
+  cnikit bridge del br0""",
+    "nat": """examples:
+  cnikit nat add 10.0.0.0/24 --out eth0   # MASQUERADE + two FORWARD accepts, ip_forward on
+  cnikit nat show
+  cnikit nat del 10.0.0.0/24""",
+    "vxlan": """examples:
+  cnikit -n node1 vxlan add vxlan0 --id 42 --remote 192.0.2.2 --dev eth0 --bridge br0
+  cnikit -n node1 vxlan add vxlan0 --id 1 --local 192.0.2.1 --dev eth0   # peers from fdb entries:
+  cnikit -n node1 vxlan fdb add vxlan0 00:00:00:00:00:00 --dst 192.0.2.2  # flood to a peer
+  cnikit -n node1 vxlan del vxlan0""",
+    "cni": """examples:
+  cnikit cni install --subnet 10.244.1.0/24 --chain portmap   # plugin + conflist, atomically
+  cnikit netns add pod1 --lo-up && cnikit cni add pod1         # be the container runtime
+  cnikit cni check pod1 && cnikit cni del pod1
+  cnikit cni log --no-follow                                   # the plugin's own log
+  cnikit cni uninstall""",
+    "show": """examples:
+  cnikit show                             # every namespace: links, addresses, routes, NAT
+  cnikit -n node1 show                    # only inside node1
+  cnikit show --json""",
+    "cleanup": """examples:
+  cnikit cleanup                          # everything cnikit made, here and in its namespaces
+  cnikit cleanup --dry-run                # what it would remove, nothing removed
+  cnikit -n node1 cleanup                 # only what cnikit made inside node1""",
+    "sandbox": """examples:
+  cnikit sandbox                          # a throwaway shell
+  cnikit sandbox -- python3 stages/03_bridge.py
+  cnikit --sandbox show                   # one cnikit command in a throwaway sandbox""",
+}
+OBJECT_DESCRIPTIONS = {
+    "show": "A picture of what exists now: each namespace with its links (veth peers, bridge ports), "
+            "addresses, routes and cnikit's NAT rules. Looks only; changes nothing.",
+    "cleanup": "Remove exactly what cnikit created: links and namespaces tagged with the ifalias "
+               "`cnikit`, iptables rules whose comment starts with `cnikit`. Nothing else is touched. "
+               "With -n NS: only inside NS (the namespace itself stays).",
+    "sandbox": "Run a shell, or CMD, in a fresh network namespace and a private mount namespace (empty "
+               "/run/netns and CNI directories): whatever is built there vanishes when it exits, and "
+               "the host's network is never touched.",
+}
+
+
+def _common_options(p, top=True):
+    """The options every command takes; TOP: the main parser's defaults. A subcommand
+    repeats them without defaults, so `cnikit cleanup --dry-run` and `cnikit --dry-run
+    cleanup` say the same."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-n", "--in", dest="host", metavar="NS",
+                   help="act inside namespace NS, standing for a host (like `ip -n NS`)", **d)
+    p.add_argument("--dry-run", action="store_true", help="print the commands for a fresh host; run nothing", **d)
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands", **d)
+    p.add_argument("-v", "--verbose", action="store_true", help="also echo read-only look-ups", **d)
+    p.add_argument("--sandbox", action="store_true", help="run this one command in a throwaway sandbox", **d)
+    p.add_argument("--color", choices=("auto", "always", "never"), **(d or {"default": "auto"}))
+
+
+def _leaf_parsers(p):
+    """Every parser that ends a command line (a verb, or an object without verbs)."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield p
+    for action in subs:
+        for sub in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(sub)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3137,18 +3487,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(prog="cnikit", description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-n", "--in", dest="host", metavar="NS",
-                   help="act inside namespace NS, standing for a host (like `ip -n NS`)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands for a fresh host; run nothing")
-    p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands")
-    p.add_argument("-v", "--verbose", action="store_true", help="also echo read-only look-ups")
-    p.add_argument("--sandbox", action="store_true", help="run this one command in a throwaway sandbox")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    _common_options(p)
     objs = p.add_subparsers(dest="obj", metavar="OBJECT")
     objs.required = True
 
     def verbs(name, help_text):
-        sub = objs.add_parser(name, help=help_text, description=help_text)
+        sub = objs.add_parser(name, help=help_text, description=help_text, epilog=OBJECT_EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         v = sub.add_subparsers(dest="verb", metavar="VERB")
         v.required = True
         return v
@@ -3248,7 +3593,7 @@ def build_parser():
                        help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
         a.add_argument("--conf", help="network config (default: the first in --conf-dir)")
         a.add_argument("--conf-dir", default=CNI_CONF_DIR)
-        a.add_argument("--ifname", default="eth0")
+        a.add_argument("--ifname", default=CNI_VERB_DEFAULTS["ifname"])
         a.add_argument("--id", dest="cid", help="container id (default: the netns name)")
         a.add_argument("--cni-path", default=CNI_PATH, help=f"where plugins are looked up (default {CNI_PATH})")
         a.add_argument("--args", dest="cni_args", metavar="K=V;...", help="extra CNI_ARGS (IgnoreUnknown=1 is always sent)")
@@ -3263,6 +3608,10 @@ def build_parser():
     a.add_argument("--name", default=CNI_NET)
     a.add_argument("--plugin", dest="plugin_src", metavar="FILE")
 
+    def plain(name, help_text):
+        return objs.add_parser(name, help=help_text, description=textwrap.fill(OBJECT_DESCRIPTIONS[name], 80),
+                               epilog=OBJECT_EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
+
     d = objs.add_parser("doctor", help="walk the path FROM -> TO and name its first broken hop (read-only)",
                         description="Walk the path the kernel would use from FROM to TO, hop by hop (routes, "
                         "links, bridge ports, vxlan, neighbours, forwarding, rp_filter, iptables FORWARD/INPUT, "
@@ -3273,10 +3622,13 @@ def build_parser():
     d.add_argument("--proto", choices=DOCTOR_PROTOS, help="the flow's protocol (default icmp; tcp with --port)")
     d.add_argument("--port", help="the flow's destination port (tcp/udp): DNAT and conntrack are per port")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
-    s = objs.add_parser("show", help="a picture of namespaces, links, addresses, routes, NAT")
+    s = plain("show", "a picture of namespaces, links, addresses, routes, NAT")
     s.add_argument("--json", action="store_true", help="print data instead of a picture")
-    objs.add_parser("cleanup", help="remove exactly what cnikit created")
-    sb = objs.add_parser("sandbox", help="run a shell or CMD in a throwaway network + mount namespace")
+    plain("cleanup", "remove exactly what cnikit created")
+    sb = plain("sandbox", "run a shell or CMD in a throwaway network + mount namespace")
+    for leaf in _leaf_parsers(p):
+        if leaf is not sb:          # sandbox: everything after it is the command to run
+            _common_options(leaf, top=False)
     sb.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD... (default: an interactive shell)")
     return p
 

@@ -101,12 +101,16 @@ def build(L):
     if L.step(f"MASQUERADE rewrites the source of what leaves uplink0 to {UPLINK_IP}, an address "
               "the internet can answer; conntrack maps the replies back to 10.0.5.2", skip="nat"):
         cnikit.nat_add(r, SUBNET, UPLINK)
+        chain = cnikit.nat_chain(SUBNET)
+        L.say(f"nat add keeps its rules in a chain of its own, {chain}, with one jump into it from "
+              "POSTROUTING (nat table) and one from FORWARD (filter table): nat del removes exactly those")
         r.show(cnikit.iptables("-t", "nat", "-S", "POSTROUTING"))
-        L.say("nat add also wrote two FORWARD rules: the first lets ns1's subnet out of uplink0, the "
+        r.show(cnikit.iptables("-t", "nat", "-S", chain))
+        L.say("its two FORWARD rules: the first lets ns1's subnet out of uplink0, the "
               "second lets back in only replies to connections that went out (conntrack's ESTABLISHED, "
               "RELATED). Where FORWARD's policy is ACCEPT (a fresh sandbox) they change nothing; "
               "where it is DROP (Docker sets it) egress fails without them")
-        r.show(cnikit.iptables("-S", "FORWARD"))
+        r.show(cnikit.iptables("-S", chain))
 
 
 def _ping_seen_by_server(L):

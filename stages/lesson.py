@@ -433,6 +433,11 @@ class Lesson:
             if change.kind == "link" and change.ns is None and cnikit.get_link(self.r, change.name):
                 raise cnikit.UsageError(f"interface {change.name} already exists on this host; "
                                         "delete it or run the lesson in the sandbox (without --host)")
+            if change.kind == "chain" and change.ns is None:
+                table, chain = change.name.split()[1:3]
+                if self.r.query(cnikit.iptables("-t", table, "-S", chain))[0]:
+                    raise cnikit.UsageError(f"iptables chain {chain} ({table}) already exists on this host; "
+                                            "run the lesson in the sandbox (without --host)")
             if change.kind == "file" and os.path.exists(change.name):
                 raise cnikit.UsageError(f"{change.name} already exists on this host; the lesson would replace "
                                         "it: remove it or run the lesson in the sandbox (without --host)")
@@ -475,6 +480,14 @@ class Lesson:
         where = f"`ip netns exec {ns} bash`, inside {ns}" if ns else "on the sandbox's host side"
         self.say(f"--keep: a shell {where}; the topology is yours to explore ({after})")
         _sandbox_shell(ns)
+
+    def keeps_on_host(self):
+        """--keep with --host: a lesson that would undo its own work at the end (07's DEL)
+        leaves it be, and says so; True when it should stop there."""
+        if self.keep and self.on_host and not self.r.dry_run:
+            self.say("--keep: the pods stay as ADD left them; the DEL and the checks after it are not run")
+            return True
+        return False
 
     def _leave(self, args, keep):
         """Leave nothing behind: the sandbox vanishes on exit; on the host, undo what

@@ -2,12 +2,20 @@
 private mount namespace whose /run/netns and CNI directories are empty tmpfs.
 
 Nothing a test creates can reach the host, and nothing is left behind: the
-namespaces die with the sandbox.  The host's state is snapshotted before the first
-sandbox and compared after the last test (tests/test_zz_hygiene.py).
+namespaces die with the sandbox.  pytest itself leaves the host's namespaces once,
+at start-up, for a base sandbox; each test's sandbox is made from that base and
+left again at its end, so sandboxes never stack (a constant number of mounts, not
+eight more per test).  The host's state is snapshotted before the base sandbox and
+compared when the session ends, whatever ran and in whatever order: a difference
+fails the run.  `--durations-by-file=N` prints the N slowest test files at the end.
 """
+import ctypes
+import json
 import os
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,8 +29,16 @@ from host_state import host_state  # noqa: E402
 # Directories a CNI plugin or runtime writes to: private (empty tmpfs) in every sandbox.
 PRIVATE_DIRS = cnikit.SANDBOX_DIRS
 
-# File descriptors of the namespaces pytest started in, and their state then.
+# File descriptors of the namespaces pytest started in (HOST) and of the base sandbox it
+# waits in between tests (BASE), and the host's state before anything ran.
 HOST = {}
+BASE = {}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--durations-by-file", type=int, default=0, metavar="N",
+                     help="print the N slowest test files (setup + call + teardown) at the end")
 
 
 def pytest_configure(config):
@@ -32,12 +48,48 @@ def pytest_configure(config):
         HOST["net"] = os.open("/proc/self/ns/net", os.O_RDONLY)
         HOST["mnt"] = os.open("/proc/self/ns/mnt", os.O_RDONLY)
         HOST["before"] = host_state()
+        cnikit.enter_sandbox(private_dirs=PRIVATE_DIRS)
+        BASE["net"] = os.open("/proc/self/ns/net", os.O_RDONLY)
+        BASE["mnt"] = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    config._file_durations = {}
+
+
+# ---------------------------------------------------------------- the sandbox of each test
+
+CLONE_FS = 0x00000200
+
+
+def _libc_call(name, *args):
+    if getattr(ctypes.CDLL(None, use_errno=True), name)(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}{args}: {os.strerror(err)}")
+
+
+def _setns(fd):
+    _libc_call("setns", fd, 0)
+
+
+def enter_test_sandbox():
+    """A fresh sandbox made from the base one."""
+    cnikit.enter_sandbox(private_dirs=PRIVATE_DIRS)
+
+
+def leave_test_sandbox():
+    """Back into the base sandbox; the test's namespaces go with their last process.
+    (Entering a mount namespace moves the working directory to its root: keep it.)"""
+    cwd = os.getcwd()
+    # Threads a test left (the sh library's) share this thread's filesystem context, and
+    # the kernel lets only a thread with its own enter a mount namespace.
+    _libc_call("unshare", CLONE_FS)
+    _setns(BASE["mnt"])
+    _setns(BASE["net"])
+    os.chdir(cwd)
 
 
 @pytest.fixture(autouse=True)
 def sandbox():
     """A fresh sandbox for each test; yields the directories that are private in it."""
-    cnikit.enter_sandbox(private_dirs=PRIVATE_DIRS)
+    enter_test_sandbox()
     yield PRIVATE_DIRS
     # A process a test started and forgot would keep its namespaces alive.
     for pid in _descendants(os.getpid()):
@@ -45,6 +97,7 @@ def sandbox():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    leave_test_sandbox()
 
 
 def _descendants(pid):
@@ -54,3 +107,68 @@ def _descendants(pid):
     except OSError:
         return []
     return kids + [g for k in kids for g in _descendants(k)]
+
+
+# ---------------------------------------------------------------- at the end of the session
+
+def host_state_now():
+    """host_state() of the namespaces pytest started in, seen from outside every sandbox."""
+    net, mnt = HOST["net"], HOST["mnt"]
+    return json.loads(subprocess.run(
+        ["nsenter", f"--net=/proc/self/fd/{net}", f"--mount=/proc/self/fd/{mnt}",
+         sys.executable, os.path.join(HERE, "host_state.py")],
+        pass_fds=(net, mnt), capture_output=True, text=True, check=True).stdout)
+
+
+def host_differences(before, now):
+    """What changed on the host, one line per key (empty: nothing)."""
+    return [f"{key}: before {before.get(key)!r}, now {now.get(key)!r}"
+            for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Host hygiene, whatever ran and in whatever order: the host must look exactly as
+    it did before the first sandbox, or the run fails."""
+    if "before" not in HOST:
+        return
+    changed = host_differences(HOST["before"], host_state_now())
+    if changed:
+        session.config._host_changed = changed
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_runtest_logreport(report):
+    durations = getattr(_CONFIG.get("config"), "_file_durations", None)
+    if durations is not None:
+        path = report.nodeid.split("::", 1)[0]
+        total, tests = durations.get(path, (0.0, set()))
+        tests.add(report.nodeid)
+        durations[path] = (total + report.duration, tests)
+
+
+_CONFIG = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    _CONFIG["config"] = session.config
+    _CONFIG["started"] = time.monotonic()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    changed = getattr(config, "_host_changed", None)
+    if changed:
+        terminalreporter.section("host hygiene: FAILED", red=True)
+        terminalreporter.write_line("the suite changed the host it ran on (outside every sandbox):")
+        for line in changed:
+            terminalreporter.write_line("  " + line)
+    n = config.getoption("--durations-by-file")
+    durations = getattr(config, "_file_durations", {})
+    if n and durations:
+        terminalreporter.section(f"slowest {n} test files (setup + call + teardown)")
+        for path, (total, tests) in sorted(durations.items(), key=lambda kv: -kv[1][0])[:n]:
+            terminalreporter.write_line(f"{total:8.1f}s  {path}  ({len(tests)} test(s))")
+        wall = time.monotonic() - _CONFIG.get("started", time.monotonic())
+        terminalreporter.write_line(f"{sum(t for t, _ in durations.values()):8.1f}s  all {len(durations)} "
+                                    f"file(s); {wall:.1f}s wall clock")

@@ -22,9 +22,9 @@ nothing touches this machine's podman store.
 """
 import contextlib
 import hashlib
-import json
 import os
 import shutil
+import signal
 import time
 
 import runtimes
@@ -173,11 +173,11 @@ def node_leftovers(r, node, network=cnikit.CNI_NET):
     nat chains."""
     left = [link["ifname"] for link in r.query_json(cnikit.docker_exec(node, "ip", "-j", "link", "show")) or []
             if link["ifname"].startswith("veth")]
-    ok, files = r.query(cnikit.docker_exec(node, "find", os.path.join("/var/lib/cni/networks", network),
+    ok, files = r.query(cnikit.docker_exec(node, "find", os.path.join(cnikit.CNI_DATA_DIR, network),
                                            cnikit.CNI_CACHE_DIR, "-type", "f"))
     left += [f for f in files.split() if os.path.basename(f)[0].isdigit() or f.startswith(cnikit.CNI_CACHE_DIR)]
     ok, rules = r.query(cnikit.docker_exec(node, "iptables", "-t", "nat", "-S"))
-    left += [line for line in rules.splitlines() if "CNIKIT-" in line]
+    left += [line for line in rules.splitlines() if cnikit.CHAIN_PREFIX in line]
     return left
 
 
@@ -233,7 +233,17 @@ def podman_as_docker(tag="kl"):
             quiet = cnikit.Runner(quiet=True, color=False)
             for argv in (["podman", "rm", "-a", "-f", "-t", "0"], ["podman", "network", "prune", "-f"],
                          ["podman", "rmi", "-a", "-f"]):
-                quiet.execute(argv, timeout=120)
+                with contextlib.suppress(cnikit.CnikitError):     # a timeout must not skip the rest
+                    quiet.execute(argv, timeout=120)
+        # conmon (one per container and per exec session) may outlive `rm` a moment on a
+        # loaded machine: wait for the processes that name our scratch dir, then stop any
+        # straggler by its pid (they are ours: the dir is this call's own).
+        deadline = time.monotonic() + 15
+        while (left := runtimes._pids_with_arg(directory)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

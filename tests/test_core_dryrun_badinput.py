@@ -51,7 +51,7 @@ def test_dry_run_replayed_with_sh_builds_the_same_kernel_state_as_the_real_run(t
     real = in_fresh_sandbox(real_script)
     plan = "".join(cli("--dry-run", *cmd, check=True).stdout for cmd in SCENARIO)
     (tmp_path / "plan.sh").write_text(plan)
-    assert "ip -n node1 link add vxlan0 mtu 1450" in plan and "iptables -t nat -A POSTROUTING" in plan
+    assert "ip -n node1 link add vxlan0 mtu 1450" in plan and "iptables -w -t nat -A POSTROUTING" in plan
     replayed = in_fresh_sandbox(f"dash -e {tmp_path / 'plan.sh'} >/dev/null")     # Debian's sh
     assert replayed == real
     assert real["node1"]["links"]["vxlan0"]["mtu"] == 1450
@@ -84,6 +84,29 @@ BAD = [
     (["-n", "ns1", "netns", "add", "x"], "does not apply to netns"),
     (["-n", "missing", "show"], "does not exist"),
     (["-n", "missing", "cleanup"], "does not exist"),
+    # issue 14: every option a `cni` verb accepts is checked; none is silently ignored
+    (["cni", "gc", "a/b"], "NETNS does not apply"),
+    (["cni", "version", "--args", "=x"], "--args does not apply"),
+    (["cni", "check", "pod1", "--args", "=x"], "has no KEY"),
+    (["cni", "status", "--args", "=x"], "--args does not apply"),
+    (["cni", "gc", "--args", "=x"], "--args does not apply"),
+    (["cni", "add", "pod1", "--args", "=x"], "has no KEY"),
+    (["cni", "del", "pod1", "--runtime-config", "null"], "must be a JSON object"),
+    (["cni", "add", "pod1", "--runtime-config", "[1]"], "must be a JSON object"),
+    (["cni", "del", "pod1", "--runtime-config", ""], "--runtime-config is empty"),
+    (["cni", "check", "pod1", "--runtime-config", "{}"], "--runtime-config does not apply"),
+    (["cni", "version", "--ifname", "eth1"], "--ifname does not apply"),
+    (["cni", "status", "--id", "c1"], "--id does not apply"),
+    (["cni", "install", "--python", ""], "--python is empty"),
+    (["cni", "install", "--python", "python3"], "absolute path"),
+    (["cni", "install", "--subnet", ""], "--subnet is empty"),
+    (["cni", "install", "--cni-version", ""], "--cni-version is empty"),
+    (["cni", "install", "--plugin", ""], "--plugin is empty"),
+    (["cni", "install", "--plugin-dir", "opt/cni/bin"], "absolute path"),
+    (["cni", "uninstall", "--conf-dir", ""], "--conf-dir is empty"),
+    (["cni", "add", "pod1", "--conf", ""], "--conf is empty"),
+    (["cni", "add", "pod1", "--cni-path", ":"], "names no directory"),
+    (["cni", "log", "--conf", ""], "--conf is empty"),
 ]
 
 

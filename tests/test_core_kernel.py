@@ -4,7 +4,10 @@ import os
 import subprocess
 import time
 
+import pytest
 import sh
+
+import cnikit
 
 from kernel import addrs, cli, cli_as_nobody, iptables_rules, links, netns_list, ping, snapshot
 
@@ -142,24 +145,39 @@ def test_nat_lets_a_namespace_reach_the_internet_namespace_masqueraded():
                                "TCP-LISTEN:8080,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR >&2"],
                               stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(50):
+        for _ in range(100):
             if "8080" in str(sh.ip("netns", "exec", "inet", "ss", "-ltn")):
                 break
             time.sleep(0.05)
+        else:
+            pytest.fail("socat in inet never listened on 8080 (5 s)")
         sh.ip("netns", "exec", "ns1", "socat", "-u", "OPEN:/dev/null", "TCP:203.0.113.10:8080")
         seen = server.communicate(timeout=5)[1].strip()
     finally:
         server.kill()
     assert seen == "203.0.113.1"
+    # One chain per table, one jump into each: three rules in the chains, two jumps.
+    chain = cnikit.nat_chain("10.0.0.0/24")
     tagged = [r for r in iptables_rules("nat") + iptables_rules("filter") if "cnikit nat 10.0.0.0/24" in r]
-    assert len(tagged) == 3
-    assert "masquerade" in run("nat", "show").stdout.lower()
-    assert "already present" in run("nat", "add", "10.0.0.0/24", "--out", "uplink").stdout
+    assert len(tagged) == 5 and sum(r.startswith(f"-A {chain} ") for r in tagged) == 3
+    assert [r for r in tagged if r.endswith(f"-j {chain}")] == [
+        f'-A POSTROUTING -m comment --comment "cnikit nat 10.0.0.0/24" -j {chain}',
+        f'-A FORWARD -m comment --comment "cnikit nat 10.0.0.0/24" -j {chain}']
+    shown = run("nat", "show").stdout
+    assert "masquerade" in shown.lower() and f"iptables -w -t nat -N {chain}" in shown
+    assert f"iptables -w -t filter -N {chain}" in shown and "2 chain(s), 5 rule(s)" in shown
+    again = run("nat", "add", "10.0.0.0/24", "--out", "uplink").stdout
+    assert "already present" in again and "iptables -w -t nat -A" not in again
     other = cli("nat", "add", "10.0.0.0/24", "--out", "br0")
     assert other.returncode == 2 and "already leaves through uplink" in other.stderr
-    run("nat", "del", "10.0.0.0/24")
+    deleted = run("nat", "del", "10.0.0.0/24").stdout.splitlines()
+    assert deleted == [f"iptables -w -t nat -D POSTROUTING -m comment --comment 'cnikit nat 10.0.0.0/24' -j {chain}",
+                       f"iptables -w -t filter -D FORWARD -m comment --comment 'cnikit nat 10.0.0.0/24' -j {chain}",
+                       f"iptables -w -t nat -F {chain}", f"iptables -w -t nat -X {chain}",
+                       f"iptables -w -t filter -F {chain}", f"iptables -w -t filter -X {chain}"]
     assert iptables_rules("nat") == ["-A POSTROUTING -s 10.99.0.0/24 -j RETURN"]
     assert iptables_rules("filter") == []
+    assert chain not in str(sh.iptables("-t", "nat", "-S")) + str(sh.iptables("-S"))
     assert "nothing to delete" in run("nat", "del", "10.0.0.0/24").stdout
 
 
@@ -175,7 +193,7 @@ def test_show_draws_peers_masters_addresses_routes_and_nat():
     assert host_links["veth-ns1"]["peer"] == "ns1:eth0" and host_links["veth-ns1"]["master"] == "br0"
     assert {l["name"]: l for l in spaces["ns1"]["links"]}["eth0"]["peer"] == "host:veth-ns1"
     assert host_links["br0"]["addrs"] == ["10.0.0.1/24"] and host_links["br0"]["cnikit"]
-    assert len(spaces["host"]["nat"]) == 3
+    assert len(spaces["host"]["nat"]) == 5          # the chain's three rules and the two jumps into it
     picture = run("show").stdout
     for text in ("host", "ns1", "br0", "`-- veth-ns1", "<=> ns1:eth0", "10.0.0.2/24", "masquerade out br0"):
         assert text in picture
@@ -220,8 +238,9 @@ def test_not_root_says_so_and_shows_what_would_run():
 def test_sandbox_keeps_what_cni_writes_private():
     # A plugin install, its config, address files and log inside a sandbox never reach
     # the namespace that started it (here: the test's own sandbox, standing for the host).
-    marks = ["/etc/cni/net.d/10-x.conflist", "/opt/cni/bin/x", "/var/lib/cni/networks/x/10.0.0.2",
-             "/var/log/cni.log", "/run/cnikit/subnet.env", "/run/netns/x"]
+    marks = [os.path.join(cnikit.CNI_CONF_DIR, "10-x.conflist"), os.path.join(cnikit.CNI_PLUGIN_DIR, "x"),
+             os.path.join(cnikit.CNI_DATA_DIR, "x", "10.0.0.2"), cnikit.CNI_LOG, cnikit.NODE_SUBNET_FILE,
+             os.path.join(cnikit.NETNS_DIR, "x")]
     script = " && ".join(f"mkdir -p {os.path.dirname(m)} && touch {m}" for m in marks)
     proc = cli("sandbox", "--", "sh", "-c", script + " && ls " + " ".join(marks))
     assert proc.returncode == 0, proc.stderr
@@ -264,7 +283,7 @@ def test_show_and_cleanup_with_n_act_on_that_namespace_only():
     assert [sp["name"] for sp in shown["namespaces"]] == ["h1"]
     assert "br1" in run("-n", "h1", "show").stdout and "br2" not in run("-n", "h1", "show").stdout
     out = run("-n", "h1", "cleanup").stdout
-    assert "ip -n h1 link del br1" in out and "iptables -t nat -D POSTROUTING" in out
+    assert "ip -n h1 link del br1" in out and "ip netns exec h1 iptables -w -t nat -D POSTROUTING" in out
     assert netns_list() == ["h1", "h2"]                   # the namespaces stay
     assert "br1" not in links("h1") and "br2" in links("h2")
     assert iptables_rules("nat", "h1") == []
@@ -301,3 +320,60 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     err = proc.stderr.read().decode()
     proc.wait(timeout=10)
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_cleanup_removes_cni_state_too_so_the_next_pod_starts_fresh():
+    # The repro of issue 14: after cleanup nothing of the attachment or the install is left,
+    # the same pod can be added again and gets the first address again (none leaked).
+    run("cni", "install")
+    run("netns", "add", "pod1")
+    first = json.loads(run("-q", "cni", "add", "pod1").stdout)
+    assert first["ips"][0]["address"] == "10.244.0.2/24"
+    out = run("cleanup").stdout
+    assert "CNI_COMMAND=DEL" in out and "rm -f /etc/cni/net.d/10-cnikit.conflist" in out
+    assert "ip link del cni0" in out and "rm -rf /var/lib/cni/networks/cnikit" in out
+    assert "nothing of cnikit's is left" in run("cleanup").stdout
+    for d in ("/var/lib/cni/results", cnikit.CNI_DATA_DIR, "/etc/cni/net.d", "/opt/cni/bin"):
+        assert not os.path.isdir(d) or os.listdir(d) == [], (d, os.listdir(d))
+    assert "cni0" not in links() and netns_list() == []
+    assert cnikit.CHAIN_PREFIX not in str(sh.iptables("-t", "nat", "-S")) + str(sh.iptables("-S"))
+    run("cni", "install")
+    run("netns", "add", "pod1")
+    again = json.loads(run("-q", "cni", "add", "pod1").stdout)
+    assert again["ips"][0]["address"] == "10.244.0.2/24"
+
+
+def test_cleanup_leaves_what_another_runtime_still_uses_on_the_bridge():
+    run("cni", "install")
+    run("netns", "add", "pod1")
+    run("cni", "add", "pod1")
+    # An attachment cnikit did not cache (a runtime of its own): its port and address stay.
+    sh.ip("netns", "add", "theirs")
+    env = dict(os.environ, CNI_COMMAND="ADD", CNI_CONTAINERID="theirs", CNI_NETNS="/run/netns/theirs",
+               CNI_IFNAME="eth0", CNI_PATH="/opt/cni/bin")
+    conf = json.load(open("/etc/cni/net.d/10-cnikit.conflist"))
+    stdin = json.dumps(dict(conf["plugins"][0], name=conf["name"], cniVersion=conf["cniVersion"]))
+    assert subprocess.run(["/opt/cni/bin/cnikit"], input=stdin, env=env, capture_output=True, text=True).returncode == 0
+    out = run("cleanup").stdout
+    assert "cni0 stays: 1 port(s)" in out and "/var/lib/cni/networks/cnikit stays" in out
+    assert "cni0" in links() and "theirs" in netns_list()
+    sh.ip("netns", "del", "theirs")
+
+
+def test_route_add_is_tagged_and_a_different_route_is_a_conflict():
+    run("netns", "add", "ns1")
+    sh.ip("-n", "ns1", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    sh.ip("-n", "ns1", "addr", "add", "10.0.0.1/24", "dev", "d0")
+    sh.ip("-n", "ns1", "link", "set", "d0", "up")
+    r = cnikit.Runner(out=__import__("io").StringIO())
+    cnikit.route_add(r, "192.0.2.0/24", via="10.0.0.2", ns="ns1")
+    assert r.commands()[-1] == ["ip", "-n", "ns1", "route", "add", "192.0.2.0/24", "via", "10.0.0.2",
+                                "proto", str(cnikit.ROUTE_PROTO)]
+    cnikit.route_add(r, "192.0.2.0/24", via="10.0.0.2", ns="ns1")          # the same: nothing to do
+    assert "already exists as asked" in r.out.getvalue() and len(r.commands()) == 1
+    with pytest.raises(cnikit.UsageError, match="already exists .via 10.0.0.2 dev d0., not via 10.0.0.3"):
+        cnikit.route_add(r, "192.0.2.0/24", via="10.0.0.3", ns="ns1")
+    # cleanup -n finds it by its protocol, and leaves the kernel's own route
+    out = run("-n", "ns1", "cleanup").stdout
+    assert f"ip -n ns1 route del 192.0.2.0/24 proto {cnikit.ROUTE_PROTO}" in out
+    assert [x["dst"] for x in json.loads(str(sh.ip("-n", "ns1", "-j", "route", "show")))] == ["10.0.0.0/24"]

@@ -72,12 +72,26 @@ def test_argv_builders_are_plain_iproute2():
                                             ["ip", "-n", "ns1", "link", "set", "dev", "lo", "alias", "cnikit"]]
 
 
-def test_every_nat_rule_is_tagged_as_cnikits():
+def test_every_nat_rule_is_tagged_as_cnikits_and_lives_in_its_own_chain():
     rules = cnikit.nat_rules("10.0.0.0/24", "eth0")
-    assert [(t, c) for t, c, _ in rules] == [("nat", "POSTROUTING"), ("filter", "FORWARD"), ("filter", "FORWARD")]
+    chain = cnikit.nat_chain("10.0.0.0/24")
+    assert chain.startswith("CNIKIT-NAT-") and len(chain) <= 28 and chain != cnikit.nat_chain("10.0.1.0/24")
+    assert len(cnikit.nat_chain("2001:db8:ffff:ffff::/64")) <= 28
+    assert [(t, c) for t, c, _ in rules] == [("nat", chain), ("filter", chain), ("filter", chain)]
+    assert cnikit.nat_jumps("10.0.0.0/24") == [
+        ("nat", "POSTROUTING", ["-m", "comment", "--comment", "cnikit nat 10.0.0.0/24", "-j", chain]),
+        ("filter", "FORWARD", ["-m", "comment", "--comment", "cnikit nat 10.0.0.0/24", "-j", chain])]
     for _, _, spec in rules:
         assert spec[spec.index("--comment") + 1] == "cnikit nat 10.0.0.0/24"
     assert rules[0][2][-2:] == ["-j", "MASQUERADE"]
+
+
+def test_every_iptables_call_waits_for_the_lock():
+    r = cnikit.Runner(dry_run=True, out=io.StringIO())
+    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    calls = [a for a in r.commands() if "iptables" in a]
+    assert calls and all(a[a.index("iptables") + 1] == "-w" for a in calls)
+    assert cnikit.iptables("-S", ns="h1") == ["ip", "netns", "exec", "h1", "iptables", "-w", "-S"]
 
 
 def test_echo_is_a_pasteable_line_and_colour_only_on_request():
@@ -94,15 +108,20 @@ def test_echo_is_a_pasteable_line_and_colour_only_on_request():
     assert quiet.getvalue() == ""
 
 
-def test_dry_run_executes_nothing(fp):
-    # fp raises on any process not registered: a dry run must start none.
+def test_dry_run_executes_nothing(monkeypatch):
+    # Every way cnikit starts a process is recorded: a dry run must start none.
+    started = []
+    for name in ("run", "Popen", "call"):
+        monkeypatch.setattr(cnikit.subprocess, name, lambda argv, *a, **kw: started.append(argv))
     out = io.StringIO()
     r = cnikit.Runner(dry_run=True, out=out)
     cnikit.veth_add(r, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24")
     cnikit.nat_add(r, "10.0.0.0/24", "uplink")
-    assert len(fp.calls) == 0
+    assert started == []
+    assert len(r.commands()) > 5
     assert out.getvalue().splitlines()[0] == "ip link add v0 type veth peer name eth0 netns ns1"
-    assert "iptables -t nat -A POSTROUTING" in out.getvalue()
+    assert "iptables -w -t nat -A POSTROUTING -m comment --comment 'cnikit nat 10.0.0.0/24' -j CNIKIT-NAT-" \
+        in out.getvalue()
 
 
 def test_usage_errors_are_one_line(capsys):

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 import sh
 
+import cnikit
 from host_profiles import BR_NF, docker_host, forward_policy, host_profile, kind_node  # noqa: F401
 from host_state import host_state
 from kernel import cli, iptables_rules, ping, run_stage
@@ -43,7 +44,7 @@ def said(out, note):
 
 
 def ours(rules):
-    return [rule for rule in rules if "cnikit" in rule or "CNIKIT-" in rule]
+    return [rule for rule in rules if "cnikit" in rule or cnikit.CHAIN_PREFIX in rule]
 
 
 def test_the_docker_profile_reproduces_what_docker_does(docker_host):
@@ -150,7 +151,7 @@ def test_a_failed_add_rolls_back_the_accept_chain_of_the_family_that_went_in(doc
     res = cni("ADD", conf, cid="p1", PATH="/run/cni/fakebin:/usr/sbin:/usr/bin:/sbin:/bin")
     assert "simulated failure" in error(res, 102)["details"]
     assert ours(iptables_rules("filter")) == [] and ours(iptables_rules("nat")) == []
-    assert "CNIKIT-" not in str(sh.iptables("-S")) + str(sh.iptables("-t", "nat", "-S"))
+    assert cnikit.CHAIN_PREFIX not in str(sh.iptables("-S")) + str(sh.iptables("-t", "nat", "-S"))
 
 
 def test_check_and_gc_know_the_accept_chain(docker_host):

@@ -8,10 +8,11 @@ import os
 import pytest
 import sh
 
+import cnikit
 from plugin_helpers import (CLASSIC, addrs, allocation_files, cni, error, links, nat_rules, netns, ok, ping,
                             pod)
 
-DATA = "/var/lib/cni/networks/fromScratch"
+DATA = os.path.join(cnikit.CNI_DATA_DIR, "fromScratch")
 RECORDS = os.path.join(DATA, ".cnikit", "attachments")
 LOG = "/run/cni/plugin.log"
 
@@ -212,7 +213,7 @@ def test_an_unreadable_record_falls_back_to_looking():
         f.write("{not json")
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
     assert "unreadable" in log_text() and "+ iptables-save" in log_text()
-    assert "CNIKIT-" not in nat_rules() and allocation_files("fromScratch") == {} and records() == {}
+    assert cnikit.CHAIN_PREFIX not in nat_rules() and allocation_files("fromScratch") == {} and records() == {}
 
 
 def test_gc_removes_what_the_records_of_stale_attachments_own():
@@ -244,3 +245,30 @@ def test_a_duplicate_add_of_an_attachment_older_than_records_gives_back_only_its
     assert "cannot create veth" in error(cni("ADD", dict(CLASSIC, ipMasq=False), cid="c1", netns="/run/netns/other"), 101)["msg"]
     assert allocation_files("fromScratch") == {"10.244.0.2": "c1\r\neth0"} and records() == {}
     ping("c1", "10.244.0.1")
+
+
+# ---------------------------------------------------------------- the compiled form
+
+def test_the_compiled_form_answers_like_the_file_and_falls_back_to_its_source_on_another_python():
+    import subprocess
+    from plugin_helpers import PLUGIN_SRC
+    out = "/run/cni/compiled"
+    subprocess.run(["/usr/bin/python3", "-I", "-S", PLUGIN_SRC, "--compile", PLUGIN_SRC, out], check=True)
+    with open(out) as f:
+        text = f.read()
+    assert text.startswith("#!/usr/bin/python3 -IS\n") and "marshal.loads" in text
+    other = "/run/cni/compiled-other"
+    with open(other, "w") as f:  # as if /usr/bin/python3 were upgraded: its bytecode magic differs
+        f.write(text.replace("MAGIC_NUMBER\", None) == b'", "MAGIC_NUMBER\", None) == b'X", 1))
+    os.chmod(other, 0o755)
+    with open(other) as f:
+        assert f.read() != text
+    for plugin in (out, other):
+        version = ok(cni("VERSION", None, stdin=b'{"cniVersion":"0.4.0"}', plugin=plugin))
+        assert version == {"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+        cid = "cc" if plugin == out else "co"
+        res = ok(cni("ADD", CLASSIC, plugin=plugin, cid=cid, netns=netns(cid)))
+        ping(cid, "10.244.0.1")
+        ok(cni("DEL", dict(CLASSIC, prevResult=res), plugin=plugin, cid=cid))
+        assert error(cni("ADD", dict(CLASSIC, mtu="x"), plugin=plugin, cid=cid), 7)
+    assert allocation_files("fromScratch") == {} and records() == {}

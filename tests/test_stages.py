@@ -20,6 +20,7 @@ import sh
 
 from host_state import host_state
 from kernel import run_stage
+from cnikit import nat_chain as cnikit_nat_chain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = os.path.join(ROOT, "stages")
@@ -143,7 +144,12 @@ def test_lesson_06_halves_on_two_hosts_as_the_vagrant_vms_run_them():
     assert half2.returncode == 0, half2.stdout[-2000:] + half2.stderr
     proof = on("hostA", "--role", "node1", "--peer", "198.51.100.12", "--verify")
     assert proof.returncode == 0, proof.stdout[-3000:]
-    assert verdict(proof).startswith("PASS lesson 06")
+    assert verdict(proof).startswith("PASS lesson 06 vxlan: pod1 on node1 (this host) reaches pod2 on node2 "
+                                     "(198.51.100.12)")
+    reverse = on("hostB", "--role", "node2", "--peer", "198.51.100.11", "--verify")    # named from node2's side
+    assert verdict(reverse).startswith("PASS lesson 06 vxlan: pod2 on node2 (this host) reaches pod1 on node1"), \
+        reverse.stdout[-2000:]
+    assert "# check: the underlay carried pod2's ping inside UDP 4789" in reverse.stdout or "tcpdump" not in reverse.stdout
     assert on("hostA", "--role", "node1", "--peer", "198.51.100.12").returncode == 0   # re-run is fine
     down = on("hostB", "--role", "node2", "--peer", "198.51.100.11", "--down")
     assert down.returncode == 0
@@ -333,8 +339,8 @@ def test_lesson_05_without_masquerade_but_with_conntrack_fails_the_conntrack_che
     L = mod.LESSON.start(quiet=True)
     try:
         mod.build(L)
-        sh.iptables("-t", "nat", "-D", "POSTROUTING", "-s", "10.0.5.0/24", "-o", "uplink0", "-m", "comment",
-                    "--comment", "cnikit nat 10.0.5.0/24", "-j", "MASQUERADE")
+        sh.iptables("-t", "nat", "-D", cnikit_nat_chain("10.0.5.0/24"), "-s", "10.0.5.0/24", "-o", "uplink0",
+                    "-m", "comment", "--comment", "cnikit nat 10.0.5.0/24", "-j", "MASQUERADE")
         L.checks = []
         mod.verify(L)
         failed = [what for what, ok in L.checks if not ok]
@@ -448,7 +454,8 @@ def test_lesson_05_egress_fails_twice_in_the_normal_run_each_failure_named_right
     assert "IP 10.0.5.2 > 203.0.113.10: ICMP echo request" in rest       # seen from the far side
     assert "the internet has no route to it" in rest
     assert "the request reaches the server from 10.0.5.2 and no reply comes back: ok" in rest
-    assert "-A FORWARD -d 10.0.5.0/24 -i uplink0 -m conntrack --ctstate RELATED,ESTABLISHED" in rest
+    assert f"-A {cnikit_nat_chain('10.0.5.0/24')} -d 10.0.5.0/24 -i uplink0 -m conntrack --ctstate RELATED,ESTABLISHED" \
+        in rest
     skipped = lesson("05", "--skip", "route").stdout
     second = skipped.split("second try")[1].split("# [")[0]
     assert "Network is unreachable" in second and "ns1 still has no route" in second
@@ -521,3 +528,94 @@ def test_host_mode_leaves_even_when_build_breaks_unexpectedly():
     with pytest.raises(RuntimeError):
         L.run(build, lambda L: None, args)
     assert "nsbug" not in str(sh.ip("netns", "list"))
+
+
+# ---------------------------------------------------------------- 07c: the routed model beside the bridge model
+
+def _passes_and_leaves_nothing(script, title):
+    """Run lesson SCRIPT; it must PASS as TITLE and leave the test's sandbox as it was.
+    Returns its output."""
+    before = host_state()
+    proc = run_stage(script, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert verdict(proc).startswith(f"PASS lesson {title}")
+    assert host_state() == before
+    return proc.stdout
+
+
+def test_lesson_07c_routed_model_passes_compares_arp_and_path_and_leaves_nothing():
+    out = _passes_and_leaves_nothing("07c_routed.py", "07c routed")
+    assert re.search(r"^eth0@\S+\s+UP\s+10\.244\.2\.2/32", out, re.M)           # the pod's /32
+    assert re.search(r"^default via 10\.244\.2\.1 dev eth0", out, re.M)
+    assert re.search(r"^10\.244\.2\.3 dev veth[0-9a-f]{11} scope link", out, re.M)  # host route /32 dev veth
+    assert "# check: bridged: the reply's TTL says switched, not routed (64): ok" in out
+    assert "# check: routed: the reply's TTL says routed by the node, once (63): ok" in out
+    assert "rpod2's address is not in its neighbour table: ok" in out
+
+
+def test_lesson_07c_without_the_host_route_rpod1_cannot_reach_rpod2():
+    proc = run_stage("07c_routed.py", "--skip", "host-route", timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "rpod1 reaches rpod2 (routed)" in verdict(proc) and "bpod1 reaches bpod2" not in verdict(proc)
+
+
+# ---------------------------------------------------------------- 07d: Services, kube-proxy's iptables mode
+
+def test_lesson_07d_services_answer_from_both_backends_from_a_pod_the_node_outside_and_hairpin():
+    out = _passes_and_leaves_nothing("07d_services.py", "07d services")
+    assert "-A KUBE-SVC-WEB -m statistic --mode random --probability 0.5 -j KUBE-SEP-WEB1" in out
+    assert re.search(r"^-A KUBE-SEP-WEB2 -p tcp (-m tcp )?-j DNAT --to-destination 10\.244\.0\.12:8080$", out, re.M)
+    for proof in ("every connection from the client pod to 10.96.0.10:80 was answered, by both backends",
+                  "from the node, 10.96.0.10:80 answers every connection, from both backends",
+                  "the NodePort 203.0.113.1:30080 answers every connection from outside, from both backends",
+                  "web1 reached itself through the Service, and no connection failed"):
+        assert f"# check: {proof}: ok" in out
+    # real TCP: each connection's answer names its backend and the peer that backend saw
+    answers = re.findall(r"^(web[12]) (\S+)$", out, re.M)
+    assert {"web1", "web2"} == {name for name, _ in answers} and len(answers) >= 4 * 20
+    assert ("web2", "203.0.113.10") in answers                 # NodePort: the outside client, unmasqueraded
+    if shutil.which("conntrack"):
+        assert "# check: conntrack maps 10.244.0.20 -> 10.96.0.10:80 to replies from both backends: ok" in out
+
+
+@pytest.mark.parametrize("step,broken", [
+    ("br-netfilter", "every connection from the client pod to 10.96.0.10:80 was answered"),
+    ("hairpin", "web1 reached itself through the Service"),
+])
+def test_lesson_07d_without_br_netfilter_or_hairpin_the_service_fails_where_it_should(step, broken):
+    proc = run_stage("07d_services.py", "--skip", step, "-q", timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert broken in verdict(proc)
+    if step == "hairpin":        # pods and the node still reach the Service: only hairpin breaks
+        assert "every connection from the client pod" not in verdict(proc)
+        assert "from the node, 10.96.0.10:80 answers" not in verdict(proc) and "NodePort" not in verdict(proc)
+
+
+def test_lesson_07d_host_mode_names_its_chains_restores_everything_and_refuses_kube_proxys():
+    sh.sysctl("-w", "net.ipv4.ip_forward=0")
+    before = host_state()
+    proc = run_stage("07d_services.py", "--host", "-q", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert host_state() == before
+    assert str(sh.sysctl("-n", "net.ipv4.ip_forward")).strip() == "0"
+    summary = run_stage("07d_services.py", "--host", "--step", input="q\n", timeout=TIMEOUT).stdout
+    assert "iptables chains" in summary and "-t nat KUBE-SERVICES" in summary
+    sh.iptables("-t", "nat", "-N", "KUBE-SERVICES")
+    refused = run_stage("07d_services.py", "--host", timeout=TIMEOUT)
+    assert refused.returncode == 2 and "iptables chain KUBE-SERVICES (nat) already exists" in refused.stderr
+
+
+def test_lesson_01_says_what_the_sandbox_is_and_contrasts_the_host_side_with_the_namespace():
+    out = lesson("01").stdout
+    opening = out.split("# [2]")[0]
+    assert "the \"host\" here is a sandbox" in opening
+    assert re.search(r"^host0\s+\S+\s+192\.0\.2\.1/24", opening, re.M)          # the host side's own interface
+    assert re.search(r"^192\.0\.2\.0/24 dev host0", opening, re.M)                # and its route
+    assert "# check: the host side has host0 and ns1 does not: ok" in out
+
+
+def test_keep_with_host_on_lesson_07_leaves_the_pods_as_add_made_them():
+    proc = run_stage("07_cni.py", "--host", "--keep", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "--keep: the pods stay as ADD left them" in proc.stdout and "DEL both pods" not in proc.stdout
+    assert "10.244.0." in str(sh.ip("-n", "pod1", "-br", "addr", "show", "dev", "eth0"))
