@@ -2929,6 +2929,11 @@ def _check_up(ns, link, where):
         raise _Broken("link-down", where, f"{name} in {where} is down",
                       _as_shell([ip("link", "show", "dev", name, ns=ns)]),
                       _as_shell([ip("link", "set", "dev", name, "up", ns=ns)]))
+    # A veth's or a bridge's missing carrier is its peer's or its ports' state, checked there.
+    if "NO-CARRIER" in link.get("flags", []) and link_kind(link) not in ("veth", "bridge"):
+        raise _Broken("link-down", where, f"{name} in {where} is up but has no carrier: whatever is at its "
+                      "other end (a cable, a switch, the program behind a tap) is not there",
+                      _as_shell([ip("link", "show", "dev", name, ns=ns)]), [])
 
 
 def _check_mtu(ns, link, ref):
@@ -3078,7 +3083,7 @@ def _check_bridged_forward(v, ns, br, nh, hop):
                       f"; bridge-nf-call-iptables=1 (br_netfilter) sends {br}'s bridged frames through it",
                       _as_shell([iptables("-L", "FORWARD", "-v", "-n", "-x", ns=ns),
                                  in_netns(["sysctl", "net.bridge.bridge-nf-call-iptables"], ns)]),
-                      _as_shell([iptables("-I", "FORWARD", "-i", br, "-o", br, "-j", "ACCEPT", ns=ns)]))
+                      _as_shell([iptables_rule("-I", *bridge_forward_rule(br), ns=ns)]))
     hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
 
 
@@ -3253,7 +3258,10 @@ def doctor_text(report):
                      + "".join(f" [{step}]" for step in hop.get("l2", [])))
     b = report["broken"]
     if not b:
-        lines.append(f"HEALTHY: {report['from']} reaches {report['dst']} along these hops; nothing on the path "
+        beyond = report["hops"] and report["hops"][-1].get("note", "").startswith("leaves ")
+        lines.append(f"HEALTHY as far as doctor can see: nothing drops {report['from']}'s packets for "
+                     f"{report['dst']} before they leave through {report['hops'][-1]['out']}" if beyond else
+                     f"HEALTHY: {report['from']} reaches {report['dst']} along these hops; nothing on the path "
                      "drops the packet")
         return "\n".join(lines)
     lines.append(f"BROKEN at {b['hop']}: {b['cause']}")
