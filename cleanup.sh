@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Remove what cnikit created on this host: its tagged namespaces, links and iptables
-# rules (cnikit cleanup), and nothing else. Safe to run twice.
+# Remove what cnikit created on this host: its tagged namespaces, links, routes, iptables
+# rules and chains, and its CNI attachments and installs (cnikit cleanup), and nothing
+# else. Safe to run twice.
 #   ./cleanup.sh              cnikit's namespaces, links and rules on this host
 #   ./cleanup.sh --vagrant    also `vagrant destroy -f` lesson 06's two VMs (see the README)
 set -euo pipefail

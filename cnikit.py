@@ -1330,11 +1330,7 @@ def cni_installed_networks(conf_dir=None, plugin_dir=None):
     plugin is cnikit's (a script or zipapp in PLUGIN_DIR that says so, never a binary)."""
     conf_dir, plugin_dir = conf_dir or CNI_CONF_DIR, plugin_dir or CNI_PLUGIN_DIR
     found = []
-    try:
-        names = sorted(os.listdir(conf_dir))
-    except OSError:
-        return found
-    for name in names:
+    for name in _listdir(conf_dir):
         path = os.path.join(conf_dir, name)
         if not (name.startswith("10-") and name.endswith(".conflist")):
             continue
@@ -1357,14 +1353,18 @@ def is_cnikit_plugin(path):
     return data.startswith(b"#!") and CNI_PLUGIN_MARK in data
 
 
+def _listdir(path):
+    """The names in directory PATH, sorted; none when it cannot be read."""
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
 def cni_cached_attachments():
     """Every attachment in the runtime cache, as (path, record)."""
     found = []
-    try:
-        names = sorted(os.listdir(CNI_CACHE_DIR))
-    except OSError:
-        return found
-    for name in names:
+    for name in _listdir(CNI_CACHE_DIR):
         path = os.path.join(CNI_CACHE_DIR, name)
         if name.endswith(".tmp") or not os.path.isfile(path):
             continue
@@ -1373,7 +1373,7 @@ def cni_cached_attachments():
                 rec = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(rec, dict) and rec.get("kind") == "cniCacheV1":
+        if isinstance(rec, dict):
             found.append((path, rec))
     return found
 
@@ -1985,21 +1985,8 @@ def cni_status(r, call):
 
 def cni_valid_attachments(net_name):
     """The attachments the cache knows for NET_NAME: what GC must keep."""
-    keep = []
-    try:
-        names = sorted(os.listdir(CNI_CACHE_DIR))
-    except OSError:
-        names = []
-    for n in names:
-        if n.startswith(net_name + "-") and not n.endswith(".tmp"):
-            try:
-                with open(os.path.join(CNI_CACHE_DIR, n)) as f:
-                    rec = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if rec.get("networkName") == net_name:
-                keep.append({"containerID": rec.get("containerId"), "ifname": rec.get("ifName")})
-    return keep
+    return [{"containerID": rec.get("containerId"), "ifname": rec.get("ifName")}
+            for _, rec in cni_cached_attachments() if rec.get("networkName") == net_name]
 
 
 def cni_gc(r, call):
@@ -2942,6 +2929,11 @@ def _check_up(ns, link, where):
         raise _Broken("link-down", where, f"{name} in {where} is down",
                       _as_shell([ip("link", "show", "dev", name, ns=ns)]),
                       _as_shell([ip("link", "set", "dev", name, "up", ns=ns)]))
+    # A veth's or a bridge's missing carrier is its peer's or its ports' state, checked there.
+    if "NO-CARRIER" in link.get("flags", []) and link_kind(link) not in ("veth", "bridge"):
+        raise _Broken("link-down", where, f"{name} in {where} is up but has no carrier: whatever is at its "
+                      "other end (a cable, a switch, the program behind a tap) is not there",
+                      _as_shell([ip("link", "show", "dev", name, ns=ns)]), [])
 
 
 def _check_mtu(ns, link, ref):
@@ -3091,7 +3083,7 @@ def _check_bridged_forward(v, ns, br, nh, hop):
                       f"; bridge-nf-call-iptables=1 (br_netfilter) sends {br}'s bridged frames through it",
                       _as_shell([iptables("-L", "FORWARD", "-v", "-n", "-x", ns=ns),
                                  in_netns(["sysctl", "net.bridge.bridge-nf-call-iptables"], ns)]),
-                      _as_shell([iptables("-I", "FORWARD", "-i", br, "-o", br, "-j", "ACCEPT", ns=ns)]))
+                      _as_shell([iptables_rule("-I", *bridge_forward_rule(br), ns=ns)]))
     hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
 
 
@@ -3266,7 +3258,10 @@ def doctor_text(report):
                      + "".join(f" [{step}]" for step in hop.get("l2", [])))
     b = report["broken"]
     if not b:
-        lines.append(f"HEALTHY: {report['from']} reaches {report['dst']} along these hops; nothing on the path "
+        beyond = report["hops"] and report["hops"][-1].get("note", "").startswith("leaves ")
+        lines.append(f"HEALTHY as far as doctor can see: nothing drops {report['from']}'s packets for "
+                     f"{report['dst']} before they leave through {report['hops'][-1]['out']}" if beyond else
+                     f"HEALTHY: {report['from']} reaches {report['dst']} along these hops; nothing on the path "
                      "drops the packet")
         return "\n".join(lines)
     lines.append(f"BROKEN at {b['hop']}: {b['cause']}")

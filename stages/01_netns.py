@@ -6,7 +6,7 @@
 """
 import json
 
-from lesson import Lesson, cnikit, ip, in_netns, have
+from lesson import Lesson, cnikit, ip, have
 
 NS = "ns1"
 PRIVATE = "private0"      # an interface only ns1 has (a bridge here is just a link with no cable)
@@ -53,7 +53,7 @@ def build(L):
 
     if have("iptables"):
         L.step("its own firewall: default policies only, none of the host's rules")
-        L.fresh["iptables"] = r.show(in_netns(["iptables", "-S"], NS))
+        L.fresh["iptables"] = r.show(cnikit.iptables("-S", ns=NS))
 
     L.step("with lo DOWN even 127.0.0.1 is unreachable: this ping is expected to fail")
     L.ping("127.0.0.1", NS, expect_fail=True)

@@ -15,6 +15,7 @@ nodes get for free.
 import ipaddress
 import itertools
 import json
+import os
 
 from lesson import Lesson, bridge, cnikit, in_netns, ip, pod_ip
 
@@ -84,7 +85,7 @@ LESSON = Lesson(
     tools=("ip", "ping", "iptables", "bridge", "socat", "ss"),
     # --host: what the plugin and the config writes leave besides the lesson's own commands
     indirect={"paths": [conf_dir(n) for n in NODES]
-              + [f"/var/lib/cni/networks/{net_name(n)}" for n in NODES] + [cnikit.CNI_LOG]},
+              + [os.path.join(cnikit.CNI_DATA_DIR, net_name(n)) for n in NODES] + [cnikit.CNI_LOG]},
 )
 
 
@@ -204,6 +205,8 @@ def verify(L):
         L.check(f"{node} holds a permanent neighbour entry for each peer VTEP",
                 all(f"{vtep(p)} lladdr {vtep_mac(p)} PERMANENT" in neigh for p in peers(node)), neigh)
     L.explore("then the lesson DELs the pods, and everything goes")
+    if L.keeps_on_host():
+        return
     for node in NODES:
         try:
             cnikit.cni_del(r, pod_call(L, node))

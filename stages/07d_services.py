@@ -163,6 +163,12 @@ def build(L):
             L.say(f"    {why}")
         r.run(cnikit.iptables_rule("-A", "nat", chain, spec), creates=cnikit.Change.rule("nat", chain, spec))
     r.show(cnikit.iptables("-t", "nat", "-S"))
+    if cnikit.forward_drops(r):     # a Docker host: a NodePort's DNATed connection is forwarded, and dropped
+        r.note("this host's FORWARD policy is DROP (Docker sets it): kube-proxy accepts Service traffic in its "
+               "KUBE-FORWARD chain; here: connections a Service rule DNATed, both ways, and nothing else")
+        accept = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "comment", "--comment", "cnikit services", "-j", "ACCEPT"]
+        r.run(cnikit.iptables_rule("-A", "filter", "FORWARD", accept),
+              creates=cnikit.Change.rule("filter", "FORWARD", accept))
 
 
 def connect_loop(L, target, port, ns=None, tries=TRIES):

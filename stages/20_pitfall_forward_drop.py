@@ -20,7 +20,6 @@ NODE, BRIDGE, GATEWAY = "node1", "br0", "10.0.20.1/24"
 PODS = {"pod1": "10.0.20.2/24", "pod2": "10.0.20.3/24"}
 POD2_IP = PODS["pod2"].split("/")[0]
 BR_NF = "net.bridge.bridge-nf-call-iptables"
-TAG = ["-m", "comment", "--comment", "cnikit lab20: bridged traffic on br0"]
 
 WORKS = f"pod1 pings pod2 ({POD2_IP}) across br0"
 BREAK = ("Docker starts on the node: it loads br_netfilter (bridge-nf-call-iptables=1) and sets "
@@ -90,8 +89,9 @@ def reveal(L):
 
 
 def fix(L):
-    rule = ["-i", BRIDGE, "-o", BRIDGE] + TAG + ["-j", "ACCEPT"]
-    L.r.run(cnikit.iptables("-I", "FORWARD", *rule, ns=NODE))
+    # cnikit's own rule for this (bridge add puts it there on a Docker host): tagged, so
+    # `cnikit bridge del` and `cnikit cleanup` remove it with the bridge
+    L.r.run(cnikit.iptables_rule("-I", *cnikit.bridge_forward_rule(BRIDGE), ns=NODE))
     L.r.show(cnikit.iptables("-S", "FORWARD", ns=NODE))
 
 

@@ -37,14 +37,14 @@ LESSON = Lesson(
     goal="strict rp_filter on the node drops the client's asymmetric path; the kernel's counter and doctor "
          "show it, loose mode on the incoming link lets it through",
     picture=r"""
-   +------------ client ------------+        +------------------ node1 (netns) -------------------+
-   | eth1 198.51.100.10 ---------------------- eth1 198.51.100.1   (packets come IN here)          |
-   | eth2 203.0.113.10  ---------------------- eth2 203.0.113.1    (route back to 203.0.113.10)   |
-   | route 10.0.22.0/24 via 198.51.100.1 |   |  rp_filter=1: "a packet from 203.0.113.10 on eth1? |
-   |       src 203.0.113.10              |   |  my route back is eth2: spoofed, drop"            |
-   +---------------------------------+       |  br0 10.0.22.1/24 --- veth-pod1                    |
-                                             +---------------------------|------------------------+
-                                                      pod1 eth0 10.0.22.2/24
+   +--------------- client --------------+        +------------------ node1 (netns) ------------------+
+   | eth1 198.51.100.10 --------------------------- eth1 198.51.100.1   (packets come IN here)        |
+   | eth2 203.0.113.10  --------------------------- eth2 203.0.113.1    (route back to 203.0.113.10)  |
+   | route 10.0.22.0/24 via 198.51.100.1 |        | rp_filter=1: "a packet from 203.0.113.10 on eth1? |
+   |       src 203.0.113.10              |        | my route back is eth2: spoofed, drop"             |
+   +-------------------------------------+        | br0 10.0.22.1/24 --- veth-pod1                    |
+                                                  +---------------------------|-----------------------+
+                                                                   pod1 eth0 10.0.22.2/24
 """,
     skips={"fix": "rp_filter stays strict on eth1: the client's packets keep being dropped as spoofed"},
     tools=("ip", "ping", "sysctl", "nstat"),

@@ -481,6 +481,14 @@ class Lesson:
         self.say(f"--keep: a shell {where}; the topology is yours to explore ({after})")
         _sandbox_shell(ns)
 
+    def keeps_on_host(self):
+        """--keep with --host: a lesson that would undo its own work at the end (07's DEL)
+        leaves it be, and says so; True when it should stop there."""
+        if self.keep and self.on_host and not self.r.dry_run:
+            self.say("--keep: the pods stay as ADD left them; the DEL and the checks after it are not run")
+            return True
+        return False
+
     def _leave(self, args, keep):
         """Leave nothing behind: the sandbox vanishes on exit; on the host, undo what
         the lesson created, newest first. --keep leaves it up (a shell in the sandbox)."""

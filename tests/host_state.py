@@ -5,9 +5,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cnikit  # noqa: E402  (the paths CNI writes to, defined once)
 
-CNI_PATHS = ("/etc/cni", "/opt/cni/bin", "/var/lib/cni", "/run/cnikit")
+CNI_PATHS = (os.path.dirname(cnikit.CNI_CONF_DIR), cnikit.CNI_PLUGIN_DIR, os.path.dirname(cnikit.CNI_DATA_DIR),
+             os.path.dirname(cnikit.NODE_SUBNET_FILE))
 
 
 def out(argv):
@@ -24,7 +28,7 @@ def host_state():
     # What a CNI plugin or runtime writes: a test or lesson must leave these as they were.
     state["cni_files"] = sorted(os.path.join(d, f) for top in CNI_PATHS if os.path.isdir(top)
                                 for d, _, files in os.walk(top) for f in files)
-    state["cni_log"] = os.path.exists("/var/log/cni.log")
+    state["cni_log"] = os.path.exists(cnikit.CNI_LOG)
     if shutil.which("iptables"):
         state["iptables"] = "".join(out(["iptables", "-t", t, "-S"]) for t in ("filter", "nat"))
     return state

@@ -173,11 +173,11 @@ def node_leftovers(r, node, network=cnikit.CNI_NET):
     nat chains."""
     left = [link["ifname"] for link in r.query_json(cnikit.docker_exec(node, "ip", "-j", "link", "show")) or []
             if link["ifname"].startswith("veth")]
-    ok, files = r.query(cnikit.docker_exec(node, "find", os.path.join("/var/lib/cni/networks", network),
+    ok, files = r.query(cnikit.docker_exec(node, "find", os.path.join(cnikit.CNI_DATA_DIR, network),
                                            cnikit.CNI_CACHE_DIR, "-type", "f"))
     left += [f for f in files.split() if os.path.basename(f)[0].isdigit() or f.startswith(cnikit.CNI_CACHE_DIR)]
     ok, rules = r.query(cnikit.docker_exec(node, "iptables", "-t", "nat", "-S"))
-    left += [line for line in rules.splitlines() if "CNIKIT-" in line]
+    left += [line for line in rules.splitlines() if cnikit.CHAIN_PREFIX in line]
     return left
 
 

@@ -10,6 +10,8 @@ import sh
 import kernel
 from kernel import addrs, links, routes  # noqa: F401  (the tests import them from here)
 
+import cnikit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_SRC = os.path.join(ROOT, "plugins", "cni-bash-compatible.py")
 # CNIKIT_TEST_PLUGIN=/path runs these tests against another build of it (e.g. the compiled form
@@ -79,7 +81,7 @@ def nat_rules():
     return sh.iptables("-t", "nat", "-S")
 
 
-def allocation_files(network, data_dir="/var/lib/cni/networks"):
+def allocation_files(network, data_dir=cnikit.CNI_DATA_DIR):
     d = os.path.join(data_dir, network)
     if not os.path.isdir(d):
         return {}

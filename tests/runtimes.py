@@ -17,6 +17,8 @@ import tarfile
 import tempfile
 import time
 
+import cnikit
+
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ping", "ip", "sleep", "cat", "true", "ifconfig", "route")
 IMAGE = "localhost/bb:latest"
@@ -145,7 +147,7 @@ def docker_archive(path, tag=IMAGE, cmd=("/bin/sh",)):
 
 def allocations(net):
     """{container id: address} from the IPAM files (host-local format: id on the first line)."""
-    d = os.path.join("/var/lib/cni/networks", net)
+    d = os.path.join(cnikit.CNI_DATA_DIR, net)
     found = {}
     for name in os.listdir(d) if os.path.isdir(d) else []:
         if name[0].isdigit() or ":" in name:

@@ -10,6 +10,8 @@ import pytest
 from kernel import cli, iptables_rules, veths
 from runtimes import IMAGE, Containerd, allocations, runtime_session, wait_for
 
+import cnikit
+
 SUBNET = "10.244.13.0/24"
 GATEWAY = "10.244.13.1"
 
@@ -38,7 +40,7 @@ def test_ctr_run_cni_uses_our_plugin_and_leaves_nothing(ctr):
     finally:
         ctr("task", "kill", "-s", "KILL", "c1", check=False)
         c1.wait(timeout=30)
-    with open("/var/log/cni.log") as f:
+    with open(cnikit.CNI_LOG) as f:
         log = f.read()
     assert "default-c1" in log and "DEL" in log
     # lesson 07 says so: containerd goes straight to ADD; the VERSION before every call is podman's habit

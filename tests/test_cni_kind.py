@@ -14,8 +14,16 @@ from kernel import ROOT, cli
 PLUGIN = cnikit.CNI_PLUGIN_SRC
 
 
-def test_kind_install_dry_run_prints_every_docker_command():
-    proc = cli("-v", "--dry-run", "cni", "kind-install", "demo", check=True)
+def test_kind_install_dry_run_prints_every_docker_command(tmp_path):
+    # A docker that knows no cluster (a fake one first on PATH, so every machine answers alike):
+    # the dry run asks it, then plans for kind.yaml's two nodes.
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cnikit.py"), "-v", "--dry-run", "cni", "kind-install",
+                           "demo"], capture_output=True, text=True,
+                          env=dict(os.environ, PATH=f"{tmp_path}:{os.environ.get('PATH', '')}"))
+    assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for node, cidr in (("demo-control-plane", "10.244.0.0/24"), ("demo-worker", "10.244.1.0/24")):
         assert (f"docker exec {node} apt-get update -qq -o APT::Update::Error-Mode=any\n"
@@ -32,8 +40,8 @@ def test_kind_install_dry_run_prints_every_docker_command():
         assert " sh -c " not in out      # plain commands only, never a shell
         assert f"{node}: no python3 (kind node images carry none): installing python3-minimal in the node" in out
     # the look-ups it makes to decide, shown with -v
-    assert "# look-up: docker ps --filter label=io.x-k8s.kind.cluster=demo --format '{{.Names}}'" in out \
-        or "no docker answer" in out
+    assert "# look-up: docker ps --filter label=io.x-k8s.kind.cluster=demo --format '{{.Names}}'" in out
+    assert "# dry run: no docker answer, planning for kind.yaml's nodes demo-control-plane demo-worker" in out
     # the same conflist on every node; the node's subnet lives in subnet.env (flannel-style)
     conflist = out.split("10-cnikit.conflist.tmp <<'EOF'\n")[1].split("\nEOF")[0]
     # ... and the whole cluster pod range is never masqueraded: no NAT between pods (as kindnet)
@@ -187,15 +195,15 @@ def test_plugin_non_masquerade_cidrs_exempts_them_before_the_masquerade():
     conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "cnikit", "ipam": {"subnet": "10.244.1.0/24"},
             "nonMasqueradeCIDRs": ["10.244.0.0/16", "fd00:10:244::/56", "192.0.2.7/24"]}
     ok(cni("ADD", conf, cid="p1", netns=netns("p1")))
-    rules = [line for line in str(nat_rules()).splitlines() if line.startswith("-A CNIKIT-")]
+    rules = [line for line in str(nat_rules()).splitlines() if line.startswith("-A " + cnikit.CHAIN_PREFIX)]
     targets = [(line.split(" -d ")[1].split()[0] if " -d " in line else None, line.split(" -j ")[1])
                for line in rules]
     # own subnet, then the cluster range (IPv4 only in the IPv4 table; host bits dropped), then MASQUERADE
     assert targets == [("10.244.1.0/24", "ACCEPT"), ("10.244.0.0/16", "ACCEPT"), ("192.0.2.0/24", "ACCEPT"),
                        ("224.0.0.0/4", "MASQUERADE")], rules
     ok(cni("DEL", conf, cid="p1", netns="/run/netns/p1"))
-    assert "CNIKIT-" not in str(nat_rules())
+    assert cnikit.CHAIN_PREFIX not in str(nat_rules())
     for bad in ("10.244.0.0/16", ["10.244.0.0/33"], ["pods"], [16]):
         res = error(cni("ADD", dict(conf, nonMasqueradeCIDRs=bad), cid="p2", netns=netns(f"p2{len(str(bad))}")), 7)
         assert "nonMasqueradeCIDRs" in res["msg"]
-    assert "CNIKIT-" not in str(nat_rules())
+    assert cnikit.CHAIN_PREFIX not in str(nat_rules())

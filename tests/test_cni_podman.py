@@ -11,6 +11,8 @@ import pytest
 from kernel import cli, iptables_rules, links, veths
 from runtimes import IMAGE, Podman, allocations, runtime_session
 
+import cnikit
+
 SUBNET = "10.244.11.0/24"
 GATEWAY = "10.244.11.1"
 
@@ -30,19 +32,19 @@ def test_podman_runs_containers_on_our_plugin_and_rm_leaves_nothing(podman):
     ip1 = allocations("cnikit")[c1]
     assert ipaddress.ip_address(ip1) in ipaddress.ip_network(SUBNET)
     assert len(veths()) == 1 and "cni0" in links()
+    assert [f for f in os.listdir("/var/lib/cni/results") if c1 in f] == [f"cnikit-{c1}-eth0"]   # libcni's cache
     proc = podman("run", "--name", "c2", "--network", "cnikit", IMAGE, "sh", "-c",
                   f"ip -4 -o addr show dev eth0 && ping -c 1 -W 2 {ip1} && ping -c 1 -W 2 {GATEWAY}", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "inet 10.244.11." in proc.stdout and f"{ip1}: seq=0" in proc.stdout and f"{GATEWAY}: seq=0" in proc.stdout
-    with open("/var/log/cni.log") as f:
+    with open(cnikit.CNI_LOG) as f:
         log = f.read()
     assert "VERSION" in log and "ADD" in log and c1 in log      # podman called ours, with its 64-hex id
     podman("rm", "-f", "-t", "0", "c1", "c2")
     assert veths() == []
     assert allocations("cnikit") == {}
     assert iptables_rules("nat") == nat_before and iptables_rules("filter") == filter_before
-    assert [f for f in os.listdir("/var/lib/cni/results") if "cnikit" in f] == [] \
-        if os.path.isdir("/var/lib/cni/results") else True
+    assert [f for f in os.listdir("/var/lib/cni/results") if "cnikit" in f] == []     # rm dropped it
     assert [n for n in os.listdir("/run/netns") if n.startswith("netns-")] == []
 
 

@@ -167,7 +167,7 @@ def test_runtime_drives_reference_chain_with_prev_result_cache_and_reverse_del()
     assert invocations(dele.stdout) == [("DEL", "portmap"), ("DEL", "bridge")]
     assert all('"prevResult":' in stdin for _, stdin, _ in calls_printed(dele.stdout, "DEL"))
     assert not os.path.exists("/var/lib/cni/results/refnet-pod1-eth0")
-    assert "eth0" not in links("pod1") and os.listdir("/var/lib/cni/networks/refnet") in ([], ["last_reserved_ip.0", "lock"], ["lock", "last_reserved_ip.0"])
+    assert "eth0" not in links("pod1") and sorted(os.listdir(os.path.join(cnikit.CNI_DATA_DIR, "refnet"))) in ([], ["last_reserved_ip.0", "lock"])
     again = run("cni", "del", "pod1", "--conf", conf)
     assert "no cached result" in again.stdout and invocations(again.stdout) == [("DEL", "portmap"), ("DEL", "bridge")]
 
@@ -180,7 +180,7 @@ def test_del_after_the_netns_is_gone_passes_empty_netns_like_containerd():
     sh.ip("netns", "del", "pod1")
     out = run("cni", "del", "pod1", "--conf", conf).stdout
     assert all("CNI_NETNS= " in l for l in out.splitlines() if l.startswith("env CNI_COMMAND=DEL"))
-    assert [f for f in os.listdir("/var/lib/cni/networks/refnet") if f[0].isdigit()] == []
+    assert [f for f in os.listdir(os.path.join(cnikit.CNI_DATA_DIR, "refnet")) if f[0].isdigit()] == []
 
 
 @needs_ref
@@ -214,7 +214,7 @@ def test_failed_add_dels_the_chain_and_leaves_nothing():
     assert invocations(proc.stdout) == [("ADD", "bridge"), ("ADD", "bridge"), ("DEL", "bridge"), ("DEL", "bridge")]
     assert "DEL the whole chain" in proc.stdout
     assert "eth0" not in links("pod1") and not os.path.exists("/var/lib/cni/results/bad-pod1-eth0")
-    assert [f for f in os.listdir("/var/lib/cni/networks/bad") if f[0].isdigit()] == []
+    assert [f for f in os.listdir(os.path.join(cnikit.CNI_DATA_DIR, "bad")) if f[0].isdigit()] == []
     with open(path, "w") as f:
         json.dump({"cniVersion": "1.0.0", "name": "bad", "plugins": [{"type": "bridge"}, {"type": "nosuchplugin"}]}, f)
     missing = cli("cni", "add", "pod1")    # a plugin not in CNI_PATH: refused before anything runs
@@ -275,7 +275,7 @@ def test_our_plugin_two_pods_ping_check_del_leaves_nothing():
         run("cni", "del", pod)
     assert [l for l in links() if l.startswith("veth")] == []
     assert "eth0" not in links("pod1") and "eth0" not in links("pod2")
-    assert [f for f in os.listdir("/var/lib/cni/networks/cnikit") if f[0].isdigit()] == []
+    assert [f for f in os.listdir(os.path.join(cnikit.CNI_DATA_DIR, "cnikit")) if f[0].isdigit()] == []
     assert os.listdir("/var/lib/cni/results") == []
     assert iptables_rules("nat") == before_rules
 
@@ -290,7 +290,7 @@ def test_gc_releases_what_no_cached_attachment_holds():
     out = run("cni", "gc").stdout
     assert invocations(out) == [("GC", "cnikit")] and "1 valid attachment(s)" in out
     assert '"cni.dev/valid-attachments":[{"containerID":"pod1","ifname":"eth0"}]' in out
-    held = sorted(f for f in os.listdir("/var/lib/cni/networks/cnikit") if f[0].isdigit())
+    held = sorted(f for f in os.listdir(os.path.join(cnikit.CNI_DATA_DIR, "cnikit")) if f[0].isdigit())
     assert held == [pod_addr("pod1")]
 
 
@@ -353,8 +353,8 @@ def test_install_compiles_the_plugin_into_one_file_pods_run_with_and_plain_keeps
     run("cni", "add", "zpod")
     assert pod_addr("zpod").startswith("10.244.9.") and ping("10.244.9.1", ns="zpod")
     run("cni", "del", "zpod")
-    assert set(files("/var/lib/cni/networks/cnikit")) <= {".cnikit", "last_reserved_ip.0", "lock"}  # no address
-    assert files("/var/lib/cni/networks/cnikit/.cnikit/attachments") == []                          # no record
+    assert set(files(os.path.join(cnikit.CNI_DATA_DIR, "cnikit"))) <= {".cnikit", "last_reserved_ip.0", "lock"}  # no address
+    assert files(os.path.join(cnikit.CNI_DATA_DIR, "cnikit", ".cnikit", "attachments")) == []                          # no record
     # --plain: the readable file itself, first line pinned; the compiled one is replaced
     assert "--compile" not in run("cni", "install", "--plain", "--subnet", "10.244.9.0/24").stdout
     with open(plugin, "rb") as f:

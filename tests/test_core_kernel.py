@@ -238,8 +238,9 @@ def test_not_root_says_so_and_shows_what_would_run():
 def test_sandbox_keeps_what_cni_writes_private():
     # A plugin install, its config, address files and log inside a sandbox never reach
     # the namespace that started it (here: the test's own sandbox, standing for the host).
-    marks = ["/etc/cni/net.d/10-x.conflist", "/opt/cni/bin/x", "/var/lib/cni/networks/x/10.0.0.2",
-             "/var/log/cni.log", "/run/cnikit/subnet.env", "/run/netns/x"]
+    marks = [os.path.join(cnikit.CNI_CONF_DIR, "10-x.conflist"), os.path.join(cnikit.CNI_PLUGIN_DIR, "x"),
+             os.path.join(cnikit.CNI_DATA_DIR, "x", "10.0.0.2"), cnikit.CNI_LOG, cnikit.NODE_SUBNET_FILE,
+             os.path.join(cnikit.NETNS_DIR, "x")]
     script = " && ".join(f"mkdir -p {os.path.dirname(m)} && touch {m}" for m in marks)
     proc = cli("sandbox", "--", "sh", "-c", script + " && ls " + " ".join(marks))
     assert proc.returncode == 0, proc.stderr
@@ -332,10 +333,10 @@ def test_cleanup_removes_cni_state_too_so_the_next_pod_starts_fresh():
     assert "CNI_COMMAND=DEL" in out and "rm -f /etc/cni/net.d/10-cnikit.conflist" in out
     assert "ip link del cni0" in out and "rm -rf /var/lib/cni/networks/cnikit" in out
     assert "nothing of cnikit's is left" in run("cleanup").stdout
-    for d in ("/var/lib/cni/results", "/var/lib/cni/networks", "/etc/cni/net.d", "/opt/cni/bin"):
+    for d in ("/var/lib/cni/results", cnikit.CNI_DATA_DIR, "/etc/cni/net.d", "/opt/cni/bin"):
         assert not os.path.isdir(d) or os.listdir(d) == [], (d, os.listdir(d))
     assert "cni0" not in links() and netns_list() == []
-    assert "CNIKIT-" not in str(sh.iptables("-t", "nat", "-S")) + str(sh.iptables("-S"))
+    assert cnikit.CHAIN_PREFIX not in str(sh.iptables("-t", "nat", "-S")) + str(sh.iptables("-S"))
     run("cni", "install")
     run("netns", "add", "pod1")
     again = json.loads(run("-q", "cni", "add", "pod1").stdout)

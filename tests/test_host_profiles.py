@@ -13,12 +13,16 @@ import subprocess
 import pytest
 import sh
 
+import cnikit
 from host_profiles import BR_NF, docker_host, forward_policy, host_profile, kind_node  # noqa: F401
 from host_state import host_state
 from kernel import cli, iptables_rules, ping, run_stage
 from plugin_helpers import CLASSIC, PLUGIN, cni, env_for, error, netns, ok, pod
 
-LESSONS = ("01_netns", "02_veth", "03_bridge", "04_tcp", "05_egress", "06_vxlan", "07_cni", "07b_multinode")
+STAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "stages")
+# Every lesson and pitfall lab (their names start with a number), new ones included.
+LESSONS = sorted(f[:-3] for f in os.listdir(STAGES) if f[:1].isdigit() and f.endswith(".py"))
+DOCKER_NOTE = "# this host's FORWARD policy is DROP (Docker sets it)"
 
 
 def bridge_note(name):
@@ -31,9 +35,11 @@ BRIDGE_NOTE = bridge_note("br0")
 NAT_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): only the FORWARD accept rules below let"
 CNI_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept rules"
 EGRESS_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): the request was dropped in FORWARD"
+SERVICES_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): kube-proxy accepts Service traffic"
 # The lines a lesson that meets the Docker condition says about it (a bridge on the host, egress, pods).
 NOTES = {"03_bridge": [BRIDGE_NOTE], "04_tcp": [BRIDGE_NOTE], "05_egress": [BRIDGE_NOTE, EGRESS_NOTE, NAT_NOTE],
-         "07_cni": [CNI_NOTE], "07b_multinode": [bridge_note("underlay0")]}
+         "07_cni": [CNI_NOTE], "07b_multinode": [bridge_note("underlay0")],
+         "07d_services": [BRIDGE_NOTE, SERVICES_NOTE]}
 SUBNET, GATEWAY = "10.244.9.0/24", "10.244.9.1"
 UPLINK, SERVER = "203.0.113.1/24", "203.0.113.10/24"
 
@@ -43,7 +49,7 @@ def said(out, note):
 
 
 def ours(rules):
-    return [rule for rule in rules if "cnikit" in rule or "CNIKIT-" in rule]
+    return [rule for rule in rules if "cnikit" in rule or cnikit.CHAIN_PREFIX in rule]
 
 
 def test_the_docker_profile_reproduces_what_docker_does(docker_host):
@@ -58,7 +64,7 @@ def test_the_docker_profile_reproduces_what_docker_does(docker_host):
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_every_lesson_passes_with_host_and_leaves_the_host_as_it_was(host_profile, lesson):
     before = host_state()
-    proc = run_stage(lesson + ".py", "--host", timeout=120)
+    proc = run_stage(lesson + ".py", "--host", timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     assert re.search(r"^PASS lesson ", proc.stdout, re.M), proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr
@@ -69,7 +75,7 @@ def test_every_lesson_passes_with_host_and_leaves_the_host_as_it_was(host_profil
         if isinstance(note, re.Pattern) and host_profile.missing:
             continue
         assert said(proc.stdout, note) == host_profile.forward_drop, (note, proc.stdout[:4000])
-    assert ("FORWARD policy is DROP" in proc.stdout) == (host_profile.forward_drop and lesson in NOTES)
+    assert (DOCKER_NOTE in proc.stdout) == (host_profile.forward_drop and lesson in NOTES)
 
 
 def _internet():
@@ -150,7 +156,7 @@ def test_a_failed_add_rolls_back_the_accept_chain_of_the_family_that_went_in(doc
     res = cni("ADD", conf, cid="p1", PATH="/run/cni/fakebin:/usr/sbin:/usr/bin:/sbin:/bin")
     assert "simulated failure" in error(res, 102)["details"]
     assert ours(iptables_rules("filter")) == [] and ours(iptables_rules("nat")) == []
-    assert "CNIKIT-" not in str(sh.iptables("-S")) + str(sh.iptables("-t", "nat", "-S"))
+    assert cnikit.CHAIN_PREFIX not in str(sh.iptables("-S")) + str(sh.iptables("-t", "nat", "-S"))
 
 
 def test_check_and_gc_know_the_accept_chain(docker_host):

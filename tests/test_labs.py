@@ -296,3 +296,66 @@ def test_doctor_bad_input_is_one_line_and_exit_2(args, message):
 def test_doctor_with_n_of_a_missing_namespace_is_exit_2():
     proc = cli("-n", "ghost", "doctor", "host", "192.0.2.1")
     assert proc.returncode == 2 and "ghost" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- doctor's pure parts
+
+DOCKER_FILTER = """-P INPUT ACCEPT -c 0 0
+-P FORWARD DROP -c 7 588
+-P OUTPUT ACCEPT -c 0 0
+-N DOCKER
+-N DOCKER-ISOLATION-STAGE-1
+-N DOCKER-USER
+-A FORWARD -c 0 0 -j DOCKER-USER
+-A FORWARD -c 0 0 -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -c 0 0 -j ACCEPT
+-A FORWARD -o docker0 -c 0 0 -j DOCKER
+-A FORWARD -i docker0 ! -o docker0 -c 0 0 -j ACCEPT
+-A FORWARD -i docker0 -o docker0 -c 0 0 -j ACCEPT
+-A DOCKER-ISOLATION-STAGE-1 -c 0 0 -j RETURN
+-A DOCKER-USER -c 0 0 -j RETURN
+"""
+
+
+def test_doctor_reads_docker_forward_chain_as_the_kernel_would():
+    import cnikit
+    chains = cnikit._parse_iptables(DOCKER_FILTER)
+    assert chains["FORWARD"]["policy"] == "DROP" and chains["FORWARD"]["packets"] == 7
+    # docker0's own traffic: accepted by Docker's rules, through its user chains' RETURN
+    assert cnikit._filter_verdict(chains, "FORWARD", {"iif": "docker0", "oif": "docker0"})[0] == "ACCEPT"
+    assert cnikit._filter_verdict(chains, "FORWARD", {"iif": "docker0", "oif": "eth0"})[0] == "ACCEPT"
+    # a CNI bridge's pods: nothing accepts them, the policy drops them (lab 20)
+    assert cnikit._filter_verdict(chains, "FORWARD", {"iif": "cni0", "oif": "cni0"}) == ("DROP", None)
+    # a new flow is not RELATED,ESTABLISHED: that rule does not count for it
+    assert cnikit._filter_verdict(chains, "FORWARD", {"iif": "eth0", "oif": "docker0"}) == ("DROP", None)
+
+
+@pytest.mark.parametrize("rule,pkt,matches", [
+    (["-s", "10.24.1.0/24", "-o", "eth0", "-j", "MASQUERADE"], {"src": "10.24.1.2", "oif": "eth0"}, True),
+    (["-s", "10.24.1.0/24", "!", "-d", "10.24.0.0/16", "-j", "MASQUERADE"], {"src": "10.24.1.2", "dst": "10.24.2.2"},
+     False),
+    (["-i", "veth+", "-j", "ACCEPT"], {"iif": "veth-pod1"}, True),
+    (["-p", "udp", "-m", "udp", "--dport", "5000:6000", "-j", "DNAT"], {"proto": "udp", "dport": 5353}, True),
+    (["-p", "tcp", "--dport", "5353", "-j", "DNAT"], {"proto": "udp", "dport": 5353}, False),
+    (["-m", "mark", "--mark", "0x4000", "-j", "ACCEPT"], {}, False),      # a match doctor cannot judge
+])
+def test_doctor_rule_matcher(rule, pkt, matches):
+    import cnikit
+    assert cnikit._rule_matches(rule, pkt)[0] is matches
+
+
+def test_doctor_reads_a_conntrack_line_both_ways():
+    import cnikit
+    flow = cnikit._parse_conntrack("udp      17 28 src=198.51.100.10 dst=198.51.100.1 sport=40000 dport=5353 "
+                                   "src=10.0.25.2 dst=198.51.100.10 sport=5353 dport=40000 mark=0 use=1")
+    assert flow["orig"] == {"src": "198.51.100.10", "dst": "198.51.100.1", "sport": "40000", "dport": "5353"}
+    assert flow["reply"]["src"] == "10.0.25.2"
+
+
+def test_doctor_names_a_link_without_carrier():
+    """Up but no carrier (a tap nobody holds open): the packet goes nowhere."""
+    sh.ip("tuntap", "add", "tap0", "mode", "tap")
+    sh.ip("addr", "add", "192.0.2.5/24", "dev", "tap0")
+    sh.ip("link", "set", "tap0", "up")
+    code, report, _ = doctor("host", "192.0.2.77")
+    assert code == 1 and report["broken"]["cause"] == "link-down" and "no carrier" in report["broken"]["what"]

@@ -5,8 +5,10 @@ import os
 import subprocess
 import time
 
+import pytest
 import sh
 
+import cnikit
 from plugin_helpers import (CLASSIC, PLUGIN, REFERENCE, addrs, allocation_files, cni, env_for, error, links,
                             nat_rules, netns, ok, ping, pod, routes)  # noqa: F401
 
@@ -38,6 +40,8 @@ def test_ip_masq_hides_the_pod_behind_the_node_towards_the_internet():
             if "8080" in sh.ip("netns", "exec", "inet", "ss", "-ltn"):
                 break
             time.sleep(0.1)
+        else:
+            pytest.fail("socat in inet never listened on 8080 (5 s)")
         sh.ip("netns", "exec", "p1", "socat", "-u", "OPEN:/dev/null", "TCP:203.0.113.10:8080")
         listener.wait(timeout=10)
     finally:
@@ -51,7 +55,7 @@ def test_del_removes_every_trace_and_returns_the_address():
     assert host_veth in links() and "cnikit" in nat_rules()
     ok(cni("DEL", dict(CLASSIC, prevResult=res), cid="p1"))
     assert host_veth not in links() and "eth0" not in links("p1")
-    assert "cnikit" not in nat_rules() and "CNIKIT-" not in nat_rules()
+    assert "cnikit" not in nat_rules() and cnikit.CHAIN_PREFIX not in nat_rules()
     assert allocation_files("fromScratch") == {}
     assert pod("p2", CLASSIC)["ips"][0]["address"] == "10.244.0.3/24"  # round-robin goes on
     ok(cni("DEL", CLASSIC, cid="p2"))
@@ -198,14 +202,14 @@ def test_builtin_and_host_local_take_over_each_others_allocations():
 
 def test_subnet_precedence_config_args_node_file_default():
     # /run/cnikit is private in the test's sandbox (conftest): the node file stays there
-    with open("/run/cnikit/subnet.env", "w") as f:
+    with open(cnikit.NODE_SUBNET_FILE, "w") as f:
         f.write("# written by cnikit cni kind-install\nCNIKIT_SUBNET=10.244.1.0/24\n")
     assert pod("a", CLASSIC)["ips"][0]["address"] == "10.244.1.2/24"
     ns = netns("b")
     res = ok(cni("ADD", dict(CLASSIC, name="n2"), cid="b", netns=ns, args="IgnoreUnknown=1;CNIKIT_SUBNET=10.244.7.0/24"))
     assert res["ips"][0]["address"] == "10.244.7.2/24"
     assert pod("c", dict(CLASSIC, name="n3", bridge="br3", ipam={"subnet": "10.244.9.0/24"}))["ips"][0]["address"] == "10.244.9.2/24"
-    os.unlink("/run/cnikit/subnet.env")
+    os.unlink(cnikit.NODE_SUBNET_FILE)
     assert pod("d", dict(CLASSIC, name="n4", bridge="br4"))["ips"][0]["address"] == "10.244.0.2/24"
 
 
@@ -245,10 +249,30 @@ def test_routed_mode_is_point_to_point_with_no_bridge():
     for i, res in enumerate(results):
         ok(cni("DEL", dict(ROUTED, prevResult=res), cid=f"p{i}"))
     assert not [name for name in links() if name.startswith("veth")]
-    assert "CNIKIT-" not in nat_rules() and allocation_files("fromScratch") == {}
+    assert cnikit.CHAIN_PREFIX not in nat_rules() and allocation_files("fromScratch") == {}
 
 
 def test_routed_mode_rejects_an_unknown_mode_before_changing_anything():
     netns("p1")
     assert "invalid mode 'ptp'" in error(cni("ADD", dict(CLASSIC, mode="ptp"), cid="p1"), 7)["msg"]
     assert not [name for name in links() if name.startswith("veth")] and allocation_files("fromScratch") == {}
+
+
+def test_routed_mode_dual_stack_gives_host_sized_addresses_and_routes_in_both_families():
+    conf = dict(ROUTED, ipMasq=False, ipam={"ranges": [[{"subnet": "10.244.5.0/24"}], [{"subnet": "fd00:5::/64"}]]})
+    results = [pod(f"p{i}", conf) for i in range(2)]
+    assert [ip["address"] for ip in results[1]["ips"]] == ["10.244.5.3/32", "fd00:5::3/128"]
+    host_end = results[1]["interfaces"][0]["name"]
+    v6 = json.loads(str(sh.ip("-6", "-j", "route", "show")))
+    assert any(r["dst"] == "fd00:5::3" and r["dev"] == host_end for r in v6)
+    # new IPv6 addresses (the pods', the gateway on the host ends) are tentative for a moment
+    # (duplicate address detection): ping fails at once until then
+    deadline = time.monotonic() + 10
+    while subprocess.run(["ip", "netns", "exec", "p0", "ping", "-c", "1", "-W", "1", "fd00:5::3"],
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "p0 never reached fd00:5::3"
+        time.sleep(0.2)
+    ping("p0", "10.244.5.3")
+    for i, res in enumerate(results):
+        ok(cni("DEL", dict(conf, prevResult=res), cid=f"p{i}"))
+    assert "fd00:5::3" not in str(sh.ip("-6", "route", "show"))

@@ -8,10 +8,11 @@ import os
 import pytest
 import sh
 
+import cnikit
 from plugin_helpers import (CLASSIC, addrs, allocation_files, cni, error, links, nat_rules, netns, ok, ping,
                             pod)
 
-DATA = "/var/lib/cni/networks/fromScratch"
+DATA = os.path.join(cnikit.CNI_DATA_DIR, "fromScratch")
 RECORDS = os.path.join(DATA, ".cnikit", "attachments")
 LOG = "/run/cni/plugin.log"
 
@@ -212,7 +213,7 @@ def test_an_unreadable_record_falls_back_to_looking():
         f.write("{not json")
     ok(cni("DEL", CLASSIC, cid="c1", netns="", **logged()))
     assert "unreadable" in log_text() and "+ iptables-save" in log_text()
-    assert "CNIKIT-" not in nat_rules() and allocation_files("fromScratch") == {} and records() == {}
+    assert cnikit.CHAIN_PREFIX not in nat_rules() and allocation_files("fromScratch") == {} and records() == {}
 
 
 def test_gc_removes_what_the_records_of_stale_attachments_own():

@@ -11,10 +11,11 @@ import time
 
 import sh
 
+import cnikit
 from plugin_helpers import CLASSIC, PLUGIN, allocation_files, cni, env_for, links, nat_rules, netns
 
 SECONDS = float(os.environ.get("CNIKIT_SOAK_SECONDS", "6"))  # longer: CNIKIT_SOAK_SECONDS=600
-DATA = "/var/lib/cni/networks/fromScratch"
+DATA = os.path.join(cnikit.CNI_DATA_DIR, "fromScratch")
 
 
 def start(command, conf, cid):
@@ -36,7 +37,8 @@ def leftovers():
             "records": sorted(os.listdir(records)) if os.path.isdir(records) else [],
             "temporary": sorted(os.listdir(tmp)) if os.path.isdir(tmp) else [],
             "veths": sorted(n for n in links() if n.startswith("veth")),
-            "rules": [r for r in nat_rules().splitlines() + str(sh.iptables("-S")).splitlines() if "CNIKIT-" in r]}
+            "rules": [r for r in nat_rules().splitlines() + str(sh.iptables("-S")).splitlines()
+                      if cnikit.CHAIN_PREFIX in r]}
 
 
 EMPTY = {"addresses": {}, "records": [], "temporary": [], "veths": [], "rules": []}

@@ -6,6 +6,7 @@ import os
 import pytest
 import sh
 
+import cnikit
 from plugin_helpers import (CLASSIC, PLUGIN, VERSIONS, addrs, all_files, allocation_files, check_result_shape,
                             cni, error, links, nat_rules, netns, ok, pod, routes)  # noqa: F401
 
@@ -64,7 +65,7 @@ def test_classic_minimal_config_gets_the_documented_defaults():
 
 def test_every_call_is_logged_to_the_default_log():
     pod("p1", CLASSIC)
-    text = open("/var/log/cni.log").read()
+    text = open(cnikit.CNI_LOG).read()
     assert "=== ADD" in text and "CNI_CONTAINERID=p1" in text and '"name":"fromScratch"' in text.replace(" ", "")
     assert "ip link add veth" in text and "iptables-restore" in text and "result:" in text
 
@@ -270,7 +271,7 @@ def test_hostile_input_is_an_error_and_touches_nothing(env, patch, code):
             error(res, code)
     assert not os.path.exists("/tmp/pwned")
     # at most the lock file of the (valid) network, taken by the DEL of a vanished pod
-    assert all_files("/var/lib/cni") in ([], ["/var/lib/cni/networks/fromScratch/lock"])
+    assert all_files(os.path.dirname(cnikit.CNI_DATA_DIR)) in ([], [os.path.join(cnikit.CNI_DATA_DIR, "fromScratch", "lock")])
     assert set(links()) == before_links and "eth0" not in links("victim")
     assert "cnikit" not in nat_rules()
 
@@ -336,13 +337,13 @@ def test_long_container_id_gets_masquerade_and_gc_still_tells_attachments_apart(
     for cid in (long_a, long_b):
         ns = netns(cid[-1])
         ok(cni("ADD", c, cid=cid, netns=ns))
-    assert nat_rules().count("-j CNIKIT-") == 2
+    assert nat_rules().count("-j " + cnikit.CHAIN_PREFIX) == 2
     gc = dict(c, **{"cni.dev/valid-attachments": [{"containerID": long_a, "ifname": "eth0"}]})
     ok(cni("GC", gc))
-    assert nat_rules().count("-j CNIKIT-") == 1
+    assert nat_rules().count("-j " + cnikit.CHAIN_PREFIX) == 1
     assert list(allocation_files("testnet").values()) == [long_a + "\r\neth0"]
     ok(cni("DEL", c, cid=long_a, netns=""))
-    assert "CNIKIT-" not in nat_rules() and allocation_files("testnet") == {}
+    assert cnikit.CHAIN_PREFIX not in nat_rules() and allocation_files("testnet") == {}
 
 
 @pytest.mark.parametrize("attachments", [[1], ["a"], [{"containerID": ["x"], "ifname": "eth0"}],

@@ -144,7 +144,12 @@ def test_lesson_06_halves_on_two_hosts_as_the_vagrant_vms_run_them():
     assert half2.returncode == 0, half2.stdout[-2000:] + half2.stderr
     proof = on("hostA", "--role", "node1", "--peer", "198.51.100.12", "--verify")
     assert proof.returncode == 0, proof.stdout[-3000:]
-    assert verdict(proof).startswith("PASS lesson 06")
+    assert verdict(proof).startswith("PASS lesson 06 vxlan: pod1 on node1 (this host) reaches pod2 on node2 "
+                                     "(198.51.100.12)")
+    reverse = on("hostB", "--role", "node2", "--peer", "198.51.100.11", "--verify")    # named from node2's side
+    assert verdict(reverse).startswith("PASS lesson 06 vxlan: pod2 on node2 (this host) reaches pod1 on node1"), \
+        reverse.stdout[-2000:]
+    assert "# check: the underlay carried pod2's ping inside UDP 4789" in reverse.stdout or "tcpdump" not in reverse.stdout
     assert on("hostA", "--role", "node1", "--peer", "198.51.100.12").returncode == 0   # re-run is fine
     down = on("hostB", "--role", "node2", "--peer", "198.51.100.11", "--down")
     assert down.returncode == 0
@@ -527,19 +532,25 @@ def test_host_mode_leaves_even_when_build_breaks_unexpectedly():
 
 # ---------------------------------------------------------------- 07c: the routed model beside the bridge model
 
-def test_lesson_07c_routed_model_passes_compares_arp_and_path_and_leaves_nothing():
+def _passes_and_leaves_nothing(script, title):
+    """Run lesson SCRIPT; it must PASS as TITLE and leave the test's sandbox as it was.
+    Returns its output."""
     before = host_state()
-    proc = run_stage("07c_routed.py", timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    out = proc.stdout
-    assert verdict(proc).startswith("PASS lesson 07c routed")
+    proc = run_stage(script, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert verdict(proc).startswith(f"PASS lesson {title}")
+    assert host_state() == before
+    return proc.stdout
+
+
+def test_lesson_07c_routed_model_passes_compares_arp_and_path_and_leaves_nothing():
+    out = _passes_and_leaves_nothing("07c_routed.py", "07c routed")
     assert re.search(r"^eth0@\S+\s+UP\s+10\.244\.2\.2/32", out, re.M)           # the pod's /32
     assert re.search(r"^default via 10\.244\.2\.1 dev eth0", out, re.M)
     assert re.search(r"^10\.244\.2\.3 dev veth[0-9a-f]{11} scope link", out, re.M)  # host route /32 dev veth
     assert "# check: bridged: the reply's TTL says switched, not routed (64): ok" in out
     assert "# check: routed: the reply's TTL says routed by the node, once (63): ok" in out
     assert "rpod2's address is not in its neighbour table: ok" in out
-    assert host_state() == before
 
 
 def test_lesson_07c_without_the_host_route_rpod1_cannot_reach_rpod2():
@@ -551,11 +562,7 @@ def test_lesson_07c_without_the_host_route_rpod1_cannot_reach_rpod2():
 # ---------------------------------------------------------------- 07d: Services, kube-proxy's iptables mode
 
 def test_lesson_07d_services_answer_from_both_backends_from_a_pod_the_node_outside_and_hairpin():
-    before = host_state()
-    proc = run_stage("07d_services.py", timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
-    out = proc.stdout
-    assert verdict(proc).startswith("PASS lesson 07d services")
+    out = _passes_and_leaves_nothing("07d_services.py", "07d services")
     assert "-A KUBE-SVC-WEB -m statistic --mode random --probability 0.5 -j KUBE-SEP-WEB1" in out
     assert re.search(r"^-A KUBE-SEP-WEB2 -p tcp (-m tcp )?-j DNAT --to-destination 10\.244\.0\.12:8080$", out, re.M)
     for proof in ("every connection from the client pod to 10.96.0.10:80 was answered, by both backends",
@@ -569,7 +576,6 @@ def test_lesson_07d_services_answer_from_both_backends_from_a_pod_the_node_outsi
     assert ("web2", "203.0.113.10") in answers                 # NodePort: the outside client, unmasqueraded
     if shutil.which("conntrack"):
         assert "# check: conntrack maps 10.244.0.20 -> 10.96.0.10:80 to replies from both backends: ok" in out
-    assert host_state() == before
 
 
 @pytest.mark.parametrize("step,broken", [
@@ -597,3 +603,19 @@ def test_lesson_07d_host_mode_names_its_chains_restores_everything_and_refuses_k
     sh.iptables("-t", "nat", "-N", "KUBE-SERVICES")
     refused = run_stage("07d_services.py", "--host", timeout=TIMEOUT)
     assert refused.returncode == 2 and "iptables chain KUBE-SERVICES (nat) already exists" in refused.stderr
+
+
+def test_lesson_01_says_what_the_sandbox_is_and_contrasts_the_host_side_with_the_namespace():
+    out = lesson("01").stdout
+    opening = out.split("# [2]")[0]
+    assert "the \"host\" here is a sandbox" in opening
+    assert re.search(r"^host0\s+\S+\s+192\.0\.2\.1/24", opening, re.M)          # the host side's own interface
+    assert re.search(r"^192\.0\.2\.0/24 dev host0", opening, re.M)                # and its route
+    assert "# check: the host side has host0 and ns1 does not: ok" in out
+
+
+def test_keep_with_host_on_lesson_07_leaves_the_pods_as_add_made_them():
+    proc = run_stage("07_cni.py", "--host", "--keep", timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "--keep: the pods stay as ADD left them" in proc.stdout and "DEL both pods" not in proc.stdout
+    assert "10.244.0." in str(sh.ip("-n", "pod1", "-br", "addr", "show", "dev", "eth0"))
