@@ -173,8 +173,11 @@ def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
         while True:             # "waiting" is printed just before the step starts
             foreground = {}
             for pid in marked(mark):
-                with open(f"/proc/{pid}/comm") as f:
-                    foreground.setdefault(f.read().strip(), []).append(pid)
+                try:
+                    with open(f"/proc/{pid}/comm") as f:
+                        foreground.setdefault(f.read().strip(), []).append(pid)
+                except FileNotFoundError:   # a short-lived step (e.g. `ip`) ended meanwhile
+                    pass
             if "sleep" in foreground or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
