@@ -909,6 +909,14 @@ class Store:
             raise CNIError(E_IO, f"cannot lock {self.dir}: {e.strerror}")
         return self
 
+    def has_leftovers(self):
+        """A temporary file outside the lock: a call died (a DEL after a killed ADD sweeps it).
+        One look at a directory that is empty but for calls in flight."""
+        try:
+            return bool(os.listdir(self.tmp))
+        except OSError:
+            return False
+
     def __exit__(self, *exc):
         if self.lock is not None:
             os.close(self.lock)  # closing releases the flock
@@ -1118,8 +1126,8 @@ def record_of(net, cid, ifname):
     """This attachment's record, and the held lock of it: (record or None, fd or None).  No
     record: it owns nothing (the first use of a network directory records older attachments)."""
     store = Store(net.data_dir, net.name)
-    if not os.path.isdir(store.records):
-        with store:
+    if not os.path.isdir(store.records) or store.has_leftovers():
+        with store:  # entering records older attachments and sweeps what a killed call left
             pass
     path = record_path(net, cid, ifname)
     fd = hold_record(path)
