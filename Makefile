@@ -7,7 +7,9 @@ VPY     := $(VENV)/bin/python
 APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack python3 python3-venv
 # What the tests add: the reference CNI plugins (a baseline), real runtimes, an image source, vagrant.
 TEST_APT_PKGS := containernetworking-plugins podman containerd runc busybox-static vagrant
-PY_TEST_PKGS := pytest pytest-subprocess sh grpcio grpcio-tools
+PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools
+# Tests mostly wait on the kernel, pings and runtimes: four at once on two cores (each in its own sandbox).
+PYTEST_JOBS ?= 4
 
 .PHONY: deps apt-deps test demo clean help
 .DEFAULT_GOAL := help
@@ -40,7 +42,7 @@ test:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory deps || exit 1; \
 	setup=$$(date +%s); \
-	$(VPY) -m pytest tests --durations=10 --durations-by-file=10 $(PYTEST_ARGS); rc=$$?; \
+	$(VPY) -m pytest tests -n $(PYTEST_JOBS) --durations=10 --durations-by-file=10 $(PYTEST_ARGS); rc=$$?; \
 	end=$$(date +%s); \
 	echo "make test: set-up $$((setup - start)) s, tests $$((end - setup)) s, in all $$((end - start)) s"; \
 	exit $$rc
