@@ -5,6 +5,7 @@ sandbox, its broken state is named by doctor with the lab's cause and its fixed 
 healthy; doctor changes nothing (links, addresses, routes, neighbours, iptables, sysctls,
 conntrack compared before and after) and answers bad input with one line and exit 2.
 """
+import contextlib
 import glob
 import importlib.util
 import json
@@ -25,12 +26,27 @@ TIMEOUT = 120
 SYSCTLS = re.compile(r"^net\.(ipv4\.(ip_forward|conf\.\S+\.(rp_filter|forwarding))|bridge\.\S+) = ")
 
 
-def load(number):
+def _lesson(name):
+    """A lesson or lab file under stages/, imported as a module."""
     sys.path.insert(0, STAGES)
-    spec = importlib.util.spec_from_file_location(f"lab_{number}", os.path.join(STAGES, LABS[number]))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    spec = importlib.util.spec_from_file_location(f"lesson_{name[:3]}", os.path.join(STAGES, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load(number):
+    return _lesson(LABS[number])
+
+
+@contextlib.contextmanager
+def started(mod, **options):
+    """The lesson started quietly in this test's sandbox; its background jobs stop at the end."""
+    L = mod.LESSON.start(quiet=True, **options)
+    try:
+        yield L
+    finally:
+        L.r.stop_all()
 
 
 def verdict(proc):
@@ -129,8 +145,7 @@ def test_dry_run_runs_under_dash_and_lists_the_doctor_call(number):
 def test_doctor_names_the_broken_state_changes_nothing_and_finds_the_fixed_one_healthy(number):
     """Build the lab's states with its own functions in this sandbox: working, broken, fixed."""
     mod = load(number)
-    L = mod.LESSON.start(quiet=True)
-    try:
+    with started(mod) as L:
         mod.setup(L)
         assert mod.works(L)
         code, report, _ = doctor(*mod.DOCTOR)
@@ -151,15 +166,12 @@ def test_doctor_names_the_broken_state_changes_nothing_and_finds_the_fixed_one_h
         code, report, _ = doctor(*mod.DOCTOR)
         assert code == 0 and report["healthy"] and report["broken"] is None, report["broken"]
         assert report["hops"][-1].get("note", "").endswith("delivered")
-    finally:
-        L.r.stop_all()
 
 
 def test_doctor_fix_command_really_fixes_the_broken_state():
     """The printed fix is a real command: run it by hand and the path is healthy."""
     mod = load("20")
-    L = mod.LESSON.start(quiet=True)
-    try:
+    with started(mod) as L:
         mod.setup(L)
         mod.breakage(L)
         code, report, _ = doctor(*mod.DOCTOR)
@@ -168,19 +180,14 @@ def test_doctor_fix_command_really_fixes_the_broken_state():
             subprocess.run(line, shell=True, check=True)
         assert mod.works(L)
         assert doctor(*mod.DOCTOR)[0] == 0
-    finally:
-        L.r.stop_all()
 
 
 def test_doctor_text_report_names_hop_cause_see_and_fix():
     mod = load("23")
-    L = mod.LESSON.start(quiet=True)
-    try:
+    with started(mod) as L:
         mod.setup(L)
         mod.breakage(L)
         proc = cli("doctor", *mod.DOCTOR)
-    finally:
-        L.r.stop_all()
     assert proc.returncode == 1
     out = proc.stdout
     assert out.startswith("doctor: pod1 -> 198.51.100.10, icmp\n")
@@ -195,8 +202,7 @@ def test_doctor_on_simulated_nodes_and_from_the_host():
     """-n NODE makes NODE the host: `doctor host ADDR` starts there. Lab 21's nodes: the
     underlay is healthy; an underlay too small for the overlay is named by its MTU."""
     mod = load("21")
-    L = mod.LESSON.start(quiet=True)
-    try:
+    with started(mod) as L:
         mod.setup(L)
         proc = cli("-n", "node1", "doctor", "host", "192.0.2.2", "--json")
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -206,8 +212,6 @@ def test_doctor_on_simulated_nodes_and_from_the_host():
         code, report, _ = doctor("pod1", "pod2")
         assert code == 1 and report["broken"]["cause"] == "mtu"
         assert "headroom" in report["broken"]["what"], report["broken"]
-    finally:
-        L.r.stop_all()
     # from the host (this test's sandbox) into a namespace of its own
     sh.ip("netns", "add", "ns1")
     sh.ip("link", "add", "veth-ns1", "type", "veth", "peer", "name", "eth0", "netns", "ns1")
@@ -224,12 +228,8 @@ def test_doctor_on_simulated_nodes_and_from_the_host():
 
 def test_doctor_inside_lesson_05_names_missing_nat_as_no_way_back():
     """Lesson 05 without its NAT step: the internet has no route back to the pod."""
-    sys.path.insert(0, STAGES)
-    spec = importlib.util.spec_from_file_location("lesson_05", os.path.join(STAGES, "05_egress.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    L = mod.LESSON.start(quiet=True, skip=["nat"])
-    try:
+    mod = _lesson("05_egress.py")
+    with started(mod, skip=["nat"]) as L:
         mod.build(L)
         code, report, _ = doctor("ns1", "internet")
         assert code == 1 and report["broken"]["cause"] == "no-return-route", report["broken"]
@@ -239,16 +239,6 @@ def test_doctor_inside_lesson_05_names_missing_nat_as_no_way_back():
         code, report, _ = doctor("ns1", "internet")
         assert code == 0, report["broken"]
         assert any(h.get("nat", {}).get("to") == "203.0.113.1" for h in report["hops"])
-    finally:
-        L.r.stop_all()
-
-
-def _lesson(name):
-    sys.path.insert(0, STAGES)
-    spec = importlib.util.spec_from_file_location(f"lesson_{name[:3]}", os.path.join(STAGES, name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("name,skip,frm,to,cause,words", [
@@ -262,15 +252,12 @@ def test_doctor_inside_the_lessons(name, skip, frm, to, cause, words):
     """Doctor reads any topology, not only the labs': the lessons' states, whole or with a
     step left out; and a dry run of doctor looks just the same (it only reads)."""
     mod = _lesson(name)
-    L = mod.LESSON.start(quiet=True, skip=[skip] if skip else [])
-    try:
+    with started(mod, skip=[skip] if skip else []) as L:
         mod.build(L)
         proc = cli("doctor", frm, to)
         assert proc.returncode == (1 if cause else 0), proc.stdout + proc.stderr
         assert (f": {cause}\n" if cause else "\nHEALTHY: ") in proc.stdout and words in proc.stdout, proc.stdout
         assert cli("--dry-run", "doctor", frm, to).stdout == proc.stdout
-    finally:
-        L.r.stop_all()
 
 
 # ---------------------------------------------------------------- bad input
