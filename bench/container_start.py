@@ -12,7 +12,8 @@ CRI (what kubelet calls) one sample is RunPodSandbox -> StopPodSandbox -> Remove
 over gRPC (tests/cri.py: needs grpcio and grpcio-tools, hence the venv's python): ADD, a
 DEL with the netns and prevResult, and a DEL with neither; each network has a containerd
 of its own (the CRI reads one CNI config directory). Both networks do the same, options
-spelled out: a bridge, a veth, an address from the subnet, a default route, masquerading.
+spelled out: a bridge, a veth, an address from the subnet, a default route, masquerading
+(ours with forwardAccept off: the reference bridge never touches FORWARD).
 
 It runs itself in a throwaway sandbox (network + mount namespace, private /etc/cni,
 /opt/cni/bin, /var/lib/cni, /var/log; the runtimes' storage on a private tmpfs): nothing
@@ -43,7 +44,7 @@ REFERENCE_BIN = "/usr/lib/cni"
 TARGET = 1.0
 OURS = {"cniVersion": "1.0.0", "name": "ours", "plugins": [
     {"type": "cnikit", "bridge": "cni0", "isGateway": True, "isDefaultGateway": True, "ipMasq": True,
-     "ipam": {"subnet": "10.244.20.0/24"}}]}
+     "forwardAccept": False, "ipam": {"subnet": "10.244.20.0/24"}}]}
 REFERENCE = {"cniVersion": "1.0.0", "name": "ref", "plugins": [
     {"type": "bridge", "bridge": "cni1", "isGateway": True, "isDefaultGateway": True, "ipMasq": True,
      "ipam": {"type": "host-local", "subnet": "10.244.21.0/24"}}]}

@@ -64,7 +64,7 @@ bug, answered in CNI's terms instead of a traceback).
 Installed by `cnikit cni install` as one file carrying its bytecode (`--compile`, see
 compile_plugin); everything above the VERSION head's end is all a VERSION call loads.
 """
-import posix  # os, without the ~2 ms of imports behind it (os is loaded after the VERSION head)
+import posix  # os without its ~2 ms of imports (os.path, _collections_abc): see "files" below
 import sys
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -256,17 +256,91 @@ def answer(call, verb):
     return code
 
 
+def environ():
+    """The environment as str, read now (posix.environ writes through to posix.environ)."""
+    return {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape") for k, v in posix.environ.items()}
+
+
+def getenv(name, default=""):
+    value = posix.environ.get(name.encode())
+    return default if value is None else value.decode("utf-8", "surrogateescape")
+
+
+def leave(code):
+    """Exit without the interpreter's teardown (a quarter of a bare python3's run: freeing every
+    module and object one by one, for a process that is about to vanish).  All we wrote is
+    flushed first; the log went out in one write; files and locks close with the process."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    posix._exit(code)
+
+
 # Podman asks VERSION before every ADD and DEL: answer it before the rest of this file is even
 # loaded (`cnikit cni install` compiles what is above this point and what is below it apart).
 if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
-    sys.exit(answer(Call({k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
-                          for k, v in posix.environ.items()}), cmd_version))
+    leave(answer(Call(environ()), cmd_version))
 # ==== end of the VERSION head ====
 
-import os  # noqa: E402
 import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
 import _struct as struct  # noqa: E402  (struct.py only re-exports _struct, which is built in)
 from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR  # noqa: E402  (errno is built in: free)
+
+
+# ---------------------------------------------------------------- files: posix and these few helpers
+# The os module costs ~2 ms to import (os.path, _collections_abc) on every call: the body calls
+# posix directly, and these stand in for the few os.path and os functions it needs.
+
+S_IFMT, S_IFDIR, S_IFREG = 0o170000, 0o040000, 0o100000
+
+
+def join(path, *names):
+    """os.path.join, for str."""
+    for name in names:
+        if name.startswith("/"):
+            path = name
+        elif not path or path.endswith("/"):
+            path += name
+        else:
+            path += "/" + name
+    return path
+
+
+def file_type(path, follow=True):
+    """The S_IFMT bits of PATH, or None when it is not there (or cannot be looked at)."""
+    try:
+        return (posix.stat(path) if follow else posix.lstat(path)).st_mode & S_IFMT
+    except (OSError, ValueError):
+        return None
+
+
+def isdir(path):
+    return file_type(path) == S_IFDIR
+
+
+def exists(path):
+    return file_type(path) is not None
+
+
+def makedirs(path, mode=0o755):
+    """os.makedirs(path, mode, exist_ok=True)."""
+    try:
+        posix.mkdir(path, mode)
+    except FileNotFoundError:
+        parent = path.rstrip("/").rpartition("/")[0]
+        if not parent:
+            raise
+        makedirs(parent, mode)
+        try:
+            posix.mkdir(path, mode)  # once: a parent that refuses children (/proc) fails here
+        except FileExistsError:
+            if not isdir(path):
+                raise
+    except FileExistsError:
+        if not isdir(path):
+            raise
 
 
 # ---------------------------------------------------------------- commands
@@ -294,35 +368,35 @@ def run(argv, stdin=None, env=None):
 
 def spawn(argv, stdin, env):
     """Run argv; stdin and stderr through memory files, so no pipe can fill up and block."""
-    inp = os.memfd_create("stdin", os.MFD_CLOEXEC)
-    err = os.memfd_create("stderr", os.MFD_CLOEXEC)
-    r, w = os.pipe2(os.O_CLOEXEC)
+    inp = posix.memfd_create("stdin", posix.MFD_CLOEXEC)
+    err = posix.memfd_create("stderr", posix.MFD_CLOEXEC)
+    r, w = posix.pipe2(posix.O_CLOEXEC)
     try:
-        os.write(inp, stdin or b"")
-        os.lseek(inp, 0, 0)
-        pid = os.posix_spawnp(argv[0], argv, env if env is not None else os.environ, file_actions=[
-            (os.POSIX_SPAWN_DUP2, inp, 0), (os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_DUP2, err, 2)])
-        os.close(w)
+        posix.write(inp, stdin or b"")
+        posix.lseek(inp, 0, 0)
+        pid = posix.posix_spawnp(argv[0], argv, env if env is not None else environ(), file_actions=[
+            (posix.POSIX_SPAWN_DUP2, inp, 0), (posix.POSIX_SPAWN_DUP2, w, 1), (posix.POSIX_SPAWN_DUP2, err, 2)])
+        posix.close(w)
         w = None
         chunks = []
         while True:
-            chunk = os.read(r, 65536)
+            chunk = posix.read(r, 65536)
             if not chunk:
                 break
             chunks.append(chunk)
-        status = os.waitpid(pid, 0)[1]
-        os.lseek(err, 0, 0)
-        return os.waitstatus_to_exitcode(status), b"".join(chunks), os.read(err, 65536)
+        status = posix.waitpid(pid, 0)[1]
+        posix.lseek(err, 0, 0)
+        return posix.waitstatus_to_exitcode(status), b"".join(chunks), posix.read(err, 65536)
     finally:
         for fd in (inp, err, r, w):
             if fd is not None:
-                os.close(fd)
+                posix.close(fd)
 
 
 def which(name, path=None):
-    for d in (path if path is not None else os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")).split(":"):
-        p = os.path.join(d or ".", name)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
+    for d in (path if path is not None else getenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")).split(":"):
+        p = join(d or ".", name)
+        if file_type(p) == S_IFREG and posix.access(p, posix.X_OK):
             return p
     return None
 
@@ -454,7 +528,7 @@ class Netlink:
                 if rtype == NLMSG_ERROR:
                     err = -struct.unpack_from("=i", payload)[0]
                     if err:
-                        raise OSError(err, os.strerror(err))
+                        raise OSError(err, posix.strerror(err))
                     return replies
                 if rtype == NLMSG_DONE:
                     return replies
@@ -609,28 +683,27 @@ def libc_setns():
         _restype_ = CInt
 
     class Libc:
-        _handle = _ctypes.dlopen(None, os.RTLD_NOW)
+        _handle = _ctypes.dlopen(None, posix.RTLD_NOW)
 
     call = CFunction(("setns", Libc))
 
     def setns(fd, nstype):
         if call(fd, nstype) != 0:
             err = _ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+            raise OSError(err, posix.strerror(err))
     return setns
 
 
 def setns(fd):
-    (os.setns if hasattr(os, "setns") else libc_setns())(fd, CLONE_NEWNET)
+    (posix.setns if hasattr(posix, "setns") else libc_setns())(fd, CLONE_NEWNET)
 
 
 def open_netns(path):
     """Open a namespace file: nsfs files are regular files, so a FIFO (open would block) or a
     device (open may have side effects) is refused before it is opened."""
-    import stat
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if posix.stat(path).st_mode & S_IFMT != S_IFREG:
         raise OSError(EINVAL, "not a regular file")
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    return posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK | posix.O_NOCTTY)
 
 
 def check_netns(path, must_exist):
@@ -647,7 +720,7 @@ def check_netns(path, must_exist):
     except OSError:
         kind = None
     finally:
-        os.close(fd)
+        posix.close(fd)
     if kind != CLONE_NEWNET:
         raise CNIError(E_ENV, f"CNI_NETNS {path!r} is not a network namespace")
 
@@ -664,11 +737,11 @@ class Container:
         try:
             self.nl = self.netlink_inside(netns)
         except BaseException:
-            os.close(self.fd)
+            posix.close(self.fd)
             raise
 
     def netlink_inside(self, netns):
-        host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        host = posix.open("/proc/self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
         try:
             try:
                 setns(self.fd)
@@ -679,14 +752,14 @@ class Container:
             finally:
                 setns(host)
         finally:
-            os.close(host)
+            posix.close(host)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.nl.close()
-        os.close(self.fd)
+        posix.close(self.fd)
 
 
 # ---------------------------------------------------------------- input
@@ -884,25 +957,25 @@ class Store:
     nothing" and DEL needs no scan."""
 
     def __init__(self, data_dir, network):
-        self.dir = os.path.join(data_dir, network)
-        self.records = os.path.join(self.dir, ".cnikit", "attachments")
-        self.tmp = os.path.join(self.dir, ".cnikit", "tmp")
+        self.dir = join(data_dir, network)
+        self.records = join(self.dir, ".cnikit", "attachments")
+        self.tmp = join(self.dir, ".cnikit", "tmp")
         self.lock = None
 
     def __enter__(self):
         import fcntl
         try:
             try:
-                self.lock = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self.lock = posix.open(join(self.dir, "lock"), posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, 0o600)
             except FileNotFoundError:
-                os.makedirs(self.dir, 0o755, exist_ok=True)
-                self.lock = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                makedirs(self.dir)
+                self.lock = posix.open(join(self.dir, "lock"), posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, 0o600)
             fcntl.flock(self.lock, fcntl.LOCK_EX)
-            os.makedirs(self.tmp, 0o755, exist_ok=True)
-            for name in os.listdir(self.tmp):  # only files of calls that died: see the class comment
+            makedirs(self.tmp)
+            for name in posix.listdir(self.tmp):  # only files of calls that died: see the class comment
                 log(f"  ipam: sweep {name} (left by a call that died)")
-                os.unlink(os.path.join(self.tmp, name))
-            if not os.path.isdir(self.records):
+                posix.unlink(join(self.tmp, name))
+            if not isdir(self.records):
                 self.start_records()
         except OSError as e:
             self.__exit__()
@@ -913,13 +986,13 @@ class Store:
         """A temporary file outside the lock: a call died (a DEL after a killed ADD sweeps it).
         One look at a directory that is empty but for calls in flight."""
         try:
-            return bool(os.listdir(self.tmp))
+            return bool(posix.listdir(self.tmp))
         except OSError:
             return False
 
     def __exit__(self, *exc):
         if self.lock is not None:
-            os.close(self.lock)  # closing releases the flock
+            posix.close(self.lock)  # closing releases the flock
             self.lock = None
 
     def start_records(self):
@@ -927,61 +1000,61 @@ class Store:
         its allocation files, with its rules marked unknown), then the directory appears."""
         building = self.records + ".new"
         rmtree(building)
-        os.makedirs(building, 0o755)
+        posix.mkdir(building, 0o755)
         owners = {}
         for key, who in self.allocations().items():
             owners.setdefault(who, []).append(key)
         for who, keys in owners.items():
             cid, _, ifname = who.partition("\r\n")
             rec = Record(cid, ifname, [fmt_ip(*k) for k in keys], rules=None)
-            self.write_file(os.path.join(building, rec.key), json_dumps(rec.fields()))
-        for name in os.listdir(self.dir):  # older versions' temporary files (named by pid)
+            self.write_file(join(building, rec.key), json_dumps(rec.fields()))
+        for name in posix.listdir(self.dir):  # older versions' temporary files (named by pid)
             if name.startswith((".tmp-", ".last-")):
                 log(f"  ipam: sweep {name} (left by a call that died)")
-                os.unlink(os.path.join(self.dir, name))
-        os.rename(building, self.records)
+                posix.unlink(join(self.dir, name))
+        posix.rename(building, self.records)
 
     def write_file(self, path, text):
         """Write a whole file atomically: a temporary file under the lock, then rename."""
-        tmp = os.path.join(self.tmp, f"{os.getpid()}")
+        tmp = join(self.tmp, f"{posix.getpid()}")
         with open(tmp, "w") as f:
             f.write(text)
-        os.rename(tmp, path)
+        posix.rename(tmp, path)
 
     def path(self, family, n):
-        return os.path.join(self.dir, fmt_ip(family, n))
+        return join(self.dir, fmt_ip(family, n))
 
     def owner(self, family, n):
         return read_owner(self.path(family, n))
 
     def free(self, family, n):
-        return not os.path.lexists(self.path(family, n))
+        return file_type(self.path(family, n), follow=False) is None
 
     def reserve(self, family, n, cid, ifname):
         """Create <ip> holding 'id\\r\\nifname' atomically (link fails if it exists)."""
-        tmp = os.path.join(self.tmp, f"ip-{os.getpid()}")
+        tmp = join(self.tmp, f"ip-{posix.getpid()}")
         try:
             with open(tmp, "wb") as f:
                 f.write(f"{cid}\r\n{ifname}".encode())
             try:
-                os.link(tmp, self.path(family, n))
+                posix.link(tmp, self.path(family, n))
                 return True
             except FileExistsError:
                 return False
             finally:
-                os.unlink(tmp)
+                posix.unlink(tmp)
         except OSError as e:
             raise CNIError(E_IO, f"cannot write allocation in {self.dir}: {e.strerror}")
 
     def set_last(self, index, family, n):
         try:
-            self.write_file(os.path.join(self.dir, f"last_reserved_ip.{index}"), fmt_ip(family, n))
+            self.write_file(join(self.dir, f"last_reserved_ip.{index}"), fmt_ip(family, n))
         except OSError as e:
             raise CNIError(E_IO, f"cannot write {self.dir}: {e.strerror}")
 
     def last(self, index):
         try:
-            with open(os.path.join(self.dir, f"last_reserved_ip.{index}")) as f:
+            with open(join(self.dir, f"last_reserved_ip.{index}")) as f:
                 return parse_ip(f.read().strip())
         except (OSError, ValueError):
             return None
@@ -991,7 +1064,7 @@ class Store:
         the first use of records only."""
         out = {}
         try:
-            names = os.listdir(self.dir)
+            names = posix.listdir(self.dir)
         except OSError:
             return out
         for name in names:
@@ -1010,28 +1083,28 @@ class Store:
             return
         log(f"  ipam: release {fmt_ip(family, n)}")
         try:
-            os.unlink(self.path(family, n))
+            posix.unlink(self.path(family, n))
         except FileNotFoundError:
             pass
 
     def save(self, rec):
         try:
-            self.write_file(os.path.join(self.records, rec.key), json_dumps(rec.fields()))
+            self.write_file(join(self.records, rec.key), json_dumps(rec.fields()))
         except OSError as e:
             raise CNIError(E_IO, f"cannot write the record of {rec.cid} {rec.ifname} in {self.records}: {e.strerror}")
         log(f"  record: {rec.cid} {rec.ifname} owns {', '.join(rec.ips) or 'no address'}")
 
     def drop(self, rec):
         try:
-            os.unlink(os.path.join(self.records, rec.key))
+            posix.unlink(join(self.records, rec.key))
         except FileNotFoundError:
             pass
 
     def all_records(self):
         """Every record (GC and a failed ADD's gateway question only: a scan)."""
         out = []
-        for name in os.listdir(self.records) if os.path.isdir(self.records) else ():
-            rec = load_record(os.path.join(self.records, name))
+        for name in posix.listdir(self.records) if isdir(self.records) else ():
+            rec = load_record(join(self.records, name))
             if rec is not None:
                 out.append(rec)
         return out
@@ -1048,12 +1121,12 @@ def read_owner(path):
 def rmtree(path):
     """Remove a directory of plain files (our half-built records directory), if it is there."""
     try:
-        names = os.listdir(path)
+        names = posix.listdir(path)
     except FileNotFoundError:
         return
     for name in names:
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
+        posix.unlink(join(path, name))
+    posix.rmdir(path)
 
 
 class Record:
@@ -1104,7 +1177,7 @@ def load_record(path, cid=None, ifname=None):
 
 
 def record_path(net, cid, ifname):
-    return os.path.join(Store(net.data_dir, net.name).records, attachment_hash(cid, ifname)[:32])
+    return join(Store(net.data_dir, net.name).records, attachment_hash(cid, ifname)[:32])
 
 
 def hold_record(path, inherit=False):
@@ -1114,10 +1187,10 @@ def hold_record(path, inherit=False):
     would otherwise add its rules after DEL removed them).  Closing the fd releases it."""
     import fcntl
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    os.set_inheritable(fd, inherit)
+    posix.set_inheritable(fd, inherit)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
@@ -1126,7 +1199,7 @@ def record_of(net, cid, ifname):
     """This attachment's record, and the held lock of it: (record or None, fd or None).  No
     record: it owns nothing (the first use of a network directory records older attachments)."""
     store = Store(net.data_dir, net.name)
-    if not os.path.isdir(store.records) or store.has_leftovers():
+    if not isdir(store.records) or store.has_leftovers():
         with store:  # entering records older attachments and sweeps what a killed call left
             pass
     path = record_path(net, cid, ifname)
@@ -1182,7 +1255,7 @@ def builtin_add(net, cid, ifname, make_record):
     sets = net.range_sets()
     wanted = requested_ips(net)
     with Store(net.data_dir, net.name) as store:
-        if os.path.exists(os.path.join(store.records, attachment_hash(cid, ifname)[:32])):
+        if exists(join(store.records, attachment_hash(cid, ifname)[:32])):
             raise CNIError(E_EXISTS, f"{cid} {ifname} is already attached to network {net.name}: DEL it first")
         ips = []
         for index, rset in enumerate(sets):
@@ -1249,7 +1322,7 @@ def use_builtin(net):
 
 
 def find_plugin(name):
-    return which(name, os.environ.get("CNI_PATH", ""))
+    return which(name, getenv("CNI_PATH"))
 
 
 def delegate(net, command, raw):
@@ -1257,9 +1330,9 @@ def delegate(net, command, raw):
     path = find_plugin(net.ipam_type)
     if not path:
         raise CNIError(E_CONFIG, f"IPAM plugin {net.ipam_type!r} not found in CNI_PATH")
-    if os.environ.get("CNIKIT_DELEGATED"):  # we are the IPAM plugin of ourselves (another name): stop the loop
+    if getenv("CNIKIT_DELEGATED"):  # we are the IPAM plugin of ourselves (another name): stop the loop
         raise CNIError(E_CONFIG, f"ipam.type {net.ipam_type!r} leads back to this plugin")
-    env = dict(os.environ, CNI_COMMAND=command, CNIKIT_DELEGATED="1")
+    env = dict(environ(), CNI_COMMAND=command, CNIKIT_DELEGATED="1")
     try:
         out = run([path], stdin=raw, env=env)
     except CNIError as e:
@@ -1759,19 +1832,19 @@ def cmd_add(net, call):
             raise
         finally:
             if held is not None:
-                os.close(held)
+                posix.close(held)
         return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
 
 
 def random_mac():
     """A random unicast, locally administered MAC, as the kernel picks for a new veth."""
-    raw = bytearray(os.urandom(6))
+    raw = bytearray(posix.urandom(6))
     raw[0] = (raw[0] & 0xFE) | 0x02
     return bytes(raw)
 
 
 def record_exists(net, cid, ifname):
-    return os.path.exists(record_path(net, cid, ifname))
+    return exists(record_path(net, cid, ifname))
 
 
 def configure_container(cnl, ifname, ips, routes):
@@ -1800,7 +1873,7 @@ def cmd_del(net, call):
         del_attachment(net, call, rec)
     finally:
         if held is not None:
-            os.close(held)
+            posix.close(held)
 
 
 def del_attachment(net, call, rec):
@@ -2064,7 +2137,7 @@ def compile_plugin(src, out):
     head, sep, body = text.partition(HEAD_END)
     if not sep:
         head, body = "", text
-    name = os.path.basename(src)
+    name = src.rpartition("/")[2]
 
     def small(code):
         consts = tuple(small(c) if isinstance(c, type(code)) else c for c in code.co_consts)
@@ -2079,10 +2152,10 @@ def compile_plugin(src, out):
         shebang=f"#!{sys.executable} -IS", name=name, python=sys.executable, magic=MAGIC_NUMBER,
         sha=hashlib.sha256(data).hexdigest(), head=blob(head_code, False), body=blob(body_code, True),
         source=binascii.b2a_base64(zlib.compress(data, 9), newline=False))
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
+    fd = posix.open(out, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o755)
     with open(fd, "w") as f:
         f.write(stub)
-    os.chmod(out, 0o755)
+    posix.chmod(out, 0o755)
     return 0
 
 
@@ -2098,11 +2171,13 @@ def main():
         except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as e:
             sys.stderr.write(f"cannot compile {sys.argv[2]}: {e}\n")
             return 1
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = ":".join([path] * bool(path) + [d for d in SYSTEM_PATH if d not in path.split(":")])
-    call = Call(os.environ)
+    path = getenv("PATH")
+    path = ":".join([path] * bool(path) + [d for d in SYSTEM_PATH if d not in path.split(":")])
+    posix.putenv("PATH", path)  # posix_spawnp searches the process's own PATH
+    posix.environ[b"PATH"] = path.encode("utf-8", "surrogateescape")
+    call = Call(environ())
     return answer(call, cmd_version if call.command == "VERSION" else dispatch)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
