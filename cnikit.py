@@ -2118,7 +2118,8 @@ def _installed_matches(src, dst, shebang, compiled=False):
                 first, second = f.readline().rstrip(b"\n").decode(), f.readline().decode()
             with open(src, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
-            return first == shebang and f"source sha256 {sha}." in second
+            # the compiled form's first line goes on with a -c program: "#!PYTHON -ISc..."
+            return first.startswith(shebang + "c") and f"source sha256 {sha}." in second
         with open(dst, "rb") as f:
             return f.read() == cni_plugin_bytes(src, shebang)
     except (OSError, ValueError):

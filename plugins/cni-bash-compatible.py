@@ -2103,30 +2103,37 @@ def dispatch(call):
 
 
 HEAD_END = "# ==== end of the VERSION head ====\n"
-COMPILED_STUB = """{shebang}
+# The compiled form (compile_plugin).  Its first line runs Python with a -c program instead of
+# on the file, so Python never tokenizes what the file carries (tokenizing 100 kB of base64
+# cost ~4 ms a call): the program reads the file and runs its text part, the lines above the
+# first line that is only "#"; that text runs the marshalled code after it.
+COMPILED_LOADER = "import sys;sys.argv[:1]=[];d=open(sys.argv[0],'rb').read();exec(d[:d.index(b'\\n#\\n')])"
+COMPILED_TEXT = """#!{python} -ISc{loader}
 # {name} compiled for {python} (bytecode {magic}) by `{python} -I -S {name} --compile`; source sha256 {sha}.
-# The plain file does the same, slower: `cnikit cni install --plain`.
-import marshal, sys
-from binascii import a2b_base64
+# The plain file does the same, slower: `cnikit cni install --plain`.  Run this file; `python3 FILE` cannot
+# read it (below the line "#" is bytecode).
+import marshal
+_at = d.index(b"\\n#\\n") + 3
+_head, _body, _source = d[_at:_at + {head}], d[_at + {head}:_at + {head} + {body}], d[_at + {head} + {body}:]
+del d
 if getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", None) == {magic!r}:
-    exec(marshal.loads(a2b_base64({head!r})))  # VERSION is answered here
-    from zlib import decompress
-    exec(marshal.loads(decompress(a2b_base64({body!r}))))
+    exec(marshal.loads(_head))  # VERSION is answered here
+    exec(marshal.loads(_body))
 else:  # another Python: compile the source carried here (slower, the same plugin)
     from zlib import decompress
-    exec(compile(decompress(a2b_base64({source!r})), {name!r}, "exec"))
+    exec(compile(decompress(_source), {name!r}, "exec"))
+#
 """
+SHEBANG_MAX = 127  # bytes of a #! line the kernel reads (255 since Linux 5.1; 127 before)
 
 
 def compile_plugin(src, out):
-    """Write OUT: SRC as one executable Python file that carries its bytecode for this
-    interpreter.  Python compiles the script it runs on every start (~15 ms for this one); a
-    zipapp avoids that but costs ~7 ms of runpy imports.  This is a short script holding the
-    bytecode compressed: the part above HEAD_END (VERSION ends there), then the rest.  Python
-    still tokenizes what a script holds, so the bytecode is kept small: no docstrings, no
-    line tables (tracebacks never reach a user: see answer()).  Another Python (other bytecode)
-    compiles the source, which the file carries too."""
-    import binascii
+    """Write OUT: SRC as one executable file that carries its bytecode for this interpreter
+    (see COMPILED_LOADER): the part above HEAD_END (all VERSION loads), then the rest, each
+    marshalled; then the source, compressed, which another Python (other bytecode) compiles.
+    Python compiles a script it runs on every start (~15 ms for this one), and a zipapp costs
+    ~7 ms of runpy imports.  No docstrings, no line tables: the bytecode is kept small
+    (tracebacks never reach a user: see answer())."""
     import hashlib
     import marshal
     import zlib
@@ -2143,18 +2150,17 @@ def compile_plugin(src, out):
         consts = tuple(small(c) if isinstance(c, type(code)) else c for c in code.co_consts)
         return code.replace(co_linetable=b"", co_consts=consts)
 
-    def blob(code, compress):  # the head is left uncompressed: VERSION does not even import zlib
-        raw = marshal.dumps(small(code))
-        return binascii.b2a_base64(zlib.compress(raw, 9) if compress else raw, newline=False)
-    head_code = compile(head, name, "exec", dont_inherit=True, optimize=2)
-    body_code = compile("\n" * (head.count("\n") + 1) + body, name, "exec", dont_inherit=True, optimize=2)  # same lines
-    stub = COMPILED_STUB.format(
-        shebang=f"#!{sys.executable} -IS", name=name, python=sys.executable, magic=MAGIC_NUMBER,
-        sha=hashlib.sha256(data).hexdigest(), head=blob(head_code, False), body=blob(body_code, True),
-        source=binascii.b2a_base64(zlib.compress(data, 9), newline=False))
+    head_code = marshal.dumps(small(compile(head, name, "exec", dont_inherit=True, optimize=2)))
+    body_code = marshal.dumps(small(compile("\n" * (head.count("\n") + 1) + body, name, "exec",
+                                            dont_inherit=True, optimize=2)))  # the file's line numbers
+    stub = COMPILED_TEXT.format(
+        python=sys.executable, loader=COMPILED_LOADER, name=name, magic=MAGIC_NUMBER,
+        sha=hashlib.sha256(data).hexdigest(), head=len(head_code), body=len(body_code)).encode()
+    if len(stub.split(b"\n", 1)[0]) > SHEBANG_MAX:
+        raise ValueError(f"the interpreter's path is too long for the first line ({SHEBANG_MAX} bytes): install --plain")
     fd = posix.open(out, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o755)
-    with open(fd, "w") as f:
-        f.write(stub)
+    with open(fd, "wb") as f:
+        f.write(stub + head_code + body_code + zlib.compress(data, 9))
     posix.chmod(out, 0o755)
     return 0
 

@@ -1,9 +1,12 @@
 """Shared helpers for the tests of plugins/cni-bash-compatible.py: run it the way a runtime
 does (exec through its shebang, config on stdin, CNI_* in the environment) and look at the
 real kernel with `sh`."""
+import atexit
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 
 import sh
 
@@ -14,9 +17,22 @@ import cnikit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_SRC = os.path.join(ROOT, "plugins", "cni-bash-compatible.py")
-# CNIKIT_TEST_PLUGIN=/path runs these tests against another build of it (e.g. the compiled form
-# `cni install` writes: python3 -I -S plugins/cni-bash-compatible.py --compile SRC /path)
-PLUGIN = os.environ.get("CNIKIT_TEST_PLUGIN") or PLUGIN_SRC
+
+
+def compiled_plugin():
+    """The plugin in the form `cni install` gives a host by default (python3 -I -S SRC --compile
+    SRC OUT), built once per test process in a directory every uid can read."""
+    where = tempfile.mkdtemp(prefix="cnikit-plugin-")
+    os.chmod(where, 0o755)
+    atexit.register(shutil.rmtree, where, True)
+    out = os.path.join(where, "cni-bash-compatible")
+    subprocess.run(["/usr/bin/python3", "-I", "-S", PLUGIN_SRC, "--compile", PLUGIN_SRC, out], check=True)
+    return out
+
+
+# The tests exec the plugin as users get it: compiled.  CNIKIT_TEST_PLUGIN=/path runs them against
+# another build, e.g. the plain file (CNIKIT_TEST_PLUGIN=plugins/cni-bash-compatible.py, `install --plain`).
+PLUGIN = os.path.abspath(os.environ["CNIKIT_TEST_PLUGIN"]) if os.environ.get("CNIKIT_TEST_PLUGIN") else compiled_plugin()
 REFERENCE = "/usr/lib/cni"
 RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # what runtimes pass
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")

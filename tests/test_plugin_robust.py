@@ -249,26 +249,42 @@ def test_a_duplicate_add_of_an_attachment_older_than_records_gives_back_only_its
 
 # ---------------------------------------------------------------- the compiled form
 
-def test_the_compiled_form_answers_like_the_file_and_falls_back_to_its_source_on_another_python():
+def test_the_compiled_form_answers_like_the_plain_file_and_falls_back_to_its_source_on_another_python():
     import subprocess
     from plugin_helpers import PLUGIN_SRC
     out = "/run/cni/compiled"
     subprocess.run(["/usr/bin/python3", "-I", "-S", PLUGIN_SRC, "--compile", PLUGIN_SRC, out], check=True)
-    with open(out) as f:
-        text = f.read()
-    assert text.startswith("#!/usr/bin/python3 -IS\n") and "marshal.loads" in text
+    with open(out, "rb") as f:
+        data = f.read()
+    first, text = data.split(b"\n", 1)[0], data[:data.index(b"\n#\n")]
+    # Python runs a -c program that reads the file, never the file as a script: the first line
+    # fits the kernel's #! limit of older kernels too, and what follows the text is bytecode
+    assert first.startswith(b"#!/usr/bin/python3 -ISc") and len(first) <= 127 and b"marshal.loads" in text
+    assert b"compiled for /usr/bin/python3 " in data.split(b"\n")[1]
     other = "/run/cni/compiled-other"
-    with open(other, "w") as f:  # as if /usr/bin/python3 were upgraded: its bytecode magic differs
-        f.write(text.replace("MAGIC_NUMBER\", None) == b'", "MAGIC_NUMBER\", None) == b'X", 1))
+    with open(other, "wb") as f:  # as if /usr/bin/python3 were upgraded: its bytecode magic differs
+        f.write(data.replace(b"MAGIC_NUMBER\", None) == b'", b"MAGIC_NUMBER\", None) == b'X", 1))
     os.chmod(other, 0o755)
-    with open(other) as f:
-        assert f.read() != text
-    for plugin in (out, other):
+    with open(other, "rb") as f:
+        assert f.read() != data
+    for plugin in (out, other, PLUGIN_SRC):
         version = ok(cni("VERSION", None, stdin=b'{"cniVersion":"0.4.0"}', plugin=plugin))
         assert version == {"cniVersion": "0.4.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
-        cid = "cc" if plugin == out else "co"
+        cid = {out: "cc", other: "co", PLUGIN_SRC: "cp"}[plugin]
         res = ok(cni("ADD", CLASSIC, plugin=plugin, cid=cid, netns=netns(cid)))
         ping(cid, "10.244.0.1")
         ok(cni("DEL", dict(CLASSIC, prevResult=res), plugin=plugin, cid=cid))
         assert error(cni("ADD", dict(CLASSIC, mtu="x"), plugin=plugin, cid=cid), 7)
     assert allocation_files("fromScratch") == {} and records() == {}
+
+
+def test_an_interpreter_path_too_long_for_the_first_line_is_refused_in_one_line(tmp_path):
+    import subprocess
+    from plugin_helpers import PLUGIN_SRC
+    far = tmp_path / ("d" * 100)
+    far.mkdir()
+    (far / "python3").symlink_to("/usr/bin/python3")
+    proc = subprocess.run([str(far / "python3"), "-I", "-S", PLUGIN_SRC, "--compile", PLUGIN_SRC, str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and not (tmp_path / "out").exists()
+    assert proc.stderr.count("\n") == 1 and "too long for the first line" in proc.stderr and "--plain" in proc.stderr
