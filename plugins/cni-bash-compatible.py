@@ -257,7 +257,7 @@ def answer(call, verb):
 
 
 def environ():
-    """The environment as str, read now (posix.environ writes through to posix.environ)."""
+    """The environment as str, read now (os.environ, where loaded, writes through to posix.environ)."""
     return {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape") for k, v in posix.environ.items()}
 
 
