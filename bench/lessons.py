@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """How much does running a lesson through cnikit cost, compared with the same commands
-as a plain bash script? For each lesson in stages/, the baseline "plain bash" is the
-lesson's own `--dry-run` output (every command it runs, checks included) executed by
-bash in a fresh sandbox; the lesson is `python3 stages/NN.py -q` (it enters its own
-sandbox). Runs alternate, medians are compared; target: ratio <= 1.5.
+as a plain shell script? For each lesson in stages/ (01 to 07d), the baseline "plain sh" is
+the lesson's own `--dry-run` output (every command it runs, checks included: a POSIX sh
+script that stops what it starts in the background itself) executed by sh in a fresh
+sandbox; the lesson is `python3 stages/NN.py -q` (it enters its own sandbox). Runs
+alternate, medians are compared; target: ratio <= 1.5.
 
     sudo python3 bench/lessons.py              # 5 runs of each, all lessons
-    sudo python3 bench/lessons.py -n 9 03 06   # more runs, some lessons
+    sudo python3 bench/lessons.py -n 9 03 07b  # more runs, some lessons
 """
 import argparse
 import glob
@@ -22,28 +23,26 @@ STAGES = os.path.join(ROOT, "stages")
 sys.path.insert(0, ROOT)
 import cnikit  # noqa: E402  (its sandbox's private directories)
 TARGET = 1.5
-BASELINE = "plain bash"
+BASELINE = "plain sh"
 # The same kind of sandbox the lessons make for themselves, in shell: a new network and
 # mount namespace with a private, empty /run/netns and CNI directories (lesson 07's script
 # installs a plugin and a config: they must land in the sandbox, never on the host).
 _PRIVATE = " ".join(("/run/netns",) + cnikit.SANDBOX_DIRS)
 SANDBOX = ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c",
            f'for d in {_PRIVATE}; do mkdir -p "$d" && mount -t tmpfs tmpfs "$d" || exit 1; done; '
-           'ip link set lo up && exec bash "$0"']
-# Background tools the script started (listeners, tcpdump) end with it, as the lesson's do.
-EPILOGUE = '\nkill $(jobs -p) 2>/dev/null; wait\n'
+           'ip link set lo up && exec sh "$0"']
 
 
 def lessons(wanted):
-    paths = sorted(glob.glob(os.path.join(STAGES, "0[0-9]_*.py")))
-    return [p for p in paths if not wanted or os.path.basename(p)[:2] in wanted]
+    paths = sorted(glob.glob(os.path.join(STAGES, "0[0-9]*_*.py")))  # 07b-07d too
+    return [p for p in paths if not wanted or os.path.basename(p).split("_")[0] in wanted]
 
 
-def bash_script(path):
-    """The lesson as a plain bash script: its dry run, which lists every command."""
+def sh_script(path):
+    """The lesson as a plain sh script: its dry run, which lists every command."""
     proc = subprocess.run([sys.executable, path, "--dry-run", "--color", "never"], capture_output=True,
                           text=True, check=True)
-    return proc.stdout + EPILOGUE
+    return proc.stdout
 
 
 def timed(argv, env=None):
@@ -54,7 +53,7 @@ def timed(argv, env=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("only", nargs="*", metavar="NN", help="lesson numbers (default: all)")
+    p.add_argument("only", nargs="*", metavar="NN", help="lesson numbers, e.g. 03 07b (default: all)")
     p.add_argument("-n", "--runs", type=int, default=5, help="runs of each, alternating (default 5)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -70,7 +69,7 @@ def main(argv=None):
             name = os.path.basename(path)[:-3]
             script = os.path.join(tmp, name + ".sh")
             with open(script, "w") as f:
-                f.write(bash_script(path))
+                f.write(sh_script(path))
             lesson = [sys.executable, path, "-q", "--color", "never"]
             timed(lesson, env)                  # warm-up: bytecode cache, page cache
             ours, theirs = [], []
