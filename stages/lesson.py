@@ -236,6 +236,7 @@ class Lesson:
         self.r = None
         self.skipped = set()
         self.checks = []                    # (what, ok)
+        self.unchecked = []                 # parts of the goal this run did not check (--host --keep)
         self.on_host = False
         self.host_changes = ""
         self.keep_hint = f"sudo {CNIKIT} cleanup"
@@ -457,7 +458,8 @@ class Lesson:
             self.say("what really exists now (cnikit show):")
             cnikit.show(r)
         failed = [what for what, good in self.checks if not good]
-        line = (f"PASS lesson {self.number} {self.title}: {self.goal}" if ok else
+        line = (f"PASS lesson {self.number} {self.title}: {self.goal}"
+                + "".join(f"; not checked: {what}" for what in self.unchecked) if ok else
                 f"FAIL lesson {self.number} {self.title}: " + ("; ".join(failed) or "nothing was checked"))
         r.output(line, ansi=f"1;{32 if ok else 31}")
         if finish:
@@ -486,6 +488,7 @@ class Lesson:
         leaves it be, and says so; True when it should stop there."""
         if self.keep and self.on_host and not self.r.dry_run:
             self.say("--keep: the pods stay as ADD left them; the DEL and the checks after it are not run")
+            self.unchecked.append("DEL (--host --keep kept the pods)")
             return True
         return False
 
