@@ -1480,6 +1480,7 @@ KIND_POD_CIDR = "10.244.0.0/16"             # kind's default podSubnet; node i g
 KIND_PYTHON_PKG = "python3-minimal"
 KIND_NODE_IMAGE = "cnikit/kind-node:latest" # built from kind/Dockerfile (kindest/node + python3)
 NODE_SUBNET_FILE = "/run/cnikit/subnet.env" # flannel-style: the node's pod subnet, read by our plugin
+KIND_BUILD_DIR = "/run/cnikit/build"        # in a node: the plugin's source while the node's python3 compiles it
 
 
 def cni_version_tuple(text):
@@ -2115,15 +2116,26 @@ def _installed_matches(src, dst, shebang, compiled=False):
         if compiled:
             import hashlib
             with open(dst, "rb") as f:
-                first, second = f.readline().rstrip(b"\n").decode(), f.readline().decode()
+                head = f.readline().decode() + f.readline().decode()
             with open(src, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
-            # the compiled form's first line goes on with a -c program: "#!PYTHON -ISc..."
-            return first.startswith(shebang + "c") and f"source sha256 {sha}." in second
+            return compiled_from(head, shebang, sha)
         with open(dst, "rb") as f:
             return f.read() == cni_plugin_bytes(src, shebang)
     except (OSError, ValueError):
         return False
+
+
+def compiled_from(head, shebang, sha, magic=None):
+    """Do HEAD, the first two lines of a plugin file, say it is the compiled form run by SHEBANG,
+    built from the source whose sha256 is SHA (and, given MAGIC, for that bytecode)?  The
+    second line of compile_plugin's output names them: `# NAME compiled for PYTHON (bytecode
+    MAGIC) by ...; source sha256 HEX.` (a file hash would differ per interpreter)."""
+    first, _, second = head.partition("\n")
+    python = shebang.split()[0][2:] if shebang else ""
+    # the first line goes on with a -c program, which runs the bytecode: "#!PYTHON -ISc..."
+    return (bool(shebang) and first.startswith(shebang + "c") and f" compiled for {python} (bytecode " in second
+            and f"source sha256 {sha}." in second and (magic is None or f"(bytecode {magic})" in second))
 
 
 def is_compiled_plugin(path):
@@ -2146,11 +2158,12 @@ def _is_python_script(path):
     return first.startswith(b"#!") and b"python" in first or path.endswith(".py")
 
 
-def cni_compile_argv(src, python, tmp):
-    """The command that writes SRC, compiled for PYTHON, to TMP: the plugin builds its own
-    installed form (`--compile`, see compile_plugin in the plugin): one executable Python file
-    carrying its bytecode, so no call compiles the script again (~15 ms each)."""
-    return [python, "-I", "-S", CNI_PLUGIN_SRC, "--compile", src, tmp]
+def cni_compile_argv(src, python, tmp, compiler=CNI_PLUGIN_SRC):
+    """The command that writes SRC, compiled for PYTHON, to TMP: the plugin (COMPILER, its
+    path where PYTHON runs) builds its own installed form (`--compile`, see compile_plugin in
+    the plugin): one executable Python file carrying its bytecode, so no call compiles the
+    script again (~15 ms each)."""
+    return [python, "-I", "-S", compiler, "--compile", src, tmp]
 
 
 def _set_shebang_argv(path, shebang):
@@ -2386,21 +2399,75 @@ def kind_has_route(r, node, cidr, via):
     return any(rt.get("dst") == cidr and rt.get("gateway") == via for rt in routes)
 
 
+def kind_python_magic(r, node):
+    """The bytecode magic of NODE's python3, as compile_plugin writes it ('' when not known)."""
+    ok, out = r.query(docker_exec(node, CNI_PYTHON, "-I", "-S", "-c",
+                                  "import importlib.util; print(importlib.util.MAGIC_NUMBER)"))
+    return out.strip() if ok else ""
+
+
+def kind_plugin_current(r, node, dst, src, sha, compiled, have):
+    """Is DST in NODE already SRC in the form asked?  Plain: the same bytes (HAVE: the node's
+    sha256 of its files).  Compiled: a file hash differs per interpreter, so its first two
+    lines must say it was built from SRC (sha256 SHA) for the bytecode of the node's python3
+    now, so a node whose python3 changed gets it built again."""
+    if not compiled:
+        return have.get(dst) == hashlib.sha256(cni_plugin_bytes(src, cni_shebang(None))).hexdigest()
+    if dst not in have:
+        return False
+    ok, head = r.query(docker_exec(node, "head", "-n", "2", dst))
+    if not (ok and compiled_from(head, cni_shebang(None), sha)):
+        return False
+    return compiled_from(head, cni_shebang(None), sha, kind_python_magic(r, node) or None)
+
+
+def kind_compile_plugin(r, node, src, tmp, dst, installed=()):
+    """Build the compiled plugin in NODE, by NODE's own python3 (its bytecode may not be this
+    machine's): the source copied into KIND_BUILD_DIR, compiled to TMP by the plugin's own
+    `--compile` (cni_compile_argv), the copy removed, TMP renamed to DST (what DST holds is
+    always a whole plugin).  A python3 that cannot compile it is one CnikitError line; the
+    node keeps what it had (INSTALLED: the nodes already done)."""
+    ours = os.path.basename(CNI_PLUGIN_SRC)
+    staged = f"{KIND_BUILD_DIR}/{os.path.basename(src)}"
+    # another Python plugin (--plugin FILE) is compiled by ours, as cni install does
+    compiler = staged if os.path.realpath(src) == os.path.realpath(CNI_PLUGIN_SRC) \
+        else f"{KIND_BUILD_DIR}/compiler/{ours}"
+    r.run(docker_exec(node, "mkdir", "-p", os.path.dirname(compiler)))
+    r.run(docker("cp", src, f"{node}:{staged}"))
+    if compiler != staged:
+        r.run(docker("cp", CNI_PLUGIN_SRC, f"{node}:{compiler}"))
+    try:
+        r.run(docker_exec(node, *cni_compile_argv(staged, CNI_PYTHON, tmp, compiler)))
+    except CommandFailed as e:
+        r.run(docker_exec(node, "rm", "-rf", KIND_BUILD_DIR, tmp), check=False)
+        lines = [line.strip() for line in e.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit {e.returncode}"
+        done = f"; {', '.join(installed)} got it already" if installed else ""
+        raise CnikitError(f"{node}: its {CNI_PYTHON} cannot compile the plugin ({why}): {dst} on {node} is "
+                          f"unchanged{done}; fix: --plain installs the readable file") from None
+    r.run(docker_exec(node, "rm", "-rf", KIND_BUILD_DIR))
+    r.run(docker_exec(node, "mv", "-f", tmp, dst))
+
+
 def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chain=("portmap",),
-                 plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
+                 plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR, plain=False):
     """Install the plugin into every node of kind cluster CLUSTER: python3 in every node
     first (a node that cannot get it stops everything before any node is written), then on
-    each node the plugin (docker cp to a temp name, then rename), the node's own podCIDR in
-    /run/cnikit/subnet.env (flannel-style) and the same conflist (both written atomically;
-    the cluster's pod range exempt from masquerade: no NAT between pods), and a route on
-    every node to every other node's pods (as kindnet does).
+    each node the plugin, the node's own podCIDR in /run/cnikit/subnet.env (flannel-style)
+    and the same conflist (both written atomically; the cluster's pod range exempt from
+    masquerade: no NAT between pods), and a route on every node to every other node's pods
+    (as kindnet does).  The plugin is by default the compiled form (as `cni install` puts
+    it on a host), built in each node by the node's own python3, whose bytecode may differ
+    from this machine's (kind_compile_plugin); PLAIN: the readable file (docker cp to a temp
+    name, its interpreter fixed, then renamed).
 
-    Re-run contract: what is already as asked (same file contents, same route) is left
-    alone and said so; running it twice changes nothing more."""
-    import hashlib
+    Re-run contract: what is already as asked (the same plugin in the same form, the same
+    file contents, the same route) is left alone and said so; running it twice changes
+    nothing more.  The other form of the plugin is replaced."""
     _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
+    compiled = not plain and _is_python_script(src)
     if not r.dry_run:
         require_tools("docker")
     plan = kind_plan(r, cluster)
@@ -2408,24 +2475,30 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
         plan[node]["python3"] = kind_ensure_python(
             r, node, [n for n in plan if plan[n].get("python3") == "installed"])
     dst, tmp = os.path.join(plugin_dir, ptype), os.path.join(plugin_dir, f".{ptype}.tmp")
+    with open(src, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    form = "compiled by the node's python3" if compiled else "plain"
     conf_path = cni_conf_file(conf_dir, name)
     conflist = json.dumps(cni_conflist(name, None, ptype, chain,
                                        extra={"nonMasqueradeCIDRs": kind_cluster_cidrs(plan)}), indent=2) + "\n"
     mark = r.mark()
+    done = []
     for node, p in plan.items():
         subnet = f"CNIKIT_SUBNET={p['podCIDR']}\n"
-        want = {path: hashlib.sha256(data).hexdigest() for path, data in (
-            (dst, cni_plugin_bytes(src, cni_shebang(None))), (NODE_SUBNET_FILE, subnet.encode()),
-            (conf_path, conflist.encode()))}
-        have = kind_node_files(r, node, list(want))
-        if have.get(dst) == want[dst]:
-            r.note(f"{node}: {dst} is already this plugin")
+        want = {path: hashlib.sha256(text.encode()).hexdigest()
+                for path, text in ((NODE_SUBNET_FILE, subnet), (conf_path, conflist))}
+        have = kind_node_files(r, node, [dst] + list(want))
+        if kind_plugin_current(r, node, dst, src, sha, compiled, have):
+            r.note(f"{node}: {dst} is already this plugin ({form})")
+        elif compiled:
+            kind_compile_plugin(r, node, src, tmp, dst, done)
         else:
             r.run(docker("cp", src, f"{node}:{tmp}"))
             # python3-minimal is /usr/bin/python3: fix the interpreter, then rename into place.
             r.run(docker_exec(node, *_set_shebang_argv(tmp, cni_shebang(None))))
             r.run(docker_exec(node, "chmod", "0755", tmp))
             r.run(docker_exec(node, "mv", "-f", tmp, dst))
+        done.append(node)
         for path, text in ((NODE_SUBNET_FILE, subnet), (conf_path, conflist)):
             if have.get(path) == want[path]:
                 r.note(f"{node}: {path} already says this")
@@ -2439,7 +2512,7 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
         else:
             r.run(docker_exec(node, "ip", "route", "replace", cidr, "via", via))
     for node, p in plan.items():
-        r.note(f"{node}: pods in {p['podCIDR']}, python3 {p['python3']}")
+        r.note(f"{node}: pods in {p['podCIDR']}, python3 {p['python3']}, the plugin {form}")
     say_if_unchanged(r, mark, f"kind cluster {cluster}: the plugin, {conf_path}, {NODE_SUBNET_FILE} "
                               "and the routes on every node")
     return plan
@@ -2447,9 +2520,9 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
 
 def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
     """Remove from every node of CLUSTER what kind_install wrote: the conflist, the plugin
-    it names (a script, never a compiled plugin), the subnet file and the routes to the
-    other nodes' pods. python3 stays (other things may use it). Pods still attached keep
-    their veths until kubelet DELs them. Re-run: absent is fine."""
+    it names (plain or compiled, both scripts that start with `#!`; never a binary plugin), the
+    subnet file and the routes to the other nodes' pods. python3 stays (other things may use
+    it). Pods still attached keep their veths until kubelet DELs them. Re-run: absent is fine."""
     _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     if not r.dry_run:
@@ -2471,7 +2544,7 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
         if r.dry_run or head == "#!":
             files.append(dst)
         elif ok:
-            r.note(f"{node}: {dst} stays: a compiled plugin, not one cnikit installed")
+            r.note(f"{node}: {dst} stays: not a script (a binary plugin), not one cnikit installed")
         present = files if r.dry_run else [f for f in files if f in kind_node_files(r, node, files)]
         if present:
             r.run(docker_exec(node, "rm", "-f", *present))
@@ -2573,13 +2646,13 @@ def cni_dispatch(args, r):
     cni_check_options(args)
     if v == "install" and args.kind:
         ignored = [opt for opt, given in (("--subnet", args.subnet), ("--cni-version", args.cni_version),
-                                          ("--precompiled", args.precompiled), ("--plain", args.plain),
-                                          ("--python", args.python)) if given]
+                                          ("--precompiled", args.precompiled), ("--python", args.python)) if given]
         if ignored:
             raise UsageError(f"{', '.join(ignored)} does not apply with --kind (each node's subnet is its "
-                             "podCIDR; the nodes get cniVersion 1.0.0 and /usr/bin/python3)")
+                             "podCIDR; the nodes get cniVersion 1.0.0 and the plugin compiled by their "
+                             "/usr/bin/python3 unless --plain)")
         kind_install(r, args.kind, args.name, args.plugin_src, args.ptype, tuple(args.chain) or ("portmap",),
-                     args.plugin_dir, args.conf_dir)
+                     args.plugin_dir, args.conf_dir, plain=args.plain)
     elif v == "install":
         cni_install(r, args.name, args.subnet, args.plugin_dir, args.conf_dir, tuple(args.chain),
                     args.plugin_src, args.ptype, args.cni_version, python=args.python,
@@ -2589,7 +2662,7 @@ def cni_dispatch(args, r):
     elif v == "uninstall":
         cni_uninstall(r, args.name, args.plugin_dir, args.conf_dir)
     elif v == "kind-install":
-        kind_install(r, args.cluster, args.name, args.plugin_src)
+        kind_install(r, args.cluster, args.name, args.plugin_src, plain=args.plain)
     elif v == "log":
         out = cni_log(r, args.conf_dir, args.conf, args.lines, args.follow)
         return out if isinstance(out, int) else EXIT_OK
@@ -3595,6 +3668,8 @@ def build_parser():
     a.add_argument("cluster")
     a.add_argument("--name", default=CNI_NET)
     a.add_argument("--plugin", dest="plugin_src", metavar="FILE")
+    a.add_argument("--plain", action="store_true", help="install the readable plugin file itself instead of the "
+                   "default compiled form (built in each node by the node's python3)")
 
     def plain(name, help_text):
         return objs.add_parser(name, help=help_text, description=textwrap.fill(OBJECT_DESCRIPTIONS[name], 80),

@@ -13,9 +13,7 @@ import os
 import sys
 
 from lesson import ROOT, Lesson, cnikit, ip, pod_ip
-
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-import kindlike  # noqa: E402  (the stand-in nodes, shared with tests/test_cni_kind_nodes.py)
+import kindlike  # the stand-in nodes (after lesson, which puts cnikit on sys.path); tests use it too
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
 PODS = ("pod1", "pod2")
@@ -269,7 +267,8 @@ def build_kind_like(L):
            "image has: only host-local, loopback, ptp, portmap in /opt/cni/bin, rp_filter=1 (python3 kept: "
            "this is the derived image's case, kind/Dockerfile)")
     L.nodes = kindlike.up(r, c, workers=1)
-    L.step("install our plugin into every node, exactly as on a real kind cluster (`make kind-cni`): the plugin, "
+    L.step("install our plugin into every node, exactly as on a real kind cluster (`make kind-cni`): the plugin "
+           "(compiled in each node by the node's own python3: its bytecode may not be this machine's), "
            "the node's podCIDR in subnet.env, one conflist whose nonMasqueradeCIDRs is the cluster's pod range "
            "(no NAT between pods, as kindnet), and routes between the nodes' pod subnets")
     cnikit.kind_install(r, c)
@@ -323,7 +322,7 @@ def verify_kind_like(L):
     cnikit.kind_uninstall(r, L.cluster)
     if not r.dry_run:
         L.check("uninstall --kind left no plugin, conflist, subnet file or pod route on any node",
-                all(kindlike.node_file(r, n, p) is None for n in nodes
+                all(kindlike.node_plugin(r, n, p) is None for n in nodes
                     for p in (KIND_LIKE_CONF, cnikit.NODE_SUBNET_FILE, KIND_LIKE_PLUGIN))
                 and not any(dst in plan.values() for n in nodes for dst in kindlike.node_routes(r, n)))
 

@@ -22,6 +22,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.join(ROOT, "stages"))     # helpers shared with the lessons (kindlike)
 
 import cnikit  # noqa: E402
 from host_state import host_state  # noqa: E402

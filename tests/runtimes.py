@@ -13,11 +13,19 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
-import tempfile
 import time
 
 import cnikit
+
+# What any runtime needs in the sandbox lives next to the lessons (lesson 07 --kind-like runs
+# podman too); bench/container_start.py imports it from here as well.
+STAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "stages")
+if STAGES not in sys.path:
+    sys.path.append(STAGES)
+from sandbox_runtime import CONTAINERS_CONF, cgroup_dirs, drop_new_cgroups, drop_scratch_dir, \
+    mount_cgroups, pids_with_arg, scratch_dir  # noqa: E402,F401
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ping", "ip", "sleep", "cat", "true", "ifconfig", "route")
@@ -28,87 +36,12 @@ PAUSE_IMAGE = "localhost/pause:cnikit"
 PAUSE_CMD = ["/bin/sleep", "2147483647"]
 CRI_NAMESPACE = "k8s.io"
 
-# The settings podman 4.3 needs on these machines (hybrid cgroups, no systemd, no
-# CAP_SYS_RESOURCE), from shared/notes/runtimes.md, plus the CNI backend looking where we install.
-CONTAINERS_CONF = """[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-[engine]
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-runtime = "runc"
-[network]
-network_backend = "cni"
-cni_plugin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
-network_config_dir = "/etc/cni/net.d"
-"""
-
-
-def scratch_dir(prefix):
-    """A short-path temp dir (podman refuses a runroot over 50 characters) on a tmpfs of this
-    private mount namespace: whatever the runtime mounts or leaves there dies with it."""
-    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=700", "scratch", path], check=True)
-    return path
-
-
-def drop_scratch_dir(path):
-    subprocess.run(["umount", "-l", path], capture_output=True)
-    shutil.rmtree(path, ignore_errors=True)
-
 
 def busybox():
     for path in (BUSYBOX, "/usr/bin/busybox"):
         if os.path.exists(path):
             return path
     return None
-
-
-def mount_cgroups():
-    """The sandbox mounted a fresh sysfs on /sys, which hides the cgroup mounts under it;
-    runc needs them: mount the same hierarchies again (in this private mount namespace)."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, post = line.split(" - ", 1)
-            mountpoint = pre.split()[4]
-            fstype, _, options = post.split()[:3]
-            if fstype in ("cgroup", "cgroup2") and mountpoint.startswith("/sys/fs/cgroup/") \
-                    and (mountpoint, fstype, options) not in found:
-                found.append((mountpoint, fstype, options))
-    if os.path.isdir("/sys/fs/cgroup") and os.listdir("/sys/fs/cgroup"):
-        return                                   # still visible: nothing hid them
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "cgroup", "/sys/fs/cgroup"], check=True)
-    if not found:                                # a pure cgroup2 host: one mount
-        subprocess.run(["mount", "-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"], check=False)
-    for mountpoint, fstype, options in found:
-        os.makedirs(mountpoint, exist_ok=True)
-        opts = ",".join(o for o in options.split(",") if o != "rw")
-        subprocess.run(["mount", "-t", fstype] + (["-o", opts] if opts else []) + [fstype, mountpoint],
-                       capture_output=True)
-
-
-def cgroup_dirs():
-    """The top-level cgroups of every hierarchy: runtimes create parents (libpod_parent,
-    default) that outlive their containers."""
-    found = set()
-    for root, dirs, _ in os.walk("/sys/fs/cgroup"):
-        if root.count("/") > 4:
-            dirs[:] = []
-            continue
-        if os.path.exists(os.path.join(root, "cgroup.procs")):
-            found.update(os.path.join(root, d) for d in dirs)
-            dirs[:] = []
-    return found
-
-
-def drop_new_cgroups(before):
-    """Remove the (empty) cgroups a runtime created since BEFORE, deepest first."""
-    for top in cgroup_dirs() - before:
-        for root, dirs, _ in sorted(os.walk(top, topdown=False), key=lambda w: -w[0].count("/")):
-            try:
-                os.rmdir(root)
-            except OSError:
-                pass
 
 
 def rootfs_tar():
@@ -258,7 +191,7 @@ class Containerd:
                 self.proc.kill()
                 self.proc.wait()
         # its shims run in their own sessions: stop the ones under our state dir by pid
-        for pid in _pids_with_arg(self.dir):
+        for pid in pids_with_arg(self.dir):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -323,16 +256,3 @@ def runtime_session(make, tag):
         rt.close()
         drop_scratch_dir(directory)
         drop_new_cgroups(cgroups)
-
-
-def _pids_with_arg(text):
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        pids.append(int(pid))
-            except OSError:
-                continue
-    return [p for p in pids if p != os.getpid()]

@@ -29,9 +29,12 @@ def test_kind_install_dry_run_prints_every_docker_command(tmp_path):
         assert (f"docker exec {node} apt-get update -qq -o APT::Update::Error-Mode=any\n"
                 f"docker exec -e DEBIAN_FRONTEND=noninteractive {node} apt-get install -y -qq "
                 "--no-install-recommends python3-minimal\n") in out
-        assert (f"docker cp {PLUGIN} {node}:/opt/cni/bin/.cnikit.tmp\n"
-                f"docker exec {node} sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp\n"
-                f"docker exec {node} chmod 0755 /opt/cni/bin/.cnikit.tmp\n"
+        # the compiled plugin, built in the node by the node's python3, then renamed into place
+        staged = "/run/cnikit/build/cni-bash-compatible.py"
+        assert (f"docker exec {node} mkdir -p /run/cnikit/build\n"
+                f"docker cp {PLUGIN} {node}:{staged}\n"
+                f"docker exec {node} /usr/bin/python3 -I -S {staged} --compile {staged} /opt/cni/bin/.cnikit.tmp\n"
+                f"docker exec {node} rm -rf /run/cnikit/build\n"
                 f"docker exec {node} mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit\n") in out
         assert (f"docker exec {node} mkdir -p /run/cnikit\n"
                 f"docker exec -i {node} install -m 0644 /dev/stdin /run/cnikit/.subnet.env.tmp <<'EOF'\nCNIKIT_SUBNET={cidr}\nEOF\n"
@@ -48,6 +51,44 @@ def test_kind_install_dry_run_prints_every_docker_command(tmp_path):
     assert json.loads(conflist) == {"cniVersion": "1.0.0", "name": "cnikit", "plugins": [
         {"type": "cnikit", "nonMasqueradeCIDRs": ["10.244.0.0/16"]},
         {"type": "portmap", "capabilities": {"portMappings": True}}]}
+
+
+def test_kind_install_plain_dry_run_copies_the_readable_file():
+    out = cli("--dry-run", "cni", "kind-install", "demo", "--plain", check=True).stdout
+    for node in ("demo-control-plane", "demo-worker"):
+        assert (f"docker cp {PLUGIN} {node}:/opt/cni/bin/.cnikit.tmp\n"
+                f"docker exec {node} sed -i '1s|^#!.*|#!/usr/bin/python3 -IS|' /opt/cni/bin/.cnikit.tmp\n"
+                f"docker exec {node} chmod 0755 /opt/cni/bin/.cnikit.tmp\n"
+                f"docker exec {node} mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit\n") in out
+        assert f"# {node}: pods in 10.244." in out and "the plugin plain" in out
+    assert "--compile" not in out
+    assert out == cli("--dry-run", "cni", "install", "--kind", "demo", "--plain", check=True).stdout
+
+
+def test_kind_install_another_python_plugin_is_compiled_by_ours_in_the_node(tmp_path):
+    mine = tmp_path / "my-plugin"
+    mine.write_text("#!/usr/bin/env python3\nprint('{}')\n")
+    out = cli("--dry-run", "cni", "kind-install", "demo", "--plugin", str(mine), check=True).stdout
+    build = "/run/cnikit/build"
+    assert (f"docker exec demo-worker mkdir -p {build}/compiler\n"
+            f"docker cp {mine} demo-worker:{build}/my-plugin\n"
+            f"docker cp {PLUGIN} demo-worker:{build}/compiler/cni-bash-compatible.py\n"
+            f"docker exec demo-worker /usr/bin/python3 -I -S {build}/compiler/cni-bash-compatible.py --compile "
+            f"{build}/my-plugin /opt/cni/bin/.cnikit.tmp\n") in out
+
+
+def test_compiled_from_reads_the_two_lines_compile_writes():
+    head = ("#!/usr/bin/python3 -IScimport sys;sys.argv[:1]=[]\n# cni-bash-compatible.py compiled for /usr/bin/python3 (bytecode b'\\xa7\\r\\r\\n') "
+            "by `/usr/bin/python3 -I -S cni-bash-compatible.py --compile`; source sha256 abc.\n")
+    assert cnikit.compiled_from(head, "#!/usr/bin/python3 -IS", "abc")
+    assert cnikit.compiled_from(head, "#!/usr/bin/python3 -IS", "abc", "b'\\xa7\\r\\r\\n'")
+    assert not cnikit.compiled_from(head, "#!/usr/bin/python3 -IS", "abc", "b'\\xcb\\r\\r\\n'")   # another Python
+    assert not cnikit.compiled_from(head, "#!/usr/bin/python3 -IS", "abd")                       # another source
+    assert not cnikit.compiled_from(head, "#!/usr/local/bin/python3 -IS", "abc")                 # another interpreter
+    plain = "#!/usr/bin/python3 -IS\n# source sha256 abc.\n"
+    assert not cnikit.compiled_from(plain, "#!/usr/bin/python3 -IS", "abc")                     # not the compiled form
+    assert not cnikit.compiled_from(head.replace(" -ISc", " -IS", 1).split("import")[0] + "\n" + head.split("\n")[1],
+                                    "#!/usr/bin/python3 -IS", "abc")                             # no loader on line 1
 
 
 def test_uninstall_kind_dry_run_removes_what_install_wrote_on_every_node():
@@ -104,7 +145,7 @@ def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(
     assert "demo-control-plane: no python3" in out and "installing python3-minimal" in out
     # each node: the plugin copied then renamed, its subnet from spec.podCIDR, the shared conflist
     for node, cidr in (("demo-control-plane", "10.244.5.0/24"), ("demo-worker", "10.244.6.0/24")):
-        assert ["docker", "cp", cnikit.CNI_PLUGIN_SRC, f"{node}:/opt/cni/bin/.cnikit.tmp"] in calls
+        assert ["docker", "cp", cnikit.CNI_PLUGIN_SRC, f"{node}:/run/cnikit/build/cni-bash-compatible.py"] in calls
         assert f"CNIKIT_SUBNET={cidr}" in out
     # routes to the other node's pods, as kindnet does
     assert ["docker", "exec", "demo-control-plane", "ip", "route", "replace", "10.244.6.0/24", "via",
@@ -112,7 +153,8 @@ def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(
     assert ["docker", "exec", "demo-worker", "ip", "route", "replace", "10.244.5.0/24", "via", "172.18.0.2"] in calls
     # the order on a node: python3 before the plugin that needs it
     i_apt = calls.index(apt[0])
-    i_cp = calls.index(["docker", "cp", cnikit.CNI_PLUGIN_SRC, "demo-control-plane:/opt/cni/bin/.cnikit.tmp"])
+    i_cp = calls.index(["docker", "cp", cnikit.CNI_PLUGIN_SRC,
+                        "demo-control-plane:/run/cnikit/build/cni-bash-compatible.py"])
     assert i_apt < i_cp
 
 

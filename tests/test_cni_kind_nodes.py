@@ -1,16 +1,23 @@
 """`cnikit cni kind-install` on real containers that stand in for a kind cluster's nodes
-(tests/kindlike.py: podman, `--rootfs /:O`, `docker` being podman), not on a mocked docker.
+(stages/kindlike.py: podman, `--rootfs /:O`, `docker` being podman), not on a mocked docker.
 
 Proves: the derived-image path (python3 in the nodes) installs plugin, conflist, subnet file
-and routes on every node, atomically, and a re-run changes nothing; kubelet's part played
+and routes on every node, atomically, and a re-run changes nothing; the plugin is the compiled
+form built in each node by that node's python3 (one node runs another Python, whose bytecode
+differs from this machine's, where one is found), rebuilt where a node's python3 changed,
+and `--plain` swaps in the readable file (and back); kubelet's part played
 inside each node (pod netns, ADD through the installed conflist with K8S_POD_* args, DEL with
 and without the netns) gives pods that reach their gateway and the pods of every other node
 with rp_filter=1, with no NAT between pods (seen from the receiving pod), and DEL leaves
 nothing; uninstall --kind removes it all; the stock path (no python3, no mirror) stops with
 one line naming the node and the fix, changing no node.
 """
+import glob
+import hashlib
 import ipaddress
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -25,6 +32,27 @@ CONF = cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET)
 PLUGIN = f"{cnikit.CNI_PLUGIN_DIR}/{cnikit.CNI_TYPE}"
 SUBNETS = {f"{CLUSTER}-control-plane": "10.244.0.0/24", f"{CLUSTER}-worker": "10.244.1.0/24",
            f"{CLUSTER}-worker2": "10.244.2.0/24"}
+OTHER_PYTHON_NODE = f"{CLUSTER}-worker2"
+MAGIC = "import importlib.util; print(importlib.util.MAGIC_NUMBER)"
+STAGED = "/run/cnikit/build/cni-bash-compatible.py"     # the source while a node compiles it
+
+
+def python_magic(python):
+    proc = subprocess.run([python, "-I", "-S", "-c", MAGIC], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def another_python():
+    """A python3 (3.10 or later: compile_plugin's floor) of this machine whose bytecode is not
+    /usr/bin/python3's, the newest such (None when there is none): a node given it as its
+    /usr/bin/python3 must get a plugin built by it, proof that the build ran in the node."""
+    ours = python_magic(cnikit.CNI_PYTHON)
+    found = []
+    for path in glob.glob("/root/.pyenv/versions/3.*/bin/python3.*") + glob.glob("/usr/local/bin/python3.*"):
+        minor = path.rsplit("python3.", 1)[1]
+        if minor.isdigit() and int(minor) >= 10 and python_magic(path) not in (None, ours):
+            found.append((int(minor), path))
+    return max(found)[1] if found else None
 
 
 def make_cluster(python):
@@ -42,8 +70,13 @@ def make_cluster(python):
 
 @pytest.fixture
 def derived():
-    """Three kind-like nodes with python3 (as from kind/Dockerfile's derived image)."""
-    yield from make_cluster(python=True)
+    """Three kind-like nodes with python3 (as from kind/Dockerfile's derived image); where this
+    machine has another Python, OTHER_PYTHON_NODE runs it as its /usr/bin/python3."""
+    for r, nodes in make_cluster(python=True):
+        other = another_python()
+        if other:
+            r.run(cnikit.docker_exec(OTHER_PYTHON_NODE, "ln", "-sf", other, cnikit.CNI_PYTHON))
+        yield r, nodes
 
 
 @pytest.fixture
@@ -52,8 +85,27 @@ def stock():
     yield from make_cluster(python=False)
 
 
+def node_magic(r, node):
+    """The bytecode magic of NODE's /usr/bin/python3."""
+    ok, out = r.query(cnikit.docker_exec(node, cnikit.CNI_PYTHON, "-I", "-S", "-c", MAGIC))
+    assert ok, node
+    return out.strip()
+
+
+def assert_compiled_in_node(r, node, plugin):
+    """PLUGIN (NODE's installed file) is the compiled form of our plugin, built for NODE's
+    python3: its first two lines say so (interpreter, bytecode, source)."""
+    with open(cnikit.CNI_PLUGIN_SRC, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    first, second = plugin.split("\n")[:2]
+    assert first.startswith("#!/usr/bin/python3 -ISc"), first   # a -c program runs the bytecode below
+    assert second.startswith("# cni-bash-compatible.py compiled for /usr/bin/python3 "
+                             f"(bytecode {node_magic(r, node)}) by "), second
+    assert second.endswith(f"; source sha256 {sha}."), second
+
+
 def installed_state(r, node):
-    return {"plugin": kindlike.node_file(r, node, PLUGIN), "conf": kindlike.node_file(r, node, CONF),
+    return {"plugin": kindlike.node_plugin(r, node, PLUGIN), "conf": kindlike.node_file(r, node, CONF),
             "subnet": kindlike.node_file(r, node, cnikit.NODE_SUBNET_FILE),
             "routes": kindlike.node_routes(r, node)}
 
@@ -63,32 +115,69 @@ def test_kind_install_on_nodes_with_python3_then_rerun_then_uninstall(derived):
     assert nodes == list(SUBNETS)
     ips = {node: cnikit.kind_node_ip(r, node) for node in nodes}
     assert all(ips.values()), ips
+    other = another_python()
+    magics = {node: node_magic(r, node) for node in nodes}
+    host_magic = python_magic(cnikit.CNI_PYTHON)
+    assert magics[OTHER_PYTHON_NODE] != host_magic if other else set(magics.values()) == {host_magic}
     proc = cli("cni", "kind-install", CLUSTER, check=True)
     out = proc.stdout
     with open(cnikit.CNI_PLUGIN_SRC) as f:
-        plugin = "#!/usr/bin/python3 -IS\n" + f.read().split("\n", 1)[1]
+        plain = "#!/usr/bin/python3 -IS\n" + f.read().split("\n", 1)[1]
     for node in nodes:
         assert f"{node}: {cnikit.CNI_PYTHON} is there" in out
-        # written atomically: to a temp name in the same directory, then renamed
-        assert f"docker exec {node} mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit" in out
+        # compiled in the node by its own python3, to a temp name in the same directory, then renamed
+        assert (f"docker exec {node} /usr/bin/python3 -I -S {STAGED} --compile {STAGED} /opt/cni/bin/.cnikit.tmp\n"
+                f"docker exec {node} rm -rf /run/cnikit/build\n"
+                f"docker exec {node} mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit\n") in out
         assert f"docker exec {node} mv -f /etc/cni/net.d/.10-cnikit.conflist.tmp {CONF}" in out
         state = installed_state(r, node)
-        assert state["plugin"] == plugin
+        assert_compiled_in_node(r, node, state["plugin"])
+        # what a runtime sends before every ADD and DEL, answered by the compiled plugin in the node
+        version = r.run(cnikit.docker_exec(node, "env", "CNI_COMMAND=VERSION", "CNI_NETNS=dummy", "CNI_IFNAME=dummy",
+                                           "CNI_PATH=dummy", PLUGIN, stdin=True), input='{"cniVersion":"1.0.0"}')
+        assert "1.0.0" in json.loads(version)["supportedVersions"], version
         assert json.loads(state["conf"]) == {"cniVersion": "1.0.0", "name": "cnikit", "plugins": [
             {"type": "cnikit", "nonMasqueradeCIDRs": ["10.244.0.0/16"]},
             {"type": "portmap", "capabilities": {"portMappings": True}}]}
         assert state["subnet"] == f"CNIKIT_SUBNET={SUBNETS[node]}\n"
         assert state["routes"] == {SUBNETS[o]: ips[o] for o in nodes if o != node}
         ok, tmp = r.query(cnikit.docker_exec(node, "find", "/opt/cni/bin", "/etc/cni/net.d", "/run/cnikit",
-                                             "-name", ".*.tmp"))
-        assert ok and tmp == ""
+                                             "-name", ".*.tmp", "-o", "-name", "build"))
+        assert ok and tmp == ""                # no temp file, no build dir left
     before = {node: installed_state(r, node) for node in nodes}
 
-    again = cli("cni", "kind-install", CLUSTER, check=True).stdout
-    assert "nothing to do" in again, again
-    commands = [line for line in again.splitlines() if not line.startswith("#")]
-    assert commands == [], commands            # no docker cp, no write, no route: only look-ups
+    def unchanged_rerun(*args):
+        again = cli("cni", "kind-install", CLUSTER, *args, check=True).stdout
+        assert "nothing to do" in again, again
+        commands = [line for line in again.splitlines() if not line.startswith("#")]
+        assert commands == [], commands        # no docker cp, no build, no write, no route: only look-ups
+        return again
+
+    again = unchanged_rerun()
+    for node in nodes:
+        assert f"# {node}: {PLUGIN} is already this plugin (compiled by the node's python3)" in again
     assert {node: installed_state(r, node) for node in nodes} == before
+
+    # --plain: the readable file replaces the compiled one (nothing else changes); then back
+    swapped = cli("cni", "kind-install", CLUSTER, "--plain", check=True).stdout
+    for node in nodes:
+        assert (f"docker cp {cnikit.CNI_PLUGIN_SRC} {node}:/opt/cni/bin/.cnikit.tmp\n" in swapped
+                and f"docker exec {node} mv -f /opt/cni/bin/.cnikit.tmp /opt/cni/bin/cnikit\n" in swapped)
+        assert f"# {node}: {CONF} already says this" in swapped
+        assert installed_state(r, node) == dict(before[node], plugin=plain)
+    assert "--compile" not in swapped
+    unchanged_rerun("--plain")
+    back = cli("cni", "kind-install", CLUSTER, check=True).stdout
+    assert back.count(" --compile ") == len(nodes), back
+    for node in nodes:
+        assert_compiled_in_node(r, node, installed_state(r, node)["plugin"])
+    if other:
+        # a node whose python3 changed (here: back to Debian's) gets the plugin built again, by it
+        r.run(cnikit.docker_exec(OTHER_PYTHON_NODE, "ln", "-sf", os.readlink(cnikit.CNI_PYTHON), cnikit.CNI_PYTHON))
+        rebuilt = cli("cni", "kind-install", CLUSTER, check=True).stdout
+        assert [line.split()[2] for line in rebuilt.splitlines() if " --compile " in line] == [OTHER_PYTHON_NODE]
+        assert_compiled_in_node(r, OTHER_PYTHON_NODE, installed_state(r, OTHER_PYTHON_NODE)["plugin"])
+    unchanged_rerun()
 
     gone = cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
     for node in nodes:
@@ -106,6 +195,8 @@ def test_kubelet_played_in_the_nodes_pods_reach_across_nodes_without_nat(derived
     for node in nodes:
         ok, rp = r.query(cnikit.docker_exec(node, "sysctl", "-n", "net.ipv4.conf.all.rp_filter"))
         assert ok and rp.strip() == "1"
+        # what the pods below go through: the compiled plugin, built by this node's python3
+        assert_compiled_in_node(r, node, kindlike.node_plugin(r, node, PLUGIN))
         kindlike.install_runtime(r, node)
     pods = {node: f"web-{i}" for i, node in enumerate(nodes)}
     addr = {node: kindlike.pod_add(r, node, pods[node], CONF) for node in nodes}
@@ -176,7 +267,7 @@ def test_lesson_07_kind_like_passes_and_leaves_no_container():
                   "nothing is left on cnikit-worker", "uninstall --kind left no plugin"):
         assert check in out, check
     assert "--rootfs /:O sleep infinity\n" in out
-    assert runtimes._pids_with_arg("/tmp/k07") == []        # its nodes' conmon and sleep are gone
+    assert runtimes.pids_with_arg("/tmp/k07") == []        # its nodes' conmon and sleep are gone
 
 
 def test_lesson_07_kind_like_dry_run_and_host_refusal():

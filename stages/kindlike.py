@@ -1,6 +1,6 @@
 """Containers that stand in for a kind cluster's nodes, where neither kind nor its node
 image can be fetched (shared/notes/runtimes.md, "Containers that stand in for kind nodes").
-Used by tests/test_cni_kind_nodes.py and by `stages/07_cni.py --kind-like`.
+Used by `stages/07_cni.py --kind-like` and by tests/test_cni_kind_nodes.py.
 
 A node is `podman run -d --privileged --label io.x-k8s.kind.cluster=NAME --name NAME-worker
 --network NET --rootfs /:O sleep infinity` (every option before `--rootfs /:O`; what follows
@@ -27,9 +27,8 @@ import shutil
 import signal
 import time
 
-import runtimes
-
 import cnikit
+import sandbox_runtime as runtime
 
 NETWORK = "kind"                                       # the docker network kind's nodes share
 NODE_PLUGINS = ("host-local", "loopback", "ptp", "portmap")   # what kind's node image carries
@@ -187,6 +186,14 @@ def node_file(r, node, path):
     return text if ok else None
 
 
+def node_plugin(r, node, path):
+    """What identifies the plugin file PATH in NODE: its first two lines (a compiled plugin says
+    there what it was built from and for) and its sha256 (past those lines a compiled plugin is
+    bytecode, not text); None when it is not there."""
+    ok, text = r.query(cnikit.docker_exec(node, "sh", "-c", 'head -n 2 "$1" && sha256sum "$1"', "sh", path))
+    return text if ok else None
+
+
 def node_routes(r, node):
     """{dst: gateway} of NODE's routes that go via a gateway."""
     return {rt["dst"]: rt["gateway"] for rt in r.query_json(cnikit.docker_exec(node, "ip", "-j", "route")) or []
@@ -209,14 +216,14 @@ def podman_as_docker(tag="kl"):
     process's environment (its children inherit it). Afterwards every container, pod,
     network and image it holds is removed, its scratch dir and the cgroups it left too, and
     the environment is as before."""
-    runtimes.mount_cgroups()
-    cgroups = runtimes.cgroup_dirs()
-    directory = runtimes.scratch_dir(tag)
+    runtime.mount_cgroups()
+    cgroups = runtime.cgroup_dirs()
+    directory = runtime.scratch_dir(tag)
     saved = {k: os.environ.get(k) for k in ("PATH", "CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF")}
     try:
         conf = os.path.join(directory, "containers.conf")
         with open(conf, "w") as f:
-            f.write(runtimes.CONTAINERS_CONF.replace("[engine]\n", f'[engine]\ntmp_dir = "{directory}/tmp"\n', 1))
+            f.write(runtime.CONTAINERS_CONF.replace("[engine]\n", f'[engine]\ntmp_dir = "{directory}/tmp"\n', 1))
         storage = os.path.join(directory, "storage.conf")
         with open(storage, "w") as f:
             f.write(STORAGE_CONF.format(directory))
@@ -239,7 +246,7 @@ def podman_as_docker(tag="kl"):
         # loaded machine: wait for the processes that name our scratch dir, then stop any
         # straggler by its pid (they are ours: the dir is this call's own).
         deadline = time.monotonic() + 15
-        while (left := runtimes._pids_with_arg(directory)) and time.monotonic() < deadline:
+        while (left := runtime.pids_with_arg(directory)) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
@@ -249,5 +256,5 @@ def podman_as_docker(tag="kl"):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        runtimes.drop_scratch_dir(directory)
-        runtimes.drop_new_cgroups(cgroups)
+        runtime.drop_scratch_dir(directory)
+        runtime.drop_new_cgroups(cgroups)
