@@ -158,6 +158,31 @@ def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(
     assert i_apt < i_cp
 
 
+def test_kind_install_a_python3_that_cannot_compile_is_one_line_and_leaves_the_node_as_it_was(fp, monkeypatch):
+    """A node's python3 too old for the plugin's compile (cannot be had for real here: every
+    Python of this machine compiles it)."""
+    monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
+    build = "/run/cnikit/build/cni-bash-compatible.py"
+    fp.register(["docker", "exec", "demo-worker", "/usr/bin/python3", "-I", "-S", build, "--compile", build,
+                 "/opt/cni/bin/.cnikit.tmp"], returncode=1,
+                stderr="Traceback (most recent call last):\nTypeError: replace() got an unexpected keyword "
+                       "argument 'co_linetable'\n")
+    _mock_docker(fp, python_on={"demo-control-plane", "demo-worker"})
+    with pytest.raises(cnikit.CnikitError) as e:
+        cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
+    msg = str(e.value)
+    assert msg == ("demo-worker: its /usr/bin/python3 cannot compile the plugin (TypeError: replace() got an "
+                   "unexpected keyword argument 'co_linetable'): /opt/cni/bin/cnikit on demo-worker is unchanged; "
+                   "demo-control-plane got it already; fix: --plain installs the readable file")
+    calls = [list(c) for c in fp.calls]
+    # the worker's build dir and temp file go; its plugin file is never touched
+    assert ["docker", "exec", "demo-worker", "rm", "-rf", "/run/cnikit/build", "/opt/cni/bin/.cnikit.tmp"] in calls
+    assert ["docker", "exec", "demo-worker", "mv", "-f", "/opt/cni/bin/.cnikit.tmp", "/opt/cni/bin/cnikit"] \
+        not in calls
+    assert ["docker", "exec", "demo-control-plane", "mv", "-f", "/opt/cni/bin/.cnikit.tmp",
+            "/opt/cni/bin/cnikit"] in calls
+
+
 def test_kind_install_no_nodes_is_a_usage_error(fp, monkeypatch):
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
     fp.register(["docker", "ps", fp.any()], stdout="")
