@@ -41,6 +41,12 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # ---------------------------------------------------------------- the runner
 
+def _reader_left():
+    """`--dry-run | head`: the reader of stdout left.  Say nothing more (no traceback, like any
+    other tool): what is still written, the verdict included, goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class LessonRunner(cnikit.Runner):
     """cnikit's Runner plus what a live lesson needs: --step pauses before each
     command, and the background processes it starts are remembered so they are
@@ -354,8 +360,7 @@ class Lesson:
             code = self.run(build, verify, args)
             sys.stdout.flush()
         except BrokenPipeError:
-            # `--dry-run | head`: the reader left; no traceback, like any other tool.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _reader_left()
             code = EXIT_FAIL
         sys.exit(code)
 
@@ -390,6 +395,10 @@ class Lesson:
             self._fail_line("interrupted")
             self._leave(args, keep=False)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _reader_left()
+            self._leave(args, keep=False)
+            return EXIT_FAIL
         except OSError as e:
             # A disk or system error: one line, and the host left as it was.
             self._fail_line(f"error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))

@@ -620,3 +620,12 @@ def test_keep_with_host_on_lesson_07_leaves_the_pods_as_add_made_them():
     assert "--keep: the pods stay as ADD left them" in proc.stdout and "DEL both pods" not in proc.stdout
     assert verdict(proc).endswith("; not checked: DEL (--host --keep kept the pods)")   # the goal's DEL was not proven
     assert "10.244.0." in str(sh.ip("-n", "pod1", "-br", "addr", "show", "dev", "eth0"))
+
+
+@pytest.mark.parametrize("script", ["03_bridge.py", "07_cni.py"])   # 07 runs the lesson through its own main
+def test_a_reader_that_leaves_a_dry_run_early_gets_no_traceback(script):
+    proc = subprocess.Popen([sys.executable, os.path.join(STAGES, script), "--dry-run", "--color", "never"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()           # as `| head` does once it has its lines; here before the first
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and err == "", err
