@@ -2107,9 +2107,18 @@ def cni_plugin_bytes(src, shebang):
     return data
 
 
-def _installed_matches(src, dst, shebang, compiled=False):
+def python_magic(r, python, node=None):
+    """The bytecode magic of PYTHON (in kind NODE when given), as compile_plugin writes it on
+    the compiled plugin's second line ('' when not known)."""
+    argv = [python, "-I", "-S", "-c", "import importlib.util; print(importlib.util.MAGIC_NUMBER)"]
+    ok, out = r.query(docker_exec(node, *argv) if node else argv)
+    return out.strip() if ok else ""
+
+
+def _installed_matches(src, dst, shebang, compiled=False, magic=None):
     """Is DST already SRC installed this way (same interpreter line; compiled from the same
-    source when COMPILED: its second line names the source's sha256)?"""
+    source when COMPILED: its second line names the source's sha256, and the bytecode MAGIC of
+    the interpreter now, so a python3 upgrade gets the plugin built again)?"""
     try:
         if not os.access(dst, os.X_OK):
             return False
@@ -2119,7 +2128,7 @@ def _installed_matches(src, dst, shebang, compiled=False):
                 head = f.readline().decode() + f.readline().decode()
             with open(src, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
-            return compiled_from(head, shebang, sha)
+            return compiled_from(head, shebang, sha, magic)
         with open(dst, "rb") as f:
             return f.read() == cni_plugin_bytes(src, shebang)
     except (OSError, ValueError):
@@ -2210,7 +2219,8 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
     mark = r.mark()
     if r.dry_run or not os.path.isdir(plugin_dir):
         r.run(["mkdir", "-p", plugin_dir])
-    if not r.dry_run and _installed_matches(src, dst, shebang, compiled):
+    magic = python_magic(r, shebang[2:].split()[0]) if compiled and not r.dry_run else None
+    if not r.dry_run and _installed_matches(src, dst, shebang, compiled, magic or None):
         r.note(f"{dst} is already this plugin")
     else:
         tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
@@ -2401,9 +2411,7 @@ def kind_has_route(r, node, cidr, via):
 
 def kind_python_magic(r, node):
     """The bytecode magic of NODE's python3, as compile_plugin writes it ('' when not known)."""
-    ok, out = r.query(docker_exec(node, CNI_PYTHON, "-I", "-S", "-c",
-                                  "import importlib.util; print(importlib.util.MAGIC_NUMBER)"))
-    return out.strip() if ok else ""
+    return python_magic(r, CNI_PYTHON, node)
 
 
 def kind_plugin_current(r, node, dst, src, sha, compiled, have):

@@ -348,6 +348,17 @@ def test_install_compiles_the_plugin_into_one_file_pods_run_with_and_plain_keeps
     assert files("/opt/cni/bin") == ["cnikit"]              # no temp file left
     assert "nothing to do" in run("cni", "install", "--subnet", "10.244.9.0/24").stdout
     assert "nothing to do" in run("cni", "install", "--precompiled", "--subnet", "10.244.9.0/24").stdout  # the old name
+    # built for another bytecode (as after a python3 upgrade: it would run from its source, slowly): built again
+    with open(plugin, "rb") as f:
+        data = f.read()
+    first, second, rest = data.split(b"\n", 2)
+    magic = second.split(b"(bytecode ", 1)[1].split(b")", 1)[0]
+    with open(plugin, "wb") as f:
+        f.write(b"\n".join([first, second.replace(magic, b"b'\\xcb\\r\\r\\n'"), rest]))
+    again = run("cni", "install", "--subnet", "10.244.9.0/24").stdout
+    assert "--compile" in again and "nothing to do" not in again
+    with open(plugin, "rb") as f:
+        assert f.read() == data
     # a pod comes up and goes away through the compiled file
     run("netns", "add", "zpod")
     run("cni", "add", "zpod")
