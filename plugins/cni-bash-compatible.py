@@ -346,51 +346,87 @@ def makedirs(path, mode=0o755):
 # ---------------------------------------------------------------- commands
 
 def run(argv, stdin=None, env=None):
-    """Every external command passes here: echoed to stderr and the log, one error type."""
+    """Every external command passes here: echoed to stderr and the log, one error type.
+    Returns its stdout once it has exited."""
+    return start(argv, stdin, env).wait()
+
+
+def start(argv, stdin=None, env=None):
+    """run, without waiting: the command works while we do (its Job.wait() says how it ended)."""
     line = "+ " + " ".join(argv)
     log(line)
     sys.stderr.write(line + "\n")
     try:
         if "subprocess" in sys.modules:  # already paid for (embedding, tests): use it
-            proc = sys.modules["subprocess"].run(argv, input=stdin, capture_output=True, env=env)
-            rc, out, err = proc.returncode, proc.stdout or b"", proc.stderr or b""
-        else:  # importing subprocess costs 14 ms of start-up; posix_spawn is all we need
-            rc, out, err = spawn(argv, stdin, env)
+            pipe = sys.modules["subprocess"].PIPE
+            return Job(argv, proc=sys.modules["subprocess"].Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, env=env),
+                       stdin=stdin)
+        return Job(argv, *spawn(argv, stdin, env))  # importing subprocess costs 14 ms of start-up
     except OSError as e:
         raise CNIError(E_COMMAND, f"cannot run {argv[0]}: {e.strerror}")
-    out = out.decode("utf-8", "replace")
-    if rc != 0:
-        err = err.decode("utf-8", "replace").strip() or out.strip()
-        log(f"  exit {rc}: {err}")
-        raise CNIError(E_COMMAND, f"{argv[0]} failed (exit {rc})", err)
-    return out
 
 
 def spawn(argv, stdin, env):
-    """Run argv; stdin and stderr through memory files, so no pipe can fill up and block."""
-    inp = posix.memfd_create("stdin", posix.MFD_CLOEXEC)
-    err = posix.memfd_create("stderr", posix.MFD_CLOEXEC)
-    r, w = posix.pipe2(posix.O_CLOEXEC)
+    """Start argv with stdin, stdout and stderr in memory files: (pid, out fd, err fd).  No pipe
+    can fill up and block it while we are busy elsewhere."""
+    inp, out, err = (posix.memfd_create(name, posix.MFD_CLOEXEC) for name in ("stdin", "stdout", "stderr"))
     try:
         posix.write(inp, stdin or b"")
         posix.lseek(inp, 0, 0)
         pid = posix.posix_spawnp(argv[0], argv, env if env is not None else environ(), file_actions=[
-            (posix.POSIX_SPAWN_DUP2, inp, 0), (posix.POSIX_SPAWN_DUP2, w, 1), (posix.POSIX_SPAWN_DUP2, err, 2)])
-        posix.close(w)
-        w = None
-        chunks = []
-        while True:
-            chunk = posix.read(r, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        status = posix.waitpid(pid, 0)[1]
-        posix.lseek(err, 0, 0)
-        return posix.waitstatus_to_exitcode(status), b"".join(chunks), posix.read(err, 65536)
+            (posix.POSIX_SPAWN_DUP2, inp, 0), (posix.POSIX_SPAWN_DUP2, out, 1), (posix.POSIX_SPAWN_DUP2, err, 2)])
+    except BaseException:
+        for fd in (out, err):
+            posix.close(fd)
+        raise
     finally:
-        for fd in (inp, err, r, w):
-            if fd is not None:
-                posix.close(fd)
+        posix.close(inp)
+    return pid, out, err
+
+
+class Job:
+    """A command started by start(): wait() reaps it and returns its stdout, or raises
+    CNIError with its stderr; again, the same (wait for every job: nothing we start outlives
+    the call)."""
+
+    def __init__(self, argv, pid=None, out=None, err=None, proc=None, stdin=None):
+        self.argv, self.pid, self.out, self.err, self.proc, self.stdin = argv, pid, out, err, proc, stdin
+        self.ended = None  # (rc, stdout, stderr) once reaped
+
+    def wait(self):
+        if self.ended is None:
+            self.ended = self.reap()
+        rc, out, err = self.ended
+        out = out.decode("utf-8", "replace")
+        if rc != 0:
+            err = err.decode("utf-8", "replace").strip() or out.strip()
+            log(f"  exit {rc}: {err}")
+            raise CNIError(E_COMMAND, f"{self.argv[0]} failed (exit {rc})", err)
+        return out
+
+    def reap(self):
+        if self.proc is not None:
+            try:
+                out, err = self.proc.communicate(self.stdin)
+            except OSError as e:
+                raise CNIError(E_COMMAND, f"cannot run {self.argv[0]}: {e.strerror}")
+            return self.proc.returncode, out or b"", err or b""
+        try:
+            rc = posix.waitstatus_to_exitcode(posix.waitpid(self.pid, 0)[1])
+            return rc, read_all(self.out), read_all(self.err)
+        finally:
+            posix.close(self.out)
+            posix.close(self.err)
+
+
+def read_all(fd):
+    posix.lseek(fd, 0, 0)
+    chunks = []
+    while True:
+        chunk = posix.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def which(name, path=None):
@@ -1508,27 +1544,67 @@ def rules_by_family(entries):
     return sorted(out.items())
 
 
-def apply_rules(entries):
-    """Create the chains, their rules and the jumps: one iptables-restore per family."""
-    for family, group in rules_by_family(entries):
-        lines = []
-        for e in group:
-            lines += [f"*{e['table']}"] + [f":{c} - [0:0]" for c in e["chains"]] + e["rules"]
-            lines += ["-A " + j for j in e["jumps"]] + ["COMMIT"]
-        run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+def start_applying_rules(entries):
+    """Create the chains, their rules and the jumps: one iptables-restore per family, started
+    (wait_all waits): ADD makes the veth meanwhile."""
+    jobs = []
+    try:
+        for family, group in rules_by_family(entries):
+            lines = []
+            for e in group:
+                lines += [f"*{e['table']}"] + [f":{c} - [0:0]" for c in e["chains"]] + e["rules"]
+                lines += ["-A " + j for j in e["jumps"]] + ["COMMIT"]
+            jobs.append(start([tool(family, "iptables-restore"), "-w", "--noflush"],
+                              stdin=("\n".join(lines) + "\n").encode()))
+    except BaseException:
+        wait_all(jobs, quiet=True)
+        raise
+    return jobs
+
+
+def wait_all(jobs, quiet=False):
+    """Wait for every job, then raise the first failure (QUIET: none; rollback has its own)."""
+    first = None
+    for job in jobs:
+        try:
+            job.wait()
+        except CNIError as e:
+            first = first or e
+    if first is not None and not quiet:
+        raise first
 
 
 def remove_rules(entries):
+    finish_removing_rules(start_removing_rules(entries))
+
+
+def start_removing_rules(entries):
     """The fast way out: the rules are known, so one iptables-restore per family deletes the
-    jumps, then flushes and deletes the chains.  If that fails (already gone, edited by hand),
-    look at what is really there (iptables-save) and remove that."""
+    jumps, then flushes and deletes the chains.  It is only started: a commit that deletes
+    costs the kernel ~15 ms, as deleting a veth does, and the two can wait side by side.
+    finish_removing_rules waits for it."""
+    started = []
     for family, group in rules_by_family(entries):
         lines = []
         for e in group:
             lines += [f"*{e['table']}"] + ["-D " + j for j in e["jumps"]]
             lines += [f"{op} {c}" for c in e["chains"] for op in ("-F", "-X")] + ["COMMIT"]
         try:
-            run([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+            job = start([tool(family, "iptables-restore"), "-w", "--noflush"], stdin=("\n".join(lines) + "\n").encode())
+        except CNIError:
+            job = None
+        started.append((family, group, job))
+    return started
+
+
+def finish_removing_rules(started):
+    """Wait for start_removing_rules' commands.  Where one failed (already gone, edited by hand,
+    no iptables-restore), look at what is really there (iptables-save) and remove that."""
+    for family, group, job in started:
+        try:
+            if job is None:
+                raise CNIError(E_COMMAND, "iptables-restore did not start")
+            job.wait()
         except CNIError:
             teardown_chains(sorted({c for e in group for c in e["chains"]}), (family,))
 
@@ -1792,6 +1868,10 @@ def cmd_add(net, call):
             ips, ipam_routes, ipam_dns, rec = ipam_add(net, cid, ifname, call.raw, make_record)
             held = hold_record(record_path(net, cid, ifname), inherit=True)
             undo.append(lambda: ipam_undo(net, rec, ips, call.raw))
+            adding = []
+            if rec.rules:  # the record knows them already; iptables-restore inherits the record's lock
+                undo.append(lambda: (wait_all(adding, quiet=True), remove_rules(rec.rules)))
+                adding += start_applying_rules(rec.rules)
             if net.routed:
                 ips, routes = routed_ips(ips), routed_container_routes(net, ips, ipam_routes)
                 br = None
@@ -1818,9 +1898,7 @@ def cmd_add(net, call):
             cont = configure_container(pod.nl, ifname, ips, routes)
             if net.routed:
                 routed_host_routes(nl, veth, veth_name, ips)
-            if rec.rules:
-                undo.append(lambda: remove_rules(rec.rules))
-                apply_rules(rec.rules)
+            wait_all(adding)  # started with the record: committed while the veth was made
             br = nl.link(net.bridge) if br else None  # its MAC follows its ports
         except BaseException as e:
             log(f"  ADD failed ({e}); rolling back")
@@ -1878,19 +1956,21 @@ def cmd_del(net, call):
 
 def del_attachment(net, call, rec):
     cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
-    if rec is not None and rec.rules is not None:
-        remove_rules(rec.rules)
-    elif rec is not None and (net.masq or net.forward):
-        teardown_unrecorded(net, cid, ifname)
-    veth_name = rec.veth if rec is not None else host_veth_name(cid, ifname)
-    with Netlink() as nl:
-        veth = nl.link(veth_name)
-        if veth is not None:  # deleting our end removes the pod's end too, netns or not
-            try:
-                nl.del_link(veth["index"], veth_name)
-            except OSError as e:
-                if e.errno not in (ENODEV, ENOENT):
-                    raise CNIError(E_KERNEL, f"cannot delete {veth_name}: {e.strerror}")
+    removing = start_removing_rules(rec.rules) if rec is not None and rec.rules is not None else []
+    try:
+        if rec is not None and rec.rules is None and (net.masq or net.forward):
+            teardown_unrecorded(net, cid, ifname)
+        veth_name = rec.veth if rec is not None else host_veth_name(cid, ifname)
+        with Netlink() as nl:
+            veth = nl.link(veth_name)
+            if veth is not None:  # deleting our end removes the pod's end too, netns or not
+                try:
+                    nl.del_link(veth["index"], veth_name)
+                except OSError as e:
+                    if e.errno not in (ENODEV, ENOENT):
+                        raise CNIError(E_KERNEL, f"cannot delete {veth_name}: {e.strerror}")
+    finally:
+        finish_removing_rules(removing)  # even when the veth failed: nothing we start outlives DEL
     if rec is None and net.prev and use_builtin(net):  # prevResult's addresses, if still this attachment's
         rec = Record(cid, ifname, [ip["address"] for ip in net.prev.get("ips") or [] if isinstance(ip, dict)
                                    and isinstance(ip.get("address"), str)], [])

@@ -51,9 +51,11 @@ def test_iptables_failure_rolls_back_masquerade_veth_then_address(plugin, fp):
     created = steps.index(next(s for s in steps if s.startswith("netlink: ip link add veth")))
     failed = steps.index(next(s for s in steps if s.startswith("ADD failed")))
     rollback = steps[failed:]
-    # reverse order of creation: rules first, then the veth, then the address
+    # reverse order of creation (the rules are started with the record, before the veth is made):
+    # the veth first, then the rules, then the address
     order = [i for i, s in enumerate(rollback) if s.startswith(("+ iptables-save", "netlink: ip link del", "ipam: release"))]
-    assert [rollback[i].split()[1] for i in order] == ["iptables-save", "ip", "release"]
+    assert [rollback[i].split()[1] for i in order] == ["ip", "iptables-save", "release"]
+    assert steps.index(next(s for s in steps if s.startswith("+ iptables-restore"))) < created
     assert created < failed
     assert not any(name.startswith("veth") for name in links()) and "eth0" not in links("p1")
     assert allocation_files("unit") == {}
@@ -94,7 +96,7 @@ def test_delegated_ipam_is_released_when_the_veth_cannot_be_created(plugin, fp, 
             raise OSError(12, "Cannot allocate memory")
         monkeypatch.setattr(plugin.Netlink, "add_veth", refused)
         with pytest.raises(plugin.CNIError) as err:
-            plugin.cmd_add(make_net(plugin, {"ipMasq": False, "ipam": {"type": "fakeipam"}}), call(e))
+            plugin.cmd_add(make_net(plugin, {"ipMasq": False, "forwardAccept": False, "ipam": {"type": "fakeipam"}}), call(e))
     finally:
         for k in e:
             os.environ.pop(k, None)
