@@ -2529,7 +2529,8 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
 def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_DIR):
     """Remove from every node of CLUSTER what kind_install wrote: the conflist, the plugin
     it names (plain or compiled, both scripts that start with `#!`; never a binary plugin), the
-    subnet file and the routes to the other nodes' pods. python3 stays (other things may use
+    subnet file, the routes to the other nodes' pods, and a build directory a killed
+    kind-install left. python3 stays (other things may use
     it). Pods still attached keep their veths until kubelet DELs them. Re-run: absent is fine."""
     _kind_check_cluster(cluster)
     name = _cni_check_name(name)
@@ -2556,6 +2557,9 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
         present = files if r.dry_run else [f for f in files if f in kind_node_files(r, node, files)]
         if present:
             r.run(docker_exec(node, "rm", "-f", *present))
+        # what a kind-install killed while the node compiled the plugin left (the next one replaces it)
+        if r.dry_run or r.query(docker_exec(node, "test", "-d", KIND_BUILD_DIR))[0]:
+            r.run(docker_exec(node, "rm", "-rf", KIND_BUILD_DIR))
     for node, cidr, via in kind_routes(plan):
         if via and (r.dry_run or kind_has_route(r, node, cidr, via)):
             r.run(docker_exec(node, "ip", "route", "del", cidr, "via", via))

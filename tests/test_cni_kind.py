@@ -95,7 +95,7 @@ def test_uninstall_kind_dry_run_removes_what_install_wrote_on_every_node():
     out = cli("--dry-run", "cni", "uninstall", "--kind", "demo", check=True).stdout
     for node in ("demo-control-plane", "demo-worker"):
         assert (f"docker exec {node} rm -f /etc/cni/net.d/10-cnikit.conflist /run/cnikit/subnet.env "
-                "/opt/cni/bin/cnikit\n") in out
+                f"/opt/cni/bin/cnikit\ndocker exec {node} rm -rf /run/cnikit/build\n") in out
 
 
 def test_cluster_pod_range_is_kinds_or_the_nodes_podcidrs_merged():

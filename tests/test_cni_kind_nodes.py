@@ -180,7 +180,11 @@ def test_kind_install_on_nodes_with_python3_then_rerun_then_uninstall(derived):
         assert_compiled_in_node(r, OTHER_PYTHON_NODE, installed_state(r, OTHER_PYTHON_NODE)["plugin"])
     unchanged_rerun()
 
+    # a kind-install killed while a node compiled the plugin leaves its build directory there
+    r.run(cnikit.docker_exec(nodes[0], "mkdir", "-p", f"{cnikit.KIND_BUILD_DIR}/compiler"))
     gone = cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
+    assert f"docker exec {nodes[0]} rm -rf {cnikit.KIND_BUILD_DIR}\n" in gone
+    assert not r.query(cnikit.docker_exec(nodes[0], "test", "-e", cnikit.KIND_BUILD_DIR))[0]
     for node in nodes:
         assert f"docker exec {node} rm -f" in gone
         assert installed_state(r, node) == {"plugin": None, "conf": None, "subnet": None, "routes": {}}
