@@ -2530,8 +2530,8 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     """Remove from every node of CLUSTER what kind_install wrote: the conflist, the plugin
     it names (plain or compiled, both scripts that start with `#!`; never a binary plugin), the
     subnet file, the routes to the other nodes' pods, and a build directory a killed
-    kind-install left. python3 stays (other things may use
-    it). Pods still attached keep their veths until kubelet DELs them. Re-run: absent is fine."""
+    kind-install left. python3 stays (other things may use it). Pods still attached keep
+    their veths until kubelet DELs them. Re-run: absent is fine."""
     _kind_check_cluster(cluster)
     name = _cni_check_name(name)
     if not r.dry_run:
