@@ -386,8 +386,8 @@ def spawn(argv, stdin, env):
 
 class Job:
     """A command started by start(): wait() reaps it and returns its stdout, or raises
-    CNIError with its stderr; again, the same (wait for every job: nothing we start outlives
-    the call)."""
+    CNIError with its stderr; a second wait() gives the same answer.  Every job is waited
+    for: nothing we start outlives the call."""
 
     def __init__(self, argv, pid=None, out=None, err=None, proc=None, stdin=None):
         self.argv, self.pid, self.out, self.err, self.proc, self.stdin = argv, pid, out, err, proc, stdin
@@ -395,12 +395,14 @@ class Job:
 
     def wait(self):
         if self.ended is None:
-            self.ended = self.reap()
-        rc, out, err = self.ended
-        out = out.decode("utf-8", "replace")
-        if rc != 0:
+            rc, out, err = self.reap()
+            out = out.decode("utf-8", "replace")
             err = err.decode("utf-8", "replace").strip() or out.strip()
-            log(f"  exit {rc}: {err}")
+            if rc != 0:
+                log(f"  exit {rc}: {err}")
+            self.ended = rc, out, err
+        rc, out, err = self.ended
+        if rc != 0:
             raise CNIError(E_COMMAND, f"{self.argv[0]} failed (exit {rc})", err)
         return out
 
