@@ -378,6 +378,9 @@ class Runner:
 
     def __init__(self, dry_run=False, quiet=False, verbose=False, out=None, color=None):
         self.dry_run, self.quiet, self.verbose = dry_run, quiet, verbose
+        # A dry run plans for a fresh host; one that plans what --host will do to THIS host
+        # looks at what decides it (Docker's FORWARD policy: see forward_drops).
+        self.plans_this_host = False
         self.out = out or sys.stdout
         self.color = self.out.isatty() if color is None else color
         self._log = []            # every argv echoed by run/show/probe/spawn/hand_over
@@ -892,16 +895,17 @@ def bridge_forward_accept(r, name, host=None):
 
 def forward_drops(r, host=None):
     """Is this host's iptables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
-    fresh host (policy ACCEPT) and does not look; without iptables: no."""
-    if r.dry_run or not which("iptables"):
+    fresh host (policy ACCEPT) and does not look, unless it plans for this host (a lesson's
+    --host); without iptables: no."""
+    if r.dry_run and not r.plans_this_host or not which("iptables"):
         return False
-    ok, out = r.query(iptables("-S", "FORWARD", ns=host))
+    ok, out = r.query(iptables("-S", "FORWARD", ns=host), in_dry_run=True)
     return ok and "-P FORWARD DROP" in out.splitlines()
 
 
 def bridged_frames_filtered(r, host=None):
     """Does br_netfilter pass bridged IPv4 frames through iptables here (per namespace)?"""
-    if r.dry_run:
+    if r.dry_run and not r.plans_this_host:
         return False
     if host is None:
         try:
@@ -909,7 +913,7 @@ def bridged_frames_filtered(r, host=None):
                 return f.read().strip() == "1"
         except OSError:            # no br_netfilter: bridged frames never see iptables
             return False
-    ok, out = r.query(in_netns(["cat", BR_NF_CALL_IPTABLES], host))
+    ok, out = r.query(in_netns(["cat", BR_NF_CALL_IPTABLES], host), in_dry_run=True)
     return ok and out.strip() == "1"
 
 

@@ -325,6 +325,7 @@ class Lesson:
         --host will change."""
         saved = (self.r, self.checks, self.steps)
         self.r = LessonRunner(dry_run=True, quiet=True)
+        self.r.plans_this_host = True       # e.g. a Docker host's bridge rule is part of the plan
         try:
             build(self)
             return self.r.changes()

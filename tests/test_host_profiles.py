@@ -4,6 +4,7 @@ reproduced in the test's sandbox.  Every lesson passes there with --host, and so
 of our plugin installed by `cnikit cni install` + `cni add`; nothing opens the host (the
 policy stays DROP) and no rule of ours outlives cleanup or DEL.  A lesson or verb that meets
 the Docker condition says so in one line."""
+import itertools
 import json
 import os
 import re
@@ -76,6 +77,13 @@ def test_every_lesson_passes_with_host_and_leaves_the_host_as_it_was(host_profil
             continue
         assert said(proc.stdout, note) == host_profile.forward_drop, (note, proc.stdout[:4000])
     assert (DOCKER_NOTE in proc.stdout) == (host_profile.forward_drop and lesson in NOTES)
+    # the opening's list of what --host changes names the bridge rules the run then adds
+    listed = proc.stdout.split("--host: this lesson changes this machine", 1)[1].splitlines()[1:]
+    opening = "\n".join(itertools.takewhile(lambda line: line.startswith("#   "), listed))
+    bridges = re.findall(r"-t filter -A FORWARD -i (\S+) -o \1 -m comment", proc.stdout)
+    assert bool(bridges) == (host_profile.forward_drop and any(isinstance(n, re.Pattern) for n in NOTES.get(lesson, [])))
+    for name in set(bridges):
+        assert f"--comment 'cnikit bridge {name}' -j ACCEPT" in opening, opening
 
 
 def _internet():
