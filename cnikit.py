@@ -2957,6 +2957,36 @@ def _doctor_target(v, to, host):
     raise UsageError(f"namespace {_ns_name(to_ns)} has no IPv4 address on an up interface: nothing to reach")
 
 
+def _subnets(v, ns):
+    """The IPv4 subnets NS's up interfaces are on, with its address on each: [(network, addr)]."""
+    return [(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network, a["local"])
+            for link in v.links(ns) if link.get("ifname") != "lo" and "UP" in link.get("flags", [])
+            for a in link.get("addr_info", []) if a.get("family") == "inet"]
+
+
+def _route_fix(v, ns, dst, default=False):
+    """The route to suggest in NS toward DST: via a namespace NS shares a subnet with, the one
+    best placed (DST is its own address, then DST is on one of its subnets: route that subnet,
+    then it forwards).  DEFAULT: a default route, as a pod has.  None when NS has no neighbour
+    doctor can see that could carry it (the fix then says GATEWAY)."""
+    target = ipaddress.ip_address(dst)
+    mine = [net for net, _ in _subnets(v, ns)]
+    best = None
+    for other in v.namespaces:
+        if other == ns:
+            continue
+        theirs = _subnets(v, other)
+        for net, addr in theirs:
+            if ipaddress.ip_address(addr) not in net or not any(ipaddress.ip_address(addr) in m for m in mine):
+                continue
+            owns = any(str(target) == a for _, a in theirs)
+            on = next((str(n) for n, _ in theirs if target in n), None)
+            rank = 0 if owns else 1 if on else 2 if v.sysctl(other, "net.ipv4.ip_forward") == "1" else None
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, "default" if default else dst if owns or not on else on, addr)
+    return ip("route", "add", best[1], "via", best[2], ns=ns) if best else None
+
+
 def _walk(v, report, ns, dst, proto, port):
     """Hop by hop, as the kernel decides: FROM's own route, then in each namespace the
     packet enters: conntrack/DNAT, rp_filter, local delivery or forwarding, FORWARD,
@@ -2965,7 +2995,8 @@ def _walk(v, report, ns, dst, proto, port):
     if not route or route.get("type") in ("unreachable", "prohibit", "blackhole"):
         raise _Broken("no-route", _ns_name(ns), f"{_ns_name(ns)} has no route to {dst}",
                       _as_shell([ip("route", "show", ns=ns)]),
-                      _as_shell([ip("route", "add", "default", "via", "GATEWAY", ns=ns)]))
+                      _as_shell([_route_fix(v, ns, dst, default=True)
+                                 or ip("route", "add", "default", "via", "GATEWAY", ns=ns)]))
     if route.get("type") == "local":
         report["hops"].append({"ns": _ns_name(ns), "note": f"{dst} is an address of {_ns_name(ns)} itself"})
         return
@@ -2994,7 +3025,8 @@ def _walk(v, report, ns, dst, proto, port):
             if not route:
                 raise _Broken("no-route", where, f"{where} has no route to {pkt['dst']} (for packets in from {iif})",
                               _as_shell([ip("route", "get", pkt["dst"], "from", pkt["src"], "iif", iif, ns=ns)]),
-                              _as_shell([ip("route", "add", pkt["dst"], "via", "GATEWAY", ns=ns)]))
+                              _as_shell([_route_fix(v, ns, pkt["dst"])
+                                         or ip("route", "add", pkt["dst"], "via", "GATEWAY", ns=ns)]))
             _check_filter(v, ns, "FORWARD", dict(pkt, iif=iif, oif=route.get("dev")), where)
             pkt["src"] = _postrouting(v, ns, pkt, iif, route, hop)
         out, nh = route.get("dev"), route.get("gateway") or pkt["dst"]
@@ -3143,7 +3175,7 @@ def _vxlan(v, ns, link, nh, ref, hop):
     if not udev:
         raise _Broken("no-route", where, f"{where} has no underlay route to {remote}, the far end of {name}",
                       _as_shell([ip("route", "get", remote, ns=ns)]),
-                      _as_shell([ip("route", "add", remote, "via", "GATEWAY", ns=ns)]))
+                      _as_shell([_route_fix(v, ns, remote) or ip("route", "add", remote, "via", "GATEWAY", ns=ns)]))
     if link.get("mtu", 0) + VXLAN_OVERHEAD > udev.get("mtu", DEFAULT_MTU):
         raise _Broken("mtu", where,
                       f"{name} in {where} has MTU {link['mtu']}, but its packets gain {VXLAN_OVERHEAD} bytes "
@@ -3282,7 +3314,7 @@ def _check_return(v, report, ns, pkt):
         routers = [h for h in hops if h.get("in") and h.get("out")]
         fix = (["cnikit" + (f" -n {routers[-1]['_ns']}" if routers[-1]["_ns"] else "") +
                 f" nat add {_src_subnet(v, hops[0]['_ns'], src)} --out {routers[-1]['out']}"] if routers
-               else _as_shell([ip("route", "add", seen, "via", "GATEWAY", ns=ns)]))
+               else _as_shell([_route_fix(v, ns, seen) or ip("route", "add", seen, "via", "GATEWAY", ns=ns)]))
         raise _Broken("no-return-route", where,
                       f"{where} gets the request from {seen} and has no route back to it: the reply is lost "
                       "(a network that does not know the pod subnet must see the node's address: MASQUERADE)",
