@@ -2976,9 +2976,9 @@ def _route_fix(v, ns, dst, default=False):
         if other == ns:
             continue
         theirs = _subnets(v, other)
-        for net, addr in theirs:
-            if ipaddress.ip_address(addr) not in net or not any(ipaddress.ip_address(addr) in m for m in mine):
-                continue
+        for _, addr in theirs:
+            if not any(ipaddress.ip_address(addr) in m for m in mine):
+                continue                    # not a neighbour: NS shares no subnet with it
             owns = any(str(target) == a for _, a in theirs)
             on = next((str(n) for n, _ in theirs if target in n), None)
             rank = 0 if owns else 1 if on else 2 if v.sysctl(other, "net.ipv4.ip_forward") == "1" else None
