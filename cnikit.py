@@ -396,7 +396,11 @@ class Runner:
         self._log.append(list(argv))
         if self.quiet:
             return
-        line = shlex.join(argv) + suffix
+        self.print_command(shlex.join(argv) + suffix)
+
+    def print_command(self, line):
+        """How a command appears: one line, highlighted on a terminal (a lesson's presenter
+        mode types it out instead)."""
         self._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if self.color else line)
 
     def note(self, text):
@@ -409,6 +413,10 @@ class Runner:
         if text:
             text = text.rstrip("\n")
             self._print(f"\033[{ansi}m{text}\033[0m" if ansi and self.color else text)
+
+    def result(self, obj):
+        """A CNI result, what the user asked for: the JSON in full (a lesson shows its gist)."""
+        self.output(json.dumps(obj, indent=2))
 
     # -- what this invocation did
     def mark(self):
@@ -1890,7 +1898,7 @@ def cni_add(r, call):
             r.output(f"printf '%s\\n' \"${keep}\"")     # the result, as the real run prints it
         return None
     if prev is not None and call.print_result:
-        r.output(json.dumps(prev, indent=2))
+        r.result(prev)
     return prev
 
 
