@@ -140,7 +140,7 @@ def reveal(L):
           "the black hole comes and goes in real life. pod1 forgets it now, as it would by itself")
     r.run(ip("route", "flush", "cache", ns="pod1"))
     L.say("what stalls, then: whatever reaches the bridge as one plain frame of more than 1450 bytes (a TCP "
-          "message that fills one segment and its retransmissions, a UDP datagram over 1422 bytes, which Linux "
+          "message that fills one segment and its retransmissions, a UDP datagram too big for the overlay, which Linux "
           "sends with DF, a ping with DF), and any transfer at all where the ICMP cannot reach the sender "
           "(a firewall that drops ICMP, an older kernel whose vxlan sends none)")
 
