@@ -3,8 +3,8 @@
 A ClusterIP is an address no interface has: nat rules rewrite connections to it (DNAT) to
 one of the Service's backend pods, picked at random by `-m statistic --mode random`. A
 NodePort is the same DNAT for connections to the node's own address on a port (portmap's
-hostPort is that DNAT for one pod), and, as kube-proxy's default externalTrafficPolicy:
-Cluster does, it also masquerades: the backend sees the node, not the outside client.
+hostPort is that DNAT for one pod); under kube-proxy's default, externalTrafficPolicy:
+Cluster, a NodePort also masquerades: the backend sees the node, not the outside client.
 Conntrack remembers each translation and undoes it on the replies; hairpin lets a pod reach
 itself through its own Service.
 
@@ -14,10 +14,10 @@ itself through its own Service.
 The chains carry kube-proxy's names and are wired as its iptables mode wires them
 (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXT-..., KUBE-SVC-..., KUBE-SEP-..., KUBE-MARK-MASQ,
 KUBE-POSTROUTING). A real node's `iptables-save -t nat` has more: a comment on every rule,
-hashes in the chain names, `-m tcp` beside every `-p tcp`, a
-KUBE-MARK-MASQ jump in KUBE-SVC-... for ClusterIP traffic from outside the pod network, and
-chains in the filter table too (KUBE-FORWARD, KUBE-PROXY-FIREWALL, KUBE-NODEPORTS, KUBE-SERVICES,
-KUBE-EXTERNAL-SERVICES, KUBE-FIREWALL) and the KUBE-PROXY-CANARY/KUBE-KUBELET-CANARY chains.
+hashes in the chain names, `-m tcp` beside every `-p tcp`, a KUBE-MARK-MASQ jump in
+KUBE-SVC-... for ClusterIP traffic from outside the pod network (when kube-proxy knows the
+cluster's pod CIDR), chains in the filter table too (KUBE-FORWARD, KUBE-PROXY-FIREWALL and
+others) and canary chains (KUBE-PROXY-CANARY) by which kube-proxy notices a flushed table.
 "Outside" is a namespace this lesson creates, with documentation addresses.
 """
 import os
