@@ -5,7 +5,7 @@ device per node, with no remote and no multicast, is told for each peer node whe
 peer's VTEP lives (a forwarding entry) and what its MAC is (a neighbour entry), the way
 flanneld does from what each node publishes.
 
-    sudo make stage-07b                            # in a throwaway sandbox (not in make demo: it is beyond lesson 07)
+    sudo make stage-07b                            # in a throwaway sandbox (make demo runs it too, after 07)
     python3 stages/07b_multinode.py --dry-run      # the lesson as a shell script
 
 In the sandbox a node is a network namespace, so the nodes share one filesystem: each
