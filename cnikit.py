@@ -39,7 +39,7 @@ import time
 
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
 VXLAN_PORT = 4789                 # IANA port for VXLAN
-VXLAN_OVERHEAD = 50               # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+VXLAN_OVERHEAD = 50               # inner Ethernet 14 + VXLAN 8 + UDP 8 + outer IPv4 20 (outer Ethernet: not in the MTU)
 DEFAULT_MTU = 1500
 NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1

@@ -341,9 +341,14 @@ class Lesson:
             line = f"# {line}".rstrip()
             self.r.output(line, ansi="33")
 
+    @property
+    def kind(self):
+        """What it calls itself: a pitfall lab is a lab (its PASS/FAIL line keeps "lesson": it is parsed)."""
+        return "lab" if self.title.startswith("pitfall_") else "lesson"
+
     def opening(self):
-        title = f"lesson {self.number}: {self.title}"
-        self.say(f"{title}\n{'=' * len(title)}\ngoal: {self.goal}\n\nwhat this lesson builds:\n\n"
+        title = f"{self.kind} {self.number}: {self.title}"
+        self.say(f"{title}\n{'=' * len(title)}\ngoal: {self.goal}\n\nwhat this {self.kind} builds:\n\n"
                  + self.picture + "\n")
         if self.skipped:
             self.say("leaving out (--skip): " + ", ".join(sorted(self.skipped)))
@@ -435,7 +440,7 @@ class Lesson:
             f"  {name:<10} {breaks}" for name, breaks in self.skips.items())
         p = argparse.ArgumentParser(
             prog=os.path.basename(sys.argv[0]) or f"{self.number}_{self.title}.py",
-            description=f"Lesson {self.number} ({self.title}): {self.goal}", epilog=epilog,
+            description=f"{self.kind.capitalize()} {self.number} ({self.title}): {self.goal}", epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--host", action="store_true",
                        help="run on the real host, after saying what it will change (default: a sandbox)")
