@@ -410,7 +410,8 @@ class Lesson:
                    creates=cnikit.Change.sysctl(key, value, ns, old=old.strip() if ok else None))
 
     # -- life cycle
-    def start(self, dry_run=False, quiet=False, stepping=False, skip=(), color=None, out=None, present=None):
+    def start(self, dry_run=False, quiet=False, stepping=False, skip=(), color=None, out=None, present=None,
+              verbose=False):
         """A fresh runner and no checks yet; used by main and by tests that drive
         build() and verify() themselves in a sandbox they made. STEPPING: False, "command"
         or "step"; PRESENT: --present's characters a second (None: off)."""
@@ -419,7 +420,7 @@ class Lesson:
             raise cnikit.UsageError(f"unknown step {unknown[0]!r} for --skip; lesson {self.number} has: "
                                     + (", ".join(self.skips) or "none"))
         self.r = LessonRunner(stepping=stepping, present=present, dry_run=dry_run, quiet=quiet, color=color,
-                              out=out)
+                              out=out, verbose=verbose)
         self.skipped, self.checks, self.steps, self.try_it = set(skip), [], 0, []
         return self
 
@@ -456,6 +457,8 @@ class Lesson:
                             "0: at once)")
         p.add_argument("--dry-run", action="store_true", help="print the whole lesson as a shell script")
         p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also every ownership label, CNI results as full JSON and cnikit's look-ups")
         p.add_argument("--skip", action="append", default=[], metavar="STEP",
                        help="leave out STEP to see what breaks (listed below); repeatable")
         p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -480,7 +483,7 @@ class Lesson:
         try:
             present = getattr(args, "present_speed", PRESENT_CPS) if getattr(args, "present", False) else None
             self.start(dry_run=args.dry_run, quiet=args.quiet, stepping=not args.dry_run and args.step,
-                       skip=args.skip, color=color, present=present)
+                       skip=args.skip, color=color, present=present, verbose=getattr(args, "verbose", False))
             self.on_host = args.host
             self.keep, self.explored = args.keep, False
             if not args.dry_run:

@@ -168,3 +168,36 @@ def test_lesson_04_step_on_a_terminal_hands_the_connection_to_the_learner():
         if term.proc.poll() is None:
             term.proc.kill()
     assert code == 0 and "PASS lesson 04" in term.text, term.text[-2000:]
+
+
+def test_verbose_shows_every_label_and_the_look_ups():
+    verbose = run_stage("03_bridge.py", "-v", timeout=90).stdout
+    assert sum(1 for l in verbose.splitlines() if l.endswith(" alias cnikit")) >= 4
+    assert "# look-up: " in verbose
+
+
+RESULT = {"cniVersion": "1.0.0",
+          "interfaces": [{"name": "cni0", "mac": "aa:00:00:00:00:01"}, {"name": "veth1", "mac": "aa:00:00:00:00:02"},
+                         {"name": "eth0", "mac": "aa:00:00:00:00:03", "sandbox": "/run/netns/pod1"}],
+          "ips": [{"address": "10.244.1.2/24", "gateway": "10.244.1.1", "interface": 2},
+                  {"address": "fd00::2/64", "gateway": "fd00::1", "interface": 2}],
+          "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}, {"dst": "::/0"}], "dns": {"nameservers": []}}
+
+
+def test_a_lesson_shows_a_cni_result_as_its_gist_and_in_full_with_v():
+    import io
+    import json
+    sys.path.insert(0, os.path.join(ROOT, "stages"))
+    import lesson as lesson_lib
+    gist, full = io.StringIO(), io.StringIO()
+    lesson_lib.LessonRunner(out=gist, color=False).result(RESULT)
+    lesson_lib.LessonRunner(out=full, color=False, verbose=True).result(RESULT)
+    assert gist.getvalue().splitlines() == [
+        "# result (cniVersion 1.0.0), the gist (-v: the JSON in full):",
+        "#   interfaces[0] cni0 aa:00:00:00:00:01 on the host",
+        "#   interfaces[1] veth1 aa:00:00:00:00:02 on the host",
+        "#   interfaces[2] eth0 aa:00:00:00:00:03 in /run/netns/pod1",
+        "#   ips: 10.244.1.2/24 gateway 10.244.1.1 on eth0",
+        "#   ips: fd00::2/64 gateway fd00::1 on eth0",
+        "#   routes: 0.0.0.0/0 via 10.244.1.1, ::/0"]
+    assert json.loads(full.getvalue()) == RESULT
