@@ -300,7 +300,7 @@ def test_demo_runs_lessons_and_ends_with_a_table():
     assert proc.returncode == 0, proc.stdout
     rows = re.findall(r"^(0\d_\w+)\s+(PASS|FAIL)\s+([\d.]+)$", proc.stdout, re.M)
     assert [(name, result) for name, result, _ in rows] == [("01_netns", "PASS"), ("04_tcp", "PASS")]
-    assert re.search(r"^total\s+2/2\s+[\d.]+$", proc.stdout, re.M)
+    assert re.search(r"^total\s+2/2\s+[\d.]+  \(wall clock, 2 at once\)$", proc.stdout, re.M)
 
 
 # ---------------------------------------------------------------- review: dry runs really run, proofs can fail
