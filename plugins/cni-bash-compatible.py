@@ -290,7 +290,7 @@ if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
 
 import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
 import _struct as struct  # noqa: E402  (struct.py only re-exports _struct, which is built in)
-from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR  # noqa: E402  (errno is built in: free)
+from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR, EOPNOTSUPP  # noqa: E402  (errno is built in: free)
 
 
 # ---------------------------------------------------------------- files: posix and these few helpers
@@ -945,6 +945,9 @@ class Net:
             raise CNIError(E_CONFIG, f"invalid vlan {self.vlan}: must be between 0 and 4094")
         self.trunk = self.vlan_trunk()
         self.keep_default_vlan = conf_value(conf, "preserveDefaultVlan", bool, False)
+        if self.vlan and self.is_gw and not valid_ifname(f"{self.bridge}.{self.vlan}"):
+            raise CNIError(E_CONFIG, f"vlan {self.vlan} on bridge {self.bridge!r}: its gateway link "
+                                     f"{self.bridge}.{self.vlan} would be longer than 15 characters")
         self.masq_backend = conf_value(conf, "ipMasqBackend", str, "iptables")
         if self.masq_backend not in MASQ_BACKENDS:
             raise CNIError(E_CONFIG, f"invalid ipMasqBackend {self.masq_backend!r}: one of " + ", ".join(MASQ_BACKENDS))
@@ -1896,6 +1899,9 @@ def ensure_bridge(nl, net, ips):
             nl.add_bridge(net.bridge, net.mtu, random_mac(), net.promisc, net.vlan != 0 or net.trunk is not None)
             created = True
         except OSError as e:
+            if e.errno == EOPNOTSUPP and (net.vlan or net.trunk is not None):
+                raise CNIError(E_KERNEL, f"cannot create bridge {net.bridge} with vlan_filtering (for vlan, vlanTrunk): "
+                                         "this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)")
             if e.errno != EEXIST:  # a parallel ADD created it first
                 raise CNIError(E_KERNEL, f"cannot create bridge {net.bridge}: {e.strerror}")
         br = nl.link(net.bridge)
