@@ -28,6 +28,18 @@ Config keys (defaults in brackets; the classic minimal config gets all defaults)
                            same comment), so a host whose FORWARD policy is DROP (Docker) passes it
   mtu [kernel default]     on the bridge and both ends of the veth
   hairpinMode [false]      a pod may reach itself through a service address
+  promiscMode [false]      the bridge promiscuous (not with hairpinMode)
+  portIsolation [false]    the pod's bridge port isolated: it reaches the gateway, not isolated peers
+  vlan [0]                 1-4094: vlan_filtering on a new bridge, the pod's port untagged in the VLAN
+                           (pvid); with isGateway the gateway goes on a link <bridge>.<vlan>
+  vlanTrunk [none]         [{"minID", "maxID"} or {"id"}]: VLANs tagged on the port
+  preserveDefaultVlan [false]  keep the bridge's default VLAN on a port with vlan or vlanTrunk
+  macspoofchk [false]      drop what the pod sends with another source MAC (nft table
+                           "bridge cnikit-<hash>", commented like the iptables rules; needs nft)
+  ipMasqBackend [iptables] "nftables": ipMasq and forwardAccept as an nft table "inet cnikit-<hash>"
+  enabledad [false]        IPv6 addresses are added nodad; true: DAD runs and ADD waits for it (5 s)
+  forceAddress [false]     the gateway replaces the bridge's other IPv4 (overlapping IPv6) addresses
+  disableContainerInterface  true is refused (7): the reference allows it only without IPAM
   dns                      passed through to the result
   log [/var/log/cni.log]   the call log; env CNIKIT_LOG overrides it; an unwritable log is ignored
   ipam.type                absent / "cnikit" / "builtin": the built-in allocator; the name of an
@@ -42,8 +54,10 @@ Subnet precedence: ipam config > CNI_ARGS CNIKIT_SUBNET=<cidr> > node file
 /run/cnikit/subnet.env (flannel-style line CNIKIT_SUBNET=10.244.1.0/24, written per node by
 `cnikit cni kind-install`) > 10.244.0.0/24.
 
-Runtime input: CNI_ARGS IP=<addr> (specific address), IgnoreUnknown=1, K8S_POD_*; runtimeConfig
-keys (ips, mac, dns) matched case-insensitively.
+Runtime input: CNI_ARGS IP=<addr> (specific address), MAC=<mac>, IgnoreUnknown=1, K8S_POD_*;
+runtimeConfig keys (ips, mac, dns) matched case-insensitively; args.cni.mac.  The bridge is
+created with a MAC of its own, so it never takes its ports' (issue #18).  Where this differs
+from the reference bridge: docs/plugin.md, "Where we differ from the reference, and why".
 
 Allocations (host-local format, so either can take over the other's):
 <dataDir>/<network>/<ip> holds "<container id>\\r\\n<ifname>"; last_reserved_ip.<n> remembers where
