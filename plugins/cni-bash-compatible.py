@@ -1872,7 +1872,12 @@ def our_nft_tables(network):
         return []
     prefix = 'comment "' + f"cnikit name: {network} id: ".replace('"', "")[:128]
     found, table = [], None
-    for line in run(["nft", "list", "ruleset"]).splitlines():  # a table's comment is the line after its head
+    try:
+        ruleset = run(["nft", "list", "ruleset"])
+    except CNIError as e:  # no nf_tables here: then none of ours either
+        log(f"  ignored: {e.msg} {e.details}")
+        return []
+    for line in ruleset.splitlines():  # a table's comment is the line after its head
         words = line.split()
         if table and line.strip().startswith(prefix):
             found.append(table)
