@@ -37,7 +37,7 @@ Config keys (defaults in brackets; the classic minimal config gets all defaults)
   macspoofchk [false]      drop what the pod sends with another source MAC (nft table
                            "bridge cnikit-<hash>", commented like the iptables rules; needs nft)
   ipMasqBackend [iptables] "nftables": ipMasq and forwardAccept as an nft table "inet cnikit-<hash>"
-  enabledad [false]        IPv6 addresses are added nodad; true: DAD runs and ADD waits for it (5 s)
+  enabledad [false]        a pod with IPv6 gets accept_dad 0 (no DAD); true: DAD runs and ADD waits (5 s)
   forceAddress [false]     the gateway replaces the bridge's other IPv4 (overlapping IPv6) addresses
   disableContainerInterface  true is refused (7): the reference allows it only without IPAM
   dns                      passed through to the result
@@ -523,7 +523,7 @@ IFLA_BR_VLAN_FILTERING, IFLA_BR_VLAN_DEFAULT_PVID = 7, 39  # in a bridge's IFLA_
 IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33  # hairpin, isolated
 IFLA_BRIDGE_VLAN_INFO, BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 2, 2, 4
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
-IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x02, 0x08, 0x40
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP, IFF_PROMISC, NLA_F_NESTED = 1, 0x100, 0x8000
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST = 254, 3, 253, 1
@@ -680,16 +680,14 @@ class Netlink:
         self.request(RTM_DELLINK, F_ACK, body, f"ip link del {name}")
 
     # addresses
-    def add_addr(self, index, name, family, n, plen, exclusive=False, nodad=False):
-        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it).
-        NODAD: an IPv6 address usable at once, without duplicate address detection."""
-        nodad = nodad and family == AF_INET6
-        body = struct.pack("=BBBBI", family, plen, IFA_F_NODAD if nodad else 0, 0, index) \
-            + nla(IFA_LOCAL, ip_bytes(family, n)) + nla(IFA_ADDRESS, ip_bytes(family, n))
+    def add_addr(self, index, name, family, n, plen, exclusive=False):
+        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it)."""
+        body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
+            + nla(IFA_ADDRESS, ip_bytes(family, n))
         if family == AF_INET and plen < 31:
             body += nla(IFA_BROADCAST, ip_bytes(family, n | ((1 << (32 - plen)) - 1)))
         self.request(RTM_NEWADDR, F_ACK | F_CREATE | (F_EXCL if exclusive else F_REPLACE), body,
-                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}" + " nodad" * nodad)
+                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}")
 
     def del_addr(self, index, name, family, n, plen):
         body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
@@ -2262,20 +2260,20 @@ def record_exists(net, cid, ifname):
 
 
 def configure_container(pod, ifname, ips, routes, dad=False):
-    """Up (arp_notify on, as the reference), addresses, routes.  IPv6 addresses are added nodad
-    (usable at once) unless DAD (enabledad): then the interface does duplicate address detection
-    (accept_dad and enhanced_dad 1) and we wait for it, as the reference does."""
+    """Up (arp_notify on, as the reference), addresses, routes.  A pod with an IPv6 address gets
+    the reference's DAD setting first: accept_dad 0 (its addresses usable at once), or with DAD
+    (enabledad) accept_dad and enhanced_dad 1, and we wait for the detection to end."""
     cnl = pod.nl
     cont = cnl.link(ifname)
     if cont is None:
         raise CNIError(E_KERNEL, f"{ifname} did not appear in the container")
     v6 = any(ip["family"] == AF_INET6 for ip in ips)
-    if dad and v6:
-        pod.sysctls({f"/proc/sys/net/ipv6/conf/{ifname}/enhanced_dad": "1", f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad": "1"})
+    if v6:  # a namespace switch (~35 us): only where it matters, IPv6
+        conf = f"/proc/sys/net/ipv6/conf/{ifname}/"
+        pod.sysctls({conf + "enhanced_dad": "1", conf + "accept_dad": "1"} if dad else {conf + "accept_dad": "0"})
     kernel(f"cannot bring {ifname} up", cnl.set_link, cont["index"], ifname, True, None, True)
     for ip in ips:
-        kernel(f"cannot add address to {ifname}", cnl.add_addr, cont["index"], ifname, ip["family"], ip["n"], ip["plen"],
-               False, not dad)
+        kernel(f"cannot add address to {ifname}", cnl.add_addr, cont["index"], ifname, ip["family"], ip["n"], ip["plen"])
     if dad and v6:
         settle(cnl, cont["index"], ifname)
     for family, dst, plen, gw, _ in routes:

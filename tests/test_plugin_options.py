@@ -301,10 +301,11 @@ def test_ip_masq_backend_iptables_is_the_default_and_makes_no_nft_table():
 DUAL = dict(CONF, ipMasq=False, ipam={"ranges": [[{"subnet": "10.244.0.0/24"}], [{"subnet": "fd00:18::/64"}]]})
 
 
-def test_ipv6_addresses_are_added_nodad_by_default_and_arp_notify_is_on():
+def test_ipv6_addresses_skip_dad_by_default_and_arp_notify_is_on_as_the_reference_sets_them():
     pod("p1", DUAL)
     (a,), = [v6_addr_info("p1")]
-    assert a["local"] == "fd00:18::2" and a.get("nodad") is True and not a.get("tentative")
+    assert a["local"] == "fd00:18::2" and not a.get("tentative") and not a.get("nodad")
+    assert sysctl("p1", "/proc/sys/net/ipv6/conf/eth0/accept_dad") == "0"
     assert sysctl("p1", "/proc/sys/net/ipv4/conf/eth0/arp_notify") == "1"
     ping("p1", "10.244.0.1")
 
