@@ -946,7 +946,7 @@ class Net:
         self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = conf_value(conf, "hairpinMode", bool, False)
         self.promisc = conf_value(conf, "promiscMode", bool, False)
-        if self.hairpin and self.promisc:  # the reference's rule: a promiscuous bridge would see its hairpin copies
+        if self.hairpin and self.promisc:  # the reference refuses the pair
             raise CNIError(E_CONFIG, "hairpinMode and promiscMode cannot both be true")
         self.isolated = conf_value(conf, "portIsolation", bool, False)
         self.spoofchk = conf_value(conf, "macspoofchk", bool, False)

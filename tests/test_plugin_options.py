@@ -342,3 +342,11 @@ def test_everything_at_once_then_del_and_gc_leave_nothing():
     gc_all(c)
     assert nft_tables() == [] and allocation_files("fromScratch") == {} and "cnikit" not in nat_rules()
     assert [name for name in links() if name.startswith("veth")] == []
+
+
+def test_a_failure_mid_add_takes_its_nft_tables_back():
+    c = dict(CONF, macspoofchk=True, ipMasqBackend="nftables",
+             ipam={"routes": [{"dst": "192.0.2.0/24", "gw": "198.51.100.1"}]})  # a gateway the pod cannot reach
+    ns = netns("p1")
+    error(cni("ADD", c, cid="p1", netns=ns), 101)
+    assert nft_tables() == [] and allocation_files("fromScratch") == {} and "eth0" not in links("p1")
