@@ -275,6 +275,33 @@ def result_gist(result):
     return lines
 
 
+def iptables_backend(r):
+    """"nf_tables" or "legacy": where this host's iptables writes its rules (`iptables -V`
+    says; a read-only look at the local tool, so a dry run asks it too)."""
+    ok, out = r.query(["iptables", "-V"], in_dry_run=True)
+    return "legacy" if ok and "legacy" in out else "nf_tables"
+
+
+def nft_view(L, table, chain, why):
+    """One look beside `iptables -S`: what iptables-nft really put in the kernel, CHAIN of
+    nf_tables' `ip TABLE` table, printed by nft; a check that it is the same chain. A CHAIN
+    ending in "*" (a name the lesson cannot know before the plugin runs): the whole table,
+    holding a chain with that prefix."""
+    r = L.r
+    L.step(why)
+    if not have("nft"):
+        L.say("    (nft, Debian package nftables, is not installed: no look at nf_tables)")
+        return
+    if iptables_backend(r) == "legacy":
+        L.say("    this host's iptables is iptables-legacy: its rules live in the older x_tables, "
+              "which nft does not show")
+        return
+    prefix = chain.rstrip("*")
+    out = r.show(["nft", "list"] + (["table", "ip", table] if chain.endswith("*") else ["chain", "ip", table, chain]))
+    L.check(f"nf_tables holds {chain} (table ip {table}): iptables-nft wrote it there",
+            f"chain {prefix}" in out, out.strip().splitlines()[0] if out.strip() else "nothing")
+
+
 def pod_ip(L, pod):
     """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
     ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
