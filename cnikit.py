@@ -2709,6 +2709,8 @@ def cni_dispatch(args, r):
 # query methods): it never changes the kernel.
 
 DOCTOR_MAX_HOPS = 16
+# The restore tool of each iptables backend: other-backend's fix moves rules into iptables' own.
+BACKEND_RESTORE = {"nf_tables": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
 DOCTOR_PROTOS = ("icmp", "tcp", "udp")
 EXIT_BROKEN = 1
 
@@ -2771,12 +2773,32 @@ class _View:
     def fdb(self, ns, dev):
         return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
 
-    def rules(self, ns, table):
-        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `iptables -S -v`."""
-        if not which("iptables"):
+    def rules(self, ns, table, tool="iptables"):
+        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `TOOL -S -v` (TOOL: iptables,
+        or the other backend's iptables-legacy / iptables-nft)."""
+        if not which(tool):
             return {}
-        out = self._q(("rules", ns, table), iptables("-t", table, "-S", "-v", ns=ns), as_json=False)
+        out = self._q(("rules", ns, table, tool), in_netns([tool, "-w", "-t", table, "-S", "-v"], ns),
+                      as_json=False)
         return _parse_iptables(out or "")
+
+    def backend(self):
+        """Where `iptables` writes: "nf_tables" (iptables-nft) or "legacy" (x_tables)."""
+        version = self._q(("iptables -V",), ["iptables", "-V"], as_json=False) or ""
+        return "legacy" if "legacy" in version else "nf_tables"
+
+    def other_backend(self, ns):
+        """The iptables of the backend `iptables` does not show, when it holds tables in NS, else None.
+        iptables-nft writes nf_tables and iptables-legacy the older x_tables; both apply to every
+        packet, and each tool lists only its own. Asked without creating a table: listing one with
+        the other tool would load it (and its hooks) into NS."""
+        if self.backend() == "nf_tables":
+            names = self._q(("x_tables", ns), in_netns(["cat", "/proc/net/ip_tables_names"], ns), as_json=False)
+            return "iptables-legacy" if (names or "").split() and which("iptables-legacy") else None
+        if not which("nft") or not which("iptables-nft"):
+            return None
+        tables = self._q(("nf_tables", ns), in_netns(["nft", "list", "tables", "ip"], ns), as_json=False) or ""
+        return "iptables-nft" if re.search(r"^table ip (filter|nat)$", tables, re.M) else None
 
     def conntrack(self, ns, proto, dst):
         if not which("conntrack"):
@@ -3217,19 +3239,32 @@ def _check_bridged_forward(v, ns, br, nh, hop):
     hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
 
 
-def _drop_text(chains, chain, rule, where):
+def _drop_text(chains, chain, rule, where, tool="iptables"):
     if rule is None:
-        return (f"iptables {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
+        return (f"{tool} {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
                 f"traffic (the policy has dropped {chains[chain].get('packets', 0)} packets so far)")
-    return f"the iptables {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
+    return f"the {tool} {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
 
 
 def _check_filter(v, ns, chain, pkt, where):
-    chains = v.rules(ns, "filter")
-    if chain not in chains:
-        return
-    verdict, rule = _filter_verdict(chains, chain, pkt)
-    if verdict in ("DROP", "REJECT"):
+    """CHAIN's verdict in `iptables`, then in the other backend's tables if NS has any: a packet
+    must pass both, and a DROP there is one that `iptables -S` cannot explain."""
+    for tool in ("iptables", v.other_backend(ns)):
+        chains = v.rules(ns, "filter", tool) if tool else {}
+        if chain not in chains:
+            continue
+        verdict, rule = _filter_verdict(chains, chain, pkt)
+        if verdict not in ("DROP", "REJECT"):
+            continue
+        if tool != "iptables":
+            raise _Broken("other-backend", where,
+                          _drop_text(chains, chain, rule, where, tool) + f"; `iptables` shows none of it: {tool} "
+                          "keeps its rules in the other backend, which applies as well",
+                          _as_shell([in_netns([tool, "-w", "-L", chain, "-v", "-n", "-x"], ns)]),
+                          [f"{shlex.join(in_netns([tool + '-save', '-t', 'filter'], ns))} | "
+                           f"{shlex.join(in_netns([BACKEND_RESTORE[v.backend()], '--noflush'], ns))}",
+                           shlex.join(in_netns([tool, "-w", "-F"], ns)) + " && "
+                           + shlex.join(in_netns([tool, "-w", "-P", chain, "ACCEPT"], ns))])
         iif, oif = pkt.get("iif"), pkt.get("oif")
         narrow = (["-i", iif] if iif else []) + (["-o", oif] if oif else []) + ["-d", pkt["dst"]]
         raise _Broken("forward-drop" if chain == "FORWARD" else "input-drop", where,

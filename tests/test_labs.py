@@ -91,6 +91,9 @@ def kernel_state():
             "neigh": {(n.get("dst"), n.get("lladdr"), n.get("dev"))
                       for n in json.loads(_out(ip_ + ["neigh", "show"]) or "[]")},
             "iptables": re.sub(r"\[\d+:\d+\]|^#.*$", "", _out(pre + ["iptables-save"]), flags=re.M),
+            # the other backend's tables too (lab 28): listed from what exists, never loading a table
+            "iptables-legacy": re.sub(r"\[\d+:\d+\]|^#.*$", "", _out(pre + ["iptables-legacy-save"]), flags=re.M),
+            "x_tables": _out(pre + ["cat", "/proc/net/ip_tables_names"]),
             "sysctls": sorted(l for l in _out(pre + ["sysctl", "-a"]).splitlines() if SYSCTLS.match(l)),
             "conntrack": {(l.split()[0],) + tuple(re.findall(r"\b(?:src|dst|sport|dport|type|code|id)=\S+", l))
                           for l in _out(pre + ["conntrack", "-L"]).splitlines()
@@ -136,7 +139,7 @@ def test_lab_passes_in_its_sandbox_with_doctor_naming_the_cause(number):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("number", ["20", "25"])
+@pytest.mark.parametrize("number", ["20", "25", "28"])
 def test_skipping_the_fix_makes_the_lab_fail(number):
     proc = run_stage(LABS[number], "--skip", "fix", timeout=TIMEOUT)
     assert proc.returncode == 1, proc.stdout[-2000:]
