@@ -223,8 +223,30 @@ def veth_add_argv(name, peer, netns=None, mtu=None, host=None):
     return ip("link", "add", name, *kv(mtu=mtu), "type", "veth", *peer_opts, ns=host)
 
 
-def bridge_add_argv(name, mtu=None, host=None):
-    return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
+def bridge_add_argv(name, mtu=None, host=None, mac=None):
+    # With an address of its own (addr_assign_type 3, NET_ADDR_SET) a bridge keeps its MAC;
+    # without one it takes its lowest port's and moves when ports come and go, and pods keep
+    # the gateway's old MAC in their neighbour table for tens of seconds.
+    return ip("link", "add", name, *kv(address=mac, mtu=mtu), "type", "bridge", ns=host)
+
+
+def bridge_mac(name, host=None, machine_id=""):
+    """The MAC cnikit gives bridge NAME: locally administered unicast, derived from this
+    machine's id, the namespace and the name (as systemd's MACAddressPolicy=persistent does
+    for virtual links), so the dry run prints the very line the real run runs, and bridges
+    on two machines or in two simulated nodes get different MACs."""
+    digest = bytearray(hashlib.sha256(f"{TAG} bridge {machine_id} {host or ''} {name}".encode()).digest()[:6])
+    digest[0] = digest[0] & 0xfe | 0x02         # clear the multicast bit, set the local one
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def machine_id():
+    """/etc/machine-id, or the host name where there is none (a minimal container)."""
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or os.uname().nodename
+    except OSError:
+        return os.uname().nodename
 
 
 def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
@@ -834,13 +856,43 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             if link_kind(link) != "bridge":
                 raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-bridge'} link")
             r.note(f"bridge {name} already exists; checking the rest")
+            pin_bridge_mac(r, name, link, host)
         else:
-            r.run(bridge_add_argv(name, mtu, host), creates=Change.link(name, host))
+            r.run(bridge_add_argv(name, mtu, host, bridge_mac(name, host, machine_id())),
+                  creates=Change.link(name, host))
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
         bridge_forward_accept(r, name, host)
     say_if_unchanged(r, mark, f"bridge {name}")
+
+
+def addr_assign_type(r, name, link, host=None):
+    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
+    (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
+    path = f"/sys/class/net/{name}/addr_assign_type"
+    if host:
+        ok, out = r.query(in_netns(["cat", path], host))
+        return int(out) if ok and out.strip().isdigit() else None
+    try:
+        # A sysfs mounted in another network namespace shows its own links: check the index.
+        with open(f"/sys/class/net/{name}/ifindex") as f:
+            if int(f.read()) != link.get("ifindex"):
+                return None
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def pin_bridge_mac(r, name, link, host=None):
+    """A bridge made without a MAC of its own (by an older cnikit or by hand) follows its
+    lowest port's: give it its current MAC for good, which changes nothing now."""
+    kind = addr_assign_type(r, name, link, host)
+    if kind is None or kind == 3 or not link.get("address"):
+        return
+    r.note(f"{name}'s MAC follows its lowest port (addr_assign_type {kind}): keep {link['address']} for good")
+    r.run(ip("link", "set", "dev", name, "address", link["address"], ns=host))
 
 
 def bridge_attach(r, name, ifaces, host=None):
