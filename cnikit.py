@@ -2812,6 +2812,13 @@ class _View:
         data = self._q(("neigh", ns, addr, dev), ip("-j", "neigh", "show", "to", addr, "dev", dev, ns=ns)) or []
         return data[0] if data else None
 
+    def addr_assign_type(self, ns, dev):
+        """How DEV got its MAC (3: set, it stays; else the kernel's choice, which a bridge
+        changes with its ports); sysfs only, rtnetlink does not say. None: cannot tell."""
+        out = self._q(("aat", ns, dev), in_netns(["cat", f"/sys/class/net/{dev}/addr_assign_type"], ns),
+                      as_json=False)
+        return int(out) if out and out.strip().isdigit() else None
+
     def fdb(self, ns, dev):
         return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
 
@@ -3395,19 +3402,27 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
                           _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
         return
     mac, state = entry.get("lladdr"), entry.get("state", [])
-    # A bridge also answers for its ports' MACs (local fdb entries); a learned (dynamic)
-    # entry that went stale is probed and relearned by the kernel itself: only a static
-    # one (PERMANENT, NOARP) stays wrong.
+    # A bridge also answers for its ports' MACs (local fdb entries). A static entry (PERMANENT,
+    # NOARP) stays wrong; a learned one is used without asking while REACHABLE (up to 1.5x
+    # base_reachable_time) and, once STALE, is probed at the old MAC first: tens of seconds lost.
     macs = {owner.get("address")} | {l.get("address") for l in v.links(owner_ns)
                                      if link_kind(owner) == "bridge" and l.get("master") == owner_dev}
     static = any(s in state for s in ("PERMANENT", "NOARP"))
-    if mac and owner.get("address") and mac not in macs and static and link_kind(owner) != "vxlan":
+    used = static or any(s in state for s in ("REACHABLE", "STALE", "DELAY", "PROBE"))
+    if mac and owner.get("address") and mac not in macs and used and link_kind(owner) != "vxlan":
+        see, fix = [ip("neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)], []
+        why = "" if static else " until the kernel gives up on the entry and asks again"
+        kind = v.addr_assign_type(owner_ns, owner_dev) if link_kind(owner) == "bridge" else None
+        if kind is not None and kind != 3:
+            # NET_ADDR_SET pins the MAC where it is now; the old entry still has to go.
+            why += (f"; {owner_dev} has no MAC of its own (addr_assign_type {kind}): it takes its lowest port's, "
+                    "and it moved when that port left")
+            see.append(in_netns(["cat", f"/sys/class/net/{owner_dev}/addr_assign_type"], owner_ns))
+            fix.append(ip("link", "set", "dev", owner_dev, "address", owner["address"], ns=owner_ns))
         raise _Broken("neighbour", where,
                       f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
-                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",
-                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns),
-                                 ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
-                      _as_shell([ip("neigh", "del", nh, "dev", dev, ns=ns)]))
+                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has"
+                      + why, _as_shell(see), _as_shell(fix + [ip("neigh", "del", nh, "dev", dev, ns=ns)]))
     if "FAILED" in state and "NOARP" in owner.get("flags", []):
         raise _Broken("neighbour", _ns_name(owner_ns),
                       f"ARP for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has ARP off",
