@@ -45,8 +45,9 @@ def in_sandbox():
 
 
 def burst(argv, stdins, envs, work):
-    """Spawn every call at once; [(ms from its own spawn to its own exit, stdout)] in order.
-    The bench blocks in waitpid(-1), so each exit is seen as it happens."""
+    """Spawn every call at once; [(ms from its own spawn to its own exit, CPU ms, stdout)] in
+    order. The bench blocks in wait4(-1), so each exit is seen as it happens; the CPU time is
+    the call's and that of the helpers it waited for (host-local, iptables-restore)."""
     started, running = [], {}
     for i, (stdin, env) in enumerate(zip(stdins, envs)):
         t = time.perf_counter()
@@ -55,7 +56,7 @@ def burst(argv, stdins, envs, work):
         running[pid] = (i, files, env)
     results = [None] * len(envs)
     while running:
-        pid, status = os.waitpid(-1, 0)
+        pid, status, usage = os.wait4(-1, 0)
         done = time.perf_counter()
         i, files, env = running.pop(pid)
         out, err = (f.seek(0) or f.read() for f in files[1:])
@@ -63,7 +64,7 @@ def burst(argv, stdins, envs, work):
             f.close()
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"bench: {argv[-1]} {env.get('CNI_COMMAND')} failed: {out!r} {err!r}")
-        results[i] = ((done - started[i]) * 1000, out)
+        results[i] = ((done - started[i]) * 1000, (usage.ru_utime + usage.ru_stime) * 1000, out)
     return results
 
 
@@ -80,13 +81,15 @@ def one_round(name, argv, conf, n, work, tag):
     t = time.perf_counter()
     added = burst(argv, [raw] * n, [lat.plugin_env(name, c, ns, work, "ADD") for c, ns in zip(cids, netnss)], work)
     add_wall = (time.perf_counter() - t) * 1000
-    dels = [json.dumps(dict(conf, prevResult=json.loads(out))).encode() for _, out in added]
+    dels = [json.dumps(dict(conf, prevResult=json.loads(out))).encode() for _, _, out in added]
     t = time.perf_counter()
     deleted = burst(argv, dels, [lat.plugin_env(name, c, ns, work, "DEL") for c, ns in zip(cids, netnss)], work)
     del_wall = (time.perf_counter() - t) * 1000
     for ns in netnss:
         lat.drop_netns(ns)
-    return {"ADD": [ms for ms, _ in added], "DEL": [ms for ms, _ in deleted]}, {"ADD": add_wall, "DEL": del_wall}
+    return ({"ADD": [ms for ms, _, _ in added], "DEL": [ms for ms, _, _ in deleted]},
+            {"ADD": [cpu for _, cpu, _ in added], "DEL": [cpu for _, cpu, _ in deleted]},
+            {"ADD": add_wall, "DEL": del_wall})
 
 
 def contend(who, n, rounds, work):
@@ -95,19 +98,22 @@ def contend(who, n, rounds, work):
     calls = {name: {"ADD": [], "DEL": []} for name in names}
     per_round = {name: {"ADD": [], "DEL": []} for name in names}
     walls = {name: {"ADD": [], "DEL": []} for name in names}
+    cpus = {name: {"ADD": [], "DEL": []} for name in names}
     for r in range(-1, rounds):                 # round -1: warm-up (bridge creation, page cache)
         for name in (names if r % 2 == 0 else names[::-1]):
-            ms, wall = one_round(name, who[name], nets[name], n, work, f"{names.index(name)}r{r + 1}")
+            ms, cpu, wall = one_round(name, who[name], nets[name], n, work, f"{names.index(name)}r{r + 1}")
             if r < 0:
                 continue
             for verb in ("ADD", "DEL"):
                 calls[name][verb] += ms[verb]
                 per_round[name][verb].append(statistics.median(ms[verb]))
                 walls[name][verb].append(wall[verb])
+                cpus[name][verb] += cpu[verb]
     return {name: {verb: {"median": statistics.median(calls[name][verb]),
                           "rounds": sorted(per_round[name][verb]),
                           "p90": statistics.quantiles(calls[name][verb], n=10)[-1],
-                          "wall": statistics.median(walls[name][verb])}
+                          "wall": statistics.median(walls[name][verb]),
+                          "cpu": statistics.median(cpus[name][verb])}
                    for verb in ("ADD", "DEL")} for name in names}
 
 
@@ -133,12 +139,13 @@ def main():
                 print(f"# {name}: {lat.form_label(who[name])}")
         res = contend(who, args.pods, args.rounds, work)
         ref = res[BASELINE]
-        print(f"\n## median ms per call (ratio to {BASELINE}), per-round medians min-max, p90, wall of the burst")
+        print(f"\n## median ms per call (ratio to {BASELINE}), per-round medians min-max, p90, wall of the burst, "
+              "median CPU ms per call (its own and its helpers')")
         for name, r in res.items():
             print(f"{name:22s}" + "".join(
                 f"  {verb} {r[verb]['median']:6.1f} ({r[verb]['median'] / ref[verb]['median']:4.2f}x) "
                 f"[{r[verb]['rounds'][0]:.0f}-{r[verb]['rounds'][-1]:.0f}] p90 {r[verb]['p90']:.0f} "
-                f"wall {r[verb]['wall']:.0f}" for verb in ("ADD", "DEL")))
+                f"wall {r[verb]['wall']:.0f} cpu {r[verb]['cpu']:.1f}" for verb in ("ADD", "DEL")))
         print(f"\n## Targets (ours = `{OURS}`, the default install form; baseline measured in the same run)")
         rows = []
         for verb in ("ADD", "DEL"):
