@@ -46,11 +46,11 @@ LESSON = Lesson(
          "bridge MAC ends it",
     picture=r"""
    +------------------------------- node1 (netns) --------------------------------+
-   |  cni0 10.0.27.1/24  (ip link add cni0 type bridge: no MAC of its own)       |
+   |  cni0 10.0.27.1/24  (ip link add cni0 type bridge: no MAC of its own)        |
    |  MAC = lowest port: 02:..:1b:01 -> 02:..:1b:02 -> 02:..:1b:03 as pods leave  |
    |      veth-pod1 :01        veth-pod2 :02        veth-pod3 :03                 |
-   +-----------|-------------------|--------------------|--------------------------+
-           pod1 (leaves)       pod2 (leaves)     +------|---- pod3 ---------------------+
+   +-----------|-------------------|--------------------|-------------------------+
+           pod1 (leaves)       pod2 (leaves)     +------|---- pod3 ----------------------+
                                                  | eth0 10.0.27.4/24                     |
                                                  | neigh 10.0.27.1 lladdr 02:..:1b:01    |
                                                  |       REACHABLE: sends without asking |
@@ -107,12 +107,19 @@ def _addr_assign_type(L):
     return int(out) if ok and out.strip().isdigit() else None
 
 
+def _gone(L, pod):
+    """POD left for good: nothing of it is left for the end of the lab to undo (--host)."""
+    L.r._undo[:] = [c for c in L.r._undo if not (c.ns == pod or c.same("netns", pod)
+                                                 or c.same("link", f"veth-{pod}", NODE))]
+
+
 def breakage(L):
     r = L.r
     for pod in LEAVING:
         L.say(f"{pod} is deleted: the plugin's DEL removes its veth, the runtime its namespace")
         r.run(ip("link", "del", f"veth-{pod}", ns=NODE))
         r.run(ip("netns", "del", pod))
+        _gone(L, pod)
     L.say(f"{BRIDGE} took {STAYING}'s port's MAC; the kernel sent no one the news (arp_notify is off by default)")
     _bridge_mac(L, PORT_MACS[STAYING])
 
