@@ -3415,8 +3415,8 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
         kind = v.addr_assign_type(owner_ns, owner_dev) if link_kind(owner) == "bridge" else None
         if kind is not None and kind != 3:
             # NET_ADDR_SET pins the MAC where it is now; the old entry still has to go.
-            why += (f"; {owner_dev} has no MAC of its own (addr_assign_type {kind}): it takes its lowest port's, "
-                    "and it moved when that port left")
+            why += (f"; {owner_dev} has no MAC of its own (addr_assign_type {kind}): it takes its lowest port's "
+                    "and changes it as ports come and go")
             see.append(in_netns(["cat", f"/sys/class/net/{owner_dev}/addr_assign_type"], owner_ns))
             fix.append(ip("link", "set", "dev", owner_dev, "address", owner["address"], ns=owner_ns))
         raise _Broken("neighbour", where,
