@@ -223,8 +223,30 @@ def veth_add_argv(name, peer, netns=None, mtu=None, host=None):
     return ip("link", "add", name, *kv(mtu=mtu), "type", "veth", *peer_opts, ns=host)
 
 
-def bridge_add_argv(name, mtu=None, host=None):
-    return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
+def bridge_add_argv(name, mtu=None, host=None, mac=None):
+    # With an address of its own (addr_assign_type 3, NET_ADDR_SET) a bridge keeps its MAC;
+    # without one it takes its lowest port's and moves when ports come and go, and pods keep
+    # the gateway's old MAC in their neighbour table for tens of seconds.
+    return ip("link", "add", name, *kv(address=mac, mtu=mtu), "type", "bridge", ns=host)
+
+
+def bridge_mac(name, host=None, machine_id=""):
+    """The MAC cnikit gives bridge NAME: locally administered unicast, derived from this
+    machine's id, the namespace and the name (as systemd's MACAddressPolicy=persistent does
+    for virtual links), so the dry run prints the very line the real run runs, and bridges
+    on two machines or in two simulated nodes get different MACs."""
+    digest = bytearray(hashlib.sha256(f"{TAG} bridge {machine_id} {host or ''} {name}".encode()).digest()[:6])
+    digest[0] = digest[0] & 0xfe | 0x02         # clear the multicast bit, set the local one
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def machine_id():
+    """/etc/machine-id, or the host name where there is none (a minimal container)."""
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or os.uname().nodename
+    except OSError:
+        return os.uname().nodename
 
 
 def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
@@ -842,13 +864,43 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             if link_kind(link) != "bridge":
                 raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-bridge'} link")
             r.note(f"bridge {name} already exists; checking the rest")
+            pin_bridge_mac(r, name, link, host)
         else:
-            r.run(bridge_add_argv(name, mtu, host), creates=Change.link(name, host))
+            r.run(bridge_add_argv(name, mtu, host, bridge_mac(name, host, machine_id())),
+                  creates=Change.link(name, host))
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
         bridge_forward_accept(r, name, host)
     say_if_unchanged(r, mark, f"bridge {name}")
+
+
+def addr_assign_type(r, name, link, host=None):
+    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
+    (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
+    path = f"/sys/class/net/{name}/addr_assign_type"
+    if host:
+        ok, out = r.query(in_netns(["cat", path], host))
+        return int(out) if ok and out.strip().isdigit() else None
+    try:
+        # A sysfs mounted in another network namespace shows its own links: check the index.
+        with open(f"/sys/class/net/{name}/ifindex") as f:
+            if int(f.read()) != link.get("ifindex"):
+                return None
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def pin_bridge_mac(r, name, link, host=None):
+    """A bridge made without a MAC of its own (by an older cnikit or by hand) follows its
+    lowest port's: give it its current MAC for good, which changes nothing now."""
+    kind = addr_assign_type(r, name, link, host)
+    if kind is None or kind == 3 or not link.get("address"):
+        return
+    r.note(f"{name}'s MAC follows its lowest port (addr_assign_type {kind}): keep {link['address']} for good")
+    r.run(ip("link", "set", "dev", name, "address", link["address"], ns=host))
 
 
 def bridge_attach(r, name, ifaces, host=None):
@@ -2770,6 +2822,13 @@ class _View:
         data = self._q(("neigh", ns, addr, dev), ip("-j", "neigh", "show", "to", addr, "dev", dev, ns=ns)) or []
         return data[0] if data else None
 
+    def addr_assign_type(self, ns, dev):
+        """How DEV got its MAC (3: set, it stays; else the kernel's choice, which a bridge
+        changes with its ports); sysfs only, rtnetlink does not say. None: cannot tell."""
+        out = self._q(("aat", ns, dev), in_netns(["cat", f"/sys/class/net/{dev}/addr_assign_type"], ns),
+                      as_json=False)
+        return int(out) if out and out.strip().isdigit() else None
+
     def fdb(self, ns, dev):
         return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
 
@@ -3386,19 +3445,27 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
                           _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
         return
     mac, state = entry.get("lladdr"), entry.get("state", [])
-    # A bridge also answers for its ports' MACs (local fdb entries); a learned (dynamic)
-    # entry that went stale is probed and relearned by the kernel itself: only a static
-    # one (PERMANENT, NOARP) stays wrong.
+    # A bridge also answers for its ports' MACs (local fdb entries). A static entry (PERMANENT,
+    # NOARP) stays wrong; a learned one is used without asking while REACHABLE (up to 1.5x
+    # base_reachable_time) and, once STALE, is probed at the old MAC first: tens of seconds lost.
     macs = {owner.get("address")} | {l.get("address") for l in v.links(owner_ns)
                                      if link_kind(owner) == "bridge" and l.get("master") == owner_dev}
     static = any(s in state for s in ("PERMANENT", "NOARP"))
-    if mac and owner.get("address") and mac not in macs and static and link_kind(owner) != "vxlan":
+    used = static or any(s in state for s in ("REACHABLE", "STALE", "DELAY", "PROBE"))
+    if mac and owner.get("address") and mac not in macs and used and link_kind(owner) != "vxlan":
+        see, fix = [ip("neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)], []
+        why = "" if static else " until the kernel gives up on the entry and asks again"
+        kind = v.addr_assign_type(owner_ns, owner_dev) if link_kind(owner) == "bridge" else None
+        if kind is not None and kind != 3:
+            # NET_ADDR_SET pins the MAC where it is now; the old entry still has to go.
+            why += (f"; {owner_dev} has no MAC of its own (addr_assign_type {kind}): it takes its lowest port's "
+                    "and changes it as ports come and go")
+            see.append(in_netns(["cat", f"/sys/class/net/{owner_dev}/addr_assign_type"], owner_ns))
+            fix.append(ip("link", "set", "dev", owner_dev, "address", owner["address"], ns=owner_ns))
         raise _Broken("neighbour", where,
                       f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
-                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",
-                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns),
-                                 ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
-                      _as_shell([ip("neigh", "del", nh, "dev", dev, ns=ns)]))
+                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has"
+                      + why, _as_shell(see), _as_shell(fix + [ip("neigh", "del", nh, "dev", dev, ns=ns)]))
     if "FAILED" in state and "NOARP" in owner.get("flags", []):
         raise _Broken("neighbour", _ns_name(owner_ns),
                       f"ARP for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has ARP off",

@@ -139,7 +139,7 @@ def test_lab_passes_in_its_sandbox_with_doctor_naming_the_cause(number):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("number", ["20", "25", "28"])
+@pytest.mark.parametrize("number", ["20", "25", "27", "28"])
 def test_skipping_the_fix_makes_the_lab_fail(number):
     proc = run_stage(LABS[number], "--skip", "fix", timeout=TIMEOUT)
     assert proc.returncode == 1, proc.stdout[-2000:]
@@ -388,3 +388,20 @@ def test_doctor_names_a_link_without_carrier():
     sh.ip("link", "set", "tap0", "up")
     code, report, _ = doctor("host", "192.0.2.77")
     assert code == 1 and report["broken"]["cause"] == "link-down" and "no carrier" in report["broken"]["what"]
+
+
+def test_doctor_names_a_learned_neighbour_entry_with_a_mac_nobody_has():
+    """A learned (STALE) entry is still used before the kernel asks again: named, and on a
+    bridge with a MAC of its own (cnikit's) the fix is only to drop the entry."""
+    for argv in (["netns", "add", "node1"], ["netns", "add", "pod1"],
+                 ["-n", "node1", "bridge", "add", "br0", "--addr", "10.0.99.1/24"],
+                 ["-n", "node1", "veth", "add", "veth-pod1", "eth0", "--netns", "pod1", "--peer-addr", "10.0.99.2/24"],
+                 ["-n", "node1", "bridge", "attach", "br0", "veth-pod1"]):
+        assert cli("-q", *argv).returncode == 0
+    sh.ip("-n", "pod1", "neigh", "replace", "10.0.99.1", "lladdr", "02:00:00:00:99:99", "dev", "eth0", "nud", "stale")
+    code, report, _ = doctor("pod1", "10.0.99.1")
+    assert code == 1 and report["broken"]["cause"] == "neighbour", report["broken"]
+    assert "02:00:00:00:99:99 (STALE)" in report["broken"]["what"]
+    assert report["broken"]["fix"] == ["ip -n pod1 neigh del 10.0.99.1 dev eth0"]
+    sh.ip("-n", "pod1", "neigh", "del", "10.0.99.1", "dev", "eth0")
+    assert doctor("pod1", "10.0.99.1")[0] == 0
