@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from lesson import ROOT, Lesson, cnikit, ip, pod_ip
+from lesson import ROOT, Lesson, cnikit, ip, plugin_host_ends, pod_ip
 import kindlike  # the stand-in nodes (after lesson, which puts cnikit on sys.path); tests use it too
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
@@ -125,39 +125,12 @@ def _try(L, verb, pod):
         return None
 
 
-def attachments(pods=PODS):
-    """{container id: record} of what the plugin says PODS' attachments own (its records under
-    <dataDir>/<network>/.cnikit/attachments: addresses, the host end of the veth, chains).
-    What the plugin made is judged by these, never by a name: a Docker host's own container
-    ports are named veth... too."""
-    records = os.path.join(cnikit.CNI_DATA_DIR, cnikit.CNI_NET, ".cnikit", "attachments")
-    found = {}
-    for name in os.listdir(records) if os.path.isdir(records) else []:
-        try:
-            with open(os.path.join(records, name)) as f:
-                rec = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict) and rec.get("containerID") in pods:
-            found[rec["containerID"]] = rec
-    return found
-
-
-def host_ends(L, records):
-    """The host ends of the pods' veths: as the plugin recorded them, and as its ADD results
-    named them (its interfaces outside the pod, the node's bridge excepted)."""
-    bridge = cnikit.cni_conflist(subnet=SUBNET)["plugins"][0].get("bridge") or cnikit.CNI_DEFAULT_BRIDGE
-    ends = {rec.get("veth") for rec in records.values() if isinstance(rec.get("veth"), str)}
-    ends |= {i.get("name") for result in (L.stage or {}).values() for i in (result or {}).get("interfaces", [])
-             if isinstance(i.get("name"), str) and not i.get("sandbox") and i.get("name") != bridge}
-    return sorted(ends)
-
-
 def leftovers(r, ends, pods=PODS):
-    """What our plugin could leave on the node of PODS after DEL: the host ends it made (ENDS),
-    its records of them, address files, cached results, its iptables chains."""
+    """What our plugin could leave on the node of PODS after DEL: the host ends it made (ENDS,
+    from its records and results: a Docker host's own ports are named veth... too), its records,
+    address files, cached results, its iptables chains."""
     left = [end for end in ends if cnikit.get_link(r, end)]
-    left += [f"attachment record of {cid}" for cid in attachments(pods)]
+    left += [f"attachment record of {end}" for end in plugin_host_ends(None, pods, cnikit.CNI_NET)]
     net_dir = os.path.join(cnikit.CNI_DATA_DIR, cnikit.CNI_NET)
     left += [f"address file {f}" for f in (os.listdir(net_dir) if os.path.isdir(net_dir) else []) if f[0].isdigit()]
     left += [f"cached result {path}" for path in (cnikit.cni_cache_path(cnikit.CNI_NET, pod, "eth0") for pod in pods)
@@ -184,7 +157,7 @@ def verify(L):
     if L.keeps_on_host():
         return
     L.say("DEL both pods (the chain in reverse, with prevResult), as kubelet does when a pod is deleted")
-    ends = [] if r.dry_run else host_ends(L, attachments())
+    ends = [] if r.dry_run else plugin_host_ends(L, PODS, cnikit.CNI_NET)
     for pod in PODS:
         _try(L, cnikit.cni_del, pod)
     if not r.dry_run:
@@ -344,9 +317,10 @@ def verify_kind_like(L):
     L.say("kubelet deletes the pods: containerd DELs with the netns and the cached result (StopPodSandbox), "
           "then again without either (RemovePodSandbox)")
     for node in nodes:
+        ends = [] if r.dry_run else kindlike.node_host_ends(r, node)
         kindlike.pod_del(r, node, pods[node], KIND_LIKE_CONF)
         if not r.dry_run:
-            left = kindlike.node_leftovers(r, node)
+            left = kindlike.node_leftovers(r, node, ends=ends)
             L.check(f"nothing is left on {node}: no veth, address file, cached result or nat chain",
                     not left, ", ".join(left))
     L.say("and our CNI goes from every node again")
