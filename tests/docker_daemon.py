@@ -96,6 +96,27 @@ def _alive(pid):
         return False
 
 
+def _kill_cgroups(tops, seconds=10):
+    """Kill whatever still runs in the cgroups under TOPS (a container whose shim was killed
+    keeps running), until they are empty or SECONDS have passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        pids = set()
+        for top in tops:
+            for root, _, files in os.walk(top):
+                if "cgroup.procs" in files:
+                    with open(os.path.join(root, "cgroup.procs")) as f:
+                        pids.update(int(p) for p in f.read().split())
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
 class DockerDaemon:
     """dockerd in a sandbox of its own; `self(...)` runs the docker client against it."""
 
@@ -103,7 +124,6 @@ class DockerDaemon:
         self.net = self.mnt = None
         self.pid = None
         self.dir = None
-        self.cgroups = set()
         self.log = ""
         self.baseline = None
 
@@ -119,7 +139,6 @@ class DockerDaemon:
             cnikit.enter_sandbox(private_dirs=PRIVATE)
             self.net, self.mnt = _namespaces()
             mount_cgroups()                  # the sandbox's fresh /sys hides them; runc needs them
-            self.cgroups = cgroup_dirs()
             self.dir = scratch_dir("dkr")
             return self._spawn()
         finally:
@@ -129,7 +148,10 @@ class DockerDaemon:
 
     def _spawn(self):
         argv = ["dockerd", "-H", f"unix://{self.dir}/d.sock", "--data-root", f"{self.dir}/data",
-                "--exec-root", f"{self.dir}/exec", "--pidfile", f"{self.dir}/d.pid"]
+                "--exec-root", f"{self.dir}/exec", "--pidfile", f"{self.dir}/d.pid",
+                # containers under a cgroup of this daemon's own, not the machine-wide "docker"
+                # another dockerd may share: what stop() kills and removes is this daemon's only
+                "--cgroup-parent", "/" + os.path.basename(self.dir)]
         with open(f"{self.dir}/d.log", "w") as log:
             # setsid --fork: dockerd is nobody's child here, so no test's teardown kills it
             subprocess.run(["setsid", "--fork", *argv], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -150,7 +172,8 @@ class DockerDaemon:
 
     def stop(self):
         """Its containers, dockerd by pid, then whatever it started (containerd and its shims name
-        the scratch dir in their command lines), then the cgroups they made."""
+        the scratch dir in their command lines, containers are in the cgroups it made), then
+        those cgroups."""
         if self.pid and _alive(self.pid):
             ids = self("ps", "-aq", check=False, timeout=30).stdout.split()
             if ids:
@@ -168,13 +191,22 @@ class DockerDaemon:
             here = _namespaces()
             try:
                 enter(mnt=self.mnt)
-                drop_new_cgroups(self.cgroups)
+                # runc removes a container's cgroup as the container goes: retry until ours are gone
+                deadline = time.monotonic() + 10
+                while self._cgroups() and time.monotonic() < deadline:
+                    _kill_cgroups(self._cgroups())
+                    drop_new_cgroups(cgroup_dirs() - set(self._cgroups()))
+                    time.sleep(0.1)
                 drop_scratch_dir(self.dir)
             finally:
                 enter(*here)
                 for fd in here + (self.net, self.mnt):
                     os.close(fd)
             self.net = self.mnt = None
+
+    def _cgroups(self):
+        """The top-level cgroups of this daemon's containers (--cgroup-parent), one per hierarchy."""
+        return [d for d in cgroup_dirs() if os.path.basename(d) == os.path.basename(self.dir)]
 
     # ------------------------------------------------------------ the client
 
