@@ -241,7 +241,8 @@ class DockerDaemon:
         return self.inspect(name)["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
 
     def start_containers(self):
-        self.run(WEB, "python3", "-m", "http.server", "--bind", "0.0.0.0", str(SERVED), publish=f"{PUBLISHED}:{SERVED}")
+        self.run(WEB, "python3", "-m", "http.server", "--bind", "0.0.0.0", str(SERVED),
+                 publish=f"{PUBLISHED}:{SERVED}")
         self.run(IDLE, "sleep", "infinity")
 
     # ------------------------------------------------------------ a test inside it
@@ -331,8 +332,11 @@ def docker_daemon():
     try:
         reason = daemon.start()
         if not reason:
-            daemon.import_image()
-            daemon.start_containers()
+            try:
+                daemon.import_image()
+                daemon.start_containers()
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                reason = f"dockerd runs but cannot run a container here: {e}"
         if reason:
             pytest.skip(reason)
         yield daemon
