@@ -15,6 +15,7 @@ picture of what really exists, and leaving nothing behind.
         LESSON.main(build, verify)
 """
 import argparse
+import json
 import os
 import re
 import select
@@ -306,6 +307,27 @@ def pod_ip(L, pod):
     """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
     ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
     return (ips[0].get("address") or "/").split("/")[0]
+
+
+def plugin_host_ends(L, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRIDGE):
+    """The host ends of PODS' veths that our plugin made on network NET: as its attachment
+    records (<dataDir>/<net>/.cnikit/attachments, written before it creates anything) and its
+    ADD results (kept in L.stage) name them, BRIDGE excepted. A lesson's "nothing is left"
+    looks for these after DEL, never for names like veth...: a Docker host's ports have them too."""
+    records = os.path.join(data_dir or cnikit.CNI_DATA_DIR, net, ".cnikit", "attachments")
+    ends = set()
+    for name in os.listdir(records) if os.path.isdir(records) else []:
+        try:
+            with open(os.path.join(records, name)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("containerID") in pods and isinstance(rec.get("veth"), str):
+            ends.add(rec["veth"])
+    for pod in pods:
+        ends |= {i["name"] for i in ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("interfaces", [])
+                 if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != bridge}
+    return sorted(ends)
 
 
 def have(tool):
