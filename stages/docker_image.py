@@ -23,6 +23,9 @@ USR_LINKS = (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib
 # ("unable to apply caps"), these are enough (shared/notes/runtimes.md, "A real Docker daemon").
 CAPS = ("NET_ADMIN", "SYS_ADMIN")
 SECURITY_OPTS = ("apparmor=unconfined", "seccomp=unconfined")
+# This machine's users, read-only: programs look theirs up (tcpdump drops to user tcpdump and
+# fails where /etc/passwd lacks it).
+USER_DB = ("/etc/passwd", "/etc/group")
 CMD = ("sleep", "infinity")              # a node has nothing to run: it waits for `docker exec`
 SCRATCH = "tmp"                          # a dry run's shell variable holding the scratch directory
 DAEMON_TIMEOUT = 30                      # seconds `docker version` gets to reach the daemon
@@ -55,14 +58,16 @@ def import_argv(tarball, image, labels, cmd=CMD):
 
 
 def run_argv(image, name, labels, network=None, ip=None, hostname=None, mounts=(), cmd=()):
-    """A detached container NAME from IMAGE with this machine's /usr (read-only), the
+    """A detached container NAME from IMAGE with this machine's /usr and users (read-only), the
     capabilities a node needs, MOUNTS ("src:dst[:ro]") and the LABELS."""
     argv = ["docker", "run", "-d", "--name", name] + (["--hostname", hostname] if hostname else [])
     argv += label_args(labels)
     argv += (["--network", network] if network else []) + (["--ip", ip] if ip else [])
     argv += [a for cap in CAPS for a in ("--cap-add", cap)]
     argv += [a for opt in SECURITY_OPTS for a in ("--security-opt", opt)]
-    argv += ["-v", "/usr:/usr:ro"] + [a for m in mounts for a in ("-v", m)]
+    argv += ["-v", "/usr:/usr:ro"]
+    argv += [a for path in USER_DB if os.path.exists(path) for a in ("-v", f"{path}:{path}:ro")]
+    argv += [a for m in mounts for a in ("-v", m)]
     return argv + [image] + list(cmd)
 
 
