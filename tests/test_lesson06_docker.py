@@ -173,6 +173,37 @@ def test_docker_run_passes_and_removes_everything_it_made(dockerd):
 
 
 @needs_docker
+def test_docker_run_that_fails_or_is_interrupted_leaves_nothing(dockerd):
+    before = kernel_state()
+    failed = dockerd.lesson("--docker", "--skip", "vxlan")           # no vxlan0 in either half: no overlay
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr
+    assert any(line.startswith("FAIL lesson 06 vxlan-docker") for line in failed.stdout.splitlines())
+    assert dockerd.labelled() == [[], [], []]
+    assert kernel_state() == before
+
+    # Ctrl-C once the nodes run: SIGINT as a terminal sends it, when the lesson has printed node1's half
+    run = subprocess.Popen([sys.executable, LESSON, "--color", "never", "--docker"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=dockerd.env, stdin=subprocess.DEVNULL)
+    try:
+        seen = []
+        for line in run.stdout:
+            seen.append(line)
+            if line.startswith(f"docker exec {NODE1} python3 "):
+                run.send_signal(signal.SIGINT)
+                break
+        out, _ = run.communicate(timeout=LESSON_SECONDS)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 130, "".join(seen)[-2000:] + out[-2000:]
+    assert "FAIL lesson 06 vxlan-docker: interrupted" in out
+    assert dockerd.labelled() == [[], [], []]
+    assert dockerd("ps", "-aq").stdout.split() == []
+    assert kernel_state() == before
+
+
+@needs_docker
 def test_docker_keep_then_down_removes_only_what_carries_the_label(dockerd):
     before = kernel_state()
     run = dockerd.lesson("--docker", "--keep")
