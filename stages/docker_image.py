@@ -95,7 +95,8 @@ def cannot_use():
         return f"the Docker daemon is not reachable: {e}"
     if proc.returncode != 0 or not proc.stdout.strip():
         why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        return f"the Docker daemon is not reachable (`docker version`: {why})"
+        return (f"the Docker daemon is not reachable (`docker version`: {why}); is it running, and may you "
+                "use it (sudo, or the docker group)?")
     return None
 
 
@@ -157,8 +158,14 @@ def remove(r, labels):
                 r.output(line)
         return {}
     for what, listing, removal in listings(labels):
-        ok, out = r.query(listing)
-        ids = list(dict.fromkeys(out.split())) if ok else []
+        r.echo(listing)             # the look-up by label is part of what a learner sees
+        try:
+            proc = r.execute(listing, timeout=DAEMON_TIMEOUT)
+        except cnikit.CnikitError:
+            continue
+        if not r.quiet:
+            r.output(proc.stdout)
+        ids = list(dict.fromkeys(proc.stdout.split())) if proc.returncode == 0 else []
         if ids:
             r.run(removal + ids, check=False)
     return leftovers(r, labels)
