@@ -313,7 +313,7 @@ class DockerLesson(Lesson):
         if left:
             raise cnikit.UsageError(
                 "--docker: an earlier run left " + ", ".join(f"{len(ids)} {what}" for what, ids in left.items())
-                + f" labelled {docker_label()}: remove them with `{DOCKER_DOWN}`")
+                + f" labelled {docker_label()}: remove them with `{docker_down_hint()}`")
         self.prepared = True
         self.host_changes = (f"  docker image {DOCKER_IMAGE}, network {DOCKER_NET} ({DOCKER_SUBNET}; docker "
                              f"adds a bridge and its iptables rules for it), containers "
@@ -345,7 +345,11 @@ class DockerLesson(Lesson):
                   + ", ".join(f"{what} {' '.join(ids)}" for what, ids in left.items()), file=sys.stderr)
 
 
-DOCKER_DOWN = f"python3 {os.path.relpath(__file__, ROOT)} --docker --down"
+def docker_down_hint():
+    """The command that removes what --docker left, as typed from where the learner is."""
+    return f"python3 {os.path.relpath(os.path.abspath(__file__))} --docker --down"
+
+
 DOCKER_LESSON = DockerLesson(
     "06", "vxlan-docker",
     goal="pod1 in container node1 reaches pod2 in container node2 through vxlan0 (VNI 42): the frames "
@@ -442,7 +446,7 @@ def run_docker(args):
         raise cnikit.UsageError("--docker and --host: the nodes are containers; nothing of the lesson runs "
                                 "on this host itself")
     args.host = True                # docker and its daemon are on this host: no sandbox of ours
-    L.keep_hint = DOCKER_DOWN
+    L.keep_hint = docker_down_hint()
     if args.down:
         return docker_down(args)
     return L.run(build_docker, verify_docker, args)
