@@ -125,16 +125,46 @@ def _try(L, verb, pod):
         return None
 
 
-def leftovers(r):
-    """What our plugin could leave on the node: host-side veths, address files, cached
-    results, its iptables chains."""
-    left = [l["ifname"] for l in r.query_json(ip("-j", "link", "show")) or [] if l["ifname"].startswith("veth")]
+def attachments(pods=PODS):
+    """{container id: record} of what the plugin says PODS' attachments own (its records under
+    <dataDir>/<network>/.cnikit/attachments: addresses, the host end of the veth, chains).
+    What the plugin made is judged by these, never by a name: a Docker host's own container
+    ports are named veth... too."""
+    records = os.path.join(cnikit.CNI_DATA_DIR, cnikit.CNI_NET, ".cnikit", "attachments")
+    found = {}
+    for name in os.listdir(records) if os.path.isdir(records) else []:
+        try:
+            with open(os.path.join(records, name)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("containerID") in pods:
+            found[rec["containerID"]] = rec
+    return found
+
+
+def host_ends(L, records):
+    """The host ends of the pods' veths: as the plugin recorded them, and as its ADD results
+    named them (its interfaces outside the pod, the node's bridge excepted)."""
+    bridge = cnikit.cni_conflist(subnet=SUBNET)["plugins"][0].get("bridge") or cnikit.CNI_DEFAULT_BRIDGE
+    ends = {rec.get("veth") for rec in records.values() if isinstance(rec.get("veth"), str)}
+    ends |= {i.get("name") for result in (L.stage or {}).values() for i in (result or {}).get("interfaces", [])
+             if isinstance(i.get("name"), str) and not i.get("sandbox") and i.get("name") != bridge}
+    return sorted(ends)
+
+
+def leftovers(r, ends, pods=PODS):
+    """What our plugin could leave on the node of PODS after DEL: the host ends it made (ENDS),
+    its records of them, address files, cached results, its iptables chains."""
+    left = [end for end in ends if cnikit.get_link(r, end)]
+    left += [f"attachment record of {cid}" for cid in attachments(pods)]
     net_dir = os.path.join(cnikit.CNI_DATA_DIR, cnikit.CNI_NET)
     left += [f"address file {f}" for f in (os.listdir(net_dir) if os.path.isdir(net_dir) else []) if f[0].isdigit()]
-    left += [f"cached result {f}" for f in (os.listdir(cnikit.CNI_CACHE_DIR) if os.path.isdir(cnikit.CNI_CACHE_DIR)
-                                           else [])]
-    ok, rules = r.query(cnikit.iptables("-t", "nat", "-S"))
-    left += [line for line in rules.splitlines() if ok and cnikit.CHAIN_PREFIX in line]
+    left += [f"cached result {path}" for path in (cnikit.cni_cache_path(cnikit.CNI_NET, pod, "eth0") for pod in pods)
+             if os.path.exists(path)]
+    for table in ("nat", "filter"):        # masquerade; FORWARD accepts where the policy is DROP
+        ok, rules = r.query(cnikit.iptables("-t", table, "-S"))
+        left += [line for line in rules.splitlines() if ok and cnikit.CHAIN_PREFIX in line]
     return left
 
 
@@ -154,10 +184,11 @@ def verify(L):
     if L.keeps_on_host():
         return
     L.say("DEL both pods (the chain in reverse, with prevResult), as kubelet does when a pod is deleted")
+    ends = [] if r.dry_run else host_ends(L, attachments())
     for pod in PODS:
         _try(L, cnikit.cni_del, pod)
     if not r.dry_run:
-        left = leftovers(r)
+        left = leftovers(r, ends)
         L.check("nothing is left on the node: no veth, address file, cached result or iptables chain",
                 not left, ", ".join(left))
         L.check("the pods' eth0 went with DEL", not any(cnikit.get_link(r, "eth0", pod) for pod in PODS))
