@@ -626,9 +626,7 @@ class Lesson:
             return EXIT_PASS
         ok = self.passed()
         if not r.quiet:
-            self.say("")
-            self.say("what really exists now (cnikit show):")
-            cnikit.show(r)
+            self.show_state()
         failed = [what for what, good in self.checks if not good]
         line = (f"PASS lesson {self.number} {self.title}: {self.goal}"
                 + "".join(f"; not checked: {what}" for what in self.unchecked) if ok else
@@ -637,6 +635,12 @@ class Lesson:
         if finish:
             self._leave(args, keep=args.keep)
         return EXIT_PASS if ok else EXIT_FAIL
+
+    def show_state(self):
+        """The picture of what really exists now, before the verdict."""
+        self.say("")
+        self.say("what really exists now (cnikit show):")
+        cnikit.show(self.r)
 
     def _fail_line(self, why):
         line = f"FAIL lesson {self.number} {self.title}: {why}"
