@@ -87,15 +87,6 @@ def breakage(L):
     r.run(legacy("-A", "FORWARD", "-i", "docker0", "-o", "docker0", "-j", "ACCEPT"))
 
 
-def _legacy_policy_packets(L):
-    ok, out = L.r.query(legacy("-S", "FORWARD", "-v"))
-    for line in out.splitlines() if ok else []:
-        words = line.split()
-        if words[:2] == ["-P", "FORWARD"] and "-c" in words:
-            return int(words[words.index("-c") + 1])
-    return 0
-
-
 def reveal(L):
     r = L.r
     L.say("iptables (iptables-nft here): policy ACCEPT and the node's accept rule; nothing in it drops "
@@ -104,10 +95,10 @@ def reveal(L):
     ok, out = r.probe(cnikit.iptables("-S", "FORWARD", "-v", ns=NODE))
     L.check("`iptables -S` warns that iptables-legacy tables are present", r.dry_run or
             (ok and "iptables-legacy tables present" in out))
-    before = _legacy_policy_packets(L)
+    before = pitfall.policy_packets(L, "FORWARD", NODE, LEGACY)
     L.ping(SERVER_IP, "pod1", count=3, expect_fail=True)
     r.show(legacy("-L", "FORWARD", "-v", "-n", "-x"))
-    after = _legacy_policy_packets(L)
+    after = pitfall.policy_packets(L, "FORWARD", NODE, LEGACY)
     L.check(f"iptables-legacy's FORWARD policy counter grew with the lost pings ({before} -> {after} packets)",
             r.dry_run or after > before)
 
