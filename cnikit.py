@@ -2640,6 +2640,12 @@ CNI_VERB_READS = {"add": {"netns", "ifname", "cid", "cni_args", "runtime_config"
                   "check": {"netns", "ifname", "cid", "cni_args"},
                   "status": set(), "gc": set(), "version": set()}
 CNI_VERB_DEFAULTS = {"ifname": "eth0"}      # the parser's defaults that are not None
+CNI_ATTACHMENT_OPTIONS = ("netns", "ifname", "cid", "cni_args", "runtime_config")   # what names an attachment
+# Why a verb takes fewer of them (its parser has only what it reads; main names what it refused).
+CNI_VERB_WHY_NOT = {"status": "STATUS and VERSION ask about the network, not an attachment",
+                    "version": "STATUS and VERSION ask about the network, not an attachment",
+                    "gc": "GC acts on every attachment of the network",
+                    "check": "CHECK uses the capability args cached by ADD"}
 CNI_FLAGS = {"netns": "NETNS", "cid": "--id", "cni_args": "--args", "plugin_src": "--plugin", "ptype": "--type"}
 
 
@@ -2661,15 +2667,6 @@ def cni_check_options(args):
         if args.verb in ("install", "uninstall") and value is not None and not os.path.isabs(value):
             raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} {value!r} must be an absolute path "
                              "(where a runtime looks)")
-    if args.verb in CNI_VERB_READS:
-        ignored = [_cni_flag(d) for d in ("netns", "ifname", "cid", "cni_args", "runtime_config")
-                   if d not in CNI_VERB_READS[args.verb] and getattr(args, d) != CNI_VERB_DEFAULTS.get(d)]
-        if ignored:
-            what = {"status": "STATUS and VERSION ask about the network, not an attachment",
-                    "version": "STATUS and VERSION ask about the network, not an attachment",
-                    "gc": "GC acts on every attachment of the network",
-                    "check": "CHECK uses the capability args cached by ADD"}[args.verb]
-            raise UsageError(f"cni {args.verb}: {', '.join(ignored)} does not apply ({what})")
     if getattr(args, "cni_args", None) is not None:
         cni_parse_args(args.cni_args)
     cni_runtime_config(getattr(args, "runtime_config", None))
@@ -3808,15 +3805,24 @@ def build_parser():
                        ("gc", "GC: release all but the cached attachments (cniVersion 1.1.0)"),
                        ("version", "VERSION: which spec versions each plugin speaks")):
         a = cn.add_parser(verb, help=text)
-        a.add_argument("netns", nargs=None if verb in ("add", "del", "check") else "?", metavar="NETNS",
-                       help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
+        # Only what the verb reads: its --help lists exactly what it accepts (main names the rest).
+        reads = CNI_VERB_READS[verb]
+        a.set_defaults(**{dest: CNI_VERB_DEFAULTS.get(dest) for dest in CNI_ATTACHMENT_OPTIONS if dest not in reads})
+        if "netns" in reads:
+            a.add_argument("netns", metavar="NETNS", help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
         a.add_argument("--conf", help="network config (default: the first in --conf-dir)")
         a.add_argument("--conf-dir", default=CNI_CONF_DIR)
-        a.add_argument("--ifname", default=CNI_VERB_DEFAULTS["ifname"])
-        a.add_argument("--id", dest="cid", help="container id (default: the netns name)")
+        if "ifname" in reads:
+            a.add_argument("--ifname", default=CNI_VERB_DEFAULTS["ifname"])
+        if "cid" in reads:
+            a.add_argument("--id", dest="cid", help="container id (default: the netns name)")
         a.add_argument("--cni-path", default=CNI_PATH, help=f"where plugins are looked up (default {CNI_PATH})")
-        a.add_argument("--args", dest="cni_args", metavar="K=V;...", help="extra CNI_ARGS (IgnoreUnknown=1 is always sent)")
-        a.add_argument("--runtime-config", metavar="JSON", help="capability args, e.g. '{\"portMappings\": [...]}'")
+        if "cni_args" in reads:
+            a.add_argument("--args", dest="cni_args", metavar="K=V;...",
+                           help="extra CNI_ARGS (IgnoreUnknown=1 is always sent)")
+        if "runtime_config" in reads:
+            a.add_argument("--runtime-config", metavar="JSON",
+                           help="capability args, e.g. '{\"portMappings\": [...]}'")
     a = cn.add_parser("log", help="follow the plugin's log")
     a.add_argument("--conf", help="network config whose `log` key names the file")
     a.add_argument("--conf-dir", default=CNI_CONF_DIR)
@@ -3915,10 +3921,25 @@ def dispatch(args, r):
     return EXIT_OK
 
 
+def _refuse_extra(parser, args, extra):
+    """What no parser took: for a cni verb that does not read it, say why; else argparse's words."""
+    if args.obj == "cni" and args.verb in CNI_VERB_WHY_NOT:
+        word = extra[0].split("=", 1)[0]
+        flags = {flag: dest for dest, flag in CNI_FLAGS.items()}
+        if word.startswith("-") and flags.get(word, word[2:].replace("-", "_")) in CNI_ATTACHMENT_OPTIONS \
+                or not word.startswith("-"):
+            what = word if word.startswith("-") else "NETNS"
+            raise UsageError(f"cni {args.verb}: {what} does not apply ({CNI_VERB_WHY_NOT[args.verb]})")
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
 def main(argv=None):
     r = None
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _refuse_extra(parser, args, extra)
         if args.host:
             check_netns(args.host)
         if args.host and args.obj in ("netns", "sandbox"):
