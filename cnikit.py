@@ -1248,7 +1248,8 @@ def _nat_summary(rules):
     lines = []
     for n in rules:
         words = shlex.split(n["rule"])
-        if "MASQUERADE" in words and "-s" in words:
+        # A masquerade with a destination too (a published port's hairpin) is not a subnet's egress.
+        if "MASQUERADE" in words and "-s" in words and "-d" not in words:
             out = words[words.index("-o") + 1] if "-o" in words else "any"
             lines.append(f"{words[words.index('-s') + 1]} masquerade out {out} (+ FORWARD accept)")
     return lines
