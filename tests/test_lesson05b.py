@@ -136,3 +136,12 @@ def test_each_skipped_step_fails_the_proof_it_names_and_only_that(step, broken):
         broken = broken - {CONNTRACK}
     assert failed_proofs((what, False) for what in failed) == broken, failed
     assert "Traceback" not in proc.stderr
+
+
+def test_demo_lists_05b_after_05_and_selects_it_by_its_number():
+    sys.path.insert(0, STAGES)
+    import demo
+    names = [os.path.basename(p)[:-3] for p in demo.lessons()]
+    assert names.index("05b_ports") == names.index("05_egress") + 1
+    assert [os.path.basename(p)[:-3] for p in demo.lessons(["05b"])] == ["05b_ports"]
+    assert [os.path.basename(p)[:-3] for p in demo.lessons(["05"])] == ["05_egress", "05b_ports"]
