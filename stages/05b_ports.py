@@ -8,12 +8,15 @@ proxy (docker-proxy) is the other way: a process on the host relays each connect
 
     sudo python3 stages/05b_ports.py           # in a throwaway sandbox
     python3 stages/05b_ports.py --dry-run      # the lesson as a shell script
+    sudo python3 stages/05b_ports.py --with-docker   # and a real `docker run -p` beside ours
+
 
 The rules are those dockerd 20.10 writes with `--userland-proxy=false` (its chain DOCKER is
 CNIKIT-PORTS here); the narration says what its default (the userland proxy) writes
 instead. "Outside" is a namespace this lesson creates, with documentation addresses.
 """
 import re
+import shlex
 
 from lesson import Lesson, cnikit, have, in_netns, ip
 
@@ -30,6 +33,16 @@ PROBE_TIMEOUT = 10         # seconds a proof may take in all (connect, answer, c
 LOCALHOST = "127.0.0.1"
 GATEWAY_IP, CTR_IP, HOST_IP, OUTSIDE_IP = (a.split("/")[0] for a in (GATEWAY, CTR_ADDR, UPLINK_ADDR, OUTSIDE_ADDR))
 TCP_CTR = ["-p", "tcp", "-m", "tcp", "--dport", str(CTR_PORT)]
+
+# --with-docker: a real dockerd inside the lesson's sandbox, its state on tmpfs (runtimes note).
+DOCKER_DIRS = ("/var/lib/docker", "/run/docker", "/run/containerd", "/etc/docker")
+DOCKER_SOCK = "unix:///run/docker/d.sock"
+DOCKER_PORT = 9080                      # -p 9080:80: our DNAT already owns 8080
+DOCKER_CTR, DOCKER_IMAGE = "cnikit-web", "localhost/cnikit-bare"
+DOCKER_ROOTFS = "/run/docker/rootfs"    # an image of a few directories; /usr comes from the host, read-only
+DOCKER_READY = 30                       # seconds dockerd gets to answer
+DOCKER_STOP = 20                        # seconds dockerd gets to stop its containerd
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 # (table, chain, rule spec) of each rule, named by the step that adds it.
 RULES = {
@@ -85,6 +98,135 @@ LESSON = Lesson(
 )
 
 
+def docker(*args):
+    return ["docker", "-H", DOCKER_SOCK] + [str(a) for a in args]
+
+
+def cgroup_mounts(text):
+    """The commands that mount this process's cgroup hierarchies (TEXT: /proc/self/cgroup) on
+    /sys/fs/cgroup: the sandbox's fresh sysfs hides the host's, and runc needs them."""
+    lines = [line.split(":", 2) for line in text.splitlines() if line.count(":") >= 2]
+    if all(n == "0" for n, _, _ in lines):                  # cgroup v2 only
+        return [["mount", "-t", "cgroup2", "cgroup2", CGROUP_ROOT]]
+    out = [["mount", "-t", "tmpfs", "cgroup", CGROUP_ROOT]]
+    for n, controllers, _ in lines:
+        if n == "0":                                        # a hybrid host's v2 tree
+            path, how = f"{CGROUP_ROOT}/unified", ["-t", "cgroup2", "cgroup2"]
+        else:                                               # v1: one hierarchy, its controllers together
+            path = f"{CGROUP_ROOT}/{controllers.replace('name=', '')}"
+            opts = "none," + controllers if controllers.startswith("name=") else controllers
+            how = ["-t", "cgroup", "-o", opts, "cgroup"]
+        out += [["mkdir", "-p", path], ["mount", *how, path]]
+    return out
+
+
+def docker_start(L):
+    """--with-docker: start a real dockerd in the lesson's sandbox before the lesson's own steps
+    (it sets FORWARD's policy to DROP at once, as on any Docker host); L.docker is its process,
+    None when there is no Docker step."""
+    r, L.docker = L.r, None
+    if not getattr(L, "with_docker", False):
+        return
+    if L.on_host:
+        raise cnikit.UsageError("--with-docker starts a Docker daemon of its own and runs only in the lesson's "
+                                "sandbox: leave out --host")
+    if r.dry_run:
+        r.note("--with-docker: the Docker step runs only in the lesson's sandbox, not in a dry run's script")
+        return
+    if not (have("dockerd") and have("docker")):
+        L.say("--with-docker: dockerd is not installed here (Debian package docker.io): no Docker step")
+        return
+    L.step("--with-docker: a real Docker daemon in this sandbox, so that a real `docker run -p` writes its rules "
+           "beside ours. Its state goes on tmpfs, it gets the cgroup hierarchies the sandbox's fresh /sys hides, "
+           "and the userland proxy off (its rules are then those this lesson writes). It starts first: it sets "
+           "FORWARD's policy to DROP, and the lesson's steps below meet a Docker host")
+    for path in DOCKER_DIRS:
+        r.run(["mkdir", "-p", path])
+        r.run(["mount", "-t", "tmpfs", "tmpfs", path])
+    with open("/proc/self/cgroup") as f:
+        for argv in cgroup_mounts(f.read()):
+            r.run(argv)
+    L.docker = r.spawn(["dockerd", "-H", DOCKER_SOCK, "--data-root", DOCKER_DIRS[0], "--exec-root",
+                        "/run/docker/exec", "--pidfile", "/run/docker/d.pid", "--userland-proxy=false",
+                        "--log-level", "error"])
+    wait = f"until {shlex.join(docker('version'))} >/dev/null 2>&1; do sleep 0.2; done"
+    r.run(["timeout", str(DOCKER_READY), "sh", "-c", wait])
+
+
+def docker_run(L):
+    """--with-docker: a real `docker run -p DOCKER_PORT:80`, and its rules beside ours."""
+    r = L.r
+    if getattr(L, "docker", None) is None:
+        return
+    L.step(f"--with-docker: now the real thing. An image of a few empty directories (no registry here; /usr "
+           f"comes from the host, read-only) and `docker run -p {DOCKER_PORT}:{CTR_PORT}` of the same server")
+    for path in ("usr", "proc", "sys", "dev", "etc", "tmp"):
+        r.run(["mkdir", "-p", f"{DOCKER_ROOTFS}/{path}"])
+    for link in ("bin", "sbin", "lib", "lib64"):
+        r.run(["ln", "-sfn", f"usr/{link}", f"{DOCKER_ROOTFS}/{link}"])
+    r.run(["sh", "-c", f"tar -C {DOCKER_ROOTFS} -c . | {shlex.join(docker('import', '-', DOCKER_IMAGE))}"])
+    # timeout: the container ends by itself even if the lesson is killed before it removes it
+    r.run(docker("run", "-d", "--name", DOCKER_CTR, "-p", f"{DOCKER_PORT}:{CTR_PORT}", "-v", "/usr:/usr:ro",
+                 DOCKER_IMAGE, "timeout", "600", "socat", f"TCP-LISTEN:{CTR_PORT},reuseaddr,fork",
+                 "SYSTEM:echo docker $SOCAT_PEERADDR"))
+    r.run(docker("exec", DOCKER_CTR, "timeout", "5", "sh", "-c",
+                 f'until ss -Htln "sport = :{CTR_PORT}" | grep -q .; do sleep 0.02; done'))
+    L.say("Docker's rules and ours in the same tables")
+    nat = r.show(cnikit.iptables("-t", "nat", "-S"))
+    docker_filter = r.show(cnikit.iptables("-S", "DOCKER"))
+    forward = r.query(cnikit.iptables("-S", "FORWARD"))[1]
+    L.docker_pairs = beside(nat.splitlines(), docker_filter.splitlines(), nat.splitlines() + forward.splitlines())
+    L.say(f"side by side, each rule Docker wrote for its port and ours (DOCKER is {CHAIN}, docker0 is {BRIDGE}, "
+          f"its port {DOCKER_PORT} is our {HOST_PORT}; its filter chain DOCKER is our FORWARD). Docker's egress "
+          f"masquerade (! -o docker0) is lesson 05's, nat add's chain here")
+    for theirs, ours in L.docker_pairs:
+        L.say(f"Docker: {theirs}\n  ours: {ours or '(none)'}")
+    L.say("newer Docker writes more: 28.x moves its FORWARD rules into chains of its own (DOCKER-FORWARD and "
+          "others) and drops packets sent straight to a container's address from outside its bridge; "
+          "the DNAT, the hairpin masquerade and route_localnet stay")
+
+
+def rule_words(line):
+    """An `iptables -S` line as words, cnikit's comment left out (Docker's rules have none)."""
+    words = shlex.split(line)
+    for i in range(len(words) - 3):
+        if words[i:i + 3] == ["-m", "comment", "--comment"]:
+            return words[:i] + words[i + 4:]
+    return words
+
+
+def beside(docker_nat, docker_filter, ours):
+    """[(a rule Docker wrote for its published port, our rule that does the same, or None)]:
+    DOCKER_NAT and DOCKER_FILTER are `iptables -S` lines (nat table; filter chain DOCKER),
+    OURS the lines to look in. Docker's names are translated into the lesson's: the container's
+    address comes from Docker's own DNAT rule."""
+    dnat = [line for line in docker_nat if line.startswith("-A DOCKER ") and "DNAT" in line]
+    theirs = shlex.split(dnat[0])[-1].rsplit(":", 1)[0] if dnat else None
+    names = {"DOCKER": CHAIN, "docker0": BRIDGE, str(DOCKER_PORT): str(HOST_PORT)}
+    if theirs:
+        names.update({f"{theirs}/32": f"{CTR_IP}/32", f"{theirs}:{CTR_PORT}": f"{CTR_IP}:{CTR_PORT}"})
+    mine = {tuple(rule_words(line)): line for line in ours if line.startswith("-A ")}
+    pairs = []
+    for table, lines in (("nat", docker_nat), ("filter", docker_filter)):
+        for line in lines:
+            words = rule_words(line)
+            if words[:1] != ["-A"] or not {"DOCKER", "docker0", f"{theirs}/32"} & set(words) or \
+                    "docker0" in words and words[words.index("docker0") - 2:words.index("docker0")] == ["!", "-o"]:
+                continue        # not about the published port, or the subnet's egress masquerade
+            local = dict(names, DOCKER="FORWARD") if table == "filter" else names
+            pairs.append((line, mine.get(tuple(local.get(w, w) for w in words))))
+    return pairs
+
+
+def docker_stop(L):
+    """Remove Docker's container, then stop dockerd (it stops its own containerd)."""
+    r = L.r
+    r.run(docker("rm", "-f", DOCKER_CTR))
+    r.run(["sh", "-c", "kill $(cat /run/docker/d.pid)"])
+    r.stop(L.docker, wait=DOCKER_STOP)
+    L.docker = None
+
+
 def add_rule(L, name):
     table, chain, spec = RULES[name]
     L.r.run(cnikit.iptables_rule("-A", table, chain, spec), creates=cnikit.Change.rule(table, chain, spec))
@@ -92,6 +234,7 @@ def add_rule(L, name):
 
 def build(L):
     r = L.r
+    docker_start(L)
     L.step(f"the container: {CTR} on br0 with a default route via the host, as in lesson 05 (docker run "
            "gives each container a veth on docker0, 172.17.0.0/16)")
     cnikit.netns_add(r, CTR, lo_up=True)
@@ -179,13 +322,16 @@ def build(L):
         r.spawn(["socat", f"TCP-LISTEN:{PROXY_PORT},reuseaddr,fork", f"TCP:{CTR_IP}:{CTR_PORT}"])
         L.wait_listening(PROXY_PORT)
 
+    docker_run(L)
 
-def ask(L, target, port, ns=None, expect_fail=False):
+
+def ask(L, target, port, ns=None, expect_fail=False, server=CTR):
     """One real TCP connection from NS (None: the host) to TARGET:PORT; returns the address the
-    container's server saw the connection come from, or None when nothing answered."""
+    container's server (it answers "SERVER <peer>") saw the connection come from, or None when
+    nothing answered."""
     argv = in_netns(["socat", "-u", f"TCP:{target}:{port},connect-timeout={CONNECT_TIMEOUT}", "-"], ns)
     ok, out = L.r.probe(argv, timeout=PROBE_TIMEOUT, expect_fail=expect_fail)
-    answers = [line.split()[1] for line in out.splitlines() if len(line.split()) == 2 and line.split()[0] == CTR]
+    answers = [line.split()[1] for line in out.splitlines() if len(line.split()) == 2 and line.split()[0] == server]
     return answers[0] if ok and answers else None
 
 
@@ -223,6 +369,16 @@ def verify(L):
     ok, out = r.probe(["ss", "-Htln", f"sport = :{HOST_PORT}"])
     L.check(f"no socket listens on the host's port {HOST_PORT}", r.dry_run or ok and not out.strip(), out)
 
+    if getattr(L, "docker", None) is not None:
+        seen = ask(L, HOST_IP, DOCKER_PORT, OUTSIDE, server="docker")
+        L.check(f"outside reaches Docker's published port {HOST_IP}:{DOCKER_PORT}, and Docker's container sees "
+                f"{OUTSIDE_IP} too", seen == OUTSIDE_IP, f"it saw {seen or 'nothing'}")
+        pairs = getattr(L, "docker_pairs", [])
+        L.check("each rule the real `docker run -p` wrote for its port has its twin among ours",
+                pairs and all(ours for _, ours in pairs),
+                "; ".join(theirs for theirs, ours in pairs if not ours) or "no rule of Docker's found")
+        docker_stop(L)
+
 
 def translated(conntrack_out, client, host_ip):
     """Is there a flow CLIENT -> HOST_IP:HOST_PORT whose reply direction comes from the
@@ -235,5 +391,14 @@ def translated(conntrack_out, client, host_ip):
     return False
 
 
+def main():
+    p = LESSON.parser()
+    p.add_argument("--with-docker", action="store_true",
+                   help="also start a real dockerd in the sandbox and print the rules its `docker run -p` "
+                        "writes beside ours (needs the Debian package docker.io; not with --host)")
+    LESSON.with_docker = p.parse_args().with_docker
+    LESSON.main(build, verify, parser=p)
+
+
 if __name__ == "__main__":
-    LESSON.main(build, verify)
+    main()

@@ -145,3 +145,75 @@ def test_demo_lists_05b_after_05_and_selects_it_by_its_number():
     assert names.index("05b_ports") == names.index("05_egress") + 1
     assert [os.path.basename(p)[:-3] for p in demo.lessons(["05b"])] == ["05b_ports"]
     assert [os.path.basename(p)[:-3] for p in demo.lessons(["05"])] == ["05_egress", "05b_ports"]
+
+
+# ---------------------------------------------------------------- --with-docker: a real dockerd beside ours
+
+MARK = "CNIKIT_05B_DOCKER"      # every process the lesson starts inherits it (dockerd, containerd, shims)
+
+
+def marked(mark):
+    """PIDs of live processes (not zombies) whose environment carries MARK=<mark>."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if f"{MARK}={mark}".encode() in env and stat[stat.rindex(")") + 2:][:1] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def test_with_docker_a_real_docker_run_writes_the_rules_the_lesson_writes_and_leaves_nothing_running():
+    if not (shutil.which("dockerd") and shutil.which("docker")):
+        pytest.skip("dockerd is not installed (Debian package docker.io)")
+    mark = os.urandom(8).hex()
+    proc = run_stage("05b_ports.py", "--with-docker", env=dict(os.environ, **{MARK: mark}), timeout=240)
+    left = marked(mark)
+    for pid in left:                      # never leak a daemon out of the test, then report it
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert not left, f"{len(left)} process(es) of the lesson's Docker still running"
+    out = proc.stdout
+    # Docker's own rules, read from the kernel by the lesson, with their twins among ours
+    assert "\n-A DOCKER -p tcp -m tcp --dport 9080 -j DNAT --to-destination 172.17.0.2:80\n" in out
+    assert "# Docker: -A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE\n" \
+           "#   ours: -A POSTROUTING -s 10.0.5.2/32 -d 10.0.5.2/32 -p tcp -m tcp --dport 80 -m comment " \
+           "--comment \"cnikit ports\" -j MASQUERADE\n" in out
+    assert "#   ours: (none)" not in out
+    assert "\ndocker 203.0.113.10\n" in out              # real TCP to Docker's published port from outside
+    assert "# check: each rule the real `docker run -p` wrote for its port has its twin among ours: ok" in out
+
+
+def test_with_docker_is_refused_with_host_and_left_out_of_a_dry_run():
+    proc = run_stage("05b_ports.py", "--with-docker", "--host", timeout=TIMEOUT)
+    assert proc.returncode == 2 and "--with-docker" in proc.stderr and "leave out --host" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    dry = run_stage("05b_ports.py", "--with-docker", "--dry-run", timeout=TIMEOUT)
+    assert dry.returncode == 0 and "dockerd" not in dry.stdout.replace("--with-docker", "")
+    assert "# --with-docker: the Docker step runs only in the lesson's sandbox" in dry.stdout
+
+
+def test_beside_pairs_each_of_dockers_rules_with_ours_and_names_the_missing():
+    mod = load()
+    docker_nat = ["-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+                  "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE",        # egress: lesson 05's
+                  "-A POSTROUTING -s 172.17.0.3/32 -d 172.17.0.3/32 -p tcp -m tcp --dport 80 -j MASQUERADE",
+                  "-A DOCKER -p tcp -m tcp --dport 9080 -j DNAT --to-destination 172.17.0.3:80"]
+    docker_filter = ["-N DOCKER",
+                     "-A DOCKER -d 172.17.0.3/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT"]
+    ours = ['-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "cnikit ports" -j CNIKIT-PORTS',
+            "-A CNIKIT-PORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.5.2:80",
+            '-A FORWARD -d 10.0.5.2/32 ! -i br0 -o br0 -p tcp -m tcp --dport 80 -m comment --comment "cnikit ports" '
+            '-j ACCEPT']
+    pairs = dict(mod.beside(docker_nat, docker_filter, ours))
+    assert set(pairs) == set(docker_nat[:1] + docker_nat[2:] + docker_filter[1:])
+    assert pairs[docker_nat[0]] == ours[0] and pairs[docker_nat[3]] == ours[1] and pairs[docker_filter[1]] == ours[2]
+    assert pairs[docker_nat[2]] is None                  # no hairpin masquerade among ours: named as missing
