@@ -65,23 +65,24 @@ LESSON = Lesson(
          f"address, from localhost and from {CTR} itself (hairpin) reaches the container, which sees the outside "
          "client's own address; conntrack shows the translation; a userland proxy hides that address",
     picture=r"""
-   +---------------- web (the container) ----------------+
+   +---------------- web (the container) -----------------+
    |  eth0 10.0.5.2/24, default via 10.0.5.1              |
    |  a server on tcp/80 answers "web <who called>"       |
-   +--------------------------|---------------------------+
-                              | veth-web (hairpin on)
-   +--------------------------|------------------------------- host -----------+
-   |  br0 10.0.5.1/24 (Docker: docker0)     route_localnet=1 on br0           |
-   |  nat PREROUTING, OUTPUT: to a local address -> CNIKIT-PORTS (Docker: DOCKER)|
+   +-----------------------|------------------------------+
+                           | veth-web (hairpin on)
+   +-----------------------|----------- host -----------------------------------+
+   |  br0 10.0.5.1/24 (Docker: docker0)          route_localnet=1 on br0        |
+   |  nat PREROUTING, OUTPUT: to a local address -> CNIKIT-PORTS (DOCKER)       |
    |      CNIKIT-PORTS: tcp dport 8080 -> DNAT 10.0.5.2:80                      |
    |      POSTROUTING: MASQUERADE local sources out br0, and web -> web:80      |
    |  filter FORWARD: accept ! -i br0 -o br0 to 10.0.5.2 tcp/80                 |
    |  userland proxy: socat on :8081 -> 10.0.5.2:80 (Docker: docker-proxy)      |
-   |  clients here: the host (203.0.113.1), localhost     uplink0 203.0.113.1/24 |
-   +--------------------------------------------------------|-----------------+
-   +------------------------------ outside -----------------|-----------------+
-   |  a client out there                          eth0 203.0.113.10/24         |
-   +---------------------------------------------------------------------------+
+   |  clients here: the host itself, localhost         uplink0 203.0.113.1/24   |
+   +------------------------------------------------------------|---------------+
+                                                                | veth: the uplink
+   +--------------------------------- outside ------------------|---------------+
+   |  a client out there                               eth0 203.0.113.10/24     |
+   +----------------------------------------------------------------------------+
 """,
     skips={"prerouting": "no PREROUTING jump: connections arriving from outside (and the container's own, "
                          "which arrive on br0) are not translated: outside and hairpin fail",
@@ -181,9 +182,6 @@ def docker_run(L):
           f"masquerade (! -o docker0) is lesson 05's, nat add's chain here")
     for theirs, ours in L.docker_pairs:
         L.say(f"Docker: {theirs}\n  ours: {ours or '(none)'}")
-    L.say("newer Docker writes more: 28.x moves its FORWARD rules into chains of its own (DOCKER-FORWARD and "
-          "others) and drops packets sent straight to a container's address from outside its bridge; "
-          "the DNAT, the hairpin masquerade and route_localnet stay")
 
 
 def rule_words(line):
@@ -314,6 +312,10 @@ def build(L):
     r.show(cnikit.iptables("-t", "nat", "-S", CHAIN))
     r.show(cnikit.iptables("-t", "nat", "-S", "POSTROUTING"))
     r.show(cnikit.iptables("-S", "FORWARD"))
+    L.say("these are Docker 20.10's (Debian 12's docker.io). Newer Docker writes more around them: 28.x moves its "
+          "FORWARD rules into chains of its own (DOCKER-FORWARD, DOCKER-BRIDGE, DOCKER-CT) and drops, in the raw "
+          "table, packets sent straight to a container's address from outside its bridge; 29.x can write nftables "
+          "instead of iptables (--firewall-backend=nftables, experimental). The DNAT and the masquerades stay")
 
     if L.step(f"the other way, Docker's default: a userland proxy. docker-proxy listens on the host's port and "
               f"opens a connection of its own to the container for each one it accepts. socat does the same "
