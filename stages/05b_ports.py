@@ -26,14 +26,11 @@ HOST_END = "veth-web"
 OUTSIDE = "outside"
 UPLINK, UPLINK_ADDR, OUTSIDE_ADDR = "uplink0", "203.0.113.1/24", "203.0.113.10/24"
 HOST_PORT, CTR_PORT, PROXY_PORT = 8080, 80, 8081       # -p 8080:80; the proxy's own port, beside it
-CHAIN = cnikit.CHAIN_PREFIX + "PORTS"                  # Docker: DOCKER (nat table)
-TAGGED = ["-m", "comment", "--comment", f"{cnikit.TAG} ports"]     # so `cnikit cleanup` finds them
+CHAIN = cnikit.PORTS_CHAIN                             # Docker: DOCKER (nat table)
 CONNECT_TIMEOUT = 2        # seconds: every proof is one connection on one machine
 PROBE_TIMEOUT = 10         # seconds a proof may take in all (connect, answer, close)
 LOCALHOST = "127.0.0.1"
 GATEWAY_IP, CTR_IP, HOST_IP, OUTSIDE_IP = (a.split("/")[0] for a in (GATEWAY, CTR_ADDR, UPLINK_ADDR, OUTSIDE_ADDR))
-TCP_CTR = ["-p", "tcp", "-m", "tcp", "--dport", str(CTR_PORT)]
-
 # --with-docker: a real dockerd inside the lesson's sandbox, its state on tmpfs (runtimes note).
 DOCKER_DIRS = ("/var/lib/docker", "/run/docker", "/run/containerd", "/etc/docker")
 DOCKER_SOCK = "unix:///run/docker/d.sock"
@@ -44,19 +41,9 @@ DOCKER_READY = 30                       # seconds dockerd gets to answer
 DOCKER_STOP = 20                        # seconds dockerd gets to stop its containerd
 CGROUP_ROOT = "/sys/fs/cgroup"
 
-# (table, chain, rule spec) of each rule, named by the step that adds it.
-RULES = {
-    "dnat": ("nat", CHAIN, ["-p", "tcp", "-m", "tcp", "--dport", str(HOST_PORT), "-j", "DNAT",
-                            "--to-destination", f"{CTR_IP}:{CTR_PORT}"]),
-    "prerouting": ("nat", "PREROUTING", ["-m", "addrtype", "--dst-type", "LOCAL"] + TAGGED + ["-j", CHAIN]),
-    "forward": ("filter", "FORWARD", ["-d", f"{CTR_IP}/32", "!", "-i", BRIDGE, "-o", BRIDGE] + TCP_CTR + TAGGED
-                + ["-j", "ACCEPT"]),
-    "output": ("nat", "OUTPUT", ["-m", "addrtype", "--dst-type", "LOCAL"] + TAGGED + ["-j", CHAIN]),
-    "local-masquerade": ("nat", "POSTROUTING", ["-o", BRIDGE, "-m", "addrtype", "--src-type", "LOCAL"] + TAGGED
-                         + ["-j", "MASQUERADE"]),
-    "hairpin": ("nat", "POSTROUTING", ["-s", f"{CTR_IP}/32", "-d", f"{CTR_IP}/32"] + TCP_CTR + TAGGED
-                + ["-j", "MASQUERADE"]),
-}
+# (table, chain, rule spec) of each rule, named by the step that adds it: the rules
+# `cnikit nat publish` writes (tagged, so `cnikit cleanup` finds them).
+RULES = cnikit.port_rules(HOST_PORT, CTR_IP, CTR_PORT, BRIDGE)
 
 LESSON = Lesson(
     "05b", "ports",
@@ -306,7 +293,8 @@ def build(L):
         add_rule(L, "hairpin")
 
     L.step("the rules, read as the kernel reads them (beside `iptables-save` on a Docker host: the same "
-           "rules, with docker0 and 172.17.0.2)")
+           f"rules, with docker0 and 172.17.0.2). `cnikit nat publish {HOST_PORT} --to {CTR_IP}:{CTR_PORT} "
+           f"--bridge {BRIDGE}` writes them all in one command, `cnikit nat unpublish {HOST_PORT}` removes them")
     r.show(cnikit.iptables("-t", "nat", "-S", "PREROUTING"))
     r.show(cnikit.iptables("-t", "nat", "-S", "OUTPUT"))
     r.show(cnikit.iptables("-t", "nat", "-S", CHAIN))

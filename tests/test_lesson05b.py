@@ -29,6 +29,16 @@ LOCAL = "the host reaches localhost:8080"
 HAIRPIN = "hairpin: web reaches its own published port"
 PROXY = "outside reaches the proxy at 203.0.113.1:8081"
 PROOFS = (OUTSIDE, CONNTRACK, OWN, LOCAL, HAIRPIN, PROXY)
+# What dockerd 20.10 (userland proxy off) writes for -p 8080:80, in cnikit's names and tags.
+JUMP = '-m addrtype --dst-type LOCAL -m comment --comment "cnikit ports" -j CNIKIT-PORTS'
+NAT_RULES = [f"-A PREROUTING {JUMP}", f"-A OUTPUT {JUMP}",
+             '-A POSTROUTING -o br0 -m addrtype --src-type LOCAL -m comment --comment "cnikit ports" -j MASQUERADE',
+             "-A POSTROUTING -s 10.0.5.2/32 -d 10.0.5.2/32 -p tcp -m tcp --dport 80 -m comment --comment "
+             '"cnikit port tcp/8080" -j MASQUERADE',                                 # the hairpin masquerade
+             '-A CNIKIT-PORTS -p tcp -m tcp --dport 8080 -m comment --comment "cnikit port tcp/8080" -j DNAT '
+             "--to-destination 10.0.5.2:80"]
+FILTER_RULES = ['-A FORWARD -d 10.0.5.2/32 ! -i br0 -o br0 -p tcp -m tcp --dport 80 -m comment --comment '
+                '"cnikit port tcp/8080" -j ACCEPT']
 
 
 def load():
@@ -71,15 +81,8 @@ def built():
 def test_the_rules_are_dockers_and_real_tcp_from_every_side_reaches_the_container(built):
     mod, L = built
     nat = iptables_rules("nat")
-    jump = '-m addrtype --dst-type LOCAL -m comment --comment "cnikit ports" -j CNIKIT-PORTS'
-    assert f"-A PREROUTING {jump}" in nat and f"-A OUTPUT {jump}" in nat       # Docker: -j DOCKER
-    assert "-A CNIKIT-PORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.5.2:80" in nat
-    assert ('-A POSTROUTING -s 10.0.5.2/32 -d 10.0.5.2/32 -p tcp -m tcp --dport 80 -m comment --comment '
-            '"cnikit ports" -j MASQUERADE') in nat                                # the hairpin masquerade
-    assert '-A POSTROUTING -o br0 -m addrtype --src-type LOCAL -m comment --comment "cnikit ports" -j MASQUERADE' \
-        in nat
-    assert ('-A FORWARD -d 10.0.5.2/32 ! -i br0 -o br0 -p tcp -m tcp --dport 80 -m comment --comment '
-            '"cnikit ports" -j ACCEPT') in iptables_rules("filter")
+    assert sorted(r for r in nat if "cnikit port" in r) == sorted(NAT_RULES)
+    assert [r for r in iptables_rules("filter") if "cnikit port" in r] == FILTER_RULES
     assert str(sh.sysctl("-n", "net.ipv4.conf.br0.route_localnet")).strip() == "1"
     port = json.loads(str(sh.bridge("-j", "-d", "link", "show", "dev", "veth-web")))[0]
     assert port["master"] == "br0" and port["hairpin"] is True
@@ -186,7 +189,7 @@ def test_with_docker_a_real_docker_run_writes_the_rules_the_lesson_writes_and_le
     assert "\n-A DOCKER -p tcp -m tcp --dport 9080 -j DNAT --to-destination 172.17.0.2:80\n" in out
     assert "# Docker: -A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE\n" \
            "#   ours: -A POSTROUTING -s 10.0.5.2/32 -d 10.0.5.2/32 -p tcp -m tcp --dport 80 -m comment " \
-           "--comment \"cnikit ports\" -j MASQUERADE\n" in out
+           "--comment \"cnikit port tcp/8080\" -j MASQUERADE\n" in out
     assert "#   ours: (none)" not in out
     assert "\ndocker 203.0.113.10\n" in out              # real TCP to Docker's published port from outside
     assert "# check: each rule the real `docker run -p` wrote for its port has its twin among ours: ok" in out
@@ -217,3 +220,91 @@ def test_beside_pairs_each_of_dockers_rules_with_ours_and_names_the_missing():
     assert set(pairs) == set(docker_nat[:1] + docker_nat[2:] + docker_filter[1:])
     assert pairs[docker_nat[0]] == ours[0] and pairs[docker_nat[3]] == ours[1] and pairs[docker_filter[1]] == ours[2]
     assert pairs[docker_nat[2]] is None                  # no hairpin masquerade among ours: named as missing
+
+
+# ---------------------------------------------------------------- `cnikit nat publish`: the same rules in one verb
+
+@pytest.fixture
+def container():
+    """The lesson's topology made with the CLI: web (10.0.5.2) on br0 with a server on port 80 that
+    answers "web <peer>", and outside (203.0.113.10) behind uplink0 (203.0.113.1)."""
+    for argv in (["netns", "add", "web", "--lo-up"], ["bridge", "add", "br0", "--addr", "10.0.5.1/24"],
+                 ["veth", "add", "veth-web", "eth0", "--netns", "web", "--peer-addr", "10.0.5.2/24"],
+                 ["bridge", "attach", "br0", "veth-web"], ["netns", "add", "outside", "--lo-up"],
+                 ["veth", "add", "uplink0", "eth0", "--netns", "outside", "--addr", "203.0.113.1/24",
+                  "--peer-addr", "203.0.113.10/24"]):
+        cli(*argv, check=True)
+    sh.ip("-n", "web", "route", "add", "default", "via", "10.0.5.1")
+    server = subprocess.Popen(["ip", "netns", "exec", "web", "socat", "TCP-LISTEN:80,reuseaddr,fork",
+                               "SYSTEM:echo web $SOCAT_PEERADDR"], start_new_session=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", "web", "timeout", "5", "sh", "-c",
+                        'until ss -Htln "sport = :80" | grep -q .; do sleep 0.02; done'], check=True)
+        yield
+    finally:
+        server.kill()
+        server.wait()
+
+
+def ours():
+    return {t: [r for r in iptables_rules(t) if "cnikit port" in r] for t in ("nat", "filter")}
+
+
+def test_nat_publish_writes_the_lessons_rules_and_the_port_answers_until_unpublished(container):
+    sh.sysctl("-w", "net.ipv4.ip_forward=0")
+    out = cli("nat", "publish", "8080", "--to", "10.0.5.2:80", "--bridge", "br0", check=True).stdout
+    assert sorted(ours()["nat"]) == sorted(NAT_RULES) and ours()["filter"] == FILTER_RULES
+    assert str(sh.sysctl("-n", "net.ipv4.ip_forward", "net.ipv4.conf.br0.route_localnet")).split() == ["1", "1"]
+    assert "hairpin mode" in out                                  # what the verb leaves to the learner
+    assert call("203.0.113.1", 8080, "outside") == "web 203.0.113.10"
+    assert call("127.0.0.1", 8080) == "web 10.0.5.1"
+    assert "tcp/8080 published to 10.0.5.2:80 (DNAT)" in cli("show", check=True).stdout
+
+    before = ours()
+    again = cli("nat", "publish", "8080", "--to", "10.0.5.2:80", "--bridge", "br0", check=True)
+    assert "already present" in again.stdout and "iptables" not in again.stdout and ours() == before
+    other = cli("nat", "publish", "8080", "--to", "10.0.5.3:80", "--bridge", "br0")
+    assert other.returncode == 2 and "already published to 10.0.5.2:80" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1 and ours() == before
+
+    cli("nat", "publish", "9090", "--to", "10.0.5.2:80", "--bridge", "br0", check=True)
+    cli("nat", "unpublish", "8080", check=True)
+    assert call("127.0.0.1", 8080) == "" and call("127.0.0.1", 9090) == "web 10.0.5.1"   # shared rules stay
+    cli("nat", "unpublish", "9090", check=True)
+    assert ours() == {"nat": [], "filter": []} and "CNIKIT-PORTS" not in str(sh.iptables("-t", "nat", "-S"))
+    assert "nothing to delete" in cli("nat", "unpublish", "9090", check=True).stdout
+    assert call("203.0.113.1", 9090, "outside") == ""
+
+    cli("nat", "publish", "8080", "--to", "10.0.5.2:80", "--bridge", "br0", check=True)
+    cli("cleanup", check=True)
+    assert "CNIKIT-PORTS" not in str(sh.iptables("-t", "nat", "-S")) and iptables_rules("nat") == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["0", "--to", "10.0.5.2:80"], "port 0 is out of range 1-65535"),
+    (["8080", "--to", "10.0.5.2"], "--to '10.0.5.2' needs an address and a port"),
+    (["8080", "--to", "10.0.5.2:70000"], "--to port 70000 is out of range 1-65535"),
+    (["8080", "--to", "web:80"], "--to address 'web' is not an IP address"),
+    (["8080", "--to", "[fd00::2]:80"], "is not an IP address"),
+    (["8080", "--to", "fd00::2:80"], "is IPv6"),
+    (["8080", "--to", "10.0.5.2:80", "--bridge", "nobr0"], "bridge nobr0 does not exist"),
+    (["8080", "--to", "10.0.5.2:80", "--proto", "sctp"], "invalid choice: 'sctp'"),
+])
+def test_nat_publish_refuses_bad_input_in_one_line_before_changing_anything(args, message):
+    sh.ip("link", "add", "br0", "type", "bridge")
+    sh.sysctl("-w", "net.ipv4.ip_forward=0")
+    if "--bridge" not in args:
+        args = args + ["--bridge", "br0"]
+    proc = cli("nat", "publish", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert iptables_rules("nat") == [] and str(sh.sysctl("-n", "net.ipv4.ip_forward")).strip() == "0"
+
+
+def test_nat_publish_dry_run_replays_under_dash_to_the_same_rules(tmp_path):
+    sh.ip("link", "add", "br0", "type", "bridge")
+    dry = cli("--dry-run", "nat", "publish", "8080", "--to", "10.0.5.2:80", "--bridge", "br0", check=True).stdout
+    assert iptables_rules("nat") == []                                     # nothing ran
+    (tmp_path / "publish.sh").write_text(dry)
+    subprocess.run(["dash", "-e", str(tmp_path / "publish.sh")], check=True, capture_output=True)
+    assert sorted(ours()["nat"]) == sorted(NAT_RULES) and ours()["filter"] == FILTER_RULES
