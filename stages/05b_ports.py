@@ -6,10 +6,9 @@ route_localnet and a masquerade make localhost:8080 work, a hairpin masquerade l
 container reach its own published port; conntrack remembers each translation. The userland
 proxy (docker-proxy) is the other way: a process on the host relays each connection.
 
-    sudo python3 stages/05b_ports.py           # in a throwaway sandbox
-    python3 stages/05b_ports.py --dry-run      # the lesson as a shell script
+    sudo python3 stages/05b_ports.py                 # in a throwaway sandbox
+    python3 stages/05b_ports.py --dry-run            # the lesson as a shell script
     sudo python3 stages/05b_ports.py --with-docker   # and a real `docker run -p` beside ours
-
 
 The rules are those dockerd 20.10 writes with `--userland-proxy=false` (its chain DOCKER is
 CNIKIT-PORTS here); the narration says what its default (the userland proxy) writes
@@ -18,7 +17,7 @@ instead. "Outside" is a namespace this lesson creates, with documentation addres
 import re
 import shlex
 
-from lesson import Lesson, cnikit, have, in_netns, ip
+from lesson import Lesson, cnikit, have, in_netns
 
 BRIDGE, GATEWAY = "br0", "10.0.5.1/24"                 # docker0 172.17.0.1/16 on a Docker host
 CTR, CTR_ADDR, SUBNET = "web", "10.0.5.2/24", "10.0.5.0/24"
@@ -45,7 +44,18 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 # `cnikit nat publish` writes (tagged, so `cnikit cleanup` finds them).
 RULES = cnikit.port_rules(HOST_PORT, CTR_IP, CTR_PORT, BRIDGE)
 
-LESSON = Lesson(
+class PortsLesson(Lesson):
+    def _leave(self, args, keep):
+        """Whatever ended the lesson (a failed step, Ctrl-C), stop --with-docker's dockerd the way
+        it stops cleanly, before the framework stops the rest: killed, it would leave its
+        containerd and container behind."""
+        if getattr(self, "docker", None) is not None and self.r is not None and not self.r.dry_run:
+            self.r.stepping = False
+            docker_stop(self)
+        super()._leave(args, keep)
+
+
+LESSON = PortsLesson(
     "05b", "ports",
     goal=f"port {HOST_PORT} of the host is published to port {CTR_PORT} of the container {CTR} as "
          f"`docker run -p {HOST_PORT}:{CTR_PORT}` publishes it: real TCP from outside, from the host to its own "
@@ -204,10 +214,11 @@ def beside(docker_nat, docker_filter, ours):
 
 
 def docker_stop(L):
-    """Remove Docker's container, then stop dockerd (it stops its own containerd)."""
+    """Remove Docker's container, then stop dockerd (it stops its own containerd). Also on the
+    way out of a failed lesson, where either may not exist yet."""
     r = L.r
-    r.run(docker("rm", "-f", DOCKER_CTR))
-    r.run(["sh", "-c", "kill $(cat /run/docker/d.pid)"])
+    r.run(docker("rm", "-f", DOCKER_CTR), check=False)
+    r.run(["sh", "-c", "kill $(cat /run/docker/d.pid)"], check=False)
     r.stop(L.docker, wait=DOCKER_STOP)
     L.docker = None
 

@@ -8,6 +8,7 @@ look at with the kernel's own tools; the --skip runs are the lesson as a learner
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def test_demo_lists_05b_after_05_and_selects_it_by_its_number():
 # ---------------------------------------------------------------- --with-docker: a real dockerd beside ours
 
 MARK = "CNIKIT_05B_DOCKER"      # every process the lesson starts inherits it (dockerd, containerd, shims)
+COMMANDS = r"^(ip|iptables|sysctl|mkdir|mount|dockerd|timeout|socat|bridge|sh|ln|docker|conntrack|ss) "
 
 
 def marked(mark):
@@ -193,6 +195,24 @@ def test_with_docker_a_real_docker_run_writes_the_rules_the_lesson_writes_and_le
     assert "#   ours: (none)" not in out
     assert "\ndocker 203.0.113.10\n" in out              # real TCP to Docker's published port from outside
     assert "# check: each rule the real `docker run -p` wrote for its port has its twin among ours: ok" in out
+
+    # Interrupted (q in --step) once Docker's container runs: dockerd still stops cleanly, nothing stays.
+    # --step pauses on every command the lesson echoes but cnikit's ownership tags.
+    before_exec = out.split(" exec cnikit-web ")[0].splitlines()[:-1]
+    pauses = sum(1 for line in before_exec if re.match(COMMANDS, line) and not line.endswith(" alias cnikit"))
+    mark = os.urandom(8).hex()
+    stopped = run_stage("05b_ports.py", "--with-docker", "--step", input="\n" * pauses + "q\n",
+                        env=dict(os.environ, **{MARK: mark}), timeout=240)
+    left = marked(mark)
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert stopped.returncode == 130, stopped.stdout[-3000:]
+    head, tail = stopped.stdout.split("FAIL lesson 05b ports: interrupted")
+    assert " run -d --name cnikit-web " in head and "# verification" not in head   # stopped with it running
+    assert "rm -f cnikit-web" in tail and not left, (tail, left)
 
 
 def test_with_docker_is_refused_with_host_and_left_out_of_a_dry_run():
