@@ -39,7 +39,7 @@ import time
 
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
 VXLAN_PORT = 4789                 # IANA port for VXLAN
-VXLAN_OVERHEAD = 50               # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+VXLAN_OVERHEAD = 50               # inner Ethernet 14 + VXLAN 8 + UDP 8 + outer IPv4 20 (outer Ethernet: not in the MTU)
 DEFAULT_MTU = 1500
 NETNS_DIR = "/run/netns"
 IFNAME_MAX = 15                   # IFNAMSIZ - 1
@@ -431,7 +431,11 @@ class Runner:
         self._log.append(list(argv))
         if self.quiet:
             return
-        line = shlex.join(argv) + suffix
+        self.print_command(shlex.join(argv) + suffix)
+
+    def print_command(self, line):
+        """How a command appears: one line, highlighted on a terminal (a lesson's presenter
+        mode types it out instead)."""
         self._print(f"\033[2m$\033[0m \033[1;36m{line}\033[0m" if self.color else line)
 
     def note(self, text):
@@ -444,6 +448,10 @@ class Runner:
         if text:
             text = text.rstrip("\n")
             self._print(f"\033[{ansi}m{text}\033[0m" if ansi and self.color else text)
+
+    def result(self, obj):
+        """A CNI result, what the user asked for: the JSON in full (a lesson shows its gist)."""
+        self.output(json.dumps(obj, indent=2))
 
     # -- what this invocation did
     def mark(self):
@@ -2019,7 +2027,7 @@ def cni_add(r, call):
             r.output(f"printf '%s\\n' \"${keep}\"")     # the result, as the real run prints it
         return None
     if prev is not None and call.print_result:
-        r.output(json.dumps(prev, indent=2))
+        r.result(prev)
     return prev
 
 

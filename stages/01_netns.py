@@ -37,7 +37,9 @@ def build(L):
     if not L.on_host:
         L.step("the \"host\" here is a sandbox: a fresh network namespace this lesson runs in (your "
                "machine's own interfaces are never touched; --host runs it there). Give it something "
-               f"of its own to compare with: {HOST_IF}, with an address and so a route")
+               f"of its own to compare with: {HOST_IF}, with an address and so a route ({HOST_IF} is a "
+               "bridge device, used here only as the simplest virtual interface that needs no partner; "
+               "lesson 03 shows what a bridge does)")
         cnikit.bridge_add(r, HOST_IF, addr=HOST_ADDR)
         r.show(ip("-br", "addr", "show"))
         r.show(ip("route", "show"))
@@ -61,7 +63,8 @@ def build(L):
     if L.step("bring lo up: the loopback is an interface like any other", skip="lo-up"):
         cnikit.netns_lo_up(r, NS)
 
-    L.step(f"give ns1 an interface of its own ({PRIVATE}), then look for it from the host")
+    L.step(f"give ns1 an interface of its own ({PRIVATE}, again a bridge device standing for any "
+           "interface), then look for it from the host")
     cnikit.bridge_add(r, PRIVATE, host=NS)
     r.show(ip("-br", "link", "show", ns=NS))
     r.probe(ip("link", "show", "dev", PRIVATE), expect_fail=True)     # the host has no such device

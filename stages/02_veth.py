@@ -16,7 +16,7 @@ HOST_IP, NS_IP = HOST_ADDR.split("/")[0], NS_ADDR.split("/")[0]
 LESSON = Lesson(
     "02", "veth",
     goal="a veth pair, made on the host then moved into ns1 and renamed eth0 there (as the series' plugin "
-         "do), joins the host and ns1: pings go both ways and each side learned the other's MAC (ARP)",
+         "does), joins the host and ns1: pings go both ways and each side learned the other's MAC (ARP)",
     picture=r"""
    +---------- host ----------+                 +----------- ns1 ----------+
    |                          |    veth pair    |                          |

@@ -2,6 +2,8 @@
 """Lesson 04: real TCP between two namespaces: a listener in ns1, a client in ns2.
 
     sudo python3 stages/04_tcp.py              # in a throwaway sandbox
+    sudo python3 stages/04_tcp.py --step       # ... and your turn: type into the connection yourself
+    sudo python3 stages/04_tcp.py --keep ns2   # ... or from a shell in ns2, the listener still up
     python3 stages/04_tcp.py --dry-run         # the lesson as a shell script
 """
 from lesson import Lesson, cnikit, in_netns, read_until
@@ -48,6 +50,9 @@ def build(L):
               skip="listen"):
         r.spawn(in_netns(["socat", f"TCP-LISTEN:{PORT},bind={SERVER_IP},reuseaddr,fork", "PIPE"], SERVER))
         L.wait_listening(PORT, SERVER)
+        # The original demo's live moment: the learner is the client (telnet works too).
+        L.your_turn(in_netns(["socat", "-", f"TCP:{SERVER_IP}:{PORT}"], CLIENT),
+                    f"you are the client: type a line and it comes back (telnet {SERVER_IP} {PORT} works too)")
 
 
 def verify(L):

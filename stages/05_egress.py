@@ -7,10 +7,18 @@ the host: default route, forwarding, and NAT (MASQUERADE).
 
 "The internet" is a namespace this lesson creates, with a server at a documentation
 address (203.0.113.10): no packet leaves the lesson's own namespaces.
-"""
-import re
 
-from lesson import PING, Lesson, cnikit, have, in_netns, ip, read_until
+On a real host, the original series' ending is yours to ask for: --internet ADDR, with an
+address of your choice out there (the lesson never picks one), masquerades ns1 out of
+this host's own uplink too and pings ADDR through it:
+
+    sudo python3 stages/05_egress.py --host --internet ADDR
+"""
+import ipaddress
+import re
+import sys
+
+from lesson import PING, Lesson, cnikit, have, in_netns, ip, nft_view, read_until
 
 BRIDGE, GATEWAY = "br0", "10.0.5.1/24"
 NS, NS_ADDR, SUBNET = "ns1", "10.0.5.2/24", "10.0.5.0/24"
@@ -47,6 +55,7 @@ LESSON = Lesson(
                   "no way back"},
     tools=("ip", "ping", "iptables", "sysctl", "socat", "ss"),
 )
+OPTIONS = {"internet": None}        # --internet ADDR (main sets it; None: the lesson's own internet only)
 
 
 def build(L):
@@ -111,6 +120,9 @@ def build(L):
               "RELATED). Where FORWARD's policy is ACCEPT (a fresh sandbox) they change nothing; "
               "where it is DROP (Docker sets it) egress fails without them")
         r.show(cnikit.iptables("-S", chain))
+        nft_view(L, "nat", chain, "what `iptables` really put in the kernel: on Debian 12 and every current "
+                 "distribution it is iptables-nft, which writes nf_tables rules; nft shows the same chain in its "
+                 "own words (oifname, ip saddr, masquerade; leave changing it to iptables)")
 
 
 def _ping_seen_by_server(L):
@@ -149,6 +161,71 @@ def verify(L):
                 ok and _replies_to(out, UPLINK_IP), out.strip().splitlines()[-1] if out.strip() else "")
     else:
         L.say("conntrack (Debian package conntrack) is not installed: skipping the look at the NAT table")
+    if OPTIONS["internet"]:
+        _the_real_internet(L, OPTIONS["internet"])
+
+
+def _the_real_internet(L, addr):
+    """--internet ADDR (with --host): the same masquerade out of this host's real uplink, and
+    ns1 pings ADDR through it, as the original series ended."""
+    r = L.r
+    L.say("")
+    L.say(f"--internet {addr}: the internet you asked for. Which way does this host send packets to {addr}?")
+    route = r.query_json(ip("-j", "route", "get", addr)) or []
+    dev = route[0].get("dev") if route else None
+    if not dev or dev == "lo":
+        L.say(f"this host has no route to {addr} (no default route: nothing says where the internet is), "
+              "so ns1 cannot get there either; the lesson's own internet above is the proof of NAT")
+        L.unchecked.append(f"--internet {addr} (this host has no route to it)")
+        return
+    r.show(ip("route", "get", addr))
+    L.say(f"one more MASQUERADE, for what leaves {dev}: the internet answers {dev}'s own address, and "
+          "conntrack maps the replies back to ns1 (tagged as the lesson's NAT, removed at the end)")
+    tag = ["-m", "comment", "--comment", cnikit.nat_comment(SUBNET)]
+    rules = [("nat", "POSTROUTING", ["-s", SUBNET, "-o", dev] + tag + ["-j", "MASQUERADE"])]
+    if cnikit.forward_drops(r):          # a Docker host: FORWARD lets ns1 out of DEV and the replies in
+        rules += [("filter", "FORWARD", ["-s", SUBNET, "-o", dev] + tag + ["-j", "ACCEPT"]),
+                  ("filter", "FORWARD", ["-d", SUBNET, "-i", dev, "-m", "conntrack", "--ctstate",
+                                         "RELATED,ESTABLISHED"] + tag + ["-j", "ACCEPT"])]
+    for table, chain, spec in rules:
+        r.run(cnikit.iptables_rule("-I", table, chain, spec), creates=cnikit.Change.rule(table, chain, spec))
+    L.check(f"ns1 reaches {addr} through this host's uplink {dev}", L.ping(addr, NS, count=3))
+    if have("conntrack"):
+        ok, out = r.probe(["conntrack", "-L", "-p", "icmp", "-s", NS_IP, "-d", addr])
+        mine = [a["local"] for a in (r.query_json(ip("-j", "addr", "show", "dev", dev)) or [{}])[0].get("addr_info", [])
+                if a.get("family") == "inet"]
+        L.check(f"conntrack shows the translation: the replies come back to {dev}'s address",
+                ok and any(_replies_to(out, a) for a in mine), out.strip().splitlines()[-1] if out.strip() else "")
+
+
+def internet_address(text):
+    """--internet's ADDR: an IPv4 unicast address outside the lesson's own subnets."""
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise cnikit.UsageError(f"--internet {text!r} is not an IPv4 address") from None
+    if addr.is_loopback or addr.is_multicast or addr.is_unspecified or addr.is_link_local \
+            or any(addr in ipaddress.ip_interface(n).network for n in (SUBNET, UPLINK_ADDR)):
+        raise cnikit.UsageError(f"--internet {text}: name an address out there on the internet, not a "
+                                "loopback, link-local, multicast address or one of the lesson's own")
+    return str(addr)
+
+
+def main():
+    p = LESSON.parser()
+    p.add_argument("--internet", metavar="ADDR",
+                   help="with --host: also masquerade ns1 out of this host's own uplink and ping ADDR, an "
+                        "address of your choice out there (the lesson never picks one; tests never use this)")
+    args = p.parse_args()
+    if args.internet is not None:
+        if not args.host or args.dry_run:
+            p.error("--internet needs --host and a live run: the sandbox (and a script written in advance) "
+                    "has no way to this host's own uplink")
+        try:
+            OPTIONS["internet"] = internet_address(args.internet)
+        except cnikit.UsageError as e:
+            p.error(str(e))
+    return LESSON.run(build, verify, args)
 
 
 def _replies_to(conntrack_out, addr):
@@ -162,4 +239,4 @@ def _replies_to(conntrack_out, addr):
 
 
 if __name__ == "__main__":
-    LESSON.main(build, verify)
+    sys.exit(main())

@@ -50,7 +50,7 @@ class PortsLesson(Lesson):
         it stops cleanly, before the framework stops the rest: killed, it would leave its
         containerd and container behind."""
         if getattr(self, "docker", None) is not None and self.r is not None and not self.r.dry_run:
-            self.r.stepping = False
+            self.r.stepping, self.r.present = None, None
             docker_stop(self)
         super()._leave(args, keep)
 

@@ -76,7 +76,8 @@ def build_node(L, role, underlay_ip, peer_ip, underlay_dev, host=None):
     r, node = L.r, NODES[role]
     pod, veth = node["pod"], f"veth-{node['pod']}"
     where = f" on {host}" if host else ""
-    # Every pod frame gets 50 bytes of outer headers: the overlay's MTU is the underlay's - 50.
+    # A pod's packet grows by 50 bytes on the underlay (its own Ethernet header 14 rides inside,
+    # then VXLAN 8, UDP 8, outer IPv4 20): the overlay's MTU is the underlay's - 50.
     mtu = cnikit.underlay_mtu(r, underlay_dev, host=host) - cnikit.VXLAN_OVERHEAD
 
     L.step(f"{role}: its pod {pod} ({node['pod_addr']}) on a bridge{where}, MTU {mtu} so a full "

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from lesson import ROOT, Lesson, cnikit, ip, pod_ip
+from lesson import ROOT, Lesson, cnikit, ip, nft_view, pod_ip
 import kindlike  # the stand-in nodes (after lesson, which puts cnikit on sys.path); tests use it too
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
@@ -95,6 +95,8 @@ def build(L):
     L.step("and its masquerade (ipMasq): one nat chain per pod, jumped to from POSTROUTING for the pod's "
            "address: traffic to the pod subnet stays as it is, the rest leaves with the node's address")
     r.show(cnikit.iptables("-t", "nat", "-S"))
+    nft_view(L, "nat", cnikit.CHAIN_PREFIX + "*", "the same rules as nf_tables holds them (iptables here is "
+             "iptables-nft): the table ip nat, the plugin's chain among its chains")
 
     L.step("inside the pod: the interface the plugin created there as eth0, its address and routes")
     if not r.dry_run and "eth0" not in (cnikit.get_link(r, "eth0", "pod1") or {}).get("ifname", ""):

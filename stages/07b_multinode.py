@@ -5,7 +5,7 @@ device per node, with no remote and no multicast, is told for each peer node whe
 peer's VTEP lives (a forwarding entry) and what its MAC is (a neighbour entry), the way
 flanneld does from what each node publishes.
 
-    sudo make stage-07b                            # in a throwaway sandbox (not in make demo: it is beyond lesson 07)
+    sudo make stage-07b                            # in a throwaway sandbox (make demo runs it too, after 07)
     python3 stages/07b_multinode.py --dry-run      # the lesson as a shell script
 
 In the sandbox a node is a network namespace, so the nodes share one filesystem: each
@@ -29,7 +29,7 @@ MTU = 1500 - cnikit.VXLAN_OVERHEAD
 CLUSTER_PODS = "10.244.0.0/16"    # every node's pod subnet lies in it (flannel's Network, kind's podSubnet)
 # Masquerade stays on for traffic leaving the cluster, but never towards another pod (the
 # Kubernetes model: no NAT between pods; flannel and kindnet exempt the whole cluster range);
-# MTU leaves room for the 50 bytes of VXLAN headers.
+# MTU leaves room for the 50 bytes VXLAN adds (inner Ethernet 14, VXLAN 8, UDP 8, outer IPv4 20).
 POD_CONF = {"nonMasqueradeCIDRs": [CLUSTER_PODS], "mtu": MTU}
 ECHO_PORT = 8080
 UNDERLAY = "underlay0"            # the switch the nodes' eth0 plug into (the machines' LAN)

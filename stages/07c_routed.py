@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Lesson 07c (beyond the classic lesson 07): the routed model, the one the series' plugin
-and Calico use, side by side with the bridge model of lessons 03 and 07. Our CNI plugin
-builds both: `"mode": "routed"` in its config gives each pod a /32, a default route via
-the host end of its veth, and a host route `/32 dev veth` — no bridge at all.
+"""Lesson 07c (beyond the classic lesson 07): the routed model, side by side with the bridge
+model of lessons 03 and 07. Our CNI plugin builds both: `"mode": "routed"` in its config
+gives each pod a /32, a default route via the host end of its veth, which holds the gateway
+as a /32, and a host route `/32 dev veth` — no bridge at all. That layout is the reference
+`ptp` plugin's. Calico routes pods the same way with another trick for the gateway: every
+pod's default route points at 169.254.1.1, an address no interface holds, and the host end
+of the veth answers ARP for it (proxy ARP) without an address of its own.
 
     sudo python3 stages/07c_routed.py              # in a throwaway sandbox
     python3 stages/07c_routed.py --dry-run         # the lesson as a shell script

@@ -3,20 +3,27 @@
 A ClusterIP is an address no interface has: nat rules rewrite connections to it (DNAT) to
 one of the Service's backend pods, picked at random by `-m statistic --mode random`. A
 NodePort is the same DNAT for connections to the node's own address on a port (portmap's
-hostPort is that DNAT for one pod). Conntrack remembers each translation and undoes it on
-the replies; hairpin lets a pod reach itself through its own Service.
+hostPort is that DNAT for one pod); under kube-proxy's default, externalTrafficPolicy:
+Cluster, a NodePort also masquerades: the backend sees the node, not the outside client.
+Conntrack remembers each translation and undoes it on the replies; hairpin lets a pod reach
+itself through its own Service.
 
     sudo python3 stages/07d_services.py            # in a throwaway sandbox
     python3 stages/07d_services.py --dry-run       # the lesson as a shell script
 
-The chains carry kube-proxy's names (KUBE-SERVICES, KUBE-SVC-..., KUBE-SEP-...), so
-`iptables-save -t nat` on a real node reads the same after this lesson. "Outside" is a
-namespace this lesson creates, with documentation addresses.
+The chains carry kube-proxy's names and are wired as its iptables mode wires them
+(KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXT-..., KUBE-SVC-..., KUBE-SEP-..., KUBE-MARK-MASQ,
+KUBE-POSTROUTING). A real node's `iptables-save -t nat` has more: a comment on every rule,
+hashes in the chain names, `-m tcp` beside every `-p tcp`, a KUBE-MARK-MASQ jump in
+KUBE-SVC-... for ClusterIP traffic from outside the pod network (when kube-proxy knows the
+cluster's pod CIDR), chains in the filter table too (KUBE-FORWARD, KUBE-PROXY-FIREWALL and
+others) and canary chains (KUBE-PROXY-CANARY) by which kube-proxy notices a flushed table.
+"Outside" is a namespace this lesson creates, with documentation addresses.
 """
 import os
 import re
 
-from lesson import Lesson, cnikit, have, in_netns, ip
+from lesson import Lesson, cnikit, have, in_netns, ip, nft_view
 
 BRIDGE, GATEWAY = "br0", "10.244.0.1/24"
 BACKENDS = {"web1": "10.244.0.11/24", "web2": "10.244.0.12/24"}     # the Service's endpoints
@@ -46,8 +53,9 @@ def sep(pod):
 
 
 SVC = "KUBE-SVC-WEB"              # kube-proxy: KUBE-SVC-<hash of the service port>
-CHAINS = ["KUBE-SERVICES", "KUBE-NODEPORTS", SVC] + [sep(p) for p in BACKENDS] + ["KUBE-MARK-MASQ",
-                                                                                 "KUBE-POSTROUTING"]
+EXT = "KUBE-EXT-WEB"              # kube-proxy: KUBE-EXT-<the same hash>, external traffic's way in
+CHAINS = ["KUBE-SERVICES", "KUBE-NODEPORTS", EXT, SVC] + [sep(p) for p in BACKENDS] + ["KUBE-MARK-MASQ",
+                                                                                      "KUBE-POSTROUTING"]
 
 
 def rules():
@@ -60,8 +68,12 @@ def rules():
             f"the ClusterIP: TCP to {CLUSTER_IP}:{PORT} goes to the Service's chain"),
            ("KUBE-SERVICES", ["-m", "addrtype", "--dst-type", "LOCAL", "-j", "KUBE-NODEPORTS"],
             "anything to one of the node's own addresses may be a NodePort"),
-           ("KUBE-NODEPORTS", ["-p", "tcp", "--dport", str(NODE_PORT), "-j", SVC],
-            f"the NodePort: TCP to any node address on port {NODE_PORT}, the same Service"),
+           ("KUBE-NODEPORTS", ["-p", "tcp", "--dport", str(NODE_PORT), "-j", EXT],
+            f"the NodePort: TCP to any node address on port {NODE_PORT} is external traffic"),
+           (EXT, ["-j", "KUBE-MARK-MASQ"], "externalTrafficPolicy: Cluster (the default): external traffic is "
+            "marked for masquerade: the backend may sit on another node, and its replies must come back through "
+            "this one to be un-DNATed"),
+           (EXT, ["-j", SVC], "then it is the same Service"),
            (SVC, ["-m", "statistic", "--mode", "random", "--probability", "0.5", "-j", sep("web1")],
             "the load balancing: the first of two endpoints is taken with probability 1/2, the last takes "
             "the rest (with n endpoints: 1/n, 1/(n-1), ..., 1: each gets an equal share)"),
@@ -73,7 +85,13 @@ def rules():
                 (sep(pod), ["-p", "tcp", "-j", "DNAT", "--to-destination", f"{ip_of(cidr)}:{TARGET_PORT}"],
                  f"the DNAT: the destination becomes {pod}'s address and its targetPort")]
     out += [("KUBE-MARK-MASQ", ["-j", "MARK", "--set-xmark", MARK], "marking only: the masquerade comes later"),
-            ("KUBE-POSTROUTING", ["-m", "mark", "--mark", MARK, "-j", "MASQUERADE"], "")]
+            ("KUBE-POSTROUTING", ["-m", "mark", "!", "--mark", MARK, "-j", "RETURN"],
+             "on the way out: what is not marked is left alone"),
+            ("KUBE-POSTROUTING", ["-j", "MARK", "--xor-mark", MARK.split("/")[0]],
+             "the mark is cleared (a packet that passes again is not masqueraded twice)"),
+            ("KUBE-POSTROUTING", ["-j", "MASQUERADE", "--random-fully"], "and the source becomes the node's "
+             "address on the way to the backend; --random-fully picks its source port at random (fewer clashes "
+             "between connections masqueraded at once)")]
     return out
 
 
@@ -81,8 +99,9 @@ LESSON = Lesson(
     "07d", "services",
     goal=f"a ClusterIP ({CLUSTER_IP}:{PORT}, on no interface) and a NodePort ({NODE_PORT}) built as kube-proxy's "
          "iptables mode builds them: real TCP to the Service from a pod, from the node and from outside the node "
-         "is DNATed to both backend pods (statistic mode random), conntrack shows the translation, and a "
-         "backend reaches itself through its Service (hairpin)",
+         "is DNATed to both backend pods (statistic mode random), the NodePort's outside client is masqueraded "
+         "(externalTrafficPolicy: Cluster), conntrack shows the translation, and a backend reaches itself "
+         "through its Service (hairpin)",
     picture=r"""
    +------- web1 -------+  +------- web2 -------+  +------ client ------+
    | eth0 10.244.0.11   |  | eth0 10.244.0.12   |  | eth0 10.244.0.20   |
@@ -92,9 +111,10 @@ LESSON = Lesson(
    +---------|-------------------- node --------------------|----------+
    |        br0 10.244.0.1/24  (hairpin on the ports, br_netfilter)      |
    |  nat: KUBE-SERVICES  10.96.0.10:80 -> KUBE-SVC-WEB                  |
-   |                      node address :30080 -> KUBE-NODEPORTS -> SVC   |
+   |       node address :30080 -> KUBE-NODEPORTS -> KUBE-EXT-WEB (mark)  |
    |       KUBE-SVC-WEB   random 1/2 -> KUBE-SEP-WEB1, else -> SEP-WEB2  |
-   |       KUBE-SEP-*     DNAT to 10.244.0.1x:8080 (hairpin: masquerade) |
+   |       KUBE-SEP-*     DNAT to 10.244.0.1x:8080 (hairpin: mark)       |
+   |       KUBE-POSTROUTING  marked -> MASQUERADE                        |
    |                                         uplink0 203.0.113.1/24      |
    +--------------------------------------------------|-----------------+
    +------------------------- outside ----------------|-----------------+
@@ -142,7 +162,8 @@ def build(L):
 
     if L.step("br_netfilter: frames switched across br0 pass through iptables too. A backend answers the "
               "client pod directly, across the bridge: only then does conntrack see the reply and turn its "
-              "source back into the ClusterIP (kubeadm refuses to start without it)", skip="br-netfilter"):
+              "source back into the ClusterIP (kubeadm up to 1.29 refused to start without it; since 1.30 it no longer "
+              "checks, and loading it is up to the network plugin or the admin)", skip="br-netfilter"):
         L.sysctl(BR_NF, 1)
     else:
         L.sysctl(BR_NF, 0)
@@ -163,6 +184,9 @@ def build(L):
             L.say(f"    {why}")
         r.run(cnikit.iptables_rule("-A", "nat", chain, spec), creates=cnikit.Change.rule("nat", chain, spec))
     r.show(cnikit.iptables("-t", "nat", "-S"))
+    nft_view(L, "nat", SVC, f"the same {SVC} as nf_tables holds it (iptables here is iptables-nft): "
+             "`-m statistic --mode random` became `meta random` compared with a threshold; kube-proxy's "
+             "nftables mode (GA in 1.33) writes such rules itself, in a table of its own")
     if cnikit.forward_drops(r):     # a Docker host: a NodePort's DNATed connection is forwarded, and dropped
         r.note("this host's FORWARD policy is DROP (Docker sets it): kube-proxy accepts Service traffic in its "
                "KUBE-FORWARD chain; here: connections a Service rule DNATed, both ways, and nothing else")
@@ -229,10 +253,18 @@ def verify(L):
             sum(count.values()) == TRIES and not count["failed"] and count["web1"] and count["web2"], str(count))
 
     L.say(f"from outside the node, to the node's address {NODE_IP} on the NodePort {NODE_PORT}")
-    count = tally(connect_loop(L, NODE_IP, NODE_PORT, OUTSIDE))
+    answers = connect_loop(L, NODE_IP, NODE_PORT, OUTSIDE)
+    count = tally(answers)
     L.say(f"web1 answered {count['web1']}, web2 {count['web2']}, failed {count['failed']}")
     L.check(f"the NodePort {NODE_IP}:{NODE_PORT} answers every connection from outside, from both backends",
             sum(count.values()) == TRIES and not count["failed"] and count["web1"] and count["web2"], str(count))
+    answered = [a for a in answers if a[0] != "failed"]
+    L.check(f"the backends saw the node ({GATEWAY_IP}, KUBE-EXT-WEB's masquerade), not the outside client "
+            f"{OUTSIDE_IP}", answered and all(a[1:] == [GATEWAY_IP] for a in answered), str(answered[:3]))
+    L.say("to keep the client's address, a Service sets externalTrafficPolicy: Local: kube-proxy then "
+          "skips the mark and sends external traffic only to endpoints on the node it arrived at. The cost: "
+          "a node without a ready endpoint drops it (a load balancer learns which nodes to avoid from the "
+          "Service's healthCheckNodePort), and the load is shared per node, not per pod")
 
     L.say(f"hairpin: web1 connects to its own Service; about half the time the pick is web1 itself")
     answers = connect_loop(L, CLUSTER_IP, PORT, "web1")

@@ -2,7 +2,10 @@
 """Pitfall lab 20: Docker's FORWARD DROP meets br_netfilter. Two pods on one bridge talk
 until Docker starts on the node: it sets the iptables FORWARD policy to DROP, and with
 br_netfilter (bridge-nf-call-iptables=1) even frames the bridge switches between two of
-its own ports go through FORWARD.
+its own ports go through FORWARD. Docker up to 27.2 (Debian 12's docker.io is 20.10) loads
+br_netfilter whenever it starts with iptables on; since 27.3 only with icc=false, and since
+27.4 also with userland-proxy=false, so on a newer Docker host it is whatever else loaded
+it (a CNI plugin, kube-proxy's setup, the admin) that meets the DROP.
 
     sudo python3 stages/20_pitfall_forward_drop.py            # in a throwaway sandbox
     sudo python3 stages/20_pitfall_forward_drop.py --broken --keep   # explore the broken state
@@ -22,8 +25,9 @@ POD2_IP = PODS["pod2"].split("/")[0]
 BR_NF = "net.bridge.bridge-nf-call-iptables"
 
 WORKS = f"pod1 pings pod2 ({POD2_IP}) across br0"
-BREAK = ("Docker starts on the node: it loads br_netfilter (bridge-nf-call-iptables=1) and sets "
-         "the iptables FORWARD policy to DROP")
+BREAK = ("Docker starts on the node: it loads br_netfilter (bridge-nf-call-iptables=1; Docker up to 27.2 "
+         "always does, later ones with icc=false or userland-proxy=false) and sets the iptables FORWARD policy "
+         "to DROP")
 SYMPTOM = "pod1 no longer reaches pod2, though both sit on the same bridge"
 REVEAL = "the FORWARD policy's own counter grows with every lost ping; the sysctl says why bridged frames see it"
 FIX = "a narrow accept for what br0 switches between its own ports (-i br0 -o br0), as Docker does for docker0"
@@ -63,7 +67,7 @@ def breakage(L):
     r = L.r
     if not r.dry_run and not os.path.exists("/proc/sys/net/bridge"):
         raise cnikit.UsageError("br_netfilter is not loaded on this machine (no /proc/sys/net/bridge): "
-                                "`modprobe br_netfilter` (Docker loads it) and run the lab again")
+                                "`modprobe br_netfilter` (Docker up to 27.2 loads it) and run the lab again")
     L.sysctl(BR_NF, 1, ns=NODE)
     r.run(cnikit.iptables("-P", "FORWARD", "DROP", ns=NODE))
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Pitfall lab 21: the VXLAN MTU black hole. Pods at MTU 1500 over a 1450 overlay: small
-pings pass, a full-size ping and a bulk TCP transfer vanish without a word, because the
-bridge cannot hand a 1500-byte frame to vxlan0 (MTU 1450) and says nothing to anyone.
+pings pass, and so does a bulk TCP transfer (its GSO bundles reach vxlan0, which answers
+"fragmentation needed, mtu 1450", and pod1 learns the path MTU), but a packet that is one
+frame of 1500 bytes (a request that fills one TCP segment, a UDP datagram or a ping with DF)
+vanishes without a word: the bridge drops a plain frame too big for vxlan0 and tells no one.
 
     sudo python3 stages/21_pitfall_mtu.py            # both nodes as namespaces, in a sandbox
     sudo python3 stages/21_pitfall_mtu.py --broken --keep
@@ -18,23 +20,29 @@ NODES = {"node1": {"pod": "pod1", "pod_addr": "10.0.21.11/24", "underlay": "192.
 POD2_IP = "10.0.21.12"
 FLOOD = "00:00:00:00:00:00"
 OVERLAY_MTU = cnikit.DEFAULT_MTU - cnikit.VXLAN_OVERHEAD        # 1450
+# One full TCP segment at MTU 1500: IPv4 20 + TCP 20 + timestamps option 12 = 52 bytes of headers.
+# Written at once it leaves as one plain frame (no GSO bundle), the packet the black hole swallows.
+REQUEST = cnikit.DEFAULT_MTU - 52                               # 1448
 BULK = 300000                                                   # bytes of the bulk transfer
-BULK_TIMEOUT = 8                                                 # seconds before we call it stalled (a loaded machine is slow)
+TIMEOUT = 8                                                     # seconds before we call it stalled (a loaded machine is slow)
 
-WORKS = f"a bulk TCP transfer ({BULK} bytes) from pod1 reaches pod2 across the overlay"
+WORKS = f"a request of {REQUEST} bytes (one full TCP segment) from pod1 reaches pod2 across the overlay"
 BREAK = (f"the pods come up at MTU {cnikit.DEFAULT_MTU} (a CNI config that forgot the overlay's MTU), "
          f"while vxlan0 carries only {OVERLAY_MTU}")
-SYMPTOM = "the bulk transfer stalls and times out; nothing reports an error"
+SYMPTOM = ("the connection opens, the request never arrives and the client waits until it gives up; "
+           "nothing reports an error")
 REVEAL = ("small pings pass, a full-size one (-M do -s 1472) does not; tcpdump shows where it dies: "
-          "it enters node1's bridge and never leaves through vxlan0")
+          "it enters node1's bridge and never leaves through vxlan0. A bulk transfer, by contrast, passes: "
+          "vxlan0 answers its GSO bundles with ICMP and pod1 learns the path MTU")
 FIX = f"every pod link back to MTU {OVERLAY_MTU}: the overlay's MTU is the underlay's minus {cnikit.VXLAN_OVERHEAD}"
 CAUSE = "mtu"
 DOCTOR = ("pod1", POD2_IP)
 
 LESSON = Lesson(
     "21", "pitfall_mtu",
-    goal="pods at MTU 1500 over a 1450 VXLAN overlay lose every full-size packet silently; "
-         "doctor finds the MTU step, and the same bulk transfer passes at 1450",
+    goal="pods at MTU 1500 over a 1450 VXLAN overlay silently lose every full-size packet that travels as "
+         "one frame (a one-segment request, a UDP datagram, a ping with DF); doctor finds the MTU step, and "
+         "the same request passes at 1450",
     picture=r"""
             node1 (netns)                                 node2 (netns)
    +--------------------------------+          +--------------------------------+
@@ -64,22 +72,22 @@ def setup(L):
         cnikit.vxlan_add(r, "vxlan0", VNI, local=spec["underlay"].split("/")[0], dev="eth0",
                          bridge_name="br0", mtu=OVERLAY_MTU, host=node)
         cnikit.vxlan_fdb_add(r, "vxlan0", FLOOD, peer, host=node)
-    L.step("a real NIC puts TCP on the wire one MTU-sized segment at a time; between namespaces the kernel "
-           "would pass 64 KB bundles (GSO) straight through and hide the MTU; gso_max_segs 1 makes the "
-           "pods' eth0 behave like the wire")
-    for spec in NODES.values():
-        r.run(ip("link", "set", "dev", "eth0", "gso_max_segs", 1, ns=spec["pod"]))
     L.step(f"pod2 counts the bytes it receives on tcp/{PORT} and says how many")
     # -T: a connection the black hole stalled ends after 5 s idle instead of lingering
     r.spawn(in_netns(["socat", "-T", "5", f"TCP-LISTEN:{PORT},bind={POD2_IP},reuseaddr,fork", "SYSTEM:wc -c"], "pod2"))
     L.wait_listening(PORT, "pod2")
 
 
-def works(L, expect_fail=False):
-    send = (f"head -c {BULK} /dev/zero | timeout {BULK_TIMEOUT} socat -t {BULK_TIMEOUT} - "
+def send(L, size, expect_fail=False):
+    """SIZE bytes from pod1 to pod2 over TCP, written at once; True if pod2 counted them all."""
+    argv = (f"head -c {size} /dev/zero | timeout {TIMEOUT} socat -t {TIMEOUT} - "
             f"TCP:{POD2_IP}:{PORT},connect-timeout=2")
-    ok, out = L.r.probe(in_netns(["sh", "-c", send], "pod1"), expect_fail=expect_fail)
-    return ok and out.strip().splitlines()[-1:] == [str(BULK)] if not L.r.dry_run else ok
+    ok, out = L.r.probe(in_netns(["sh", "-c", argv], "pod1"), expect_fail=expect_fail)
+    return ok and out.strip().splitlines()[-1:] == [str(size)] if not L.r.dry_run else ok
+
+
+def works(L, expect_fail=False):
+    return send(L, REQUEST, expect_fail)
 
 
 def _set_mtu(L, mtu):
@@ -118,6 +126,23 @@ def reveal(L):
                 r.dry_run or (seen.get("veth-pod1") and not seen.get("vxlan0")))
     r.show(ip("link", "show", "dev", "eth0", ns="pod1"))
     r.show(ip("link", "show", "dev", "vxlan0", ns="node1"))
+    # Why only some packets die: the bridge drops a plain frame too big for its port, and says
+    # nothing. TCP's GSO bundles (more than one segment) pass that test; vxlan0 (Linux 5.9 and later,
+    # as a bridge port) finds their segments too big and answers with ICMP "fragmentation needed".
+    L.say(f"a bulk transfer ({BULK} bytes) is another matter: TCP hands the bridge bundles of many segments "
+          f"(GSO), vxlan0 sees they will not fit and answers pod1 with ICMP 'fragmentation needed, mtu "
+          f"{OVERLAY_MTU}'; pod1 caches that path MTU and the transfer goes through")
+    L.check(f"the bulk transfer of {BULK} bytes gets through the same black hole", send(L, BULK))
+    ok, out = r.probe(ip("route", "get", POD2_IP, ns="pod1"))
+    L.check(f"pod1 learned the path MTU {OVERLAY_MTU} from vxlan0's ICMP (ip route get: cache ... mtu "
+            f"{OVERLAY_MTU})", r.dry_run or f"mtu {OVERLAY_MTU}" in out, out)
+    L.say("that learned MTU lasts 10 minutes: until it expires, one-segment requests pass too; that is why "
+          "the black hole comes and goes in real life. pod1 forgets it now, as it would by itself")
+    r.run(ip("route", "flush", "cache", ns="pod1"))
+    L.say("what stalls, then: whatever reaches the bridge as one plain frame of more than 1450 bytes (a TCP "
+          "message that fills one segment and its retransmissions, a UDP datagram too big for the overlay, which Linux "
+          "sends with DF, a ping with DF), and any transfer at all where the ICMP cannot reach the sender "
+          "(a firewall that drops ICMP, an older kernel whose vxlan sends none)")
 
 
 def fix(L):

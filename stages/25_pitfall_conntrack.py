@@ -4,6 +4,13 @@ node) sends a client's UDP flow to pod-a; the pod moves and the rule is rewritte
 pod-b, but the client keeps sending from the same socket, and conntrack keeps the flow
 on pod-a for as long as packets keep coming: rules only decide a flow's first packet.
 
+The tools that write such rules now clean up after themselves on the way in: the reference
+portmap plugin deletes the UDP conntrack entries of its host ports on ADD (since plugins
+v0.9.0; v1.1.0 narrowed it to those ports only), and kube-proxy deletes the UDP entries of
+a Service's endpoints that went away (a reconciler since Kubernetes 1.32). The pitfall stays
+for a DNAT written by hand or by a tool that does not, and after a DEL with no ADD behind it:
+portmap's DEL removes the rule, not the flows, which keep going to the old pod's address.
+
     sudo python3 stages/25_pitfall_conntrack.py            # in a throwaway sandbox
     sudo python3 stages/25_pitfall_conntrack.py --broken --keep
     python3 stages/25_pitfall_conntrack.py --dry-run
@@ -23,8 +30,9 @@ ANSWER_WAIT = "3"                    # seconds the client waits for an answer (a
 COMMENT = ["-m", "comment", "--comment", "cnikit lab25: hostPort udp/5353"]
 
 WORKS = f"the client's query to the hostPort {NODE_IP}:{PORT}/udp is answered by the backend the DNAT rule names"
-BREAK = ("the pod behind the hostPort moves: the DNAT rule is rewritten from pod-a to pod-b (as kube-proxy "
-         "or the portmap plugin would), while the client keeps sending from the same socket")
+BREAK = ("the pod behind the hostPort moves: the DNAT rule is rewritten by hand from pod-a to pod-b (portmap "
+         "and kube-proxy would also flush the port's UDP flows; a hand-written rule does not), while the client "
+         "keeps sending from the same socket")
 SYMPTOM = "the client's queries still land on pod-a, whatever the rule says"
 REVEAL = "conntrack -L on the node: the flow's entry still translates to pod-a's address"
 FIX = "conntrack -D for the hostPort's flows: the next packet is a new flow and meets the new rule"

@@ -36,6 +36,8 @@ ASK_TRIES = 3                                # --keep asks this often for a name
 HOST_SIDE = "host"                           # --keep's name for the sandbox's own (host) side
 WAIT_READY = 5.0                             # seconds a background tool gets to start
 STOP_GRACE = 2.0                             # seconds between SIGTERM and SIGKILL
+PRESENT_CPS = 30.0                           # --present: characters typed a second (demo-magic's pace)
+PRESENT_MAX = 3.0                            # ... but no command takes longer than this to type
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -49,39 +51,98 @@ def _reader_left():
 
 class LessonRunner(cnikit.Runner):
     """cnikit's Runner plus what a live lesson needs: --step pauses before each
-    command, and the background processes it starts are remembered so they are
-    always stopped (a process left inside a namespace would keep it alive)."""
+    command (STEPPING True or "command") or each step ("step"); --present types each
+    command out at PRESENT characters a second and waits for Enter before running it,
+    as a presenter's demo does (a stdin that is not a terminal: no waiting); the
+    background processes it starts are remembered so they are always stopped (a
+    process left inside a namespace would keep it alive)."""
 
-    def __init__(self, stepping=False, **kw):
+    def __init__(self, stepping=False, present=None, **kw):
         super().__init__(**kw)
-        self.stepping = stepping
+        self.stepping = "command" if stepping is True else stepping
+        self.present = present
+        self._kind = None         # what echo is printing now: "tag", "folded" (a tag not shown again) or None
         self.procs = []
         self.spawned = 0          # background processes started (a dry run's script must stop them)
         self.jobs = []            # a dry run: shell variables holding the PIDs ($!) of jobs still running
         self._suffix = ""
         self._tag_said = False    # the ownership tag is explained once per lesson
 
-    def _pause(self):
-        """Like a presenter: the command is on screen, Enter runs it, q quits."""
-        if not self.stepping or self.dry_run or self.quiet:
-            return
-        print("\033[2m  [Enter] run, q quit\033[0m" if self.color else "  [Enter] run, q quit",
-              end="", file=sys.stderr, flush=True)
+    def _live(self):
+        return not self.dry_run and not self.quiet
+
+    def _presenting(self):
+        """--present waits for Enter only where someone can press it."""
+        return self.present is not None and self._live() and sys.stdin.isatty()
+
+    def _wait(self, hint):
+        """The command (or step) is on screen: Enter goes on, q (or Ctrl-C) quits."""
+        if hint:
+            print(f"\033[2m  {hint}\033[0m" if self.color else f"  {hint}", end="", file=sys.stderr, flush=True)
         answer = sys.stdin.readline()
-        print("\r" + " " * 24 + "\r", end="", file=sys.stderr, flush=True)
+        if hint:
+            print("\r" + " " * (len(hint) + 2) + "\r", end="", file=sys.stderr, flush=True)
         if not answer:                # stdin closed: carry on without pausing
-            self.stepping = False
+            self.stepping, self.present = None, None
         elif answer.strip().lower() == "q":
             raise KeyboardInterrupt
+
+    def _pause(self):
+        if self._presenting():
+            self._wait("")            # the typed line is the prompt; the terminal echoes the Enter
+        elif self.stepping == "command" and self._live():
+            self._wait("[Enter] run, q quit")
+
+    def pause_step(self):
+        """--step step: before a step's commands, not before each one."""
+        if self.stepping == "step" and self._live():
+            self._wait("[Enter] this step, q quit")
 
     def echo(self, argv, suffix=""):
         tag = is_tag(argv)
         if tag and not self._tag_said:
             self._tag_said = True
             self.note(TAG_WHY)
-        super().echo(argv, suffix or self._suffix)
-        if not tag:               # bookkeeping, not a step of the lesson: no pause
-            self._pause()
+            self._kind = "tag"
+        elif tag:
+            # Shown once: a live run sets the later labels without printing them again (-v and a
+            # dry run's script, which must make every change, still print each).
+            self._kind = "tag" if self.dry_run or self.verbose else "folded"
+        try:
+            super().echo(argv, suffix or self._suffix)
+            if not tag:           # bookkeeping, not a step of the lesson: no pause
+                self._pause()
+        finally:
+            self._kind = None
+
+    def result(self, obj):
+        """A CNI result in a lesson: the fields that matter, a line each (-v: the JSON in full)."""
+        if self.verbose:
+            return super().result(obj)
+        for line in result_gist(obj):
+            self.note(line)
+
+    def print_command(self, line):
+        """--present types the command out; a folded ownership label is not printed."""
+        if self._kind == "folded":
+            return
+        if self.present is None or not self._live():
+            return super().print_command(line)
+        out, (on, off) = self.out, (("\033[1;36m", "\033[0m") if self.color else ("", ""))
+        delay = min(1 / self.present, PRESENT_MAX / max(len(line), 1)) if self.present > 0 else 0
+        out.write(("\033[2m$\033[0m " if self.color else "$ ") + on)
+        try:
+            for ch in line:
+                out.write(ch)
+                out.flush()
+                if delay:
+                    time.sleep(delay)
+        finally:
+            out.write(off)
+            # Where Enter is awaited, the terminal's echo of it ends the line.
+            if self._kind is not None or not self._presenting():
+                out.write("\n")
+            out.flush()
 
     def probe(self, argv, timeout=30, expect_fail=False):
         """As cnikit's probe; EXPECT_FAIL (a command the lesson shows failing) is printed
@@ -184,12 +245,61 @@ def _signal_group(proc, sig):
 
 TAG_WHY = (f"`alias {cnikit.TAG}`: cnikit labels each link it creates (its ifalias, kept by the kernel) "
            "so `cnikit cleanup` finds its own objects by that label, never by guessing from names; "
-           "it changes nothing in how the link works")
+           "it changes nothing in how the link works. The labels after this one are set without "
+           "being shown again (-v or --dry-run prints each)")
 
 
 def is_tag(argv):
     """Is ARGV cnikit's `ip link set dev X alias cnikit` (an ownership label)?"""
     return len(argv) >= 4 and argv[-2:] == ["alias", cnikit.TAG] and "link" in argv and "set" in argv
+
+
+def result_gist(result):
+    """A CNI result in a few lines: its interfaces (where each lives), addresses, routes."""
+    ifaces = result.get("interfaces") or []
+    lines = [f"result (cniVersion {result.get('cniVersion', '?')}), the gist (-v: the JSON in full):"]
+    for i, iface in enumerate(ifaces):
+        where = f"in {iface['sandbox']}" if iface.get("sandbox") else "on the host"
+        lines.append(" ".join(filter(None, (f"  interfaces[{i}]", iface.get("name"), iface.get("mac"), where))))
+    for ip_ in result.get("ips") or []:
+        on = ip_.get("interface")
+        on = f" on {ifaces[on]['name']}" if isinstance(on, int) and 0 <= on < len(ifaces) else ""
+        gw = f" gateway {ip_['gateway']}" if ip_.get("gateway") else ""
+        lines.append(f"  ips: {ip_.get('address')}{gw}{on}")
+    routes = [r.get("dst", "?") + (f" via {r['gw']}" if r.get("gw") else "") for r in result.get("routes") or []]
+    if routes:
+        lines.append("  routes: " + ", ".join(routes))
+    dns = {k: v for k, v in (result.get("dns") or {}).items() if v}
+    if dns:
+        lines.append("  dns: " + ", ".join(f"{k} {v}" for k, v in dns.items()))
+    return lines
+
+
+def iptables_backend(r):
+    """"nf_tables" or "legacy": where this host's iptables writes its rules (`iptables -V`
+    says; a read-only look at the local tool, so a dry run asks it too)."""
+    ok, out = r.query(["iptables", "-V"], in_dry_run=True)
+    return "legacy" if ok and "legacy" in out else "nf_tables"
+
+
+def nft_view(L, table, chain, why):
+    """One look beside `iptables -S`: what iptables-nft really put in the kernel, CHAIN of
+    nf_tables' `ip TABLE` table, printed by nft; a check that it is the same chain. A CHAIN
+    ending in "*" (a name the lesson cannot know before the plugin runs): the whole table,
+    holding a chain with that prefix."""
+    r = L.r
+    L.step(why)
+    if not have("nft"):
+        L.say("    (nft, Debian package nftables, is not installed: no look at nf_tables)")
+        return
+    if iptables_backend(r) == "legacy":
+        L.say("    this host's iptables is iptables-legacy: its rules live in the older x_tables, "
+              "which nft does not show")
+        return
+    prefix = chain.rstrip("*")
+    out = r.show(["nft", "list"] + (["table", "ip", table] if chain.endswith("*") else ["chain", "ip", table, chain]))
+    L.check(f"nf_tables holds {chain} (table ip {table}): iptables-nft wrote it there",
+            f"chain {prefix}" in out, out.strip().splitlines()[0] if out.strip() else "nothing")
 
 
 def pod_ip(L, pod):
@@ -248,6 +358,7 @@ class Lesson:
         self.keep_hint = f"sudo {CNIKIT} cleanup"
         self.steps = 0
         self.keep, self.explored = False, False     # --keep (True or a namespace); its shell was opened
+        self.try_it = []                    # lines for the learner to type in --keep's shell (your_turn)
 
     # -- printing: prose is shell comments, so a dry run stays a script
     def say(self, text=""):
@@ -257,9 +368,14 @@ class Lesson:
             line = f"# {line}".rstrip()
             self.r.output(line, ansi="33")
 
+    @property
+    def kind(self):
+        """What it calls itself: a pitfall lab is a lab (its PASS/FAIL line keeps "lesson": it is parsed)."""
+        return "lab" if self.title.startswith("pitfall_") else "lesson"
+
     def opening(self):
-        title = f"lesson {self.number}: {self.title}"
-        self.say(f"{title}\n{'=' * len(title)}\ngoal: {self.goal}\n\nwhat this lesson builds:\n\n"
+        title = f"{self.kind} {self.number}: {self.title}"
+        self.say(f"{title}\n{'=' * len(title)}\ngoal: {self.goal}\n\nwhat this {self.kind} builds:\n\n"
                  + self.picture + "\n")
         if self.skipped:
             self.say("leaving out (--skip): " + ", ".join(sorted(self.skipped)))
@@ -275,6 +391,7 @@ class Lesson:
         if skip in self.skipped:
             self.say(f"    skipped (--skip {skip}): {self.skips[skip]}")
             return False
+        self.r.pause_step()
         return True
 
     # -- checks
@@ -301,6 +418,17 @@ class Lesson:
         script = f'until ss -Htln "sport = :{port}" | grep -q .; do sleep 0.02; done'
         self.r.run(in_netns(["timeout", str(int(WAIT_READY)), "sh", "-c", script], ns))
 
+    def your_turn(self, argv, what):
+        """An interactive moment, as the original live demo had: with --step or --present on a
+        terminal, ARGV gets the terminal until the learner ends it (WHAT says what to do);
+        either way the line is offered again in --keep's shell."""
+        self.try_it.append(f"{shlex.join(argv)}   # {what}")
+        r = self.r
+        if r.dry_run or r.quiet or not (r.stepping or r.present is not None) or not sys.stdin.isatty():
+            return
+        self.say(f"your turn: {what}; Ctrl-D ends it and the lesson goes on")
+        r.hand_over(argv)
+
     def sysctl(self, key, value, ns=None):
         """Set a sysctl, remembering the old value so the end of the lesson restores it
         (on a real host a lesson must not leave, say, forwarding switched on)."""
@@ -309,15 +437,18 @@ class Lesson:
                    creates=cnikit.Change.sysctl(key, value, ns, old=old.strip() if ok else None))
 
     # -- life cycle
-    def start(self, dry_run=False, quiet=False, stepping=False, skip=(), color=None, out=None):
+    def start(self, dry_run=False, quiet=False, stepping=False, skip=(), color=None, out=None, present=None,
+              verbose=False):
         """A fresh runner and no checks yet; used by main and by tests that drive
-        build() and verify() themselves in a sandbox they made."""
+        build() and verify() themselves in a sandbox they made. STEPPING: False, "command"
+        or "step"; PRESENT: --present's characters a second (None: off)."""
         unknown = sorted(set(skip) - set(self.skips))
         if unknown:
             raise cnikit.UsageError(f"unknown step {unknown[0]!r} for --skip; lesson {self.number} has: "
                                     + (", ".join(self.skips) or "none"))
-        self.r = LessonRunner(stepping=stepping, dry_run=dry_run, quiet=quiet, color=color, out=out)
-        self.skipped, self.checks, self.steps = set(skip), [], 0
+        self.r = LessonRunner(stepping=stepping, present=present, dry_run=dry_run, quiet=quiet, color=color,
+                              out=out, verbose=verbose)
+        self.skipped, self.checks, self.steps, self.try_it = set(skip), [], 0, []
         return self
 
     def plan(self, build):
@@ -337,16 +468,24 @@ class Lesson:
             f"  {name:<10} {breaks}" for name, breaks in self.skips.items())
         p = argparse.ArgumentParser(
             prog=os.path.basename(sys.argv[0]) or f"{self.number}_{self.title}.py",
-            description=f"Lesson {self.number} ({self.title}): {self.goal}", epilog=epilog,
+            description=f"{self.kind.capitalize()} {self.number} ({self.title}): {self.goal}", epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--host", action="store_true",
                        help="run on the real host, after saying what it will change (default: a sandbox)")
         p.add_argument("--keep", nargs="?", const=True, default=False, metavar="NS",
                        help="leave the topology up; in the sandbox, open a shell to explore it "
                             "(`ip netns exec NS bash`: NS given here, else you are asked which)")
-        p.add_argument("--step", action="store_true", help="pause before each command: Enter runs it")
+        p.add_argument("--step", nargs="?", const="command", choices=("command", "step"), default=None,
+                       help="pause before each command (Enter runs it), or with `--step step` before each step")
+        p.add_argument("--present", action="store_true",
+                       help="presenter mode: type each command out, run it on Enter (Ctrl-C leaves cleanly)")
+        p.add_argument("--present-speed", type=_speed, default=PRESENT_CPS, metavar="CPS",
+                       help=f"--present's typing speed in characters a second (default {PRESENT_CPS:g}; "
+                            "0: at once)")
         p.add_argument("--dry-run", action="store_true", help="print the whole lesson as a shell script")
         p.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also every ownership label, CNI results as full JSON and cnikit's look-ups")
         p.add_argument("--skip", action="append", default=[], metavar="STEP",
                        help="leave out STEP to see what breaks (listed below); repeatable")
         p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -369,8 +508,9 @@ class Lesson:
         """Build, verify, print the verdict, then leave nothing behind (or --keep)."""
         color = {"always": True, "never": False}.get(getattr(args, "color", "auto"))
         try:
-            self.start(dry_run=args.dry_run, quiet=args.quiet, stepping=args.step and not args.dry_run,
-                       skip=args.skip, color=color)
+            present = getattr(args, "present_speed", PRESENT_CPS) if getattr(args, "present", False) else None
+            self.start(dry_run=args.dry_run, quiet=args.quiet, stepping=not args.dry_run and args.step,
+                       skip=args.skip, color=color, present=present, verbose=getattr(args, "verbose", False))
             self.on_host = args.host
             self.keep, self.explored = args.keep, False
             if not args.dry_run:
@@ -487,10 +627,12 @@ class Lesson:
         if not self.keep or self.on_host or self.r.dry_run or self.explored:
             return
         self.explored = True
-        self.r.stepping = False
+        self.r.stepping, self.r.present = None, None
         ns = choose_netns(self.keep, cnikit.netns_names(self.r))
         where = f"`ip netns exec {ns} bash`, inside {ns}" if ns else "on the sandbox's host side"
         self.say(f"--keep: a shell {where}; the topology is yours to explore ({after})")
+        for line in self.try_it:
+            self.say(f"  try it: {line}")
         _sandbox_shell(ns)
 
     def keeps_on_host(self):
@@ -508,7 +650,7 @@ class Lesson:
         r = self.r
         if r is None or r.dry_run:
             return
-        r.stepping = False
+        r.stepping, r.present = None, None
         if keep and not args.host and not self.explored:
             self.explore("`exit` ends it and everything goes")
         r.stop_all()
@@ -583,6 +725,17 @@ def _summarize(planned, plugin_links=(), plugin_sysctls=()):
         elif items:
             lines.append(f"  {name}: " + ", ".join(items))
     return "\n".join(lines) or "  nothing"
+
+
+def _speed(text):
+    """--present-speed: characters a second, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid speed {text!r}: a number of characters a second, 0 or more")
+    return value
 
 
 def _usage_exit(prog, message):
