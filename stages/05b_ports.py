@@ -17,7 +17,7 @@ instead. "Outside" is a namespace this lesson creates, with documentation addres
 import re
 import shlex
 
-from lesson import Lesson, cnikit, have, in_netns
+from lesson import Lesson, cnikit, have, in_netns, nft_view
 
 BRIDGE, GATEWAY = "br0", "10.0.5.1/24"                 # docker0 172.17.0.1/16 on a Docker host
 CTR, CTR_ADDR, SUBNET = "web", "10.0.5.2/24", "10.0.5.0/24"
@@ -315,6 +315,9 @@ def build(L):
           "FORWARD rules into chains of its own (DOCKER-FORWARD, DOCKER-BRIDGE, DOCKER-CT) and drops, in the raw "
           "table, packets sent straight to a container's address from outside its bridge; 29.x can write nftables "
           "instead of iptables (--firewall-backend=nftables, experimental). The DNAT and the masquerades stay")
+    nft_view(L, "nat", CHAIN, "what `iptables` really put in the kernel: iptables-nft writes nf_tables rules, and "
+             f"nft shows {CHAIN} in its own words (tcp dport {HOST_PORT}, dnat to {CTR_IP}:{CTR_PORT}; leave "
+             "changing it to iptables)")
 
     if L.step(f"the other way, Docker's default: a userland proxy. docker-proxy listens on the host's port and "
               f"opens a connection of its own to the container for each one it accepts. socat does the same "
