@@ -1,7 +1,9 @@
 """Lesson 05b (published ports, as `docker run -p 8080:80` does it): the rules it builds are
 Docker's, real TCP from outside, from the host, from localhost and from the container itself
 reaches the container's server, each left-out step fails exactly the proof it names, and
-`cnikit cleanup` finds every rule the lesson tagged.
+`cnikit cleanup` finds every rule the lesson tagged. With --with-docker a real dockerd's
+`docker run -p` writes the same rules (compared rule by rule), and `cnikit nat publish` writes
+them in one command.
 
 The lesson's build() runs in the test's sandbox (conftest), so what it made is still there to
 look at with the kernel's own tools; the --skip runs are the lesson as a learner runs it."""
