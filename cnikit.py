@@ -51,6 +51,8 @@ ROUTE_PROTO = 157
 # CLI's per-subnet NAT chains (CNIKIT-NAT-<hash>). A chain has no comment: its name is its tag.
 CHAIN_PREFIX = "CNIKIT-"
 NAT_CHAIN_PREFIX = CHAIN_PREFIX + "NAT-"
+PORTS_CHAIN = CHAIN_PREFIX + "PORTS"     # `nat publish`'s DNAT rules (nat table); Docker's is DOCKER
+PORT_PROTOS = ("tcp", "udp")
 IPTABLES_TABLES = ("nat", "filter")
 BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netfilter, per namespace
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
@@ -281,6 +283,39 @@ def nat_jumps(subnet):
     """The one jump rule per table into SUBNET's chain (table, built-in chain, spec)."""
     tag, chain = ["-m", "comment", "--comment", nat_comment(subnet)], nat_chain(subnet)
     return [("nat", "POSTROUTING", tag + ["-j", chain]), ("filter", "FORWARD", tag + ["-j", chain])]
+
+
+def port_comment(port, proto="tcp"):
+    return f"{TAG} port {proto}/{port}"
+
+
+PORTS_COMMENT = f"{TAG} ports"            # the rules every published port shares
+
+
+def port_rules(port, to_ip, to_port, bridge, proto="tcp"):
+    """{name: (table, chain, spec)}: what dockerd 20.10 writes for `docker run -p PORT:TO_PORT`
+    with its userland proxy off, in the order it must go in: the DNAT in cnikit's chain (Docker's
+    DOCKER), filled before the jumps into it from PREROUTING and OUTPUT for any local destination;
+    the FORWARD accept of exactly that connection; the masquerade of the host's own sources
+    leaving BRIDGE (localhost:PORT, with route_localnet) and the hairpin masquerade (the
+    container calling its own published port). Shared rules carry PORTS_COMMENT, the port's
+    own its port_comment."""
+    own = ["-m", "comment", "--comment", port_comment(port, proto)]
+    shared = ["-m", "comment", "--comment", PORTS_COMMENT]
+    local = ["-m", "addrtype", "--dst-type", "LOCAL"]
+    dport = ["-p", proto, "-m", proto, "--dport"]
+    return {
+        "dnat": ("nat", PORTS_CHAIN, dport + [str(port)] + own + ["-j", "DNAT", "--to-destination",
+                                                                  f"{to_ip}:{to_port}"]),
+        "prerouting": ("nat", "PREROUTING", local + shared + ["-j", PORTS_CHAIN]),
+        "forward": ("filter", "FORWARD", ["-d", f"{to_ip}/32", "!", "-i", bridge, "-o", bridge] + dport
+                    + [str(to_port)] + own + ["-j", "ACCEPT"]),
+        "output": ("nat", "OUTPUT", local + shared + ["-j", PORTS_CHAIN]),
+        "local-masquerade": ("nat", "POSTROUTING", ["-o", bridge, "-m", "addrtype", "--src-type", "LOCAL"]
+                             + shared + ["-j", "MASQUERADE"]),
+        "hairpin": ("nat", "POSTROUTING", ["-s", f"{to_ip}/32", "-d", f"{to_ip}/32"] + dport + [str(to_port)]
+                    + own + ["-j", "MASQUERADE"]),
+    }
 
 
 def iptables_rule(action, table, chain, spec, ns=None):
@@ -990,10 +1025,10 @@ def bridge_show(r, name, host=None):
 
 # ---------------------------------------------------------------- nat
 
-def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False):
+def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False, tagged=None):
     """cnikit's rules as (table, chain, spec), read back from `iptables -S`: those its
     comment tags (the jumps, the CLI's NAT rules, the plugin's) and, with no SUBNET, every
-    rule inside a chain of cnikit's."""
+    rule inside a chain of cnikit's. TAGGED: only the rules whose comment is exactly that."""
     found = []
     for table in IPTABLES_TABLES:
         ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
@@ -1003,8 +1038,8 @@ def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False):
                 continue
             comment = words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
             ours = comment is not None and (comment == TAG or comment.startswith(TAG + " "))
-            if subnet is not None:
-                ours = comment == nat_comment(subnet)
+            if subnet is not None or tagged is not None:
+                ours = comment == (tagged if tagged is not None else nat_comment(subnet))
             elif words[1].startswith(CHAIN_PREFIX):
                 ours = True
             if ours:
@@ -1110,6 +1145,96 @@ def nat_show(r, host=None):
            f"{len(chains)} chain(s), {len(rules)} rule(s)")
     r.output("\n".join(lines))
     return lines
+
+
+def check_port_to(text):
+    """--to of `nat publish`: an IPv4 address and a port, e.g. 10.0.5.2:80."""
+    addr, sep, port = (text or "").rpartition(":")
+    if not sep:
+        raise UsageError(f"--to {text!r} needs an address and a port, e.g. 10.0.5.2:80")
+    addr = check_ip(addr, "--to address")
+    if ":" in addr:
+        raise UsageError(f"--to address {addr} is IPv6: nat publish writes iptables (IPv4) rules")
+    return addr, check_int(port, 1, 65535, "--to port")
+
+
+def nat_publish(r, port, to, bridge, proto="tcp", host=None):
+    """Publish PORT of this host as `docker run -p PORT:...` does with its userland proxy off:
+    connections to PORT on any of the host's addresses (localhost and the host's own included)
+    go to TO (IP:PORT) on BRIDGE; ip_forward and BRIDGE's route_localnet on (port_rules says
+    what each rule is for).
+
+    Re-run contract: what is already present is not added twice; PORT already published to
+    another destination is a conflict (nat unpublish it first)."""
+    port = check_int(port, 1, 65535, "port")
+    to_ip, to_port = check_port_to(to)
+    if proto not in PORT_PROTOS:
+        raise UsageError(f"protocol {proto!r} is not one of {', '.join(PORT_PROTOS)}")
+    check_ifname(bridge, "--bridge")
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    require_tools("iptables", "sysctl")
+    if not r.dry_run and link_kind(get_link(r, bridge, host)) != "bridge":
+        raise UsageError(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
+                         f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})")
+    for _, _, spec in _cnikit_rules(r, host, tagged=port_comment(port, proto)):
+        if "DNAT" in spec and spec[-1] != f"{to_ip}:{to_port}":
+            raise UsageError(f"port {proto}/{port} is already published to {spec[-1]}; "
+                             f"run `cnikit nat unpublish {port}` first")
+    if forward_drops(r, host):
+        r.note(f"this host's FORWARD policy is DROP (Docker sets it): the FORWARD accept below lets "
+               f"connections to {to_ip}:{to_port} through, and only them")
+    with r.transaction():
+        for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{bridge}.route_localnet"):
+            ok, value = r.query(in_netns(["sysctl", "-n", key], host))
+            if ok and value.strip() == "1":
+                r.note(f"{key} is already 1")
+            else:
+                r.run(sysctl_set(key, 1, host), creates=Change.sysctl(key, 1, host, old=value.strip() if ok else None))
+        if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
+            r.note(f"chain {PORTS_CHAIN} (nat) already exists")
+        else:
+            r.run(iptables("-t", "nat", "-N", PORTS_CHAIN, ns=host), creates=Change.chain("nat", PORTS_CHAIN, host))
+        for name, (table, chain, spec) in port_rules(port, to_ip, to_port, bridge, proto).items():
+            if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+                r.note(f"the {name} rule for {proto}/{port} is already present")
+                continue
+            r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+    r.note(f"{proto}/{port} on every address of this host now leads to {to_ip}:{to_port}. Where br_netfilter is on, "
+           f"the container calling its own published port also needs hairpin mode on its port of {bridge} "
+           f"(bridge link set dev PORT hairpin on)")
+
+
+def nat_unpublish(r, port, proto="tcp", host=None):
+    """Remove what `nat publish PORT` made; with no port published any more, also the shared
+    rules (the jumps, the local masquerades) and the chain. The sysctls stay (others may rely
+    on them). Re-run: nothing left is fine."""
+    port = check_int(port, 1, 65535, "port")
+    if proto not in PORT_PROTOS:
+        raise UsageError(f"protocol {proto!r} is not one of {', '.join(PORT_PROTOS)}")
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    require_tools("iptables")
+    rules = _cnikit_rules(r, host, tagged=port_comment(port, proto))
+    if not rules:
+        if not r.dry_run:
+            r.note(f"{proto}/{port} is not published by cnikit; nothing to delete")
+        return
+    for table, chain, spec in rules:
+        r.run(iptables_rule("-D", table, chain, spec, host))
+    if any(_comment_of(spec).startswith(f"{TAG} port ") for _, _, spec in _cnikit_rules(r, host)):
+        r.note("other ports stay published: the rules they share stay too")
+        return
+    for table, chain, spec in _cnikit_rules(r, host, tagged=PORTS_COMMENT):
+        r.run(iptables_rule("-D", table, chain, spec, host))
+    if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
+        _remove_chains(r, [("nat", PORTS_CHAIN)], host)
+
+
+def _comment_of(spec):
+    return spec[spec.index("--comment") + 1] if "--comment" in spec[:-1] else ""
 
 
 # ---------------------------------------------------------------- vxlan
@@ -1308,9 +1433,13 @@ def _nat_summary(rules):
     lines = []
     for n in rules:
         words = shlex.split(n["rule"])
-        if "MASQUERADE" in words and "-s" in words:
+        # A masquerade with a destination too (a published port's hairpin) is not a subnet's egress.
+        if "MASQUERADE" in words and "-s" in words and "-d" not in words:
             out = words[words.index("-o") + 1] if "-o" in words else "any"
             lines.append(f"{words[words.index('-s') + 1]} masquerade out {out} (+ FORWARD accept)")
+        elif "DNAT" in words and "--dport" in words and "-p" in words:
+            lines.append(f"{words[words.index('-p') + 1]}/{words[words.index('--dport') + 1]} published to "
+                         f"{words[-1]} (DNAT)")
     return lines
 
 
@@ -3632,7 +3761,9 @@ OBJECT_EXAMPLES = {
     "nat": """examples:
   cnikit nat add 10.0.0.0/24 --out eth0   # MASQUERADE + two FORWARD accepts, ip_forward on
   cnikit nat show
-  cnikit nat del 10.0.0.0/24""",
+  cnikit nat del 10.0.0.0/24
+  cnikit nat publish 8080 --to 10.0.0.2:80 --bridge br0   # docker run -p 8080:80, its iptables rules
+  cnikit nat unpublish 8080""",
     "vxlan": """examples:
   cnikit -n node1 vxlan add vxlan0 --id 42 --remote 192.0.2.2 --dev eth0 --bridge br0
   cnikit -n node1 vxlan add vxlan0 --id 1 --local 192.0.2.1 --dev eth0   # peers from fdb entries:
@@ -3746,12 +3877,20 @@ def build_parser():
     br.add_parser("del", help="delete a bridge").add_argument("name")
     br.add_parser("show", help="ports and learned MACs (fdb)").add_argument("name")
 
-    nat = verbs("nat", "egress NAT: add, del, show")
+    nat = verbs("nat", "egress NAT: add, del, show; published ports: publish, unpublish")
     a = nat.add_parser("add", help="masquerade SUBNET leaving through --out")
     a.add_argument("subnet")
     a.add_argument("--out", required=True, metavar="IFACE", help="the uplink interface")
     nat.add_parser("del", help="remove the rules nat add made").add_argument("subnet")
     nat.add_parser("show", help="cnikit's iptables rules")
+    a = nat.add_parser("publish", help="publish PORT of this host to --to IP:PORT, as `docker run -p` does (DNAT)")
+    a.add_argument("port")
+    a.add_argument("--to", required=True, metavar="IP:PORT", help="the container's address and port")
+    a.add_argument("--bridge", required=True, dest="bridge_name", metavar="BR", help="the bridge it is on")
+    a.add_argument("--proto", default="tcp", choices=PORT_PROTOS)
+    a = nat.add_parser("unpublish", help="remove the rules nat publish made for PORT")
+    a.add_argument("port")
+    a.add_argument("--proto", default="tcp", choices=PORT_PROTOS)
 
     vx = verbs("vxlan", "VXLAN overlay: add, fdb, del")
     a = vx.add_parser("add", help="create a VXLAN device")
@@ -3900,6 +4039,10 @@ def dispatch(args, r):
             nat_add(r, args.subnet, args.out, host=h)
         elif v == "del":
             nat_del(r, args.subnet, host=h)
+        elif v == "publish":
+            nat_publish(r, args.port, args.to, args.bridge_name, args.proto, host=h)
+        elif v == "unpublish":
+            nat_unpublish(r, args.port, args.proto, host=h)
         else:
             nat_show(r, host=h)
     elif o == "vxlan":
