@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Lesson 07e: your container is a namespace. Find a running container's network from the
+outside, then a pod: a pause process holding one network namespace and two containers in it.
+
+    sudo python3 stages/07e_container.py           # in a throwaway sandbox
+    python3 stages/07e_container.py --dry-run      # the lesson as a shell script
+
+It comes after 07 because it reads back, from a running container, what the earlier lessons
+built by hand: the veth (02), the bridge (03), the NAT rules (05) and a runtime's wiring (07).
+
+The container is made by a "bare" runtime, the way Docker, podman and containerd make one
+underneath: a process started in fresh namespaces (`unshare --net --uts --ipc`), a veth pair
+whose container end is moved into the process's network namespace by its PID and named eth0,
+its host end on a bridge, and NAT for the bridge's subnet. Like Docker (before 25.0) it
+derives eth0's MAC from the address (02:42 + the IPv4 bytes) and names no namespace under
+/run/netns; it records what it gave the container (PID, address, MAC, host end, bridge),
+as `docker inspect` reports it, and the lesson's proofs match what it found from the outside
+against that record. Nothing here depends on a daemon, so the lesson runs in its sandbox in a
+second or two and leaves nothing behind.
+"""
+from lesson import PING, Expand, Lesson, cnikit, ip
+
+BRIDGE, GATEWAY, SUBNET = "br0", "10.0.9.1/24", "10.0.9.0/24"
+# Stands for the host's uplink, the interface NAT masquerades out of: one end of a veth pair whose
+# other end goes nowhere (a dummy link would do, but not every kernel has the module).
+UPLINK, UPLINK_FAR = "uplink0", "uplink0-far"
+GATEWAY_IP = GATEWAY.split("/")[0]
+CONTAINER, POD = "c1", "pod1"
+ADDRS = {CONTAINER: "10.0.9.2/24", POD: "10.0.9.3/24"}
+NAME = "c1"                 # what `ip netns attach` names the container's namespace, for a moment
+# What a pod's containers share with its pause container (Kubernetes: network, IPC, UTS).
+SHARED = ("--net", "--uts", "--ipc")
+PORT = 8080
+GREETING = "hello-from-app-over-localhost"
+WAIT = "5"                  # seconds a process gets to start (exec after entering its namespaces)
+
+
+def host_end(name):
+    return f"veth-{name}"
+
+
+def mac_of(cidr):
+    """Docker's MAC before 25.0: 02:42 and the four bytes of the IPv4 address."""
+    return "02:42:" + ":".join(f"{int(b):02x}" for b in cidr.split("/")[0].split("."))
+
+
+LESSON = Lesson(
+    "07e", "container",
+    goal="a running container is a process in its own network namespace: found from the outside by its "
+         "PID, its eth0 and address match what the runtime reports, its host end is eth0's veth peer on "
+         "br0 with NAT for the subnet; a pod's two containers share the pause process's namespace and "
+         "talk over localhost",
+    picture=r"""
+   +--------------------------------- host -----------------------------------+
+   |  /proc/PID/ns/net: net:[inode]    (the host's own, and one per container) |
+   |  uplink0  <- MASQUERADE -s 10.0.9.0/24 (NAT for the bridge's subnet)      |
+   |  br0  10.0.9.1/24                                                         |
+   |     |-- veth-c1  (index N)             |-- veth-pod1                      |
+   +-----|---------------------------------------|-------------------------- +
+         | eth0@ifN: peer index N                |
+   +-- c1: PID (sleep) ---+   +-- pod1: pause PID holds the namespace -------+
+   | eth0 10.0.9.2/24     |   | eth0 10.0.9.3/24, lo                          |
+   | 02:42:0a:00:09:02    |   |   app: socat on 127.0.0.1:8080  (nsenter -t)  |
+   +----------------------+   |   sidecar: connects to 127.0.0.1:8080         |
+                              +-----------------------------------------------+
+""",
+    skips={"master": "veth-c1 is not a port of br0: the container's host end has no master bridge, and c1 "
+                     "cannot reach its gateway",
+           "nat": "no NAT for 10.0.9.0/24: iptables-save has no line for the container's subnet",
+           "join": "the sidecar starts in a namespace of its own instead of the pause process's: it has another "
+                   "netns inode, other interfaces, and 127.0.0.1:8080 does not answer there"},
+    tools=("ip", "ping", "iptables", "iptables-save", "nsenter", "unshare", "socat", "ss", "readlink", "timeout"),
+)
+
+
+# ---------------------------------------------------------------- the bare runtime
+
+def pid_word(L, proc):
+    """A started process's PID as a command word: its number; in a dry run the shell variable
+    the script keeps it in ($! of the job), known only when the script runs."""
+    return str(proc.pid) if proc is not None else Expand("$" + L.r.jobs[-1])
+
+
+def proc_path(pid, what):
+    """/proc/PID/WHAT as a command word (one the script expands when PID is its variable)."""
+    path = f"/proc/{pid}/{what}"
+    return Expand(path) if isinstance(pid, Expand) else path
+
+
+def ip_pid(*args):
+    """`ip ARGS` where a word may be a PID the script expands (cnikit's ip() makes each a plain str)."""
+    return ["ip", *args]
+
+
+def in_ns_of(pid, argv, *namespaces):
+    """ARGV inside the namespaces of process PID (default: its network namespace)."""
+    return ["nsenter", "-t", pid, *(namespaces or ("-n",))] + list(argv)
+
+
+def wait_exec(L, pid, comm):
+    """Wait until process PID has become COMM: it execs only after entering its namespaces,
+    so from then on /proc/PID/ns/ shows where it lives (a runtime waits for its start too)."""
+    script = 'until grep -qx "$2" /proc/$1/comm; do sleep 0.02; done'
+    L.r.run(["timeout", WAIT, "sh", "-c", script, "sh", pid, comm])
+
+
+def start(L, argv, comm):
+    """Start a container's process in the background; returns (Popen or None, its PID word)."""
+    proc = L.r.spawn(argv)
+    pid = pid_word(L, proc)
+    wait_exec(L, pid, comm)
+    return proc, pid
+
+
+def plug(L, name):
+    L.r.run(ip("link", "set", "dev", host_end(name), "master", BRIDGE))
+
+
+def wire(L, name, pid, master=True):
+    """What a runtime (or its CNI plugin) does for a container's network: a veth pair made on
+    the host, its container end moved into the namespace of PID as eth0 (MAC from the address),
+    the address and default route inside, the host end up and (MASTER) a port of the bridge.
+    Returns the record the runtime keeps, as `docker inspect` reports it."""
+    r, cidr = L.r, ADDRS[name]
+    # The host end is the runtime's: it goes with the container (the end of verify), so it is
+    # listed for --host but not rolled back (it would be gone by then).
+    r.run(ip_pid("link", "add", host_end(name), "type", "veth", "peer", "name", "eth0", "address", mac_of(cidr),
+             "netns", pid), creates=cnikit.Change("link", host_end(name)))
+    r.run(cnikit.tag_link(host_end(name)))
+    for argv in (ip("addr", "add", cidr, "dev", "eth0"), ip("link", "set", "dev", "eth0", "up"),
+                 ip("link", "set", "dev", "lo", "up"), ip("route", "add", "default", "via", GATEWAY_IP)):
+        r.run(in_ns_of(pid, argv))
+    r.run(cnikit.link_up(host_end(name)))
+    if master:
+        plug(L, name)
+    return {"pid": pid, "ip": cidr.split("/")[0], "mac": mac_of(cidr), "host_end": host_end(name), "bridge": BRIDGE}
+
+
+# ---------------------------------------------------------------- the lesson
+
+def build(L):
+    r = L.r
+    L.stage = {}
+    L.step("the runtime's network on the host, as Docker makes docker0: a bridge with the gateway address, "
+           f"and NAT for its subnet out of the uplink ({UPLINK} stands for it here)")
+    cnikit.bridge_add(r, BRIDGE, addr=GATEWAY)
+    r.run(ip("link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK_FAR), creates=cnikit.Change.link(UPLINK))
+    r.run(cnikit.tag_link(UPLINK))
+    r.run(cnikit.link_up(UPLINK))
+    if L.step(f"masquerade what {SUBNET} sends out of {UPLINK} (lesson 05), as Docker does for docker0's subnet",
+              skip="nat"):
+        cnikit.nat_add(r, SUBNET, UPLINK)
+
+    L.step("start a container the way every runtime does underneath: a process in fresh network, UTS and IPC "
+           "namespaces (`unshare`, what runc does with clone flags). Nothing names its network namespace: "
+           "it lives as long as a process (or a mount) holds it")
+    proc, pid = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+    L.stage["c1_proc"] = proc
+    L.step("wire it as a runtime's network driver does: the veth is made on the host and its peer moved into "
+           "the namespace of the container's PID (`netns PID`), named eth0, given the address and a default route")
+    L.stage[CONTAINER] = wire(L, CONTAINER, pid, master=False)
+    if L.step(f"its host end becomes a port of {BRIDGE}", skip="master"):
+        plug(L, CONTAINER)
+    record = L.stage[CONTAINER]
+    L.say(f"the runtime's record of {CONTAINER} (what `docker inspect` reports): pid {record['pid']}, "
+          f"IPAddress {record['ip']}, MacAddress {record['mac']}, host end {record['host_end']} on {record['bridge']}")
+
+    # From here on the lesson only looks: everything below is what you can do to any container.
+    L.step("find it from the outside. Its PID is the key (Docker: `docker inspect -f '{{.State.Pid}}' NAME`); "
+           "/proc/PID/ns/net is its network namespace, an inode: compare it with the host's own")
+    r.show(["readlink", proc_path(pid, "ns/net"), "/proc/self/ns/net"])
+
+    L.step("enter only its network namespace and look: `nsenter -t PID -n` runs a host tool (ip) in there, "
+           "so it works even for an image without ip")
+    L.stage["c1_addr"] = r.show(in_ns_of(pid, ip("-br", "addr")))
+
+    L.step("`ip netns identify PID` names a process's namespace only if it is bound under /run/netns. Docker "
+           "and this runtime never put it there (podman and containerd's CRI do: /run/netns/cni-...), so the "
+           "answer is empty; `ip netns attach NAME PID` binds it there, and `ip netns`/`ip -n` work on it")
+    L.stage["identify_before"] = r.show(ip_pid("netns", "identify", pid))
+    r.run(ip_pid("netns", "attach", NAME, pid), creates=cnikit.Change("netns", NAME))
+    try:
+        L.stage["identify_after"] = r.show(ip_pid("netns", "identify", pid))
+    finally:
+        # The name would keep the namespace (and its veth) alive after the container: drop it now.
+        r.run(ip("netns", "del", NAME))
+
+    L.step("eth0's @ifN is its veth peer's interface index (iflink) in the namespace it links to: here, the host")
+    link = r.show(in_ns_of(pid, ip("-o", "link", "show", "dev", "eth0")))
+    peer_index = _iflink_from_o_line(link)
+    L.say(f"eth0@if{peer_index}: the host interface with index {peer_index} is its other end" if peer_index else
+          "eth0@ifN: the host interface with index N is its other end")
+
+    L.step("the host's veths with their indexes: the one with eth0's N is the host end; `master` names its bridge")
+    veths = r.show(ip("-o", "link", "show", "type", "veth"))
+    found = _name_with_index(veths, peer_index)
+    L.stage["host_end"] = found
+    if found:
+        L.say(f"index {peer_index} is {found}; its line says `master` and the bridge, if it is a port")
+    elif r.dry_run:
+        L.say(f"here it is {host_end(CONTAINER)}")
+    r.show(ip("-br", "link", "show", "master", BRIDGE))
+    r.show(ip("-br", "addr", "show", "dev", BRIDGE))
+
+    L.step(f"the NAT and forward rules for its subnet {SUBNET}: the lines of `iptables-save` that name it")
+    save = ["iptables-save"]
+    r.echo(save)
+    if not r.dry_run:
+        out = r.execute(save).stdout
+        L.stage["nat_lines"] = [line for line in out.splitlines() if SUBNET in line]
+        if not r.quiet:
+            r.output("\n".join(L.stage["nat_lines"]) or "(no line names it)")
+
+    L.step("a pod: its pause container is only a process holding fresh namespaces; the runtime wires that "
+           "namespace once (one eth0 for the whole pod)")
+    pause_proc, pause = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+    L.stage[POD] = wire(L, POD, pause)
+
+    L.step("the app container joins the pause process's namespaces (`nsenter -t PAUSE_PID --net --uts --ipc`, "
+           "what runc does for a pod's containers with the pause's /proc/PID/ns/ paths) and listens on 127.0.0.1")
+    app_proc = r.spawn(in_ns_of(pause, ["socat", f"TCP-LISTEN:{PORT},bind=127.0.0.1,reuseaddr,fork",
+                                        f"SYSTEM:echo {GREETING}"], *SHARED))
+    app = pid_word(L, app_proc)
+    script = f'until ss -Htln "sport = :{PORT}" | grep -q .; do sleep 0.02; done'
+    r.run(in_ns_of(pause, ["timeout", WAIT, "sh", "-c", script]))
+
+    if L.step("the sidecar container joins the same namespaces", skip="join"):
+        side_proc, side = start(L, in_ns_of(pause, ["sleep", "infinity"], *SHARED), "sleep")
+    else:
+        L.say("instead, it starts as a container of its own: fresh namespaces")
+        side_proc, side = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+    L.stage["pod_procs"] = {"pause": pause, "app": app, "sidecar": side}
+
+    L.step("look from each container of the pod: one network namespace, so one `ip addr` (the pod's eth0 and "
+           "its own lo, where 127.0.0.1 is)")
+    for who in (app, side):
+        r.show(in_ns_of(who, ip("-br", "addr")))
+    L.stage["stop"] = [side_proc, app_proc, pause_proc, proc]
+
+
+def verify(L):
+    r, stage = L.r, L.stage
+    record, pid = stage[CONTAINER], stage[CONTAINER]["pid"]
+    host_ns, c1_ns = _readlink(L, "/proc/self/ns/net"), _readlink(L, proc_path(pid, "ns/net"))
+    L.check("c1 lives in a network namespace of its own (its net:[inode] is not the host's)",
+            c1_ns and host_ns and c1_ns != host_ns, f"{c1_ns} vs {host_ns}")
+
+    eth0 = _link_json(r, in_ns_of(pid, ip("-j", "addr", "show", "dev", "eth0")))
+    found_ip = [a["local"] for a in eth0.get("addr_info", []) if a.get("family") == "inet"]
+    L.check(f"eth0 found through PID {pid} has the runtime's IPAddress {record['ip']}",
+            found_ip == [record["ip"]], f"found {found_ip}")
+    L.check(f"eth0 found through PID {pid} has the runtime's MacAddress {record['mac']}",
+            eth0.get("address") == record["mac"], f"found {eth0.get('address')}")
+
+    L.check("`ip netns identify PID` was empty (no name under /run/netns) until `ip netns attach` named it",
+            not (stage.get("identify_before") or "").strip() and (stage.get("identify_after") or "").split() == [NAME],
+            f"before {stage.get('identify_before')!r}, after {stage.get('identify_after')!r}")
+
+    host = _link_json(r, ip("-j", "-d", "link", "show", "dev", record["host_end"])) if stage.get("host_end") else {}
+    L.check(f"the host interface with eth0's peer index is the runtime's host end {record['host_end']}",
+            stage.get("host_end") == record["host_end"], f"found {stage.get('host_end')}")
+    L.check(f"{record['host_end']} and eth0 are each other's peer (iflink = the other's ifindex, both ways)",
+            host and eth0 and eth0.get("link_index") == host.get("ifindex") and host.get("link_index") == eth0.get("ifindex"))
+    L.check(f"its master is the runtime's bridge {record['bridge']}", host.get("master") == record["bridge"],
+            f"master {host.get('master')}")
+    L.check(f"c1 reaches its gateway {GATEWAY_IP} through veth and bridge", r.probe(in_ns_of(pid, [*PING, GATEWAY_IP]))[0])
+    nat = [line for line in stage.get("nat_lines", []) if "MASQUERADE" in line]
+    L.check(f"iptables-save has a MASQUERADE rule for {SUBNET}", nat, "no line names the subnet")
+
+    procs = stage["pod_procs"]
+    inodes = {role: _readlink(L, proc_path(p, "ns/net")) for role, p in procs.items()}
+    L.check("pause, app and sidecar share one network namespace (one net:[inode])",
+            len(set(inodes.values())) == 1 and all(inodes.values()) and inodes["pause"] != host_ns,
+            ", ".join(f"{k} {v}" for k, v in inodes.items()))
+    seen = {role: _interfaces(r, procs[role]) for role in ("app", "sidecar")}
+    L.check("`ip addr` seen from the app and from the sidecar shows the same interfaces",
+            seen["app"] and seen["app"] == seen["sidecar"], f"app {seen['app']}, sidecar {seen['sidecar']}")
+    ok, out = r.probe(in_ns_of(procs["sidecar"], ["socat", "-u", f"TCP:127.0.0.1:{PORT},connect-timeout=2", "-"]))
+    L.check(f"the sidecar reaches the app on 127.0.0.1:{PORT} (localhost is the pod's)", ok and GREETING in out,
+            out.strip().splitlines()[-1] if out.strip() else "no answer")
+
+    L.explore("then the containers stop and everything goes")
+    if L.keeps_on_host():
+        return
+    L.say("")
+    L.say("stop the pod and the container as a runtime does: CNI DEL's part first (deleting the host end of a "
+          "veth takes its peer with it), then the processes; their namespaces go with the last of them")
+    for name in (POD, CONTAINER):
+        r.run(ip("link", "del", host_end(name)))
+    for proc in stage["stop"]:
+        r.stop(proc)
+
+
+# ---------------------------------------------------------------- reading what was found
+
+def _iflink_from_o_line(line):
+    """N of `eth0@ifN:` in an `ip -o link` line (None when there is none)."""
+    head = (line or "").split(":")
+    if len(head) > 1 and "@if" in head[1]:
+        n = head[1].split("@if", 1)[1].strip()
+        return int(n) if n.isdigit() else None
+    return None
+
+
+def _name_with_index(lines, index):
+    """The interface whose index is INDEX in `ip -o link` output."""
+    for line in (lines or "").splitlines():
+        parts = line.split(":")
+        if index is not None and len(parts) > 1 and parts[0].strip() == str(index):
+            return parts[1].strip().split("@")[0]
+    return None
+
+
+def _readlink(L, path):
+    ok, out = L.r.probe(["readlink", path])
+    return out.strip() if ok else ""
+
+
+def _link_json(r, argv):
+    data = r.query_json(argv)
+    return data[0] if data else {}
+
+
+def _interfaces(r, pid):
+    """(name, IPv4 addresses) of every interface `ip -j addr` shows inside PID's network namespace
+    (IPv6 link-local addresses come and go with DAD: not what tells namespaces apart)."""
+    data = r.query_json(in_ns_of(pid, ip("-j", "addr"))) or []
+    return sorted((l["ifname"], tuple(sorted(a["local"] for a in l.get("addr_info", []) if a.get("family") == "inet")))
+                  for l in data)
+
+
+if __name__ == "__main__":
+    LESSON.main(build, verify)

@@ -1,0 +1,175 @@
+"""Lesson 07e (your container is a namespace): it PASSes in its sandbox and leaves nothing (no
+process, namespace, link or rule); what it says it found is what the kernel has, looked up here
+independently (ip -j, /proc, nsenter, a real TCP connection over the pod's localhost); each
+--skip makes the proof it names FAIL; --host refuses a namespace name it would reuse.
+
+Its dry run under `dash -e` (tests/test_dryrun_dash.py) and its --host runs on the Docker-host
+and kind-node profiles (tests/test_host_profiles.py) are covered where every lesson is.
+"""
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from host_state import host_state
+from kernel import ROOT, run_stage
+
+SCRIPT = "07e_container.py"
+TIMEOUT = 60
+MARK = "CNIKIT_LESSON_07E"       # every process a lesson run starts inherits it
+
+
+def load():
+    sys.path.insert(0, os.path.join(ROOT, "stages"))
+    spec = importlib.util.spec_from_file_location("lesson_07e", os.path.join(ROOT, "stages", SCRIPT))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def verdict(proc):
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(("PASS lesson", "FAIL lesson"))]
+    return lines[-1] if lines else ""
+
+
+def marked(mark):
+    """Live processes whose environment carries MARK=<mark>."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if f"{MARK}={mark}".encode() in env and stat[stat.rindex(")") + 2:][:1] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def assert_no_process_left(mark):
+    deadline = time.monotonic() + 2
+    while (left := marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:                       # never leak one out of the test, then report it
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"the lesson left {len(left)} process(es) running"
+
+
+def ip_json(*args, pid=None):
+    argv = (["nsenter", "-t", str(pid), "-n"] if pid else []) + ["ip", "-j", *args]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+
+
+def netns_inode(pid="self"):
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def run_marked(*args, env=None):
+    mark = uuid.uuid4().hex
+    proc = run_stage(SCRIPT, *args, env=dict(os.environ, **{MARK: mark}, **(env or {})), timeout=TIMEOUT)
+    assert_no_process_left(mark)
+    return proc
+
+
+# ---------------------------------------------------------------- the lesson as a learner runs it
+
+def test_lesson_passes_in_its_sandbox_and_leaves_nothing():
+    before = host_state()
+    proc = run_marked()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert verdict(proc).startswith("PASS lesson 07e container")
+    out = proc.stdout
+    assert "FAILED" not in out and "Traceback" not in proc.stderr
+    # found from the outside, step by step: the PID's namespace, nsenter, identify, the peer index
+    assert re.search(r"^readlink /proc/\d+/ns/net /proc/self/ns/net\nnet:\[\d+\]\nnet:\[\d+\]$", out, re.M)
+    assert re.search(r"^nsenter -t \d+ -n ip -br addr$", out, re.M)
+    identify = re.search(r"^ip netns identify (\d+)\n\nip netns attach c1 \1\nip netns identify \1\nc1$", out, re.M)
+    assert identify, out
+    peer = re.search(r"^\d+: eth0@if(\d+):", out, re.M)
+    assert peer and re.search(rf"^{peer.group(1)}: veth-c1@if\d+: .* master br0 ", out, re.M)
+    assert re.search(r"^-A CNIKIT-NAT-\w+ -s 10\.0\.9\.0/24 -o uplink0 .*-j MASQUERADE$", out, re.M)
+    assert re.search(r"^nsenter -t \d+ -n socat -u TCP:127\.0\.0\.1:8080,connect-timeout=2 -\n"
+                     r"hello-from-app-over-localhost$", out, re.M)
+    assert host_state() == before
+
+
+def test_what_the_lesson_finds_is_what_the_kernel_has():
+    """build() in this test's sandbox, then every fact its proofs rest on looked up here
+    independently, before its own verify() runs and tears the containers down."""
+    mod = load()
+    L = mod.LESSON.start(quiet=True)
+    try:
+        mod.build(L)
+        record, procs = L.stage["c1"], L.stage["pod_procs"]
+        pid = int(record["pid"])
+        assert netns_inode(pid) != netns_inode()
+        eth0 = ip_json("addr", "show", "dev", "eth0", pid=pid)[0]
+        assert [a["local"] for a in eth0["addr_info"] if a["family"] == "inet"] == ["10.0.9.2"] == [record["ip"]]
+        assert eth0["address"] == record["mac"] == "02:42:0a:00:09:02"
+        host = ip_json("-d", "link", "show", "dev", "veth-c1")[0]
+        assert eth0["link_index"] == host["ifindex"] and host["link_index"] == eth0["ifindex"]
+        assert host["master"] == "br0" and L.stage["host_end"] == "veth-c1"
+        assert not os.listdir("/run/netns")                 # the name c1 was dropped again
+        inodes = {netns_inode(int(p)) for p in procs.values()}
+        assert len(inodes) == 1 and inodes != {netns_inode()}
+        got = subprocess.run(["nsenter", "-t", str(procs["sidecar"]), "-n", "socat", "-u",
+                              "TCP:127.0.0.1:8080,connect-timeout=2", "-"], capture_output=True, text=True, timeout=10)
+        assert got.stdout.strip() == "hello-from-app-over-localhost"
+        mod.verify(L)
+        assert L.passed(), [c for c in L.checks if not c[1]]
+        # the runtime's stop: the host ends are gone and no process of the lesson is left
+        names = {link["ifname"] for link in ip_json("link", "show")}
+        assert not names & {"veth-c1", "veth-pod1"}
+        assert not L.r.procs
+    finally:
+        L.r.stop_all()
+
+
+# ---------------------------------------------------------------- each essential step, left out
+
+@pytest.mark.parametrize("step,broken", [
+    ("master", "its master is the runtime's bridge br0"),
+    ("nat", "iptables-save has a MASQUERADE rule for 10.0.9.0/24"),
+    ("join", "the sidecar reaches the app on 127.0.0.1:8080"),
+])
+def test_leaving_out_a_step_fails_the_proof_it_names(step, broken):
+    proc = run_marked("--skip", step)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert verdict(proc).startswith("FAIL lesson 07e container: ")
+    assert broken in verdict(proc)
+    assert f"skipped (--skip {step})" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_without_join_the_sidecar_has_a_namespace_of_its_own():
+    proc = run_marked("--skip", "join")
+    assert "# check: pause, app and sidecar share one network namespace (one net:[inode]): FAILED" in proc.stdout
+    inodes = re.search(r"pause (net:\[\d+\]), app (net:\[\d+\]), sidecar (net:\[\d+\])", proc.stdout)
+    assert inodes and inodes.group(1) == inodes.group(2) != inodes.group(3)
+
+
+# ---------------------------------------------------------------- bad input, --host
+
+def test_an_unknown_step_is_one_line_and_exit_2():
+    proc = run_stage(SCRIPT, "--skip", "nosuch", timeout=TIMEOUT)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "nosuch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_host_mode_refuses_a_namespace_name_it_would_use_and_changes_nothing():
+    subprocess.run(["ip", "netns", "add", "c1"], check=True)
+    before = host_state()
+    proc = run_marked("--host")
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "namespace c1 already exists" in proc.stderr
+    assert host_state() == before
