@@ -4,6 +4,7 @@ outside, then a pod: a pause process holding one network namespace and two conta
 
     sudo python3 stages/07e_container.py           # in a throwaway sandbox
     python3 stages/07e_container.py --dry-run      # the lesson as a shell script
+    sudo python3 stages/07e_container.py --host --container web   # YOUR running container "web"
 
 It comes after 07 because it reads back, from a running container, what the earlier lessons
 built by hand: the veth (02), the bridge (03), the NAT rules (05) and a runtime's wiring (07).
@@ -17,7 +18,19 @@ derives eth0's MAC from the address (02:42 + the IPv4 bytes) and names no namesp
 as `docker inspect` reports it, and the lesson's proofs match what it found from the outside
 against that record. Nothing here depends on a daemon, so the lesson runs in its sandbox in a
 second or two and leaves nothing behind.
+
+With --host --container NAME it looks at your own running container instead (Docker's if its
+daemon answers and knows NAME, else podman's; --runtime picks): `inspect` gives its PID and its
+first network's address, MAC and gateway, and every step after that only reads. It never gives
+that container's namespace a name (the name would keep the namespace alive after the container)
+and never sends a packet from it (it is not the lesson's); the pod part still uses the lesson's
+own processes.
 """
+import ipaddress
+import os
+import re
+import sys
+
 from lesson import PING, Expand, Lesson, cnikit, ip
 
 BRIDGE, GATEWAY, SUBNET = "br0", "10.0.9.1/24", "10.0.9.0/24"
@@ -33,6 +46,12 @@ SHARED = ("--net", "--uts", "--ipc")
 PORT = 8080
 GREETING = "hello-from-app-over-localhost"
 WAIT = "5"                  # seconds a process gets to start (exec after entering its namespaces)
+# --host --container NAME: the learner's own running container, looked at and never changed.
+# What `docker inspect` and `podman inspect` both answer (a container's first network).
+INSPECT = ("{{.State.Pid}} {{.State.Running}} {{range .NetworkSettings.Networks}}{{.IPAddress}} "
+           "{{.IPPrefixLen}} {{.MacAddress}} {{.Gateway}} {{end}}")
+RUNTIMES = ("docker", "podman")
+OPTIONS = {"picked": None}  # the record of the learner's container, when --container names one
 
 
 def host_end(name):
@@ -133,7 +152,8 @@ def wire(L, name, pid, master=True):
     r.run(cnikit.link_up(host_end(name)))
     if master:
         plug(L, name)
-    return {"pid": pid, "ip": cidr.split("/")[0], "mac": mac_of(cidr), "host_end": host_end(name), "bridge": BRIDGE}
+    return {"name": name, "runtime": "bare", "pid": pid, "ip": cidr.split("/")[0], "prefix": cidr.split("/")[1],
+            "mac": mac_of(cidr), "gateway": GATEWAY_IP, "host_end": host_end(name)}
 
 
 # ---------------------------------------------------------------- the lesson
@@ -151,19 +171,27 @@ def build(L):
               skip="nat"):
         cnikit.nat_add(r, SUBNET, UPLINK)
 
-    L.step("start a container the way every runtime does underneath: a process in fresh network, UTS and IPC "
-           "namespaces (`unshare`, what runc does with clone flags). Nothing names its network namespace: "
-           "it lives as long as a process (or a mount) holds it")
-    proc, pid = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
-    L.stage["c1_proc"] = proc
-    L.step("wire it as a runtime's network driver does: the veth is made on the host and its peer moved into "
-           "the namespace of the container's PID (`netns PID`), named eth0, given the address and a default route")
-    L.stage[CONTAINER] = wire(L, CONTAINER, pid, master=False)
-    if L.step(f"its host end becomes a port of {BRIDGE}", skip="master"):
-        plug(L, CONTAINER)
-    record = L.stage[CONTAINER]
-    L.say(f"the runtime's record of {CONTAINER} (what `docker inspect` reports): pid {record['pid']}, "
-          f"IPAddress {record['ip']}, MacAddress {record['mac']}, host end {record['host_end']} on {record['bridge']}")
+    proc = None
+    if OPTIONS["picked"]:
+        record = dict(OPTIONS["picked"])
+        L.step(f"your container {record['name']}, as {record['runtime']} reports it: its PID and its first "
+               "network's address, MAC and gateway (the lesson only looks at it: it changes nothing there)")
+        r.show([record["runtime"], "inspect", "-f", INSPECT, record["name"]])
+    else:
+        L.step("start a container the way every runtime does underneath: a process in fresh network, UTS and IPC "
+               "namespaces (`unshare`, what runc does with clone flags). Nothing names its network namespace: "
+               "it lives as long as a process (or a mount) holds it")
+        proc, pid = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+        L.step("wire it as a runtime's network driver does: the veth is made on the host and its peer moved into "
+               "the namespace of the container's PID (`netns PID`), named eth0, given the address and a default "
+               "route")
+        record = wire(L, CONTAINER, pid, master=False)
+        if L.step(f"its host end becomes a port of {BRIDGE}", skip="master"):
+            plug(L, CONTAINER)
+    L.stage[CONTAINER] = record
+    pid, name = record["pid"], record["name"]
+    L.say(f"the {record['runtime']} runtime's record of {name} (what `docker inspect` reports): pid {pid}, "
+          f"IPAddress {record['ip']}/{record['prefix']}, MacAddress {record['mac']}, Gateway {record['gateway']}")
 
     # From here on the lesson only looks: everything below is what you can do to any container.
     L.step("find it from the outside. Its PID is the key (Docker: `docker inspect -f '{{.State.Pid}}' NAME`); "
@@ -175,15 +203,19 @@ def build(L):
     L.stage["c1_addr"] = r.show(in_ns_of(pid, ip("-br", "addr")))
 
     L.step("`ip netns identify PID` names a process's namespace only if it is bound under /run/netns. Docker "
-           "and this runtime never put it there (podman and containerd's CRI do: /run/netns/cni-...), so the "
-           "answer is empty; `ip netns attach NAME PID` binds it there, and `ip netns`/`ip -n` work on it")
+           "and the bare runtime never put it there: no answer. podman and containerd's CRI do (/run/netns/"
+           "netns-..., cni-...): a name. `ip netns attach NAME PID` binds one there, and `ip -n NAME` works on it")
     L.stage["identify_before"] = r.show(ip_pid("netns", "identify", pid))
-    r.run(ip_pid("netns", "attach", NAME, pid), creates=cnikit.Change("netns", NAME))
-    try:
-        L.stage["identify_after"] = r.show(ip_pid("netns", "identify", pid))
-    finally:
-        # The name would keep the namespace (and its veth) alive after the container: drop it now.
-        r.run(ip("netns", "del", NAME))
+    if OPTIONS["picked"]:
+        L.say("(your container gets no name from the lesson: a name under /run/netns would keep its namespace "
+              "alive after it stops)")
+    else:
+        r.run(ip_pid("netns", "attach", NAME, pid), creates=cnikit.Change("netns", NAME))
+        try:
+            L.stage["identify_after"] = r.show(ip_pid("netns", "identify", pid))
+        finally:
+            # The name would keep the namespace (and its veth) alive after the container: drop it now.
+            r.run(ip("netns", "del", NAME))
 
     L.step("eth0's @ifN is its veth peer's interface index (iflink) in the namespace it links to: here, the host")
     link = r.show(in_ns_of(pid, ip("-o", "link", "show", "dev", "eth0")))
@@ -193,23 +225,29 @@ def build(L):
 
     L.step("the host's veths with their indexes: the one with eth0's N is the host end; `master` names its bridge")
     veths = r.show(ip("-o", "link", "show", "type", "veth"))
-    found = _name_with_index(veths, peer_index)
-    L.stage["host_end"] = found
+    found, master = _with_index(veths, peer_index)
+    L.stage["host_end"], L.stage["master"] = found, master
     if found:
-        L.say(f"index {peer_index} is {found}; its line says `master` and the bridge, if it is a port")
+        L.say(f"index {peer_index} is {found}" + (f", a port of {master}" if master else ", a port of no bridge"))
     elif r.dry_run:
-        L.say(f"here it is {host_end(CONTAINER)}")
-    r.show(ip("-br", "link", "show", "master", BRIDGE))
-    r.show(ip("-br", "addr", "show", "dev", BRIDGE))
+        found, master = host_end(CONTAINER), BRIDGE
+        L.say(f"here it is {found}, a port of {master}")
+    if master:
+        r.show(ip("-br", "link", "show", "master", master))
+        r.show(ip("-br", "addr", "show", "dev", master))
 
-    L.step(f"the NAT and forward rules for its subnet {SUBNET}: the lines of `iptables-save` that name it")
+    subnet = str(ipaddress.ip_network(f"{record['ip']}/{record['prefix']}", strict=False)) \
+        if not r.dry_run or not OPTIONS["picked"] else SUBNET
+    L.stage["subnet"] = subnet
+    L.step(f"the NAT and forward rules for its subnet {subnet}: the lines of `iptables-save` that name it or its "
+           "address, and the MASQUERADE they lead to (directly, or in the chain they jump to)")
     save = ["iptables-save"]
     r.echo(save)
     if not r.dry_run:
-        out = r.execute(save).stdout
-        L.stage["nat_lines"] = [line for line in out.splitlines() if SUBNET in line]
+        lines, masq = rules_for(r.execute(save).stdout, subnet, record["ip"])
+        L.stage["nat_lines"], L.stage["masquerade"] = lines, masq
         if not r.quiet:
-            r.output("\n".join(L.stage["nat_lines"]) or "(no line names it)")
+            r.output("\n".join(dict.fromkeys(lines + masq)) or "(no line names it)")
 
     L.step("a pod: its pause container is only a process holding fresh namespaces; the runtime wires that "
            "namespace once (one eth0 for the whole pod)")
@@ -235,37 +273,50 @@ def build(L):
            "its own lo, where 127.0.0.1 is)")
     for who in (app, side):
         r.show(in_ns_of(who, ip("-br", "addr")))
-    L.stage["stop"] = [side_proc, app_proc, pause_proc, proc]
+    L.stage["own"] = not OPTIONS["picked"]         # the lesson started c1: it stops it at the end
+    L.stage["stop"] = [side_proc, app_proc, pause_proc] + ([proc] if L.stage["own"] else [])
 
 
 def verify(L):
     r, stage = L.r, L.stage
-    record, pid = stage[CONTAINER], stage[CONTAINER]["pid"]
+    record, own = stage[CONTAINER], stage["own"]
+    pid, name = record["pid"], record["name"]
+    runtime = "the bare runtime" if own else record["runtime"]
     host_ns, c1_ns = _readlink(L, "/proc/self/ns/net"), _readlink(L, proc_path(pid, "ns/net"))
-    L.check("c1 lives in a network namespace of its own (its net:[inode] is not the host's)",
+    L.check(f"{name} lives in a network namespace of its own (its net:[inode] is not the host's)",
             c1_ns and host_ns and c1_ns != host_ns, f"{c1_ns} vs {host_ns}")
 
     eth0 = _link_json(r, in_ns_of(pid, ip("-j", "addr", "show", "dev", "eth0")))
     found_ip = [a["local"] for a in eth0.get("addr_info", []) if a.get("family") == "inet"]
-    L.check(f"eth0 found through PID {pid} has the runtime's IPAddress {record['ip']}",
-            found_ip == [record["ip"]], f"found {found_ip}")
-    L.check(f"eth0 found through PID {pid} has the runtime's MacAddress {record['mac']}",
+    L.check(f"eth0 found through PID {pid} has the address {runtime} reports, {record['ip']}",
+            record["ip"] in found_ip, f"found {found_ip}")
+    L.check(f"eth0 found through PID {pid} has the MAC {runtime} reports, {record['mac']}",
             eth0.get("address") == record["mac"], f"found {eth0.get('address')}")
+    if own:
+        L.check("`ip netns identify PID` was empty (no name under /run/netns) until `ip netns attach` named it",
+                not (stage.get("identify_before") or "").strip()
+                and (stage.get("identify_after") or "").split() == [NAME],
+                f"before {stage.get('identify_before')!r}, after {stage.get('identify_after')!r}")
 
-    L.check("`ip netns identify PID` was empty (no name under /run/netns) until `ip netns attach` named it",
-            not (stage.get("identify_before") or "").strip() and (stage.get("identify_after") or "").split() == [NAME],
-            f"before {stage.get('identify_before')!r}, after {stage.get('identify_after')!r}")
-
-    host = _link_json(r, ip("-j", "-d", "link", "show", "dev", record["host_end"])) if stage.get("host_end") else {}
-    L.check(f"the host interface with eth0's peer index is the runtime's host end {record['host_end']}",
-            stage.get("host_end") == record["host_end"], f"found {stage.get('host_end')}")
-    L.check(f"{record['host_end']} and eth0 are each other's peer (iflink = the other's ifindex, both ways)",
-            host and eth0 and eth0.get("link_index") == host.get("ifindex") and host.get("link_index") == eth0.get("ifindex"))
-    L.check(f"its master is the runtime's bridge {record['bridge']}", host.get("master") == record["bridge"],
-            f"master {host.get('master')}")
-    L.check(f"c1 reaches its gateway {GATEWAY_IP} through veth and bridge", r.probe(in_ns_of(pid, [*PING, GATEWAY_IP]))[0])
-    nat = [line for line in stage.get("nat_lines", []) if "MASQUERADE" in line]
-    L.check(f"iptables-save has a MASQUERADE rule for {SUBNET}", nat, "no line names the subnet")
+    found = stage.get("host_end")
+    host = _link_json(r, ip("-j", "-d", "link", "show", "dev", found)) if found else {}
+    if own:
+        L.check(f"the host interface with eth0's peer index is the runtime's host end {record['host_end']}",
+                found == record["host_end"], f"found {found}")
+    L.check(f"the host end {found} and eth0 are each other's peer (iflink = the other's ifindex, both ways)",
+            host and eth0 and eth0.get("link_index") == host.get("ifindex")
+            and host.get("link_index") == eth0.get("ifindex"))
+    master = host.get("master")
+    bridge = _link_json(r, ip("-j", "-d", "addr", "show", "dev", master)) if master else {}
+    on_bridge = [a["local"] for a in bridge.get("addr_info", []) if a.get("family") == "inet"]
+    L.check(f"its master is a bridge holding the gateway {runtime} reports, {record['gateway']}",
+            bridge.get("linkinfo", {}).get("info_kind") == "bridge" and record["gateway"] in on_bridge,
+            f"master {master}, addresses {on_bridge}")
+    if own:     # a packet from the learner's container would leave namespaces the lesson created
+        L.check(f"c1 reaches its gateway {GATEWAY_IP} through veth and bridge",
+                r.probe(in_ns_of(pid, [*PING, GATEWAY_IP]))[0])
+    L.check(f"iptables-save masquerades {stage['subnet']} (a MASQUERADE rule names it or is jumped to for it)",
+            stage.get("masquerade"), "no such line")
 
     procs = stage["pod_procs"]
     inodes = {role: _readlink(L, proc_path(p, "ns/net")) for role, p in procs.items()}
@@ -285,7 +336,7 @@ def verify(L):
     L.say("")
     L.say("stop the pod and the container as a runtime does: CNI DEL's part first (deleting the host end of a "
           "veth takes its peer with it), then the processes; their namespaces go with the last of them")
-    for name in (POD, CONTAINER):
+    for name in (POD, CONTAINER) if own else (POD,):
         r.run(ip("link", "del", host_end(name)))
     for proc in stage["stop"]:
         r.stop(proc)
@@ -302,13 +353,34 @@ def _iflink_from_o_line(line):
     return None
 
 
-def _name_with_index(lines, index):
-    """The interface whose index is INDEX in `ip -o link` output."""
+def _with_index(lines, index):
+    """(name, master) of the interface whose index is INDEX in `ip -o link` output."""
     for line in (lines or "").splitlines():
         parts = line.split(":")
         if index is not None and len(parts) > 1 and parts[0].strip() == str(index):
-            return parts[1].strip().split("@")[0]
-    return None
+            master = re.search(r" master (\S+) ", line)
+            return parts[1].strip().split("@")[0], master.group(1) if master else None
+    return None, None
+
+
+def rules_for(save, subnet, addr):
+    """The `iptables-save` lines that name SUBNET or ADDR (/32), and the MASQUERADE lines they
+    lead to: among them, or one jump away (cnikit's CNIKIT-NAT-..., the reference bridge plugin's
+    CNI-... chain per container; Docker's rule masquerades the subnet itself)."""
+    table, named, jumps, rules = None, [], set(), []
+    for line in save.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            rules.append((table, line))
+            if subnet in line or f"{addr}/32" in line:
+                named.append(line)
+                target = re.search(r" -j (\S+)", line)
+                if target:
+                    jumps.add((table, target.group(1)))
+    masq = [line for table, line in rules if line.endswith("-j MASQUERADE") or " -j MASQUERADE " in line
+            if line in named or (table, line.split()[1]) in jumps]
+    return named, masq
 
 
 def _readlink(L, path):
@@ -329,5 +401,58 @@ def _interfaces(r, pid):
                   for l in data)
 
 
+# ---------------------------------------------------------------- --host --container NAME
+
+def pick(r, name, runtimes=RUNTIMES):
+    """The record of the learner's running container NAME, from the first of RUNTIMES that knows
+    it (docker only if its daemon answers); a read-only look-up. UsageError when none does."""
+    tried = []
+    for runtime in runtimes:
+        if not cnikit.which(runtime):
+            tried.append(f"{runtime} is not installed")
+            continue
+        ok, out = r.query([runtime, "inspect", "-f", INSPECT, name])
+        words = out.split()
+        if not ok or len(words) < 2:
+            tried.append(f"{runtime} knows no container {name}" if ok or runtime != "docker" else
+                         f"docker knows no container {name} (or its daemon does not answer)")
+            continue
+        if words[1] != "true" or words[0] in ("", "0"):
+            raise cnikit.UsageError(f"{runtime} container {name} is not running: start it, or pick a running one")
+        if len(words) < 6:
+            raise cnikit.UsageError(f"{runtime} container {name} has no network of its own (host or none): "
+                                    "there is no namespace of its own to find")
+        return {"name": name, "runtime": runtime, "pid": words[0], "ip": words[2], "prefix": words[3],
+                "mac": words[4].lower(), "gateway": words[5], "host_end": None}
+    raise cnikit.UsageError(f"no running container {name}: " + "; ".join(tried))
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")      # Docker's and podman's container names
+
+
+def main(argv=None):
+    p = LESSON.parser()
+    p.add_argument("--container", metavar="NAME",
+                   help="with --host: find YOUR running container NAME (Docker's or podman's) instead of starting "
+                        "one; read-only, the lesson never changes it (the pod part still uses its own)")
+    p.add_argument("--runtime", choices=RUNTIMES,
+                   help="with --container: ask this runtime (default: docker if its daemon answers, else podman)")
+    args = p.parse_args(argv)
+    if args.runtime and args.container is None:
+        p.error("--runtime needs --container NAME")
+    if args.container is not None:
+        if not args.host or args.dry_run:
+            p.error("--container needs --host and a live run: it looks at a container running on this host")
+        if not NAME_RE.match(args.container):
+            p.error(f"invalid container name {args.container!r}: letters, digits, '_', '.', '-'")
+        if os.geteuid() == 0:     # without root the lesson itself says it needs it
+            try:
+                OPTIONS["picked"] = pick(cnikit.Runner(quiet=True), args.container,
+                                         (args.runtime,) if args.runtime else RUNTIMES)
+            except cnikit.UsageError as e:
+                p.error(str(e))
+    return LESSON.run(build, verify, args)
+
+
 if __name__ == "__main__":
-    LESSON.main(build, verify)
+    sys.exit(main())

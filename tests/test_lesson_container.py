@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,8 +138,8 @@ def test_what_the_lesson_finds_is_what_the_kernel_has():
 # ---------------------------------------------------------------- each essential step, left out
 
 @pytest.mark.parametrize("step,broken", [
-    ("master", "its master is the runtime's bridge br0"),
-    ("nat", "iptables-save has a MASQUERADE rule for 10.0.9.0/24"),
+    ("master", "its master is a bridge holding the gateway the bare runtime reports, 10.0.9.1"),
+    ("nat", "iptables-save masquerades 10.0.9.0/24"),
     ("join", "the sidecar reaches the app on 127.0.0.1:8080"),
 ])
 def test_leaving_out_a_step_fails_the_proof_it_names(step, broken):
@@ -173,3 +174,105 @@ def test_host_mode_refuses_a_namespace_name_it_would_use_and_changes_nothing():
     assert proc.returncode == 2, proc.stdout[-2000:]
     assert "namespace c1 already exists" in proc.stderr
     assert host_state() == before
+
+
+def test_container_needs_host_and_a_real_name_and_runtime_needs_container():
+    for args, said in ((("--container", "web"), "--container needs --host"),
+                       (("--runtime", "podman"), "--runtime needs --container"),
+                       (("--host", "--container", "../x"), "invalid container name"),
+                       (("--host", "--container", "nosuch", "--runtime", "podman"), "no running container nosuch")):
+        before = kernel_state()
+        proc = run_stage(SCRIPT, *args, timeout=TIMEOUT)
+        assert proc.returncode == 2, (args, proc.stdout[-1000:], proc.stderr)
+        assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stdout == "" and kernel_state() == before
+
+
+def kernel_state():
+    """host_state() but for CNI's files: any podman command, `podman inspect` included, makes
+    its lock file /etc/cni/net.d/cni.lock (the lesson's look-up asks podman)."""
+    return {k: v for k, v in host_state().items() if k != "cni_files"}
+
+
+# ---------------------------------------------------------------- --host --container: the learner's own container
+
+LEARNER_SUBNET, LEARNER_GATEWAY = "10.244.14.0/24", "10.244.14.1"
+
+
+@pytest.fixture
+def learner_container():
+    """A running podman container (CNI backend) on a network of the reference bridge plugin
+    (isGateway, ipMasq: its masquerade sits in a chain per container, jumped to for its /32), as
+    a learner's host has one. Podman's store is a scratch dir of this sandbox; the environment
+    that makes a plain `podman` find it is yielded for the lesson."""
+    import runtimes
+    if not shutil.which("podman") or not runtimes.busybox() or not os.path.exists("/usr/lib/cni/bridge"):
+        pytest.skip("needs podman, busybox-static and containernetworking-plugins")
+    runtimes.mount_cgroups()
+    cgroups = runtimes.cgroup_dirs()
+    directory = runtimes.scratch_dir("le")
+    conf, storage = os.path.join(directory, "containers.conf"), os.path.join(directory, "storage.conf")
+    with open(conf, "w") as f:
+        f.write(runtimes.CONTAINERS_CONF.replace("[engine]\n", f'[engine]\ntmp_dir = "{directory}/tmp"\n', 1))
+    with open(storage, "w") as f:
+        f.write(f'[storage]\ndriver = "overlay"\ngraphroot = "{directory}/root"\nrunroot = "{directory}/runroot"\n')
+    env = dict(os.environ, CONTAINERS_CONF=conf, CONTAINERS_STORAGE_CONF=storage)
+    os.makedirs("/etc/cni/net.d", exist_ok=True)
+    with open("/etc/cni/net.d/30-learner.conflist", "w") as f:
+        json.dump({"cniVersion": "1.0.0", "name": "learner", "plugins": [
+            {"type": "bridge", "bridge": "cni-learner", "isGateway": True, "ipMasq": True,
+             "ipam": {"type": "host-local", "subnet": LEARNER_SUBNET}}]}, f)
+
+    def podman(*args, check=True):
+        return subprocess.run(["podman", *args], capture_output=True, text=True, env=env, check=check, timeout=120)
+    try:
+        tar = os.path.join(directory, "rootfs.tar")
+        with open(tar, "wb") as f:
+            f.write(runtimes.rootfs_tar())
+        podman("import", "--change", 'CMD ["/bin/sh"]', tar, runtimes.IMAGE)
+        started = podman("run", "-d", "--name", "web", "--network", "learner", runtimes.IMAGE, "sleep", "600",
+                         check=False)
+        if started.returncode != 0:
+            pytest.skip("podman cannot start a container here: " + started.stderr.strip()[-300:])
+        yield podman, env
+    finally:
+        podman("rm", "-a", "-f", "-t", "0", check=False)
+        runtimes.drop_scratch_dir(directory)
+        runtimes.drop_new_cgroups(cgroups)
+
+
+def test_host_container_finds_the_learners_container_and_never_changes_it(learner_container):
+    podman, env = learner_container
+    inspect = lambda: json.loads(podman("inspect", "web").stdout)[0]      # noqa: E731
+    before, seen = host_state(), inspect()
+    pid = seen["State"]["Pid"]
+    net = seen["NetworkSettings"]["Networks"]["learner"]
+    inside = ip_json("addr", pid=pid)
+    proc = run_marked("--host", "--container", "web", env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert verdict(proc).startswith("PASS lesson 07e container")
+    out = proc.stdout
+    assert f"podman runtime's record of web (what `docker inspect` reports): pid {pid}, " \
+           f"IPAddress {net['IPAddress']}/24, MacAddress {net['MacAddress']}, Gateway {LEARNER_GATEWAY}" in out
+    assert f"# check: eth0 found through PID {pid} has the address podman reports, {net['IPAddress']}: ok" in out
+    assert f"# check: its master is a bridge holding the gateway podman reports, {LEARNER_GATEWAY}: ok" in out
+    # the reference plugin's masquerade: the rule for the container's /32 jumps to its own chain
+    assert re.search(rf"^-A POSTROUTING -s {re.escape(net['IPAddress'])}/32 .*-j (CNI-\w+)$", out, re.M)
+    assert not re.search(r"^ip netns attach", out, re.M) and f"nsenter -t {pid} -n ping" not in out
+    # read-only: the container, its namespace and the host are as they were
+    after = inspect()
+    assert after["State"]["Running"] and after["State"]["Pid"] == pid
+    assert after["NetworkSettings"]["Networks"] == seen["NetworkSettings"]["Networks"]
+    strip = lambda links: [{k: v for k, v in l.items() if k != "stats"} for l in links]    # noqa: E731
+    assert strip(ip_json("addr", pid=pid)) == strip(inside)
+    assert ipv4_only(host_state()) == ipv4_only(before)
+
+
+def ipv4_only(state):
+    """STATE without IPv6: the kernel adds link-local addresses and their routes to the bridge and
+    veth of a container that just started, in its own time (DAD), whatever the lesson does."""
+    state = dict(state)
+    state["routes"] = [line for line in state["routes"].splitlines() if ":" not in line.split()[1 if line.startswith(
+        ("local", "multicast", "broadcast", "anycast", "unreachable")) else 0]]
+    state["addrs"] = [[w for w in line.split() if ":" not in w] for line in state["addrs"].splitlines()]
+    return state
