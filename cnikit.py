@@ -223,8 +223,30 @@ def veth_add_argv(name, peer, netns=None, mtu=None, host=None):
     return ip("link", "add", name, *kv(mtu=mtu), "type", "veth", *peer_opts, ns=host)
 
 
-def bridge_add_argv(name, mtu=None, host=None):
-    return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
+def bridge_add_argv(name, mtu=None, host=None, mac=None):
+    # With an address of its own (addr_assign_type 3, NET_ADDR_SET) a bridge keeps its MAC;
+    # without one it takes its lowest port's and moves when ports come and go, and pods keep
+    # the gateway's old MAC in their neighbour table for tens of seconds.
+    return ip("link", "add", name, *kv(address=mac, mtu=mtu), "type", "bridge", ns=host)
+
+
+def bridge_mac(name, host=None, machine_id=""):
+    """The MAC cnikit gives bridge NAME: locally administered unicast, derived from this
+    machine's id, the namespace and the name (as systemd's MACAddressPolicy=persistent does
+    for virtual links), so the dry run prints the very line the real run runs, and bridges
+    on two machines or in two simulated nodes get different MACs."""
+    digest = bytearray(hashlib.sha256(f"{TAG} bridge {machine_id} {host or ''} {name}".encode()).digest()[:6])
+    digest[0] = digest[0] & 0xfe | 0x02         # clear the multicast bit, set the local one
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def machine_id():
+    """/etc/machine-id, or the host name where there is none (a minimal container)."""
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or os.uname().nodename
+    except OSError:
+        return os.uname().nodename
 
 
 def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
@@ -842,13 +864,43 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             if link_kind(link) != "bridge":
                 raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-bridge'} link")
             r.note(f"bridge {name} already exists; checking the rest")
+            pin_bridge_mac(r, name, link, host)
         else:
-            r.run(bridge_add_argv(name, mtu, host), creates=Change.link(name, host))
+            r.run(bridge_add_argv(name, mtu, host, bridge_mac(name, host, machine_id())),
+                  creates=Change.link(name, host))
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
         bridge_forward_accept(r, name, host)
     say_if_unchanged(r, mark, f"bridge {name}")
+
+
+def addr_assign_type(r, name, link, host=None):
+    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
+    (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
+    path = f"/sys/class/net/{name}/addr_assign_type"
+    if host:
+        ok, out = r.query(in_netns(["cat", path], host))
+        return int(out) if ok and out.strip().isdigit() else None
+    try:
+        # A sysfs mounted in another network namespace shows its own links: check the index.
+        with open(f"/sys/class/net/{name}/ifindex") as f:
+            if int(f.read()) != link.get("ifindex"):
+                return None
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def pin_bridge_mac(r, name, link, host=None):
+    """A bridge made without a MAC of its own (by an older cnikit or by hand) follows its
+    lowest port's: give it its current MAC for good, which changes nothing now."""
+    kind = addr_assign_type(r, name, link, host)
+    if kind is None or kind == 3 or not link.get("address"):
+        return
+    r.note(f"{name}'s MAC follows its lowest port (addr_assign_type {kind}): keep {link['address']} for good")
+    r.run(ip("link", "set", "dev", name, "address", link["address"], ns=host))
 
 
 def bridge_attach(r, name, ifaces, host=None):
@@ -2709,6 +2761,8 @@ def cni_dispatch(args, r):
 # query methods): it never changes the kernel.
 
 DOCTOR_MAX_HOPS = 16
+# The restore tool of each iptables backend: other-backend's fix moves rules into iptables' own.
+BACKEND_RESTORE = {"nf_tables": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
 DOCTOR_PROTOS = ("icmp", "tcp", "udp")
 EXIT_BROKEN = 1
 
@@ -2768,15 +2822,42 @@ class _View:
         data = self._q(("neigh", ns, addr, dev), ip("-j", "neigh", "show", "to", addr, "dev", dev, ns=ns)) or []
         return data[0] if data else None
 
+    def addr_assign_type(self, ns, dev):
+        """How DEV got its MAC (3: set, it stays; else the kernel's choice, which a bridge
+        changes with its ports); sysfs only, rtnetlink does not say. None: cannot tell."""
+        out = self._q(("aat", ns, dev), in_netns(["cat", f"/sys/class/net/{dev}/addr_assign_type"], ns),
+                      as_json=False)
+        return int(out) if out and out.strip().isdigit() else None
+
     def fdb(self, ns, dev):
         return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
 
-    def rules(self, ns, table):
-        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `iptables -S -v`."""
-        if not which("iptables"):
+    def rules(self, ns, table, tool="iptables"):
+        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `TOOL -S -v` (TOOL: iptables,
+        or the other backend's iptables-legacy / iptables-nft)."""
+        if not which(tool):
             return {}
-        out = self._q(("rules", ns, table), iptables("-t", table, "-S", "-v", ns=ns), as_json=False)
+        out = self._q(("rules", ns, table, tool), in_netns([tool, "-w", "-t", table, "-S", "-v"], ns),
+                      as_json=False)
         return _parse_iptables(out or "")
+
+    def backend(self):
+        """Where `iptables` writes: "nf_tables" (iptables-nft) or "legacy" (x_tables)."""
+        version = self._q(("iptables -V",), ["iptables", "-V"], as_json=False) or ""
+        return "legacy" if "legacy" in version else "nf_tables"
+
+    def other_backend(self, ns):
+        """The iptables of the backend `iptables` does not show, when it holds tables in NS, else None.
+        iptables-nft writes nf_tables and iptables-legacy the older x_tables; both apply to every
+        packet, and each tool lists only its own. Asked without creating a table: listing one with
+        the other tool would load it (and its hooks) into NS."""
+        if self.backend() == "nf_tables":
+            names = self._q(("x_tables", ns), in_netns(["cat", "/proc/net/ip_tables_names"], ns), as_json=False)
+            return "iptables-legacy" if (names or "").split() and which("iptables-legacy") else None
+        if not which("nft") or not which("iptables-nft"):
+            return None
+        tables = self._q(("nf_tables", ns), in_netns(["nft", "list", "tables", "ip"], ns), as_json=False) or ""
+        return "iptables-nft" if re.search(r"^table ip (filter|nat)$", tables, re.M) else None
 
     def conntrack(self, ns, proto, dst):
         if not which("conntrack"):
@@ -3217,19 +3298,32 @@ def _check_bridged_forward(v, ns, br, nh, hop):
     hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
 
 
-def _drop_text(chains, chain, rule, where):
+def _drop_text(chains, chain, rule, where, tool="iptables"):
     if rule is None:
-        return (f"iptables {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
+        return (f"{tool} {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
                 f"traffic (the policy has dropped {chains[chain].get('packets', 0)} packets so far)")
-    return f"the iptables {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
+    return f"the {tool} {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
 
 
 def _check_filter(v, ns, chain, pkt, where):
-    chains = v.rules(ns, "filter")
-    if chain not in chains:
-        return
-    verdict, rule = _filter_verdict(chains, chain, pkt)
-    if verdict in ("DROP", "REJECT"):
+    """CHAIN's verdict in `iptables`, then in the other backend's tables if NS has any: a packet
+    must pass both, and a DROP there is one that `iptables -S` cannot explain."""
+    for tool in ("iptables", v.other_backend(ns)):
+        chains = v.rules(ns, "filter", tool) if tool else {}
+        if chain not in chains:
+            continue
+        verdict, rule = _filter_verdict(chains, chain, pkt)
+        if verdict not in ("DROP", "REJECT"):
+            continue
+        if tool != "iptables":
+            raise _Broken("other-backend", where,
+                          _drop_text(chains, chain, rule, where, tool) + f"; `iptables` shows none of it: {tool} "
+                          "keeps its rules in the other backend, which applies as well",
+                          _as_shell([in_netns([tool, "-w", "-L", chain, "-v", "-n", "-x"], ns)]),
+                          [f"{shlex.join(in_netns([tool + '-save', '-t', 'filter'], ns))} | "
+                           f"{shlex.join(in_netns([BACKEND_RESTORE[v.backend()], '--noflush'], ns))}",
+                           shlex.join(in_netns([tool, "-w", "-F"], ns)) + " && "
+                           + shlex.join(in_netns([tool, "-w", "-P", chain, "ACCEPT"], ns))])
         iif, oif = pkt.get("iif"), pkt.get("oif")
         narrow = (["-i", iif] if iif else []) + (["-o", oif] if oif else []) + ["-d", pkt["dst"]]
         raise _Broken("forward-drop" if chain == "FORWARD" else "input-drop", where,
@@ -3351,19 +3445,27 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
                           _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
         return
     mac, state = entry.get("lladdr"), entry.get("state", [])
-    # A bridge also answers for its ports' MACs (local fdb entries); a learned (dynamic)
-    # entry that went stale is probed and relearned by the kernel itself: only a static
-    # one (PERMANENT, NOARP) stays wrong.
+    # A bridge also answers for its ports' MACs (local fdb entries). A static entry (PERMANENT,
+    # NOARP) stays wrong; a learned one is used without asking while REACHABLE (up to 1.5x
+    # base_reachable_time) and, once STALE, is probed at the old MAC first: tens of seconds lost.
     macs = {owner.get("address")} | {l.get("address") for l in v.links(owner_ns)
                                      if link_kind(owner) == "bridge" and l.get("master") == owner_dev}
     static = any(s in state for s in ("PERMANENT", "NOARP"))
-    if mac and owner.get("address") and mac not in macs and static and link_kind(owner) != "vxlan":
+    used = static or any(s in state for s in ("REACHABLE", "STALE", "DELAY", "PROBE"))
+    if mac and owner.get("address") and mac not in macs and used and link_kind(owner) != "vxlan":
+        see, fix = [ip("neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)], []
+        why = "" if static else " until the kernel gives up on the entry and asks again"
+        kind = v.addr_assign_type(owner_ns, owner_dev) if link_kind(owner) == "bridge" else None
+        if kind is not None and kind != 3:
+            # NET_ADDR_SET pins the MAC where it is now; the old entry still has to go.
+            why += (f"; {owner_dev} has no MAC of its own (addr_assign_type {kind}): it takes its lowest port's "
+                    "and changes it as ports come and go")
+            see.append(in_netns(["cat", f"/sys/class/net/{owner_dev}/addr_assign_type"], owner_ns))
+            fix.append(ip("link", "set", "dev", owner_dev, "address", owner["address"], ns=owner_ns))
         raise _Broken("neighbour", where,
                       f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
-                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",
-                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns),
-                                 ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
-                      _as_shell([ip("neigh", "del", nh, "dev", dev, ns=ns)]))
+                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has"
+                      + why, _as_shell(see), _as_shell(fix + [ip("neigh", "del", nh, "dev", dev, ns=ns)]))
     if "FAILED" in state and "NOARP" in owner.get("flags", []):
         raise _Broken("neighbour", _ns_name(owner_ns),
                       f"ARP for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has ARP off",

@@ -12,9 +12,9 @@ Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the confi
 
 Config keys (defaults in brackets; the classic minimal config gets all defaults):
   mode [bridge]            "bridge": pods share a bridge (one layer-2 segment, the gateway on the
-                           bridge); "routed": no bridge, point-to-point like Calico or the reference
-                           ptp: the pod gets <ip>/32 and `default via <gateway>`, the host end of
-                           its veth holds the gateway as /32 and the host routes <ip>/32 to it
+                           bridge); "routed": no bridge, point-to-point as the reference ptp plugin
+                           lays it out: the pod gets <ip>/32 and `default via <gateway>`, the host
+                           end of its veth holds the gateway as /32 and the host routes <ip>/32 to it
   bridge [cni0]            created when missing (bridge mode only)
   isGateway [true]         gateway address on the bridge, ip_forward on
   isDefaultGateway [true]  default route in the pod via the gateway (implies isGateway)

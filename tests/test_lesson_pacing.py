@@ -5,6 +5,7 @@ nothing runs before Enter, and Ctrl-C leaves the host as it was.
 The lesson runs with --host inside the test's sandbox, so the test sees what it changes.
 """
 import fcntl
+import re
 import os
 import select
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import termios
 import time
 
+import pytest
 import sh
 
 from host_state import host_state
@@ -201,3 +203,15 @@ def test_a_lesson_shows_a_cni_result_as_its_gist_and_in_full_with_v():
         "#   ips: fd00::2/64 gateway fd00::1 on eth0",
         "#   routes: 0.0.0.0/0 via 10.244.1.1, ::/0"]
     assert json.loads(full.getvalue()) == RESULT
+
+
+def test_lessons_05_07_07d_show_what_iptables_nft_wrote_in_nf_tables():
+    """Beside iptables -S, one look at the nf_tables chain iptables-nft made (Debian 12's iptables)."""
+    if "nf_tables" not in subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout:
+        pytest.skip("this host's iptables is iptables-legacy: nothing in nf_tables to show")
+    for script, wanted in (("05_egress.py", "nft list chain ip nat CNIKIT-NAT-"), ("07_cni.py", "nft list table ip nat"),
+                           ("07d_services.py", "nft list chain ip nat KUBE-SVC-WEB")):
+        out = run_stage(script, timeout=120).stdout
+        assert wanted in out and re.search(r"^# check: nf_tables holds \S+ \(table ip nat\): .*: ok$", out, re.M), \
+            out[-2000:]
+        assert re.search(r"^\tchain \S+ \{$", out, re.M) and " counter packets " in out     # nft's own words
