@@ -19,6 +19,8 @@ import uuid
 
 import pytest
 
+from docker_daemon import WEB, docker_daemon, iptables_save  # noqa: F401  (docker_real's daemon)
+from host_profiles import docker_real  # noqa: F401
 from host_state import host_state
 from kernel import ROOT, run_stage
 
@@ -276,3 +278,27 @@ def ipv4_only(state):
         ("local", "multicast", "broadcast", "anycast", "unreachable")) else 0]]
     state["addrs"] = [[w for w in line.split() if ":" not in w] for line in state["addrs"].splitlines()]
     return state
+
+
+def test_host_container_finds_a_real_docker_container_and_leaves_docker_as_it_was(docker_real):
+    """The Docker host learners have (tests/docker_daemon.py: dockerd 20.10, its container WEB on
+    docker0 with a published port): the lesson asks docker, finds WEB from the outside and its
+    masquerade in Docker's own rule for the subnet; Docker's rules stay byte-identical."""
+    docker = docker_real.daemon
+    seen, rules, before = docker.inspect(WEB), iptables_save(), host_state()
+    pid, net = seen["State"]["Pid"], seen["NetworkSettings"]["Networks"]["bridge"]
+    proc = run_marked("--host", "--container", WEB, env={"DOCKER_HOST": docker.host})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert verdict(proc).startswith("PASS lesson 07e container")
+    out = proc.stdout
+    assert f"docker runtime's record of {WEB} (what `docker inspect` reports): pid {pid}, " \
+           f"IPAddress {net['IPAddress']}/{net['IPPrefixLen']}, MacAddress {net['MacAddress']}, " \
+           f"Gateway {net['Gateway']}" in out
+    assert f"# check: its master is a bridge holding the gateway docker reports, {net['Gateway']}: ok" in out
+    assert re.search(r"^-A POSTROUTING -s 172\.17\.0\.0/16 ! -o docker0 -j MASQUERADE$", out, re.M), out[-3000:]
+    assert not re.search(r"^ip netns attach", out, re.M) and f"nsenter -t {pid} -n ping" not in out
+    after = docker.inspect(WEB)
+    assert after["State"]["Running"] and after["State"]["Pid"] == pid
+    assert after["NetworkSettings"]["Networks"] == seen["NetworkSettings"]["Networks"]
+    assert iptables_save() == rules and host_state() == before
+    assert docker.broken() is None
