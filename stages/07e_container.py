@@ -126,6 +126,7 @@ def wait_exec(L, pid, comm):
 def start(L, argv, comm):
     """Start a container's process in the background; returns (Popen or None, its PID word)."""
     proc = L.r.spawn(argv)
+    L.stage["procs"].append(proc)
     pid = pid_word(L, proc)
     wait_exec(L, pid, comm)
     return proc, pid
@@ -145,6 +146,7 @@ def wire(L, name, pid, master=True):
     # listed for --host but not rolled back (it would be gone by then).
     r.run(ip_pid("link", "add", host_end(name), "type", "veth", "peer", "name", "eth0", "address", mac_of(cidr),
              "netns", pid), creates=cnikit.Change("link", host_end(name)))
+    L.stage["ends"].append(host_end(name))
     r.run(cnikit.tag_link(host_end(name)))
     for argv in (ip("addr", "add", cidr, "dev", "eth0"), ip("link", "set", "dev", "eth0", "up"),
                  ip("link", "set", "dev", "lo", "up"), ip("route", "add", "default", "via", GATEWAY_IP)):
@@ -159,8 +161,17 @@ def wire(L, name, pid, master=True):
 # ---------------------------------------------------------------- the lesson
 
 def build(L):
+    # What the lesson's runtime started: processes (newest last) and host ends of veths.
+    L.stage = {"procs": [], "ends": []}
+    try:
+        _build(L)
+    except BaseException:
+        stop_containers(L, failed=True)
+        raise
+
+
+def _build(L):
     r = L.r
-    L.stage = {}
     L.step("the runtime's network on the host, as Docker makes docker0: a bridge with the gateway address, "
            f"and NAT for its subnet out of the uplink ({UPLINK} stands for it here)")
     cnikit.bridge_add(r, BRIDGE, addr=GATEWAY)
@@ -258,6 +269,7 @@ def build(L):
            "what runc does for a pod's containers with the pause's /proc/PID/ns/ paths) and listens on 127.0.0.1")
     app_proc = r.spawn(in_ns_of(pause, ["socat", f"TCP-LISTEN:{PORT},bind=127.0.0.1,reuseaddr,fork",
                                         f"SYSTEM:echo {GREETING}"], *SHARED))
+    L.stage["procs"].append(app_proc)
     app = pid_word(L, app_proc)
     script = f'until ss -Htln "sport = :{PORT}" | grep -q .; do sleep 0.02; done'
     r.run(in_ns_of(pause, ["timeout", WAIT, "sh", "-c", script]))
@@ -274,10 +286,40 @@ def build(L):
     for who in (app, side):
         r.show(in_ns_of(who, ip("-br", "addr")))
     L.stage["own"] = not OPTIONS["picked"]         # the lesson started c1: it stops it at the end
-    L.stage["stop"] = [side_proc, app_proc, pause_proc] + ([proc] if L.stage["own"] else [])
 
 
 def verify(L):
+    try:
+        _verify(L)
+    except BaseException:
+        stop_containers(L, failed=True)
+        raise
+    stop_containers(L)
+
+
+def stop_containers(L, failed=False):
+    """Stop what the lesson's runtime started, as a runtime does: CNI DEL's part first (deleting the
+    host end of a veth takes its peer with it), then the processes, newest first; their namespaces
+    go with the last of them. After a failure (FAILED, Ctrl-C or q included) without pausing, and
+    only the host ends that exist: the kernel would dismantle them too, but only after the lesson
+    has ended, and the host must be as it was when it ends."""
+    r, stage = L.r, L.stage
+    if failed:
+        r.stepping, r.present = None, None
+    else:
+        L.say("")
+        L.say("stop the pod and the container as a runtime does: CNI DEL's part first (deleting the host end "
+              "of a veth takes its peer with it), then the processes; their namespaces go with the last of them")
+    for end in reversed(stage.get("ends", [])):
+        if not failed or (not r.dry_run and cnikit.get_link(r, end)):
+            r.run(ip("link", "del", end), check=not failed)
+    stage["ends"] = []
+    for proc in reversed(stage.get("procs", [])):
+        r.stop(proc)
+    stage["procs"] = []
+
+
+def _verify(L):
     r, stage = L.r, L.stage
     record, own = stage[CONTAINER], stage["own"]
     pid, name = record["pid"], record["name"]
@@ -330,16 +372,11 @@ def verify(L):
     L.check(f"the sidecar reaches the app on 127.0.0.1:{PORT} (localhost is the pod's)", ok and GREETING in out,
             out.strip().splitlines()[-1] if out.strip() else "no answer")
 
+    L.try_it = [f"nsenter -t {pid} -n ip -br addr   # {name}'s network namespace, entered by its PID",
+                f"nsenter -t {stage['pod_procs']['sidecar']} -n ss -tln   # the pod's listener, seen from the sidecar",
+                f"readlink /proc/{stage['pod_procs']['app']}/ns/net /proc/{stage['pod_procs']['sidecar']}/ns/net"]
+    # The containers are processes of this lesson: they end with it, --keep or not (a host keeps br0 and NAT).
     L.explore("then the containers stop and everything goes")
-    if L.keeps_on_host():
-        return
-    L.say("")
-    L.say("stop the pod and the container as a runtime does: CNI DEL's part first (deleting the host end of a "
-          "veth takes its peer with it), then the processes; their namespaces go with the last of them")
-    for name in (POD, CONTAINER) if own else (POD,):
-        r.run(ip("link", "del", host_end(name)))
-    for proc in stage["stop"]:
-        r.stop(proc)
 
 
 # ---------------------------------------------------------------- reading what was found

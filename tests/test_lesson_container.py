@@ -76,9 +76,10 @@ def netns_inode(pid="self"):
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
-def run_marked(*args, env=None):
+def run_marked(*args, env=None, input=None):
     mark = uuid.uuid4().hex
-    proc = run_stage(SCRIPT, *args, env=dict(os.environ, **{MARK: mark}, **(env or {})), timeout=TIMEOUT)
+    proc = run_stage(SCRIPT, *args, env=dict(os.environ, **{MARK: mark}, **(env or {})), input=input,
+                     timeout=TIMEOUT)
     assert_no_process_left(mark)
     return proc
 
@@ -302,3 +303,13 @@ def test_host_container_finds_a_real_docker_container_and_leaves_docker_as_it_wa
     assert after["NetworkSettings"]["Networks"] == seen["NetworkSettings"]["Networks"]
     assert iptables_save() == rules and host_state() == before
     assert docker.broken() is None
+
+
+def test_host_mode_interrupted_mid_build_leaves_the_host_as_it_was():
+    """q at a --step pause, with the container started and half wired: everything goes."""
+    before = host_state()
+    proc = run_marked("--host", "--step", input="\n" * 22 + "q\n")
+    assert proc.returncode == 130, proc.stdout[-2000:] + proc.stderr
+    assert "unshare --net --uts --ipc sleep infinity &" in proc.stdout       # it got that far
+    assert "Traceback" not in proc.stderr
+    assert host_state() == before
