@@ -4,6 +4,7 @@ outside, then a pod: a pause process holding one network namespace and two conta
 
     sudo python3 stages/07e_container.py           # in a throwaway sandbox
     python3 stages/07e_container.py --dry-run      # the lesson as a shell script
+    sudo python3 stages/07e_container.py --runtime podman         # c1 started by podman, in the sandbox
     sudo python3 stages/07e_container.py --host --container web   # YOUR running container "web"
 
 It comes after 07 because it reads back, from a running container, what the earlier lessons
@@ -19,6 +20,10 @@ as `docker inspect` reports it, and the lesson's proofs match what it found from
 against that record. Nothing here depends on a daemon, so the lesson runs in its sandbox in a
 second or two and leaves nothing behind.
 
+With --runtime podman, podman starts c1 instead, for real, in a store of the sandbox's own,
+on a network it makes with the reference plugins (bridge with ipMasq): what the lesson finds is
+then matched against `podman inspect`.
+
 With --host --container NAME it looks at your own running container instead (Docker's if its
 daemon answers and knows NAME, else podman's; --runtime picks): `inspect` gives its PID and its
 first network's address, MAC and gateway, and every step after that only reads. It never gives
@@ -26,12 +31,14 @@ that container's namespace a name (the name would keep the namespace alive after
 and never sends a packet from it (it is not the lesson's); the pod part still uses the lesson's
 own processes.
 """
+import contextlib
 import ipaddress
 import os
 import re
 import sys
 
 from lesson import PING, Expand, Lesson, cnikit, ip
+import kindlike  # noqa: E402  (after lesson: it puts cnikit on the path)
 
 BRIDGE, GATEWAY, SUBNET = "br0", "10.0.9.1/24", "10.0.9.0/24"
 # Stands for the host's uplink, the interface NAT masquerades out of: one end of a veth pair whose
@@ -51,7 +58,10 @@ WAIT = "5"                  # seconds a process gets to start (exec after enteri
 INSPECT = ("{{.State.Pid}} {{.State.Running}} {{range .NetworkSettings.Networks}}{{.IPAddress}} "
            "{{.IPPrefixLen}} {{.MacAddress}} {{.Gateway}} {{end}}")
 RUNTIMES = ("docker", "podman")
-OPTIONS = {"picked": None}  # the record of the learner's container, when --container names one
+OPTIONS = {"picked": None, "runtime": "bare"}   # picked: the learner's container (--container NAME)
+# --runtime podman: the lesson's c1 is podman's, on a network podman makes with the reference
+# plugins (bridge with ipMasq, portmap, firewall, tuning), in a store of the sandbox's own.
+PODMAN_NET, PODMAN_SUBNET = "lesson07e", "10.0.19.0/24"
 
 
 def host_end(name):
@@ -188,6 +198,8 @@ def _build(L):
         L.step(f"your container {record['name']}, as {record['runtime']} reports it: its PID and its first "
                "network's address, MAC and gateway (the lesson only looks at it: it changes nothing there)")
         r.show([record["runtime"], "inspect", "-f", INSPECT, record["name"]])
+    elif OPTIONS["runtime"] == "podman":
+        record = start_podman(L)
     else:
         L.step("start a container the way every runtime does underneath: a process in fresh network, UTS and IPC "
                "namespaces (`unshare`, what runc does with clone flags). Nothing names its network namespace: "
@@ -220,6 +232,8 @@ def _build(L):
     if OPTIONS["picked"]:
         L.say("(your container gets no name from the lesson: a name under /run/netns would keep its namespace "
               "alive after it stops)")
+    elif OPTIONS["runtime"] == "podman":
+        L.say("podman made the namespace first, named under /run/netns, then started the container in it")
     else:
         r.run(ip_pid("netns", "attach", NAME, pid), creates=cnikit.Change("netns", NAME))
         try:
@@ -285,7 +299,8 @@ def _build(L):
            "its own lo, where 127.0.0.1 is)")
     for who in (app, side):
         r.show(in_ns_of(who, ip("-br", "addr")))
-    L.stage["own"] = not OPTIONS["picked"]         # the lesson started c1: it stops it at the end
+    L.stage["own"] = OPTIONS["runtime"] == "bare" and not OPTIONS["picked"]   # the bare runtime's c1
+    L.stage["started"] = not OPTIONS["picked"]     # the lesson started c1 (packets from it are its own)
 
 
 def verify(L):
@@ -317,6 +332,9 @@ def stop_containers(L, failed=False):
     for proc in reversed(stage.get("procs", [])):
         r.stop(proc)
     stage["procs"] = []
+    if stage.pop("podman", None):
+        r.run(["podman", "rm", "-f", "-t", "0", CONTAINER], check=not failed)
+        r.run(["podman", "network", "rm", PODMAN_NET], check=not failed)
 
 
 def _verify(L):
@@ -354,9 +372,9 @@ def _verify(L):
     L.check(f"its master is a bridge holding the gateway {runtime} reports, {record['gateway']}",
             bridge.get("linkinfo", {}).get("info_kind") == "bridge" and record["gateway"] in on_bridge,
             f"master {master}, addresses {on_bridge}")
-    if own:     # a packet from the learner's container would leave namespaces the lesson created
-        L.check(f"c1 reaches its gateway {GATEWAY_IP} through veth and bridge",
-                r.probe(in_ns_of(pid, [*PING, GATEWAY_IP]))[0])
+    if stage["started"]:     # a packet from the learner's container would leave namespaces the lesson made
+        L.check(f"{name} reaches its gateway {record['gateway']} through veth and bridge",
+                r.probe(in_ns_of(pid, [*PING, record["gateway"]]))[0])
     L.check(f"iptables-save masquerades {stage['subnet']} (a MASQUERADE rule names it or is jumped to for it)",
             stage.get("masquerade"), "no such line")
 
@@ -438,6 +456,26 @@ def _interfaces(r, pid):
                   for l in data)
 
 
+# ---------------------------------------------------------------- --runtime podman
+
+def start_podman(L):
+    """c1 as podman makes it, in the sandbox: a network (a conflist of the reference plugins that
+    libcni runs at `podman run`), the container, then what `podman inspect` reports of it."""
+    r = L.r
+    L.step("podman, in a store of this sandbox's own: a network first (podman writes a CNI conflist: bridge "
+           "with isGateway and ipMasq, portmap, firewall, tuning), then a container on it (its filesystem an "
+           "overlay of this machine's, --rootfs /:O: no image to fetch); podman makes the namespace, libcni "
+           "calls the plugins, runc starts the process in it")
+    L.cleanup.enter_context(kindlike.podman_as_docker("c7e"))
+    L.stage["podman"] = True
+    r.run(["podman", "network", "create", "--subnet", PODMAN_SUBNET, PODMAN_NET])
+    r.run(["podman", "run", "-d", "--name", CONTAINER, "--network", PODMAN_NET, "--rootfs", "/:O",
+           "sleep", "infinity"])
+    L.step("what podman reports of it: its PID and its network's address, MAC and gateway")
+    r.show(["podman", "inspect", "-f", INSPECT, CONTAINER])
+    return pick(r, CONTAINER, ("podman",))
+
+
 # ---------------------------------------------------------------- --host --container NAME
 
 def pick(r, name, runtimes=RUNTIMES):
@@ -472,11 +510,22 @@ def main(argv=None):
     p.add_argument("--container", metavar="NAME",
                    help="with --host: find YOUR running container NAME (Docker's or podman's) instead of starting "
                         "one; read-only, the lesson never changes it (the pod part still uses its own)")
-    p.add_argument("--runtime", choices=RUNTIMES,
-                   help="with --container: ask this runtime (default: docker if its daemon answers, else podman)")
+    p.add_argument("--runtime", choices=("bare",) + RUNTIMES,
+                   help="who starts c1 in the sandbox: bare (default: unshare and cnikit, as runtimes do "
+                        "underneath) or podman (for real, in a store of the sandbox's own); with --container: "
+                        "which runtime to ask (default: docker if its daemon answers, else podman)")
     args = p.parse_args(argv)
-    if args.runtime and args.container is None:
-        p.error("--runtime needs --container NAME")
+    if args.container is None and args.runtime == "docker":
+        p.error("the lesson starts no Docker daemon of its own: run your container, then --host --container NAME")
+    if args.container is None and args.runtime == "podman":
+        if args.host or args.dry_run:
+            p.error("--runtime podman runs podman for real in the lesson's sandbox: no --host (name your own "
+                    "container with --container) and no --dry-run (the bare runtime's prints as a script)")
+        if set(args.skip) & {"master", "nat"}:
+            p.error("with --runtime podman, podman's plugins plug the veth and masquerade: --skip join only")
+        OPTIONS["runtime"] = "podman"
+    if args.container is not None and args.runtime == "bare":
+        p.error("--container looks at a docker or podman container: --runtime docker or podman")
     if args.container is not None:
         if not args.host or args.dry_run:
             p.error("--container needs --host and a live run: it looks at a container running on this host")
@@ -488,7 +537,9 @@ def main(argv=None):
                                          (args.runtime,) if args.runtime else RUNTIMES)
             except cnikit.UsageError as e:
                 p.error(str(e))
-    return LESSON.run(build, verify, args)
+    # What the lesson sets up outside the kernel (podman's store) goes when it ends, also on failure.
+    with contextlib.ExitStack() as LESSON.cleanup:
+        return LESSON.run(build, verify, args)
 
 
 if __name__ == "__main__":

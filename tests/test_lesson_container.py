@@ -179,9 +179,9 @@ def test_host_mode_refuses_a_namespace_name_it_would_use_and_changes_nothing():
     assert host_state() == before
 
 
-def test_container_needs_host_and_a_real_name_and_runtime_needs_container():
+def test_container_needs_host_a_real_name_and_a_runtime_that_has_containers():
     for args, said in ((("--container", "web"), "--container needs --host"),
-                       (("--runtime", "podman"), "--runtime needs --container"),
+                       (("--host", "--container", "web", "--runtime", "bare"), "--runtime docker or podman"),
                        (("--host", "--container", "../x"), "invalid container name"),
                        (("--host", "--container", "nosuch", "--runtime", "podman"), "no running container nosuch")):
         before = kernel_state()
@@ -313,3 +313,36 @@ def test_host_mode_interrupted_mid_build_leaves_the_host_as_it_was():
     assert "unshare --net --uts --ipc sleep infinity &" in proc.stdout       # it got that far
     assert "Traceback" not in proc.stderr
     assert host_state() == before
+
+
+def test_runtime_podman_starts_c1_with_podman_in_the_sandbox_and_leaves_nothing():
+    if not shutil.which("podman") or not os.path.exists("/usr/lib/cni/bridge"):
+        pytest.skip("needs podman and containernetworking-plugins")
+    before = host_state()
+    proc = run_marked("--runtime", "podman")
+    if "podman run" in proc.stdout and "runtime's record" not in proc.stdout:
+        pytest.skip("podman cannot start a container here: " + (proc.stdout + proc.stderr)[-300:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    out = proc.stdout
+    record = re.search(r"^# the podman runtime's record of c1 \(what `docker inspect` reports\): pid (\d+), "
+                       r"IPAddress (10\.0\.19\.\d+)/24, MacAddress ([0-9a-f:]{17}), Gateway 10\.0\.19\.1$", out, re.M)
+    assert record, out[:4000]
+    pid, addr = record.group(1), record.group(2)
+    assert re.search(rf"^ip netns identify {pid}\nnetns-[0-9a-f-]+$", out, re.M)      # podman names it
+    assert not re.search(r"^ip netns attach", out, re.M)
+    assert re.search(rf"^-A POSTROUTING -s {re.escape(addr)}/32 .*-j CNI-\w+$", out, re.M)
+    assert "# check: the sidecar reaches the app on 127.0.0.1:8080 (localhost is the pod's): ok" in out
+    assert re.search(r"^podman rm -f -t 0 c1$", out, re.M)
+    assert host_state() == before
+
+
+@pytest.mark.parametrize("args,said", [
+    (("--runtime", "docker"), "starts no Docker daemon of its own"),
+    (("--runtime", "podman", "--host"), "no --host"),
+    (("--runtime", "podman", "--dry-run"), "no --dry-run"),
+    (("--runtime", "podman", "--skip", "nat"), "--skip join only"),
+])
+def test_runtime_podman_or_docker_where_it_cannot_be_is_one_line_and_exit_2(args, said):
+    proc = run_stage(SCRIPT, *args, timeout=TIMEOUT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
