@@ -77,7 +77,7 @@ LESSON = Lesson(
     "07e", "container",
     goal="a running container is a process in its own network namespace: found from the outside by its "
          "PID, its eth0 and address match what the runtime reports, its host end is eth0's veth peer on "
-         "br0 with NAT for the subnet; a pod's two containers share the pause process's namespace and "
+         "its bridge, with NAT for the subnet; a pod's two containers share the pause process's namespace and "
          "talk over localhost",
     picture=r"""
    +--------------------------------- host -----------------------------------+
@@ -152,8 +152,8 @@ def wire(L, name, pid, master=True):
     the address and default route inside, the host end up and (MASTER) a port of the bridge.
     Returns the record the runtime keeps, as `docker inspect` reports it."""
     r, cidr = L.r, ADDRS[name]
-    # The host end is the runtime's: it goes with the container (the end of verify), so it is
-    # listed for --host but not rolled back (it would be gone by then).
+    # The host end is the runtime's: stop_containers deletes it with the container (also after a
+    # failure), so it is listed for --host but not rolled back (it would be gone by then).
     r.run(ip_pid("link", "add", host_end(name), "type", "veth", "peer", "name", "eth0", "address", mac_of(cidr),
              "netns", pid), creates=cnikit.Change("link", host_end(name)))
     L.stage["ends"].append(host_end(name))
@@ -182,8 +182,9 @@ def build(L):
 
 def _build(L):
     r = L.r
-    L.step("the runtime's network on the host, as Docker makes docker0: a bridge with the gateway address, "
-           f"and NAT for its subnet out of the uplink ({UPLINK} stands for it here)")
+    L.step("the bare runtime's network on the host (for its containers and the pod below), as Docker makes "
+           f"docker0: a bridge with the gateway address, and NAT for its subnet out of the uplink ({UPLINK} "
+           "stands for it here)")
     cnikit.bridge_add(r, BRIDGE, addr=GATEWAY)
     r.run(ip("link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK_FAR), creates=cnikit.Change.link(UPLINK))
     r.run(cnikit.tag_link(UPLINK))
@@ -192,7 +193,6 @@ def _build(L):
               skip="nat"):
         cnikit.nat_add(r, SUBNET, UPLINK)
 
-    proc = None
     if OPTIONS["picked"]:
         record = dict(OPTIONS["picked"])
         L.step(f"your container {record['name']}, as {record['runtime']} reports it: its PID and its first "
@@ -204,7 +204,7 @@ def _build(L):
         L.step("start a container the way every runtime does underneath: a process in fresh network, UTS and IPC "
                "namespaces (`unshare`, what runc does with clone flags). Nothing names its network namespace: "
                "it lives as long as a process (or a mount) holds it")
-        proc, pid = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+        _, pid = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
         L.step("wire it as a runtime's network driver does: the veth is made on the host and its peer moved into "
                "the namespace of the container's PID (`netns PID`), named eth0, given the address and a default "
                "route")
@@ -276,7 +276,7 @@ def _build(L):
 
     L.step("a pod: its pause container is only a process holding fresh namespaces; the runtime wires that "
            "namespace once (one eth0 for the whole pod)")
-    pause_proc, pause = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+    _, pause = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
     L.stage[POD] = wire(L, POD, pause)
 
     L.step("the app container joins the pause process's namespaces (`nsenter -t PAUSE_PID --net --uts --ipc`, "
@@ -289,10 +289,10 @@ def _build(L):
     r.run(in_ns_of(pause, ["timeout", WAIT, "sh", "-c", script]))
 
     if L.step("the sidecar container joins the same namespaces", skip="join"):
-        side_proc, side = start(L, in_ns_of(pause, ["sleep", "infinity"], *SHARED), "sleep")
+        _, side = start(L, in_ns_of(pause, ["sleep", "infinity"], *SHARED), "sleep")
     else:
         L.say("instead, it starts as a container of its own: fresh namespaces")
-        side_proc, side = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+        _, side = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
     L.stage["pod_procs"] = {"pause": pause, "app": app, "sidecar": side}
 
     L.step("look from each container of the pod: one network namespace, so one `ip addr` (the pod's eth0 and "
