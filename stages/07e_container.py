@@ -211,8 +211,15 @@ def _build(L):
         record = wire(L, CONTAINER, pid, master=False)
         if L.step(f"its host end becomes a port of {BRIDGE}", skip="master"):
             plug(L, CONTAINER)
+    record.setdefault("ifname", "eth0")
+    if record["runtime"] != "bare" and not r.dry_run:
+        # A container on several networks has eth0, eth1...: the interface that holds the address
+        # the runtime reports is the one whose veth this is about.
+        for link in r.query_json(in_ns_of(record["pid"], ip("-j", "-4", "addr"))) or []:
+            if any(a.get("local") == record["ip"] for a in link.get("addr_info", [])):
+                record["ifname"] = link["ifname"]
     L.stage[CONTAINER] = record
-    pid, name = record["pid"], record["name"]
+    pid, name, dev = record["pid"], record["name"], record["ifname"]
     L.say(f"the {record['runtime']} runtime's record of {name} (what `docker inspect` reports): pid {pid}, "
           f"IPAddress {record['ip']}/{record['prefix']}, MacAddress {record['mac']}, Gateway {record['gateway']}")
 
@@ -242,13 +249,13 @@ def _build(L):
             # The name would keep the namespace (and its veth) alive after the container: drop it now.
             r.run(ip("netns", "del", NAME))
 
-    L.step("eth0's @ifN is its veth peer's interface index (iflink) in the namespace it links to: here, the host")
-    link = r.show(in_ns_of(pid, ip("-o", "link", "show", "dev", "eth0")))
+    L.step(f"{dev}'s @ifN is its veth peer's interface index (iflink) in the namespace it links to: here, the host")
+    link = r.show(in_ns_of(pid, ip("-o", "link", "show", "dev", dev)))
     peer_index = _iflink_from_o_line(link)
-    L.say(f"eth0@if{peer_index}: the host interface with index {peer_index} is its other end" if peer_index else
-          "eth0@ifN: the host interface with index N is its other end")
+    L.say(f"{dev}@if{peer_index}: the host interface with index {peer_index} is its other end" if peer_index else
+          f"{dev}@ifN: the host interface with index N is its other end")
 
-    L.step("the host's veths with their indexes: the one with eth0's N is the host end; `master` names its bridge")
+    L.step(f"the host's veths with their indexes: the one with {dev}'s N is the host end; `master` names its bridge")
     veths = r.show(ip("-o", "link", "show", "type", "veth"))
     found, master = _with_index(veths, peer_index)
     L.stage["host_end"], L.stage["master"] = found, master
@@ -346,11 +353,12 @@ def _verify(L):
     L.check(f"{name} lives in a network namespace of its own (its net:[inode] is not the host's)",
             c1_ns and host_ns and c1_ns != host_ns, f"{c1_ns} vs {host_ns}")
 
-    eth0 = _link_json(r, in_ns_of(pid, ip("-j", "addr", "show", "dev", "eth0")))
+    dev = record["ifname"]
+    eth0 = _link_json(r, in_ns_of(pid, ip("-j", "addr", "show", "dev", dev)))
     found_ip = [a["local"] for a in eth0.get("addr_info", []) if a.get("family") == "inet"]
-    L.check(f"eth0 found through PID {pid} has the address {runtime} reports, {record['ip']}",
+    L.check(f"{dev} found through PID {pid} has the address {runtime} reports, {record['ip']}",
             record["ip"] in found_ip, f"found {found_ip}")
-    L.check(f"eth0 found through PID {pid} has the MAC {runtime} reports, {record['mac']}",
+    L.check(f"{dev} found through PID {pid} has the MAC {runtime} reports, {record['mac']}",
             eth0.get("address") == record["mac"], f"found {eth0.get('address')}")
     if own:
         L.check("`ip netns identify PID` was empty (no name under /run/netns) until `ip netns attach` named it",
@@ -361,9 +369,9 @@ def _verify(L):
     found = stage.get("host_end")
     host = _link_json(r, ip("-j", "-d", "link", "show", "dev", found)) if found else {}
     if own:
-        L.check(f"the host interface with eth0's peer index is the runtime's host end {record['host_end']}",
+        L.check(f"the host interface with {dev}'s peer index is the runtime's host end {record['host_end']}",
                 found == record["host_end"], f"found {found}")
-    L.check(f"the host end {found} and eth0 are each other's peer (iflink = the other's ifindex, both ways)",
+    L.check(f"the host end {found} and {dev} are each other's peer (iflink = the other's ifindex, both ways)",
             host and eth0 and eth0.get("link_index") == host.get("ifindex")
             and host.get("link_index") == eth0.get("ifindex"))
     master = host.get("master")
@@ -400,7 +408,7 @@ def _verify(L):
 # ---------------------------------------------------------------- reading what was found
 
 def _iflink_from_o_line(line):
-    """N of `eth0@ifN:` in an `ip -o link` line (None when there is none)."""
+    """N of `IFNAME@ifN:` in an `ip -o link` line (None when there is none)."""
     head = (line or "").split(":")
     if len(head) > 1 and "@if" in head[1]:
         n = head[1].split("@if", 1)[1].strip()

@@ -346,3 +346,23 @@ def test_runtime_podman_or_docker_where_it_cannot_be_is_one_line_and_exit_2(args
     proc = run_stage(SCRIPT, *args, timeout=TIMEOUT)
     assert proc.returncode == 2 and proc.stdout == ""
     assert said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_host_container_on_two_networks_follows_the_interface_that_holds_the_reported_address(learner_container):
+    """inspect's first network need not be eth0's: the lesson follows the interface holding its address."""
+    podman, env = learner_container
+    with open("/etc/cni/net.d/31-zz.conflist", "w") as f:
+        json.dump({"cniVersion": "1.0.0", "name": "zz", "plugins": [
+            {"type": "bridge", "bridge": "cni-zz", "isGateway": True, "ipMasq": True,
+             "ipam": {"type": "host-local", "subnet": "10.244.15.0/24"}}]}, f)
+    import runtimes
+    podman("run", "-d", "--name", "multi", "--network", "zz,learner", runtimes.IMAGE, "sleep", "600")
+    seen = json.loads(podman("inspect", "multi").stdout)[0]
+    pid, addr = seen["State"]["Pid"], seen["NetworkSettings"]["Networks"]["learner"]["IPAddress"]
+    holder = [l["ifname"] for l in ip_json("-4", "addr", pid=pid)
+              if any(a["local"] == addr for a in l.get("addr_info", []))]
+    assert len(holder) == 1 and len(ip_json("link", pid=pid)) == 3      # lo and two interfaces
+    proc = run_marked("--host", "--container", "multi", "--runtime", "podman", env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert f"# check: {holder[0]} found through PID {pid} has the address podman reports, {addr}: ok" in proc.stdout
+    assert f"# check: its master is a bridge holding the gateway podman reports, {LEARNER_GATEWAY}: ok" in proc.stdout
