@@ -7,6 +7,7 @@ Its dry run under `dash -e` (tests/test_dryrun_dash.py) and its --host runs on t
 and kind-node profiles (tests/test_host_profiles.py) are covered where every lesson is.
 """
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from docker_daemon import WEB, docker_daemon, iptables_save  # noqa: F401  (dock
 from host_profiles import docker_real  # noqa: F401
 from host_state import host_state
 from kernel import ROOT, run_stage
+from test_stages import _assigned_and_targets      # the same reading of a dry run as every lesson's
 
 SCRIPT = "07e_container.py"
 TIMEOUT = 60
@@ -366,3 +368,11 @@ def test_host_container_on_two_networks_follows_the_interface_that_holds_the_rep
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
     assert f"# check: {holder[0]} found through PID {pid} has the address podman reports, {addr}: ok" in proc.stdout
     assert f"# check: its master is a bridge holding the gateway podman reports, {LEARNER_GATEWAY}: ok" in proc.stdout
+
+
+def test_the_lesson_sends_packets_only_to_addresses_it_made_or_loopback():
+    script = run_stage(SCRIPT, "--dry-run", timeout=TIMEOUT).stdout
+    assigned, targets = _assigned_and_targets(script)
+    assert targets, "the lesson sends nothing: nothing to prove"
+    for addr in targets:
+        assert ipaddress.ip_address(addr).is_loopback or addr in assigned, f"{addr} is not the lesson's own"
