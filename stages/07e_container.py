@@ -203,7 +203,9 @@ def _build(L):
     else:
         L.step("start a container the way every runtime does underneath: a process in fresh network, UTS and IPC "
                "namespaces (`unshare`, what runc does with clone flags). Nothing names its network namespace: "
-               "it lives as long as a process (or a mount) holds it")
+               "it lives as long as a process (or a mount) holds it. (This bare runtime needs no daemon, so it "
+               "runs anywhere, the sandbox included; `--runtime podman` has podman start c1, `--host --container "
+               "NAME` looks at your own Docker or podman container)")
         _, pid = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
         L.step("wire it as a runtime's network driver does: the veth is made on the host and its peer moved into "
                "the namespace of the container's PID (`netns PID`), named eth0, given the address and a default "
@@ -531,6 +533,13 @@ def main(argv=None):
                     "container with --container) and no --dry-run (the bare runtime's prints as a script)")
         if set(args.skip) & {"master", "nat"}:
             p.error("with --runtime podman, podman's plugins plug the veth and masquerade: --skip join only")
+        missing = [what for what, there in (("podman (apt-get install podman)", cnikit.which("podman")),
+                                            ("runc (apt-get install runc)", cnikit.which("runc")),
+                                            ("the reference plugins (apt-get install containernetworking-plugins)",
+                                             os.path.exists(os.path.join(kindlike.REF_PLUGIN_DIR, "bridge"))))
+                   if not there]
+        if missing:
+            p.error("--runtime podman needs " + ", ".join(missing))
         OPTIONS["runtime"] = "podman"
     if args.container is not None and args.runtime == "bare":
         p.error("--container looks at a docker or podman container: --runtime docker or podman")

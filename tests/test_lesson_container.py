@@ -376,3 +376,11 @@ def test_the_lesson_sends_packets_only_to_addresses_it_made_or_loopback():
     assert targets, "the lesson sends nothing: nothing to prove"
     for addr in targets:
         assert ipaddress.ip_address(addr).is_loopback or addr in assigned, f"{addr} is not the lesson's own"
+
+
+def test_runtime_podman_without_podman_says_what_to_install_before_anything_changes():
+    before = host_state()
+    proc = run_stage(SCRIPT, "--runtime", "podman", env=dict(os.environ, PATH="/nonexistent"), timeout=TIMEOUT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--runtime podman needs podman (apt-get install podman)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and host_state() == before
