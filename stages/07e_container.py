@@ -232,7 +232,7 @@ def _build(L):
 
     L.step("enter only its network namespace and look: `nsenter -t PID -n` runs a host tool (ip) in there, "
            "so it works even for an image without ip")
-    L.stage["c1_addr"] = r.show(in_ns_of(pid, ip("-br", "addr")))
+    r.show(in_ns_of(pid, ip("-br", "addr")))
 
     L.step("`ip netns identify PID` names a process's namespace only if it is bound under /run/netns. Docker "
            "and the bare runtime never put it there: no answer. podman and containerd's CRI do (/run/netns/"
@@ -270,8 +270,7 @@ def _build(L):
         r.show(ip("-br", "link", "show", "master", master))
         r.show(ip("-br", "addr", "show", "dev", master))
 
-    subnet = str(ipaddress.ip_network(f"{record['ip']}/{record['prefix']}", strict=False)) \
-        if not r.dry_run or not OPTIONS["picked"] else SUBNET
+    subnet = str(ipaddress.ip_network(f"{record['ip']}/{record['prefix']}", strict=False))
     L.stage["subnet"] = subnet
     L.step(f"the NAT and forward rules for its subnet {subnet}: the lines of `iptables-save` that name it or its "
            "address, and the MASQUERADE they lead to (directly, or in the chain they jump to)")
