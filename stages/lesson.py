@@ -44,6 +44,17 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # ---------------------------------------------------------------- the runner
 
+class Expand(str):
+    """An argv word a dry run's script must expand: shell text such as `$job1` (the PID of a
+    job it started, which only the script knows when it runs) or `/proc/$job1/ns/net`. The
+    script prints it in double quotes; it holds no `"`, `\\` or backquote."""
+
+
+def shell_join(argv):
+    """ARGV as one line of sh: shell-quoted words, an Expand word in double quotes."""
+    return " ".join(f'"{a}"' if isinstance(a, Expand) else shlex.quote(str(a)) for a in argv)
+
+
 def _reader_left():
     """`--dry-run | head`: the reader of stdout left.  Say nothing more (no traceback, like any
     other tool): what is still written, the verdict included, goes nowhere."""
@@ -110,7 +121,12 @@ class LessonRunner(cnikit.Runner):
             # dry run's script, which must make every change, still print each).
             self._kind = "tag" if self.dry_run or self.verbose else "folded"
         try:
-            super().echo(argv, suffix or self._suffix)
+            if any(isinstance(a, Expand) for a in argv):
+                self._log.append(list(argv))          # cnikit's echo, with the words the script expands
+                if not self.quiet:
+                    self.print_command(shell_join(argv) + (suffix or self._suffix))
+            else:
+                super().echo(argv, suffix or self._suffix)
             if not tag:           # bookkeeping, not a step of the lesson: no pause
                 self._pause()
         finally:
