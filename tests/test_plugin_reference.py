@@ -1,0 +1,476 @@
+"""Differential tests: each scenario (a network config and a sequence of CNI calls) runs once
+with our plugin (the compiled form `cni install` gives a host) and once with the Go reference
+`bridge` + `host-local` (Debian's containernetworking-plugins 1.1.1 in /usr/lib/cni), each in a
+fresh sandbox.  After every call the kernel state is read back (`ip -j`, sysctls, iptables-save,
+the IPAM directory) with everything that is random or named differently by design normalized
+away: host veth names, chain hashes, MACs both pick at random, counters.  The two runs must
+match, except for the differences docs/plugin.md lists ("Where we differ from the reference,
+and why"): each scenario names the ones it shows, and the test asserts exactly those, so a pinned
+difference that goes away (or a new one) fails too.
+
+Configs spell every key the two plugins default differently (ipMasq, isGateway,
+isDefaultGateway, forwardAccept); the defaults themselves are pinned by their own scenario."""
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+import pytest
+import sh
+
+import conftest
+from plugin_helpers import PLUGIN, REFERENCE, cni, netns
+
+# Ours runs with its built-in allocator: an empty CNI_PATH has no host-local to delegate to,
+# and the documented fallback is the built-in one, which writes host-local's files.
+NO_IPAM_PLUGINS = tempfile.mkdtemp(prefix="cnikit-empty-cni-path-")
+PLUGINS = {"ours": (PLUGIN, NO_IPAM_PLUGINS, "cni-bash-compatible"),
+           "reference": (f"{REFERENCE}/bridge", REFERENCE, "bridge")}
+PLUGIN_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plugin.md")
+NETWORK = "diffnet"
+DATA_DIR = "/var/lib/cni/networks"
+
+
+# ---------------------------------------------------------------- reading the kernel back
+
+def _json(*argv):
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def _in(ns, *argv):
+    return ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
+
+
+def _sysctls(ns, ifnames, baseline=None):
+    """{family/ifname/key: value} of the sysctls a plugin wrote in namespace NS: an interface's
+    where they differ from the namespace's conf/default (what a new interface starts with),
+    all/default where they differ from BASELINE (this function's answer before any call)."""
+    dirs = [f"/proc/sys/net/{fam}/conf/{i}" for fam in ("ipv4", "ipv6") for i in ("all", "default", *ifnames)]
+    # grep -r prints path:value; -s skips what cannot be read (ipv6 stable_secret when unset)
+    out = subprocess.run(_in(ns, "grep", "-rs", ".", *dirs), capture_output=True, text=True).stdout
+    values = {}
+    for line in out.splitlines():
+        path, _, value = line.partition(":")
+        fam, _, ifname, key = path.split("/")[4:8]
+        values[(fam, ifname, key)] = value
+    if baseline is None:
+        return values
+    return {k: v for k, v in values.items() if k[2] != "mtu"           # the link's mtu, compared there
+            and v != (baseline.get(k) if k[1] in ("all", "default") else values.get((k[0], "default", k[2])))}
+
+
+def _addr_assign_type(ns, ifname):
+    """0 permanent, 1 random, 2 stolen, 3 set by userspace (the kernel's NET_ADDR_*)."""
+    return int(subprocess.run(_in(ns, "cat", f"/sys/class/net/{ifname}/addr_assign_type"),
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def _addresses(ns, ifname):
+    out = []
+    for a in _json(*_in(ns, "ip", "-j", "addr", "show", "dev", ifname))[0]["addr_info"]:
+        local = "fe80::(link-local)" if a["local"].startswith("fe80:") else a["local"]
+        flags = sorted(k for k in ("nodad", "noprefixroute", "home", "mngtmpaddr") if a.get(k))
+        out.append(f"{local}/{a['prefixlen']} scope {a['scope']}"
+                   + (f" brd {a['broadcast']}" if a.get("broadcast") else "") + "".join(" " + f for f in flags))
+    return sorted(out)
+
+
+def _routes(ns):
+    out = []
+    for fam in ("-4", "-6"):
+        for r in _json(*_in(ns, "ip", "-j", fam, "route", "show", "table", "all")):
+            if r.get("table") == "local":
+                continue
+            r.pop("expires", None)
+            out.append(json.dumps(r, sort_keys=True))
+    return sorted(out)
+
+
+PORT_KEYS = ("hairpin", "isolated", "learning", "flood", "mcast_flood", "bcast_flood", "guard",
+             "root_block", "fastleave", "proxy_arp", "neigh_suppress", "locked", "state", "cost", "priority")
+
+
+def _vlans(ifname):
+    for entry in _json("bridge", "-j", "vlan", "show", "dev", ifname):
+        return sorted(json.dumps(v, sort_keys=True) for v in entry.get("vlans", []))
+    return []
+
+
+def _flags(link):
+    """The link's flags but its carrier, which the kernel updates on its own time (linkwatch)."""
+    return sorted(f for f in link["flags"] if f not in ("LOWER_UP", "NO-CARRIER"))
+
+
+def _is_random_mac(mac):
+    first = int(mac.split(":")[0], 16)
+    return bool(first & 2) and not first & 1      # locally administered, unicast
+
+
+def snapshot(pods, first_bridge_mac, baselines):
+    """The normalized state of the host and of the pods' namespaces.  PODS: [(cid, ifname)]
+    added so far (and their netns still there).  BASELINES: {netns or None: its sysctls before
+    any call}.  FIRST_BRIDGE_MAC: {} filled with the bridge's
+    MAC the first time there is one, so a later change shows as "mac_stable": False."""
+    host_links = {l["ifname"]: l for l in _json("ip", "-j", "-d", "link", "show")}
+    names = {}                      # kernel name -> role
+    pod_state = {}
+    for cid, ifname in pods:
+        if not os.path.exists(f"/run/netns/{cid}"):
+            continue
+        pl = {l["ifname"]: l for l in _json(*_in(cid, "ip", "-j", "-d", "link", "show"))}
+        if ifname not in pl:
+            pod_state[f"{cid}/{ifname}"] = None
+            continue
+        l = pl[ifname]
+        peer = next((h for h in host_links.values() if h["ifindex"] == l.get("link_index")), None)
+        if peer:
+            names[peer["ifname"]] = f"<veth {cid}/{ifname}>"
+        pod_state[f"{cid}/{ifname}"] = {
+            "kind": l.get("linkinfo", {}).get("info_kind"), "mtu": l["mtu"], "flags": _flags(l),
+            "mac_random": _is_random_mac(l["address"]), "addr_assign_type": _addr_assign_type(cid, ifname),
+            "addrs": _addresses(cid, ifname), "routes": _routes(cid),
+            "sysctl": {"/".join(k): v for k, v in _sysctls(cid, [ifname], baselines[cid]).items()}}
+    bridges = [n for n, l in host_links.items() if l.get("linkinfo", {}).get("info_kind") == "bridge"]
+    ports = {}
+    bridge_state = {}
+    for name in bridges:
+        names[name] = name
+        b = host_links[name]
+        if name not in first_bridge_mac:
+            first_bridge_mac[name] = b["address"]
+        its_ports = [p for p in host_links.values() if p.get("master") == name]
+        bridge_state[name] = {
+            "mtu": b["mtu"], "flags": _flags(b), "promiscuity": b["promiscuity"],
+            "vlan_filtering": b["linkinfo"]["info_data"]["vlan_filtering"],
+            "addr_assign_type": _addr_assign_type(None, name),
+            "mac_stable": b["address"] == first_bridge_mac[name],
+            "mac_of_a_port": any(p["address"] == b["address"] for p in its_ports),
+            "addrs": _addresses(None, name), "vlans": _vlans(name)}
+    for name, l in host_links.items():
+        if l.get("linkinfo", {}).get("info_kind") != "veth":
+            continue
+        role = names.setdefault(name, "<veth without a pod>")
+        slave = l["linkinfo"].get("info_slave_data", {})
+        ports[role] = {
+            "mtu": l["mtu"], "flags": _flags(l), "master": l.get("master"),
+            "mac_random": _is_random_mac(l["address"]), "addr_assign_type": _addr_assign_type(None, name),
+            "port": {k: slave.get(k) for k in PORT_KEYS}, "vlans": _vlans(name), "addrs": _addresses(None, name)}
+    host_sysctl = {(fam, names.get(i, i), key): v for (fam, i, key), v
+                   in _sysctls(None, [n for n in names if n in host_links], baselines[None]).items()}
+    return {"bridges": bridge_state, "host veths": ports, "pods": pod_state,
+            "host sysctl": {"/".join(k): v for k, v in host_sysctl.items()},
+            "ipam": _ipam_files(), "iptables": _iptables(), "nft": _nft(), "links": sorted(names.get(n, n) for n in host_links)}
+
+
+def _ipam_files():
+    d = os.path.join(DATA_DIR, NETWORK)
+    if not os.path.isdir(d):
+        return None
+    out = {}
+    for name in sorted(os.listdir(d)):
+        if name.startswith("."):          # ours keeps its ownership records in .cnikit/
+            continue
+        with open(os.path.join(d, name), "rb") as f:
+            out[name] = f.read().decode()
+    return out
+
+
+CHAIN = re.compile(r"\b(CNI-[0-9a-f]{8,}|CNIKIT-[0-9a-f]{8,})\b")
+COMMENT = re.compile(r' -m comment --comment ("(?:[^"\\]|\\.)*"|\S+)')
+JUMP = re.compile(r"^-A (?:PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) .*?-[sd] (\S+).* -j (\S+)$")
+BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+
+
+def _iptables():
+    """Each family's tables, each chain a plugin made named after the pod address that jumps
+    to it (the hashes differ by design), comments cut (both tag their rules, in their own
+    words), rules grouped by chain in their order; a table holding nothing is left out."""
+    out = {}
+    for family, save in (("4", "iptables-save"), ("6", "ip6tables-save")):
+        text = subprocess.run([save], capture_output=True, text=True).stdout
+        lines = [COMMENT.sub("", line) for line in text.splitlines() if not line.startswith(("#", "COMMIT"))]
+        names = {}
+        for line in lines:
+            m = JUMP.match(line)
+            if m and CHAIN.fullmatch(m.group(2)):
+                names.setdefault(m.group(2), f"<chain:{m.group(1)}>")
+        tables, table = {}, None
+        for line in lines:
+            if line.startswith("*"):
+                table = tables.setdefault(line[1:], [])
+                continue
+            if line.startswith(":"):
+                name, policy = line[1:].split()[:2]
+                if name in BUILTIN and policy == "ACCEPT":
+                    continue
+                line = f":{name} {policy}"
+            table.append(CHAIN.sub(lambda m: names.setdefault(m.group(1), f"<chain:{len(names) + 1}>"), line))
+        out[family] = {t: sorted(rules, key=lambda r: (not r.startswith(":"), r.split()[1] if r.startswith("-A") else r))
+                       for t, rules in tables.items() if rules}
+    return out
+
+
+XTABLES = re.compile(r"table (ip|ip6) (filter|nat|mangle|raw|security)")
+MAC = re.compile(r"\b[0-9a-f]{2}(:[0-9a-f]{2}){5}\b")
+HASH = re.compile(r"[0-9a-f]{12,}|\bveth[0-9a-f]{8,}")
+
+
+def _nft():
+    """The nftables tables that are not iptables-nft's (those are read as iptables above),
+    with hashes and MACs cut: {"family name": [lines]}."""
+    out = {}
+    for table in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines():
+        if XTABLES.fullmatch(table.strip()):
+            continue
+        text = subprocess.run(["nft", "list", *table.split()], capture_output=True, text=True).stdout
+        out[table.split(None, 1)[1]] = [HASH.sub("<hash>", MAC.sub("<mac>", line.strip()))
+                                        for line in text.splitlines() if line.strip()]
+    return out
+
+
+# ---------------------------------------------------------------- running a scenario
+
+def _result(res, kernel_names, macs):
+    """A call's outcome: the result JSON with the host veth's name and every MAC replaced by
+    what they are (so two random MACs compare equal), or the error's code."""
+    if res.rc != 0:
+        return {"error": res.code}
+    if res.json is None:
+        return None
+    text = json.dumps(res.json, sort_keys=True)
+    for name, role in kernel_names.items():
+        text = text.replace(f'"{name}"', f'"{role}"')
+    for mac, role in macs.items():
+        text = text.replace(f'"{mac}"', f'"<mac of {role}>"')
+    return json.loads(text)
+
+
+def _kernel_names_and_macs(pods):
+    names, macs = {}, {}
+    host = {l["ifname"]: l for l in _json("ip", "-j", "-d", "link", "show")}
+    for n, l in sorted(host.items(), key=lambda nl: nl[1].get("linkinfo", {}).get("info_kind") == "bridge"):
+        macs[l["address"]] = n
+    for cid, ifname in pods:
+        if not os.path.exists(f"/run/netns/{cid}"):
+            continue
+        for l in _json(*_in(cid, "ip", "-j", "link", "show")):
+            if l["ifname"] == ifname:
+                macs[l["address"]] = f"{cid}/{ifname}"
+                peer = next((h for h in host.values() if h["ifindex"] == l.get("link_index")), None)
+                if peer:
+                    names[peer["ifname"]] = f"<veth {cid}/{ifname}>"
+                    macs.setdefault(peer["address"], f"<veth {cid}/{ifname}>")
+    return names, {m: names.get(r, r) for m, r in macs.items()}
+
+
+def _wait_gone(names, timeout=10):
+    """The kernel dismantles a namespace nobody holds in a work queue: wait until the host
+    end of its veth has gone with it, so the next step starts from the same state."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/sys/class/net/{n}") for n in names):
+        assert time.monotonic() < deadline, f"{names} still there {timeout} s after their namespace was deleted"
+        time.sleep(0.02)
+
+
+def run(which, conf, steps):
+    """Run STEPS with plugin WHICH in the current sandbox; returns [(step, outcome, state)].
+    A step is (verb, container id) with verb ADD, CHECK, DEL (netns and prevResult, as
+    containerd's StopPodSandbox), DEL-bare (no netns, no prevResult: the second DEL of
+    RemovePodSandbox) or RMNS (the runtime removes the pod's namespace)."""
+    plugin, path, ptype = PLUGINS[which]
+    conf = dict(conf, cniVersion=conf.get("cniVersion", "1.0.0"), name=NETWORK, type=ptype)
+    results, pods, first_mac, out = {}, [], {}, []
+    baselines = {None: _sysctls(None, [])}
+    for verb, cid in steps:
+        ifname = "eth0"
+        if verb == "RMNS":
+            veths = [n for n, role in _kernel_names_and_macs(pods)[0].items() if role == f"<veth {cid}/{ifname}>"]
+            sh.ip("netns", "del", cid)
+            _wait_gone(veths)
+            outcome = None
+        else:
+            if verb == "ADD":
+                if not os.path.exists(f"/run/netns/{cid}"):
+                    netns(cid)
+                    baselines[cid] = _sysctls(cid, [])
+                if (cid, ifname) not in pods:
+                    pods.append((cid, ifname))
+            c = dict(conf)
+            kw = {"cid": cid, "ifname": ifname, "path": path, "plugin": plugin}
+            if verb in ("CHECK", "DEL") and results.get(cid) is not None:
+                c["prevResult"] = results[cid]
+            if verb == "DEL-bare" or not os.path.exists(f"/run/netns/{cid}"):
+                kw["netns"] = ""
+            res = cni(verb.split("-")[0], c, **kw)
+            if verb == "ADD" and res.rc == 0:
+                results[cid] = res.json
+            outcome = _result(res, *_kernel_names_and_macs(pods))
+        out.append((f"{verb} {cid}", outcome, snapshot(pods, first_mac, baselines)))
+    return out
+
+
+def _diff(a, b, path, out):
+    """Record where A and B differ: down to the leaves where both sides are dicts, else the
+    whole value (a pod present on one side only is one difference, not a hundred)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}" if path else str(k), out)
+    elif a != b:
+        def show(v):
+            return v if isinstance(v, (str, int, float, bool, type(None))) else json.dumps(v, sort_keys=True)
+        out.setdefault(path, set()).add((show(a), show(b)))
+
+
+def differences(ours, ref):
+    """{path: {(ours, reference), ...}} over all steps, where the two differ."""
+    diff = {}
+    for (step, o_out, o_state), (_, r_out, r_state) in zip(ours, ref):
+        _diff({"outcome": o_out, "state": o_state}, {"outcome": r_out, "state": r_state}, "", diff)
+    return diff
+
+
+def compare(conf, steps):
+    """Run the scenario with both plugins, each in a fresh sandbox; returns the differences."""
+    ours = run("ours", conf, steps)
+    conftest.leave_test_sandbox()
+    conftest.enter_test_sandbox()
+    ref = run("reference", conf, steps)
+    return differences(ours, ref)
+
+
+# ---------------------------------------------------------------- the differences we keep (docs/plugin.md)
+# name: (why, {path pattern: the (ours, reference) pairs it shows over all steps, None: any}).
+# A scenario lists the pins it shows; each must match at least one difference, and every
+# difference must be matched by one of them with exactly the pairs given.
+
+BRIDGE = r"state\.bridges\.cni0\."
+VETH = r"state\.host veths\.<veth \w/eth0>\."
+PINS = {
+    "host veth MAC set": (
+        "ours picks the host end's random MAC itself (the veth is born on the bridge, up, in one "
+        "netlink call), so the kernel marks it set (3) where the reference's is random (1)",
+        {VETH + "addr_assign_type": {(3, 1)}}),
+    "bridge MAC follows its ports": (
+        "plugin-ref: the reference sets the bridge's MAC to itself when it adds the gateway, so it "
+        "no longer changes as ports come and go; ours lets the kernel take the lowest port's",
+        {BRIDGE + "addr_assign_type": {(1, 3)}, BRIDGE + "mac_of_a_port": {(True, False)},
+         BRIDGE + "mac_stable": {(False, True)}, r"outcome\.interfaces": None}),
+    "accept_ra": (
+        "the reference turns router advertisements off on the bridge and host veths",
+        {r"state\.host sysctl\.ipv6/(cni0|<veth \w/eth0>)/accept_ra": {("<absent>", "0")}}),
+    "arp_notify": (
+        "the reference sets arp_notify on the pod interface (a gratuitous ARP when it comes up)",
+        {r"state\.pods\.\w/eth0\.sysctl\.ipv4/eth0/arp_notify": {("<absent>", "1")}}),
+    "accept_dad off": (
+        "plugin-ref (enabledad): without enabledad the reference turns DAD off on the pod interface",
+        {r"state\.pods\.\w/eth0\.sysctl\.ipv6/eth0/accept_dad": {("<absent>", "0")}}),
+    "empty routes": (
+        "ours prints \"routes\": [] where the reference leaves the key out",
+        {r"outcome\.routes": {("[]", "<absent>")}}),
+    "promiscMode": (
+        "plugin-ref: ours does not know promiscMode yet",
+        {BRIDGE + "flags": {('["BROADCAST", "MULTICAST", "UP"]', '["BROADCAST", "MULTICAST", "PROMISC", "UP"]')},
+         BRIDGE + "promiscuity": {(0, 1)}}),
+    "macspoofchk": (
+        "plugin-ref: ours does not know macspoofchk yet (the reference's nftables bridge chain)",
+        {r"state\.nft\..*": None}),
+    "no vlan filtering here": (
+        "this kernel has no CONFIG_BRIDGE_VLAN_FILTERING: the reference fails (999) and leaves "
+        "nothing; ours does not know vlan yet (plugin-ref) and attaches the pod",
+        {r"outcome.*": None, r"state\..*": None}),
+    "reference CHECK fails on a route without gw": (
+        "the reference adds an ipam route without gw via the gateway, then its CHECK looks for it "
+        "without one and fails (999); ours passes",
+        {r"outcome": {(None, '{"error": 999}')}}),
+    "defaults": (
+        "ours defaults isGateway, isDefaultGateway, ipMasq and forwardAccept to true; the reference's "
+        "are false (forwardAccept it does not have)",
+        {r"outcome\.routes": {('[{"dst": "0.0.0.0/0", "gw": "10.22.0.1"}]', "<absent>")},
+         BRIDGE + "addrs": None, r"state\.pods\.a/eth0\.routes": None, r"state\.iptables\.4\.(nat|filter)": None,
+         r"state\.host sysctl\.ipv4/(all|default)/(forwarding|accept_redirects)": None}),
+    "DEL without netns removes the veth and rules": (
+        "a DEL without CNI_NETNS: ours removes the host veth (its name is stable) and the "
+        "attachment's chains (its record); the reference cannot find the veth and only releases "
+        "the address, leaving the pod's veth pair and its masquerade chain",
+        {r"state\.links": None, r"state\.iptables\.4\.nat": None, r"state\.pods\.b/eth0": None,
+         r"state\.host veths(\.<veth b/eth0>)?": None, r"state\.host sysctl\.ipv6/<veth b/eth0>/accept_ra": None}),
+}
+
+
+def unexplained(diff, pins):
+    """The differences no pin of PINS explains, and the pins that explain nothing or show
+    other pairs than they say: both empty when the scenario matches the reference as documented."""
+    left, wrong = dict(diff), []
+    for name in pins:
+        for pattern, pairs in PINS[name][1].items():
+            hit = {path: diff[path] for path in diff if re.fullmatch(pattern, path)}
+            seen = set().union(*hit.values()) if hit else set()
+            if not hit or (pairs is not None and seen != pairs):
+                wrong.append(f"{name}: {pattern} shows {sorted(seen, key=str)}, pinned {pairs}")
+            for path in hit:
+                left.pop(path, None)
+    return left, wrong
+
+
+# ---------------------------------------------------------------- scenarios
+
+SPELLED = {"bridge": "cni0", "isGateway": True, "isDefaultGateway": False, "ipMasq": False,
+           "forwardAccept": False, "hairpinMode": False, "ipam": {"type": "host-local", "subnet": "10.22.0.0/24"}}
+CLASSIC = dict(SPELLED, isDefaultGateway=True, ipMasq=True)
+V6 = {"type": "host-local", "ranges": [[{"subnet": "fd00:22::/64"}]]}
+DUAL = {"type": "host-local", "ranges": [[{"subnet": "10.22.0.0/24"}], [{"subnet": "fd00:22::/64"}]]}
+LIFE = [("ADD", "a"), ("CHECK", "a"), ("DEL", "a"), ("DEL", "a")]
+CHURN = [("ADD", "a"), ("ADD", "b"), ("ADD", "c"), ("DEL", "b"), ("ADD", "d"), ("CHECK", "c"), ("DEL", "a"),
+         ("ADD", "b"), ("DEL", "d"), ("DEL", "c"), ("DEL", "b"), ("DEL", "b")]
+GONE = [("ADD", "a"), ("ADD", "b"), ("RMNS", "a"), ("DEL", "a"), ("DEL-bare", "a"), ("DEL-bare", "b"), ("DEL", "b")]
+
+EVERY_ADD = ("host veth MAC set", "bridge MAC follows its ports", "accept_ra", "arp_notify", "accept_dad off")
+NO_ROUTES = EVERY_ADD + ("empty routes",)
+NO_BRIDGE_MAC = tuple(p for p in EVERY_ADD if p != "bridge MAC follows its ports")  # no gateway: no MAC set
+
+# name: (config, steps, the pinned differences it shows)
+SCENARIOS = {
+    "gateway only": (SPELLED, LIFE, NO_ROUTES),
+    "no gateway": (dict(SPELLED, isGateway=False), LIFE, NO_BRIDGE_MAC + ("empty routes",)),
+    "classic: isGateway isDefaultGateway ipMasq": (CLASSIC, LIFE, EVERY_ADD),
+    "isGateway ipMasq": (dict(SPELLED, ipMasq=True), LIFE, NO_ROUTES),
+    "isDefaultGateway alone": (dict(SPELLED, isGateway=False, isDefaultGateway=True), LIFE, EVERY_ADD),
+    "hairpinMode mtu": (dict(SPELLED, hairpinMode=True, mtu=1400), LIFE, NO_ROUTES),
+    "promiscMode": (dict(SPELLED, promiscMode=True), LIFE, NO_ROUTES + ("promiscMode",)),
+    "vlan": (dict(SPELLED, vlan=100), LIFE, ("no vlan filtering here",)),
+    "macspoofchk": (dict(SPELLED, macspoofchk=True), LIFE, NO_ROUTES + ("macspoofchk",)),
+    "forceAddress": (dict(SPELLED, forceAddress=True), LIFE, NO_ROUTES),
+    "portIsolation (newer than the reference)": (dict(SPELLED, portIsolation=True), LIFE, NO_ROUTES),
+    "ipv6 classic": (dict(CLASSIC, ipam=V6), LIFE, EVERY_ADD),
+    "ipv6 enabledad": (dict(SPELLED, enabledad=True, ipam=V6), LIFE, NO_ROUTES[:4] + ("empty routes",)),
+    "dual-stack classic": (dict(CLASSIC, ipam=DUAL), LIFE, EVERY_ADD),
+    "ranges, routes, gateway": (dict(CLASSIC, ipam={"type": "host-local", "ranges": [[
+        {"subnet": "10.22.0.0/24", "rangeStart": "10.22.0.100", "rangeEnd": "10.22.0.102", "gateway": "10.22.0.254"}]],
+        "routes": [{"dst": "198.51.100.0/24"}, {"dst": "203.0.113.0/24", "gw": "10.22.0.254"}]}), LIFE,
+        EVERY_ADD + ("reference CHECK fails on a route without gw",)),
+    "churn classic": (CLASSIC, CHURN, EVERY_ADD),
+    "churn dual-stack hairpin": (dict(CLASSIC, hairpinMode=True, ipam=DUAL), CHURN, EVERY_ADD),
+    "netns gone, DEL twice": (CLASSIC, GONE, EVERY_ADD + ("DEL without netns removes the veth and rules",)),
+    "cniVersion 0.4.0": (dict(CLASSIC, cniVersion="0.4.0"), LIFE, EVERY_ADD),
+    "defaults": ({"bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.22.0.0/24"}}, LIFE,
+                 NO_BRIDGE_MAC + ("defaults",)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_same_as_reference_but_the_documented_differences(name):
+    conf, steps, pins = SCENARIOS[name]
+    left, wrong = unexplained(compare(conf, steps), pins)
+    assert not left and not wrong, "\n".join(
+        [f"not as the reference: {path}: {sorted(pairs, key=str)}" for path, pairs in sorted(left.items())] + wrong)
+
+
+def test_every_pin_is_documented_and_used():
+    doc = open(os.path.join(os.path.dirname(PLUGIN_DOC), "plugin.md")).read()
+    used = {p for _, _, pins in SCENARIOS.values() for p in pins}
+    assert used == set(PINS)
+    missing = [name for name in PINS if f"`{name}`" not in doc]
+    assert not missing, f"docs/plugin.md lacks a row for {missing}"
