@@ -81,8 +81,12 @@ SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/s
 STDIN_LIMIT = 1 << 20  # a network config is a few KiB; refuse to buffer more than 1 MiB
 MULTICAST = {2: "224.0.0.0/4", 10: "ff00::/8"}  # never masqueraded, like the reference bridge
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-KNOWN_ARGS = ("IGNOREUNKNOWN", "IP", "CNIKIT_SUBNET", "K8S_POD_NAMESPACE", "K8S_POD_NAME",
+KNOWN_ARGS = ("IGNOREUNKNOWN", "IP", "MAC", "CNIKIT_SUBNET", "K8S_POD_NAMESPACE", "K8S_POD_NAME",
               "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID")
+MASQ_BACKENDS = ("iptables", "nftables")
+NFT_FAMILIES = ("bridge", "inet")
+NFT_PREFIX = "cnikit-"
+DAD_WAIT = 5.0  # seconds enabledad waits for IPv6 duplicate address detection, as the reference does
 
 # CNI error codes (spec) and ours (100+)
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG, E_TRY_LATER = 1, 2, 3, 4, 5, 6, 7, 11
@@ -500,10 +504,14 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_GETROUTE = 20, 21, 22, 
 F_REQUEST, F_ACK, F_DUMP, F_REPLACE, F_EXCL, F_CREATE = 1, 4, 0x300, 0x100, 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_PROTINFO = 1, 3, 4, 10, 12
 IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 18, 28, 1, 2, 1
-IFLA_BRPORT_MODE = 4  # hairpin
-IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
+IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
+IFLA_BR_VLAN_FILTERING, IFLA_BR_VLAN_DEFAULT_PVID = 7, 39  # in a bridge's IFLA_INFO_DATA
+IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33  # hairpin, isolated
+IFLA_BRIDGE_VLAN_INFO, BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 2, 2, 4
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
+IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x02, 0x08, 0x40
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
-IFF_UP, NLA_F_NESTED = 1, 0x8000
+IFF_UP, IFF_PROMISC, NLA_F_NESTED = 1, 0x100, 0x8000
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST = 254, 3, 253, 1
 
 
@@ -589,10 +597,24 @@ class Netlink:
     def links(self):
         return [parse_link(p) for t, p in self.request(RTM_GETLINK, F_DUMP, ifinfo(), None) if t == RTM_NEWLINK]
 
-    def add_bridge(self, name, mtu):
-        info = nla(IFLA_LINKINFO | NLA_F_NESTED, nla(IFLA_INFO_KIND, "bridge"))
-        body = ifinfo() + nla(IFLA_IFNAME, name) + (nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b"") + info
-        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, f"ip link add {name} type bridge")
+    def add_bridge(self, name, mtu, mac, promisc=False, vlan_filtering=False):
+        """MAC given at birth is the bridge's own (addr_assign_type 3, "set"): it never follows its
+        ports, so pods' neighbour entries for the gateway stay right as pods come and go."""
+        data = nla(IFLA_INFO_DATA | NLA_F_NESTED, nla(IFLA_BR_VLAN_FILTERING, b"\1")) if vlan_filtering else b""
+        info = nla(IFLA_LINKINFO | NLA_F_NESTED, nla(IFLA_INFO_KIND, "bridge") + data)
+        flags = IFF_PROMISC if promisc else 0
+        body = (ifinfo(0, flags, flags) + nla(IFLA_IFNAME, name) + (nla(IFLA_MTU, struct.pack("=I", mtu)) if mtu else b"")
+                + nla(IFLA_ADDRESS, mac) + info)
+        what = f"ip link add {name} address {fmt_mac(mac)}{' promisc on' * promisc} type bridge" \
+            + " vlan_filtering 1" * vlan_filtering
+        self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, what)
+
+    def set_mac(self, index, name, mac):
+        """Set MAC, even the one the link has: the kernel then counts it as chosen (addr_assign_type 3)."""
+        self.request(RTM_SETLINK, F_ACK, ifinfo(index) + nla(IFLA_ADDRESS, mac), f"ip link set {name} address {fmt_mac(mac)}")
+
+    def set_promisc(self, index, name):
+        self.request(RTM_SETLINK, F_ACK, ifinfo(index, IFF_PROMISC, IFF_PROMISC), f"ip link set {name} promisc on")
 
     def add_veth(self, host_name, peer_name, mtu, netns_fd, peer_mac, host_mac=None, master=None):
         """Create the veth pair with its peer born inside the container's namespace.  MASTER
@@ -610,17 +632,33 @@ class Netlink:
         what = f"ip link add {host_name}" + (f" master {master[1]} up" if master is not None else "")
         self.request(RTM_NEWLINK, F_ACK | F_CREATE | F_EXCL, body, f"{what} type veth peer name {peer_name} netns <container>")
 
-    def set_link(self, index, name, up=False, master=None):
-        """master: (index, name) of the bridge to enslave the link to."""
+    def set_link(self, index, name, up=False, master=None, arp_notify=False):
+        """master: (index, name) of the bridge to enslave the link to.  ARP_NOTIFY: the link's
+        net.ipv4.conf.<name>.arp_notify = 1 in the same request (a gratuitous ARP as it comes up)."""
         body = ifinfo(index, IFF_UP if up else 0, IFF_UP if up else 0)
         if master is not None:
             body += nla(IFLA_MASTER, struct.pack("=I", master[0]))
+        if arp_notify:
+            conf = nla(IFLA_INET_CONF | NLA_F_NESTED, nla(IPV4_DEVCONF_ARP_NOTIFY, struct.pack("=I", 1)))
+            body += nla(IFLA_AF_SPEC | NLA_F_NESTED, nla(AF_INET | NLA_F_NESTED, conf))
         what = f"ip link set {name}" + (f" master {master[1]}" if master is not None else "") + (" up" if up else "")
-        self.request(RTM_SETLINK, F_ACK, body, what)
+        self.request(RTM_SETLINK, F_ACK, body, what + " (arp_notify 1)" * arp_notify)
 
-    def set_hairpin(self, index, name):
-        body = ifinfo(index, family=AF_BRIDGE) + nla(IFLA_PROTINFO | NLA_F_NESTED, nla(IFLA_BRPORT_MODE, b"\1"))
-        self.request(RTM_SETLINK, F_ACK, body, f"bridge link set dev {name} hairpin on")
+    def set_port(self, index, name, hairpin=False, isolated=False):
+        """The bridge port's flags, in one request."""
+        flags = (nla(IFLA_BRPORT_MODE, b"\1") if hairpin else b"") + (nla(IFLA_BRPORT_ISOLATED, b"\1") if isolated else b"")
+        body = ifinfo(index, family=AF_BRIDGE) + nla(IFLA_PROTINFO | NLA_F_NESTED, flags)
+        what = " hairpin on" * hairpin + " isolated on" * isolated
+        self.request(RTM_SETLINK, F_ACK, body, f"bridge link set dev {name}{what}")
+
+    def port_vlans(self, index, name, vlans, delete=False):
+        """Add (or DELETE) the bridge port's VLANs, [(vid, pvid and untagged)], in one request."""
+        info = b"".join(nla(IFLA_BRIDGE_VLAN_INFO, struct.pack("=HH", (BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED)
+                                                                 * native, vid)) for vid, native in vlans)
+        body = ifinfo(index, family=AF_BRIDGE) + nla(IFLA_AF_SPEC | NLA_F_NESTED, info)
+        what = "; ".join(f"bridge vlan {'del' if delete else 'add'} dev {name} vid {vid}" + " pvid untagged" * native
+                         for vid, native in vlans)
+        self.request(RTM_DELLINK if delete else RTM_SETLINK, F_ACK, body, what)
 
     def del_link(self, index, name):
         """By INDEX, or by NAME when the index is not known (None)."""
@@ -628,31 +666,34 @@ class Netlink:
         self.request(RTM_DELLINK, F_ACK, body, f"ip link del {name}")
 
     # addresses
-    def add_addr(self, index, name, family, n, plen, exclusive=False):
-        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it)."""
-        body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
-            + nla(IFA_ADDRESS, ip_bytes(family, n))
+    def add_addr(self, index, name, family, n, plen, exclusive=False, nodad=False):
+        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it).
+        NODAD: an IPv6 address usable at once, without duplicate address detection."""
+        nodad = nodad and family == AF_INET6
+        body = struct.pack("=BBBBI", family, plen, IFA_F_NODAD if nodad else 0, 0, index) \
+            + nla(IFA_LOCAL, ip_bytes(family, n)) + nla(IFA_ADDRESS, ip_bytes(family, n))
         if family == AF_INET and plen < 31:
             body += nla(IFA_BROADCAST, ip_bytes(family, n | ((1 << (32 - plen)) - 1)))
         self.request(RTM_NEWADDR, F_ACK | F_CREATE | (F_EXCL if exclusive else F_REPLACE), body,
-                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}")
+                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}" + " nodad" * nodad)
 
     def del_addr(self, index, name, family, n, plen):
         body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
             + nla(IFA_ADDRESS, ip_bytes(family, n))
         self.request(RTM_DELADDR, F_ACK, body, f"ip addr del {fmt_cidr(family, n, plen)} dev {name}")
 
-    def addrs(self, index, family=0):
-        """[(family, address int, prefix)] on the link."""
+    def addrs(self, index, family=0, flags=False):
+        """[(family, address int, prefix)] on the link; FLAGS: (family, int, prefix, IFA_F_* flags)."""
         out = []
         for t, p in self.request(RTM_GETADDR, F_DUMP, struct.pack("=BBBBI", family, 0, 0, 0, 0), None):
-            fam, plen, _, _, idx = struct.unpack_from("=BBBBI", p)
+            fam, plen, fl, _, idx = struct.unpack_from("=BBBBI", p)
             if t != RTM_NEWADDR or idx != index:
                 continue
             a = parse_nla(p, 8)
             raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
             if raw:
-                out.append((fam, int.from_bytes(raw, "big"), plen))
+                fl = struct.unpack("=I", a[IFA_FLAGS])[0] if IFA_FLAGS in a else fl
+                out.append((fam, int.from_bytes(raw, "big"), plen) + ((fl,) if flags else ()))
         return out
 
     # routes
@@ -689,15 +730,23 @@ def parse_link(payload):
     _, _, index, flags, _ = struct.unpack_from("=BxHiII", payload)
     a = parse_nla(payload, 16)
     info = parse_nla(a.get(IFLA_LINKINFO, b""))
+    kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
+    data = parse_nla(info.get(IFLA_INFO_DATA, b"")) if kind == "bridge" else {}
     return {
         "index": index,
         "name": a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
         "up": bool(flags & IFF_UP),
+        "promisc": bool(flags & IFF_PROMISC),
+        "default_pvid": struct.unpack("=H", data[IFLA_BR_VLAN_DEFAULT_PVID][:2])[0] if IFLA_BR_VLAN_DEFAULT_PVID in data else 0,
         "mac": ":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b"")),
         "mtu": struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0,
         "master": struct.unpack("=I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0,
-        "kind": info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode(),
+        "kind": kind,
     }
+
+
+def fmt_mac(raw):
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def kernel(what, fn, *args):
@@ -792,6 +841,19 @@ class Container:
         finally:
             posix.close(host)
 
+    def sysctls(self, values):
+        """Write {/proc/sys path: value} inside the pod's namespace (/proc/sys/net is the opener's)."""
+        host = posix.open("/proc/self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
+        try:
+            setns(self.fd)
+            try:
+                for path, value in values.items():
+                    sysctl_set(path, value)
+            finally:
+                setns(host)
+        finally:
+            posix.close(host)
+
     def __enter__(self):
         return self
 
@@ -871,6 +933,30 @@ class Net:
         self.forward = conf_value(conf, "forwardAccept", bool, True)
         self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = conf_value(conf, "hairpinMode", bool, False)
+        self.promisc = conf_value(conf, "promiscMode", bool, False)
+        if self.hairpin and self.promisc:  # the reference's rule: a promiscuous bridge would see its hairpin copies
+            raise CNIError(E_CONFIG, "hairpinMode and promiscMode cannot both be true")
+        self.isolated = conf_value(conf, "portIsolation", bool, False)
+        self.spoofchk = conf_value(conf, "macspoofchk", bool, False)
+        self.dad = conf_value(conf, "enabledad", bool, False)
+        self.force_addr = conf_value(conf, "forceAddress", bool, False)
+        self.vlan = conf_value(conf, "vlan", int, 0)
+        if not 0 <= self.vlan <= 4094:
+            raise CNIError(E_CONFIG, f"invalid vlan {self.vlan}: must be between 0 and 4094")
+        self.trunk = self.vlan_trunk()
+        self.keep_default_vlan = conf_value(conf, "preserveDefaultVlan", bool, False)
+        self.masq_backend = conf_value(conf, "ipMasqBackend", str, "iptables")
+        if self.masq_backend not in MASQ_BACKENDS:
+            raise CNIError(E_CONFIG, f"invalid ipMasqBackend {self.masq_backend!r}: one of " + ", ".join(MASQ_BACKENDS))
+        if conf_value(conf, "disableContainerInterface", bool, False):  # the reference allows it only without IPAM
+            raise CNIError(E_CONFIG, "disableContainerInterface is not supported: it needs a network without IPAM "
+                                     "(layer 2 only), and this plugin always assigns addresses")
+        if self.routed:
+            for key, on in (("promiscMode", self.promisc), ("portIsolation", self.isolated), ("vlan", self.vlan),
+                            ("vlanTrunk", self.trunk is not None), ("macspoofchk", self.spoofchk)):
+                if on:
+                    raise CNIError(E_CONFIG, f"{key} needs a bridge: it is not supported in routed mode")
+        self.nft = self.spoofchk or (self.masq_backend == "nftables" and (self.masq or self.forward))
         self.mtu = conf_value(conf, "mtu", int, 0)
         if not 0 <= self.mtu <= 65535:
             raise CNIError(E_CONFIG, f"invalid mtu {self.mtu!r}")
@@ -897,6 +983,30 @@ class Net:
         self.ranges = conf_value(self.ipam, "ranges", list, [], "ipam.")
         if self.ipam_type in BUILTIN_IPAM or self.ipam_type == "host-local":
             self.range_sets()  # every key checked now, before anything is changed
+
+    def vlan_trunk(self):
+        """vlanTrunk as the sorted VLAN ids it lists ([{"minID", "maxID"} ranges and {"id"}s]), None when
+        absent.  Present, even empty, it turns vlan_filtering on for a new bridge, as in the reference."""
+        trunk = conf_value(self.raw, "vlanTrunk", list, None)
+        if trunk is None:
+            return None
+        ids = set()
+        for i, item in enumerate(trunk):
+            if type(item) is not dict:
+                raise CNIError(E_CONFIG, f"vlanTrunk[{i}] must be an object, not {json_dumps(item)}")
+            lo, hi, one = (conf_value(item, key, int, None, f"vlanTrunk[{i}].") for key in ("minID", "maxID", "id"))
+            if (lo is None) != (hi is None):
+                raise CNIError(E_CONFIG, f"vlanTrunk[{i}]: minID and maxID go together")
+            for key, vid in (("minID", lo), ("maxID", hi), ("id", one)):
+                if vid is not None and not 1 <= vid <= 4094:
+                    raise CNIError(E_CONFIG, f"vlanTrunk[{i}].{key} {vid} must be between 1 and 4094")
+            if lo is not None:
+                if hi < lo:
+                    raise CNIError(E_CONFIG, f"vlanTrunk[{i}]: minID {lo} is greater than maxID {hi}")
+                ids.update(range(lo, hi + 1))
+            if one is not None:
+                ids.add(one)
+        return sorted(ids)
 
     def cidr_list(self, key):
         """KEY as a list of (family, network, prefix); absent is an empty list."""
@@ -1171,18 +1281,22 @@ class Record:
     """What one attachment owns, written when ADD reserves its addresses (before it creates
     anything, so a call killed half-way is still undone by DEL) and read by DEL instead of
     scanning: {"containerID", "ifname", "ips": ["10.244.0.2/24"], "veth",
-    "iptables": [{"family": 4, "table": "nat", "chains": [...], "jumps": [...], "rules": [...]}]}.
+    "iptables": [{"family": 4, "table": "nat", "chains": [...], "jumps": [...], "rules": [...]}],
+    "nft": [{"family": "bridge", "table": "cnikit-<hash>"}]} (nft absent: none; records before it).
     null means unknown (a record made from allocations that predate records, or an unreadable
     one): DEL then looks for the rules (iptables-save) and the addresses (a scan) as before."""
 
-    def __init__(self, cid, ifname, ips, rules, veth=None):
-        self.cid, self.ifname, self.ips, self.rules = cid, ifname, ips, rules
+    def __init__(self, cid, ifname, ips, rules, veth=None, nft=()):
+        self.cid, self.ifname, self.ips, self.rules, self.nft = cid, ifname, ips, rules, list(nft)
         self.veth = veth or host_veth_name(cid, ifname)
         self.key = attachment_hash(cid, ifname)[:32]
 
     def fields(self):
-        return {"containerID": self.cid, "ifname": self.ifname, "ips": self.ips, "veth": self.veth,
-                "iptables": self.rules}
+        out = {"containerID": self.cid, "ifname": self.ifname, "ips": self.ips, "veth": self.veth,
+               "iptables": self.rules}
+        if self.nft:
+            out["nft"] = self.nft
+        return out
 
     def addresses(self):
         """{(family, int)} of the recorded addresses."""
@@ -1201,9 +1315,12 @@ def load_record(path, cid=None, ifname=None):
     try:
         with open(path) as f:
             d = json_loads(f.read())
-        rec = Record(d["containerID"], d["ifname"], list(d["ips"]), d["iptables"], d["veth"])
+        rec = Record(d["containerID"], d["ifname"], list(d["ips"]), d["iptables"], d["veth"], d.get("nft") or ())
         if not all(isinstance(x, str) for x in [rec.cid, rec.ifname, rec.veth] + rec.ips):
             raise TypeError("not strings")
+        if not all(isinstance(t, dict) and t.get("family") in NFT_FAMILIES and valid_name(t.get("table"))
+                   for t in rec.nft):
+            raise TypeError("nft must be a list of {family, table}")
         if rec.rules is not None and not (isinstance(rec.rules, list) and all(isinstance(e, dict) for e in rec.rules)):
             raise TypeError("iptables must be a list of objects")
         return rec
@@ -1497,7 +1614,9 @@ def tool(family, name):
 
 
 def rule_tables(net):
-    """The tables an attachment of NET has a chain in."""
+    """The iptables tables an attachment of NET has a chain in (none with ipMasqBackend nftables)."""
+    if net.masq_backend == "nftables":
+        return []
     return [table for table, on in (("nat", net.masq), ("filter", net.forward)) if on]
 
 
@@ -1657,7 +1776,105 @@ def our_chains(network):
     return found
 
 
+# ---------------------------------------------------------------- nftables: macspoofchk, ipMasqBackend "nftables"
+#
+# Each attachment owns whole tables, cnikit-<hash> (the hash of its chains), commented like its
+# iptables rules: macspoofchk a bridge-family table, ipMasqBackend "nftables" an inet one (masquerade
+# and forward accept).  Removing one is one "delete table": nothing shared is edited.  nft runs
+# only for a config that asks for these.
+
+def nft_name(network, cid, ifname):
+    return NFT_PREFIX + attachment_hash(network, cid, ifname)[:20]
+
+
+def nft_comment(network, cid, ifname):
+    return rule_comment(network, cid, ifname).replace('"', "")[:128]  # nft keeps 128 bytes of a comment
+
+
+def attachment_nft(net, cid, ifname, ips, mac):
+    """[(family, table, [lines of its body])] the attachment will own."""
+    name, veth = nft_name(net.name, cid, ifname), host_veth_name(cid, ifname)
+    head = [f'comment "{nft_comment(net.name, cid, ifname)}"']
+    tables = []
+    if net.spoofchk:  # the reference's rule: frames from the pod's port carry the pod's MAC, or are dropped
+        tables.append(("bridge", name, head + [
+            "chain prerouting {", "type filter hook prerouting priority -300; policy accept;",
+            f'iifname "{veth}" ether saddr != {fmt_mac(mac)} drop', "}"]))
+    if net.masq_backend == "nftables" and (net.masq or net.forward):
+        dev = veth if net.routed else net.bridge
+        lines = list(head)
+        families = sorted({ip["family"] for ip in ips})
+        if net.masq:
+            lines += ["chain postrouting {", "type nat hook postrouting priority srcnat; policy accept;"]
+            for family in families:
+                kw = "ip" if family == AF_INET else "ip6"
+                for pod in (fmt_ip(family, ip["n"]) for ip in ips if ip["family"] == family):
+                    lines += [f"{kw} saddr {pod} {kw} daddr {peer} return" for peer in peer_subnets(net, ips, family)]
+                    lines.append(f"{kw} saddr {pod} {kw} daddr != {MULTICAST[family]} masquerade")
+            lines.append("}")
+        if net.forward:
+            lines += ["chain forward {", "type filter hook forward priority filter; policy accept;"]
+            for family in families:
+                kw = "ip" if family == AF_INET else "ip6"
+                for pod in (fmt_ip(family, ip["n"]) for ip in ips if ip["family"] == family):
+                    lines += [f'iifname "{dev}" {kw} saddr {pod} accept',
+                              f'oifname "{dev}" {kw} daddr {pod} ct state established,related accept',
+                              f'oifname "{dev}" {kw} daddr {pod} ct status dnat accept']
+                    lines += [f'oifname "{dev}" {kw} saddr {peer} {kw} daddr {pod} accept'
+                              for peer in peer_subnets(net, ips, family)]
+            lines.append("}")
+        tables.append(("inet", name, lines))
+    return tables
+
+
+def nft_forget(tables):
+    """Script lines that remove TABLES whether or not they exist ("add" first: one transaction)."""
+    return [line for family, name in tables for line in (f"add table {family} {name}", f"delete table {family} {name}")]
+
+
+def start_nft(script):
+    return start(["nft", "-f", "-"], stdin=("\n".join(script) + "\n").encode())
+
+
+def start_applying_nft(tables):
+    """The attachment's tables, made anew in one transaction (started: ADD goes on meanwhile)."""
+    script = nft_forget([(f, n) for f, n, _ in tables])
+    for family, name, body in tables:
+        script += [f"table {family} {name} {{"] + body + ["}"]
+    return [start_nft(script)] if tables else []
+
+
+def remove_nft(entries):
+    if entries:
+        start_nft(nft_forget([(e["family"], e["table"]) for e in entries])).wait()
+
+
+def our_nft_tables(network):
+    """[(family, table)] of this network's attachments (any attachment), by their comments."""
+    if not which("nft"):
+        return []
+    prefix = 'comment "' + f"cnikit name: {network} id: ".replace('"', "")[:128]
+    found, table = [], None
+    for line in run(["nft", "list", "ruleset"]).splitlines():  # a table's comment is the line after its head
+        words = line.split()
+        if table and line.strip().startswith(prefix):
+            found.append(table)
+        table = (words[1], words[2]) if len(words) == 4 and words[0] == "table" and words[2].startswith(NFT_PREFIX) \
+            else None
+    return found
+
+
 # ---------------------------------------------------------------- host side
+
+def sysctl_set(path, value):
+    """Best effort, as the reference's: a missing file (no IPv6) is fine."""
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+        log(f"  sysctl: {path} = {value}")
+    except OSError as e:
+        log(f"  sysctl: cannot set {path}: {e.strerror}")
+
 
 def sysctl_on(path):
     try:
@@ -1671,32 +1888,106 @@ def sysctl_on(path):
 
 
 def ensure_bridge(nl, net, ips):
-    """The bridge, up, with the gateway addresses: (bridge, [gateways this call added])."""
-    br = nl.link(net.bridge)
+    """The bridge, up, with the gateway addresses (with vlan: on the VLAN's gateway link, as the
+    reference does): (bridge, [gateways this call added], the link holding them)."""
+    br, created = nl.link(net.bridge), False
     if br is None:
         try:
-            nl.add_bridge(net.bridge, net.mtu)
+            nl.add_bridge(net.bridge, net.mtu, random_mac(), net.promisc, net.vlan != 0 or net.trunk is not None)
+            created = True
         except OSError as e:
             if e.errno != EEXIST:  # a parallel ADD created it first
                 raise CNIError(E_KERNEL, f"cannot create bridge {net.bridge}: {e.strerror}")
         br = nl.link(net.bridge)
     if br is None or br["kind"] != "bridge":
         raise CNIError(E_CONFIG, f"{net.bridge} exists and is not a bridge")
+    if created:  # we own the bridge's routes, as the reference does (only on creation: no cost per pod)
+        sysctl_set(f"/proc/sys/net/ipv6/conf/{net.bridge}/accept_ra", "0")
+    if net.promisc and not br["promisc"]:
+        kernel(f"cannot set {net.bridge} promiscuous", nl.set_promisc, br["index"], net.bridge)
     if not br["up"]:
         kernel(f"cannot bring {net.bridge} up", nl.set_link, br["index"], net.bridge, True)
-    added = []
+    added, holder = [], br
     if net.is_gw:
+        if net.vlan:
+            holder = ensure_vlan_gateway(nl, net, br)
         for ip in ips:  # no dump of the addresses (it grows with the pods' link-local ones): EEXIST says it
             gw = (ip["family"], ip["gw"], ip["plen"])
             try:
-                nl.add_addr(br["index"], net.bridge, *gw, exclusive=True)
+                nl.add_addr(holder["index"], holder["name"], *gw, exclusive=True)
                 added.append(gw)
             except OSError as e:
                 if e.errno != EEXIST:
-                    raise CNIError(E_KERNEL, f"cannot add gateway address to {net.bridge}: {e.strerror}")
+                    undo_gateways(nl, holder, added)
+                    raise CNIError(E_KERNEL, f"cannot add gateway address to {holder['name']}: {e.strerror}")
+        if added:  # the subnet's first pod here: the only time another gateway can be in the way
+            other_gateways(nl, net, holder, added)
+            if not created and holder is br:  # a bridge made by someone else: its MAC stops following its ports
+                kernel(f"cannot set the MAC of {net.bridge}", nl.set_mac, br["index"], net.bridge,
+                       bytes(int(x, 16) for x in br["mac"].split(":")))
         for family in {ip["family"] for ip in ips}:
             sysctl_on("/proc/sys/net/ipv4/ip_forward" if family == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
-    return br, added
+    return br, added, holder
+
+
+def other_gateways(nl, net, holder, added):
+    """forceAddress: the reference's rule that the gateway link holds one IPv4 address, and IPv6
+    ones that do not overlap: the others go.  Without it the reference refuses a second gateway;
+    we keep both (several networks may share a bridge): see docs/plugin.md."""
+    if not net.force_addr:
+        return
+    for family, gw, plen in added:
+        for f, n, p in nl.addrs(holder["index"], family):
+            if (f, n, p) in added or (f == AF_INET6 and network_of(f, n, min(p, plen)) != network_of(f, gw, min(p, plen))):
+                continue
+            kernel(f"cannot remove {fmt_cidr(f, n, p)} from {holder['name']}", nl.del_addr, holder["index"],
+                   holder["name"], f, n, p)
+
+
+def undo_gateways(nl, holder, added):
+    for gw in added:
+        try:
+            nl.del_addr(holder["index"], holder["name"], *gw)
+        except OSError as e:
+            log(f"  rollback: cannot remove gateway {fmt_cidr(*gw)}: {e.strerror}")
+
+
+def ensure_vlan_gateway(nl, net, br):
+    """The link "<bridge>.<vlan>" that holds the gateway of a VLAN: one end of a veth whose other
+    end is a port of the bridge, untagged in the VLAN.  Shared by the VLAN's pods, so, like the
+    bridge, it stays when they go."""
+    name = f"{net.bridge}.{net.vlan}"
+    link = nl.link(name)
+    if link is None:
+        port = "veth" + attachment_hash(net.bridge, str(net.vlan))[:11]
+        host = posix.open("/proc/self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
+        try:
+            nl.add_veth(port, name, br["mtu"], host, random_mac(), random_mac(), (br["index"], net.bridge))
+            port_vlans(nl, br, nl.link(port), net.vlan, None, net.keep_default_vlan)
+        except OSError as e:
+            if e.errno != EEXIST:  # a parallel ADD made it
+                raise CNIError(E_KERNEL, f"cannot create the VLAN gateway link {name}: {e.strerror}")
+        finally:
+            posix.close(host)
+        link = nl.link(name)
+        if link is None:
+            raise CNIError(E_KERNEL, f"the VLAN gateway link {name} did not appear")
+    if not link["up"]:
+        kernel(f"cannot bring {name} up", nl.set_link, link["index"], name, True)
+    return link
+
+
+def port_vlans(nl, br, port, vlan, trunk, keep_default):
+    """The reference's VLANs of a bridge port: the bridge's default VLAN removed (unless
+    preserveDefaultVlan), VLAN as its untagged pvid, the trunk's ids tagged, and VLAN 1 untagged
+    when there is a trunk but no VLAN."""
+    if not vlan and not trunk:
+        return
+    if not keep_default and br["default_pvid"]:
+        kernel(f"cannot remove the default VLAN of {port['name']}", nl.port_vlans, port["index"], port["name"],
+               [(br["default_pvid"], False)], True)
+    wanted = [(vlan, True)] * bool(vlan) + [(vid, False) for vid in trunk or ()] + [(1, True)] * (not vlan)
+    kernel(f"cannot set the VLANs of {port['name']}", nl.port_vlans, port["index"], port["name"], wanted)
 
 
 def drop_gateways(nl, net, br, gateways, rec):
@@ -1714,7 +2005,7 @@ def drop_gateways(nl, net, br, gateways, rec):
                 log(f"  keeping gateway {fmt_cidr(family, gw, plen)}: another attachment uses the subnet")
                 continue
             try:
-                nl.del_addr(br["index"], net.bridge, family, gw, plen)
+                nl.del_addr(br["index"], br["name"], family, gw, plen)
             except OSError as e:
                 log(f"  rollback: cannot remove gateway {fmt_cidr(family, gw, plen)}: {e.strerror}")
 
@@ -1793,7 +2084,7 @@ def routed_check(nl, veth, name, ips):
 
 # ---------------------------------------------------------------- results
 
-def build_result(net, br, veth, cont, netns, ips, routes, dns):
+def build_result(net, br, veth, cont, netns, ips, routes, dns, vlan_link=None):
     with_mtu = net.version == "1.1.0"
 
     def iface(link, sandbox=None):
@@ -1805,8 +2096,8 @@ def build_result(net, br, veth, cont, netns, ips, routes, dns):
         return out
 
     links = ([br] if br else []) + [veth]
-    res = {"cniVersion": net.version, "interfaces": [iface(link) for link in links] + [iface(cont, netns)],
-           "ips": [], "routes": []}
+    res = {"cniVersion": net.version, "interfaces": [iface(link) for link in links] + [iface(cont, netns)]
+           + [iface(link) for link in [vlan_link] if link], "ips": [], "routes": []}
     for ip in ips:
         entry = {"address": fmt_cidr(ip["family"], ip["n"], ip["plen"]), "gateway": fmt_ip(ip["family"], ip["gw"]),
                  "interface": len(links)}
@@ -1836,7 +2127,9 @@ def result_dns(net, ipam_dns):
 
 
 def requested_mac(net):
-    mac = net.runtime.get("mac") or ""
+    """The pod's MAC as the reference reads it: runtimeConfig mac > args.cni.mac > CNI_ARGS MAC."""
+    args_mac = lower_keys(lower_keys(net.raw.get("args")).get("cni")).get("mac")
+    mac = net.runtime.get("mac") or args_mac or net.args.get("MAC") or ""
     if not mac:
         return None
     try:
@@ -1853,6 +2146,10 @@ def requested_mac(net):
 def cmd_add(net, call):
     cid, ifname, netns = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"], call.env["CNI_NETNS"]
     mac = requested_mac(net)
+    if net.nft and not which("nft"):
+        raise CNIError(E_CONFIG, "macspoofchk and ipMasqBackend \"nftables\" need the nft binary, not found in PATH")
+    if net.spoofchk and mac is None:
+        mac = random_mac()  # chosen here, as the kernel would: the spoof check knows it before the pod exists
     veth_name = host_veth_name(cid, ifname)
     with Container(netns) as pod, Netlink() as nl:
         if pod.nl.link(ifname):
@@ -1861,9 +2158,13 @@ def cmd_add(net, call):
             raise CNIError(E_EXISTS, f"{cid} {ifname} is already attached to network {net.name} ({veth_name}): DEL it first")
         # (an attachment older than records fails below, on its veth's name, and gives back only its own)
 
+        tables = []
+
         def make_record(ips):
+            tables[:] = attachment_nft(net, cid, ifname, ips, mac)
             return Record(cid, ifname, [fmt_cidr(ip["family"], ip["n"], ip["plen"]) for ip in ips],
-                          attachment_rules(net, cid, ifname, ips), veth_name)
+                          attachment_rules(net, cid, ifname, ips), veth_name,
+                          [{"family": f, "table": t} for f, t, _ in tables])
 
         undo, held = [], None
         try:
@@ -1874,13 +2175,18 @@ def cmd_add(net, call):
             if rec.rules:  # the record knows them already; iptables-restore inherits the record's lock
                 undo.append(lambda: (wait_all(adding, quiet=True), remove_rules(rec.rules)))
                 adding += start_applying_rules(rec.rules)
+            if tables:
+                undo.append(lambda: (wait_all(adding, quiet=True), remove_nft(rec.nft)))
+                adding += start_applying_nft(tables)
+            vlan_link = None
             if net.routed:
                 ips, routes = routed_ips(ips), routed_container_routes(net, ips, ipam_routes)
                 br = None
             else:
                 routes = container_routes(net, ips, ipam_routes)
-                br, gateways = ensure_bridge(nl, net, ips)
-                undo.append(lambda: drop_gateways(nl, net, br, gateways, rec))
+                br, gateways, holder = ensure_bridge(nl, net, ips)
+                vlan_link = holder if holder is not br else None
+                undo.append(lambda: drop_gateways(nl, net, holder, gateways, rec))
             mtu = net.mtu or (br or {}).get("mtu")
             if net.routed:
                 kernel(f"cannot create veth {veth_name}", nl.add_veth, veth_name, ifname, mtu, pod.fd, mac)
@@ -1894,10 +2200,13 @@ def cmd_add(net, call):
                 undo.append(lambda: nl.del_link(None, veth_name))
                 veth = {"name": veth_name, "mac": ":".join(f"{b:02x}" for b in host_mac), "mtu": mtu or br["mtu"],
                         "index": None}
-            if net.hairpin and not net.routed:
-                veth = nl.link(veth_name)
-                kernel(f"cannot set hairpin mode on {veth_name}", nl.set_hairpin, veth["index"], veth_name)
-            cont = configure_container(pod.nl, ifname, ips, routes)
+            if not net.routed and (net.hairpin or net.isolated or net.vlan or net.trunk):
+                veth = dict(nl.link(veth_name), mac=veth["mac"])
+                if net.hairpin or net.isolated:
+                    kernel(f"cannot set the bridge port flags of {veth_name}", nl.set_port, veth["index"], veth_name,
+                           net.hairpin, net.isolated)
+                port_vlans(nl, br, veth, net.vlan, net.trunk, net.keep_default_vlan)
+            cont = configure_container(pod, ifname, ips, routes, net.dad)
             if net.routed:
                 routed_host_routes(nl, veth, veth_name, ips)
             wait_all(adding)  # started with the record: committed while the veth was made
@@ -1913,7 +2222,7 @@ def cmd_add(net, call):
         finally:
             if held is not None:
                 posix.close(held)
-        return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns)
+        return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns, vlan_link)
 
 
 def random_mac():
@@ -1927,13 +2236,23 @@ def record_exists(net, cid, ifname):
     return exists(record_path(net, cid, ifname))
 
 
-def configure_container(cnl, ifname, ips, routes):
+def configure_container(pod, ifname, ips, routes, dad=False):
+    """Up (arp_notify on, as the reference), addresses, routes.  IPv6 addresses are added nodad
+    (usable at once) unless DAD (enabledad): then the interface does duplicate address detection
+    (accept_dad and enhanced_dad 1) and we wait for it, as the reference does."""
+    cnl = pod.nl
     cont = cnl.link(ifname)
     if cont is None:
         raise CNIError(E_KERNEL, f"{ifname} did not appear in the container")
-    kernel(f"cannot bring {ifname} up", cnl.set_link, cont["index"], ifname, True)
+    v6 = any(ip["family"] == AF_INET6 for ip in ips)
+    if dad and v6:
+        pod.sysctls({f"/proc/sys/net/ipv6/conf/{ifname}/enhanced_dad": "1", f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad": "1"})
+    kernel(f"cannot bring {ifname} up", cnl.set_link, cont["index"], ifname, True, None, True)
     for ip in ips:
-        kernel(f"cannot add address to {ifname}", cnl.add_addr, cont["index"], ifname, ip["family"], ip["n"], ip["plen"])
+        kernel(f"cannot add address to {ifname}", cnl.add_addr, cont["index"], ifname, ip["family"], ip["n"], ip["plen"],
+               False, not dad)
+    if dad and v6:
+        settle(cnl, cont["index"], ifname)
     for family, dst, plen, gw, _ in routes:
         try:
             cnl.add_route(family, dst, plen, gw, cont["index"], ifname)
@@ -1941,6 +2260,22 @@ def configure_container(cnl, ifname, ips, routes):
             if e.errno != EEXIST:  # already there (e.g. the subnet's own route)
                 raise CNIError(E_KERNEL, f"cannot add route {fmt_cidr(family, dst, plen)} in the container: {e.strerror}")
     return cont
+
+
+def settle(cnl, index, ifname):
+    """Wait until IPv6 duplicate address detection is over on the link (DAD_WAIT at most)."""
+    import time
+    deadline = time.monotonic() + DAD_WAIT
+    while True:
+        flags = [(f, n, p, fl) for f, n, p, fl in cnl.addrs(index, AF_INET6, flags=True)]
+        for f, n, p, fl in flags:
+            if fl & IFA_F_DADFAILED:
+                raise CNIError(E_KERNEL, f"{fmt_cidr(f, n, p)} on {ifname} failed duplicate address detection")
+        if not any(fl & IFA_F_TENTATIVE for *_, fl in flags):
+            return
+        if time.monotonic() > deadline:
+            raise CNIError(E_KERNEL, f"{ifname} still has tentative addresses after {DAD_WAIT:g} seconds")
+        time.sleep(0.05)
 
 
 def cmd_del(net, call):
@@ -1959,6 +2294,7 @@ def cmd_del(net, call):
 def del_attachment(net, call, rec):
     cid, ifname = call.env["CNI_CONTAINERID"], call.env["CNI_IFNAME"]
     removing = start_removing_rules(rec.rules) if rec is not None and rec.rules is not None else []
+    forgetting = [start_nft(nft_forget([(e["family"], e["table"]) for e in rec.nft]))] if rec is not None and rec.nft else []
     try:
         if rec is not None and rec.rules is None and (net.masq or net.forward):
             teardown_unrecorded(net, cid, ifname)
@@ -1973,6 +2309,7 @@ def del_attachment(net, call, rec):
                         raise CNIError(E_KERNEL, f"cannot delete {veth_name}: {e.strerror}")
     finally:
         finish_removing_rules(removing)  # even when the veth failed: nothing we start outlives DEL
+        wait_all(forgetting)  # a failure keeps the record (raised before ipam_del): a repeated DEL retries
     if rec is None and net.prev and use_builtin(net):  # prevResult's addresses, if still this attachment's
         rec = Record(cid, ifname, [ip["address"] for ip in net.prev.get("ips") or [] if isinstance(ip, dict)
                                    and isinstance(ip.get("address"), str)], [])
@@ -2058,11 +2395,22 @@ def check_attachment(net, env, prev, cnl, nl):
             run([tool(family, "iptables"), "-w", "-t", table, "-S", chain])
         except CNIError:
             fail(f"{table} chain {chain} is missing")
+    for e in rec.nft if rec is not None else ():
+        try:
+            run(["nft", "list", "table", e["family"], e["table"]])
+        except CNIError:
+            fail(f"nft table {e['family']} {e['table']} is missing")
+    if not net.routed and br["promisc"] != net.promisc:  # as the reference's CHECK
+        fail(f"bridge {net.bridge} is{' not' * net.promisc} promiscuous, promiscMode is {str(net.promisc).lower()}")
 
 
 def cmd_status(net, call):
     problems = []
-    if (net.masq or net.forward) and not which("iptables-restore"):
+    if net.nft and not which("nft"):
+        problems.append("nft is not installed (needed for " + " and ".join(
+            key for key, on in (("macspoofchk", net.spoofchk), ('ipMasqBackend "nftables"', net.masq_backend == "nftables"
+                                                                and (net.masq or net.forward))) if on) + ")")
+    if rule_tables(net) and not which("iptables-restore"):
         problems.append("iptables-restore is not installed (needed for " + " and ".join(
             key for key, on in (("ipMasq", net.masq), ("forwardAccept", net.forward)) if on) + ")")
     if use_builtin(net):
@@ -2103,6 +2451,11 @@ def cmd_gc(net, call):
             veth = nl.link(rec.veth)
             if veth is not None:
                 kernel(f"cannot delete {rec.veth}", nl.del_link, veth["index"], rec.veth)
+    keep_tables = {nft_name(net.name, cid, ifname) for cid, ifname in keep}
+    stale_tables = {(e["family"], e["table"]) for rec in gone for e in rec.nft}
+    stale_tables |= {t for t in our_nft_tables(net.name) if t[1] not in keep_tables}  # any config may have made them
+    if stale_tables:
+        start_nft(nft_forget(sorted(stale_tables))).wait()
     if net.masq or net.forward or which("iptables-save"):
         keep_chains = {chain_name(net.name, cid, ifname) for cid, ifname in keep}
         stale = [c for c in our_chains(net.name) if c not in keep_chains]
