@@ -99,6 +99,20 @@ def _vlans(ifname):
     return []
 
 
+def _settled_links(timeout=3):
+    """{name: `ip -j -d link` record} of the host once every bridge port with a carrier has left
+    the "disabled" state: the kernel tells the bridge about a new carrier from a work queue
+    (linkwatch, up to a second later), so the state right after a call is a race, not a result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        links = {l["ifname"]: l for l in _json("ip", "-j", "-d", "link", "show")}
+        if time.monotonic() > deadline or not any(
+                "LOWER_UP" in l["flags"] and l.get("linkinfo", {}).get("info_slave_data", {}).get("state") == "disabled"
+                for l in links.values()):
+            return links
+        time.sleep(0.02)
+
+
 def _flags(link):
     """The link's flags but its carrier, which the kernel updates on its own time (linkwatch)."""
     return sorted(f for f in link["flags"] if f not in ("LOWER_UP", "NO-CARRIER"))
@@ -114,7 +128,7 @@ def snapshot(pods, first_bridge_mac, baselines):
     added so far (and their netns still there).  BASELINES: {netns or None: its sysctls before
     any call}.  FIRST_BRIDGE_MAC: {} filled with the bridge's
     MAC the first time there is one, so a later change shows as "mac_stable": False."""
-    host_links = {l["ifname"]: l for l in _json("ip", "-j", "-d", "link", "show")}
+    host_links = _settled_links()
     names = {}                      # kernel name -> role
     pod_state = {}
     for cid, ifname in pods:
@@ -282,18 +296,48 @@ def _wait_gone(names, timeout=10):
         time.sleep(0.02)
 
 
+def _reaches(ns, addr, within=3):
+    """Does ADDR answer a ping from inside NS (real packets, within our own namespaces) in
+    WITHIN seconds?  (An IPv6 address answers only once the kernel's DAD is done with it.)"""
+    deadline = time.monotonic() + within
+    while subprocess.run(_in(ns, "ping", "-c", "1", "-W", "1", addr), capture_output=True).returncode != 0:
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
+def _pings(cid, results):
+    """{"gateway <ip>" or "<pod> <ip>": answered} for every address POD CID should reach."""
+    out = {}
+    for ip in (results.get(cid) or {}).get("ips", []):
+        if ip.get("gateway"):
+            out[f"gateway {ip['gateway']}"] = _reaches(cid, ip["gateway"])
+    for other, res in results.items():
+        if other != cid and res is not None and os.path.exists(f"/run/netns/{other}"):
+            for ip in res.get("ips", []):
+                addr = ip["address"].split("/")[0]
+                out[f"{other} {addr}"] = _reaches(cid, addr)
+    return out
+
+
 def run(which, conf, steps):
     """Run STEPS with plugin WHICH in the current sandbox; returns [(step, outcome, state)].
-    A step is (verb, container id) with verb ADD, CHECK, DEL (netns and prevResult, as
-    containerd's StopPodSandbox), DEL-bare (no netns, no prevResult: the second DEL of
-    RemovePodSandbox) or RMNS (the runtime removes the pod's namespace)."""
+    A step is (verb, container id[, CNI_ARGS]) with verb ADD, CHECK, DEL (netns and prevResult,
+    as containerd's StopPodSandbox), DEL-bare (no netns, no prevResult: the second DEL of
+    RemovePodSandbox), RMNS (the runtime removes the pod's namespace), PING (the pod pings its
+    gateways and the other pods), or ("SH", shell command) to set the host up beforehand."""
     plugin, path, ptype = PLUGINS[which]
     conf = dict(conf, cniVersion=conf.get("cniVersion", "1.0.0"), name=NETWORK, type=ptype)
     results, pods, first_mac, out = {}, [], {}, []
     baselines = {None: _sysctls(None, [])}
-    for verb, cid in steps:
+    for verb, cid, *args in steps:
         ifname = "eth0"
-        if verb == "RMNS":
+        if verb == "SH":
+            subprocess.run(["sh", "-ec", cid], check=True)
+            outcome = None
+        elif verb == "PING":
+            outcome = _pings(cid, results)
+        elif verb == "RMNS":
             veths = [n for n, role in _kernel_names_and_macs(pods)[0].items() if role == f"<veth {cid}/{ifname}>"]
             sh.ip("netns", "del", cid)
             _wait_gone(veths)
@@ -306,7 +350,7 @@ def run(which, conf, steps):
                 if (cid, ifname) not in pods:
                     pods.append((cid, ifname))
             c = dict(conf)
-            kw = {"cid": cid, "ifname": ifname, "path": path, "plugin": plugin}
+            kw = {"cid": cid, "ifname": ifname, "path": path, "plugin": plugin, "args": "IgnoreUnknown=1", **(args[0] if args else {})}
             if verb in ("CHECK", "DEL") and results.get(cid) is not None:
                 c["prevResult"] = results[cid]
             if verb == "DEL-bare" or not os.path.exists(f"/run/netns/{cid}"):
@@ -379,6 +423,31 @@ PINS = {
     "portIsolation": (
         "portIsolation is newer than the reference 1.1.1, which ignores it; ours isolates the port",
         {VETH + "port\\.isolated": {(True, False)}}),
+    "isolated pods do not reach each other": (
+        "with portIsolation two pods on the bridge cannot reach each other (with the reference, which "
+        "ignores the key, they can); their gateway they still reach",
+        {r"outcome\.\w [0-9.]+": {(False, True)}}),
+    "accept_ra on a bridge made by someone else": (
+        "ours sets accept_ra=0 on a bridge only when it creates it; the reference on every ADD",
+        {r"state\.host sysctl\.ipv6/cni0/accept_ra": {("<absent>", "0")}}),
+    "forceAddress loses the gateway": (
+        "open bug: with forceAddress and another address of the subnet on the bridge, ours adds the "
+        "gateway, then removes the other address, which was the primary one: the kernel takes the "
+        "gateway (a secondary) with it, and the pods have no gateway",
+        {r"state\.bridges\.cni0\.addrs": None, r"outcome\.gateway 10\.22\.0\.1": {(False, True)}}),
+    "a second address without forceAddress": (
+        "without forceAddress, another address of the subnet on the bridge: the reference refuses "
+        "the ADD (999); ours adds the gateway beside it (networks may share a bridge)",
+        {r"outcome": {(None, '{"error": 999}')}, r"outcome\.(cniVersion|dns|error|ips|interfaces)": None,
+         r"outcome\.gateway 10\.22\.0\.1": {(True, "<absent>")}, r"state\..*": None}),
+    "hairpinMode with promiscMode": (
+        "both refuse the ADD, ours as an invalid config (7), the reference with 999; ours refuses the "
+        "same config on DEL (7) where the reference's DEL succeeds (and makes the IPAM directory)",
+        {r"outcome": {('{"error": 7}', None)}, r"outcome\.error": {(7, 999)}, r"state\.ipam": {(None, '{"lock": ""}')}}),
+    "not a bridge": (
+        "a link named like the bridge that is not one: ours refuses as an invalid config (7), the "
+        "reference with 999",
+        {r"outcome\.error": None, r"state\.ipam(\..*)?": None}),
     "macspoofchk": (
         "ours drops frames from another MAC with one rule in a table of the attachment's own; the "
         "reference uses chains in a shared bridge nat table, which stays (empty) after DEL",
@@ -397,7 +466,8 @@ PINS = {
         "are false (forwardAccept it does not have)",
         {r"outcome\.routes": {('[{"dst": "0.0.0.0/0", "gw": "10.22.0.1"}]', "<absent>")},
          BRIDGE + "addrs": None, r"state\.pods\.a/eth0\.routes": None, r"state\.iptables\.4\.(nat|filter)": None,
-         r"state\.host sysctl\.ipv4/(all|default)/(forwarding|accept_redirects)": None}),
+         r"state\.host sysctl\.ipv4/(all|default)/(forwarding|accept_redirects)": None,
+         r"outcome\.gateway 10\.22\.0\.1": {(True, False)}}),
     "DEL without netns removes the veth and rules": (
         "a DEL without CNI_NETNS: ours removes the host veth (its name is stable) and the "
         "attachment's chains (its record); the reference cannot find the veth and only releases "
@@ -429,9 +499,11 @@ SPELLED = {"bridge": "cni0", "isGateway": True, "isDefaultGateway": False, "ipMa
 CLASSIC = dict(SPELLED, isDefaultGateway=True, ipMasq=True)
 V6 = {"type": "host-local", "ranges": [[{"subnet": "fd00:22::/64"}]]}
 DUAL = {"type": "host-local", "ranges": [[{"subnet": "10.22.0.0/24"}], [{"subnet": "fd00:22::/64"}]]}
-LIFE = [("ADD", "a"), ("CHECK", "a"), ("DEL", "a"), ("DEL", "a")]
-CHURN = [("ADD", "a"), ("ADD", "b"), ("ADD", "c"), ("DEL", "b"), ("ADD", "d"), ("CHECK", "c"), ("DEL", "a"),
-         ("ADD", "b"), ("DEL", "d"), ("DEL", "c"), ("DEL", "b"), ("DEL", "b")]
+LIFE = [("ADD", "a"), ("CHECK", "a"), ("PING", "a"), ("DEL", "a"), ("DEL", "a")]
+TWO = [("ADD", "a"), ("ADD", "b"), ("PING", "a"), ("PING", "b"), ("CHECK", "b"), ("DEL", "b"), ("DEL", "a")]
+CHURN = [("ADD", "a"), ("ADD", "b"), ("ADD", "c"), ("DEL", "b"), ("ADD", "d"), ("CHECK", "c"), ("PING", "c"),
+         ("DEL", "a"), ("ADD", "b"), ("DEL", "d"), ("DEL", "c"), ("DEL", "b"), ("DEL", "b")]
+LIFO = [("ADD", p) for p in "abcde"] + [("PING", "e")] + [("DEL", p) for p in "edcba"] + [("ADD", "f"), ("DEL", "f")]
 GONE = [("ADD", "a"), ("ADD", "b"), ("RMNS", "a"), ("DEL", "a"), ("DEL-bare", "a"), ("DEL-bare", "b"), ("DEL", "b")]
 
 EVERY_ADD = ("host veth MAC set", "accept_dad")
@@ -461,6 +533,26 @@ SCENARIOS = {
     "churn dual-stack hairpin": (dict(CLASSIC, hairpinMode=True, ipam=DUAL), CHURN, EVERY_ADD + IPV6),
     "netns gone, DEL twice": (CLASSIC, GONE, EVERY_ADD + ("DEL without netns removes the veth and rules",)),
     "cniVersion 0.4.0": (dict(CLASSIC, cniVersion="0.4.0"), LIFE, EVERY_ADD),
+    "two pods, hairpinMode": (dict(CLASSIC, hairpinMode=True), TWO, EVERY_ADD),
+    "two pods, portIsolation": (dict(CLASSIC, portIsolation=True), TWO,
+                                EVERY_ADD + ("portIsolation", "isolated pods do not reach each other")),
+    "two pods, macspoofchk": (dict(CLASSIC, macspoofchk=True), TWO,
+                              EVERY_ADD + ("macspoofchk", "pod MAC set with macspoofchk")),
+    "five pods, deleted last first, ipv6 mtu": (dict(CLASSIC, mtu=1400, ipam=V6), LIFO, EVERY_ADD + IPV6),
+    "requested IP and MAC (CNI_ARGS)": (CLASSIC, [("ADD", "a", {"args": "IgnoreUnknown=1;IP=10.22.0.42;MAC=0a:58:0a:16:00:2a"}),
+                                                  ("ADD", "b"), ("CHECK", "a"), ("PING", "b"), ("DEL", "a"), ("DEL", "b")],
+                                        EVERY_ADD),
+    "bridge made by someone else": (CLASSIC, [("SH", "ip link add cni0 type bridge")] + LIFE,
+                                    EVERY_ADD + ("accept_ra on a bridge made by someone else",)),
+    "forceAddress replaces another address": (
+        dict(SPELLED, forceAddress=True), [("SH", "ip link add cni0 type bridge && ip addr add 10.22.0.99/24 dev cni0")]
+        + LIFE, EVERY_ADD + ("accept_ra on a bridge made by someone else", "forceAddress loses the gateway")),
+    "without forceAddress another address is kept": (
+        SPELLED, [("SH", "ip link add cni0 type bridge && ip addr add 10.22.0.99/24 dev cni0")] + LIFE,
+        ("a second address without forceAddress",)),
+    "cni0 is not a bridge": (CLASSIC, [("SH", "ip link add cni0 type veth peer name cni0peer")] + LIFE, ("not a bridge",)),
+    "hairpinMode with promiscMode": (dict(SPELLED, hairpinMode=True, promiscMode=True), LIFE,
+                                     ("hairpinMode with promiscMode",)),
     "defaults": ({"bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.22.0.0/24"}}, LIFE,
                  EVERY_ADD + ("defaults", "bridge MAC set without a gateway")),
 }
