@@ -234,3 +234,34 @@ def test_versions_compare_as_numbers_and_the_verb_table_says_what_each_verb_need
     with pytest.raises(plugin.CNIError) as err:
         plugin.dispatch(c)
     assert err.value.code == plugin.E_VERSION and "0.3.1" in err.value.msg
+
+
+def test_vlan_trunk_is_the_sorted_union_of_its_ranges_and_ids(plugin):
+    net = make_net(plugin, {"vlanTrunk": [{"minID": 5, "maxID": 7}, {"id": 3}, {"id": 6}]})
+    assert net.trunk == [3, 5, 6, 7]
+    assert make_net(plugin, {"vlanTrunk": []}).trunk == []  # present: vlan_filtering on, no VLAN to add
+    assert make_net(plugin, {}).trunk is None
+
+
+class VlanRecorder:
+    """Stands in for Netlink.port_vlans where the kernel cannot filter VLANs (this machine's)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def port_vlans(self, index, name, vlans, delete=False):
+        self.calls.append(("del" if delete else "add", vlans))
+
+
+@pytest.mark.parametrize("vlan,trunk,keep,calls", [
+    (100, None, False, [("del", [(1, False)]), ("add", [(100, True)])]),
+    (100, None, True, [("add", [(100, True)])]),
+    (100, [200, 201], False, [("del", [(1, False)]), ("add", [(100, True), (200, False), (201, False)])]),
+    (0, [200], False, [("del", [(1, False)]), ("add", [(200, False), (1, True)])]),
+    (0, [], False, []),
+    (0, None, False, []),
+])
+def test_port_vlans_follow_the_reference_order(plugin, vlan, trunk, keep, calls):
+    nl = VlanRecorder()
+    plugin.port_vlans(nl, {"default_pvid": 1}, {"index": 5, "name": "veth0"}, vlan, trunk, keep)
+    assert nl.calls == calls
