@@ -454,6 +454,20 @@ PINS = {
         "both refuse the ADD, ours as an invalid config (7), the reference with 999; ours refuses the "
         "same config on DEL (7) where the reference's DEL succeeds (and makes the IPAM directory)",
         {r"outcome": {('{"error": 7}', None)}, r"outcome\.error": {(7, 999)}, r"state\.ipam": {(None, '{"lock": ""}')}}),
+    "two IPv4 gateways": (
+        "two IPv4 range sets: the reference fails the ADD (999: it holds one IPv4 gateway per "
+        "bridge without forceAddress) and leaves the veth, the pod's addresses and the first "
+        "gateway behind; ours gives the pod an address from each set, both gateways on the bridge",
+        {r"outcome\.error": {("<absent>", 999)}, r"(outcome|state)(\..*)?": None}),
+    "pool exhausted": (
+        "no address left: ours answers 11 (try again later) and has made nothing; the reference "
+        "answers 999 and leaves the pod's veth pair (without addresses) until its DEL",
+        {r"outcome\.error": {(11, 999)}, r"state\.links": None, r"state\.pods\.b/eth0": None,
+         r"state\.host veths\.<veth b/eth0>": None, r"state\.host sysctl\.ipv6/<veth b/eth0>/accept_ra": None}),
+    "ADD twice": (
+        "a second ADD of the same attachment: ours answers 103 (it exists), the reference 999; "
+        "neither touches the live pod",
+        {r"outcome\.error": {(103, 999)}}),
     "not a bridge": (
         "a link named like the bridge that is not one: ours refuses as an invalid config (7), the "
         "reference with 999",
@@ -563,14 +577,35 @@ SCENARIOS = {
     "cni0 is not a bridge": (CLASSIC, [("SH", "ip link add cni0 type veth peer name cni0peer")] + LIFE, ("not a bridge",)),
     "hairpinMode with promiscMode": (dict(SPELLED, hairpinMode=True, promiscMode=True), LIFE,
                                      ("hairpinMode with promiscMode",)),
+    "cniVersion 0.3.1 (no CHECK)": (dict(CLASSIC, cniVersion="0.3.1"), LIFE, EVERY_ADD),
+    "runtimeConfig mac": (dict(CLASSIC, runtimeConfig={"mac": "0a:58:0a:16:00:07"}), TWO, EVERY_ADD),
+    "two IPv4 range sets": (dict(CLASSIC, ipam={"type": "host-local", "ranges": [
+        [{"subnet": "10.22.0.0/24"}], [{"subnet": "10.23.0.0/24"}]]}), TWO, ("two IPv4 gateways",)),
+    "pool exhausted": (dict(CLASSIC, ipam={"type": "host-local", "subnet": "10.22.0.0/30"}),
+                       [("ADD", "a"), ("ADD", "b"), ("DEL", "b"), ("DEL", "a"), ("ADD", "b"), ("DEL", "b")],
+                       EVERY_ADD + ("pool exhausted",)),
+    "ADD twice": (CLASSIC, [("ADD", "a"), ("ADD", "a"), ("CHECK", "a"), ("PING", "a"), ("DEL", "a")],
+                  EVERY_ADD + ("ADD twice",)),
     "defaults": ({"bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.22.0.0/24"}}, LIFE,
                  EVERY_ADD + ("defaults", "bridge MAC set without a gateway")),
 }
 
 
+def _vlan_filtering():
+    """Can this kernel filter VLANs on a bridge (CONFIG_BRIDGE_VLAN_FILTERING)?  Asked in the
+    test's own sandbox."""
+    if subprocess.run(["ip", "link", "add", "vlanprobe", "type", "bridge", "vlan_filtering", "1"],
+                      capture_output=True).returncode != 0:
+        return False
+    subprocess.run(["ip", "link", "del", "vlanprobe"], check=True)
+    return True
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_same_as_reference_but_the_documented_differences(name):
     conf, steps, pins = SCENARIOS[name]
+    if "no vlan filtering here" in pins and _vlan_filtering():
+        pytest.skip("this kernel filters VLANs: the vlan scenario's differences were measured on one that does not")
     diff = compare(conf, steps)
     for path, pairs in sorted(diff.items()):   # shown with -s, or when it fails
         print(f"{path}: {sorted(pairs, key=str)}")
