@@ -1,18 +1,21 @@
 """Differential tests: each scenario (a network config and a sequence of CNI calls) runs once
 with our plugin (the compiled form `cni install` gives a host) and once with the Go reference
 `bridge` + `host-local` (Debian's containernetworking-plugins 1.1.1 in /usr/lib/cni), each in a
-fresh sandbox.  After every call the kernel state is read back (`ip -j`, sysctls, iptables-save,
-the IPAM directory) with everything that is random or named differently by design normalized
-away: host veth names, chain hashes, MACs both pick at random, counters.  The two runs must
+fresh sandbox.  After every call the kernel state is read back (`ip -j`, `bridge -j`, sysctls,
+iptables-save, nft, the IPAM directory; PING steps send real pings between the pods) with
+everything that is random or named differently by design normalized away: host veth names,
+chain hashes, MACs both pick at random, counters.  The two runs must
 match, except for the differences docs/plugin.md lists ("Where we differ from the reference,
 and why"): each scenario names the ones it shows, and the test asserts exactly those, so a pinned
 difference that goes away (or a new one) fails too.
 
 Configs spell every key the two plugins default differently (ipMasq, isGateway,
 isDefaultGateway, forwardAccept); the defaults themselves are pinned by their own scenario."""
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -26,8 +29,10 @@ from plugin_helpers import PLUGIN, REFERENCE, cni, netns
 # Ours runs with its built-in allocator: an empty CNI_PATH has no host-local to delegate to,
 # and the documented fallback is the built-in one, which writes host-local's files.
 NO_IPAM_PLUGINS = tempfile.mkdtemp(prefix="cnikit-empty-cni-path-")
+atexit.register(shutil.rmtree, NO_IPAM_PLUGINS, True)
 PLUGINS = {"ours": (PLUGIN, NO_IPAM_PLUGINS, "cni-bash-compatible"),
-           "reference": (f"{REFERENCE}/bridge", REFERENCE, "bridge")}
+           "reference": (f"{REFERENCE}/bridge", REFERENCE, "bridge"),
+           "reference ptp": (f"{REFERENCE}/ptp", REFERENCE, "ptp")}   # for our routed mode
 PLUGIN_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plugin.md")
 NETWORK = "diffnet"
 DATA_DIR = "/var/lib/cni/networks"
@@ -117,7 +122,8 @@ def _settled_links(timeout=3):
 
 
 def _flags(link):
-    """The link's flags but its carrier, which the kernel updates on its own time (linkwatch)."""
+    """The link's flags but its carrier: a bridge's follows its ports' states, which the kernel
+    updates on its own time (linkwatch)."""
     return sorted(f for f in link["flags"] if f not in ("LOWER_UP", "NO-CARRIER"))
 
 
@@ -128,9 +134,9 @@ def _is_random_mac(mac):
 
 def snapshot(pods, first_bridge_mac, baselines):
     """The normalized state of the host and of the pods' namespaces.  PODS: [(cid, ifname)]
-    added so far (and their netns still there).  BASELINES: {netns or None: its sysctls before
-    any call}.  FIRST_BRIDGE_MAC: {} filled with the bridge's
-    MAC the first time there is one, so a later change shows as "mac_stable": False."""
+    added so far (those whose netns is gone are skipped).  BASELINES: {netns or None: its
+    sysctls before any call}.  FIRST_BRIDGE_MAC: {} filled with each bridge's MAC the first time
+    it is seen, so a later change shows as "mac_stable": False."""
     host_links = _settled_links()
     names = {}                      # kernel name -> role
     pod_state = {}
@@ -179,7 +185,8 @@ def snapshot(pods, first_bridge_mac, baselines):
                    in _sysctls(None, [n for n in names if n in host_links], baselines[None]).items()}
     return {"bridges": bridge_state, "host veths": ports, "pods": pod_state,
             "host sysctl": {"/".join(k): v for k, v in host_sysctl.items()},
-            "ipam": _ipam_files(), "iptables": _iptables(), "nft": _nft(), "links": sorted(names.get(n, n) for n in host_links)}
+            "ipam": _ipam_files(), "iptables": _iptables(), "nft": _nft(),
+            "links": sorted(names.get(n, n) for n in host_links)}
 
 
 def _ipam_files():
@@ -225,8 +232,9 @@ def _iptables():
                     continue
                 line = f":{name} {policy}"
             table.append(CHAIN.sub(lambda m: names.setdefault(m.group(1), f"<chain:{len(names) + 1}>"), line))
-        out[family] = {t: sorted(rules, key=lambda r: (not r.startswith(":"), r.split()[1] if r.startswith("-A") else r))
-                       for t, rules in tables.items() if rules}
+        def by_chain(rule):       # declarations first, then each chain's rules in their order
+            return not rule.startswith(":"), rule.split()[1] if rule.startswith("-A") else rule
+        out[family] = {t: sorted(rules, key=by_chain) for t, rules in tables.items() if rules}
     return out
 
 
@@ -243,8 +251,8 @@ def _nft():
         if XTABLES.fullmatch(table.strip()):
             continue
         text = subprocess.run(["nft", "list", *table.split()], capture_output=True, text=True).stdout
-        out[HASH.sub("<hash>", table.split(None, 1)[1])] = [HASH.sub("<hash>", MAC.sub("<mac>", line.strip()))
-                                        for line in text.splitlines() if line.strip()]
+        lines = [HASH.sub("<hash>", MAC.sub("<mac>", line.strip())) for line in text.splitlines() if line.strip()]
+        out[HASH.sub("<hash>", table.split(None, 1)[1])] = lines
     return out
 
 
@@ -300,12 +308,13 @@ def _wait_gone(names, timeout=10):
 
 
 def _dad_done(ns, timeout=3):
-    """Wait until no global IPv6 address in NS is tentative: an address answers only once the
-    kernel's duplicate address detection is done with it (about a second, on its own clock)."""
+    """Wait until no IPv6 address in NS is tentative: an address answers (and neighbour discovery
+    can use it as a source) only once the kernel's duplicate address detection is done with it,
+    a second or two after it was added, on the kernel's clock."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(
-            a.get("tentative") and a.get("scope") == "global"
-            for link in _json(*_in(ns, "ip", "-j", "-6", "addr", "show")) for a in link.get("addr_info", [])):
+            a.get("tentative") and not a.get("dadfailed") for link in _json(*_in(ns, "ip", "-j", "-6", "addr", "show"))
+            for a in link.get("addr_info", [])):
         time.sleep(0.02)
 
 
@@ -317,18 +326,15 @@ def _reaches(ns, addr):
 def _pings(cid, results):
     """{"gateway <ip>" or "<pod> <ip>": answered} for every address POD CID should reach.
     RESULTS: the ADD results of the pods attached now."""
-    out = {}
-    _dad_done(None)
-    _dad_done(cid)
-    for ip in (results.get(cid) or {}).get("ips", []):
-        if ip.get("gateway"):
-            out[f"gateway {ip['gateway']}"] = _reaches(cid, ip["gateway"])
-    for other, res in results.items():
-        if other != cid and res is not None and os.path.exists(f"/run/netns/{other}"):
-            for ip in res.get("ips", []):
-                addr = ip["address"].split("/")[0]
-                out[f"{other} {addr}"] = _reaches(cid, addr)
-    return out
+    targets = [(f"gateway {ip['gateway']}", ip["gateway"])
+               for ip in (results.get(cid) or {}).get("ips", []) if ip.get("gateway")]
+    targets += [(f"{other} {ip['address'].split('/')[0]}", ip["address"].split("/")[0])
+                for other, res in results.items() if other != cid and os.path.exists(f"/run/netns/{other}")
+                for ip in res.get("ips", [])]
+    if any(":" in addr for _, addr in targets):
+        _dad_done(None)
+        _dad_done(cid)
+    return {name: _reaches(cid, addr) for name, addr in targets}
 
 
 def run(which, conf, steps):
@@ -361,7 +367,8 @@ def run(which, conf, steps):
                 if (cid, ifname) not in pods:
                     pods.append((cid, ifname))
             c = dict(conf)
-            kw = {"cid": cid, "ifname": ifname, "path": path, "plugin": plugin, "args": "IgnoreUnknown=1", **(args[0] if args else {})}
+            kw = {"cid": cid, "ifname": ifname, "path": path, "plugin": plugin, "args": "IgnoreUnknown=1",
+                  **(args[0] if args else {})}
             if verb in ("CHECK", "DEL") and results.get(cid) is not None:
                 c["prevResult"] = results[cid]
             if verb == "DEL-bare" or not os.path.exists(f"/run/netns/{cid}"):
@@ -396,12 +403,12 @@ def differences(ours, ref):
     return diff
 
 
-def compare(conf, steps):
-    """Run the scenario with both plugins, each in a fresh sandbox; returns the differences."""
+def compare(conf, steps, reference="reference"):
+    """Run the scenario with ours and the REFERENCE, each in a fresh sandbox; returns the differences."""
     ours = run("ours", conf, steps)
     conftest.leave_test_sandbox()
     conftest.enter_test_sandbox()
-    ref = run("reference", conf, steps)
+    ref = run(reference, conf, steps)
     return differences(ours, ref)
 
 
@@ -453,7 +460,8 @@ PINS = {
     "hairpinMode with promiscMode": (
         "both refuse the ADD, ours as an invalid config (7), the reference with 999; ours refuses the "
         "same config on DEL (7) where the reference's DEL succeeds (and makes the IPAM directory)",
-        {r"outcome": {('{"error": 7}', None)}, r"outcome\.error": {(7, 999)}, r"state\.ipam": {(None, '{"lock": ""}')}}),
+        {r"outcome": {('{"error": 7}', None)}, r"outcome\.error": {(7, 999)},
+         r"state\.ipam": {(None, '{"lock": ""}')}}),
     "two IPv4 gateways": (
         "two IPv4 range sets: the reference fails the ADD (999: it holds one IPv4 gateway per "
         "bridge without forceAddress) and leaves the veth, the pod's addresses and the first "
@@ -468,6 +476,19 @@ PINS = {
         "a second ADD of the same attachment: ours answers 103 (it exists), the reference 999; "
         "neither touches the live pod",
         {r"outcome\.error": {(103, 999)}}),
+    "routed: host-sized pod addresses": (
+        "our routed mode gives the pod its address as /32 (/128) with a link route to the gateway, "
+        "as Calico does; ptp keeps the subnet's prefix and routes the subnet via the gateway. The "
+        "host side (veth addresses, routes, masquerading) is the same",
+        {r"outcome\.(ips|routes)": None, r"state\.pods\.\w/eth0\.(addrs|routes)": None}),
+    "routed: pod sysctls": (
+        "ours sets arp_notify (and, with IPv6, accept_dad 0) on the pod interface in routed mode "
+        "as in bridge mode; ptp sets neither",
+        {r"state\.pods\.\w/eth0\.sysctl\.ipv4/eth0/arp_notify": {("1", "<absent>")},
+         r"state\.pods\.\w/eth0\.sysctl\.ipv6/eth0/accept_dad": {("0", "<absent>")}}),
+    "routed: pod sysctls (IPv4)": (
+        "the same on an IPv4-only pod: arp_notify",
+        {r"state\.pods\.\w/eth0\.sysctl\.ipv4/eth0/arp_notify": {("1", "<absent>")}}),
     "not a bridge": (
         "a link named like the bridge that is not one: ours refuses as an invalid config (7), the "
         "reference with 999",
@@ -523,6 +544,9 @@ SPELLED = {"bridge": "cni0", "isGateway": True, "isDefaultGateway": False, "ipMa
 CLASSIC = dict(SPELLED, isDefaultGateway=True, ipMasq=True)
 V6 = {"type": "host-local", "ranges": [[{"subnet": "fd00:22::/64"}]]}
 DUAL = {"type": "host-local", "ranges": [[{"subnet": "10.22.0.0/24"}], [{"subnet": "fd00:22::/64"}]]}
+# ptp has no bridge and no default route of its own: ours in routed mode, the routes spelled
+ROUTED = {"mode": "routed", "isGateway": True, "isDefaultGateway": False, "ipMasq": True, "forwardAccept": False,
+          "ipam": {"type": "host-local", "subnet": "10.22.0.0/24", "routes": [{"dst": "0.0.0.0/0"}]}}
 LIFE = [("ADD", "a"), ("CHECK", "a"), ("PING", "a"), ("DEL", "a"), ("DEL", "a")]
 TWO = [("ADD", "a"), ("ADD", "b"), ("PING", "a"), ("PING", "b"), ("CHECK", "b"), ("DEL", "b"), ("DEL", "a")]
 CHURN = [("ADD", "a"), ("ADD", "b"), ("ADD", "c"), ("DEL", "b"), ("ADD", "d"), ("CHECK", "c"), ("PING", "c"),
@@ -563,9 +587,9 @@ SCENARIOS = {
     "two pods, macspoofchk": (dict(CLASSIC, macspoofchk=True), TWO,
                               EVERY_ADD + ("macspoofchk", "pod MAC set with macspoofchk")),
     "five pods, deleted last first, ipv6 mtu": (dict(CLASSIC, mtu=1400, ipam=V6), LIFO, V6_ADD),
-    "requested IP and MAC (CNI_ARGS)": (CLASSIC, [("ADD", "a", {"args": "IgnoreUnknown=1;IP=10.22.0.42;MAC=0a:58:0a:16:00:2a"}),
-                                                  ("ADD", "b"), ("CHECK", "a"), ("PING", "b"), ("DEL", "a"), ("DEL", "b")],
-                                        EVERY_ADD),
+    "requested IP and MAC (CNI_ARGS)": (
+        CLASSIC, [("ADD", "a", {"args": "IgnoreUnknown=1;IP=10.22.0.42;MAC=0a:58:0a:16:00:2a"}),
+                  ("ADD", "b"), ("CHECK", "a"), ("PING", "b"), ("DEL", "a"), ("DEL", "b")], EVERY_ADD),
     "bridge made by someone else": (CLASSIC, [("SH", "ip link add cni0 type bridge")] + LIFE,
                                     EVERY_ADD + ("accept_ra on a bridge made by someone else",)),
     "forceAddress replaces another address": (
@@ -574,11 +598,12 @@ SCENARIOS = {
     "without forceAddress another address is kept": (
         SPELLED, [("SH", "ip link add cni0 type bridge && ip addr add 10.22.0.99/24 dev cni0")] + LIFE,
         ("a second address without forceAddress",)),
-    "cni0 is not a bridge": (CLASSIC, [("SH", "ip link add cni0 type veth peer name cni0peer")] + LIFE, ("not a bridge",)),
+    "cni0 is not a bridge": (CLASSIC, [("SH", "ip link add cni0 type veth peer name cni0peer")] + LIFE,
+                             ("not a bridge",)),
     "hairpinMode with promiscMode": (dict(SPELLED, hairpinMode=True, promiscMode=True), LIFE,
                                      ("hairpinMode with promiscMode",)),
     "cniVersion 0.3.1 (no CHECK)": (dict(CLASSIC, cniVersion="0.3.1"), LIFE, EVERY_ADD),
-    "runtimeConfig mac": (dict(CLASSIC, runtimeConfig={"mac": "0a:58:0a:16:00:07"}), TWO, EVERY_ADD),
+    "runtimeConfig mac": (dict(CLASSIC, runtimeConfig={"mac": "0a:58:0a:16:00:07"}), LIFE, EVERY_ADD),
     "two IPv4 range sets": (dict(CLASSIC, ipam={"type": "host-local", "ranges": [
         [{"subnet": "10.22.0.0/24"}], [{"subnet": "10.23.0.0/24"}]]}), TWO, ("two IPv4 gateways",)),
     "pool exhausted": (dict(CLASSIC, ipam={"type": "host-local", "subnet": "10.22.0.0/30"}),
@@ -586,6 +611,11 @@ SCENARIOS = {
                        EVERY_ADD + ("pool exhausted",)),
     "ADD twice": (CLASSIC, [("ADD", "a"), ("ADD", "a"), ("CHECK", "a"), ("PING", "a"), ("DEL", "a")],
                   EVERY_ADD + ("ADD twice",)),
+    "routed mode against ptp": (ROUTED, TWO, ("routed: host-sized pod addresses", "routed: pod sysctls (IPv4)"),
+                                "reference ptp"),
+    "routed mode against ptp, dual-stack": (
+        dict(ROUTED, ipam=dict(DUAL, routes=[{"dst": "0.0.0.0/0"}, {"dst": "::/0"}])), TWO,
+        ("routed: host-sized pod addresses", "routed: pod sysctls"), "reference ptp"),
     "defaults": ({"bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.22.0.0/24"}}, LIFE,
                  EVERY_ADD + ("defaults", "bridge MAC set without a gateway")),
 }
@@ -603,10 +633,10 @@ def _vlan_filtering():
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_same_as_reference_but_the_documented_differences(name):
-    conf, steps, pins = SCENARIOS[name]
+    conf, steps, pins, *reference = SCENARIOS[name]
     if "no vlan filtering here" in pins and _vlan_filtering():
         pytest.skip("this kernel filters VLANs: the vlan scenario's differences were measured on one that does not")
-    diff = compare(conf, steps)
+    diff = compare(conf, steps, *reference)
     for path, pairs in sorted(diff.items()):   # shown with -s, or when it fails
         print(f"{path}: {sorted(pairs, key=str)}")
     left, wrong = unexplained(diff, pins)
@@ -615,8 +645,9 @@ def test_same_as_reference_but_the_documented_differences(name):
 
 
 def test_every_pin_is_documented_and_used():
-    doc = open(os.path.join(os.path.dirname(PLUGIN_DOC), "plugin.md")).read()
-    used = {p for _, _, pins in SCENARIOS.values() for p in pins}
+    with open(PLUGIN_DOC) as f:
+        doc = f.read()
+    used = {p for _, _, pins, *_ in SCENARIOS.values() for p in pins}
     assert used == set(PINS)
     missing = [name for name in PINS if f"`{name}`" not in doc]
     assert not missing, f"docs/plugin.md lacks a row for {missing}"
