@@ -662,6 +662,15 @@ def test_same_as_reference_but_the_documented_differences(name):
         [f"not as the reference: {path}: {sorted(pairs, key=str)}" for path, pairs in sorted(left.items())] + wrong)
 
 
+def test_a_pin_must_show_exactly_what_it_says():
+    """The comparison's own rules: an unpinned difference, a pin that matches nothing and a pin
+    whose pairs changed are each reported."""
+    assert unexplained({"state.links": {("a", "b")}}, ()) == ({"state.links": {("a", "b")}}, [])
+    assert unexplained({}, ("ADD twice",))[1]
+    assert unexplained({"outcome.error": {(103, 1)}}, ("ADD twice",))[1]
+    assert unexplained({"outcome.error": {(103, 999)}}, ("ADD twice",)) == ({}, [])
+
+
 def test_every_pin_is_documented_and_used():
     with open(PLUGIN_DOC) as f:
         doc = f.read()
