@@ -501,6 +501,15 @@ PINS = {
         "disableContainerInterface is newer than the reference 1.1.1, which ignores it and attaches "
         "the pod; ours refuses it (7): it needs a network without IPAM",
         {r"outcome\.error": {(7, "<absent>")}, r"(outcome|state)(\..*)?": None}),
+    "CHECK finds it": (
+        "CHECK of a pod whose address or veth was removed by hand: both fail it, ours with 100 "
+        "(the spec's code for a CHECK that found a difference), the reference with 999",
+        {r"outcome\.error": {(100, 999)}}),
+    "DEL removes the chain the pod's addresses no longer name": (
+        "DEL of a pod whose interface lost its address (or went): ours removes the attachment's "
+        "masquerade chain from its record; the reference finds its addresses on the interface, "
+        "finds none, and leaves the chain behind",
+        {r"state\.iptables\.4\.nat": None}),
     "not a bridge": (
         "a link named like the bridge that is not one: ours refuses as an invalid config (7), the "
         "reference with 999",
@@ -634,6 +643,13 @@ SCENARIOS = {
                                              ("vlanTrunk without vlan filtering",)),
     "disableContainerInterface (newer than the reference)": (dict(SPELLED, disableContainerInterface=True), LIFE,
                                                              ("disableContainerInterface",)),
+    "CHECK after the pod lost its address": (
+        CLASSIC, [("ADD", "a"), ("SH", "ip -n a addr flush dev eth0"), ("CHECK", "a"), ("DEL", "a")],
+        EVERY_ADD + ("CHECK finds it", "DEL removes the chain the pod's addresses no longer name")),
+    "CHECK after the host veth went": (
+        CLASSIC, [("ADD", "a"), ("ADD", "b"), ("SH", "ip -n a link del eth0"), ("CHECK", "a"), ("CHECK", "b"),
+                  ("DEL", "a"), ("DEL", "b")],
+        EVERY_ADD + ("CHECK finds it", "DEL removes the chain the pod's addresses no longer name")),
     "defaults": ({"bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.22.0.0/24"}}, LIFE,
                  EVERY_ADD + ("defaults", "bridge MAC set without a gateway")),
 }
