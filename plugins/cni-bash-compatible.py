@@ -2132,6 +2132,8 @@ def build_result(net, br, veth, cont, netns, ips, routes, dns, vlan_link=None):
         if explicit:
             route["gw"] = fmt_ip(family, gw)
         res["routes"].append(route)
+    if not res["routes"]:  # optional in the spec: left out, as the reference does, rather than []
+        del res["routes"]
     res["dns"] = result_dns(net, dns)
     return res
 
@@ -2223,6 +2225,8 @@ def cmd_add(net, call):
                 undo.append(lambda: nl.del_link(None, veth_name))
                 veth = {"name": veth_name, "mac": ":".join(f"{b:02x}" for b in host_mac), "mtu": mtu or br["mtu"],
                         "index": None}
+            # as the reference: the host end takes no router advertisements (a pod's could give the host routes)
+            sysctl_set(f"/proc/sys/net/ipv6/conf/{veth_name}/accept_ra", "0")
             if not net.routed and (net.hairpin or net.isolated or net.vlan or net.trunk):
                 veth = dict(nl.link(veth_name), mac=veth["mac"])
                 if net.hairpin or net.isolated:
