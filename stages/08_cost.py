@@ -55,9 +55,10 @@ class Path:
     """One path: a client namespace (None: the host) talks to a server at ADDR in SERVER_NS.
     SETUP and TEARDOWN, lists of argv, change the underlay just for this measurement."""
 
-    def __init__(self, key, label, client, server_ns, addr, mtu=cnikit.DEFAULT_MTU, setup=(), teardown=()):
+    def __init__(self, key, label, client, server_ns, addr, mtu=cnikit.DEFAULT_MTU, setup=(), teardown=(),
+                 why=None, skip=None):
         self.key, self.label, self.client, self.server_ns, self.addr, self.mtu = key, label, client, server_ns, addr, mtu
-        self.setup, self.teardown = list(setup), list(teardown)
+        self.setup, self.teardown, self.why, self.skip = list(setup), list(teardown), why, skip
         self.data = {}
 
 
@@ -100,9 +101,12 @@ def paths(netem):
              Path("routed", "rt1 -> rt2, routed /32", "rt1", "rt2", ROUTED["rt2"]),
              Path("vxlan", "pod1 -> pod2, VXLAN", *overlay),
              Path("mtu", "pod3 -> pod4, VXLAN, MTU 1500", "pod3", "pod4", ip_of(PODS["pod4"][1]), cnikit.DEFAULT_MTU),
-             Path("loss", f"pod1 -> pod2, {LOSS_PCT}% loss", *overlay, *underlay_loss(netem))]
+             Path("loss", f"pod1 -> pod2, {LOSS_PCT}% loss", *overlay, *underlay_loss(netem), skip="loss",
+                  why=f"node1's underlay loses {LOSS_PCT}% of what it sends (" + ("netem" if netem else
+                      "iptables' statistic match on the VXLAN datagrams, as this kernel has no netem") + ")")]
     if netem:
-        found.append(Path("delay", f"pod1 -> pod2, +{DELAY_MS} ms", *overlay, *underlay_delay()))
+        found.append(Path("delay", f"pod1 -> pod2, +{DELAY_MS} ms", *overlay, *underlay_delay(),
+                          why=f"node1's underlay holds each packet {DELAY_MS} ms (netem) before sending it"))
     return found
 
 
@@ -243,7 +247,8 @@ def measure(L, path):
     r, ns, addr = L.r, path.server_ns, path.addr
     L.say("")
     L.say(f"-- {path.label}")
-    for argv in path.setup:
+    changed = path.setup and L.step(path.why + ", just for this measurement", skip=path.skip)
+    for argv in path.setup if changed else ():
         r.run(argv)
     servers = [r.spawn(in_netns(["iperf3", "-s", "-1", "-B", addr, "-p", str(IPERF_PORT)], ns)),
                r.spawn(in_netns(["python3", "-c", LISTEN, addr, str(CONNECT_PORT), LISTEN_FOR], ns))]
@@ -265,7 +270,7 @@ def measure(L, path):
     d["bytes"], d["bits_per_second"], d["retransmits"] = iperf_summary(out)
     for proc in reversed(servers):
         r.stop(proc)
-    for argv in path.teardown:
+    for argv in path.teardown if changed else ():
         r.run(argv)
     if not r.dry_run:
         L.say(f"   tcp {_rate(d['bits_per_second'])}, {d['retransmits']} retransmits; ping "
