@@ -3,8 +3,8 @@
 PYTHON  ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-# What the lessons need (tcpdump and conntrack add proofs; lessons fall back without them).
-APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack python3 python3-venv
+# What the lessons need (tcpdump and conntrack add proofs; lessons fall back without them; iperf3: lesson 08).
+APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack iperf3 python3 python3-venv
 # What the tests add: the reference CNI plugins (a baseline), real runtimes, an image source, vagrant.
 TEST_APT_PKGS := containernetworking-plugins podman containerd runc busybox-static vagrant
 PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools

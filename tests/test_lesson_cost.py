@@ -1,6 +1,7 @@
 """Lesson 08 (what each path costs): every path measured in one run PASSes in its sandbox, the
 numbers come out as a table, bar charts and --json, each --skip makes its named proof FAIL,
-and nothing is left behind. Its dry run replaying under `dash -e` is tests/test_dryrun_dash.py's
+and nothing is left behind; bench/paths.py turns a run into the table docs/lessons.md
+records. Its dry run replaying under `dash -e` is tests/test_dryrun_dash.py's
 (it takes every lesson in stages/).
 
 No test compares a speed with a number: the machine is shared. What is asserted is what the
@@ -40,19 +41,24 @@ def as_json(*args):
     return proc.returncode, json.loads(proc.stdout), proc.stderr
 
 
+def verdict(err):
+    """The lesson's PASS/FAIL line (with --json it goes to stderr)."""
+    return next((l for l in reversed(err.splitlines()) if l.startswith(("PASS lesson", "FAIL lesson"))), "")
+
+
 def test_every_path_is_measured_in_one_run_relative_to_the_veth_and_nothing_is_left():
     before = host_state()
     code, data, err = as_json()
     assert code == 0, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("PASS lesson 08 cost")
+    assert verdict(err).startswith("PASS lesson 08 cost"), err[-3000:]
     assert data["passed"] is True and data["relative_to"] == "veth"
     paths = {p["key"]: p for p in data["paths"]}
     expected = PATHS + (["delay"] if data["netem"] else [])
     assert list(paths) == expected
     base = paths["veth"]
     for key, p in paths.items():
-        assert p["bytes"] > 0 and p["bits_per_second"] > 0, key
-        assert p["pings_received"] > 0 and p["connect_ms"] > 0, key
+        assert p["bytes"] > 0 and p["bits_per_second"] > 0, p
+        assert p["pings_received"] > 0 and p["connect_ms"] > 0, p
         rel = p["relative"]
         assert math.isclose(rel["throughput"], p["bits_per_second"] / base["bits_per_second"])
         assert math.isclose(rel["rtt"], p["rtt_avg_ms"] / base["rtt_avg_ms"])
@@ -67,6 +73,19 @@ def test_every_path_is_measured_in_one_run_relative_to_the_veth_and_nothing_is_l
         assert "not checked: 20 ms of underlay delay (this kernel has no netem)" in err
     assert all(c["ok"] for c in data["checks"]) and len(data["checks"]) >= len(expected) + 3
     assert host_state() == before
+    # bench/paths.py's table for docs/lessons.md, from this very run: a row per path, its ratios
+    table = load_bench().markdown([data]).splitlines()
+    for key, p in paths.items():
+        row = next(l for l in table if l.startswith(f"| {p['label']} |")).split(" | ")
+        assert row[2] == f"{p['relative']['throughput']:.2f}" and row[4] == f"{p['relative']['rtt']:.2f}", row
+    assert "one run" in table[-1] and "Relative numbers" in table[-1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_paths", os.path.join(ROOT, "bench", "paths.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_lesson_prints_a_table_and_bar_charts_of_what_it_measured():
@@ -102,8 +121,7 @@ def test_the_lesson_prints_a_table_and_bar_charts_of_what_it_measured():
 def test_each_skip_makes_its_named_proof_fail(step, proof):
     code, data, err = as_json("--skip", step)
     assert code == 1
-    verdict = err.strip().splitlines()[-1]
-    assert verdict.startswith("FAIL lesson 08 cost") and proof in verdict
+    assert verdict(err).startswith("FAIL lesson 08 cost") and proof in verdict(err), err[-3000:]
     failed = [c["what"] for c in data["checks"] if not c["ok"]]
     assert any(what.startswith(proof) for what in failed), failed
     if step == "nat":       # only the NAT path broke
