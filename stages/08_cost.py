@@ -24,8 +24,8 @@ import sys
 from lesson import Lesson, cnikit, in_netns, ip
 
 IPERF_PORT, CONNECT_PORT = 5201, 5202
-# iperf3 sends a fixed amount (-n) rather than for a time: its -t takes whole seconds only, and a second
-# a path would make the lesson too long for `make demo`; 100 MB is well past TCP's slow start here.
+# iperf3 sends a fixed amount (-n), not for a time: its -t takes whole seconds only, and a second per
+# path would make the lesson too long for `make demo`; 100 MB is far past TCP's slow start here.
 VOLUME = "100M"
 GIVE_UP = "10"           # seconds before `timeout` stops an iperf3 client on a path that stalls
 # iperf3's control connection gets 3 s (in ms): a lost SYN is sent again after 1 s, and the lossy path loses some
@@ -59,7 +59,8 @@ class Path:
 
     def __init__(self, key, label, client, server_ns, addr, mtu=cnikit.DEFAULT_MTU, setup=(), teardown=(),
                  why=None, skip=None):
-        self.key, self.label, self.client, self.server_ns, self.addr, self.mtu = key, label, client, server_ns, addr, mtu
+        self.key, self.label, self.client, self.server_ns = key, label, client, server_ns
+        self.addr, self.mtu = addr, mtu
         self.setup, self.teardown, self.why, self.skip = list(setup), list(teardown), why, skip
         self.data = {}
 
@@ -308,10 +309,10 @@ def verify(L):
           f"namespace, then from the near one {PINGS} pings {0.01 * 1000:g} ms apart, {FULL_PINGS} full-size pings "
           f"that must not be fragmented (-M do), {CONNECTS} timed TCP connects and {VOLUME}B over TCP with iperf3")
     if netem:
-        L.say(f"this kernel has netem: loss and delay come from `tc qdisc ... netem` on node1's underlay")
+        L.say("this kernel has netem: loss and delay come from `tc qdisc ... netem` on node1's underlay")
     else:
-        L.say(f"this kernel has no netem (CONFIG_NET_SCH_NETEM): the loss comes from iptables' statistic match "
-              f"on node1's underlay instead, and the delay is left out")
+        L.say("this kernel has no netem (CONFIG_NET_SCH_NETEM): the loss comes from iptables' statistic match "
+              "on node1's underlay instead, and the delay is left out")
         L.unchecked.append(f"{DELAY_MS} ms of underlay delay (this kernel has no netem)")
     measured = paths(netem)
     for path in measured:
