@@ -134,11 +134,12 @@ LESSON = Lesson(
          "MTU 1500 over the 1450 overlay lose every full-size frame; loss on the underlay shows as retransmits"
          + (f", its {DELAY_MS} ms delay in every round trip" if netem_available() else ""),
     picture=r"""
-   +--------------------------------------- host ---------------------------------------+
-   |  veth-ns0 10.0.80.1     br0 10.0.81.1          uplink0 203.0.113.1   10.0.82.1/32   |
-   |     |                  /        \  MASQUERADE -> |     ip_forward    veth-rt1 veth-rt2 |
-   +-----|-----------------|----------|---------------|---------------------|--------|---+
-      ns0 10.0.80.2   ns1 10.0.81.2  ns2 .3   internet 203.0.113.10      rt1 .2/32  rt2 .3/32
+   +------------------------------------------ host ------------------------------------------+
+   |  veth-ns0 10.0.80.1   br0 10.0.81.1       uplink0 203.0.113.1    veth-rt1  veth-rt2      |
+   |     |                  /       \             |  MASQUERADE,       10.0.82.1/32 on each,  |
+   |     |                 /         \            |  ip_forward        a route /32 per pod    |
+   +-----|----------------|-----------|-----------|----------------------|---------|----------+
+       ns0 10.0.80.2    ns1 .2      ns2 .3      internet 203.0.113.10  rt1 .2    rt2 .3
 
             node1 (netns)                                 node2 (netns)
    +--------------------------------+          +--------------------------------+
