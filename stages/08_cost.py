@@ -427,6 +427,13 @@ def table(L, measured):
     L.say("TCP connect, relative to the plain veth (log scale):")
     for line in bars([(p.key, rel[p.key]["connect"]) for p in measured], log=True):
         L.say(line)
+    L.say("")
+    L.say("how to read it: one run on a machine that may be busy, so compare rows of this run only (neighbours "
+          "can swap from run to run). What each path adds to the veth: the bridge, a second veth and a "
+          "forwarding lookup; NAT, routing plus conntrack and the address rewrite; the routed model, a route "
+          "lookup on the host instead of the bridge's; VXLAN, both nodes' bridges, 50 bytes of headers around "
+          "every frame and a second trip over the underlay's veth. At the wrong MTU full-size frames vanish; "
+          "loss costs retransmits, and TCP halves its window at each")
 
 
 def main():
