@@ -164,7 +164,11 @@ def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
     head = script[:script.index("job2=$!")]
     (tmp_path / "waits.sh").write_text(head + "job2=$!\necho waiting\nsleep 30\n")
     mark = uuid.uuid4().hex
-    proc = subprocess.Popen(CNIKIT + ["-q", "sandbox", "--", DASH, "-e", str(tmp_path / "waits.sh")],
+    # As from a terminal: SIGINT not ignored.  A shell that starts with it ignored (any
+    # descendant of a background job of a non-interactive shell, such as a CI runner's)
+    # cannot trap it (POSIX), and the script would sleep its 30 s out and exit 0.
+    proc = subprocess.Popen(["env", "--default-signal=INT"] + CNIKIT + ["-q", "sandbox", "--", DASH, "-e",
+                                                                       str(tmp_path / "waits.sh")],
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, **{MARK: mark}))
     try:
         while proc.stdout.readline().strip() != "waiting":
