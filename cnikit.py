@@ -62,6 +62,9 @@ PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "iptables": "iptables", "sys
             "ping": "iputils-ping", "socat": "socat", "tcpdump": "tcpdump", "conntrack": "conntrack",
             "ss": "iproute2", "nsenter": "util-linux"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# The oldest Python cnikit runs on (shlex.join, as pyproject's requires-python says); 3.6 and 3.7
+# still parse this file, so main() tells them in one line.
+PYTHON_MIN = (3, 8)
 
 # Namespace and mount flags for the sandbox (linux/sched.h, linux/mount.h).
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
@@ -3806,6 +3809,10 @@ def dispatch(args, r):
 
 
 def main(argv=None):
+    if sys.version_info < PYTHON_MIN:
+        print(f"cnikit: error: needs Python {'.'.join(map(str, PYTHON_MIN))} or newer; "
+              f"{sys.executable or 'python3'} is {'.'.join(map(str, sys.version_info[:3]))}", file=sys.stderr)
+        return EXIT_USAGE
     r = None
     try:
         args = build_parser().parse_args(argv)

@@ -44,14 +44,14 @@ def python_magic(python):
 
 
 def another_python():
-    """A python3 (3.10 or later: compile_plugin's floor) of this machine whose bytecode is not
+    """A python3 (3.8 or later: compile_plugin's floor) of this machine whose bytecode is not
     /usr/bin/python3's, the newest such (None when there is none): a node given it as its
     /usr/bin/python3 must get a plugin built by it, proof that the build ran in the node."""
     ours = python_magic(cnikit.CNI_PYTHON)
     found = []
     for path in glob.glob("/root/.pyenv/versions/3.*/bin/python3.*") + glob.glob("/usr/local/bin/python3.*"):
         minor = path.rsplit("python3.", 1)[1]
-        if minor.isdigit() and int(minor) >= 10 and python_magic(path) not in (None, ours):
+        if minor.isdigit() and int(minor) >= 8 and python_magic(path) not in (None, ours):
             found.append((int(minor), path))
     return max(found)[1] if found else None
 
