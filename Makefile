@@ -7,7 +7,7 @@ VPY     := $(VENV)/bin/python
 APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack python3 python3-venv
 # What the tests add: the reference CNI plugins (a baseline), real runtimes, an image source, vagrant.
 TEST_APT_PKGS := containernetworking-plugins podman containerd runc busybox-static vagrant
-PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools
+PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools setuptools wheel
 # Tests mostly wait on the kernel, pings and runtimes: four at once on two cores (each in its own sandbox).
 PYTEST_JOBS ?= 4
 

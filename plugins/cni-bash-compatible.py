@@ -202,6 +202,14 @@ def version_tuple(text):
     return tuple(int(p) for p in parts)
 
 
+def log_path(environ, conf):
+    """Where a call's record goes: env CNIKIT_LOG, else the config's `log`, else DEFAULT_LOG.
+    (cnikit's `cni log` asks this function, so both always name the same file.)"""
+    if environ.get("CNIKIT_LOG"):
+        return environ["CNIKIT_LOG"]
+    return conf["log"] if isinstance(conf.get("log"), str) else DEFAULT_LOG
+
+
 class Call:
     """One invocation, read once: CNI_COMMAND, the CNI_* environment, stdin and what it says.
     version is the one every answer is printed in: the config's when it is supported."""
@@ -211,7 +219,7 @@ class Call:
         self.env = {k: v for k, v in environ.items() if k.startswith("CNI_")}
         self.raw, self.conf, self.error = b"", {}, None
         self.version = LATEST
-        self.log_path = environ.get("CNIKIT_LOG") or DEFAULT_LOG
+        self.log_path = log_path(environ, {})
         log(f"=== {self.command or '(no CNI_COMMAND)'} pid {posix.getpid()}")
         for key in sorted(self.env):
             log(f"  {key}={self.env[key]}")
@@ -225,8 +233,7 @@ class Call:
             self.error = e
         if self.conf.get("cniVersion") in SUPPORTED_VERSIONS:
             self.version = self.conf["cniVersion"]
-        if isinstance(self.conf.get("log"), str) and not environ.get("CNIKIT_LOG"):
-            self.log_path = self.conf["log"]
+        self.log_path = log_path(environ, self.conf)
 
 
 def cmd_version(call):
@@ -2223,6 +2230,25 @@ else:  # another Python: compile the source carried here (slower, the same plugi
     exec(compile(decompress(_source), {name!r}, "exec"))
 #
 """
+
+
+def compiled_stamp(head):
+    """What HEAD, the first two lines of a compiled plugin, says: {"python", "name", "magic",
+    "sha"} ({} when they are not COMPILED_TEXT's), read back with COMPILED_TEXT itself, so the
+    reader (cnikit, deciding whether an installed plugin is current) never restates it."""
+    import re
+    from string import Formatter
+    fields = {"python": r"\S+", "name": r"\S+", "loader": r".+", "magic": r"b(?:'.*?'|\".*?\")", "sha": r"[0-9a-f]+"}
+    pattern, seen = "", set()
+    for literal, field, _, _ in Formatter().parse("\n".join(COMPILED_TEXT.split("\n")[:2])):
+        pattern += re.escape(literal)
+        if field:
+            pattern += f"(?P={field})" if field in seen else f"(?P<{field}>{fields[field]})"
+            seen.add(field)
+    found = re.fullmatch(pattern, "\n".join(head.split("\n")[:2]))
+    return {k: v for k, v in found.groupdict().items() if k != "loader"} if found else {}
+
+
 SHEBANG_MAX = 127  # bytes of a #! line the kernel reads (255 since Linux 5.1; 127 before)
 
 
