@@ -20,7 +20,9 @@ from kernel import ROOT, links, ping
 from plugin_helpers import CLASSIC, PLUGIN_SRC, check_result_shape, cni, error, netns, ok
 
 CNIKIT_PY = os.path.join(ROOT, "cnikit.py")
-DRY_RUN = ("--dry-run", "--color", "never", "bridge", "add", "br0", "--addr", "192.0.2.1/24")
+DRY_RUNS = (("--dry-run", "--color", "never", "bridge", "add", "br0", "--addr", "192.0.2.1/24"),
+            # reads the plugin too (cnikit asks it how a cniVersion reads)
+            ("--dry-run", "--color", "never", "cni", "install", "--cni-version", "1.0.0", "--subnet", "192.0.2.0/24"))
 
 
 def load_plugin():
@@ -130,10 +132,11 @@ def test_cnikit_helps_and_dry_runs_as_on_this_python(version, short_dir):
     python = python_in(short_dir, version)
     helped = subprocess.run([python, CNIKIT_PY, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "sandbox" in helped.stdout and helped.stderr == "", helped
-    here = subprocess.run([sys.executable, CNIKIT_PY, *DRY_RUN], capture_output=True, text=True)
-    there = subprocess.run([python, CNIKIT_PY, *DRY_RUN], capture_output=True, text=True)
-    assert here.returncode == 0 and here.stdout.count("\n") >= 2, here
-    assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
+    for args in DRY_RUNS:
+        here = subprocess.run([sys.executable, CNIKIT_PY, *args], capture_output=True, text=True)
+        there = subprocess.run([python, CNIKIT_PY, *args], capture_output=True, text=True)
+        assert here.returncode == 0 and here.stdout.count("\n") >= 2, here
+        assert (there.returncode, there.stdout, there.stderr) == (here.returncode, here.stdout, here.stderr)
 
 
 def older_versions():
@@ -146,7 +149,7 @@ def older_versions():
 def test_an_older_python_gets_one_line_and_nothing_changes(version, short_dir):
     python = python_in(short_dir, version)
     need = ".".join(map(str, stated_minimum()))
-    for args in (["--help"], list(DRY_RUN), ["cni", "install"]):
+    for args in (["--help"], *DRY_RUNS, ["cni", "install"]):
         proc = subprocess.run([python, CNIKIT_PY, *args], capture_output=True, text=True)
         assert proc.returncode == cnikit.EXIT_USAGE and proc.stdout == "", proc
         assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("cnikit: error: "), proc.stderr
