@@ -4,8 +4,9 @@
 A drop-in replacement for the classic "CNI from scratch" bash plugin: the same
 minimal config works ({"cniVersion":"1.0.0","name":"fromScratch","type":"demystifying"})
 and every call is logged the same way (command, CNI_* env, stdin, then what it did).
-Python 3.8+ standard library only (an older one gets error 50 and one line); needs iproute2-free Linux (it talks netlink itself)
-and iptables only when ipMasq or forwardAccept is on.  It never imports cnikit.py.
+Python 3.8+ standard library only (an older one gets error 50); needs iproute2-free Linux
+(it talks netlink itself) and iptables only when ipMasq or forwardAccept is on.  It never
+imports cnikit.py.
 
 Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
 Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
@@ -56,10 +57,10 @@ attachment and stable, so DEL finds it without the netns.
 
 Error codes: 1 incompatible version, 2 unsupported field, 4 bad environment variable,
 5 I/O failure, 6 decoding failure, 7 invalid network config, 11 try again later (no address
-left), 50 plugin not available (STATUS, and every verb on a Python older than MIN_PYTHON); plugin-specific: 100 CHECK found a difference,
-101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
-already exists in the container or the attachment is already attached, 999 internal error (a
-bug, answered in CNI's terms instead of a traceback).
+left), 50 plugin not available (STATUS; every verb on a Python older than MIN_PYTHON);
+plugin-specific: 100 CHECK found a difference, 101 a kernel (netlink) operation failed, 102 an
+external command failed, 103 the interface already exists in the container or the attachment
+is already attached, 999 internal error (a bug, answered in CNI's terms instead of a traceback).
 
 Installed by `cnikit cni install` as one file carrying its bytecode (`--compile`, see
 compile_plugin); everything above the VERSION head's end is all a VERSION call loads.
@@ -2238,7 +2239,8 @@ def compiled_stamp(head):
     reader (cnikit, deciding whether an installed plugin is current) never restates it."""
     import re
     from string import Formatter
-    fields = {"python": r"\S+", "name": r"\S+", "loader": r".+", "magic": r"b(?:'.*?'|\".*?\")", "sha": r"[0-9a-f]+"}
+    fields = {"python": r"\S+", "name": r"\S+", "loader": r".+", "magic": r"b(?:'.*?'|\".*?\")",
+              "sha": r"[0-9a-f]+"}
     pattern, seen = "", set()
     for literal, field, _, _ in Formatter().parse("\n".join(COMPILED_TEXT.split("\n")[:2])):
         pattern += re.escape(literal)
