@@ -166,3 +166,9 @@ def test_an_older_python_gets_one_line_and_nothing_changes(version, short_dir):
                           capture_output=True, text=True)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr, proc
     assert f"Python {need} or newer" in proc.stderr and not os.path.exists(os.path.join(short_dir, "c"))
+    # cnikit on a good Python, asked to install for the old one: the compile's line, nothing installed
+    proc = subprocess.run([sys.executable, CNIKIT_PY, "cni", "install", "--python", python], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc
+    assert f"Python {need} or newer" in proc.stderr and os.listdir(cnikit.CNI_PLUGIN_DIR) == [], proc.stderr
+    assert not os.path.exists(cnikit.cni_conf_file(cnikit.CNI_CONF_DIR, cnikit.CNI_NET))
