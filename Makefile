@@ -9,7 +9,7 @@ APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack nftabl
 # What the tests add: the reference CNI plugins (a baseline), real runtimes (Docker: a real-Docker host
 # profile), an image source, vagrant.
 TEST_APT_PKGS := containernetworking-plugins podman containerd runc docker.io busybox-static vagrant
-PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools
+PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools setuptools wheel
 # Tests mostly wait on the kernel, pings and runtimes: four at once on two cores (each in its own sandbox).
 PYTEST_JOBS ?= 4
 
