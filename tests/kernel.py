@@ -120,3 +120,39 @@ def snapshot(namespaces=()):
                                                  sh.sysctl("-n", "net.ipv4.ip_forward")).strip()}
     state["netns"] = netns_list()
     return state
+
+
+def marked(var, mark):
+    """PIDs of live processes (not zombies) whose environment carries VAR=MARK: everything a run
+    started with it in its environment, however deep (children inherit it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if f"{var}={mark}".encode() in env and stat[stat.rindex(")") + 2:][:1] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def kill_left(var, mark, grace=2.0):
+    """The command lines of what a marked run left alive after GRACE seconds (a stopped process
+    gets a moment to go), each killed so it never leaks out of the test; [] when nothing was left."""
+    import signal
+    import time
+    deadline = time.monotonic() + grace
+    while (left := marked(var, mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    names = []
+    for pid in left:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                names.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return names

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from kernel import ROOT, cli, netns_list, snapshot
+from kernel import ROOT, cli, kill_left, marked, netns_list, snapshot
 
 STAGES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "stages", "[0-9]*.py")))
 CNIKIT = [sys.executable, os.path.join(ROOT, "cnikit.py")]
@@ -46,37 +46,12 @@ def state_of(proc):
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def marked(mark):
-    """PIDs of live processes (not zombies) whose environment carries MARK=<mark>."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if f"{MARK}={mark}".encode() in env and stat[stat.rindex(")") + 2:][:1] != "Z":
-            found.append(int(pid))
-    return found
 
 
 def assert_nothing_left(mark):
-    """No process the replay started is still alive (a killed one gets a moment to go);
-    whatever is left is killed so it never leaks out of the test, then reported."""
-    deadline = time.monotonic() + 2
-    while (left := marked(mark)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    names = []
-    for pid in left:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                names.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    assert not left, f"the script left {len(left)} process(es) running: {names}"
+    """No process the replay started is still alive; whatever is left is killed, then reported."""
+    left = kill_left(MARK, mark)
+    assert not left, f"the script left {len(left)} process(es) running: {left}"
 
 
 def replay(script_path, mark=None):
@@ -162,7 +137,7 @@ def script_and_step(mark, script_argv, step_argv):
     not there yet).  Told by parent and command line, not by name: a background job forked by
     the script is a "dash" too until it execs, which a loaded machine may delay."""
     procs = {}
-    for pid in marked(mark):
+    for pid in marked(MARK, mark):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().decode(errors="replace").split("\0")[:-1]
@@ -207,7 +182,7 @@ def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
             os.kill(pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 130
     except BaseException:
-        for pid in marked(mark):        # a failed run leaves no `sleep 600` behind
+        for pid in marked(MARK, mark):        # a failed run leaves no `sleep 600` behind
             os.kill(pid, signal.SIGKILL)
         raise
     finally:

@@ -18,7 +18,7 @@ import sys
 import pytest
 import sh
 
-from kernel import cli, iptables_rules, run_stage
+from kernel import cli, iptables_rules, kill_left, run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = os.path.join(ROOT, "stages")
@@ -159,20 +159,6 @@ MARK = "CNIKIT_05B_DOCKER"      # every process the lesson starts inherits it (d
 COMMANDS = r"^(ip|iptables|sysctl|mkdir|mount|dockerd|timeout|socat|bridge|sh|ln|docker|conntrack|ss) "
 
 
-def marked(mark):
-    """PIDs of live processes (not zombies) whose environment carries MARK=<mark>."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if f"{MARK}={mark}".encode() in env and stat[stat.rindex(")") + 2:][:1] != "Z":
-            found.append(int(pid))
-    return found
 
 
 def test_with_docker_a_real_docker_run_writes_the_rules_the_lesson_writes_and_leaves_nothing_running():
@@ -180,12 +166,7 @@ def test_with_docker_a_real_docker_run_writes_the_rules_the_lesson_writes_and_le
         pytest.skip("dockerd is not installed (Debian package docker.io)")
     mark = os.urandom(8).hex()
     proc = run_stage("05b_ports.py", "--with-docker", env=dict(os.environ, **{MARK: mark}), timeout=240)
-    left = marked(mark)
-    for pid in left:                      # never leak a daemon out of the test, then report it
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    left = kill_left(MARK, mark, grace=0)  # never leak a daemon out of the test, then report it
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert not left, f"{len(left)} process(es) of the lesson's Docker still running"
     out = proc.stdout
@@ -205,12 +186,7 @@ def test_with_docker_a_real_docker_run_writes_the_rules_the_lesson_writes_and_le
     mark = os.urandom(8).hex()
     stopped = run_stage("05b_ports.py", "--with-docker", "--step", input="\n" * pauses + "q\n",
                         env=dict(os.environ, **{MARK: mark}), timeout=240)
-    left = marked(mark)
-    for pid in left:
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    left = kill_left(MARK, mark, grace=0)
     assert stopped.returncode == 130, stopped.stdout[-3000:]
     head, tail = stopped.stdout.split("FAIL lesson 05b ports: interrupted")
     assert " run -d --name cnikit-web " in head and "# verification" not in head   # stopped with it running

@@ -12,10 +12,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -23,7 +21,7 @@ import pytest
 from docker_daemon import WEB, docker_daemon, iptables_save  # noqa: F401  (docker_real's daemon)
 from host_profiles import docker_real  # noqa: F401
 from host_state import host_state
-from kernel import ROOT, run_stage
+from kernel import ROOT, kill_left, run_stage
 from test_stages import _assigned_and_targets      # the same reading of a dry run as every lesson's
 
 SCRIPT = "07e_container.py"
@@ -44,29 +42,11 @@ def verdict(proc):
     return lines[-1] if lines else ""
 
 
-def marked(mark):
-    """Live processes whose environment carries MARK=<mark>."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if f"{MARK}={mark}".encode() in env and stat[stat.rindex(")") + 2:][:1] != "Z":
-            found.append(int(pid))
-    return found
 
 
 def assert_no_process_left(mark):
-    deadline = time.monotonic() + 2
-    while (left := marked(mark)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in left:                       # never leak one out of the test, then report it
-        os.kill(pid, signal.SIGKILL)
-    assert not left, f"the lesson left {len(left)} process(es) running"
+    left = kill_left(MARK, mark)
+    assert not left, f"the lesson left {len(left)} process(es) running: {left}"
 
 
 def ip_json(*args, pid=None):
