@@ -3659,7 +3659,7 @@ def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False, family=N
             if family and addr.version != family:
                 raise UsageError(f"TO {to} is an IPv{addr.version} address, but -{family} asks for IPv{family}")
             if addr.version == 6 and (addr.is_link_local or addr.scope_id):
-                raise UsageError(f"TO {to} is link-local: it names a host only together with a link; "
+                raise UsageError(f"TO {to} is valid on one link only (link-local, or with a %zone): "
                                  "give a global address, or the namespace")
             family = addr.version
     port = check_int(port, 1, 65535, "--port") if port is not None else None
