@@ -3013,6 +3013,8 @@ def _rule_matches(words, pkt):
             hit = None
         elif w == "--physdev-is-bridged":
             hit, arg = bool(pkt.get("bridged")), None
+        elif w == "--hl-eq" and "hl" in pkt:        # firewalls accept NDP only at hop limit 255
+            hit = int(arg) == pkt["hl"]
         elif w == "--icmpv6-type" and pkt.get("proto") == "ipv6-icmp":
             hit = ICMPV6_TYPES.get(arg, arg).split("/")[0] == pkt.get("icmp_type", ICMPV6_TYPES["echo-request"])
         else:
@@ -3581,7 +3583,7 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
 def _check_ndp_filter(v, ns, dev, nh, owner_ns, owner_dev, where):
     """IPv6 learns a MAC with ICMPv6: a neighbour solicitation (135) to NH's solicited-node
     multicast group, into the owner's INPUT, and an advertisement (136) back into the
-    asker's. Conntrack does not track them (UNTRACKED): an ip6tables INPUT that drops ICMPv6
+    asker's, both at hop limit 255. Conntrack does not track them (UNTRACKED): an ip6tables INPUT that drops ICMPv6
     without letting these through leaves the entry INCOMPLETE, then FAILED."""
     low24 = int(ipaddress.IPv6Address(nh)) & 0xffffff
     group = str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | low24))
@@ -3595,7 +3597,8 @@ def _check_ndp_filter(v, ns, dev, nh, owner_ns, owner_dev, where):
         chains = v.rules(at, "filter")
         if "INPUT" not in chains:
             continue
-        verdict, rule = _filter_verdict(chains, "INPUT", dict(pkt, proto="ipv6-icmp", iif=iif, ctstate="UNTRACKED"))
+        verdict, rule = _filter_verdict(chains, "INPUT", dict(pkt, proto="ipv6-icmp", iif=iif, ctstate="UNTRACKED",
+                                                              hl=255))
         if verdict not in ("DROP", "REJECT"):
             continue
         there = _ns_name(at)

@@ -237,6 +237,25 @@ def test_per_link_forwarding_off_is_not_a_break_but_all_is(net):
     assert ping(POD2, ns="pod1")
 
 
+def test_a_firewall_that_lets_ndp_and_echo_through(net):
+    """pod2 drops all input but neighbour discovery (at hop limit 255, as firewalls accept it)
+    and pings: nothing on the path drops the ping; without its echo rule, INPUT does."""
+    for rule in (["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "neighbour-solicitation", "-m", "hl",
+                  "--hl-eq", "255", "-j", "ACCEPT"],
+                 ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "neighbour-advertisement", "-m", "hl",
+                  "--hl-eq", "255", "-j", "ACCEPT"],
+                 ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "echo-request", "-j", "ACCEPT"]):
+        in_ns("pod2", "ip6tables", "-A", "INPUT", *rule)
+    in_ns("pod2", "ip6tables", "-P", "INPUT", "DROP")
+    code, report, _ = read_only_doctor("pod1", "pod2", "-6")
+    assert code == 0, report["broken"]
+    assert ping(POD2, ns="pod1")
+    in_ns("pod2", "ip6tables", "-D", "INPUT", "3")
+    code, report, _ = read_only_doctor("pod1", "pod2", "-6")
+    assert code == 1 and (report["broken"]["cause"], report["broken"]["hop"]) == ("input-drop", "pod2"), report
+    assert not ping(POD2, ns="pod1")
+
+
 def test_a_router_without_a_route_onwards(net):
     """pod1's default route leads to node1, which knows no way to 2001:db8:99::/64."""
     code, report, _ = read_only_doctor("pod1", "2001:db8:99::1")
