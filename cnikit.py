@@ -2824,7 +2824,7 @@ class _View:
         return out.strip() if out is not None else None
 
     def route_get(self, ns, dst, src=None, iif=None):
-        extra = (["from", src, "iif", iif] if iif else [])
+        extra = (["from", src] if src else []) + (["iif", iif] if iif else [])
         data = self._q(("route", ns, dst, src, iif), ip("-j", "route", "get", dst, *extra, ns=ns))
         return data[0] if data else None
 
@@ -3063,20 +3063,33 @@ def _to_address(target):
     return None
 
 
+def _address(text):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def doctor_walk(r, frm, to, proto="icmp", port=None, host=None, family=4):
-    """Walk the path from FROM ("host" or a namespace) to TO (an address or a namespace)
-    and return the report: {"from", "to", "dst", "src", "hops": [...], "healthy", "broken"}.
-    FAMILY (4 or 6): TO's, when it is an address. Read-only: every look-up goes through
-    r.query/r.query_json."""
+    """Walk the path from FROM ("host", a namespace, or an address of one: its source) to TO
+    (an address or a namespace) and return the report: {"from", "to", "dst", "src", "hops":
+    [...], "healthy", "broken"}. FAMILY (4 or 6): the addresses', when FROM or TO is one.
+    Read-only: every look-up goes through r.query/r.query_json."""
     names = netns_names(r, in_dry_run=True)
     namespaces = [host] + [n for n in names if n != host] if host else [None] + names
     v = _View(r, namespaces, family)
-    src_ns = host if frm == HOST_NAME else frm
+    src_ns, src = (host if frm == HOST_NAME else frm), None
+    if frm != HOST_NAME and _address(frm):
+        src = str(_address(frm))
+        owner = v.owner(src)
+        if owner is None:
+            raise UsageError(f"FROM {frm}: no namespace doctor can see has this address")
+        src_ns = owner[0]
     dst = _doctor_target(v, to, host)
-    report = {"from": _ns_name(src_ns), "to": to, "dst": dst, "src": None, "proto": proto, "port": port,
-              "hops": [], "healthy": False, "broken": None}
+    report = {"from": frm if src else _ns_name(src_ns), "to": to, "dst": dst, "src": None, "proto": proto,
+              "port": port, "hops": [], "healthy": False, "broken": None}
     try:
-        _walk(v, report, src_ns, dst, proto, port)
+        _walk(v, report, src_ns, dst, proto, port, src)
         report["healthy"] = True
     except _Broken as b:
         report["broken"] = b.finding
@@ -3140,11 +3153,11 @@ def _route_fix(v, ns, dst, default=False):
     return _ipf(v, "route", "add", best[1], "via", best[2], ns=ns) if best else None
 
 
-def _walk(v, report, ns, dst, proto, port):
-    """Hop by hop, as the kernel decides: FROM's own route, then in each namespace the
-    packet enters: conntrack/DNAT, rp_filter, local delivery or forwarding, FORWARD,
-    masquerade; between hops the L2 segment and the neighbour entry."""
-    route = v.route_get(ns, dst)
+def _walk(v, report, ns, dst, proto, port, src=None):
+    """Hop by hop, as the kernel decides: FROM's own route (from SRC, when FROM is an address),
+    then in each namespace the packet enters: conntrack/DNAT, rp_filter, local delivery or
+    forwarding, FORWARD, masquerade; between hops the L2 segment and the neighbour entry."""
+    route = v.route_get(ns, dst, src)
     if not route or route.get("type") in ("unreachable", "prohibit", "blackhole"):
         raise _Broken("no-route", _ns_name(ns), f"{_ns_name(ns)} has no route to {dst}",
                       _as_shell([_ipf(v, "route", "show", ns=ns)]),
@@ -3153,7 +3166,7 @@ def _walk(v, report, ns, dst, proto, port):
     if route.get("type") == "local":
         report["hops"].append({"ns": _ns_name(ns), "note": f"{dst} is an address of {_ns_name(ns)} itself"})
         return
-    src = route.get("prefsrc")
+    src = src or route.get("prefsrc")
     report["src"] = src
     # the names iptables and ip6tables print: ICMP of IPv6 is a protocol of its own (58)
     pkt = {"src": src, "dst": dst, "proto": "ipv6-icmp" if proto == "icmp" and v.family == 6 else proto,
@@ -3646,25 +3659,26 @@ def doctor_text(report):
 def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False, family=None):
     """`cnikit doctor FROM TO`: print the path and its first broken hop; exit 0 when
     healthy, 1 when broken, 2 on bad input. Read-only: it changes nothing. FAMILY (4, 6,
-    None): -4/-6, the walk's family when TO is a name; an address of TO decides itself."""
-    if frm != HOST_NAME:
+    None): -4/-6, the walk's family when FROM and TO are names; an address decides itself."""
+    if frm != HOST_NAME and _address(frm) is None:
         check_netns(frm)
         if not netns_exists(frm):
             raise UsageError(f"FROM namespace {frm!r} does not exist (use '{HOST_NAME}' for where cnikit runs)")
-    if to != HOST_NAME:
-        try:
-            addr = ipaddress.ip_address(to)
-        except ValueError:
-            check_netns(to)
-            if not netns_exists(to):
-                raise UsageError(f"TO {to!r} is neither an IPv4 or IPv6 address nor an existing namespace") from None
-        else:
-            if family and addr.version != family:
-                raise UsageError(f"TO {to} is an IPv{addr.version} address, but -{family} asks for IPv{family}")
-            if addr.version == 6 and (addr.is_link_local or addr.scope_id):
-                raise UsageError(f"TO {to} is valid on one link only (link-local, or with a %zone): "
-                                 "give a global address, or the namespace")
-            family = addr.version
+    if to != HOST_NAME and _address(to) is None:
+        check_netns(to)
+        if not netns_exists(to):
+            raise UsageError(f"TO {to!r} is neither an IPv4 or IPv6 address nor an existing namespace")
+    said = f"-{family} asks for IPv{family}" if family else None     # who decided the family
+    for what, name in (("FROM", frm), ("TO", to)):
+        addr = _address(name) if name != HOST_NAME else None
+        if addr is None:
+            continue
+        if family and addr.version != family:
+            raise UsageError(f"{what} {name} is an IPv{addr.version} address, but {said}")
+        if addr.version == 6 and (addr.is_link_local or addr.scope_id):
+            raise UsageError(f"{what} {name} is valid on one link only (link-local, or with a %zone): "
+                             "give a global address, or the namespace")
+        family, said = addr.version, said or f"FROM {name} is IPv{addr.version}: a path has one family"
     port = check_int(port, 1, 65535, "--port") if port is not None else None
     proto = proto or ("tcp" if port else "icmp")
     if proto not in DOCTOR_PROTOS:
@@ -3982,13 +3996,14 @@ def build_parser():
                         "NAT, MTU, conntrack) and print the first broken hop, the command that shows it and the "
                         "command that would fix it; IPv4 or IPv6 (ip -6, NDP, net.ipv6 sysctls, ip6tables). "
                         "It changes nothing. Exit 0 healthy, 1 broken, 2 bad input.")
-    d.add_argument("frm", metavar="FROM", help=f"a namespace, or '{HOST_NAME}' (where cnikit runs, or -n NS)")
+    d.add_argument("frm", metavar="FROM", help=f"a namespace, '{HOST_NAME}' (where cnikit runs, or -n NS), or an "
+                   "address of one (the packets' source)")
     d.add_argument("to", metavar="TO", help=f"an IPv4 or IPv6 address, a namespace, or '{HOST_NAME}'")
     fam = d.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="family", action="store_const", const=4,
-                     help="walk IPv4 (the default when TO is a name)")
+                     help="walk IPv4 (the default when FROM and TO are names)")
     fam.add_argument("-6", dest="family", action="store_const", const=6,
-                     help="walk IPv6 to TO's global IPv6 address (an address TO decides by itself)")
+                     help="walk IPv6, to TO's global IPv6 address (an address decides by itself)")
     d.add_argument("--proto", choices=DOCTOR_PROTOS, help="the flow's protocol (default icmp; tcp with --port)")
     d.add_argument("--port", help="the flow's destination port (tcp/udp): DNAT and conntrack are per port")
     d.add_argument("--json", action="store_true", help="print the report as JSON")

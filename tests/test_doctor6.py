@@ -229,6 +229,27 @@ def test_fixes_speak_ipv6(net):
     assert "  fix:  ip netns exec node1 sysctl -w net.ipv6.conf.all.forwarding=1" in text
 
 
+def test_from_an_address_its_namespace_and_that_source(net):
+    """FROM may be an address: the walk starts in the namespace that has it, from it, and
+    the address sets the family (TO a name needs no -6)."""
+    ns_ip("pod1", "addr", "add", "fd94:1::3/64", "dev", "eth0", "nodad")
+    code, report, _ = read_only_doctor("fd94:1::3", "pod2")
+    assert code == 0, report["broken"]
+    assert (report["from"], report["src"], report["dst"]) == ("fd94:1::3", "fd94:1::3", POD2)
+    assert [h["ns"] for h in report["hops"]] == ["pod1", "node1", "pod2"]
+    # pod2 routes back only to pod1's first address: the second's replies are lost
+    ns_ip("pod2", "-6", "route", "del", "default")
+    ns_ip("pod2", "-6", "route", "add", "fd94:1::2/128", "via", "fd94:2::1")
+    assert doctor("fd94:1::2", "pod2")[0] == 0
+    code, report, _ = doctor("fd94:1::3", "pod2")
+    assert code == 1 and (report["broken"]["cause"], report["broken"]["hop"]) == ("no-return-route", "pod2")
+
+    def ping_from(src):
+        return subprocess.run(["ip", "netns", "exec", "pod1", "ping", "-c1", "-W2", "-I", src, POD2],
+                              capture_output=True).returncode == 0
+    assert ping_from("fd94:1::2") and not ping_from("fd94:1::3")
+
+
 def test_per_link_forwarding_off_is_not_a_break_but_all_is(net):
     """IPv6 forwards by net.ipv6.conf.all.forwarding alone: a link's own forwarding=0 only
     makes it a host in neighbour discovery. Doctor says what the kernel does."""
@@ -287,6 +308,9 @@ def test_masquerade_and_dnat_in_ip6tables(net):
     (("pod1", "pod2"), "namespace pod2 has no IPv4 address on an up interface"),
     (("pod1", "pod2", "-4", "-6"), "-6"),
     (("pod1", "node2", "-6"), "TO 'node2' is neither an IPv4 or IPv6 address nor an existing namespace"),
+    (("fd94:1::2", "192.0.2.1"), "TO 192.0.2.1 is an IPv4 address, but FROM fd94:1::2 is IPv6"),
+    (("fd94:1::2", "pod2", "-4"), "FROM fd94:1::2 is an IPv6 address, but -4 asks for IPv4"),
+    (("fd94:9::2", "pod2"), "FROM fd94:9::2: no namespace doctor can see has this address"),
 ])
 def test_bad_family_input_is_one_line_and_exit_2(net, args, message):
     proc = cli("doctor", *args)
