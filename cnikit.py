@@ -2914,7 +2914,7 @@ class _View:
 
     def local(self, ns, addr):
         return any(addr in self.addrs(ns, l["ifname"], "any") for l in self.links(ns)) or \
-            ipaddress.ip_address(addr).is_loopback
+            bool(_address(addr) and _address(addr).is_loopback)
 
 
 def _ipf(v, *args, ns=None):
@@ -3543,8 +3543,8 @@ def _check_return(v, report, ns, pkt):
                       f"not the pod, though it has a route back to {src} (the rule `{nat_hop['nat']['rule']}` "
                       "lacks the pod-to-pod exemption)",
                       _as_shell([_xt(v, "-t", "nat", "-S", "POSTROUTING", ns=node),
-                                 in_netns(["conntrack", "-L", *(["-f", "ipv6"] if v.family == 6 else []), "--orig-src", src,
-                                           "--orig-dst", pkt["dst"]], node)]),
+                                 in_netns(["conntrack", "-L", *(["-f", "ipv6"] if v.family == 6 else []),
+                                           "--orig-src", src, "--orig-dst", pkt["dst"]], node)]),
                       _as_shell([_xt(v, "-t", "nat", "-I", "POSTROUTING", "-s", _src_subnet(v, hops[0]["_ns"], src),
                                      "-d", _src_subnet(v, ns, pkt["dst"]), "-j", "RETURN", ns=node)]))
 
@@ -3572,7 +3572,8 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
     static = any(s in state for s in ("PERMANENT", "NOARP"))
     used = static or any(s in state for s in ("REACHABLE", "STALE", "DELAY", "PROBE"))
     if mac and owner.get("address") and mac not in macs and used and link_kind(owner) != "vxlan":
-        see, fix = [_ipf(v, "neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)], []
+        see = [_ipf(v, "neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)]
+        fix = []
         why = "" if static else " until the kernel gives up on the entry and asks again"
         kind = v.addr_assign_type(owner_ns, owner_dev) if link_kind(owner) == "bridge" else None
         if kind is not None and kind != 3:
@@ -3588,7 +3589,8 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
     unanswered = ("FAILED", "INCOMPLETE") if v.family == 6 else ("FAILED",)
     if any(s in state for s in unanswered) and "NOARP" in owner.get("flags", []):
         raise _Broken("neighbour", _ns_name(owner_ns),
-                      f"{_nd(v)} for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has {arp_off}",
+                      f"{_nd(v)} for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} "
+                      f"has {arp_off}",
                       _as_shell([_ipf(v, "neigh", "show", nh, "dev", dev, ns=ns)]),
                       _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
 
@@ -3596,8 +3598,8 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
 def _check_ndp_filter(v, ns, dev, nh, owner_ns, owner_dev, where):
     """IPv6 learns a MAC with ICMPv6: a neighbour solicitation (135) to NH's solicited-node
     multicast group, into the owner's INPUT, and an advertisement (136) back into the
-    asker's, both at hop limit 255. Conntrack does not track them (UNTRACKED): an ip6tables INPUT that drops ICMPv6
-    without letting these through leaves the entry INCOMPLETE, then FAILED."""
+    asker's, both at hop limit 255. Conntrack does not track them (UNTRACKED): an ip6tables
+    INPUT that drops ICMPv6 without letting these through leaves the entry INCOMPLETE, then FAILED."""
     low24 = int(ipaddress.IPv6Address(nh)) & 0xffffff
     group = str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | low24))
     mine = v.addrs(ns, dev)
