@@ -177,6 +177,8 @@ BREAKS = {
     "ndp-blocked": ([["ip", "netns", "exec", "pod2", "ip6tables", "-A", "INPUT", "-p", "icmpv6", "--icmpv6-type",
                       "neighbour-solicitation", "-j", "DROP"]],
                     "neighbour", "pod2", "neighbour solicitations (ICMPv6 135) node1 sends to learn fd94:2::2's MAC"),
+    "arp-off": ([["ip", "-n", "pod2", "link", "set", "dev", "eth0", "arp", "off"]],
+                "neighbour", "pod2", "eth0 in pod2 has ARP off (NOARP: no neighbour discovery either)"),
     "return-route": ([["ip", "-n", "pod2", "-6", "route", "del", "default"]],
                      "no-return-route", "pod2", "has no route back to it"),
 }
@@ -205,6 +207,21 @@ def test_each_ipv6_break_is_named_at_its_hop_read_only_and_its_fix_fixes_it(net,
         for line in report["broken"]["fix"]:
             subprocess.run(line, shell=True, check=True)
     assert ping(POD2, ns="pod1")
+
+
+def test_a_drop_in_the_other_ip6tables_backend(net):
+    """ip6tables-legacy's x_tables beside ip6tables-nft: its DROP applies, `ip6tables` does not
+    show it. The fix moves it where `ip6tables` shows it, and there doctor names it again."""
+    other = "ip6tables-legacy" if "nf_tables" in _out(["ip6tables", "-V"]) else "ip6tables-nft"
+    in_ns("node1", other, "-P", "FORWARD", "DROP")
+    code, report, _ = read_only_doctor("pod1", "pod2", "-6")
+    assert code == 1 and (report["broken"]["cause"], report["broken"]["hop"]) == ("other-backend", "node1"), report
+    assert f"`ip6tables` shows none of it: {other}" in report["broken"]["what"]
+    assert not ping(POD2, ns="pod1")
+    for line in report["broken"]["fix"]:
+        subprocess.run(line, shell=True, check=True)
+    code, report, _ = doctor("pod1", "pod2", "-6")
+    assert code == 1 and report["broken"]["cause"] == "forward-drop", report["broken"]
 
 
 def test_fixes_speak_ipv6(net):
@@ -325,3 +342,37 @@ def test_a_namespace_without_a_global_ipv6_address_is_exit_2(net):
     ns_ip("pod2", "addr", "del", f"{POD2}/64", "dev", "eth0")
     proc = cli("doctor", "-6", "pod1", "pod2")
     assert proc.returncode == 2 and "pod2 has no global IPv6 address" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- the pure parts, in IPv6's words
+
+@pytest.mark.parametrize("rule,pkt,matches", [
+    (["-s", "fd94:1::/64", "-p", "ipv6-icmp", "-j", "DROP"], {"src": "fd94:1::2", "proto": "ipv6-icmp"}, True),
+    (["-s", "fd94:1::/64", "-j", "DROP"], {"src": "10.0.0.1"}, False),             # the other family
+    (["-p", "icmpv6", "-j", "DROP"], {"proto": "ipv6-icmp"}, True),
+    (["-p", "58", "-j", "DROP"], {"proto": "ipv6-icmp"}, True),
+    (["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "135", "-j", "DROP"], {"proto": "ipv6-icmp"}, False),
+    (["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "135", "-j", "DROP"],
+     {"proto": "ipv6-icmp", "icmp_type": "135"}, True),
+    (["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "echo-request", "-j", "ACCEPT"], {"proto": "ipv6-icmp"},
+     True),
+    (["-m", "hl", "--hl-eq", "255", "-j", "ACCEPT"], {"hl": 255}, True),
+    (["-m", "hl", "--hl-eq", "255", "-j", "ACCEPT"], {}, False),                     # a hop limit doctor cannot know
+    (["-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"], {"ctstate": "UNTRACKED"}, False),
+])
+def test_rule_matcher_in_ipv6_words(rule, pkt, matches):
+    import cnikit
+    assert cnikit._rule_matches(rule, pkt)[0] is matches
+
+
+@pytest.mark.parametrize("target,address", [
+    (["DNAT", "--to-destination", "[fd94::2]:8080"], "fd94::2"),
+    (["DNAT", "--to-destination", "fd94::2"], "fd94::2"),
+    (["DNAT", "--to-destination", "fd94::2-fd94::5"], "fd94::2"),
+    (["DNAT", "--to-destination", "[fd94::2-fd94::5]:80-90"], "fd94::2"),
+    (["DNAT", "--to-destination", "10.0.0.2:80"], "10.0.0.2"),
+    (["SNAT", "--to-source", "10.0.0.2"], "10.0.0.2"),
+])
+def test_nat_target_addresses_of_both_families(target, address):
+    import cnikit
+    assert cnikit._to_address(target) == address
