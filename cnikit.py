@@ -2760,7 +2760,7 @@ def cni_dispatch(args, r):
 # that shows the problem and the command that would fix it. It only reads (the Runner's
 # query methods): it never changes the kernel. The family (IPv4 or IPv6) is the walk's:
 # an IPv6 walk reads `ip -6` routes and neighbours (NDP), net.ipv6.conf.*.forwarding and
-# ip6tables, and has no rp_filter (IPv6 has only ip6tables' rpfilter match for that).
+# ip6tables, and, IPv6 having no rp_filter sysctl, ip6tables' rpfilter match in its stead.
 
 DOCTOR_MAX_HOPS = 16
 # The restore tool of each iptables backend: other-backend's fix moves rules into iptables' own.
@@ -3425,9 +3425,10 @@ def _check_filter(v, ns, chain, pkt, where):
 
 def _check_rp_filter(v, ns, pkt, iif, where):
     """Reverse-path filtering: the route back to the source must leave through the
-    link the packet came in on (strict, 1), or at least exist (loose, 2). IPv4 only: IPv6
-    has no such sysctl (ip6tables' rpfilter match does it, and doctor does not judge it)."""
+    link the packet came in on (strict, 1), or at least exist (loose, 2). IPv4's sysctl:
+    IPv6 has none, ip6tables' rpfilter match does that work."""
     if v.family == 6:
+        _check_rpfilter_match(v, ns, pkt, iif, where)
         return
     modes = [v.sysctl(ns, f"net/ipv4/conf/{k}/rp_filter") for k in ("all", iif)]
     mode = max([int(m) for m in modes if m and m.isdigit()] or [0])
@@ -3444,6 +3445,39 @@ def _check_rp_filter(v, ns, pkt, iif, where):
                                  in_netns(["sysctl", "net.ipv4.conf.all.rp_filter", f"net.ipv4.conf.{iif}.rp_filter"], ns),
                                  in_netns(["nstat", "-asz", "TcpExtIPReversePathFilter"], ns)]),
                       _as_shell([sysctl_set(f"net.ipv4.conf.{iif}.rp_filter", 2, ns)]))
+
+
+RPFILTER_FLAGS = ("--loose", "--invert", "--validmark", "--accept-local")
+
+
+def _check_rpfilter_match(v, ns, pkt, iif, where):
+    """IPv6's reverse-path filter: a raw PREROUTING rule `-m rpfilter --invert -j DROP` (as
+    firewalld writes it) drops what arrives on a link the route back to the source does not
+    leave through (--loose: only what has no route back at all)."""
+    for n, words in enumerate(v.rules(ns, "raw").get("PREROUTING", {}).get("rules", []), 1):
+        at = next((i for i in range(len(words) - 1) if words[i:i + 2] == ["-m", "rpfilter"]), None)
+        if at is None or "--invert" not in words or words[-2:] != ["-j", "DROP"]:
+            continue
+        rest = [w for w in words[:at] + words[at + 2:] if w not in RPFILTER_FLAGS]
+        if not _rule_matches(rest, dict(pkt, iif=iif))[0]:
+            continue                    # the rule's other matches leave this packet alone
+        loose = "--loose" in words
+        back = v.route_get(ns, pkt["src"])
+        back_dev = back.get("dev") if back and back.get("type") not in ("unreachable", "prohibit", "blackhole") \
+            else None
+        if back_dev is not None and (loose or back_dev == iif):
+            return
+        how = f"leaves through {back_dev}" if back_dev else "does not exist"
+        fix = [_xt(v, "-t", "raw", "-R", "PREROUTING", n, *words[:at + 2], "--loose", *words[at + 2:], ns=ns)] \
+            if back_dev else [_route_fix(v, ns, pkt["src"]) or _ipf(v, "route", "add", pkt["src"], "via", "GATEWAY",
+                                                                    ns=ns)]
+        raise _Broken("rp-filter", where,
+                      f"{pkt['src']} arrives on {iif} in {where}, but the route back to it {how}: the ip6tables "
+                      f"raw PREROUTING rule `{shlex.join(words)}` (reverse-path filter"
+                      f"{', loose' if loose else ', strict'}) drops it as a spoofed source",
+                      _as_shell([_ipf(v, "route", "get", pkt["src"], ns=ns),
+                                 _xt(v, "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x", "--line-numbers", ns=ns)]),
+                      _as_shell(fix))
 
 
 def _check_forwarding(v, ns, pkt, iif, where):

@@ -224,6 +224,26 @@ def test_a_drop_in_the_other_ip6tables_backend(net):
     assert code == 1 and report["broken"]["cause"] == "forward-drop", report["broken"]
 
 
+def test_reverse_path_filter_is_ip6tables_rpfilter_not_the_ipv4_sysctl(net):
+    """node1's route back to pod1 leaves through veth-pod2. IPv4's rp_filter does not apply
+    to IPv6; a raw `-m rpfilter --invert -j DROP` does, and drops pod1's packets for real
+    (its counter); its loose form, the fix, lets them through."""
+    ns_ip("node1", "-6", "route", "add", "fd94:1::2/128", "via", POD2, "dev", "veth-pod2")
+    in_ns("node1", "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1", "net.ipv4.conf.br0.rp_filter=1")
+    assert doctor("pod1", "pod2", "-6")[0] == 0
+    in_ns("node1", "ip6tables", "-t", "raw", "-A", "PREROUTING", "-m", "rpfilter", "--invert", "-j", "DROP")
+    code, report, _ = read_only_doctor("pod1", "pod2", "-6")
+    assert code == 1 and (report["broken"]["cause"], report["broken"]["hop"]) == ("rp-filter", "node1"), report
+    assert "the route back to it leaves through veth-pod2" in report["broken"]["what"]
+    ping(POD2, ns="pod1")
+    saved = _out(["ip", "netns", "exec", "node1", "ip6tables-save", "-c", "-t", "raw"])
+    assert int(re.search(r"^\[(\d+):\d+\] -A PREROUTING -m rpfilter", saved, re.M)[1]) > 0, saved
+    for line in report["broken"]["fix"]:
+        subprocess.run(line, shell=True, check=True)
+    assert "--loose" in _out(["ip", "netns", "exec", "node1", "ip6tables", "-t", "raw", "-S", "PREROUTING"])
+    assert doctor("pod1", "pod2", "-6")[0] == 0
+
+
 def test_fixes_speak_ipv6(net):
     """Routes and neighbours shown and fixed with ip -6; filters with ip6tables."""
     ns_ip("pod1", "-6", "route", "del", "default")
