@@ -2917,12 +2917,19 @@ def cni_dispatch(args, r):
 # the next hop (veth peer, bridge port, vxlan tunnel), and at each hop the settings
 # that silently drop packets. It reports the first broken hop, the read-only command
 # that shows the problem and the command that would fix it. It only reads (the Runner's
-# query methods): it never changes the kernel.
+# query methods): it never changes the kernel. The family (IPv4 or IPv6) is the walk's:
+# an IPv6 walk reads `ip -6` routes and neighbours (NDP), net.ipv6.conf.*.forwarding and
+# ip6tables, and, IPv6 having no rp_filter sysctl, ip6tables' rpfilter match in its stead.
 
 DOCTOR_MAX_HOPS = 16
 # The restore tool of each iptables backend: other-backend's fix moves rules into iptables' own.
 BACKEND_RESTORE = {"nf_tables": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
 DOCTOR_PROTOS = ("icmp", "tcp", "udp")
+# Protocol numbers and the other names `iptables -S` may print for a protocol.
+PROTO_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp", "icmpv6": "ipv6-icmp"}
+# ICMPv6 types by the names ip6tables accepts (it prints the number); NDP's own are 135/136.
+ICMPV6_TYPES = {"echo-request": "128", "neighbour-solicitation": "135", "neighbor-solicitation": "135",
+                "neighbour-advertisement": "136", "neighbor-advertisement": "136"}
 EXIT_BROKEN = 1
 
 
@@ -2945,8 +2952,11 @@ def _as_shell(argv_list):
 class _View:
     """Read-only look-ups of kernel state, each made once per doctor run."""
 
-    def __init__(self, r, namespaces):
-        self.r, self.namespaces, self._cache = r, namespaces, {}
+    def __init__(self, r, namespaces, family=4):
+        self.r, self.namespaces, self.family, self._cache = r, namespaces, family, {}
+        # the address family's names: ip's JSON, the iptables twin that filters it
+        self.inet = "inet6" if family == 6 else "inet"
+        self.iptables = "ip6tables" if family == 6 else "iptables"
 
     def _q(self, key, argv, as_json=True):
         # in_dry_run: doctor only looks, so a dry run looks too (it has nothing else to do)
@@ -2973,7 +2983,7 @@ class _View:
         return out.strip() if out is not None else None
 
     def route_get(self, ns, dst, src=None, iif=None):
-        extra = (["from", src, "iif", iif] if iif else [])
+        extra = (["from", src] if src else []) + (["iif", iif] if iif else [])
         data = self._q(("route", ns, dst, src, iif), ip("-j", "route", "get", dst, *extra, ns=ns))
         return data[0] if data else None
 
@@ -2991,9 +3001,10 @@ class _View:
     def fdb(self, ns, dev):
         return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
 
-    def rules(self, ns, table, tool="iptables"):
-        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `TOOL -S -v` (TOOL: iptables,
-        or the other backend's iptables-legacy / iptables-nft)."""
+    def rules(self, ns, table, tool=None):
+        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `TOOL -S -v` (TOOL: iptables
+        or ip6tables by the family, or the other backend's iptables-legacy / ip6tables-nft ...)."""
+        tool = tool or self.iptables
         if not which(tool):
             return {}
         out = self._q(("rules", ns, table, tool), in_netns([tool, "-w", "-t", table, "-S", "-v"], ns),
@@ -3001,39 +3012,50 @@ class _View:
         return _parse_iptables(out or "")
 
     def backend(self):
-        """Where `iptables` writes: "nf_tables" (iptables-nft) or "legacy" (x_tables)."""
-        version = self._q(("iptables -V",), ["iptables", "-V"], as_json=False) or ""
+        """Where `iptables` (`ip6tables`) writes: "nf_tables" (iptables-nft) or "legacy" (x_tables)."""
+        version = self._q((self.iptables + " -V",), [self.iptables, "-V"], as_json=False) or ""
         return "legacy" if "legacy" in version else "nf_tables"
+
+    def restore_tool(self):
+        """The restore tool of `iptables`' own backend: other-backend's fix moves rules there."""
+        return self.iptables + BACKEND_RESTORE[self.backend()][len("iptables"):]
 
     def other_backend(self, ns):
         """The iptables of the backend `iptables` does not show, when it holds tables in NS, else None.
         iptables-nft writes nf_tables and iptables-legacy the older x_tables; both apply to every
         packet, and each tool lists only its own. Asked without creating a table: listing one with
         the other tool would load it (and its hooks) into NS."""
+        xt, legacy, nft = self.iptables, self.iptables + "-legacy", self.iptables + "-nft"
         if self.backend() == "nf_tables":
-            names = self._q(("x_tables", ns), in_netns(["cat", "/proc/net/ip_tables_names"], ns), as_json=False)
-            return "iptables-legacy" if (names or "").split() and which("iptables-legacy") else None
-        if not which("nft") or not which("iptables-nft"):
+            names = self._q(("x_tables", ns, xt), in_netns(["cat", f"/proc/net/{xt[:-6]}_tables_names"], ns),
+                            as_json=False)
+            return legacy if (names or "").split() and which(legacy) else None
+        if not which("nft") or not which(nft):
             return None
-        tables = self._q(("nf_tables", ns), in_netns(["nft", "list", "tables", "ip"], ns), as_json=False) or ""
-        return "iptables-nft" if re.search(r"^table ip (filter|nat)$", tables, re.M) else None
+        family = "ip6" if self.family == 6 else "ip"
+        tables = self._q(("nf_tables", ns, family), in_netns(["nft", "list", "tables", family], ns),
+                         as_json=False) or ""
+        return nft if re.search(rf"^table {family} (filter|nat)$", tables, re.M) else None
 
     def conntrack(self, ns, proto, dst):
         if not which("conntrack"):
             return None
-        out = self._q(("ct", ns, proto, dst), in_netns(["conntrack", "-L", "-p", proto, "--orig-dst", dst], ns),
-                      as_json=False)
+        out = self._q(("ct", ns, proto, dst), in_netns(["conntrack", "-L", *_ct_select(self, proto), "--orig-dst", dst],
+                                                       ns), as_json=False)
         return [_parse_conntrack(line) for line in (out or "").splitlines() if "src=" in line]
 
-    def addrs(self, ns, name):
+    def addrs(self, ns, name, family=None):
+        """NAME's addresses of the walk's family (IPv6: link-local ones too, a next hop may be one),
+        or of FAMILY ("inet", "inet6", "any": an underlay's may differ from the overlay's)."""
+        family = family or self.inet
         link = self.link(ns, name) or {}
-        return [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]
+        return [a["local"] for a in link.get("addr_info", []) if family in ("any", a.get("family"))]
 
     def owner(self, addr):
         """(namespace, link) that has ADDR, among the namespaces doctor can see."""
         for ns in self.namespaces:
             for link in self.links(ns):
-                if addr in [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]:
+                if addr in self.addrs(ns, link["ifname"], "any"):
                     return ns, link["ifname"]
         return None
 
@@ -3050,7 +3072,30 @@ class _View:
         return None
 
     def local(self, ns, addr):
-        return any(addr in self.addrs(ns, l["ifname"]) for l in self.links(ns)) or addr.startswith("127.")
+        return any(addr in self.addrs(ns, l["ifname"], "any") for l in self.links(ns)) or \
+            bool(_address(addr) and _address(addr).is_loopback)
+
+
+def _ipf(v, *args, ns=None):
+    """`ip` for the walk's family: IPv6 routes and neighbours are listed only with -6."""
+    return ip(*(["-6"] if v.family == 6 else []), *args, ns=ns)
+
+
+def _xt(v, *args, ns=None):
+    """`iptables -w ARGS`, or `ip6tables -w ARGS` on an IPv6 walk: same options, other tables."""
+    return in_netns([v.iptables, "-w"] + [str(a) for a in args], ns)
+
+
+def _ct_select(v, proto):
+    """conntrack's family and protocol options (it lists IPv4 unless told; ICMPv6 is icmpv6)."""
+    if v.family == 6:
+        return ["-f", "ipv6", "-p", "icmpv6" if proto == "ipv6-icmp" else proto]
+    return ["-p", proto]
+
+
+def _global(a):
+    """An address to reach or route for: IPv6 link-local ones name a link, not a host."""
+    return a.get("family") != "inet6" or a.get("scope") != "link"
 
 
 def _parse_iptables(text):
@@ -3116,17 +3161,21 @@ def _rule_matches(words, pkt):
         elif w in ("-i", "-o"):
             hit = _iface_match(arg, pkt.get("iif" if w == "-i" else "oif"))
         elif w == "-p":
-            hit = arg == "all" or arg == pkt.get("proto")
+            hit = arg == "all" or PROTO_NAMES.get(arg, arg) == pkt.get("proto")
         elif w in ("--dport", "--sport"):
             port = pkt.get("dport" if w == "--dport" else "sport")
             low, _, high = arg.partition(":")
             hit = port is not None and int(low) <= int(port) <= int(high or low)
         elif w in ("--ctstate", "--state"):
-            hit = "NEW" in arg.split(",")
+            hit = pkt.get("ctstate", "NEW") in arg.split(",")
         elif w == "--comment":
             hit = None
         elif w == "--physdev-is-bridged":
             hit, arg = bool(pkt.get("bridged")), None
+        elif w == "--hl-eq" and "hl" in pkt:        # firewalls accept NDP only at hop limit 255
+            hit = int(arg) == pkt["hl"]
+        elif w == "--icmpv6-type" and pkt.get("proto") == "ipv6-icmp":
+            hit = ICMPV6_TYPES.get(arg, arg).split("/")[0] == pkt.get("icmp_type", ICMPV6_TYPES["echo-request"])
         else:
             return False, []            # an option doctor cannot judge: do not count on this rule
         if hit is not None and hit == negate:
@@ -3162,26 +3211,44 @@ def _filter_verdict(chains, chain, pkt):
 
 
 def _to_address(target):
-    """The address of a DNAT/SNAT target's --to-destination/--to-source (port left off)."""
+    """The address of a DNAT/SNAT target's --to-destination/--to-source (port left off:
+    1.2.3.4:80, [fd00::2]:80 or a bare fd00::2; the first of a range)."""
     for key in ("--to-destination", "--to-source"):
         if key in target:
-            return target[target.index(key) + 1].split(":")[0].split("-")[0]
+            to = target[target.index(key) + 1]
+            if to.startswith("["):
+                return to[1:].split("]")[0].split("-")[0]
+            return (to if to.count(":") > 1 else to.split(":")[0]).split("-")[0]
     return None
 
 
-def doctor_walk(r, frm, to, proto="icmp", port=None, host=None):
-    """Walk the path from FROM ("host" or a namespace) to TO (an address or a namespace)
-    and return the report: {"from", "to", "dst", "src", "hops": [...], "healthy", "broken"}.
+def _address(text):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def doctor_walk(r, frm, to, proto="icmp", port=None, host=None, family=4):
+    """Walk the path from FROM ("host", a namespace, or an address of one: its source) to TO
+    (an address or a namespace) and return the report: {"from", "to", "dst", "src", "hops":
+    [...], "healthy", "broken"}. FAMILY (4 or 6): the addresses', when FROM or TO is one.
     Read-only: every look-up goes through r.query/r.query_json."""
     names = netns_names(r, in_dry_run=True)
     namespaces = [host] + [n for n in names if n != host] if host else [None] + names
-    v = _View(r, namespaces)
-    src_ns = host if frm == HOST_NAME else frm
+    v = _View(r, namespaces, family)
+    src_ns, src = (host if frm == HOST_NAME else frm), None
+    if frm != HOST_NAME and _address(frm):
+        src = str(_address(frm))
+        owner = v.owner(src)
+        if owner is None:
+            raise UsageError(f"FROM {frm}: no namespace doctor can see has this address")
+        src_ns = owner[0]
     dst = _doctor_target(v, to, host)
-    report = {"from": _ns_name(src_ns), "to": to, "dst": dst, "src": None, "proto": proto, "port": port,
-              "hops": [], "healthy": False, "broken": None}
+    report = {"from": frm if src else _ns_name(src_ns), "to": to, "dst": dst, "src": None, "proto": proto,
+              "port": port, "hops": [], "healthy": False, "broken": None}
     try:
-        _walk(v, report, src_ns, dst, proto, port)
+        _walk(v, report, src_ns, dst, proto, port, src)
         report["healthy"] = True
     except _Broken as b:
         report["broken"] = b.finding
@@ -3191,25 +3258,35 @@ def doctor_walk(r, frm, to, proto="icmp", port=None, host=None):
 
 
 def _doctor_target(v, to, host):
-    """TO as an address: itself, or the first IPv4 address of namespace TO on an up link."""
+    """TO as an address: itself, or the first address of the walk's family (IPv6: not a
+    link-local one) of namespace TO on an up link."""
     if to != HOST_NAME:
         try:
-            return str(ipaddress.IPv4Address(to))
+            return str(ipaddress.ip_address(to))
         except ValueError:
             pass
     to_ns = host if to == HOST_NAME else to
     for link in v.links(to_ns):
         for a in link.get("addr_info", []):
-            if a.get("family") == "inet" and link.get("ifname") != "lo" and "UP" in link.get("flags", []):
+            if a.get("family") == v.inet and _global(a) and link.get("ifname") != "lo" \
+                    and "UP" in link.get("flags", []):
                 return a["local"]
-    raise UsageError(f"namespace {_ns_name(to_ns)} has no IPv4 address on an up interface: nothing to reach")
+    what = "global IPv6" if v.family == 6 else "IPv4"
+    raise UsageError(f"namespace {_ns_name(to_ns)} has no {what} address on an up interface: nothing to reach"
+                     + ("" if v.family == 6 else " (-6 walks IPv6)"))
 
 
 def _subnets(v, ns):
-    """The IPv4 subnets NS's up interfaces are on, with its address on each: [(network, addr)]."""
+    """The subnets of the walk's family NS's up interfaces are on, with its address on
+    each: [(network, addr)] (IPv6: link-local ones left out, every link has fe80::/64)."""
     return [(ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network, a["local"])
             for link in v.links(ns) if link.get("ifname") != "lo" and "UP" in link.get("flags", [])
-            for a in link.get("addr_info", []) if a.get("family") == "inet"]
+            for a in link.get("addr_info", []) if a.get("family") == v.inet and _global(a)]
+
+
+def _forwarding_key(v):
+    """The sysctl that turns forwarding on in a namespace, for the walk's family."""
+    return "net.ipv6.conf.all.forwarding" if v.family == 6 else "net.ipv4.ip_forward"
 
 
 def _route_fix(v, ns, dst, default=False):
@@ -3229,28 +3306,30 @@ def _route_fix(v, ns, dst, default=False):
                 continue                    # not a neighbour: NS shares no subnet with it
             owns = any(str(target) == a for _, a in theirs)
             on = next((str(n) for n, _ in theirs if target in n), None)
-            rank = 0 if owns else 1 if on else 2 if v.sysctl(other, "net.ipv4.ip_forward") == "1" else None
+            rank = 0 if owns else 1 if on else 2 if v.sysctl(other, _forwarding_key(v)) == "1" else None
             if rank is not None and (best is None or rank < best[0]):
                 best = (rank, "default" if default else dst if owns or not on else on, addr)
-    return ip("route", "add", best[1], "via", best[2], ns=ns) if best else None
+    return _ipf(v, "route", "add", best[1], "via", best[2], ns=ns) if best else None
 
 
-def _walk(v, report, ns, dst, proto, port):
-    """Hop by hop, as the kernel decides: FROM's own route, then in each namespace the
-    packet enters: conntrack/DNAT, rp_filter, local delivery or forwarding, FORWARD,
-    masquerade; between hops the L2 segment and the neighbour entry."""
-    route = v.route_get(ns, dst)
+def _walk(v, report, ns, dst, proto, port, src=None):
+    """Hop by hop, as the kernel decides: FROM's own route (from SRC, when FROM is an address),
+    then in each namespace the packet enters: conntrack/DNAT, rp_filter, local delivery or
+    forwarding, FORWARD, masquerade; between hops the L2 segment and the neighbour entry."""
+    route = v.route_get(ns, dst, src)
     if not route or route.get("type") in ("unreachable", "prohibit", "blackhole"):
         raise _Broken("no-route", _ns_name(ns), f"{_ns_name(ns)} has no route to {dst}",
-                      _as_shell([ip("route", "show", ns=ns)]),
+                      _as_shell([_ipf(v, "route", "show", ns=ns)]),
                       _as_shell([_route_fix(v, ns, dst, default=True)
-                                 or ip("route", "add", "default", "via", "GATEWAY", ns=ns)]))
+                                 or _ipf(v, "route", "add", "default", "via", "GATEWAY", ns=ns)]))
     if route.get("type") == "local":
         report["hops"].append({"ns": _ns_name(ns), "note": f"{dst} is an address of {_ns_name(ns)} itself"})
         return
-    src = route.get("prefsrc")
+    src = src or route.get("prefsrc")
     report["src"] = src
-    pkt = {"src": src, "dst": dst, "proto": proto, "dport": port}
+    # the names iptables and ip6tables print: ICMP of IPv6 is a protocol of its own (58)
+    pkt = {"src": src, "dst": dst, "proto": "ipv6-icmp" if proto == "icmp" and v.family == 6 else proto,
+           "dport": port}
     iif = None
     for _ in range(DOCTOR_MAX_HOPS):
         where = _ns_name(ns)
@@ -3272,9 +3351,9 @@ def _walk(v, report, ns, dst, proto, port):
             route = v.route_get(ns, pkt["dst"], pkt["src"], iif)
             if not route:
                 raise _Broken("no-route", where, f"{where} has no route to {pkt['dst']} (for packets in from {iif})",
-                              _as_shell([ip("route", "get", pkt["dst"], "from", pkt["src"], "iif", iif, ns=ns)]),
+                              _as_shell([_ipf(v, "route", "get", pkt["dst"], "from", pkt["src"], "iif", iif, ns=ns)]),
                               _as_shell([_route_fix(v, ns, pkt["dst"])
-                                         or ip("route", "add", pkt["dst"], "via", "GATEWAY", ns=ns)]))
+                                         or _ipf(v, "route", "add", pkt["dst"], "via", "GATEWAY", ns=ns)]))
             _check_filter(v, ns, "FORWARD", dict(pkt, iif=iif, oif=route.get("dev")), where)
             pkt["src"] = _postrouting(v, ns, pkt, iif, route, hop)
         out, nh = route.get("dev"), route.get("gateway") or pkt["dst"]
@@ -3402,7 +3481,7 @@ def _bridge(v, ns, br, in_port, nh, ref, hop):
                 and not any(e.get("dst") for e in v.fdb(ns, port["ifname"])):
             raise _Broken("no-l2-path", where,
                           f"{port['ifname']} in {where} has no remote and no fdb entry: it does not know where "
-                          f"to send frames (ARP for {nh} included), so nothing crosses the overlay",
+                          f"to send frames ({_nd(v)} for {nh} included), so nothing crosses the overlay",
                           _as_shell([bridge("fdb", "show", "dev", port["ifname"], ns=ns)]),
                           _as_shell([bridge("fdb", "append", "00:00:00:00:00:00", "dev", port["ifname"],
                                             "dst", "REMOTE_NODE", ns=ns)]))
@@ -3423,14 +3502,18 @@ def _vxlan(v, ns, link, nh, ref, hop):
     if not udev:
         raise _Broken("no-route", where, f"{where} has no underlay route to {remote}, the far end of {name}",
                       _as_shell([ip("route", "get", remote, ns=ns)]),
-                      _as_shell([_route_fix(v, ns, remote) or ip("route", "add", remote, "via", "GATEWAY", ns=ns)]))
-    if link.get("mtu", 0) + VXLAN_OVERHEAD > udev.get("mtu", DEFAULT_MTU):
+                      _as_shell([(_route_fix(v, ns, remote) if ipaddress.ip_address(remote).version == v.family
+                                  else None)       # an underlay of the other family: doctor's subnets are not its
+                                 or ip("route", "add", remote, "via", "GATEWAY", ns=ns)]))
+    # an IPv6 underlay's outer header is 40 bytes, not 20
+    overhead = VXLAN_OVERHEAD + (20 if ":" in remote else 0)
+    if link.get("mtu", 0) + overhead > udev.get("mtu", DEFAULT_MTU):
         raise _Broken("mtu", where,
-                      f"{name} in {where} has MTU {link['mtu']}, but its packets gain {VXLAN_OVERHEAD} bytes "
+                      f"{name} in {where} has MTU {link['mtu']}, but its packets gain {overhead} bytes "
                       f"of VXLAN headers on {udev['ifname']} (MTU {udev['mtu']}): the overlay has no headroom",
                       _as_shell([ip("-d", "link", "show", "dev", name, ns=ns),
                                  ip("link", "show", "dev", udev["ifname"], ns=ns)]),
-                      _as_shell([ip("link", "set", "dev", name, "mtu", udev["mtu"] - VXLAN_OVERHEAD, ns=ns)]))
+                      _as_shell([ip("link", "set", "dev", name, "mtu", udev["mtu"] - overhead, ns=ns)]))
     hop.setdefault("l2", []).append(f"{name} (VNI {link['linkinfo']['info_data'].get('id')}) in {where} "
                                     f"over {udev['ifname']} to {remote} ({_ns_name(rns)})")
     _check_up(rns, rvx, _ns_name(rns))
@@ -3442,19 +3525,27 @@ def _vxlan(v, ns, link, nh, ref, hop):
 
 def _check_bridged_forward(v, ns, br, nh, hop):
     """With br_netfilter, frames a bridge passes between two of its ports go through
-    iptables FORWARD (in and out are the bridge): Docker's policy DROP kills them."""
-    if v.sysctl(ns, "net/bridge/bridge-nf-call-iptables") != "1":
+    iptables FORWARD (in and out are the bridge): Docker's policy DROP kills them.
+    IPv6 frames go through ip6tables, when bridge-nf-call-ip6tables says so."""
+    call = f"bridge-nf-call-{v.iptables}"
+    if v.sysctl(ns, f"net/bridge/{call}") != "1":
         return
     where = _ns_name(ns)
     chains = v.rules(ns, "filter")
     verdict, rule = _filter_verdict(chains, "FORWARD", {"iif": br, "oif": br, "dst": nh, "bridged": True})
     if verdict in ("DROP", "REJECT"):
-        raise _Broken("forward-drop", where, _drop_text(chains, "FORWARD", rule, where) +
-                      f"; bridge-nf-call-iptables=1 (br_netfilter) sends {br}'s bridged frames through it",
-                      _as_shell([iptables("-L", "FORWARD", "-v", "-n", "-x", ns=ns),
-                                 in_netns(["sysctl", "net.bridge.bridge-nf-call-iptables"], ns)]),
-                      _as_shell([iptables_rule("-I", *bridge_forward_rule(br), ns=ns)]))
+        table, chain, spec = bridge_forward_rule(br)
+        raise _Broken("forward-drop", where, _drop_text(chains, "FORWARD", rule, where, v.iptables) +
+                      f"; {call}=1 (br_netfilter) sends {br}'s bridged frames through it",
+                      _as_shell([_xt(v, "-L", "FORWARD", "-v", "-n", "-x", ns=ns),
+                                 in_netns(["sysctl", f"net.bridge.{call}"], ns)]),
+                      _as_shell([_xt(v, "-t", table, "-I", chain, *spec, ns=ns)]))
     hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
+
+
+def _nd(v):
+    """What finds a neighbour's MAC: ARP, or IPv6's neighbour discovery."""
+    return "neighbour discovery (NDP)" if v.family == 6 else "ARP"
 
 
 def _drop_text(chains, chain, rule, where, tool="iptables"):
@@ -3465,35 +3556,39 @@ def _drop_text(chains, chain, rule, where, tool="iptables"):
 
 
 def _check_filter(v, ns, chain, pkt, where):
-    """CHAIN's verdict in `iptables`, then in the other backend's tables if NS has any: a packet
-    must pass both, and a DROP there is one that `iptables -S` cannot explain."""
-    for tool in ("iptables", v.other_backend(ns)):
+    """CHAIN's verdict in `iptables` (`ip6tables`), then in the other backend's tables if NS has
+    any: a packet must pass both, and a DROP there is one that `iptables -S` cannot explain."""
+    for tool in (v.iptables, v.other_backend(ns)):
         chains = v.rules(ns, "filter", tool) if tool else {}
         if chain not in chains:
             continue
         verdict, rule = _filter_verdict(chains, chain, pkt)
         if verdict not in ("DROP", "REJECT"):
             continue
-        if tool != "iptables":
+        if tool != v.iptables:
             raise _Broken("other-backend", where,
-                          _drop_text(chains, chain, rule, where, tool) + f"; `iptables` shows none of it: {tool} "
+                          _drop_text(chains, chain, rule, where, tool) + f"; `{v.iptables}` shows none of it: {tool} "
                           "keeps its rules in the other backend, which applies as well",
                           _as_shell([in_netns([tool, "-w", "-L", chain, "-v", "-n", "-x"], ns)]),
                           [f"{shlex.join(in_netns([tool + '-save', '-t', 'filter'], ns))} | "
-                           f"{shlex.join(in_netns([BACKEND_RESTORE[v.backend()], '--noflush'], ns))}",
+                           f"{shlex.join(in_netns([v.restore_tool(), '--noflush'], ns))}",
                            shlex.join(in_netns([tool, "-w", "-F"], ns)) + " && "
                            + shlex.join(in_netns([tool, "-w", "-P", chain, "ACCEPT"], ns))])
         iif, oif = pkt.get("iif"), pkt.get("oif")
         narrow = (["-i", iif] if iif else []) + (["-o", oif] if oif else []) + ["-d", pkt["dst"]]
         raise _Broken("forward-drop" if chain == "FORWARD" else "input-drop", where,
-                      _drop_text(chains, chain, rule, where),
-                      _as_shell([iptables("-L", chain, "-v", "-n", "-x", ns=ns)]),
-                      _as_shell([iptables("-I", chain, *narrow, "-j", "ACCEPT", ns=ns)]))
+                      _drop_text(chains, chain, rule, where, v.iptables),
+                      _as_shell([_xt(v, "-L", chain, "-v", "-n", "-x", ns=ns)]),
+                      _as_shell([_xt(v, "-I", chain, *narrow, "-j", "ACCEPT", ns=ns)]))
 
 
 def _check_rp_filter(v, ns, pkt, iif, where):
     """Reverse-path filtering: the route back to the source must leave through the
-    link the packet came in on (strict, 1), or at least exist (loose, 2)."""
+    link the packet came in on (strict, 1), or at least exist (loose, 2). IPv4's sysctl:
+    IPv6 has none, ip6tables' rpfilter match does that work."""
+    if v.family == 6:
+        _check_rpfilter_match(v, ns, pkt, iif, where)
+        return
     modes = [v.sysctl(ns, f"net/ipv4/conf/{k}/rp_filter") for k in ("all", iif)]
     mode = max([int(m) for m in modes if m and m.isdigit()] or [0])
     if mode == 0:
@@ -3511,7 +3606,53 @@ def _check_rp_filter(v, ns, pkt, iif, where):
                       _as_shell([sysctl_set(f"net.ipv4.conf.{iif}.rp_filter", 2, ns)]))
 
 
+RPFILTER_FLAGS = ("--loose", "--invert", "--validmark", "--accept-local")
+
+
+def _check_rpfilter_match(v, ns, pkt, iif, where):
+    """IPv6's reverse-path filter: a raw PREROUTING rule `-m rpfilter --invert -j DROP` (as
+    firewalld writes it) drops what arrives on a link the route back to the source does not
+    leave through (--loose: only what has no route back at all)."""
+    for n, words in enumerate(v.rules(ns, "raw").get("PREROUTING", {}).get("rules", []), 1):
+        at = next((i for i in range(len(words) - 1) if words[i:i + 2] == ["-m", "rpfilter"]), None)
+        if at is None or "--invert" not in words or words[-2:] != ["-j", "DROP"]:
+            continue
+        rest = [w for w in words[:at] + words[at + 2:] if w not in RPFILTER_FLAGS]
+        if not _rule_matches(rest, dict(pkt, iif=iif))[0]:
+            continue                    # the rule's other matches leave this packet alone
+        loose = "--loose" in words
+        back = v.route_get(ns, pkt["src"])
+        back_dev = back.get("dev") if back and back.get("type") not in ("unreachable", "prohibit", "blackhole") \
+            else None
+        if back_dev is not None and (loose or back_dev == iif):
+            return
+        how = f"leaves through {back_dev}" if back_dev else "does not exist"
+        fix = [_xt(v, "-t", "raw", "-R", "PREROUTING", n, *words[:at + 2], "--loose", *words[at + 2:], ns=ns)] \
+            if back_dev else [_route_fix(v, ns, pkt["src"]) or _ipf(v, "route", "add", pkt["src"], "via", "GATEWAY",
+                                                                    ns=ns)]
+        raise _Broken("rp-filter", where,
+                      f"{pkt['src']} arrives on {iif} in {where}, but the route back to it {how}: the ip6tables "
+                      f"raw PREROUTING rule `{shlex.join(words)}` (reverse-path filter"
+                      f"{', loose' if loose else ', strict'}) drops it as a spoofed source",
+                      _as_shell([_ipf(v, "route", "get", pkt["src"], ns=ns),
+                                 _xt(v, "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x", "--line-numbers", ns=ns)]),
+                      _as_shell(fix))
+
+
 def _check_forwarding(v, ns, pkt, iif, where):
+    """IPv4 forwards what comes in on a link whose forwarding is on (ip_forward sets them
+    all); IPv6 looks at `all` only (its per-link forwarding is about being a router in NDP),
+    or since Linux 6.17 at the in-link's force_forwarding."""
+    if v.family == 6:
+        if v.sysctl(ns, "net/ipv6/conf/all/forwarding") == "0" and \
+                v.sysctl(ns, f"net/ipv6/conf/{iif}/force_forwarding") != "1":
+            raise _Broken("ip-forward", where,
+                          f"{where} must route {pkt['src']} -> {pkt['dst']} (in on {iif}), but forwarding is off "
+                          "(net.ipv6.conf.all.forwarding=0): it drops every packet not addressed to itself",
+                          _as_shell([in_netns(["sysctl", "net.ipv6.conf.all.forwarding",
+                                               f"net.ipv6.conf.{iif}.forwarding"], ns)]),
+                          _as_shell([sysctl_set("net.ipv6.conf.all.forwarding", 1, ns)]))
+        return
     if v.sysctl(ns, f"net/ipv4/conf/{iif}/forwarding") == "0":
         raise _Broken("ip-forward", where,
                       f"{where} must route {pkt['src']} -> {pkt['dst']} (in on {iif}), but forwarding is off "
@@ -3532,14 +3673,14 @@ def _check_conntrack_and_dnat(v, ns, pkt, iif):
     for flow in flows:
         pinned = flow["reply"].get("src")
         if pinned and pinned != by_rule:
-            sel = ["-p", pkt["proto"], "--orig-src", pkt["src"], "--orig-dst", pkt["dst"]] + \
+            sel = _ct_select(v, pkt["proto"]) + ["--orig-src", pkt["src"], "--orig-dst", pkt["dst"]] + \
                 (["--dport", str(pkt["dport"])] if pkt.get("dport") else [])
             raise _Broken("stale-conntrack", where,
                           f"conntrack in {where} still sends the flow {pkt['src']} -> {pkt['dst']} to {pinned}, "
                           f"but the NAT rules now say {by_rule}: the entry predates the rule change and lives "
                           "as long as packets keep coming",
                           _as_shell([in_netns(["conntrack", "-L"] + sel, ns),
-                                     iptables("-t", "nat", "-S", "PREROUTING", ns=ns)]),
+                                     _xt(v, "-t", "nat", "-S", "PREROUTING", ns=ns)]),
                           _as_shell([in_netns(["conntrack", "-D"] + sel, ns)]))
     return flows[0]["reply"].get("src") or by_rule if flows else by_rule
 
@@ -3549,7 +3690,8 @@ def _postrouting(v, ns, pkt, iif, route, hop):
     target, rule = _chain_verdict(v.rules(ns, "nat"), "POSTROUTING", dict(pkt, iif=iif, oif=route.get("dev")))
     if not target or target[0] not in ("MASQUERADE", "SNAT"):
         return pkt["src"]
-    addrs = v.addrs(ns, route["dev"])
+    addrs = [a["local"] for a in (v.link(ns, route["dev"]) or {}).get("addr_info", [])
+             if a.get("family") == v.inet and _global(a)]
     new = _to_address(target) if target[0] == "SNAT" else route.get("prefsrc") or (addrs[0] if addrs else None)
     if not new:
         return pkt["src"]
@@ -3562,7 +3704,7 @@ def _src_subnet(v, ns, src):
         for a in link.get("addr_info", []):
             if a.get("local") == src:
                 return str(ipaddress.ip_interface(f"{src}/{a['prefixlen']}").network)
-    return f"{src}/32"
+    return f"{src}/{128 if v.family == 6 else 32}"
 
 
 def _check_return(v, report, ns, pkt):
@@ -3573,13 +3715,19 @@ def _check_return(v, report, ns, pkt):
     hops = report["hops"]
     if not v.route_get(ns, seen):
         routers = [h for h in hops if h.get("in") and h.get("out")]
-        fix = (["cnikit" + (f" -n {routers[-1]['_ns']}" if routers[-1]["_ns"] else "") +
-                f" nat add {_src_subnet(v, hops[0]['_ns'], src)} --out {routers[-1]['out']}"] if routers
-               else _as_shell([_route_fix(v, ns, seen) or ip("route", "add", seen, "via", "GATEWAY", ns=ns)]))
+        subnet = _src_subnet(v, hops[0]["_ns"], src)
+        if routers and v.family == 6:       # `cnikit nat` is IPv4's: ip6tables' MASQUERADE itself
+            fix = _as_shell([_xt(v, "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "-o", routers[-1]["out"],
+                                 "-j", "MASQUERADE", ns=routers[-1]["_ns"])])
+        elif routers:
+            fix = ["cnikit" + (f" -n {routers[-1]['_ns']}" if routers[-1]["_ns"] else "") +
+                   f" nat add {subnet} --out {routers[-1]['out']}"]
+        else:
+            fix = _as_shell([_route_fix(v, ns, seen) or _ipf(v, "route", "add", seen, "via", "GATEWAY", ns=ns)])
         raise _Broken("no-return-route", where,
                       f"{where} gets the request from {seen} and has no route back to it: the reply is lost "
                       "(a network that does not know the pod subnet must see the node's address: MASQUERADE)",
-                      _as_shell([ip("route", "get", seen, ns=ns)]), fix)
+                      _as_shell([_ipf(v, "route", "get", seen, ns=ns)]), fix)
     if seen != src and v.route_get(ns, src):
         nat_hop = next(h for h in hops if h.get("nat"))
         node = nat_hop["_ns"]
@@ -3587,19 +3735,24 @@ def _check_return(v, report, ns, pkt):
                       f"{nat_hop['ns']} masquerades {src} -> {pkt['dst']} to {seen}: {where} sees the node, "
                       f"not the pod, though it has a route back to {src} (the rule `{nat_hop['nat']['rule']}` "
                       "lacks the pod-to-pod exemption)",
-                      _as_shell([iptables("-t", "nat", "-S", "POSTROUTING", ns=node),
-                                 in_netns(["conntrack", "-L", "--orig-src", src, "--orig-dst", pkt["dst"]], node)]),
-                      _as_shell([iptables("-t", "nat", "-I", "POSTROUTING", "-s", _src_subnet(v, hops[0]["_ns"], src),
-                                          "-d", _src_subnet(v, ns, pkt["dst"]), "-j", "RETURN", ns=node)]))
+                      _as_shell([_xt(v, "-t", "nat", "-S", "POSTROUTING", ns=node),
+                                 in_netns(["conntrack", "-L", *(["-f", "ipv6"] if v.family == 6 else []),
+                                           "--orig-src", src, "--orig-dst", pkt["dst"]], node)]),
+                      _as_shell([_xt(v, "-t", "nat", "-I", "POSTROUTING", "-s", _src_subnet(v, hops[0]["_ns"], src),
+                                     "-d", _src_subnet(v, ns, pkt["dst"]), "-j", "RETURN", ns=node)]))
 
 
 def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
     entry = v.neigh(ns, nh, dev)
     owner = v.link(owner_ns, owner_dev) or {}
+    # NOARP silences IPv6's neighbour discovery as well as ARP
+    arp_off = "ARP off" + (" (NOARP: no neighbour discovery either)" if v.family == 6 else "")
+    if v.family == 6 and not any(s in (entry or {}).get("state", []) for s in ("PERMANENT", "NOARP")):
+        _check_ndp_filter(v, ns, dev, nh, owner_ns, owner_dev, where)
     if not entry:
         if "NOARP" in owner.get("flags", []):
             raise _Broken("neighbour", _ns_name(owner_ns),
-                          f"{owner_dev} in {_ns_name(owner_ns)} has ARP off: {where} never learns {nh}'s MAC",
+                          f"{owner_dev} in {_ns_name(owner_ns)} has {arp_off}: {where} never learns {nh}'s MAC",
                           _as_shell([ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
                           _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
         return
@@ -3612,7 +3765,8 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
     static = any(s in state for s in ("PERMANENT", "NOARP"))
     used = static or any(s in state for s in ("REACHABLE", "STALE", "DELAY", "PROBE"))
     if mac and owner.get("address") and mac not in macs and used and link_kind(owner) != "vxlan":
-        see, fix = [ip("neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)], []
+        see = [_ipf(v, "neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)]
+        fix = []
         why = "" if static else " until the kernel gives up on the entry and asks again"
         kind = v.addr_assign_type(owner_ns, owner_dev) if link_kind(owner) == "bridge" else None
         if kind is not None and kind != 3:
@@ -3624,12 +3778,45 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
         raise _Broken("neighbour", where,
                       f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
                       f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has"
-                      + why, _as_shell(see), _as_shell(fix + [ip("neigh", "del", nh, "dev", dev, ns=ns)]))
-    if "FAILED" in state and "NOARP" in owner.get("flags", []):
+                      + why, _as_shell(see), _as_shell(fix + [_ipf(v, "neigh", "del", nh, "dev", dev, ns=ns)]))
+    unanswered = ("FAILED", "INCOMPLETE") if v.family == 6 else ("FAILED",)
+    if any(s in state for s in unanswered) and "NOARP" in owner.get("flags", []):
         raise _Broken("neighbour", _ns_name(owner_ns),
-                      f"ARP for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has ARP off",
-                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns)]),
+                      f"{_nd(v)} for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} "
+                      f"has {arp_off}",
+                      _as_shell([_ipf(v, "neigh", "show", nh, "dev", dev, ns=ns)]),
                       _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
+
+
+def _check_ndp_filter(v, ns, dev, nh, owner_ns, owner_dev, where):
+    """IPv6 learns a MAC with ICMPv6: a neighbour solicitation (135) to NH's solicited-node
+    multicast group, into the owner's INPUT, and an advertisement (136) back into the
+    asker's, both at hop limit 255. Conntrack does not track them (UNTRACKED): an ip6tables
+    INPUT that drops ICMPv6 without letting these through leaves the entry INCOMPLETE, then FAILED."""
+    low24 = int(ipaddress.IPv6Address(nh)) & 0xffffff
+    group = str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | low24))
+    mine = v.addrs(ns, dev)
+    # the solicitation's source: the asker's address of NH's scope on DEV
+    src = next((a for a in mine if (a.startswith("fe80:") == nh.startswith("fe80:"))), mine[0] if mine else None)
+    for at, iif, pkt, what in ((owner_ns, owner_dev, {"src": src, "dst": group, "icmp_type": "135"},
+                                f"the neighbour solicitations (ICMPv6 135) {_ns_name(ns)} sends to learn {nh}'s MAC"),
+                               (ns, dev, {"src": nh, "dst": src, "icmp_type": "136"},
+                                f"the neighbour advertisements (ICMPv6 136) that tell {_ns_name(ns)} {nh}'s MAC")):
+        chains = v.rules(at, "filter")
+        if "INPUT" not in chains:
+            continue
+        verdict, rule = _filter_verdict(chains, "INPUT", dict(pkt, proto="ipv6-icmp", iif=iif, ctstate="UNTRACKED",
+                                                              hl=255))
+        if verdict not in ("DROP", "REJECT"):
+            continue
+        there = _ns_name(at)
+        raise _Broken("neighbour", there,
+                      _drop_text(chains, "INPUT", rule, there, v.iptables) + f", {what} among it: {where} never "
+                      f"learns where {nh} is (its neighbour entry stays INCOMPLETE, then FAILED)",
+                      _as_shell([_xt(v, "-L", "INPUT", "-v", "-n", "-x", ns=at),
+                                 _ipf(v, "neigh", "show", nh, "dev", dev, ns=ns)]),
+                      _as_shell([_xt(v, "-I", "INPUT", "-i", iif, "-p", "ipv6-icmp", "--icmpv6-type",
+                                     pkt["icmp_type"], "-j", "ACCEPT", ns=at)]))
 
 
 def doctor_text(report):
@@ -3664,23 +3851,29 @@ def doctor_text(report):
     return "\n".join(lines)
 
 
-def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False):
+def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False, family=None):
     """`cnikit doctor FROM TO`: print the path and its first broken hop; exit 0 when
-    healthy, 1 when broken, 2 on bad input. Read-only: it changes nothing."""
-    if frm != HOST_NAME:
+    healthy, 1 when broken, 2 on bad input. Read-only: it changes nothing. FAMILY (4, 6,
+    None): -4/-6, the walk's family when FROM and TO are names; an address decides itself."""
+    if frm != HOST_NAME and _address(frm) is None:
         check_netns(frm)
         if not netns_exists(frm):
             raise UsageError(f"FROM namespace {frm!r} does not exist (use '{HOST_NAME}' for where cnikit runs)")
-    if to != HOST_NAME:
-        try:
-            addr = ipaddress.ip_address(to)
-        except ValueError:
-            check_netns(to)
-            if not netns_exists(to):
-                raise UsageError(f"TO {to!r} is neither an IPv4 address nor an existing namespace") from None
-        else:
-            if addr.version != 4:
-                raise UsageError(f"TO {to}: doctor follows IPv4 paths only")
+    if to != HOST_NAME and _address(to) is None:
+        check_netns(to)
+        if not netns_exists(to):
+            raise UsageError(f"TO {to!r} is neither an IPv4 or IPv6 address nor an existing namespace")
+    said = f"-{family} asks for IPv{family}" if family else None     # who decided the family
+    for what, name in (("FROM", frm), ("TO", to)):
+        addr = _address(name) if name != HOST_NAME else None
+        if addr is None:
+            continue
+        if family and addr.version != family:
+            raise UsageError(f"{what} {name} is an IPv{addr.version} address, but {said}")
+        if addr.version == 6 and (addr.is_link_local or addr.scope_id):
+            raise UsageError(f"{what} {name} is valid on one link only (link-local, or with a %zone): "
+                             "give a global address, or the namespace")
+        family, said = addr.version, said or f"FROM {name} is IPv{addr.version}: a path has one family"
     port = check_int(port, 1, 65535, "--port") if port is not None else None
     proto = proto or ("tcp" if port else "icmp")
     if proto not in DOCTOR_PROTOS:
@@ -3692,7 +3885,7 @@ def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False):
     if os.geteuid() != 0:
         raise UsageError("doctor looks inside namespaces and at iptables: run it as root (sudo)")
     require_tools("ip", "sysctl")
-    report = doctor_walk(r, frm, to, proto, port, host)
+    report = doctor_walk(r, frm, to, proto, port, host, family or 4)
     if as_json:
         print(json.dumps(report, indent=2), flush=True)
     else:
@@ -4015,9 +4208,16 @@ def build_parser():
                         description="Walk the path the kernel would use from FROM to TO, hop by hop (routes, "
                         "links, bridge ports, vxlan, neighbours, forwarding, rp_filter, iptables FORWARD/INPUT, "
                         "NAT, MTU, conntrack) and print the first broken hop, the command that shows it and the "
-                        "command that would fix it. It changes nothing. Exit 0 healthy, 1 broken, 2 bad input.")
-    d.add_argument("frm", metavar="FROM", help=f"a namespace, or '{HOST_NAME}' (where cnikit runs, or -n NS)")
-    d.add_argument("to", metavar="TO", help=f"an IPv4 address, a namespace, or '{HOST_NAME}'")
+                        "command that would fix it; IPv4 or IPv6 (ip -6, NDP, net.ipv6 sysctls, ip6tables). "
+                        "It changes nothing. Exit 0 healthy, 1 broken, 2 bad input.")
+    d.add_argument("frm", metavar="FROM", help=f"a namespace, '{HOST_NAME}' (where cnikit runs, or -n NS), or an "
+                   "address of one (the packets' source)")
+    d.add_argument("to", metavar="TO", help=f"an IPv4 or IPv6 address, a namespace, or '{HOST_NAME}'")
+    fam = d.add_mutually_exclusive_group()
+    fam.add_argument("-4", dest="family", action="store_const", const=4,
+                     help="walk IPv4 (the default when FROM and TO are names)")
+    fam.add_argument("-6", dest="family", action="store_const", const=6,
+                     help="walk IPv6, to TO's global IPv6 address (an address decides by itself)")
     d.add_argument("--proto", choices=DOCTOR_PROTOS, help="the flow's protocol (default icmp; tcp with --port)")
     d.add_argument("--port", help="the flow's destination port (tcp/udp): DNAT and conntrack are per port")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -4089,7 +4289,7 @@ def dispatch(args, r):
     elif o == "cni":
         return cni_dispatch(args, r)
     elif o == "doctor":
-        return doctor(r, args.frm, args.to, args.proto, args.port, host=h, as_json=args.json)
+        return doctor(r, args.frm, args.to, args.proto, args.port, host=h, as_json=args.json, family=args.family)
     elif o == "show":
         show(r, as_json=args.json, only=h)
     elif o == "cleanup":

@@ -306,8 +306,8 @@ def test_doctor_inside_the_lessons(name, skip, frm, to, cause, words):
 
 @pytest.mark.parametrize("args,message", [
     (("nope", "10.0.0.1"), "FROM namespace 'nope' does not exist"),
-    (("host", "999.1.1.1"), "TO '999.1.1.1' is neither an IPv4 address nor an existing namespace"),
-    (("host", "2001:db8::1"), "doctor follows IPv4 paths only"),
+    (("host", "999.1.1.1"), "TO '999.1.1.1' is neither an IPv4 or IPv6 address nor an existing namespace"),
+    (("host", "2001:db8::1", "-4"), "TO 2001:db8::1 is an IPv6 address, but -4 asks for IPv4"),
     (("bad/name", "10.0.0.1"), "namespace name 'bad/name' is invalid"),
     (("host", "192.0.2.1", "--port", "70000"), "--port 70000 is out of range 1-65535"),
     (("host", "192.0.2.1", "--proto", "icmp", "--port", "53"), "--port goes with --proto tcp or udp"),
