@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Lesson 07e (beyond the classic lesson 07): dual-stack pods, IPv4 and IPv6 side by side on
+one bridge, as a CNI plugin given two ranges (host-local's `ranges`) lays them out: two
+addresses per pod, a gateway and a default route per family. What IPv6 does differently:
+duplicate address detection (the tentative state, accept_dad, nodad), NDP instead of ARP
+(`ip -6 neigh`), link-local gateways and router advertisements, ICMPv6 a firewall must let
+through, and why IPv6 pods are usually not NATed.
+
+    sudo python3 stages/07e_dualstack.py           # in a throwaway sandbox
+    python3 stages/07e_dualstack.py --dry-run      # the lesson as a shell script
+"""
+import ipaddress
+import json
+
+from lesson import Lesson, cnikit, in_netns, ip
+
+BRIDGE = "br0"
+GW4, GW6 = "10.0.7.1/24", "fd00:7::1/64"        # fd00::/8: unique local addresses (ULA), private like 10/8
+LINK_LOCAL_GW = "fe80::1"                        # the bridge's own link-local gateway (the only one ns2 knows)
+PODS = {"ns1": ("10.0.7.2/24", "fd00:7::2/64"), "ns2": ("10.0.7.3/24", "fd00:7::3/64")}
+PORT = 8080
+BEYOND = "2001:db8::1"                           # a documentation address: only a route look-up, no packet
+PEER = "SYSTEM:echo $SOCAT_PEERADDR"             # socat: answer with the address the connection came from
+
+
+def addr(ns, family=6):
+    return PODS[ns][0 if family == 4 else 1].split("/")[0]
+
+
+def gw(cidr):
+    return cidr.split("/")[0]
+
+
+def host_end(ns):
+    return f"veth-{ns}"
+
+
+LESSON = Lesson(
+    "07e", "dualstack",
+    goal="two pods on br0 each hold an IPv4 and an IPv6 address and reach each other and their gateways in "
+         "both families (ping, and TCP seeing each other's own address: no NAT); their IPv6 addresses are "
+         "usable at once (no DAD), their neighbours are found by NDP, and a firewall that lets ICMPv6's "
+         "neighbour discovery through keeps IPv6 working",
+    picture=r"""
+   +----------------------------------- host -----------------------------------+
+   |  br0  10.0.7.1/24   fd00:7::1/64 (nodad)   fe80::1/64 (a link-local gateway) |
+   |  accept_ra 0: the node takes no routes from what a pod could advertise       |
+   |             veth-ns1 (port)                      veth-ns2 (port)            |
+   +------------------|--------------------------------------|------------------+
+   +---------------- ns1 ----------------+  +---------------- ns2 ----------------+
+   | eth0 10.0.7.2/24  fd00:7::2/64      |  | eth0 10.0.7.3/24  fd00:7::3/64      |
+   |      fe80::.../64 (its own, always) |  |      fe80::.../64                   |
+   | accept_dad 0 (as CNI plugins set)   |  | accept_dad 0                        |
+   | default via 10.0.7.1                |  | default via 10.0.7.1                |
+   | default via fd00:7::1               |  | default via fe80::1 dev eth0        |
+   |                                     |  | firewall: INPUT DROP but replies,   |
+   |                                     |  |   ping, TCP 8080, and NDP (ICMPv6)  |
+   +-------------------------------------+  +-------------------------------------+
+""",
+    skips={"nodad": "the pods' eth0 keep accept_dad 1: their new IPv6 addresses stay tentative while the "
+                    "kernel runs duplicate address detection (about a second) and cannot be used yet",
+           "icmpv6": "ns2's firewall drops ICMPv6's neighbour solicitations and advertisements: ns1's neighbour "
+                     "entry for ns2 stays INCOMPLETE and every IPv6 packet to ns2 (ping, TCP 8080, though "
+                     "allowed) is lost, while IPv4 under the same rules works: ARP is not IP"},
+    tools=("ip", "ping", "iptables", "sysctl", "socat", "ss"),
+)
+
+
+def build(L):
+    r = L.r
+    L.step("two pods and a bridge, as in lesson 03, each pod with its IPv4 address and its IPv4 gateway")
+    for ns in PODS:
+        cnikit.netns_add(r, ns, lo_up=True)
+    cnikit.bridge_add(r, BRIDGE, addr=GW4)
+    _bridge_forward_accept6(L)
+    for ns, (v4, _) in PODS.items():
+        cnikit.veth_add(r, host_end(ns), "eth0", netns=ns, peer_addr=v4)
+    cnikit.bridge_attach(r, BRIDGE, [host_end(ns) for ns in PODS])
+
+    L.step("IPv6 needs no configuration to start: every interface that comes up makes its own link-local "
+           "address, fe80::/64 from its MAC, valid on its link only (NDP and router advertisements use it)")
+    r.show(ip("-6", "addr", "show", "dev", "eth0", ns="ns1"))
+
+    if L.step("a new IPv6 address is first *tentative*: the kernel asks the link whether anyone holds it "
+              "already (duplicate address detection, DAD: a neighbour solicitation, then a second of "
+              "silence) and will not use it before. A pod's address comes from IPAM, which hands each out "
+              "once, so CNI plugins switch DAD off on the pod's interface (accept_dad 0; the reference "
+              "bridge plugin's `enabledad` turns it back on, and ADD then waits for it)", skip="nodad"):
+        for ns in PODS:
+            L.sysctl("net.ipv6.conf.eth0.accept_dad", "0", ns)
+
+    L.step("two addresses per pod: the IPv6 ones beside the IPv4 ones; the gateway's on br0 with `nodad`, "
+           "the same switch per address instead of per interface")
+    for ns, (_, v6) in PODS.items():
+        r.run(cnikit.addr_add(v6, "eth0", ns))
+    r.run(ip("addr", "add", GW6, "dev", BRIDGE, "nodad"))
+    r.show(ip("-6", "addr", "show", "dev", "eth0", ns="ns1"))
+    if not r.dry_run:
+        flags = _flags(L, "ns1", addr("ns1"))
+        L.check(f"ns1's {addr('ns1')} is usable at once (not tentative)", flags is not None and
+                not flags & {"tentative", "dadfailed"}, f"flags: {' '.join(sorted(flags or ())) or 'none'}")
+
+    L.step("a default route per family. ns1's IPv6 one points at the global gateway fd00:7::1, as a CNI "
+           f"result gives it; ns2's at {LINK_LOCAL_GW}, a link-local address of br0's: routers announce "
+           "themselves from their link-local address, so on a link that is where an IPv6 default route usually "
+           "points (Calico points pods at one too); a link-local address exists on every link, so the route "
+           "names the link (`dev eth0`)")
+    r.run(ip("addr", "add", f"{LINK_LOCAL_GW}/64", "dev", BRIDGE, "nodad"))
+    for ns in PODS:
+        cnikit.route_add(r, "default", via=gw(GW4), ns=ns)
+    r.run(ip("-6", "route", "add", "default", "via", gw(GW6), "dev", "eth0", ns="ns1"))
+    r.run(ip("-6", "route", "add", "default", "via", LINK_LOCAL_GW, "dev", "eth0", ns="ns2"))
+    r.show(ip("-6", "route", "show", ns="ns2"))
+
+    L.step("router advertisements (RA) are how IPv6 hosts usually learn their default route. A pod takes its "
+           "routes from its CNI result, and nobody sends RAs on a pod network; but a pod could (CVE-2020-10749: "
+           "a pod's RAs rerouting its node and neighbours), so the node takes no routes from the pods' links: "
+           "accept_ra 0 on the bridge, as the reference bridge plugin sets it (and on the host end of each veth)")
+    L.sysctl(f"net.ipv6.conf.{BRIDGE}.accept_ra", "0")
+    for ns in PODS:
+        L.sysctl(f"net.ipv6.conf.{host_end(ns)}.accept_ra", "0")
+
+    L.step("NDP instead of ARP: before its first IPv6 packet to ns2, ns1 sends a neighbour solicitation, an "
+           "ICMPv6 message to ns2's solicited-node multicast group (ARP is no IP at all, and broadcasts); the "
+           "answer, a neighbour advertisement, fills `ip -6 neigh` as ARP fills `ip -4 neigh`")
+    L.ping(addr("ns2"), "ns1")
+    L.ping(addr("ns2", 4), "ns1")
+    r.show(ip("-6", "neigh", "show", "dev", "eth0", ns="ns1"))
+    r.show(ip("-4", "neigh", "show", "dev", "eth0", ns="ns1"))
+
+    L.step("ns2 gets a firewall as a hardened host has one, the same rules in both families: INPUT drops "
+           f"everything but replies, ping and TCP {PORT}")
+    for tool, icmp, echo in (("iptables", "icmp", "--icmp-type"), ("ip6tables", "ipv6-icmp", "--icmpv6-type")):
+        for spec in (["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"], ["-p", icmp, echo, "echo-request"],
+                     ["-p", "tcp", "--dport", str(PORT)]):
+            r.run(in_netns([tool, "-w", "-A", "INPUT", *spec, "-j", "ACCEPT"], "ns2"))
+        r.run(in_netns([tool, "-w", "-P", "INPUT", "DROP"], "ns2"))
+    if L.step("and the two ICMPv6 messages of neighbour discovery: IPv6 has no ARP, NDP *is* ICMPv6, so an IPv6 "
+              "firewall that drops ICMPv6 cuts its own link (RFC 4890 lists what must pass; the conntrack rule "
+              "above already lets in the errors, such as Packet Too Big, that belong to a connection)",
+              skip="icmpv6"):
+        for kind in ("neighbour-solicitation", "neighbour-advertisement"):
+            r.run(in_netns(["ip6tables", "-w", "-A", "INPUT", "-p", "ipv6-icmp", "--icmpv6-type", kind,
+                            "-j", "ACCEPT"], "ns2"))
+    L.say("forget what NDP learned before the firewall (the kernel would, within a minute)")
+    for ns in PODS:
+        r.run(ip("-6", "neigh", "flush", "dev", "eth0", ns=ns))
+
+    L.step(f"a TCP listener in ns2 on port {PORT}, one socket for both families (an IPv4 client shows up as "
+           "::ffff:a.b.c.d); it answers each connection with the address it came from")
+    r.spawn(in_netns(["socat", f"TCP6-LISTEN:{PORT},reuseaddr,fork", PEER], "ns2"))
+    L.wait_listening(PORT, "ns2")
+
+    L.say("why IPv6 pods are usually not NATed: IPv4 pods hold private addresses and leave the node masqueraded "
+          "(lesson 05), because public IPv4 addresses are scarce. An IPv6 cluster can give every pod an address "
+          "routed on the internet (a /64 per node out of the cluster's prefix), so the node routes it instead "
+          "and the far end sees the pod itself; the reference bridge plugin masquerades IPv6 only when ipMasq "
+          "asks for it. With ULA addresses (fd00::/8, as here) a cluster that must reach the internet still "
+          "NATs (NAT66), as with 10/8")
+
+
+def verify(L):
+    r = L.r
+    ok, out = r.probe(ip("-j", "addr", "show", "dev", "eth0", ns="ns1"))
+    have = _addresses(out) if ok and not r.dry_run else set()
+    L.check("ns1's eth0 holds two addresses, one per family, beside its link-local one",
+            {addr("ns1", 4), addr("ns1")} <= have and any(ipaddress.ip_address(a).is_link_local for a in have),
+            " ".join(sorted(have)))
+    for family in (4, 6):
+        L.check(f"ns1 reaches its IPv{family} gateway on br0", L.ping(gw(GW4 if family == 4 else GW6), "ns1"))
+        L.check(f"ns1 reaches ns2 over IPv{family}", L.ping(addr("ns2", family), "ns1"))
+        if family == 6:     # before ns2 solicits ns1: its solicitation would tell ns1 its MAC unconfirmed (STALE)
+            _check_ndp(L)
+        L.check(f"ns2 reaches ns1 over IPv{family}", L.ping(addr("ns1", family), "ns2"))
+    L.check(f"ns2 reaches its link-local gateway {LINK_LOCAL_GW} on its link", L.ping(f"{LINK_LOCAL_GW}%eth0", "ns2"))
+    for ns, via in (("ns1", gw(GW6)), ("ns2", LINK_LOCAL_GW)):
+        ok, out = r.probe(ip("-6", "route", "get", BEYOND, ns=ns))
+        L.check(f"{ns} would send what leaves the pod network via {via}", ok and f"via {via} dev eth0" in out, out)
+    for family in (6, 4):
+        seen = _peer_seen(L, family)
+        L.check(f"TCP {PORT} over IPv{family}: ns2 sees ns1's own address {addr('ns1', family)} (no NAT)",
+                r.dry_run or seen == addr("ns1", family), f"it saw {seen or 'nothing'}")
+
+
+def _check_ndp(L):
+    """ns2 answered ns1's neighbour solicitation: ns1's entry for ns2 holds ns2's MAC and is
+    neither INCOMPLETE (asked, no answer yet) nor FAILED (no answer at all)."""
+    r = L.r
+    ok, out = r.probe(ip("-j", "-6", "neigh", "show", addr("ns2"), "dev", "eth0", ns="ns1"))
+    entry = (json.loads(out) or [{}])[0] if ok and out.strip().startswith("[") else {}
+    mac = (cnikit.get_link(r, "eth0", "ns2") or {}).get("address") if not r.dry_run else None
+    state = set(entry.get("state", []))
+    L.check("NDP found ns2's MAC for ns1 (ip -6 neigh)", r.dry_run or bool(
+        mac and entry.get("lladdr") == mac and not state & {"INCOMPLETE", "FAILED"}),
+        f"the entry: {' '.join(sorted(state)) or 'none'}")
+
+
+def _bridge_forward_accept6(L):
+    """cnikit's bridge verb accepts br0's own traffic in iptables FORWARD on a Docker host (policy
+    DROP, br_netfilter); br_netfilter sends bridged IPv6 through ip6tables too, and Docker sets
+    that FORWARD policy to DROP as well: the same accept there."""
+    r = L.r
+    if r.dry_run and not r.plans_this_host:
+        return
+    ok, policy = r.query(["ip6tables", "-w", "-S", "FORWARD"], in_dry_run=True)
+    ok2, nf = r.query(["cat", "/proc/sys/net/bridge/bridge-nf-call-ip6tables"], in_dry_run=True)
+    if not (ok and "-P FORWARD DROP" in policy.splitlines() and ok2 and nf.strip() == "1"):
+        return
+    r.note(f"this host's ip6tables FORWARD policy is DROP and br_netfilter sends {BRIDGE}'s switched IPv6 "
+           f"through it (bridge-nf-call-ip6tables=1): accept traffic between {BRIDGE}'s own ports")
+    spec = ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-m", "comment", "--comment", f"{cnikit.TAG} {BRIDGE}", "-j", "ACCEPT"]
+    r.run(["ip6tables", "-w", "-A", *spec],
+          creates=cnikit.Change("rule", "ip6tables -A " + " ".join(spec), undo=["ip6tables", "-w", "-D", *spec]))
+
+
+def _flags(L, ns, address):
+    """The flags (tentative, nodad, dadfailed...) of ADDRESS in NS, or None when it is not there."""
+    ok, out = L.r.query(ip("-j", "-6", "addr", "show", "dev", "eth0", ns=ns))
+    for link in json.loads(out) if ok else []:
+        for a in link.get("addr_info", []):
+            if a.get("local") == address:
+                return {k for k, v in a.items() if v is True}
+    return None
+
+
+def _addresses(out):
+    return {a["local"] for link in json.loads(out or "[]") for a in link.get("addr_info", [])}
+
+
+def _peer_seen(L, family):
+    """Connect from ns1 to ns2's listener over FAMILY; the address ns2 saw, as IPv4 for a mapped one."""
+    target = f"TCP6:[{addr('ns2')}]:{PORT}" if family == 6 else f"TCP4:{addr('ns2', 4)}:{PORT}"
+    ok, out = L.r.probe(in_netns(["socat", "-u", f"{target},connect-timeout=2", "-"], "ns1"))
+    try:
+        seen = ipaddress.ip_address(out.strip().splitlines()[-1].strip("[]")) if ok and out.strip() else None
+    except ValueError:
+        return ""
+    if seen is None:
+        return ""
+    return str(seen.ipv4_mapped or seen)
+
+
+if __name__ == "__main__":
+    LESSON.main(build, verify)
