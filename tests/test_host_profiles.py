@@ -40,7 +40,9 @@ SERVICES_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): kube-pro
 # The lines a lesson that meets the Docker condition says about it (a bridge on the host, egress, pods).
 NOTES = {"03_bridge": [BRIDGE_NOTE], "04_tcp": [BRIDGE_NOTE], "05_egress": [BRIDGE_NOTE, EGRESS_NOTE, NAT_NOTE],
          "07_cni": [CNI_NOTE], "07b_multinode": [bridge_note("underlay0")],
-         "07d_services": [BRIDGE_NOTE, SERVICES_NOTE]}
+         "07d_services": [BRIDGE_NOTE, SERVICES_NOTE],
+         "07e_dualstack": [BRIDGE_NOTE, re.compile(r"^# this host's ip6tables FORWARD policy is DROP and br_netfilter "
+                                                   r"sends br0's switched IPv6 through it", re.M)]}
 SUBNET, GATEWAY = "10.244.9.0/24", "10.244.9.1"
 UPLINK, SERVER = "203.0.113.1/24", "203.0.113.10/24"
 
