@@ -2073,6 +2073,9 @@ def routed_container_routes(net, ips, ipam_routes):
 
 def routed_host_side(nl, veth, name, ips):
     """The host end: up, holding each gateway address as /32 (/128)."""
+    # No routes from a pod's router advertisements (CVE-2020-10749): a node whose accept_ra is 2
+    # would take a default route via the pod. The reference sets it on every host end too.
+    sysctl_set(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "0")
     kernel(f"cannot bring {name} up", nl.set_link, veth["index"], name, True)
     for family, gw in sorted({(ip["family"], ip["gw"]) for ip in ips}):
         kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family))

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import statistics
 import subprocess
+import sys
 import time
 
 import pytest
@@ -178,6 +179,51 @@ def test_forward_accept_lets_pods_out_and_replies_in_through_a_drop_policy_in_bo
         assert sum(r.startswith("-A FORWARD ") and "cnikit name: dual id: p1" in r for r in rules) == 2, rules
     ok(call("ours", "DEL", "p1", dict(dual("ours"), prevResult=res)))
     assert not [r for r in rules4("filter") + rules6("filter") if "cnikit" in r]
+
+
+# ---------------------------------------------------------------- router advertisements from a pod
+
+# A router advertisement (ICMPv6 134: hop limit 64, router lifetime 1800 s: "make me your default
+# router"), sent to all nodes on the link; the kernel fills in the checksum of a raw ICMPv6 socket.
+SEND_RA = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+for dev in sys.argv[1:]:
+    s.sendto(struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0), ("ff02::1", 0, 0, socket.if_nametoindex(dev)))
+"""
+
+
+def test_routed_mode_the_node_takes_no_default_route_from_a_pods_router_advertisement():
+    """CVE-2020-10749's host side: a node that forwards and still autoconfigures (accept_ra 2, the
+    default its new links inherit) would take a default route from any router advertisement. The
+    reference sets accept_ra 0 on each host end; so does ours. A plain veth beside it, with the
+    inherited setting, takes the same advertisement: it is a valid one."""
+    sh.sysctl("-qw", "net.ipv6.conf.default.accept_ra=2")
+    conf = dual("ours", mode="routed")
+    conf["ipam"] = {"ranges": conf["ipam"]["ranges"]}
+    res = add("ours", "p1", conf)
+    host_end = res["interfaces"][0]["name"]
+    assert sysctl(f"/proc/sys/net/ipv6/conf/{host_end}/accept_ra") == "0"
+    sh.ip("link", "add", "plain-h", "type", "veth", "peer", "name", "eth1", "netns", "p1")
+    sh.ip("netns", "exec", "p1", "sysctl", "-qw", "net.ipv6.conf.eth1.accept_dad=0")
+    sh.ip("link", "set", "plain-h", "up")
+    sh.ip("-n", "p1", "link", "set", "eth1", "up")
+    assert sysctl("/proc/sys/net/ipv6/conf/plain-h/accept_ra") == "2"
+    for dev in ("eth0", "eth1"):
+        wait_settled(dev, "p1")
+    subprocess.run(["ip", "netns", "exec", "p1", sys.executable, "-c", SEND_RA, "eth0", "eth1"], check=True)
+    deadline = time.monotonic() + 5
+    while not default_route_devs("plain-h"):
+        assert time.monotonic() < deadline, "the control veth never took the advertisement"
+        time.sleep(0.05)
+    assert default_route_devs(host_end) == []
+
+
+def default_route_devs(dev):
+    """The node's IPv6 default routes learned from router advertisements on DEV."""
+    return [r for r in json.loads(str(sh.ip("-j", "-6", "route", "show", "default")))
+            if r.get("dev") == dev and r.get("protocol") == "ra"]
 
 
 # ---------------------------------------------------------------- CHECK, DEL and GC in both families
