@@ -79,3 +79,12 @@ def test_lesson_07e_with_host_restores_the_hosts_sysctls_and_ip6tables():
     assert verdict(proc).startswith("PASS lesson 07e")
     assert (host_state(), ip6tables_rules(), ip6tables_rules("nat")) == before
     assert subprocess.run(["ip", "link", "show", "br0"], capture_output=True).returncode != 0
+
+
+def test_lesson_07e_with_host_refuses_a_br0_it_did_not_make_and_leaves_it_alone():
+    sh.ip("link", "add", "br0", "type", "bridge")
+    proc = run_stage(SCRIPT, "--host", timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
+    assert "br0" in proc.stderr and "Traceback" not in proc.stderr
+    assert subprocess.run(["ip", "link", "show", "br0"], capture_output=True).returncode == 0
+    assert "ns1" not in str(sh.ip("netns", "list"))
