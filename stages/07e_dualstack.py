@@ -78,7 +78,8 @@ def build(L):
     cnikit.bridge_attach(r, BRIDGE, [host_end(ns) for ns in PODS])
 
     L.step("IPv6 needs no configuration to start: every interface that comes up makes its own link-local "
-           "address, fe80::/64 from its MAC, valid on its link only (NDP and router advertisements use it)")
+           "address, fe80::/64 from its MAC, valid on its link only (NDP and router advertisements use it); "
+           "for its first second or so it may show as `tentative`: the next step says why")
     r.show(ip("-6", "addr", "show", "dev", "eth0", ns="ns1"))
 
     if L.step("a new IPv6 address is first *tentative*: the kernel asks the link whether anyone holds it "
@@ -95,6 +96,9 @@ def build(L):
         r.run(cnikit.addr_add(v6, "eth0", ns))
     r.run(ip("addr", "add", GW6, "dev", BRIDGE, "nodad"))
     r.show(ip("-6", "addr", "show", "dev", "eth0", ns="ns1"))
+    L.say("the link-local address was made when eth0 came up, before accept_dad 0: it finishes its DAD "
+          "(`tentative` until then); the address added after it is usable at once" if "nodad" not in L.skipped
+          else "with accept_dad 1 both addresses run DAD: `tentative` until it ends, about a second")
     if not r.dry_run:
         flags = _flags(L, "ns1", addr("ns1"))
         L.check(f"ns1's {addr('ns1')} is usable at once (not tentative)", flags is not None and
@@ -115,13 +119,13 @@ def build(L):
     L.step("router advertisements (RA) are how IPv6 hosts usually learn their default route. A pod takes its "
            "routes from its CNI result, and nobody sends RAs on a pod network; but a pod could (CVE-2020-10749: "
            "a pod's RAs rerouting its node and neighbours), so the node takes no routes from the pods' links: "
-           "accept_ra 0 on the bridge, as the reference bridge plugin sets it (and on the host end of each veth)")
+           "accept_ra 0 on the bridge and on the host end of each veth, as the reference bridge plugin sets them")
     L.sysctl(f"net.ipv6.conf.{BRIDGE}.accept_ra", "0")
     for ns in PODS:
         L.sysctl(f"net.ipv6.conf.{host_end(ns)}.accept_ra", "0")
 
     L.step("NDP instead of ARP: before its first IPv6 packet to ns2, ns1 sends a neighbour solicitation, an "
-           "ICMPv6 message to ns2's solicited-node multicast group (ARP is no IP at all, and broadcasts); the "
+           "ICMPv6 message to ns2's solicited-node multicast group (ARP is not IP at all, and broadcasts); the "
            "answer, a neighbour advertisement, fills `ip -6 neigh` as ARP fills `ip -4 neigh`")
     L.ping(addr("ns2"), "ns1")
     L.ping(addr("ns2", 4), "ns1")
