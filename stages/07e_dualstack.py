@@ -11,6 +11,8 @@ through, and why IPv6 pods are usually not NATed.
 """
 import ipaddress
 import json
+import shlex
+import time
 
 from lesson import Lesson, cnikit, in_netns, ip
 
@@ -21,6 +23,12 @@ PODS = {"ns1": ("10.0.7.2/24", "fd00:7::2/64"), "ns2": ("10.0.7.3/24", "fd00:7::
 PORT = 8080
 BEYOND = "2001:db8::1"                           # a documentation address: only a route look-up, no packet
 PEER = "SYSTEM:echo $SOCAT_PEERADDR"             # socat: answer with the address the connection came from
+# A router advertisement (ICMPv6 134: hop limit 64, router lifetime 1800 s, "route through me"), hop limit 255
+# as RFC 4861 requires; the kernel computes a raw ICMPv6 socket's checksum.
+SEND_RA = ("import socket, struct; s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6); "
+           "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255); "
+           "s.sendto(struct.pack(\"!BBHBBHII\", 134, 0, 0, 64, 0, 1800, 0, 0), "
+           "(\"ff02::1\", 0, 0, socket.if_nametoindex(\"eth0\")))")
 
 
 def addr(ns, family=6):
@@ -39,18 +47,19 @@ LESSON = Lesson(
     "07e", "dualstack",
     goal="two pods on br0 each hold an IPv4 and an IPv6 address and reach each other and their gateways in "
          "both families (ping, and TCP seeing each other's own address: no NAT); their IPv6 addresses are "
-         "usable at once (no DAD), their neighbours are found by NDP, and a firewall that lets ICMPv6's "
-         "neighbour discovery through keeps IPv6 working",
+         "usable at once (no DAD), their neighbours are found by NDP, no one takes a route from a rogue pod's "
+         "router advertisement, and a firewall that lets ICMPv6's neighbour discovery through keeps IPv6 working",
     picture=r"""
-   +----------------------------------- host -----------------------------------+
+   +------------------------------------ host ------------------------------------+
    |  br0  10.0.7.1/24   fd00:7::1/64 (nodad)   fe80::1/64 (a link-local gateway) |
    |  accept_ra 0: the node takes no routes from what a pod could advertise       |
-   |             veth-ns1 (port)                      veth-ns2 (port)            |
-   +------------------|--------------------------------------|------------------+
+   |             veth-ns1 (port)                      veth-ns2 (port)             |
+   +------------------|--------------------------------------|--------------------+
    +---------------- ns1 ----------------+  +---------------- ns2 ----------------+
    | eth0 10.0.7.2/24  fd00:7::2/64      |  | eth0 10.0.7.3/24  fd00:7::3/64      |
    |      fe80::.../64 (its own, always) |  |      fe80::.../64                   |
    | accept_dad 0 (as CNI plugins set)   |  | accept_dad 0                        |
+   | accept_ra 0 (no routes from RAs)    |  | accept_ra 0; sends one RA (rogue)   |
    | default via 10.0.7.1                |  | default via 10.0.7.1                |
    | default via fd00:7::1               |  | default via fe80::1 dev eth0        |
    |                                     |  | firewall: INPUT DROP but replies,   |
@@ -59,6 +68,8 @@ LESSON = Lesson(
 """,
     skips={"nodad": "the pods' eth0 keep accept_dad 1: their new IPv6 addresses stay tentative while the "
                     "kernel runs duplicate address detection (about a second) and cannot be used yet",
+           "ra": "the pods keep accept_ra 1: ns1 takes a default route from the router advertisement of ns2, "
+                 "a rogue pod, beside the one its CNI result gave it",
            "icmpv6": "ns2's firewall drops ICMPv6's neighbour solicitations and advertisements: ns1's neighbour "
                      "entry for ns2 stays INCOMPLETE and every IPv6 packet to ns2 (ping, TCP 8080, though "
                      "allowed) is lost, while IPv4 under the same rules works: ARP is not IP"},
@@ -100,7 +111,7 @@ def build(L):
           "(`tentative` until then); the address added after it is usable at once" if "nodad" not in L.skipped
           else "with accept_dad 1 both addresses run DAD: `tentative` until it ends, about a second")
     if not r.dry_run:
-        flags = _flags(L, "ns1", addr("ns1"))
+        flags = _flags_soon(L, "ns1", addr("ns1"))
         L.check(f"ns1's {addr('ns1')} is usable at once (not tentative)", flags is not None and
                 not flags & {"tentative", "dadfailed"}, f"flags: {' '.join(sorted(flags or ())) or 'none'}")
 
@@ -118,11 +129,24 @@ def build(L):
 
     L.step("router advertisements (RA) are how IPv6 hosts usually learn their default route. A pod takes its "
            "routes from its CNI result, and nobody sends RAs on a pod network; but a pod could (CVE-2020-10749: "
-           "a pod's RAs rerouting its node and neighbours), so the node takes no routes from the pods' links: "
-           "accept_ra 0 on the bridge and on the host end of each veth, as the reference bridge plugin sets them")
+           "a pod's RAs rerouting its node), so the node takes no routes from the pods' links: accept_ra 0 on "
+           "the bridge and on the host end of each veth, as the reference bridge plugin sets them")
     L.sysctl(f"net.ipv6.conf.{BRIDGE}.accept_ra", "0")
     for ns in PODS:
         L.sysctl(f"net.ipv6.conf.{host_end(ns)}.accept_ra", "0")
+    if L.step("and in the pods: a kernel takes RAs on every interface that does not forward (accept_ra 1), so "
+              "on a shared bridge one pod's RA becomes its neighbours' default route. Neither the reference "
+              "plugins nor ours switch that off inside the pod; here, accept_ra 0 in each pod", skip="ra"):
+        for ns in PODS:
+            L.sysctl("net.ipv6.conf.eth0.accept_ra", "0", ns)
+
+    L.step("a rogue pod: ns2 advertises itself as a router, one RA to all nodes on its link (ff02::1) from a raw "
+           "ICMPv6 socket, as any pod can with CAP_NET_RAW (runtimes grant it by default). An RA comes from a "
+           "link-local address, so ns2 first waits until its own is no longer tentative")
+    r.run(["timeout", "5", "sh", "-c", f"while {shlex.join(ip('-6', 'addr', 'show', 'dev', 'eth0', 'tentative', ns='ns2'))}"
+                                       " | grep -q .; do sleep 0.05; done"])
+    r.run(in_netns(["python3", "-c", SEND_RA], "ns2"))
+    r.show(ip("-6", "route", "show", "default", ns="ns1"))
 
     L.step("NDP instead of ARP: before its first IPv6 packet to ns2, ns1 sends a neighbour solicitation, an "
            "ICMPv6 message to ns2's solicited-node multicast group (ARP is not IP at all, and broadcasts); the "
@@ -180,6 +204,11 @@ def verify(L):
     for ns, via in (("ns1", gw(GW6)), ("ns2", LINK_LOCAL_GW)):
         ok, out = r.probe(ip("-6", "route", "get", BEYOND, ns=ns))
         L.check(f"{ns} would send what leaves the pod network via {via}", ok and f"via {via} dev eth0" in out, out)
+    for where, ns in (("ns1", "ns1"), ("the node", None)):
+        ok, out = r.probe(ip("-j", "-6", "route", "show", "default", ns=ns))
+        learned = [x.get("gateway") for x in json.loads(out or "[]") if x.get("protocol") == "ra"] if ok else []
+        L.check(f"{where} took no route from ns2's router advertisement", r.dry_run or (ok and not learned),
+                "default via " + ", ".join(map(str, learned)))
     for family in (6, 4):
         seen = _peer_seen(L, family)
         L.check(f"TCP {PORT} over IPv{family}: ns2 sees ns1's own address {addr('ns1', family)} (no NAT)",
@@ -225,6 +254,21 @@ def _flags(L, ns, address):
             if a.get("local") == address:
                 return {k for k, v in a.items() if v is True}
     return None
+
+
+def _flags_soon(L, ns, address):
+    """ADDRESS's flags once the kernel has had its moment: even without DAD a new address is tentative
+    until the kernel's address work runs (at once, or a little later on a busy machine). Waits for that
+    up to half of what one DAD round takes on eth0 (dad_transmits x retrans_time_ms), so an address
+    that really runs DAD is still tentative then."""
+    ok1, n = L.r.query(in_netns(["sysctl", "-n", "net.ipv6.conf.eth0.dad_transmits"], ns))
+    ok2, ms = L.r.query(in_netns(["sysctl", "-n", "net.ipv6.neigh.eth0.retrans_time_ms"], ns))
+    deadline = time.monotonic() + (int(n) * int(ms) / 2000 if ok1 and ok2 else 0.5)
+    flags = _flags(L, ns, address)
+    while flags is not None and "tentative" in flags and time.monotonic() < deadline:
+        time.sleep(0.02)
+        flags = _flags(L, ns, address)
+    return flags
 
 
 def _addresses(out):

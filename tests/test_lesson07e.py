@@ -39,7 +39,9 @@ def test_lesson_07e_passes_in_its_sandbox_proves_both_families_and_leaves_nothin
         assert re.search(rf"^# check: TCP 8080 over IPv{family}: ns2 sees ns1's own address \S+ \(no NAT\): ok$",
                          proc.stdout, re.M)
     for proof in ("ns1's fd00:7::2 is usable at once (not tentative)", "NDP found ns2's MAC for ns1 (ip -6 neigh)",
-                  "ns2 reaches its link-local gateway fe80::1 on its link"):
+                  "ns2 reaches its link-local gateway fe80::1 on its link",
+                  "ns1 took no route from ns2's router advertisement",
+                  "the node took no route from ns2's router advertisement"):
         assert f"# check: {proof}: ok" in proc.stdout
     # every command is printed: the ones that make the IPv6 half, in the kernel's words
     for command in ("ip netns exec ns1 sysctl -w net.ipv6.conf.eth0.accept_dad=0",
@@ -56,6 +58,16 @@ def test_lesson_07e_without_accept_dad_0_the_pods_address_is_still_tentative():
     assert "skipped (--skip nodad)" in proc.stdout
     assert "ns1's fd00:7::2 is usable at once (not tentative)" in failed_checks(proc)
     assert not [c for c in failed_checks(proc) if "IPv4" in c]
+
+
+def test_lesson_07e_with_accept_ra_1_in_the_pods_a_rogue_pods_advertisement_becomes_a_default_route():
+    proc = run_stage(SCRIPT, "--skip", "ra", timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    failed = failed_checks(proc)
+    assert "ns1 took no route from ns2's router advertisement" in failed, failed
+    # the node's links keep accept_ra 0: it still takes nothing
+    assert "the node took no route from ns2's router advertisement" not in failed
+    assert not [c for c in failed if "IPv4" in c], failed
 
 
 def test_lesson_07e_a_firewall_dropping_ndp_breaks_ipv6_only():
