@@ -2,7 +2,9 @@
 proofs FAIL and only those (IPv4 keeps working where only IPv6 should break); with --host it
 undoes what it changed, ip6tables included.  Its dry run under `dash -e` is replayed by
 test_dryrun_dash.py, and under the Docker and kind host profiles by test_host_profiles.py."""
+import ipaddress
 import re
+import shlex
 import subprocess
 
 import sh
@@ -100,3 +102,33 @@ def test_lesson_07e_with_host_refuses_a_br0_it_did_not_make_and_leaves_it_alone(
     assert "br0" in proc.stderr and "Traceback" not in proc.stderr
     assert subprocess.run(["ip", "link", "show", "br0"], capture_output=True).returncode == 0
     assert "ns1" not in str(sh.ip("netns", "list"))
+
+
+def _assigned_and_targets(script):
+    """Addresses the dry run assigns (`addr add`), and those it sends to: ping, socat TCP4/TCP6,
+    and the router advertisement's destination."""
+    assigned, targets = set(), set()
+    for line in script.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        words = shlex.split(line)
+        for i, w in enumerate(words[:-1]):
+            if w == "add" and re.match(r"^[0-9a-f:.]+/\d+$", words[i + 1]):
+                assigned.add(str(ipaddress.ip_interface(words[i + 1]).ip))
+        if "ping" in words:
+            targets.add(words[-1].split("%")[0])
+        for w in words:
+            m = re.match(r"TCP[46]?:(?:\[([0-9a-f:]+)\]|([\d.]+)):\d+", w)
+            if m:
+                targets.add(m.group(1) or m.group(2))
+            targets.update(re.findall(r"\"(ff02::[0-9a-f:]*)\"", w))
+    return assigned, targets
+
+
+def test_lesson_07e_sends_packets_only_to_its_own_addresses_and_its_links():
+    script = run_stage(SCRIPT, "--dry-run", timeout=TIMEOUT).stdout
+    assigned, targets = _assigned_and_targets(script)
+    assert {"fd00:7::3", "10.0.7.3", "fe80::1", "ff02::1"} <= targets, targets
+    for addr in map(ipaddress.ip_address, targets):
+        # ff02::/16: link-scope multicast, which no router forwards
+        assert str(addr) in assigned or addr in ipaddress.ip_network("ff02::/16"), f"{addr} is not the lesson's own"
