@@ -51,6 +51,8 @@ ROUTE_PROTO = 157
 # CLI's per-subnet NAT chains (CNIKIT-NAT-<hash>). A chain has no comment: its name is its tag.
 CHAIN_PREFIX = "CNIKIT-"
 NAT_CHAIN_PREFIX = CHAIN_PREFIX + "NAT-"
+PORTS_CHAIN = CHAIN_PREFIX + "PORTS"     # `nat publish`'s DNAT rules (nat table); Docker's is DOCKER
+PORT_PROTOS = ("tcp", "udp")
 IPTABLES_TABLES = ("nat", "filter")
 BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netfilter, per namespace
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
@@ -223,8 +225,30 @@ def veth_add_argv(name, peer, netns=None, mtu=None, host=None):
     return ip("link", "add", name, *kv(mtu=mtu), "type", "veth", *peer_opts, ns=host)
 
 
-def bridge_add_argv(name, mtu=None, host=None):
-    return ip("link", "add", name, *kv(mtu=mtu), "type", "bridge", ns=host)
+def bridge_add_argv(name, mtu=None, host=None, mac=None):
+    # With an address of its own (addr_assign_type 3, NET_ADDR_SET) a bridge keeps its MAC;
+    # without one it takes its lowest port's and moves when ports come and go, and pods keep
+    # the gateway's old MAC in their neighbour table for tens of seconds.
+    return ip("link", "add", name, *kv(address=mac, mtu=mtu), "type", "bridge", ns=host)
+
+
+def bridge_mac(name, host=None, machine_id=""):
+    """The MAC cnikit gives bridge NAME: locally administered unicast, derived from this
+    machine's id, the namespace and the name (as systemd's MACAddressPolicy=persistent does
+    for virtual links), so the dry run prints the very line the real run runs, and bridges
+    on two machines or in two simulated nodes get different MACs."""
+    digest = bytearray(hashlib.sha256(f"{TAG} bridge {machine_id} {host or ''} {name}".encode()).digest()[:6])
+    digest[0] = digest[0] & 0xfe | 0x02         # clear the multicast bit, set the local one
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def machine_id():
+    """/etc/machine-id, or the host name where there is none (a minimal container)."""
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or os.uname().nodename
+    except OSError:
+        return os.uname().nodename
 
 
 def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
@@ -259,6 +283,39 @@ def nat_jumps(subnet):
     """The one jump rule per table into SUBNET's chain (table, built-in chain, spec)."""
     tag, chain = ["-m", "comment", "--comment", nat_comment(subnet)], nat_chain(subnet)
     return [("nat", "POSTROUTING", tag + ["-j", chain]), ("filter", "FORWARD", tag + ["-j", chain])]
+
+
+def port_comment(port, proto="tcp"):
+    return f"{TAG} port {proto}/{port}"
+
+
+PORTS_COMMENT = f"{TAG} ports"            # the rules every published port shares
+
+
+def port_rules(port, to_ip, to_port, bridge, proto="tcp"):
+    """{name: (table, chain, spec)}: what dockerd 20.10 writes for `docker run -p PORT:TO_PORT`
+    with its userland proxy off, in the order it must go in: the DNAT in cnikit's chain (Docker's
+    DOCKER), filled before the jumps into it from PREROUTING and OUTPUT for any local destination;
+    the FORWARD accept of exactly that connection; the masquerade of the host's own sources
+    leaving BRIDGE (localhost:PORT, with route_localnet) and the hairpin masquerade (the
+    container calling its own published port). Shared rules carry PORTS_COMMENT, the port's
+    own its port_comment."""
+    own = ["-m", "comment", "--comment", port_comment(port, proto)]
+    shared = ["-m", "comment", "--comment", PORTS_COMMENT]
+    local = ["-m", "addrtype", "--dst-type", "LOCAL"]
+    dport = ["-p", proto, "-m", proto, "--dport"]
+    return {
+        "dnat": ("nat", PORTS_CHAIN, dport + [str(port)] + own + ["-j", "DNAT", "--to-destination",
+                                                                  f"{to_ip}:{to_port}"]),
+        "prerouting": ("nat", "PREROUTING", local + shared + ["-j", PORTS_CHAIN]),
+        "forward": ("filter", "FORWARD", ["-d", f"{to_ip}/32", "!", "-i", bridge, "-o", bridge] + dport
+                    + [str(to_port)] + own + ["-j", "ACCEPT"]),
+        "output": ("nat", "OUTPUT", local + shared + ["-j", PORTS_CHAIN]),
+        "local-masquerade": ("nat", "POSTROUTING", ["-o", bridge, "-m", "addrtype", "--src-type", "LOCAL"]
+                             + shared + ["-j", "MASQUERADE"]),
+        "hairpin": ("nat", "POSTROUTING", ["-s", f"{to_ip}/32", "-d", f"{to_ip}/32"] + dport + [str(to_port)]
+                    + own + ["-j", "MASQUERADE"]),
+    }
 
 
 def iptables_rule(action, table, chain, spec, ns=None):
@@ -842,13 +899,43 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             if link_kind(link) != "bridge":
                 raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-bridge'} link")
             r.note(f"bridge {name} already exists; checking the rest")
+            pin_bridge_mac(r, name, link, host)
         else:
-            r.run(bridge_add_argv(name, mtu, host), creates=Change.link(name, host))
+            r.run(bridge_add_argv(name, mtu, host, bridge_mac(name, host, machine_id())),
+                  creates=Change.link(name, host))
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
         bridge_forward_accept(r, name, host)
     say_if_unchanged(r, mark, f"bridge {name}")
+
+
+def addr_assign_type(r, name, link, host=None):
+    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
+    (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
+    path = f"/sys/class/net/{name}/addr_assign_type"
+    if host:
+        ok, out = r.query(in_netns(["cat", path], host))
+        return int(out) if ok and out.strip().isdigit() else None
+    try:
+        # A sysfs mounted in another network namespace shows its own links: check the index.
+        with open(f"/sys/class/net/{name}/ifindex") as f:
+            if int(f.read()) != link.get("ifindex"):
+                return None
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def pin_bridge_mac(r, name, link, host=None):
+    """A bridge made without a MAC of its own (by an older cnikit or by hand) follows its
+    lowest port's: give it its current MAC for good, which changes nothing now."""
+    kind = addr_assign_type(r, name, link, host)
+    if kind is None or kind == 3 or not link.get("address"):
+        return
+    r.note(f"{name}'s MAC follows its lowest port (addr_assign_type {kind}): keep {link['address']} for good")
+    r.run(ip("link", "set", "dev", name, "address", link["address"], ns=host))
 
 
 def bridge_attach(r, name, ifaces, host=None):
@@ -938,10 +1025,10 @@ def bridge_show(r, name, host=None):
 
 # ---------------------------------------------------------------- nat
 
-def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False):
+def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False, tagged=None):
     """cnikit's rules as (table, chain, spec), read back from `iptables -S`: those its
     comment tags (the jumps, the CLI's NAT rules, the plugin's) and, with no SUBNET, every
-    rule inside a chain of cnikit's."""
+    rule inside a chain of cnikit's. TAGGED: only the rules whose comment is exactly that."""
     found = []
     for table in IPTABLES_TABLES:
         ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
@@ -951,8 +1038,8 @@ def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False):
                 continue
             comment = words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
             ours = comment is not None and (comment == TAG or comment.startswith(TAG + " "))
-            if subnet is not None:
-                ours = comment == nat_comment(subnet)
+            if subnet is not None or tagged is not None:
+                ours = comment == (tagged if tagged is not None else nat_comment(subnet))
             elif words[1].startswith(CHAIN_PREFIX):
                 ours = True
             if ours:
@@ -1058,6 +1145,96 @@ def nat_show(r, host=None):
            f"{len(chains)} chain(s), {len(rules)} rule(s)")
     r.output("\n".join(lines))
     return lines
+
+
+def check_port_to(text):
+    """--to of `nat publish`: an IPv4 address and a port, e.g. 10.0.5.2:80."""
+    addr, sep, port = (text or "").rpartition(":")
+    if not sep:
+        raise UsageError(f"--to {text!r} needs an address and a port, e.g. 10.0.5.2:80")
+    addr = check_ip(addr, "--to address")
+    if ":" in addr:
+        raise UsageError(f"--to address {addr} is IPv6: nat publish writes iptables (IPv4) rules")
+    return addr, check_int(port, 1, 65535, "--to port")
+
+
+def nat_publish(r, port, to, bridge, proto="tcp", host=None):
+    """Publish PORT of this host as `docker run -p PORT:...` does with its userland proxy off:
+    connections to PORT on any of the host's addresses (localhost and the host's own included)
+    go to TO (IP:PORT) on BRIDGE; ip_forward and BRIDGE's route_localnet on (port_rules says
+    what each rule is for).
+
+    Re-run contract: what is already present is not added twice; PORT already published to
+    another destination is a conflict (nat unpublish it first)."""
+    port = check_int(port, 1, 65535, "port")
+    to_ip, to_port = check_port_to(to)
+    if proto not in PORT_PROTOS:
+        raise UsageError(f"protocol {proto!r} is not one of {', '.join(PORT_PROTOS)}")
+    check_ifname(bridge, "--bridge")
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    require_tools("iptables", "sysctl")
+    if not r.dry_run and link_kind(get_link(r, bridge, host)) != "bridge":
+        raise UsageError(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
+                         f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})")
+    for _, _, spec in _cnikit_rules(r, host, tagged=port_comment(port, proto)):
+        if "DNAT" in spec and spec[-1] != f"{to_ip}:{to_port}":
+            raise UsageError(f"port {proto}/{port} is already published to {spec[-1]}; "
+                             f"run `cnikit nat unpublish {port}` first")
+    if forward_drops(r, host):
+        r.note(f"this host's FORWARD policy is DROP (Docker sets it): the FORWARD accept below lets "
+               f"connections to {to_ip}:{to_port} through, and only them")
+    with r.transaction():
+        for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{bridge}.route_localnet"):
+            ok, value = r.query(in_netns(["sysctl", "-n", key], host))
+            if ok and value.strip() == "1":
+                r.note(f"{key} is already 1")
+            else:
+                r.run(sysctl_set(key, 1, host), creates=Change.sysctl(key, 1, host, old=value.strip() if ok else None))
+        if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
+            r.note(f"chain {PORTS_CHAIN} (nat) already exists")
+        else:
+            r.run(iptables("-t", "nat", "-N", PORTS_CHAIN, ns=host), creates=Change.chain("nat", PORTS_CHAIN, host))
+        for name, (table, chain, spec) in port_rules(port, to_ip, to_port, bridge, proto).items():
+            if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
+                r.note(f"the {name} rule for {proto}/{port} is already present")
+                continue
+            r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+    r.note(f"{proto}/{port} on every address of this host now leads to {to_ip}:{to_port}. Where br_netfilter is on, "
+           f"the container calling its own published port also needs hairpin mode on its port of {bridge} "
+           f"(bridge link set dev PORT hairpin on)")
+
+
+def nat_unpublish(r, port, proto="tcp", host=None):
+    """Remove what `nat publish PORT` made; with no port published any more, also the shared
+    rules (the jumps, the local masquerades) and the chain. The sysctls stay (others may rely
+    on them). Re-run: nothing left is fine."""
+    port = check_int(port, 1, 65535, "port")
+    if proto not in PORT_PROTOS:
+        raise UsageError(f"protocol {proto!r} is not one of {', '.join(PORT_PROTOS)}")
+    if host:
+        check_netns(host)
+    require_netns(r, host, "host namespace")
+    require_tools("iptables")
+    rules = _cnikit_rules(r, host, tagged=port_comment(port, proto))
+    if not rules:
+        if not r.dry_run:
+            r.note(f"{proto}/{port} is not published by cnikit; nothing to delete")
+        return
+    for table, chain, spec in rules:
+        r.run(iptables_rule("-D", table, chain, spec, host))
+    if any(_comment_of(spec).startswith(f"{TAG} port ") for _, _, spec in _cnikit_rules(r, host)):
+        r.note("other ports stay published: the rules they share stay too")
+        return
+    for table, chain, spec in _cnikit_rules(r, host, tagged=PORTS_COMMENT):
+        r.run(iptables_rule("-D", table, chain, spec, host))
+    if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
+        _remove_chains(r, [("nat", PORTS_CHAIN)], host)
+
+
+def _comment_of(spec):
+    return spec[spec.index("--comment") + 1] if "--comment" in spec[:-1] else ""
 
 
 # ---------------------------------------------------------------- vxlan
@@ -1256,9 +1433,13 @@ def _nat_summary(rules):
     lines = []
     for n in rules:
         words = shlex.split(n["rule"])
-        if "MASQUERADE" in words and "-s" in words:
+        # A masquerade with a destination too (a published port's hairpin) is not a subnet's egress.
+        if "MASQUERADE" in words and "-s" in words and "-d" not in words:
             out = words[words.index("-o") + 1] if "-o" in words else "any"
             lines.append(f"{words[words.index('-s') + 1]} masquerade out {out} (+ FORWARD accept)")
+        elif "DNAT" in words and "--dport" in words and "-p" in words:
+            lines.append(f"{words[words.index('-p') + 1]}/{words[words.index('--dport') + 1]} published to "
+                         f"{words[-1]} (DNAT)")
     return lines
 
 
@@ -2588,6 +2769,12 @@ CNI_VERB_READS = {"add": {"netns", "ifname", "cid", "cni_args", "runtime_config"
                   "check": {"netns", "ifname", "cid", "cni_args"},
                   "status": set(), "gc": set(), "version": set()}
 CNI_VERB_DEFAULTS = {"ifname": "eth0"}      # the parser's defaults that are not None
+CNI_ATTACHMENT_OPTIONS = ("netns", "ifname", "cid", "cni_args", "runtime_config")   # what names an attachment
+# Why a verb takes fewer of them (its parser has only what it reads; main names what it refused).
+CNI_VERB_WHY_NOT = {"status": "STATUS and VERSION ask about the network, not an attachment",
+                    "version": "STATUS and VERSION ask about the network, not an attachment",
+                    "gc": "GC acts on every attachment of the network",
+                    "check": "CHECK uses the capability args cached by ADD"}
 CNI_FLAGS = {"netns": "NETNS", "cid": "--id", "cni_args": "--args", "plugin_src": "--plugin", "ptype": "--type"}
 
 
@@ -2609,15 +2796,6 @@ def cni_check_options(args):
         if args.verb in ("install", "uninstall") and value is not None and not os.path.isabs(value):
             raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} {value!r} must be an absolute path "
                              "(where a runtime looks)")
-    if args.verb in CNI_VERB_READS:
-        ignored = [_cni_flag(d) for d in ("netns", "ifname", "cid", "cni_args", "runtime_config")
-                   if d not in CNI_VERB_READS[args.verb] and getattr(args, d) != CNI_VERB_DEFAULTS.get(d)]
-        if ignored:
-            what = {"status": "STATUS and VERSION ask about the network, not an attachment",
-                    "version": "STATUS and VERSION ask about the network, not an attachment",
-                    "gc": "GC acts on every attachment of the network",
-                    "check": "CHECK uses the capability args cached by ADD"}[args.verb]
-            raise UsageError(f"cni {args.verb}: {', '.join(ignored)} does not apply ({what})")
     if getattr(args, "cni_args", None) is not None:
         cni_parse_args(args.cni_args)
     cni_runtime_config(getattr(args, "runtime_config", None))
@@ -2709,6 +2887,8 @@ def cni_dispatch(args, r):
 # query methods): it never changes the kernel.
 
 DOCTOR_MAX_HOPS = 16
+# The restore tool of each iptables backend: other-backend's fix moves rules into iptables' own.
+BACKEND_RESTORE = {"nf_tables": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
 DOCTOR_PROTOS = ("icmp", "tcp", "udp")
 EXIT_BROKEN = 1
 
@@ -2768,15 +2948,42 @@ class _View:
         data = self._q(("neigh", ns, addr, dev), ip("-j", "neigh", "show", "to", addr, "dev", dev, ns=ns)) or []
         return data[0] if data else None
 
+    def addr_assign_type(self, ns, dev):
+        """How DEV got its MAC (3: set, it stays; else the kernel's choice, which a bridge
+        changes with its ports); sysfs only, rtnetlink does not say. None: cannot tell."""
+        out = self._q(("aat", ns, dev), in_netns(["cat", f"/sys/class/net/{dev}/addr_assign_type"], ns),
+                      as_json=False)
+        return int(out) if out and out.strip().isdigit() else None
+
     def fdb(self, ns, dev):
         return self._q(("fdb", ns, dev), bridge("-j", "fdb", "show", "dev", dev, ns=ns)) or []
 
-    def rules(self, ns, table):
-        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `iptables -S -v`."""
-        if not which("iptables"):
+    def rules(self, ns, table, tool="iptables"):
+        """{chain: {"policy": P, "packets": N, "rules": [words...]}} from `TOOL -S -v` (TOOL: iptables,
+        or the other backend's iptables-legacy / iptables-nft)."""
+        if not which(tool):
             return {}
-        out = self._q(("rules", ns, table), iptables("-t", table, "-S", "-v", ns=ns), as_json=False)
+        out = self._q(("rules", ns, table, tool), in_netns([tool, "-w", "-t", table, "-S", "-v"], ns),
+                      as_json=False)
         return _parse_iptables(out or "")
+
+    def backend(self):
+        """Where `iptables` writes: "nf_tables" (iptables-nft) or "legacy" (x_tables)."""
+        version = self._q(("iptables -V",), ["iptables", "-V"], as_json=False) or ""
+        return "legacy" if "legacy" in version else "nf_tables"
+
+    def other_backend(self, ns):
+        """The iptables of the backend `iptables` does not show, when it holds tables in NS, else None.
+        iptables-nft writes nf_tables and iptables-legacy the older x_tables; both apply to every
+        packet, and each tool lists only its own. Asked without creating a table: listing one with
+        the other tool would load it (and its hooks) into NS."""
+        if self.backend() == "nf_tables":
+            names = self._q(("x_tables", ns), in_netns(["cat", "/proc/net/ip_tables_names"], ns), as_json=False)
+            return "iptables-legacy" if (names or "").split() and which("iptables-legacy") else None
+        if not which("nft") or not which("iptables-nft"):
+            return None
+        tables = self._q(("nf_tables", ns), in_netns(["nft", "list", "tables", "ip"], ns), as_json=False) or ""
+        return "iptables-nft" if re.search(r"^table ip (filter|nat)$", tables, re.M) else None
 
     def conntrack(self, ns, proto, dst):
         if not which("conntrack"):
@@ -3217,19 +3424,32 @@ def _check_bridged_forward(v, ns, br, nh, hop):
     hop.setdefault("l2", []).append(f"br_netfilter: FORWARD accepts {br}'s bridged frames")
 
 
-def _drop_text(chains, chain, rule, where):
+def _drop_text(chains, chain, rule, where, tool="iptables"):
     if rule is None:
-        return (f"iptables {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
+        return (f"{tool} {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
                 f"traffic (the policy has dropped {chains[chain].get('packets', 0)} packets so far)")
-    return f"the iptables {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
+    return f"the {tool} {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
 
 
 def _check_filter(v, ns, chain, pkt, where):
-    chains = v.rules(ns, "filter")
-    if chain not in chains:
-        return
-    verdict, rule = _filter_verdict(chains, chain, pkt)
-    if verdict in ("DROP", "REJECT"):
+    """CHAIN's verdict in `iptables`, then in the other backend's tables if NS has any: a packet
+    must pass both, and a DROP there is one that `iptables -S` cannot explain."""
+    for tool in ("iptables", v.other_backend(ns)):
+        chains = v.rules(ns, "filter", tool) if tool else {}
+        if chain not in chains:
+            continue
+        verdict, rule = _filter_verdict(chains, chain, pkt)
+        if verdict not in ("DROP", "REJECT"):
+            continue
+        if tool != "iptables":
+            raise _Broken("other-backend", where,
+                          _drop_text(chains, chain, rule, where, tool) + f"; `iptables` shows none of it: {tool} "
+                          "keeps its rules in the other backend, which applies as well",
+                          _as_shell([in_netns([tool, "-w", "-L", chain, "-v", "-n", "-x"], ns)]),
+                          [f"{shlex.join(in_netns([tool + '-save', '-t', 'filter'], ns))} | "
+                           f"{shlex.join(in_netns([BACKEND_RESTORE[v.backend()], '--noflush'], ns))}",
+                           shlex.join(in_netns([tool, "-w", "-F"], ns)) + " && "
+                           + shlex.join(in_netns([tool, "-w", "-P", chain, "ACCEPT"], ns))])
         iif, oif = pkt.get("iif"), pkt.get("oif")
         narrow = (["-i", iif] if iif else []) + (["-o", oif] if oif else []) + ["-d", pkt["dst"]]
         raise _Broken("forward-drop" if chain == "FORWARD" else "input-drop", where,
@@ -3351,19 +3571,27 @@ def _check_neighbour(v, ns, dev, nh, owner_ns, owner_dev, where):
                           _as_shell([ip("link", "set", "dev", owner_dev, "arp", "on", ns=owner_ns)]))
         return
     mac, state = entry.get("lladdr"), entry.get("state", [])
-    # A bridge also answers for its ports' MACs (local fdb entries); a learned (dynamic)
-    # entry that went stale is probed and relearned by the kernel itself: only a static
-    # one (PERMANENT, NOARP) stays wrong.
+    # A bridge also answers for its ports' MACs (local fdb entries). A static entry (PERMANENT,
+    # NOARP) stays wrong; a learned one is used without asking while REACHABLE (up to 1.5x
+    # base_reachable_time) and, once STALE, is probed at the old MAC first: tens of seconds lost.
     macs = {owner.get("address")} | {l.get("address") for l in v.links(owner_ns)
                                      if link_kind(owner) == "bridge" and l.get("master") == owner_dev}
     static = any(s in state for s in ("PERMANENT", "NOARP"))
-    if mac and owner.get("address") and mac not in macs and static and link_kind(owner) != "vxlan":
+    used = static or any(s in state for s in ("REACHABLE", "STALE", "DELAY", "PROBE"))
+    if mac and owner.get("address") and mac not in macs and used and link_kind(owner) != "vxlan":
+        see, fix = [ip("neigh", "show", nh, "dev", dev, ns=ns), ip("link", "show", "dev", owner_dev, ns=owner_ns)], []
+        why = "" if static else " until the kernel gives up on the entry and asks again"
+        kind = v.addr_assign_type(owner_ns, owner_dev) if link_kind(owner) == "bridge" else None
+        if kind is not None and kind != 3:
+            # NET_ADDR_SET pins the MAC where it is now; the old entry still has to go.
+            why += (f"; {owner_dev} has no MAC of its own (addr_assign_type {kind}): it takes its lowest port's "
+                    "and changes it as ports come and go")
+            see.append(in_netns(["cat", f"/sys/class/net/{owner_dev}/addr_assign_type"], owner_ns))
+            fix.append(ip("link", "set", "dev", owner_dev, "address", owner["address"], ns=owner_ns))
         raise _Broken("neighbour", where,
                       f"{where}'s neighbour entry says {nh} is at {mac} ({'/'.join(state)}), but {owner_dev} in "
-                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has",
-                      _as_shell([ip("neigh", "show", nh, "dev", dev, ns=ns),
-                                 ip("link", "show", "dev", owner_dev, ns=owner_ns)]),
-                      _as_shell([ip("neigh", "del", nh, "dev", dev, ns=ns)]))
+                      f"{_ns_name(owner_ns)}, which has {nh}, is {owner['address']}: frames go to a MAC nobody has"
+                      + why, _as_shell(see), _as_shell(fix + [ip("neigh", "del", nh, "dev", dev, ns=ns)]))
     if "FAILED" in state and "NOARP" in owner.get("flags", []):
         raise _Broken("neighbour", _ns_name(owner_ns),
                       f"ARP for {nh} from {where} gets no reply: {owner_dev} in {_ns_name(owner_ns)} has ARP off",
@@ -3533,7 +3761,9 @@ OBJECT_EXAMPLES = {
     "nat": """examples:
   cnikit nat add 10.0.0.0/24 --out eth0   # MASQUERADE + two FORWARD accepts, ip_forward on
   cnikit nat show
-  cnikit nat del 10.0.0.0/24""",
+  cnikit nat del 10.0.0.0/24
+  cnikit nat publish 8080 --to 10.0.0.2:80 --bridge br0   # docker run -p 8080:80, its iptables rules
+  cnikit nat unpublish 8080""",
     "vxlan": """examples:
   cnikit -n node1 vxlan add vxlan0 --id 42 --remote 192.0.2.2 --dev eth0 --bridge br0
   cnikit -n node1 vxlan add vxlan0 --id 1 --local 192.0.2.1 --dev eth0   # peers from fdb entries:
@@ -3647,12 +3877,20 @@ def build_parser():
     br.add_parser("del", help="delete a bridge").add_argument("name")
     br.add_parser("show", help="ports and learned MACs (fdb)").add_argument("name")
 
-    nat = verbs("nat", "egress NAT: add, del, show")
+    nat = verbs("nat", "egress NAT: add, del, show; published ports: publish, unpublish")
     a = nat.add_parser("add", help="masquerade SUBNET leaving through --out")
     a.add_argument("subnet")
     a.add_argument("--out", required=True, metavar="IFACE", help="the uplink interface")
     nat.add_parser("del", help="remove the rules nat add made").add_argument("subnet")
     nat.add_parser("show", help="cnikit's iptables rules")
+    a = nat.add_parser("publish", help="publish PORT of this host to --to IP:PORT, as `docker run -p` does (DNAT)")
+    a.add_argument("port")
+    a.add_argument("--to", required=True, metavar="IP:PORT", help="the container's address and port")
+    a.add_argument("--bridge", required=True, dest="bridge_name", metavar="BR", help="the bridge it is on")
+    a.add_argument("--proto", default="tcp", choices=PORT_PROTOS)
+    a = nat.add_parser("unpublish", help="remove the rules nat publish made for PORT")
+    a.add_argument("port")
+    a.add_argument("--proto", default="tcp", choices=PORT_PROTOS)
 
     vx = verbs("vxlan", "VXLAN overlay: add, fdb, del")
     a = vx.add_parser("add", help="create a VXLAN device")
@@ -3706,15 +3944,24 @@ def build_parser():
                        ("gc", "GC: release all but the cached attachments (cniVersion 1.1.0)"),
                        ("version", "VERSION: which spec versions each plugin speaks")):
         a = cn.add_parser(verb, help=text)
-        a.add_argument("netns", nargs=None if verb in ("add", "del", "check") else "?", metavar="NETNS",
-                       help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
+        # Only what the verb reads: its --help lists exactly what it accepts (main names the rest).
+        reads = CNI_VERB_READS[verb]
+        a.set_defaults(**{dest: CNI_VERB_DEFAULTS.get(dest) for dest in CNI_ATTACHMENT_OPTIONS if dest not in reads})
+        if "netns" in reads:
+            a.add_argument("netns", metavar="NETNS", help=f"a name in {NETNS_DIR} or a path such as /proc/PID/ns/net")
         a.add_argument("--conf", help="network config (default: the first in --conf-dir)")
         a.add_argument("--conf-dir", default=CNI_CONF_DIR)
-        a.add_argument("--ifname", default=CNI_VERB_DEFAULTS["ifname"])
-        a.add_argument("--id", dest="cid", help="container id (default: the netns name)")
+        if "ifname" in reads:
+            a.add_argument("--ifname", default=CNI_VERB_DEFAULTS["ifname"])
+        if "cid" in reads:
+            a.add_argument("--id", dest="cid", help="container id (default: the netns name)")
         a.add_argument("--cni-path", default=CNI_PATH, help=f"where plugins are looked up (default {CNI_PATH})")
-        a.add_argument("--args", dest="cni_args", metavar="K=V;...", help="extra CNI_ARGS (IgnoreUnknown=1 is always sent)")
-        a.add_argument("--runtime-config", metavar="JSON", help="capability args, e.g. '{\"portMappings\": [...]}'")
+        if "cni_args" in reads:
+            a.add_argument("--args", dest="cni_args", metavar="K=V;...",
+                           help="extra CNI_ARGS (IgnoreUnknown=1 is always sent)")
+        if "runtime_config" in reads:
+            a.add_argument("--runtime-config", metavar="JSON",
+                           help="capability args, e.g. '{\"portMappings\": [...]}'")
     a = cn.add_parser("log", help="follow the plugin's log")
     a.add_argument("--conf", help="network config whose `log` key names the file")
     a.add_argument("--conf-dir", default=CNI_CONF_DIR)
@@ -3792,6 +4039,10 @@ def dispatch(args, r):
             nat_add(r, args.subnet, args.out, host=h)
         elif v == "del":
             nat_del(r, args.subnet, host=h)
+        elif v == "publish":
+            nat_publish(r, args.port, args.to, args.bridge_name, args.proto, host=h)
+        elif v == "unpublish":
+            nat_unpublish(r, args.port, args.proto, host=h)
         else:
             nat_show(r, host=h)
     elif o == "vxlan":
@@ -3813,10 +4064,25 @@ def dispatch(args, r):
     return EXIT_OK
 
 
+def _refuse_extra(parser, args, extra):
+    """What no parser took: for a cni verb that does not read it, say why; else argparse's words."""
+    if args.obj == "cni" and args.verb in CNI_VERB_WHY_NOT:
+        word = extra[0].split("=", 1)[0]
+        flags = {flag: dest for dest, flag in CNI_FLAGS.items()}
+        if word.startswith("-") and flags.get(word, word[2:].replace("-", "_")) in CNI_ATTACHMENT_OPTIONS \
+                or not word.startswith("-"):
+            what = word if word.startswith("-") else "NETNS"
+            raise UsageError(f"cni {args.verb}: {what} does not apply ({CNI_VERB_WHY_NOT[args.verb]})")
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
 def main(argv=None):
     r = None
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _refuse_extra(parser, args, extra)
         if args.host:
             check_netns(args.host)
         if args.host and args.obj in ("netns", "sandbox"):

@@ -12,9 +12,9 @@ Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the confi
 
 Config keys (defaults in brackets; the classic minimal config gets all defaults):
   mode [bridge]            "bridge": pods share a bridge (one layer-2 segment, the gateway on the
-                           bridge); "routed": no bridge, point-to-point like Calico or the reference
-                           ptp: the pod gets <ip>/32 and `default via <gateway>`, the host end of
-                           its veth holds the gateway as /32 and the host routes <ip>/32 to it
+                           bridge); "routed": no bridge, point-to-point as the reference ptp plugin
+                           lays it out: the pod gets <ip>/32 and `default via <gateway>`, the host
+                           end of its veth holds the gateway as /32 and the host routes <ip>/32 to it
   bridge [cni0]            created when missing (bridge mode only)
   isGateway [true]         gateway address on the bridge, ip_forward on
   isDefaultGateway [true]  default route in the pod via the gateway (implies isGateway)
@@ -2073,9 +2073,6 @@ def routed_container_routes(net, ips, ipam_routes):
 
 def routed_host_side(nl, veth, name, ips):
     """The host end: up, holding each gateway address as /32 (/128)."""
-    # No routes from a pod's router advertisements (CVE-2020-10749): a node whose accept_ra is 2
-    # would take a default route via the pod. The reference sets it on every host end too.
-    sysctl_set(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "0")
     kernel(f"cannot bring {name} up", nl.set_link, veth["index"], name, True)
     for family, gw in sorted({(ip["family"], ip["gw"]) for ip in ips}):
         kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family))
@@ -2135,6 +2132,8 @@ def build_result(net, br, veth, cont, netns, ips, routes, dns, vlan_link=None):
         if explicit:
             route["gw"] = fmt_ip(family, gw)
         res["routes"].append(route)
+    if not res["routes"]:  # optional in the spec: left out, as the reference does, rather than []
+        del res["routes"]
     res["dns"] = result_dns(net, dns)
     return res
 
@@ -2226,6 +2225,8 @@ def cmd_add(net, call):
                 undo.append(lambda: nl.del_link(None, veth_name))
                 veth = {"name": veth_name, "mac": ":".join(f"{b:02x}" for b in host_mac), "mtu": mtu or br["mtu"],
                         "index": None}
+            # as the reference: the host end takes no router advertisements (a pod's could give the host routes)
+            sysctl_set(f"/proc/sys/net/ipv6/conf/{veth_name}/accept_ra", "0")
             if not net.routed and (net.hairpin or net.isolated or net.vlan or net.trunk):
                 veth = dict(nl.link(veth_name), mac=veth["mac"])
                 if net.hairpin or net.isolated:

@@ -18,7 +18,7 @@ import ipaddress
 import re
 import sys
 
-from lesson import PING, Lesson, cnikit, have, in_netns, ip, read_until
+from lesson import PING, Lesson, cnikit, have, in_netns, ip, nft_view, read_until
 
 BRIDGE, GATEWAY = "br0", "10.0.5.1/24"
 NS, NS_ADDR, SUBNET = "ns1", "10.0.5.2/24", "10.0.5.0/24"
@@ -120,6 +120,9 @@ def build(L):
               "RELATED). Where FORWARD's policy is ACCEPT (a fresh sandbox) they change nothing; "
               "where it is DROP (Docker sets it) egress fails without them")
         r.show(cnikit.iptables("-S", chain))
+        nft_view(L, "nat", chain, "what `iptables` really put in the kernel: on Debian 12 and every current "
+                 "distribution it is iptables-nft, which writes nf_tables rules; nft shows the same chain in its "
+                 "own words (oifname, ip saddr, masquerade; leave changing it to iptables)")
 
 
 def _ping_seen_by_server(L):

@@ -12,12 +12,22 @@ On two real hosts (the Vagrant VMs) each runs its own half, then node1 proves it
     node1$ sudo python3 stages/06_vxlan.py --role node1 --peer 192.168.56.12 --verify
     both$  sudo python3 stages/06_vxlan.py --role nodeN --peer ... --down
 
+With Docker, two containers are the nodes (the original series' way): the lesson makes a
+local image, a docker network and the containers, runs each node's half inside its
+container with `docker exec ... --role`, proves the overlay, and removes all it made:
+
+    python3 stages/06_vxlan.py --docker        # (sudo unless you are in the docker group)
+    python3 stages/06_vxlan.py --docker --down # what a killed run left (by its label)
+
 The per-node steps are one function, build_node(), called with host=<node namespace>
-in the sandbox and host=None on a real machine.
+in the sandbox and host=None on a real machine (or in a container).
 """
+import os
+import signal
 import sys
 
-from lesson import Lesson, bridge, cnikit, have, in_netns, ip, read_until
+from lesson import ROOT, Lesson, bridge, cnikit, have, in_netns, ip, read_until
+import docker_image  # noqa: E402,I100  (after lesson: it puts cnikit on the path)
 
 VNI, PORT = 42, cnikit.VXLAN_PORT
 BRIDGE, VXLAN = "br0", "vxlan0"
@@ -269,6 +279,194 @@ def down_node(L, role):
     return 0
 
 
+# ---------------------------------------------------------------- Docker containers as the nodes
+
+DOCKER_LABELS = {"org.cnikit.lesson": "06"}     # on everything --docker makes; removal goes by it
+DOCKER_IMAGE = "cnikit-06-node:local"
+DOCKER_NET, DOCKER_SUBNET = "cnikit-06", "192.0.2.0/24"
+DOCKER_NODES = {"node1": "192.0.2.11", "node2": "192.0.2.12"}    # each container's underlay address
+CHECKOUT = "/cnikit"                             # where the containers see this checkout, read-only
+HALF_TIMEOUT = 120                               # seconds a node's half (a whole lesson run) may take
+LESSON_IN_NODE = f"{CHECKOUT}/stages/{os.path.basename(__file__)}"
+
+
+def container(role):
+    return f"cnikit-06-{role}"
+
+
+def docker_label():
+    return ",".join(f"{key}={value}" for key, value in DOCKER_LABELS.items())
+
+
+class DockerLesson(Lesson):
+    """Lesson 06 on two Docker containers. Nothing here runs in a sandbox or needs root
+    beyond the Docker daemon's socket: every change is docker's (image, network,
+    containers), labelled DOCKER_LABELS and removed by that label at the end, whatever
+    happened after the daemon was found reachable."""
+    prepared = False
+
+    def _prepare(self, build, on_host, adopt=False):
+        self.prepared = False
+        why = docker_image.cannot_use()
+        if why:
+            raise cnikit.UsageError(f"--docker: {why}")
+        left = docker_image.leftovers(self.r, DOCKER_LABELS)
+        if left:
+            raise cnikit.UsageError(
+                "--docker: an earlier run left " + ", ".join(f"{len(ids)} {what}" for what, ids in left.items())
+                + f" labelled {docker_label()}: remove them with `{docker_down_hint()}`")
+        self.prepared = True
+        self.host_changes = (f"  docker image {DOCKER_IMAGE}, network {DOCKER_NET} ({DOCKER_SUBNET}; docker "
+                             f"adds a bridge and its iptables rules for it), containers "
+                             + ", ".join(container(role) for role in DOCKER_NODES)
+                             + f", all labelled {docker_label()}")
+
+    def show_state(self):
+        """What exists now is docker's: the labelled containers, and each one's own picture."""
+        self.say("")
+        self.say(f"what really exists now: the containers labelled {docker_label()}, and in each, cnikit show")
+        self.r.probe(["docker", "ps", "--filter", f"label={docker_label()}"])
+        for role in DOCKER_NODES:
+            self.r.probe(cnikit.docker_exec(container(role), "python3", f"{CHECKOUT}/cnikit.py", "show"))
+
+    def _leave(self, args, keep):
+        super()._leave(args, keep)
+        if not self.prepared or keep or self.r.dry_run:
+            return
+        self.prepared = False
+        # A second Ctrl-C must not cut the removal short (the docker clients it runs ignore it too).
+        saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.r.note(f"remove what the lesson made: everything labelled {docker_label()}")
+            left = docker_image.remove(self.r, DOCKER_LABELS)
+        finally:
+            signal.signal(signal.SIGINT, saved)
+        if left:
+            print("06_vxlan.py: warning: still there after removal: "
+                  + ", ".join(f"{what} {' '.join(ids)}" for what, ids in left.items()), file=sys.stderr)
+
+
+def docker_down_hint():
+    """The command that removes what --docker left, as typed from where the learner is."""
+    return f"python3 {os.path.relpath(os.path.abspath(__file__))} --docker --down"
+
+
+DOCKER_LESSON = DockerLesson(
+    "06", "vxlan-docker",
+    goal="pod1 in container node1 reaches pod2 in container node2 through vxlan0 (VNI 42): the frames "
+         "cross the docker network inside UDP 4789, and each vxlan0 learned where the other pod lives",
+    picture=r"""
+       container cnikit-06-node1                    container cnikit-06-node2
+   +--------------------------------+          +--------------------------------+
+   |  +---- pod1 -----------+       |          |       +---- pod2 -----------+  |
+   |  | eth0 10.0.6.11/24   |       |          |       | eth0 10.0.6.12/24   |  |
+   |  +---------|-----------+       |          |       +---------|-----------+  |
+   |            | veth-pod1         |          |         veth-pod2 |            |
+   |           br0 --- vxlan0       |          |       vxlan0 --- br0           |
+   |        VNI 42, mtu = 1500 - 50 |          | VNI 42, udp 4789               |
+   |                   |            |          |            |                   |
+   |   eth0 192.0.2.11/24 ==========|=underlay=|========== eth0 192.0.2.12/24   |
+   +--------------------------------+          +--------------------------------+
+         the underlay: docker network cnikit-06 (192.0.2.0/24, --internal)
+   image cnikit-06-node:local (docker import); /usr and this checkout mounted read-only
+""",
+    skips=LESSON.skips,
+    tools=("docker",),
+)
+
+
+def half_argv(role, color, skip=(), verify=False):
+    """ROLE's half of the lesson, run inside its container: the same --role run as on a VM."""
+    peer = DOCKER_NODES[other(role)]
+    return cnikit.docker_exec(container(role), "python3", LESSON_IN_NODE, "--role", role, "--peer", peer,
+                              *(["--color", "always"] if color else []),
+                              *[a for name in sorted(skip) for a in ("--skip", name)],
+                              *(["--verify"] if verify else []))
+
+
+def docker_cleanup_trap(L):
+    """A dry run's script removes what it made (by label) when it ends, as the live lesson does."""
+    r = L.r
+    if not r.dry_run or r.quiet or L.keep:
+        return
+    r.note(f"the script removes what it makes (everything labelled {docker_label()}) when it ends, even when "
+           "a step fails or it is interrupted")
+    r.output("cleanup() {\n" + "".join(f"  {line}\n" for line in docker_image.remove_script(DOCKER_LABELS))
+             + f'  [ -z "${{{docker_image.SCRATCH}:-}}" ] || rm -rf "${docker_image.SCRATCH}"\n}}')
+    r.output("trap cleanup EXIT; trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM")
+
+
+def build_docker(L):
+    r = L.r
+    docker_cleanup_trap(L)
+    L.step("an image of our own, with no registry: `docker import` of a tar holding a few empty "
+           "directories and the links a merged /usr has (bin -> usr/bin, sbin, lib, lib64); the "
+           "containers bind-mount this machine's /usr, so python3, ip, bridge, ping and tcpdump come from here")
+    docker_image.build(r, DOCKER_IMAGE, DOCKER_LABELS)
+
+    L.step(f"the underlay: a docker network of the lesson's own, {DOCKER_SUBNET} (documentation "
+           "addresses), --internal: the containers reach each other and nothing beyond it")
+    r.run(["docker", "network", "create", "--internal", "--subnet", DOCKER_SUBNET,
+           *docker_image.label_args(DOCKER_LABELS), DOCKER_NET])
+
+    L.step("the two nodes: a container each, at a fixed address on that network, with NET_ADMIN and "
+           "SYS_ADMIN (for `ip netns add` and vxlan0; --privileged is more than needed), and this "
+           "checkout read-only so each can run the lesson's own node half")
+    for role, addr in DOCKER_NODES.items():
+        r.run(docker_image.run_argv(DOCKER_IMAGE, container(role), DOCKER_LABELS, network=DOCKER_NET, ip=addr,
+                                    hostname=role, mounts=[f"{ROOT}:{CHECKOUT}:ro"], cmd=docker_image.CMD))
+
+    for role in DOCKER_NODES:
+        L.step(f"{role}'s half inside its container, exactly what a VM runs (`--role {role} --peer "
+               f"{DOCKER_NODES[other(role)]}`): its pod on br0, vxlan0 flooding to the other container")
+        ok, _ = r.probe(half_argv(role, r.color, L.skipped), timeout=HALF_TIMEOUT)
+        L.check(f"{role}'s half is up in {container(role)} (its own checks, above)", ok)
+
+
+def verify_docker(L):
+    r = L.r
+    n1, n2 = DOCKER_NODES["node1"], DOCKER_NODES["node2"]
+    L.say("from node1: pod1 pings pod2 while tcpdump watches node1's eth0, the underlay (node1's own "
+          "--verify, as on a VM)")
+    ok, _ = r.probe(half_argv("node1", r.color, L.skipped, verify=True), timeout=HALF_TIMEOUT)
+    L.check(f"pod1 in {container('node1')} reaches pod2 in {container('node2')} through vxlan0, the ping "
+            f"inside UDP {PORT} on the underlay ({n1} -> {n2}), vxlan0 learned a MAC behind {n2}", ok)
+    L.say(f"and node2 learned too, from the frames that came in: pod1's own MAC behind {n1}")
+    ok, link = r.probe(cnikit.docker_exec(container("node1"), *ip("-br", "link", "show", "dev", "eth0",
+                                                                     ns="pod1")))
+    mac = link.split()[2] if ok and len(link.split()) > 2 else "?"
+    _, fdb = r.probe(cnikit.docker_exec(container("node2"), *bridge("fdb", "show", "dev", VXLAN)))
+    learned = [line.split()[0] for line in fdb.splitlines() if f"dst {n1}" in line and not line.startswith(FLOOD)]
+    L.check(f"node2's vxlan0 learned pod1's MAC {mac} behind {n1}", mac in learned)
+
+
+def run_docker(args):
+    """Lesson 06 with two Docker containers as the nodes."""
+    L = DOCKER_LESSON
+    if args.host:
+        raise cnikit.UsageError("--docker and --host: the nodes are containers; nothing of the lesson runs "
+                                "on this host itself")
+    args.host = True                # docker and its daemon are on this host: no sandbox of ours
+    L.keep_hint = docker_down_hint()
+    if args.down:
+        return docker_down(args)
+    return L.run(build_docker, verify_docker, args)
+
+
+def docker_down(args):
+    """Remove everything labelled DOCKER_LABELS (what a killed --docker run left)."""
+    r = cnikit.Runner(dry_run=args.dry_run, quiet=args.quiet)
+    why = None if args.dry_run else docker_image.cannot_use()
+    if why:
+        raise cnikit.UsageError(f"--docker: {why}")
+    left = docker_image.remove(r, DOCKER_LABELS)
+    if left:
+        print("06_vxlan.py: error: still there after removal: "
+              + ", ".join(f"{what} {' '.join(ids)}" for what, ids in left.items()), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main():
     p = LESSON.parser()
     g = p.add_argument_group("two real hosts (e.g. the Vagrant VMs): each runs its own half, no sandbox")
@@ -277,11 +475,25 @@ def main():
     g.add_argument("--underlay-dev", metavar="DEV", help="default: the interface of the route to --peer")
     g.add_argument("--verify", action="store_true",
                    help="after both halves are up: ping the other pod and prove the encapsulation")
-    g.add_argument("--down", action="store_true", help="remove this node's half")
+    g.add_argument("--down", action="store_true", help="remove this node's half (with --docker: what an "
+                   "earlier --docker run left)")
+    d = p.add_argument_group("Docker containers as the nodes (the original series' way)")
+    d.add_argument("--docker", action="store_true",
+                   help="make a local image, a docker network and two containers, run each node's half inside "
+                        "its container (docker exec ... --role), prove the overlay, remove all it made")
     args = p.parse_args()
+    if args.docker:
+        if args.role or args.peer or args.underlay_dev or args.verify:
+            p.error("--docker runs both halves itself: no --role, --peer, --underlay-dev or --verify")
+        try:
+            return run_docker(args)
+        except cnikit.UsageError as e:
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+            return e.code
     if not args.role:
         if args.peer or args.underlay_dev or args.verify or args.down:
-            p.error("--peer, --underlay-dev, --verify and --down go with --role node1|node2")
+            p.error("--peer, --underlay-dev, --verify and --down go with --role node1|node2 (--down also "
+                    "with --docker)")
         return LESSON.run(build, verify, args)
     if not args.peer:
         p.error("--role needs --peer IP: the other node's underlay address")

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from lesson import ROOT, Lesson, cnikit, ip, pod_ip
+from lesson import ROOT, Lesson, cnikit, ip, nft_view, plugin_host_ends, pod_ip
 import kindlike  # the stand-in nodes (after lesson, which puts cnikit on sys.path); tests use it too
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
@@ -95,6 +95,8 @@ def build(L):
     L.step("and its masquerade (ipMasq): one nat chain per pod, jumped to from POSTROUTING for the pod's "
            "address: traffic to the pod subnet stays as it is, the rest leaves with the node's address")
     r.show(cnikit.iptables("-t", "nat", "-S"))
+    nft_view(L, "nat", cnikit.CHAIN_PREFIX + "*", "the same rules as nf_tables holds them (iptables here is "
+             "iptables-nft): the table ip nat, the plugin's chain among its chains")
 
     L.step("inside the pod: the interface the plugin created there as eth0, its address and routes")
     if not r.dry_run and "eth0" not in (cnikit.get_link(r, "eth0", "pod1") or {}).get("ifname", ""):
@@ -125,16 +127,19 @@ def _try(L, verb, pod):
         return None
 
 
-def leftovers(r):
-    """What our plugin could leave on the node: host-side veths, address files, cached
-    results, its iptables chains."""
-    left = [l["ifname"] for l in r.query_json(ip("-j", "link", "show")) or [] if l["ifname"].startswith("veth")]
+def leftovers(r, ends, pods=PODS):
+    """What our plugin could leave on the node of PODS after DEL: the host ends it made (ENDS,
+    from its records and results: a Docker host's own ports are named veth... too), its records,
+    address files, cached results, its iptables chains."""
+    left = [end for end in ends if cnikit.get_link(r, end)]
+    left += [f"attachment record of {end}" for end in plugin_host_ends(None, pods, cnikit.CNI_NET)]
     net_dir = os.path.join(cnikit.CNI_DATA_DIR, cnikit.CNI_NET)
     left += [f"address file {f}" for f in (os.listdir(net_dir) if os.path.isdir(net_dir) else []) if f[0].isdigit()]
-    left += [f"cached result {f}" for f in (os.listdir(cnikit.CNI_CACHE_DIR) if os.path.isdir(cnikit.CNI_CACHE_DIR)
-                                           else [])]
-    ok, rules = r.query(cnikit.iptables("-t", "nat", "-S"))
-    left += [line for line in rules.splitlines() if ok and cnikit.CHAIN_PREFIX in line]
+    left += [f"cached result {path}" for path in (cnikit.cni_cache_path(cnikit.CNI_NET, pod, "eth0") for pod in pods)
+             if os.path.exists(path)]
+    for table in ("nat", "filter"):        # masquerade; FORWARD accepts where the policy is DROP
+        ok, rules = r.query(cnikit.iptables("-t", table, "-S"))
+        left += [line for line in rules.splitlines() if ok and cnikit.CHAIN_PREFIX in line]
     return left
 
 
@@ -154,10 +159,11 @@ def verify(L):
     if L.keeps_on_host():
         return
     L.say("DEL both pods (the chain in reverse, with prevResult), as kubelet does when a pod is deleted")
+    ends = [] if r.dry_run else plugin_host_ends(L, PODS, cnikit.CNI_NET)
     for pod in PODS:
         _try(L, cnikit.cni_del, pod)
     if not r.dry_run:
-        left = leftovers(r)
+        left = leftovers(r, ends)
         L.check("nothing is left on the node: no veth, address file, cached result or iptables chain",
                 not left, ", ".join(left))
         L.check("the pods' eth0 went with DEL", not any(cnikit.get_link(r, "eth0", pod) for pod in PODS))
@@ -313,9 +319,10 @@ def verify_kind_like(L):
     L.say("kubelet deletes the pods: containerd DELs with the netns and the cached result (StopPodSandbox), "
           "then again without either (RemovePodSandbox)")
     for node in nodes:
+        ends = [] if r.dry_run else kindlike.node_host_ends(r, node)
         kindlike.pod_del(r, node, pods[node], KIND_LIKE_CONF)
         if not r.dry_run:
-            left = kindlike.node_leftovers(r, node)
+            left = kindlike.node_leftovers(r, node, ends=ends)
             L.check(f"nothing is left on {node}: no veth, address file, cached result or nat chain",
                     not left, ", ".join(left))
     L.say("and our CNI goes from every node again")

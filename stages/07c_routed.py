@@ -18,7 +18,7 @@ import ipaddress
 import json
 import os
 
-from lesson import PING, Lesson, cnikit, in_netns, ip, pod_ip
+from lesson import PING, Lesson, cnikit, in_netns, ip, plugin_host_ends, pod_ip
 
 NODES = {   # node -> plugin mode, pod subnet, its two pods
     "bridged": {"mode": "bridge", "pods": "10.244.1.0/24", "names": ("bpod1", "bpod2")},
@@ -82,11 +82,11 @@ def pod_call(L, node, pod):
 
 
 def host_end(L, pod):
-    """The host end of POD's veth, from the plugin's result (its first interface without a sandbox)."""
-    for iface in ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("interfaces", []):
-        if iface.get("name", "").startswith("veth") and not iface.get("sandbox"):
-            return iface["name"]
-    return ""
+    """The host end of POD's veth: what the plugin's result names outside the pod, the
+    bridge excepted (a routed node has none)."""
+    ends = [i["name"] for i in ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("interfaces", [])
+            if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != cnikit.CNI_DEFAULT_BRIDGE]
+    return ends[0] if ends else ""
 
 
 def build(L):
@@ -180,6 +180,8 @@ def verify(L):
     if L.keeps_on_host():
         return
     L.say("DEL every pod: the host end of its veth goes, and with it its host route")
+    routed = NODES["routed"]["names"]
+    ends = [] if r.dry_run else plugin_host_ends(L, routed, net_name("routed"))
     for node, spec in NODES.items():
         for pod in spec["names"]:
             try:
@@ -187,8 +189,7 @@ def verify(L):
             except cnikit.CnikitError as e:
                 L.say(f"    DEL: {e}")
     if not r.dry_run:
-        left = [l["ifname"] for l in r.query_json(ip("-j", "link", "show", ns="routed")) or []
-                if l["ifname"].startswith("veth")]
+        left = [end for end in ends if cnikit.get_link(r, end, "routed")]
         routes = [x.get("dst") for x in r.query_json(ip("-j", "route", "show", ns="routed")) or []]
         L.check("routed: DEL left no veth and no host route", not left and not routes, f"{left} {routes}")
 

@@ -23,7 +23,7 @@ others) and canary chains (KUBE-PROXY-CANARY) by which kube-proxy notices a flus
 import os
 import re
 
-from lesson import Lesson, cnikit, have, in_netns, ip
+from lesson import Lesson, cnikit, have, in_netns, ip, nft_view
 
 BRIDGE, GATEWAY = "br0", "10.244.0.1/24"
 BACKENDS = {"web1": "10.244.0.11/24", "web2": "10.244.0.12/24"}     # the Service's endpoints
@@ -184,6 +184,9 @@ def build(L):
             L.say(f"    {why}")
         r.run(cnikit.iptables_rule("-A", "nat", chain, spec), creates=cnikit.Change.rule("nat", chain, spec))
     r.show(cnikit.iptables("-t", "nat", "-S"))
+    nft_view(L, "nat", SVC, f"the same {SVC} as nf_tables holds it (iptables here is iptables-nft): "
+             "`-m statistic --mode random` became `meta random` compared with a threshold; kube-proxy's "
+             "nftables mode (GA in 1.33) writes such rules itself, in a table of its own")
     if cnikit.forward_drops(r):     # a Docker host: a NodePort's DNATed connection is forwarded, and dropped
         r.note("this host's FORWARD policy is DROP (Docker sets it): kube-proxy accepts Service traffic in its "
                "KUBE-FORWARD chain; here: connections a Service rule DNATed, both ways, and nothing else")

@@ -72,22 +72,13 @@ def breakage(L):
     r.run(cnikit.iptables("-P", "FORWARD", "DROP", ns=NODE))
 
 
-def _policy_packets(L):
-    ok, out = L.r.query(cnikit.iptables("-S", "FORWARD", "-v", ns=NODE))
-    for line in out.splitlines() if ok else []:
-        words = line.split()
-        if words[:2] == ["-P", "FORWARD"] and "-c" in words:
-            return int(words[words.index("-c") + 1])
-    return 0
-
-
 def reveal(L):
     r = L.r
     r.show(in_netns(["sysctl", BR_NF], NODE))
-    before = _policy_packets(L)
+    before = pitfall.policy_packets(L, "FORWARD", NODE)
     L.ping(POD2_IP, "pod1", count=3, expect_fail=True)
     r.show(cnikit.iptables("-L", "FORWARD", "-v", "-n", "-x", ns=NODE))
-    after = _policy_packets(L)
+    after = pitfall.policy_packets(L, "FORWARD", NODE)
     L.check(f"the FORWARD policy counter grew with the lost pings ({before} -> {after} packets)",
             r.dry_run or after > before)
 
@@ -100,9 +91,9 @@ def fix(L):
 
 
 def prove(L):
-    before = _policy_packets(L)
+    before = pitfall.policy_packets(L, "FORWARD", NODE)
     L.ping(POD2_IP, "pod1", count=3)
-    after = _policy_packets(L)
+    after = pitfall.policy_packets(L, "FORWARD", NODE)
     L.check(f"the policy drops nothing any more (counter stays at {before})", L.r.dry_run or after == before)
     ok, out = L.r.query(cnikit.iptables("-S", "FORWARD", ns=NODE))
     L.check("the policy is still DROP: the fix opened br0's own traffic, not the whole node",

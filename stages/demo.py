@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Run every lesson (stages/0*.py, 07b-07d included) and every pitfall lab
+"""Run every lesson (stages/0*.py, 05b and 07b-07d included) and every pitfall lab
 (stages/2N_pitfall_*.py) end to end, each in its own sandbox, and end with a table:
 lesson, PASS/FAIL, seconds. Exit 1 if any lesson failed.
 
     sudo python3 stages/demo.py            # all lessons, each one's output in order
-    sudo python3 stages/demo.py 03 05 21   # only these (21: a pitfall lab)
+    sudo python3 stages/demo.py 03 05 21   # only these (21: a pitfall lab; 05: 05 and 05b)
+    sudo python3 stages/demo.py 05b        # only lesson 05b
     sudo python3 stages/demo.py -q         # only the table (and the end of a failed lesson)
     sudo python3 stages/demo.py -j 1       # one lesson at a time, its output as it runs
 
@@ -25,11 +26,13 @@ LESSON_TIMEOUT = 120
 
 
 def lessons(wanted=()):
-    """The lessons (0N_*.py and 07b-07d), then the pitfall labs (NN_pitfall_*.py)."""
+    """The lessons (0N_*.py, 05b and 07b-07d), then the pitfall labs (NN_pitfall_*.py). WANTED
+    numbers select: "05" lesson 05 and 05b, "05b" only 05b."""
     found = sorted(glob.glob(os.path.join(HERE, "0[0-9]*_*.py"))) + \
         sorted(glob.glob(os.path.join(HERE, "[1-9][0-9]_pitfall_*.py")))
     if wanted:
-        found = [path for path in found if os.path.basename(path)[:2] in wanted]
+        found = [path for path in found if os.path.basename(path)[:2] in wanted
+                 or os.path.basename(path).split("_")[0] in wanted]
     return found
 
 

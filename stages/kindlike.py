@@ -22,6 +22,7 @@ nothing touches this machine's podman store.
 """
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -167,14 +168,33 @@ def peer_address_seen(r, node, pod, addr, port, udp=False, wait=20.0):
         time.sleep(0.2)
 
 
-def node_leftovers(r, node, network=cnikit.CNI_NET):
-    """What pods could leave on NODE after DEL: veths, address files, cached results, our
-    nat chains."""
-    left = [link["ifname"] for link in r.query_json(cnikit.docker_exec(node, "ip", "-j", "link", "show")) or []
-            if link["ifname"].startswith("veth")]
+def node_host_ends(r, node, network=cnikit.CNI_NET):
+    """The host ends of the veths our plugin made on NODE, as its attachment records there name
+    them (<dataDir>/<network>/.cnikit/attachments: written before it creates anything)."""
+    records = os.path.join(cnikit.CNI_DATA_DIR, network, ".cnikit", "attachments")
+    ok, text = r.query(cnikit.docker_exec(node, "sh", "-c", 'for f in "$1"/*; do [ -f "$f" ] && cat "$f" && echo; '
+                                          'done; true', "sh", records))
+    ends = []
+    for line in text.splitlines() if ok else []:
+        try:
+            veth = json.loads(line).get("veth")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(veth, str):
+            ends.append(veth)
+    return sorted(ends)
+
+
+def node_leftovers(r, node, network=cnikit.CNI_NET, ends=()):
+    """What pods could leave on NODE after DEL: the host ends our plugin made (ENDS, read with
+    node_host_ends before DEL, and those its remaining records name; never every link named
+    veth...), address files, cached results, our nat chains."""
+    left = [end for end in sorted(set(ends) | set(node_host_ends(r, node, network)))
+            if r.query(cnikit.docker_exec(node, "ip", "link", "show", "dev", end))[0]]
     ok, files = r.query(cnikit.docker_exec(node, "find", os.path.join(cnikit.CNI_DATA_DIR, network),
                                            cnikit.CNI_CACHE_DIR, "-type", "f"))
-    left += [f for f in files.split() if os.path.basename(f)[0].isdigit() or f.startswith(cnikit.CNI_CACHE_DIR)]
+    left += [f for f in files.split() if os.path.basename(f)[0].isdigit() or f.startswith(cnikit.CNI_CACHE_DIR)
+             or "/.cnikit/attachments/" in f]
     ok, rules = r.query(cnikit.docker_exec(node, "iptables", "-t", "nat", "-S"))
     left += [line for line in rules.splitlines() if cnikit.CHAIN_PREFIX in line]
     return left

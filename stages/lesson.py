@@ -15,6 +15,7 @@ picture of what really exists, and leaving nothing behind.
         LESSON.main(build, verify)
 """
 import argparse
+import json
 import os
 import re
 import select
@@ -42,6 +43,17 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 # ---------------------------------------------------------------- the runner
+
+class Expand(str):
+    """An argv word a dry run's script must expand: shell text such as `$job1` (the PID of a
+    job it started, which only the script knows when it runs) or `/proc/$job1/ns/net`. The
+    script prints it in double quotes; it holds no `"`, `\\` or backquote."""
+
+
+def shell_join(argv):
+    """ARGV as one line of sh: shell-quoted words, an Expand word in double quotes."""
+    return " ".join(f'"{a}"' if isinstance(a, Expand) else shlex.quote(str(a)) for a in argv)
+
 
 def _reader_left():
     """`--dry-run | head`: the reader of stdout left.  Say nothing more (no traceback, like any
@@ -109,7 +121,12 @@ class LessonRunner(cnikit.Runner):
             # dry run's script, which must make every change, still print each).
             self._kind = "tag" if self.dry_run or self.verbose else "folded"
         try:
-            super().echo(argv, suffix or self._suffix)
+            if any(isinstance(a, Expand) for a in argv):
+                self._log.append(list(argv))          # cnikit's echo, with the words the script expands
+                if not self.quiet:
+                    self.print_command(shell_join(argv) + (suffix or self._suffix))
+            else:
+                super().echo(argv, suffix or self._suffix)
             if not tag:           # bookkeeping, not a step of the lesson: no pause
                 self._pause()
         finally:
@@ -275,10 +292,58 @@ def result_gist(result):
     return lines
 
 
+def iptables_backend(r):
+    """"nf_tables" or "legacy": where this host's iptables writes its rules (`iptables -V`
+    says; a read-only look at the local tool, so a dry run asks it too)."""
+    ok, out = r.query(["iptables", "-V"], in_dry_run=True)
+    return "legacy" if ok and "legacy" in out else "nf_tables"
+
+
+def nft_view(L, table, chain, why):
+    """One look beside `iptables -S`: what iptables-nft really put in the kernel, CHAIN of
+    nf_tables' `ip TABLE` table, printed by nft; a check that it is the same chain. A CHAIN
+    ending in "*" (a name the lesson cannot know before the plugin runs): the whole table,
+    holding a chain with that prefix."""
+    r = L.r
+    L.step(why)
+    if not have("nft"):
+        L.say("    (nft, Debian package nftables, is not installed: no look at nf_tables)")
+        return
+    if iptables_backend(r) == "legacy":
+        L.say("    this host's iptables is iptables-legacy: its rules live in the older x_tables, "
+              "which nft does not show")
+        return
+    prefix = chain.rstrip("*")
+    out = r.show(["nft", "list"] + (["table", "ip", table] if chain.endswith("*") else ["chain", "ip", table, chain]))
+    L.check(f"nf_tables holds {chain} (table ip {table}): iptables-nft wrote it there",
+            f"chain {prefix}" in out, out.strip().splitlines()[0] if out.strip() else "nothing")
+
+
 def pod_ip(L, pod):
     """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
     ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
     return (ips[0].get("address") or "/").split("/")[0]
+
+
+def plugin_host_ends(L, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRIDGE):
+    """The host ends of PODS' veths that our plugin made on network NET: as its attachment
+    records (<dataDir>/<net>/.cnikit/attachments, written before it creates anything) and its
+    ADD results (kept in L.stage) name them, BRIDGE excepted. A lesson's "nothing is left"
+    looks for these after DEL, never for names like veth...: a Docker host's ports have them too."""
+    records = os.path.join(data_dir or cnikit.CNI_DATA_DIR, net, ".cnikit", "attachments")
+    ends = set()
+    for name in os.listdir(records) if os.path.isdir(records) else []:
+        try:
+            with open(os.path.join(records, name)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("containerID") in pods and isinstance(rec.get("veth"), str):
+            ends.add(rec["veth"])
+    for pod in pods:
+        ends |= {i["name"] for i in ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("interfaces", [])
+                 if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != bridge}
+    return sorted(ends)
 
 
 def have(tool):
@@ -577,9 +642,7 @@ class Lesson:
             return EXIT_PASS
         ok = self.passed()
         if not r.quiet:
-            self.say("")
-            self.say("what really exists now (cnikit show):")
-            cnikit.show(r)
+            self.show_state()
         failed = [what for what, good in self.checks if not good]
         line = (f"PASS lesson {self.number} {self.title}: {self.goal}"
                 + "".join(f"; not checked: {what}" for what in self.unchecked) if ok else
@@ -588,6 +651,12 @@ class Lesson:
         if finish:
             self._leave(args, keep=args.keep)
         return EXIT_PASS if ok else EXIT_FAIL
+
+    def show_state(self):
+        """The picture of what really exists now, before the verdict."""
+        self.say("")
+        self.say("what really exists now (cnikit show):")
+        cnikit.show(self.r)
 
     def _fail_line(self, why):
         line = f"FAIL lesson {self.number} {self.title}: {why}"

@@ -54,6 +54,16 @@ def doctor(L, lab, expect=None):
                    out.splitlines()[-1] if out else "no output")
 
 
+def policy_packets(L, chain, ns=None, tool="iptables"):
+    """Packets CHAIN's policy has taken so far (`TOOL -S CHAIN -v`): a look-up, not a step."""
+    ok, out = L.r.query(in_netns([tool, "-w", "-S", chain, "-v"], ns))
+    for line in out.splitlines() if ok else []:
+        words = line.split()
+        if words[:2] == ["-P", chain] and "-c" in words:
+            return int(words[words.index("-c") + 1])
+    return 0
+
+
 def counter(L, name, ns=None):
     """A kernel counter (nstat, absolute, history untouched): a look-up, not a step."""
     ok, out = L.r.query(in_netns(["nstat", "-asz", name], ns))

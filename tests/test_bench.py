@@ -47,3 +47,13 @@ def test_cni_latency_runs_and_prints_every_target_with_a_verdict():
         assert line and ("meets the target" in line or "MISSES the target" in line), (row, out)
     assert "peak RSS per call" in out and "python3 -I -S -c pass" in out
     assert "Traceback" not in proc.stderr
+
+
+def test_cni_contention_runs_and_prints_both_targets_with_a_verdict():
+    proc = subprocess.run([PY, os.path.join(ROOT, "bench", "cni_contention.py"), "--pods", "3", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for row in ("3 ADDs at once", "3 DELs at once"):
+        line = next((l for l in proc.stdout.splitlines() if l.startswith(row)), None)
+        assert line and ("meets the target" in line or "MISSES the target" in line), (row, proc.stdout)
+    assert "reference" in proc.stdout and "installed" in proc.stdout and "Traceback" not in proc.stderr

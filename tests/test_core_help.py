@@ -43,3 +43,20 @@ def test_cleanup_inside_a_namespace_says_the_namespace_itself_stays():
     assert "nothing of cnikit's is left inside namespace a (the namespace itself stays" in out
     assert "a" in str(sh.ip("netns", "list")).split()
     assert "removed 1 object(s)" in cli("cleanup").stdout
+
+
+# What each `cni` verb reads of an attachment (the plugin's CNI_* for it): exactly what its --help lists.
+CNI_VERB_OPTIONS = {"add": {"NETNS", "--ifname", "--id", "--args", "--runtime-config"},
+                    "del": {"NETNS", "--ifname", "--id", "--args", "--runtime-config"},
+                    "check": {"NETNS", "--ifname", "--id", "--args"},
+                    "status": set(), "gc": set(), "version": set()}
+
+
+@pytest.mark.parametrize("verb", sorted(CNI_VERB_OPTIONS))
+def test_each_cni_verb_help_lists_exactly_what_it_accepts(verb):
+    usage = cli("cni", verb, "--help").stdout.split("options:")[0]
+    listed = {w for w in ("NETNS", "--ifname", "--id", "--args", "--runtime-config") if re.search(rf"{w}\b", usage)}
+    assert listed == CNI_VERB_OPTIONS[verb], usage
+    for flag in {"--ifname", "--id", "--args", "--runtime-config"} - CNI_VERB_OPTIONS[verb]:
+        proc = cli("cni", verb, flag, "x")
+        assert proc.returncode == 2 and f"cni {verb}: {flag} does not apply (" in proc.stderr, proc.stderr

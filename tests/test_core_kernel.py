@@ -231,7 +231,8 @@ def test_not_root_says_so_and_shows_what_would_run():
     proc = cli_as_nobody("bridge", "add", "br0", "--addr", "10.0.0.1/24")
     assert proc.returncode == 2
     assert "root is needed" in proc.stderr
-    assert "ip link add br0 type bridge" in proc.stdout
+    mac = cnikit.bridge_mac("br0", machine_id=cnikit.machine_id())
+    assert f"ip link add br0 address {mac} type bridge" in proc.stdout
     assert "br0" not in links()
 
 
@@ -377,3 +378,61 @@ def test_route_add_is_tagged_and_a_different_route_is_a_conflict():
     out = run("-n", "ns1", "cleanup").stdout
     assert f"ip -n ns1 route del 192.0.2.0/24 proto {cnikit.ROUTE_PROTO}" in out
     assert [x["dst"] for x in json.loads(str(sh.ip("-n", "ns1", "-j", "route", "show")))] == ["10.0.0.0/24"]
+
+
+def addr_assign_type(dev, ns=None):
+    return int(str(sh.ip("netns", "exec", ns, "cat", f"/sys/class/net/{dev}/addr_assign_type") if ns else
+                   open(f"/sys/class/net/{dev}/addr_assign_type").read()))
+
+
+def neigh_lladdr(addr, ns):
+    entries = json.loads(str(sh.ip("-n", ns, "-j", "neigh", "show", addr, "dev", "eth0")))
+    return entries[0].get("lladdr") if entries else None
+
+
+def test_bridge_keeps_its_own_mac_when_its_lowest_ports_leave():
+    # Without a MAC of its own a bridge takes its lowest port's: ports 1 and 2 get the lowest
+    # MACs there are, so leaving would move it twice.
+    proc = run("bridge", "add", "br0", "--addr", "10.0.0.1/24")
+    br = links()["br0"]
+    assert f"ip link add br0 address {br['address']} type bridge" in proc.stdout
+    assert addr_assign_type("br0") == 3
+    mac = br["address"]
+    assert int(mac[:2], 16) & 3 == 2                    # locally administered, unicast
+    for i in (1, 2, 3):
+        run("netns", "add", f"ns{i}", "--lo-up")
+        pair(f"ns{i}", f"veth-ns{i}", peer_addr=f"10.0.0.{i + 1}/24")
+        sh.ip("link", "set", "dev", f"veth-ns{i}", "address", f"02:00:00:00:00:0{i}")
+        run("bridge", "attach", "br0", f"veth-ns{i}")
+    assert links()["br0"]["address"] == mac
+    assert ping("10.0.0.1", ns="ns3") and neigh_lladdr("10.0.0.1", "ns3") == mac
+    run("veth", "del", "veth-ns1")
+    run("veth", "del", "veth-ns2")
+    assert links()["br0"]["address"] == mac
+    assert ping("10.0.0.1", ns="ns3")                    # at once: the neighbour entry is still right
+
+
+def test_bridge_add_rerun_gives_a_bridge_made_without_a_mac_its_current_one():
+    sh.ip("link", "add", "br0", "type", "bridge")
+    mac = links()["br0"]["address"]
+    assert addr_assign_type("br0") != 3
+    out = run("bridge", "add", "br0").stdout
+    assert f"ip link set dev br0 address {mac}" in out
+    assert addr_assign_type("br0") == 3 and links()["br0"]["address"] == mac
+    assert "nothing to do" in run("bridge", "add", "br0").stdout
+    run("netns", "add", "node1")
+    sh.ip("-n", "node1", "link", "add", "br1", "type", "bridge")
+    mac1 = links("node1")["br1"]["address"]
+    assert f"ip -n node1 link set dev br1 address {mac1}" in run("-n", "node1", "bridge", "add", "br1").stdout
+    assert addr_assign_type("br1", "node1") == 3
+    assert "nothing to do" in run("-n", "node1", "bridge", "add", "br1").stdout
+
+
+def test_bridge_macs_differ_per_node_and_name_and_are_the_dry_runs():
+    macs = {cnikit.bridge_mac(name, host, "id") for name in ("br0", "br1") for host in (None, "node1", "node2")}
+    assert len(macs) == 6 and all(int(m[:2], 16) & 3 == 2 for m in macs)
+    plan = run("--dry-run", "-n", "node1", "bridge", "add", "br0").stdout
+    run("netns", "add", "node1")
+    real = run("-n", "node1", "bridge", "add", "br0").stdout
+    assert plan.splitlines()[0] == real.splitlines()[0]
+    assert plan.splitlines()[0] == f"ip -n node1 link add br0 address {links('node1')['br0']['address']} type bridge"

@@ -1,9 +1,12 @@
 """The machines learners really have (tests/host_profiles.py): a Docker host (FORWARD policy
 DROP, br_netfilter with bridge-nf-call-iptables=1, rp_filter=1) and a kind node (rp_filter=1),
-reproduced in the test's sandbox.  Every lesson passes there with --host, and so do two pods
-of our plugin installed by `cnikit cni install` + `cni add`; nothing opens the host (the
-policy stays DROP) and no rule of ours outlives cleanup or DEL.  A lesson or verb that meets
-the Docker condition says so in one line."""
+reproduced in the test's sandbox, and a real Docker host: dockerd from docker.io in a sandbox of
+its own, containers running, one publishing a port (tests/docker_daemon.py; skipped, saying why,
+where Docker is missing).  Every lesson passes there with --host, and so do two pods of our
+plugin installed by `cnikit cni install` + `cni add`; nothing opens the host (the policy stays
+DROP) and no rule of ours outlives cleanup or DEL; on the real Docker host, Docker still works
+afterwards and its rules are byte-identical.  A lesson or verb that meets the Docker condition
+says so in one line."""
 import itertools
 import json
 import os
@@ -15,9 +18,11 @@ import pytest
 import sh
 
 import cnikit
-from host_profiles import BR_NF, docker_host, forward_policy, host_profile, kind_node  # noqa: F401
+from docker_daemon import IDLE, PUBLISHED, SERVED, WEB, DockerDaemon, http_get, iptables_save
+from docker_daemon import docker_daemon  # noqa: F401  (a fixture)
+from host_profiles import BR_NF, docker_host, docker_real, forward_policy, host_profile, kind_node  # noqa: F401
 from host_state import host_state
-from kernel import cli, iptables_rules, ping, run_stage
+from kernel import cli, iptables_rules, links, ping, run_stage
 from plugin_helpers import CLASSIC, PLUGIN, cni, env_for, error, netns, ok, pod
 
 STAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "stages")
@@ -40,8 +45,9 @@ SERVICES_NOTE = "# this host's FORWARD policy is DROP (Docker sets it): kube-pro
 # The lines a lesson that meets the Docker condition says about it (a bridge on the host, egress, pods).
 NOTES = {"03_bridge": [BRIDGE_NOTE], "04_tcp": [BRIDGE_NOTE], "05_egress": [BRIDGE_NOTE, EGRESS_NOTE, NAT_NOTE],
          "07_cni": [CNI_NOTE], "07b_multinode": [bridge_note("underlay0")],
-         "07d_services": [BRIDGE_NOTE, SERVICES_NOTE],
-         "07e_dualstack": [BRIDGE_NOTE, re.compile(r"^# this host's ip6tables FORWARD policy is DROP and br_netfilter "
+         "05b_ports": [BRIDGE_NOTE, NAT_NOTE], "07d_services": [BRIDGE_NOTE, SERVICES_NOTE],
+         "07e_container": [BRIDGE_NOTE, NAT_NOTE],
+         "07f_dualstack": [BRIDGE_NOTE, re.compile(r"^# this host's ip6tables FORWARD policy is DROP and br_netfilter "
                                                    r"sends br0's switched IPv6 through it", re.M)]}
 SUBNET, GATEWAY = "10.244.9.0/24", "10.244.9.1"
 UPLINK, SERVER = "203.0.113.1/24", "203.0.113.10/24"
@@ -66,12 +72,15 @@ def test_the_docker_profile_reproduces_what_docker_does(docker_host):
 
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_every_lesson_passes_with_host_and_leaves_the_host_as_it_was(host_profile, lesson):
-    before = host_state()
+    before, rules = host_state(), iptables_save()
     proc = run_stage(lesson + ".py", "--host", timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     assert re.search(r"^PASS lesson ", proc.stdout, re.M), proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr
     assert host_state() == before            # the FORWARD policy and every rule included
+    if host_profile.daemon:                  # Docker's chains byte-identical (every table, in order), Docker up
+        assert iptables_save() == rules
+        assert host_profile.daemon.broken() is None
     if host_profile.forward_drop:
         assert forward_policy() == "DROP"
     for note in NOTES.get(lesson, []):       # the pitfall is said, once a step meets it, and only then
@@ -130,6 +139,39 @@ def test_two_plugin_pods_reach_each_other_the_gateway_and_the_internet(host_prof
     assert {t: iptables_rules(t) for t in ("filter", "nat")} == rules_before
     if host_profile.forward_drop:
         assert forward_policy() == "DROP"
+
+
+def test_plugin_pods_on_a_real_docker_host_then_cleanup_leaves_docker_as_it_was(docker_real):
+    """A real dockerd with containers running, one publishing a port: two pods of our plugin
+    reach each other, their gateway, a Docker container and the published port; `cnikit cleanup`
+    then removes what cnikit made, and only that: Docker still works and its rules (every table,
+    in order) are byte-identical to before, packet and byte counters aside."""
+    docker = docker_real.daemon
+    links_before, rules_before = sorted(links()), iptables_save()
+    cli("cni", "install", "--subnet", SUBNET, check=True)
+    for name in ("pod1", "pod2"):
+        cli("netns", "add", name, check=True)
+        cli("cni", "add", name, check=True)
+    a, b = _pod_ip("pod1"), _pod_ip("pod2")
+    assert ping(b, "pod1") and ping(a, "pod2")
+    assert ping(GATEWAY, "pod1") and ping(GATEWAY, "pod2")
+    for name in (IDLE, WEB):
+        assert ping(docker.address(name), "pod1"), name          # routed to docker0, through FORWARD
+    assert http_get(GATEWAY, PUBLISHED, ns="pod2") is None      # Docker's DNAT, then FORWARD to docker0
+    assert http_get(docker.address(WEB), SERVED, ns="pod1") is None
+    out = cli("cleanup", check=True).stdout
+    assert "removed" in out
+    assert ours(iptables_rules("filter")) == [] and ours(iptables_rules("nat")) == []
+    assert sorted(links()) == links_before                        # docker0 and its container ports stay
+    assert iptables_save() == rules_before
+    assert forward_policy() == "DROP"
+    assert docker.broken() is None
+    assert "nothing of cnikit's is left" in cli("cleanup", check=True).stdout
+
+
+def test_where_docker_is_missing_the_real_profile_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))                     # no dockerd on it
+    assert DockerDaemon().start() == "Docker is not installed (make deps installs docker.io)"
 
 
 def test_without_the_plugins_accept_chain_a_docker_host_drops_pod_traffic(docker_host):

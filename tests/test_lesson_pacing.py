@@ -5,6 +5,7 @@ nothing runs before Enter, and Ctrl-C leaves the host as it was.
 The lesson runs with --host inside the test's sandbox, so the test sees what it changes.
 """
 import fcntl
+import re
 import os
 import select
 import subprocess
@@ -12,13 +13,14 @@ import sys
 import termios
 import time
 
+import pytest
 import sh
 
 from host_state import host_state
 from kernel import links, run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIRST = "ip link add host0 type bridge"      # lesson 01's first command in its sandbox
+FIRST = "ip link add host0 address "        # lesson 01's first command in its sandbox (a MAC of its own)
 FIRST_ON_HOST = "ip netns add ns1"           # ... and with --host (no stand-in host side)
 DEADLINE = 20.0
 
@@ -104,7 +106,7 @@ def test_present_types_each_command_runs_it_on_enter_and_ctrl_c_rolls_back():
 def test_present_without_a_terminal_does_not_wait_and_passes():
     proc = run_stage("01_netns.py", "--present", "--present-speed", "0", input="", timeout=90)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    assert f"$ {FIRST}\n" in proc.stdout
+    assert re.search(rf"^\$ {FIRST}\S+ type bridge$", proc.stdout, re.M)
 
 
 def test_present_speed_must_be_a_number_of_characters_a_second():
@@ -201,3 +203,15 @@ def test_a_lesson_shows_a_cni_result_as_its_gist_and_in_full_with_v():
         "#   ips: fd00::2/64 gateway fd00::1 on eth0",
         "#   routes: 0.0.0.0/0 via 10.244.1.1, ::/0"]
     assert json.loads(full.getvalue()) == RESULT
+
+
+def test_lessons_05_07_07d_show_what_iptables_nft_wrote_in_nf_tables():
+    """Beside iptables -S, one look at the nf_tables chain iptables-nft made (Debian 12's iptables)."""
+    if "nf_tables" not in subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout:
+        pytest.skip("this host's iptables is iptables-legacy: nothing in nf_tables to show")
+    for script, wanted in (("05_egress.py", "nft list chain ip nat CNIKIT-NAT-"), ("07_cni.py", "nft list table ip nat"),
+                           ("07d_services.py", "nft list chain ip nat KUBE-SVC-WEB")):
+        out = run_stage(script, timeout=120).stdout
+        assert wanted in out and re.search(r"^# check: nf_tables holds \S+ \(table ip nat\): .*: ok$", out, re.M), \
+            out[-2000:]
+        assert re.search(r"^\tchain \S+ \{$", out, re.M) and " counter packets " in out     # nft's own words

@@ -1,4 +1,4 @@
-"""Lesson 07e (dual-stack): it PASSes in its sandbox and leaves nothing; each --skip makes the named
+"""Lesson 07f (dual-stack): it PASSes in its sandbox and leaves nothing; each --skip makes the named
 proofs FAIL and only those (IPv4 keeps working where only IPv6 should break); with --host it
 undoes what it changed, ip6tables included.  Its dry run under `dash -e` is replayed by
 test_dryrun_dash.py, and under the Docker and kind host profiles by test_host_profiles.py."""
@@ -12,7 +12,7 @@ import sh
 from host_state import host_state
 from kernel import run_stage
 
-SCRIPT = "07e_dualstack.py"
+SCRIPT = "07f_dualstack.py"
 TIMEOUT = 90
 
 
@@ -29,11 +29,11 @@ def ip6tables_rules(table="filter"):
     return [r for r in str(sh.ip6tables("-t", table, "-S")).splitlines() if r.startswith("-A")]
 
 
-def test_lesson_07e_passes_in_its_sandbox_proves_both_families_and_leaves_nothing():
+def test_lesson_07f_passes_in_its_sandbox_proves_both_families_and_leaves_nothing():
     before = host_state()
     proc = run_stage(SCRIPT, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
-    assert verdict(proc).startswith("PASS lesson 07e dualstack")
+    assert verdict(proc).startswith("PASS lesson 07f dualstack")
     assert failed_checks(proc) == [] and "Traceback" not in proc.stderr
     for family in (4, 6):
         assert f"# check: ns1 reaches ns2 over IPv{family}: ok" in proc.stdout
@@ -54,7 +54,7 @@ def test_lesson_07e_passes_in_its_sandbox_proves_both_families_and_leaves_nothin
     assert host_state() == before
 
 
-def test_lesson_07e_without_accept_dad_0_the_pods_address_is_still_tentative():
+def test_lesson_07f_without_accept_dad_0_the_pods_address_is_still_tentative():
     proc = run_stage(SCRIPT, "--skip", "nodad", timeout=TIMEOUT)
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "skipped (--skip nodad)" in proc.stdout
@@ -62,7 +62,7 @@ def test_lesson_07e_without_accept_dad_0_the_pods_address_is_still_tentative():
     assert not [c for c in failed_checks(proc) if "IPv4" in c]
 
 
-def test_lesson_07e_with_accept_ra_1_in_the_pods_a_rogue_pods_advertisement_becomes_a_default_route():
+def test_lesson_07f_with_accept_ra_1_in_the_pods_a_rogue_pods_advertisement_becomes_a_default_route():
     proc = run_stage(SCRIPT, "--skip", "ra", timeout=TIMEOUT)
     assert proc.returncode == 1, proc.stdout[-3000:]
     failed = failed_checks(proc)
@@ -72,7 +72,7 @@ def test_lesson_07e_with_accept_ra_1_in_the_pods_a_rogue_pods_advertisement_beco
     assert not [c for c in failed if "IPv4" in c], failed
 
 
-def test_lesson_07e_a_firewall_dropping_ndp_breaks_ipv6_only():
+def test_lesson_07f_a_firewall_dropping_ndp_breaks_ipv6_only():
     proc = run_stage(SCRIPT, "--skip", "icmpv6", timeout=TIMEOUT)
     assert proc.returncode == 1, proc.stdout[-3000:]
     failed = failed_checks(proc)
@@ -85,17 +85,17 @@ def test_lesson_07e_a_firewall_dropping_ndp_breaks_ipv6_only():
                      proc.stdout, re.M) or "FAILED (the entry: FAILED)" in proc.stdout
 
 
-def test_lesson_07e_with_host_restores_the_hosts_sysctls_and_ip6tables():
+def test_lesson_07f_with_host_restores_the_hosts_sysctls_and_ip6tables():
     """--host in this test's sandbox (its host): the bridge, the pods, the sysctls and any rule go."""
     before = (host_state(), ip6tables_rules(), ip6tables_rules("nat"))
     proc = run_stage(SCRIPT, "--host", "-q", timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    assert verdict(proc).startswith("PASS lesson 07e")
+    assert verdict(proc).startswith("PASS lesson 07f")
     assert (host_state(), ip6tables_rules(), ip6tables_rules("nat")) == before
     assert subprocess.run(["ip", "link", "show", "br0"], capture_output=True).returncode != 0
 
 
-def test_lesson_07e_with_host_refuses_a_br0_it_did_not_make_and_leaves_it_alone():
+def test_lesson_07f_with_host_refuses_a_br0_it_did_not_make_and_leaves_it_alone():
     sh.ip("link", "add", "br0", "type", "bridge")
     proc = run_stage(SCRIPT, "--host", timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
@@ -125,7 +125,7 @@ def _assigned_and_targets(script):
     return assigned, targets
 
 
-def test_lesson_07e_sends_packets_only_to_its_own_addresses_and_its_links():
+def test_lesson_07f_sends_packets_only_to_its_own_addresses_and_its_links():
     script = run_stage(SCRIPT, "--dry-run", timeout=TIMEOUT).stdout
     assigned, targets = _assigned_and_targets(script)
     assert {"fd00:7::3", "10.0.7.3", "fe80::1", "ff02::1"} <= targets, targets

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Lesson 07e (beyond the classic lesson 07): dual-stack pods, IPv4 and IPv6 side by side on
+"""Lesson 07f (beyond the classic lesson 07): dual-stack pods, IPv4 and IPv6 side by side on
 one bridge, as a CNI plugin given two ranges (host-local's `ranges`) lays them out: two
 addresses per pod, a gateway and a default route per family. What IPv6 does differently:
 duplicate address detection (the tentative state, accept_dad, nodad), NDP instead of ARP
 (`ip -6 neigh`), link-local gateways and router advertisements, ICMPv6 a firewall must let
 through, and why IPv6 pods are usually not NATed.
 
-    sudo python3 stages/07e_dualstack.py           # in a throwaway sandbox
-    python3 stages/07e_dualstack.py --dry-run      # the lesson as a shell script
+    sudo python3 stages/07f_dualstack.py           # in a throwaway sandbox
+    python3 stages/07f_dualstack.py --dry-run      # the lesson as a shell script
 """
 import ipaddress
 import json
@@ -44,7 +44,7 @@ def host_end(ns):
 
 
 LESSON = Lesson(
-    "07e", "dualstack",
+    "07f", "dualstack",
     goal="two pods on br0 each hold an IPv4 and an IPv6 address and reach each other and their gateways in "
          "both families (ping, and TCP seeing each other's own address: no NAT); their IPv6 addresses are "
          "usable at once (no DAD), their neighbours are found by NDP, no one takes a route from a rogue pod's "
