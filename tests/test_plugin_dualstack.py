@@ -97,18 +97,24 @@ def address(res, family):
 
 
 def tcp6_peer_seen(server_ns, server_addr, client_ns):
-    """Ask a socat listener in SERVER_NS, over TCP6, which address the connection came from."""
-    server = subprocess.Popen(["ip", "netns", "exec", server_ns, "socat", f"TCP6-LISTEN:{PORT},reuseaddr",
+    """Ask a socat listener in SERVER_NS, over TCP6, which address the connection came from (a
+    connection that gets no answer is tried again, for 5 s at most: a busy machine's listener may
+    take its moment to answer)."""
+    server = subprocess.Popen(["ip", "netns", "exec", server_ns, "socat", f"TCP6-LISTEN:{PORT},reuseaddr,fork",
                                "SYSTEM:echo $SOCAT_PEERADDR"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 5
         while not str(sh.ip("netns", "exec", server_ns, "ss", "-Htln", f"sport = :{PORT}")).strip():
             assert time.monotonic() < deadline and server.poll() is None, "socat never listened"
             time.sleep(0.02)
-        out = subprocess.run(["ip", "netns", "exec", client_ns, "socat", "-T", "3", "-t", "3", "-",
-                              f"TCP6:[{server_addr}]:{PORT},connect-timeout=3"],
-                             input="who am I?\n", capture_output=True, text=True, timeout=10).stdout.strip()
-        return str(ipaddress.ip_address(out.strip("[]"))) if out else ""
+        while True:
+            client = subprocess.run(["ip", "netns", "exec", client_ns, "socat", "-u",
+                                     f"TCP6:[{server_addr}]:{PORT},connect-timeout=3", "-"],
+                                    capture_output=True, text=True, timeout=10)
+            out = client.stdout.strip()
+            if out or time.monotonic() > deadline:
+                return str(ipaddress.ip_address(out.strip("[]"))) if out else client.stderr
+            time.sleep(0.1)
     finally:
         server.kill()
         server.wait()
