@@ -552,7 +552,8 @@ def main():
                 print(f"{name:22s} {wall:7.1f} ms   {args.parallel * 1000 / wall:6.1f} ADD/s")
         dads = dad(who, names, args.dad_rounds, work) if args.dad_rounds else None
         if dads:
-            print(f"\n## DAD (dual-stack, classic): median ADD ms of {args.dad_rounds} alternating rounds, a fresh pod each")
+            print(f"\n## DAD (dual-stack, classic): median ADD ms of {args.dad_rounds} alternating rounds, "
+                  "a fresh pod each")
             for name in names:
                 print(f"{name:22s}" + "   ".join(f"{setting} {per[name]:7.1f}" for setting, per in dads.items()))
         scaled = scale(who, names, args.pods, args.scale_samples, work) if args.pods else None

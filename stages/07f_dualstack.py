@@ -143,8 +143,8 @@ def build(L):
     L.step("a rogue pod: ns2 advertises itself as a router, one RA to all nodes on its link (ff02::1) from a raw "
            "ICMPv6 socket, as any pod can with CAP_NET_RAW (runtimes grant it by default). An RA comes from a "
            "link-local address, so ns2 first waits until its own is no longer tentative")
-    r.run(["timeout", "5", "sh", "-c", f"while {shlex.join(ip('-6', 'addr', 'show', 'dev', 'eth0', 'tentative', ns='ns2'))}"
-                                       " | grep -q .; do sleep 0.05; done"])
+    tentative = shlex.join(ip("-6", "addr", "show", "dev", "eth0", "tentative", ns="ns2"))
+    r.run(["timeout", "5", "sh", "-c", f"while {tentative} | grep -q .; do sleep 0.05; done"])
     r.run(in_netns(["python3", "-c", SEND_RA], "ns2"))
     r.show(ip("-6", "route", "show", "default", ns="ns1"))
 
@@ -241,7 +241,8 @@ def _bridge_forward_accept6(L):
         return
     r.note(f"this host's ip6tables FORWARD policy is DROP and br_netfilter sends {BRIDGE}'s switched IPv6 "
            f"through it (bridge-nf-call-ip6tables=1): accept traffic between {BRIDGE}'s own ports")
-    spec = ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-m", "comment", "--comment", f"{cnikit.TAG} {BRIDGE}", "-j", "ACCEPT"]
+    spec = ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-m", "comment", "--comment", f"{cnikit.TAG} {BRIDGE}",
+            "-j", "ACCEPT"]
     r.run(["ip6tables", "-w", "-A", *spec],
           creates=cnikit.Change("rule", "ip6tables -A " + " ".join(spec), undo=["ip6tables", "-w", "-D", *spec]))
 

@@ -49,7 +49,8 @@ def test_lesson_07f_passes_in_its_sandbox_proves_both_families_and_leaves_nothin
     for command in ("ip netns exec ns1 sysctl -w net.ipv6.conf.eth0.accept_dad=0",
                     "ip addr add fd00:7::1/64 dev br0 nodad",
                     "ip -n ns2 -6 route add default via fe80::1 dev eth0",
-                    "ip netns exec ns2 ip6tables -w -A INPUT -p ipv6-icmp --icmpv6-type neighbour-solicitation -j ACCEPT"):
+                    "ip netns exec ns2 ip6tables -w -A INPUT -p ipv6-icmp --icmpv6-type neighbour-solicitation "
+                    "-j ACCEPT"):
         assert re.search(rf"^{re.escape(command)}$", proc.stdout, re.M), command
     assert host_state() == before
 
