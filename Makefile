@@ -3,12 +3,13 @@
 PYTHON  ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-# What the lessons need (tcpdump, conntrack and nftables add proofs; lessons fall back without them).
-APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack nftables python3 python3-venv
+# What the lessons need (tcpdump, conntrack and nftables add proofs; lessons fall back without them;
+# iperf3: lesson 08).
+APT_PKGS := iproute2 iptables iputils-ping socat procps tcpdump conntrack nftables iperf3 python3 python3-venv
 # What the tests add: the reference CNI plugins (a baseline), real runtimes (Docker: a real-Docker host
 # profile), an image source, vagrant.
 TEST_APT_PKGS := containernetworking-plugins podman containerd runc docker.io busybox-static vagrant
-PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools
+PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools setuptools wheel
 # Tests mostly wait on the kernel, pings and runtimes: four at once on two cores (each in its own sandbox).
 PYTEST_JOBS ?= 4
 

@@ -64,6 +64,9 @@ PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "iptables": "iptables", "sys
             "ping": "iputils-ping", "socat": "socat", "tcpdump": "tcpdump", "conntrack": "conntrack",
             "ss": "iproute2", "nsenter": "util-linux"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# The oldest Python cnikit runs on (shlex.join, as pyproject's requires-python says); 3.6 and 3.7
+# still parse this file, so main() tells them in one line.
+PYTHON_MIN = (3, 8)
 
 # Namespace and mount flags for the sandbox (linux/sched.h, linux/mount.h).
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
@@ -1659,7 +1662,20 @@ CNI_PYTHON_FLAGS = "-IS"
 CNI_CONF_EXT = (".conf", ".conflist", ".json")
 CNI_CHAINABLE = {"portmap": {"type": "portmap", "capabilities": {"portMappings": True}},
                  "loopback": {"type": "loopback"}}
-CNI_PLUGIN_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins", "cni-bash-compatible.py")
+
+
+def cni_plugin_src():
+    """Our plugin's source: beside this file in a checkout (plugins/), else where `pip install`
+    put it, pyproject's data-files: <prefix>/share/cnikit/plugins, this file being in
+    <prefix>/lib/pythonX.Y/site-packages (a venv, --user, /usr/local alike)."""
+    here, name = os.path.dirname(os.path.abspath(__file__)), "cni-bash-compatible.py"
+    found = [os.path.join(here, "plugins", name),
+             os.path.normpath(os.path.join(here, "..", "..", "..", "share", "cnikit", "plugins", name)),
+             os.path.join(sys.prefix, "share", "cnikit", "plugins", name)]
+    return next((path for path in found if os.path.isfile(path)), found[0])
+
+
+CNI_PLUGIN_SRC = cni_plugin_src()
 CNI_SHOW_MAX = 240                          # stdin longer than this is shortened when echoed (-v: never)
 CNI_TIMEOUT = 60
 CNI_VERSION_CHECK, CNI_VERSION_STATUS = (0, 4, 0), (1, 1, 0)   # CHECK needs 0.4.0, STATUS and GC 1.1.0
@@ -1676,11 +1692,30 @@ NODE_SUBNET_FILE = "/run/cnikit/subnet.env" # flannel-style: the node's pod subn
 KIND_BUILD_DIR = "/run/cnikit/build"        # in a node: the plugin's source while the node's python3 compiles it
 
 
+_CNI_PLUGIN = {}
+
+
+def cni_plugin():
+    """Our plugin's module, imported from CNI_PLUGIN_SRC once (Python caches its bytecode as for
+    any import).  The plugin owns the facts both programs use: how a cniVersion reads, where
+    its log goes, what its compiled form's first lines say; cnikit asks it, never restates them."""
+    if "module" not in _CNI_PLUGIN:
+        import importlib.util
+        if not os.path.isfile(CNI_PLUGIN_SRC):
+            raise UsageError(f"plugin source {CNI_PLUGIN_SRC} not found (cnikit's CNI plugin, plugins/ in a checkout)")
+        spec = importlib.util.spec_from_file_location("cni_bash_compatible", CNI_PLUGIN_SRC)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _CNI_PLUGIN["module"] = module
+    return _CNI_PLUGIN["module"]
+
+
 def cni_version_tuple(text):
-    try:
-        return tuple(int(p) for p in str(text).split("."))
-    except ValueError:
-        raise UsageError(f"cniVersion {text!r} is not a version such as 1.0.0") from None
+    """'1.0.0' -> (1, 0, 0), read as the plugin reads it (three numbers: "1.0" is no version)."""
+    version = cni_plugin().version_tuple(text)
+    if version is None:
+        raise UsageError(f"cniVersion {text!r} is not a version such as 1.0.0")
+    return version
 
 
 def cni_load(path):
@@ -2216,15 +2251,14 @@ def cni_version(r, call):
 
 
 def cni_log_path(conf_dir=CNI_CONF_DIR, conf=None):
-    """The plugin's log: the `log` key of our plugin's config, CNIKIT_LOG, or /var/log/cni.log."""
+    """The plugin's log, as the plugin picks it (its log_path: CNIKIT_LOG, the `log` key of its
+    config, /var/log/cni.log)."""
     try:
         net = cni_load(conf or cni_default_conf(conf_dir))
     except UsageError:
         net = None
-    for plugin in (net or {}).get("plugins", []):
-        if isinstance(plugin.get("log"), str):
-            return plugin["log"]
-    return os.environ.get("CNIKIT_LOG") or CNI_LOG
+    ours = [plugin for plugin in (net or {}).get("plugins", []) if isinstance(plugin.get("log"), str)]
+    return cni_plugin().log_path(os.environ, ours[0] if ours else {})
 
 
 def cni_log(r, conf_dir=CNI_CONF_DIR, conf=None, lines=20, follow=True):
@@ -2331,13 +2365,12 @@ def _installed_matches(src, dst, shebang, compiled=False, magic=None):
 def compiled_from(head, shebang, sha, magic=None):
     """Do HEAD, the first two lines of a plugin file, say it is the compiled form run by SHEBANG,
     built from the source whose sha256 is SHA (and, given MAGIC, for that bytecode)?  The
-    second line of compile_plugin's output names them: `# NAME compiled for PYTHON (bytecode
-    MAGIC) by ...; source sha256 HEX.` (a file hash would differ per interpreter)."""
-    first, _, second = head.partition("\n")
+    plugin's compile_plugin writes them there and its compiled_stamp reads them back (a file
+    hash would differ per interpreter)."""
+    stamp = cni_plugin().compiled_stamp(head)      # read with the plugin's own template
     python = shebang.split()[0][2:] if shebang else ""
-    # the first line goes on with a -c program, which runs the bytecode: "#!PYTHON -ISc..."
-    return (bool(shebang) and first.startswith(shebang + "c") and f" compiled for {python} (bytecode " in second
-            and f"source sha256 {sha}." in second and (magic is None or f"(bytecode {magic})" in second))
+    return (bool(shebang) and stamp.get("python") == python and stamp.get("sha") == sha
+            and (magic is None or stamp.get("magic") == magic))
 
 
 def is_compiled_plugin(path):
@@ -4077,6 +4110,10 @@ def _refuse_extra(parser, args, extra):
 
 
 def main(argv=None):
+    if sys.version_info < PYTHON_MIN:
+        print(f"cnikit: error: needs Python {'.'.join(map(str, PYTHON_MIN))} or newer; "
+              f"{sys.executable or 'python3'} is {'.'.join(map(str, sys.version_info[:3]))}", file=sys.stderr)
+        return EXIT_USAGE
     r = None
     try:
         parser = build_parser()

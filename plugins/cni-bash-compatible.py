@@ -4,8 +4,9 @@
 A drop-in replacement for the classic "CNI from scratch" bash plugin: the same
 minimal config works ({"cniVersion":"1.0.0","name":"fromScratch","type":"demystifying"})
 and every call is logged the same way (command, CNI_* env, stdin, then what it did).
-Python 3.9+ standard library only; needs iproute2-free Linux (it talks netlink itself)
-and iptables only when ipMasq or forwardAccept is on.  It never imports cnikit.py.
+Python 3.8+ standard library only (an older one gets error 50); needs iproute2-free Linux
+(it talks netlink itself) and iptables only when ipMasq or forwardAccept is on.  It never
+imports cnikit.py.
 
 Verbs: VERSION, ADD, DEL, CHECK (>= 0.4.0), STATUS and GC (>= 1.1.0).
 Config versions: 0.3.0 0.3.1 0.4.0 1.0.0 1.1.0; results are printed in the config's version.
@@ -70,10 +71,10 @@ attachment and stable, so DEL finds it without the netns.
 
 Error codes: 1 incompatible version, 2 unsupported field, 4 bad environment variable,
 5 I/O failure, 6 decoding failure, 7 invalid network config, 11 try again later (no address
-left), 50 plugin not available (STATUS); plugin-specific: 100 CHECK found a difference,
-101 a kernel (netlink) operation failed, 102 an external command failed, 103 the interface
-already exists in the container or the attachment is already attached, 999 internal error (a
-bug, answered in CNI's terms instead of a traceback).
+left), 50 plugin not available (STATUS; every verb on a Python older than MIN_PYTHON);
+plugin-specific: 100 CHECK found a difference, 101 a kernel (netlink) operation failed, 102 an
+external command failed, 103 the interface already exists in the container or the attachment
+is already attached, 999 internal error (a bug, answered in CNI's terms instead of a traceback).
 
 Installed by `cnikit cni install` as one file carrying its bytecode (`--compile`, see
 compile_plugin); everything above the VERSION head's end is all a VERSION call loads.
@@ -81,6 +82,7 @@ compile_plugin); everything above the VERSION head's end is all a VERSION call l
 import posix  # os without its ~2 ms of imports (os.path, _collections_abc): see "files" below
 import sys
 
+MIN_PYTHON = (3, 8)  # compile_plugin needs code.replace(); 3.6 and 3.7 still parse this file: one line
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
 DEFAULT_BRIDGE = "cni0"
@@ -104,7 +106,7 @@ DAD_WAIT = 5.0  # seconds enabledad waits for IPv6 duplicate address detection, 
 
 # CNI error codes (spec) and ours (100+)
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG, E_TRY_LATER = 1, 2, 3, 4, 5, 6, 7, 11
-E_NOT_AVAILABLE = 50
+E_NOT_AVAILABLE = 50  # STATUS: cannot serve ADD; also this interpreter being too old (python_too_old)
 E_CHECK, E_KERNEL, E_COMMAND, E_EXISTS = 100, 101, 102, 103
 E_INTERNAL = 999  # a bug in this plugin; libcni's Go types call the same code ErrInternal
 
@@ -219,6 +221,14 @@ def version_tuple(text):
     return tuple(int(p) for p in parts)
 
 
+def log_path(environ, conf):
+    """Where a call's record goes: env CNIKIT_LOG, else the config's `log`, else DEFAULT_LOG.
+    (cnikit's `cni log` asks this function, so both always name the same file.)"""
+    if environ.get("CNIKIT_LOG"):
+        return environ["CNIKIT_LOG"]
+    return conf["log"] if isinstance(conf.get("log"), str) else DEFAULT_LOG
+
+
 class Call:
     """One invocation, read once: CNI_COMMAND, the CNI_* environment, stdin and what it says.
     version is the one every answer is printed in: the config's when it is supported."""
@@ -228,7 +238,7 @@ class Call:
         self.env = {k: v for k, v in environ.items() if k.startswith("CNI_")}
         self.raw, self.conf, self.error = b"", {}, None
         self.version = LATEST
-        self.log_path = environ.get("CNIKIT_LOG") or DEFAULT_LOG
+        self.log_path = log_path(environ, {})
         log(f"=== {self.command or '(no CNI_COMMAND)'} pid {posix.getpid()}")
         for key in sorted(self.env):
             log(f"  {key}={self.env[key]}")
@@ -242,8 +252,7 @@ class Call:
             self.error = e
         if self.conf.get("cniVersion") in SUPPORTED_VERSIONS:
             self.version = self.conf["cniVersion"]
-        if isinstance(self.conf.get("log"), str) and not environ.get("CNIKIT_LOG"):
-            self.log_path = self.conf["log"]
+        self.log_path = log_path(environ, self.conf)
 
 
 def cmd_version(call):
@@ -296,6 +305,21 @@ def leave(code):
     posix._exit(code)
 
 
+def python_too_old():
+    """On a Python older than MIN_PYTHON: one line (--compile) or a CNI error, never a traceback."""
+    need, have = ".".join(map(str, MIN_PYTHON)), ".".join(map(str, sys.version_info[:3]))
+    msg = f"cni-bash-compatible needs Python {need} or newer; {sys.executable or 'python'} is {have}"
+    if sys.argv[1:2] == ["--compile"]:
+        sys.stderr.write(f"cannot compile: {msg}\n")
+        return 1
+
+    def refuse(call):
+        raise CNIError(E_NOT_AVAILABLE, msg)
+    return answer(Call(environ()), refuse)
+
+
+if __name__ == "__main__" and sys.version_info < MIN_PYTHON:
+    leave(python_too_old())
 # Podman asks VERSION before every ADD and DEL: answer it before the rest of this file is even
 # loaded (`cnikit cni install` compiles what is above this point and what is below it apart).
 if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
@@ -432,7 +456,8 @@ class Job:
                 raise CNIError(E_COMMAND, f"cannot run {self.argv[0]}: {e.strerror}")
             return self.proc.returncode, out or b"", err or b""
         try:
-            rc = posix.waitstatus_to_exitcode(posix.waitpid(self.pid, 0)[1])
+            status = posix.waitpid(self.pid, 0)[1]  # waitstatus_to_exitcode is 3.9+
+            rc = posix.WEXITSTATUS(status) if posix.WIFEXITED(status) else -posix.WTERMSIG(status)
             return rc, read_all(self.out), read_all(self.err)
         finally:
             posix.close(self.out)
@@ -2586,6 +2611,26 @@ else:  # another Python: compile the source carried here (slower, the same plugi
     exec(compile(decompress(_source), {name!r}, "exec"))
 #
 """
+
+
+def compiled_stamp(head):
+    """What HEAD, the first two lines of a compiled plugin, says: {"python", "name", "magic",
+    "sha"} ({} when they are not COMPILED_TEXT's), read back with COMPILED_TEXT itself, so the
+    reader (cnikit, deciding whether an installed plugin is current) never restates it."""
+    import re
+    from string import Formatter
+    fields = {"python": r"\S+", "name": r"\S+", "loader": r".+", "magic": r"b(?:'.*?'|\".*?\")",
+              "sha": r"[0-9a-f]+"}
+    pattern, seen = "", set()
+    for literal, field, _, _ in Formatter().parse("\n".join(COMPILED_TEXT.split("\n")[:2])):
+        pattern += re.escape(literal)
+        if field:
+            pattern += f"(?P={field})" if field in seen else f"(?P<{field}>{fields[field]})"
+            seen.add(field)
+    found = re.fullmatch(pattern, "\n".join(head.split("\n")[:2]))
+    return {k: v for k, v in found.groupdict().items() if k != "loader"} if found else {}
+
+
 SHEBANG_MAX = 127  # bytes of a #! line the kernel reads (255 since Linux 5.1; 127 before)
 
 
@@ -2608,9 +2653,11 @@ def compile_plugin(src, out):
         head, body = "", text
     name = src.rpartition("/")[2]
 
+    lines = "co_linetable" if hasattr(compile("", "", "exec"), "co_linetable") else "co_lnotab"  # 3.10 renamed it
+
     def small(code):
         consts = tuple(small(c) if isinstance(c, type(code)) else c for c in code.co_consts)
-        return code.replace(co_linetable=b"", co_consts=consts)
+        return code.replace(co_consts=consts, **{lines: b""})
 
     head_code = marshal.dumps(small(compile(head, name, "exec", dont_inherit=True, optimize=2)))
     body_code = marshal.dumps(small(compile("\n" * (head.count("\n") + 1) + body, name, "exec",

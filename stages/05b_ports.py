@@ -228,8 +228,25 @@ def add_rule(L, name):
     L.r.run(cnikit.iptables_rule("-A", table, chain, spec), creates=cnikit.Change.rule(table, chain, spec))
 
 
+def ports_taken(r):
+    """The lesson's host ports that this host already uses: a listener, or someone's DNAT (a real
+    `docker run -p 8080:...` on a learner's machine). Published twice, the first rule would win."""
+    ok, nat = r.query(cnikit.iptables("-t", "nat", "-S"))
+    taken = []
+    for port in (HOST_PORT, PROXY_PORT):
+        listening = r.query(["ss", "-Htln", f"sport = :{port}"])[1].strip()
+        dnat = [l for l in nat.splitlines() if f"--dport {port} " in l and "DNAT" in l and "cnikit" not in l]
+        if listening or dnat:
+            taken.append(f"{port} ({'a listener' if listening else 'published: ' + dnat[0]})")
+    return taken
+
+
 def build(L):
     r = L.r
+    taken = ports_taken(r) if L.on_host and not r.dry_run else []
+    if taken:
+        raise cnikit.UsageError(f"port {taken[0]} is already in use on this host; the lesson publishes "
+                                f"{HOST_PORT} and proxies {PROXY_PORT}: run it in the sandbox (without --host)")
     docker_start(L)
     L.step(f"the container: {CTR} on br0 with a default route via the host, as in lesson 05 (docker run "
            "gives each container a veth on docker0, 172.17.0.0/16)")

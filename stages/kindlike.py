@@ -90,9 +90,14 @@ def up(r, cluster, workers=2, python=True, network=NETWORK):
 
 
 def install_runtime(r, node):
-    """cnikit.py in NODE: inside the node it plays containerd (netns, CNI calls, result cache)."""
+    """cnikit.py in NODE: inside the node it plays containerd (netns, CNI calls, result cache).
+    Our plugin's source goes beside it, as in a checkout: cnikit reads how a cniVersion reads
+    from the plugin it ships (cnikit.cni_plugin)."""
     r.run(cnikit.docker("cp", os.path.abspath(cnikit.__file__),
                         f"{node}:{NODE_RUNTIME}"))
+    plugins = os.path.join(os.path.dirname(NODE_RUNTIME), "plugins")
+    r.run(cnikit.docker_exec(node, "mkdir", "-p", plugins))
+    r.run(cnikit.docker("cp", cnikit.CNI_PLUGIN_SRC, f"{node}:{plugins}/{os.path.basename(cnikit.CNI_PLUGIN_SRC)}"))
 
 
 def node_runtime(node, *args):

@@ -37,7 +37,8 @@ from sandbox_runtime import cgroup_dirs, drop_new_cgroups, drop_scratch_dir, mou
 
 IMAGE = "cnikit/usr:latest"
 # The containers a Docker host has running: one serving HTTP on a published port, one idle.
-WEB, IDLE, PUBLISHED, SERVED = "web", "idle", 8080, 8000
+# Docker's published port: not 8080, which lesson 05b publishes itself (it refuses a host where it is taken).
+WEB, IDLE, PUBLISHED, SERVED = "web", "idle", 8088, 8000
 # Where dockerd looks besides its flags (key.json, default roots): tmpfs in its sandbox.
 PRIVATE = ("/etc/docker", "/var/lib/docker", "/run/docker", "/run/containerd")
 CLONE_FS = 0x00000200

@@ -17,7 +17,9 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import subprocess
+import time
 
 import pytest
 
@@ -43,14 +45,14 @@ def python_magic(python):
 
 
 def another_python():
-    """A python3 (3.10 or later: compile_plugin's floor) of this machine whose bytecode is not
+    """A python3 (3.8 or later: compile_plugin's floor) of this machine whose bytecode is not
     /usr/bin/python3's, the newest such (None when there is none): a node given it as its
     /usr/bin/python3 must get a plugin built by it, proof that the build ran in the node."""
     ours = python_magic(cnikit.CNI_PYTHON)
     found = []
     for path in glob.glob("/root/.pyenv/versions/3.*/bin/python3.*") + glob.glob("/usr/local/bin/python3.*"):
         minor = path.rsplit("python3.", 1)[1]
-        if minor.isdigit() and int(minor) >= 10 and python_magic(path) not in (None, ours):
+        if minor.isdigit() and int(minor) >= 8 and python_magic(path) not in (None, ours):
             found.append((int(minor), path))
     return max(found)[1] if found else None
 
@@ -247,9 +249,12 @@ def test_stock_nodes_without_python3_fail_in_one_line_and_stay_unchanged(stock):
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     line = errors[0]
-    assert line.startswith(f"cnikit: error: {node} has no python3"), line
-    assert "cannot reach a package mirror" in line and "Temporary failure resolving" in line, line
-    assert "make kind-up KIND_NODE=derived" in line and "no node was changed" in line, line
+    # our line's structure, with apt's reason in the parentheses in whatever words apt uses
+    # ("Temporary failure resolving ...", behind a proxy "Could not connect to ...")
+    shape = re.match(rf"cnikit: error: {re.escape(node)} has no python3 \(the plugin's interpreter\) and "
+                     r"cannot reach a package mirror \((.+)\): no node was changed; fix: (.+)$", line)
+    assert shape and shape[1].strip(), line
+    assert "make kind-up KIND_NODE=derived" in shape[2], line
     assert "Unable to locate package" not in line
     assert {node: installed_state(r, node) for node in nodes} == before
     for node in nodes:
@@ -272,7 +277,12 @@ def test_lesson_07_kind_like_passes_and_leaves_no_container():
                   "nothing is left on cnikit-worker", "uninstall --kind left no plugin"):
         assert check in out, check
     assert "--rootfs /:O sleep infinity\n" in out
-    assert runtimes.pids_with_arg("/tmp/k07") == []        # its nodes' conmon and sleep are gone
+    # Its nodes' conmon and sleep are gone: `podman rm` has stopped them; a conmon reaped after
+    # its container may still be on its way out on a loaded machine, so they get a bounded while.
+    deadline = time.monotonic() + 20
+    while runtimes.pids_with_arg("/tmp/k07") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtimes.pids_with_arg("/tmp/k07") == []
 
 
 def test_lesson_07_kind_like_dry_run_and_host_refusal():

@@ -157,34 +157,59 @@ def test_a_failing_step_after_background_jobs_still_stops_them(tmp_path):
     assert proc.returncode != 0 and "not reached" not in proc.stdout
 
 
+def script_and_step(mark, script_argv, step_argv):
+    """The PID of the shell running SCRIPT_ARGV and of its child running STEP_ARGV (None when
+    not there yet).  Told by parent and command line, not by name: a background job forked by
+    the script is a "dash" too until it execs, which a loaded machine may delay."""
+    procs = {}
+    for pid in marked(mark):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")[:-1]
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:         # a short-lived step (e.g. `ip`) ended meanwhile
+            continue
+        procs[pid] = (argv, int(stat[stat.rindex(")") + 2:].split()[1]))
+    scripts = [pid for pid, (argv, ppid) in procs.items()
+               if argv == script_argv and procs.get(ppid, ([], 0))[0] != script_argv]
+    script = scripts[0] if len(scripts) == 1 else None
+    steps = [pid for pid, (argv, ppid) in procs.items() if script and ppid == script and argv == step_argv]
+    return script, (steps[0] if len(steps) == 1 else None)
+
+
 def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
     """Ctrl-C while the script waits on a step: the terminal interrupts the step and the
     shell (its background jobs ignore SIGINT, as POSIX says); the script's trap stops them."""
     script = _script_with_background_jobs()
     head = script[:script.index("job2=$!")]
-    (tmp_path / "waits.sh").write_text(head + "job2=$!\necho waiting\nsleep 30\n")
+    # a step that outlasts the test's wait: a lost interrupt is a timeout, never an exit 0
+    (tmp_path / "waits.sh").write_text(head + "job2=$!\necho waiting\nsleep 600\n")
     mark = uuid.uuid4().hex
-    proc = subprocess.Popen(CNIKIT + ["-q", "sandbox", "--", DASH, "-e", str(tmp_path / "waits.sh")],
+    # As from a terminal: SIGINT not ignored.  A shell that starts with it ignored (any
+    # descendant of a background job of a non-interactive shell, such as a CI runner's)
+    # cannot trap it (POSIX): the interrupt would be lost.
+    proc = subprocess.Popen(["env", "--default-signal=INT"] + CNIKIT + ["-q", "sandbox", "--", DASH, "-e",
+                                                                       str(tmp_path / "waits.sh")],
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, **{MARK: mark}))
     try:
-        while proc.stdout.readline().strip() != "waiting":
-            pass
+        for line in proc.stdout:
+            if line.strip() == "waiting":
+                break
         deadline = time.monotonic() + 10
         while True:             # "waiting" is printed just before the step starts
-            foreground = {}
-            for pid in marked(mark):
-                try:
-                    with open(f"/proc/{pid}/comm") as f:
-                        foreground.setdefault(f.read().strip(), []).append(pid)
-                except FileNotFoundError:   # a short-lived step (e.g. `ip`) ended meanwhile
-                    pass
-            if "sleep" in foreground or time.monotonic() > deadline:
+            shell, step = script_and_step(mark, [DASH, "-e", str(tmp_path / "waits.sh")], ["sleep", "600"])
+            if step or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
-        assert len(foreground["dash"]) == 1 and len(foreground.get("sleep", [])) == 1, foreground
-        for pid in foreground["dash"] + foreground["sleep"]:
+        assert shell and step, (shell, step)
+        for pid in (shell, step):
             os.kill(pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 130
+    except BaseException:
+        for pid in marked(mark):        # a failed run leaves no `sleep 600` behind
+            os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         proc.kill()
         proc.wait()

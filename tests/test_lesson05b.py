@@ -330,3 +330,17 @@ def test_nat_publish_dry_run_replays_under_dash_to_the_same_rules(tmp_path):
     (tmp_path / "publish.sh").write_text(dry)
     subprocess.run(["dash", "-e", str(tmp_path / "publish.sh")], check=True, capture_output=True)
     assert sorted(ours()["nat"]) == sorted(NAT_RULES) and ours()["filter"] == FILTER_RULES
+
+
+def test_host_mode_refuses_a_host_whose_port_8080_is_already_published_and_changes_nothing():
+    """A learner's machine where `docker run -p 8080:...` already runs: the first DNAT would win,
+    so the lesson says so in one line instead of failing half way."""
+    from host_state import host_state
+    spec = ["-p", "tcp", "--dport", "8080", "-j", "DNAT", "--to-destination", "192.0.2.7:80"]
+    sh.iptables("-w", "-t", "nat", "-N", "DOCKER")
+    sh.iptables("-w", "-t", "nat", "-A", "DOCKER", *spec)
+    before = host_state()
+    proc = run_stage("05b_ports.py", "--host", timeout=60)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr
+    assert "port 8080 (published: -A DOCKER -p tcp -m tcp --dport 8080 -j DNAT" in proc.stderr
+    assert "run it in the sandbox (without --host)" in proc.stderr and host_state() == before
