@@ -38,11 +38,11 @@ def test_peak_rss_is_the_calls_own_and_follows_its_children(tmp_path):
 
 def test_cni_latency_runs_and_prints_every_target_with_a_verdict():
     proc = subprocess.run([PY, BENCH, "--rounds", "1", "--rss-rounds", "1", "--pods", "3", "--scale-samples", "1",
-                           "--parallel", "2", "--parallel-rounds", "1"], capture_output=True, text=True, timeout=300)
+                           "--parallel", "2", "--parallel-rounds", "1", "--dad-rounds", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     for row in ("ADD+DEL classic", "ADD+DEL minimal", "DEL-rm (no netns, no prevResult) classic", "VERSION classic",
-                "ADD with 3 pods on the bridge", "2 ADDs in parallel"):
+                "ADD with 3 pods on the bridge", "2 ADDs in parallel", "ADD with DAD (enabledad), dual-stack"):
         line = next((l for l in out.splitlines() if l.startswith(row)), None)
         assert line and ("meets the target" in line or "MISSES the target" in line), (row, out)
     assert "peak RSS per call" in out and "python3 -I -S -c pass" in out

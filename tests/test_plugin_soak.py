@@ -1,5 +1,5 @@
 """The plugin under soak and fuzz, bounded in time (each test stops itself after SECONDS): parallel
-ADD/DEL rounds, kill -9 in the middle of ADD, and fuzzed configs.  After each, the invariants a
+ADD/DEL rounds and kill -9 in the middle of ADD (IPv4 and dual-stack), and fuzzed configs.  After each, the invariants a
 runtime relies on: every live pod keeps a distinct address it really has, DEL leaves nothing (no
 address file, record, temporary file, veth or rule), and no call answers with a traceback."""
 import json
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import sh
 
 import cnikit
@@ -16,6 +17,9 @@ from plugin_helpers import CLASSIC, PLUGIN, allocation_files, cni, env_for, link
 
 SECONDS = float(os.environ.get("CNIKIT_SOAK_SECONDS", "6"))  # longer: CNIKIT_SOAK_SECONDS=600
 DATA = os.path.join(cnikit.CNI_DATA_DIR, "fromScratch")
+# The classic config, and the same with an IPv6 range set beside the IPv4 one (dual-stack)
+DUAL = dict(CLASSIC, ipam={"ranges": [[{"subnet": "10.244.0.0/24"}], [{"subnet": "fd00:244::/64"}]]})
+FAMILIES = pytest.mark.parametrize("conf", [CLASSIC, DUAL], ids=["ipv4", "dual-stack"])
 
 
 def start(command, conf, cid):
@@ -38,60 +42,69 @@ def leftovers():
             "temporary": sorted(os.listdir(tmp)) if os.path.isdir(tmp) else [],
             "veths": sorted(n for n in links() if n.startswith("veth")),
             "rules": [r for r in nat_rules().splitlines() + str(sh.iptables("-S")).splitlines()
+                      + str(sh.ip6tables("-t", "nat", "-S")).splitlines() + str(sh.ip6tables("-S")).splitlines()
                       if cnikit.CHAIN_PREFIX in r]}
+
+
+def addresses(res):
+    return [ip["address"].split("/")[0] for ip in res["ips"]]
 
 
 EMPTY = {"addresses": {}, "records": [], "temporary": [], "veths": [], "rules": []}
 
 
-def test_parallel_add_and_del_rounds_keep_addresses_distinct_and_leave_nothing():
+@FAMILIES
+def test_parallel_add_and_del_rounds_keep_addresses_distinct_and_leave_nothing(conf):
     deadline, rounds = time.monotonic() + SECONDS, 0
     while time.monotonic() < deadline or rounds < 2:
         cids = [f"r{rounds}p{i}" for i in range(8)]
         for cid in cids:
             netns(cid)
-        adds = [(cid, start("ADD", CLASSIC, cid)) for cid in cids]
+        adds = [(cid, start("ADD", conf, cid)) for cid in cids]
         got = {}
         for cid, proc in adds:
-            rc, res = finish(proc, CLASSIC)
+            rc, res = finish(proc, conf)
             assert rc == 0, res
-            got[cid] = res["ips"][0]["address"]
-        assert len(set(got.values())) == len(cids)
-        assert allocation_files("fromScratch") == {a.split("/")[0]: f"{c}\r\neth0" for c, a in got.items()}
-        dels = [start("DEL", CLASSIC, cid) for cid in cids]  # containerd's second DEL: no netns, no prevResult
-        assert all(finish(p, CLASSIC)[0] == 0 for p in dels)
+            got[cid] = addresses(res)
+        per_pod = len(conf["ipam"]["ranges"]) if "ipam" in conf else 1     # an address per family
+        assert len({a for addrs in got.values() for a in addrs}) == len(cids) * per_pod
+        assert allocation_files("fromScratch") == {a: f"{c}\r\neth0" for c, addrs in got.items() for a in addrs}
+        dels = [start("DEL", conf, cid) for cid in cids]  # containerd's second DEL: no netns, no prevResult
+        assert all(finish(p, conf)[0] == 0 for p in dels)
         assert leftovers() == EMPTY
         for cid in cids:
             os.system(f"ip netns del {cid}")
         rounds += 1
 
 
-def test_kill_9_during_add_then_del_leaves_nothing_and_other_pods_untouched():
+@FAMILIES
+def test_kill_9_during_add_then_del_leaves_nothing_and_other_pods_untouched(conf):
     rng = random.Random(11)
-    live = cni("ADD", dict(CLASSIC), cid="live", netns=netns("live")).json
+    live = cni("ADD", dict(conf), cid="live", netns=netns("live")).json
     live_rules = leftovers()["rules"]
     deadline, kills = time.monotonic() + SECONDS, 0
     while time.monotonic() < deadline or kills < 5:
         cid = f"k{kills}"
         netns(cid)
-        proc = start("ADD", CLASSIC, cid)
-        proc.stdin.write(json.dumps(CLASSIC).encode())
+        proc = start("ADD", conf, cid)
+        proc.stdin.write(json.dumps(conf).encode())
         proc.stdin.close()
         time.sleep(rng.uniform(0.0, 0.06))  # anywhere from start-up to the rules
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-        rc, res = finish(start("DEL", CLASSIC, cid), CLASSIC)  # what a runtime does after a failed ADD
+        rc, res = finish(start("DEL", conf, cid), conf)  # what a runtime does after a failed ADD
         assert rc == 0, res
         os.system(f"ip netns del {cid}")
         kills += 1
         left = leftovers()
-        assert left["addresses"] == {live["ips"][0]["address"].split("/")[0]: "live\r\neth0"}, left
+        assert left["addresses"] == {a: "live\r\neth0" for a in addresses(live)}, left
         assert len(left["records"]) == 1 and left["veths"] == [live["interfaces"][1]["name"]]
         assert left["rules"] == live_rules and left["temporary"] == [], left
-    assert subprocess.run(["ip", "netns", "exec", "live", "ping", "-c1", "-W2", "10.244.0.1"],
-                          capture_output=True).returncode == 0
+    for ip in live["ips"]:  # the live pod still reaches its gateway in every family it has
+        assert subprocess.run(["ip", "netns", "exec", "live", "ping", "-c1", "-W2", ip["gateway"]],
+                              capture_output=True).returncode == 0, ip
 
 
 KEYS = ["bridge", "isGateway", "isDefaultGateway", "ipMasq", "hairpinMode", "mtu", "dns", "ipam", "mode",
