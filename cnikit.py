@@ -55,6 +55,9 @@ PORTS_CHAIN = CHAIN_PREFIX + "PORTS"     # `nat publish`'s DNAT rules (nat table
 PORT_PROTOS = ("tcp", "udp")
 IPTABLES_TABLES = ("nat", "filter")
 BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netfilter, per namespace
+IPTABLES_TOOL = {4: "iptables", 6: "ip6tables"}    # by IP family
+# br_netfilter's switch per family: bridged IPv4 / IPv6 frames go through (ip6)tables FORWARD.
+BR_NF_CALL = {4: BR_NF_CALL_IPTABLES, 6: "/proc/sys/net/bridge/bridge-nf-call-ip6tables"}
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
 # What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
 # runtime writes (configs, plugins, address files, results, the plugin's log), so a lesson
@@ -186,10 +189,10 @@ def in_netns(argv, ns=None):
     return (["ip", "netns", "exec", ns] if ns else []) + list(argv)
 
 
-def iptables(*args, ns=None):
-    """`iptables -w ARGS`: -w waits for the xtables lock instead of failing when another
-    program (a CNI plugin, kube-proxy, docker) holds it."""
-    return in_netns(["iptables", "-w"] + [str(a) for a in args], ns)
+def iptables(*args, ns=None, family=4):
+    """`iptables -w ARGS` (FAMILY 6: ip6tables): -w waits for the xtables lock instead of failing
+    when another program (a CNI plugin, kube-proxy, docker) holds it."""
+    return in_netns([IPTABLES_TOOL[family], "-w"] + [str(a) for a in args], ns)
 
 
 def sysctl_set(key, value, ns=None):
@@ -321,8 +324,8 @@ def port_rules(port, to_ip, to_port, bridge, proto="tcp"):
     }
 
 
-def iptables_rule(action, table, chain, spec, ns=None):
-    return iptables("-t", table, action, chain, *spec, ns=ns)
+def iptables_rule(action, table, chain, spec, ns=None, family=4):
+    return iptables("-t", table, action, chain, *spec, ns=ns, family=family)
 
 
 def bridge_forward_rule(name):
@@ -386,9 +389,10 @@ class Change:
         return cls("route", " ".join([dst] + kv(**how)), ns, undo=ip("route", "del", dst, ns=ns))
 
     @classmethod
-    def rule(cls, table, chain, spec, ns=None):
-        return cls("rule", shlex.join(["-t", table, "-A", chain] + list(spec)), ns,
-                   undo=iptables_rule("-D", table, chain, spec, ns))
+    def rule(cls, table, chain, spec, ns=None, family=4):
+        name = shlex.join(["-t", table, "-A", chain] + list(spec))
+        return cls("rule", name if family == 4 else f"{IPTABLES_TOOL[family]} {name}", ns,
+                   undo=iptables_rule("-D", table, chain, spec, ns, family))
 
     @classmethod
     def chain(cls, table, chain, ns=None):
@@ -966,52 +970,56 @@ def bridge_attach(r, name, ifaces, host=None):
 
 
 def bridge_del(r, name, host=None):
-    """Delete bridge NAME (its ports stay, detached) and the FORWARD accept bridge add
+    """Delete bridge NAME (its ports stay, detached) and the FORWARD accepts bridge add
     gave it on a Docker host. Re-run: absent is fine."""
     link_del(r, name, "bridge", host)
     table, chain, spec = bridge_forward_rule(name)
-    if which("iptables") and r.query(iptables_rule("-C", table, chain, spec, host))[0]:
-        r.run(iptables_rule("-D", table, chain, spec, host))
+    for family in IPTABLES_TOOL:
+        if which(IPTABLES_TOOL[family]) and r.query(iptables_rule("-C", table, chain, spec, host, family))[0]:
+            r.run(iptables_rule("-D", table, chain, spec, host, family))
 
 
 def bridge_forward_accept(r, name, host=None):
-    """A Docker host drops bridged traffic: its iptables FORWARD policy is DROP, and with
-    br_netfilter (net.bridge.bridge-nf-call-iptables=1) even frames switched between two
-    ports of one bridge traverse FORWARD. There, and only there, accept what moves between
-    NAME's own ports (tagged, so bridge del and cleanup remove it), nothing else.
-    Re-run: a rule already present is not added twice."""
-    if not (forward_drops(r, host) and bridged_frames_filtered(r, host)):
-        return
-    r.note(f"this host's FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
-           f"switched frames through it (bridge-nf-call-iptables=1): accept traffic between {name}'s own ports")
+    """A Docker host drops bridged traffic: its (ip6)tables FORWARD policy is DROP, and with
+    br_netfilter (net.bridge.bridge-nf-call-iptables=1, -ip6tables=1) even frames switched
+    between two ports of one bridge traverse FORWARD. There, and only in the family where
+    both hold, accept what moves between NAME's own ports (tagged, so bridge del and cleanup
+    remove it), nothing else. Re-run: a rule already present is not added twice."""
     table, chain, spec = bridge_forward_rule(name)
-    if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
-        r.note(f"the FORWARD accept rule for {name} is already present")
-        return
-    r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+    for family, tool in IPTABLES_TOOL.items():
+        if not (forward_drops(r, host, family) and bridged_frames_filtered(r, host, family)):
+            continue
+        which_ = "" if family == 4 else f"{tool} "
+        r.note(f"this host's {which_}FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
+               f"switched frames through it (bridge-nf-call-{tool}=1): accept traffic between {name}'s own ports")
+        if r.query(iptables_rule("-C", table, chain, spec, host, family))[0]:
+            r.note(f"the {tool} FORWARD accept rule for {name} is already present")
+            continue
+        r.run(iptables_rule("-A", table, chain, spec, host, family),
+              creates=Change.rule(table, chain, spec, host, family))
 
 
-def forward_drops(r, host=None):
-    """Is this host's iptables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
+def forward_drops(r, host=None, family=4):
+    """Is this host's (ip6)tables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
     fresh host (policy ACCEPT) and does not look, unless it plans for this host (a lesson's
-    --host); without iptables: no."""
-    if r.dry_run and not r.plans_this_host or not which("iptables"):
+    --host); without the tool: no."""
+    if r.dry_run and not r.plans_this_host or not which(IPTABLES_TOOL[family]):
         return False
-    ok, out = r.query(iptables("-S", "FORWARD", ns=host), in_dry_run=True)
+    ok, out = r.query(iptables("-S", "FORWARD", ns=host, family=family), in_dry_run=True)
     return ok and "-P FORWARD DROP" in out.splitlines()
 
 
-def bridged_frames_filtered(r, host=None):
-    """Does br_netfilter pass bridged IPv4 frames through iptables here (per namespace)?"""
+def bridged_frames_filtered(r, host=None, family=4):
+    """Does br_netfilter pass bridged frames of FAMILY through (ip6)tables here (per namespace)?"""
     if r.dry_run and not r.plans_this_host:
         return False
     if host is None:
         try:
-            with open(BR_NF_CALL_IPTABLES) as f:
+            with open(BR_NF_CALL[family]) as f:
                 return f.read().strip() == "1"
         except OSError:            # no br_netfilter: bridged frames never see iptables
             return False
-    ok, out = r.query(in_netns(["cat", BR_NF_CALL_IPTABLES], host), in_dry_run=True)
+    ok, out = r.query(in_netns(["cat", BR_NF_CALL[family]], host), in_dry_run=True)
     return ok and out.strip() == "1"
 
 
@@ -1497,6 +1505,14 @@ def cleanup(r, host=None):
         chains = _cnikit_chains(r, host, in_dry_run=True)
         _remove_chains(r, chains, host, check=False)
         removed += len(chains)
+    if which("ip6tables"):
+        # IPv6: only the tagged accepts bridge add leaves in FORWARD (the CLI's NAT is IPv4).
+        ok, out = r.query(iptables("-S", "FORWARD", ns=host, family=6), in_dry_run=True)
+        for line in out.splitlines() if ok else []:
+            words = shlex.split(line)
+            if words[:2] == ["-A", "FORWARD"] and _comment_of(words).startswith(f"{TAG} bridge "):
+                r.run(iptables_rule("-D", "filter", "FORWARD", words[2:], host, family=6), check=False)
+                removed += 1
     for route in r.query_json(ip("-j", "route", "show", "proto", ROUTE_PROTO, ns=host), in_dry_run=True) or []:
         r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False)
         removed += 1

@@ -83,7 +83,6 @@ def build(L):
     for ns in PODS:
         cnikit.netns_add(r, ns, lo_up=True)
     cnikit.bridge_add(r, BRIDGE, addr=GW4)
-    _bridge_forward_accept6(L)
     for ns, (v4, _) in PODS.items():
         cnikit.veth_add(r, host_end(ns), "eth0", netns=ns, peer_addr=v4)
     cnikit.bridge_attach(r, BRIDGE, [host_end(ns) for ns in PODS])
@@ -227,24 +226,6 @@ def _check_ndp(L):
         mac and entry.get("lladdr") == mac and not state & {"INCOMPLETE", "FAILED"}),
         f"the entry: {' '.join(sorted(state)) or 'none'}")
 
-
-def _bridge_forward_accept6(L):
-    """cnikit's bridge verb accepts br0's own traffic in iptables FORWARD on a Docker host (policy
-    DROP, br_netfilter); br_netfilter sends bridged IPv6 through ip6tables too, and Docker sets
-    that FORWARD policy to DROP as well: the same accept there."""
-    r = L.r
-    if r.dry_run and not r.plans_this_host:
-        return
-    ok, policy = r.query(["ip6tables", "-w", "-S", "FORWARD"], in_dry_run=True)
-    ok2, nf = r.query(["cat", "/proc/sys/net/bridge/bridge-nf-call-ip6tables"], in_dry_run=True)
-    if not (ok and "-P FORWARD DROP" in policy.splitlines() and ok2 and nf.strip() == "1"):
-        return
-    r.note(f"this host's ip6tables FORWARD policy is DROP and br_netfilter sends {BRIDGE}'s switched IPv6 "
-           f"through it (bridge-nf-call-ip6tables=1): accept traffic between {BRIDGE}'s own ports")
-    spec = ["FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-m", "comment", "--comment", f"{cnikit.TAG} {BRIDGE}",
-            "-j", "ACCEPT"]
-    r.run(["ip6tables", "-w", "-A", *spec],
-          creates=cnikit.Change("rule", "ip6tables -A " + " ".join(spec), undo=["ip6tables", "-w", "-D", *spec]))
 
 
 def _flags(L, ns, address):

@@ -31,9 +31,10 @@ LESSONS = sorted(f[:-3] for f in os.listdir(STAGES) if f[:1].isdigit() and f.end
 DOCKER_NOTE = "# this host's FORWARD policy is DROP (Docker sets it)"
 
 
-def bridge_note(name):
-    return re.compile(rf"^# this host's FORWARD policy is DROP \(Docker sets it\) and br_netfilter sends {name}'s "
-                      rf"switched frames through it \(bridge-nf-call-iptables=1\): accept traffic between "
+def bridge_note(name, tool="iptables"):
+    which = "" if tool == "iptables" else f"{tool} "
+    return re.compile(rf"^# this host's {which}FORWARD policy is DROP \(Docker sets it\) and br_netfilter sends "
+                      rf"{name}'s switched frames through it \(bridge-nf-call-{tool}=1\): accept traffic between "
                       rf"{name}'s own ports$", re.M)
 
 
@@ -236,11 +237,14 @@ def test_bridge_add_on_a_docker_host_accepts_its_own_ports_and_says_why(docker_h
         cli("netns", "add", ns, check=True)
         cli("veth", "add", f"veth-{ns}", "eth0", "--netns", ns, "--peer-addr", addr, check=True)
     out = cli("bridge", "add", "br0", "--addr", "10.0.3.1/24", check=True).stdout
-    assert len(BRIDGE_NOTE.findall(out)) == 1
+    assert len(BRIDGE_NOTE.findall(out)) == 1 and len(bridge_note("br0", "ip6tables").findall(out)) == 1
     cli("bridge", "attach", "br0", "veth-ns1", "veth-ns2", check=True)
     rule = ["-A FORWARD -i br0 -o br0 -m comment --comment \"cnikit bridge br0\" -j ACCEPT"]
-    assert iptables_rules("filter") == rule
+    assert iptables_rules("filter") == rule == ip6tables_forward()      # the same accept for bridged IPv6
     assert ping("10.0.3.3", "ns1")
+    for ns, addr in (("ns1", "fd03::2/64"), ("ns2", "fd03::3/64")):
+        sh.ip("-n", ns, "addr", "add", addr, "dev", "eth0", "nodad")
+    assert ping("fd03::3", "ns1")                                       # switched IPv6 passes ip6tables too
     again = cli("bridge", "add", "br0", "--addr", "10.0.3.1/24", check=True).stdout
     assert "already present" in again and iptables_rules("filter") == rule      # re-run: not twice
     sh.iptables("-D", "FORWARD", "-i", "br0", "-o", "br0", "-m", "comment", "--comment", "cnikit bridge br0",
@@ -248,9 +252,13 @@ def test_bridge_add_on_a_docker_host_accepts_its_own_ports_and_says_why(docker_h
     assert not ping("10.0.3.3", "ns1")                              # the rule is what lets it through
     cli("bridge", "add", "br0", check=True)
     cli("bridge", "del", "br0", check=True)
-    assert iptables_rules("filter") == [] and forward_policy() == "DROP"
+    assert iptables_rules("filter") == [] == ip6tables_forward() and forward_policy() == "DROP"
     cli("bridge", "add", "br0", check=True)
-    assert "removed" in cli("cleanup", check=True).stdout and iptables_rules("filter") == []
+    assert "removed" in cli("cleanup", check=True).stdout and iptables_rules("filter") == [] == ip6tables_forward()
+
+
+def ip6tables_forward():
+    return [l for l in str(sh.ip6tables("-w", "-S", "FORWARD")).splitlines() if l.startswith("-A ")]
 
 
 def test_bridge_add_on_a_clean_host_or_kind_node_adds_no_rule(kind_node):
