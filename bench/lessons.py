@@ -34,7 +34,7 @@ SANDBOX = ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c"
 
 
 def lessons(wanted):
-    paths = sorted(glob.glob(os.path.join(STAGES, "0[0-9]*_*.py")))  # 07b-07d too
+    paths = sorted(glob.glob(os.path.join(STAGES, "0[0-9]*_*.py")))  # 05b and 07b-07f too
     return [p for p in paths if not wanted or os.path.basename(p).split("_")[0] in wanted]
 
 

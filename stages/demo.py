@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run every lesson (stages/0*.py, 05b and 07b-07d included) and every pitfall lab
+"""Run every lesson (stages/0*.py: 01-08 with 05b and 07b-07f) and every pitfall lab
 (stages/2N_pitfall_*.py) end to end, each in its own sandbox, and end with a table:
 lesson, PASS/FAIL, seconds. Exit 1 if any lesson failed.
 
@@ -26,7 +26,7 @@ LESSON_TIMEOUT = 120
 
 
 def lessons(wanted=()):
-    """The lessons (0N_*.py, 05b and 07b-07d), then the pitfall labs (NN_pitfall_*.py). WANTED
+    """The lessons (0N_*.py, 05b and 07b-07f), then the pitfall labs (NN_pitfall_*.py). WANTED
     numbers select: "05" lesson 05 and 05b, "05b" only 05b."""
     found = sorted(glob.glob(os.path.join(HERE, "0[0-9]*_*.py"))) + \
         sorted(glob.glob(os.path.join(HERE, "[1-9][0-9]_pitfall_*.py")))
