@@ -304,7 +304,7 @@ if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
 
 import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
 import _struct as struct  # noqa: E402  (struct.py only re-exports _struct, which is built in)
-from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR, EOPNOTSUPP  # noqa: E402  (errno is built in: free)
+from errno import EADDRNOTAVAIL, EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR, EOPNOTSUPP  # noqa: E402  (errno is built in: free)
 
 
 # ---------------------------------------------------------------- files: posix and these few helpers
@@ -1934,6 +1934,8 @@ def ensure_bridge(nl, net, ips):
     if net.is_gw:
         if net.vlan:
             holder = ensure_vlan_gateway(nl, net, br)
+        if net.force_addr:
+            make_room(nl, holder, [(ip["family"], ip["gw"], ip["plen"]) for ip in ips])
         for ip in ips:  # no dump of the addresses (it grows with the pods' link-local ones): EEXIST says it
             gw = (ip["family"], ip["gw"], ip["plen"])
             try:
@@ -1943,28 +1945,34 @@ def ensure_bridge(nl, net, ips):
                 if e.errno != EEXIST:
                     undo_gateways(nl, holder, added)
                     raise CNIError(E_KERNEL, f"cannot add gateway address to {holder['name']}: {e.strerror}")
-        if added:  # the subnet's first pod here: the only time another gateway can be in the way
-            other_gateways(nl, net, holder, added)
-            if not created and holder is br:  # a bridge made by someone else: its MAC stops following its ports
-                kernel(f"cannot set the MAC of {net.bridge}", nl.set_mac, br["index"], net.bridge,
-                       bytes(int(x, 16) for x in br["mac"].split(":")))
+        if added and not created and holder is br:  # a bridge made by someone else: its MAC stops following its ports
+            kernel(f"cannot set the MAC of {net.bridge}", nl.set_mac, br["index"], net.bridge,
+                   bytes(int(x, 16) for x in br["mac"].split(":")))
         for family in {ip["family"] for ip in ips}:
             sysctl_on("/proc/sys/net/ipv4/ip_forward" if family == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
     return br, added, holder
 
 
-def other_gateways(nl, net, holder, added):
+def make_room(nl, holder, gateways):
     """forceAddress: the reference's rule that the gateway link holds one IPv4 address, and IPv6
-    ones that do not overlap: the others go.  Without it the reference refuses a second gateway;
-    we keep both (several networks may share a bridge): see docs/plugin.md."""
-    if not net.force_addr:
-        return
-    for family, gw, plen in added:
-        for f, n, p in nl.addrs(holder["index"], family):
-            if (f, n, p) in added or (f == AF_INET6 and network_of(f, n, min(p, plen)) != network_of(f, gw, min(p, plen))):
+    ones that do not overlap: the others go, before a missing gateway is added.  Removed after,
+    an old primary address would take the new gateway with it (a secondary of the same subnet:
+    the kernel drops those with their primary unless promote_secondaries is on).  Without
+    forceAddress the reference refuses a second gateway; we keep both (several networks may
+    share a bridge): see docs/plugin.md."""
+    have = nl.addrs(holder["index"])
+    for family, gw, plen in gateways:
+        if (family, gw, plen) in have:  # already there: nothing to replace (as the reference)
+            continue
+        for f, n, p in have:
+            if f != family or (f, n, p) in gateways or \
+                    (f == AF_INET6 and network_of(f, n, min(p, plen)) != network_of(f, gw, min(p, plen))):
                 continue
-            kernel(f"cannot remove {fmt_cidr(f, n, p)} from {holder['name']}", nl.del_addr, holder["index"],
-                   holder["name"], f, n, p)
+            try:
+                nl.del_addr(holder["index"], holder["name"], f, n, p)
+            except OSError as e:
+                if e.errno != EADDRNOTAVAIL:  # gone already (with its primary, or a parallel ADD took it)
+                    raise CNIError(E_KERNEL, f"cannot remove {fmt_cidr(f, n, p)} from {holder['name']}: {e.strerror}")
 
 
 def undo_gateways(nl, holder, added):

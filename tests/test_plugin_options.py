@@ -325,6 +325,20 @@ def test_force_address_replaces_another_ipv4_address_on_the_bridge():
     assert kernel.addrs("cni0") == ["10.244.0.1/24"]
 
 
+def test_force_address_replacing_an_address_of_the_same_subnet_keeps_the_gateway_pods_ping():
+    # the old address is the subnet's primary: removed after the gateway, it would take the
+    # gateway (a secondary) with it
+    sh.ip("link", "add", "cni0", "type", "bridge")
+    sh.ip("addr", "add", "10.244.0.99/24", "dev", "cni0")
+    c = dict(CONF, forceAddress=True)
+    pod("p1", c)
+    assert kernel.addrs("cni0") == ["10.244.0.1/24"]
+    pod("p2", c)
+    ping("p1", "10.244.0.1")
+    ping("p2", "10.244.0.1")
+    assert kernel.addrs("cni0") == ["10.244.0.1/24"]
+
+
 def test_without_force_address_another_network_keeps_its_gateway_on_the_shared_bridge():
     sh.ip("link", "add", "cni0", "type", "bridge")
     sh.ip("addr", "add", "192.0.2.1/24", "dev", "cni0")
