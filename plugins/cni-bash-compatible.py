@@ -926,19 +926,16 @@ def conf_value(obj, key, kind, default, where=""):
 class Net:
     """The network config, validated and with the defaults applied."""
 
-    def __init__(self, conf, cni_args):
+    def __init__(self, conf, cni_args, teardown=False):
+        """TEARDOWN (DEL, GC): judge only what is read to find what to remove (see buildable)."""
         self.raw = conf
         self.version = conf.get("cniVersion", "")
         self.name = conf.get("name")
         if not valid_name(self.name, 200):
             raise CNIError(E_CONFIG, f"invalid network name {self.name!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*")
         self.mode = conf_value(conf, "mode", str, "bridge")
-        if self.mode not in MODES:
-            raise CNIError(E_CONFIG, f"invalid mode {self.mode!r}: one of " + ", ".join(MODES))
         self.routed = self.mode == "routed"
         self.bridge = conf_value(conf, "bridge", str, DEFAULT_BRIDGE)
-        if not valid_ifname(self.bridge):
-            raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
         self.default_gw = conf_value(conf, "isDefaultGateway", bool, True)
         self.is_gw = conf_value(conf, "isGateway", bool, True) or self.default_gw
         self.masq = conf_value(conf, "ipMasq", bool, True)
@@ -946,35 +943,19 @@ class Net:
         self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = conf_value(conf, "hairpinMode", bool, False)
         self.promisc = conf_value(conf, "promiscMode", bool, False)
-        if self.hairpin and self.promisc:  # the reference refuses the pair
-            raise CNIError(E_CONFIG, "hairpinMode and promiscMode cannot both be true")
         self.isolated = conf_value(conf, "portIsolation", bool, False)
         self.spoofchk = conf_value(conf, "macspoofchk", bool, False)
         self.dad = conf_value(conf, "enabledad", bool, False)
         self.force_addr = conf_value(conf, "forceAddress", bool, False)
         self.vlan = conf_value(conf, "vlan", int, 0)
-        if not 0 <= self.vlan <= 4094:
-            raise CNIError(E_CONFIG, f"invalid vlan {self.vlan}: must be between 0 and 4094")
         self.trunk = self.vlan_trunk()
         self.keep_default_vlan = conf_value(conf, "preserveDefaultVlan", bool, False)
-        if self.vlan and self.is_gw and not valid_ifname(f"{self.bridge}.{self.vlan}"):
-            raise CNIError(E_CONFIG, f"vlan {self.vlan} on bridge {self.bridge!r}: its gateway link "
-                                     f"{self.bridge}.{self.vlan} would be longer than 15 characters")
         self.masq_backend = conf_value(conf, "ipMasqBackend", str, "iptables")
         if self.masq_backend not in MASQ_BACKENDS:
             raise CNIError(E_CONFIG, f"invalid ipMasqBackend {self.masq_backend!r}: one of " + ", ".join(MASQ_BACKENDS))
-        if conf_value(conf, "disableContainerInterface", bool, False):  # the reference allows it only without IPAM
-            raise CNIError(E_CONFIG, "disableContainerInterface is not supported: it needs a network without IPAM "
-                                     "(layer 2 only), and this plugin always assigns addresses")
-        if self.routed:
-            for key, on in (("promiscMode", self.promisc), ("portIsolation", self.isolated), ("vlan", self.vlan),
-                            ("vlanTrunk", self.trunk is not None), ("macspoofchk", self.spoofchk)):
-                if on:
-                    raise CNIError(E_CONFIG, f"{key} needs a bridge: it is not supported in routed mode")
+        self.no_l3 = conf_value(conf, "disableContainerInterface", bool, False)
         self.nft = self.spoofchk or (self.masq_backend == "nftables" and (self.masq or self.forward))
         self.mtu = conf_value(conf, "mtu", int, 0)
-        if not 0 <= self.mtu <= 65535:
-            raise CNIError(E_CONFIG, f"invalid mtu {self.mtu!r}")
         self.dns = conf_value(conf, "dns", dict, {})
         self.ipam = conf_value(conf, "ipam", dict, {})
         self.ipam_type = conf_value(self.ipam, "type", str, "", "ipam.")
@@ -998,6 +979,38 @@ class Net:
         self.ranges = conf_value(self.ipam, "ranges", list, [], "ipam.")
         if self.ipam_type in BUILTIN_IPAM or self.ipam_type == "host-local":
             self.range_sets()  # every key checked now, before anything is changed
+        if not teardown:
+            self.buildable()
+
+    def buildable(self):
+        """The values and combinations only ADD (and CHECK, STATUS) act on, refused (7) before
+        anything changes.  DEL and GC do not judge them: a runtime retries a failing DEL (kubelet
+        and containerd until it succeeds), and an attachment of a config ADD refused owns nothing
+        these keys would find, while what DEL removes is named by the attachment's record and the
+        IPAM keys, still checked.  The spec asks DEL to succeed "to the fullest extent possible";
+        a config that cannot be decoded, or a value of the wrong type, is still refused (6, 7),
+        as by the reference's DEL: nothing it names can be trusted to be ours."""
+        if self.mode not in MODES:
+            raise CNIError(E_CONFIG, f"invalid mode {self.mode!r}: one of " + ", ".join(MODES))
+        if not valid_ifname(self.bridge):
+            raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
+        if self.hairpin and self.promisc:  # the reference refuses the pair
+            raise CNIError(E_CONFIG, "hairpinMode and promiscMode cannot both be true")
+        if not 0 <= self.vlan <= 4094:
+            raise CNIError(E_CONFIG, f"invalid vlan {self.vlan}: must be between 0 and 4094")
+        if self.vlan and self.is_gw and not valid_ifname(f"{self.bridge}.{self.vlan}"):
+            raise CNIError(E_CONFIG, f"vlan {self.vlan} on bridge {self.bridge!r}: its gateway link "
+                                     f"{self.bridge}.{self.vlan} would be longer than 15 characters")
+        if self.no_l3:  # the reference allows it only without IPAM
+            raise CNIError(E_CONFIG, "disableContainerInterface is not supported: it needs a network without IPAM "
+                                     "(layer 2 only), and this plugin always assigns addresses")
+        if self.routed:
+            for key, on in (("promiscMode", self.promisc), ("portIsolation", self.isolated), ("vlan", self.vlan),
+                            ("vlanTrunk", self.trunk is not None), ("macspoofchk", self.spoofchk)):
+                if on:
+                    raise CNIError(E_CONFIG, f"{key} needs a bridge: it is not supported in routed mode")
+        if not 0 <= self.mtu <= 65535:
+            raise CNIError(E_CONFIG, f"invalid mtu {self.mtu!r}")
 
     def vlan_trunk(self):
         """vlanTrunk as the sorted VLAN ids it lists ([{"minID", "maxID"} ranges and {"id"}s]), None when
@@ -2568,7 +2581,7 @@ def dispatch(call):
         raise CNIError(E_VERSION, f"unsupported cniVersion {asked!r}", "supported: " + ", ".join(SUPPORTED_VERSIONS))
     if version_tuple(asked) < verb.since:
         raise CNIError(E_VERSION, f"{call.command} is not supported in cniVersion {asked}")
-    net = Net(call.conf, parse_cni_args(call.env.get("CNI_ARGS", "")))
+    net = Net(call.conf, parse_cni_args(call.env.get("CNI_ARGS", "")), teardown=call.command in ("DEL", "GC"))
     return verb.run(net, call)
 
 

@@ -206,6 +206,30 @@ def test_values_that_cannot_be_honoured_are_error_7_naming_the_key_before_anythi
     nothing_made("p1")
 
 
+REFUSED_BY_ADD = [{"hairpinMode": True, "promiscMode": True}, {"vlan": 4095}, {"disableContainerInterface": True},
+                  {"mode": "routed", "portIsolation": True}, {"vlan": 100, "bridge": "br-long-name"},
+                  {"mode": "tunnel"}, {"mtu": 70000}]
+
+
+@pytest.mark.parametrize("extra", REFUSED_BY_ADD)
+def test_del_of_a_config_its_add_refused_succeeds_and_releases_what_it_can(extra):
+    # a runtime retries a failing DEL (kubelet, containerd: until it succeeds), so DEL does not
+    # judge what only ADD acts on
+    ns = netns("p1")
+    error(cni("ADD", dict(CONF, **extra), cid="p1", netns=ns), 7)
+    ok(cni("DEL", dict(CONF, **extra), cid="p1", netns=ns))
+    ok(cni("DEL", dict(CONF, **extra), cid="p1", netns=""))
+    pod("p2", CONF)  # attached with a good config, then deleted with the refused one
+    assert allocation_files(CONF["name"]) != {}
+    ok(cni("DEL", dict(CONF, **extra), cid="p2"))
+    assert allocation_files(CONF["name"]) == {} and "cnikit" not in nat_rules() and "eth0" not in links("p2")
+
+
+@pytest.mark.parametrize("extra", [{"hairpinMode": "yes"}, {"vlan": "100"}, {"ipam": {"subnet": "10.244.0.0/33"}}])
+def test_del_still_refuses_a_value_it_cannot_read(extra):
+    error(cni("DEL", dict(CONF, **extra), cid="p1", netns=""), 7)
+
+
 # ---------------------------------------------------------------- macspoofchk
 
 def test_macspoofchk_drops_frames_with_another_source_mac_and_del_removes_its_table():
