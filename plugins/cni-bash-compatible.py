@@ -101,6 +101,7 @@ MASQ_BACKENDS = ("iptables", "nftables")
 NFT_FAMILIES = ("bridge", "inet")
 NFT_PREFIX = "cnikit-"
 DAD_WAIT = 5.0  # seconds enabledad waits for IPv6 duplicate address detection, as the reference does
+PORT_WAIT = 2.5  # seconds ADD waits for the bridge to take the new port's carrier (the reference: 2.55)
 
 # CNI error codes (spec) and ours (100+)
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG, E_TRY_LATER = 1, 2, 3, 4, 5, 6, 7, 11
@@ -520,7 +521,8 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_PROTINFO = 1, 3, 4, 10, 1
 IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 18, 28, 1, 2, 1
 IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
 IFLA_BR_VLAN_FILTERING, IFLA_BR_VLAN_DEFAULT_PVID = 7, 39  # in a bridge's IFLA_INFO_DATA
-IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33  # hairpin, isolated
+IFLA_BRPORT_STATE, IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 1, 4, 33  # hairpin, isolated
+IFLA_INFO_SLAVE_DATA, BR_STATE_DISABLED = 5, 0  # a port's IFLA_BRPORT_* in its IFLA_LINKINFO
 IFLA_BRIDGE_VLAN_INFO, BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 2, 2, 4
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
 IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
@@ -744,6 +746,7 @@ def parse_link(payload):
     info = parse_nla(a.get(IFLA_LINKINFO, b""))
     kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
     data = parse_nla(info.get(IFLA_INFO_DATA, b"")) if kind == "bridge" else {}
+    port = parse_nla(info.get(IFLA_INFO_SLAVE_DATA, b""))
     return {
         "index": index,
         "name": a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
@@ -754,6 +757,7 @@ def parse_link(payload):
         "mtu": struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0,
         "master": struct.unpack("=I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0,
         "kind": kind,
+        "port_state": port[IFLA_BRPORT_STATE][0] if IFLA_BRPORT_STATE in port else None,
     }
 
 
@@ -2258,6 +2262,8 @@ def cmd_add(net, call):
             if net.routed:
                 routed_host_routes(nl, veth, veth_name, ips)
             wait_all(adding)  # started with the record: committed while the veth was made
+            if br:
+                port_ready(nl, veth_name)
             br = nl.link(net.bridge) if br else None  # its MAC follows its ports
         except BaseException as e:
             log(f"  ADD failed ({e}); rolling back")
@@ -2271,6 +2277,30 @@ def cmd_add(net, call):
             if held is not None:
                 posix.close(held)
         return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns, vlan_link)
+
+
+def port_ready(nl, name):
+    """Wait until the bridge has taken the port's carrier, so the pod's first frames pass: the
+    veth has one once the pod's end is up, and the kernel tells the bridge from its linkwatch
+    work queue, later, and only then moves the port out of "disabled" (to forwarding; with STP
+    to listening, whose delays are the bridge's own).  The reference waits likewise, for the
+    host end's operstate, which the same work sets.  Polled with growing pauses, PORT_WAIT at
+    most: a port that never gets there is an error, as in the reference."""
+    import time
+    start = time.monotonic()
+    pause = 0.0005
+    while True:
+        link = nl.link(name)
+        if link is None:
+            raise CNIError(E_KERNEL, f"{name} went away")
+        if link["port_state"] != BR_STATE_DISABLED:
+            if pause > 0.0005:
+                log(f"  bridge port {name} ready after {(time.monotonic() - start) * 1000:.1f} ms")
+            return
+        if time.monotonic() - start > PORT_WAIT:
+            raise CNIError(E_KERNEL, f"bridge port {name} still disabled after {PORT_WAIT:g} s (no carrier?)")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def random_mac():

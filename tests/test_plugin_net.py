@@ -24,6 +24,21 @@ def test_many_pods_get_distinct_addresses_and_reach_each_other_and_the_gateway()
     assert len(set(hosts)) == 5 and all(links()[h]["master"] == "cni0" for h in hosts)
 
 
+def test_add_returns_once_the_bridge_port_forwards():
+    """The bridge learns of the new port's carrier later, from the kernel's linkwatch work; ADD
+    waits for it, so the port is forwarding when it returns and the pod's first packet passes.
+    No rules to apply (ipMasq, forwardAccept off): nothing else for ADD to wait on meanwhile."""
+    conf = dict(CLASSIC, ipMasq=False, forwardAccept=False)
+    for i in range(6):
+        res = pod(f"p{i}", conf)
+        veth = res["interfaces"][1]["name"]
+        (port,) = json.loads(str(sh.ip("-j", "-d", "link", "show", "dev", veth)))
+        assert port["linkinfo"]["info_slave_data"]["state"] == "forwarding", port
+        out = subprocess.run(["ip", "netns", "exec", f"p{i}", "ping", "-c", "1", "-W", "1", "10.244.0.1"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_ip_masq_hides_the_pod_behind_the_node_towards_the_internet():
     pod("p1", CLASSIC)
     # the "internet": a namespace with a documentation address behind the node's uplink

@@ -107,18 +107,11 @@ def _vlans(ifname):
     return []
 
 
-def _settled_links(timeout=3):
-    """{name: `ip -j -d link` record} of the host once every bridge port with a carrier has left
-    the "disabled" state: the kernel tells the bridge about a new carrier from a work queue
-    (linkwatch, up to a second later), so the state right after a call is a race, not a result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        links = {l["ifname"]: l for l in _json("ip", "-j", "-d", "link", "show")}
-        if time.monotonic() > deadline or not any(
-                "LOWER_UP" in l["flags"] and l.get("linkinfo", {}).get("info_slave_data", {}).get("state") == "disabled"
-                for l in links.values()):
-            return links
-        time.sleep(0.02)
+def _host_links():
+    """{name: `ip -j -d link` record} of the host, read right after the call: both plugins return
+    only once the bridge has taken a new port's carrier (out of "disabled"), so its state is a
+    result, not a race (ours polls the port's state, the reference the veth's operstate)."""
+    return {l["ifname"]: l for l in _json("ip", "-j", "-d", "link", "show")}
 
 
 def _flags(link):
@@ -137,7 +130,7 @@ def snapshot(pods, first_bridge_mac, baselines):
     added so far (those whose netns is gone are skipped).  BASELINES: {netns or None: its
     sysctls before any call}.  FIRST_BRIDGE_MAC: {} filled with each bridge's MAC the first time
     it is seen, so a later change shows as "mac_stable": False."""
-    host_links = _settled_links()
+    host_links = _host_links()
     names = {}                      # kernel name -> role
     pod_state = {}
     for cid, ifname in pods:
