@@ -525,7 +525,7 @@ IFLA_BRPORT_STATE, IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 1, 4, 33  # hairpin,
 IFLA_INFO_SLAVE_DATA, BR_STATE_DISABLED = 5, 0  # a port's IFLA_BRPORT_* in its IFLA_LINKINFO
 IFLA_BRIDGE_VLAN_INFO, BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 2, 2, 4
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
-IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
+IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x02, 0x08, 0x40
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP, IFF_PROMISC, NLA_F_NESTED = 1, 0x100, 0x8000
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST = 254, 3, 253, 1
@@ -682,14 +682,16 @@ class Netlink:
         self.request(RTM_DELLINK, F_ACK, body, f"ip link del {name}")
 
     # addresses
-    def add_addr(self, index, name, family, n, plen, exclusive=False):
-        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it)."""
-        body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
+    def add_addr(self, index, name, family, n, plen, exclusive=False, nodad=False):
+        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it).
+        NODAD: an IPv6 address usable at once, without duplicate address detection."""
+        flags = IFA_F_NODAD if nodad else 0
+        body = struct.pack("=BBBBI", family, plen, flags, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
             + nla(IFA_ADDRESS, ip_bytes(family, n))
         if family == AF_INET and plen < 31:
             body += nla(IFA_BROADCAST, ip_bytes(family, n | ((1 << (32 - plen)) - 1)))
         self.request(RTM_NEWADDR, F_ACK | F_CREATE | (F_EXCL if exclusive else F_REPLACE), body,
-                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}")
+                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}" + " nodad" * nodad)
 
     def del_addr(self, index, name, family, n, plen):
         body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
@@ -2097,10 +2099,15 @@ def routed_container_routes(net, ips, ipam_routes):
 
 
 def routed_host_side(nl, veth, name, ips):
-    """The host end: up, holding each gateway address as /32 (/128)."""
+    """The host end: up, holding each gateway address as /32 (/128).  An IPv6 gateway without
+    DAD (nodad): tentative, it would answer no neighbour solicitation for the second or two DAD
+    takes, and the pod's first packets would wait (ptp leaves it tentative, but answers ADD only
+    after the pod's own DAD, about as long).  Nothing to detect: the link reaches only the pod,
+    which never holds the gateway."""
     kernel(f"cannot bring {name} up", nl.set_link, veth["index"], name, True)
     for family, gw in sorted({(ip["family"], ip["gw"]) for ip in ips}):
-        kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family))
+        kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family),
+               False, family == AF_INET6)
     for ip in ips:
         sysctl_on("/proc/sys/net/ipv4/ip_forward" if ip["family"] == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
 
@@ -2252,6 +2259,11 @@ def cmd_add(net, call):
                         "index": None}
             # as the reference: the host end takes no router advertisements (a pod's could give the host routes)
             sysctl_set(f"/proc/sys/net/ipv6/conf/{veth_name}/accept_ra", "0")
+            if net.routed and any(ip["family"] == AF_INET6 for ip in ips):
+                # before the pod's end is up, which gives the veth its carrier and its link-local
+                # address: a tentative one, and the host sends no neighbour solicitation on the
+                # link (it needs a usable link-local source) to forward a pod's packet to a pod
+                sysctl_set(f"/proc/sys/net/ipv6/conf/{veth_name}/accept_dad", "0")
             if not net.routed and (net.hairpin or net.isolated or net.vlan or net.trunk):
                 veth = dict(nl.link(veth_name), mac=veth["mac"])
                 if net.hairpin or net.isolated:
