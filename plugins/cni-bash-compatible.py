@@ -103,6 +103,7 @@ MASQ_BACKENDS = ("iptables", "nftables")
 NFT_FAMILIES = ("bridge", "inet")
 NFT_PREFIX = "cnikit-"
 DAD_WAIT = 5.0  # seconds enabledad waits for IPv6 duplicate address detection, as the reference does
+PORT_WAIT = 2.5  # seconds ADD waits for the bridge to take the new port's carrier (the reference: 2.55)
 
 # CNI error codes (spec) and ours (100+)
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG, E_TRY_LATER = 1, 2, 3, 4, 5, 6, 7, 11
@@ -328,7 +329,7 @@ if __name__ == "__main__" and posix.environ.get(b"CNI_COMMAND") == b"VERSION":
 
 import _socket  # noqa: E402  (the body's C modules: socket and struct without their pure-Python layers)
 import _struct as struct  # noqa: E402  (struct.py only re-exports _struct, which is built in)
-from errno import EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR, EOPNOTSUPP  # noqa: E402  (errno is built in: free)
+from errno import EADDRNOTAVAIL, EEXIST, EINVAL, ENODEV, ENOENT, ENOTDIR, EOPNOTSUPP  # noqa: E402  (errno is built in: free)
 
 
 # ---------------------------------------------------------------- files: posix and these few helpers
@@ -545,10 +546,11 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_PROTINFO = 1, 3, 4, 10, 1
 IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 18, 28, 1, 2, 1
 IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
 IFLA_BR_VLAN_FILTERING, IFLA_BR_VLAN_DEFAULT_PVID = 7, 39  # in a bridge's IFLA_INFO_DATA
-IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33  # hairpin, isolated
+IFLA_BRPORT_STATE, IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 1, 4, 33  # hairpin, isolated
+IFLA_INFO_SLAVE_DATA, BR_STATE_DISABLED = 5, 0  # a port's IFLA_BRPORT_* in its IFLA_LINKINFO
 IFLA_BRIDGE_VLAN_INFO, BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 2, 2, 4
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
-IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
+IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x02, 0x08, 0x40
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP, IFF_PROMISC, NLA_F_NESTED = 1, 0x100, 0x8000
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST = 254, 3, 253, 1
@@ -705,14 +707,16 @@ class Netlink:
         self.request(RTM_DELLINK, F_ACK, body, f"ip link del {name}")
 
     # addresses
-    def add_addr(self, index, name, family, n, plen, exclusive=False):
-        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it)."""
-        body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
+    def add_addr(self, index, name, family, n, plen, exclusive=False, nodad=False):
+        """EXCLUSIVE: EEXIST if the link has it already (so the caller knows whether it added it).
+        NODAD: an IPv6 address usable at once, without duplicate address detection."""
+        flags = IFA_F_NODAD if nodad else 0
+        body = struct.pack("=BBBBI", family, plen, flags, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
             + nla(IFA_ADDRESS, ip_bytes(family, n))
         if family == AF_INET and plen < 31:
             body += nla(IFA_BROADCAST, ip_bytes(family, n | ((1 << (32 - plen)) - 1)))
         self.request(RTM_NEWADDR, F_ACK | F_CREATE | (F_EXCL if exclusive else F_REPLACE), body,
-                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}")
+                     f"ip addr add {fmt_cidr(family, n, plen)} dev {name}" + " nodad" * nodad)
 
     def del_addr(self, index, name, family, n, plen):
         body = struct.pack("=BBBBI", family, plen, 0, 0, index) + nla(IFA_LOCAL, ip_bytes(family, n)) \
@@ -769,6 +773,7 @@ def parse_link(payload):
     info = parse_nla(a.get(IFLA_LINKINFO, b""))
     kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
     data = parse_nla(info.get(IFLA_INFO_DATA, b"")) if kind == "bridge" else {}
+    port = parse_nla(info.get(IFLA_INFO_SLAVE_DATA, b""))
     return {
         "index": index,
         "name": a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
@@ -779,6 +784,7 @@ def parse_link(payload):
         "mtu": struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0,
         "master": struct.unpack("=I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0,
         "kind": kind,
+        "port_state": port[IFLA_BRPORT_STATE][0] if IFLA_BRPORT_STATE in port else None,
     }
 
 
@@ -951,19 +957,16 @@ def conf_value(obj, key, kind, default, where=""):
 class Net:
     """The network config, validated and with the defaults applied."""
 
-    def __init__(self, conf, cni_args):
+    def __init__(self, conf, cni_args, teardown=False):
+        """TEARDOWN (DEL, GC): judge only what is read to find what to remove (see buildable)."""
         self.raw = conf
         self.version = conf.get("cniVersion", "")
         self.name = conf.get("name")
         if not valid_name(self.name, 200):
             raise CNIError(E_CONFIG, f"invalid network name {self.name!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*")
         self.mode = conf_value(conf, "mode", str, "bridge")
-        if self.mode not in MODES:
-            raise CNIError(E_CONFIG, f"invalid mode {self.mode!r}: one of " + ", ".join(MODES))
         self.routed = self.mode == "routed"
         self.bridge = conf_value(conf, "bridge", str, DEFAULT_BRIDGE)
-        if not valid_ifname(self.bridge):
-            raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
         self.default_gw = conf_value(conf, "isDefaultGateway", bool, True)
         self.is_gw = conf_value(conf, "isGateway", bool, True) or self.default_gw
         self.masq = conf_value(conf, "ipMasq", bool, True)
@@ -971,35 +974,19 @@ class Net:
         self.no_masq = self.cidr_list("nonMasqueradeCIDRs")
         self.hairpin = conf_value(conf, "hairpinMode", bool, False)
         self.promisc = conf_value(conf, "promiscMode", bool, False)
-        if self.hairpin and self.promisc:  # the reference refuses the pair
-            raise CNIError(E_CONFIG, "hairpinMode and promiscMode cannot both be true")
         self.isolated = conf_value(conf, "portIsolation", bool, False)
         self.spoofchk = conf_value(conf, "macspoofchk", bool, False)
         self.dad = conf_value(conf, "enabledad", bool, False)
         self.force_addr = conf_value(conf, "forceAddress", bool, False)
         self.vlan = conf_value(conf, "vlan", int, 0)
-        if not 0 <= self.vlan <= 4094:
-            raise CNIError(E_CONFIG, f"invalid vlan {self.vlan}: must be between 0 and 4094")
         self.trunk = self.vlan_trunk()
         self.keep_default_vlan = conf_value(conf, "preserveDefaultVlan", bool, False)
-        if self.vlan and self.is_gw and not valid_ifname(f"{self.bridge}.{self.vlan}"):
-            raise CNIError(E_CONFIG, f"vlan {self.vlan} on bridge {self.bridge!r}: its gateway link "
-                                     f"{self.bridge}.{self.vlan} would be longer than 15 characters")
         self.masq_backend = conf_value(conf, "ipMasqBackend", str, "iptables")
         if self.masq_backend not in MASQ_BACKENDS:
             raise CNIError(E_CONFIG, f"invalid ipMasqBackend {self.masq_backend!r}: one of " + ", ".join(MASQ_BACKENDS))
-        if conf_value(conf, "disableContainerInterface", bool, False):  # the reference allows it only without IPAM
-            raise CNIError(E_CONFIG, "disableContainerInterface is not supported: it needs a network without IPAM "
-                                     "(layer 2 only), and this plugin always assigns addresses")
-        if self.routed:
-            for key, on in (("promiscMode", self.promisc), ("portIsolation", self.isolated), ("vlan", self.vlan),
-                            ("vlanTrunk", self.trunk is not None), ("macspoofchk", self.spoofchk)):
-                if on:
-                    raise CNIError(E_CONFIG, f"{key} needs a bridge: it is not supported in routed mode")
+        self.no_l3 = conf_value(conf, "disableContainerInterface", bool, False)
         self.nft = self.spoofchk or (self.masq_backend == "nftables" and (self.masq or self.forward))
         self.mtu = conf_value(conf, "mtu", int, 0)
-        if not 0 <= self.mtu <= 65535:
-            raise CNIError(E_CONFIG, f"invalid mtu {self.mtu!r}")
         self.dns = conf_value(conf, "dns", dict, {})
         self.ipam = conf_value(conf, "ipam", dict, {})
         self.ipam_type = conf_value(self.ipam, "type", str, "", "ipam.")
@@ -1023,6 +1010,38 @@ class Net:
         self.ranges = conf_value(self.ipam, "ranges", list, [], "ipam.")
         if self.ipam_type in BUILTIN_IPAM or self.ipam_type == "host-local":
             self.range_sets()  # every key checked now, before anything is changed
+        if not teardown:
+            self.buildable()
+
+    def buildable(self):
+        """The values and combinations only ADD (and CHECK, STATUS) act on, refused (7) before
+        anything changes.  DEL and GC do not judge them: a runtime retries a failing DEL (kubelet
+        and containerd until it succeeds), and an attachment of a config ADD refused owns nothing
+        these keys would find, while what DEL removes is named by the attachment's record and the
+        IPAM keys, still checked.  The spec asks DEL to succeed "to the fullest extent possible";
+        a config that cannot be decoded, or a value of the wrong type, is still refused (6, 7),
+        as by the reference's DEL: nothing it names can be trusted to be ours."""
+        if self.mode not in MODES:
+            raise CNIError(E_CONFIG, f"invalid mode {self.mode!r}: one of " + ", ".join(MODES))
+        if not valid_ifname(self.bridge):
+            raise CNIError(E_CONFIG, f"invalid bridge name {self.bridge!r}")
+        if self.hairpin and self.promisc:  # the reference refuses the pair
+            raise CNIError(E_CONFIG, "hairpinMode and promiscMode cannot both be true")
+        if not 0 <= self.vlan <= 4094:
+            raise CNIError(E_CONFIG, f"invalid vlan {self.vlan}: must be between 0 and 4094")
+        if self.vlan and self.is_gw and not valid_ifname(f"{self.bridge}.{self.vlan}"):
+            raise CNIError(E_CONFIG, f"vlan {self.vlan} on bridge {self.bridge!r}: its gateway link "
+                                     f"{self.bridge}.{self.vlan} would be longer than 15 characters")
+        if self.no_l3:  # the reference allows it only without IPAM
+            raise CNIError(E_CONFIG, "disableContainerInterface is not supported: it needs a network without IPAM "
+                                     "(layer 2 only), and this plugin always assigns addresses")
+        if self.routed:
+            for key, on in (("promiscMode", self.promisc), ("portIsolation", self.isolated), ("vlan", self.vlan),
+                            ("vlanTrunk", self.trunk is not None), ("macspoofchk", self.spoofchk)):
+                if on:
+                    raise CNIError(E_CONFIG, f"{key} needs a bridge: it is not supported in routed mode")
+        if not 0 <= self.mtu <= 65535:
+            raise CNIError(E_CONFIG, f"invalid mtu {self.mtu!r}")
 
     def vlan_trunk(self):
         """vlanTrunk as the sorted VLAN ids it lists ([{"minID", "maxID"} ranges and {"id"}s]), None when
@@ -1959,6 +1978,8 @@ def ensure_bridge(nl, net, ips):
     if net.is_gw:
         if net.vlan:
             holder = ensure_vlan_gateway(nl, net, br)
+        if net.force_addr:
+            make_room(nl, holder, [(ip["family"], ip["gw"], ip["plen"]) for ip in ips])
         for ip in ips:  # no dump of the addresses (it grows with the pods' link-local ones): EEXIST says it
             gw = (ip["family"], ip["gw"], ip["plen"])
             try:
@@ -1968,28 +1989,34 @@ def ensure_bridge(nl, net, ips):
                 if e.errno != EEXIST:
                     undo_gateways(nl, holder, added)
                     raise CNIError(E_KERNEL, f"cannot add gateway address to {holder['name']}: {e.strerror}")
-        if added:  # the subnet's first pod here: the only time another gateway can be in the way
-            other_gateways(nl, net, holder, added)
-            if not created and holder is br:  # a bridge made by someone else: its MAC stops following its ports
-                kernel(f"cannot set the MAC of {net.bridge}", nl.set_mac, br["index"], net.bridge,
-                       bytes(int(x, 16) for x in br["mac"].split(":")))
+        if added and not created and holder is br:  # a bridge made by someone else: its MAC stops following its ports
+            kernel(f"cannot set the MAC of {net.bridge}", nl.set_mac, br["index"], net.bridge,
+                   bytes(int(x, 16) for x in br["mac"].split(":")))
         for family in {ip["family"] for ip in ips}:
             sysctl_on("/proc/sys/net/ipv4/ip_forward" if family == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
     return br, added, holder
 
 
-def other_gateways(nl, net, holder, added):
+def make_room(nl, holder, gateways):
     """forceAddress: the reference's rule that the gateway link holds one IPv4 address, and IPv6
-    ones that do not overlap: the others go.  Without it the reference refuses a second gateway;
-    we keep both (several networks may share a bridge): see docs/plugin.md."""
-    if not net.force_addr:
-        return
-    for family, gw, plen in added:
-        for f, n, p in nl.addrs(holder["index"], family):
-            if (f, n, p) in added or (f == AF_INET6 and network_of(f, n, min(p, plen)) != network_of(f, gw, min(p, plen))):
+    ones that do not overlap: the others go, before a missing gateway is added.  Removed after,
+    an old primary address would take the new gateway with it (a secondary of the same subnet:
+    the kernel drops those with their primary unless promote_secondaries is on).  Without
+    forceAddress the reference refuses a second gateway; we keep both (several networks may
+    share a bridge): see docs/plugin.md."""
+    have = nl.addrs(holder["index"])
+    for family, gw, plen in gateways:
+        if (family, gw, plen) in have:  # already there: nothing to replace (as the reference)
+            continue
+        for f, n, p in have:
+            if f != family or (f, n, p) in gateways or \
+                    (f == AF_INET6 and network_of(f, n, min(p, plen)) != network_of(f, gw, min(p, plen))):
                 continue
-            kernel(f"cannot remove {fmt_cidr(f, n, p)} from {holder['name']}", nl.del_addr, holder["index"],
-                   holder["name"], f, n, p)
+            try:
+                nl.del_addr(holder["index"], holder["name"], f, n, p)
+            except OSError as e:
+                if e.errno != EADDRNOTAVAIL:  # gone already (with its primary, or a parallel ADD took it)
+                    raise CNIError(E_KERNEL, f"cannot remove {fmt_cidr(f, n, p)} from {holder['name']}: {e.strerror}")
 
 
 def undo_gateways(nl, holder, added):
@@ -2097,10 +2124,15 @@ def routed_container_routes(net, ips, ipam_routes):
 
 
 def routed_host_side(nl, veth, name, ips):
-    """The host end: up, holding each gateway address as /32 (/128)."""
+    """The host end: up, holding each gateway address as /32 (/128).  An IPv6 gateway without
+    DAD (nodad): tentative, it would answer no neighbour solicitation for the second or two DAD
+    takes, and the pod's first packets would wait (ptp leaves it tentative, but answers ADD only
+    after the pod's own DAD, about as long).  Nothing to detect: the link reaches only the pod,
+    which never holds the gateway."""
     kernel(f"cannot bring {name} up", nl.set_link, veth["index"], name, True)
     for family, gw in sorted({(ip["family"], ip["gw"]) for ip in ips}):
-        kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family))
+        kernel(f"cannot add gateway address to {name}", nl.add_addr, veth["index"], name, family, gw, bits(family),
+               False, family == AF_INET6)
     for ip in ips:
         sysctl_on("/proc/sys/net/ipv4/ip_forward" if ip["family"] == AF_INET else "/proc/sys/net/ipv6/conf/all/forwarding")
 
@@ -2252,6 +2284,11 @@ def cmd_add(net, call):
                         "index": None}
             # as the reference: the host end takes no router advertisements (a pod's could give the host routes)
             sysctl_set(f"/proc/sys/net/ipv6/conf/{veth_name}/accept_ra", "0")
+            if net.routed and any(ip["family"] == AF_INET6 for ip in ips):
+                # before the pod's end is up, which gives the veth its carrier and its link-local
+                # address: a tentative one, and the host sends no neighbour solicitation on the
+                # link (it needs a usable link-local source) to forward a pod's packet to a pod
+                sysctl_set(f"/proc/sys/net/ipv6/conf/{veth_name}/accept_dad", "0")
             if not net.routed and (net.hairpin or net.isolated or net.vlan or net.trunk):
                 veth = dict(nl.link(veth_name), mac=veth["mac"])
                 if net.hairpin or net.isolated:
@@ -2262,6 +2299,8 @@ def cmd_add(net, call):
             if net.routed:
                 routed_host_routes(nl, veth, veth_name, ips)
             wait_all(adding)  # started with the record: committed while the veth was made
+            if br:
+                port_ready(nl, veth_name)
             br = nl.link(net.bridge) if br else None  # its MAC follows its ports
         except BaseException as e:
             log(f"  ADD failed ({e}); rolling back")
@@ -2275,6 +2314,30 @@ def cmd_add(net, call):
             if held is not None:
                 posix.close(held)
         return build_result(net, br, veth, cont, netns, ips, routes, ipam_dns, vlan_link)
+
+
+def port_ready(nl, name):
+    """Wait until the bridge has taken the port's carrier, so the pod's first frames pass: the
+    veth has one once the pod's end is up, and the kernel tells the bridge from its linkwatch
+    work queue, later, and only then moves the port out of "disabled" (to forwarding; with STP
+    to listening, whose delays are the bridge's own).  The reference waits likewise, for the
+    host end's operstate, which the same work sets.  Polled with growing pauses, PORT_WAIT at
+    most: a port that never gets there is an error, as in the reference."""
+    import time
+    start = time.monotonic()
+    pause = 0.0005
+    while True:
+        link = nl.link(name)
+        if link is None:
+            raise CNIError(E_KERNEL, f"{name} went away")
+        if link["port_state"] != BR_STATE_DISABLED:
+            if pause > 0.0005:
+                log(f"  bridge port {name} ready after {(time.monotonic() - start) * 1000:.1f} ms")
+            return
+        if time.monotonic() - start > PORT_WAIT:
+            raise CNIError(E_KERNEL, f"bridge port {name} still disabled after {PORT_WAIT:g} s (no carrier?)")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def random_mac():
@@ -2585,7 +2648,7 @@ def dispatch(call):
         raise CNIError(E_VERSION, f"unsupported cniVersion {asked!r}", "supported: " + ", ".join(SUPPORTED_VERSIONS))
     if version_tuple(asked) < verb.since:
         raise CNIError(E_VERSION, f"{call.command} is not supported in cniVersion {asked}")
-    net = Net(call.conf, parse_cni_args(call.env.get("CNI_ARGS", "")))
+    net = Net(call.conf, parse_cni_args(call.env.get("CNI_ARGS", "")), teardown=call.command in ("DEL", "GC"))
     return verb.run(net, call)
 
 

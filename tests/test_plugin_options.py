@@ -206,6 +206,30 @@ def test_values_that_cannot_be_honoured_are_error_7_naming_the_key_before_anythi
     nothing_made("p1")
 
 
+REFUSED_BY_ADD = [{"hairpinMode": True, "promiscMode": True}, {"vlan": 4095}, {"disableContainerInterface": True},
+                  {"mode": "routed", "portIsolation": True}, {"vlan": 100, "bridge": "br-long-name"},
+                  {"mode": "tunnel"}, {"mtu": 70000}]
+
+
+@pytest.mark.parametrize("extra", REFUSED_BY_ADD)
+def test_del_of_a_config_its_add_refused_succeeds_and_releases_what_it_can(extra):
+    # a runtime retries a failing DEL (kubelet, containerd: until it succeeds), so DEL does not
+    # judge what only ADD acts on
+    ns = netns("p1")
+    error(cni("ADD", dict(CONF, **extra), cid="p1", netns=ns), 7)
+    ok(cni("DEL", dict(CONF, **extra), cid="p1", netns=ns))
+    ok(cni("DEL", dict(CONF, **extra), cid="p1", netns=""))
+    pod("p2", CONF)  # attached with a good config, then deleted with the refused one
+    assert allocation_files(CONF["name"]) != {}
+    ok(cni("DEL", dict(CONF, **extra), cid="p2"))
+    assert allocation_files(CONF["name"]) == {} and "cnikit" not in nat_rules() and "eth0" not in links("p2")
+
+
+@pytest.mark.parametrize("extra", [{"hairpinMode": "yes"}, {"vlan": "100"}, {"ipam": {"subnet": "10.244.0.0/33"}}])
+def test_del_still_refuses_a_value_it_cannot_read(extra):
+    error(cni("DEL", dict(CONF, **extra), cid="p1", netns=""), 7)
+
+
 # ---------------------------------------------------------------- macspoofchk
 
 def test_macspoofchk_drops_frames_with_another_source_mac_and_del_removes_its_table():
@@ -322,6 +346,20 @@ def test_force_address_replaces_another_ipv4_address_on_the_bridge():
     sh.ip("link", "add", "cni0", "type", "bridge")
     sh.ip("addr", "add", "192.0.2.1/24", "dev", "cni0")
     pod("p1", dict(CONF, forceAddress=True))
+    assert kernel.addrs("cni0") == ["10.244.0.1/24"]
+
+
+def test_force_address_replacing_an_address_of_the_same_subnet_keeps_the_gateway_pods_ping():
+    # the old address is the subnet's primary: removed after the gateway, it would take the
+    # gateway (a secondary) with it
+    sh.ip("link", "add", "cni0", "type", "bridge")
+    sh.ip("addr", "add", "10.244.0.99/24", "dev", "cni0")
+    c = dict(CONF, forceAddress=True)
+    pod("p1", c)
+    assert kernel.addrs("cni0") == ["10.244.0.1/24"]
+    pod("p2", c)
+    ping("p1", "10.244.0.1")
+    ping("p2", "10.244.0.1")
     assert kernel.addrs("cni0") == ["10.244.0.1/24"]
 
 
