@@ -193,6 +193,16 @@ def build(L):
         cnikit.route_add(r, f"{ROUTED_GW}/32", dev="eth0", ns=ns)
         cnikit.route_add(r, "default", via=ROUTED_GW, ns=ns)
         cnikit.route_add(r, f"{addr}/32", dev=f"veth-{ns}")
+    if cnikit.forward_drops(r):
+        # A Docker host (FORWARD policy DROP): the host routes between the two veths, so it must
+        # accept that, and only that, as a CNI plugin's forward-accept rules would (tagged: undone).
+        r.note("this host's FORWARD policy is DROP (Docker sets it): accept what the host routes between "
+               "the routed pods' veths")
+        tag = ["-m", "comment", "--comment", f"{cnikit.TAG} lesson 08 routed"]
+        for a, b in (("rt1", "rt2"), ("rt2", "rt1")):
+            spec = ["-i", f"veth-{a}", "-o", f"veth-{b}"] + tag + ["-j", "ACCEPT"]
+            r.run(cnikit.iptables_rule("-A", "filter", "FORWARD", spec),
+                  creates=cnikit.Change.rule("filter", "FORWARD", spec))
 
     L.step(f"two nodes and a VXLAN overlay between them, as in lesson 06 (vxlan0 MTU {OVERLAY_MTU}); "
            f"pod1 and pod2 at the overlay's MTU, pod3 and pod4 at {cnikit.DEFAULT_MTU} as in lab 21 (too big)")

@@ -48,7 +48,7 @@ NOTES = {"03_bridge": [BRIDGE_NOTE], "04_tcp": [BRIDGE_NOTE], "05_egress": [BRID
          "07_cni": [CNI_NOTE], "07b_multinode": [bridge_note("underlay0")],
          "05b_ports": [BRIDGE_NOTE, NAT_NOTE], "07d_services": [BRIDGE_NOTE, SERVICES_NOTE],
          "07e_container": [BRIDGE_NOTE, NAT_NOTE],
-         "07f_dualstack": [BRIDGE_NOTE]}   # its ip6tables note follows ip6tables' policy: real Docker 20.10 keeps it
+         "07f_dualstack": [BRIDGE_NOTE], "08_cost": [BRIDGE_NOTE, NAT_NOTE]}   # its ip6tables note follows ip6tables' policy: real Docker 20.10 keeps it
 SUBNET, GATEWAY = "10.244.9.0/24", "10.244.9.1"
 UPLINK, SERVER = "203.0.113.1/24", "203.0.113.10/24"
 
