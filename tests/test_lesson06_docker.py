@@ -113,8 +113,11 @@ def test_docker_keep_then_down_removes_only_what_carries_the_label(docker_daemon
     assert vxlan["linkinfo"]["info_data"]["id"] == 42 and vxlan["linkinfo"]["info_data"]["port"] == 4789
     assert vxlan["master"] == "br0" and vxlan["mtu"] == 1450
     underlay = "br-" + docker_daemon("network", "inspect", "-f", "{{.Id}}", "cnikit-06").stdout.strip()[:12]
+    # Only the ping inside (inner IPv4 carrying ICMP, lesson 06's filter): the pods' own IPv6
+    # chatter (router solicitations, MLD reports) crosses the overlay too and would fill the count.
     capture = subprocess.Popen(["timeout", "20", "tcpdump", "-lni", underlay, "-c", "2",
-                                "udp port 4789 and host 192.0.2.11 and host 192.0.2.12"],
+                                "udp port 4789 and host 192.0.2.11 and host 192.0.2.12 and udp[28:2] = 0x0800 "
+                                "and udp[39] = 1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 15

@@ -59,14 +59,21 @@ class Terminal:
         os.write(self.master, keys.encode())
 
     def finish(self):
-        """The exit code, after reading what is left (a pty's writer blocks once it is full)."""
+        """The exit code, after reading all the lesson wrote: while it runs (a pty's writer blocks
+        once it is full) and what is still buffered once it has exited, up to the hang-up."""
         end = time.monotonic() + DEADLINE
-        while self.proc.poll() is None and time.monotonic() < end:
-            if select.select([self.master], [], [], 0.1)[0]:
-                try:
-                    self.text += os.read(self.master, 4096).decode(errors="replace")
-                except OSError:
-                    break
+        while time.monotonic() < end:
+            if not select.select([self.master], [], [], 0.1)[0]:
+                if self.proc.poll() is not None:
+                    break               # exited, and nothing more to read
+                continue
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:             # EIO: the lesson's side is closed, all of it read
+                break
+            if not chunk:
+                break
+            self.text += chunk.decode(errors="replace")
         code = self.proc.wait(timeout=DEADLINE)
         os.close(self.master)
         return code
