@@ -436,3 +436,28 @@ def test_bridge_macs_differ_per_node_and_name_and_are_the_dry_runs():
     real = run("-n", "node1", "bridge", "add", "br0").stdout
     assert plan.splitlines()[0] == real.splitlines()[0]
     assert plan.splitlines()[0] == f"ip -n node1 link add br0 address {links('node1')['br0']['address']} type bridge"
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_cleanup_removes_the_plugins_rules_in_either_masquerade_backend(backend):
+    """ipMasqBackend iptables or nftables (and macspoofchk's nft table): cleanup DELs the attachment
+    through the plugin, and neither iptables chains nor nft tables of ours are left."""
+    run("cni", "install")
+    path = "/etc/cni/net.d/10-cnikit.conflist"
+    with open(path) as f:
+        conf = json.load(f)
+    conf["plugins"][0].update(ipMasqBackend=backend, macspoofchk=True)
+    with open(path, "w") as f:
+        json.dump(conf, f)
+    run("netns", "add", "pod1")
+    run("-q", "cni", "add", "pod1")
+
+    def ours():
+        tables = json.loads(str(sh.nft("-j", "list", "tables")))["nftables"]
+        nft = [t["table"]["name"] for t in tables if "table" in t and t["table"]["name"].startswith("cnikit-")]
+        rules = str(sh.iptables("-t", "nat", "-S")) + str(sh.iptables("-S"))
+        return nft, cnikit.CHAIN_PREFIX in rules
+    nft, chains = ours()
+    assert len(nft) == (2 if backend == "nftables" else 1) and chains == (backend == "iptables")
+    run("cleanup")
+    assert ours() == ([], False)
