@@ -460,7 +460,11 @@ class Runner:
         self._log.append(list(argv))
         if self.quiet:
             return
-        self.print_command(shlex.join(argv) + suffix)
+        self.print_command(self.shell_line(argv) + suffix)
+
+    def shell_line(self, argv):
+        """ARGV as one line a shell runs: every word quoted as it needs."""
+        return shlex.join(argv)
 
     def print_command(self, line):
         """How a command appears: one line, highlighted on a terminal (a lesson's presenter

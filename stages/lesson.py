@@ -50,11 +50,6 @@ class Expand(str):
     script prints it in double quotes; it holds no `"`, `\\` or backquote."""
 
 
-def shell_join(argv):
-    """ARGV as one line of sh: shell-quoted words, an Expand word in double quotes."""
-    return " ".join(f'"{a}"' if isinstance(a, Expand) else shlex.quote(str(a)) for a in argv)
-
-
 def _reader_left():
     """`--dry-run | head`: the reader of stdout left.  Say nothing more (no traceback, like any
     other tool): what is still written, the verdict included, goes nowhere."""
@@ -121,16 +116,15 @@ class LessonRunner(cnikit.Runner):
             # dry run's script, which must make every change, still print each).
             self._kind = "tag" if self.dry_run or self.verbose else "folded"
         try:
-            if any(isinstance(a, Expand) for a in argv):
-                self._log.append(list(argv))          # cnikit's echo, with the words the script expands
-                if not self.quiet:
-                    self.print_command(shell_join(argv) + (suffix or self._suffix))
-            else:
-                super().echo(argv, suffix or self._suffix)
+            super().echo(argv, suffix or self._suffix)
             if not tag:           # bookkeeping, not a step of the lesson: no pause
                 self._pause()
         finally:
             self._kind = None
+
+    def shell_line(self, argv):
+        """As cnikit's, but a word the script expands (Expand: a job's PID) goes in double quotes."""
+        return " ".join(f'"{a}"' if isinstance(a, Expand) else shlex.quote(str(a)) for a in argv)
 
     def result(self, obj):
         """A CNI result in a lesson: the fields that matter, a line each (-v: the JSON in full)."""
