@@ -515,6 +515,11 @@ class Runner:
             if change.undo and not self.dry_run:
                 self._undo.append(change)
 
+    def forget(self, match):
+        """A later command removed these objects itself (a pod that left): rollback must not undo
+        the Changes MATCH(change) picks again."""
+        self._undo[:] = [c for c in self._undo if not match(c)]
+
     # -- executing
     def execute(self, argv, input=None, env=None, timeout=None):
         """Run ARGV without echo and return the CompletedProcess: every process cnikit

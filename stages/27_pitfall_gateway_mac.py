@@ -109,8 +109,7 @@ def _addr_assign_type(L):
 
 def _gone(L, pod):
     """POD left for good: nothing of it is left for the end of the lab to undo (--host)."""
-    L.r._undo[:] = [c for c in L.r._undo if not (c.ns == pod or c.same("netns", pod)
-                                                 or c.same("link", f"veth-{pod}", NODE))]
+    L.r.forget(lambda c: c.ns == pod or c.same("netns", pod) or c.same("link", f"veth-{pod}", NODE))
 
 
 def breakage(L):
