@@ -156,3 +156,19 @@ def kill_left(var, mark, grace=2.0):
         except OSError:
             pass
     return names
+
+def changes(before, after):
+    """What differs between two kernel_state()s that the kernel would not have done by itself:
+    any change of links, addresses, routes, rules or sysctls; a new neighbour or a new flow
+    (one that ages out, or a TCP flow closing, is the kernel's own doing)."""
+    out = []
+    for ns in sorted(set(before) | set(after)):
+        b, a = before.get(ns, {}), after.get(ns, {})
+        for key in sorted(set(b) | set(a)):
+            if key in ("neigh", "conntrack"):
+                new = a.get(key, set()) - b.get(key, set())
+                if new:
+                    out.append(f"{ns} {key}: new {sorted(new)}")
+            elif b.get(key) != a.get(key):
+                out.append(f"{ns} {key}: {b.get(key)!r} -> {a.get(key)!r}")
+    return out

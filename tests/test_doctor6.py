@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import sh
 
-from kernel import cli, ping
+from kernel import changes, cli, ping
 
 BRIDGE_MAC = "02:00:00:00:94:01"       # a MAC of its own: a wrong neighbour entry's fix is only to drop it
 NOBODY_MAC = "02:00:00:00:99:99"
@@ -105,20 +105,6 @@ def kernel_state6():
     return state
 
 
-def changes(before, after):
-    """What differs that the kernel would not have done by itself: any change of links,
-    addresses, routes, rules or sysctls; a new neighbour entry or a new flow."""
-    out = []
-    for ns in sorted(set(before) | set(after)):
-        b, a = before.get(ns, {}), after.get(ns, {})
-        for key in sorted(set(b) | set(a)):
-            if key in ("neigh", "conntrack"):
-                new = a.get(key, set()) - b.get(key, set())
-                if new:
-                    out.append(f"{ns} {key}: new {sorted(new)}")
-            elif b.get(key) != a.get(key):
-                out.append(f"{ns} {key}: {b.get(key)!r} -> {a.get(key)!r}")
-    return out
 
 
 def read_only_doctor(*args):

@@ -17,7 +17,7 @@ import sys
 import pytest
 import sh
 
-from kernel import ROOT, cli, run_stage
+from kernel import ROOT, changes, cli, run_stage
 
 STAGES = os.path.join(ROOT, "stages")
 LABS = {os.path.basename(p)[:2]: os.path.basename(p)
@@ -102,21 +102,6 @@ def kernel_state():
     return state
 
 
-def changes(before, after):
-    """What differs between two kernel_state()s that the kernel would not have done by itself:
-    any change of links, addresses, routes, rules or sysctls; a new neighbour or a new flow
-    (one that ages out, or a TCP flow closing, is the kernel's own doing)."""
-    out = []
-    for ns in sorted(set(before) | set(after)):
-        b, a = before.get(ns, {}), after.get(ns, {})
-        for key in sorted(set(b) | set(a)):
-            if key in ("neigh", "conntrack"):
-                new = a.get(key, set()) - b.get(key, set())
-                if new:
-                    out.append(f"{ns} {key}: new {sorted(new)}")
-            elif b.get(key) != a.get(key):
-                out.append(f"{ns} {key}: {b.get(key)!r} -> {a.get(key)!r}")
-    return out
 
 
 # ---------------------------------------------------------------- every lab, end to end
