@@ -14,6 +14,11 @@ Reported: the median call over all rounds, as a ratio to the reference's in the 
 target: <= 1.0x for ADD and DEL), the spread of the per-round medians, and each burst's wall
 time. Contenders: the reference, ours as `cnikit cni install` puts it by default, and ours in
 its other install form (the plain file, or the compiled one).
+
+The floor, in the same rounds: N VERSION calls at once (a program that starts, answers and
+exits: the reference's Go binary, ours, which loads only its head for it) and N bare starts of
+the plugin's Python (`python3 -I -S`), so an ADD's median can be read as its start under the
+same contention plus its work.
 """
 import argparse
 import importlib.util
@@ -92,7 +97,15 @@ def one_round(name, argv, conf, n, work, tag):
             {"ADD": add_wall, "DEL": del_wall})
 
 
-def contend(who, n, rounds, work):
+def floor_round(argv, n, work):
+    """N VERSION calls (or bare starts) at once: [ms from each spawn to its exit]."""
+    envs = [lat.plugin_env("floor", f"f{k}", "dummy", work, "VERSION") for k in range(n)]
+    return [ms for ms, _, _ in burst(argv, [b'{"cniVersion":"1.0.0"}'] * n, envs, work)]
+
+
+def contend(who, n, rounds, work, floors=None):
+    floors = floors or {}
+    floor_ms = {name: [] for name in floors}
     names = list(who)
     nets = {name: network(name, i, work) for i, name in enumerate(names)}
     calls = {name: {"ADD": [], "DEL": []} for name in names}
@@ -109,12 +122,17 @@ def contend(who, n, rounds, work):
                 per_round[name][verb].append(statistics.median(ms[verb]))
                 walls[name][verb].append(wall[verb])
                 cpus[name][verb] += cpu[verb]
-    return {name: {verb: {"median": statistics.median(calls[name][verb]),
+        for name in (list(floors) if r % 2 == 0 else list(floors)[::-1]):
+            ms = floor_round(floors[name], n, work)
+            if r >= 0:
+                floor_ms[name] += ms
+    res = {name: {verb: {"median": statistics.median(calls[name][verb]),
                           "rounds": sorted(per_round[name][verb]),
                           "p90": statistics.quantiles(calls[name][verb], n=10)[-1],
                           "wall": statistics.median(walls[name][verb]),
                           "cpu": statistics.median(cpus[name][verb])}
                    for verb in ("ADD", "DEL")} for name in names}
+    return res, {name: statistics.median(ms) for name, ms in floor_ms.items()}
 
 
 def main():
@@ -137,7 +155,9 @@ def main():
         for name in who:
             if name.startswith("installed"):
                 print(f"# {name}: {lat.form_label(who[name])}")
-        res = contend(who, args.pods, args.rounds, work)
+        floors = {f"{BASELINE} VERSION": who[BASELINE], f"{OURS} VERSION": who[OURS],
+                  "python3 -I -S start": lat.START}
+        res, floor = contend(who, args.pods, args.rounds, work, floors)
         ref = res[BASELINE]
         print(f"\n## median ms per call (ratio to {BASELINE}), per-round medians min-max, p90, wall of the burst, "
               "median CPU ms per call (its own and its helpers')")
@@ -146,6 +166,12 @@ def main():
                 f"  {verb} {r[verb]['median']:6.1f} ({r[verb]['median'] / ref[verb]['median']:4.2f}x) "
                 f"[{r[verb]['rounds'][0]:.0f}-{r[verb]['rounds'][-1]:.0f}] p90 {r[verb]['p90']:.0f} "
                 f"wall {r[verb]['wall']:.0f} cpu {r[verb]['cpu']:.1f}" for verb in ("ADD", "DEL")))
+        print(f"\n## floor: median ms from spawn to exit of {args.pods} at once, same rounds; "
+              "ADD's median above its own VERSION floor")
+        for name, ms in floor.items():
+            print(f"floor {name:22s} {ms:6.1f}")
+        for name in (BASELINE, OURS):
+            print(f"ADD above floor {name:12s} {res[name]['ADD']['median'] - floor[f'{name} VERSION']:6.1f}")
         print(f"\n## Targets (ours = `{OURS}`, the default install form; baseline measured in the same run)")
         rows = []
         for verb in ("ADD", "DEL"):
@@ -155,7 +181,7 @@ def main():
                   f"{ref[verb]['median']:.0f} ms) (<= {TARGETS[verb]}x) {lat.verdict(rows[-1][2])}")
         print(f"# load average at the end {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
         if args.json:
-            print(json.dumps({"results": res, "targets": [{"what": w, "ratio": r, "ok": ok} for w, r, ok in rows]},
+            print(json.dumps({"results": res, "floor": floor, "targets": [{"what": w, "ratio": r, "ok": ok} for w, r, ok in rows]},
                              indent=1))
     finally:
         subprocess.run(["umount", "-l", work])

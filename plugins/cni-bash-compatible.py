@@ -548,6 +548,9 @@ IFLA_AF_SPEC, IFLA_INET_CONF, IPV4_DEVCONF_ARP_NOTIFY = 26, 1, 22
 IFLA_BR_VLAN_FILTERING, IFLA_BR_VLAN_DEFAULT_PVID = 7, 39  # in a bridge's IFLA_INFO_DATA
 IFLA_BRPORT_STATE, IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 1, 4, 33  # hairpin, isolated
 IFLA_INFO_SLAVE_DATA, BR_STATE_DISABLED = 5, 0  # a port's IFLA_BRPORT_* in its IFLA_LINKINFO
+RTMGRP_LINK = 1  # the multicast group of link announcements (RTM_NEWLINK, RTM_DELLINK)
+SOL_SOCKET, SO_ATTACH_FILTER = 1, 26
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06  # classic BPF: ld [k]; jeq #k; ret #k
 IFLA_BRIDGE_VLAN_INFO, BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 2, 2, 4
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
 IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x02, 0x08, 0x40
@@ -2321,23 +2324,91 @@ def port_ready(nl, name):
     veth has one once the pod's end is up, and the kernel tells the bridge from its linkwatch
     work queue, later, and only then moves the port out of "disabled" (to forwarding; with STP
     to listening, whose delays are the bridge's own).  The reference waits likewise, for the
-    host end's operstate, which the same work sets.  Polled with growing pauses, PORT_WAIT at
-    most: a port that never gets there is an error, as in the reference."""
+    host end's operstate, which the same work sets.  Usually the port is ready at the first
+    look (32 ADDs at once: every time).  Otherwise woken by the kernel, not by polling: a socket
+    in the link group, joined before a second look, hears the bridge announce each change of
+    the port (a poll's growing pauses overshoot, and each poll takes RTNL from the other ADDs).
+    PORT_WAIT at most: a port that never gets there is an error, as in the reference."""
     import time
     start = time.monotonic()
-    pause = 0.0005
+    events = None
+    try:
+        while True:
+            link = nl.link(name)
+            if link is None:
+                raise CNIError(E_KERNEL, f"{name} went away")
+            if link["port_state"] != BR_STATE_DISABLED:
+                if events is not None:
+                    log(f"  bridge port {name} ready after {(time.monotonic() - start) * 1000:.1f} ms")
+                return
+            left = start + PORT_WAIT - time.monotonic()
+            if left <= 0:
+                raise CNIError(E_KERNEL, f"bridge port {name} still disabled after {PORT_WAIT:g} s (no carrier?)")
+            if events is None:  # joined, then looked at again: no change falls between the two
+                events = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, 0)
+                events.bind((0, RTMGRP_LINK))
+                only_link(events, link["index"])
+                continue
+            link_event(events, link["index"], left)
+    finally:
+        if events is not None:
+            events.close()
+
+
+def only_link(sock, index):
+    """Let the kernel drop, before it wakes us, the announcements of other links (every other
+    ADD's veth and port make theirs): a classic BPF filter passing only messages whose ifinfomsg
+    names link INDEX.  The
+    filter program is handed over by address, hence _ctypes; without it every announcement wakes
+    the wait, which then skips the others itself (link_event), so failing here costs only CPU."""
+    try:
+        import _ctypes
+    except ImportError:
+        return
+    want = int.from_bytes(struct.pack("=i", index), "big")  # BPF loads words in network order
+    code = b"".join(struct.pack("=HBBI", *insn) for insn in (
+        (BPF_LD_W_ABS, 0, 0, 20),                  # ifi_index: 16 bytes of nlmsghdr, then family, type
+        (BPF_JEQ_K, 0, 1, want),
+        (BPF_RET_K, 0, 0, 0xFFFFFFFF),              # the whole message
+        (BPF_RET_K, 0, 0, 0)))                      # nothing: dropped
+
+    class Byte(_ctypes._SimpleCData):
+        _type_ = "B"
+
+    class Program(_ctypes.Array):
+        _type_, _length_ = Byte, len(code)
+
+    program = Program.from_buffer_copy(code)
+    try:  # struct sock_fprog: the instruction count, then a pointer to them (the kernel copies them)
+        sock.setsockopt(SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("@HP", len(code) // 8, _ctypes.addressof(program)))
+    except OSError:
+        pass
+
+
+def link_event(sock, index, timeout):
+    """Block until the kernel announces a change of link INDEX on SOCK: True; False when TIMEOUT
+    seconds passed or the socket overflowed (an event may be lost).  The caller looks again."""
+    import time
+    deadline = time.monotonic() + timeout
     while True:
-        link = nl.link(name)
-        if link is None:
-            raise CNIError(E_KERNEL, f"{name} went away")
-        if link["port_state"] != BR_STATE_DISABLED:
-            if pause > 0.0005:
-                log(f"  bridge port {name} ready after {(time.monotonic() - start) * 1000:.1f} ms")
-            return
-        if time.monotonic() - start > PORT_WAIT:
-            raise CNIError(E_KERNEL, f"bridge port {name} still disabled after {PORT_WAIT:g} s (no carrier?)")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(left)
+        try:
+            data = sock.recv(1 << 16)
+        except _socket.timeout:
+            return False
+        except OSError:  # ENOBUFS: more announcements than the socket holds
+            return False
+        off = 0
+        while off + 32 <= len(data):
+            n, rtype = struct.unpack_from("=IH", data, off)
+            if rtype in (RTM_NEWLINK, RTM_DELLINK) and struct.unpack_from("=i", data, off + 20)[0] == index:
+                return True
+            if n < 16:
+                break
+            off += (n + 3) & ~3
 
 
 def random_mac():

@@ -57,3 +57,10 @@ def test_cni_contention_runs_and_prints_both_targets_with_a_verdict():
         line = next((l for l in proc.stdout.splitlines() if l.startswith(row)), None)
         assert line and ("meets the target" in line or "MISSES the target" in line), (row, proc.stdout)
     assert "reference" in proc.stdout and "installed" in proc.stdout and "Traceback" not in proc.stderr
+    # the floor under the same contention: each contender's VERSION and the bare interpreter start, as numbers
+    for row in ("floor reference VERSION", "floor installed VERSION", "floor python3 -I -S start",
+                "ADD above floor reference", "ADD above floor installed"):
+        line = next((l for l in proc.stdout.splitlines() if l.startswith(row)), None)
+        assert line, (row, proc.stdout)
+        ms = float(line[len(row):])
+        assert ms > 0 or row.startswith("ADD above"), (row, proc.stdout)   # a start takes time; ADD may sit below

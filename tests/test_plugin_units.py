@@ -265,3 +265,33 @@ def test_port_vlans_follow_the_reference_order(plugin, vlan, trunk, keep, calls)
     nl = VlanRecorder()
     plugin.port_vlans(nl, {"default_pvid": 1}, {"index": 5, "name": "veth0"}, vlan, trunk, keep)
     assert nl.calls == calls
+
+
+def test_add_waits_for_the_bridge_port_on_the_kernels_announcement_not_on_a_poll(plugin, monkeypatch):
+    """port_ready wakes when the bridge announces the port's change (the link group), and gives
+    up after PORT_WAIT on a port that never gets a carrier; it closes the socket it opened."""
+    sh.ip("link", "add", "brw", "type", "bridge")
+    sh.ip("link", "set", "brw", "up")
+    sh.ip("link", "add", "vethw", "type", "veth", "peer", "name", "vethw-pod")
+    sh.ip("link", "add", "vethx", "type", "veth", "peer", "name", "vethx-pod")
+    for port in ("vethw", "vethx"):                       # their peers down: no carrier, the ports disabled
+        sh.ip("link", "set", port, "master", "brw", "up")
+    fds = set(os.listdir("/proc/self/fd"))
+    woken, real = [], plugin.link_event
+
+    def carrier_comes_while_waiting(sock, index, timeout):
+        sh.ip("link", "set", "vethw-pod", "up")          # only now: the wait has joined the group
+        woken.append(real(sock, index, timeout))
+        return woken[-1]
+
+    monkeypatch.setattr(plugin, "link_event", carrier_comes_while_waiting)
+    with plugin.Netlink() as nl:
+        assert nl.link("vethw")["port_state"] == plugin.BR_STATE_DISABLED
+        plugin.port_ready(nl, "vethw")
+        assert woken[0] is True and nl.link("vethw")["port_state"] != plugin.BR_STATE_DISABLED
+        monkeypatch.setattr(plugin, "link_event", real)
+        monkeypatch.setattr(plugin, "PORT_WAIT", 0.2)
+        with pytest.raises(plugin.CNIError) as err:
+            plugin.port_ready(nl, "vethx")
+        assert err.value.code == plugin.E_KERNEL and "still disabled" in err.value.msg
+    assert set(os.listdir("/proc/self/fd")) == fds
