@@ -161,7 +161,8 @@ def test_lesson_04_keep_leaves_the_listener_up_and_offers_the_line_to_type():
 
 
 def test_lesson_04_step_on_a_terminal_hands_the_connection_to_the_learner():
-    term = Terminal("04_tcp.py", "--step", "step", "--color", "never")
+    # --host: the lesson's namespaces are this test's, so it sees when the learner's client is connected
+    term = Terminal("04_tcp.py", "--host", "--step", "step", "--color", "never")
     try:
         term.read_until("this step")
         term.type("\r")                               # step 1
@@ -169,6 +170,10 @@ def test_lesson_04_step_on_a_terminal_hands_the_connection_to_the_learner():
         term.type("\r")                               # step 2: the listener
         term.read_until("your turn:")
         term.read_until("socat - TCP:10.0.4.2:7000")
+        end = time.monotonic() + DEADLINE               # the client the terminal went to has connected
+        while "10.0.4.2:7000" not in str(sh.ip("netns", "exec", "ns2", "ss", "-Htn", "state", "established")):
+            assert time.monotonic() < end, "the learner's client never connected"
+            time.sleep(0.05)
         term.type("typed-on-a-terminal\r")
         term.read_until("typed-on-a-terminal\r\ntyped-on-a-terminal")   # the terminal's echo, then ns1's
         term.type("\x04")                             # Ctrl-D: the lesson goes on
