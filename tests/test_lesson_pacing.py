@@ -8,6 +8,7 @@ import fcntl
 import re
 import os
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -58,6 +59,17 @@ class Terminal:
     def type(self, keys):
         os.write(self.master, keys.encode())
 
+    def stop(self):
+        """A test that failed half way stops the lesson as a learner would, with Ctrl-C, so it
+        stops its listeners and leaves; a lesson that does not answer is killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     def finish(self):
         """The exit code, after reading all the lesson wrote: while it runs (a pty's writer blocks
         once it is full) and what is still buffered once it has exited, up to the hang-up."""
@@ -103,8 +115,7 @@ def test_present_types_each_command_runs_it_on_enter_and_ctrl_c_rolls_back():
         term.type("\x03")                                          # Ctrl-C
         code = term.finish()
     finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
+        term.stop()
     assert code == 130, term.text[-2000:]
     assert "FAIL lesson 01 netns: interrupted" in term.text
     assert not _ns1() and host_state() == before
@@ -179,8 +190,7 @@ def test_lesson_04_step_on_a_terminal_hands_the_connection_to_the_learner():
         term.type("\x04")                             # Ctrl-D: the lesson goes on
         code = term.finish()
     finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
+        term.stop()
     assert code == 0 and "PASS lesson 04" in term.text, term.text[-2000:]
 
 
