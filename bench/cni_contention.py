@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -37,16 +36,6 @@ _spec.loader.exec_module(lat)
 
 BASELINE, OURS = lat.BASELINE, lat.OURS
 TARGETS = {"ADD": 1.0, "DEL": 1.0}      # issue #18: ours' median call over the reference's
-
-
-def in_sandbox():
-    if os.environ.get("CNIKIT_BENCH_SANDBOX") == "1":
-        return
-    if os.geteuid() != 0:
-        sys.exit("needs root (it builds namespaces): sudo /usr/bin/python3 bench/cni_contention.py")
-    env = dict(os.environ, CNIKIT_BENCH_SANDBOX="1")
-    os.execvpe("unshare", ["unshare", "--net", "--mount", "--propagation", "private",
-                           sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
 
 
 def burst(argv, stdins, envs, work):
@@ -143,7 +132,7 @@ def main():
     args = ap.parse_args()
     if not (2 <= args.pods <= 200 and 1 <= args.rounds <= 100):
         ap.error("--pods 2-200, --rounds 1-100")
-    in_sandbox()
+    lat.in_sandbox(__file__)
     work = tempfile.mkdtemp(prefix="cni-contention-")
     subprocess.run(["mount", "-t", "tmpfs", "cni-contention", work], check=True)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)

@@ -87,14 +87,15 @@ TARGETS = {"classic": 0.9, "minimal": 1.2, "version_over_floor_ms": 3.0, "del_rm
 DAD_SETTINGS = {"accept_dad 0": False, "enabledad": True}
 
 
-def in_sandbox():
+def in_sandbox(script=__file__):
+    """Run SCRIPT again in a network + mount namespace of its own (its benches build namespaces)."""
     if os.environ.get("CNIKIT_BENCH_SANDBOX") == "1":
         return
     if os.geteuid() != 0:
-        sys.exit("needs root (it builds namespaces): sudo /usr/bin/python3 bench/cni_latency.py")
+        sys.exit(f"needs root (it builds namespaces): sudo /usr/bin/python3 bench/{os.path.basename(script)}")
     env = dict(os.environ, CNIKIT_BENCH_SANDBOX="1")
     os.execvpe("unshare", ["unshare", "--net", "--mount", "--propagation", "private",
-                           sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
+                           sys.executable, os.path.abspath(script)] + sys.argv[1:], env)
 
 
 def config(kind, options, data_dir, bridge="cni0", subnet=SUBNET, name=None):

@@ -93,6 +93,18 @@ def pod(cid, conf, ifname="eth0", **kw):
     return ok(cni("ADD", conf, cid=cid, netns=ns, ifname=ifname, **kw))
 
 
+def internet():
+    """ "The internet": a namespace inet at 203.0.113.10 behind this node's uplink (203.0.113.1),
+    with no route back to the pods: only masqueraded traffic can be answered."""
+    netns("inet")
+    sh.ip("link", "add", "uplink", "type", "veth", "peer", "name", "wan", "netns", "inet")
+    sh.ip("addr", "add", "203.0.113.1/24", "dev", "uplink")
+    sh.ip("link", "set", "uplink", "up")
+    sh.ip("-n", "inet", "addr", "add", "203.0.113.10/24", "dev", "wan")
+    sh.ip("-n", "inet", "link", "set", "wan", "up")
+    return "203.0.113.10"
+
+
 def nat_rules():
     return sh.iptables("-t", "nat", "-S")
 

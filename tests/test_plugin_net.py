@@ -10,7 +10,7 @@ import sh
 
 import cnikit
 from plugin_helpers import (CLASSIC, PLUGIN, REFERENCE, addrs, allocation_files, cni, env_for, error, links,
-                            nat_rules, netns, ok, ping, pod, routes)  # noqa: F401
+                            internet, nat_rules, netns, ok, ping, pod, routes)  # noqa: F401
 
 
 def test_many_pods_get_distinct_addresses_and_reach_each_other_and_the_gateway():
@@ -42,12 +42,7 @@ def test_add_returns_once_the_bridge_port_forwards():
 def test_ip_masq_hides_the_pod_behind_the_node_towards_the_internet():
     pod("p1", CLASSIC)
     # the "internet": a namespace with a documentation address behind the node's uplink
-    netns("inet")
-    sh.ip("link", "add", "uplink", "type", "veth", "peer", "name", "wan", "netns", "inet")
-    sh.ip("addr", "add", "203.0.113.1/24", "dev", "uplink")
-    sh.ip("link", "set", "uplink", "up")
-    sh.ip("-n", "inet", "addr", "add", "203.0.113.10/24", "dev", "wan")
-    sh.ip("-n", "inet", "link", "set", "wan", "up")
+    internet()
     listener = subprocess.Popen(["ip", "netns", "exec", "inet", "socat", "-u", "TCP-LISTEN:8080,reuseaddr",
                                  "SYSTEM:echo $SOCAT_PEERADDR > /run/cni/peer"])
     try:

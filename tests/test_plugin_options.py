@@ -7,7 +7,7 @@ import os
 import pytest
 import sh
 
-from plugin_helpers import CLASSIC, allocation_files, cni, error, links, nat_rules, netns, ok, ping, pod
+from plugin_helpers import CLASSIC, allocation_files, cni, error, internet, links, nat_rules, netns, ok, ping, pod
 
 import kernel
 
@@ -305,12 +305,7 @@ def test_ip_masq_backend_nftables_puts_masquerade_and_forward_accept_in_an_nft_t
 
 def test_ip_masq_backend_nftables_masquerades_for_real():
     pod("p1", dict(CONF, ipMasqBackend="nftables"))
-    netns("inet")
-    sh.ip("link", "add", "uplink", "type", "veth", "peer", "name", "wan", "netns", "inet")
-    sh.ip("addr", "add", "203.0.113.1/24", "dev", "uplink")
-    sh.ip("link", "set", "uplink", "up")
-    sh.ip("-n", "inet", "addr", "add", "203.0.113.10/24", "dev", "wan")
-    sh.ip("-n", "inet", "link", "set", "wan", "up")
+    internet()
     # no route back to 10.244.0.0/24 in inet: only a masqueraded ping can be answered
     assert kernel.ping("203.0.113.10", "p1")
 
