@@ -172,3 +172,16 @@ def changes(before, after):
             elif b.get(key) != a.get(key):
                 out.append(f"{ns} {key}: {b.get(key)!r} -> {a.get(key)!r}")
     return out
+
+
+def load_file(path, name):
+    """The Python file PATH as a fresh module NAME: a lesson (stages/ goes on the path, for the
+    `lesson` module it imports) or the plugin, whose file names are not module names."""
+    import importlib.util
+    stages = os.path.join(ROOT, "stages")
+    if stages not in sys.path:
+        sys.path.insert(0, stages)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,14 +6,12 @@ independently (ip -j, /proc, nsenter, a real TCP connection over the pod's local
 Its dry run under `dash -e` (tests/test_dryrun_dash.py) and its --host runs on the Docker-host
 and kind-node profiles (tests/test_host_profiles.py) are covered where every lesson is.
 """
-import importlib.util
 import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -21,7 +19,7 @@ import pytest
 from docker_daemon import WEB, docker_daemon, iptables_save  # noqa: F401  (docker_real's daemon)
 from host_profiles import docker_real  # noqa: F401
 from host_state import host_state
-from kernel import ROOT, kill_left, run_stage
+from kernel import ROOT, kill_left, load_file, run_stage
 from test_stages import _assigned_and_targets      # the same reading of a dry run as every lesson's
 
 SCRIPT = "07e_container.py"
@@ -30,11 +28,7 @@ MARK = "CNIKIT_LESSON_07E"       # every process a lesson run starts inherits it
 
 
 def load():
-    sys.path.insert(0, os.path.join(ROOT, "stages"))
-    spec = importlib.util.spec_from_file_location("lesson_07e", os.path.join(ROOT, "stages", SCRIPT))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(os.path.join(ROOT, "stages", SCRIPT), "lesson_07e")
 
 
 def verdict(proc):

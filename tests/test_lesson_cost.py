@@ -14,12 +14,11 @@ import io
 import json
 import math
 import os
-import sys
 
 import pytest
 
 from host_state import host_state
-from kernel import ROOT, run_stage
+from kernel import ROOT, load_file, run_stage
 
 STAGE = "08_cost.py"
 TIMEOUT = 120
@@ -27,11 +26,7 @@ PATHS = ["veth", "bridge", "nat", "routed", "vxlan", "mtu", "loss"]
 
 
 def load():
-    sys.path.insert(0, os.path.join(ROOT, "stages"))
-    spec = importlib.util.spec_from_file_location("lesson_08", os.path.join(ROOT, "stages", STAGE))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(os.path.join(ROOT, "stages", STAGE), "lesson_08")
 
 
 def as_json(*args):

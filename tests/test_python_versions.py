@@ -5,7 +5,6 @@ traceback.  The interpreters are this machine's own (pyenv's and /usr/bin's, eac
 real path: pyenv's shim costs ~80 ms a start); a version that is not here is skipped."""
 import glob
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ import tempfile
 import pytest
 
 import cnikit
-from kernel import ROOT, links, ping
+from kernel import ROOT, links, load_file, ping
 from plugin_helpers import CLASSIC, PLUGIN_SRC, check_result_shape, cni, error, netns, ok
 
 CNIKIT_PY = os.path.join(ROOT, "cnikit.py")
@@ -26,10 +25,7 @@ DRY_RUNS = (("--dry-run", "--color", "never", "bridge", "add", "br0", "--addr", 
 
 
 def load_plugin():
-    spec = importlib.util.spec_from_file_location("cni_bash_compatible_pyversions", PLUGIN_SRC)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(PLUGIN_SRC, "cni_bash_compatible_pyversions")
 
 
 def stated_minimum():

@@ -11,15 +11,13 @@ import sys
 import pytest
 
 import cnikit
+from kernel import load_file
 
 PLUGIN = os.path.join(os.path.dirname(cnikit.CNI_PLUGIN_SRC), "cni-bash-compatible.py")
 
 
 def load_plugin():
-    spec = importlib.util.spec_from_file_location("cni_bash_compatible_literals", PLUGIN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file(PLUGIN, "cni_bash_compatible_literals")
 
 
 def test_paths_and_names_cnikit_and_the_plugin_share_are_the_same():
