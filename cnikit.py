@@ -349,20 +349,22 @@ def require_tools(*tools):
 
 
 class Change:
-    """What one command makes: the typed record the runner keeps of it, so rollback, a
-    lesson's --host refusal and its summary read kinds and names, never argv patterns.
+    """What one command makes (or removes): the typed record the runner keeps of it, so
+    rollback, a lesson's --host refusal and its summary read kinds and names, never argv
+    patterns, and a plan's State learns from it what exists once the command has run.
 
     KIND is one of CHANGE_KINDS; NAME says the object in the kernel's words (a link or
     namespace name, a path, a route as `DST via GW dev DEV`, an iptables rule as
     `-t TABLE -A CHAIN SPEC`, `key=value` of a sysctl); NS is the namespace it lives in
     (None: where cnikit runs); UNDO is the argv that removes it (None: nothing to undo);
-    MTU is a new link's, which a dry run's later plans read (the overlay's underlay)."""
-    __slots__ = ("kind", "name", "ns", "undo", "mtu")
+    FACTS are what a plan's model of the kernel needs besides the name (a link's type, MTU
+    and peer; a route's gateway and device; a rule's table, chain and spec; a file's text)."""
+    __slots__ = ("kind", "name", "ns", "undo", "facts")
 
-    def __init__(self, kind, name, ns=None, undo=None, mtu=None):
+    def __init__(self, kind, name, ns=None, undo=None, **facts):
         if kind not in CHANGE_KINDS:
             raise ValueError(f"change kind {kind!r} is not one of {', '.join(CHANGE_KINDS)}")
-        self.kind, self.name, self.ns, self.undo, self.mtu = kind, name, ns, undo, mtu
+        self.kind, self.name, self.ns, self.undo, self.facts = kind, name, ns, undo, facts
 
     def __repr__(self):
         return f"Change({self.kind!r}, {self.name!r}, ns={self.ns!r})"
@@ -370,13 +372,18 @@ class Change:
     def same(self, kind, name, ns=None):
         return (self.kind, self.name, self.ns) == (kind, name, ns)
 
+    def gone(self):
+        """The Change that removes this object again (`ip link del`, `iptables -D`...)."""
+        return Change("del", self.name, self.ns, what=self.kind, **self.facts)
+
     @classmethod
     def netns(cls, name):
         return cls("netns", name, undo=ip("netns", "del", name))
 
     @classmethod
-    def link(cls, name, ns=None, mtu=None):
-        return cls("link", name, ns, undo=ip("link", "del", name, ns=ns), mtu=mtu)
+    def link(cls, name, ns=None, type=None, mtu=None, **facts):
+        """A new link of TYPE (veth, bridge, vxlan); FACTS: peer and peer_ns (a veth), vni, address."""
+        return cls("link", name, ns, undo=ip("link", "del", name, ns=ns), type=type, mtu=mtu, **facts)
 
     @classmethod
     def up(cls, name, ns=None):
@@ -384,31 +391,45 @@ class Change:
         return cls("up", name, ns)
 
     @classmethod
-    def route(cls, dst, ns=None, **how):
-        """A route to DST; HOW (via, dev, proto...) only names it, the undo deletes DST's route."""
-        return cls("route", " ".join([dst] + kv(**how)), ns, undo=ip("route", "del", dst, ns=ns))
+    def addr(cls, cidr, dev, ns=None):
+        """An address on DEV (goes with the link)."""
+        return cls("addr", f"{cidr} dev {dev}", ns, cidr=cidr, dev=dev)
+
+    @classmethod
+    def master(cls, dev, master, ns=None):
+        """DEV made a port of bridge MASTER."""
+        return cls("master", f"{dev} master {master}", ns, dev=dev, master=master)
+
+    @classmethod
+    def route(cls, dst, ns=None, protocol=None, **how):
+        """A route to DST; HOW (via, dev) only names it, the undo deletes DST's route."""
+        return cls("route", " ".join([dst] + kv(**how)), ns, undo=ip("route", "del", dst, ns=ns), dst=dst,
+                   gateway=how.get("via"), dev=how.get("dev"), protocol=protocol)
 
     @classmethod
     def rule(cls, table, chain, spec, ns=None, family=4):
         name = shlex.join(["-t", table, "-A", chain] + list(spec))
         return cls("rule", name if family == 4 else f"{IPTABLES_TOOL[family]} {name}", ns,
-                   undo=iptables_rule("-D", table, chain, spec, ns, family))
+                   undo=iptables_rule("-D", table, chain, spec, ns, family), table=table, chain=chain,
+                   spec=list(spec), family=family)
 
     @classmethod
     def chain(cls, table, chain, ns=None):
         """A chain of cnikit's own; undone after the rules in it, so empty by then."""
-        return cls("chain", f"-t {table} {chain}", ns, undo=iptables("-t", table, "-X", chain, ns=ns))
+        return cls("chain", f"-t {table} {chain}", ns, undo=iptables("-t", table, "-X", chain, ns=ns),
+                   table=table, chain=chain, family=4)
 
     @classmethod
     def sysctl(cls, key, value, ns=None, old=None):
         """KEY set to VALUE; undone (back to OLD) only when OLD is known and differs."""
         undo = sysctl_set(key, old, ns) if old is not None and str(old) != str(value) else None
-        return cls("sysctl", f"{key}={value}", ns, undo=undo)
+        return cls("sysctl", f"{key}={value}", ns, undo=undo, key=key, value=str(value))
 
     @classmethod
-    def file(cls, path, undo=True):
-        """A file written where a runtime looks; UNDO False: it was there before (replaced)."""
-        return cls("file", path, undo=["rm", "-f", path] if undo is True else (undo or None))
+    def file(cls, path, undo=True, data=None):
+        """A file written where a runtime looks; UNDO False: it was there before (replaced).
+        DATA: its text, when a later step of a plan reads it."""
+        return cls("file", path, undo=["rm", "-f", path] if undo is True else (undo or None), data=data)
 
     @classmethod
     def scratch(cls, *paths):
@@ -416,20 +437,482 @@ class Change:
         return cls("scratch", " ".join(paths), undo=["rm", "-rf", *paths])
 
 
-# What a Change can be. "up" is a state (no object of its own); "scratch" is a temporary
-# file a later step renames or removes (neither summarised nor refused); "cluster" is a
-# kind cluster a lesson creates.
-CHANGE_KINDS = ("netns", "link", "up", "route", "rule", "chain", "sysctl", "file", "scratch", "cluster")
+# What a Change can be. "up", "addr" and "master" are states of a link (no object of their own);
+# "del" removes an object (FACTS["what"]: its kind); "scratch" is a temporary file a later step
+# renames or removes (neither summarised nor refused); "cluster" is a kind cluster a lesson creates.
+CHANGE_KINDS = ("netns", "link", "up", "addr", "master", "route", "rule", "chain", "sysctl", "file", "scratch",
+                "cluster", "del")
+
+
+class Journal:
+    """The Changes this invocation made (in a plan: planned), oldest first, and the rollback
+    of those that ran: it records and undoes, nothing else."""
+
+    def __init__(self):
+        self.changes = []         # every Change recorded
+        self.undo = []            # the Changes a rollback undoes, oldest first
+
+    def record(self, change, ran):
+        self.changes.append(change)
+        if change.undo and ran:
+            self.undo.append(change)
+
+    def forget(self, match):
+        self.undo[:] = [c for c in self.undo if not match(c)]
+
+    def rollback(self, executor, since=0, why="rolling back what this command created"):
+        if len(self.undo) <= since:
+            return []
+        executor.note(why)
+        failed = []
+        while len(self.undo) > since:
+            change = self.undo.pop()
+            executor.echo(change.undo)
+            try:
+                proc = executor.execute(change.undo)
+                why_not = None if proc.returncode == 0 else \
+                    (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            except CnikitError as e:
+                why_not = str(e)
+            if why_not:
+                failed.append(change)
+                print(f"cnikit: warning: could not undo {change.kind} {change.name}"
+                      f"{' in ' + change.ns if change.ns else ''}: {shlex.join(change.undo)}: {why_not}",
+                      file=sys.stderr, flush=True)
+        return failed
+
+
+# ------------------------------------------------ state: what exists (live, or as a plan says)
+
+def _route_covers(cidr, addr):
+    try:
+        return ipaddress.ip_address(addr) in ipaddress.ip_interface(cidr).network
+    except ValueError:
+        return False
+
+
+def parse_rules(listing):
+    """`iptables -S` lines as (user chains, [(chain, spec)])."""
+    chains, rules = [], []
+    for line in listing.splitlines():
+        words = shlex.split(line)
+        if len(words) >= 2 and words[0] == "-N":
+            chains.append(words[1])
+        elif len(words) >= 3 and words[0] == "-A":
+            rules.append((words[1], words[2:]))
+    return chains, rules
+
+
+class State:
+    """What exists, as the verbs ask it: every look-up a verb makes. LiveState reads the
+    kernel (through the Executor, echoed with -v); PlanState is a plan's picture, a base
+    (FreshHost, or this host's LiveState read-only) overlaid with the Changes planned so far.
+    The verbs ask and never know which one answers."""
+
+    def missing(self, error):
+        """A command's input names something that is not there (a namespace, a link): ERROR."""
+        raise UsageError(error)
+
+    def record(self, change):
+        """A Change the Executor ran or planned (a live kernel knows it already)."""
+
+    def netns_exists(self, name):
+        return name in self.netns_names()
+
+    def addrs(self, name, ns=None):
+        return set()
+
+    def links(self, ns=None):
+        return []
+
+    def ports(self, master, ns=None):
+        return [l for l in self.links(ns) if l.get("master") == master]
+
+    def routes(self, dst=None, ns=None, proto=None):
+        return []
+
+    def route_dev(self, addr, ns=None):
+        return None
+
+    def rules(self, table, ns=None, family=4):
+        """[(chain, spec)] of TABLE; None: they cannot be read here."""
+        return []
+
+    def chains(self, table, ns=None, family=4):
+        """The user-defined chains of TABLE; None: they cannot be read here."""
+        return []
+
+    def has_rule(self, table, chain, spec, ns=None, family=4):
+        return (chain, list(spec)) in (self.rules(table, ns, family) or [])
+
+    def has_chain(self, table, chain, ns=None, family=4):
+        return chain in (self.chains(table, ns, family) or [])
+
+    def forward_policy(self, ns=None, family=4):
+        return "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        return False
+
+    def sysctl(self, key, ns=None):
+        return None
+
+    def addr_assign_type(self, name, link, ns=None):
+        return None
+
+    def fdb(self, name, ns=None):
+        return []
+
+
+class FreshHost(State):
+    """A host where nothing has been made yet: the root namespace holds lo, there are no named
+    namespaces, rules or routes of anyone's. FACTS, a LiveState: the host-wide settings that decide
+    a plan (the FORWARD policy, br_netfilter) are read from this host (a lesson's --host plan)."""
+
+    def __init__(self, facts=None):
+        self.facts = facts
+
+    def netns_names(self):
+        return []
+
+    def link(self, name, ns=None):
+        return {"ifname": "lo", "link_type": "loopback", "flags": ["LOOPBACK", "UP"], "mtu": 65536} \
+            if name == "lo" and ns is None else None
+
+    def links(self, ns=None):
+        return [self.link("lo")] if ns is None else []
+
+    def forward_policy(self, ns=None, family=4):
+        return self.facts.forward_policy(ns, family) if self.facts else "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        return self.facts.bridged_frames_filtered(ns, family) if self.facts else False
+
+
+class LiveState(State):
+    """The kernel as it is, read through the Executor. READ_ONLY: the base of a plan (a look-up
+    the user may not make, as without root, says so once and answers 'absent')."""
+
+    def __init__(self, executor, read_only=False):
+        self.x, self.read_only, self._blind = executor, read_only, set()
+
+    def query(self, argv, what=None):
+        """(ok, stdout) of a read-only look-up."""
+        proc = self.x.read(argv)
+        if proc.returncode != 0 and self.read_only and what and what not in self._blind and \
+                re.search(r"not permitted|ermission denied|must be root", proc.stderr or ""):
+            self._blind.add(what)
+            self.x.note(f"cannot read {what} here (root needed): planning as if there were none")
+        return proc.returncode == 0, proc.stdout
+
+    def query_json(self, argv, what=None):
+        ok, out = self.query(argv, what)
+        if not ok or not out.strip():
+            return None
+        try:
+            return json.loads(out)
+        except ValueError:
+            return None
+
+    def netns_names(self):
+        return sorted(n["name"] for n in self.query_json(ip("-j", "netns", "list")) or [])
+
+    def netns_exists(self, name):
+        return netns_exists(name)
+
+    def link(self, name, ns=None):
+        data = self.query_json(ip("-j", "-d", "link", "show", "dev", name, ns=ns), f"namespace {ns}" if ns else None)
+        return data[0] if data else None
+
+    def addrs(self, name, ns=None):
+        data = self.query_json(ip("-j", "addr", "show", "dev", name, ns=ns)) or []
+        return {f"{a['local']}/{a['prefixlen']}" for rec in data for a in rec.get("addr_info", [])
+                if a.get("family") == "inet" or a.get("family") == "inet6" and a.get("scope") == "global"}
+
+    def links(self, ns=None):
+        return self.query_json(ip("-j", "link", "show", ns=ns)) or []
+
+    def ports(self, master, ns=None):
+        return self.query_json(ip("-j", "link", "show", "master", master, ns=ns)) or []
+
+    def routes(self, dst=None, ns=None, proto=None):
+        how = (["exact", dst] if dst else []) + (["proto", proto] if proto else [])
+        return self.query_json(ip("-j", "route", "show", *how, ns=ns)) or []
+
+    def route_dev(self, addr, ns=None):
+        route = self.query_json(ip("-j", "route", "get", addr, ns=ns))
+        return route[0].get("dev") if route else None
+
+    def _listing(self, table, ns=None, family=4, chain=None):
+        if not which(IPTABLES_TOOL[family]):
+            return False, ""
+        return self.query(iptables("-t", table, "-S", *([chain] if chain else []), ns=ns, family=family),
+                          f"{IPTABLES_TOOL[family]} rules")
+
+    def rules(self, table, ns=None, family=4):
+        ok, out = self._listing(table, ns, family)
+        return parse_rules(out)[1] if ok else None
+
+    def chains(self, table, ns=None, family=4):
+        ok, out = self._listing(table, ns, family)
+        return parse_rules(out)[0] if ok else None
+
+    def has_rule(self, table, chain, spec, ns=None, family=4):
+        return which(IPTABLES_TOOL[family]) is not None and \
+            self.query(iptables_rule("-C", table, chain, spec, ns, family))[0]
+
+    def has_chain(self, table, chain, ns=None, family=4):
+        return self._listing(table, ns, family, chain)[0]
+
+    def forward_policy(self, ns=None, family=4):
+        ok, out = self._listing("filter", ns, family, "FORWARD")
+        return "DROP" if ok and "-P FORWARD DROP" in out.splitlines() else "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        """Does br_netfilter pass bridged frames of FAMILY through (ip6)tables here (per namespace)?"""
+        if ns is None:
+            try:
+                with open(BR_NF_CALL[family]) as f:
+                    return f.read().strip() == "1"
+            except OSError:            # no br_netfilter: bridged frames never see iptables
+                return False
+        ok, out = self.query(in_netns(["cat", BR_NF_CALL[family]], ns))
+        return ok and out.strip() == "1"
+
+    def sysctl(self, key, ns=None):
+        ok, value = self.query(in_netns(["sysctl", "-n", key], ns))
+        return value.strip() if ok else None
+
+    def addr_assign_type(self, name, link, ns=None):
+        """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
+        (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
+        path = f"/sys/class/net/{name}/addr_assign_type"
+        if ns:
+            ok, out = self.query(in_netns(["cat", path], ns))
+            return int(out) if ok and out.strip().isdigit() else None
+        try:
+            # A sysfs mounted in another network namespace shows its own links: check the index.
+            with open(f"/sys/class/net/{name}/ifindex") as f:
+                if int(f.read()) != link.get("ifindex"):
+                    return None
+            with open(path) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def fdb(self, name, ns=None):
+        return self.query_json(bridge("-j", "fdb", "show", "dev", name, ns=ns)) or []
+
+
+class PlanState(State):
+    """A plan's picture of the kernel: BASE (a FreshHost, or this host's LiveState read-only)
+    overlaid with every Change planned so far, so a plan checks its input against what it
+    planned itself. ASSUME: a plan that is one step of a longer script (the CLI's --dry-run)
+    takes input it cannot find as made by an earlier step, and says so, instead of refusing."""
+
+    def __init__(self, base, say, assume=False):
+        self.base, self.say, self.assume = base, say, assume
+        self._netns = {}          # name -> True (planned) / False (deleted)
+        self._links = {}          # (ns, name) -> the link's record as `ip -j -d link` has it; None: deleted
+        self._addrs = {}          # (ns, name) -> [cidr] of a link the plan touched
+        self._routes = {}         # ns -> [route record] planned
+        self._gone_routes = set()  # (ns, dst)
+        self._rules = {}          # (ns, family, table) -> {"chains": {chain: bool}, "rules": [(chain, spec, bool)]}
+        self._sysctls = {}        # (ns, key) -> value
+        self._index = 1000        # ifindex of planned links
+
+    def missing(self, error):
+        if not self.assume:
+            raise UsageError(error)
+        self.say(f"{error}; planned as if an earlier command made it")
+
+    # -- what the base knows, unless the plan made or removed the namespace since
+    def _base_has(self, ns):
+        if ns is None:
+            return True
+        if ns in self._netns:
+            return False
+        return self.base.netns_exists(ns)
+
+    def netns_names(self):
+        names = {n for n in self.base.netns_names() if self._netns.get(n, True)}
+        return sorted(names | {n for n, there in self._netns.items() if there})
+
+    def netns_exists(self, name):
+        return self._netns[name] if name in self._netns else self.base.netns_exists(name)
+
+    def link(self, name, ns=None):
+        if ns is not None and not self.netns_exists(ns):
+            return None
+        if (ns, name) in self._links:
+            return self._links[(ns, name)]
+        return self.base.link(name, ns) if self._base_has(ns) else None
+
+    def addrs(self, name, ns=None):
+        if (ns, name) in self._addrs:
+            return set(self._addrs[(ns, name)])
+        return self.base.addrs(name, ns) if self._base_has(ns) and self.link(name, ns) else set()
+
+    def links(self, ns=None):
+        found = {l["ifname"]: l for l in (self.base.links(ns) if self._base_has(ns) else [])}
+        for (where, name), rec in self._links.items():
+            if where == ns:
+                found[name] = rec
+        return [l for l in found.values() if l]
+
+    def ports(self, master, ns=None):
+        return [l for l in self.links(ns) if l.get("master") == master]
+
+    def routes(self, dst=None, ns=None, proto=None):
+        base = self.base.routes(dst, ns, proto) if self._base_has(ns) else []
+        planned = [rt for rt in self._routes.get(ns, []) if (not dst or rt["dst"] == dst)
+                   and (not proto or str(rt.get("protocol")) == str(proto))]
+        return [rt for rt in base if (ns, rt.get("dst")) not in self._gone_routes] + planned
+
+    def route_dev(self, addr, ns=None):
+        for (where, name), cidrs in self._addrs.items():
+            if where == ns and self.link(name, ns) and any(_route_covers(c, addr) for c in cidrs):
+                return name
+        return self.base.route_dev(addr, ns) if self._base_has(ns) else None
+
+    def _table(self, table, ns, family):
+        return self._rules.setdefault((ns, family, table), {"chains": {}, "rules": []})
+
+    def rules(self, table, ns=None, family=4):
+        base = self.base.rules(table, ns, family) if self._base_has(ns) else []
+        t = self._rules.get((ns, family, table), {"chains": {}, "rules": []})
+        found = [] if base is None else [(c, s) for c, s in base if t["chains"].get(c, True)]
+        for chain, spec, there in t["rules"]:
+            if there:
+                found.append((chain, spec))
+            elif (chain, spec) in found:
+                found.remove((chain, spec))
+        return found
+
+    def chains(self, table, ns=None, family=4):
+        base = self.base.chains(table, ns, family) if self._base_has(ns) else []
+        t = self._rules.get((ns, family, table), {"chains": {}})
+        found = [c for c in base or [] if t["chains"].get(c, True)]
+        return found + [c for c, there in t["chains"].items() if there and c not in found]
+
+    def has_rule(self, table, chain, spec, ns=None, family=4):
+        t = self._rules.get((ns, family, table), {"chains": {}, "rules": []})
+        for c, s, there in reversed(t["rules"]):
+            if (c, s) == (chain, list(spec)):
+                return there
+        if chain in t["chains"] or not self._base_has(ns):
+            return False
+        return self.base.has_rule(table, chain, spec, ns, family)
+
+    def has_chain(self, table, chain, ns=None, family=4):
+        t = self._rules.get((ns, family, table), {"chains": {}})
+        if chain in t["chains"]:
+            return t["chains"][chain]
+        return self._base_has(ns) and self.base.has_chain(table, chain, ns, family)
+
+    def forward_policy(self, ns=None, family=4):
+        return self.base.forward_policy(ns, family) if self._base_has(ns) else "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        return self._base_has(ns) and self.base.bridged_frames_filtered(ns, family)
+
+    def sysctl(self, key, ns=None):
+        if (ns, key) in self._sysctls:
+            return self._sysctls[(ns, key)]
+        return self.base.sysctl(key, ns) if self._base_has(ns) else None
+
+    def addr_assign_type(self, name, link, ns=None):
+        if (ns, name) in self._links:
+            return 3 if (self._links[(ns, name)] or {}).get("address") else None
+        return self.base.addr_assign_type(name, link, ns) if self._base_has(ns) else None
+
+    def fdb(self, name, ns=None):
+        return self.base.fdb(name, ns) if self._base_has(ns) and (ns, name) not in self._links else []
+
+    # -- learning from a Change
+    def _touch(self, name, ns):
+        """LINK's record, copied into the plan so the plan can change it."""
+        if (ns, name) not in self._links:
+            rec = self.link(name, ns)
+            self._links[(ns, name)] = dict(rec, flags=list(rec.get("flags", []))) if rec else None
+            self._addrs[(ns, name)] = sorted(self.addrs(name, ns)) if rec else []
+        return self._links[(ns, name)]
+
+    def record(self, change):
+        f, ns, name = change.facts, change.ns, change.name
+        if change.kind == "netns":
+            self._netns[name] = True
+            for key in [k for k in self._links if k[0] == name]:
+                del self._links[key]
+            self._links[(name, "lo")] = {"ifname": "lo", "link_type": "loopback", "flags": ["LOOPBACK"],
+                                         "mtu": 65536, "ifalias": TAG}
+        elif change.kind == "link":
+            self._index += 1
+            info = {"info_kind": f.get("type") or ""}
+            if f.get("vni") is not None:
+                info["info_data"] = {"id": f["vni"]}
+            self._links[(ns, name)] = {k: v for k, v in {
+                "ifname": name, "ifindex": self._index, "mtu": f.get("mtu") or DEFAULT_MTU, "flags": [],
+                "linkinfo": info, "link": f.get("peer"), "address": f.get("address"), "ifalias": TAG}.items()
+                if v is not None}
+            self._addrs[(ns, name)] = []
+        elif change.kind == "up":
+            rec = self._touch(name, ns)
+            if rec is not None and "UP" not in rec["flags"]:
+                rec["flags"].append("UP")
+        elif change.kind == "addr":
+            if self._touch(f["dev"], ns) is not None:
+                self._addrs[(ns, f["dev"])].append(f["cidr"])
+        elif change.kind == "master":
+            rec = self._touch(f["dev"], ns)
+            if rec is not None:
+                rec["master"] = f["master"]
+        elif change.kind == "route":
+            self._routes.setdefault(ns, []).append({k: f[k] for k in ("dst", "gateway", "dev", "protocol") if f.get(k)})
+        elif change.kind in ("rule", "chain"):
+            t = self._table(f["table"], ns, f["family"])
+            if change.kind == "rule":
+                t["rules"].append((f["chain"], list(f["spec"]), True))
+            else:
+                t["chains"][f["chain"]] = True
+        elif change.kind == "sysctl" and "key" in f:
+            self._sysctls[(ns, f["key"])] = f["value"]
+        elif change.kind == "del":
+            self._remove(f.get("what"), name, ns, f)
+
+    def _remove(self, what, name, ns, f):
+        if what == "netns":
+            self._netns[name] = False
+            for key in [k for k in self._links if k[0] == name]:
+                del self._links[key]
+        elif what == "link":
+            rec = self.link(name, ns)
+            self._links[(ns, name)] = None
+            if rec and f.get("peer"):
+                self._links[(f.get("peer_ns"), f["peer"])] = None
+        elif what == "route":
+            self._gone_routes.add((ns, f["dst"]))
+            self._routes[ns] = [rt for rt in self._routes.get(ns, []) if rt["dst"] != f["dst"]]
+        elif what == "rule":
+            self._table(f["table"], ns, f["family"])["rules"].append((f["chain"], list(f["spec"]), False))
+        elif what == "chain":
+            t = self._table(f["table"], ns, f["family"])
+            t["chains"][f["chain"]] = False
+            t["rules"] = [r for r in t["rules"] if r[0] != f["chain"]]
 
 
 class Runner:
-    """Executes and echoes argv lists: the only place cnikit runs anything.
+    """The Executor: executes and echoes argv lists, the only place cnikit runs anything,
+    and the owner of the State the verbs ask and of the Journal of what they changed.
 
-    `run` is for commands that change the kernel: always echoed (unless quiet),
-    skipped in a dry run; CREATES, a Change (or several), says what it makes, and
-    the runner keeps it: rollback undoes it, a lesson summarises and refuses with it,
-    and a dry run's later steps plan with it (`made`).
-    `query` is for look-ups cnikit makes to decide (echoed with verbose only).
+    `run` is for commands that change the kernel: always echoed (unless quiet); in a plan
+    (DRY_RUN) only echoed. CREATES, a Change (or several), says what it makes: the journal
+    keeps it (rollback undoes it, a lesson summarises and refuses with it) and the State
+    learns it (a plan's later steps see it).
+    `state` answers every look-up a verb makes: the live kernel, or a plan's picture. A plan
+    (DRY_RUN) is made for a fresh host (a lesson's script, the library's default) or, with
+    PLAN_FOR "this host", against this host's kernel read-only (the CLI's --dry-run).
+    `live` always reads the kernel (doctor only reads).
     `show` is for commands whose output is the point (echoed, output printed).
     `probe`, `spawn` and `hand_over` run checks, background tools and terminal programs.
 
@@ -440,16 +923,44 @@ class Runner:
     does, noted as comments and recorded here as a Change.file so rollback removes it).
     """
 
-    def __init__(self, dry_run=False, quiet=False, verbose=False, out=None, color=None):
-        self.dry_run, self.quiet, self.verbose = dry_run, quiet, verbose
-        # A dry run plans for a fresh host; one that plans what --host will do to THIS host
-        # looks at what decides it (Docker's FORWARD policy: see forward_drops).
-        self.plans_this_host = False
+    def __init__(self, dry_run=False, quiet=False, verbose=False, out=None, color=None, plan_for="fresh host"):
+        self.quiet, self.verbose = quiet, verbose
+        if plan_for not in ("fresh host", "this host"):
+            raise ValueError(f"plan_for {plan_for!r} is not 'fresh host' or 'this host'")
+        self.plan_for, self._host_facts = plan_for, False
         self.out = out or sys.stdout
         self.color = self.out.isatty() if color is None else color
         self._log = []            # every argv echoed by run/show/probe/spawn/hand_over
-        self._changes = []        # Change records of what ran (in a dry run: what is planned)
-        self._undo = []           # the Changes a rollback undoes, oldest first
+        self.journal = Journal()
+        self.live = LiveState(self)
+        self.dry_run = dry_run
+
+    # -- the mode: the only place it is decided what a look-up reads
+    @property
+    def dry_run(self):
+        """True: a plan (echo, run nothing)."""
+        return self._plan
+
+    @dry_run.setter
+    def dry_run(self, plan):
+        self._plan = bool(plan)
+        if not plan:
+            self.state = self.live
+        elif self.plan_for == "this host":
+            self.state = PlanState(LiveState(self, read_only=True), self.note, assume=True)
+        else:
+            self.state = PlanState(FreshHost(LiveState(self, read_only=True) if self._host_facts else None), self.note)
+
+    @property
+    def plans_this_host(self):
+        """A fresh-host plan that reads this host's FORWARD policy and br_netfilter (what
+        --host will find): a lesson's plan of what it will change here."""
+        return self._host_facts
+
+    @plans_this_host.setter
+    def plans_this_host(self, value):
+        self._host_facts = bool(value)
+        self.dry_run = self._plan
 
     # -- printing
     def _print(self, text):
@@ -500,25 +1011,24 @@ class Runner:
 
     def changes(self, kind=None):
         """The Change records so far (a dry run: the planned ones), oldest first."""
-        return [c for c in self._changes if kind is None or c.kind == kind]
+        return [c for c in self.journal.changes if kind is None or c.kind == kind]
 
     def made(self, kind, name, ns=None):
         """The newest Change of KIND called NAME in NS that this invocation made or planned."""
-        return next((c for c in reversed(self._changes) if c.same(kind, name, ns)), None)
+        return next((c for c in reversed(self.journal.changes) if c.same(kind, name, ns)), None)
 
     def record(self, *changes):
         """Remember CHANGES as this invocation's: made by a command `run` just ran, by
         another program cnikit started (the plugin makes cni0), or by cnikit in-process
-        (a cache file). A dry run only plans them; otherwise rollback undoes them."""
+        (a cache file). A plan's State learns them; otherwise rollback undoes them."""
         for change in changes:
-            self._changes.append(change)
-            if change.undo and not self.dry_run:
-                self._undo.append(change)
+            self.journal.record(change, ran=not self._plan)
+            self.state.record(change)
 
     def forget(self, match):
         """A later command removed these objects itself (a pod that left): rollback must not undo
         the Changes MATCH(change) picks again."""
-        self._undo[:] = [c for c in self._undo if not match(c)]
+        self.journal.forget(match)
 
     # -- executing
     def execute(self, argv, input=None, env=None, timeout=None):
@@ -539,13 +1049,13 @@ class Runner:
 
     def run(self, argv, creates=None, check=True, input=None):
         """Echo ARGV, then run it; on success record CREATES (a Change or a list of
-        them) for rollback. INPUT goes to its stdin and is echoed as a here-document,
-        so the line still pastes."""
+        them). INPUT goes to its stdin and is echoed as a here-document, so the line
+        still pastes."""
         self.echo(argv, " <<'EOF'" if input is not None else "")
         if input is not None and not self.quiet:
             self._print(input.rstrip("\n") + "\nEOF")
         changes = [] if creates is None else [creates] if isinstance(creates, Change) else list(creates)
-        if self.dry_run:
+        if self._plan:
             self.record(*changes)
             return ""
         proc = self.execute(argv, input=input)
@@ -561,7 +1071,7 @@ class Runner:
     def show(self, argv):
         """Echo ARGV and print its output even with -q: it is what the user asked to see."""
         self.echo(argv)
-        if self.dry_run:
+        if self._plan:
             return ""
         proc = self.execute(argv)
         if proc.returncode != 0:
@@ -574,7 +1084,7 @@ class Runner:
         raises, so a lesson can print PASS or FAIL. A dry run prints it and answers
         (True, "")."""
         self.echo(argv)
-        if self.dry_run:
+        if self._plan:
             return True, ""
         try:
             proc = self.execute(argv, timeout=timeout)
@@ -590,7 +1100,7 @@ class Runner:
         Returns the Popen (None in a dry run); the caller stops it. STDIN=True gives it
         a pipe to write to; it runs in its own session so its whole group can be stopped."""
         self.echo(argv, " &")
-        if self.dry_run:
+        if self._plan:
             return None
         try:
             return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -599,14 +1109,19 @@ class Runner:
         except FileNotFoundError:
             raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}")
 
-    def query(self, argv, in_dry_run=False):
-        """A read-only look-up: returns (ok, stdout). A dry run plans for a fresh host
-        and skips look-ups (answering 'absent') unless IN_DRY_RUN says it is safe."""
-        if self.dry_run and not in_dry_run:
-            return False, ""
+    def read(self, argv):
+        """Run a read-only look-up and return the CompletedProcess (echoed with -v only):
+        the States read the kernel through this."""
         if self.verbose:
             self.note("look-up: " + shlex.join(argv))
-        proc = self.execute(argv)
+        return self.execute(argv)
+
+    def query(self, argv, in_dry_run=False):
+        """A lesson's own read-only look-up: (ok, stdout). A plan skips it (answering
+        'absent') unless IN_DRY_RUN says it is safe. cnikit's verbs ask `state` instead."""
+        if self._plan and not in_dry_run:
+            return False, ""
+        proc = self.read(argv)
         return proc.returncode == 0, proc.stdout
 
     def query_json(self, argv, in_dry_run=False):
@@ -621,32 +1136,14 @@ class Runner:
     def rollback(self, since=0, why="rolling back what this command created"):
         """Undo, newest first, what this invocation made (the changes recorded after the
         first SINCE); keep going past failures, and report each one on stderr. Returns
-        the changes that could not be undone."""
-        if self.dry_run or len(self._undo) <= since:
-            return []
-        self.note(why)
-        failed = []
-        while len(self._undo) > since:
-            change = self._undo.pop()
-            self.echo(change.undo)
-            try:
-                proc = self.execute(change.undo)
-                why_not = None if proc.returncode == 0 else \
-                    (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            except CnikitError as e:
-                why_not = str(e)
-            if why_not:
-                failed.append(change)
-                print(f"cnikit: warning: could not undo {change.kind} {change.name}"
-                      f"{' in ' + change.ns if change.ns else ''}: {shlex.join(change.undo)}: {why_not}",
-                      file=sys.stderr, flush=True)
-        return failed
+        the changes that could not be undone (a plan has nothing to undo)."""
+        return self.journal.rollback(self, since, why)
 
     def hand_over(self, argv):
         """Echo ARGV and run it attached to the user's terminal (a shell, `tail -F`);
         returns its exit code. Ctrl-C stops it, not cnikit."""
         self.echo(argv)
-        if self.dry_run:
+        if self._plan:
             return 0
         try:
             return subprocess.call(argv)
@@ -660,6 +1157,9 @@ class Runner:
         return _Transaction(self)
 
 
+Executor = Runner
+
+
 class _Transaction:
     """`with runner.transaction():` rolls back this block's objects if it fails, for
     any reason: a failed command, Ctrl-C, an OSError, a bug."""
@@ -668,7 +1168,7 @@ class _Transaction:
         self.runner, self.mark = runner, None
 
     def __enter__(self):
-        self.mark = len(self.runner._undo)
+        self.mark = len(self.runner.journal.undo)
         return self.runner
 
     def __exit__(self, exc_type, exc, tb):
@@ -678,65 +1178,59 @@ class _Transaction:
 
 
 # ---------------------------------------------------------------- kernel look-ups
+# Each asks the runner's State: the live kernel, or a plan's picture of it.
 
 def get_link(r, name, ns=None):
     """The link's `ip -j -d link show` record, or None when it does not exist."""
-    data = r.query_json(ip("-j", "-d", "link", "show", "dev", name, ns=ns))
-    return data[0] if data else None
+    return r.state.link(name, ns)
 
 
 def link_addrs(r, name, ns=None):
-    data = r.query_json(ip("-j", "addr", "show", "dev", name, ns=ns)) or []
-    return {f"{a['local']}/{a['prefixlen']}" for rec in data for a in rec.get("addr_info", [])
-            if a.get("family") == "inet" or a.get("family") == "inet6" and a.get("scope") == "global"}
+    return r.state.addrs(name, ns)
 
 
 def link_kind(link):
     return (link or {}).get("linkinfo", {}).get("info_kind", "")
 
 
-def netns_names(r, in_dry_run=False):
+def netns_names(r):
     """Named namespaces, in name order."""
-    data = r.query_json(ip("-j", "netns", "list"), in_dry_run) or []
-    return sorted(n["name"] for n in data)
+    return r.state.netns_names()
 
 
 def netns_exists(name):
+    """Does NAME exist in the live kernel (its file in /run/netns)? Verbs ask r.state."""
     return os.path.exists(os.path.join(NETNS_DIR, name))
 
 
 def require_netns(r, name, what="namespace"):
-    """A namespace this command needs; a dry run plans for it to exist by then."""
-    if name and not r.dry_run and not netns_exists(name):
-        raise UsageError(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})")
+    """A namespace this command needs."""
+    if name and not r.state.netns_exists(name):
+        r.state.missing(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})")
 
 
 def ensure_addrs(r, dev, cidrs, ns=None, fresh=False):
     """Add the addresses DEV lacks; an address already there is left as is.
     FRESH: DEV was just created, so it has none (no look-up needed)."""
     wanted = [c for c in cidrs if c]
-    have = link_addrs(r, dev, ns) if wanted and not (r.dry_run or fresh) else set()
+    have = link_addrs(r, dev, ns) if wanted and not fresh else set()
     for cidr in wanted:
         if cidr not in have:
             same_family = [h for h in have if ":" in h] if ":" in cidr else [h for h in have if ":" not in h]
             if same_family:
                 r.note(f"{dev} already has {', '.join(sorted(same_family))}; adding {cidr} as another address")
-            r.run(addr_add(cidr, dev, ns))
+            r.run(addr_add(cidr, dev, ns), creates=Change.addr(cidr, dev, ns))
+            have = have | {cidr}
 
 
 def say_if_unchanged(r, mark, what):
     """After a re-run: tell the user when nothing needed doing (no command since MARK)."""
-    if not r.dry_run and not r.ran_since(mark):
+    if not r.ran_since(mark):
         r.note(f"{what} already exists as asked; nothing to do")
 
 
 def ensure_up(r, dev, ns=None, link=None, fresh=False):
-    """Bring DEV up unless it is up. FRESH: just created, so down (no look-up).
-    A dry run reads what its plan already brought up, so it says it once."""
-    if r.dry_run:
-        if not r.made("up", dev, ns):
-            r.run(link_up(dev, ns), creates=Change.up(dev, ns))
-        return
+    """Bring DEV up unless it is up. FRESH: just created, so down (no look-up)."""
     link = {} if fresh else link if link is not None else get_link(r, dev, ns)
     if "UP" not in (link or {}).get("flags", []):
         r.run(link_up(dev, ns), creates=Change.up(dev, ns))
@@ -758,8 +1252,9 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         raise UsageError("a route needs a gateway (via) or a device")
     if ns:
         check_netns(ns)
+    require_netns(r, ns)
     where = f" in {ns}" if ns else ""
-    for route in r.query_json(ip("-j", "route", "show", "exact", dst, ns=ns)) or []:
+    for route in r.state.routes(dst, ns):
         if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
             have = " ".join(kv(via=route.get("gateway"), dev=route.get("dev")))
             raise UsageError(f"a route to {dst}{where} already exists ({have}), not "
@@ -767,7 +1262,7 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         r.note(f"the route to {dst}{where} already exists as asked")
         return
     r.run(ip("route", "add", dst, *kv(via=via, dev=dev, proto=ROUTE_PROTO), ns=ns),
-          creates=Change.route(dst, ns, via=via, dev=dev))
+          creates=Change.route(dst, ns, protocol=ROUTE_PROTO, via=via, dev=dev))
 
 
 # ---------------------------------------------------------------- netns
@@ -775,7 +1270,7 @@ def route_add(r, dst, via=None, dev=None, ns=None):
 def netns_add(r, name, lo_up=False):
     """Create netns NAME (tagged as cnikit's). Re-run: an existing NAME is left as is."""
     check_netns(name)
-    if not r.dry_run and netns_exists(name):
+    if r.state.netns_exists(name):
         r.note(f"netns {name} already exists; nothing to do")
     else:
         add, tag = netns_add_argv(name)
@@ -795,10 +1290,10 @@ def netns_lo_up(r, name):
 def netns_del(r, name):
     """Delete netns NAME and everything inside it. Re-run: absent is fine."""
     check_netns(name)
-    if not r.dry_run and not netns_exists(name):
+    if not r.state.netns_exists(name):
         r.note(f"netns {name} does not exist; nothing to delete")
         return
-    r.run(ip("netns", "del", name))
+    r.run(ip("netns", "del", name), creates=Change.netns(name).gone())
 
 
 def netns_list(r):
@@ -845,10 +1340,10 @@ def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, hos
             if get_link(r, peer, peer_ns):
                 raise UsageError(f"{peer} already exists{' in ' + peer_ns if peer_ns else ''}; "
                                  "pick another peer name")
-            # The peer goes with NAME: only NAME is undone; both MTUs are for a dry run's plans.
+            # The peer goes with NAME: only NAME is undone.
             r.run(veth_add_argv(name, peer, netns, mtu, host),
-                  creates=[Change.link(name, host, mtu or DEFAULT_MTU),
-                           Change("link", peer, peer_ns, mtu=mtu or DEFAULT_MTU)])
+                  creates=[Change.link(name, host, "veth", mtu, peer=peer, peer_ns=peer_ns),
+                           Change("link", peer, peer_ns, type="veth", mtu=mtu, peer=name, peer_ns=host)])
             r.run(tag_link(name, host))
         fresh = link is None
         ensure_addrs(r, name, [addr], host, fresh)
@@ -882,12 +1377,12 @@ def link_del(r, name, kind, host=None):
     check_ifname(name, f"{kind} name")
     require_netns(r, host, "host namespace")
     link = get_link(r, name, host)
-    if not r.dry_run and not link:
+    if not link:
         r.note(f"{kind} {name} does not exist; nothing to delete")
         return
-    if link and link_kind(link) != kind:
+    if link_kind(link) != kind:
         raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a {kind}; not deleting it")
-    r.run(ip("link", "del", name, ns=host))
+    r.run(ip("link", "del", name, ns=host), creates=Change.link(name, host, kind, peer=link.get("link")).gone())
 
 
 def veth_del(r, name, host=None):
@@ -917,8 +1412,8 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             r.note(f"bridge {name} already exists; checking the rest")
             pin_bridge_mac(r, name, link, host)
         else:
-            r.run(bridge_add_argv(name, mtu, host, bridge_mac(name, host, machine_id())),
-                  creates=Change.link(name, host))
+            mac = bridge_mac(name, host, machine_id())
+            r.run(bridge_add_argv(name, mtu, host, mac), creates=Change.link(name, host, "bridge", mtu, address=mac))
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
@@ -927,21 +1422,8 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
 
 
 def addr_assign_type(r, name, link, host=None):
-    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
-    (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
-    path = f"/sys/class/net/{name}/addr_assign_type"
-    if host:
-        ok, out = r.query(in_netns(["cat", path], host))
-        return int(out) if ok and out.strip().isdigit() else None
-    try:
-        # A sysfs mounted in another network namespace shows its own links: check the index.
-        with open(f"/sys/class/net/{name}/ifindex") as f:
-            if int(f.read()) != link.get("ifindex"):
-                return None
-        with open(path) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
+    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set); None: unknown."""
+    return r.state.addr_assign_type(name, link, host)
 
 
 def pin_bridge_mac(r, name, link, host=None):
@@ -964,17 +1446,16 @@ def bridge_attach(r, name, ifaces, host=None):
     require_netns(r, host, "host namespace")
     br = get_link(r, name, host)
     ports = {iface: get_link(r, iface, host) for iface in ifaces}     # one look-up each
-    if not r.dry_run:
-        if not br or link_kind(br) != "bridge":
-            raise UsageError(f"bridge {name} does not exist (create it with: cnikit bridge add {name})")
-        for iface, link in ports.items():
-            if not link:
-                raise UsageError(f"interface {iface} does not exist{' in ' + host if host else ''}")
+    if link_kind(br) != "bridge":
+        r.state.missing(f"bridge {name} does not exist (create it with: cnikit bridge add {name})")
+    for iface, link in ports.items():
+        if not link:
+            r.state.missing(f"interface {iface} does not exist{' in ' + host if host else ''}")
     for iface, link in ports.items():
         if link and link.get("master") == name:
             r.note(f"{iface} is already a port of {name}")
         else:
-            r.run(ip("link", "set", "dev", iface, "master", name, ns=host))
+            r.run(ip("link", "set", "dev", iface, "master", name, ns=host), creates=Change.master(iface, name, host))
         ensure_up(r, iface, host, link)
 
 
@@ -984,8 +1465,9 @@ def bridge_del(r, name, host=None):
     link_del(r, name, "bridge", host)
     table, chain, spec = bridge_forward_rule(name)
     for family in IPTABLES_TOOL:
-        if which(IPTABLES_TOOL[family]) and r.query(iptables_rule("-C", table, chain, spec, host, family))[0]:
-            r.run(iptables_rule("-D", table, chain, spec, host, family))
+        if r.state.has_rule(table, chain, spec, host, family):
+            r.run(iptables_rule("-D", table, chain, spec, host, family),
+                  creates=Change.rule(table, chain, spec, host, family).gone())
 
 
 def bridge_forward_accept(r, name, host=None):
@@ -1001,7 +1483,7 @@ def bridge_forward_accept(r, name, host=None):
         which_ = "" if family == 4 else f"{tool} "
         r.note(f"this host's {which_}FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
                f"switched frames through it (bridge-nf-call-{tool}=1): accept traffic between {name}'s own ports")
-        if r.query(iptables_rule("-C", table, chain, spec, host, family))[0]:
+        if r.state.has_rule(table, chain, spec, host, family):
             r.note(f"the {tool} FORWARD accept rule for {name} is already present")
             continue
         r.run(iptables_rule("-A", table, chain, spec, host, family),
@@ -1009,35 +1491,22 @@ def bridge_forward_accept(r, name, host=None):
 
 
 def forward_drops(r, host=None, family=4):
-    """Is this host's (ip6)tables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
-    fresh host (policy ACCEPT) and does not look, unless it plans for this host (a lesson's
-    --host); without the tool: no."""
-    if r.dry_run and not r.plans_this_host or not which(IPTABLES_TOOL[family]):
-        return False
-    ok, out = r.query(iptables("-S", "FORWARD", ns=host, family=family), in_dry_run=True)
-    return ok and "-P FORWARD DROP" in out.splitlines()
+    """Is this host's (ip6)tables FORWARD policy DROP (as Docker sets it)? A plan for a fresh
+    host: no (unless it plans what a lesson's --host will find); without the tool: no."""
+    return which(IPTABLES_TOOL[family]) is not None and r.state.forward_policy(host, family) == "DROP"
 
 
 def bridged_frames_filtered(r, host=None, family=4):
     """Does br_netfilter pass bridged frames of FAMILY through (ip6)tables here (per namespace)?"""
-    if r.dry_run and not r.plans_this_host:
-        return False
-    if host is None:
-        try:
-            with open(BR_NF_CALL[family]) as f:
-                return f.read().strip() == "1"
-        except OSError:            # no br_netfilter: bridged frames never see iptables
-            return False
-    ok, out = r.query(in_netns(["cat", BR_NF_CALL[family]], host), in_dry_run=True)
-    return ok and out.strip() == "1"
+    return r.state.bridged_frames_filtered(host, family)
 
 
 def bridge_show(r, name, host=None):
     """Print the bridge's ports and the MAC addresses it has learned (its fdb)."""
     check_ifname(name, "bridge name")
     require_netns(r, host, "host namespace")
-    if not r.dry_run and link_kind(get_link(r, name, host)) != "bridge":
-        raise UsageError(f"bridge {name} does not exist")
+    if link_kind(get_link(r, name, host)) != "bridge":
+        r.state.missing(f"bridge {name} does not exist")
     ports = r.show(ip("-br", "link", "show", "master", name, ns=host))
     fdb = r.show(bridge("fdb", "show", "br", name, ns=host))
     return ports, fdb
@@ -1260,18 +1729,13 @@ def _comment_of(spec):
 # ---------------------------------------------------------------- vxlan
 
 def underlay_mtu(r, dev=None, remote=None, host=None):
-    """The MTU of the device the overlay rides on: DEV, else the route to REMOTE.
-    A dry run knows the links it planned itself; others it looks up read-only."""
-    planned = r.made("link", dev, host) if r.dry_run and dev else None
-    if planned and planned.mtu:
-        return planned.mtu
+    """The MTU of the device the overlay rides on: DEV, else the route to REMOTE (a plan
+    knows the links it planned itself, and reads this host's read-only)."""
     if not dev and remote:
-        route = r.query_json(ip("-j", "route", "get", remote, ns=host), in_dry_run=True)
-        dev = route[0].get("dev") if route else None
-    if dev:
-        data = r.query_json(ip("-j", "link", "show", "dev", dev, ns=host), in_dry_run=True)
-        if data:
-            return data[0]["mtu"]
+        dev = r.state.route_dev(remote, host)
+    link = get_link(r, dev, host) if dev else None
+    if link and link.get("mtu"):
+        return link["mtu"]
     r.note(f"underlay MTU unknown here; assuming {DEFAULT_MTU}")
     return DEFAULT_MTU
 
@@ -1529,7 +1993,7 @@ def cleanup(r, host=None):
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
             r.run(ip("link", "del", link["ifname"], ns=host), check=False)
             removed += 1
-    for ns in [] if host else netns_names(r, in_dry_run=True):
+    for ns in [] if host else netns_names(r):
         lo = r.query_json(ip("-j", "link", "show", "dev", "lo", ns=ns), in_dry_run=True)
         if lo is None:
             blind.append(f"namespace {ns}")
@@ -2984,12 +3448,12 @@ class _View:
         self.iptables = "ip6tables" if family == 6 else "iptables"
 
     def _q(self, key, argv, as_json=True):
-        # in_dry_run: doctor only looks, so a dry run looks too (it has nothing else to do)
+        # doctor only reads, and reads the live kernel whatever the mode (a dry run looks too)
         if key not in self._cache:
             if as_json:
-                self._cache[key] = self.r.query_json(argv, in_dry_run=True)
+                self._cache[key] = self.r.live.query_json(argv)
             else:
-                ok, out = self.r.query(argv, in_dry_run=True)
+                ok, out = self.r.live.query(argv)
                 self._cache[key] = out if ok else None
         return self._cache[key]
 
@@ -3259,7 +3723,7 @@ def doctor_walk(r, frm, to, proto="icmp", port=None, host=None, family=4):
     (an address or a namespace) and return the report: {"from", "to", "dst", "src", "hops":
     [...], "healthy", "broken"}. FAMILY (4 or 6): the addresses', when FROM or TO is one.
     Read-only: every look-up goes through r.query/r.query_json."""
-    names = netns_names(r, in_dry_run=True)
+    names = r.live.netns_names()
     namespaces = [host] + [n for n in names if n != host] if host else [None] + names
     v = _View(r, namespaces, family)
     src_ns, src = (host if frm == HOST_NAME else frm), None
@@ -4356,7 +4820,7 @@ def main(argv=None):
         json_out = args.obj in ("show", "doctor") and args.json
         color = {"always": True, "never": False}.get(args.color)
         r = Runner(dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
-                   out=sys.stderr if json_out else sys.stdout, color=color)
+                   out=sys.stderr if json_out else sys.stdout, color=color, plan_for="this host")
         read_only = (args.obj, getattr(args, "verb", None)) in READ_ONLY
         if not args.dry_run and os.geteuid() != 0 and not read_only:
             # Validate first, then show what would run: the user learns either way.

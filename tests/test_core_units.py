@@ -88,7 +88,7 @@ def test_every_nat_rule_is_tagged_as_cnikits_and_lives_in_its_own_chain():
 
 def test_every_iptables_call_waits_for_the_lock():
     r = cnikit.Runner(dry_run=True, out=io.StringIO())
-    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    cnikit.nat_add(r, "10.0.0.0/24", "v0")
     calls = [a for a in r.commands() if "iptables" in a]
     assert calls and all(a[a.index("iptables") + 1] == "-w" for a in calls)
     assert cnikit.iptables("-S", ns="h1") == ["ip", "netns", "exec", "h1", "iptables", "-w", "-S"]
@@ -115,11 +115,12 @@ def test_dry_run_executes_nothing(monkeypatch):
         monkeypatch.setattr(cnikit.subprocess, name, lambda argv, *a, **kw: started.append(argv))
     out = io.StringIO()
     r = cnikit.Runner(dry_run=True, out=out)
+    cnikit.netns_add(r, "ns1")
     cnikit.veth_add(r, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24")
-    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    cnikit.nat_add(r, "10.0.0.0/24", "v0")
     assert started == []
     assert len(r.commands()) > 5
-    assert out.getvalue().splitlines()[0] == "ip link add v0 type veth peer name eth0 netns ns1"
+    assert out.getvalue().splitlines()[2] == "ip link add v0 type veth peer name eth0 netns ns1"
     assert "iptables -w -t nat -A POSTROUTING -m comment --comment 'cnikit nat 10.0.0.0/24' -j CNIKIT-NAT-" \
         in out.getvalue()
 
@@ -148,7 +149,7 @@ def test_no_command_cnikit_runs_goes_through_a_shell():
     cnikit.veth_add(r, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24", mtu=1400)
     cnikit.bridge_add(r, "br0", addr="10.0.0.1/24")
     cnikit.bridge_attach(r, "br0", ["v0"])
-    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    cnikit.nat_add(r, "10.0.0.0/24", "v0")
     cnikit.vxlan_add(r, "vx0", 42, remote="192.0.2.2", dev="v0", bridge_name="br0")
     cnikit.vxlan_fdb_add(r, "vx0", "02:00:00:00:00:02", "192.0.2.2")
     cnikit.cni_install(r, subnet="10.244.1.0/24")
@@ -171,7 +172,7 @@ def test_a_plan_is_typed_records_of_what_it_creates():
     assert made[:3] == [("netns", "ns1", None), ("link", "v0", None), ("link", "eth0", "ns1")]
     assert ("file", "/opt/cni/bin/cnikit", None) in made and ("file", "/etc/cni/net.d/10-cnikit.conflist", None) in made
     assert any(k == "route" and n.startswith("192.0.2.0/24 via 10.0.0.2") for k, n, _ in made)
-    assert r.made("link", "eth0", "ns1").mtu == 1400 and r.made("up", "v0")
+    assert cnikit.get_link(r, "eth0", "ns1")["mtu"] == 1400 and r.made("up", "v0")
     # A dry run plans; nothing is there to roll back.
     assert r.rollback() == []
     # each link is brought up once in a plan, however often a verb asks
