@@ -525,6 +525,14 @@ class State:
     def links(self, ns=None):
         return []
 
+    def link_records(self, ns=None):
+        """Every link of NS with its addresses (`ip -j -d addr show`'s records)."""
+        return []
+
+    def nsids(self, ns=None):
+        """`ip -j netns list-id` of NS: which namespace each peer's nsid is."""
+        return []
+
     def ports(self, master, ns=None):
         return [l for l in self.links(ns) if l.get("master") == master]
 
@@ -582,6 +590,10 @@ class FreshHost(State):
     def links(self, ns=None):
         return [self.link("lo")] if ns is None else []
 
+    def link_records(self, ns=None):
+        return [dict(self.link("lo"), addr_info=[{"family": "inet", "local": "127.0.0.1", "prefixlen": 8,
+                                                  "scope": "host"}])] if ns is None else []
+
     def forward_policy(self, ns=None, family=4):
         return self.facts.forward_policy(ns, family) if self.facts else "ACCEPT"
 
@@ -630,7 +642,13 @@ class LiveState(State):
                 if a.get("family") == "inet" or a.get("family") == "inet6" and a.get("scope") == "global"}
 
     def links(self, ns=None):
-        return self.query_json(ip("-j", "link", "show", ns=ns)) or []
+        return self.query_json(ip("-j", "link", "show", ns=ns), f"namespace {ns}" if ns else None) or []
+
+    def link_records(self, ns=None):
+        return self.query_json(ip("-j", "-d", "addr", "show", ns=ns), f"namespace {ns}" if ns else None) or []
+
+    def nsids(self, ns=None):
+        return self.query_json(ip("-j", "netns", "list-id", ns=ns)) or []
 
     def ports(self, master, ns=None):
         return self.query_json(ip("-j", "link", "show", "master", master, ns=ns)) or []
@@ -759,6 +777,18 @@ class PlanState(State):
             if where == ns:
                 found[name] = rec
         return [l for l in found.values() if l]
+
+    def link_records(self, ns=None):
+        found = {l["ifname"]: l for l in (self.base.link_records(ns) if self._base_has(ns) else [])}
+        for (where, name), rec in self._links.items():
+            if where == ns:
+                found[name] = rec and dict(rec, addr_info=[
+                    {"family": "inet6" if ":" in c else "inet", "local": c.split("/")[0],
+                     "prefixlen": int(c.split("/")[1]), "scope": "global"} for c in self._addrs.get((ns, name), [])])
+        return [l for l in found.values() if l]
+
+    def nsids(self, ns=None):
+        return self.base.nsids(ns) if self._base_has(ns) else []
 
     def ports(self, master, ns=None):
         return [l for l in self.links(ns) if l.get("master") == master]
@@ -996,6 +1026,10 @@ class Runner:
     def result(self, obj):
         """A CNI result, what the user asked for: the JSON in full (a lesson shows its gist)."""
         self.output(json.dumps(obj, indent=2))
+
+    def tense(self, done, planned):
+        """DONE, or in a plan PLANNED ("removed", "would remove"): how a summary speaks."""
+        return planned if self._plan else done
 
     # -- what this invocation did
     def mark(self):
@@ -1514,43 +1548,64 @@ def bridge_show(r, name, host=None):
 
 # ---------------------------------------------------------------- nat
 
-def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False, tagged=None):
-    """cnikit's rules as (table, chain, spec), read back from `iptables -S`: those its
+def _cnikit_rules(r, host=None, subnet=None, tagged=None, family=4):
+    """cnikit's rules as (table, chain, spec), as `iptables -S` lists them: those its
     comment tags (the jumps, the CLI's NAT rules, the plugin's) and, with no SUBNET, every
     rule inside a chain of cnikit's. TAGGED: only the rules whose comment is exactly that."""
     found = []
     for table in IPTABLES_TABLES:
-        ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
-        for line in out.splitlines() if ok else []:
-            words = shlex.split(line)
-            if len(words) < 3 or words[0] != "-A":
-                continue
-            comment = words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
+        for chain, spec in r.state.rules(table, host, family) or []:
+            comment = _comment_of(spec) or None
             ours = comment is not None and (comment == TAG or comment.startswith(TAG + " "))
             if subnet is not None or tagged is not None:
                 ours = comment == (tagged if tagged is not None else nat_comment(subnet))
-            elif words[1].startswith(CHAIN_PREFIX):
+            elif chain.startswith(CHAIN_PREFIX):
                 ours = True
             if ours:
-                found.append((table, words[1], words[2:]))
+                found.append((table, chain, spec))
     return found
 
 
-def _cnikit_chains(r, host=None, in_dry_run=False):
+def _cnikit_chains(r, host=None):
     """The chains cnikit made, as (table, chain): their names carry its prefix."""
-    found = []
-    for table in IPTABLES_TABLES:
-        ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
-        found += [(table, line.split()[1]) for line in (out.splitlines() if ok else [])
-                  if line.startswith("-N " + CHAIN_PREFIX)]
-    return found
+    return [(table, chain) for table in IPTABLES_TABLES for chain in r.state.chains(table, host) or []
+            if chain.startswith(CHAIN_PREFIX)]
 
 
 def _remove_chains(r, chains, host=None, check=True):
     """Empty, then delete, each (table, chain): the jumps into them must be gone first."""
     for table, chain in chains:
         r.run(iptables("-t", table, "-F", chain, ns=host), check=check)
-        r.run(iptables("-t", table, "-X", chain, ns=host), check=check)
+        r.run(iptables("-t", table, "-X", chain, ns=host), check=check, creates=Change.chain(table, chain, host).gone())
+
+
+def ensure_sysctl(r, key, value, ns=None):
+    """Set KEY to VALUE unless it is already (recorded with the old value, so rollback restores it)."""
+    old = r.state.sysctl(key, ns)
+    if old == str(value):
+        r.note(f"{key} is already {value}")
+    else:
+        r.run(sysctl_set(key, value, ns), creates=Change.sysctl(key, value, ns, old=old))
+
+
+def ensure_rule(r, table, chain, spec, ns=None, family=4, said=None):
+    """Append a rule unless it is there (SAID: the note when it is)."""
+    if r.state.has_rule(table, chain, spec, ns, family):
+        r.note(said or f"{table} {chain} rule already present")
+        return
+    r.run(iptables_rule("-A", table, chain, spec, ns, family), creates=Change.rule(table, chain, spec, ns, family))
+
+
+def ensure_chain(r, table, chain, ns=None, said=None):
+    if r.state.has_chain(table, chain, ns):
+        r.note(said or f"chain {chain} ({table}) already exists")
+    else:
+        r.run(iptables("-t", table, "-N", chain, ns=ns), creates=Change.chain(table, chain, ns))
+
+
+def delete_rule(r, table, chain, spec, ns=None, family=4, check=True):
+    r.run(iptables_rule("-D", table, chain, spec, ns, family), check=check,
+          creates=Change.rule(table, chain, spec, ns, family).gone())
 
 
 def nat_add(r, subnet, out_iface, host=None):
@@ -1566,9 +1621,9 @@ def nat_add(r, subnet, out_iface, host=None):
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables", "sysctl")
-    if not r.dry_run and not get_link(r, out_iface, host):
-        raise UsageError(f"--out interface {out_iface} does not exist{' in ' + host if host else ''}: "
-                         "the rules would never match")
+    if not get_link(r, out_iface, host):
+        r.state.missing(f"--out interface {out_iface} does not exist{' in ' + host if host else ''}: "
+                        "the rules would never match")
     existing = _cnikit_rules(r, host, subnet)
     for _, _, spec in existing:
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
@@ -1580,25 +1635,13 @@ def nat_add(r, subnet, out_iface, host=None):
     chain = nat_chain(subnet)
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
-        ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
-        if ok and value.strip() == "1":
-            r.note("net.ipv4.ip_forward is already 1")
-        else:
-            r.run(sysctl_set("net.ipv4.ip_forward", 1, host),
-                  creates=Change.sysctl("net.ipv4.ip_forward", 1, host, old=value.strip() if ok else None))
+        ensure_sysctl(r, "net.ipv4.ip_forward", 1, host)
         for table in IPTABLES_TABLES:
-            if r.query(iptables("-t", table, "-S", chain, ns=host))[0]:
-                r.note(f"chain {chain} ({table}) for {subnet} already exists")
-            else:
-                r.run(iptables("-t", table, "-N", chain, ns=host), creates=Change.chain(table, chain, host))
+            ensure_chain(r, table, chain, host, said=f"chain {chain} ({table}) for {subnet} already exists")
             # The chain is filled before the jump into it: no packet sees it half made.
             for t, c, spec in [rule for rule in nat_rules(subnet, out_iface) if rule[0] == table] + \
                     [jump for jump in nat_jumps(subnet) if jump[0] == table]:
-                present, _ = r.query(iptables_rule("-C", t, c, spec, host))
-                if present:
-                    r.note(f"{t} {c} {spec[-1]} rule for {subnet} already present")
-                    continue
-                r.run(iptables_rule("-A", t, c, spec, host), creates=Change.rule(t, c, spec, host))
+                ensure_rule(r, t, c, spec, host, said=f"{t} {c} {spec[-1]} rule for {subnet} already present")
 
 
 def nat_del(r, subnet, host=None):
@@ -1613,10 +1656,10 @@ def nat_del(r, subnet, host=None):
     # Rules in the chain go with it; tagged rules elsewhere (the jumps) are deleted one by one.
     rules = [(t, c, spec) for t, c, spec in _cnikit_rules(r, host, subnet) if c != chain]
     chains = [(t, c) for t, c in _cnikit_chains(r, host) if c == chain]
-    if not rules and not chains and not r.dry_run:
+    if not rules and not chains:
         r.note(f"no cnikit NAT rules for {subnet}; nothing to delete")
     for table, c, spec in rules:
-        r.run(iptables_rule("-D", table, c, spec, host))
+        delete_rule(r, table, c, spec, host)
     _remove_chains(r, chains, host)
 
 
@@ -1664,9 +1707,9 @@ def nat_publish(r, port, to, bridge, proto="tcp", host=None):
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables", "sysctl")
-    if not r.dry_run and link_kind(get_link(r, bridge, host)) != "bridge":
-        raise UsageError(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
-                         f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})")
+    if link_kind(get_link(r, bridge, host)) != "bridge":
+        r.state.missing(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
+                        f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})")
     for _, _, spec in _cnikit_rules(r, host, tagged=port_comment(port, proto)):
         if "DNAT" in spec and spec[-1] != f"{to_ip}:{to_port}":
             raise UsageError(f"port {proto}/{port} is already published to {spec[-1]}; "
@@ -1676,20 +1719,10 @@ def nat_publish(r, port, to, bridge, proto="tcp", host=None):
                f"connections to {to_ip}:{to_port} through, and only them")
     with r.transaction():
         for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{bridge}.route_localnet"):
-            ok, value = r.query(in_netns(["sysctl", "-n", key], host))
-            if ok and value.strip() == "1":
-                r.note(f"{key} is already 1")
-            else:
-                r.run(sysctl_set(key, 1, host), creates=Change.sysctl(key, 1, host, old=value.strip() if ok else None))
-        if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
-            r.note(f"chain {PORTS_CHAIN} (nat) already exists")
-        else:
-            r.run(iptables("-t", "nat", "-N", PORTS_CHAIN, ns=host), creates=Change.chain("nat", PORTS_CHAIN, host))
+            ensure_sysctl(r, key, 1, host)
+        ensure_chain(r, "nat", PORTS_CHAIN, host)
         for name, (table, chain, spec) in port_rules(port, to_ip, to_port, bridge, proto).items():
-            if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
-                r.note(f"the {name} rule for {proto}/{port} is already present")
-                continue
-            r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+            ensure_rule(r, table, chain, spec, host, said=f"the {name} rule for {proto}/{port} is already present")
     r.note(f"{proto}/{port} on every address of this host now leads to {to_ip}:{to_port}. Where br_netfilter is on, "
            f"the container calling its own published port also needs hairpin mode on its port of {bridge} "
            f"(bridge link set dev PORT hairpin on)")
@@ -1708,17 +1741,16 @@ def nat_unpublish(r, port, proto="tcp", host=None):
     require_tools("iptables")
     rules = _cnikit_rules(r, host, tagged=port_comment(port, proto))
     if not rules:
-        if not r.dry_run:
-            r.note(f"{proto}/{port} is not published by cnikit; nothing to delete")
+        r.note(f"{proto}/{port} is not published by cnikit; nothing to delete")
         return
     for table, chain, spec in rules:
-        r.run(iptables_rule("-D", table, chain, spec, host))
+        delete_rule(r, table, chain, spec, host)
     if any(_comment_of(spec).startswith(f"{TAG} port ") for _, _, spec in _cnikit_rules(r, host)):
         r.note("other ports stay published: the rules they share stay too")
         return
     for table, chain, spec in _cnikit_rules(r, host, tagged=PORTS_COMMENT):
-        r.run(iptables_rule("-D", table, chain, spec, host))
-    if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
+        delete_rule(r, table, chain, spec, host)
+    if r.state.has_chain("nat", PORTS_CHAIN, host):
         _remove_chains(r, [("nat", PORTS_CHAIN)], host)
 
 
@@ -1770,8 +1802,8 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
-    if dev and not r.dry_run and not get_link(r, dev, host):
-        raise UsageError(f"--dev {dev} does not exist{' in ' + host if host else ''}")
+    if dev and not get_link(r, dev, host):
+        r.state.missing(f"--dev {dev} does not exist{' in ' + host if host else ''}")
     link, mark = get_link(r, name, host), r.mark()
     with r.transaction():
         if link:
@@ -1783,13 +1815,14 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
         else:
             mtu = mtu or underlay_mtu(r, dev, remote or group, host) - VXLAN_OVERHEAD
             r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host, learning),
-                  creates=Change.link(name, host, mtu))
+                  creates=Change.link(name, host, "vxlan", mtu, vni=vni))
             r.run(tag_link(name, host))
         if bridge_name:
-            if not r.dry_run and link_kind(get_link(r, bridge_name, host)) != "bridge":
-                raise UsageError(f"bridge {bridge_name} does not exist")
+            if link_kind(get_link(r, bridge_name, host)) != "bridge":
+                r.state.missing(f"bridge {bridge_name} does not exist")
             if not link or link.get("master") != bridge_name:
-                r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host))
+                r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host),
+                      creates=Change.master(name, bridge_name, host))
         ensure_up(r, name, host, link, fresh=link is None)
     say_if_unchanged(r, mark, f"vxlan {name}")
 
@@ -1804,9 +1837,9 @@ def vxlan_fdb_add(r, name, mac, dst, host=None):
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
-    if not r.dry_run and link_kind(get_link(r, name, host)) != "vxlan":
-        raise UsageError(f"vxlan {name} does not exist")
-    entries = r.query_json(bridge("-j", "fdb", "show", "dev", name, ns=host)) or []
+    if link_kind(get_link(r, name, host)) != "vxlan":
+        r.state.missing(f"vxlan {name} does not exist")
+    entries = r.state.fdb(name, host)
     if any(e.get("mac") == mac and e.get("dst") == dst for e in entries):
         r.note(f"fdb entry {mac} dst {dst} on {name} already present")
         return
@@ -1828,15 +1861,14 @@ def collect(r, only=None):
     routes, and cnikit's NAT rules, as plain data. ONLY: just that namespace."""
     if only:
         check_netns(only)
-        if not netns_exists(only):
+        if not r.state.netns_exists(only):
             raise UsageError(f"namespace {only!r} does not exist")
     names = [None] + netns_names(r)
     spaces = []
     for ns in names:
-        links = r.query_json(ip("-j", "-d", "addr", "show", ns=ns)) or []
-        routes = r.query_json(ip("-j", "route", "show", ns=ns)) or []
-        ids = {i.get("nsid"): i.get("name") or HOST_NAME
-               for i in (r.query_json(ip("-j", "netns", "list-id", ns=ns)) or [])}
+        links = r.state.link_records(ns)
+        routes = r.state.routes(ns=ns)
+        ids = {i.get("nsid"): i.get("name") or HOST_NAME for i in r.state.nsids(ns)}
         nat = [{"table": t, "chain": c, "rule": shlex.join(s)} for t, c, s in _cnikit_rules(r, ns)] \
             if which("iptables") else []
         spaces.append({"name": ns or HOST_NAME, "links": [_link_record(l, ids) for l in links],
@@ -1962,47 +1994,47 @@ def cleanup(r, host=None):
     would remove here."""
     if host:
         check_netns(host)
-        if not netns_exists(host):
+        if not r.state.netns_exists(host):
             raise UsageError(f"namespace {host!r} does not exist")
     removed, blind = 0, []
     if not host:
         removed += cleanup_cni(r)
     if which("iptables"):
-        if not r.query(iptables("-S", ns=host), in_dry_run=True)[0]:
+        if r.state.rules("filter", host) is None:
             blind.append("iptables rules")
         # Jumps and tagged rules in built-in chains one by one; cnikit's own chains whole.
-        for table, chain, spec in _cnikit_rules(r, host, in_dry_run=True):
+        for table, chain, spec in _cnikit_rules(r, host):
             if not chain.startswith(CHAIN_PREFIX):
-                r.run(iptables_rule("-D", table, chain, spec, host), check=False)
+                delete_rule(r, table, chain, spec, host, check=False)
                 removed += 1
-        chains = _cnikit_chains(r, host, in_dry_run=True)
+        chains = _cnikit_chains(r, host)
         _remove_chains(r, chains, host, check=False)
         removed += len(chains)
     if which("ip6tables"):
         # IPv6: only the tagged accepts bridge add leaves in FORWARD (the CLI's NAT is IPv4).
-        ok, out = r.query(iptables("-S", "FORWARD", ns=host, family=6), in_dry_run=True)
-        for line in out.splitlines() if ok else []:
-            words = shlex.split(line)
-            if words[:2] == ["-A", "FORWARD"] and _comment_of(words).startswith(f"{TAG} bridge "):
-                r.run(iptables_rule("-D", "filter", "FORWARD", words[2:], host, family=6), check=False)
+        for chain, spec in r.state.rules("filter", host, family=6) or []:
+            if chain == "FORWARD" and _comment_of(spec).startswith(f"{TAG} bridge "):
+                delete_rule(r, "filter", "FORWARD", spec, host, family=6, check=False)
                 removed += 1
-    for route in r.query_json(ip("-j", "route", "show", "proto", ROUTE_PROTO, ns=host), in_dry_run=True) or []:
-        r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False)
+    for route in r.state.routes(ns=host, proto=ROUTE_PROTO):
+        r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False,
+              creates=Change.route(route["dst"], host).gone())
         removed += 1
-    for link in r.query_json(ip("-j", "link", "show", ns=host), in_dry_run=True) or []:
+    for link in r.state.links(host):
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
-            r.run(ip("link", "del", link["ifname"], ns=host), check=False)
+            r.run(ip("link", "del", link["ifname"], ns=host), check=False,
+                  creates=Change.link(link["ifname"], host, peer=link.get("link")).gone())
             removed += 1
     for ns in [] if host else netns_names(r):
-        lo = r.query_json(ip("-j", "link", "show", "dev", "lo", ns=ns), in_dry_run=True)
+        lo = r.state.link("lo", ns)
         if lo is None:
             blind.append(f"namespace {ns}")
-        elif lo[0].get("ifalias") == TAG:
-            r.run(ip("netns", "del", ns), check=False)
+        elif lo.get("ifalias") == TAG:
+            r.run(ip("netns", "del", ns), check=False, creates=Change.netns(ns).gone())
             removed += 1
     if blind:
         r.note("could not look at " + ", ".join(blind) + " (root needed): what cnikit made there is not listed")
-    verb = "would remove" if r.dry_run else "removed"
+    verb = r.tense("removed", "would remove")
     inside = f" inside namespace {host} (the namespace itself stays: `cnikit cleanup` without -n removes it)" \
         if host else ""
     r.note(f"cleanup: {verb} {removed} object(s) cnikit had created{inside}" if removed
@@ -2095,10 +2127,10 @@ def cleanup_cni(r, conf_dir=None, plugin_dir=None):
         removed += 1
         bridge_name = plugin.get("bridge") or CNI_DEFAULT_BRIDGE
         if isinstance(bridge_name, str) and plugin.get("mode", "bridge") == "bridge":
-            br = r.query_json(ip("-j", "-d", "link", "show", "dev", bridge_name), in_dry_run=True)
-            ports = r.query_json(ip("-j", "link", "show", "master", bridge_name), in_dry_run=True) or []
-            if br and link_kind(br[0]) == "bridge" and not ports:
-                r.run(ip("link", "del", bridge_name), check=False)
+            br = get_link(r, bridge_name)
+            ports = r.state.ports(bridge_name) if br else []
+            if link_kind(br) == "bridge" and not ports:
+                r.run(ip("link", "del", bridge_name), check=False, creates=Change.link(bridge_name).gone())
                 removed += 1
             elif br and ports:
                 r.note(f"{bridge_name} stays: {len(ports)} port(s) still on it (attachments cnikit did not make)")
@@ -4522,7 +4554,7 @@ def _common_options(p, top=True):
     d = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("-n", "--in", dest="host", metavar="NS",
                    help="act inside namespace NS, standing for a host (like `ip -n NS`)", **d)
-    p.add_argument("--dry-run", action="store_true", help="print the commands for a fresh host; run nothing", **d)
+    p.add_argument("--dry-run", action="store_true", help="print the commands this host needs (it only reads); run nothing", **d)
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands", **d)
     p.add_argument("-v", "--verbose", action="store_true", help="also echo read-only look-ups", **d)
     p.add_argument("--sandbox", action="store_true", help="run this one command in a throwaway sandbox", **d)
