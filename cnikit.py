@@ -509,9 +509,11 @@ class State:
     (FreshHost, or this host's LiveState read-only) overlaid with the Changes planned so far.
     The verbs ask and never know which one answers."""
 
-    def missing(self, error):
-        """A command's input names something that is not there (a namespace, a link): ERROR."""
-        raise UsageError(error)
+    def missing(self, error, made=None, exc=UsageError, said=None):
+        """A command's input names something that is not there (a namespace, a link): ERROR
+        (an EXC). MADE: the Change that would have made it (what a plan can assume); SAID: what
+        a plan that assumes says instead of the usual note."""
+        raise exc(error)
 
     def record(self, change):
         """A Change the Executor ran or planned (a live kernel knows it already)."""
@@ -570,6 +572,31 @@ class State:
 
     def fdb(self, name, ns=None):
         return []
+
+    def file_text(self, path):
+        """The text of the file at PATH (a runtime's config, cache, plugin); None: absent."""
+        return None
+
+    def file_exists(self, path):
+        return self.file_text(path) is not None
+
+    def file_head(self, path, size=-1):
+        """The first SIZE bytes of the file at PATH (-1: all); None: absent or unreadable."""
+        return None
+
+    def executable(self, path):
+        return False
+
+    def is_dir(self, path):
+        return False
+
+    def listdir(self, path):
+        """The names in directory PATH, sorted; none when it cannot be read."""
+        return []
+
+    def find_plugin(self, ptype, cni_path):
+        """libcni's FindInPath: the first executable TYPE in the CNI_PATH directories."""
+        return cni_find_plugin(ptype, cni_path)
 
 
 class FreshHost(State):
@@ -721,6 +748,32 @@ class LiveState(State):
     def fdb(self, name, ns=None):
         return self.query_json(bridge("-j", "fdb", "show", "dev", name, ns=ns)) or []
 
+    def file_text(self, path):
+        try:
+            with open(path) as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def file_exists(self, path):
+        return os.path.exists(path)
+
+    def file_head(self, path, size=-1):
+        try:
+            with open(path, "rb") as f:
+                return f.read(size)
+        except OSError:
+            return None
+
+    def executable(self, path):
+        return os.access(path, os.X_OK)
+
+    def is_dir(self, path):
+        return os.path.isdir(path)
+
+    def listdir(self, path):
+        return _listdir(path)
+
 
 class PlanState(State):
     """A plan's picture of the kernel: BASE (a FreshHost, or this host's LiveState read-only)
@@ -737,12 +790,18 @@ class PlanState(State):
         self._gone_routes = set()  # (ns, dst)
         self._rules = {}          # (ns, family, table) -> {"chains": {chain: bool}, "rules": [(chain, spec, bool)]}
         self._sysctls = {}        # (ns, key) -> value
+        self._files = {}          # path -> its planned content; None: removed
+        self._assumed = set()     # the missing input already said
         self._index = 1000        # ifindex of planned links
 
-    def missing(self, error):
+    def missing(self, error, made=None, exc=UsageError, said=None):
         if not self.assume:
-            raise UsageError(error)
-        self.say(f"{error}; planned as if an earlier command made it")
+            raise exc(error)
+        if error not in self._assumed:
+            self._assumed.add(error)
+            self.say(said or f"{error}; planned as if an earlier command made it")
+        for change in [made] if isinstance(made, Change) else made or []:
+            self.record(change)
 
     # -- what the base knows, unless the plan made or removed the namespace since
     def _base_has(self, ns):
@@ -859,6 +918,52 @@ class PlanState(State):
     def fdb(self, name, ns=None):
         return self.base.fdb(name, ns) if self._base_has(ns) and (ns, name) not in self._links else []
 
+    def file_text(self, path):
+        return self._files[path] if path in self._files else self.base.file_text(path)
+
+    def file_exists(self, path):
+        if path in self._files:
+            return self._files[path] is not None
+        if path.startswith(NETNS_DIR + "/"):
+            return self.netns_exists(path[len(NETNS_DIR) + 1:])
+        return self.base.file_exists(path)
+
+    def file_head(self, path, size=-1):
+        if path not in self._files:
+            return self.base.file_head(path, size)
+        data = self._files[path]
+        if data is None:
+            return None
+        data = data if isinstance(data, bytes) else data.encode() if isinstance(data, str) else json.dumps(
+            data, default=str).encode()
+        return data if size < 0 else data[:size]
+
+    def executable(self, path):
+        return self._files[path] is not None if path in self._files else self.base.executable(path)
+
+    def is_dir(self, path):
+        # Only what the plan itself put there: its script makes its own directories (mkdir -p
+        # costs nothing where they exist), so it also runs where they do not.
+        return any(p.startswith(path.rstrip("/") + "/") and data is not None for p, data in self._files.items())
+
+    def listdir(self, path):
+        names = set(self.base.listdir(path))
+        for p, data in self._files.items():
+            if os.path.dirname(p) == path.rstrip("/"):
+                (names.add if data is not None else names.discard)(os.path.basename(p))
+        return sorted(names)
+
+    def find_plugin(self, ptype, cni_path):
+        for d in cni_path.split(":"):
+            if d and self._files.get(os.path.join(d, ptype)) is not None:
+                return os.path.join(d, ptype)
+        try:
+            return cni_find_plugin(ptype, cni_path)
+        except UsageError as e:
+            path = os.path.join(cni_path.split(":")[0], ptype)     # where a planned install puts it
+            self.missing(str(e), Change.file(path))
+            return path
+
     # -- learning from a Change
     def _touch(self, name, ns):
         """LINK's record, copied into the plan so the plan can change it."""
@@ -907,6 +1012,8 @@ class PlanState(State):
                 t["chains"][f["chain"]] = True
         elif change.kind == "sysctl" and "key" in f:
             self._sysctls[(ns, f["key"])] = f["value"]
+        elif change.kind == "file":
+            self._files[name] = f.get("data") if f.get("data") is not None else ""
         elif change.kind == "del":
             self._remove(f.get("what"), name, ns, f)
 
@@ -929,6 +1036,8 @@ class PlanState(State):
             t = self._table(f["table"], ns, f["family"])
             t["chains"][f["chain"]] = False
             t["rules"] = [r for r in t["rules"] if r[0] != f["chain"]]
+        elif what == "file":
+            self._files[name] = None
 
 
 class Runner:
@@ -1143,6 +1252,58 @@ class Runner:
         except FileNotFoundError:
             raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}")
 
+    def exchange(self, shown, argv, stdin_obj, env=None, keep=None, limit=None, timeout=None):
+        """Hand STDIN_OBJ as JSON to ARGV (a CNI plugin) and return the CompletedProcess, echoed
+        as SHOWN with the JSON as a here-document (LIMIT: cut to that many characters unless -v).
+        A plan echoes the JSON whole, so its script replays the call; KEEP names the shell
+        variable the script keeps the answer in, and the answer is PlannedResult(KEEP) (None
+        without KEEP)."""
+        if self._plan:
+            body, expands = heredoc_json(stdin_obj)
+            echo_heredoc(self, shown, body, expands, capture=keep)
+            return PlannedResult(keep) if keep else None
+        stdin = json.dumps(stdin_obj, separators=(",", ":"))
+        echo_heredoc(self, shown, cni_shorten(stdin, None if self.verbose else limit))
+        return self.execute(argv, input=stdin, env=env, timeout=timeout)
+
+    def write_json(self, path, obj, why, error):
+        """Write OBJ as JSON to PATH atomically and record it: in-process (a runtime's cache,
+        the documented exception to echoing), after the note WHY; a plan prints the commands
+        that write it (a PlannedResult inside expands from its shell variable), so its script
+        does what the real run does. A disk error is a CnikitError starting with ERROR."""
+        self.note(why)
+        change = Change.file(path, data=obj)
+        if self._plan:
+            body, expands = heredoc_json(obj, separators=None)
+            self.run(["mkdir", "-p", os.path.dirname(path)])
+            echo_heredoc(self, ["install", "-m", "0644", "/dev/stdin", path + ".tmp"], body, expands)
+            self.run(["mv", "-f", path + ".tmp", path], creates=change)
+            return
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(obj, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            _remove_quietly(tmp)
+            raise CnikitError(f"{error}: {e.strerror or e}") from None
+        self.record(change)
+
+    def remove_file(self, path, said, error):
+        """Remove PATH in-process if it is there (SAID, ERROR: the note and the error, with
+        {} for the path); a plan prints `rm -f PATH`, which its script runs whatever is there."""
+        change = Change.file(path).gone()
+        if self._plan:
+            self.run(["rm", "-f", path], creates=change)
+        elif os.path.exists(path):
+            try:
+                os.unlink(path)
+            except OSError as e:
+                raise CnikitError(f"{error.format(path)}: {e.strerror or e}") from None
+            self.record(change)
+            self.note(said.format(path))
+
     def read(self, argv):
         """Run a read-only look-up and return the CompletedProcess (echoed with -v only):
         the States read the kernel through this."""
@@ -1240,7 +1401,8 @@ def netns_exists(name):
 def require_netns(r, name, what="namespace"):
     """A namespace this command needs."""
     if name and not r.state.netns_exists(name):
-        r.state.missing(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})")
+        r.state.missing(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})",
+                        Change.netns(name))
 
 
 def ensure_addrs(r, dev, cidrs, ns=None, fresh=False):
@@ -1481,10 +1643,11 @@ def bridge_attach(r, name, ifaces, host=None):
     br = get_link(r, name, host)
     ports = {iface: get_link(r, iface, host) for iface in ifaces}     # one look-up each
     if link_kind(br) != "bridge":
-        r.state.missing(f"bridge {name} does not exist (create it with: cnikit bridge add {name})")
+        r.state.missing(f"bridge {name} does not exist (create it with: cnikit bridge add {name})",
+                        Change.link(name, host, "bridge"))
     for iface, link in ports.items():
         if not link:
-            r.state.missing(f"interface {iface} does not exist{' in ' + host if host else ''}")
+            r.state.missing(f"interface {iface} does not exist{' in ' + host if host else ''}", Change.link(iface, host))
     for iface, link in ports.items():
         if link and link.get("master") == name:
             r.note(f"{iface} is already a port of {name}")
@@ -1623,7 +1786,7 @@ def nat_add(r, subnet, out_iface, host=None):
     require_tools("iptables", "sysctl")
     if not get_link(r, out_iface, host):
         r.state.missing(f"--out interface {out_iface} does not exist{' in ' + host if host else ''}: "
-                        "the rules would never match")
+                        "the rules would never match", Change.link(out_iface, host))
     existing = _cnikit_rules(r, host, subnet)
     for _, _, spec in existing:
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
@@ -1709,7 +1872,8 @@ def nat_publish(r, port, to, bridge, proto="tcp", host=None):
     require_tools("iptables", "sysctl")
     if link_kind(get_link(r, bridge, host)) != "bridge":
         r.state.missing(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
-                        f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})")
+                        f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})",
+                        Change.link(bridge, host, "bridge"))
     for _, _, spec in _cnikit_rules(r, host, tagged=port_comment(port, proto)):
         if "DNAT" in spec and spec[-1] != f"{to_ip}:{to_port}":
             raise UsageError(f"port {proto}/{port} is already published to {spec[-1]}; "
@@ -1803,7 +1967,7 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
         check_netns(host)
     require_netns(r, host, "host namespace")
     if dev and not get_link(r, dev, host):
-        r.state.missing(f"--dev {dev} does not exist{' in ' + host if host else ''}")
+        r.state.missing(f"--dev {dev} does not exist{' in ' + host if host else ''}", Change.link(dev, host))
     link, mark = get_link(r, name, host), r.mark()
     with r.transaction():
         if link:
@@ -1819,7 +1983,7 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
             r.run(tag_link(name, host))
         if bridge_name:
             if link_kind(get_link(r, bridge_name, host)) != "bridge":
-                r.state.missing(f"bridge {bridge_name} does not exist")
+                r.state.missing(f"bridge {bridge_name} does not exist", Change.link(bridge_name, host, "bridge"))
             if not link or link.get("master") != bridge_name:
                 r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host),
                       creates=Change.master(name, bridge_name, host))
@@ -1838,7 +2002,7 @@ def vxlan_fdb_add(r, name, mac, dst, host=None):
         check_netns(host)
     require_netns(r, host, "host namespace")
     if link_kind(get_link(r, name, host)) != "vxlan":
-        r.state.missing(f"vxlan {name} does not exist")
+        r.state.missing(f"vxlan {name} does not exist", Change.link(name, host, "vxlan"))
     entries = r.state.fdb(name, host)
     if any(e.get("mac") == mac and e.get("dst") == dst for e in entries):
         r.note(f"fdb entry {mac} dst {dst} on {name} already present")
@@ -2390,28 +2554,18 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None, ke
     answers. Returns the parsed result (None when the plugin prints nothing, and in a dry
     run, where KEEP names the shell variable the script keeps the answer in: then a
     PlannedResult). A CNI error (non-zero exit, JSON error on stdout) raises CnikitError."""
-    try:
-        plugin = cni_find_plugin(ptype, cni_path)
-    except UsageError:
-        if not r.dry_run:
-            raise
-        plugin = os.path.join(cni_path.split(":")[0], ptype)   # where a planned install puts it
+    plugin = r.state.find_plugin(ptype, cni_path)
     env = {"CNI_COMMAND": command, **env, "CNI_PATH": env.get("CNI_PATH", cni_path)}
-    argv = in_netns([plugin], host)
-    if r.dry_run:
-        # The script must replay: stdin in full, results kept in shell variables.
-        body, expands = heredoc_json(stdin_obj)
-        echo_heredoc(r, cni_invocation_argv(env, plugin, host), body, expands, capture=keep)
-        return PlannedResult(keep) if keep else None
-    stdin = json.dumps(stdin_obj, separators=(",", ":"))
-    # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
-    echo_heredoc(r, cni_invocation_argv(env, plugin, host), cni_shorten(stdin, None if r.verbose else CNI_SHOW_MAX))
     started = time.monotonic()
     try:
-        proc = r.execute(argv, input=stdin, env=env, timeout=CNI_TIMEOUT)
+        # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
+        proc = r.exchange(cni_invocation_argv(env, plugin, host), in_netns([plugin], host), stdin_obj, env, keep,
+                          CNI_SHOW_MAX, CNI_TIMEOUT)
     except UnicodeDecodeError:
         raise CnikitError(f"CNI plugin {ptype} {command} printed bytes that are not UTF-8 text "
                           "(a CNI answer is JSON)") from None
+    if not isinstance(proc, subprocess.CompletedProcess):
+        return proc                 # a plan's: the script keeps the answer
     ms = (time.monotonic() - started) * 1000
     out = proc.stdout.strip()
     try:
@@ -2476,11 +2630,14 @@ def cni_cache_path(net_name, cid, ifname):
     return os.path.join(CNI_CACHE_DIR, f"{net_name}-{cid}-{ifname}")
 
 
-def cni_cache_read(net_name, cid, ifname):
+def cni_cache_read(r, net_name, cid, ifname):
+    """The cached ADD record (a planned ADD's holds its PlannedResult), or None."""
+    data = r.state.file_text(cni_cache_path(net_name, cid, ifname))
+    if isinstance(data, dict) or data is None:
+        return data
     try:
-        with open(cni_cache_path(net_name, cid, ifname)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return json.loads(data)
+    except ValueError:
         return None
 
 
@@ -2493,42 +2650,15 @@ def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result, netns
               "config": base64.b64encode(net["raw"]).decode(), "cniArgs": [list(p) for p in cni_args],
               **({"netns": netns} if netns else {}),
               "capabilityArgs": runtime_config or {}, "result": result}
-    if r.dry_run:
-        if not isinstance(result, PlannedResult):
-            r.note(f"the result would be cached in {path}")
-            r.record(Change.file(path))
-            return path
-        # the script caches the result it kept, as the real run does (CHECK and DEL read it)
-        r.note(f"cache the result in {path} (CHECK and DEL get it as prevResult)")
-        body, expands = heredoc_json(record, separators=None)
-        r.run(["mkdir", "-p", CNI_CACHE_DIR])
-        echo_heredoc(r, ["install", "-m", "0644", "/dev/stdin", path + ".tmp"], body, expands)
-        r.run(["mv", "-f", path + ".tmp", path], creates=Change.file(path))
-        return path
-    tmp = path + ".tmp"
-    try:
-        os.makedirs(CNI_CACHE_DIR, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise CnikitError(f"cannot cache the ADD result in {path}: {e.strerror or e}") from None
-    r.record(Change.file(path))
-    r.note(f"result cached in {path} (CHECK and DEL get it as prevResult)")
+    # a plan's script caches the result it kept, as the real run does (CHECK and DEL read it)
+    r.write_json(path, record, f"cache the result in {path} (CHECK and DEL get it as prevResult)",
+                 f"cannot cache the ADD result in {path}")
     return path
 
 
 def cni_cache_drop(r, net_name, cid, ifname):
-    path = cni_cache_path(net_name, cid, ifname)
-    if r.dry_run:
-        r.run(["rm", "-f", path])       # a planned ADD's script cached it
-    elif os.path.exists(path):
-        try:
-            os.unlink(path)
-        except OSError as e:
-            raise CnikitError(f"cannot remove the cached result {path}: {e.strerror or e}") from None
-        r.note(f"cached result {path} removed")
+    r.remove_file(cni_cache_path(net_name, cid, ifname), "cached result {} removed",
+                  "cannot remove the cached result {}")
 
 
 def _remove_quietly(path):
@@ -2573,13 +2703,6 @@ def cni_result_var(call):
     return re.sub(r"[^A-Za-z0-9_]", "_", f"result_{call.cid}_{call.ifname}")
 
 
-def cni_planned_result(r, call):
-    """The result a planned ADD in this same dry run keeps in the script (a PlannedResult),
-    or None: a dry run of DEL or CHECK alone cannot know it."""
-    planned = r.dry_run and r.made("file", cni_cache_path(call.net["name"], call.cid, call.ifname))
-    return PlannedResult(cni_result_var(call)) if planned else None
-
-
 def _cni_need_attachment(r, call, verb):
     if not call.cid and call.netns:
         raise UsageError(f"cni {verb} {call.netns}: a path outside {NETNS_DIR} names no container "
@@ -2597,24 +2720,25 @@ def cni_add(r, call):
     Re-run contract: an attachment already added (cached result) is refused, exit 2;
     if a plugin fails, the chain is DELeted as a runtime does, so nothing is left."""
     _cni_need_attachment(r, call, "add")
-    if not r.dry_run and not os.path.exists(call.netns):
-        raise UsageError(f"network namespace {call.netns} does not exist "
-                         f"(a runtime creates it first: cnikit netns add {os.path.basename(call.netns)})")
+    if not r.state.file_exists(call.netns):
+        r.state.missing(f"network namespace {call.netns} does not exist "
+                        f"(a runtime creates it first: cnikit netns add {os.path.basename(call.netns)})",
+                        Change.netns(call.netns[len(NETNS_DIR) + 1:]) if call.netns.startswith(NETNS_DIR + "/")
+                        else Change.file(call.netns))
     net = call.net
-    if cni_cache_read(net["name"], call.cid, call.ifname) and not r.dry_run:
+    if cni_cache_read(r, net["name"], call.cid, call.ifname):
         raise UsageError(f"{call.cid} {call.ifname} is already attached to {net['name']} "
                          f"(cached result in {cni_cache_path(net['name'], call.cid, call.ifname)}); "
                          "run cnikit cni del first")
-    if not r.dry_run:
-        for plugin in net["plugins"]:      # a missing plugin is bad input: say so before anything runs
-            cni_find_plugin(plugin["type"], call.cni_path)
+    for plugin in net["plugins"]:      # a missing plugin is bad input: say so before anything runs
+        r.state.find_plugin(plugin["type"], call.cni_path)
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
     if forward_drops(r, call.host):
         r.note("this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept "
                "rules; cnikit's plugin adds them per pod in its own chain (forwardAccept), the reference bridge does not")
     prev = None
-    keep = cni_result_var(call) if r.dry_run else None
+    keep = cni_result_var(call)          # a plan's script keeps each answer in this shell variable
     try:
         for i, plugin in enumerate(net["plugins"]):
             prev = cni_exec(r, plugin["type"], "ADD", call.env(),
@@ -2644,7 +2768,7 @@ def _cni_del_chain(r, call, prev, best_effort=False):
     past a failing plugin so the others still release what they hold."""
     net = call.net
     # DEL may come after the netns is gone (containerd's second DEL passes ""): still release.
-    netns = call.netns if call.netns and (r.dry_run or os.path.exists(call.netns)) else ""
+    netns = call.netns if call.netns and r.state.file_exists(call.netns) else ""
     for plugin in reversed(net["plugins"]):
         try:
             cni_exec(r, plugin["type"], "DEL", call.env(netns),
@@ -2663,11 +2787,10 @@ def cni_del(r, call):
     asked (without prevResult) so they release whatever they hold."""
     _cni_need_attachment(r, call, "del")
     net = call.net
-    cached = cni_cache_read(net["name"], call.cid, call.ifname)
-    planned = cni_planned_result(r, call)
+    cached = cni_cache_read(r, net["name"], call.cid, call.ifname)
     prev = None
     if call.version_at_least(CNI_VERSION_CHECK):
-        prev = planned or (cached or {}).get("result")
+        prev = (cached or {}).get("result")
     # As libcni's cached config: what ADD was given (CNI_ARGS, capability args) unless given again now.
     if cached and call.runtime_config == {} and isinstance(cached.get("capabilityArgs"), dict):
         call.runtime_config = cached["capabilityArgs"]
@@ -2675,13 +2798,8 @@ def cni_del(r, call):
     if not call.args_given and isinstance(cached_args, list) and \
             all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in cached_args):
         call.args = [tuple(p) for p in cached_args]
-    if planned or cached:
-        why = ""
-    elif r.dry_run:
-        why = (" (a dry run cannot read the result an ADD caches when the script runs: plugins get no "
-               "prevResult and release what they hold by container id, as on containerd's second DEL)")
-    else:
-        why = " (no cached result: plugins get no prevResult)"
+    why = "" if cached else (" (no cached result: plugins get no prevResult and release what they hold "
+                             "by container id, as on containerd's second DEL)")
     r.note(f"DEL {call.cid} {call.ifname} from network {net['name']}, in reverse order{why}")
     _cni_del_chain(r, call, prev)
     cni_cache_drop(r, net["name"], call.cid, call.ifname)
@@ -2697,26 +2815,23 @@ def cni_check(r, call):
     if net.get("disableCheck"):
         r.note(f"{net['path']} says disableCheck: a runtime skips CHECK for network {net['name']}, and so does this")
         return True
-    planned = cni_planned_result(r, call)
-    if r.dry_run and not planned:
-        # The ADD result lives only in the runtime's cache, after a real ADD: a script
-        # printed in advance cannot hand it to the plugin, and CHECK without it is an error.
-        r.note(f"CHECK {call.cid} {call.ifname}: needs the ADD result as prevResult (the runtime's cache), "
-               "which a dry run cannot know: not printed")
-        return True
-    # a planned ADD of this same dry run: the script hands over the result it kept
-    cached = {"result": planned, "capabilityArgs": call.runtime_config} if planned else \
-        cni_cache_read(net["name"], call.cid, call.ifname)
+    # a planned ADD's record holds the result its script keeps in a shell variable
+    cached = cni_cache_read(r, net["name"], call.cid, call.ifname)
     if not cached:
-        raise CnikitError(f"no cached result for {call.cid} {call.ifname} on {net['name']}: "
-                          f"was it added? (looked for {cni_cache_path(net['name'], call.cid, call.ifname)})")
+        # A plan that is one step of a script cannot know a result an earlier step's ADD keeps:
+        # CHECK without it is an error, so it is not printed.
+        r.state.missing(f"no cached result for {call.cid} {call.ifname} on {net['name']}: "
+                        f"was it added? (looked for {cni_cache_path(net['name'], call.cid, call.ifname)})",
+                        exc=CnikitError, said=f"CHECK {call.cid} {call.ifname}: needs the ADD result as prevResult "
+                        "(the runtime's cache), which this plan cannot know: not printed")
+        return True
     r.note(f"CHECK {call.cid} {call.ifname} on network {net['name']} against its cached result")
     for plugin in net["plugins"]:
         cni_exec(r, plugin["type"], "CHECK", call.env(),
                  cni_plugin_stdin(net, plugin, cached["result"], cached.get("capabilityArgs")),
                  call.cni_path, call.host)
-    if not r.dry_run:
-        r.note("CHECK passed: every plugin found its part in place")
+    r.note(r.tense("CHECK passed: every plugin found its part in place",
+                   "CHECK passes when every plugin finds its part in place"))
     return True
 
 
@@ -2786,8 +2901,8 @@ def cni_log(r, conf_dir=CNI_CONF_DIR, conf=None, lines=20, follow=True):
     """Print the plugin's log; with FOLLOW keep printing as it grows (Ctrl-C stops)."""
     lines = check_int(lines, 0, 1000000, "--lines")
     path = cni_log_path(conf_dir, conf)
-    if not r.dry_run and not os.path.exists(path):
-        raise UsageError(f"no plugin log at {path} yet (the plugin writes it on its first call)")
+    if not r.state.file_exists(path):
+        r.state.missing(f"no plugin log at {path} yet (the plugin writes it on its first call)")
     if not follow:
         return r.show(["tail", "-n", str(lines), path])
     return r.hand_over(["tail", "-n", str(lines), "-F", path])
@@ -2819,11 +2934,11 @@ def write_file_atomic(r, path, text, node=None):
     stdin_here = docker_exec(node, stdin=True) if node else []
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, "." + os.path.basename(path) + ".tmp")
-    if node or r.dry_run or not os.path.isdir(directory):
+    if node or not r.state.is_dir(directory):
         r.run(here + ["mkdir", "-p", directory])
     # A file in a node is the node's (it goes with the cluster); here, one that was not
     # there before is this invocation's, and rollback removes it.
-    made = None if node else Change.file(path, undo=r.dry_run or not os.path.exists(path))
+    made = None if node else Change.file(path, undo=not r.state.file_exists(path), data=text)
     r.run(stdin_here + ["install", "-m", "0644", "/dev/stdin", tmp], input=text,
           creates=None if node else Change.scratch(tmp))
     r.run(here + ["mv", "-f", tmp, path], creates=made)
@@ -2863,22 +2978,20 @@ def python_magic(r, python, node=None):
     return out.strip() if ok else ""
 
 
-def _installed_matches(src, dst, shebang, compiled=False, magic=None):
-    """Is DST already SRC installed this way (same interpreter line; compiled from the same
-    source when COMPILED: its second line names the source's sha256, and the bytecode MAGIC of
-    the interpreter now, so a python3 upgrade gets the plugin built again)?"""
+def _installed_matches(state, src, dst, shebang, compiled=False, magic=None):
+    """Is DST (as STATE sees it) already SRC installed this way (same interpreter line; compiled
+    from the same source when COMPILED: its second line names the source's sha256, and the
+    bytecode MAGIC of the interpreter now, so a python3 upgrade gets the plugin built again)?"""
     try:
-        if not os.access(dst, os.X_OK):
+        data = state.file_head(dst)
+        if data is None or not state.executable(dst):
             return False
         if compiled:
-            import hashlib
-            with open(dst, "rb") as f:
-                head = f.readline().decode() + f.readline().decode()
+            head = "".join(line.decode() + "\n" for line in data.split(b"\n")[:2])
             with open(src, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
             return compiled_from(head, shebang, sha, magic)
-        with open(dst, "rb") as f:
-            return f.read() == cni_plugin_bytes(src, shebang)
+        return data == cni_plugin_bytes(src, shebang)
     except (OSError, ValueError):
         return False
 
@@ -2894,10 +3007,13 @@ def compiled_from(head, shebang, sha, magic=None):
             and (magic is None or stamp.get("magic") == magic))
 
 
-def is_compiled_plugin(path):
+def is_compiled_plugin(path, state=None):
     """An ELF binary (a compiled plugin, such as the reference ones): never cnikit's to
-    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`."""
+    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`.
+    STATE: as a runner's State sees it (a plan's planned files); else on disk."""
     try:
+        if state is not None:
+            return state.file_head(path, 4) == b"\x7fELF"
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"
     except OSError:
@@ -2958,16 +3074,16 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         shebang = None
     compiled = bool(shebang) and not plain and _is_python_script(src)
     dst = os.path.join(plugin_dir, ptype)
-    if not r.dry_run and is_compiled_plugin(dst):
+    if is_compiled_plugin(dst, r.state):
         raise UsageError(f"{dst} is a compiled plugin that cnikit did not install; not replacing it "
                          f"(choose another --type)")
     conf_path = cni_conf_file(conf_dir, name)
     text = json.dumps(cni_conflist(name, subnet, ptype, chain, version, extra), indent=2) + "\n"
     mark = r.mark()
-    if r.dry_run or not os.path.isdir(plugin_dir):
+    if not r.state.is_dir(plugin_dir):
         r.run(["mkdir", "-p", plugin_dir])
-    magic = python_magic(r, shebang[2:].split()[0]) if compiled and not r.dry_run else None
-    if not r.dry_run and _installed_matches(src, dst, shebang, compiled, magic or None):
+    magic = python_magic(r, shebang[2:].split()[0]) if compiled else None     # a plan does not ask
+    if _installed_matches(r.state, src, dst, shebang, compiled, magic or None):
         r.note(f"{dst} is already this plugin")
     else:
         tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
@@ -2977,13 +3093,8 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
             r.run(["install", "-m", "0755", src, tmp], creates=Change.scratch(tmp))
             if shebang:
                 r.run(_set_shebang_argv(tmp, shebang))
-        r.run(["mv", "-f", tmp, dst], creates=Change.file(dst, undo=r.dry_run or not os.path.exists(dst)))
-    try:
-        with open(conf_path) as f:
-            same = f.read() == text
-    except OSError:
-        same = False
-    if same and not r.dry_run:
+        r.run(["mv", "-f", tmp, dst], creates=Change.file(dst, undo=not r.state.file_exists(dst)))
+    if r.state.file_text(conf_path) == text:
         r.note(f"{conf_path} already says this")
     else:
         write_file_atomic(r, conf_path, text)
@@ -3002,28 +3113,29 @@ def cni_uninstall(r, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_
     unless another config in CONF_DIR still uses that type. Re-run: absent is fine."""
     name = _cni_check_name(name)
     conf_path = cni_conf_file(conf_dir, name)
-    if not os.path.exists(conf_path):
+    text = r.state.file_text(conf_path)
+    if text is None:
         r.note(f"{conf_path} does not exist; nothing to uninstall")
         return False
-    ptype = cni_load(conf_path)["plugins"][0]["type"]
-    r.run(["rm", "-f", conf_path])
+    ptype = cni_parse(text.encode(), conf_path)["plugins"][0]["type"]
+    r.run(["rm", "-f", conf_path], creates=Change.file(conf_path).gone())
     in_use = []
-    for other in os.listdir(conf_dir) if os.path.isdir(conf_dir) else []:
+    for other in r.state.listdir(conf_dir):
         path = os.path.join(conf_dir, other)
         if path == conf_path or not other.endswith(CNI_CONF_EXT):
             continue
         try:
-            if any(p["type"] == ptype for p in cni_load(path)["plugins"]):
+            if any(p["type"] == ptype for p in cni_parse((r.state.file_text(path) or "").encode(), path)["plugins"]):
                 in_use.append(other)
         except UsageError:
             continue
     dst = os.path.join(plugin_dir, ptype)
-    if in_use and not r.dry_run:
+    if in_use:
         r.note(f"{dst} stays: {', '.join(in_use)} still uses type {ptype}")
-    elif not r.dry_run and is_compiled_plugin(dst):
+    elif is_compiled_plugin(dst, r.state):
         r.note(f"{dst} stays: a compiled plugin, not one cnikit installed")
-    elif r.dry_run or os.path.exists(dst):
-        r.run(["rm", "-f", dst])
+    elif r.state.file_exists(dst):
+        r.run(["rm", "-f", dst], creates=Change.file(dst).gone())
     return True
 
 
