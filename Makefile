@@ -53,15 +53,15 @@ test:
 # The no-root tier: the tests marked `noroot`, run as whoever runs make (no sudo, no apt).
 # Only files that mention the mark are collected (a marked test always does), so the tier
 # needs none of the root tier's packages; .venv gets PY_CHECK_PKGS if it lacks them.
-PY_CHECK_PKGS := pytest sh
+PY_CHECK_PKGS := pytest pytest-subprocess sh
 NOROOT_FILES = $(shell grep -l 'mark\.noroot' tests/test_*.py)
 check:
-	@if [ -x $(VPY) ] && ! $(VPY) -c 'import pytest, sh' 2>/dev/null && [ ! -w $(VENV)/bin ]; then \
+	@if [ -x $(VPY) ] && ! $(VPY) -c 'import pytest, pytest_subprocess, sh' 2>/dev/null && [ ! -w $(VENV)/bin ]; then \
 	  echo "make check: $(VENV) belongs to $$(stat -L -c %U $(VENV)) and lacks pytest: sudo make deps (or sudo rm -rf $(VENV)), then make check"; \
 	  exit 2; fi
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 	  echo "make check: $(PYTHON) -m venv failed: sudo apt-get install python3-venv, then make check"; exit 2; }
-	@$(VPY) -c 'import pytest, sh' 2>/dev/null || $(VPY) -m pip install -q $(PY_CHECK_PKGS)
+	@$(VPY) -c 'import pytest, pytest_subprocess, sh' 2>/dev/null || $(VPY) -m pip install -q $(PY_CHECK_PKGS)
 	$(VPY) -m pytest -p no:cacheprovider -m noroot $(NOROOT_FILES) $(PYTEST_ARGS)
 
 demo: apt-deps
