@@ -197,6 +197,14 @@ def test_bridge_attach_twice_in_one_plan_brings_each_port_up_once():
     assert made(r) == [("up", "v0", None, None), ("up", "v1", None, None)]
 
 
+def test_bridge_add_twice_in_one_plan_brings_it_up_once():
+    r = plan(step(cnikit.bridge_add, "br0", addr="10.0.0.1/24"), step(cnikit.bridge_add, "br0", addr="10.0.0.1/24"))
+    once = [f"ip link add br0 address {mac('br0')} type bridge",
+            "ip link set dev br0 alias cnikit",
+            "ip addr add 10.0.0.1/24 dev br0"]
+    assert lines(r) == once + ["ip link set dev br0 up"] + once     # today planned again (see netns add twice)
+
+
 def test_bridge_del():
     assert lines(plan(step(cnikit.bridge_add, "br0"), step(cnikit.bridge_del, "br0")))[3:] == ["ip link del br0"]
     assert lines(plan(step(cnikit.bridge_del, "br0", host="node1"))) == ["ip -n node1 link del br0"]
@@ -332,6 +340,16 @@ def test_route_add():
     assert made(r) == [("route", "192.0.2.0/24 via 10.0.0.2", None, "ip route del 192.0.2.0/24"),
                        ("route", "default dev eth0", "ns1", "ip -n ns1 route del default"),
                        ("route", "198.51.100.0/24 via 10.0.0.2 dev v0", None, "ip route del 198.51.100.0/24")]
+
+
+def test_route_and_fdb_entry_twice_in_one_plan():
+    # today both are planned again: a plan does not read itself back (see netns add twice)
+    r = plan(step(cnikit.route_add, "192.0.2.0/24", via="10.0.0.2"),
+             step(cnikit.route_add, "192.0.2.0/24", via="10.0.0.2"),
+             step(cnikit.vxlan_fdb_add, "vx0", "02:00:00:00:00:02", "192.0.2.2"),
+             step(cnikit.vxlan_fdb_add, "vx0", "02:00:00:00:00:02", "192.0.2.2"))
+    assert lines(r) == [f"ip route add 192.0.2.0/24 via 10.0.0.2 proto {cnikit.ROUTE_PROTO}"] * 2 + \
+        ["bridge fdb append 02:00:00:00:00:02 dev vx0 dst 192.0.2.2"] * 2
 
 
 # ---------------------------------------------------------------- cni install
