@@ -2,7 +2,8 @@
 user; `sudo make test` runs everything. These check, as a user without root (uid 65534) and
 by collecting only (the tier's own run is `make check`), that the whole tree is collectable
 without root, that make check's selection holds every marked test and enough of them to
-matter, and that a no-root run holding a root test stops before running anything."""
+matter, and that a no-root run holding a root test stops before running anything; and, as
+root, that only root tests get a sandbox."""
 import os
 import re
 import shlex
@@ -13,6 +14,7 @@ import tempfile
 
 import pytest
 
+from conftest import NOROOT
 from kernel import NOBODY, ROOT, _others_can_enter
 
 # The tier had 256 tests when this was written; far fewer means tests fell out of it.
@@ -86,3 +88,33 @@ def test_a_run_without_root_that_selects_a_root_test_runs_nothing(as_nobody):
     # the same files with -m noroot: only the marked tests, none refused
     proc = as_nobody("-q", "-m", "noroot", "--collect-only", "tests/test_core_units.py", "tests/test_core_runner.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+NAMESPACES = f'''
+import os
+import pytest
+from conftest import BASE, HOST
+
+def net():
+    return os.stat("/proc/self/ns/net").st_ino
+
+@pytest.mark.{NOROOT}
+def test_a_noroot_test_runs_where_pytest_does_without_a_sandbox_of_its_own():
+    outer = BASE.get("net", HOST["net"])        # no base sandbox in a run of only the no-root tier
+    assert net() == os.fstat(outer).st_ino
+
+def test_a_root_test_gets_a_fresh_sandbox():
+    assert net() != os.fstat(BASE["net"]).st_ino
+'''
+
+
+@pytest.mark.parametrize("select,ran", [((), "2 passed"), (("-m", NOROOT), "1 passed, 1 deselected")])
+def test_only_root_tests_get_a_sandbox(tmp_path, select, ran):
+    # a child pytest as root, with this suite's conftest, in this test's sandbox
+    (tmp_path / "test_namespaces.py").write_text(NAMESPACES)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), *select, str(tmp_path / "test_namespaces.py")],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ran in proc.stdout, proc.stdout
