@@ -600,3 +600,22 @@ def test_cni_uninstall_plans_removing_what_install_wrote(capsys, unit_net):
                               "--plugin-dir", bindir)
     assert (code, out, err) == (0, [f"rm -f {conf}", f"rm -f {bindir}/cnikit"], "")
     assert os.path.exists(conf) and os.path.exists(os.path.join(bindir, "cnikit"))
+
+
+def test_cni_gc_plans_one_call_per_plugin_with_the_attachments_to_keep(capsys, tmp_path):
+    # cniVersion 1.1.0 (GC is new there); no attachment of this network is cached, so none is kept
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "cnikit").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "cnikit").chmod(0o755)
+    conf = tmp_path / "10-planonly.conflist"
+    conf.write_text('{"cniVersion":"1.1.0","name":"planonly","plugins":[{"type":"cnikit"}]}')
+    code, out, err = cli_plan(capsys, "cni", "gc", "--conf", str(conf), "--cni-path", str(tmp_path / "bin"))
+    assert (code, err) == (0, "")
+    assert out == ["# GC on network planonly: 0 valid attachment(s) to keep",
+                   f"env CNI_COMMAND=GC CNI_PATH={tmp_path}/bin {tmp_path}/bin/cnikit <<'EOF'",
+                   '{"type":"cnikit","name":"planonly","cniVersion":"1.1.0","cni.dev/valid-attachments":[],'
+                   '"cni.dev/attachments":[]}',
+                   "EOF"]
+    # CHECK needs the result ADD cached, which a dry run cannot know: it plans no call
+    code, out, err = cli_plan(capsys, "cni", "check", "pod1", "--conf", str(conf), "--cni-path", str(tmp_path / "bin"))
+    assert (code, err) == (0, "") and [line for line in out if not line.startswith("#")] == []
