@@ -57,7 +57,7 @@ PY_CHECK_PKGS := pytest pytest-subprocess sh
 NOROOT_FILES = $(shell grep -l 'mark\.noroot' tests/test_*.py)
 check:
 	@if [ -x $(VPY) ] && ! $(VPY) -c 'import pytest, pytest_subprocess, sh' 2>/dev/null && [ ! -w $(VENV)/bin ]; then \
-	  echo "make check: $(VENV) belongs to $$(stat -L -c %U $(VENV)) and lacks pytest: sudo make deps (or sudo rm -rf $(VENV)), then make check"; \
+	  echo "make check: $(VENV) belongs to $$(stat -L -c %U $(VENV)) and lacks pytest, pytest-subprocess or sh: sudo make deps (or sudo rm -rf $(VENV)), then make check"; \
 	  exit 2; fi
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 	  echo "make check: $(PYTHON) -m venv failed: sudo apt-get install python3-venv, then make check"; exit 2; }
