@@ -159,15 +159,18 @@ def test_a_range_that_cannot_hand_out_addresses_is_refused(rng, says):
 
 def test_candidates_go_round_robin_after_the_last_reserved_and_skip_the_gateway():
     rset = [P.parse_range({"subnet": "10.22.0.0/29"})]          # .1 gateway, .2-.6 usable
-    def order(after):          # each address once, in the order first offered
-        return list(dict.fromkeys(n & 0xFF for _, n in P.candidates(rset, after)))
-    assert order(None) == [2, 3, 4, 5, 6]
-    assert order((V4, n4("10.22.0.4"))) == [5, 6, 2, 3, 4]
-    assert order((V4, n4("10.22.0.6"))) == [2, 3, 4, 5, 6]
-    # two ranges in one set: after the first one's last address comes the second range
-    two = [P.parse_range({"subnet": "10.22.0.0/29"}), P.parse_range({"subnet": "10.23.0.0/30"})]
-    assert list(dict.fromkeys(P.fmt_ip(V4, n) for _, n in P.candidates(two, (V4, n4("10.22.0.6"))))) == \
-        ["10.23.0.2", "10.22.0.2", "10.22.0.3", "10.22.0.4", "10.22.0.5", "10.22.0.6"]
+    def order(rset, after):          # every address offered, in order (each must come once)
+        return [P.fmt_ip(V4, n) for _, n in P.candidates(rset, after)]
+    one = [f"10.22.0.{i}" for i in (2, 3, 4, 5, 6)]
+    assert order(rset, None) == one
+    assert order(rset, (V4, n4("10.22.0.4"))) == one[3:] + one[:3]
+    assert order(rset, (V4, n4("10.22.0.6"))) == one       # the range's last address: round to its start
+    # three ranges in one set, the last reserved in the middle one: the rest of it, the later
+    # range, round to the first, and the middle one's start last
+    three = [P.parse_range({"subnet": s}) for s in ("10.22.0.0/29", "10.23.0.0/30", "10.24.0.0/30")]
+    assert order(three, (V4, n4("10.23.0.2"))) == ["10.24.0.2"] + one + ["10.23.0.2"]
+    assert order(three, (V4, n4("10.22.0.6"))) == ["10.23.0.2", "10.24.0.2"] + one
+    assert order(three, (V4, n4("10.22.0.3"))) == one[2:] + ["10.23.0.2", "10.24.0.2"] + one[:2]
 
 
 def test_the_range_sets_of_a_config():
