@@ -1,5 +1,5 @@
 # cnikit: `sudo make demo` runs every lesson in a sandbox; `sudo make test` runs the tests.
-# Both install what they need first (make deps).
+# Both install what they need first (make deps). `make check` (no sudo) runs the tests that need no root.
 PYTHON  ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
@@ -13,12 +13,13 @@ PY_TEST_PKGS := pytest pytest-subprocess pytest-xdist sh grpcio grpcio-tools set
 # Tests mostly wait on the kernel, pings and runtimes: four at once on two cores (each in its own sandbox).
 PYTEST_JOBS ?= 4
 
-.PHONY: deps apt-deps test demo clean help
+.PHONY: deps apt-deps test check demo clean help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "sudo make demo   # every lesson, end to end, in a throwaway sandbox"
 	@echo "sudo make test   # the test suite (root, real namespaces, sandboxed)"
+	@echo "make check       # the tests that need no root (pure parts, plans, exact command lists), as you"
 	@echo "make deps        # venv with the test packages + missing apt packages"
 	@echo "make clean       # remove the venv and caches"
 
@@ -48,6 +49,20 @@ test:
 	end=$$(date +%s); \
 	echo "make test: set-up $$((setup - start)) s, tests $$((end - setup)) s, in all $$((end - start)) s"; \
 	exit $$rc
+
+# The no-root tier: the tests marked `noroot`, run as whoever runs make (no sudo, no apt).
+# Only files that mention the mark are collected (a marked test always does), so the tier
+# needs none of the root tier's packages; .venv gets PY_CHECK_PKGS if it lacks them.
+PY_CHECK_PKGS := pytest pytest-subprocess sh
+NOROOT_FILES = $(shell grep -l 'mark\.noroot' tests/test_*.py)
+check:
+	@if [ -x $(VPY) ] && ! $(VPY) -c 'import pytest, pytest_subprocess, sh' 2>/dev/null && [ ! -w $(VENV)/bin ]; then \
+	  echo "make check: $(VENV) belongs to $$(stat -L -c %U $(VENV)) and lacks pytest, pytest-subprocess or sh: sudo make deps (or sudo rm -rf $(VENV)), then make check"; \
+	  exit 2; fi
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "make check: $(PYTHON) -m venv failed: sudo apt-get install python3-venv, then make check"; exit 2; }
+	@$(VPY) -c 'import pytest, pytest_subprocess, sh' 2>/dev/null || $(VPY) -m pip install -q $(PY_CHECK_PKGS)
+	$(VPY) -m pytest -p no:cacheprovider -m noroot $(NOROOT_FILES) $(PYTEST_ARGS)
 
 demo: apt-deps
 	$(PYTHON) stages/demo.py $(ARGS)

@@ -1425,24 +1425,16 @@ def record_of(net, cid, ifname):
 
 
 def candidates(rset, after):
-    """Addresses of a range set in round-robin order, starting after the last reserved one."""
-    flat = []
-    for r in rset:
-        flat.append((r, r["start"], r["end"]))
-    start_at = 0
-    if after is not None:
-        for i, (r, lo, hi) in enumerate(flat):
-            if after[0] == r["family"] and lo <= after[1] <= hi:
-                start_at = i
-                if after[1] < hi:
-                    flat[i] = (r, after[1] + 1, hi)
-                    flat.append((r, lo, after[1]))
-                else:
-                    start_at = (i + 1) % len(flat)
-                    flat.append((r, lo, hi))
-                break
-    ordered = flat[start_at:] + flat[:start_at]
-    for r, lo, hi in ordered:
+    """Addresses of a range set in round-robin order, as host-local walks it: from just after
+    the last reserved one to the end of its range, through the later ranges, round to the
+    earlier ones, and last the start of its own range (the last reserved one itself at the end).
+    Each address once, the gateway never."""
+    spans = [(r, r["start"], r["end"]) for r in rset]
+    for i, (r, lo, hi) in enumerate(spans):
+        if after is not None and after[0] == r["family"] and lo <= after[1] <= hi:
+            spans = [(r, after[1] + 1, hi)] + spans[i + 1:] + spans[:i] + [(r, lo, after[1])]
+            break
+    for r, lo, hi in spans:
         for n in range(lo, hi + 1):
             if n != r["gw"]:
                 yield r, n

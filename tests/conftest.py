@@ -1,4 +1,4 @@
-"""Every test runs as root in a throwaway sandbox: a fresh network namespace and a
+"""Every test that needs root runs in a throwaway sandbox: a fresh network namespace and a
 private mount namespace whose /run/netns and CNI directories are empty tmpfs.
 
 Nothing a test creates can reach the host, and nothing is left behind: the
@@ -8,6 +8,12 @@ left again at its end, so sandboxes never stack (a constant number of mounts, no
 eight more per test).  The host's state is snapshotted before the base sandbox and
 compared when the session ends, whatever ran and in whatever order: a difference
 fails the run.  `--durations-by-file=N` prints the N slowest test files at the end.
+
+Two tiers.  A test marked `noroot` (`@pytest.mark.noroot`, or `pytestmark = pytest.mark.noroot`
+for a whole file) needs neither root nor a sandbox: pure functions, plans, help texts.  It gets
+no sandbox in any run, and a run of only those (`make check`: `pytest -m noroot`) enters none.
+An ordinary user runs only those: nothing here asks for root, and a selection that still holds
+a root test stops before running anything, naming it.  `sudo make test` runs both tiers.
 """
 import ctypes
 import json
@@ -42,17 +48,38 @@ def pytest_addoption(parser):
                      help="print the N slowest test files (setup + call + teardown) at the end")
 
 
+NOROOT = "noroot"
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", f"{NOROOT}: needs neither root nor a sandbox (the `make check` tier)")
+    config._file_durations = {}
     if os.geteuid() != 0:
-        raise pytest.UsageError("cnikit's tests need root (they build real namespaces in a sandbox): sudo make test")
+        return          # only `noroot` tests may run: pytest_collection_modifyitems holds the rest
     if "net" not in HOST:
         HOST["net"] = os.open("/proc/self/ns/net", os.O_RDONLY)
         HOST["mnt"] = os.open("/proc/self/ns/mnt", os.O_RDONLY)
         HOST["before"] = host_state()
+        if config.getoption("markexpr") == NOROOT:
+            return      # the no-root tier run by root (sudo make check): no sandbox, the hygiene check stays
         cnikit.enter_sandbox(private_dirs=PRIVATE_DIRS)
         BASE["net"] = os.open("/proc/self/ns/net", os.O_RDONLY)
         BASE["mnt"] = os.open("/proc/self/ns/mnt", os.O_RDONLY)
-    config._file_durations = {}
+
+
+def needs_root(item):
+    return item.get_closest_marker(NOROOT) is None
+
+
+@pytest.hookimpl(trylast=True)      # after `-m` and `-k` have deselected what they will
+def pytest_collection_modifyitems(session, config, items):
+    """Without root, a test that needs it would fail half way (or pass for the wrong reason):
+    stop before running anything."""
+    rooted = [item.nodeid for item in items if needs_root(item)]
+    if "net" not in BASE and rooted:
+        raise pytest.UsageError(f"{len(rooted)} of the selected tests need root (the first: {rooted[0]}): "
+                                f"sudo make test runs them; without root, `make check` (pytest -m {NOROOT}) "
+                                f"runs the tests that need none")
 
 
 # ---------------------------------------------------------------- the sandbox of each test
@@ -88,8 +115,11 @@ def leave_test_sandbox():
 
 
 @pytest.fixture(autouse=True)
-def sandbox():
-    """A fresh sandbox for each test; yields the directories that are private in it."""
+def sandbox(request):
+    """A fresh sandbox for each test that needs root; yields the directories that are private in it."""
+    if not needs_root(request.node):
+        yield None
+        return
     enter_test_sandbox()
     yield PRIVATE_DIRS
     # A process a test started and forgot would keep its namespaces alive.

@@ -14,6 +14,7 @@ from kernel import ROOT, cli
 PLUGIN = cnikit.CNI_PLUGIN_SRC
 
 
+@pytest.mark.noroot
 def test_kind_install_dry_run_prints_every_docker_command(tmp_path):
     # A docker that knows no cluster (a fake one first on PATH, so every machine answers alike):
     # the dry run asks it, then plans for kind.yaml's two nodes.
@@ -77,6 +78,7 @@ def test_kind_install_another_python_plugin_is_compiled_by_ours_in_the_node(tmp_
             f"{build}/my-plugin /opt/cni/bin/.cnikit.tmp\n") in out
 
 
+@pytest.mark.noroot
 def test_compiled_from_reads_the_two_lines_compile_writes():
     head = ("#!/usr/bin/python3 -IScimport sys;sys.argv[:1]=[]\n# cni-bash-compatible.py compiled for /usr/bin/python3 (bytecode b'\\xa7\\r\\r\\n') "
             "by `/usr/bin/python3 -I -S cni-bash-compatible.py --compile`; source sha256 abc.\n")
@@ -98,6 +100,7 @@ def test_uninstall_kind_dry_run_removes_what_install_wrote_on_every_node():
                 f"/opt/cni/bin/cnikit\ndocker exec {node} rm -rf /run/cnikit/build\n") in out
 
 
+@pytest.mark.noroot
 def test_cluster_pod_range_is_kinds_or_the_nodes_podcidrs_merged():
     plan = lambda *cidrs: {f"n{i}": {"podCIDR": c} for i, c in enumerate(cidrs)}  # noqa: E731
     assert cnikit.kind_cluster_cidrs(plan("10.244.0.0/24", "10.244.7.0/24")) == ["10.244.0.0/16"]
@@ -111,6 +114,7 @@ def test_install_kind_is_the_same_as_kind_install():
     assert a == b
 
 
+@pytest.mark.noroot
 def test_kind_install_bad_cluster_name():
     proc = cli("--dry-run", "cni", "kind-install", "Bad_Name")
     assert proc.returncode == 2 and "kind cluster name" in proc.stderr
@@ -130,6 +134,7 @@ def _mock_docker(fp, python_on):
     fp.register(["docker", fp.any()], occurrences=100)
 
 
+@pytest.mark.noroot
 def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(fp, monkeypatch, capsys):
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
     _mock_docker(fp, python_on={"demo-worker"})
@@ -158,6 +163,7 @@ def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(
     assert i_apt < i_cp
 
 
+@pytest.mark.noroot
 def test_kind_install_a_python3_that_cannot_compile_is_one_line_and_leaves_the_node_as_it_was(fp, monkeypatch):
     """A node's python3 too old for the plugin's compile (cannot be had for real here: every
     Python of this machine compiles it)."""
@@ -183,6 +189,7 @@ def test_kind_install_a_python3_that_cannot_compile_is_one_line_and_leaves_the_n
             "/opt/cni/bin/cnikit"] in calls
 
 
+@pytest.mark.noroot
 def test_kind_install_no_nodes_is_a_usage_error(fp, monkeypatch):
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
     fp.register(["docker", "ps", fp.any()], stdout="")
@@ -202,6 +209,7 @@ def _mock_node_without_python(fp, monkeypatch, update_rc, install_rc, install_er
                  "install", fp.any()], returncode=install_rc, stderr=install_err)
 
 
+@pytest.mark.noroot
 def test_kind_install_apt_that_exits_0_without_lists_names_the_real_cause(fp, monkeypatch):
     """An apt too old for Error-Mode=any: update exits 0 although no mirror answered, and the
     install then says "Unable to locate package" (apt-get's exit 0 cannot be made for real here)."""
@@ -215,6 +223,7 @@ def test_kind_install_apt_that_exits_0_without_lists_names_the_real_cause(fp, mo
     assert not any("docker cp" in " ".join(c) for c in fp.calls)      # nothing written
 
 
+@pytest.mark.noroot
 def test_python_failure_after_another_node_got_python3_says_so():
     err = cnikit.CommandFailed(["apt-get", "update"], 100, "E: Failed to fetch http://deb.debian.org/x  "
                                "Temporary failure resolving 'deb.debian.org'\n")
@@ -223,12 +232,14 @@ def test_python_failure_after_another_node_got_python3_says_so():
     assert "nothing but python3 on demo-worker was written" in msg and "no node was changed" not in msg
 
 
+@pytest.mark.noroot
 def test_kind_install_other_apt_failure_is_quoted(fp, monkeypatch):
     _mock_node_without_python(fp, monkeypatch, 0, 100, "E: Could not get lock /var/lib/dpkg/lock-frontend\n")
     with pytest.raises(cnikit.CnikitError, match=r"apt-get failed \(E: Could not get lock"):
         cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
 
 
+@pytest.mark.noroot
 def test_kind_yaml_and_make_targets():
     with open(os.path.join(ROOT, "kind.yaml")) as f:
         text = f.read()

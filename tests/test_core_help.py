@@ -10,6 +10,7 @@ from kernel import cli
 OBJECTS = ("netns", "veth", "bridge", "nat", "vxlan", "cni", "show", "cleanup", "sandbox")
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("obj", OBJECTS)
 def test_every_object_help_has_a_description_and_examples_that_name_it(obj):
     proc = cli(obj, "--help")
@@ -21,6 +22,7 @@ def test_every_object_help_has_a_description_and_examples_that_name_it(obj):
     assert re.search(rf"^  cnikit( -n \S+)? {obj}\b", examples, re.M), examples
 
 
+@pytest.mark.noroot
 def test_main_help_lists_each_example_once_and_says_how_to_run_without_sudo():
     out = cli("--help").stdout
     examples = [line.split("#")[0].strip() for line in out.split("examples:\n", 1)[1].splitlines()
@@ -52,6 +54,7 @@ CNI_VERB_OPTIONS = {"add": {"NETNS", "--ifname", "--id", "--args", "--runtime-co
                     "status": set(), "gc": set(), "version": set()}
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("verb", sorted(CNI_VERB_OPTIONS))
 def test_each_cni_verb_help_lists_exactly_what_it_accepts(verb):
     usage = cli("cni", verb, "--help").stdout.split("options:")[0]

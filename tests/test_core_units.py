@@ -6,6 +6,8 @@ import pytest
 import cnikit
 from cnikit import UsageError
 
+pytestmark = pytest.mark.noroot
+
 
 @pytest.mark.parametrize("name", ["eth0", "a", "x" * 15, "veth-ns1", "br_0.1"])
 def test_valid_interface_names(name):

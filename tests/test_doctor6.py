@@ -352,6 +352,7 @@ def test_a_namespace_without_a_global_ipv6_address_is_exit_2(net):
 
 # ---------------------------------------------------------------- the pure parts, in IPv6's words
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("rule,pkt,matches", [
     (["-s", "fd94:1::/64", "-p", "ipv6-icmp", "-j", "DROP"], {"src": "fd94:1::2", "proto": "ipv6-icmp"}, True),
     (["-s", "fd94:1::/64", "-j", "DROP"], {"src": "10.0.0.1"}, False),             # the other family
@@ -371,6 +372,7 @@ def test_rule_matcher_in_ipv6_words(rule, pkt, matches):
     assert cnikit._rule_matches(rule, pkt)[0] is matches
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("target,address", [
     (["DNAT", "--to-destination", "[fd94::2]:8080"], "fd94::2"),
     (["DNAT", "--to-destination", "fd94::2"], "fd94::2"),

@@ -331,6 +331,7 @@ DOCKER_FILTER = """-P INPUT ACCEPT -c 0 0
 """
 
 
+@pytest.mark.noroot
 def test_doctor_reads_docker_forward_chain_as_the_kernel_would():
     import cnikit
     chains = cnikit._parse_iptables(DOCKER_FILTER)
@@ -344,6 +345,7 @@ def test_doctor_reads_docker_forward_chain_as_the_kernel_would():
     assert cnikit._filter_verdict(chains, "FORWARD", {"iif": "eth0", "oif": "docker0"}) == ("DROP", None)
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("rule,pkt,matches", [
     (["-s", "10.24.1.0/24", "-o", "eth0", "-j", "MASQUERADE"], {"src": "10.24.1.2", "oif": "eth0"}, True),
     (["-s", "10.24.1.0/24", "!", "-d", "10.24.0.0/16", "-j", "MASQUERADE"], {"src": "10.24.1.2", "dst": "10.24.2.2"},
@@ -358,6 +360,7 @@ def test_doctor_rule_matcher(rule, pkt, matches):
     assert cnikit._rule_matches(rule, pkt)[0] is matches
 
 
+@pytest.mark.noroot
 def test_doctor_reads_a_conntrack_line_both_ways():
     import cnikit
     flow = cnikit._parse_conntrack("udp      17 28 src=198.51.100.10 dst=198.51.100.1 sport=40000 dport=5353 "

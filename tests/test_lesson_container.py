@@ -139,6 +139,7 @@ def test_without_join_the_sidecar_has_a_namespace_of_its_own():
 
 # ---------------------------------------------------------------- bad input, --host
 
+@pytest.mark.noroot
 def test_an_unknown_step_is_one_line_and_exit_2():
     proc = run_stage(SCRIPT, "--skip", "nosuch", timeout=TIMEOUT)
     assert proc.returncode == 2
@@ -312,6 +313,7 @@ def test_runtime_podman_starts_c1_with_podman_in_the_sandbox_and_leaves_nothing(
     assert host_state() == before
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("args,said", [
     (("--runtime", "docker"), "starts no Docker daemon of its own"),
     (("--runtime", "podman", "--host"), "no --host"),
@@ -344,6 +346,7 @@ def test_host_container_on_two_networks_follows_the_interface_that_holds_the_rep
     assert f"# check: its master is a bridge holding the gateway podman reports, {LEARNER_GATEWAY}: ok" in proc.stdout
 
 
+@pytest.mark.noroot
 def test_the_lesson_sends_packets_only_to_addresses_it_made_or_loopback():
     script = run_stage(SCRIPT, "--dry-run", timeout=TIMEOUT).stdout
     assigned, targets = _assigned_and_targets(script)

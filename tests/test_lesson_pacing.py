@@ -127,6 +127,7 @@ def test_present_without_a_terminal_does_not_wait_and_passes():
     assert re.search(rf"^\$ {FIRST}\S+ type bridge$", proc.stdout, re.M)
 
 
+@pytest.mark.noroot
 def test_present_speed_must_be_a_number_of_characters_a_second():
     proc = run_stage("01_netns.py", "--present", "--present-speed", "fast", input="", timeout=30)
     assert proc.returncode == 2 and "invalid speed 'fast'" in proc.stderr

@@ -118,6 +118,7 @@ def test_delegated_ipam_error_code_is_passed_through(plugin, fp):
     assert "eth0" not in links("p1")
 
 
+@pytest.mark.noroot
 def test_del_falls_back_to_iptables_save_when_the_known_rules_are_gone(plugin, fp):
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="Bad rule")
     chain = plugin.chain_name("unit", "p1", "eth0")
@@ -137,6 +138,7 @@ def test_del_falls_back_to_iptables_save_when_the_known_rules_are_gone(plugin, f
                     f"*nat\n-D POSTROUTING -s 10.244.0.5/32 -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"]
 
 
+@pytest.mark.noroot
 def test_an_attachments_rules_are_one_entry_per_family_and_table(plugin):
     """ipMasq: the nat chain; forwardAccept: the filter chain of the same name, jumped to for the
     pod's address on its bridge only; the peers (own subnet, nonMasqueradeCIDRs) in both."""
@@ -159,6 +161,7 @@ def test_an_attachments_rules_are_one_entry_per_family_and_table(plugin):
     assert plugin.attachment_rules(make_net(plugin, {"ipMasq": False, "forwardAccept": False}), "p1", "eth0", [ip]) == []
 
 
+@pytest.mark.noroot
 def test_command_runner_logs_argv_and_raises_one_error_type(plugin, fp):
     fp.register(["iptables-save", "-t", "nat"], returncode=3, stderr="boom")
     with pytest.raises(plugin.CNIError) as err:
@@ -236,6 +239,7 @@ def test_versions_compare_as_numbers_and_the_verb_table_says_what_each_verb_need
     assert err.value.code == plugin.E_VERSION and "0.3.1" in err.value.msg
 
 
+@pytest.mark.noroot
 def test_vlan_trunk_is_the_sorted_union_of_its_ranges_and_ids(plugin):
     net = make_net(plugin, {"vlanTrunk": [{"minID": 5, "maxID": 7}, {"id": 3}, {"id": 6}]})
     assert net.trunk == [3, 5, 6, 7]
@@ -253,6 +257,7 @@ class VlanRecorder:
         self.calls.append(("del" if delete else "add", vlans))
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("vlan,trunk,keep,calls", [
     (100, None, False, [("del", [(1, False)]), ("add", [(100, True)])]),
     (100, None, True, [("add", [(100, True)])]),

@@ -88,6 +88,7 @@ def compiled_plugin(python, where):
     return out
 
 
+@pytest.mark.noroot
 def test_the_stated_minimum_is_the_one_both_programs_check():
     assert stated_minimum() == cnikit.PYTHON_MIN == load_plugin().MIN_PYTHON
 

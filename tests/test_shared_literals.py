@@ -20,6 +20,7 @@ def load_plugin():
     return load_file(PLUGIN, "cni_bash_compatible_literals")
 
 
+@pytest.mark.noroot
 def test_paths_and_names_cnikit_and_the_plugin_share_are_the_same():
     plugin = load_plugin()
     assert plugin.DEFAULT_DATA_DIR == cnikit.CNI_DATA_DIR
@@ -36,12 +37,14 @@ def test_paths_and_names_cnikit_and_the_plugin_share_are_the_same():
     assert len(cnikit.nat_chain("10.0.0.0/24")) <= 28
 
 
+@pytest.mark.noroot
 def test_the_sandbox_keeps_every_shared_path_private():
     for path in (cnikit.CNI_DATA_DIR, cnikit.NODE_SUBNET_FILE, cnikit.CNI_LOG, cnikit.CNI_CACHE_DIR,
                  cnikit.CNI_CONF_DIR, cnikit.CNI_PLUGIN_DIR):
         assert any(path == d or path.startswith(d + "/") for d in cnikit.SANDBOX_DIRS), path
 
 
+@pytest.mark.noroot
 def test_a_name_is_valid_for_cnikit_exactly_when_it_is_for_the_plugin():
     plugin = load_plugin()
     samples = ["pod1", "a", "A-b_c.d", "9x", "-x", ".x", "_x", "x y", "x/y", "x\n", "", "é", "x:y",
@@ -55,11 +58,13 @@ def test_a_name_is_valid_for_cnikit_exactly_when_it_is_for_the_plugin():
 # The facts the plugin owns and cnikit asks it for (cnikit.cni_plugin): each test below runs the
 # plugin for real and cnikit's reading of the same input, so a drift on either side fails.
 
+@pytest.mark.noroot
 def test_cnikit_reads_the_plugin_it_ships():
     assert cnikit.cni_plugin().__file__ == cnikit.CNI_PLUGIN_SRC
     assert cnikit.cni_plugin().DEFAULT_LOG == cnikit.CNI_LOG
 
 
+@pytest.mark.noroot
 def test_cnikit_and_the_plugin_take_the_same_cni_versions():
     plugin = load_plugin()
     samples = ["1.0.0", "0.3.1", "1.1.0", "0.2.0", "9.9.9", "1.0", "1", "", "1.0.0.0", "1.0.x", "v1.0.0",
@@ -101,6 +106,7 @@ def test_cni_log_tails_the_file_the_plugin_writes(tmp_path, monkeypatch, conf_lo
     assert cnikit.cni_log_path(conf=str(conflist)) == written[0]
 
 
+@pytest.mark.noroot
 def test_cnikit_reads_the_compiled_plugins_first_lines_as_they_are_written(tmp_path):
     out = tmp_path / "compiled"
     subprocess.run([sys.executable, "-I", "-S", PLUGIN, "--compile", PLUGIN, str(out)], check=True)

@@ -205,6 +205,7 @@ def _assigned_and_targets(script):
     return assigned, targets
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("number", sorted(LESSONS))
 def test_no_lesson_sends_a_packet_outside_what_it_created(number):
     script = lesson(number, "--dry-run").stdout
@@ -272,6 +273,7 @@ def test_step_mode_waits_for_enter_and_q_quits_before_running_the_command():
     assert "ip link set dev host0 alias cnikit" not in quit_.stdout     # stopped at the first command
 
 
+@pytest.mark.noroot
 def test_help_lists_the_steps_to_skip_and_what_breaks():
     proc = lesson("05", "--help")
     assert proc.returncode == 0
@@ -280,6 +282,7 @@ def test_help_lists_the_steps_to_skip_and_what_breaks():
     assert "--role" in lesson("06", "--help").stdout
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("args,message", [
     (("--skip", "nope"), "unknown step 'nope' for --skip; lesson 03 has: master"),
     (("--bogus",), "unrecognized arguments: --bogus"),
@@ -291,6 +294,7 @@ def test_bad_usage_is_one_line_and_exit_2(args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.noroot
 def test_lesson_06_role_flags_go_together():
     assert "--role needs --peer" in lesson("06", "--role", "node1").stderr
     assert "go with --role" in lesson("06", "--verify").stderr
@@ -357,6 +361,7 @@ def test_lesson_07b_without_forwarding_entries_fails_flannel_has_no_flood_to_fal
     assert "pod3 (node3) reaches pod1 (node1)" in verdict(proc) and "floods nowhere" in verdict(proc)
 
 
+@pytest.mark.noroot
 def test_lesson_07b_is_flannel_three_nodes_no_remote_no_multicast_one_entry_per_peer():
     script = run_stage("07b_multinode.py", "--dry-run", timeout=TIMEOUT).stdout
     vxlans = re.findall(r"^ip -n (node\d) link add vxlan0 .*$", script, re.M)
@@ -375,6 +380,7 @@ def test_lesson_07b_counter_check_fails_when_no_pod_traffic_crosses():
     assert "the ping went through node1's vxlan0" in verdict(proc), verdict(proc)
 
 
+@pytest.mark.noroot
 def test_lesson_07b_never_renames_an_interface_that_is_up():
     """Linux before 6.2 (Debian 12 runs 6.1) refuses to rename an UP link (EBUSY)."""
     script = run_stage("07b_multinode.py", "--dry-run", timeout=TIMEOUT).stdout
@@ -428,6 +434,7 @@ def test_lesson_07b_host_mode_leaves_no_file_behind():
 
 # ---------------------------------------------------------------- narration a learner can trust
 
+@pytest.mark.noroot
 def test_lesson_02_moves_and_renames_the_peer_as_the_series_plugin_does_then_shows_the_short_way():
     script = lesson("02", "--dry-run").stdout
     order = ["ip link add veth-ns1 type veth peer name veth-ns1-peer",
@@ -625,6 +632,7 @@ def test_keep_with_host_on_lesson_07_leaves_the_pods_as_add_made_them():
     assert "10.244.0." in str(sh.ip("-n", "pod1", "-br", "addr", "show", "dev", "eth0"))
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("script", ["03_bridge.py", "07_cni.py"])   # 07 runs the lesson through its own main
 def test_a_reader_that_leaves_a_dry_run_early_gets_no_traceback(script):
     proc = subprocess.Popen([sys.executable, os.path.join(STAGES, script), "--dry-run", "--color", "never"],

@@ -69,6 +69,7 @@ def test_vagrant_validate_ignore_provider(tmp_path):
     assert os.path.exists(dotdir) == existed      # its state went to the test's tmp_path
 
 
+@pytest.mark.noroot
 def test_vagrantfile_nodes_addresses_box_and_provisioning():
     text = open(os.path.join(VAGRANT_DIR, "Vagrantfile")).read()
     assert re.search(r'"node1"\s*=>\s*ENV\.fetch\("CNIKIT_NODE1_IP",\s*"%s"\)' % re.escape(NODE1_IP), text)
@@ -88,6 +89,7 @@ def test_vagrantfile_nodes_addresses_box_and_provisioning():
 
 # ---------------------------------------------------------------- the Makefile
 
+@pytest.mark.noroot
 def test_make_n_vagrant_stage_06_shows_the_command_sequence():
     lines = make_n("vagrant-stage-06")
     vagrant_lines = [l for l in lines if re.search(r"\bvagrant (rsync|ssh)\b", l)]
@@ -103,12 +105,14 @@ def test_make_n_vagrant_stage_06_shows_the_command_sequence():
     assert "PASS" in verdict and "FAIL" in verdict and "exit 1" in verdict
 
 
+@pytest.mark.noroot
 def test_make_n_vagrant_stage_06_follows_the_addresses():
     cmds = vm_commands(make_n("vagrant-stage-06", "NODE1_IP=198.51.100.1", "NODE2_IP=198.51.100.2"))
     assert [c.split("ROLE=")[1].split(" VERIFY")[0] for _, c in cmds] == \
         ["node1 PEER=198.51.100.2", "node2 PEER=198.51.100.1", "node1 PEER=198.51.100.2"]
 
 
+@pytest.mark.noroot
 def test_make_n_vagrant_up_and_down():
     up, = make_n("vagrant-up")
     assert up.endswith("vagrant up ") or up.endswith("vagrant up")
