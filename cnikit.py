@@ -515,6 +515,11 @@ class State:
         a plan that assumes says instead of the usual note."""
         raise exc(error)
 
+    def unknown(self, error, said):
+        """A fact a command cannot do without is not to be had (no docker answer): ERROR;
+        a plan notes SAID and goes on with its defaults."""
+        raise UsageError(error)
+
     def record(self, change):
         """A Change the Executor ran or planned (a live kernel knows it already)."""
 
@@ -598,6 +603,15 @@ class State:
         """libcni's FindInPath: the first executable TYPE in the CNI_PATH directories."""
         return cni_find_plugin(ptype, cni_path)
 
+    def ask(self, argv):
+        """(ok, stdout) of a read-only look-up outside the kernel's objects (docker, kubectl:
+        a kind cluster's nodes), which every plan reads as it is."""
+        return False, ""
+
+    def in_node(self, node, argv):
+        """(ok, stdout) of ARGV run read-only in kind NODE; None: not known (a plan's node)."""
+        return None
+
 
 class FreshHost(State):
     """A host where nothing has been made yet: the root namespace holds lo, there are no named
@@ -658,6 +672,12 @@ class LiveState(State):
 
     def netns_exists(self, name):
         return netns_exists(name)
+
+    def ask(self, argv):
+        return self.query(argv) if which(argv[0]) else (False, "")
+
+    def in_node(self, node, argv):
+        return self.query(docker_exec(node, *argv))
 
     def link(self, name, ns=None):
         data = self.query_json(ip("-j", "-d", "link", "show", "dev", name, ns=ns), f"namespace {ns}" if ns else None)
@@ -781,8 +801,8 @@ class PlanState(State):
     planned itself. ASSUME: a plan that is one step of a longer script (the CLI's --dry-run)
     takes input it cannot find as made by an earlier step, and says so, instead of refusing."""
 
-    def __init__(self, base, say, assume=False):
-        self.base, self.say, self.assume = base, say, assume
+    def __init__(self, base, say, assume=False, facts=None):
+        self.base, self.say, self.assume, self.facts = base, say, assume, facts
         self._netns = {}          # name -> True (planned) / False (deleted)
         self._links = {}          # (ns, name) -> the link's record as `ip -j -d link` has it; None: deleted
         self._addrs = {}          # (ns, name) -> [cidr] of a link the plan touched
@@ -802,6 +822,12 @@ class PlanState(State):
             self.say(said or f"{error}; planned as if an earlier command made it")
         for change in [made] if isinstance(made, Change) else made or []:
             self.record(change)
+
+    def unknown(self, error, said):
+        self.say(said)
+
+    def ask(self, argv):
+        return self.facts.ask(argv) if self.facts else (False, "")
 
     # -- what the base knows, unless the plan made or removed the namespace since
     def _base_has(self, ns):
@@ -1086,9 +1112,10 @@ class Runner:
         if not plan:
             self.state = self.live
         elif self.plan_for == "this host":
-            self.state = PlanState(LiveState(self, read_only=True), self.note, assume=True)
+            self.state = PlanState(LiveState(self, read_only=True), self.note, assume=True, facts=self.live)
         else:
-            self.state = PlanState(FreshHost(LiveState(self, read_only=True) if self._host_facts else None), self.note)
+            self.state = PlanState(FreshHost(LiveState(self, read_only=True) if self._host_facts else None),
+                                   self.note, facts=self.live)
 
     @property
     def plans_this_host(self):
@@ -1135,6 +1162,12 @@ class Runner:
     def result(self, obj):
         """A CNI result, what the user asked for: the JSON in full (a lesson shows its gist)."""
         self.output(json.dumps(obj, indent=2))
+
+    def needs(self, *tools):
+        """The tools the commands ahead run: missing ones fail before anything runs (a plan
+        runs none)."""
+        if not self._plan:
+            require_tools(*tools)
 
     def tense(self, done, planned):
         """DONE, or in a plan PLANNED ("removed", "would remove"): how a summary speaks."""
@@ -3156,14 +3189,12 @@ def kubectl(cluster, *args):
 def kind_nodes(r, cluster):
     """The cluster's node containers, from docker's kind label (no kind binary needed).
     A dry run without docker plans for kind.yaml's two nodes."""
-    ok, out = r.query(docker("ps", "--filter", f"label={KIND_NODE_LABEL}={cluster}", "--format", "{{.Names}}"),
-                      in_dry_run=True) if which("docker") else (False, "")
+    ok, out = r.state.ask(docker("ps", "--filter", f"label={KIND_NODE_LABEL}={cluster}", "--format", "{{.Names}}"))
     nodes = sorted(out.split()) if ok else []
-    if not nodes and r.dry_run:
-        nodes = [f"{cluster}-control-plane", f"{cluster}-worker"]
-        r.note(f"dry run: no docker answer, planning for kind.yaml's nodes {' '.join(nodes)}")
     if not nodes:
-        raise UsageError(f"kind cluster {cluster!r} has no node containers (create it: make kind-up)")
+        nodes = [f"{cluster}-control-plane", f"{cluster}-worker"]
+        r.state.unknown(f"kind cluster {cluster!r} has no node containers (create it: make kind-up)",
+                        f"dry run: no docker answer, planning for kind.yaml's nodes {' '.join(nodes)}")
     # The control plane first, the workers in order: node i gets 10.244.i.0/24 if kubectl is silent.
     return sorted(nodes, key=lambda n: (not n.endswith("-control-plane"), n))
 
@@ -3171,7 +3202,7 @@ def kind_nodes(r, cluster):
 def kind_pod_cidr(r, cluster, node, index):
     """The node's spec.podCIDR from the API server, else 10.244.INDEX.0/24 (kind's default split)."""
     if which("kubectl"):
-        ok, out = r.query(kubectl(cluster, "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"), in_dry_run=True)
+        ok, out = r.state.ask(kubectl(cluster, "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"))
         if ok and out.strip():
             return check_subnet(out.strip(), f"podCIDR of {node}")
     cidr = str(list(ipaddress.ip_network(KIND_POD_CIDR).subnets(new_prefix=24))[index])
@@ -3180,8 +3211,7 @@ def kind_pod_cidr(r, cluster, node, index):
 
 
 def kind_node_ip(r, node):
-    ok, out = r.query(docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node),
-                      in_dry_run=True) if which("docker") else (False, "")
+    ok, out = r.state.ask(docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node))
     addrs = out.split() if ok else []
     return addrs[0] if addrs else None
 
@@ -3191,8 +3221,7 @@ def kind_ensure_python(r, node, installed=()):
     missing, install python3-minimal in the node. Returns what it did, in words. A node
     that cannot get it is one CnikitError line naming the node, the cause and the fix
     (INSTALLED: the nodes that got python3 before it, the only change made so far)."""
-    ok, _ = r.query(docker_exec(node, "test", "-x", CNI_PYTHON), in_dry_run=True) \
-        if which("docker") else (False, "")
+    ok, _ = r.state.ask(docker_exec(node, "test", "-x", CNI_PYTHON))
     if ok:
         r.note(f"{node}: {CNI_PYTHON} is there (e.g. the derived image of kind/Dockerfile): nothing to install")
         return "present"
@@ -3253,9 +3282,11 @@ def kind_routes(plan):
 
 
 def kind_node_files(r, node, paths):
-    """{path: sha256} of those of PATHS that exist in NODE (one look-up; a dry run: none)."""
-    ok, out = r.query(docker_exec(node, "sha256sum", *paths))
-    found = {}
+    """{path: sha256} of those of PATHS that exist in NODE (one look-up); None: not known (a plan)."""
+    answer = r.state.in_node(node, ["sha256sum", *paths])
+    if answer is None:
+        return None
+    found, out = {}, answer[1]
     for line in out.splitlines():
         digest, _, path = line.partition("  ")
         if path in paths:
@@ -3264,7 +3295,14 @@ def kind_node_files(r, node, paths):
 
 
 def kind_has_route(r, node, cidr, via):
-    routes = r.query_json(docker_exec(node, "ip", "-j", "route", "show", cidr)) or []
+    """Has NODE the route to CIDR via VIA? None: not known (a plan)."""
+    answer = r.state.in_node(node, ["ip", "-j", "route", "show", cidr])
+    if answer is None:
+        return None
+    try:
+        routes = json.loads(answer[1]) if answer[0] and answer[1].strip() else []
+    except ValueError:
+        routes = []
     return any(rt.get("dst") == cidr and rt.get("gateway") == via for rt in routes)
 
 
@@ -3282,7 +3320,7 @@ def kind_plugin_current(r, node, dst, src, sha, compiled, have):
         return have.get(dst) == hashlib.sha256(cni_plugin_bytes(src, cni_shebang(None))).hexdigest()
     if dst not in have:
         return False
-    ok, head = r.query(docker_exec(node, "head", "-n", "2", dst))
+    ok, head = r.state.in_node(node, ["head", "-n", "2", dst]) or (False, "")
     if not (ok and compiled_from(head, cni_shebang(None), sha)):
         return False
     return compiled_from(head, cni_shebang(None), sha, kind_python_magic(r, node) or None)
@@ -3335,8 +3373,7 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
     compiled = not plain and _is_python_script(src)
-    if not r.dry_run:
-        require_tools("docker")
+    r.needs("docker")
     plan = kind_plan(r, cluster)
     for node in plan:
         plan[node]["python3"] = kind_ensure_python(
@@ -3354,7 +3391,7 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
         subnet = f"CNIKIT_SUBNET={p['podCIDR']}\n"
         want = {path: hashlib.sha256(text.encode()).hexdigest()
                 for path, text in ((NODE_SUBNET_FILE, subnet), (conf_path, conflist))}
-        have = kind_node_files(r, node, [dst] + list(want))
+        have = kind_node_files(r, node, [dst] + list(want)) or {}    # a plan's node: nothing known
         if kind_plugin_current(r, node, dst, src, sha, compiled, have):
             r.note(f"{node}: {dst} is already this plugin ({form})")
         elif compiled:
@@ -3393,13 +3430,12 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     their veths until kubelet DELs them. Re-run: absent is fine."""
     _kind_check_cluster(cluster)
     name = _cni_check_name(name)
-    if not r.dry_run:
-        require_tools("docker")
+    r.needs("docker")
     plan = kind_plan(r, cluster)
     conf_path = cni_conf_file(conf_dir, name)
     mark = r.mark()
     for node in plan:
-        ok, text = r.query(docker_exec(node, "cat", conf_path))
+        ok, text = r.state.in_node(node, ["cat", conf_path]) or (False, "")
         try:
             ptype = json.loads(text)["plugins"][0]["type"] if ok else CNI_TYPE
         except (ValueError, KeyError, IndexError, TypeError):
@@ -3408,21 +3444,23 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
             ptype = CNI_TYPE
         dst = os.path.join(plugin_dir, ptype)
         files = [conf_path, NODE_SUBNET_FILE]
-        ok, head = r.query(docker_exec(node, "head", "-c", "2", dst))
-        if r.dry_run or head == "#!":
+        # What is not known (a plan's node) is removed as if there: `rm -f` minds no absence.
+        head = r.state.in_node(node, ["head", "-c", "2", dst])
+        if head is None or head[1] == "#!":
             files.append(dst)
-        elif ok:
+        elif head[0]:
             r.note(f"{node}: {dst} stays: not a script (a binary plugin), not one cnikit installed")
-        present = files if r.dry_run else [f for f in files if f in kind_node_files(r, node, files)]
+        have = kind_node_files(r, node, files)
+        present = files if have is None else [f for f in files if f in have]
         if present:
             r.run(docker_exec(node, "rm", "-f", *present))
         # what a kind-install killed while the node compiled the plugin left (the next one replaces it)
-        if r.dry_run or r.query(docker_exec(node, "test", "-d", KIND_BUILD_DIR))[0]:
+        if (r.state.in_node(node, ["test", "-d", KIND_BUILD_DIR]) or (True, ""))[0]:
             r.run(docker_exec(node, "rm", "-rf", KIND_BUILD_DIR))
     for node, cidr, via in kind_routes(plan):
-        if via and (r.dry_run or kind_has_route(r, node, cidr, via)):
+        if via and kind_has_route(r, node, cidr, via) is not False:
             r.run(docker_exec(node, "ip", "route", "del", cidr, "via", via))
-    if not r.dry_run and not r.ran_since(mark):
+    if not r.ran_since(mark):
         r.note(f"kind cluster {cluster}: no plugin, {conf_path}, {NODE_SUBNET_FILE} or route of ours "
                "on any node; nothing to do")
     return plan
@@ -3484,22 +3522,21 @@ def cni_runtime_config(text):
 
 
 def cni_planned_conf(r, conf, conf_dir):
-    """A dry run plans for a fresh host: with no network config there yet (and none named
-    with --conf but the default one), it plans against the one a plain `cni install` writes,
+    """A plan that finds no network config (and none named with --conf but the default
+    one) plans against the one a plain `cni install` writes (a live run: the error),
     says so, and prints a guard that stops the script if another config is in place when it
     runs. Returns that parsed config, or None (the config on disk is read as usual)."""
     path = cni_conf_file(conf_dir, CNI_NET)
-    if not r.dry_run or (conf or path) != path or os.path.exists(path):
+    if (conf or path) != path or r.state.file_exists(path):
         return None
-    if not conf:
-        try:
-            cni_default_conf(conf_dir)
-            return None
-        except UsageError:
-            pass
+    try:
+        cni_load(conf) if conf else cni_default_conf(conf_dir)
+        return None
+    except UsageError as e:
+        # a live run stops here, with the error it would meet reading the config
+        r.state.unknown(str(e), f"no network config in {conf_dir} yet: planned against the one `cnikit cni "
+                        f"install` writes by default ({path}); the script stops here if another one is in place")
     text = json.dumps(cni_conflist(), indent=2) + "\n"
-    r.note(f"no network config in {conf_dir} yet: planned against the one `cnikit cni install` writes "
-           f"by default ({path}); the script stops here if another one is in place")
     r.echo(["cmp", "-s", path, "-"], " <<'EOF' || { echo " + shlex.quote(
         f"{path} is not the config this script was planned against: the default of cnikit cni install")
         + " >&2; exit 1; }")
