@@ -896,6 +896,8 @@ class PlanState(State):
     def rules(self, table, ns=None, family=4):
         base = self.base.rules(table, ns, family) if self._base_has(ns) else []
         t = self._rules.get((ns, family, table), {"chains": {}, "rules": []})
+        if base is None and not t["rules"] and not t["chains"]:
+            return None               # unreadable here, and nothing planned: not known
         found = [] if base is None else [(c, s) for c, s in base if t["chains"].get(c, True)]
         for chain, spec, there in t["rules"]:
             if there:
@@ -907,6 +909,8 @@ class PlanState(State):
     def chains(self, table, ns=None, family=4):
         base = self.base.chains(table, ns, family) if self._base_has(ns) else []
         t = self._rules.get((ns, family, table), {"chains": {}})
+        if base is None and not t["chains"]:
+            return None
         found = [c for c in base or [] if t["chains"].get(c, True)]
         return found + [c for c, there in t["chains"].items() if there and c not in found]
 
