@@ -1,13 +1,15 @@
 """cnikit's own help: every object explains itself with examples, options go before the
 object or after the verb, and `-n NS cleanup` says what it looked at."""
+import inspect
 import re
 
 import pytest
 import sh
 
+import cnikit
 from kernel import cli
 
-OBJECTS = ("netns", "veth", "bridge", "nat", "vxlan", "cni", "show", "cleanup", "sandbox")
+OBJECTS = ("netns", "veth", "bridge", "nat", "vxlan", "cni", "doctor", "show", "cleanup", "sandbox")
 
 
 @pytest.mark.parametrize("obj", OBJECTS)
@@ -60,3 +62,69 @@ def test_each_cni_verb_help_lists_exactly_what_it_accepts(verb):
     for flag in {"--ifname", "--id", "--args", "--runtime-config"} - CNI_VERB_OPTIONS[verb]:
         proc = cli("cni", verb, flag, "x")
         assert proc.returncode == 2 and f"cni {verb}: {flag} does not apply (" in proc.stderr, proc.stderr
+
+
+# Every row of the verb table: its --help lists exactly its arguments (plus -h and, where it
+# takes them, the common options), with its examples; dispatch can call its function by keyword.
+ROWS = {" ".join(row.path): row for row in cnikit.VERBS}
+COMMON = {"-n", "--in", "--dry-run", "-q", "--quiet", "-v", "--verbose", "--sandbox", "--color"}
+
+
+def _first_column(section):
+    """The flags and names argparse lists in a help SECTION (its first column)."""
+    names = set()
+    for line in section.splitlines():
+        if line.startswith("  ") and not line.startswith("    " * 3):
+            head = re.split(r"\s{2,}", line.strip())[0]
+            names.update(w.rstrip(",") for w in head.split() if w.startswith("-"))
+            if not head.startswith("-"):
+                names.add(head)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(ROWS))
+def test_each_verb_help_lists_exactly_the_arguments_of_its_row(path):
+    row = ROWS[path]
+    proc = cli(*row.path, "--help")
+    assert proc.returncode == 0, proc.stderr
+    body = proc.stdout.split("examples:\n")[0]
+    options = _first_column(body.split("options:\n", 1)[1])
+    positionals = _first_column(body.split("positional arguments:\n", 1)[1].split("options:\n")[0]) \
+        if "positional arguments:\n" in body else set()
+    want_options = {f for arg in row.args for f in arg.flags if f.startswith("-")} | {"-h", "--help"}
+    want_options |= COMMON if row.options else set()
+    want_positionals = {arg.kw.get("metavar", arg.flags[0]) for arg in row.args if not arg.flags[0].startswith("-")}
+    assert (options, positionals) == (want_options, want_positionals), proc.stdout
+    for example in row.examples:
+        assert "  " + example in proc.stdout.splitlines(), (example, proc.stdout)
+
+
+@pytest.mark.parametrize("path", sorted(ROWS))
+def test_dispatch_calls_each_verb_function_by_keywords_it_has(path):
+    row = ROWS[path]
+    params = inspect.signature(row.func).parameters
+    given = set(row.fixed) | {arg.dest for arg in row.args} | ({row.ns} if row.ns else set())
+    assert given <= set(params), (path, given - set(params))
+    required = {n for n, p in params.items() if p.default is p.empty and p.kind == p.POSITIONAL_OR_KEYWORD}
+    assert required - given <= {"r"}, (path, required - given)
+
+
+@pytest.mark.parametrize("path", sorted(ROWS))
+def test_the_parser_built_for_one_command_is_the_one_built_for_all(path):
+    """main builds only the parsers on the command's path: each says and accepts what the whole one does."""
+    def leaf(parser, words):
+        for word in words:
+            action = next(a for a in parser._actions if isinstance(a, cnikit.argparse._SubParsersAction))
+            parser = action.choices[word]
+        return parser
+    words = path.split()
+    whole, lazy = leaf(cnikit.build_parser(), words), leaf(cnikit.build_parser(words + ["x"]), words)
+    assert lazy.format_help() == whole.format_help()
+    for prefix in (words[:1], words[:2]):          # the object's (and a group's) own --help, verbs listed
+        assert leaf(cnikit.build_parser(prefix + ["--help"]), prefix).format_help() == \
+            leaf(cnikit.build_parser(), prefix).format_help()
+    assert cnikit.build_parser(["--help"]).format_help() == cnikit.build_parser().format_help()
+
+
+def test_tools_come_from_the_table():
+    assert set(cnikit.tools()) == {tool for row in cnikit.VERBS for tool in row.tools} >= {"ip", "iptables", "bridge"}
