@@ -758,6 +758,7 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         raise UsageError("a route needs a gateway (via) or a device")
     if ns:
         check_netns(ns)
+        require_netns(r, ns)
     where = f" in {ns}" if ns else ""
     for route in r.query_json(ip("-j", "route", "show", "exact", dst, ns=ns)) or []:
         if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
@@ -768,6 +769,34 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         return
     r.run(ip("route", "add", dst, *kv(via=via, dev=dev, proto=ROUTE_PROTO), ns=ns),
           creates=Change.route(dst, ns, via=via, dev=dev))
+
+
+def route_del(r, dst, ns=None):
+    """Delete the route to DST ("default" or a CIDR) that route_add made, and only that one:
+    a route to DST that cnikit did not make (any protocol but ROUTE_PROTO) is refused and
+    stays. Re-run: no route to DST is fine. The delete names `proto 157`, so even a dry
+    run's script cannot remove another program's route: the kernel matches the protocol."""
+    if dst != "default":
+        dst = check_subnet(dst, "route destination")
+    if ns:
+        check_netns(ns)
+        require_netns(r, ns)
+    where = f" in {ns}" if ns else ""
+    family = ["-6"] if ":" in dst else []       # `ip route show exact` looks in one family
+    delete = ip(*family, "route", "del", dst, "proto", ROUTE_PROTO, ns=ns)
+    if r.dry_run:
+        r.run(delete)
+        return
+    routes = r.query_json(ip(*family, "-j", "route", "show", "exact", dst, ns=ns)) or []
+    ours = [route for route in routes if route.get("protocol") == str(ROUTE_PROTO)]
+    if routes and not ours:
+        theirs = routes[0].get("protocol", "boot")    # ip -j leaves out the default, boot
+        raise UsageError(f"the route to {dst}{where} is not cnikit's (protocol {theirs}, not {ROUTE_PROTO}): "
+                         f"left as is")
+    if not ours:
+        r.note(f"no route to {dst}{where}; nothing to delete")
+    for _ in ours:
+        r.run(delete)
 
 
 # ---------------------------------------------------------------- netns
@@ -4064,6 +4093,7 @@ def _cni_verb(verb, command, help_text, examples=()):
 
 # What an object with verbs is, in `cnikit --help` (its verbs are listed after it from VERBS).
 GROUP_HELP = {("netns",): "network namespaces", ("veth",): "veth pairs", ("bridge",): "Linux bridges",
+              ("route",): "routes cnikit makes (proto 157)",
               ("nat",): "egress NAT and published ports", ("vxlan",): "VXLAN overlay",
               ("vxlan", "fdb"): "forwarding entries (fdb add NAME MAC --dst IP)",
               ("cni",): "play the container runtime: install the plugin, call it like libcni"}
@@ -4102,6 +4132,16 @@ VERBS = [
     Verb("bridge show", bridge_show, "ports and learned MACs (fdb)", [NAME],
          ["cnikit bridge show br0                  # its ports and the MACs it learned on each"],
          tools=L2_TOOLS, read_only=True),
+
+    Verb("route add", route_add, "add a route to DST via a gateway and/or out of a device, tagged proto 157",
+         [Arg("dst", metavar="DST", help="a CIDR such as 10.1.0.0/24, or default"),
+          Arg("--via", metavar="GW", help="the gateway's address"),
+          Arg("--dev", metavar="DEV", help="the interface it leaves through")],
+         ["cnikit -n ns1 route add default --via 10.0.0.1   # a route cleanup will find",
+          "cnikit route add 10.1.0.0/24 --dev br0"], ns="ns"),
+    Verb("route del", route_del, "delete a route cnikit made (proto 157); any other route is refused",
+         [Arg("dst", metavar="DST", help="the CIDR (or default) that route add was given")],
+         ["cnikit -n ns1 route del default"], ns="ns"),
 
     Verb("nat add", nat_add, "masquerade SUBNET leaving through --out",
          [Arg("subnet"), Arg("--out", dest="out_iface", required=True, metavar="IFACE", help="the uplink interface")],

@@ -9,7 +9,7 @@ import sh
 import cnikit
 from kernel import cli
 
-OBJECTS = ("netns", "veth", "bridge", "nat", "vxlan", "cni", "doctor", "show", "cleanup", "sandbox")
+OBJECTS = ("netns", "veth", "bridge", "route", "nat", "vxlan", "cni", "doctor", "show", "cleanup", "sandbox")
 
 
 @pytest.mark.parametrize("obj", OBJECTS)
