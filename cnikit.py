@@ -22,20 +22,29 @@ builders (pure functions); the runner (the only place that executes anything);
 the verbs (netns, veth, bridge, nat, vxlan, show, cleanup); cni (the runtime's part:
 call plugins, install them, kind); the sandbox; the CLI.
 """
-import argparse
-import base64
-import ctypes
-import hashlib
-import ipaddress
-import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import textwrap
 import time
+
+
+class _Lazy:
+    """A module imported on its first use, then bound in its place: `cnikit netns list` must
+    not pay for what only some verbs use (a CLI start is a few ms; see bench/cli_start.py)."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+argparse, base64, ctypes, hashlib, ipaddress, json, textwrap = map(_Lazy, (
+    "argparse", "base64", "ctypes", "hashlib", "ipaddress", "json", "textwrap"))
 
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
 VXLAN_PORT = 4789                 # IANA port for VXLAN
@@ -337,7 +346,13 @@ def bridge_forward_rule(name):
 # ---------------------------------------------------------------- the runner
 
 def which(tool):
-    return shutil.which(tool)
+    """TOOL's path on PATH, or None: shutil.which's answer for a plain name, without importing
+    shutil (a CLI start counts every module; see bench/cli_start.py)."""
+    for directory in [""] if os.path.dirname(tool) else os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or os.curdir, tool) if directory else tool
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
 
 
 def require_tools(*tools):
@@ -4286,10 +4301,11 @@ _HELP = ("-h", "--help")
 
 
 def _command_words(argv):
-    """(WORDS, SHALLOW): the OBJECT [VERB...] words at the head of ARGV that name a group or
-    a verb of the table, found without a parser; SHALLOW: what follows the last of them is
-    nothing or --help, so the parsers under it need no arguments. (None, False) when an
-    option before OBJECT is not spelled as _FLAGS/_VALUED: then the whole parser decides."""
+    """(WORDS, SHALLOW, AT): the OBJECT [VERB...] words of ARGV that name a group or a verb
+    of the table, found without a parser, and where they start; SHALLOW: what follows the
+    last of them is nothing or --help, so the parsers under it need no arguments. (None,
+    False, AT) when an option before OBJECT is not spelled as _FLAGS/_VALUED: then the
+    whole parser decides."""
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -4298,23 +4314,110 @@ def _command_words(argv):
         elif word in _VALUED:
             i += 2
         elif word in _HELP:
-            return (), True
+            return (), True, i
         elif word.startswith("-"):
-            return None, False
+            return None, False, i
         else:
             break
-    words = ()
+    words, at = (), i
     while i < len(argv) and argv[i] in _children(words):
         words += (argv[i],)
         i += 1
-    return words, i == len(argv) or argv[i] in _HELP
+    return words, i == len(argv) or argv[i] in _HELP, at
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not a usage dump."""
+class _Args:
+    """A parsed command line, as argparse's Namespace reads (attributes)."""
 
-    def error(self, message):
-        raise UsageError(f"{message} (see: {self.prog} --help)")
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+_SIMPLE_ACTIONS = (None, "store_true", "store_false", "store_const", "append")
+
+
+def _parse_simple(argv):
+    """ARGV parsed without argparse when it is plainly spelled: a verb of the table, its
+    positionals (no nargs) and options (exact names, valid choices), the common options;
+    None for anything else (--help, abbreviations, a missing or doubtful value...), which
+    the whole parser reads. What it returns is what argparse would: tests check both agree."""
+    words, _, at_verb = _command_words(argv)
+    row = _children(words[:-1]).get(words[-1]) if words else None
+    if row is None or any(arg.kw.get("nargs") or arg.kw.get("action") not in _SIMPLE_ACTIONS for arg in row.args):
+        return None
+    values = {"host": None, "dry_run": False, "quiet": False, "verbose": False, "sandbox": False, "color": "auto",
+              "row": row}
+    values.update(zip(("obj", "verb", f"{words[1]}_verb" if len(words) > 2 else ""), words))
+    values.pop("", None)
+    options, positionals = {}, [arg for arg in row.args if not arg.flags[0].startswith("-")]
+    for arg in row.args:
+        action = arg.kw.get("action")
+        values[arg.dest] = arg.kw.get("default", {"store_true": False, "store_false": True}.get(action))
+        options.update(dict.fromkeys(arg.flags, arg) if arg.flags[0].startswith("-") else {})
+    common = {"-n": "host", "--in": "host", "--color": "color", "--dry-run": "dry_run", "-q": "quiet",
+              "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose", "--sandbox": "sandbox"}
+    given, tokens = set(), list(argv)
+    i, taken = 0, 0
+    while i < len(tokens):
+        word = tokens[i]
+        if at_verb <= i < at_verb + len(words):
+            i += 1
+            continue
+        flag, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if word.startswith("-n="):
+            return None                 # argparse reads -n=X as X: leave it to it
+        if word.startswith("-n") and len(word) > 2 and not word.startswith("--"):
+            flag, eq, value = "-n", "=", word[2:]
+        if not word.startswith("-"):
+            if i < at_verb or taken == len(positionals):
+                return None
+            values[positionals[taken].dest] = word
+            taken += 1
+        elif flag in common and (i < at_verb or row.options):
+            dest = common[flag]
+            if dest in ("host", "color"):
+                if not eq:
+                    i += 1
+                    value = tokens[i] if i < len(tokens) else "-"
+                if value.startswith("-") or dest == "color" and value not in ("auto", "always", "never"):
+                    return None
+                values[dest] = value
+            elif eq:
+                return None
+            else:
+                values[dest] = True
+        elif flag in options and i > at_verb:
+            arg = options[flag]
+            action = arg.kw.get("action")
+            if action in ("store_true", "store_false", "store_const"):
+                if eq:
+                    return None
+                value = {"store_true": True, "store_false": False}.get(action, arg.kw.get("const"))
+            elif not eq:
+                i += 1
+                value = tokens[i] if i < len(tokens) else "-"
+            if action not in ("store_true", "store_false", "store_const") and (
+                    value.startswith("-") or "choices" in arg.kw and value not in arg.kw["choices"]):
+                return None
+            if arg.group and any(a.group == arg.group and a is not arg for a in given):
+                return None
+            given.add(arg)
+            values[arg.dest] = values[arg.dest] + [value] if action == "append" else value
+        else:
+            return None
+        i += 1
+    if taken < len(positionals) or any(a.kw.get("required") and a not in given for a in row.args):
+        return None
+    return _Args(**values)
+
+
+def _parser_class():
+    """argparse's parser, but a usage error is one line, not a usage dump (a class made on
+    first use: argparse is imported only when a parser is built)."""
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{message} (see: {self.prog} --help)")
+    return _Parser
 
 
 def _common_options(p, top=True):
@@ -4345,7 +4448,6 @@ def _add_level(parser, prefix, words, shallow):
     """The subparsers under PREFIX: only WORDS' next one when it names one; else all of them,
     without their own arguments when SHALLOW (only --help or nothing follows), with
     everything under them otherwise (argparse then says what is wrong)."""
-    import textwrap
     level = parser.add_subparsers(dest=("obj", "verb")[len(prefix)] if len(prefix) < 2 else f"{prefix[1]}_verb",
                                   metavar="OBJECT" if not prefix else "VERB")
     level.required = True
@@ -4382,8 +4484,8 @@ def _add_verb(p, row):
 def build_parser(argv=None):
     """The parser for ARGV: only the parsers on the path of the command it names (every
     parser when ARGV is None, or when it cannot be read without a parser)."""
-    words, shallow = _command_words(argv) if argv is not None else (None, False)
-    p = _Parser(prog="cnikit", description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EPILOG,
+    words, shallow, _ = _command_words(argv) if argv is not None else (None, False, 0)
+    p = _parser_class()(prog="cnikit", description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_options(p)
     _add_level(p, (), words, shallow)
@@ -4440,10 +4542,12 @@ def main(argv=None):
     r = None
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        parser = build_parser(argv)
-        args, extra = parser.parse_known_args(argv)
-        if extra:
-            _refuse_extra(parser, args, extra)
+        args = _parse_simple(argv)      # the common case, without argparse's import and parsers
+        if args is None:
+            parser = build_parser(argv)
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                _refuse_extra(parser, args, extra)
         row = args.row
         if args.host:
             check_netns(args.host)

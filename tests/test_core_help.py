@@ -128,3 +128,49 @@ def test_the_parser_built_for_one_command_is_the_one_built_for_all(path):
 
 def test_tools_come_from_the_table():
     assert set(cnikit.tools()) == {tool for row in cnikit.VERBS for tool in row.tools} >= {"ip", "iptables", "bridge"}
+
+
+def _example_argvs():
+    """Every example of the table as an argv (after `cnikit`), `&&` chains split."""
+    for row in cnikit.VERBS:
+        for example in row.examples:
+            for part in example.split("#")[0].split("&&"):
+                words = part.split()
+                if words[:1] == ["cnikit"]:
+                    yield words[1:]
+
+
+CRAFTED = [
+    ["netns", "list"], ["--dry-run", "netns", "add", "a", "--lo-up"], ["netns", "add", "a", "--lo-up", "--dry-run"],
+    ["-n", "x", "show"], ["-nx", "show"], ["--in=x", "show"], ["--in", "x", "show", "-n", "y"], ["-n=x", "show"],
+    ["--color", "always", "show"], ["--color=never", "show", "--json"], ["--color", "blue", "show"],
+    ["-qv", "show"], ["--dry", "show"], ["show", "--js"], ["show", "--json=1"], ["show", "extra"],
+    ["nat", "add", "10.0.0.0/24"], ["nat", "add", "10.0.0.0/24", "--out"], ["nat", "add", "10.0.0.0/24", "--out=eth0"],
+    ["nat", "publish", "80", "--to", "10.0.0.2:80", "--bridge", "br0", "--proto", "sctp"],
+    ["nat", "unpublish", "80", "--proto", "udp", "--proto", "tcp"], ["veth", "add", "a", "-b"],
+    ["veth", "add", "a", "b", "--mtu", "-1"], ["veth", "add", "a", "b", "--addr", ""], ["veth", "add", "a", "b", "--", "c"],
+    ["doctor", "a", "b", "-4", "-6"], ["doctor", "a", "b", "-6", "-6"], ["doctor", "a", "b", "-4"],
+    ["cni", "install", "--chain", "portmap", "--chain", "portmap"], ["cni", "install", "--chain", "nope"],
+    ["cni", "add", "pod1", "--ifname", "eth1", "--id", "c1", "-n", "h"], ["cni", "gc", "pod1"],
+    ["vxlan", "fdb", "add", "v", "00:00:00:00:00:00", "--dst", "192.0.2.2"], ["vxlan", "fdb"], ["route", "add", "-h"],
+    ["route", "del"], ["route", "add", "default", "--via", "10.0.0.1", "--dev", "eth0", "--sandbox", "-q"],
+    ["-n", "netns", "netns", "list"], ["cleanup", "--dry-run", "-n", "a"], ["frob"], [], ["netns"],
+]
+
+
+@pytest.mark.parametrize("argv", CRAFTED + list(_example_argvs()), ids=" ".join)
+def test_the_plain_command_line_reader_agrees_with_argparse_or_leaves_it_to_it(argv):
+    fast = cnikit._parse_simple(argv)
+    try:
+        args, extra = cnikit.build_parser(argv).parse_known_args(argv)
+    except (cnikit.UsageError, SystemExit):
+        assert fast is None, argv            # an error or --help: argparse's to say
+        return
+    if fast is not None:
+        assert not extra and vars(fast) == vars(args), argv
+
+
+def test_plain_command_lines_are_read_without_argparse():
+    plain = [argv for argv in _example_argvs() if not any(w in argv for w in ("exec", "attach", "sandbox"))]
+    assert plain and all(cnikit._parse_simple(argv) is not None for argv in plain), \
+        [argv for argv in plain if cnikit._parse_simple(argv) is None]
