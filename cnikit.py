@@ -775,7 +775,8 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         check_netns(ns)
         require_netns(r, ns)
     where = f" in {ns}" if ns else ""
-    for route in r.query_json(ip("-j", "route", "show", "exact", dst, ns=ns)) or []:
+    family = ["-6"] if ":" in dst else []       # `ip route show exact` looks in one family
+    for route in r.query_json(ip(*family, "-j", "route", "show", "exact", dst, ns=ns)) or []:
         if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
             have = " ".join(kv(via=route.get("gateway"), dev=route.get("dev")))
             raise UsageError(f"a route to {dst}{where} already exists ({have}), not "

@@ -1,5 +1,7 @@
 """`cnikit route add/del` against the real kernel, inside the test's sandbox: cnikit's routes
 carry protocol 157, a re-run changes nothing, and only cnikit's own routes are ever removed."""
+import json
+
 import pytest
 import sh
 
@@ -111,3 +113,15 @@ def test_cleanup_removes_cnikits_routes_and_leaves_other_routes():
     assert route_to("198.51.100.0/24") == []
     (foreign,) = route_to("192.0.2.0/24")
     assert foreign["dev"] == "keep0" and foreign.get("protocol") != PROTO
+
+
+def test_an_ipv6_route_is_found_again_on_a_rerun_and_deleted(ns1):
+    sh.ip("-n", ns1, "-6", "addr", "add", "2001:db8::2/64", "dev", "eth0", "nodad")
+    run("-n", ns1, "route", "add", "2001:db8:1::/64", "--via", "2001:db8::1")
+    v6 = lambda: [r for r in json.loads(str(sh.ip("-n", ns1, "-6", "-j", "route", "show"))) if r["dst"] == "2001:db8:1::/64"]
+    assert [r["protocol"] for r in v6()] == [PROTO]
+    again = run("-n", ns1, "route", "add", "2001:db8:1::/64", "--via", "2001:db8::1")
+    assert not [l for l in again.stdout.splitlines() if l.startswith("ip ")] and len(v6()) == 1
+    assert run("-n", ns1, "route", "del", "2001:db8:1::/64").stdout.splitlines() == \
+        ["ip -n ns1 -6 route del 2001:db8:1::/64 proto 157"]
+    assert v6() == []
