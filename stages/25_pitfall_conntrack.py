@@ -15,8 +15,6 @@ portmap's DEL removes the rule, not the flows, which keep going to the old pod's
     sudo python3 stages/25_pitfall_conntrack.py --broken --keep
     python3 stages/25_pitfall_conntrack.py --dry-run
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, in_netns
 
@@ -28,16 +26,6 @@ NODE_IP = NODE_ADDR.split("/")[0]
 PORT, CLIENT_PORT = 5353, 40000      # the hostPort; the client's long-lived socket (one flow)
 ANSWER_WAIT = "3"                    # seconds the client waits for an answer (a loaded machine forks slowly)
 COMMENT = ["-m", "comment", "--comment", "cnikit lab25: hostPort udp/5353"]
-
-WORKS = f"the client's query to the hostPort {NODE_IP}:{PORT}/udp is answered by the backend the DNAT rule names"
-BREAK = ("the pod behind the hostPort moves: the DNAT rule is rewritten by hand from pod-a to pod-b (portmap "
-         "and kube-proxy would also flush the port's UDP flows; a hand-written rule does not), while the client "
-         "keeps sending from the same socket")
-SYMPTOM = "the client's queries still land on pod-a, whatever the rule says"
-REVEAL = "conntrack -L on the node: the flow's entry still translates to pod-a's address"
-FIX = "conntrack -D for the hostPort's flows: the next packet is a new flow and meets the new rule"
-CAUSE = "stale-conntrack"
-DOCTOR = (CLIENT, NODE_IP, "--proto", "udp", "--port", str(PORT))
 
 LESSON = Lesson(
     "25", "pitfall_conntrack",
@@ -121,5 +109,20 @@ def prove(L):
     L.check("the flow's new conntrack entry translates to pod-b (10.0.25.3)", L.r.dry_run or "src=10.0.25.3 " in out)
 
 
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"the client's query to the hostPort {NODE_IP}:{PORT}/udp is answered by the backend the DNAT rule names",
+    breaks=("the pod behind the hostPort moves: the DNAT rule is rewritten by hand from pod-a to pod-b (portmap "
+            "and kube-proxy would also flush the port's UDP flows; a hand-written rule does not), while the client "
+            "keeps sending from the same socket"),
+    symptom="the client's queries still land on pod-a, whatever the rule says",
+    reveals="conntrack -L on the node: the flow's entry still translates to pod-a's address",
+    fixes="conntrack -D for the hostPort's flows: the next packet is a new flow and meets the new rule",
+    cause="stale-conntrack",
+    doctor=(CLIENT, NODE_IP, "--proto", "udp", "--port", str(PORT)),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
+
+
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

@@ -13,8 +13,6 @@ host cannot explain: there, policy ACCEPT and the node's own accept rule for the
 The node and the server are namespaces the lab creates: the machine's own tables are never
 touched.
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, in_netns
 
@@ -28,17 +26,6 @@ TAG = ["-m", "comment", "--comment", "cnikit lab 28"]
 # The node's own rules, in iptables (nf_tables here): the pods' traffic may be forwarded, and its replies.
 NODE_RULES = [["-s", SUBNET] + TAG + ["-j", "ACCEPT"],
               ["-d", SUBNET, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"] + TAG + ["-j", "ACCEPT"]]
-
-WORKS = f"pod1 reaches the server ({SERVER_IP}) through node1's FORWARD chain"
-BREAK = ("an old component whose image ships iptables-legacy starts on node1: in its own backend it sets "
-         "FORWARD's policy to DROP and accepts only its own bridge's traffic, as an old Docker does")
-SYMPTOM = "pod1 no longer reaches the server, though `iptables -S` shows an accept rule for it"
-REVEAL = ("`iptables -S` (nf_tables) shows nothing that drops and warns that legacy tables exist; "
-          "`iptables-legacy` shows the DROP policy, its counter growing with every lost ping")
-FIX = ("one backend for everything: the old component's rules move into nf_tables, behind the node's own "
-       "accepts, and the legacy tables are emptied (in real life: run it with iptables-nft)")
-CAUSE = "other-backend"
-DOCTOR = ("pod1", SERVER_IP)
 
 LESSON = Lesson(
     "28", "pitfall_two_backends",
@@ -123,5 +110,21 @@ def prove(L):
             r.dry_run or ("-P FORWARD DROP" in out and out.find("cnikit lab 28") < out.find("docker0")))
 
 
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"pod1 reaches the server ({SERVER_IP}) through node1's FORWARD chain",
+    breaks=("an old component whose image ships iptables-legacy starts on node1: in its own backend it sets "
+            "FORWARD's policy to DROP and accepts only its own bridge's traffic, as an old Docker does"),
+    symptom="pod1 no longer reaches the server, though `iptables -S` shows an accept rule for it",
+    reveals=("`iptables -S` (nf_tables) shows nothing that drops and warns that legacy tables exist; "
+             "`iptables-legacy` shows the DROP policy, its counter growing with every lost ping"),
+    fixes=("one backend for everything: the old component's rules move into nf_tables, behind the node's own "
+           "accepts, and the legacy tables are emptied (in real life: run it with iptables-nft)"),
+    cause="other-backend",
+    doctor=("pod1", SERVER_IP),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
+
+
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

@@ -370,9 +370,45 @@ def read_until(proc, pattern, stream="stdout", timeout=WAIT_READY):
 
 # ---------------------------------------------------------------- the lesson
 
+class ContractError(Exception):
+    """A lesson or lab that does not declare what the framework needs: raised when its
+    module is imported, one line naming the file and the field, never half way through a run."""
+
+
+def defined_in():
+    """The file (relative to the checkout) of the first caller outside the framework: the
+    lesson or lab module being imported. A lesson run as a script (__main__) that breaks the
+    contract exits with the one line instead of a traceback."""
+    frame = sys._getframe(1)
+    while frame.f_back and frame.f_globals.get("__file__") in _FRAMEWORK:
+        frame = frame.f_back
+    name = frame.f_globals.get("__file__") or "?"
+    return os.path.relpath(name, ROOT) if os.path.isabs(name) else name, frame.f_globals.get("__name__") == "__main__"
+
+
+_FRAMEWORK = {os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "pitfall.py")}
+
+
+def contract_error(message):
+    where, as_script = defined_in()
+    line = f"{where}: {message}"
+    if as_script:
+        sys.exit(line)
+    raise ContractError(line)
+
+
+def is_text(value):
+    return isinstance(value, str) and value.strip() != ""
+
+
+# A step the framework itself takes, and may be --skip'ed, in each kind: a lab's fix (pitfall.steps).
+FRAMEWORK_SKIPS = {"lab": {"fix"}, "lesson": set()}
+
+
 class Lesson:
     def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping"), indirect=None):
         self.number, self.title, self.goal = number, title, goal
+        self._check_contract(picture, skips, tools)
         # What the lesson changes on a host through another program (lesson 07's plugin
         # makes cni0 and switches forwarding on): {"links": [...], "sysctls": [...], "paths": [...]}.
         # --host names them, refuses a link that already exists, and undoes them at the end
@@ -391,6 +427,38 @@ class Lesson:
         self.steps = 0
         self.keep, self.explored = False, False     # --keep (True or a namespace); its shell was opened
         self.try_it = []                    # lines for the learner to type in --keep's shell (your_turn)
+
+    def _check_contract(self, picture, skips, tools):
+        """Each field a lesson must declare, checked as its module is imported."""
+        if not (isinstance(self.number, str) and re.fullmatch(r"\d\d[a-z]?", self.number)):
+            contract_error(f"the lesson's number {self.number!r} is not two digits (and a letter), e.g. \"03\"")
+        what = f"lesson {self.number}"
+        if not (is_text(self.title) and " " not in self.title):
+            contract_error(f"{what} has no title (one word, e.g. \"bridge\")")
+        if not is_text(self.goal):
+            contract_error(f"{what} has no goal (what the verification proves, in a sentence)")
+        if not is_text(picture):
+            contract_error(f"{what} has no picture (a drawing of what it builds)")
+        if not (isinstance(tools, (tuple, list)) and all(is_text(t) for t in tools)):
+            contract_error(f"{what}: tools must be a list of the programs it runs")
+        if not isinstance(skips or {}, dict):
+            contract_error(f"{what}: skips must be a dict {{step name: what breaks without it}}")
+        where, _ = defined_in()
+        try:
+            with open(os.path.join(ROOT, where)) as f:
+                source = f.read()
+        except OSError:
+            source = None
+        for name, breaks in (skips or {}).items():
+            if not (is_text(name) and " " not in name):
+                contract_error(f"{what}: skip {name!r} is not a step name (one word)")
+            if not is_text(breaks):
+                contract_error(f"{what}: skip {name!r} does not say what breaks without its step")
+            # A step that --skip can leave out is `L.step(why, skip="NAME")` in the file itself.
+            used = source is None or name in FRAMEWORK_SKIPS[self.kind] or re.search(
+                rf"""skip\s*=\s*["']{re.escape(name)}["']""", source)
+            if not used:
+                contract_error(f"{what}: skip {name!r} names no step (no `L.step(..., skip={name!r})` in the file)")
 
     # -- printing: prose is shell comments, so a dry run stays a script
     def say(self, text=""):

@@ -95,7 +95,8 @@ def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, 
     piped into `dash -e` in a fresh sandbox of its own."""
     mod = load_lesson(stage)
     # a pitfall lab's steps come from stages/pitfall.py; every other lesson defines its own
-    build, verify = (mod.build, mod.verify) if hasattr(mod, "build") else mod.pitfall.steps(mod)
+    lab = getattr(mod, "LAB", None)
+    build, verify = mod.pitfall.steps(lab) if lab else (mod.build, mod.verify)
     L = mod.LESSON.start(quiet=True)
     try:
         build(L)
