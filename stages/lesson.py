@@ -13,8 +13,14 @@ picture of what really exists, and leaving nothing behind.
     def verify(L): ...
     if __name__ == "__main__":
         LESSON.main(build, verify)
+
+What build learns and verify needs (a CNI result, what a fresh namespace held) goes in one
+place: the lesson declares its class, `Lesson(..., state=Pods)`; each run makes a fresh one
+and hands it to both, `build(L, pods)` and `verify(L, pods)`. A field the framework needs
+and a lesson does not declare fails as its module is imported (ContractError).
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -313,17 +319,25 @@ def nft_view(L, table, chain, why):
             f"chain {prefix}" in out, out.strip().splitlines()[0] if out.strip() else "nothing")
 
 
-def pod_ip(L, pod):
-    """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
-    ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
-    return (ips[0].get("address") or "/").split("/")[0]
+class Pods(dict):
+    """A CNI lesson's state: what ADD returned for each pod (None: it failed), by pod name."""
+
+    def ip(self, pod):
+        """The address ADD gave POD, or "" when there is none."""
+        ips = (self.get(pod) or {}).get("ips") or [{}]
+        return (ips[0].get("address") or "/").split("/")[0]
+
+    def host_ends(self, pod, bridge=cnikit.CNI_DEFAULT_BRIDGE):
+        """The host-side interfaces POD's result names, BRIDGE excepted."""
+        return {i["name"] for i in (self.get(pod) or {}).get("interfaces", [])
+                if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != bridge}
 
 
-def plugin_host_ends(L, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRIDGE):
+def plugin_host_ends(results, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRIDGE):
     """The host ends of PODS' veths that our plugin made on network NET: as its attachment
     records (<dataDir>/<net>/.cnikit/attachments, written before it creates anything) and its
-    ADD results (kept in L.stage) name them, BRIDGE excepted. A lesson's "nothing is left"
-    looks for these after DEL, never for names like veth...: a Docker host's ports have them too."""
+    ADD RESULTS (Pods, or None: the records only) name them, BRIDGE excepted. A lesson's "nothing
+    is left" looks for these after DEL, never for names like veth...: a Docker host's ports have them too."""
     records = os.path.join(data_dir or cnikit.CNI_DATA_DIR, net, ".cnikit", "attachments")
     ends = set()
     for name in os.listdir(records) if os.path.isdir(records) else []:
@@ -334,9 +348,8 @@ def plugin_host_ends(L, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRID
             continue
         if isinstance(rec, dict) and rec.get("containerID") in pods and isinstance(rec.get("veth"), str):
             ends.add(rec["veth"])
-    for pod in pods:
-        ends |= {i["name"] for i in ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("interfaces", [])
-                 if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != bridge}
+    for pod in pods if results is not None else ():
+        ends |= results.host_ends(pod, bridge)
     return sorted(ends)
 
 
@@ -406,9 +419,15 @@ FRAMEWORK_SKIPS = {"lab": {"fix"}, "lesson": set()}
 
 
 class Lesson:
-    def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping"), indirect=None):
+    def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping"), indirect=None, state=None,
+                 keep_hint=None):
         self.number, self.title, self.goal = number, title, goal
         self._check_contract(picture, skips, tools)
+        if state is not None and not isinstance(state, type):
+            contract_error(f"lesson {number}: state must be a class (what build hands to verify)")
+        # The class of what build hands to verify (None: they share nothing); `running` is
+        # this run's instance, for the framework's own hooks (_leave) only.
+        self.state, self.running = state, None
         # What the lesson changes on a host through another program (lesson 07's plugin
         # makes cni0 and switches forwarding on): {"links": [...], "sysctls": [...], "paths": [...]}.
         # --host names them, refuses a link that already exists, and undoes them at the end
@@ -423,7 +442,7 @@ class Lesson:
         self.unchecked = []                 # parts of the goal this run did not check (--host --keep)
         self.on_host = False
         self.host_changes = ""
-        self.keep_hint = f"sudo {CNIKIT} cleanup"
+        self.keep_hint = keep_hint or f"sudo {CNIKIT} cleanup"     # how to remove what --keep --host left
         self.steps = 0
         self.keep, self.explored = False, False     # --keep (True or a namespace); its shell was opened
         self.try_it = []                    # lines for the learner to type in --keep's shell (your_turn)
@@ -529,6 +548,10 @@ class Lesson:
         self.say(f"your turn: {what}; Ctrl-D ends it and the lesson goes on")
         r.hand_over(argv)
 
+    def suggest(self, *lines):
+        """Lines offered to the learner in --keep's shell ("try it: ..."), each with what it shows."""
+        self.try_it.extend(lines)
+
     def sysctl(self, key, value, ns=None):
         """Set a sysctl, remembering the old value so the end of the lesson restores it
         (on a real host a lesson must not leave, say, forwarding switched on)."""
@@ -551,14 +574,43 @@ class Lesson:
         self.skipped, self.checks, self.steps, self.try_it = set(skip), [], 0, []
         return self
 
-    def plan(self, build):
+    def new_state(self):
+        """A fresh instance of the declared state (None when the lesson declares none)."""
+        return self.state() if self.state is not None else None
+
+    def call(self, part, state):
+        """Run build or verify (PART): with the run's STATE when the lesson declares one."""
+        return part(self) if self.state is None else part(self, state)
+
+    def play(self, build, verify, state=None):
+        """Build, then verify (both with the same state): the lesson itself, without the command
+        line, the verdict or the leaving. Returns the state, for a test to look into."""
+        state = self.new_state() if state is None else state
+        self.running = state
+        self.call(build, state)
+        self.say("")
+        self.say("verification: does the goal hold?")
+        self.call(verify, state)
+        return state
+
+    def variant(self, **fields):
+        """A copy of this lesson with some declared fields changed (06's halves: a goal and a
+        picture that name this host's peer); the lesson itself stays as declared."""
+        other = copy.copy(self)
+        for name, value in fields.items():
+            if name not in ("goal", "picture", "keep_hint") or not is_text(value):
+                contract_error(f"lesson {self.number}: a variant changes goal, picture or keep_hint, not {name}")
+            setattr(other, name, value.strip("\n") if name == "picture" else value)
+        return other
+
+    def plan(self, build, state=None):
         """What BUILD would change (cnikit.Change records), from a silent dry run: what
         --host will change."""
         saved = (self.r, self.checks, self.steps)
         self.r = LessonRunner(dry_run=True, quiet=True)
         self.r.plans_this_host = True       # e.g. a Docker host's bridge rule is part of the plan
         try:
-            build(self)
+            self.call(build, self.new_state() if state is None else copy.deepcopy(state))
             return self.r.changes()
         finally:
             self.r, self.checks, self.steps = saved
@@ -592,19 +644,20 @@ class Lesson:
         p.error = lambda message: _usage_exit(p.prog, message)
         return p
 
-    def main(self, build, verify, argv=None, parser=None):
-        """Run the lesson as a command; exits 0 on PASS, 1 on FAIL, 2 on bad usage."""
+    def main(self, build, verify, argv=None, parser=None, state=None):
+        """Run the lesson as a command; exits 0 on PASS, 1 on FAIL, 2 on bad usage. STATE: the
+        run's state, made from options the lesson's own parser added (default: a fresh one)."""
         parser = parser or self.parser()
         args = parser.parse_args(argv)
         try:
-            code = self.run(build, verify, args)
+            code = self.run(build, verify, args, state=state)
             sys.stdout.flush()
         except BrokenPipeError:
             _reader_left()
             code = EXIT_FAIL
         sys.exit(code)
 
-    def run(self, build, verify, args, finish=True, adopt=False):
+    def run(self, build, verify, args, finish=True, adopt=False, state=None):
         """Build, verify, print the verdict, then leave nothing behind (or --keep)."""
         color = {"always": True, "never": False}.get(getattr(args, "color", "auto"))
         try:
@@ -613,16 +666,15 @@ class Lesson:
                        skip=args.skip, color=color, present=present, verbose=getattr(args, "verbose", False))
             self.on_host = args.host
             self.keep, self.explored = args.keep, False
+            state = self.new_state() if state is None else state
+            self.running = None
             if not args.dry_run:
-                self._prepare(build, args.host, adopt)
+                self._prepare(build, args.host, adopt, state)
             self.opening()
             if self.on_host and not args.dry_run:
                 self.say("--host: this lesson changes this machine (all removed at the end unless --keep):")
                 self.say(self.host_changes + "\n")
-            build(self)
-            self.say("")
-            self.say("verification: does the goal hold?")
-            verify(self)
+            self.play(build, verify, state)
             return self._verdict(args, finish)
         except cnikit.UsageError as e:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
@@ -650,7 +702,7 @@ class Lesson:
             self._leave(args, keep=False)
             raise
 
-    def _prepare(self, build, on_host, adopt=False):
+    def _prepare(self, build, on_host, adopt=False, state=None):
         if os.geteuid() != 0:
             raise cnikit.UsageError("a lesson builds real namespaces and needs root: run it with sudo "
                                     "(or --dry-run to print it as a script)")
@@ -658,7 +710,7 @@ class Lesson:
         if not on_host:
             cnikit.enter_sandbox()
             return
-        planned = self.plan(build)
+        planned = self.plan(build, state)
         links, sysctls = self.indirect.get("links", ()), self.indirect.get("sysctls", ())
         by_plugin = [cnikit.Change.link(name) for name in links]
         if not adopt:         # ADOPT: a re-run of the same lesson half may find its own objects

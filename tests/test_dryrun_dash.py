@@ -97,10 +97,9 @@ def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, 
     # a pitfall lab's steps come from stages/pitfall.py; every other lesson defines its own
     lab = getattr(mod, "LAB", None)
     build, verify = mod.pitfall.steps(lab) if lab else (mod.build, mod.verify)
-    L = mod.LESSON.start(quiet=True)
+    L = (lab.lesson if lab else mod.LESSON).start(quiet=True)
     try:
-        build(L)
-        verify(L)
+        L.play(build, verify)
     finally:
         L.r.stop_all()
     assert L.passed(), L.checks

@@ -280,7 +280,7 @@ def test_doctor_inside_the_lessons(name, skip, frm, to, cause, words):
     step left out; and a dry run of doctor looks just the same (it only reads)."""
     mod = _lesson(name)
     with started(mod.LESSON, skip=[skip] if skip else []) as L:
-        mod.build(L)
+        L.call(mod.build, L.new_state())
         proc = cli("doctor", frm, to)
         assert proc.returncode == (1 if cause else 0), proc.stdout + proc.stderr
         assert (f": {cause}\n" if cause else "\nHEALTHY: ") in proc.stdout, proc.stdout

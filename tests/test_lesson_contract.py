@@ -116,3 +116,41 @@ def test_every_lesson_and_lab_keeps_the_contract(path):
     lesson_ = lab.lesson if lab else mod.LESSON
     assert os.path.basename(path).startswith(lesson_.number + "_")
     assert (lesson_.kind == "lab") == bool(lab)
+
+
+def test_each_run_makes_a_fresh_declared_state_and_hands_it_to_build_and_verify():
+    from lesson import Lesson
+
+    class Seen:
+        def __init__(self):
+            self.built = []
+
+    L = Lesson("99", "state", goal="a goal", picture="a picture", state=Seen)
+    handed = []
+
+    def build(L, seen):
+        seen.built.append("build")
+
+    def verify(L, seen):
+        handed.append(seen)
+
+    L.start(quiet=True)
+    first, second = L.play(build, verify), L.play(build, verify)
+    assert handed == [first, second] and first is not second
+    assert first.built == second.built == ["build"]
+
+
+def test_a_state_that_is_no_class_fails_at_import(tmp_path):
+    text = LESSON.replace('skips={skips!r})', 'skips={skips!r}, state={{}})')
+    text = text.format(goal="g", picture="p", skips={"used": "it breaks"})
+    import_fails(write(tmp_path, text), "state must be a class")
+
+
+def test_a_variant_changes_declared_fields_on_a_copy_and_nothing_else():
+    from lesson import ContractError, Lesson
+    L = Lesson("99", "variant", goal="both halves", picture="a picture")
+    half = L.variant(goal="one half", keep_hint="remove it with: this")
+    assert (half.goal, half.keep_hint, half.picture) == ("one half", "remove it with: this", "a picture")
+    assert L.goal == "both halves" and L.keep_hint != half.keep_hint
+    with pytest.raises(ContractError):
+        L.variant(number="98")
