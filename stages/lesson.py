@@ -171,16 +171,8 @@ class LessonRunner(cnikit.Runner):
             self._suffix = ""
 
     def show(self, argv):
-        """As cnikit's show, but -q (a lesson's "verdict only") keeps it silent too."""
-        if not self.quiet:
-            return super().show(argv)
-        self.echo(argv)
-        if self.dry_run:
-            return ""
-        proc = self.execute(argv)
-        if proc.returncode != 0:
-            raise cnikit.CommandFailed(argv, proc.returncode, proc.stderr)
-        return proc.stdout
+        """As cnikit's show, but -q (a lesson's "verdict only") keeps it silent too: a quiet run."""
+        return self.run(argv) if self.quiet else super().show(argv)
 
     def spawn(self, argv, stdin=False):
         """Start a background process, echoed with `&`; STDIN=True gives it a pipe
@@ -789,7 +781,7 @@ class Lesson:
         self.say(f"--keep: a shell {where}; the topology is yours to explore ({after})")
         for line in self.try_it:
             self.say(f"  try it: {line}")
-        _sandbox_shell(ns)
+        cnikit.sandbox_shell(ns)
 
     def keeps_on_host(self):
         """--keep with --host: a lesson that would undo its own work at the end (07's DEL)
@@ -815,16 +807,6 @@ class Lesson:
             return
         if args.host:
             r.rollback(why="removing what the lesson created on this host:")
-
-
-def _sandbox_shell(ns=None):
-    """An interactive shell in the sandbox: in namespace NS (`ip netns exec NS bash`), or
-    on the sandbox's host side."""
-    shell = os.environ.get("SHELL") or "/bin/bash"
-    prompt = cnikit.SANDBOX_PROMPT.replace("cnikit-sandbox", f"cnikit-sandbox {ns}") if ns else cnikit.SANDBOX_PROMPT
-    env = dict(os.environ, PS1=prompt, CNIKIT_SANDBOX="1")
-    argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
-    return subprocess.call(in_netns(argv, ns), env=env)
 
 
 def _read_line():
