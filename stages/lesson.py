@@ -385,7 +385,7 @@ def defined_in():
     lesson or lab module being imported. A lesson run as a script (__main__) that breaks the
     contract exits with the one line instead of a traceback."""
     frame = sys._getframe(1)
-    while frame.f_back and frame.f_globals.get("__file__") in _FRAMEWORK:
+    while frame.f_back and os.path.abspath(frame.f_globals.get("__file__") or "") in _FRAMEWORK:
         frame = frame.f_back
     name = frame.f_globals.get("__file__") or "?"
     return os.path.relpath(name, ROOT) if os.path.isabs(name) else name, frame.f_globals.get("__name__") == "__main__"
@@ -507,7 +507,9 @@ class Lesson:
 
     # -- checks
     def check(self, what, ok, detail=""):
-        """One fact the verification proves; the lesson passes when every check holds."""
+        """One fact the verification proves; the lesson passes when every check holds. A dry
+        run prints the commands a check runs, never its verdict: OK is not judged there, so a
+        check is written for the live run alone (no `r.dry_run or ...`)."""
         if self.r.dry_run:
             return True
         self.checks.append((what, bool(ok)))

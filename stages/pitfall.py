@@ -15,7 +15,7 @@ stops a run at the broken state (with --keep, a shell in it).
 """
 import sys
 
-from lesson import CNIKIT, Lesson, is_text, cnikit, contract_error, in_netns
+from lesson import CNIKIT, Lesson, cnikit, contract_error, in_netns, is_text
 
 STAGE_ARGS_HELP = "stop at the broken state, after the diagnosis (with --keep: a shell to explore it)"
 
@@ -25,7 +25,7 @@ class Lab:
     STORIES = {"works": "what works before the break", "breaks": "how it breaks in real life",
                "symptom": "the symptom, as a user meets it", "reveals": "what the diagnosis shows",
                "fixes": "what the fix does", "cause": "the name cnikit doctor gives the breakage"}
-    STEPS = {"setup": "builds the working topology", "check": "check(L, expect_fail): does it work?",
+    STEPS = {"setup": "builds the working topology", "check": "tells whether it works, check(L, expect_fail)",
              "breakage": "breaks it", "reveal": "shows the cause with the tool that reveals it",
              "fix": "fixes it"}
 
