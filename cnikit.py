@@ -3964,6 +3964,16 @@ def enter_sandbox(private_dirs=SANDBOX_DIRS):
     subprocess.run(["ip", "link", "set", "dev", "lo", "up"], capture_output=True)
 
 
+def sandbox_shell(ns=None):
+    """An interactive shell inside the sandbox this process is in, on its host side or in
+    namespace NS (`ip netns exec NS`), its prompt saying where; returns its exit code."""
+    shell = os.environ.get("SHELL") or "/bin/bash"
+    prompt = SANDBOX_PROMPT.replace("cnikit-sandbox", f"cnikit-sandbox {ns}") if ns else SANDBOX_PROMPT
+    env = dict(os.environ, PS1=prompt, CNIKIT_SANDBOX="1")
+    argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
+    return subprocess.call(in_netns(argv, ns), env=env)
+
+
 def sandbox(cmd=None, quiet=False):
     """Run CMD (default: an interactive shell) in a fresh sandbox; returns its exit code."""
     enter_sandbox()
@@ -3971,10 +3981,7 @@ def sandbox(cmd=None, quiet=False):
         print("# sandbox: a fresh network + mount namespace; /run/netns is private; "
               "everything created here is gone on exit", file=sys.stderr)
     if not cmd:
-        shell = os.environ.get("SHELL") or "/bin/bash"
-        env = dict(os.environ, PS1=SANDBOX_PROMPT, CNIKIT_SANDBOX="1")
-        argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
-        return subprocess.call(argv, env=env)
+        return sandbox_shell()
     try:
         return subprocess.call(cmd, env=dict(os.environ, CNIKIT_SANDBOX="1"))
     except FileNotFoundError:
