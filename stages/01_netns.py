@@ -5,12 +5,21 @@
     python3 stages/01_netns.py --dry-run       # the lesson as a shell script
 """
 import json
+from dataclasses import dataclass
 
 from lesson import Lesson, cnikit, ip, have
 
 NS = "ns1"
 PRIVATE = "private0"      # an interface only ns1 has (a bridge here is just a link with no cable)
 HOST_IF, HOST_ADDR = "host0", "192.0.2.1/24"   # in the sandbox: something the host side has and ns1 lacks
+
+@dataclass
+class Fresh:
+    """What ns1 held when it was new, for verify to judge: `ip -j link` and `iptables -S`
+    (None when iptables is not installed)."""
+    links: str = ""
+    iptables: str = None
+
 
 LESSON = Lesson(
     "01", "netns",
@@ -29,10 +38,11 @@ LESSON = Lesson(
    +------------------------------------------+
 """,
     skips={"lo-up": "lo stays DOWN: even 127.0.0.1 is unreachable inside ns1"},
+    state=Fresh,
 )
 
 
-def build(L):
+def build(L, fresh):
     r = L.r
     if not L.on_host:
         L.step("the \"host\" here is a sandbox: a fresh network namespace this lesson runs in (your "
@@ -48,14 +58,14 @@ def build(L):
     cnikit.netns_add(r, NS)
 
     L.step("what is inside: only lo, and it is DOWN")
-    L.fresh = {"links": r.show(ip("-j", "link", "show", ns=NS))}
+    fresh.links = r.show(ip("-j", "link", "show", ns=NS))
 
     L.step("its own routing table: empty (the host's routes, shown above, do not apply in here)")
     r.show(ip("route", "show", ns=NS))
 
     if have("iptables"):
         L.step("its own firewall: default policies only, none of the host's rules")
-        L.fresh["iptables"] = r.show(cnikit.iptables("-S", ns=NS))
+        fresh.iptables = r.show(cnikit.iptables("-S", ns=NS))
 
     L.step("with lo DOWN even 127.0.0.1 is unreachable: this ping is expected to fail")
     L.ping("127.0.0.1", NS, expect_fail=True)
@@ -71,14 +81,13 @@ def build(L):
     r.show(ip("-br", "link", "show"))
 
 
-def verify(L):
+def verify(L, fresh):
     r = L.r
-    fresh = getattr(L, "fresh", {})
-    links = json.loads(fresh.get("links") or "[]")
+    links = json.loads(fresh.links or "[]")
     L.check("ns1 started with only lo, and lo was DOWN",
-            [link["ifname"] for link in links] == ["lo"] and "UP" not in links[0]["flags"], fresh.get("links"))
-    if "iptables" in fresh:
-        rules = [line for line in fresh["iptables"].splitlines() if not line.startswith("-P ")]
+            [link["ifname"] for link in links] == ["lo"] and "UP" not in links[0]["flags"], fresh.links)
+    if fresh.iptables is not None:
+        rules = [line for line in fresh.iptables.splitlines() if not line.startswith("-P ")]
         L.check("ns1 started with no firewall rules (default policies only)", rules == [], "\n".join(rules))
     L.check("ns1 reaches 127.0.0.1 over its own lo", L.ping("127.0.0.1", NS))
     ok, out = r.probe(ip("-j", "route", "show", ns=NS))

@@ -16,6 +16,8 @@ instead. "Outside" is a namespace this lesson creates, with documentation addres
 """
 import re
 import shlex
+import subprocess
+from dataclasses import dataclass, field
 
 from lesson import Lesson, cnikit, have, in_netns, nft_view
 
@@ -44,14 +46,24 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 # `cnikit nat publish` writes (tagged, so `cnikit cleanup` finds them).
 RULES = cnikit.port_rules(HOST_PORT, CTR_IP, CTR_PORT, BRIDGE)
 
+@dataclass
+class WithDocker:
+    """--with-docker's state: asked for (WANTED), dockerd's process once it runs (DAEMON), and the
+    pairs (a rule of Docker's, our twin or None) verify judges (PAIRS)."""
+    wanted: bool = False
+    daemon: subprocess.Popen = None
+    pairs: list = field(default_factory=list)
+
+
 class PortsLesson(Lesson):
     def _leave(self, args, keep):
         """Whatever ended the lesson (a failed step, Ctrl-C), stop --with-docker's dockerd the way
         it stops cleanly, before the framework stops the rest: killed, it would leave its
         containerd and container behind."""
-        if getattr(self, "docker", None) is not None and self.r is not None and not self.r.dry_run:
+        with_docker = self.running
+        if with_docker is not None and with_docker.daemon is not None and self.r is not None and not self.r.dry_run:
             self.r.stepping, self.r.present = None, None
-            docker_stop(self)
+            docker_stop(self, with_docker)
         super()._leave(args, keep)
 
 
@@ -93,6 +105,7 @@ LESSON = PortsLesson(
                       "and drops it: hairpin fails",
            "proxy": "no userland proxy: nothing listens on port 8081: the proxy's proof fails"},
     tools=("ip", "iptables", "sysctl", "socat", "ss"),
+    state=WithDocker,
 )
 
 
@@ -118,12 +131,12 @@ def cgroup_mounts(text):
     return out
 
 
-def docker_start(L):
+def docker_start(L, with_docker):
     """--with-docker: start a real dockerd in the lesson's sandbox before the lesson's own steps
-    (it sets FORWARD's policy to DROP at once, as on any Docker host); L.docker is its process,
-    None when there is no Docker step."""
-    r, L.docker = L.r, None
-    if not getattr(L, "with_docker", False):
+    (it sets FORWARD's policy to DROP at once, as on any Docker host); WITH_DOCKER.daemon is its
+    process, None when there is no Docker step."""
+    r, with_docker.daemon = L.r, None
+    if not with_docker.wanted:
         return
     if L.on_host:
         raise cnikit.UsageError("--with-docker starts a Docker daemon of its own and runs only in the lesson's "
@@ -144,17 +157,17 @@ def docker_start(L):
     with open("/proc/self/cgroup") as f:
         for argv in cgroup_mounts(f.read()):
             r.run(argv)
-    L.docker = r.spawn(["dockerd", "-H", DOCKER_SOCK, "--data-root", DOCKER_DIRS[0], "--exec-root",
-                        "/run/docker/exec", "--pidfile", "/run/docker/d.pid", "--userland-proxy=false",
-                        "--log-level", "error"])
+    with_docker.daemon = r.spawn(["dockerd", "-H", DOCKER_SOCK, "--data-root", DOCKER_DIRS[0], "--exec-root",
+                                  "/run/docker/exec", "--pidfile", "/run/docker/d.pid", "--userland-proxy=false",
+                                  "--log-level", "error"])
     wait = f"until {shlex.join(docker('version'))} >/dev/null 2>&1; do sleep 0.2; done"
     r.run(["timeout", str(DOCKER_READY), "sh", "-c", wait])
 
 
-def docker_run(L):
+def docker_run(L, with_docker):
     """--with-docker: a real `docker run -p DOCKER_PORT:80`, and its rules beside ours."""
     r = L.r
-    if getattr(L, "docker", None) is None:
+    if with_docker.daemon is None:
         return
     L.step(f"--with-docker: now the real thing. An image of a few empty directories (no registry here; /usr "
            f"comes from the host, read-only) and `docker run -p {DOCKER_PORT}:{CTR_PORT}` of the same server")
@@ -173,11 +186,11 @@ def docker_run(L):
     nat = r.show(cnikit.iptables("-t", "nat", "-S"))
     docker_filter = r.show(cnikit.iptables("-S", "DOCKER"))
     forward = r.query(cnikit.iptables("-S", "FORWARD"))[1]
-    L.docker_pairs = beside(nat.splitlines(), docker_filter.splitlines(), nat.splitlines() + forward.splitlines())
+    with_docker.pairs = beside(nat.splitlines(), docker_filter.splitlines(), nat.splitlines() + forward.splitlines())
     L.say(f"side by side, each rule Docker wrote for its port and ours (DOCKER is {CHAIN}, docker0 is {BRIDGE}, "
           f"its port {DOCKER_PORT} is our {HOST_PORT}; its filter chain DOCKER is our FORWARD). Docker's egress "
           f"masquerade (! -o docker0) is lesson 05's, nat add's chain here")
-    for theirs, ours in L.docker_pairs:
+    for theirs, ours in with_docker.pairs:
         L.say(f"Docker: {theirs}\n  ours: {ours or '(none)'}")
 
 
@@ -213,14 +226,14 @@ def beside(docker_nat, docker_filter, ours):
     return pairs
 
 
-def docker_stop(L):
+def docker_stop(L, with_docker):
     """Remove Docker's container, then stop dockerd (it stops its own containerd). Also on the
     way out of a failed lesson, where either may not exist yet."""
     r = L.r
     r.run(docker("rm", "-f", DOCKER_CTR), check=False)
     r.run(["sh", "-c", "kill $(cat /run/docker/d.pid)"], check=False)
-    r.stop(L.docker, wait=DOCKER_STOP)
-    L.docker = None
+    r.stop(with_docker.daemon, wait=DOCKER_STOP)
+    with_docker.daemon = None
 
 
 def add_rule(L, name):
@@ -241,13 +254,13 @@ def ports_taken(r):
     return taken
 
 
-def build(L):
+def build(L, with_docker):
     r = L.r
     taken = ports_taken(r) if L.on_host and not r.dry_run else []
     if taken:
         raise cnikit.UsageError(f"port {taken[0]} is already in use on this host; the lesson publishes "
                                 f"{HOST_PORT} and proxies {PROXY_PORT}: run it in the sandbox (without --host)")
-    docker_start(L)
+    docker_start(L, with_docker)
     L.step(f"the container: {CTR} on br0 with a default route via the host, as in lesson 05 (docker run "
            "gives each container a veth on docker0, 172.17.0.0/16)")
     cnikit.netns_add(r, CTR, lo_up=True)
@@ -343,7 +356,7 @@ def build(L):
         r.spawn(["socat", f"TCP-LISTEN:{PROXY_PORT},reuseaddr,fork", f"TCP:{CTR_IP}:{CTR_PORT}"])
         L.wait_listening(PROXY_PORT)
 
-    docker_run(L)
+    docker_run(L, with_docker)
 
 
 def ask(L, target, port, ns=None, expect_fail=False, server=CTR):
@@ -356,7 +369,7 @@ def ask(L, target, port, ns=None, expect_fail=False, server=CTR):
     return answers[0] if ok and answers else None
 
 
-def verify(L):
+def verify(L, with_docker):
     r = L.r
     seen = ask(L, HOST_IP, HOST_PORT, OUTSIDE)
     L.check(f"outside reaches {HOST_IP}:{HOST_PORT}, and {CTR} sees the client's own address {OUTSIDE_IP}",
@@ -388,17 +401,17 @@ def verify(L):
             f"not {OUTSIDE_IP}", seen == GATEWAY_IP, f"it saw {seen or 'nothing'}")
     L.say(f"nothing listens on the host's port {HOST_PORT} itself: the published port is only rules")
     ok, out = r.probe(["ss", "-Htln", f"sport = :{HOST_PORT}"])
-    L.check(f"no socket listens on the host's port {HOST_PORT}", r.dry_run or ok and not out.strip(), out)
+    L.check(f"no socket listens on the host's port {HOST_PORT}", ok and not out.strip(), out)
 
-    if getattr(L, "docker", None) is not None:
+    if with_docker.daemon is not None:
         seen = ask(L, HOST_IP, DOCKER_PORT, OUTSIDE, server="docker")
         L.check(f"outside reaches Docker's published port {HOST_IP}:{DOCKER_PORT}, and Docker's container sees "
                 f"{OUTSIDE_IP} too", seen == OUTSIDE_IP, f"it saw {seen or 'nothing'}")
-        pairs = getattr(L, "docker_pairs", [])
+        pairs = with_docker.pairs
         L.check("each rule the real `docker run -p` wrote for its port has its twin among ours",
                 pairs and all(ours for _, ours in pairs),
                 "; ".join(theirs for theirs, ours in pairs if not ours) or "no rule of Docker's found")
-        docker_stop(L)
+        docker_stop(L, with_docker)
 
 
 def translated(conntrack_out, client, host_ip):
@@ -417,8 +430,7 @@ def main():
     p.add_argument("--with-docker", action="store_true",
                    help="also start a real dockerd in the sandbox and print the rules its `docker run -p` "
                         "writes beside ours (needs the Debian package docker.io; not with --host)")
-    LESSON.with_docker = p.parse_args().with_docker
-    LESSON.main(build, verify, parser=p)
+    LESSON.main(build, verify, parser=p, state=WithDocker(wanted=p.parse_args().with_docker))
 
 
 if __name__ == "__main__":

@@ -226,24 +226,29 @@ def role_picture(picture, role, local, dev, peer):
     return "\n".join(lines)
 
 
+# The goal of one node's half on a real host (--role), and of its --verify: they name this
+# node (ROLE), its pod (POD), the other node (OTHER), its pod (OTHER_POD) and its address (PEER).
+HALF_GOAL = (f"{{role}}'s half is up: {{pod}} on br0, vxlan0 (VNI {VNI}) flooding to {{peer}}; then --verify, "
+             "once {other} has its half, proves the overlay")
+VERIFY_GOAL = (f"{{pod}} on {{role}} (this host) reaches {{other_pod}} on {{other}} ({{peer}}) through vxlan0 "
+               f"(VNI {VNI}), inside UDP {PORT} on the underlay")
+
+
 def run_role(args):
     """One node's half on this machine (no sandbox: the peer is another machine)."""
-    L, role = LESSON, args.role
+    role = args.role
     peer = cnikit.check_ip(args.peer, "--peer")
     args.host, args.keep = True, True           # the half must stay up for the peer
-    L.keep_hint = f"sudo python3 {sys.argv[0]} --role {role} --peer {peer} --down"
+    keep_hint = f"sudo python3 {sys.argv[0]} --role {role} --peer {peer} --down"
     if args.down:
+        L = LESSON.variant(keep_hint=keep_hint)
         L.start(dry_run=args.dry_run, quiet=args.quiet)
         return down_node(L, role)
     r = cnikit.Runner(dry_run=args.dry_run, quiet=True)
     local, dev = underlay_of(r, peer, args.underlay_dev)
-    L.picture = role_picture(L.picture, role, local, dev, peer)
-    if args.verify:
-        L.goal = (f"{NODES[role]['pod']} on {role} (this host) reaches {NODES[other(role)]['pod']} on "
-                  f"{other(role)} ({peer}) through vxlan0 (VNI {VNI}), inside UDP {PORT} on the underlay")
-    else:
-        L.goal = (f"{role}'s half is up: {NODES[role]['pod']} on br0, vxlan0 (VNI {VNI}) flooding to "
-                  f"{peer}; then --verify, once {other(role)} has its half, proves the overlay")
+    goal = (VERIFY_GOAL if args.verify else HALF_GOAL).format(
+        role=role, pod=NODES[role]["pod"], other=other(role), other_pod=NODES[other(role)]["pod"], peer=peer)
+    L = LESSON.variant(goal=goal, picture=role_picture(LESSON.picture, role, local, dev, peer), keep_hint=keep_hint)
 
     def build_half(L):
         L.say(f"this host is {role}: underlay {dev}, {local} -> peer {peer}")
@@ -305,7 +310,7 @@ class DockerLesson(Lesson):
     happened after the daemon was found reachable."""
     prepared = False
 
-    def _prepare(self, build, on_host, adopt=False):
+    def _prepare(self, build, on_host, adopt=False, state=None):
         self.prepared = False
         why = docker_image.cannot_use()
         if why:
@@ -372,6 +377,7 @@ DOCKER_LESSON = DockerLesson(
 """,
     skips=LESSON.skips,
     tools=("docker",),
+    keep_hint=docker_down_hint(),
 )
 
 
@@ -447,7 +453,6 @@ def run_docker(args):
         raise cnikit.UsageError("--docker and --host: the nodes are containers; nothing of the lesson runs "
                                 "on this host itself")
     args.host = True                # docker and its daemon are on this host: no sandbox of ours
-    L.keep_hint = docker_down_hint()
     if args.down:
         return docker_down(args)
     return L.run(build_docker, verify_docker, args)

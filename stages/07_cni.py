@@ -11,8 +11,9 @@ import ipaddress
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 
-from lesson import ROOT, Lesson, cnikit, ip, nft_view, plugin_host_ends, pod_ip
+from lesson import ROOT, Lesson, Pods, cnikit, ip, nft_view, plugin_host_ends
 import kindlike  # the stand-in nodes (after lesson, which puts cnikit on sys.path); tests use it too
 
 SUBNET, GATEWAY = "10.244.0.0/24", "10.244.0.1"
@@ -49,6 +50,7 @@ LESSON = Lesson(
     # address files and its log
     indirect={"links": ["cni0"], "sysctls": ["net.ipv4.ip_forward"],
               "paths": [os.path.join(cnikit.CNI_DATA_DIR, cnikit.CNI_NET), cnikit.CNI_LOG]},
+    state=Pods,             # what ADD returned for each pod
 )
 
 
@@ -61,9 +63,8 @@ def call(L, pod):
                           print_result=not L.r.quiet)
 
 
-def build(L):
+def build(L, pods):
     r = L.r
-    L.stage = {}
     if L.step("install the plugin where every runtime looks: the program in /opt/cni/bin under the "
               "`type` name its config uses, the config in /etc/cni/net.d (both written to a temp file, "
               "then renamed: a runtime must never read half a file)", skip="install"):
@@ -83,7 +84,7 @@ def build(L):
     L.step("ADD: the runtime sets CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS, CNI_PATH, "
            "pipes the config into the plugin, and keeps the result it prints (the pod's IP) in "
            "/var/lib/cni/results so CHECK and DEL get it back as prevResult")
-    L.stage["pod1"] = _try(L, cnikit.cni_add, "pod1")
+    pods["pod1"] = _try(L, cnikit.cni_add, "pod1")
 
     L.step("the plugin's side of it: its log of that ADD (the call, its CNI_* env and stdin, each "
            "netlink request it made, the result it printed)")
@@ -107,7 +108,7 @@ def build(L):
 
     L.step("a second pod, the same way: it gets the next address of the node's subnet")
     cnikit.netns_add(r, "pod2", lo_up=True)
-    L.stage["pod2"] = _try(L, cnikit.cni_add, "pod2")
+    pods["pod2"] = _try(L, cnikit.cni_add, "pod2")
 
 
 def _last_call_lines(path):
@@ -143,9 +144,9 @@ def leftovers(r, ends, pods=PODS):
     return left
 
 
-def verify(L):
+def verify(L, pods):
     r = L.r
-    a, b = pod_ip(L, "pod1"), pod_ip(L, "pod2")
+    a, b = pods.ip("pod1"), pods.ip("pod2")
     L.check(f"the plugin gave pod1 an address in {SUBNET} ({a})", ipaddress.ip_address(a or "0.0.0.0") in
             ipaddress.ip_network(SUBNET) if a else False)
     L.check(f"pod2 got another one in {SUBNET} ({b})",
@@ -159,7 +160,7 @@ def verify(L):
     if L.keeps_on_host():
         return
     L.say("DEL both pods (the chain in reverse, with prevResult), as kubelet does when a pod is deleted")
-    ends = [] if r.dry_run else plugin_host_ends(L, PODS, cnikit.CNI_NET)
+    ends = [] if r.dry_run else plugin_host_ends(pods, PODS, cnikit.CNI_NET)
     for pod in PODS:
         _try(L, cnikit.cni_del, pod)
     if not r.dry_run:
@@ -174,6 +175,17 @@ def verify(L):
 
 # ---------------------------------------------------------------- the classic kind flow
 
+@dataclass
+class Cluster:
+    """The kind flows' state: the cluster's NAME (--kind, --kind-like), what goes when the lesson
+    ends (CLEANUP: podman's store, the stand-in nodes), and --kind-like's NODES and each node's
+    pod address once ADD gave it one (ADDRS)."""
+    name: str
+    cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    nodes: list = field(default_factory=list)
+    addrs: dict = field(default_factory=dict)
+
+
 KIND_LESSON = Lesson(
     "07", "cni-kind",
     goal="a kind cluster without CNI keeps a pod Pending; after `cnikit cni kind-install` the pod runs "
@@ -184,16 +196,17 @@ KIND_LESSON = Lesson(
      each node: /run/cnikit/subnet.env = its spec.podCIDR; routes to the other nodes' pods
 """,
     tools=("kind", "docker", "kubectl"),
+    state=Cluster,
 )
 
 
-def kubectl(*args):
-    return cnikit.kubectl(KIND_LESSON.cluster, *args)
+def kubectl(cluster, *args):
+    return cnikit.kubectl(cluster.name, *args)
 
 
-def build_kind(L):
+def build_kind(L, cluster):
     r = L.r
-    c = L.cluster
+    c = cluster.name
     L.step("a cluster whose nodes have no CNI plugin at all (kind.yaml: disableDefaultCNI: true)")
     ok, out = r.query(["kind", "get", "clusters"], in_dry_run=False)
     if ok and c in out.split():
@@ -202,23 +215,23 @@ def build_kind(L):
         r.run(["kind", "create", "cluster", "--name", c, "--config", KIND_YAML],
               creates=cnikit.Change("cluster", c, undo=["kind", "delete", "cluster", "--name", c]))
     L.step("a pod: the scheduler has nowhere to put it (nodes are NotReady: 'cni plugin not initialized')")
-    r.run(kubectl("run", KIND_POD, f"--image={KIND_IMAGE}", "--restart=Never", "--", "sleep", "3600"))
-    r.probe(kubectl("get", "nodes"))
-    r.probe(kubectl("get", "pod", KIND_POD, "-o", "wide"))
+    r.run(kubectl(cluster, "run", KIND_POD, f"--image={KIND_IMAGE}", "--restart=Never", "--", "sleep", "3600"))
+    r.probe(kubectl(cluster, "get", "nodes"))
+    r.probe(kubectl(cluster, "get", "pod", KIND_POD, "-o", "wide"))
     L.step("install our plugin into every node (python3 first: kind node images carry none)")
     cnikit.kind_install(r, c)
     L.step("kubelet notices the config, the node turns Ready, containerd calls our plugin for the pod")
-    r.probe(kubectl("wait", "--for=condition=Ready", f"pod/{KIND_POD}", "--timeout=180s"), timeout=200)
-    r.probe(kubectl("get", "pod", KIND_POD, "-o", "wide"))
+    r.probe(kubectl(cluster, "wait", "--for=condition=Ready", f"pod/{KIND_POD}", "--timeout=180s"), timeout=200)
+    r.probe(kubectl(cluster, "get", "pod", KIND_POD, "-o", "wide"))
 
 
-def verify_kind(L):
+def verify_kind(L, cluster):
     r = L.r
-    ok, phase = r.probe(kubectl("get", "pod", KIND_POD, "-o", "jsonpath={.status.phase}"))
+    ok, phase = r.probe(kubectl(cluster, "get", "pod", KIND_POD, "-o", "jsonpath={.status.phase}"))
     L.check("the pod is Running", ok and phase.strip() == "Running", phase)
-    ok, pod_ip_ = r.probe(kubectl("get", "pod", KIND_POD, "-o", "jsonpath={.status.podIP}"))
-    ok2, node = r.probe(kubectl("get", "pod", KIND_POD, "-o", "jsonpath={.spec.nodeName}"))
-    ok3, cidr = r.probe(kubectl("get", "node", node.strip(), "-o", "jsonpath={.spec.podCIDR}"))
+    ok, pod_ip_ = r.probe(kubectl(cluster, "get", "pod", KIND_POD, "-o", "jsonpath={.status.podIP}"))
+    ok2, node = r.probe(kubectl(cluster, "get", "pod", KIND_POD, "-o", "jsonpath={.spec.nodeName}"))
+    ok3, cidr = r.probe(kubectl(cluster, "get", "node", node.strip(), "-o", "jsonpath={.spec.podCIDR}"))
     inside = False
     try:
         inside = ipaddress.ip_address(pod_ip_.strip()) in ipaddress.ip_network(cidr.strip())
@@ -250,50 +263,51 @@ KIND_LIKE_LESSON = Lesson(
                          \________ podman network "kind" (as docker's "kind") ________/
 """,
     tools=("podman", "runc", "ip", "socat"),
+    state=Cluster,
 )
 KIND_LIKE_PODS = ("web-0", "web-1")
 ECHO_PORT = 8080
 NODE_PING = ("ping", "-c", "2", "-i", "0.2", "-W", "2")   # across two bridges and a container runtime: a little slack
 
 
-def build_kind_like(L):
+def build_kind_like(L, cluster):
     r = L.r
-    c = L.cluster
-    L.stage = {}
+    c = cluster.name
     L.step("podman with a store of its own inside this sandbox, and `docker` being podman (a wrapper on "
            "PATH, what Debian's podman-docker installs): kind-install speaks docker, as to real kind nodes")
     if r.dry_run:
         r.note("as a script: give podman a store of its own (CONTAINERS_STORAGE_CONF) and put a `docker` that "
                "execs podman on PATH (Debian's podman-docker) first")
     else:
-        L.cleanup.enter_context(kindlike.podman_as_docker("k07"))
-        L.cleanup.callback(kindlike.down, cnikit.Runner(quiet=True), c)
+        cluster.cleanup.enter_context(kindlike.podman_as_docker("k07"))
+        cluster.cleanup.callback(kindlike.down, cnikit.Runner(quiet=True), c)
     L.step("the stand-ins: a container per node, labelled as kind labels its nodes, privileged, on one shared "
            "network, its filesystem an overlay of this machine's (--rootfs /:O); inside, what a kind node "
            "image has: only host-local, loopback, ptp, portmap in /opt/cni/bin, rp_filter=1 (python3 kept: "
            "this is the derived image's case, kind/Dockerfile)")
-    L.nodes = kindlike.up(r, c, workers=1)
+    cluster.nodes = kindlike.up(r, c, workers=1)
     L.step("install our plugin into every node, exactly as on a real kind cluster (`make kind-cni`): the plugin "
            "(compiled in each node by the node's own python3: its bytecode may not be this machine's), "
            "the node's podCIDR in subnet.env, one conflist whose nonMasqueradeCIDRs is the cluster's pod range "
            "(no NAT between pods, as kindnet), and routes between the nodes' pod subnets")
     cnikit.kind_install(r, c)
     L.step("what a node now holds: the conflist kubelet's runtime will read, and the route to the other node's pods")
-    r.show(cnikit.docker_exec(L.nodes[0], "cat", KIND_LIKE_CONF))
-    r.show(cnikit.docker_exec(L.nodes[0], "ip", "route"))
+    r.show(cnikit.docker_exec(cluster.nodes[0], "cat", KIND_LIKE_CONF))
+    r.show(cnikit.docker_exec(cluster.nodes[0], "ip", "route"))
     L.step("kubelet's part, played by hand (real kind: kubelet asks containerd over CRI): on each node "
            "containerd's RunPodSandbox makes the pod's network namespace and calls the plugin through the "
            "installed conflist, CNI_ARGS carrying K8S_POD_NAMESPACE/NAME/INFRA_CONTAINER_ID/UID; here "
            "cnikit's runtime verbs, copied into the node, make that call")
-    for node, pod in zip(L.nodes, KIND_LIKE_PODS):
+    for node, pod in zip(cluster.nodes, KIND_LIKE_PODS):
         kindlike.install_runtime(r, node)
-        L.stage[node] = kindlike.pod_add(r, node, pod, KIND_LIKE_CONF)
+        cluster.addrs[node] = kindlike.pod_add(r, node, pod, KIND_LIKE_CONF)
 
 
-def verify_kind_like(L):
+def verify_kind_like(L, cluster):
     r = L.r
-    nodes, pods, addr = L.nodes, dict(zip(L.nodes, KIND_LIKE_PODS)), L.stage
-    plan = {node: cnikit.kind_pod_cidr(cnikit.Runner(quiet=True), L.cluster, node, i) for i, node in enumerate(nodes)}
+    nodes, pods, addr = cluster.nodes, dict(zip(cluster.nodes, KIND_LIKE_PODS)), cluster.addrs
+    plan = {node: cnikit.kind_pod_cidr(cnikit.Runner(quiet=True), cluster.name, node, i)
+            for i, node in enumerate(nodes)}
     for node in nodes:
         inside = bool(addr[node]) and ipaddress.ip_address(addr[node]) in ipaddress.ip_network(plan[node])
         L.check(f"{pods[node]} on {node} got {addr[node] or 'no address'} from the node's podCIDR {plan[node]}",
@@ -326,7 +340,7 @@ def verify_kind_like(L):
             L.check(f"nothing is left on {node}: no veth, address file, cached result or nat chain",
                     not left, ", ".join(left))
     L.say("and our CNI goes from every node again")
-    cnikit.kind_uninstall(r, L.cluster)
+    cnikit.kind_uninstall(r, cluster.name)
     if not r.dry_run:
         L.check("uninstall --kind left no plugin, conflist, subnet file or pod route on any node",
                 all(kindlike.node_plugin(r, n, p) is None for n in nodes
@@ -341,9 +355,9 @@ def run_kind_like(args):
     reason = None if args.dry_run else kindlike.cannot_run()
     if reason:
         raise cnikit.UsageError(f"--kind-like needs podman: {reason}")
-    KIND_LIKE_LESSON.cluster = args.kind_like
-    with contextlib.ExitStack() as KIND_LIKE_LESSON.cleanup:
-        return KIND_LIKE_LESSON.run(build_kind_like, verify_kind_like, args)
+    cluster = Cluster(args.kind_like)
+    with cluster.cleanup:
+        return KIND_LIKE_LESSON.run(build_kind_like, verify_kind_like, args, state=cluster)
 
 
 def main():
@@ -355,9 +369,8 @@ def main():
                         "played inside them, in the sandbox (needs podman, runc, containernetworking-plugins)")
     args = p.parse_args()
     if args.kind:
-        KIND_LESSON.cluster = args.kind
         args.host = True                 # docker and kind live on the real host
-        raise SystemExit(KIND_LESSON.run(build_kind, verify_kind, args))
+        raise SystemExit(KIND_LESSON.run(build_kind, verify_kind, args, state=Cluster(args.kind)))
     if args.kind_like:
         try:
             raise SystemExit(run_kind_like(args))

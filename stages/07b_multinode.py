@@ -17,7 +17,7 @@ import itertools
 import json
 import os
 
-from lesson import Lesson, bridge, cnikit, in_netns, ip, pod_ip
+from lesson import Lesson, Pods, bridge, cnikit, in_netns, ip
 
 NODES = {   # node -> underlay address, pod subnet, its pod
     "node1": {"underlay": "10.0.8.1/24", "pods": "10.244.1.0/24", "pod": "pod1"},
@@ -86,6 +86,7 @@ LESSON = Lesson(
     # --host: what the plugin and the config writes leave besides the lesson's own commands
     indirect={"paths": [conf_dir(n) for n in NODES]
               + [os.path.join(cnikit.CNI_DATA_DIR, net_name(n)) for n in NODES] + [cnikit.CNI_LOG]},
+    state=Pods,             # what ADD returned for each pod
 )
 
 
@@ -104,9 +105,8 @@ def vtep(node):
     return str(ipaddress.ip_network(NODES[node]["pods"]).network_address)
 
 
-def build(L):
+def build(L, pods):
     r = L.r
-    L.stage = {}
     L.step("three nodes (namespaces standing for machines), each with its eth0 on one LAN, the underlay "
            "(here a bridge: the switch the machines are plugged into)")
     cnikit.bridge_add(r, UNDERLAY)
@@ -126,7 +126,7 @@ def build(L):
         pod = NODES[node]["pod"]
         cnikit.netns_add(r, pod, lo_up=True)
         try:
-            L.stage[pod] = cnikit.cni_add(r, pod_call(L, node))
+            pods[pod] = cnikit.cni_add(r, pod_call(L, node))
         except cnikit.CnikitError as e:
             L.say(f"    the runtime reports: {e}")
 
@@ -163,9 +163,9 @@ def build(L):
                       creates=cnikit.Change.route(NODES[o]["pods"], node, via=vtep(o), dev=VXLAN))
 
 
-def verify(L):
+def verify(L, pods):
     r = L.r
-    addrs = {node: pod_ip(L, NODES[node]["pod"]) for node in NODES}
+    addrs = {node: pods.ip(NODES[node]["pod"]) for node in NODES}
     for node, addr in addrs.items():
         inside = bool(addr) and ipaddress.ip_address(addr) in ipaddress.ip_network(NODES[node]["pods"])
         L.check(f"{NODES[node]['pod']} on {node} got {addr or 'no address'} from {node}'s subnet "

@@ -18,7 +18,7 @@ import ipaddress
 import json
 import os
 
-from lesson import PING, Lesson, cnikit, in_netns, ip, plugin_host_ends, pod_ip
+from lesson import PING, Lesson, Pods, cnikit, in_netns, ip, plugin_host_ends
 
 NODES = {   # node -> plugin mode, pod subnet, its two pods
     "bridged": {"mode": "bridge", "pods": "10.244.1.0/24", "names": ("bpod1", "bpod2")},
@@ -69,6 +69,7 @@ LESSON = Lesson(
     tools=("ip", "ping"),
     indirect={"paths": [conf_dir(n) for n in NODES]
               + [os.path.join(cnikit.CNI_DATA_DIR, net_name(n)) for n in NODES] + [cnikit.CNI_LOG]},
+    state=Pods,             # what ADD returned for each pod
 )
 
 
@@ -81,17 +82,14 @@ def pod_call(L, node, pod):
     return cnikit.CniCall(pod, conf=path, net=net, host=node, print_result=not L.r.quiet)
 
 
-def host_end(L, pod):
+def host_end(pods, pod):
     """The host end of POD's veth: what the plugin's result names outside the pod, the
     bridge excepted (a routed node has none)."""
-    ends = [i["name"] for i in ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("interfaces", [])
-            if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != cnikit.CNI_DEFAULT_BRIDGE]
-    return ends[0] if ends else ""
+    return min(pods.host_ends(pod), default="")
 
 
-def build(L):
+def build(L, pods):
     r = L.r
-    L.stage = {}
     L.step("two nodes (namespaces standing for machines): the same plugin, in bridge mode on one and in "
            "routed mode (`\"mode\": \"routed\"` in its config) on the other")
     for node in NODES:
@@ -104,7 +102,7 @@ def build(L):
         for pod in spec["names"]:
             cnikit.netns_add(r, pod, lo_up=True)
             try:
-                L.stage[pod] = cnikit.cni_add(r, pod_call(L, node, pod))
+                pods[pod] = cnikit.cni_add(r, pod_call(L, node, pod))
             except cnikit.CnikitError as e:
                 L.say(f"    the runtime reports: {e}")
 
@@ -122,7 +120,7 @@ def build(L):
 
     if not L.step("those host routes, added by the plugin at ADD, are the only thing that tells the node "
                   "which cable leads to which pod", skip="host-route"):
-        rpod2 = pod_ip(L, "rpod2") or "10.244.2.3"
+        rpod2 = pods.ip("rpod2") or "10.244.2.3"
         r.run(ip("route", "del", f"{rpod2}/32", ns="routed"))
         r.show(ip("route", "show", ns="routed"))
 
@@ -130,22 +128,22 @@ def build(L):
     r.show(ip("route", "show", ns="bridged"))
 
 
-def verify(L):
+def verify(L, pods):
     r = L.r
     for node, spec in NODES.items():
         for pod in spec["names"]:
-            addr = pod_ip(L, pod)
+            addr = pods.ip(pod)
             L.check(f"{pod} on {node} got {addr or 'no address'} from {spec['pods']}",
                     bool(addr) and ipaddress.ip_address(addr) in ipaddress.ip_network(spec["pods"]))
-    gw_mac = (cnikit.get_link(r, host_end(L, "rpod1"), "routed") or {}).get("address", "?") \
-        if host_end(L, "rpod1") else "?"
+    gw_mac = (cnikit.get_link(r, host_end(pods, "rpod1"), "routed") or {}).get("address", "?") \
+        if host_end(pods, "rpod1") else "?"
 
     L.say("")
     L.say("ARP: each first pod forgets its neighbours, pings the other pod, then shows whom it asked")
     for node, spec in NODES.items():
         first, second = spec["names"]
         r.run(ip("neigh", "flush", "dev", "eth0", ns=first))
-        ok, out = r.probe(in_netns(list(PING) + [pod_ip(L, second) or "0.0.0.0"], first))
+        ok, out = r.probe(in_netns(list(PING) + [pods.ip(second) or "0.0.0.0"], first))
         L.check(f"{first} reaches {second} ({node})", ok)
         ttl = _ttl(out)
         L.say(f"the reply came with ttl={ttl}: " + (
@@ -153,24 +151,24 @@ def verify(L):
             "one less than it started with: the node routed it" if ttl == TTL - 1 else "?"))
         L.check(f"{node}: the reply's TTL says " + ("switched, not routed (64)" if spec["mode"] == "bridge"
                                                       else "routed by the node, once (63)"),
-                r.dry_run or ttl == (TTL if spec["mode"] == "bridge" else TTL - 1), f"ttl={ttl}")
+                ttl == (TTL if spec["mode"] == "bridge" else TTL - 1), f"ttl={ttl}")
         ok, neigh = r.probe(ip("neigh", "show", "dev", "eth0", ns=first))
         if spec["mode"] == "bridge":
             mac = (cnikit.get_link(r, "eth0", second) or {}).get("address", "?")
             L.check(f"bpod1 ARPed for bpod2 itself: its neighbour table holds bpod2's own MAC {mac}",
-                    _lladdr(neigh, pod_ip(L, second)) == mac, neigh)
+                    _lladdr(neigh, pods.ip(second)) == mac, neigh)
         else:
             L.check(f"rpod1 ARPed only for its gateway {gateway(node)}, answered by the host end of its veth "
                     f"({gw_mac}); rpod2's address is not in its neighbour table",
-                    _lladdr(neigh, gateway(node)) == gw_mac and _lladdr(neigh, pod_ip(L, second)) is None, neigh)
+                    _lladdr(neigh, gateway(node)) == gw_mac and _lladdr(neigh, pods.ip(second)) is None, neigh)
 
     L.say("")
     L.say("the path of a packet to the other pod, as each node decides it: into the switch, or into "
           "that pod's own cable")
-    ok, out = r.probe(ip("route", "get", pod_ip(L, "bpod2") or "10.244.1.3", ns="bridged"))
+    ok, out = r.probe(ip("route", "get", pods.ip("bpod2") or "10.244.1.3", ns="bridged"))
     L.check("bridged: the node reaches bpod2 through cni0", ok and "dev cni0" in out)
-    rpod2_end = host_end(L, "rpod2")
-    ok, out = r.probe(ip("route", "get", pod_ip(L, "rpod2") or "10.244.2.3", ns="routed"))
+    rpod2_end = host_end(pods, "rpod2")
+    ok, out = r.probe(ip("route", "get", pods.ip("rpod2") or "10.244.2.3", ns="routed"))
     L.check(f"routed: the node reaches rpod2 through its own veth {rpod2_end or '(none)'}, no bridge on the node",
             ok and bool(rpod2_end) and f"dev {rpod2_end}" in out
             and not any(cnikit.link_kind(l) == "bridge" for l in r.query_json(ip("-d", "-j", "link", "show",
@@ -181,7 +179,7 @@ def verify(L):
         return
     L.say("DEL every pod: the host end of its veth goes, and with it its host route")
     routed = NODES["routed"]["names"]
-    ends = [] if r.dry_run else plugin_host_ends(L, routed, net_name("routed"))
+    ends = [] if r.dry_run else plugin_host_ends(pods, routed, net_name("routed"))
     for node, spec in NODES.items():
         for pod in spec["names"]:
             try:

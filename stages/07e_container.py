@@ -36,6 +36,7 @@ import ipaddress
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 
 from lesson import PING, Expand, Lesson, cnikit, ip
 import kindlike  # noqa: E402  (after lesson: it puts cnikit on the path)
@@ -58,7 +59,6 @@ WAIT = "5"                  # seconds a process gets to start (exec after enteri
 INSPECT = ("{{.State.Pid}} {{.State.Running}} {{range .NetworkSettings.Networks}}{{.IPAddress}} "
            "{{.IPPrefixLen}} {{.MacAddress}} {{.Gateway}} {{end}}")
 RUNTIMES = ("docker", "podman")
-OPTIONS = {"picked": None, "runtime": "bare"}   # picked: the learner's container (--container NAME)
 # --runtime podman: the lesson's c1 is podman's, on a network podman makes with the reference
 # plugins (bridge with ipMasq, portmap, firewall, tuning), in a store of the sandbox's own.
 PODMAN_NET, PODMAN_SUBNET = "lesson07e", "10.0.19.0/24"
@@ -71,6 +71,42 @@ def host_end(name):
 def mac_of(cidr):
     """Docker's MAC before 25.0: 02:42 and the four bytes of the IPv4 address."""
     return "02:42:" + ":".join(f"{int(b):02x}" for b in cidr.split("/")[0].split("."))
+
+
+@dataclass
+class Runtime:
+    """The lesson's container runtime: how it was asked to run (RUNTIME: "bare" or "podman"; PICKED:
+    the record of the learner's own container, --container NAME), what goes when the lesson ends
+    (CLEANUP: podman's store), what it started (PROCS, newest last; ENDS, the host ends of its
+    veths; PODMAN: podman's c1 and network), and what build found for verify: c1's RECORD (as
+    `docker inspect` reports it), `ip netns identify` before and after the name, the HOST_END
+    found by index and its MASTER, c1's SUBNET and the iptables-save lines for it, POD_PROCS."""
+    runtime: str = "bare"
+    picked: dict = None
+    cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    procs: list = field(default_factory=list)
+    ends: list = field(default_factory=list)
+    podman: bool = False
+    record: dict = None
+    pod: dict = None
+    identify_before: str = ""
+    identify_after: str = ""
+    host_end: str = None
+    master: str = None
+    subnet: str = ""
+    nat_lines: list = field(default_factory=list)
+    masquerade: list = field(default_factory=list)
+    pod_procs: dict = field(default_factory=dict)
+
+    @property
+    def own(self):
+        """c1 is the bare runtime's, started by the lesson."""
+        return self.runtime == "bare" and not self.picked
+
+    @property
+    def started(self):
+        """The lesson started c1 (packets from it are its own)."""
+        return not self.picked
 
 
 LESSON = Lesson(
@@ -99,6 +135,7 @@ LESSON = Lesson(
            "join": "the sidecar starts in a namespace of its own instead of the pause process's: it has another "
                    "netns inode, other interfaces, and 127.0.0.1:8080 does not answer there"},
     tools=("ip", "ping", "iptables", "iptables-save", "nsenter", "unshare", "socat", "ss", "readlink", "timeout"),
+    state=Runtime,
 )
 
 
@@ -133,10 +170,10 @@ def wait_exec(L, pid, comm):
     L.r.run(["timeout", WAIT, "sh", "-c", script, "sh", pid, comm])
 
 
-def start(L, argv, comm):
+def start(L, rt, argv, comm):
     """Start a container's process in the background; returns (Popen or None, its PID word)."""
     proc = L.r.spawn(argv)
-    L.stage["procs"].append(proc)
+    rt.procs.append(proc)
     pid = pid_word(L, proc)
     wait_exec(L, pid, comm)
     return proc, pid
@@ -146,7 +183,7 @@ def plug(L, name):
     L.r.run(ip("link", "set", "dev", host_end(name), "master", BRIDGE))
 
 
-def wire(L, name, pid, master=True):
+def wire(L, rt, name, pid, master=True):
     """What a runtime (or its CNI plugin) does for a container's network: a veth pair made on
     the host, its container end moved into the namespace of PID as eth0 (MAC from the address),
     the address and default route inside, the host end up and (MASTER) a port of the bridge.
@@ -156,7 +193,7 @@ def wire(L, name, pid, master=True):
     # failure), so it is listed for --host but not rolled back (it would be gone by then).
     r.run(ip_pid("link", "add", host_end(name), "type", "veth", "peer", "name", "eth0", "address", mac_of(cidr),
              "netns", pid), creates=cnikit.Change("link", host_end(name)))
-    L.stage["ends"].append(host_end(name))
+    rt.ends.append(host_end(name))
     r.run(cnikit.tag_link(host_end(name)))
     for argv in (ip("addr", "add", cidr, "dev", "eth0"), ip("link", "set", "dev", "eth0", "up"),
                  ip("link", "set", "dev", "lo", "up"), ip("route", "add", "default", "via", GATEWAY_IP)):
@@ -170,17 +207,15 @@ def wire(L, name, pid, master=True):
 
 # ---------------------------------------------------------------- the lesson
 
-def build(L):
-    # What the lesson's runtime started: processes (newest last) and host ends of veths.
-    L.stage = {"procs": [], "ends": []}
+def build(L, rt):
     try:
-        _build(L)
+        _build(L, rt)
     except BaseException:
-        stop_containers(L, failed=True)
+        stop_containers(L, rt, failed=True)
         raise
 
 
-def _build(L):
+def _build(L, rt):
     r = L.r
     L.step("the bare runtime's network on the host (for its containers and the pod below), as Docker makes "
            f"docker0: a bridge with the gateway address, and NAT for its subnet out of the uplink ({UPLINK} "
@@ -193,24 +228,24 @@ def _build(L):
               skip="nat"):
         cnikit.nat_add(r, SUBNET, UPLINK)
 
-    if OPTIONS["picked"]:
-        record = dict(OPTIONS["picked"])
+    if rt.picked:
+        record = dict(rt.picked)
         L.step(f"your container {record['name']}, as {record['runtime']} reports it: its PID and its first "
                "network's address, MAC and gateway (the lesson only looks at it: it changes nothing there)")
         r.show([record["runtime"], "inspect", "-f", INSPECT, record["name"]])
-    elif OPTIONS["runtime"] == "podman":
-        record = start_podman(L)
+    elif rt.runtime == "podman":
+        record = start_podman(L, rt)
     else:
         L.step("start a container the way every runtime does underneath: a process in fresh network, UTS and IPC "
                "namespaces (`unshare`, what runc does with clone flags). Nothing names its network namespace: "
                "it lives as long as a process (or a mount) holds it. (This bare runtime needs no daemon, so it "
                "runs anywhere, the sandbox included; `--runtime podman` has podman start c1, `--host --container "
                "NAME` looks at your own Docker or podman container)")
-        _, pid = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+        _, pid = start(L, rt, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
         L.step("wire it as a runtime's network driver does: the veth is made on the host and its peer moved into "
                "the namespace of the container's PID (`netns PID`), named eth0, given the address and a default "
                "route")
-        record = wire(L, CONTAINER, pid, master=False)
+        record = wire(L, rt, CONTAINER, pid, master=False)
         if L.step(f"its host end becomes a port of {BRIDGE}", skip="master"):
             plug(L, CONTAINER)
     record.setdefault("ifname", "eth0")
@@ -220,7 +255,7 @@ def _build(L):
         for link in r.query_json(in_ns_of(record["pid"], ip("-j", "-4", "addr"))) or []:
             if any(a.get("local") == record["ip"] for a in link.get("addr_info", [])):
                 record["ifname"] = link["ifname"]
-    L.stage[CONTAINER] = record
+    rt.record = record
     pid, name, dev = record["pid"], record["name"], record["ifname"]
     L.say(f"the {record['runtime']} runtime's record of {name} (what `docker inspect` reports): pid {pid}, "
           f"IPAddress {record['ip']}/{record['prefix']}, MacAddress {record['mac']}, Gateway {record['gateway']}")
@@ -237,16 +272,16 @@ def _build(L):
     L.step("`ip netns identify PID` names a process's namespace only if it is bound under /run/netns. Docker "
            "and the bare runtime never put it there: no answer. podman and containerd's CRI do (/run/netns/"
            "netns-..., cni-...): a name. `ip netns attach NAME PID` binds one there, and `ip -n NAME` works on it")
-    L.stage["identify_before"] = r.show(ip_pid("netns", "identify", pid))
-    if OPTIONS["picked"]:
+    rt.identify_before = r.show(ip_pid("netns", "identify", pid))
+    if rt.picked:
         L.say("(your container gets no name from the lesson: a name under /run/netns would keep its namespace "
               "alive after it stops)")
-    elif OPTIONS["runtime"] == "podman":
+    elif rt.runtime == "podman":
         L.say("podman made the namespace first, named under /run/netns, then started the container in it")
     else:
         r.run(ip_pid("netns", "attach", NAME, pid), creates=cnikit.Change("netns", NAME))
         try:
-            L.stage["identify_after"] = r.show(ip_pid("netns", "identify", pid))
+            rt.identify_after = r.show(ip_pid("netns", "identify", pid))
         finally:
             # The name would keep the namespace (and its veth) alive after the container: drop it now.
             r.run(ip("netns", "del", NAME))
@@ -260,7 +295,7 @@ def _build(L):
     L.step(f"the host's veths with their indexes: the one with {dev}'s N is the host end; `master` names its bridge")
     veths = r.show(ip("-o", "link", "show", "type", "veth"))
     found, master = _with_index(veths, peer_index)
-    L.stage["host_end"], L.stage["master"] = found, master
+    rt.host_end, rt.master = found, master
     if found:
         L.say(f"index {peer_index} is {found}" + (f", a port of {master}" if master else ", a port of no bridge"))
     elif r.dry_run:
@@ -271,83 +306,82 @@ def _build(L):
         r.show(ip("-br", "addr", "show", "dev", master))
 
     subnet = str(ipaddress.ip_network(f"{record['ip']}/{record['prefix']}", strict=False))
-    L.stage["subnet"] = subnet
+    rt.subnet = subnet
     L.step(f"the NAT and forward rules for its subnet {subnet}: the lines of `iptables-save` that name it or its "
            "address, and the MASQUERADE they lead to (directly, or in the chain they jump to)")
     save = ["iptables-save"]
     r.echo(save)
     if not r.dry_run:
         lines, masq = rules_for(r.execute(save).stdout, subnet, record["ip"])
-        L.stage["nat_lines"], L.stage["masquerade"] = lines, masq
+        rt.nat_lines, rt.masquerade = lines, masq
         if not r.quiet:
             r.output("\n".join(dict.fromkeys(lines + masq)) or "(no line names it)")
 
     L.step("a pod: its pause container is only a process holding fresh namespaces; the runtime wires that "
            "namespace once (one eth0 for the whole pod)")
-    _, pause = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
-    L.stage[POD] = wire(L, POD, pause)
+    _, pause = start(L, rt, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+    rt.pod = wire(L, rt, POD, pause)
 
     L.step("the app container joins the pause process's namespaces (`nsenter -t PAUSE_PID --net --uts --ipc`, "
            "what runc does for a pod's containers with the pause's /proc/PID/ns/ paths) and listens on 127.0.0.1")
     app_proc = r.spawn(in_ns_of(pause, ["socat", f"TCP-LISTEN:{PORT},bind=127.0.0.1,reuseaddr,fork",
                                         f"SYSTEM:echo {GREETING}"], *SHARED))
-    L.stage["procs"].append(app_proc)
+    rt.procs.append(app_proc)
     app = pid_word(L, app_proc)
     script = f'until ss -Htln "sport = :{PORT}" | grep -q .; do sleep 0.02; done'
     r.run(in_ns_of(pause, ["timeout", WAIT, "sh", "-c", script]))
 
     if L.step("the sidecar container joins the same namespaces", skip="join"):
-        _, side = start(L, in_ns_of(pause, ["sleep", "infinity"], *SHARED), "sleep")
+        _, side = start(L, rt, in_ns_of(pause, ["sleep", "infinity"], *SHARED), "sleep")
     else:
         L.say("instead, it starts as a container of its own: fresh namespaces")
-        _, side = start(L, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
-    L.stage["pod_procs"] = {"pause": pause, "app": app, "sidecar": side}
+        _, side = start(L, rt, ["unshare", *SHARED, "sleep", "infinity"], "sleep")
+    rt.pod_procs = {"pause": pause, "app": app, "sidecar": side}
 
     L.step("look from each container of the pod: one network namespace, so one `ip addr` (the pod's eth0 and "
            "its own lo, where 127.0.0.1 is)")
     for who in (app, side):
         r.show(in_ns_of(who, ip("-br", "addr")))
-    L.stage["own"] = OPTIONS["runtime"] == "bare" and not OPTIONS["picked"]   # the bare runtime's c1
-    L.stage["started"] = not OPTIONS["picked"]     # the lesson started c1 (packets from it are its own)
 
 
-def verify(L):
+def verify(L, rt):
     try:
-        _verify(L)
+        _verify(L, rt)
     except BaseException:
-        stop_containers(L, failed=True)
+        stop_containers(L, rt, failed=True)
         raise
-    stop_containers(L)
+    stop_containers(L, rt)
 
 
-def stop_containers(L, failed=False):
+def stop_containers(L, rt, failed=False):
     """Stop what the lesson's runtime started, as a runtime does: CNI DEL's part first (deleting the
     host end of a veth takes its peer with it), then the processes, newest first; their namespaces
     go with the last of them. After a failure (FAILED, Ctrl-C or q included) without pausing, and
     only the host ends that exist: the kernel would dismantle them too, but only after the lesson
     has ended, and the host must be as it was when it ends."""
-    r, stage = L.r, L.stage
+    r = L.r
     if failed:
         r.stepping, r.present = None, None
     else:
         L.say("")
         L.say("stop the pod and the container as a runtime does: CNI DEL's part first (deleting the host end "
               "of a veth takes its peer with it), then the processes; their namespaces go with the last of them")
-    for end in reversed(stage.get("ends", [])):
+    for end in reversed(rt.ends):
         if not failed or (not r.dry_run and cnikit.get_link(r, end)):
             r.run(ip("link", "del", end), check=not failed)
-    stage["ends"] = []
-    for proc in reversed(stage.get("procs", [])):
+    rt.ends = []
+    for proc in reversed(rt.procs):
         r.stop(proc)
-    stage["procs"] = []
-    if stage.pop("podman", None):
+    rt.procs = []
+    if rt.podman:
+        rt.podman = False
         r.run(["podman", "rm", "-f", "-t", "0", CONTAINER], check=not failed)
         r.run(["podman", "network", "rm", PODMAN_NET], check=not failed)
 
 
-def _verify(L):
-    r, stage = L.r, L.stage
-    record, own = stage[CONTAINER], stage["own"]
+def _verify(L, rt):
+    r = L.r
+    record, own = rt.record, rt.own
     pid, name = record["pid"], record["name"]
     runtime = "the bare runtime" if own else record["runtime"]
     host_ns, c1_ns = _readlink(L, "/proc/self/ns/net"), _readlink(L, proc_path(pid, "ns/net"))
@@ -363,11 +397,10 @@ def _verify(L):
             eth0.get("address") == record["mac"], f"found {eth0.get('address')}")
     if own:
         L.check("`ip netns identify PID` was empty (no name under /run/netns) until `ip netns attach` named it",
-                not (stage.get("identify_before") or "").strip()
-                and (stage.get("identify_after") or "").split() == [NAME],
-                f"before {stage.get('identify_before')!r}, after {stage.get('identify_after')!r}")
+                not (rt.identify_before or "").strip() and (rt.identify_after or "").split() == [NAME],
+                f"before {rt.identify_before!r}, after {rt.identify_after!r}")
 
-    found = stage.get("host_end")
+    found = rt.host_end
     host = _link_json(r, ip("-j", "-d", "link", "show", "dev", found)) if found else {}
     if own:
         L.check(f"the host interface with {dev}'s peer index is the runtime's host end {record['host_end']}",
@@ -381,13 +414,13 @@ def _verify(L):
     L.check(f"its master is a bridge holding the gateway {runtime} reports, {record['gateway']}",
             bridge.get("linkinfo", {}).get("info_kind") == "bridge" and record["gateway"] in on_bridge,
             f"master {master}, addresses {on_bridge}")
-    if stage["started"]:     # a packet from the learner's container would leave namespaces the lesson made
+    if rt.started:     # a packet from the learner's container would leave namespaces the lesson made
         L.check(f"{name} reaches its gateway {record['gateway']} through veth and bridge",
                 r.probe(in_ns_of(pid, [*PING, record["gateway"]]))[0])
-    L.check(f"iptables-save masquerades {stage['subnet']} (a MASQUERADE rule names it or is jumped to for it)",
-            stage.get("masquerade"), "no such line")
+    L.check(f"iptables-save masquerades {rt.subnet} (a MASQUERADE rule names it or is jumped to for it)",
+            rt.masquerade, "no such line")
 
-    procs = stage["pod_procs"]
+    procs = rt.pod_procs
     inodes = {role: _readlink(L, proc_path(p, "ns/net")) for role, p in procs.items()}
     L.check("pause, app and sidecar share one network namespace (one net:[inode])",
             len(set(inodes.values())) == 1 and all(inodes.values()) and inodes["pause"] != host_ns,
@@ -399,9 +432,9 @@ def _verify(L):
     L.check(f"the sidecar reaches the app on 127.0.0.1:{PORT} (localhost is the pod's)", ok and GREETING in out,
             out.strip().splitlines()[-1] if out.strip() else "no answer")
 
-    L.try_it = [f"nsenter -t {pid} -n ip -br addr   # {name}'s network namespace, entered by its PID",
-                f"nsenter -t {stage['pod_procs']['sidecar']} -n ss -tln   # the pod's listener, seen from the sidecar",
-                f"readlink /proc/{stage['pod_procs']['app']}/ns/net /proc/{stage['pod_procs']['sidecar']}/ns/net"]
+    L.suggest(f"nsenter -t {pid} -n ip -br addr   # {name}'s network namespace, entered by its PID",
+              f"nsenter -t {procs['sidecar']} -n ss -tln   # the pod's listener, seen from the sidecar",
+              f"readlink /proc/{procs['app']}/ns/net /proc/{procs['sidecar']}/ns/net")
     # The containers are processes of this lesson: they end with it, --keep or not (a host keeps br0 and NAT).
     L.explore("then the containers stop and everything goes")
 
@@ -467,7 +500,7 @@ def _interfaces(r, pid):
 
 # ---------------------------------------------------------------- --runtime podman
 
-def start_podman(L):
+def start_podman(L, rt):
     """c1 as podman makes it, in the sandbox: a network (a conflist of the reference plugins that
     libcni runs at `podman run`), the container, then what `podman inspect` reports of it."""
     r = L.r
@@ -475,8 +508,8 @@ def start_podman(L):
            "with isGateway and ipMasq, portmap, firewall, tuning), then a container on it (its filesystem an "
            "overlay of this machine's, --rootfs /:O: no image to fetch); podman makes the namespace, libcni "
            "calls the plugins, runc starts the process in it")
-    L.cleanup.enter_context(kindlike.podman_as_docker("c7e"))
-    L.stage["podman"] = True
+    rt.cleanup.enter_context(kindlike.podman_as_docker("c7e"))
+    rt.podman = True
     r.run(["podman", "network", "create", "--subnet", PODMAN_SUBNET, PODMAN_NET])
     r.run(["podman", "run", "-d", "--name", CONTAINER, "--network", PODMAN_NET, "--rootfs", "/:O",
            "sleep", "infinity"])
@@ -524,6 +557,7 @@ def main(argv=None):
                         "underneath) or podman (for real, in a store of the sandbox's own); with --container: "
                         "which runtime to ask (default: docker if its daemon answers, else podman)")
     args = p.parse_args(argv)
+    rt = Runtime()
     if args.container is None and args.runtime == "docker":
         p.error("the lesson starts no Docker daemon of its own: run your container, then --host --container NAME")
     if args.container is None and args.runtime == "podman":
@@ -539,7 +573,7 @@ def main(argv=None):
                    if not there]
         if missing:
             p.error("--runtime podman needs " + ", ".join(missing))
-        OPTIONS["runtime"] = "podman"
+        rt.runtime = "podman"
     if args.container is not None and args.runtime == "bare":
         p.error("--container looks at a docker or podman container: --runtime docker or podman")
     if args.container is not None:
@@ -549,13 +583,13 @@ def main(argv=None):
             p.error(f"invalid container name {args.container!r}: letters, digits, '_', '.', '-'")
         if os.geteuid() == 0:     # without root the lesson itself says it needs it
             try:
-                OPTIONS["picked"] = pick(cnikit.Runner(quiet=True), args.container,
+                rt.picked = pick(cnikit.Runner(quiet=True), args.container,
                                          (args.runtime,) if args.runtime else RUNTIMES)
             except cnikit.UsageError as e:
                 p.error(str(e))
     # What the lesson sets up outside the kernel (podman's store) goes when it ends, also on failure.
-    with contextlib.ExitStack() as LESSON.cleanup:
-        return LESSON.run(build, verify, args)
+    with rt.cleanup:
+        return LESSON.run(build, verify, args, state=rt)
 
 
 if __name__ == "__main__":

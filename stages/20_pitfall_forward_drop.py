@@ -14,7 +14,6 @@ it (a CNI plugin, kube-proxy's setup, the admin) that meets the DROP.
 The node is a namespace the lab creates: the machine's own firewall is never touched.
 """
 import os
-import sys
 
 import pitfall
 from lesson import Lesson, cnikit, in_netns
@@ -23,16 +22,6 @@ NODE, BRIDGE, GATEWAY = "node1", "br0", "10.0.20.1/24"
 PODS = {"pod1": "10.0.20.2/24", "pod2": "10.0.20.3/24"}
 POD2_IP = PODS["pod2"].split("/")[0]
 BR_NF = "net.bridge.bridge-nf-call-iptables"
-
-WORKS = f"pod1 pings pod2 ({POD2_IP}) across br0"
-BREAK = ("Docker starts on the node: it loads br_netfilter (bridge-nf-call-iptables=1; Docker up to 27.2 "
-         "always does, later ones with icc=false or userland-proxy=false) and sets the iptables FORWARD policy "
-         "to DROP")
-SYMPTOM = "pod1 no longer reaches pod2, though both sit on the same bridge"
-REVEAL = "the FORWARD policy's own counter grows with every lost ping; the sysctl says why bridged frames see it"
-FIX = "a narrow accept for what br0 switches between its own ports (-i br0 -o br0), as Docker does for docker0"
-CAUSE = "forward-drop"
-DOCTOR = ("pod1", POD2_IP)
 
 LESSON = Lesson(
     "20", "pitfall_forward_drop",
@@ -80,7 +69,7 @@ def reveal(L):
     r.show(cnikit.iptables("-L", "FORWARD", "-v", "-n", "-x", ns=NODE))
     after = pitfall.policy_packets(L, "FORWARD", NODE)
     L.check(f"the FORWARD policy counter grew with the lost pings ({before} -> {after} packets)",
-            r.dry_run or after > before)
+            after > before)
 
 
 def fix(L):
@@ -94,11 +83,26 @@ def prove(L):
     before = pitfall.policy_packets(L, "FORWARD", NODE)
     L.ping(POD2_IP, "pod1", count=3)
     after = pitfall.policy_packets(L, "FORWARD", NODE)
-    L.check(f"the policy drops nothing any more (counter stays at {before})", L.r.dry_run or after == before)
+    L.check(f"the policy drops nothing any more (counter stays at {before})", after == before)
     ok, out = L.r.query(cnikit.iptables("-S", "FORWARD", ns=NODE))
     L.check("the policy is still DROP: the fix opened br0's own traffic, not the whole node",
-            L.r.dry_run or "-P FORWARD DROP" in out)
+            "-P FORWARD DROP" in out)
+
+
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"pod1 pings pod2 ({POD2_IP}) across br0",
+    breaks=("Docker starts on the node: it loads br_netfilter (bridge-nf-call-iptables=1; Docker up to 27.2 "
+            "always does, later ones with icc=false or userland-proxy=false) and sets the iptables FORWARD policy "
+            "to DROP"),
+    symptom="pod1 no longer reaches pod2, though both sit on the same bridge",
+    reveals="the FORWARD policy's own counter grows with every lost ping; the sysctl says why bridged frames see it",
+    fixes="a narrow accept for what br0 switches between its own ports (-i br0 -o br0), as Docker does for docker0",
+    cause="forward-drop",
+    doctor=("pod1", POD2_IP),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
 
 
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

@@ -9,8 +9,6 @@ vanishes without a word: the bridge drops a plain frame too big for vxlan0 and t
     sudo python3 stages/21_pitfall_mtu.py --broken --keep
     python3 stages/21_pitfall_mtu.py --dry-run       # the lab as a shell script
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, have, in_netns, ip, read_until
 
@@ -25,18 +23,6 @@ OVERLAY_MTU = cnikit.DEFAULT_MTU - cnikit.VXLAN_OVERHEAD        # 1450
 REQUEST = cnikit.DEFAULT_MTU - 52                               # 1448
 BULK = 300000                                                   # bytes of the bulk transfer
 TIMEOUT = 8                                                     # seconds before we call it stalled (a loaded machine is slow)
-
-WORKS = f"a request of {REQUEST} bytes (one full TCP segment) from pod1 reaches pod2 across the overlay"
-BREAK = (f"the pods come up at MTU {cnikit.DEFAULT_MTU} (a CNI config that forgot the overlay's MTU), "
-         f"while vxlan0 carries only {OVERLAY_MTU}")
-SYMPTOM = ("the connection opens, the request never arrives and the client waits until it gives up; "
-           "nothing reports an error")
-REVEAL = ("small pings pass, a full-size one (-M do -s 1472) does not; tcpdump shows where it dies: "
-          "it enters node1's bridge and never leaves through vxlan0. A bulk transfer, by contrast, passes: "
-          "vxlan0 answers its GSO bundles with ICMP and pod1 learns the path MTU")
-FIX = f"every pod link back to MTU {OVERLAY_MTU}: the overlay's MTU is the underlay's minus {cnikit.VXLAN_OVERHEAD}"
-CAUSE = "mtu"
-DOCTOR = ("pod1", POD2_IP)
 
 LESSON = Lesson(
     "21", "pitfall_mtu",
@@ -83,7 +69,7 @@ def send(L, size, expect_fail=False):
     argv = (f"head -c {size} /dev/zero | timeout {TIMEOUT} socat -t {TIMEOUT} - "
             f"TCP:{POD2_IP}:{PORT},connect-timeout=2")
     ok, out = L.r.probe(in_netns(["sh", "-c", argv], "pod1"), expect_fail=expect_fail)
-    return ok and out.strip().splitlines()[-1:] == [str(size)] if not L.r.dry_run else ok
+    return ok and out.strip().splitlines()[-1:] == [str(size)]
 
 
 def works(L, expect_fail=False):
@@ -123,7 +109,7 @@ def reveal(L):
             L.say(f"tcpdump on node1's {dev}: " + (out.strip() or "nothing"))
     if captures:
         L.check("tcpdump: the 1500-byte request entered node1's bridge (veth-pod1) and never left through vxlan0",
-                r.dry_run or (seen.get("veth-pod1") and not seen.get("vxlan0")))
+                seen.get("veth-pod1") and not seen.get("vxlan0"))
     r.show(ip("link", "show", "dev", "eth0", ns="pod1"))
     r.show(ip("link", "show", "dev", "vxlan0", ns="node1"))
     # Why only some packets die: the bridge drops a plain frame too big for its port, and says
@@ -135,7 +121,7 @@ def reveal(L):
     L.check(f"the bulk transfer of {BULK} bytes gets through the same black hole", send(L, BULK))
     ok, out = r.probe(ip("route", "get", POD2_IP, ns="pod1"))
     L.check(f"pod1 learned the path MTU {OVERLAY_MTU} from vxlan0's ICMP (ip route get: cache ... mtu "
-            f"{OVERLAY_MTU})", r.dry_run or f"mtu {OVERLAY_MTU}" in out, out)
+            f"{OVERLAY_MTU})", f"mtu {OVERLAY_MTU}" in out, out)
     L.say("that learned MTU lasts 10 minutes: until it expires, one-segment requests pass too; that is why "
           "the black hole comes and goes in real life. pod1 forgets it now, as it would by itself")
     r.run(ip("route", "flush", "cache", ns="pod1"))
@@ -158,5 +144,23 @@ def prove(L):
             L.r.probe(in_netns(["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1422", POD2_IP], "pod1"))[0])
 
 
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"a request of {REQUEST} bytes (one full TCP segment) from pod1 reaches pod2 across the overlay",
+    breaks=(f"the pods come up at MTU {cnikit.DEFAULT_MTU} (a CNI config that forgot the overlay's MTU), "
+            f"while vxlan0 carries only {OVERLAY_MTU}"),
+    symptom=("the connection opens, the request never arrives and the client waits until it gives up; "
+             "nothing reports an error"),
+    reveals=("small pings pass, a full-size one (-M do -s 1472) does not; tcpdump shows where it dies: "
+             "it enters node1's bridge and never leaves through vxlan0. A bulk transfer, by contrast, passes: "
+             "vxlan0 answers its GSO bundles with ICMP and pod1 learns the path MTU"),
+    fixes=(f"every pod link back to MTU {OVERLAY_MTU}: the overlay's MTU is the underlay's minus "
+           f"{cnikit.VXLAN_OVERHEAD}"),
+    cause="mtu",
+    doctor=("pod1", POD2_IP),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
+
+
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

@@ -8,8 +8,6 @@ for a spoofed one and drops it, counting it and nothing else.
     sudo python3 stages/22_pitfall_rp_filter.py --broken --keep
     python3 stages/22_pitfall_rp_filter.py --dry-run
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, in_netns, ip
 
@@ -20,17 +18,6 @@ LINK1 = ("eth1", "198.51.100.1/24", "eth1", "198.51.100.10/24")     # node dev, 
 LINK2 = ("eth2", "203.0.113.1/24", "eth2", "203.0.113.10/24")
 CLIENT_SRC = "203.0.113.10"          # the client's own address, on its second link
 RPF = "TcpExtIPReversePathFilter"    # the kernel's counter of reverse-path drops
-
-WORKS = f"the client pings pod1 ({POD_IP}) through the node"
-BREAK = ("the node gets kind's sysctls: net.ipv4.conf.all.rp_filter=1 (strict reverse-path filtering); "
-         "the client's path in (eth1) and the node's path back (eth2) differ")
-SYMPTOM = "the client's pings to pod1 vanish; the pod and the node look fine"
-REVEAL = (f"the node's {RPF} counter grows with each lost ping, and `ip route get` shows the route back "
-          "leaves by another link")
-FIX = ("loose reverse-path filtering on the link the client comes in by (rp_filter=2 on eth1: a route back "
-       "must exist, through any link); the other cure is a route back through eth1")
-CAUSE = "rp-filter"
-DOCTOR = (CLIENT, POD)
 
 LESSON = Lesson(
     "22", "pitfall_rp_filter",
@@ -96,5 +83,21 @@ def prove(L):
     L.check("no reverse-path drop counted any more", pitfall.counter(L, RPF, NODE) == before)
 
 
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"the client pings pod1 ({POD_IP}) through the node",
+    breaks=("the node gets kind's sysctls: net.ipv4.conf.all.rp_filter=1 (strict reverse-path filtering); "
+            "the client's path in (eth1) and the node's path back (eth2) differ"),
+    symptom="the client's pings to pod1 vanish; the pod and the node look fine",
+    reveals=(f"the node's {RPF} counter grows with each lost ping, and `ip route get` shows the route back "
+             "leaves by another link"),
+    fixes=("loose reverse-path filtering on the link the client comes in by (rp_filter=2 on eth1: a route back "
+           "must exist, through any link); the other cure is a route back through eth1"),
+    cause="rp-filter",
+    doctor=(CLIENT, POD),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
+
+
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

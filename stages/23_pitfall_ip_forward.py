@@ -7,8 +7,6 @@ hand and never written to /etc/sysctl.d.
     sudo python3 stages/23_pitfall_ip_forward.py --broken --keep
     python3 stages/23_pitfall_ip_forward.py --dry-run
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, in_netns, ip
 
@@ -17,16 +15,6 @@ GATEWAY, POD_ADDR, POD_SUBNET = "10.0.23.1/24", "10.0.23.2/24", "10.0.23.0/24"
 UPLINK, UPLINK_ADDR, SERVER_ADDR = "eth1", "198.51.100.1/24", "198.51.100.10/24"
 UPLINK_IP, SERVER_IP = UPLINK_ADDR.split("/")[0], SERVER_ADDR.split("/")[0]
 NOT_FORWARDED = "IpInAddrErrors"     # what a host that does not forward counts for a packet not for it
-
-WORKS = f"pod1 pings the server ({SERVER_IP}) on the node's other network"
-BREAK = ("the node reboots; forwarding had been switched on by hand (sysctl -w) and never written to "
-         "/etc/sysctl.d, so net.ipv4.ip_forward is back to 0")
-SYMPTOM = "pod1 no longer reaches the server"
-REVEAL = (f"pod1 still reaches the node (even its far address {UPLINK_IP}), so links and routes are fine; "
-          "the node counts the packets it refused to route, and its sysctl says why")
-FIX = "forwarding back on (and, on a real machine, in /etc/sysctl.d/ so a reboot keeps it)"
-CAUSE = "ip-forward"
-DOCTOR = (POD, SERVER_IP)
 
 LESSON = Lesson(
     "23", "pitfall_ip_forward",
@@ -89,5 +77,20 @@ def prove(L):
             ok and f"dev {UPLINK}" in out)
 
 
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"pod1 pings the server ({SERVER_IP}) on the node's other network",
+    breaks=("the node reboots; forwarding had been switched on by hand (sysctl -w) and never written to "
+            "/etc/sysctl.d, so net.ipv4.ip_forward is back to 0"),
+    symptom="pod1 no longer reaches the server",
+    reveals=(f"pod1 still reaches the node (even its far address {UPLINK_IP}), so links and routes are fine; "
+             "the node counts the packets it refused to route, and its sysctl says why"),
+    fixes="forwarding back on (and, on a real machine, in /etc/sysctl.d/ so a reboot keeps it)",
+    cause="ip-forward",
+    doctor=(POD, SERVER_IP),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
+
+
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

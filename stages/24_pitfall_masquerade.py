@@ -8,8 +8,6 @@ other's: network policies, logs and allow-lists all see the wrong peer.
     sudo python3 stages/24_pitfall_masquerade.py --broken --keep
     python3 stages/24_pitfall_masquerade.py --dry-run
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, have, in_netns
 
@@ -22,16 +20,6 @@ POD1_IP, POD2_IP, NODE1_IP = "10.24.1.2", "10.24.2.2", "192.0.2.1"
 PORT = 8080
 EXEMPT = ["-s", NODES["node1"]["subnet"], "-d", CLUSTER, "-m", "comment", "--comment",
           "cnikit lab24: pod-to-pod keeps its source", "-j", "RETURN"]
-
-WORKS = f"pod2's server sees pod1's own address {POD1_IP} as the peer"
-BREAK = (f"egress to the internet is added the simple way on node1: `cnikit nat add {NODES['node1']['subnet']} "
-         "--out eth0` masquerades everything from the pods that leaves eth0, the other node's pods included")
-SYMPTOM = f"the ping still works, but pod2 now sees node1 ({NODE1_IP}) instead of pod1"
-REVEAL = "node1's conntrack shows the flow rewritten: its replies go to node1's address, not to pod1"
-FIX = (f"the pod-to-pod exemption before the masquerade: traffic from {NODES['node1']['subnet']} to the cluster's "
-       f"pods ({CLUSTER}) returns from POSTROUTING untouched")
-CAUSE = "masquerade"
-DOCTOR = ("pod1", "pod2")
 
 LESSON = Lesson(
     "24", "pitfall_masquerade",
@@ -75,7 +63,7 @@ def seen_by_pod2(L, expect_fail=False):
 
 
 def works(L, expect_fail=False):
-    return L.r.dry_run or seen_by_pod2(L, expect_fail) == POD1_IP
+    return seen_by_pod2(L, expect_fail) == POD1_IP
 
 
 def breakage(L):
@@ -87,7 +75,7 @@ def reveal(L):
     L.check("the ping from pod1 to pod2 still passes: nothing looks broken from pod1",
             L.ping(POD2_IP, "pod1"))
     seen = seen_by_pod2(L)
-    L.check(f"pod2 sees node1's address {NODE1_IP}", r.dry_run or seen == NODE1_IP, f"it saw {seen or 'nothing'}")
+    L.check(f"pod2 sees node1's address {NODE1_IP}", seen == NODE1_IP, f"it saw {seen or 'nothing'}")
     r.show(cnikit.iptables("-t", "nat", "-S", "POSTROUTING", ns="node1"))
     if have("conntrack"):
         r.probe(in_netns(["conntrack", "-L", "-p", "tcp", "--orig-src", POD1_IP, "--orig-dst", POD2_IP], "node1"))
@@ -99,5 +87,20 @@ def fix(L):
     L.r.show(cnikit.iptables("-t", "nat", "-S", "POSTROUTING", ns="node1"))
 
 
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"pod2's server sees pod1's own address {POD1_IP} as the peer",
+    breaks=(f"egress to the internet is added the simple way on node1: `cnikit nat add {NODES['node1']['subnet']} "
+            "--out eth0` masquerades everything from the pods that leaves eth0, the other node's pods included"),
+    symptom=f"the ping still works, but pod2 now sees node1 ({NODE1_IP}) instead of pod1",
+    reveals="node1's conntrack shows the flow rewritten: its replies go to node1's address, not to pod1",
+    fixes=(f"the pod-to-pod exemption before the masquerade: traffic from {NODES['node1']['subnet']} to the cluster's "
+           f"pods ({CLUSTER}) returns from POSTROUTING untouched"),
+    cause="masquerade",
+    doctor=("pod1", "pod2"),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix,
+)
+
+
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

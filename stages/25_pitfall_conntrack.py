@@ -15,8 +15,6 @@ portmap's DEL removes the rule, not the flows, which keep going to the old pod's
     sudo python3 stages/25_pitfall_conntrack.py --broken --keep
     python3 stages/25_pitfall_conntrack.py --dry-run
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, in_netns
 
@@ -28,16 +26,6 @@ NODE_IP = NODE_ADDR.split("/")[0]
 PORT, CLIENT_PORT = 5353, 40000      # the hostPort; the client's long-lived socket (one flow)
 ANSWER_WAIT = "3"                    # seconds the client waits for an answer (a loaded machine forks slowly)
 COMMENT = ["-m", "comment", "--comment", "cnikit lab25: hostPort udp/5353"]
-
-WORKS = f"the client's query to the hostPort {NODE_IP}:{PORT}/udp is answered by the backend the DNAT rule names"
-BREAK = ("the pod behind the hostPort moves: the DNAT rule is rewritten by hand from pod-a to pod-b (portmap "
-         "and kube-proxy would also flush the port's UDP flows; a hand-written rule does not), while the client "
-         "keeps sending from the same socket")
-SYMPTOM = "the client's queries still land on pod-a, whatever the rule says"
-REVEAL = "conntrack -L on the node: the flow's entry still translates to pod-a's address"
-FIX = "conntrack -D for the hostPort's flows: the next packet is a new flow and meets the new rule"
-CAUSE = "stale-conntrack"
-DOCTOR = (CLIENT, NODE_IP, "--proto", "udp", "--port", str(PORT))
 
 LESSON = Lesson(
     "25", "pitfall_conntrack",
@@ -80,7 +68,6 @@ def setup(L):
         r.run(in_netns(["timeout", "5", "sh", "-c", script], pod))
     L.step(f"the hostPort: udp/{PORT} on the node's address goes to pod-a (DNAT)")
     r.run(cnikit.iptables("-t", "nat", "-A", "PREROUTING", *_dnat("pod-a"), ns=NODE))
-    L.backend = "pod-a"
 
 
 def answer(L, expect_fail=False):
@@ -90,18 +77,24 @@ def answer(L, expect_fail=False):
     return out.strip().splitlines()[-1] if ok and out.strip() else ""
 
 
+def named(L):
+    """The backend the hostPort's DNAT rule names now: read from the rule (a look-up, not a step)."""
+    ok, rules = L.r.query(cnikit.iptables("-t", "nat", "-S", "PREROUTING", ns=NODE))
+    return next((pod for pod, cidr in BACKENDS.items()
+                 if ok and f"--to-destination {cidr.split('/')[0]}:{PORT}" in rules), "nobody")
+
+
 def works(L, expect_fail=False):
-    got = answer(L, expect_fail)
+    got, rule = answer(L, expect_fail), named(L)
     if not L.r.dry_run:
-        L.say(f"answered by: {got or 'nobody'} (the rule names {L.backend})")
-    return L.r.dry_run or got == L.backend
+        L.say(f"answered by: {got or 'nobody'} (the rule names {rule})")
+    return got == rule
 
 
 def breakage(L):
     r = L.r
     r.run(cnikit.iptables("-t", "nat", "-D", "PREROUTING", *_dnat("pod-a"), ns=NODE))
     r.run(cnikit.iptables("-t", "nat", "-A", "PREROUTING", *_dnat("pod-b"), ns=NODE))
-    L.backend = "pod-b"
     r.show(cnikit.iptables("-t", "nat", "-S", "PREROUTING", ns=NODE))
 
 
@@ -109,7 +102,7 @@ def reveal(L):
     r = L.r
     ok, out = r.probe(in_netns(["conntrack", "-L", "-p", "udp", "--orig-dst", NODE_IP, "--dport", str(PORT)], NODE))
     L.check("conntrack still translates the client's flow to pod-a (its reply side comes from 10.0.25.2)",
-            r.dry_run or "src=10.0.25.2 " in out)
+            "src=10.0.25.2 " in out)
 
 
 def fix(L):
@@ -118,8 +111,23 @@ def fix(L):
 
 def prove(L):
     ok, out = L.r.probe(in_netns(["conntrack", "-L", "-p", "udp", "--orig-dst", NODE_IP, "--dport", str(PORT)], NODE))
-    L.check("the flow's new conntrack entry translates to pod-b (10.0.25.3)", L.r.dry_run or "src=10.0.25.3 " in out)
+    L.check("the flow's new conntrack entry translates to pod-b (10.0.25.3)", "src=10.0.25.3 " in out)
+
+
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"the client's query to the hostPort {NODE_IP}:{PORT}/udp is answered by the backend the DNAT rule names",
+    breaks=("the pod behind the hostPort moves: the DNAT rule is rewritten by hand from pod-a to pod-b (portmap "
+            "and kube-proxy would also flush the port's UDP flows; a hand-written rule does not), while the client "
+            "keeps sending from the same socket"),
+    symptom="the client's queries still land on pod-a, whatever the rule says",
+    reveals="conntrack -L on the node: the flow's entry still translates to pod-a's address",
+    fixes="conntrack -D for the hostPort's flows: the next packet is a new flow and meets the new rule",
+    cause="stale-conntrack",
+    doctor=(CLIENT, NODE_IP, "--proto", "udp", "--port", str(PORT)),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
 
 
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

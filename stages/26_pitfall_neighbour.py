@@ -7,8 +7,6 @@ new MAC, and pod1 keeps sending to the old MAC without ever asking again.
     sudo python3 stages/26_pitfall_neighbour.py --broken --keep
     python3 stages/26_pitfall_neighbour.py --dry-run
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, have, in_netns, ip, read_until
 
@@ -16,16 +14,6 @@ NODE, GATEWAY = "node1", "10.0.26.1/24"
 PODS = {"pod1": "10.0.26.2/24", "pod2": "10.0.26.3/24"}
 POD2_IP = PODS["pod2"].split("/")[0]
 NEW_MAC = "02:00:0a:00:1a:03"        # pod2's eth0 once it is recreated (locally administered)
-
-WORKS = f"pod1 pings pod2 ({POD2_IP})"
-BREAK = ("pod1 gets a permanent neighbour entry for pod2's MAC (pinned, as some plugins do); then pod2 is "
-         f"recreated: same address, new MAC {NEW_MAC}")
-SYMPTOM = "pod1's pings to pod2 vanish, while pod2 still reaches the node"
-REVEAL = ("`ip neigh` in pod1 shows the old MAC, PERMANENT; tcpdump on pod2 sees the echo requests arrive "
-          "addressed to a MAC it no longer has, and no ARP at all")
-FIX = "delete the pinned entry: pod1 asks again (who-has), pod2 answers with its new MAC"
-CAUSE = "neighbour"
-DOCTOR = ("pod1", POD2_IP)
 
 LESSON = Lesson(
     "26", "pitfall_neighbour",
@@ -98,15 +86,30 @@ def reveal(L):
 def fix(L):
     L.r.run(ip("neigh", "del", POD2_IP, "dev", "eth0", ns="pod1"))
     out = _capture(L, "fixed")
-    if have("tcpdump") and not L.r.dry_run:
+    if have("tcpdump"):
         L.check(f"pod1 asked again (ARP who-has {POD2_IP}) and pod2 answered with {NEW_MAC}",
                 f"Request who-has {POD2_IP}" in out and f"Reply {POD2_IP} is-at {NEW_MAC}" in out)
 
 
 def prove(L):
     ok, neigh = L.r.probe(ip("neigh", "show", POD2_IP, "dev", "eth0", ns="pod1"))
-    L.check(f"pod1's neighbour entry for pod2 now holds {NEW_MAC}", L.r.dry_run or NEW_MAC in neigh)
+    L.check(f"pod1's neighbour entry for pod2 now holds {NEW_MAC}", NEW_MAC in neigh)
+
+
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"pod1 pings pod2 ({POD2_IP})",
+    breaks=("pod1 gets a permanent neighbour entry for pod2's MAC (pinned, as some plugins do); then pod2 is "
+            f"recreated: same address, new MAC {NEW_MAC}"),
+    symptom="pod1's pings to pod2 vanish, while pod2 still reaches the node",
+    reveals=("`ip neigh` in pod1 shows the old MAC, PERMANENT; tcpdump on pod2 sees the echo requests arrive "
+             "addressed to a MAC it no longer has, and no ARP at all"),
+    fixes="delete the pinned entry: pod1 asks again (who-has), pod2 answers with its new MAC",
+    cause="neighbour",
+    doctor=("pod1", POD2_IP),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
 
 
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

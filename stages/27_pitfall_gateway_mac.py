@@ -9,8 +9,6 @@ MAC nobody has until the entry ages out (tens of seconds; one reproduction lost 
     sudo python3 stages/27_pitfall_gateway_mac.py --broken --keep
     python3 stages/27_pitfall_gateway_mac.py --dry-run
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, in_netns, ip
 
@@ -27,17 +25,6 @@ NEW_POD = ("pod4", "10.0.27.5/24")
 # random). An hour here, so the stale entry is surely still REACHABLE when the lab looks;
 # real life loses "only" those tens of seconds, and then a few more to probes at the old MAC.
 REACHABLE = ("net.ipv4.neigh.eth0.base_reachable_time_ms", 3600000)
-
-WORKS = f"{STAYING} pings its gateway {GATEWAY_IP} on {BRIDGE}"
-BREAK = (f"pods leave: {' and '.join(LEAVING)}, whose ports have the lowest MACs, are deleted; {BRIDGE}, "
-         "which has no MAC of its own, takes the next lowest port's each time")
-SYMPTOM = f"{STAYING}'s pings to its gateway vanish, though the gateway, the bridge and {STAYING}'s port are all up"
-REVEAL = (f"`ip neigh` in {STAYING} still says the gateway is at {PORT_MACS['pod1']} (REACHABLE: no ARP for "
-          f"tens of seconds); {BRIDGE} is now {PORT_MACS[STAYING]}, addr_assign_type 1 (the kernel's choice)")
-FIX = (f"give {BRIDGE} a MAC of its own, its current one (addr_assign_type 3, as the reference bridge plugin "
-       f"and `cnikit bridge add` do), and delete {STAYING}'s stale entry so it asks again")
-CAUSE = "neighbour"
-DOCTOR = (STAYING, GATEWAY_IP)
 
 LESSON = Lesson(
     "27", "pitfall_gateway_mac",
@@ -146,10 +133,9 @@ def fix(L):
 
 
 def prove(L):
-    r = L.r
-    L.check(f"{BRIDGE}'s MAC is its own now (addr_assign_type 3)", r.dry_run or _addr_assign_type(L) == 3)
+    L.check(f"{BRIDGE}'s MAC is its own now (addr_assign_type 3)", _addr_assign_type(L) == 3)
     mac, _ = _neigh(L)
-    L.check(f"{STAYING} learned the gateway's MAC {PORT_MACS[STAYING]}", r.dry_run or mac == PORT_MACS[STAYING])
+    L.check(f"{STAYING} learned the gateway's MAC {PORT_MACS[STAYING]}", mac == PORT_MACS[STAYING])
     L.say(f"a new pod joins with the lowest port MAC of all ({PORT_MACS[NEW_POD[0]]}): the bridge keeps its own")
     _pod(L, *NEW_POD)
     _bridge_mac(L, PORT_MACS[STAYING])
@@ -157,5 +143,21 @@ def prove(L):
             L.ping(GATEWAY_IP, STAYING) and L.ping(GATEWAY_IP, NEW_POD[0]))
 
 
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"{STAYING} pings its gateway {GATEWAY_IP} on {BRIDGE}",
+    breaks=(f"pods leave: {' and '.join(LEAVING)}, whose ports have the lowest MACs, are deleted; {BRIDGE}, "
+            "which has no MAC of its own, takes the next lowest port's each time"),
+    symptom=f"{STAYING}'s pings to its gateway vanish, though the gateway, the bridge and {STAYING}'s port are all up",
+    reveals=(f"`ip neigh` in {STAYING} still says the gateway is at {PORT_MACS['pod1']} (REACHABLE: no ARP for "
+             f"tens of seconds); {BRIDGE} is now {PORT_MACS[STAYING]}, addr_assign_type 1 (the kernel's choice)"),
+    fixes=(f"give {BRIDGE} a MAC of its own, its current one (addr_assign_type 3, as the reference bridge plugin "
+           f"and `cnikit bridge add` do), and delete {STAYING}'s stale entry so it asks again"),
+    cause="neighbour",
+    doctor=(STAYING, GATEWAY_IP),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
+
+
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

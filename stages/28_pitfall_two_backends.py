@@ -13,8 +13,6 @@ host cannot explain: there, policy ACCEPT and the node's own accept rule for the
 The node and the server are namespaces the lab creates: the machine's own tables are never
 touched.
 """
-import sys
-
 import pitfall
 from lesson import Lesson, cnikit, in_netns
 
@@ -28,17 +26,6 @@ TAG = ["-m", "comment", "--comment", "cnikit lab 28"]
 # The node's own rules, in iptables (nf_tables here): the pods' traffic may be forwarded, and its replies.
 NODE_RULES = [["-s", SUBNET] + TAG + ["-j", "ACCEPT"],
               ["-d", SUBNET, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"] + TAG + ["-j", "ACCEPT"]]
-
-WORKS = f"pod1 reaches the server ({SERVER_IP}) through node1's FORWARD chain"
-BREAK = ("an old component whose image ships iptables-legacy starts on node1: in its own backend it sets "
-         "FORWARD's policy to DROP and accepts only its own bridge's traffic, as an old Docker does")
-SYMPTOM = "pod1 no longer reaches the server, though `iptables -S` shows an accept rule for it"
-REVEAL = ("`iptables -S` (nf_tables) shows nothing that drops and warns that legacy tables exist; "
-          "`iptables-legacy` shows the DROP policy, its counter growing with every lost ping")
-FIX = ("one backend for everything: the old component's rules move into nf_tables, behind the node's own "
-       "accepts, and the legacy tables are emptied (in real life: run it with iptables-nft)")
-CAUSE = "other-backend"
-DOCTOR = ("pod1", SERVER_IP)
 
 LESSON = Lesson(
     "28", "pitfall_two_backends",
@@ -93,14 +80,14 @@ def reveal(L):
           "pod1's packets. Its counters do not even see them (x_tables' FORWARD hook ran first and dropped "
           "them), and its warning, on stderr, says where to look:")
     ok, out = r.probe(cnikit.iptables("-S", "FORWARD", "-v", ns=NODE))
-    L.check("`iptables -S` warns that iptables-legacy tables are present", r.dry_run or
-            (ok and "iptables-legacy tables present" in out))
+    L.check("`iptables -S` warns that iptables-legacy tables are present",
+            ok and "iptables-legacy tables present" in out)
     before = pitfall.policy_packets(L, "FORWARD", NODE, LEGACY)
     L.ping(SERVER_IP, "pod1", count=3, expect_fail=True)
     r.show(legacy("-L", "FORWARD", "-v", "-n", "-x"))
     after = pitfall.policy_packets(L, "FORWARD", NODE, LEGACY)
     L.check(f"iptables-legacy's FORWARD policy counter grew with the lost pings ({before} -> {after} packets)",
-            r.dry_run or after > before)
+            after > before)
 
 
 def fix(L):
@@ -116,12 +103,28 @@ def fix(L):
 def prove(L):
     r = L.r
     ok, out = r.query(legacy("-S", "FORWARD"))
-    L.check("the legacy FORWARD chain is empty, its policy ACCEPT", r.dry_run or out.split() == ["-P", "FORWARD",
-                                                                                                  "ACCEPT"])
+    L.check("the legacy FORWARD chain is empty, its policy ACCEPT",
+            out.split() == ["-P", "FORWARD", "ACCEPT"])
     ok, out = r.query(cnikit.iptables("-S", "FORWARD", ns=NODE))
     L.check("all of FORWARD is in one place now: policy DROP, the node's accepts first, the old component's after",
-            r.dry_run or ("-P FORWARD DROP" in out and out.find("cnikit lab 28") < out.find("docker0")))
+            "-P FORWARD DROP" in out and out.find("cnikit lab 28") < out.find("docker0"))
+
+
+LAB = pitfall.Lab(
+    LESSON,
+    works=f"pod1 reaches the server ({SERVER_IP}) through node1's FORWARD chain",
+    breaks=("an old component whose image ships iptables-legacy starts on node1: in its own backend it sets "
+            "FORWARD's policy to DROP and accepts only its own bridge's traffic, as an old Docker does"),
+    symptom="pod1 no longer reaches the server, though `iptables -S` shows an accept rule for it",
+    reveals=("`iptables -S` (nf_tables) shows nothing that drops and warns that legacy tables exist; "
+             "`iptables-legacy` shows the DROP policy, its counter growing with every lost ping"),
+    fixes=("one backend for everything: the old component's rules move into nf_tables, behind the node's own "
+           "accepts, and the legacy tables are emptied (in real life: run it with iptables-nft)"),
+    cause="other-backend",
+    doctor=("pod1", SERVER_IP),
+    setup=setup, check=works, breakage=breakage, reveal=reveal, fix=fix, prove=prove,
+)
 
 
 if __name__ == "__main__":
-    pitfall.main(sys.modules[__name__])
+    pitfall.main(LAB)

@@ -13,8 +13,14 @@ picture of what really exists, and leaving nothing behind.
     def verify(L): ...
     if __name__ == "__main__":
         LESSON.main(build, verify)
+
+What build learns and verify needs (a CNI result, what a fresh namespace held) goes in one
+place: the lesson declares its class, `Lesson(..., state=Pods)`; each run makes a fresh one
+and hands it to both, `build(L, pods)` and `verify(L, pods)`. A field the framework needs
+and a lesson does not declare fails as its module is imported (ContractError).
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -165,16 +171,8 @@ class LessonRunner(cnikit.Runner):
             self._suffix = ""
 
     def show(self, argv):
-        """As cnikit's show, but -q (a lesson's "verdict only") keeps it silent too."""
-        if not self.quiet:
-            return super().show(argv)
-        self.echo(argv)
-        if self.dry_run:
-            return ""
-        proc = self.execute(argv)
-        if proc.returncode != 0:
-            raise cnikit.CommandFailed(argv, proc.returncode, proc.stderr)
-        return proc.stdout
+        """As cnikit's show, but -q (a lesson's "verdict only") keeps it silent too: a quiet run."""
+        return self.run(argv) if self.quiet else super().show(argv)
 
     def spawn(self, argv, stdin=False):
         """Start a background process, echoed with `&`; STDIN=True gives it a pipe
@@ -313,17 +311,25 @@ def nft_view(L, table, chain, why):
             f"chain {prefix}" in out, out.strip().splitlines()[0] if out.strip() else "nothing")
 
 
-def pod_ip(L, pod):
-    """The address a CNI ADD gave POD (kept in L.stage[pod]), or "" when there is none."""
-    ips = ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("ips") or [{}]
-    return (ips[0].get("address") or "/").split("/")[0]
+class Pods(dict):
+    """A CNI lesson's state: what ADD returned for each pod (None: it failed), by pod name."""
+
+    def ip(self, pod):
+        """The address ADD gave POD, or "" when there is none."""
+        ips = (self.get(pod) or {}).get("ips") or [{}]
+        return (ips[0].get("address") or "/").split("/")[0]
+
+    def host_ends(self, pod, bridge=cnikit.CNI_DEFAULT_BRIDGE):
+        """The host-side interfaces POD's result names, BRIDGE excepted."""
+        return {i["name"] for i in (self.get(pod) or {}).get("interfaces", [])
+                if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != bridge}
 
 
-def plugin_host_ends(L, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRIDGE):
+def plugin_host_ends(results, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRIDGE):
     """The host ends of PODS' veths that our plugin made on network NET: as its attachment
     records (<dataDir>/<net>/.cnikit/attachments, written before it creates anything) and its
-    ADD results (kept in L.stage) name them, BRIDGE excepted. A lesson's "nothing is left"
-    looks for these after DEL, never for names like veth...: a Docker host's ports have them too."""
+    ADD RESULTS (Pods, or None: the records only) name them, BRIDGE excepted. A lesson's "nothing
+    is left" looks for these after DEL, never for names like veth...: a Docker host's ports have them too."""
     records = os.path.join(data_dir or cnikit.CNI_DATA_DIR, net, ".cnikit", "attachments")
     ends = set()
     for name in os.listdir(records) if os.path.isdir(records) else []:
@@ -334,9 +340,8 @@ def plugin_host_ends(L, pods, net, data_dir=None, bridge=cnikit.CNI_DEFAULT_BRID
             continue
         if isinstance(rec, dict) and rec.get("containerID") in pods and isinstance(rec.get("veth"), str):
             ends.add(rec["veth"])
-    for pod in pods:
-        ends |= {i["name"] for i in ((getattr(L, "stage", {}) or {}).get(pod) or {}).get("interfaces", [])
-                 if isinstance(i.get("name"), str) and not i.get("sandbox") and i["name"] != bridge}
+    for pod in pods if results is not None else ():
+        ends |= results.host_ends(pod, bridge)
     return sorted(ends)
 
 
@@ -370,9 +375,51 @@ def read_until(proc, pattern, stream="stdout", timeout=WAIT_READY):
 
 # ---------------------------------------------------------------- the lesson
 
+class ContractError(Exception):
+    """A lesson or lab that does not declare what the framework needs: raised when its
+    module is imported, one line naming the file and the field, never half way through a run."""
+
+
+def defined_in():
+    """The file (relative to the checkout) of the first caller outside the framework: the
+    lesson or lab module being imported. A lesson run as a script (__main__) that breaks the
+    contract exits with the one line instead of a traceback."""
+    frame = sys._getframe(1)
+    while frame.f_back and os.path.abspath(frame.f_globals.get("__file__") or "") in _FRAMEWORK:
+        frame = frame.f_back
+    name = frame.f_globals.get("__file__") or "?"
+    return os.path.relpath(name, ROOT) if os.path.isabs(name) else name, frame.f_globals.get("__name__") == "__main__"
+
+
+_FRAMEWORK = {os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "pitfall.py")}
+
+
+def contract_error(message):
+    where, as_script = defined_in()
+    line = f"{where}: {message}"
+    if as_script:
+        sys.exit(line)
+    raise ContractError(line)
+
+
+def is_text(value):
+    return isinstance(value, str) and value.strip() != ""
+
+
+# A step the framework itself takes, and may be --skip'ed, in each kind: a lab's fix (pitfall.steps).
+FRAMEWORK_SKIPS = {"lab": {"fix"}, "lesson": set()}
+
+
 class Lesson:
-    def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping"), indirect=None):
+    def __init__(self, number, title, goal, picture, skips=None, tools=("ip", "ping"), indirect=None, state=None,
+                 keep_hint=None):
         self.number, self.title, self.goal = number, title, goal
+        self._check_contract(picture, skips, tools)
+        if state is not None and not isinstance(state, type):
+            contract_error(f"lesson {number}: state must be a class (what build hands to verify)")
+        # The class of what build hands to verify (None: they share nothing); `running` is
+        # this run's instance, for the framework's own hooks (_leave) only.
+        self.state, self.running = state, None
         # What the lesson changes on a host through another program (lesson 07's plugin
         # makes cni0 and switches forwarding on): {"links": [...], "sysctls": [...], "paths": [...]}.
         # --host names them, refuses a link that already exists, and undoes them at the end
@@ -387,10 +434,42 @@ class Lesson:
         self.unchecked = []                 # parts of the goal this run did not check (--host --keep)
         self.on_host = False
         self.host_changes = ""
-        self.keep_hint = f"sudo {CNIKIT} cleanup"
+        self.keep_hint = keep_hint or f"sudo {CNIKIT} cleanup"     # how to remove what --keep --host left
         self.steps = 0
         self.keep, self.explored = False, False     # --keep (True or a namespace); its shell was opened
         self.try_it = []                    # lines for the learner to type in --keep's shell (your_turn)
+
+    def _check_contract(self, picture, skips, tools):
+        """Each field a lesson must declare, checked as its module is imported."""
+        if not (isinstance(self.number, str) and re.fullmatch(r"\d\d[a-z]?", self.number)):
+            contract_error(f"the lesson's number {self.number!r} is not two digits (and a letter), e.g. \"03\"")
+        what = f"lesson {self.number}"
+        if not (is_text(self.title) and " " not in self.title):
+            contract_error(f"{what} has no title (one word, e.g. \"bridge\")")
+        if not is_text(self.goal):
+            contract_error(f"{what} has no goal (what the verification proves, in a sentence)")
+        if not is_text(picture):
+            contract_error(f"{what} has no picture (a drawing of what it builds)")
+        if not (isinstance(tools, (tuple, list)) and all(is_text(t) for t in tools)):
+            contract_error(f"{what}: tools must be a list of the programs it runs")
+        if not isinstance(skips or {}, dict):
+            contract_error(f"{what}: skips must be a dict {{step name: what breaks without it}}")
+        where, _ = defined_in()
+        try:
+            with open(os.path.join(ROOT, where)) as f:
+                source = f.read()
+        except OSError:
+            source = None
+        for name, breaks in (skips or {}).items():
+            if not (is_text(name) and " " not in name):
+                contract_error(f"{what}: skip {name!r} is not a step name (one word)")
+            if not is_text(breaks):
+                contract_error(f"{what}: skip {name!r} does not say what breaks without its step")
+            # A step that --skip can leave out is `L.step(why, skip="NAME")` in the file itself.
+            used = source is None or name in FRAMEWORK_SKIPS[self.kind] or re.search(
+                rf"""skip\s*=\s*["']{re.escape(name)}["']""", source)
+            if not used:
+                contract_error(f"{what}: skip {name!r} names no step (no `L.step(..., skip={name!r})` in the file)")
 
     # -- printing: prose is shell comments, so a dry run stays a script
     def say(self, text=""):
@@ -428,7 +507,9 @@ class Lesson:
 
     # -- checks
     def check(self, what, ok, detail=""):
-        """One fact the verification proves; the lesson passes when every check holds."""
+        """One fact the verification proves; the lesson passes when every check holds. A dry
+        run prints the commands a check runs, never its verdict: OK is not judged there, so a
+        check is written for the live run alone (no `r.dry_run or ...`)."""
         if self.r.dry_run:
             return True
         self.checks.append((what, bool(ok)))
@@ -461,6 +542,10 @@ class Lesson:
         self.say(f"your turn: {what}; Ctrl-D ends it and the lesson goes on")
         r.hand_over(argv)
 
+    def suggest(self, *lines):
+        """Lines offered to the learner in --keep's shell ("try it: ..."), each with what it shows."""
+        self.try_it.extend(lines)
+
     def sysctl(self, key, value, ns=None):
         """Set a sysctl, remembering the old value so the end of the lesson restores it
         (on a real host a lesson must not leave, say, forwarding switched on)."""
@@ -483,14 +568,43 @@ class Lesson:
         self.skipped, self.checks, self.steps, self.try_it = set(skip), [], 0, []
         return self
 
-    def plan(self, build):
+    def new_state(self):
+        """A fresh instance of the declared state (None when the lesson declares none)."""
+        return self.state() if self.state is not None else None
+
+    def call(self, part, state):
+        """Run build or verify (PART): with the run's STATE when the lesson declares one."""
+        return part(self) if self.state is None else part(self, state)
+
+    def play(self, build, verify, state=None):
+        """Build, then verify (both with the same state): the lesson itself, without the command
+        line, the verdict or the leaving. Returns the state, for a test to look into."""
+        state = self.new_state() if state is None else state
+        self.running = state
+        self.call(build, state)
+        self.say("")
+        self.say("verification: does the goal hold?")
+        self.call(verify, state)
+        return state
+
+    def variant(self, **fields):
+        """A copy of this lesson with some declared fields changed (06's halves: a goal and a
+        picture that name this host's peer); the lesson itself stays as declared."""
+        other = copy.copy(self)
+        for name, value in fields.items():
+            if name not in ("goal", "picture", "keep_hint") or not is_text(value):
+                contract_error(f"lesson {self.number}: a variant changes goal, picture or keep_hint, not {name}")
+            setattr(other, name, value.strip("\n") if name == "picture" else value)
+        return other
+
+    def plan(self, build, state=None):
         """What BUILD would change (cnikit.Change records), from a silent dry run: what
         --host will change."""
         saved = (self.r, self.checks, self.steps)
         self.r = LessonRunner(dry_run=True, quiet=True)
         self.r.plans_this_host = True       # e.g. a Docker host's bridge rule is part of the plan
         try:
-            build(self)
+            self.call(build, self.new_state() if state is None else copy.deepcopy(state))
             return self.r.changes()
         finally:
             self.r, self.checks, self.steps = saved
@@ -524,19 +638,20 @@ class Lesson:
         p.error = lambda message: _usage_exit(p.prog, message)
         return p
 
-    def main(self, build, verify, argv=None, parser=None):
-        """Run the lesson as a command; exits 0 on PASS, 1 on FAIL, 2 on bad usage."""
+    def main(self, build, verify, argv=None, parser=None, state=None):
+        """Run the lesson as a command; exits 0 on PASS, 1 on FAIL, 2 on bad usage. STATE: the
+        run's state, made from options the lesson's own parser added (default: a fresh one)."""
         parser = parser or self.parser()
         args = parser.parse_args(argv)
         try:
-            code = self.run(build, verify, args)
+            code = self.run(build, verify, args, state=state)
             sys.stdout.flush()
         except BrokenPipeError:
             _reader_left()
             code = EXIT_FAIL
         sys.exit(code)
 
-    def run(self, build, verify, args, finish=True, adopt=False):
+    def run(self, build, verify, args, finish=True, adopt=False, state=None):
         """Build, verify, print the verdict, then leave nothing behind (or --keep)."""
         color = {"always": True, "never": False}.get(getattr(args, "color", "auto"))
         try:
@@ -545,16 +660,15 @@ class Lesson:
                        skip=args.skip, color=color, present=present, verbose=getattr(args, "verbose", False))
             self.on_host = args.host
             self.keep, self.explored = args.keep, False
+            state = self.new_state() if state is None else state
+            self.running = None
             if not args.dry_run:
-                self._prepare(build, args.host, adopt)
+                self._prepare(build, args.host, adopt, state)
             self.opening()
             if self.on_host and not args.dry_run:
                 self.say("--host: this lesson changes this machine (all removed at the end unless --keep):")
                 self.say(self.host_changes + "\n")
-            build(self)
-            self.say("")
-            self.say("verification: does the goal hold?")
-            verify(self)
+            self.play(build, verify, state)
             return self._verdict(args, finish)
         except cnikit.UsageError as e:
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
@@ -582,7 +696,7 @@ class Lesson:
             self._leave(args, keep=False)
             raise
 
-    def _prepare(self, build, on_host, adopt=False):
+    def _prepare(self, build, on_host, adopt=False, state=None):
         if os.geteuid() != 0:
             raise cnikit.UsageError("a lesson builds real namespaces and needs root: run it with sudo "
                                     "(or --dry-run to print it as a script)")
@@ -590,7 +704,7 @@ class Lesson:
         if not on_host:
             cnikit.enter_sandbox()
             return
-        planned = self.plan(build)
+        planned = self.plan(build, state)
         links, sysctls = self.indirect.get("links", ()), self.indirect.get("sysctls", ())
         by_plugin = [cnikit.Change.link(name) for name in links]
         if not adopt:         # ADOPT: a re-run of the same lesson half may find its own objects
@@ -669,7 +783,7 @@ class Lesson:
         self.say(f"--keep: a shell {where}; the topology is yours to explore ({after})")
         for line in self.try_it:
             self.say(f"  try it: {line}")
-        _sandbox_shell(ns)
+        cnikit.sandbox_shell(ns)
 
     def keeps_on_host(self):
         """--keep with --host: a lesson that would undo its own work at the end (07's DEL)
@@ -695,16 +809,6 @@ class Lesson:
             return
         if args.host:
             r.rollback(why="removing what the lesson created on this host:")
-
-
-def _sandbox_shell(ns=None):
-    """An interactive shell in the sandbox: in namespace NS (`ip netns exec NS bash`), or
-    on the sandbox's host side."""
-    shell = os.environ.get("SHELL") or "/bin/bash"
-    prompt = cnikit.SANDBOX_PROMPT.replace("cnikit-sandbox", f"cnikit-sandbox {ns}") if ns else cnikit.SANDBOX_PROMPT
-    env = dict(os.environ, PS1=prompt, CNIKIT_SANDBOX="1")
-    argv = [shell, "--norc", "-i"] if shell.endswith("bash") else [shell, "-i"]
-    return subprocess.call(in_netns(argv, ns), env=env)
 
 
 def _read_line():

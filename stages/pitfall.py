@@ -6,18 +6,52 @@ the network on purpose, in six steps:
     -> the symptom, as a user meets it -> diagnose (the tool that reveals it, then
     `cnikit doctor`) -> fix it; verification: the same proof passes and doctor says healthy.
 
-A lab module defines LESSON (a Lesson with a "fix" skip) and the constants and functions
-`steps()` below reads: WORKS, BREAK, SYMPTOM, REVEAL, FIX (one-line stories), CAUSE (the
-name doctor gives the breakage), DOCTOR (doctor's FROM TO [options]), and setup(L),
-works(L, expect_fail), breakage(L), reveal(L), fix(L), optionally prove(L) (extra checks
-after the fix). Tests drive those functions directly to build the broken and the fixed
-state; `--broken` stops a run at the broken state (with --keep, a shell in it).
+A lab module declares itself as a `Lab` (below): its Lesson (with a "fix" skip), the
+one-line stories the steps tell, the cause doctor must name and doctor's arguments, and
+its functions setup(L), check(L, expect_fail), breakage(L), reveal(L), fix(L), optionally
+prove(L) (extra checks after the fix). A missing field fails as the module is imported.
+Tests drive those functions directly to build the broken and the fixed state; `--broken`
+stops a run at the broken state (with --keep, a shell in it).
 """
 import sys
 
-from lesson import CNIKIT, cnikit, in_netns
+from lesson import CNIKIT, Lesson, cnikit, contract_error, in_netns, is_text
 
 STAGE_ARGS_HELP = "stop at the broken state, after the diagnosis (with --keep: a shell to explore it)"
+
+
+class Lab:
+    """A pitfall lab: what it tells at each of the six steps and the functions that take them."""
+    STORIES = {"works": "what works before the break", "breaks": "how it breaks in real life",
+               "symptom": "the symptom, as a user meets it", "reveals": "what the diagnosis shows",
+               "fixes": "what the fix does", "cause": "the name cnikit doctor gives the breakage"}
+    STEPS = {"setup": "builds the working topology", "check": "tells whether it works, check(L, expect_fail)",
+             "breakage": "breaks it", "reveal": "shows the cause with the tool that reveals it",
+             "fix": "fixes it"}
+
+    def __init__(self, lesson, *, cause=None, doctor=None, works=None, breaks=None, symptom=None, reveals=None,
+                 fixes=None, setup=None, check=None, breakage=None, reveal=None, fix=None, prove=None):
+        if not isinstance(lesson, Lesson):
+            contract_error("a lab's first field is its Lesson")
+        self.lesson = lesson
+        self.cause, self.works, self.breaks, self.symptom, self.reveals, self.fixes = (
+            cause, works, breaks, symptom, reveals, fixes)
+        self.doctor = doctor
+        self.setup, self.check, self.breakage, self.reveal, self.fix, self.prove = (
+            setup, check, breakage, reveal, fix, prove)
+        what = f"lab {lesson.number}"
+        for name, means in self.STORIES.items():
+            if not is_text(getattr(self, name)):
+                contract_error(f"{what} has no {name} ({means})")
+        if not (isinstance(doctor, tuple) and len(doctor) >= 2 and all(is_text(a) for a in doctor)):
+            contract_error(f"{what} has no doctor (the arguments of `cnikit doctor FROM TO [options]`, a tuple)")
+        for name, does in self.STEPS.items():
+            if not callable(getattr(self, name)):
+                contract_error(f"{what} has no {name} (the function that {does})")
+        if prove is not None and not callable(prove):
+            contract_error(f"{what}: prove must be a function (extra checks after the fix)")
+        if "fix" not in lesson.skips:
+            contract_error(f"{what}: its Lesson has no \"fix\" skip (what stays broken without the fix)")
 
 
 def node_with_pods(L, node, bridge_name, gateway, pods, mtu=None, default_route=True, new_node=True):
@@ -43,7 +77,7 @@ def link_between(L, left, left_dev, left_cidr, right, right_dev, right_cidr):
 
 def doctor(L, lab, expect=None):
     """Run `cnikit doctor` as a user would; EXPECT: the cause it must name (None: healthy)."""
-    argv = [CNIKIT, "doctor", *lab.DOCTOR]
+    argv = [CNIKIT, "doctor", *lab.doctor]
     ok, out = L.r.probe(argv, expect_fail=expect is not None)
     if expect:
         named = f"BROKEN at " in out and any(line.startswith("BROKEN at ") and line.endswith(f": {expect}")
@@ -79,28 +113,28 @@ def steps(lab, broken_only=False):
 
     def build(L):
         lab.setup(L)
-        L.step(f"before anything breaks: {lab.WORKS}")
-        L.check(f"before the break, {lab.WORKS}", lab.works(L))
-        L.step(f"break it the way it breaks in real life: {lab.BREAK}")
+        L.step(f"before anything breaks: {lab.works}")
+        L.check(f"before the break, {lab.works}", lab.check(L))
+        L.step(f"break it the way it breaks in real life: {lab.breaks}")
         lab.breakage(L)
-        L.step(f"the symptom, as a user meets it: {lab.SYMPTOM}")
-        L.check(f"broken: {lab.SYMPTOM}", not lab.works(L, expect_fail=True))
-        L.step(f"diagnose: {lab.REVEAL}")
+        L.step(f"the symptom, as a user meets it: {lab.symptom}")
+        L.check(f"broken: {lab.symptom}", not lab.check(L, expect_fail=True))
+        L.step(f"diagnose: {lab.reveals}")
         lab.reveal(L)
         L.step("cnikit doctor walks the path hop by hop and names the first broken one, the command that "
                "shows it and the one that would fix it (it changes nothing itself)")
-        doctor(L, lab, expect=lab.CAUSE)
+        doctor(L, lab, expect=lab.cause)
         if broken_only:
             return
-        if L.step(f"fix it: {lab.FIX}", skip="fix"):
+        if L.step(f"fix it: {lab.fixes}", skip="fix"):
             lab.fix(L)
 
     def verify(L):
         if broken_only:
-            L.say("--broken: the lab stops here, broken on purpose; the fix would be: " + lab.FIX)
+            L.say("--broken: the lab stops here, broken on purpose; the fix would be: " + lab.fixes)
             return
-        L.check(f"after the fix, {lab.WORKS}", lab.works(L))
-        if hasattr(lab, "prove"):
+        L.check(f"after the fix, {lab.works}", lab.check(L))
+        if lab.prove is not None:
             lab.prove(L)
         doctor(L, lab)
 
@@ -109,8 +143,8 @@ def steps(lab, broken_only=False):
 
 def main(lab):
     """Run LAB as a command: the lesson's options plus --broken."""
-    parser = lab.LESSON.parser()
+    parser = lab.lesson.parser()
     parser.add_argument("--broken", action="store_true", help=STAGE_ARGS_HELP)
     args = parser.parse_args()
     build, verify = steps(lab, broken_only=args.broken)
-    lab.LESSON.main(build, verify, argv=sys.argv[1:], parser=parser)
+    lab.lesson.main(build, verify, argv=sys.argv[1:], parser=parser)

@@ -64,3 +64,20 @@ def test_cni_contention_runs_and_prints_both_targets_with_a_verdict():
         assert line, (row, proc.stdout)
         ms = float(line[len(row):])
         assert ms > 0 or row.startswith("ADD above"), (row, proc.stdout)   # a start takes time; ADD may sit below
+
+
+def test_cli_start_runs_and_prints_each_form_with_its_ratio_and_both_targets_with_a_verdict():
+    proc = subprocess.run([PY, os.path.join(ROOT, "bench", "cli_start.py"), "--rounds", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for form in ("python3 -I -S -c pass (floor)", "python3 cnikit.py netns list (script)",
+                 "python3 -m cnikit netns list", "cnikit netns list (pip entry point)", "ip netns list (for scale)"):
+        line = next((l for l in lines if l.startswith(form + " ")), None)
+        assert line, (form, proc.stdout)
+        ms, ratio = map(float, line[len(form):].split())
+        assert ms > 0 and ratio > 0, line
+    for target in ("python3 -m cnikit netns list <= 3x floor", "cnikit netns list (pip entry point) <= 3x floor"):
+        line = next((l for l in lines if l.startswith(target)), None)
+        assert line and ("meets the target" in line or "MISSES the target" in line), (target, proc.stdout)
+    assert "Traceback" not in proc.stderr

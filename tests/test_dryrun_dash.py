@@ -95,11 +95,11 @@ def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, 
     piped into `dash -e` in a fresh sandbox of its own."""
     mod = load_lesson(stage)
     # a pitfall lab's steps come from stages/pitfall.py; every other lesson defines its own
-    build, verify = (mod.build, mod.verify) if hasattr(mod, "build") else mod.pitfall.steps(mod)
-    L = mod.LESSON.start(quiet=True)
+    lab = getattr(mod, "LAB", None)
+    build, verify = mod.pitfall.steps(lab) if lab else (mod.build, mod.verify)
+    L = (lab.lesson if lab else mod.LESSON).start(quiet=True)
     try:
-        build(L)
-        verify(L)
+        L.play(build, verify)
     finally:
         L.r.stop_all()
     assert L.passed(), L.checks

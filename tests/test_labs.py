@@ -36,13 +36,14 @@ def _lesson(name):
 
 
 def load(number):
-    return _lesson(LABS[number])
+    """Lab NUMBER's declaration (its pitfall.Lab)."""
+    return _lesson(LABS[number]).LAB
 
 
 @contextlib.contextmanager
-def started(mod, **options):
-    """The lesson started quietly in this test's sandbox; its background jobs stop at the end."""
-    L = mod.LESSON.start(quiet=True, **options)
+def started(lesson, **options):
+    """LESSON started quietly in this test's sandbox; its background jobs stop at the end."""
+    L = lesson.start(quiet=True, **options)
     try:
         yield L
     finally:
@@ -108,13 +109,13 @@ def kernel_state():
 
 @pytest.mark.parametrize("number", sorted(LABS))
 def test_lab_passes_in_its_sandbox_with_doctor_naming_the_cause(number):
-    mod = load(number)
+    lab = load(number)
     proc = run_stage(LABS[number], timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     out = proc.stdout
     assert verdict(proc).startswith(f"PASS lesson {number} pitfall_")
     assert "# check: " in out and "FAILED" not in out
-    assert re.search(rf"^BROKEN at \S+: {mod.CAUSE}$", out, re.M), out[-3000:]
+    assert re.search(rf"^BROKEN at \S+: {lab.cause}$", out, re.M), out[-3000:]
     assert re.search(r"^HEALTHY: ", out, re.M)
     # the six steps, in order
     order = ["before anything breaks", "break it the way it breaks in real life", "the symptom, as a user meets it",
@@ -155,26 +156,26 @@ def test_dry_run_runs_under_dash_and_lists_the_doctor_call(number):
 @pytest.mark.parametrize("number", sorted(LABS))
 def test_doctor_names_the_broken_state_changes_nothing_and_finds_the_fixed_one_healthy(number):
     """Build the lab's states with its own functions in this sandbox: working, broken, fixed."""
-    mod = load(number)
-    with started(mod) as L:
-        mod.setup(L)
-        assert mod.works(L)
-        code, report, _ = doctor(*mod.DOCTOR)
+    lab = load(number)
+    with started(lab.lesson) as L:
+        lab.setup(L)
+        assert lab.check(L)
+        code, report, _ = doctor(*lab.doctor)
         assert code == 0 and report["healthy"], report["broken"]
 
-        mod.breakage(L)
+        lab.breakage(L)
         before = kernel_state()
-        code, report, err = doctor(*mod.DOCTOR)
+        code, report, err = doctor(*lab.doctor)
         assert not changes(before, kernel_state()), "doctor changed the kernel's state"
         assert code == 1 and not report["healthy"], err
         broken = report["broken"]
-        assert broken["cause"] == mod.CAUSE, broken
+        assert broken["cause"] == lab.cause, broken
         assert broken["what"] and broken["see"] and broken["fix"]
-        assert report["hops"][0]["ns"] == mod.DOCTOR[0]
+        assert report["hops"][0]["ns"] == lab.doctor[0]
 
-        mod.fix(L)
-        assert mod.works(L)
-        code, report, _ = doctor(*mod.DOCTOR)
+        lab.fix(L)
+        assert lab.check(L)
+        code, report, _ = doctor(*lab.doctor)
         assert code == 0 and report["healthy"] and report["broken"] is None, report["broken"]
         assert report["hops"][-1].get("note", "").endswith("delivered")
 
@@ -191,24 +192,24 @@ def test_changes_tells_what_doctor_did_from_what_the_kernel_does_by_itself():
 
 def test_doctor_fix_command_really_fixes_the_broken_state():
     """The printed fix is a real command: run it by hand and the path is healthy."""
-    mod = load("20")
-    with started(mod) as L:
-        mod.setup(L)
-        mod.breakage(L)
-        code, report, _ = doctor(*mod.DOCTOR)
+    lab = load("20")
+    with started(lab.lesson) as L:
+        lab.setup(L)
+        lab.breakage(L)
+        code, report, _ = doctor(*lab.doctor)
         assert code == 1
         for line in report["broken"]["fix"]:
             subprocess.run(line, shell=True, check=True)
-        assert mod.works(L)
-        assert doctor(*mod.DOCTOR)[0] == 0
+        assert lab.check(L)
+        assert doctor(*lab.doctor)[0] == 0
 
 
 def test_doctor_text_report_names_hop_cause_see_and_fix():
-    mod = load("23")
-    with started(mod) as L:
-        mod.setup(L)
-        mod.breakage(L)
-        proc = cli("doctor", *mod.DOCTOR)
+    lab = load("23")
+    with started(lab.lesson) as L:
+        lab.setup(L)
+        lab.breakage(L)
+        proc = cli("doctor", *lab.doctor)
     assert proc.returncode == 1
     out = proc.stdout
     assert out.startswith("doctor: pod1 -> 198.51.100.10, icmp\n")
@@ -222,9 +223,9 @@ def test_doctor_text_report_names_hop_cause_see_and_fix():
 def test_doctor_on_simulated_nodes_and_from_the_host():
     """-n NODE makes NODE the host: `doctor host ADDR` starts there. Lab 21's nodes: the
     underlay is healthy; an underlay too small for the overlay is named by its MTU."""
-    mod = load("21")
-    with started(mod) as L:
-        mod.setup(L)
+    lab = load("21")
+    with started(lab.lesson) as L:
+        lab.setup(L)
         proc = cli("-n", "node1", "doctor", "host", "192.0.2.2", "--json")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         report = json.loads(proc.stdout)
@@ -250,7 +251,7 @@ def test_doctor_on_simulated_nodes_and_from_the_host():
 def test_doctor_inside_lesson_05_names_missing_nat_as_no_way_back():
     """Lesson 05 without its NAT step: the internet has no route back to the pod."""
     mod = _lesson("05_egress.py")
-    with started(mod, skip=["nat"]) as L:
+    with started(mod.LESSON, skip=["nat"]) as L:
         mod.build(L)
         code, report, _ = doctor("ns1", "internet")
         assert code == 1 and report["broken"]["cause"] == "no-return-route", report["broken"]
@@ -278,8 +279,8 @@ def test_doctor_inside_the_lessons(name, skip, frm, to, cause, words):
     """Doctor reads any topology, not only the labs': the lessons' states, whole or with a
     step left out; and a dry run of doctor looks just the same (it only reads)."""
     mod = _lesson(name)
-    with started(mod, skip=[skip] if skip else []) as L:
-        mod.build(L)
+    with started(mod.LESSON, skip=[skip] if skip else []) as L:
+        L.call(mod.build, L.new_state())
         proc = cli("doctor", frm, to)
         assert proc.returncode == (1 if cause else 0), proc.stdout + proc.stderr
         assert (f": {cause}\n" if cause else "\nHEALTHY: ") in proc.stdout, proc.stdout

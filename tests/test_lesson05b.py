@@ -74,15 +74,16 @@ def built():
     """Lesson 05b built in the test's sandbox; its background processes stopped at the end."""
     mod = load()
     L = mod.LESSON.start(quiet=True)
+    docker = mod.WithDocker()
     try:
-        mod.build(L)
-        yield mod, L
+        mod.build(L, docker)
+        yield mod, L, docker
     finally:
         L.r.stop_all()
 
 
 def test_the_rules_are_dockers_and_real_tcp_from_every_side_reaches_the_container(built):
-    mod, L = built
+    mod, L, docker = built
     nat = iptables_rules("nat")
     assert sorted(r for r in nat if "cnikit port" in r) == sorted(NAT_RULES)
     assert [r for r in iptables_rules("filter") if "cnikit port" in r] == FILTER_RULES
@@ -101,17 +102,17 @@ def test_the_rules_are_dockers_and_real_tcp_from_every_side_reaches_the_containe
         flows = str(sh.conntrack("-L", "-p", "tcp", "--orig-src", "203.0.113.10", "--orig-port-dst", "8080"))
         assert mod.translated(flows, "203.0.113.10", "203.0.113.1"), flows
 
-    mod.verify(L)
+    mod.verify(L, docker)
     assert L.passed(), L.checks
 
 
 def test_verify_fails_exactly_the_proofs_that_need_a_rule_removed_by_hand(built):
     """The lesson's own verification reads the kernel: take the OUTPUT jump away after the
     build, and only the host's own connections fail."""
-    mod, L = built
+    mod, L, docker = built
     sh.iptables("-t", "nat", "-D", "OUTPUT", "-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment",
                 "--comment", "cnikit ports", "-j", "CNIKIT-PORTS")
-    mod.verify(L)
+    mod.verify(L, docker)
     assert failed_proofs(L.checks) == {OWN, LOCAL}, L.checks
 
 

@@ -87,9 +87,10 @@ def test_what_the_lesson_finds_is_what_the_kernel_has():
     independently, before its own verify() runs and tears the containers down."""
     mod = load()
     L = mod.LESSON.start(quiet=True)
+    rt = mod.Runtime()
     try:
-        mod.build(L)
-        record, procs = L.stage["c1"], L.stage["pod_procs"]
+        mod.build(L, rt)
+        record, procs = rt.record, rt.pod_procs
         pid = int(record["pid"])
         assert netns_inode(pid) != netns_inode()
         eth0 = ip_json("addr", "show", "dev", "eth0", pid=pid)[0]
@@ -97,14 +98,14 @@ def test_what_the_lesson_finds_is_what_the_kernel_has():
         assert eth0["address"] == record["mac"] == "02:42:0a:00:09:02"
         host = ip_json("-d", "link", "show", "dev", "veth-c1")[0]
         assert eth0["link_index"] == host["ifindex"] and host["link_index"] == eth0["ifindex"]
-        assert host["master"] == "br0" and L.stage["host_end"] == "veth-c1"
+        assert host["master"] == "br0" and rt.host_end == "veth-c1"
         assert not os.listdir("/run/netns")                 # the name c1 was dropped again
         inodes = {netns_inode(int(p)) for p in procs.values()}
         assert len(inodes) == 1 and inodes != {netns_inode()}
         got = subprocess.run(["nsenter", "-t", str(procs["sidecar"]), "-n", "socat", "-u",
                               "TCP:127.0.0.1:8080,connect-timeout=2", "-"], capture_output=True, text=True, timeout=10)
         assert got.stdout.strip() == "hello-from-app-over-localhost"
-        mod.verify(L)
+        mod.verify(L, rt)
         assert L.passed(), [c for c in L.checks if not c[1]]
         # the runtime's stop: the host ends are gone and no process of the lesson is left
         names = {link["ifname"] for link in ip_json("link", "show")}

@@ -107,8 +107,7 @@ def test_lesson_01_fails_when_the_namespace_was_not_fresh():
     sh.ip("netns", "exec", "ns1", "iptables", "-A", "INPUT", "-j", "ACCEPT")
     L = mod.LESSON.start(quiet=True)
     try:
-        mod.build(L)
-        mod.verify(L)
+        L.play(mod.build, mod.verify)
     finally:
         L.r.stop_all()
     assert ("ns1 started with only lo, and lo was DOWN", False) in L.checks
