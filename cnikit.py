@@ -3914,7 +3914,7 @@ def doctor_walk(r, frm, to, proto="icmp", port=None, host=None, family=4):
     """Walk the path from FROM ("host", a namespace, or an address of one: its source) to TO
     (an address or a namespace) and return the report: {"from", "to", "dst", "src", "hops":
     [...], "healthy", "broken"}. FAMILY (4 or 6): the addresses', when FROM or TO is one.
-    Read-only: every look-up goes through r.query/r.query_json."""
+    Read-only: every look-up goes through r.live, the live kernel whatever the mode."""
     names = r.live.netns_names()
     namespaces = [host] + [n for n in names if n != host] if host else [None] + names
     v = _View(r, namespaces, family)
