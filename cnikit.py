@@ -364,20 +364,22 @@ def require_tools(*tools):
 
 
 class Change:
-    """What one command makes: the typed record the runner keeps of it, so rollback, a
-    lesson's --host refusal and its summary read kinds and names, never argv patterns.
+    """What one command makes (or removes): the typed record the runner keeps of it, so
+    rollback, a lesson's --host refusal and its summary read kinds and names, never argv
+    patterns, and a plan's State learns from it what exists once the command has run.
 
     KIND is one of CHANGE_KINDS; NAME says the object in the kernel's words (a link or
     namespace name, a path, a route as `DST via GW dev DEV`, an iptables rule as
     `-t TABLE -A CHAIN SPEC`, `key=value` of a sysctl); NS is the namespace it lives in
     (None: where cnikit runs); UNDO is the argv that removes it (None: nothing to undo);
-    MTU is a new link's, which a dry run's later plans read (the overlay's underlay)."""
-    __slots__ = ("kind", "name", "ns", "undo", "mtu")
+    FACTS are what a plan's model of the kernel needs besides the name (a link's type, MTU
+    and peer; a route's gateway and device; a rule's table, chain and spec; a file's text)."""
+    __slots__ = ("kind", "name", "ns", "undo", "facts")
 
-    def __init__(self, kind, name, ns=None, undo=None, mtu=None):
+    def __init__(self, kind, name, ns=None, undo=None, **facts):
         if kind not in CHANGE_KINDS:
             raise ValueError(f"change kind {kind!r} is not one of {', '.join(CHANGE_KINDS)}")
-        self.kind, self.name, self.ns, self.undo, self.mtu = kind, name, ns, undo, mtu
+        self.kind, self.name, self.ns, self.undo, self.facts = kind, name, ns, undo, facts
 
     def __repr__(self):
         return f"Change({self.kind!r}, {self.name!r}, ns={self.ns!r})"
@@ -385,13 +387,18 @@ class Change:
     def same(self, kind, name, ns=None):
         return (self.kind, self.name, self.ns) == (kind, name, ns)
 
+    def gone(self):
+        """The Change that removes this object again (`ip link del`, `iptables -D`...)."""
+        return Change("del", self.name, self.ns, what=self.kind, **self.facts)
+
     @classmethod
     def netns(cls, name):
         return cls("netns", name, undo=ip("netns", "del", name))
 
     @classmethod
-    def link(cls, name, ns=None, mtu=None):
-        return cls("link", name, ns, undo=ip("link", "del", name, ns=ns), mtu=mtu)
+    def link(cls, name, ns=None, type=None, mtu=None, **facts):
+        """A new link of TYPE (veth, bridge, vxlan); FACTS: peer and peer_ns (a veth), vni, address."""
+        return cls("link", name, ns, undo=ip("link", "del", name, ns=ns), type=type, mtu=mtu, **facts)
 
     @classmethod
     def up(cls, name, ns=None):
@@ -399,31 +406,45 @@ class Change:
         return cls("up", name, ns)
 
     @classmethod
-    def route(cls, dst, ns=None, **how):
-        """A route to DST; HOW (via, dev, proto...) only names it, the undo deletes DST's route."""
-        return cls("route", " ".join([dst] + kv(**how)), ns, undo=ip("route", "del", dst, ns=ns))
+    def addr(cls, cidr, dev, ns=None):
+        """An address on DEV (goes with the link)."""
+        return cls("addr", f"{cidr} dev {dev}", ns, cidr=cidr, dev=dev)
+
+    @classmethod
+    def master(cls, dev, master, ns=None):
+        """DEV made a port of bridge MASTER."""
+        return cls("master", f"{dev} master {master}", ns, dev=dev, master=master)
+
+    @classmethod
+    def route(cls, dst, ns=None, protocol=None, **how):
+        """A route to DST; HOW (via, dev) only names it, the undo deletes DST's route."""
+        return cls("route", " ".join([dst] + kv(**how)), ns, undo=ip("route", "del", dst, ns=ns), dst=dst,
+                   gateway=how.get("via"), dev=how.get("dev"), protocol=protocol)
 
     @classmethod
     def rule(cls, table, chain, spec, ns=None, family=4):
         name = shlex.join(["-t", table, "-A", chain] + list(spec))
         return cls("rule", name if family == 4 else f"{IPTABLES_TOOL[family]} {name}", ns,
-                   undo=iptables_rule("-D", table, chain, spec, ns, family))
+                   undo=iptables_rule("-D", table, chain, spec, ns, family), table=table, chain=chain,
+                   spec=list(spec), family=family)
 
     @classmethod
     def chain(cls, table, chain, ns=None):
         """A chain of cnikit's own; undone after the rules in it, so empty by then."""
-        return cls("chain", f"-t {table} {chain}", ns, undo=iptables("-t", table, "-X", chain, ns=ns))
+        return cls("chain", f"-t {table} {chain}", ns, undo=iptables("-t", table, "-X", chain, ns=ns),
+                   table=table, chain=chain, family=4)
 
     @classmethod
     def sysctl(cls, key, value, ns=None, old=None):
         """KEY set to VALUE; undone (back to OLD) only when OLD is known and differs."""
         undo = sysctl_set(key, old, ns) if old is not None and str(old) != str(value) else None
-        return cls("sysctl", f"{key}={value}", ns, undo=undo)
+        return cls("sysctl", f"{key}={value}", ns, undo=undo, key=key, value=str(value))
 
     @classmethod
-    def file(cls, path, undo=True):
-        """A file written where a runtime looks; UNDO False: it was there before (replaced)."""
-        return cls("file", path, undo=["rm", "-f", path] if undo is True else (undo or None))
+    def file(cls, path, undo=True, data=None):
+        """A file written where a runtime looks; UNDO False: it was there before (replaced).
+        DATA: its text, when a later step of a plan reads it."""
+        return cls("file", path, undo=["rm", "-f", path] if undo is True else (undo or None), data=data)
 
     @classmethod
     def scratch(cls, *paths):
@@ -431,20 +452,652 @@ class Change:
         return cls("scratch", " ".join(paths), undo=["rm", "-rf", *paths])
 
 
-# What a Change can be. "up" is a state (no object of its own); "scratch" is a temporary
-# file a later step renames or removes (neither summarised nor refused); "cluster" is a
-# kind cluster a lesson creates.
-CHANGE_KINDS = ("netns", "link", "up", "route", "rule", "chain", "sysctl", "file", "scratch", "cluster")
+# What a Change can be. "up", "addr" and "master" are states of a link (no object of their own);
+# "del" removes an object (FACTS["what"]: its kind); "scratch" is a temporary file a later step
+# renames or removes (neither summarised nor refused); "cluster" is a kind cluster a lesson creates.
+CHANGE_KINDS = ("netns", "link", "up", "addr", "master", "route", "rule", "chain", "sysctl", "file", "scratch",
+                "cluster", "del")
+
+
+class Journal:
+    """The Changes this invocation made (in a plan: planned), oldest first, and the rollback
+    of those that ran: it records and undoes, nothing else."""
+
+    def __init__(self):
+        self.changes = []         # every Change recorded
+        self.undo = []            # the Changes a rollback undoes, oldest first
+
+    def record(self, change, ran):
+        self.changes.append(change)
+        if change.undo and ran:
+            self.undo.append(change)
+
+    def forget(self, match):
+        self.undo[:] = [c for c in self.undo if not match(c)]
+
+    def rollback(self, executor, since=0, why="rolling back what this command created"):
+        if len(self.undo) <= since:
+            return []
+        executor.note(why)
+        failed = []
+        while len(self.undo) > since:
+            change = self.undo.pop()
+            executor.echo(change.undo)
+            try:
+                proc = executor.execute(change.undo)
+                why_not = None if proc.returncode == 0 else \
+                    (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            except CnikitError as e:
+                why_not = str(e)
+            if why_not:
+                failed.append(change)
+                print(f"cnikit: warning: could not undo {change.kind} {change.name}"
+                      f"{' in ' + change.ns if change.ns else ''}: {shlex.join(change.undo)}: {why_not}",
+                      file=sys.stderr, flush=True)
+        return failed
+
+
+# ------------------------------------------------ state: what exists (live, or as a plan says)
+
+def _route_covers(cidr, addr):
+    try:
+        return ipaddress.ip_address(addr) in ipaddress.ip_interface(cidr).network
+    except ValueError:
+        return False
+
+
+def parse_rules(listing):
+    """`iptables -S` lines as (user chains, [(chain, spec)])."""
+    chains, rules = [], []
+    for line in listing.splitlines():
+        words = shlex.split(line)
+        if len(words) >= 2 and words[0] == "-N":
+            chains.append(words[1])
+        elif len(words) >= 3 and words[0] == "-A":
+            rules.append((words[1], words[2:]))
+    return chains, rules
+
+
+class State:
+    """What exists, as the verbs ask it: every look-up a verb makes. LiveState reads the
+    kernel (through the Executor, echoed with -v); PlanState is a plan's picture, a base
+    (FreshHost, or this host's LiveState read-only) overlaid with the Changes planned so far.
+    The verbs ask and never know which one answers."""
+
+    def missing(self, error, made=None, exc=UsageError, said=None):
+        """A command's input names something that is not there (a namespace, a link): ERROR
+        (an EXC). MADE: the Change that would have made it (what a plan can assume); SAID: what
+        a plan that assumes says instead of the usual note."""
+        raise exc(error)
+
+    def unknown(self, error, said):
+        """A fact a command cannot do without is not to be had (no docker answer): ERROR;
+        a plan notes SAID and goes on with its defaults."""
+        raise UsageError(error)
+
+    def record(self, change):
+        """A Change the Executor ran or planned (a live kernel knows it already)."""
+
+    def netns_exists(self, name):
+        return name in self.netns_names()
+
+    def addrs(self, name, ns=None):
+        return set()
+
+    def links(self, ns=None):
+        return []
+
+    def link_records(self, ns=None):
+        """Every link of NS with its addresses (`ip -j -d addr show`'s records)."""
+        return []
+
+    def nsids(self, ns=None):
+        """`ip -j netns list-id` of NS: which namespace each peer's nsid is."""
+        return []
+
+    def ports(self, master, ns=None):
+        return [l for l in self.links(ns) if l.get("master") == master]
+
+    def routes(self, dst=None, ns=None, proto=None):
+        return []
+
+    def route_dev(self, addr, ns=None):
+        return None
+
+    def rules(self, table, ns=None, family=4):
+        """[(chain, spec)] of TABLE; None: they cannot be read here."""
+        return []
+
+    def chains(self, table, ns=None, family=4):
+        """The user-defined chains of TABLE; None: they cannot be read here."""
+        return []
+
+    def has_rule(self, table, chain, spec, ns=None, family=4):
+        return (chain, list(spec)) in (self.rules(table, ns, family) or [])
+
+    def has_chain(self, table, chain, ns=None, family=4):
+        return chain in (self.chains(table, ns, family) or [])
+
+    def forward_policy(self, ns=None, family=4):
+        return "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        return False
+
+    def sysctl(self, key, ns=None):
+        return None
+
+    def addr_assign_type(self, name, link, ns=None):
+        return None
+
+    def fdb(self, name, ns=None):
+        return []
+
+    def file_text(self, path):
+        """The text of the file at PATH (a runtime's config, cache, plugin); None: absent."""
+        return None
+
+    def file_exists(self, path):
+        return self.file_text(path) is not None
+
+    def file_head(self, path, size=-1):
+        """The first SIZE bytes of the file at PATH (-1: all); None: absent or unreadable."""
+        return None
+
+    def executable(self, path):
+        return False
+
+    def is_dir(self, path):
+        return False
+
+    def listdir(self, path):
+        """The names in directory PATH, sorted; none when it cannot be read."""
+        return []
+
+    def find_plugin(self, ptype, cni_path):
+        """libcni's FindInPath: the first executable TYPE in the CNI_PATH directories."""
+        return cni_find_plugin(ptype, cni_path)
+
+    def ask(self, argv):
+        """(ok, stdout) of a read-only look-up outside the kernel's objects (docker, kubectl:
+        a kind cluster's nodes), which every plan reads as it is."""
+        return False, ""
+
+    def in_node(self, node, argv):
+        """(ok, stdout) of ARGV run read-only in kind NODE; None: not known (a plan's node)."""
+        return None
+
+
+class FreshHost(State):
+    """A host where nothing has been made yet: the root namespace holds lo, there are no named
+    namespaces, rules or routes of anyone's. FACTS, a LiveState: the host-wide settings that decide
+    a plan (the FORWARD policy, br_netfilter) are read from this host (a lesson's --host plan)."""
+
+    def __init__(self, facts=None):
+        self.facts = facts
+
+    def netns_names(self):
+        return []
+
+    def link(self, name, ns=None):
+        return {"ifname": "lo", "link_type": "loopback", "flags": ["LOOPBACK", "UP"], "mtu": 65536} \
+            if name == "lo" and ns is None else None
+
+    def links(self, ns=None):
+        return [self.link("lo")] if ns is None else []
+
+    def link_records(self, ns=None):
+        return [dict(self.link("lo"), addr_info=[{"family": "inet", "local": "127.0.0.1", "prefixlen": 8,
+                                                  "scope": "host"}])] if ns is None else []
+
+    def forward_policy(self, ns=None, family=4):
+        return self.facts.forward_policy(ns, family) if self.facts else "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        return self.facts.bridged_frames_filtered(ns, family) if self.facts else False
+
+
+class LiveState(State):
+    """The kernel as it is, read through the Executor. READ_ONLY: the base of a plan (a look-up
+    the user may not make, as without root, says so once and answers 'absent')."""
+
+    def __init__(self, executor, read_only=False):
+        self.x, self.read_only, self._blind = executor, read_only, set()
+
+    def query(self, argv, what=None):
+        """(ok, stdout) of a read-only look-up."""
+        proc = self.x.read(argv)
+        if proc.returncode != 0 and self.read_only and what and what not in self._blind and \
+                re.search(r"not permitted|ermission denied|must be root", proc.stderr or ""):
+            self._blind.add(what)
+            self.x.note(f"cannot read {what} here (root needed): planning as if there were none")
+        return proc.returncode == 0, proc.stdout
+
+    def query_json(self, argv, what=None):
+        ok, out = self.query(argv, what)
+        if not ok or not out.strip():
+            return None
+        try:
+            return json.loads(out)
+        except ValueError:
+            return None
+
+    def netns_names(self):
+        return sorted(n["name"] for n in self.query_json(ip("-j", "netns", "list")) or [])
+
+    def netns_exists(self, name):
+        return netns_exists(name)
+
+    def ask(self, argv):
+        return self.query(argv) if which(argv[0]) else (False, "")
+
+    def in_node(self, node, argv):
+        return self.query(docker_exec(node, *argv))
+
+    def link(self, name, ns=None):
+        data = self.query_json(ip("-j", "-d", "link", "show", "dev", name, ns=ns), f"namespace {ns}" if ns else None)
+        return data[0] if data else None
+
+    def addrs(self, name, ns=None):
+        data = self.query_json(ip("-j", "addr", "show", "dev", name, ns=ns)) or []
+        return {f"{a['local']}/{a['prefixlen']}" for rec in data for a in rec.get("addr_info", [])
+                if a.get("family") == "inet" or a.get("family") == "inet6" and a.get("scope") == "global"}
+
+    def links(self, ns=None):
+        return self.query_json(ip("-j", "link", "show", ns=ns), f"namespace {ns}" if ns else None) or []
+
+    def link_records(self, ns=None):
+        return self.query_json(ip("-j", "-d", "addr", "show", ns=ns), f"namespace {ns}" if ns else None) or []
+
+    def nsids(self, ns=None):
+        return self.query_json(ip("-j", "netns", "list-id", ns=ns)) or []
+
+    def ports(self, master, ns=None):
+        return self.query_json(ip("-j", "link", "show", "master", master, ns=ns)) or []
+
+    def routes(self, dst=None, ns=None, proto=None):
+        how = (["exact", dst] if dst else []) + (["proto", proto] if proto else [])
+        family = ["-6"] if dst and ":" in dst else []       # `ip route show exact` looks in one family
+        return self.query_json(ip(*family, "-j", "route", "show", *how, ns=ns)) or []
+
+    def route_dev(self, addr, ns=None):
+        route = self.query_json(ip("-j", "route", "get", addr, ns=ns))
+        return route[0].get("dev") if route else None
+
+    def _listing(self, table, ns=None, family=4, chain=None):
+        if not which(IPTABLES_TOOL[family]):
+            return False, ""
+        return self.query(iptables("-t", table, "-S", *([chain] if chain else []), ns=ns, family=family),
+                          f"{IPTABLES_TOOL[family]} rules")
+
+    def rules(self, table, ns=None, family=4):
+        ok, out = self._listing(table, ns, family)
+        return parse_rules(out)[1] if ok else None
+
+    def chains(self, table, ns=None, family=4):
+        ok, out = self._listing(table, ns, family)
+        return parse_rules(out)[0] if ok else None
+
+    def has_rule(self, table, chain, spec, ns=None, family=4):
+        return which(IPTABLES_TOOL[family]) is not None and \
+            self.query(iptables_rule("-C", table, chain, spec, ns, family))[0]
+
+    def has_chain(self, table, chain, ns=None, family=4):
+        return self._listing(table, ns, family, chain)[0]
+
+    def forward_policy(self, ns=None, family=4):
+        ok, out = self._listing("filter", ns, family, "FORWARD")
+        return "DROP" if ok and "-P FORWARD DROP" in out.splitlines() else "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        """Does br_netfilter pass bridged frames of FAMILY through (ip6)tables here (per namespace)?"""
+        if ns is None:
+            try:
+                with open(BR_NF_CALL[family]) as f:
+                    return f.read().strip() == "1"
+            except OSError:            # no br_netfilter: bridged frames never see iptables
+                return False
+        ok, out = self.query(in_netns(["cat", BR_NF_CALL[family]], ns))
+        return ok and out.strip() == "1"
+
+    def sysctl(self, key, ns=None):
+        ok, value = self.query(in_netns(["sysctl", "-n", key], ns))
+        return value.strip() if ok else None
+
+    def addr_assign_type(self, name, link, ns=None):
+        """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
+        (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
+        path = f"/sys/class/net/{name}/addr_assign_type"
+        if ns:
+            ok, out = self.query(in_netns(["cat", path], ns))
+            return int(out) if ok and out.strip().isdigit() else None
+        try:
+            # A sysfs mounted in another network namespace shows its own links: check the index.
+            with open(f"/sys/class/net/{name}/ifindex") as f:
+                if int(f.read()) != link.get("ifindex"):
+                    return None
+            with open(path) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def fdb(self, name, ns=None):
+        return self.query_json(bridge("-j", "fdb", "show", "dev", name, ns=ns)) or []
+
+    def file_text(self, path):
+        try:
+            with open(path) as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def file_exists(self, path):
+        return os.path.exists(path)
+
+    def file_head(self, path, size=-1):
+        try:
+            with open(path, "rb") as f:
+                return f.read(size)
+        except OSError:
+            return None
+
+    def executable(self, path):
+        return os.access(path, os.X_OK)
+
+    def is_dir(self, path):
+        return os.path.isdir(path)
+
+    def listdir(self, path):
+        return _listdir(path)
+
+
+class PlanState(State):
+    """A plan's picture of the kernel: BASE (a FreshHost, or this host's LiveState read-only)
+    overlaid with every Change planned so far, so a plan checks its input against what it
+    planned itself. ASSUME: a plan that is one step of a longer script (the CLI's --dry-run)
+    takes input it cannot find as made by an earlier step, and says so, instead of refusing."""
+
+    def __init__(self, base, say, assume=False, facts=None):
+        self.base, self.say, self.assume, self.facts = base, say, assume, facts
+        self._netns = {}          # name -> True (planned) / False (deleted)
+        self._links = {}          # (ns, name) -> the link's record as `ip -j -d link` has it; None: deleted
+        self._addrs = {}          # (ns, name) -> [cidr] of a link the plan touched
+        self._routes = {}         # ns -> [route record] planned
+        self._gone_routes = set()  # (ns, dst)
+        self._rules = {}          # (ns, family, table) -> {"chains": {chain: bool}, "rules": [(chain, spec, bool)]}
+        self._sysctls = {}        # (ns, key) -> value
+        self._files = {}          # path -> its planned content; None: removed
+        self._assumed = set()     # the missing input already said
+        self._index = 1000        # ifindex of planned links
+
+    def missing(self, error, made=None, exc=UsageError, said=None):
+        if not self.assume:
+            raise exc(error)
+        if error not in self._assumed:
+            self._assumed.add(error)
+            self.say(said or f"{error}; planned as if an earlier command made it")
+        for change in [made] if isinstance(made, Change) else made or []:
+            self.record(change)
+
+    def unknown(self, error, said):
+        self.say(said)
+
+    def ask(self, argv):
+        return self.facts.ask(argv) if self.facts else (False, "")
+
+    # -- what the base knows, unless the plan made or removed the namespace since
+    def _base_has(self, ns):
+        if ns is None:
+            return True
+        if ns in self._netns:
+            return False
+        return self.base.netns_exists(ns)
+
+    def netns_names(self):
+        names = {n for n in self.base.netns_names() if self._netns.get(n, True)}
+        return sorted(names | {n for n, there in self._netns.items() if there})
+
+    def netns_exists(self, name):
+        return self._netns[name] if name in self._netns else self.base.netns_exists(name)
+
+    def link(self, name, ns=None):
+        if ns is not None and not self.netns_exists(ns):
+            return None
+        if (ns, name) in self._links:
+            return self._links[(ns, name)]
+        return self.base.link(name, ns) if self._base_has(ns) else None
+
+    def addrs(self, name, ns=None):
+        if (ns, name) in self._addrs:
+            return set(self._addrs[(ns, name)])
+        return self.base.addrs(name, ns) if self._base_has(ns) and self.link(name, ns) else set()
+
+    def links(self, ns=None):
+        found = {l["ifname"]: l for l in (self.base.links(ns) if self._base_has(ns) else [])}
+        for (where, name), rec in self._links.items():
+            if where == ns:
+                found[name] = rec
+        return [l for l in found.values() if l]
+
+    def link_records(self, ns=None):
+        found = {l["ifname"]: l for l in (self.base.link_records(ns) if self._base_has(ns) else [])}
+        for (where, name), rec in self._links.items():
+            if where == ns:
+                found[name] = rec and dict(rec, addr_info=[
+                    {"family": "inet6" if ":" in c else "inet", "local": c.split("/")[0],
+                     "prefixlen": int(c.split("/")[1]), "scope": "global"} for c in self._addrs.get((ns, name), [])])
+        return [l for l in found.values() if l]
+
+    def nsids(self, ns=None):
+        return self.base.nsids(ns) if self._base_has(ns) else []
+
+    def ports(self, master, ns=None):
+        return [l for l in self.links(ns) if l.get("master") == master]
+
+    def routes(self, dst=None, ns=None, proto=None):
+        base = self.base.routes(dst, ns, proto) if self._base_has(ns) else []
+        planned = [rt for rt in self._routes.get(ns, []) if (not dst or rt["dst"] == dst)
+                   and (not proto or str(rt.get("protocol")) == str(proto))]
+        return [rt for rt in base if (ns, rt.get("dst")) not in self._gone_routes] + planned
+
+    def route_dev(self, addr, ns=None):
+        for (where, name), cidrs in self._addrs.items():
+            if where == ns and self.link(name, ns) and any(_route_covers(c, addr) for c in cidrs):
+                return name
+        return self.base.route_dev(addr, ns) if self._base_has(ns) else None
+
+    def _table(self, table, ns, family):
+        return self._rules.setdefault((ns, family, table), {"chains": {}, "rules": []})
+
+    def rules(self, table, ns=None, family=4):
+        base = self.base.rules(table, ns, family) if self._base_has(ns) else []
+        t = self._rules.get((ns, family, table), {"chains": {}, "rules": []})
+        if base is None and not t["rules"] and not t["chains"]:
+            return None               # unreadable here, and nothing planned: not known
+        found = [] if base is None else [(c, s) for c, s in base if t["chains"].get(c, True)]
+        for chain, spec, there in t["rules"]:
+            if there:
+                found.append((chain, spec))
+            elif (chain, spec) in found:
+                found.remove((chain, spec))
+        return found
+
+    def chains(self, table, ns=None, family=4):
+        base = self.base.chains(table, ns, family) if self._base_has(ns) else []
+        t = self._rules.get((ns, family, table), {"chains": {}})
+        if base is None and not t["chains"]:
+            return None
+        found = [c for c in base or [] if t["chains"].get(c, True)]
+        return found + [c for c, there in t["chains"].items() if there and c not in found]
+
+    def has_rule(self, table, chain, spec, ns=None, family=4):
+        t = self._rules.get((ns, family, table), {"chains": {}, "rules": []})
+        for c, s, there in reversed(t["rules"]):
+            if (c, s) == (chain, list(spec)):
+                return there
+        if chain in t["chains"] or not self._base_has(ns):
+            return False
+        return self.base.has_rule(table, chain, spec, ns, family)
+
+    def has_chain(self, table, chain, ns=None, family=4):
+        t = self._rules.get((ns, family, table), {"chains": {}})
+        if chain in t["chains"]:
+            return t["chains"][chain]
+        return self._base_has(ns) and self.base.has_chain(table, chain, ns, family)
+
+    def forward_policy(self, ns=None, family=4):
+        return self.base.forward_policy(ns, family) if self._base_has(ns) else "ACCEPT"
+
+    def bridged_frames_filtered(self, ns=None, family=4):
+        return self._base_has(ns) and self.base.bridged_frames_filtered(ns, family)
+
+    def sysctl(self, key, ns=None):
+        if (ns, key) in self._sysctls:
+            return self._sysctls[(ns, key)]
+        return self.base.sysctl(key, ns) if self._base_has(ns) else None
+
+    def addr_assign_type(self, name, link, ns=None):
+        if (ns, name) in self._links:
+            return 3 if (self._links[(ns, name)] or {}).get("address") else None
+        return self.base.addr_assign_type(name, link, ns) if self._base_has(ns) else None
+
+    def fdb(self, name, ns=None):
+        return self.base.fdb(name, ns) if self._base_has(ns) and (ns, name) not in self._links else []
+
+    def file_text(self, path):
+        return self._files[path] if path in self._files else self.base.file_text(path)
+
+    def file_exists(self, path):
+        if path in self._files:
+            return self._files[path] is not None
+        if path.startswith(NETNS_DIR + "/"):
+            return self.netns_exists(path[len(NETNS_DIR) + 1:])
+        return self.base.file_exists(path)
+
+    def file_head(self, path, size=-1):
+        if path not in self._files:
+            return self.base.file_head(path, size)
+        data = self._files[path]
+        if data is None:
+            return None
+        data = data if isinstance(data, bytes) else data.encode() if isinstance(data, str) else json.dumps(
+            data, default=str).encode()
+        return data if size < 0 else data[:size]
+
+    def executable(self, path):
+        return self._files[path] is not None if path in self._files else self.base.executable(path)
+
+    def is_dir(self, path):
+        # Only what the plan itself put there: its script makes its own directories (mkdir -p
+        # costs nothing where they exist), so it also runs where they do not.
+        return any(p.startswith(path.rstrip("/") + "/") and data is not None for p, data in self._files.items())
+
+    def listdir(self, path):
+        names = set(self.base.listdir(path))
+        for p, data in self._files.items():
+            if os.path.dirname(p) == path.rstrip("/"):
+                (names.add if data is not None else names.discard)(os.path.basename(p))
+        return sorted(names)
+
+    def find_plugin(self, ptype, cni_path):
+        for d in cni_path.split(":"):
+            if d and self._files.get(os.path.join(d, ptype)) is not None:
+                return os.path.join(d, ptype)
+        try:
+            return cni_find_plugin(ptype, cni_path)
+        except UsageError as e:
+            path = os.path.join(cni_path.split(":")[0], ptype)     # where a planned install puts it
+            self.missing(str(e), Change.file(path))
+            return path
+
+    # -- learning from a Change
+    def _touch(self, name, ns):
+        """LINK's record, copied into the plan so the plan can change it."""
+        if (ns, name) not in self._links:
+            rec = self.link(name, ns)
+            self._links[(ns, name)] = dict(rec, flags=list(rec.get("flags", []))) if rec else None
+            self._addrs[(ns, name)] = sorted(self.addrs(name, ns)) if rec else []
+        return self._links[(ns, name)]
+
+    def record(self, change):
+        f, ns, name = change.facts, change.ns, change.name
+        if change.kind == "netns":
+            self._netns[name] = True
+            for key in [k for k in self._links if k[0] == name]:
+                del self._links[key]
+            self._links[(name, "lo")] = {"ifname": "lo", "link_type": "loopback", "flags": ["LOOPBACK"],
+                                         "mtu": 65536, "ifalias": TAG}
+        elif change.kind == "link":
+            self._index += 1
+            info = {"info_kind": f.get("type") or ""}
+            if f.get("vni") is not None:
+                info["info_data"] = {"id": f["vni"]}
+            self._links[(ns, name)] = {k: v for k, v in {
+                "ifname": name, "ifindex": self._index, "mtu": f.get("mtu") or DEFAULT_MTU, "flags": [],
+                "linkinfo": info, "link": f.get("peer"), "address": f.get("address"), "ifalias": TAG}.items()
+                if v is not None}
+            self._addrs[(ns, name)] = []
+        elif change.kind == "up":
+            rec = self._touch(name, ns)
+            if rec is not None and "UP" not in rec["flags"]:
+                rec["flags"].append("UP")
+        elif change.kind == "addr":
+            if self._touch(f["dev"], ns) is not None:
+                self._addrs[(ns, f["dev"])].append(f["cidr"])
+        elif change.kind == "master":
+            rec = self._touch(f["dev"], ns)
+            if rec is not None:
+                rec["master"] = f["master"]
+        elif change.kind == "route":
+            self._routes.setdefault(ns, []).append({k: f[k] for k in ("dst", "gateway", "dev", "protocol") if f.get(k)})
+        elif change.kind in ("rule", "chain"):
+            t = self._table(f["table"], ns, f["family"])
+            if change.kind == "rule":
+                t["rules"].append((f["chain"], list(f["spec"]), True))
+            else:
+                t["chains"][f["chain"]] = True
+        elif change.kind == "sysctl" and "key" in f:
+            self._sysctls[(ns, f["key"])] = f["value"]
+        elif change.kind == "file":
+            self._files[name] = f.get("data") if f.get("data") is not None else ""
+        elif change.kind == "del":
+            self._remove(f.get("what"), name, ns, f)
+
+    def _remove(self, what, name, ns, f):
+        if what == "netns":
+            self._netns[name] = False
+            for key in [k for k in self._links if k[0] == name]:
+                del self._links[key]
+        elif what == "link":
+            rec = self.link(name, ns)
+            self._links[(ns, name)] = None
+            if rec and f.get("peer"):
+                self._links[(f.get("peer_ns"), f["peer"])] = None
+        elif what == "route":
+            self._gone_routes.add((ns, f["dst"]))
+            self._routes[ns] = [rt for rt in self._routes.get(ns, []) if rt["dst"] != f["dst"]]
+        elif what == "rule":
+            self._table(f["table"], ns, f["family"])["rules"].append((f["chain"], list(f["spec"]), False))
+        elif what == "chain":
+            t = self._table(f["table"], ns, f["family"])
+            t["chains"][f["chain"]] = False
+            t["rules"] = [r for r in t["rules"] if r[0] != f["chain"]]
+        elif what == "file":
+            self._files[name] = None
 
 
 class Runner:
-    """Executes and echoes argv lists: the only place cnikit runs anything.
+    """The Executor: executes and echoes argv lists, the only place cnikit runs anything,
+    and the owner of the State the verbs ask and of the Journal of what they changed.
 
-    `run` is for commands that change the kernel: always echoed (unless quiet),
-    skipped in a dry run; CREATES, a Change (or several), says what it makes, and
-    the runner keeps it: rollback undoes it, a lesson summarises and refuses with it,
-    and a dry run's later steps plan with it (`made`).
-    `query` is for look-ups cnikit makes to decide (echoed with verbose only).
+    `run` is for commands that change the kernel: always echoed (unless quiet); in a plan
+    (DRY_RUN) only echoed. CREATES, a Change (or several), says what it makes: the journal
+    keeps it (rollback undoes it, a lesson summarises and refuses with it) and the State
+    learns it (a plan's later steps see it).
+    `state` answers every look-up a verb makes: the live kernel, or a plan's picture. A plan
+    (DRY_RUN) is made for a fresh host (a lesson's script, the library's default) or, with
+    PLAN_FOR "this host", against this host's kernel read-only (the CLI's --dry-run).
+    `live` always reads the kernel (doctor only reads).
     `show` is for commands whose output is the point (echoed, output printed).
     `probe`, `spawn` and `hand_over` run checks, background tools and terminal programs.
 
@@ -455,16 +1108,45 @@ class Runner:
     does, noted as comments and recorded here as a Change.file so rollback removes it).
     """
 
-    def __init__(self, dry_run=False, quiet=False, verbose=False, out=None, color=None):
-        self.dry_run, self.quiet, self.verbose = dry_run, quiet, verbose
-        # A dry run plans for a fresh host; one that plans what --host will do to THIS host
-        # looks at what decides it (Docker's FORWARD policy: see forward_drops).
-        self.plans_this_host = False
+    def __init__(self, dry_run=False, quiet=False, verbose=False, out=None, color=None, plan_for="fresh host"):
+        self.quiet, self.verbose = quiet, verbose
+        if plan_for not in ("fresh host", "this host"):
+            raise ValueError(f"plan_for {plan_for!r} is not 'fresh host' or 'this host'")
+        self.plan_for, self._host_facts = plan_for, False
         self.out = out or sys.stdout
         self.color = self.out.isatty() if color is None else color
         self._log = []            # every argv echoed by run/show/probe/spawn/hand_over
-        self._changes = []        # Change records of what ran (in a dry run: what is planned)
-        self._undo = []           # the Changes a rollback undoes, oldest first
+        self.journal = Journal()
+        self.live = LiveState(self)
+        self.dry_run = dry_run
+
+    # -- the mode: the only place it is decided what a look-up reads
+    @property
+    def dry_run(self):
+        """True: a plan (echo, run nothing)."""
+        return self._plan
+
+    @dry_run.setter
+    def dry_run(self, plan):
+        self._plan = bool(plan)
+        if not plan:
+            self.state = self.live
+        elif self.plan_for == "this host":
+            self.state = PlanState(LiveState(self, read_only=True), self.note, assume=True, facts=self.live)
+        else:
+            self.state = PlanState(FreshHost(LiveState(self, read_only=True) if self._host_facts else None),
+                                   self.note, facts=self.live)
+
+    @property
+    def plans_this_host(self):
+        """A fresh-host plan that reads this host's FORWARD policy and br_netfilter (what
+        --host will find): a lesson's plan of what it will change here."""
+        return self._host_facts
+
+    @plans_this_host.setter
+    def plans_this_host(self, value):
+        self._host_facts = bool(value)
+        self.dry_run = self._plan
 
     # -- printing
     def _print(self, text):
@@ -501,6 +1183,16 @@ class Runner:
         """A CNI result, what the user asked for: the JSON in full (a lesson shows its gist)."""
         self.output(json.dumps(obj, indent=2))
 
+    def needs(self, *tools):
+        """The tools the commands ahead run: missing ones fail before anything runs (a plan
+        runs none)."""
+        if not self._plan:
+            require_tools(*tools)
+
+    def tense(self, done, planned):
+        """DONE, or in a plan PLANNED ("removed", "would remove"): how a summary speaks."""
+        return planned if self._plan else done
+
     # -- what this invocation did
     def mark(self):
         """A position in the commands echoed so far, for `ran_since`."""
@@ -515,25 +1207,24 @@ class Runner:
 
     def changes(self, kind=None):
         """The Change records so far (a dry run: the planned ones), oldest first."""
-        return [c for c in self._changes if kind is None or c.kind == kind]
+        return [c for c in self.journal.changes if kind is None or c.kind == kind]
 
     def made(self, kind, name, ns=None):
         """The newest Change of KIND called NAME in NS that this invocation made or planned."""
-        return next((c for c in reversed(self._changes) if c.same(kind, name, ns)), None)
+        return next((c for c in reversed(self.journal.changes) if c.same(kind, name, ns)), None)
 
     def record(self, *changes):
         """Remember CHANGES as this invocation's: made by a command `run` just ran, by
         another program cnikit started (the plugin makes cni0), or by cnikit in-process
-        (a cache file). A dry run only plans them; otherwise rollback undoes them."""
+        (a cache file). A plan's State learns them; otherwise rollback undoes them."""
         for change in changes:
-            self._changes.append(change)
-            if change.undo and not self.dry_run:
-                self._undo.append(change)
+            self.journal.record(change, ran=not self._plan)
+            self.state.record(change)
 
     def forget(self, match):
         """A later command removed these objects itself (a pod that left): rollback must not undo
         the Changes MATCH(change) picks again."""
-        self._undo[:] = [c for c in self._undo if not match(c)]
+        self.journal.forget(match)
 
     # -- executing
     def execute(self, argv, input=None, env=None, timeout=None):
@@ -554,13 +1245,13 @@ class Runner:
 
     def run(self, argv, creates=None, check=True, input=None):
         """Echo ARGV, then run it; on success record CREATES (a Change or a list of
-        them) for rollback. INPUT goes to its stdin and is echoed as a here-document,
-        so the line still pastes."""
+        them). INPUT goes to its stdin and is echoed as a here-document, so the line
+        still pastes."""
         self.echo(argv, " <<'EOF'" if input is not None else "")
         if input is not None and not self.quiet:
             self._print(input.rstrip("\n") + "\nEOF")
         changes = [] if creates is None else [creates] if isinstance(creates, Change) else list(creates)
-        if self.dry_run:
+        if self._plan:
             self.record(*changes)
             return ""
         proc = self.execute(argv, input=input)
@@ -576,7 +1267,7 @@ class Runner:
     def show(self, argv):
         """Echo ARGV and print its output even with -q: it is what the user asked to see."""
         self.echo(argv)
-        if self.dry_run:
+        if self._plan:
             return ""
         proc = self.execute(argv)
         if proc.returncode != 0:
@@ -589,7 +1280,7 @@ class Runner:
         raises, so a lesson can print PASS or FAIL. A dry run prints it and answers
         (True, "")."""
         self.echo(argv)
-        if self.dry_run:
+        if self._plan:
             return True, ""
         try:
             proc = self.execute(argv, timeout=timeout)
@@ -605,7 +1296,7 @@ class Runner:
         Returns the Popen (None in a dry run); the caller stops it. STDIN=True gives it
         a pipe to write to; it runs in its own session so its whole group can be stopped."""
         self.echo(argv, " &")
-        if self.dry_run:
+        if self._plan:
             return None
         try:
             return subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -614,14 +1305,71 @@ class Runner:
         except FileNotFoundError:
             raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}")
 
-    def query(self, argv, in_dry_run=False):
-        """A read-only look-up: returns (ok, stdout). A dry run plans for a fresh host
-        and skips look-ups (answering 'absent') unless IN_DRY_RUN says it is safe."""
-        if self.dry_run and not in_dry_run:
-            return False, ""
+    def exchange(self, shown, argv, stdin_obj, env=None, keep=None, limit=None, timeout=None):
+        """Hand STDIN_OBJ as JSON to ARGV (a CNI plugin) and return the CompletedProcess, echoed
+        as SHOWN with the JSON as a here-document (LIMIT: cut to that many characters unless -v).
+        A plan echoes the JSON whole, so its script replays the call; KEEP names the shell
+        variable the script keeps the answer in, and the answer is PlannedResult(KEEP) (None
+        without KEEP)."""
+        if self._plan:
+            body, expands = heredoc_json(stdin_obj)
+            echo_heredoc(self, shown, body, expands, capture=keep)
+            return PlannedResult(keep) if keep else None
+        stdin = json.dumps(stdin_obj, separators=(",", ":"))
+        echo_heredoc(self, shown, cni_shorten(stdin, None if self.verbose else limit))
+        return self.execute(argv, input=stdin, env=env, timeout=timeout)
+
+    def write_json(self, path, obj, why, error):
+        """Write OBJ as JSON to PATH atomically and record it: in-process (a runtime's cache,
+        the documented exception to echoing), after the note WHY; a plan prints the commands
+        that write it (a PlannedResult inside expands from its shell variable), so its script
+        does what the real run does. A disk error is a CnikitError starting with ERROR."""
+        self.note(why)
+        change = Change.file(path, data=obj)
+        if self._plan:
+            body, expands = heredoc_json(obj, separators=None)
+            self.run(["mkdir", "-p", os.path.dirname(path)])
+            echo_heredoc(self, ["install", "-m", "0644", "/dev/stdin", path + ".tmp"], body, expands)
+            self.run(["mv", "-f", path + ".tmp", path], creates=change)
+            return
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(obj, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            _remove_quietly(tmp)
+            raise CnikitError(f"{error}: {e.strerror or e}") from None
+        self.record(change)
+
+    def remove_file(self, path, said, error):
+        """Remove PATH in-process if it is there (SAID, ERROR: the note and the error, with
+        {} for the path); a plan prints `rm -f PATH`, which its script runs whatever is there."""
+        change = Change.file(path).gone()
+        if self._plan:
+            self.run(["rm", "-f", path], creates=change)
+        elif os.path.exists(path):
+            try:
+                os.unlink(path)
+            except OSError as e:
+                raise CnikitError(f"{error.format(path)}: {e.strerror or e}") from None
+            self.record(change)
+            self.note(said.format(path))
+
+    def read(self, argv):
+        """Run a read-only look-up and return the CompletedProcess (echoed with -v only):
+        the States read the kernel through this."""
         if self.verbose:
             self.note("look-up: " + shlex.join(argv))
-        proc = self.execute(argv)
+        return self.execute(argv)
+
+    def query(self, argv, in_dry_run=False):
+        """A lesson's own read-only look-up: (ok, stdout). A plan skips it (answering
+        'absent') unless IN_DRY_RUN says it is safe. cnikit's verbs ask `state` instead."""
+        if self._plan and not in_dry_run:
+            return False, ""
+        proc = self.read(argv)
         return proc.returncode == 0, proc.stdout
 
     def query_json(self, argv, in_dry_run=False):
@@ -636,32 +1384,14 @@ class Runner:
     def rollback(self, since=0, why="rolling back what this command created"):
         """Undo, newest first, what this invocation made (the changes recorded after the
         first SINCE); keep going past failures, and report each one on stderr. Returns
-        the changes that could not be undone."""
-        if self.dry_run or len(self._undo) <= since:
-            return []
-        self.note(why)
-        failed = []
-        while len(self._undo) > since:
-            change = self._undo.pop()
-            self.echo(change.undo)
-            try:
-                proc = self.execute(change.undo)
-                why_not = None if proc.returncode == 0 else \
-                    (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            except CnikitError as e:
-                why_not = str(e)
-            if why_not:
-                failed.append(change)
-                print(f"cnikit: warning: could not undo {change.kind} {change.name}"
-                      f"{' in ' + change.ns if change.ns else ''}: {shlex.join(change.undo)}: {why_not}",
-                      file=sys.stderr, flush=True)
-        return failed
+        the changes that could not be undone (a plan has nothing to undo)."""
+        return self.journal.rollback(self, since, why)
 
     def hand_over(self, argv):
         """Echo ARGV and run it attached to the user's terminal (a shell, `tail -F`);
         returns its exit code. Ctrl-C stops it, not cnikit."""
         self.echo(argv)
-        if self.dry_run:
+        if self._plan:
             return 0
         try:
             return subprocess.call(argv)
@@ -675,6 +1405,9 @@ class Runner:
         return _Transaction(self)
 
 
+Executor = Runner
+
+
 class _Transaction:
     """`with runner.transaction():` rolls back this block's objects if it fails, for
     any reason: a failed command, Ctrl-C, an OSError, a bug."""
@@ -683,7 +1416,7 @@ class _Transaction:
         self.runner, self.mark = runner, None
 
     def __enter__(self):
-        self.mark = len(self.runner._undo)
+        self.mark = len(self.runner.journal.undo)
         return self.runner
 
     def __exit__(self, exc_type, exc, tb):
@@ -693,65 +1426,60 @@ class _Transaction:
 
 
 # ---------------------------------------------------------------- kernel look-ups
+# Each asks the runner's State: the live kernel, or a plan's picture of it.
 
 def get_link(r, name, ns=None):
     """The link's `ip -j -d link show` record, or None when it does not exist."""
-    data = r.query_json(ip("-j", "-d", "link", "show", "dev", name, ns=ns))
-    return data[0] if data else None
+    return r.state.link(name, ns)
 
 
 def link_addrs(r, name, ns=None):
-    data = r.query_json(ip("-j", "addr", "show", "dev", name, ns=ns)) or []
-    return {f"{a['local']}/{a['prefixlen']}" for rec in data for a in rec.get("addr_info", [])
-            if a.get("family") == "inet" or a.get("family") == "inet6" and a.get("scope") == "global"}
+    return r.state.addrs(name, ns)
 
 
 def link_kind(link):
     return (link or {}).get("linkinfo", {}).get("info_kind", "")
 
 
-def netns_names(r, in_dry_run=False):
+def netns_names(r):
     """Named namespaces, in name order."""
-    data = r.query_json(ip("-j", "netns", "list"), in_dry_run) or []
-    return sorted(n["name"] for n in data)
+    return r.state.netns_names()
 
 
 def netns_exists(name):
+    """Does NAME exist in the live kernel (its file in /run/netns)? Verbs ask r.state."""
     return os.path.exists(os.path.join(NETNS_DIR, name))
 
 
 def require_netns(r, name, what="namespace"):
-    """A namespace this command needs; a dry run plans for it to exist by then."""
-    if name and not r.dry_run and not netns_exists(name):
-        raise UsageError(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})")
+    """A namespace this command needs."""
+    if name and not r.state.netns_exists(name):
+        r.state.missing(f"{what} {name!r} does not exist (create it with: cnikit netns add {name})",
+                        Change.netns(name))
 
 
 def ensure_addrs(r, dev, cidrs, ns=None, fresh=False):
     """Add the addresses DEV lacks; an address already there is left as is.
     FRESH: DEV was just created, so it has none (no look-up needed)."""
     wanted = [c for c in cidrs if c]
-    have = link_addrs(r, dev, ns) if wanted and not (r.dry_run or fresh) else set()
+    have = link_addrs(r, dev, ns) if wanted and not fresh else set()
     for cidr in wanted:
         if cidr not in have:
             same_family = [h for h in have if ":" in h] if ":" in cidr else [h for h in have if ":" not in h]
             if same_family:
                 r.note(f"{dev} already has {', '.join(sorted(same_family))}; adding {cidr} as another address")
-            r.run(addr_add(cidr, dev, ns))
+            r.run(addr_add(cidr, dev, ns), creates=Change.addr(cidr, dev, ns))
+            have = have | {cidr}
 
 
 def say_if_unchanged(r, mark, what):
     """After a re-run: tell the user when nothing needed doing (no command since MARK)."""
-    if not r.dry_run and not r.ran_since(mark):
+    if not r.ran_since(mark):
         r.note(f"{what} already exists as asked; nothing to do")
 
 
 def ensure_up(r, dev, ns=None, link=None, fresh=False):
-    """Bring DEV up unless it is up. FRESH: just created, so down (no look-up).
-    A dry run reads what its plan already brought up, so it says it once."""
-    if r.dry_run:
-        if not r.made("up", dev, ns):
-            r.run(link_up(dev, ns), creates=Change.up(dev, ns))
-        return
+    """Bring DEV up unless it is up. FRESH: just created, so down (no look-up)."""
     link = {} if fresh else link if link is not None else get_link(r, dev, ns)
     if "UP" not in (link or {}).get("flags", []):
         r.run(link_up(dev, ns), creates=Change.up(dev, ns))
@@ -775,8 +1503,7 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         check_netns(ns)
         require_netns(r, ns)
     where = f" in {ns}" if ns else ""
-    family = ["-6"] if ":" in dst else []       # `ip route show exact` looks in one family
-    for route in r.query_json(ip(*family, "-j", "route", "show", "exact", dst, ns=ns)) or []:
+    for route in r.state.routes(dst, ns):
         if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
             have = " ".join(kv(via=route.get("gateway"), dev=route.get("dev")))
             raise UsageError(f"a route to {dst}{where} already exists ({have}), not "
@@ -784,14 +1511,15 @@ def route_add(r, dst, via=None, dev=None, ns=None):
         r.note(f"the route to {dst}{where} already exists as asked")
         return
     r.run(ip("route", "add", dst, *kv(via=via, dev=dev, proto=ROUTE_PROTO), ns=ns),
-          creates=Change.route(dst, ns, via=via, dev=dev))
+          creates=Change.route(dst, ns, protocol=ROUTE_PROTO, via=via, dev=dev))
 
 
 def route_del(r, dst, ns=None):
     """Delete the route to DST ("default" or a CIDR) that route_add made, and only that one:
     a route to DST that cnikit did not make (any protocol but ROUTE_PROTO) is refused and
-    stays. Re-run: no route to DST is fine. The delete names `proto 157`, so even a dry
-    run's script cannot remove another program's route: the kernel matches the protocol."""
+    stays. Re-run: no route to DST is fine. The delete names `proto 157`, so even a script
+    run elsewhere than it was planned cannot remove another program's route: the kernel
+    matches the protocol."""
     if dst != "default":
         dst = check_subnet(dst, "route destination")
     if ns:
@@ -800,11 +1528,8 @@ def route_del(r, dst, ns=None):
     where = f" in {ns}" if ns else ""
     family = ["-6"] if ":" in dst else []       # `ip route show exact` looks in one family
     delete = ip(*family, "route", "del", dst, "proto", ROUTE_PROTO, ns=ns)
-    if r.dry_run:
-        r.run(delete)
-        return
-    routes = r.query_json(ip(*family, "-j", "route", "show", "exact", dst, ns=ns)) or []
-    ours = [route for route in routes if route.get("protocol") == str(ROUTE_PROTO)]
+    routes = r.state.routes(dst, ns)
+    ours = [route for route in routes if str(route.get("protocol")) == str(ROUTE_PROTO)]
     if routes and not ours:
         theirs = routes[0].get("protocol", "boot")    # ip -j leaves out the default, boot
         raise UsageError(f"the route to {dst}{where} is not cnikit's (protocol {theirs}, not {ROUTE_PROTO}): "
@@ -812,7 +1537,7 @@ def route_del(r, dst, ns=None):
     if not ours:
         r.note(f"no route to {dst}{where}; nothing to delete")
     for _ in ours:
-        r.run(delete)
+        r.run(delete, creates=Change.route(dst, ns).gone())
 
 
 # ---------------------------------------------------------------- netns
@@ -820,7 +1545,7 @@ def route_del(r, dst, ns=None):
 def netns_add(r, name, lo_up=False):
     """Create netns NAME (tagged as cnikit's). Re-run: an existing NAME is left as is."""
     check_netns(name)
-    if not r.dry_run and netns_exists(name):
+    if r.state.netns_exists(name):
         r.note(f"netns {name} already exists; nothing to do")
     else:
         add, tag = netns_add_argv(name)
@@ -840,10 +1565,10 @@ def netns_lo_up(r, name):
 def netns_del(r, name):
     """Delete netns NAME and everything inside it. Re-run: absent is fine."""
     check_netns(name)
-    if not r.dry_run and not netns_exists(name):
+    if not r.state.netns_exists(name):
         r.note(f"netns {name} does not exist; nothing to delete")
         return
-    r.run(ip("netns", "del", name))
+    r.run(ip("netns", "del", name), creates=Change.netns(name).gone())
 
 
 def netns_list(r):
@@ -890,10 +1615,10 @@ def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, hos
             if get_link(r, peer, peer_ns):
                 raise UsageError(f"{peer} already exists{' in ' + peer_ns if peer_ns else ''}; "
                                  "pick another peer name")
-            # The peer goes with NAME: only NAME is undone; both MTUs are for a dry run's plans.
+            # The peer goes with NAME: only NAME is undone.
             r.run(veth_add_argv(name, peer, netns, mtu, host),
-                  creates=[Change.link(name, host, mtu or DEFAULT_MTU),
-                           Change("link", peer, peer_ns, mtu=mtu or DEFAULT_MTU)])
+                  creates=[Change.link(name, host, "veth", mtu, peer=peer, peer_ns=peer_ns),
+                           Change("link", peer, peer_ns, type="veth", mtu=mtu, peer=name, peer_ns=host)])
             r.run(tag_link(name, host))
         fresh = link is None
         ensure_addrs(r, name, [addr], host, fresh)
@@ -927,12 +1652,12 @@ def link_del(r, name, kind, host=None):
     check_ifname(name, f"{kind} name")
     require_netns(r, host, "host namespace")
     link = get_link(r, name, host)
-    if not r.dry_run and not link:
+    if not link:
         r.note(f"{kind} {name} does not exist; nothing to delete")
         return
-    if link and link_kind(link) != kind:
+    if link_kind(link) != kind:
         raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a {kind}; not deleting it")
-    r.run(ip("link", "del", name, ns=host))
+    r.run(ip("link", "del", name, ns=host), creates=Change.link(name, host, kind, peer=link.get("link")).gone())
 
 
 def veth_del(r, name, host=None):
@@ -962,8 +1687,8 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
             r.note(f"bridge {name} already exists; checking the rest")
             pin_bridge_mac(r, name, link, host)
         else:
-            r.run(bridge_add_argv(name, mtu, host, bridge_mac(name, host, machine_id())),
-                  creates=Change.link(name, host))
+            mac = bridge_mac(name, host, machine_id())
+            r.run(bridge_add_argv(name, mtu, host, mac), creates=Change.link(name, host, "bridge", mtu, address=mac))
             r.run(tag_link(name, host))
         ensure_addrs(r, name, [addr], host, fresh=link is None)
         ensure_up(r, name, host, link, fresh=link is None)
@@ -972,21 +1697,8 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
 
 
 def addr_assign_type(r, name, link, host=None):
-    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set), from sysfs
-    (rtnetlink does not tell); None when this namespace's sysfs cannot say."""
-    path = f"/sys/class/net/{name}/addr_assign_type"
-    if host:
-        ok, out = r.query(in_netns(["cat", path], host))
-        return int(out) if ok and out.strip().isdigit() else None
-    try:
-        # A sysfs mounted in another network namespace shows its own links: check the index.
-        with open(f"/sys/class/net/{name}/ifindex") as f:
-            if int(f.read()) != link.get("ifindex"):
-                return None
-        with open(path) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
+    """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set); None: unknown."""
+    return r.state.addr_assign_type(name, link, host)
 
 
 def pin_bridge_mac(r, name, link, host=None):
@@ -1009,17 +1721,17 @@ def bridge_attach(r, name, ifaces, host=None):
     require_netns(r, host, "host namespace")
     br = get_link(r, name, host)
     ports = {iface: get_link(r, iface, host) for iface in ifaces}     # one look-up each
-    if not r.dry_run:
-        if not br or link_kind(br) != "bridge":
-            raise UsageError(f"bridge {name} does not exist (create it with: cnikit bridge add {name})")
-        for iface, link in ports.items():
-            if not link:
-                raise UsageError(f"interface {iface} does not exist{' in ' + host if host else ''}")
+    if link_kind(br) != "bridge":
+        r.state.missing(f"bridge {name} does not exist (create it with: cnikit bridge add {name})",
+                        Change.link(name, host, "bridge"))
+    for iface, link in ports.items():
+        if not link:
+            r.state.missing(f"interface {iface} does not exist{' in ' + host if host else ''}", Change.link(iface, host))
     for iface, link in ports.items():
         if link and link.get("master") == name:
             r.note(f"{iface} is already a port of {name}")
         else:
-            r.run(ip("link", "set", "dev", iface, "master", name, ns=host))
+            r.run(ip("link", "set", "dev", iface, "master", name, ns=host), creates=Change.master(iface, name, host))
         ensure_up(r, iface, host, link)
 
 
@@ -1029,8 +1741,9 @@ def bridge_del(r, name, host=None):
     link_del(r, name, "bridge", host)
     table, chain, spec = bridge_forward_rule(name)
     for family in IPTABLES_TOOL:
-        if which(IPTABLES_TOOL[family]) and r.query(iptables_rule("-C", table, chain, spec, host, family))[0]:
-            r.run(iptables_rule("-D", table, chain, spec, host, family))
+        if r.state.has_rule(table, chain, spec, host, family):
+            r.run(iptables_rule("-D", table, chain, spec, host, family),
+                  creates=Change.rule(table, chain, spec, host, family).gone())
 
 
 def bridge_forward_accept(r, name, host=None):
@@ -1046,7 +1759,7 @@ def bridge_forward_accept(r, name, host=None):
         which_ = "" if family == 4 else f"{tool} "
         r.note(f"this host's {which_}FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
                f"switched frames through it (bridge-nf-call-{tool}=1): accept traffic between {name}'s own ports")
-        if r.query(iptables_rule("-C", table, chain, spec, host, family))[0]:
+        if r.state.has_rule(table, chain, spec, host, family):
             r.note(f"the {tool} FORWARD accept rule for {name} is already present")
             continue
         r.run(iptables_rule("-A", table, chain, spec, host, family),
@@ -1054,35 +1767,22 @@ def bridge_forward_accept(r, name, host=None):
 
 
 def forward_drops(r, host=None, family=4):
-    """Is this host's (ip6)tables FORWARD policy DROP (as Docker sets it)? A dry run plans for a
-    fresh host (policy ACCEPT) and does not look, unless it plans for this host (a lesson's
-    --host); without the tool: no."""
-    if r.dry_run and not r.plans_this_host or not which(IPTABLES_TOOL[family]):
-        return False
-    ok, out = r.query(iptables("-S", "FORWARD", ns=host, family=family), in_dry_run=True)
-    return ok and "-P FORWARD DROP" in out.splitlines()
+    """Is this host's (ip6)tables FORWARD policy DROP (as Docker sets it)? A plan for a fresh
+    host: no (unless it plans what a lesson's --host will find); without the tool: no."""
+    return which(IPTABLES_TOOL[family]) is not None and r.state.forward_policy(host, family) == "DROP"
 
 
 def bridged_frames_filtered(r, host=None, family=4):
     """Does br_netfilter pass bridged frames of FAMILY through (ip6)tables here (per namespace)?"""
-    if r.dry_run and not r.plans_this_host:
-        return False
-    if host is None:
-        try:
-            with open(BR_NF_CALL[family]) as f:
-                return f.read().strip() == "1"
-        except OSError:            # no br_netfilter: bridged frames never see iptables
-            return False
-    ok, out = r.query(in_netns(["cat", BR_NF_CALL[family]], host), in_dry_run=True)
-    return ok and out.strip() == "1"
+    return r.state.bridged_frames_filtered(host, family)
 
 
 def bridge_show(r, name, host=None):
     """Print the bridge's ports and the MAC addresses it has learned (its fdb)."""
     check_ifname(name, "bridge name")
     require_netns(r, host, "host namespace")
-    if not r.dry_run and link_kind(get_link(r, name, host)) != "bridge":
-        raise UsageError(f"bridge {name} does not exist")
+    if link_kind(get_link(r, name, host)) != "bridge":
+        r.state.missing(f"bridge {name} does not exist")
     ports = r.show(ip("-br", "link", "show", "master", name, ns=host))
     fdb = r.show(bridge("fdb", "show", "br", name, ns=host))
     return ports, fdb
@@ -1090,43 +1790,64 @@ def bridge_show(r, name, host=None):
 
 # ---------------------------------------------------------------- nat
 
-def _cnikit_rules(r, host=None, subnet=None, in_dry_run=False, tagged=None):
-    """cnikit's rules as (table, chain, spec), read back from `iptables -S`: those its
+def _cnikit_rules(r, host=None, subnet=None, tagged=None, family=4):
+    """cnikit's rules as (table, chain, spec), as `iptables -S` lists them: those its
     comment tags (the jumps, the CLI's NAT rules, the plugin's) and, with no SUBNET, every
     rule inside a chain of cnikit's. TAGGED: only the rules whose comment is exactly that."""
     found = []
     for table in IPTABLES_TABLES:
-        ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
-        for line in out.splitlines() if ok else []:
-            words = shlex.split(line)
-            if len(words) < 3 or words[0] != "-A":
-                continue
-            comment = words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
+        for chain, spec in r.state.rules(table, host, family) or []:
+            comment = _comment_of(spec) or None
             ours = comment is not None and (comment == TAG or comment.startswith(TAG + " "))
             if subnet is not None or tagged is not None:
                 ours = comment == (tagged if tagged is not None else nat_comment(subnet))
-            elif words[1].startswith(CHAIN_PREFIX):
+            elif chain.startswith(CHAIN_PREFIX):
                 ours = True
             if ours:
-                found.append((table, words[1], words[2:]))
+                found.append((table, chain, spec))
     return found
 
 
-def _cnikit_chains(r, host=None, in_dry_run=False):
+def _cnikit_chains(r, host=None):
     """The chains cnikit made, as (table, chain): their names carry its prefix."""
-    found = []
-    for table in IPTABLES_TABLES:
-        ok, out = r.query(iptables("-t", table, "-S", ns=host), in_dry_run)
-        found += [(table, line.split()[1]) for line in (out.splitlines() if ok else [])
-                  if line.startswith("-N " + CHAIN_PREFIX)]
-    return found
+    return [(table, chain) for table in IPTABLES_TABLES for chain in r.state.chains(table, host) or []
+            if chain.startswith(CHAIN_PREFIX)]
 
 
 def _remove_chains(r, chains, host=None, check=True):
     """Empty, then delete, each (table, chain): the jumps into them must be gone first."""
     for table, chain in chains:
         r.run(iptables("-t", table, "-F", chain, ns=host), check=check)
-        r.run(iptables("-t", table, "-X", chain, ns=host), check=check)
+        r.run(iptables("-t", table, "-X", chain, ns=host), check=check, creates=Change.chain(table, chain, host).gone())
+
+
+def ensure_sysctl(r, key, value, ns=None):
+    """Set KEY to VALUE unless it is already (recorded with the old value, so rollback restores it)."""
+    old = r.state.sysctl(key, ns)
+    if old == str(value):
+        r.note(f"{key} is already {value}")
+    else:
+        r.run(sysctl_set(key, value, ns), creates=Change.sysctl(key, value, ns, old=old))
+
+
+def ensure_rule(r, table, chain, spec, ns=None, family=4, said=None):
+    """Append a rule unless it is there (SAID: the note when it is)."""
+    if r.state.has_rule(table, chain, spec, ns, family):
+        r.note(said or f"{table} {chain} rule already present")
+        return
+    r.run(iptables_rule("-A", table, chain, spec, ns, family), creates=Change.rule(table, chain, spec, ns, family))
+
+
+def ensure_chain(r, table, chain, ns=None, said=None):
+    if r.state.has_chain(table, chain, ns):
+        r.note(said or f"chain {chain} ({table}) already exists")
+    else:
+        r.run(iptables("-t", table, "-N", chain, ns=ns), creates=Change.chain(table, chain, ns))
+
+
+def delete_rule(r, table, chain, spec, ns=None, family=4, check=True):
+    r.run(iptables_rule("-D", table, chain, spec, ns, family), check=check,
+          creates=Change.rule(table, chain, spec, ns, family).gone())
 
 
 def nat_add(r, subnet, out_iface, host=None):
@@ -1142,9 +1863,9 @@ def nat_add(r, subnet, out_iface, host=None):
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables", "sysctl")
-    if not r.dry_run and not get_link(r, out_iface, host):
-        raise UsageError(f"--out interface {out_iface} does not exist{' in ' + host if host else ''}: "
-                         "the rules would never match")
+    if not get_link(r, out_iface, host):
+        r.state.missing(f"--out interface {out_iface} does not exist{' in ' + host if host else ''}: "
+                        "the rules would never match", Change.link(out_iface, host))
     existing = _cnikit_rules(r, host, subnet)
     for _, _, spec in existing:
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
@@ -1156,25 +1877,13 @@ def nat_add(r, subnet, out_iface, host=None):
     chain = nat_chain(subnet)
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
-        ok, value = r.query(in_netns(["sysctl", "-n", "net.ipv4.ip_forward"], host))
-        if ok and value.strip() == "1":
-            r.note("net.ipv4.ip_forward is already 1")
-        else:
-            r.run(sysctl_set("net.ipv4.ip_forward", 1, host),
-                  creates=Change.sysctl("net.ipv4.ip_forward", 1, host, old=value.strip() if ok else None))
+        ensure_sysctl(r, "net.ipv4.ip_forward", 1, host)
         for table in IPTABLES_TABLES:
-            if r.query(iptables("-t", table, "-S", chain, ns=host))[0]:
-                r.note(f"chain {chain} ({table}) for {subnet} already exists")
-            else:
-                r.run(iptables("-t", table, "-N", chain, ns=host), creates=Change.chain(table, chain, host))
+            ensure_chain(r, table, chain, host, said=f"chain {chain} ({table}) for {subnet} already exists")
             # The chain is filled before the jump into it: no packet sees it half made.
             for t, c, spec in [rule for rule in nat_rules(subnet, out_iface) if rule[0] == table] + \
                     [jump for jump in nat_jumps(subnet) if jump[0] == table]:
-                present, _ = r.query(iptables_rule("-C", t, c, spec, host))
-                if present:
-                    r.note(f"{t} {c} {spec[-1]} rule for {subnet} already present")
-                    continue
-                r.run(iptables_rule("-A", t, c, spec, host), creates=Change.rule(t, c, spec, host))
+                ensure_rule(r, t, c, spec, host, said=f"{t} {c} {spec[-1]} rule for {subnet} already present")
 
 
 def nat_del(r, subnet, host=None):
@@ -1189,10 +1898,10 @@ def nat_del(r, subnet, host=None):
     # Rules in the chain go with it; tagged rules elsewhere (the jumps) are deleted one by one.
     rules = [(t, c, spec) for t, c, spec in _cnikit_rules(r, host, subnet) if c != chain]
     chains = [(t, c) for t, c in _cnikit_chains(r, host) if c == chain]
-    if not rules and not chains and not r.dry_run:
+    if not rules and not chains:
         r.note(f"no cnikit NAT rules for {subnet}; nothing to delete")
     for table, c, spec in rules:
-        r.run(iptables_rule("-D", table, c, spec, host))
+        delete_rule(r, table, c, spec, host)
     _remove_chains(r, chains, host)
 
 
@@ -1240,9 +1949,10 @@ def nat_publish(r, port, to, bridge, proto="tcp", host=None):
         check_netns(host)
     require_netns(r, host, "host namespace")
     require_tools("iptables", "sysctl")
-    if not r.dry_run and link_kind(get_link(r, bridge, host)) != "bridge":
-        raise UsageError(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
-                         f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})")
+    if link_kind(get_link(r, bridge, host)) != "bridge":
+        r.state.missing(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
+                        f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})",
+                        Change.link(bridge, host, "bridge"))
     for _, _, spec in _cnikit_rules(r, host, tagged=port_comment(port, proto)):
         if "DNAT" in spec and spec[-1] != f"{to_ip}:{to_port}":
             raise UsageError(f"port {proto}/{port} is already published to {spec[-1]}; "
@@ -1252,20 +1962,10 @@ def nat_publish(r, port, to, bridge, proto="tcp", host=None):
                f"connections to {to_ip}:{to_port} through, and only them")
     with r.transaction():
         for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{bridge}.route_localnet"):
-            ok, value = r.query(in_netns(["sysctl", "-n", key], host))
-            if ok and value.strip() == "1":
-                r.note(f"{key} is already 1")
-            else:
-                r.run(sysctl_set(key, 1, host), creates=Change.sysctl(key, 1, host, old=value.strip() if ok else None))
-        if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
-            r.note(f"chain {PORTS_CHAIN} (nat) already exists")
-        else:
-            r.run(iptables("-t", "nat", "-N", PORTS_CHAIN, ns=host), creates=Change.chain("nat", PORTS_CHAIN, host))
+            ensure_sysctl(r, key, 1, host)
+        ensure_chain(r, "nat", PORTS_CHAIN, host)
         for name, (table, chain, spec) in port_rules(port, to_ip, to_port, bridge, proto).items():
-            if r.query(iptables_rule("-C", table, chain, spec, host))[0]:
-                r.note(f"the {name} rule for {proto}/{port} is already present")
-                continue
-            r.run(iptables_rule("-A", table, chain, spec, host), creates=Change.rule(table, chain, spec, host))
+            ensure_rule(r, table, chain, spec, host, said=f"the {name} rule for {proto}/{port} is already present")
     r.note(f"{proto}/{port} on every address of this host now leads to {to_ip}:{to_port}. Where br_netfilter is on, "
            f"the container calling its own published port also needs hairpin mode on its port of {bridge} "
            f"(bridge link set dev PORT hairpin on)")
@@ -1284,17 +1984,16 @@ def nat_unpublish(r, port, proto="tcp", host=None):
     require_tools("iptables")
     rules = _cnikit_rules(r, host, tagged=port_comment(port, proto))
     if not rules:
-        if not r.dry_run:
-            r.note(f"{proto}/{port} is not published by cnikit; nothing to delete")
+        r.note(f"{proto}/{port} is not published by cnikit; nothing to delete")
         return
     for table, chain, spec in rules:
-        r.run(iptables_rule("-D", table, chain, spec, host))
+        delete_rule(r, table, chain, spec, host)
     if any(_comment_of(spec).startswith(f"{TAG} port ") for _, _, spec in _cnikit_rules(r, host)):
         r.note("other ports stay published: the rules they share stay too")
         return
     for table, chain, spec in _cnikit_rules(r, host, tagged=PORTS_COMMENT):
-        r.run(iptables_rule("-D", table, chain, spec, host))
-    if r.query(iptables("-t", "nat", "-S", PORTS_CHAIN, ns=host))[0]:
+        delete_rule(r, table, chain, spec, host)
+    if r.state.has_chain("nat", PORTS_CHAIN, host):
         _remove_chains(r, [("nat", PORTS_CHAIN)], host)
 
 
@@ -1305,18 +2004,13 @@ def _comment_of(spec):
 # ---------------------------------------------------------------- vxlan
 
 def underlay_mtu(r, dev=None, remote=None, host=None):
-    """The MTU of the device the overlay rides on: DEV, else the route to REMOTE.
-    A dry run knows the links it planned itself; others it looks up read-only."""
-    planned = r.made("link", dev, host) if r.dry_run and dev else None
-    if planned and planned.mtu:
-        return planned.mtu
+    """The MTU of the device the overlay rides on: DEV, else the route to REMOTE (a plan
+    knows the links it planned itself, and reads this host's read-only)."""
     if not dev and remote:
-        route = r.query_json(ip("-j", "route", "get", remote, ns=host), in_dry_run=True)
-        dev = route[0].get("dev") if route else None
-    if dev:
-        data = r.query_json(ip("-j", "link", "show", "dev", dev, ns=host), in_dry_run=True)
-        if data:
-            return data[0]["mtu"]
+        dev = r.state.route_dev(remote, host)
+    link = get_link(r, dev, host) if dev else None
+    if link and link.get("mtu"):
+        return link["mtu"]
     r.note(f"underlay MTU unknown here; assuming {DEFAULT_MTU}")
     return DEFAULT_MTU
 
@@ -1351,8 +2045,8 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
-    if dev and not r.dry_run and not get_link(r, dev, host):
-        raise UsageError(f"--dev {dev} does not exist{' in ' + host if host else ''}")
+    if dev and not get_link(r, dev, host):
+        r.state.missing(f"--dev {dev} does not exist{' in ' + host if host else ''}", Change.link(dev, host))
     link, mark = get_link(r, name, host), r.mark()
     with r.transaction():
         if link:
@@ -1364,13 +2058,14 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
         else:
             mtu = mtu or underlay_mtu(r, dev, remote or group, host) - VXLAN_OVERHEAD
             r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host, learning),
-                  creates=Change.link(name, host, mtu))
+                  creates=Change.link(name, host, "vxlan", mtu, vni=vni))
             r.run(tag_link(name, host))
         if bridge_name:
-            if not r.dry_run and link_kind(get_link(r, bridge_name, host)) != "bridge":
-                raise UsageError(f"bridge {bridge_name} does not exist")
+            if link_kind(get_link(r, bridge_name, host)) != "bridge":
+                r.state.missing(f"bridge {bridge_name} does not exist", Change.link(bridge_name, host, "bridge"))
             if not link or link.get("master") != bridge_name:
-                r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host))
+                r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host),
+                      creates=Change.master(name, bridge_name, host))
         ensure_up(r, name, host, link, fresh=link is None)
     say_if_unchanged(r, mark, f"vxlan {name}")
 
@@ -1385,9 +2080,9 @@ def vxlan_fdb_add(r, name, mac, dst, host=None):
     if host:
         check_netns(host)
     require_netns(r, host, "host namespace")
-    if not r.dry_run and link_kind(get_link(r, name, host)) != "vxlan":
-        raise UsageError(f"vxlan {name} does not exist")
-    entries = r.query_json(bridge("-j", "fdb", "show", "dev", name, ns=host)) or []
+    if link_kind(get_link(r, name, host)) != "vxlan":
+        r.state.missing(f"vxlan {name} does not exist", Change.link(name, host, "vxlan"))
+    entries = r.state.fdb(name, host)
     if any(e.get("mac") == mac and e.get("dst") == dst for e in entries):
         r.note(f"fdb entry {mac} dst {dst} on {name} already present")
         return
@@ -1409,15 +2104,14 @@ def collect(r, only=None):
     routes, and cnikit's NAT rules, as plain data. ONLY: just that namespace."""
     if only:
         check_netns(only)
-        if not netns_exists(only):
+        if not r.state.netns_exists(only):
             raise UsageError(f"namespace {only!r} does not exist")
     names = [None] + netns_names(r)
     spaces = []
     for ns in names:
-        links = r.query_json(ip("-j", "-d", "addr", "show", ns=ns)) or []
-        routes = r.query_json(ip("-j", "route", "show", ns=ns)) or []
-        ids = {i.get("nsid"): i.get("name") or HOST_NAME
-               for i in (r.query_json(ip("-j", "netns", "list-id", ns=ns)) or [])}
+        links = r.state.link_records(ns)
+        routes = r.state.routes(ns=ns)
+        ids = {i.get("nsid"): i.get("name") or HOST_NAME for i in r.state.nsids(ns)}
         nat = [{"table": t, "chain": c, "rule": shlex.join(s)} for t, c, s in _cnikit_rules(r, ns)] \
             if which("iptables") else []
         spaces.append({"name": ns or HOST_NAME, "links": [_link_record(l, ids) for l in links],
@@ -1543,47 +2237,47 @@ def cleanup(r, host=None):
     would remove here."""
     if host:
         check_netns(host)
-        if not netns_exists(host):
+        if not r.state.netns_exists(host):
             raise UsageError(f"namespace {host!r} does not exist")
     removed, blind = 0, []
     if not host:
         removed += cleanup_cni(r)
     if which("iptables"):
-        if not r.query(iptables("-S", ns=host), in_dry_run=True)[0]:
+        if r.state.rules("filter", host) is None:
             blind.append("iptables rules")
         # Jumps and tagged rules in built-in chains one by one; cnikit's own chains whole.
-        for table, chain, spec in _cnikit_rules(r, host, in_dry_run=True):
+        for table, chain, spec in _cnikit_rules(r, host):
             if not chain.startswith(CHAIN_PREFIX):
-                r.run(iptables_rule("-D", table, chain, spec, host), check=False)
+                delete_rule(r, table, chain, spec, host, check=False)
                 removed += 1
-        chains = _cnikit_chains(r, host, in_dry_run=True)
+        chains = _cnikit_chains(r, host)
         _remove_chains(r, chains, host, check=False)
         removed += len(chains)
     if which("ip6tables"):
         # IPv6: only the tagged accepts bridge add leaves in FORWARD (the CLI's NAT is IPv4).
-        ok, out = r.query(iptables("-S", "FORWARD", ns=host, family=6), in_dry_run=True)
-        for line in out.splitlines() if ok else []:
-            words = shlex.split(line)
-            if words[:2] == ["-A", "FORWARD"] and _comment_of(words).startswith(f"{TAG} bridge "):
-                r.run(iptables_rule("-D", "filter", "FORWARD", words[2:], host, family=6), check=False)
+        for chain, spec in r.state.rules("filter", host, family=6) or []:
+            if chain == "FORWARD" and _comment_of(spec).startswith(f"{TAG} bridge "):
+                delete_rule(r, "filter", "FORWARD", spec, host, family=6, check=False)
                 removed += 1
-    for route in r.query_json(ip("-j", "route", "show", "proto", ROUTE_PROTO, ns=host), in_dry_run=True) or []:
-        r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False)
+    for route in r.state.routes(ns=host, proto=ROUTE_PROTO):
+        r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False,
+              creates=Change.route(route["dst"], host).gone())
         removed += 1
-    for link in r.query_json(ip("-j", "link", "show", ns=host), in_dry_run=True) or []:
+    for link in r.state.links(host):
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
-            r.run(ip("link", "del", link["ifname"], ns=host), check=False)
+            r.run(ip("link", "del", link["ifname"], ns=host), check=False,
+                  creates=Change.link(link["ifname"], host, peer=link.get("link")).gone())
             removed += 1
-    for ns in [] if host else netns_names(r, in_dry_run=True):
-        lo = r.query_json(ip("-j", "link", "show", "dev", "lo", ns=ns), in_dry_run=True)
+    for ns in [] if host else netns_names(r):
+        lo = r.state.link("lo", ns)
         if lo is None:
             blind.append(f"namespace {ns}")
-        elif lo[0].get("ifalias") == TAG:
-            r.run(ip("netns", "del", ns), check=False)
+        elif lo.get("ifalias") == TAG:
+            r.run(ip("netns", "del", ns), check=False, creates=Change.netns(ns).gone())
             removed += 1
     if blind:
         r.note("could not look at " + ", ".join(blind) + " (root needed): what cnikit made there is not listed")
-    verb = "would remove" if r.dry_run else "removed"
+    verb = r.tense("removed", "would remove")
     inside = f" inside namespace {host} (the namespace itself stays: `cnikit cleanup` without -n removes it)" \
         if host else ""
     r.note(f"cleanup: {verb} {removed} object(s) cnikit had created{inside}" if removed
@@ -1676,10 +2370,10 @@ def cleanup_cni(r, conf_dir=None, plugin_dir=None):
         removed += 1
         bridge_name = plugin.get("bridge") or CNI_DEFAULT_BRIDGE
         if isinstance(bridge_name, str) and plugin.get("mode", "bridge") == "bridge":
-            br = r.query_json(ip("-j", "-d", "link", "show", "dev", bridge_name), in_dry_run=True)
-            ports = r.query_json(ip("-j", "link", "show", "master", bridge_name), in_dry_run=True) or []
-            if br and link_kind(br[0]) == "bridge" and not ports:
-                r.run(ip("link", "del", bridge_name), check=False)
+            br = get_link(r, bridge_name)
+            ports = r.state.ports(bridge_name) if br else []
+            if link_kind(br) == "bridge" and not ports:
+                r.run(ip("link", "del", bridge_name), check=False, creates=Change.link(bridge_name).gone())
                 removed += 1
             elif br and ports:
                 r.note(f"{bridge_name} stays: {len(ports)} port(s) still on it (attachments cnikit did not make)")
@@ -1939,28 +2633,18 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None, ke
     answers. Returns the parsed result (None when the plugin prints nothing, and in a dry
     run, where KEEP names the shell variable the script keeps the answer in: then a
     PlannedResult). A CNI error (non-zero exit, JSON error on stdout) raises CnikitError."""
-    try:
-        plugin = cni_find_plugin(ptype, cni_path)
-    except UsageError:
-        if not r.dry_run:
-            raise
-        plugin = os.path.join(cni_path.split(":")[0], ptype)   # where a planned install puts it
+    plugin = r.state.find_plugin(ptype, cni_path)
     env = {"CNI_COMMAND": command, **env, "CNI_PATH": env.get("CNI_PATH", cni_path)}
-    argv = in_netns([plugin], host)
-    if r.dry_run:
-        # The script must replay: stdin in full, results kept in shell variables.
-        body, expands = heredoc_json(stdin_obj)
-        echo_heredoc(r, cni_invocation_argv(env, plugin, host), body, expands, capture=keep)
-        return PlannedResult(keep) if keep else None
-    stdin = json.dumps(stdin_obj, separators=(",", ":"))
-    # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
-    echo_heredoc(r, cni_invocation_argv(env, plugin, host), cni_shorten(stdin, None if r.verbose else CNI_SHOW_MAX))
     started = time.monotonic()
     try:
-        proc = r.execute(argv, input=stdin, env=env, timeout=CNI_TIMEOUT)
+        # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
+        proc = r.exchange(cni_invocation_argv(env, plugin, host), in_netns([plugin], host), stdin_obj, env, keep,
+                          CNI_SHOW_MAX, CNI_TIMEOUT)
     except UnicodeDecodeError:
         raise CnikitError(f"CNI plugin {ptype} {command} printed bytes that are not UTF-8 text "
                           "(a CNI answer is JSON)") from None
+    if not isinstance(proc, subprocess.CompletedProcess):
+        return proc                 # a plan's: the script keeps the answer
     ms = (time.monotonic() - started) * 1000
     out = proc.stdout.strip()
     try:
@@ -2025,11 +2709,14 @@ def cni_cache_path(net_name, cid, ifname):
     return os.path.join(CNI_CACHE_DIR, f"{net_name}-{cid}-{ifname}")
 
 
-def cni_cache_read(net_name, cid, ifname):
+def cni_cache_read(r, net_name, cid, ifname):
+    """The cached ADD record (a planned ADD's holds its PlannedResult), or None."""
+    data = r.state.file_text(cni_cache_path(net_name, cid, ifname))
+    if isinstance(data, dict) or data is None:
+        return data
     try:
-        with open(cni_cache_path(net_name, cid, ifname)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return json.loads(data)
+    except ValueError:
         return None
 
 
@@ -2042,42 +2729,15 @@ def cni_cache_write(r, net, cid, ifname, cni_args, runtime_config, result, netns
               "config": base64.b64encode(net["raw"]).decode(), "cniArgs": [list(p) for p in cni_args],
               **({"netns": netns} if netns else {}),
               "capabilityArgs": runtime_config or {}, "result": result}
-    if r.dry_run:
-        if not isinstance(result, PlannedResult):
-            r.note(f"the result would be cached in {path}")
-            r.record(Change.file(path))
-            return path
-        # the script caches the result it kept, as the real run does (CHECK and DEL read it)
-        r.note(f"cache the result in {path} (CHECK and DEL get it as prevResult)")
-        body, expands = heredoc_json(record, separators=None)
-        r.run(["mkdir", "-p", CNI_CACHE_DIR])
-        echo_heredoc(r, ["install", "-m", "0644", "/dev/stdin", path + ".tmp"], body, expands)
-        r.run(["mv", "-f", path + ".tmp", path], creates=Change.file(path))
-        return path
-    tmp = path + ".tmp"
-    try:
-        os.makedirs(CNI_CACHE_DIR, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise CnikitError(f"cannot cache the ADD result in {path}: {e.strerror or e}") from None
-    r.record(Change.file(path))
-    r.note(f"result cached in {path} (CHECK and DEL get it as prevResult)")
+    # a plan's script caches the result it kept, as the real run does (CHECK and DEL read it)
+    r.write_json(path, record, f"cache the result in {path} (CHECK and DEL get it as prevResult)",
+                 f"cannot cache the ADD result in {path}")
     return path
 
 
 def cni_cache_drop(r, net_name, cid, ifname):
-    path = cni_cache_path(net_name, cid, ifname)
-    if r.dry_run:
-        r.run(["rm", "-f", path])       # a planned ADD's script cached it
-    elif os.path.exists(path):
-        try:
-            os.unlink(path)
-        except OSError as e:
-            raise CnikitError(f"cannot remove the cached result {path}: {e.strerror or e}") from None
-        r.note(f"cached result {path} removed")
+    r.remove_file(cni_cache_path(net_name, cid, ifname), "cached result {} removed",
+                  "cannot remove the cached result {}")
 
 
 def _remove_quietly(path):
@@ -2122,13 +2782,6 @@ def cni_result_var(call):
     return re.sub(r"[^A-Za-z0-9_]", "_", f"result_{call.cid}_{call.ifname}")
 
 
-def cni_planned_result(r, call):
-    """The result a planned ADD in this same dry run keeps in the script (a PlannedResult),
-    or None: a dry run of DEL or CHECK alone cannot know it."""
-    planned = r.dry_run and r.made("file", cni_cache_path(call.net["name"], call.cid, call.ifname))
-    return PlannedResult(cni_result_var(call)) if planned else None
-
-
 def _cni_need_attachment(r, call, verb):
     if not call.cid and call.netns:
         raise UsageError(f"cni {verb} {call.netns}: a path outside {NETNS_DIR} names no container "
@@ -2146,24 +2799,25 @@ def cni_add(r, call):
     Re-run contract: an attachment already added (cached result) is refused, exit 2;
     if a plugin fails, the chain is DELeted as a runtime does, so nothing is left."""
     _cni_need_attachment(r, call, "add")
-    if not r.dry_run and not os.path.exists(call.netns):
-        raise UsageError(f"network namespace {call.netns} does not exist "
-                         f"(a runtime creates it first: cnikit netns add {os.path.basename(call.netns)})")
+    if not r.state.file_exists(call.netns):
+        r.state.missing(f"network namespace {call.netns} does not exist "
+                        f"(a runtime creates it first: cnikit netns add {os.path.basename(call.netns)})",
+                        Change.netns(call.netns[len(NETNS_DIR) + 1:]) if call.netns.startswith(NETNS_DIR + "/")
+                        else Change.file(call.netns))
     net = call.net
-    if cni_cache_read(net["name"], call.cid, call.ifname) and not r.dry_run:
+    if cni_cache_read(r, net["name"], call.cid, call.ifname):
         raise UsageError(f"{call.cid} {call.ifname} is already attached to {net['name']} "
                          f"(cached result in {cni_cache_path(net['name'], call.cid, call.ifname)}); "
                          "run cnikit cni del first")
-    if not r.dry_run:
-        for plugin in net["plugins"]:      # a missing plugin is bad input: say so before anything runs
-            cni_find_plugin(plugin["type"], call.cni_path)
+    for plugin in net["plugins"]:      # a missing plugin is bad input: say so before anything runs
+        r.state.find_plugin(plugin["type"], call.cni_path)
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
     if forward_drops(r, call.host):
         r.note("this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept "
                "rules; cnikit's plugin adds them per pod in its own chain (forwardAccept), the reference bridge does not")
     prev = None
-    keep = cni_result_var(call) if r.dry_run else None
+    keep = cni_result_var(call)          # a plan's script keeps each answer in this shell variable
     try:
         for i, plugin in enumerate(net["plugins"]):
             prev = cni_exec(r, plugin["type"], "ADD", call.env(),
@@ -2193,7 +2847,7 @@ def _cni_del_chain(r, call, prev, best_effort=False):
     past a failing plugin so the others still release what they hold."""
     net = call.net
     # DEL may come after the netns is gone (containerd's second DEL passes ""): still release.
-    netns = call.netns if call.netns and (r.dry_run or os.path.exists(call.netns)) else ""
+    netns = call.netns if call.netns and r.state.file_exists(call.netns) else ""
     for plugin in reversed(net["plugins"]):
         try:
             cni_exec(r, plugin["type"], "DEL", call.env(netns),
@@ -2212,11 +2866,10 @@ def cni_del(r, call):
     asked (without prevResult) so they release whatever they hold."""
     _cni_need_attachment(r, call, "del")
     net = call.net
-    cached = cni_cache_read(net["name"], call.cid, call.ifname)
-    planned = cni_planned_result(r, call)
+    cached = cni_cache_read(r, net["name"], call.cid, call.ifname)
     prev = None
     if call.version_at_least(CNI_VERSION_CHECK):
-        prev = planned or (cached or {}).get("result")
+        prev = (cached or {}).get("result")
     # As libcni's cached config: what ADD was given (CNI_ARGS, capability args) unless given again now.
     if cached and call.runtime_config == {} and isinstance(cached.get("capabilityArgs"), dict):
         call.runtime_config = cached["capabilityArgs"]
@@ -2224,13 +2877,8 @@ def cni_del(r, call):
     if not call.args_given and isinstance(cached_args, list) and \
             all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in cached_args):
         call.args = [tuple(p) for p in cached_args]
-    if planned or cached:
-        why = ""
-    elif r.dry_run:
-        why = (" (a dry run cannot read the result an ADD caches when the script runs: plugins get no "
-               "prevResult and release what they hold by container id, as on containerd's second DEL)")
-    else:
-        why = " (no cached result: plugins get no prevResult)"
+    why = "" if cached else (" (no cached result: plugins get no prevResult and release what they hold "
+                             "by container id, as on containerd's second DEL)")
     r.note(f"DEL {call.cid} {call.ifname} from network {net['name']}, in reverse order{why}")
     _cni_del_chain(r, call, prev)
     cni_cache_drop(r, net["name"], call.cid, call.ifname)
@@ -2246,26 +2894,23 @@ def cni_check(r, call):
     if net.get("disableCheck"):
         r.note(f"{net['path']} says disableCheck: a runtime skips CHECK for network {net['name']}, and so does this")
         return True
-    planned = cni_planned_result(r, call)
-    if r.dry_run and not planned:
-        # The ADD result lives only in the runtime's cache, after a real ADD: a script
-        # printed in advance cannot hand it to the plugin, and CHECK without it is an error.
-        r.note(f"CHECK {call.cid} {call.ifname}: needs the ADD result as prevResult (the runtime's cache), "
-               "which a dry run cannot know: not printed")
-        return True
-    # a planned ADD of this same dry run: the script hands over the result it kept
-    cached = {"result": planned, "capabilityArgs": call.runtime_config} if planned else \
-        cni_cache_read(net["name"], call.cid, call.ifname)
+    # a planned ADD's record holds the result its script keeps in a shell variable
+    cached = cni_cache_read(r, net["name"], call.cid, call.ifname)
     if not cached:
-        raise CnikitError(f"no cached result for {call.cid} {call.ifname} on {net['name']}: "
-                          f"was it added? (looked for {cni_cache_path(net['name'], call.cid, call.ifname)})")
+        # A plan that is one step of a script cannot know a result an earlier step's ADD keeps:
+        # CHECK without it is an error, so it is not printed.
+        r.state.missing(f"no cached result for {call.cid} {call.ifname} on {net['name']}: "
+                        f"was it added? (looked for {cni_cache_path(net['name'], call.cid, call.ifname)})",
+                        exc=CnikitError, said=f"CHECK {call.cid} {call.ifname}: needs the ADD result as prevResult "
+                        "(the runtime's cache), which this plan cannot know: not printed")
+        return True
     r.note(f"CHECK {call.cid} {call.ifname} on network {net['name']} against its cached result")
     for plugin in net["plugins"]:
         cni_exec(r, plugin["type"], "CHECK", call.env(),
                  cni_plugin_stdin(net, plugin, cached["result"], cached.get("capabilityArgs")),
                  call.cni_path, call.host)
-    if not r.dry_run:
-        r.note("CHECK passed: every plugin found its part in place")
+    r.note(r.tense("CHECK passed: every plugin found its part in place",
+                   "CHECK passes when every plugin finds its part in place"))
     return True
 
 
@@ -2335,8 +2980,8 @@ def cni_log(r, conf_dir=CNI_CONF_DIR, conf=None, lines=20, follow=True):
     """Print the plugin's log; with FOLLOW keep printing as it grows (Ctrl-C stops)."""
     lines = check_int(lines, 0, 1000000, "--lines")
     path = cni_log_path(conf_dir, conf)
-    if not r.dry_run and not os.path.exists(path):
-        raise UsageError(f"no plugin log at {path} yet (the plugin writes it on its first call)")
+    if not r.state.file_exists(path):
+        r.state.missing(f"no plugin log at {path} yet (the plugin writes it on its first call)")
     if not follow:
         return r.show(["tail", "-n", str(lines), path])
     return r.hand_over(["tail", "-n", str(lines), "-F", path])
@@ -2368,11 +3013,11 @@ def write_file_atomic(r, path, text, node=None):
     stdin_here = docker_exec(node, stdin=True) if node else []
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, "." + os.path.basename(path) + ".tmp")
-    if node or r.dry_run or not os.path.isdir(directory):
+    if node or not r.state.is_dir(directory):
         r.run(here + ["mkdir", "-p", directory])
     # A file in a node is the node's (it goes with the cluster); here, one that was not
     # there before is this invocation's, and rollback removes it.
-    made = None if node else Change.file(path, undo=r.dry_run or not os.path.exists(path))
+    made = None if node else Change.file(path, undo=not r.state.file_exists(path), data=text)
     r.run(stdin_here + ["install", "-m", "0644", "/dev/stdin", tmp], input=text,
           creates=None if node else Change.scratch(tmp))
     r.run(here + ["mv", "-f", tmp, path], creates=made)
@@ -2412,22 +3057,20 @@ def python_magic(r, python, node=None):
     return out.strip() if ok else ""
 
 
-def _installed_matches(src, dst, shebang, compiled=False, magic=None):
-    """Is DST already SRC installed this way (same interpreter line; compiled from the same
-    source when COMPILED: its second line names the source's sha256, and the bytecode MAGIC of
-    the interpreter now, so a python3 upgrade gets the plugin built again)?"""
+def _installed_matches(state, src, dst, shebang, compiled=False, magic=None):
+    """Is DST (as STATE sees it) already SRC installed this way (same interpreter line; compiled
+    from the same source when COMPILED: its second line names the source's sha256, and the
+    bytecode MAGIC of the interpreter now, so a python3 upgrade gets the plugin built again)?"""
     try:
-        if not os.access(dst, os.X_OK):
+        data = state.file_head(dst)
+        if data is None or not state.executable(dst):
             return False
         if compiled:
-            import hashlib
-            with open(dst, "rb") as f:
-                head = f.readline().decode() + f.readline().decode()
+            head = "".join(line.decode() + "\n" for line in data.split(b"\n")[:2])
             with open(src, "rb") as f:
                 sha = hashlib.sha256(f.read()).hexdigest()
             return compiled_from(head, shebang, sha, magic)
-        with open(dst, "rb") as f:
-            return f.read() == cni_plugin_bytes(src, shebang)
+        return data == cni_plugin_bytes(src, shebang)
     except (OSError, ValueError):
         return False
 
@@ -2443,10 +3086,13 @@ def compiled_from(head, shebang, sha, magic=None):
             and (magic is None or stamp.get("magic") == magic))
 
 
-def is_compiled_plugin(path):
+def is_compiled_plugin(path, state=None):
     """An ELF binary (a compiled plugin, such as the reference ones): never cnikit's to
-    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`."""
+    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`.
+    STATE: as a runner's State sees it (a plan's planned files); else on disk."""
     try:
+        if state is not None:
+            return state.file_head(path, 4) == b"\x7fELF"
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"
     except OSError:
@@ -2507,16 +3153,16 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         shebang = None
     compiled = bool(shebang) and not plain and _is_python_script(src)
     dst = os.path.join(plugin_dir, ptype)
-    if not r.dry_run and is_compiled_plugin(dst):
+    if is_compiled_plugin(dst, r.state):
         raise UsageError(f"{dst} is a compiled plugin that cnikit did not install; not replacing it "
                          f"(choose another --type)")
     conf_path = cni_conf_file(conf_dir, name)
     text = json.dumps(cni_conflist(name, subnet, ptype, chain, version, extra), indent=2) + "\n"
     mark = r.mark()
-    if r.dry_run or not os.path.isdir(plugin_dir):
+    if not r.state.is_dir(plugin_dir):
         r.run(["mkdir", "-p", plugin_dir])
-    magic = python_magic(r, shebang[2:].split()[0]) if compiled and not r.dry_run else None
-    if not r.dry_run and _installed_matches(src, dst, shebang, compiled, magic or None):
+    magic = python_magic(r, shebang[2:].split()[0]) if compiled else None     # a plan does not ask
+    if _installed_matches(r.state, src, dst, shebang, compiled, magic or None):
         r.note(f"{dst} is already this plugin")
     else:
         tmp = os.path.join(plugin_dir, f".{ptype}.tmp")
@@ -2526,13 +3172,8 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
             r.run(["install", "-m", "0755", src, tmp], creates=Change.scratch(tmp))
             if shebang:
                 r.run(_set_shebang_argv(tmp, shebang))
-        r.run(["mv", "-f", tmp, dst], creates=Change.file(dst, undo=r.dry_run or not os.path.exists(dst)))
-    try:
-        with open(conf_path) as f:
-            same = f.read() == text
-    except OSError:
-        same = False
-    if same and not r.dry_run:
+        r.run(["mv", "-f", tmp, dst], creates=Change.file(dst, undo=not r.state.file_exists(dst)))
+    if r.state.file_text(conf_path) == text:
         r.note(f"{conf_path} already says this")
     else:
         write_file_atomic(r, conf_path, text)
@@ -2551,28 +3192,29 @@ def cni_uninstall(r, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_
     unless another config in CONF_DIR still uses that type. Re-run: absent is fine."""
     name = _cni_check_name(name)
     conf_path = cni_conf_file(conf_dir, name)
-    if not os.path.exists(conf_path):
+    text = r.state.file_text(conf_path)
+    if text is None:
         r.note(f"{conf_path} does not exist; nothing to uninstall")
         return False
-    ptype = cni_load(conf_path)["plugins"][0]["type"]
-    r.run(["rm", "-f", conf_path])
+    ptype = cni_parse(text.encode(), conf_path)["plugins"][0]["type"]
+    r.run(["rm", "-f", conf_path], creates=Change.file(conf_path).gone())
     in_use = []
-    for other in os.listdir(conf_dir) if os.path.isdir(conf_dir) else []:
+    for other in r.state.listdir(conf_dir):
         path = os.path.join(conf_dir, other)
         if path == conf_path or not other.endswith(CNI_CONF_EXT):
             continue
         try:
-            if any(p["type"] == ptype for p in cni_load(path)["plugins"]):
+            if any(p["type"] == ptype for p in cni_parse((r.state.file_text(path) or "").encode(), path)["plugins"]):
                 in_use.append(other)
         except UsageError:
             continue
     dst = os.path.join(plugin_dir, ptype)
-    if in_use and not r.dry_run:
+    if in_use:
         r.note(f"{dst} stays: {', '.join(in_use)} still uses type {ptype}")
-    elif not r.dry_run and is_compiled_plugin(dst):
+    elif is_compiled_plugin(dst, r.state):
         r.note(f"{dst} stays: a compiled plugin, not one cnikit installed")
-    elif r.dry_run or os.path.exists(dst):
-        r.run(["rm", "-f", dst])
+    elif r.state.file_exists(dst):
+        r.run(["rm", "-f", dst], creates=Change.file(dst).gone())
     return True
 
 
@@ -2593,14 +3235,12 @@ def kubectl(cluster, *args):
 def kind_nodes(r, cluster):
     """The cluster's node containers, from docker's kind label (no kind binary needed).
     A dry run without docker plans for kind.yaml's two nodes."""
-    ok, out = r.query(docker("ps", "--filter", f"label={KIND_NODE_LABEL}={cluster}", "--format", "{{.Names}}"),
-                      in_dry_run=True) if which("docker") else (False, "")
+    ok, out = r.state.ask(docker("ps", "--filter", f"label={KIND_NODE_LABEL}={cluster}", "--format", "{{.Names}}"))
     nodes = sorted(out.split()) if ok else []
-    if not nodes and r.dry_run:
-        nodes = [f"{cluster}-control-plane", f"{cluster}-worker"]
-        r.note(f"dry run: no docker answer, planning for kind.yaml's nodes {' '.join(nodes)}")
     if not nodes:
-        raise UsageError(f"kind cluster {cluster!r} has no node containers (create it: make kind-up)")
+        nodes = [f"{cluster}-control-plane", f"{cluster}-worker"]
+        r.state.unknown(f"kind cluster {cluster!r} has no node containers (create it: make kind-up)",
+                        f"dry run: no docker answer, planning for kind.yaml's nodes {' '.join(nodes)}")
     # The control plane first, the workers in order: node i gets 10.244.i.0/24 if kubectl is silent.
     return sorted(nodes, key=lambda n: (not n.endswith("-control-plane"), n))
 
@@ -2608,7 +3248,7 @@ def kind_nodes(r, cluster):
 def kind_pod_cidr(r, cluster, node, index):
     """The node's spec.podCIDR from the API server, else 10.244.INDEX.0/24 (kind's default split)."""
     if which("kubectl"):
-        ok, out = r.query(kubectl(cluster, "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"), in_dry_run=True)
+        ok, out = r.state.ask(kubectl(cluster, "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"))
         if ok and out.strip():
             return check_subnet(out.strip(), f"podCIDR of {node}")
     cidr = str(list(ipaddress.ip_network(KIND_POD_CIDR).subnets(new_prefix=24))[index])
@@ -2617,8 +3257,7 @@ def kind_pod_cidr(r, cluster, node, index):
 
 
 def kind_node_ip(r, node):
-    ok, out = r.query(docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node),
-                      in_dry_run=True) if which("docker") else (False, "")
+    ok, out = r.state.ask(docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node))
     addrs = out.split() if ok else []
     return addrs[0] if addrs else None
 
@@ -2628,8 +3267,7 @@ def kind_ensure_python(r, node, installed=()):
     missing, install python3-minimal in the node. Returns what it did, in words. A node
     that cannot get it is one CnikitError line naming the node, the cause and the fix
     (INSTALLED: the nodes that got python3 before it, the only change made so far)."""
-    ok, _ = r.query(docker_exec(node, "test", "-x", CNI_PYTHON), in_dry_run=True) \
-        if which("docker") else (False, "")
+    ok, _ = r.state.ask(docker_exec(node, "test", "-x", CNI_PYTHON))
     if ok:
         r.note(f"{node}: {CNI_PYTHON} is there (e.g. the derived image of kind/Dockerfile): nothing to install")
         return "present"
@@ -2690,9 +3328,11 @@ def kind_routes(plan):
 
 
 def kind_node_files(r, node, paths):
-    """{path: sha256} of those of PATHS that exist in NODE (one look-up; a dry run: none)."""
-    ok, out = r.query(docker_exec(node, "sha256sum", *paths))
-    found = {}
+    """{path: sha256} of those of PATHS that exist in NODE (one look-up); None: not known (a plan)."""
+    answer = r.state.in_node(node, ["sha256sum", *paths])
+    if answer is None:
+        return None
+    found, out = {}, answer[1]
     for line in out.splitlines():
         digest, _, path = line.partition("  ")
         if path in paths:
@@ -2701,7 +3341,14 @@ def kind_node_files(r, node, paths):
 
 
 def kind_has_route(r, node, cidr, via):
-    routes = r.query_json(docker_exec(node, "ip", "-j", "route", "show", cidr)) or []
+    """Has NODE the route to CIDR via VIA? None: not known (a plan)."""
+    answer = r.state.in_node(node, ["ip", "-j", "route", "show", cidr])
+    if answer is None:
+        return None
+    try:
+        routes = json.loads(answer[1]) if answer[0] and answer[1].strip() else []
+    except ValueError:
+        routes = []
     return any(rt.get("dst") == cidr and rt.get("gateway") == via for rt in routes)
 
 
@@ -2719,7 +3366,7 @@ def kind_plugin_current(r, node, dst, src, sha, compiled, have):
         return have.get(dst) == hashlib.sha256(cni_plugin_bytes(src, cni_shebang(None))).hexdigest()
     if dst not in have:
         return False
-    ok, head = r.query(docker_exec(node, "head", "-n", "2", dst))
+    ok, head = r.state.in_node(node, ["head", "-n", "2", dst]) or (False, "")
     if not (ok and compiled_from(head, cni_shebang(None), sha)):
         return False
     return compiled_from(head, cni_shebang(None), sha, kind_python_magic(r, node) or None)
@@ -2772,8 +3419,7 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
     name = _cni_check_name(name)
     src = _cni_plugin_source(plugin_src)
     compiled = not plain and _is_python_script(src)
-    if not r.dry_run:
-        require_tools("docker")
+    r.needs("docker")
     plan = kind_plan(r, cluster)
     for node in plan:
         plan[node]["python3"] = kind_ensure_python(
@@ -2791,7 +3437,7 @@ def kind_install(r, cluster, name=CNI_NET, plugin_src=None, ptype=CNI_TYPE, chai
         subnet = f"CNIKIT_SUBNET={p['podCIDR']}\n"
         want = {path: hashlib.sha256(text.encode()).hexdigest()
                 for path, text in ((NODE_SUBNET_FILE, subnet), (conf_path, conflist))}
-        have = kind_node_files(r, node, [dst] + list(want))
+        have = kind_node_files(r, node, [dst] + list(want)) or {}    # a plan's node: nothing known
         if kind_plugin_current(r, node, dst, src, sha, compiled, have):
             r.note(f"{node}: {dst} is already this plugin ({form})")
         elif compiled:
@@ -2830,13 +3476,12 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     their veths until kubelet DELs them. Re-run: absent is fine."""
     _kind_check_cluster(cluster)
     name = _cni_check_name(name)
-    if not r.dry_run:
-        require_tools("docker")
+    r.needs("docker")
     plan = kind_plan(r, cluster)
     conf_path = cni_conf_file(conf_dir, name)
     mark = r.mark()
     for node in plan:
-        ok, text = r.query(docker_exec(node, "cat", conf_path))
+        ok, text = r.state.in_node(node, ["cat", conf_path]) or (False, "")
         try:
             ptype = json.loads(text)["plugins"][0]["type"] if ok else CNI_TYPE
         except (ValueError, KeyError, IndexError, TypeError):
@@ -2845,21 +3490,23 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
             ptype = CNI_TYPE
         dst = os.path.join(plugin_dir, ptype)
         files = [conf_path, NODE_SUBNET_FILE]
-        ok, head = r.query(docker_exec(node, "head", "-c", "2", dst))
-        if r.dry_run or head == "#!":
+        # What is not known (a plan's node) is removed as if there: `rm -f` minds no absence.
+        head = r.state.in_node(node, ["head", "-c", "2", dst])
+        if head is None or head[1] == "#!":
             files.append(dst)
-        elif ok:
+        elif head[0]:
             r.note(f"{node}: {dst} stays: not a script (a binary plugin), not one cnikit installed")
-        present = files if r.dry_run else [f for f in files if f in kind_node_files(r, node, files)]
+        have = kind_node_files(r, node, files)
+        present = files if have is None else [f for f in files if f in have]
         if present:
             r.run(docker_exec(node, "rm", "-f", *present))
         # what a kind-install killed while the node compiled the plugin left (the next one replaces it)
-        if r.dry_run or r.query(docker_exec(node, "test", "-d", KIND_BUILD_DIR))[0]:
+        if (r.state.in_node(node, ["test", "-d", KIND_BUILD_DIR]) or (True, ""))[0]:
             r.run(docker_exec(node, "rm", "-rf", KIND_BUILD_DIR))
     for node, cidr, via in kind_routes(plan):
-        if via and (r.dry_run or kind_has_route(r, node, cidr, via)):
+        if via and kind_has_route(r, node, cidr, via) is not False:
             r.run(docker_exec(node, "ip", "route", "del", cidr, "via", via))
-    if not r.dry_run and not r.ran_since(mark):
+    if not r.ran_since(mark):
         r.note(f"kind cluster {cluster}: no plugin, {conf_path}, {NODE_SUBNET_FILE} or route of ours "
                "on any node; nothing to do")
     return plan
@@ -2921,22 +3568,21 @@ def cni_runtime_config(text):
 
 
 def cni_planned_conf(r, conf, conf_dir):
-    """A dry run plans for a fresh host: with no network config there yet (and none named
-    with --conf but the default one), it plans against the one a plain `cni install` writes,
+    """A plan that finds no network config (and none named with --conf but the default
+    one) plans against the one a plain `cni install` writes (a live run: the error),
     says so, and prints a guard that stops the script if another config is in place when it
     runs. Returns that parsed config, or None (the config on disk is read as usual)."""
     path = cni_conf_file(conf_dir, CNI_NET)
-    if not r.dry_run or (conf or path) != path or os.path.exists(path):
+    if (conf or path) != path or r.state.file_exists(path):
         return None
-    if not conf:
-        try:
-            cni_default_conf(conf_dir)
-            return None
-        except UsageError:
-            pass
+    try:
+        cni_load(conf) if conf else cni_default_conf(conf_dir)
+        return None
+    except UsageError as e:
+        # a live run stops here, with the error it would meet reading the config
+        r.state.unknown(str(e), f"no network config in {conf_dir} yet: planned against the one `cnikit cni "
+                        f"install` writes by default ({path}); the script stops here if another one is in place")
     text = json.dumps(cni_conflist(), indent=2) + "\n"
-    r.note(f"no network config in {conf_dir} yet: planned against the one `cnikit cni install` writes "
-           f"by default ({path}); the script stops here if another one is in place")
     r.echo(["cmp", "-s", path, "-"], " <<'EOF' || { echo " + shlex.quote(
         f"{path} is not the config this script was planned against: the default of cnikit cni install")
         + " >&2; exit 1; }")
@@ -2994,12 +3640,12 @@ class _View:
         self.iptables = "ip6tables" if family == 6 else "iptables"
 
     def _q(self, key, argv, as_json=True):
-        # in_dry_run: doctor only looks, so a dry run looks too (it has nothing else to do)
+        # doctor only reads, and reads the live kernel whatever the mode (a dry run looks too)
         if key not in self._cache:
             if as_json:
-                self._cache[key] = self.r.query_json(argv, in_dry_run=True)
+                self._cache[key] = self.r.live.query_json(argv)
             else:
-                ok, out = self.r.query(argv, in_dry_run=True)
+                ok, out = self.r.live.query(argv)
                 self._cache[key] = out if ok else None
         return self._cache[key]
 
@@ -3268,8 +3914,8 @@ def doctor_walk(r, frm, to, proto="icmp", port=None, host=None, family=4):
     """Walk the path from FROM ("host", a namespace, or an address of one: its source) to TO
     (an address or a namespace) and return the report: {"from", "to", "dst", "src", "hops":
     [...], "healthy", "broken"}. FAMILY (4 or 6): the addresses', when FROM or TO is one.
-    Read-only: every look-up goes through r.query/r.query_json."""
-    names = netns_names(r, in_dry_run=True)
+    Read-only: every look-up goes through r.live, the live kernel whatever the mode."""
+    names = r.live.netns_names()
     namespaces = [host] + [n for n in names if n != host] if host else [None] + names
     v = _View(r, namespaces, family)
     src_ns, src = (host if frm == HOST_NAME else frm), None
@@ -4435,7 +5081,7 @@ def _common_options(p, top=True):
     d = {} if top else {"default": argparse.SUPPRESS}
     p.add_argument("-n", "--in", dest="host", metavar="NS",
                    help="act inside namespace NS, standing for a host (like `ip -n NS`)", **d)
-    p.add_argument("--dry-run", action="store_true", help="print the commands for a fresh host; run nothing", **d)
+    p.add_argument("--dry-run", action="store_true", help="print the commands this host needs (it only reads); run nothing", **d)
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands", **d)
     p.add_argument("-v", "--verbose", action="store_true", help="also echo read-only look-ups", **d)
     p.add_argument("--sandbox", action="store_true", help="run this one command in a throwaway sandbox", **d)
@@ -4569,7 +5215,7 @@ def main(argv=None):
         json_out = getattr(args, "as_json", False)
         color = {"always": True, "never": False}.get(args.color)
         r = Runner(dry_run=args.dry_run, quiet=args.quiet, verbose=args.verbose,
-                   out=sys.stderr if json_out else sys.stdout, color=color)
+                   out=sys.stderr if json_out else sys.stdout, color=color, plan_for="this host")
         if not args.dry_run and os.geteuid() != 0 and not row.read_only:
             # Validate first, then show what would run: the user learns either way.
             print("cnikit: root is needed to change the kernel (try sudo); this is what would run:",

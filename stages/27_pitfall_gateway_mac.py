@@ -62,7 +62,7 @@ def setup(L):
     L.step(f"a node with {BRIDGE} made as a bash plugin makes it (no MAC of its own), and three pods on it")
     cnikit.netns_add(r, NODE, lo_up=True)
     # the bash plugin's line, on purpose without `address`: the hole this lab shows
-    r.run(ip("link", "add", BRIDGE, "type", "bridge", ns=NODE), creates=cnikit.Change.link(BRIDGE, NODE))
+    r.run(ip("link", "add", BRIDGE, "type", "bridge", ns=NODE), creates=cnikit.Change.link(BRIDGE, NODE, "bridge"))
     r.run(ip("addr", "add", GATEWAY, "dev", BRIDGE, ns=NODE))
     r.run(ip("link", "set", "dev", BRIDGE, "up", ns=NODE))
     for pod, cidr in PODS.items():

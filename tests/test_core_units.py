@@ -90,7 +90,8 @@ def test_every_nat_rule_is_tagged_as_cnikits_and_lives_in_its_own_chain():
 
 def test_every_iptables_call_waits_for_the_lock():
     r = cnikit.Runner(dry_run=True, out=io.StringIO())
-    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    cnikit.veth_add(r, "v0", "p0")
+    cnikit.nat_add(r, "10.0.0.0/24", "v0")
     calls = [a for a in r.commands() if "iptables" in a]
     assert calls and all(a[a.index("iptables") + 1] == "-w" for a in calls)
     assert cnikit.iptables("-S", ns="h1") == ["ip", "netns", "exec", "h1", "iptables", "-w", "-S"]
@@ -117,11 +118,12 @@ def test_dry_run_executes_nothing(monkeypatch):
         monkeypatch.setattr(cnikit.subprocess, name, lambda argv, *a, **kw: started.append(argv))
     out = io.StringIO()
     r = cnikit.Runner(dry_run=True, out=out)
+    cnikit.netns_add(r, "ns1")
     cnikit.veth_add(r, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24")
-    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    cnikit.nat_add(r, "10.0.0.0/24", "v0")
     assert started == []
     assert len(r.commands()) > 5
-    assert out.getvalue().splitlines()[0] == "ip link add v0 type veth peer name eth0 netns ns1"
+    assert out.getvalue().splitlines()[2] == "ip link add v0 type veth peer name eth0 netns ns1"
     assert "iptables -w -t nat -A POSTROUTING -m comment --comment 'cnikit nat 10.0.0.0/24' -j CNIKIT-NAT-" \
         in out.getvalue()
 
@@ -150,7 +152,7 @@ def test_no_command_cnikit_runs_goes_through_a_shell():
     cnikit.veth_add(r, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24", mtu=1400)
     cnikit.bridge_add(r, "br0", addr="10.0.0.1/24")
     cnikit.bridge_attach(r, "br0", ["v0"])
-    cnikit.nat_add(r, "10.0.0.0/24", "uplink")
+    cnikit.nat_add(r, "10.0.0.0/24", "v0")
     cnikit.vxlan_add(r, "vx0", 42, remote="192.0.2.2", dev="v0", bridge_name="br0")
     cnikit.vxlan_fdb_add(r, "vx0", "02:00:00:00:00:02", "192.0.2.2")
     cnikit.cni_install(r, subnet="10.244.1.0/24")
@@ -173,7 +175,7 @@ def test_a_plan_is_typed_records_of_what_it_creates():
     assert made[:3] == [("netns", "ns1", None), ("link", "v0", None), ("link", "eth0", "ns1")]
     assert ("file", "/opt/cni/bin/cnikit", None) in made and ("file", "/etc/cni/net.d/10-cnikit.conflist", None) in made
     assert any(k == "route" and n.startswith("192.0.2.0/24 via 10.0.0.2") for k, n, _ in made)
-    assert r.made("link", "eth0", "ns1").mtu == 1400 and r.made("up", "v0")
+    assert cnikit.get_link(r, "eth0", "ns1")["mtu"] == 1400 and r.made("up", "v0")
     # A dry run plans; nothing is there to roll back.
     assert r.rollback() == []
     # each link is brought up once in a plan, however often a verb asks
@@ -184,3 +186,44 @@ def test_a_plan_is_typed_records_of_what_it_creates():
 def test_change_kinds_are_closed():
     with pytest.raises(ValueError):
         cnikit.Change("gadget", "x")
+
+
+def test_a_plan_checks_its_input_against_what_it_planned():
+    # A fresh host's plan (a lesson's, the library's): what it neither planned nor finds is
+    # refused with the live run's error, before anything is planned.
+    r = cnikit.Runner(dry_run=True, out=io.StringIO())
+    for verb, err in [(lambda: cnikit.veth_add(r, "v0", "eth0", netns="ns1"), "namespace 'ns1' does not exist"),
+                      (lambda: cnikit.bridge_attach(r, "br0", ["v0"]), "bridge br0 does not exist"),
+                      (lambda: cnikit.nat_add(r, "10.0.0.0/24", "up0"), "--out interface up0 does not exist"),
+                      (lambda: cnikit.vxlan_add(r, "vx0", 42, dev="up0"), "--dev up0 does not exist")]:
+        with pytest.raises(cnikit.UsageError, match=err):
+            verb()
+    assert r.commands() == [] and r.changes() == []
+    cnikit.netns_add(r, "ns1")
+    cnikit.veth_add(r, "v0", "eth0", netns="ns1", peer_addr="10.0.0.2/24", mtu=1400)
+    cnikit.bridge_add(r, "br0", addr="10.0.0.1/24")
+    cnikit.bridge_attach(r, "br0", ["v0"])
+    cnikit.vxlan_add(r, "vx0", 42, dev="v0", bridge_name="br0")
+    assert cnikit.get_link(r, "v0")["master"] == "br0" and cnikit.get_link(r, "vx0")["mtu"] == 1350
+    assert cnikit.link_addrs(r, "eth0", "ns1") == {"10.0.0.2/24"}
+    # the same commands again plan nothing more: the plan is what exists by then
+    mark = r.mark()
+    cnikit.veth_add(r, "v0", "eth0", netns="ns1", peer_addr="10.0.0.2/24", mtu=1400)
+    cnikit.bridge_attach(r, "br0", ["v0"])
+    assert not r.ran_since(mark)
+    cnikit.nat_add(r, "10.0.0.0/24", "br0")
+    cnikit.nat_del(r, "10.0.0.0/24")
+    assert cnikit._cnikit_rules(r) == [] and cnikit._cnikit_chains(r) == []
+    cnikit.netns_del(r, "ns1")
+    assert not r.state.netns_exists("ns1") and cnikit.get_link(r, "eth0", "ns1") is None
+    with pytest.raises(cnikit.UsageError, match="namespace 'ns1' does not exist"):
+        cnikit.netns_exec(r, "ns1", ["true"])
+
+
+def test_the_clis_plan_is_a_step_of_a_script_and_takes_missing_input_as_made_before():
+    out = io.StringIO()
+    r = cnikit.Runner(dry_run=True, out=out, plan_for="this host")
+    cnikit.veth_add(r, "ckt-absent0", "eth0", netns="cnikit-test-absent")
+    assert "# namespace 'cnikit-test-absent' does not exist" in out.getvalue()
+    assert ["ip", "link", "add", "ckt-absent0", "type", "veth", "peer", "name", "eth0", "netns", "cnikit-test-absent"] \
+        in r.commands()
