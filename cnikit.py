@@ -1364,16 +1364,16 @@ class Runner:
             self.note("look-up: " + shlex.join(argv))
         return self.execute(argv)
 
-    def query(self, argv, in_dry_run=False):
+    def query(self, argv):
         """A lesson's own read-only look-up: (ok, stdout). A plan skips it (answering
-        'absent') unless IN_DRY_RUN says it is safe. cnikit's verbs ask `state` instead."""
-        if self._plan and not in_dry_run:
+        'absent'); a look-up a plan may make reads `live`. cnikit's verbs ask `state` instead."""
+        if self._plan:
             return False, ""
         proc = self.read(argv)
         return proc.returncode == 0, proc.stdout
 
-    def query_json(self, argv, in_dry_run=False):
-        ok, out = self.query(argv, in_dry_run)
+    def query_json(self, argv):
+        ok, out = self.query(argv)
         if not ok or not out.strip():
             return None
         try:

@@ -205,7 +205,7 @@ def verify(L):
 
 def underlay_of(r, peer, dev=None):
     """(local address, device) this host uses to reach PEER: the route decides."""
-    route = r.query_json(ip("-j", "route", "get", peer, *(["oif", dev] if dev else [])), in_dry_run=True)
+    route = r.live.query_json(ip("-j", "route", "get", peer, *(["oif", dev] if dev else [])))
     if not route or not route[0].get("prefsrc"):
         raise cnikit.UsageError(f"no route to --peer {peer}{' via ' + dev if dev else ''}: "
                                 "is the underlay network up?")

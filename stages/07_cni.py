@@ -208,7 +208,7 @@ def build_kind(L, cluster):
     r = L.r
     c = cluster.name
     L.step("a cluster whose nodes have no CNI plugin at all (kind.yaml: disableDefaultCNI: true)")
-    ok, out = r.query(["kind", "get", "clusters"], in_dry_run=False)
+    ok, out = r.query(["kind", "get", "clusters"])
     if ok and c in out.split():
         r.note(f"kind cluster {c} already exists")
     else:

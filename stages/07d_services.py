@@ -230,7 +230,7 @@ def verify(L):
               "direction from the backend that was picked")
         argv = ["conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP]
         r.echo(argv)
-        ok, out = r.query(argv, in_dry_run=False)
+        ok, out = r.query(argv)
         backs = {ip_of(c) for c in BACKENDS.values()}
         flows = [line for line in out.splitlines() if line.startswith("tcp")]
         shown = {}

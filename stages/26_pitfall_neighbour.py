@@ -41,7 +41,7 @@ def works(L, expect_fail=False):
 
 
 def _mac(L, ns):
-    data = L.r.query_json(ip("-j", "link", "show", "dev", "eth0", ns=ns), in_dry_run=False)
+    data = L.r.query_json(ip("-j", "link", "show", "dev", "eth0", ns=ns))
     return data[0]["address"] if data else "02:00:0a:00:1a:99"
 
 

@@ -287,7 +287,7 @@ def result_gist(result):
 def iptables_backend(r):
     """"nf_tables" or "legacy": where this host's iptables writes its rules (`iptables -V`
     says; a read-only look at the local tool, so a dry run asks it too)."""
-    ok, out = r.query(["iptables", "-V"], in_dry_run=True)
+    ok, out = r.live.query(["iptables", "-V"])
     return "legacy" if ok and "legacy" in out else "nf_tables"
 
 
