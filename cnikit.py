@@ -558,7 +558,8 @@ class State:
     def ports(self, master, ns=None):
         return [l for l in self.links(ns) if l.get("master") == master]
 
-    def routes(self, dst=None, ns=None, proto=None):
+    def routes(self, dst=None, ns=None, proto=None, family=4):
+        """`ip -j route` records: the route to DST (its family), or every route of FAMILY."""
         return []
 
     def route_dev(self, addr, ns=None):
@@ -715,10 +716,11 @@ class LiveState(State):
     def ports(self, master, ns=None):
         return self.query_json(ip("-j", "link", "show", "master", master, ns=ns)) or []
 
-    def routes(self, dst=None, ns=None, proto=None):
+    def routes(self, dst=None, ns=None, proto=None, family=4):
         how = (["exact", dst] if dst else []) + (["proto", proto] if proto else [])
-        family = ["-6"] if dst and ":" in dst else []       # `ip route show exact` looks in one family
-        return self.query_json(ip(*family, "-j", "route", "show", *how, ns=ns)) or []
+        # `ip route show` looks in one family: DST's, or FAMILY's
+        six = ["-6"] if (":" in dst if dst else family == 6) else []
+        return self.query_json(ip(*six, "-j", "route", "show", *how, ns=ns)) or []
 
     def route_dev(self, addr, ns=None):
         route = self.query_json(ip("-j", "route", "get", addr, ns=ns))
@@ -894,10 +896,10 @@ class PlanState(State):
     def ports(self, master, ns=None):
         return [l for l in self.links(ns) if l.get("master") == master]
 
-    def routes(self, dst=None, ns=None, proto=None):
-        base = self.base.routes(dst, ns, proto) if self._base_has(ns) else []
-        planned = [rt for rt in self._routes.get(ns, []) if (not dst or rt["dst"] == dst)
-                   and (not proto or str(rt.get("protocol")) == str(proto))]
+    def routes(self, dst=None, ns=None, proto=None, family=4):
+        base = self.base.routes(dst, ns, proto, family) if self._base_has(ns) else []
+        planned = [rt for rt in self._routes.get(ns, []) if (rt["dst"] == dst if dst else
+                   (":" in rt["dst"]) == (family == 6)) and (not proto or str(rt.get("protocol")) == str(proto))]
         return [rt for rt in base if (ns, rt.get("dst")) not in self._gone_routes] + planned
 
     def route_dev(self, addr, ns=None):
@@ -2259,10 +2261,11 @@ def cleanup(r, host=None):
             if chain == "FORWARD" and _comment_of(spec).startswith(f"{TAG} bridge "):
                 delete_rule(r, "filter", "FORWARD", spec, host, family=6, check=False)
                 removed += 1
-    for route in r.state.routes(ns=host, proto=ROUTE_PROTO):
-        r.run(ip("route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host), check=False,
-              creates=Change.route(route["dst"], host).gone())
-        removed += 1
+    for family in (4, 6):       # route add makes both
+        for route in r.state.routes(ns=host, proto=ROUTE_PROTO, family=family):
+            r.run(ip(*(["-6"] if family == 6 else []), "route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host),
+                  check=False, creates=Change.route(route["dst"], host).gone())
+            removed += 1
     for link in r.state.links(host):
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
             r.run(ip("link", "del", link["ifname"], ns=host), check=False,

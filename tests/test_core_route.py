@@ -130,3 +130,14 @@ def test_an_ipv6_route_is_found_again_on_a_rerun_and_deleted(ns1):
     assert run("-n", ns1, "route", "del", "2001:db8:1::/64").stdout.splitlines() == \
         ["ip -n ns1 -6 route del 2001:db8:1::/64 proto 157"]
     assert v6() == []
+
+
+def test_cleanup_removes_cnikits_ipv6_routes_too(ns1):
+    sh.ip("-n", ns1, "-6", "addr", "add", "2001:db8::2/64", "dev", "eth0", "nodad")
+    sh.ip("-n", ns1, "-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8::1")      # not cnikit's
+    run("-n", ns1, "route", "add", "2001:db8:1::/64", "--via", "2001:db8::1")
+    v6 = lambda: {r["dst"]: r.get("protocol") for r in json.loads(str(sh.ip("-n", ns1, "-6", "-j", "route", "show")))}
+    assert v6()["2001:db8:1::/64"] == PROTO
+    proc = run("-n", ns1, "cleanup")
+    assert "ip -n ns1 -6 route del 2001:db8:1::/64 proto 157" in proc.stdout.splitlines()
+    assert "2001:db8:1::/64" not in v6() and v6()["2001:db8:2::/64"] != PROTO
