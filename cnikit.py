@@ -23,8 +23,6 @@ the verbs (netns, veth, bridge, nat, vxlan, show, cleanup); cni (the runtime's p
 call plugins, install them, kind); the sandbox; the CLI.
 """
 import os
-import re
-import shlex
 import subprocess
 import sys
 import time
@@ -43,8 +41,8 @@ class _Lazy:
         return getattr(module, attr)
 
 
-argparse, base64, ctypes, hashlib, ipaddress, json, textwrap = map(_Lazy, (
-    "argparse", "base64", "ctypes", "hashlib", "ipaddress", "json", "textwrap"))
+argparse, base64, ctypes, hashlib, ipaddress, json, re, shlex, textwrap = map(_Lazy, (
+    "argparse", "base64", "ctypes", "hashlib", "ipaddress", "json", "re", "shlex", "textwrap"))
 
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
 VXLAN_PORT = 4789                 # IANA port for VXLAN
@@ -103,7 +101,7 @@ class CommandFailed(CnikitError):
     def __init__(self, argv, returncode, stderr):
         self.argv, self.returncode, self.stderr = argv, returncode, (stderr or "").strip()
         msg = self.stderr.splitlines()[-1] if self.stderr else f"exit status {returncode}"
-        super().__init__(f"command failed: {shlex.join(argv)}: {msg}")
+        super().__init__(f"command failed: {shell_join(argv)}: {msg}")
 
 
 # ---------------------------------------------------------------- validation (pure)
@@ -183,6 +181,23 @@ def check_mac(text):
 
 
 # ---------------------------------------------------------------- argv builders (pure)
+
+# What a shell reads as itself, unquoted (shlex.quote's set: ASCII word characters and @%+=:,./-).
+SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+
+
+def shell_quote(word):
+    """WORD as a shell reads it back, quoted as shlex.quote does; here because every command
+    cnikit runs is echoed, and shlex would make each CLI start import re for it."""
+    if word and all(c in SHELL_SAFE for c in word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def shell_join(argv):
+    """ARGV as one line a shell runs (shlex.join's line)."""
+    return " ".join(shell_quote(word) for word in argv)
+
 
 def ip(*args, ns=None):
     """`ip [-n NS] ARGS...`: iproute2 enters the namespace itself."""
@@ -423,7 +438,7 @@ class Change:
 
     @classmethod
     def rule(cls, table, chain, spec, ns=None, family=4):
-        name = shlex.join(["-t", table, "-A", chain] + list(spec))
+        name = shell_join(["-t", table, "-A", chain] + list(spec))
         return cls("rule", name if family == 4 else f"{IPTABLES_TOOL[family]} {name}", ns,
                    undo=iptables_rule("-D", table, chain, spec, ns, family), table=table, chain=chain,
                    spec=list(spec), family=family)
@@ -492,7 +507,7 @@ class Journal:
             if why_not:
                 failed.append(change)
                 print(f"cnikit: warning: could not undo {change.kind} {change.name}"
-                      f"{' in ' + change.ns if change.ns else ''}: {shlex.join(change.undo)}: {why_not}",
+                      f"{' in ' + change.ns if change.ns else ''}: {shell_join(change.undo)}: {why_not}",
                       file=sys.stderr, flush=True)
         return failed
 
@@ -668,8 +683,8 @@ class LiveState(State):
     def query(self, argv, what=None):
         """(ok, stdout) of a read-only look-up."""
         proc = self.x.read(argv)
-        if proc.returncode != 0 and self.read_only and what and what not in self._blind and \
-                re.search(r"not permitted|ermission denied|must be root", proc.stderr or ""):
+        # a failed look-up without root is taken as one root alone may make (not by its words)
+        if proc.returncode != 0 and self.read_only and what and what not in self._blind and os.geteuid() != 0:
             self._blind.add(what)
             self.x.note(f"cannot read {what} here (root needed): planning as if there were none")
         return proc.returncode == 0, proc.stdout
@@ -1163,7 +1178,7 @@ class Runner:
 
     def shell_line(self, argv):
         """ARGV as one line a shell runs: every word quoted as it needs."""
-        return shlex.join(argv)
+        return shell_join(argv)
 
     def print_command(self, line):
         """How a command appears: one line, highlighted on a terminal (a lesson's presenter
@@ -1243,7 +1258,7 @@ class Runner:
         except PermissionError as e:
             raise CnikitError(f"cannot run {argv[0]}: {e.strerror}") from None
         except subprocess.TimeoutExpired:
-            raise CnikitError(f"{shlex.join(argv)} did not finish within {timeout}s") from None
+            raise CnikitError(f"{shell_join(argv)} did not finish within {timeout}s") from None
 
     def run(self, argv, creates=None, check=True, input=None):
         """Echo ARGV, then run it; on success record CREATES (a Change or a list of
@@ -1363,7 +1378,7 @@ class Runner:
         """Run a read-only look-up and return the CompletedProcess (echoed with -v only):
         the States read the kernel through this."""
         if self.verbose:
-            self.note("look-up: " + shlex.join(argv))
+            self.note("look-up: " + shell_join(argv))
         return self.execute(argv)
 
     def query(self, argv):
@@ -1915,8 +1930,8 @@ def nat_show(r, host=None):
     require_tools("iptables")
     chains = _cnikit_chains(r, host)
     rules = _cnikit_rules(r, host)
-    lines = [shlex.join(iptables("-t", table, "-N", chain)) for table, chain in chains]
-    lines += [shlex.join(iptables_rule("-A", table, chain, spec)) for table, chain, spec in rules]
+    lines = [shell_join(iptables("-t", table, "-N", chain)) for table, chain in chains]
+    lines += [shell_join(iptables_rule("-A", table, chain, spec)) for table, chain, spec in rules]
     r.note(f"cnikit's iptables chains and rules{' in ' + host if host else ''}: "
            f"{len(chains)} chain(s), {len(rules)} rule(s)")
     r.output("\n".join(lines))
@@ -2114,7 +2129,7 @@ def collect(r, only=None):
         links = r.state.link_records(ns)
         routes = r.state.routes(ns=ns)
         ids = {i.get("nsid"): i.get("name") or HOST_NAME for i in r.state.nsids(ns)}
-        nat = [{"table": t, "chain": c, "rule": shlex.join(s)} for t, c, s in _cnikit_rules(r, ns)] \
+        nat = [{"table": t, "chain": c, "rule": shell_join(s)} for t, c, s in _cnikit_rules(r, ns)] \
             if which("iptables") else []
         spaces.append({"name": ns or HOST_NAME, "links": [_link_record(l, ids) for l in links],
                        "routes": [_route_text(rt) for rt in routes], "nat": nat})
@@ -3586,7 +3601,7 @@ def cni_planned_conf(r, conf, conf_dir):
         r.state.unknown(str(e), f"no network config in {conf_dir} yet: planned against the one `cnikit cni "
                         f"install` writes by default ({path}); the script stops here if another one is in place")
     text = json.dumps(cni_conflist(), indent=2) + "\n"
-    r.echo(["cmp", "-s", path, "-"], " <<'EOF' || { echo " + shlex.quote(
+    r.echo(["cmp", "-s", path, "-"], " <<'EOF' || { echo " + shell_quote(
         f"{path} is not the config this script was planned against: the default of cnikit cni install")
         + " >&2; exit 1; }")
     if not r.quiet:
@@ -3630,7 +3645,7 @@ def _ns_name(ns):
 
 
 def _as_shell(argv_list):
-    return [shlex.join(argv) for argv in argv_list]
+    return [shell_join(argv) for argv in argv_list]
 
 
 class _View:
@@ -4236,7 +4251,7 @@ def _drop_text(chains, chain, rule, where, tool="iptables"):
     if rule is None:
         return (f"{tool} {chain} in {where} has policy {chains[chain]['policy']} and no rule accepts this "
                 f"traffic (the policy has dropped {chains[chain].get('packets', 0)} packets so far)")
-    return f"the {tool} {chain} rule `{shlex.join(rule)}` in {where} drops this traffic"
+    return f"the {tool} {chain} rule `{shell_join(rule)}` in {where} drops this traffic"
 
 
 def _check_filter(v, ns, chain, pkt, where):
@@ -4254,10 +4269,10 @@ def _check_filter(v, ns, chain, pkt, where):
                           _drop_text(chains, chain, rule, where, tool) + f"; `{v.iptables}` shows none of it: {tool} "
                           "keeps its rules in the other backend, which applies as well",
                           _as_shell([in_netns([tool, "-w", "-L", chain, "-v", "-n", "-x"], ns)]),
-                          [f"{shlex.join(in_netns([tool + '-save', '-t', 'filter'], ns))} | "
-                           f"{shlex.join(in_netns([v.restore_tool(), '--noflush'], ns))}",
-                           shlex.join(in_netns([tool, "-w", "-F"], ns)) + " && "
-                           + shlex.join(in_netns([tool, "-w", "-P", chain, "ACCEPT"], ns))])
+                          [f"{shell_join(in_netns([tool + '-save', '-t', 'filter'], ns))} | "
+                           f"{shell_join(in_netns([v.restore_tool(), '--noflush'], ns))}",
+                           shell_join(in_netns([tool, "-w", "-F"], ns)) + " && "
+                           + shell_join(in_netns([tool, "-w", "-P", chain, "ACCEPT"], ns))])
         iif, oif = pkt.get("iif"), pkt.get("oif")
         narrow = (["-i", iif] if iif else []) + (["-o", oif] if oif else []) + ["-d", pkt["dst"]]
         raise _Broken("forward-drop" if chain == "FORWARD" else "input-drop", where,
@@ -4316,7 +4331,7 @@ def _check_rpfilter_match(v, ns, pkt, iif, where):
                                                                     ns=ns)]
         raise _Broken("rp-filter", where,
                       f"{pkt['src']} arrives on {iif} in {where}, but the route back to it {how}: the ip6tables "
-                      f"raw PREROUTING rule `{shlex.join(words)}` (reverse-path filter"
+                      f"raw PREROUTING rule `{shell_join(words)}` (reverse-path filter"
                       f"{', loose' if loose else ', strict'}) drops it as a spoofed source",
                       _as_shell([_ipf(v, "route", "get", pkt["src"], ns=ns),
                                  _xt(v, "-t", "raw", "-L", "PREROUTING", "-v", "-n", "-x", "--line-numbers", ns=ns)]),
@@ -4379,7 +4394,7 @@ def _postrouting(v, ns, pkt, iif, route, hop):
     new = _to_address(target) if target[0] == "SNAT" else route.get("prefsrc") or (addrs[0] if addrs else None)
     if not new:
         return pkt["src"]
-    hop["nat"] = {"from": pkt["src"], "to": new, "rule": shlex.join(rule)}
+    hop["nat"] = {"from": pkt["src"], "to": new, "rule": shell_join(rule)}
     return new
 
 

@@ -1,5 +1,6 @@
 """Pure parts of cnikit.py: validation, argv builders, the echo, the parser."""
 import io
+import shlex
 
 import pytest
 
@@ -227,3 +228,11 @@ def test_the_clis_plan_is_a_step_of_a_script_and_takes_missing_input_as_made_bef
     assert "# namespace 'cnikit-test-absent' does not exist" in out.getvalue()
     assert ["ip", "link", "add", "ckt-absent0", "type", "veth", "peer", "name", "eth0", "netns", "cnikit-test-absent"] \
         in r.commands()
+
+
+@pytest.mark.noroot
+@pytest.mark.parametrize("word", ["", "a", "it's", "a b", "$x", "é", "x_y-z.1:2,3@4%5+6=7/8", "\n", "*", '"', "\\",
+                                  "--comment", "cnikit nat 10.0.0.0/24", "'", "a'b'c", "~root"])
+def test_shell_quote_says_what_shlex_quote_says(word):
+    assert cnikit.shell_quote(word) == shlex.quote(word)
+    assert cnikit.shell_join(["ip", word, "x"]) == shlex.join(["ip", word, "x"])
