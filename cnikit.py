@@ -17,10 +17,25 @@ procps (sysctl).  As a library, the stages/ lessons call the same functions:
     r = cnikit.Runner()
     cnikit.netns_add(r, "ns1")
 
-The story of this file, top to bottom: constants; errors; validation; argv
-builders (pure functions); the runner (the only place that executes anything);
-the verbs (netns, veth, bridge, nat, vxlan, show, cleanup); cni (the runtime's part:
-call plugins, install them, kind); the sandbox; the CLI.
+Contents, top to bottom; each part uses only the parts above it (the CLI, last, uses all):
+
+    constants        every name, path, number and limit, once
+    errors           CnikitError, UsageError (exit 2), CommandFailed (exit 1)
+    validation       pure checks of what a user typed, before anything changes
+    argv builders    pure functions: the ip, bridge, iptables and sysctl lines
+    changes          Change, the record of what a command makes; the Journal that undoes it
+    state            what exists: the live kernel (LiveState) or a plan's picture (PlanState
+                     over a FreshHost or over this host, read-only)
+    executor         Runner: the only place that runs and echoes a command
+    look-ups         the questions and ensure-steps the verbs share
+    netns, veth, bridge, route, nat, vxlan
+                     the verbs: validate, look up, transaction, ensure, say
+    show, cleanup    a picture of what exists; remove exactly what cnikit made
+    cni              play the container runtime: call plugins as libcni does, install them
+    kind             the same on a kind cluster's nodes (docker exec)
+    doctor           walk a packet's path and name what drops it (reads only)
+    sandbox          a throwaway network + mount namespace
+    CLI              the verb table (VERBS): parser, help, dispatch; main
 """
 import os
 import subprocess
@@ -44,6 +59,9 @@ class _Lazy:
 argparse, base64, ctypes, hashlib, ipaddress, json, re, shlex, textwrap = map(_Lazy, (
     "argparse", "base64", "ctypes", "hashlib", "ipaddress", "json", "re", "shlex", "textwrap"))
 
+# ---------------------------------------------------------------- constants
+
+# the kernel objects cnikit makes, and how it tags them
 TAG = "cnikit"                    # ifalias on cnikit's links and lo of its netns; iptables comment prefix
 VXLAN_PORT = 4789                 # IANA port for VXLAN
 VXLAN_OVERHEAD = 50               # inner Ethernet 14 + VXLAN 8 + UDP 8 + outer IPv4 20 (outer Ethernet: not in the MTU)
@@ -65,6 +83,7 @@ BR_NF_CALL_IPTABLES = "/proc/sys/net/bridge/bridge-nf-call-iptables"   # br_netf
 IPTABLES_TOOL = {4: "iptables", 6: "ip6tables"}    # by IP family
 # br_netfilter's switch per family: bridged IPv4 / IPv6 frames go through (ip6)tables FORWARD.
 BR_NF_CALL = {4: BR_NF_CALL_IPTABLES, 6: "/proc/sys/net/bridge/bridge-nf-call-ip6tables"}
+# the sandbox's and the process's
 SANDBOX_PROMPT = r"(cnikit-sandbox) \w # "
 # What a sandbox gets empty and private besides /run/netns: everything a CNI plugin or
 # runtime writes (configs, plugins, address files, results, the plugin's log), so a lesson
@@ -81,6 +100,68 @@ PYTHON_MIN = (3, 8)
 # Namespace and mount flags for the sandbox (linux/sched.h, linux/mount.h).
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+
+# What a shell reads as itself, unquoted (shlex.quote's set: ASCII word characters and @%+=:,./-).
+SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+
+_NETNS_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z"     # a name `ip netns add` takes
+_MAC_RE = r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z"
+PORTS_COMMENT = f"{TAG} ports"            # the rules every published port shares
+# What a Change can be. "up", "addr" and "master" are states of a link (no object of their own);
+# "del" removes an object (FACTS["what"]: its kind); "scratch" is a temporary file a later step
+# renames or removes (neither summarised nor refused); "cluster" is a kind cluster a lesson creates.
+CHANGE_KINDS = ("netns", "link", "up", "addr", "master", "route", "rule", "chain", "sysctl", "file", "scratch",
+                "cluster", "del")
+HOST_NAME = "host"     # how show names the namespace cnikit runs in
+
+# the CNI runtime's (cnikit cni) and the plugin's names, paths and versions
+CNI_PLUGIN_DIR = "/opt/cni/bin"
+CNI_CONF_DIR = "/etc/cni/net.d"
+CNI_PATH = "/opt/cni/bin:/usr/lib/cni"     # where containerd and podman look (Debian ships the reference ones in the 2nd)
+CNI_CACHE_DIR = "/var/lib/cni/results"      # libcni's cache: <network>-<container id>-<ifname>
+CNI_NET = "cnikit"                          # default network name
+CNI_TYPE = "cnikit"                         # the `type` our conflist uses, so the plugin's file name
+CNI_LOG = "/var/log/cni.log"                # the plugin's log unless its config says `log`
+CNI_DATA_DIR = "/var/lib/cni/networks"      # the plugin's address files: <dataDir>/<network>/<address>
+CNI_DEFAULT_BRIDGE = "cni0"                 # the plugin's bridge unless its config says `bridge`
+CNI_PLUGIN_MARK = b"cni-bash-compatible"    # in our plugin's first lines, installed as script or zipapp
+CNI_VERSION = "1.0.0"                       # what install writes: podman 4.3/containerd 1.6 know no 1.1.0
+# The installed plugin's interpreter, fixed at install time as pip does for scripts: a runtime
+# runs it with the runtime's PATH, where `env python3` may be a slow shim (pyenv: ~80 ms a start).
+# -I -S: no user site, no site-packages scan (the plugin is stdlib only), ~10 ms less per call.
+CNI_PYTHON = "/usr/bin/python3"
+CNI_PYTHON_FLAGS = "-IS"
+CNI_CONF_EXT = (".conf", ".conflist", ".json")
+CNI_CHAINABLE = {"portmap": {"type": "portmap", "capabilities": {"portMappings": True}},
+                 "loopback": {"type": "loopback"}}
+CNI_SHOW_MAX = 240                          # stdin longer than this is shortened when echoed (-v: never)
+CNI_TIMEOUT = 60
+CNI_VERSION_CHECK, CNI_VERSION_STATUS = (0, 4, 0), (1, 1, 0)   # CHECK needs 0.4.0, STATUS and GC 1.1.0
+CNI_VERSION_ENV = {"CNI_NETNS": "dummy", "CNI_IFNAME": "dummy", "CNI_PATH": "dummy"}  # libcni's VERSION call
+# A name the plugin accepts (container id, network name, plugin type): what its valid_name takes.
+CNI_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z"     # \Z: no trailing newline
+CNI_NET_NAME_MAX = 63                       # a network name becomes a file name and part of a conflist's
+
+# kind's
+KIND_NODE_LABEL = "io.x-k8s.kind.cluster"
+KIND_POD_CIDR = "10.244.0.0/16"             # kind's default podSubnet; node i gets 10.244.i.0/24
+KIND_PYTHON_PKG = "python3-minimal"
+KIND_NODE_IMAGE = "cnikit/kind-node:latest" # built from kind/Dockerfile (kindest/node + python3)
+NODE_SUBNET_FILE = "/run/cnikit/subnet.env" # flannel-style: the node's pod subnet, read by our plugin
+KIND_BUILD_DIR = "/run/cnikit/build"        # in a node: the plugin's source while the node's python3 compiles it
+
+# doctor's
+DOCTOR_MAX_HOPS = 16
+# The restore tool of each iptables backend: other-backend's fix moves rules into iptables' own.
+BACKEND_RESTORE = {"nf_tables": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
+DOCTOR_PROTOS = ("icmp", "tcp", "udp")
+# Protocol numbers and the other names `iptables -S` may print for a protocol.
+PROTO_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp", "icmpv6": "ipv6-icmp"}
+# ICMPv6 types by the names ip6tables accepts (it prints the number); NDP's own are 135/136.
+ICMPV6_TYPES = {"echo-request": "128", "neighbour-solicitation": "135", "neighbor-solicitation": "135",
+                "neighbour-advertisement": "136", "neighbor-advertisement": "136"}
+EXIT_BROKEN = 1
+RPFILTER_FLAGS = ("--loose", "--invert", "--validmark", "--accept-local")
 
 
 # ---------------------------------------------------------------- errors
@@ -106,8 +187,7 @@ class CommandFailed(CnikitError):
 
 # ---------------------------------------------------------------- validation (pure)
 
-_NETNS_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z"
-_MAC_RE = r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z"
+
 
 
 def check_ifname(name, what="interface name"):
@@ -182,8 +262,7 @@ def check_mac(text):
 
 # ---------------------------------------------------------------- argv builders (pure)
 
-# What a shell reads as itself, unquoted (shlex.quote's set: ASCII word characters and @%+=:,./-).
-SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+
 
 
 def shell_quote(word):
@@ -319,7 +398,7 @@ def port_comment(port, proto="tcp"):
     return f"{TAG} port {proto}/{port}"
 
 
-PORTS_COMMENT = f"{TAG} ports"            # the rules every published port shares
+
 
 
 def port_rules(port, to_ip, to_port, bridge, proto="tcp"):
@@ -358,7 +437,7 @@ def bridge_forward_rule(name):
                                   f"{TAG} bridge {name}", "-j", "ACCEPT"])
 
 
-# ---------------------------------------------------------------- the runner
+# ---------------------------------------------------------------- changes: what a command makes, and the journal
 
 def which(tool):
     """TOOL's path on PATH, or None: shutil.which's answer for a plain name, without importing
@@ -467,11 +546,7 @@ class Change:
         return cls("scratch", " ".join(paths), undo=["rm", "-rf", *paths])
 
 
-# What a Change can be. "up", "addr" and "master" are states of a link (no object of their own);
-# "del" removes an object (FACTS["what"]: its kind); "scratch" is a temporary file a later step
-# renames or removes (neither summarised nor refused); "cluster" is a kind cluster a lesson creates.
-CHANGE_KINDS = ("netns", "link", "up", "addr", "master", "route", "rule", "chain", "sysctl", "file", "scratch",
-                "cluster", "del")
+
 
 
 class Journal:
@@ -512,7 +587,7 @@ class Journal:
         return failed
 
 
-# ------------------------------------------------ state: what exists (live, or as a plan says)
+# ---------------------------------------------------------------- state: the live kernel, or a plan's picture
 
 def _route_covers(cidr, addr):
     try:
@@ -1103,6 +1178,8 @@ class PlanState(State):
             self._files[name] = None
 
 
+# ---------------------------------------------------------------- executor: the only place that runs
+
 class Runner:
     """The Executor: executes and echoes argv lists, the only place cnikit runs anything,
     and the owner of the State the verbs ask and of the Journal of what they changed.
@@ -1442,7 +1519,7 @@ class _Transaction:
         return False
 
 
-# ---------------------------------------------------------------- kernel look-ups
+# ---------------------------------------------------------------- look-ups the verbs share
 # Each asks the runner's State: the live kernel, or a plan's picture of it.
 
 def get_link(r, name, ns=None):
@@ -1500,61 +1577,6 @@ def ensure_up(r, dev, ns=None, link=None, fresh=False):
     link = {} if fresh else link if link is not None else get_link(r, dev, ns)
     if "UP" not in (link or {}).get("flags", []):
         r.run(link_up(dev, ns), creates=Change.up(dev, ns))
-
-
-def route_add(r, dst, via=None, dev=None, ns=None):
-    """A route to DST ("default" or a CIDR) via a gateway and/or out of DEV, tagged with
-    cnikit's protocol number (`proto 157`) so cleanup finds it.
-
-    Re-run contract: the same route (the same gateway and device, where given) already
-    there is left alone; a route to DST through another gateway or device is a conflict,
-    never replaced (cnikit does not take over a route it did not make): delete it first."""
-    if dst != "default":
-        dst = check_subnet(dst, "route destination")
-    via = check_ip(via, "gateway") if via else None
-    if dev:
-        check_ifname(dev)
-    if not via and not dev:
-        raise UsageError("a route needs a gateway (via) or a device")
-    if ns:
-        check_netns(ns)
-        require_netns(r, ns)
-    where = f" in {ns}" if ns else ""
-    for route in r.state.routes(dst, ns):
-        if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
-            have = " ".join(kv(via=route.get("gateway"), dev=route.get("dev")))
-            raise UsageError(f"a route to {dst}{where} already exists ({have}), not "
-                             f"{' '.join(kv(via=via, dev=dev))}: delete it first (ip route del {dst})")
-        r.note(f"the route to {dst}{where} already exists as asked")
-        return
-    r.run(ip("route", "add", dst, *kv(via=via, dev=dev, proto=ROUTE_PROTO), ns=ns),
-          creates=Change.route(dst, ns, protocol=ROUTE_PROTO, via=via, dev=dev))
-
-
-def route_del(r, dst, ns=None):
-    """Delete the route to DST ("default" or a CIDR) that route_add made, and only that one:
-    a route to DST that cnikit did not make (any protocol but ROUTE_PROTO) is refused and
-    stays. Re-run: no route to DST is fine. The delete names `proto 157`, so even a script
-    run elsewhere than it was planned cannot remove another program's route: the kernel
-    matches the protocol."""
-    if dst != "default":
-        dst = check_subnet(dst, "route destination")
-    if ns:
-        check_netns(ns)
-        require_netns(r, ns)
-    where = f" in {ns}" if ns else ""
-    family = ["-6"] if ":" in dst else []       # `ip route show exact` looks in one family
-    delete = ip(*family, "route", "del", dst, "proto", ROUTE_PROTO, ns=ns)
-    routes = r.state.routes(dst, ns)
-    ours = [route for route in routes if str(route.get("protocol")) == str(ROUTE_PROTO)]
-    if routes and not ours:
-        theirs = routes[0].get("protocol", "boot")    # ip -j leaves out the default, boot
-        raise UsageError(f"the route to {dst}{where} is not cnikit's (protocol {theirs}, not {ROUTE_PROTO}): "
-                         f"left as is")
-    if not ours:
-        r.note(f"no route to {dst}{where}; nothing to delete")
-    for _ in ours:
-        r.run(delete, creates=Change.route(dst, ns).gone())
 
 
 # ---------------------------------------------------------------- netns
@@ -1803,6 +1825,63 @@ def bridge_show(r, name, host=None):
     ports = r.show(ip("-br", "link", "show", "master", name, ns=host))
     fdb = r.show(bridge("fdb", "show", "br", name, ns=host))
     return ports, fdb
+
+
+# ---------------------------------------------------------------- route
+
+def route_add(r, dst, via=None, dev=None, ns=None):
+    """A route to DST ("default" or a CIDR) via a gateway and/or out of DEV, tagged with
+    cnikit's protocol number (`proto 157`) so cleanup finds it.
+
+    Re-run contract: the same route (the same gateway and device, where given) already
+    there is left alone; a route to DST through another gateway or device is a conflict,
+    never replaced (cnikit does not take over a route it did not make): delete it first."""
+    if dst != "default":
+        dst = check_subnet(dst, "route destination")
+    via = check_ip(via, "gateway") if via else None
+    if dev:
+        check_ifname(dev)
+    if not via and not dev:
+        raise UsageError("a route needs a gateway (via) or a device")
+    if ns:
+        check_netns(ns)
+        require_netns(r, ns)
+    where = f" in {ns}" if ns else ""
+    for route in r.state.routes(dst, ns):
+        if (via and route.get("gateway") != via) or (dev and route.get("dev") != dev):
+            have = " ".join(kv(via=route.get("gateway"), dev=route.get("dev")))
+            raise UsageError(f"a route to {dst}{where} already exists ({have}), not "
+                             f"{' '.join(kv(via=via, dev=dev))}: delete it first (ip route del {dst})")
+        r.note(f"the route to {dst}{where} already exists as asked")
+        return
+    r.run(ip("route", "add", dst, *kv(via=via, dev=dev, proto=ROUTE_PROTO), ns=ns),
+          creates=Change.route(dst, ns, protocol=ROUTE_PROTO, via=via, dev=dev))
+
+
+def route_del(r, dst, ns=None):
+    """Delete the route to DST ("default" or a CIDR) that route_add made, and only that one:
+    a route to DST that cnikit did not make (any protocol but ROUTE_PROTO) is refused and
+    stays. Re-run: no route to DST is fine. The delete names `proto 157`, so even a script
+    run elsewhere than it was planned cannot remove another program's route: the kernel
+    matches the protocol."""
+    if dst != "default":
+        dst = check_subnet(dst, "route destination")
+    if ns:
+        check_netns(ns)
+        require_netns(r, ns)
+    where = f" in {ns}" if ns else ""
+    family = ["-6"] if ":" in dst else []       # `ip route show exact` looks in one family
+    delete = ip(*family, "route", "del", dst, "proto", ROUTE_PROTO, ns=ns)
+    routes = r.state.routes(dst, ns)
+    ours = [route for route in routes if str(route.get("protocol")) == str(ROUTE_PROTO)]
+    if routes and not ours:
+        theirs = routes[0].get("protocol", "boot")    # ip -j leaves out the default, boot
+        raise UsageError(f"the route to {dst}{where} is not cnikit's (protocol {theirs}, not {ROUTE_PROTO}): "
+                         f"left as is")
+    if not ours:
+        r.note(f"no route to {dst}{where}; nothing to delete")
+    for _ in ours:
+        r.run(delete, creates=Change.route(dst, ns).gone())
 
 
 # ---------------------------------------------------------------- nat
@@ -2113,7 +2192,7 @@ def vxlan_del(r, name, host=None):
 
 # ---------------------------------------------------------------- show
 
-HOST_NAME = "host"     # how show names the namespace cnikit runs in
+
 
 
 def collect(r, only=None):
@@ -2425,25 +2504,7 @@ def _is_ip(text):
 # the stdin, EOF. A dry run keeps each ADD result in a shell variable, so the script it prints
 # hands it on as the next plugin's prevResult, caches it, and gives it back to CHECK and DEL.
 
-CNI_PLUGIN_DIR = "/opt/cni/bin"
-CNI_CONF_DIR = "/etc/cni/net.d"
-CNI_PATH = "/opt/cni/bin:/usr/lib/cni"     # where containerd and podman look (Debian ships the reference ones in the 2nd)
-CNI_CACHE_DIR = "/var/lib/cni/results"      # libcni's cache: <network>-<container id>-<ifname>
-CNI_NET = "cnikit"                          # default network name
-CNI_TYPE = "cnikit"                         # the `type` our conflist uses, so the plugin's file name
-CNI_LOG = "/var/log/cni.log"                # the plugin's log unless its config says `log`
-CNI_DATA_DIR = "/var/lib/cni/networks"      # the plugin's address files: <dataDir>/<network>/<address>
-CNI_DEFAULT_BRIDGE = "cni0"                 # the plugin's bridge unless its config says `bridge`
-CNI_PLUGIN_MARK = b"cni-bash-compatible"    # in our plugin's first lines, installed as script or zipapp
-CNI_VERSION = "1.0.0"                       # what install writes: podman 4.3/containerd 1.6 know no 1.1.0
-# The installed plugin's interpreter, fixed at install time as pip does for scripts: a runtime
-# runs it with the runtime's PATH, where `env python3` may be a slow shim (pyenv: ~80 ms a start).
-# -I -S: no user site, no site-packages scan (the plugin is stdlib only), ~10 ms less per call.
-CNI_PYTHON = "/usr/bin/python3"
-CNI_PYTHON_FLAGS = "-IS"
-CNI_CONF_EXT = (".conf", ".conflist", ".json")
-CNI_CHAINABLE = {"portmap": {"type": "portmap", "capabilities": {"portMappings": True}},
-                 "loopback": {"type": "loopback"}}
+
 
 
 def cni_plugin_src():
@@ -2458,20 +2519,6 @@ def cni_plugin_src():
 
 
 CNI_PLUGIN_SRC = cni_plugin_src()
-CNI_SHOW_MAX = 240                          # stdin longer than this is shortened when echoed (-v: never)
-CNI_TIMEOUT = 60
-CNI_VERSION_CHECK, CNI_VERSION_STATUS = (0, 4, 0), (1, 1, 0)   # CHECK needs 0.4.0, STATUS and GC 1.1.0
-CNI_VERSION_ENV = {"CNI_NETNS": "dummy", "CNI_IFNAME": "dummy", "CNI_PATH": "dummy"}  # libcni's VERSION call
-# A name the plugin accepts (container id, network name, plugin type): what its valid_name takes.
-CNI_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z"     # \Z: no trailing newline
-CNI_NET_NAME_MAX = 63                       # a network name becomes a file name and part of a conflist's
-
-KIND_NODE_LABEL = "io.x-k8s.kind.cluster"
-KIND_POD_CIDR = "10.244.0.0/16"             # kind's default podSubnet; node i gets 10.244.i.0/24
-KIND_PYTHON_PKG = "python3-minimal"
-KIND_NODE_IMAGE = "cnikit/kind-node:latest" # built from kind/Dockerfile (kindest/node + python3)
-NODE_SUBNET_FILE = "/run/cnikit/subnet.env" # flannel-style: the node's pod subnet, read by our plugin
-KIND_BUILD_DIR = "/run/cnikit/build"        # in a node: the plugin's source while the node's python3 compiles it
 
 
 _CNI_PLUGIN = {}
@@ -3238,6 +3285,8 @@ def cni_uninstall(r, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_
 
 # -- kind: the same install into every node of a kind cluster, through docker
 
+# ---------------------------------------------------------------- kind: the runtime's part on kind nodes
+
 def docker(*args):
     return ["docker"] + [str(a) for a in args]
 
@@ -3530,85 +3579,6 @@ def kind_uninstall(r, cluster, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir
     return plan
 
 
-# What each attachment verb reads besides --conf, --conf-dir and --cni-path (as libcni
-# passes them): an option a verb would ignore is refused, never silently dropped.
-CNI_VERB_READS = {"add": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
-                  "del": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
-                  "check": {"netns", "ifname", "cid", "cni_args"},
-                  "status": set(), "gc": set(), "version": set()}
-CNI_VERB_DEFAULTS = {"ifname": "eth0"}      # the parser's defaults that are not None
-CNI_ATTACHMENT_OPTIONS = ("netns", "ifname", "cid", "cni_args", "runtime_config")   # what names an attachment
-# Why a verb takes fewer of them (its parser has only what it reads; main names what it refused).
-CNI_VERB_WHY_NOT = {"status": "STATUS and VERSION ask about the network, not an attachment",
-                    "version": "STATUS and VERSION ask about the network, not an attachment",
-                    "gc": "GC acts on every attachment of the network",
-                    "check": "CHECK uses the capability args cached by ADD"}
-CNI_FLAGS = {"netns": "NETNS", "cid": "--id", "cni_args": "--args", "plugin_src": "--plugin", "ptype": "--type"}
-
-
-def _cni_flag(dest):
-    return CNI_FLAGS.get(dest, "--" + dest.replace("_", "-"))
-
-
-def cni_check_options(args):
-    """Every option of a `cni` verb, before anything runs: no empty values, absolute
-    directories where a runtime reads them, and nothing a verb would ignore."""
-    for dest, value in sorted(vars(args).items()):
-        # DEL may name no netns (a runtime's second DEL, after the netns is gone: CNI_NETNS="")
-        if dest == "netns" and args.verb == "del" and value == "":
-            continue
-        if isinstance(value, str) and not value.strip():
-            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} is empty")
-    for dest in ("plugin_dir", "conf_dir"):
-        value = getattr(args, dest, None)
-        if args.verb in ("install", "uninstall") and value is not None and not os.path.isabs(value):
-            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} {value!r} must be an absolute path "
-                             "(where a runtime looks)")
-    if getattr(args, "cni_args", None) is not None:
-        cni_parse_args(args.cni_args)
-    cni_runtime_config(getattr(args, "runtime_config", None))
-    if getattr(args, "cni_path", None) is not None and not any(d for d in args.cni_path.split(":")):
-        raise UsageError(f"cni {args.verb}: --cni-path {args.cni_path!r} names no directory")
-
-
-def cni_runtime_config(text):
-    """--runtime-config: a JSON object (capability name -> value), or None when not given."""
-    if text is None:
-        return None
-    try:
-        rc = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f"--runtime-config is not JSON: {e}") from None
-    if not isinstance(rc, dict):
-        raise UsageError("--runtime-config must be a JSON object such as {\"portMappings\": [...]}, "
-                         f"not {text.strip()!r}")
-    return rc
-
-
-def cni_planned_conf(r, conf, conf_dir):
-    """A plan that finds no network config (and none named with --conf but the default
-    one) plans against the one a plain `cni install` writes (a live run: the error),
-    says so, and prints a guard that stops the script if another config is in place when it
-    runs. Returns that parsed config, or None (the config on disk is read as usual)."""
-    path = cni_conf_file(conf_dir, CNI_NET)
-    if (conf or path) != path or r.state.file_exists(path):
-        return None
-    try:
-        cni_load(conf) if conf else cni_default_conf(conf_dir)
-        return None
-    except UsageError as e:
-        # a live run stops here, with the error it would meet reading the config
-        r.state.unknown(str(e), f"no network config in {conf_dir} yet: planned against the one `cnikit cni "
-                        f"install` writes by default ({path}); the script stops here if another one is in place")
-    text = json.dumps(cni_conflist(), indent=2) + "\n"
-    r.echo(["cmp", "-s", path, "-"], " <<'EOF' || { echo " + shell_quote(
-        f"{path} is not the config this script was planned against: the default of cnikit cni install")
-        + " >&2; exit 1; }")
-    if not r.quiet:
-        r.output(text + "EOF")
-    return cni_parse(text.encode(), path)
-
-
 # ---------------------------------------------------------------- doctor
 #
 # `cnikit doctor FROM TO` walks the path a packet from FROM to TO would take, the way
@@ -3620,16 +3590,7 @@ def cni_planned_conf(r, conf, conf_dir):
 # an IPv6 walk reads `ip -6` routes and neighbours (NDP), net.ipv6.conf.*.forwarding and
 # ip6tables, and, IPv6 having no rp_filter sysctl, ip6tables' rpfilter match in its stead.
 
-DOCTOR_MAX_HOPS = 16
-# The restore tool of each iptables backend: other-backend's fix moves rules into iptables' own.
-BACKEND_RESTORE = {"nf_tables": "iptables-nft-restore", "legacy": "iptables-legacy-restore"}
-DOCTOR_PROTOS = ("icmp", "tcp", "udp")
-# Protocol numbers and the other names `iptables -S` may print for a protocol.
-PROTO_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp", "icmpv6": "ipv6-icmp"}
-# ICMPv6 types by the names ip6tables accepts (it prints the number); NDP's own are 135/136.
-ICMPV6_TYPES = {"echo-request": "128", "neighbour-solicitation": "135", "neighbor-solicitation": "135",
-                "neighbour-advertisement": "136", "neighbor-advertisement": "136"}
-EXIT_BROKEN = 1
+
 
 
 class _Broken(Exception):
@@ -4305,7 +4266,7 @@ def _check_rp_filter(v, ns, pkt, iif, where):
                       _as_shell([sysctl_set(f"net.ipv4.conf.{iif}.rp_filter", 2, ns)]))
 
 
-RPFILTER_FLAGS = ("--loose", "--invert", "--validmark", "--accept-local")
+
 
 
 def _check_rpfilter_match(v, ns, pkt, iif, where):
@@ -4678,6 +4639,85 @@ root (`sudo` where it is installed; a root shell without sudo: drop the `sudo`).
 Every command that changes the kernel is printed before it runs (-q hides it; -v
 also prints the look-ups cnikit makes to decide). Exit codes: 0 done, 1 a command
 failed (what this invocation created is rolled back), 2 bad usage or input."""
+
+
+# What each attachment verb reads besides --conf, --conf-dir and --cni-path (as libcni
+# passes them): an option a verb would ignore is refused, never silently dropped.
+CNI_VERB_READS = {"add": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
+                  "del": {"netns", "ifname", "cid", "cni_args", "runtime_config"},
+                  "check": {"netns", "ifname", "cid", "cni_args"},
+                  "status": set(), "gc": set(), "version": set()}
+CNI_VERB_DEFAULTS = {"ifname": "eth0"}      # the parser's defaults that are not None
+CNI_ATTACHMENT_OPTIONS = ("netns", "ifname", "cid", "cni_args", "runtime_config")   # what names an attachment
+# Why a verb takes fewer of them (its parser has only what it reads; main names what it refused).
+CNI_VERB_WHY_NOT = {"status": "STATUS and VERSION ask about the network, not an attachment",
+                    "version": "STATUS and VERSION ask about the network, not an attachment",
+                    "gc": "GC acts on every attachment of the network",
+                    "check": "CHECK uses the capability args cached by ADD"}
+CNI_FLAGS = {"netns": "NETNS", "cid": "--id", "cni_args": "--args", "plugin_src": "--plugin", "ptype": "--type"}
+
+
+def _cni_flag(dest):
+    return CNI_FLAGS.get(dest, "--" + dest.replace("_", "-"))
+
+
+def cni_check_options(args):
+    """Every option of a `cni` verb, before anything runs: no empty values, absolute
+    directories where a runtime reads them, and nothing a verb would ignore."""
+    for dest, value in sorted(vars(args).items()):
+        # DEL may name no netns (a runtime's second DEL, after the netns is gone: CNI_NETNS="")
+        if dest == "netns" and args.verb == "del" and value == "":
+            continue
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} is empty")
+    for dest in ("plugin_dir", "conf_dir"):
+        value = getattr(args, dest, None)
+        if args.verb in ("install", "uninstall") and value is not None and not os.path.isabs(value):
+            raise UsageError(f"cni {args.verb}: {_cni_flag(dest)} {value!r} must be an absolute path "
+                             "(where a runtime looks)")
+    if getattr(args, "cni_args", None) is not None:
+        cni_parse_args(args.cni_args)
+    cni_runtime_config(getattr(args, "runtime_config", None))
+    if getattr(args, "cni_path", None) is not None and not any(d for d in args.cni_path.split(":")):
+        raise UsageError(f"cni {args.verb}: --cni-path {args.cni_path!r} names no directory")
+
+
+def cni_runtime_config(text):
+    """--runtime-config: a JSON object (capability name -> value), or None when not given."""
+    if text is None:
+        return None
+    try:
+        rc = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--runtime-config is not JSON: {e}") from None
+    if not isinstance(rc, dict):
+        raise UsageError("--runtime-config must be a JSON object such as {\"portMappings\": [...]}, "
+                         f"not {text.strip()!r}")
+    return rc
+
+
+def cni_planned_conf(r, conf, conf_dir):
+    """A plan that finds no network config (and none named with --conf but the default
+    one) plans against the one a plain `cni install` writes (a live run: the error),
+    says so, and prints a guard that stops the script if another config is in place when it
+    runs. Returns that parsed config, or None (the config on disk is read as usual)."""
+    path = cni_conf_file(conf_dir, CNI_NET)
+    if (conf or path) != path or r.state.file_exists(path):
+        return None
+    try:
+        cni_load(conf) if conf else cni_default_conf(conf_dir)
+        return None
+    except UsageError as e:
+        # a live run stops here, with the error it would meet reading the config
+        r.state.unknown(str(e), f"no network config in {conf_dir} yet: planned against the one `cnikit cni "
+                        f"install` writes by default ({path}); the script stops here if another one is in place")
+    text = json.dumps(cni_conflist(), indent=2) + "\n"
+    r.echo(["cmp", "-s", path, "-"], " <<'EOF' || { echo " + shell_quote(
+        f"{path} is not the config this script was planned against: the default of cnikit cni install")
+        + " >&2; exit 1; }")
+    if not r.quiet:
+        r.output(text + "EOF")
+    return cni_parse(text.encode(), path)
 
 
 class Arg:
