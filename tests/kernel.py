@@ -13,9 +13,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNIKIT = os.path.join(ROOT, "cnikit.py")
 
 
+# `python3 -m cnikit`, the form README gives scripts: the same CLI as `python3 cnikit.py`, but it loads
+# cached bytecode (`make test` compiles it first) where a script is compiled on every start.
+CLI = [sys.executable, "-m", "cnikit"]
+
+
+def cli_env(env=None):
+    """ENV (default: this process's) with cnikit importable, for CLI."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 def cli(*args, check=False, input=None):
-    """Run `cnikit.py ARGS` as a user would; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, CNIKIT, *args], capture_output=True, text=True, input=input)
+    """Run `python3 -m cnikit ARGS` as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, input=input, env=cli_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"cnikit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -104,6 +116,9 @@ def snapshot(namespaces=()):
     state = {}
     for ns in [None, *namespaces]:
         ls = {}
+        # every link's addresses in one look (addrs() per link would run `ip` once per link)
+        inet = {a["ifname"]: sorted(f"{i['local']}/{i['prefixlen']}" for i in a["addr_info"] if i["family"] == "inet")
+                for a in json.loads(str(sh.ip(*_ns(ns), "-j", "addr", "show")))}
         for name, l in links(ns).items():
             info = l.get("linkinfo", {})
             ls[name] = {"kind": info.get("info_kind"), "mtu": l["mtu"], "up": "UP" in l["flags"],
@@ -111,7 +126,7 @@ def snapshot(namespaces=()):
                         "vxlan": {k: v for k, v in info.get("info_data", {}).items()
                                   if k in ("id", "remote", "port", "local", "group")}
                         if info.get("info_kind") == "vxlan" else None,
-                        "addrs": addrs(name, ns)}
+                        "addrs": inet.get(name, [])}
         state[ns or "host"] = {"links": ls,
                                "routes": sorted(json.dumps(r, sort_keys=True) for r in routes(ns)),
                                "nat": iptables_rules("nat", ns), "filter": iptables_rules("filter", ns),

@@ -20,10 +20,10 @@ import uuid
 
 import pytest
 
-from kernel import ROOT, cli, kill_left, marked, netns_list, snapshot
+from kernel import CLI, ROOT, cli, cli_env, kill_left, marked, netns_list, snapshot
 
 STAGES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "stages", "[0-9]*.py")))
-CNIKIT = [sys.executable, os.path.join(ROOT, "cnikit.py")]
+CNIKIT = CLI
 DASH = "/bin/dash"
 TIMEOUT = 180
 # The kernel state of the sandbox and of every namespace in it (kernel.snapshot leaves out
@@ -37,7 +37,7 @@ def in_sandbox(script, mark):
     """Run shell SCRIPT (sh) in a fresh nested sandbox, then snapshot the kernel state there.
     Every process it starts carries MARK=<mark> in its environment."""
     return subprocess.run(CNIKIT + ["-q", "sandbox", "--", "sh", "-c", script], capture_output=True, text=True,
-                          env=dict(os.environ, SNAP=SNAPSHOT, **{MARK: mark}), timeout=TIMEOUT,
+                          env=cli_env(dict(os.environ, SNAP=SNAPSHOT, **{MARK: mark})), timeout=TIMEOUT,
                           stdin=subprocess.DEVNULL)
 
 
@@ -166,7 +166,7 @@ def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
     # cannot trap it (POSIX): the interrupt would be lost.
     proc = subprocess.Popen(["env", "--default-signal=INT"] + CNIKIT + ["-q", "sandbox", "--", DASH, "-e",
                                                                        str(tmp_path / "waits.sh")],
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, **{MARK: mark}))
+                            stdout=subprocess.PIPE, text=True, env=cli_env(dict(os.environ, **{MARK: mark})))
     try:
         for line in proc.stdout:
             if line.strip() == "waiting":

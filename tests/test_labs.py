@@ -255,8 +255,7 @@ def test_doctor_inside_lesson_05_names_missing_nat_as_no_way_back():
         code, report, _ = doctor("ns1", "internet")
         assert code == 1 and report["broken"]["cause"] == "no-return-route", report["broken"]
         assert report["broken"]["fix"] == ["cnikit nat add 10.0.5.0/24 --out uplink0"]
-        subprocess.run([sys.executable, os.path.join(ROOT, "cnikit.py"), "-q", "nat", "add", "10.0.5.0/24",
-                        "--out", "uplink0"], check=True)
+        cli("-q", "nat", "add", "10.0.5.0/24", "--out", "uplink0", check=True)
         code, report, _ = doctor("ns1", "internet")
         assert code == 0, report["broken"]
         assert any(h.get("nat", {}).get("to") == "203.0.113.1" for h in report["hops"])
