@@ -110,6 +110,13 @@ def iptables_rules(table="filter", ns=None):
     return [line for line in str(out).splitlines() if line.startswith("-A")]
 
 
+def _settled(route):
+    """ROUTE without its "linkdown" flag: the kernel sets it from the device's carrier later, by
+    itself (linkwatch, up to a second after a bridge's last port goes), so two runs that made the
+    same objects can be read a moment apart with it set and without."""
+    return dict(route, flags=[f for f in route.get("flags", []) if f != "linkdown"])
+
+
 def snapshot(namespaces=()):
     """Kernel state comparable across runs: links (no MACs, ifindexes), addresses,
     routes, iptables rules, per namespace."""
@@ -128,7 +135,7 @@ def snapshot(namespaces=()):
                         if info.get("info_kind") == "vxlan" else None,
                         "addrs": inet.get(name, [])}
         state[ns or "host"] = {"links": ls,
-                               "routes": sorted(json.dumps(r, sort_keys=True) for r in routes(ns)),
+                               "routes": sorted(json.dumps(_settled(r), sort_keys=True) for r in routes(ns)),
                                "nat": iptables_rules("nat", ns), "filter": iptables_rules("filter", ns),
                                "forwarding": str(sh.ip(*(["netns", "exec", ns] if ns else []),
                                                        "sysctl", "-n", "net.ipv4.ip_forward") if ns else
