@@ -235,7 +235,7 @@ def test_kubelet_played_in_the_nodes_pods_reach_across_nodes_without_nat(derived
             assert ok, f"{pods[node]} on {node} cannot reach {pods[other]} on {other}: {out}"
             # no NAT between pods: the far side sees the sender pod's own address, not its node's
             seen_tcp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 8080)
-            seen_udp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 5353, udp=True)
+            seen_udp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 5353, udp=True, expect=addr[node])
             assert seen_tcp == addr[node] and seen_udp == addr[node], (node, other, seen_tcp, seen_udp)
     # DEL as containerd does: with the netns and prevResult, then again without either;
     # on the last node the netns is gone first (a node restart): only the DEL without it
