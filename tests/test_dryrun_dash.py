@@ -55,9 +55,10 @@ def assert_nothing_left(mark):
 
 
 def replay(script_path, mark=None):
-    """`dash -e SCRIPT` in a fresh sandbox: (the CompletedProcess, the kernel state it left)."""
+    """`dash -e SCRIPT` in a fresh sandbox: the kernel state it left; the script must end with 0."""
     mark = mark or uuid.uuid4().hex
-    proc = in_sandbox(f"{DASH} -e {shlex.quote(str(script_path))} >/dev/null\n{sys.executable} -c \"$SNAP\"", mark)
+    proc = in_sandbox(f"{DASH} -e {shlex.quote(str(script_path))} >/dev/null; rc=$?\n"
+                      f"{sys.executable} -c \"$SNAP\"; [ $rc = 0 ] || {{ echo \"dash -e exited $rc\" >&2; exit $rc; }}", mark)
     assert_nothing_left(mark)
     return state_of(proc)
 
@@ -108,6 +109,8 @@ def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, 
                           "never"], capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert dry.returncode == 0, dry.stderr
     assert "<<<" not in dry.stdout and "jobs -p" not in dry.stdout      # bash-only, or empty in dash
+    if hasattr(mod, "CAUSE"):                                             # a pitfall lab: doctor is in the script
+        assert " doctor " in dry.stdout
     (tmp_path / "lesson.sh").write_text(dry.stdout)
     assert subprocess.run([DASH, "-n", str(tmp_path / "lesson.sh")]).returncode == 0
     assert replay(tmp_path / "lesson.sh") == real
