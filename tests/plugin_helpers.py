@@ -83,7 +83,7 @@ def error(res, code):
 
 
 def netns(name):
-    kernel.command_output("ip", "netns", "add", name)
+    sh.ip("netns", "add", name)
     return f"/run/netns/{name}"
 
 
@@ -97,10 +97,11 @@ def internet():
     """ "The internet": a namespace inet at 203.0.113.10 behind this node's uplink (203.0.113.1),
     with no route back to the pods: only masqueraded traffic can be answered."""
     netns("inet")
-    for argv in (["link", "add", "uplink", "type", "veth", "peer", "name", "wan", "netns", "inet"],
-                 ["addr", "add", "203.0.113.1/24", "dev", "uplink"], ["link", "set", "uplink", "up"],
-                 ["-n", "inet", "addr", "add", "203.0.113.10/24", "dev", "wan"], ["-n", "inet", "link", "set", "wan", "up"]):
-        kernel.command_output("ip", *argv)
+    sh.ip("link", "add", "uplink", "type", "veth", "peer", "name", "wan", "netns", "inet")
+    sh.ip("addr", "add", "203.0.113.1/24", "dev", "uplink")
+    sh.ip("link", "set", "uplink", "up")
+    sh.ip("-n", "inet", "addr", "add", "203.0.113.10/24", "dev", "wan")
+    sh.ip("-n", "inet", "link", "set", "wan", "up")
     return "203.0.113.10"
 
 
