@@ -25,6 +25,10 @@ NODE_ADDR, CLIENT_ADDR = "198.51.100.1/24", "198.51.100.10/24"
 NODE_IP = NODE_ADDR.split("/")[0]
 PORT, CLIENT_PORT = 5353, 40000      # the hostPort; the client's long-lived socket (one flow)
 ANSWER_WAIT = "3"                    # seconds the client waits for an answer (a loaded machine forks slowly)
+# Every pod answers with its name, all as long: the client reads that many bytes and ends at once,
+# instead of waiting out ANSWER_WAIT after every answer (UDP has no end of stream).
+ANSWER_BYTES = len(next(iter(BACKENDS))) + 1
+assert len({len(pod) for pod in BACKENDS}) == 1, "the pods' names must be as long (ANSWER_BYTES)"
 COMMENT = ["-m", "comment", "--comment", "cnikit lab25: hostPort udp/5353"]
 
 LESSON = Lesson(
@@ -72,7 +76,7 @@ def setup(L):
 
 def answer(L, expect_fail=False):
     query = ["socat", "-t", ANSWER_WAIT, "-T", ANSWER_WAIT, "-",
-             f"UDP4:{NODE_IP}:{PORT},sourceport={CLIENT_PORT},reuseaddr"]
+             f"UDP4:{NODE_IP}:{PORT},sourceport={CLIENT_PORT},reuseaddr,readbytes={ANSWER_BYTES}"]
     ok, out = L.r.probe(in_netns(["sh", "-c", "echo query | " + " ".join(query)], CLIENT), expect_fail=expect_fail)
     return out.strip().splitlines()[-1] if ok and out.strip() else ""
 

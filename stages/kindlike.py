@@ -160,9 +160,12 @@ def serve_peer_address(r, node, pod, port, udp=False):
                         "socat", listen, ECHO_PEER))
 
 
-def peer_address_seen(r, node, pod, addr, port, udp=False, wait=20.0):
-    """From POD on NODE, ask the listener at ADDR:PORT which address it saw us come from."""
-    remote = f"UDP4:{addr}:{port}" if udp else f"TCP4:{addr}:{port}"
+def peer_address_seen(r, node, pod, addr, port, udp=False, wait=20.0, expect=None):
+    """From POD on NODE, ask the listener at ADDR:PORT which address it saw us come from.
+    EXPECT (the address it should be): over UDP, which has no end of stream, the client stops
+    once an answer that long is in instead of waiting out its -t (a longer one is cut: no match)."""
+    remote = (f"UDP4:{addr}:{port}" + (f",readbytes={len(expect) + 1}" if expect else "")) if udp \
+        else f"TCP4:{addr}:{port}"
     argv = cnikit.docker_exec(node, "ip", "netns", "exec", pod, "socat", "-T", "2", "-t", "2", "-", remote,
                               stdin=True)
     deadline = time.monotonic() + wait

@@ -22,12 +22,12 @@ and `from docker_daemon import docker_daemon  # noqa: F401` in a test module, th
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
-CNIKIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cnikit.py")
+from kernel import CLI, cli_env
+
 BR_NF = "/proc/sys/net/bridge/bridge-nf-call-iptables"
 RP_FILTER = {"net.ipv4.conf.all.rp_filter": "1", "net.ipv4.conf.default.rp_filter": "1"}
 PROFILES = {
@@ -102,7 +102,7 @@ def join_docker(daemon):
 def leave_docker(daemon):
     """After a test on the shared Docker host: remove what cnikit made there (its cleanup judges
     by ownership: Docker's objects stay), then make sure the next test finds the same host."""
-    subprocess.run([sys.executable, CNIKIT, "-q", "cleanup"], capture_output=True, timeout=120)
+    subprocess.run([*CLI, "-q", "cleanup"], capture_output=True, timeout=120, env=cli_env())
     # The namespaces in the test sandbox's private /run/netns are all the test's own; the links
     # they hold on the host go with them, once the kernel has dismantled them (asynchronously).
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:

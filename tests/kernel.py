@@ -13,9 +13,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNIKIT = os.path.join(ROOT, "cnikit.py")
 
 
+# `python3 -m cnikit`, the form README gives scripts: the same CLI as `python3 cnikit.py`, but it loads
+# cached bytecode (`make test` compiles it first) where a script is compiled on every start.
+CLI = [sys.executable, "-m", "cnikit"]
+
+
+def cli_env(env=None):
+    """ENV (default: this process's) with cnikit importable, for CLI."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 def cli(*args, check=False, input=None):
-    """Run `cnikit.py ARGS` as a user would; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, CNIKIT, *args], capture_output=True, text=True, input=input)
+    """Run `python3 -m cnikit ARGS` as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, input=input, env=cli_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"cnikit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -59,9 +71,21 @@ def _ns(ns):
     return ["-n", ns] if ns else []
 
 
+def command_output(*argv):
+    """ARGV's output; a failure raises what `sh` would (sh.ErrorReturnCode). The readers below run
+    often (every snapshot), and a call through `sh` costs tens of ms (a pty, four threads)."""
+    proc = subprocess.run(argv, capture_output=True)
+    rc = proc.returncode
+    if rc != 0:
+        import signal
+        error = f"ErrorReturnCode_{rc}" if rc > 0 else f"SignalException_{signal.Signals(-rc).name}"
+        raise getattr(sh, error)(" ".join(argv), proc.stdout, proc.stderr)
+    return proc.stdout.decode()
+
+
 def links(ns=None):
     """{ifname: `ip -j -d link` record} in NS (or here)."""
-    return {l["ifname"]: l for l in json.loads(str(sh.ip(*_ns(ns), "-j", "-d", "link", "show")))}
+    return {l["ifname"]: l for l in json.loads(command_output("ip", *_ns(ns), "-j", "-d", "link", "show"))}
 
 
 def veths(ns=None):
@@ -70,32 +94,36 @@ def veths(ns=None):
 
 
 def addrs(dev, ns=None):
-    data = json.loads(str(sh.ip(*_ns(ns), "-j", "addr", "show", "dev", dev)))
+    data = json.loads(command_output("ip", *_ns(ns), "-j", "addr", "show", "dev", dev))
     return sorted(f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"] if a["family"] == "inet")
 
 
 def routes(ns=None):
-    return json.loads(str(sh.ip(*_ns(ns), "-j", "route", "show")))
+    return json.loads(command_output("ip", *_ns(ns), "-j", "route", "show"))
 
 
 def netns_list():
-    return sorted(n["name"] for n in json.loads(str(sh.ip("-j", "netns", "list")) or "[]"))
+    return sorted(n["name"] for n in json.loads(command_output("ip", "-j", "netns", "list") or "[]"))
 
 
 def ping(addr, ns=None, count=1):
     """True when ADDR answers from inside NS."""
     args = ["-c", str(count), "-W", "2", addr]
-    try:
-        sh.ip("netns", "exec", ns, "ping", *args) if ns else sh.ping(*args)
-        return True
-    except sh.ErrorReturnCode:
-        return False
+    return subprocess.run([*(["ip", "netns", "exec", ns] if ns else []), "ping", *args],
+                          capture_output=True).returncode == 0
 
 
 def iptables_rules(table="filter", ns=None):
     argv = ["iptables", "-t", table, "-S"]
-    out = sh.ip("netns", "exec", ns, *argv) if ns else sh.iptables(*argv[1:])
-    return [line for line in str(out).splitlines() if line.startswith("-A")]
+    out = command_output("ip", "netns", "exec", ns, *argv) if ns else command_output(*argv)
+    return [line for line in out.splitlines() if line.startswith("-A")]
+
+
+def _settled(route):
+    """ROUTE without its "linkdown" flag: the kernel sets it from the device's carrier later, by
+    itself (linkwatch, up to a second after a bridge's last port goes), so two runs that made the
+    same objects can be read a moment apart with it set and without."""
+    return dict(route, flags=[f for f in route.get("flags", []) if f != "linkdown"])
 
 
 def snapshot(namespaces=()):
@@ -104,6 +132,9 @@ def snapshot(namespaces=()):
     state = {}
     for ns in [None, *namespaces]:
         ls = {}
+        # every link's addresses in one look (addrs() per link would run `ip` once per link)
+        inet = {a["ifname"]: sorted(f"{i['local']}/{i['prefixlen']}" for i in a["addr_info"] if i["family"] == "inet")
+                for a in json.loads(command_output("ip", *_ns(ns), "-j", "addr", "show"))}
         for name, l in links(ns).items():
             info = l.get("linkinfo", {})
             ls[name] = {"kind": info.get("info_kind"), "mtu": l["mtu"], "up": "UP" in l["flags"],
@@ -111,13 +142,12 @@ def snapshot(namespaces=()):
                         "vxlan": {k: v for k, v in info.get("info_data", {}).items()
                                   if k in ("id", "remote", "port", "local", "group")}
                         if info.get("info_kind") == "vxlan" else None,
-                        "addrs": addrs(name, ns)}
+                        "addrs": inet.get(name, [])}
         state[ns or "host"] = {"links": ls,
-                               "routes": sorted(json.dumps(r, sort_keys=True) for r in routes(ns)),
+                               "routes": sorted(json.dumps(_settled(r), sort_keys=True) for r in routes(ns)),
                                "nat": iptables_rules("nat", ns), "filter": iptables_rules("filter", ns),
-                               "forwarding": str(sh.ip(*(["netns", "exec", ns] if ns else []),
-                                                       "sysctl", "-n", "net.ipv4.ip_forward") if ns else
-                                                 sh.sysctl("-n", "net.ipv4.ip_forward")).strip()}
+                               "forwarding": command_output(*(["ip", "netns", "exec", ns] if ns else []),
+                                                  "sysctl", "-n", "net.ipv4.ip_forward").strip()}
     state["netns"] = netns_list()
     return state
 

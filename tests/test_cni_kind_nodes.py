@@ -112,6 +112,16 @@ def installed_state(r, node):
             "routes": kindlike.node_routes(r, node)}
 
 
+def unchanged_rerun(*args):
+    """kind-install ARGS again on the installed cluster: it says there is nothing to do and runs
+    no command that changes anything (no docker cp, no build, no write, no route: only look-ups)."""
+    again = cli("cni", "kind-install", CLUSTER, *args, check=True).stdout
+    assert "nothing to do" in again, again
+    commands = [line for line in again.splitlines() if not line.startswith("#")]
+    assert commands == [], commands
+    return again
+
+
 def test_kind_install_on_nodes_with_python3_then_rerun_then_uninstall(derived):
     r, nodes = derived
     assert nodes == list(SUBNETS)
@@ -123,9 +133,6 @@ def test_kind_install_on_nodes_with_python3_then_rerun_then_uninstall(derived):
     assert magics[OTHER_PYTHON_NODE] != host_magic if other else set(magics.values()) == {host_magic}
     proc = cli("cni", "kind-install", CLUSTER, check=True)
     out = proc.stdout
-    with open(cnikit.CNI_PLUGIN_SRC) as f:
-        plain = "#!/usr/bin/python3 -IS\n" + f.read().split("\n", 1)[1]
-    plain = "".join(plain.splitlines(True)[:2]) + f"{hashlib.sha256(plain.encode()).hexdigest()}  {PLUGIN}\n"  # as node_plugin reads it
     for node in nodes:
         assert f"{node}: {cnikit.CNI_PYTHON} is there" in out
         # compiled in the node by its own python3, to a temp name in the same directory, then renamed
@@ -148,19 +155,34 @@ def test_kind_install_on_nodes_with_python3_then_rerun_then_uninstall(derived):
                                              "-name", ".*.tmp", "-o", "-name", "build"))
         assert ok and tmp == ""                # no temp file, no build dir left
     before = {node: installed_state(r, node) for node in nodes}
-
-    def unchanged_rerun(*args):
-        again = cli("cni", "kind-install", CLUSTER, *args, check=True).stdout
-        assert "nothing to do" in again, again
-        commands = [line for line in again.splitlines() if not line.startswith("#")]
-        assert commands == [], commands        # no docker cp, no build, no write, no route: only look-ups
-        return again
-
     again = unchanged_rerun()
     for node in nodes:
         assert f"# {node}: {PLUGIN} is already this plugin (compiled by the node's python3)" in again
     assert {node: installed_state(r, node) for node in nodes} == before
 
+    # a kind-install killed while a node compiled the plugin leaves its build directory there
+    r.run(cnikit.docker_exec(nodes[0], "mkdir", "-p", f"{cnikit.KIND_BUILD_DIR}/compiler"))
+    gone = cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
+    assert f"docker exec {nodes[0]} rm -rf {cnikit.KIND_BUILD_DIR}\n" in gone
+    assert not r.query(cnikit.docker_exec(nodes[0], "test", "-e", cnikit.KIND_BUILD_DIR))[0]
+    for node in nodes:
+        assert f"docker exec {node} rm -f" in gone
+        assert installed_state(r, node) == {"plugin": None, "conf": None, "subnet": None, "routes": {}}
+        # what the node had before stays: the reference plugins, python3
+        ok, left = r.query(cnikit.docker_exec(node, "ls", cnikit.CNI_PLUGIN_DIR))
+        assert sorted(left.split()) == sorted(kindlike.NODE_PLUGINS)
+    assert "nothing to do" in cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
+
+
+def test_kind_install_plain_swaps_in_the_readable_file_and_back_and_rebuilds_where_python3_changed(derived):
+    """Split from the test above (each its own cluster) so that the two run side by side."""
+    r, nodes = derived
+    other = another_python()
+    cli("cni", "kind-install", CLUSTER, check=True)
+    before = {node: installed_state(r, node) for node in nodes}
+    with open(cnikit.CNI_PLUGIN_SRC) as f:
+        plain = "#!/usr/bin/python3 -IS\n" + f.read().split("\n", 1)[1]
+    plain = "".join(plain.splitlines(True)[:2]) + f"{hashlib.sha256(plain.encode()).hexdigest()}  {PLUGIN}\n"  # as node_plugin reads it
     # --plain: the readable file replaces the compiled one (nothing else changes); then back
     swapped = cli("cni", "kind-install", CLUSTER, "--plain", check=True).stdout
     for node in nodes:
@@ -181,19 +203,6 @@ def test_kind_install_on_nodes_with_python3_then_rerun_then_uninstall(derived):
         assert [line.split()[2] for line in rebuilt.splitlines() if " --compile " in line] == [OTHER_PYTHON_NODE]
         assert_compiled_in_node(r, OTHER_PYTHON_NODE, installed_state(r, OTHER_PYTHON_NODE)["plugin"])
     unchanged_rerun()
-
-    # a kind-install killed while a node compiled the plugin leaves its build directory there
-    r.run(cnikit.docker_exec(nodes[0], "mkdir", "-p", f"{cnikit.KIND_BUILD_DIR}/compiler"))
-    gone = cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
-    assert f"docker exec {nodes[0]} rm -rf {cnikit.KIND_BUILD_DIR}\n" in gone
-    assert not r.query(cnikit.docker_exec(nodes[0], "test", "-e", cnikit.KIND_BUILD_DIR))[0]
-    for node in nodes:
-        assert f"docker exec {node} rm -f" in gone
-        assert installed_state(r, node) == {"plugin": None, "conf": None, "subnet": None, "routes": {}}
-        # what the node had before stays: the reference plugins, python3
-        ok, left = r.query(cnikit.docker_exec(node, "ls", cnikit.CNI_PLUGIN_DIR))
-        assert sorted(left.split()) == sorted(kindlike.NODE_PLUGINS)
-    assert "nothing to do" in cli("cni", "uninstall", "--kind", CLUSTER, check=True).stdout
 
 
 def test_kubelet_played_in_the_nodes_pods_reach_across_nodes_without_nat(derived):
@@ -226,7 +235,7 @@ def test_kubelet_played_in_the_nodes_pods_reach_across_nodes_without_nat(derived
             assert ok, f"{pods[node]} on {node} cannot reach {pods[other]} on {other}: {out}"
             # no NAT between pods: the far side sees the sender pod's own address, not its node's
             seen_tcp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 8080)
-            seen_udp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 5353, udp=True)
+            seen_udp = kindlike.peer_address_seen(r, node, pods[node], addr[other], 5353, udp=True, expect=addr[node])
             assert seen_tcp == addr[node] and seen_udp == addr[node], (node, other, seen_tcp, seen_udp)
     # DEL as containerd does: with the netns and prevResult, then again without either;
     # on the last node the netns is gone first (a node restart): only the DEL without it

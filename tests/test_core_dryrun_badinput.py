@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kernel import ROOT, cli, snapshot
+from kernel import CLI, ROOT, cli, cli_env, snapshot
 
 NAMESPACES = ["ns1", "ns2", "inet", "node1"]
 
@@ -37,16 +37,15 @@ SNAPSHOT = ("import json, sys; sys.path.insert(0, {tests!r}); from kernel import
 
 def in_fresh_sandbox(script):
     """Run a shell SCRIPT in a nested throwaway sandbox and return the kernel snapshot it leaves."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cnikit.py"), "-q", "sandbox", "--", "sh", "-c",
-                           script + f"\n{sys.executable} -c \"$SNAP\""],
-                          capture_output=True, text=True, env=dict(os.environ, SNAP=SNAPSHOT))
+    proc = subprocess.run([*CLI, "-q", "sandbox", "--", "sh", "-c", script + f"\n{sys.executable} -c \"$SNAP\""],
+                          capture_output=True, text=True, env=cli_env(dict(os.environ, SNAP=SNAPSHOT)))
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_dry_run_replayed_with_sh_builds_the_same_kernel_state_as_the_real_run(tmp_path):
     real_script = "set -e\n" + "\n".join(
-        " ".join([sys.executable, os.path.join(ROOT, "cnikit.py"), "-q"] + [f"'{a}'" for a in cmd]) + " >/dev/null"
+        " ".join([*CLI, "-q"] + [f"'{a}'" for a in cmd]) + " >/dev/null"
         for cmd in SCENARIO)
     real = in_fresh_sandbox(real_script)
     plan = "".join(cli("--dry-run", *cmd, check=True).stdout for cmd in SCENARIO)

@@ -9,7 +9,7 @@ import sh
 
 import cnikit
 
-from kernel import addrs, cli, cli_as_nobody, iptables_rules, links, netns_list, ping, snapshot
+from kernel import CLI, addrs, cli, cli_as_nobody, cli_env, iptables_rules, links, netns_list, ping, snapshot
 
 
 def run(*args):
@@ -259,10 +259,8 @@ def test_interactive_sandbox_shell_has_a_clear_prompt_and_leaves_nothing():
 def test_echo_is_highlighted_on_a_terminal_and_plain_when_piped_or_silenced():
     import os
     import pty
-    import sys
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, __file__.rsplit("/tests/", 1)[0] + "/cnikit.py", "netns", "add", "t1"],
-                            stdout=slave, stderr=slave)
+    proc = subprocess.Popen([*CLI, "netns", "add", "t1"], env=cli_env(), stdout=slave, stderr=slave)
     proc.wait(timeout=10)
     os.close(slave)
     tty_out = os.read(master, 65536).decode()
@@ -310,11 +308,12 @@ def test_a_second_address_on_a_rerun_is_said_out_loud():
 
 def test_a_reader_that_leaves_early_gets_no_traceback():
     run("bridge", "add", "br0")
-    for i in range(40):
-        run("-q", "veth", "add", f"v{i}", f"p{i}")
-        run("-q", "bridge", "attach", "br0", f"v{i}")
-    import sys
-    proc = subprocess.Popen([sys.executable, __file__.rsplit("/tests/", 1)[0] + "/cnikit.py", "bridge", "show", "br0"],
+    # 40 ports as `veth add vI pI` + `bridge attach br0 vI` make them (their dry runs' commands),
+    # in one `ip -batch`: what is read here is `bridge show`, not how the ports were made
+    batch = "".join(f"link add v{i} type veth peer name p{i}\nlink set dev v{i} alias cnikit\nlink set dev v{i} up\n"
+                    f"link set dev p{i} up\nlink set dev v{i} master br0\n" for i in range(40))
+    subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
+    proc = subprocess.Popen([*CLI, "bridge", "show", "br0"], env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.readline()
     proc.stdout.close()

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import sh
 
-from kernel import changes, cli, ping
+from kernel import changes, cli, command_output, ping
 
 BRIDGE_MAC = "02:00:00:00:94:01"       # a MAC of its own: a wrong neighbour entry's fix is only to drop it
 NOBODY_MAC = "02:00:00:00:99:99"
@@ -25,11 +25,11 @@ MULTICAST6 = re.compile(r"\bdst=ff[0-9a-f]{2}:")
 
 
 def ns_ip(ns, *args):
-    sh.ip("-n", ns, *args)
+    command_output("ip", "-n", ns, *args)
 
 
 def in_ns(ns, *argv):
-    sh.ip("netns", "exec", ns, *argv)
+    command_output("ip", "netns", "exec", ns, *argv)
 
 
 @pytest.fixture

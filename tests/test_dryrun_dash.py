@@ -20,10 +20,10 @@ import uuid
 
 import pytest
 
-from kernel import ROOT, cli, kill_left, marked, netns_list, snapshot
+from kernel import CLI, ROOT, cli, cli_env, kill_left, marked, netns_list, snapshot
 
 STAGES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "stages", "[0-9]*.py")))
-CNIKIT = [sys.executable, os.path.join(ROOT, "cnikit.py")]
+CNIKIT = CLI
 DASH = "/bin/dash"
 TIMEOUT = 180
 # The kernel state of the sandbox and of every namespace in it (kernel.snapshot leaves out
@@ -37,7 +37,7 @@ def in_sandbox(script, mark):
     """Run shell SCRIPT (sh) in a fresh nested sandbox, then snapshot the kernel state there.
     Every process it starts carries MARK=<mark> in its environment."""
     return subprocess.run(CNIKIT + ["-q", "sandbox", "--", "sh", "-c", script], capture_output=True, text=True,
-                          env=dict(os.environ, SNAP=SNAPSHOT, **{MARK: mark}), timeout=TIMEOUT,
+                          env=cli_env(dict(os.environ, SNAP=SNAPSHOT, **{MARK: mark})), timeout=TIMEOUT,
                           stdin=subprocess.DEVNULL)
 
 
@@ -55,9 +55,10 @@ def assert_nothing_left(mark):
 
 
 def replay(script_path, mark=None):
-    """`dash -e SCRIPT` in a fresh sandbox: (the CompletedProcess, the kernel state it left)."""
+    """`dash -e SCRIPT` in a fresh sandbox: the kernel state it left; the script must end with 0."""
     mark = mark or uuid.uuid4().hex
-    proc = in_sandbox(f"{DASH} -e {shlex.quote(str(script_path))} >/dev/null\n{sys.executable} -c \"$SNAP\"", mark)
+    proc = in_sandbox(f"{DASH} -e {shlex.quote(str(script_path))} >/dev/null; rc=$?\n"
+                      f"{sys.executable} -c \"$SNAP\"; [ $rc = 0 ] || {{ echo \"dash -e exited $rc\" >&2; exit $rc; }}", mark)
     assert_nothing_left(mark)
     return state_of(proc)
 
@@ -108,6 +109,8 @@ def test_lesson_dry_run_replays_under_dash_to_the_real_runs_kernel_state(stage, 
                           "never"], capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert dry.returncode == 0, dry.stderr
     assert "<<<" not in dry.stdout and "jobs -p" not in dry.stdout      # bash-only, or empty in dash
+    if hasattr(mod, "CAUSE"):                                             # a pitfall lab: doctor is in the script
+        assert " doctor " in dry.stdout
     (tmp_path / "lesson.sh").write_text(dry.stdout)
     assert subprocess.run([DASH, "-n", str(tmp_path / "lesson.sh")]).returncode == 0
     assert replay(tmp_path / "lesson.sh") == real
@@ -166,7 +169,7 @@ def test_an_interrupted_script_stops_its_background_jobs(tmp_path):
     # cannot trap it (POSIX): the interrupt would be lost.
     proc = subprocess.Popen(["env", "--default-signal=INT"] + CNIKIT + ["-q", "sandbox", "--", DASH, "-e",
                                                                        str(tmp_path / "waits.sh")],
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, **{MARK: mark}))
+                            stdout=subprocess.PIPE, text=True, env=cli_env(dict(os.environ, **{MARK: mark})))
     try:
         for line in proc.stdout:
             if line.strip() == "waiting":

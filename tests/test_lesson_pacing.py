@@ -18,7 +18,7 @@ import pytest
 import sh
 
 from host_state import host_state
-from kernel import links, run_stage
+from kernel import cli, links, run_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST = "ip link add host0 address "        # lesson 01's first command in its sandbox (a MAC of its own)
@@ -158,7 +158,7 @@ def test_the_ownership_label_is_shown_once_live_and_every_time_in_the_dry_run():
     # Shown once, set every time: each link the lesson made on this (--host) side carries the tag.
     here = links()
     assert all(here[name].get("ifalias") == "cnikit" for name in labels), {n: here.get(n) for n in labels}
-    sh.Command(sys.executable)(os.path.join(ROOT, "cnikit.py"), "-q", "cleanup")
+    cli("-q", "cleanup", check=True)
     assert sh.ip("netns", "list").strip() == ""
 
 

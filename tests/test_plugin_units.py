@@ -13,6 +13,14 @@ from plugin_helpers import PLUGIN_SRC, allocation_files, links, netns
 
 
 @pytest.fixture
+def fp(fp):
+    """pytest-subprocess's fake, but `ip` runs for real: the tests read the kernel with it
+    (tests/kernel.py), and the plugin itself never runs it (netlink)."""
+    fp.pass_command(["ip", fp.any()], occurrences=1000)
+    return fp
+
+
+@pytest.fixture
 def plugin():
     spec = importlib.util.spec_from_file_location("cni_bash_compatible", PLUGIN_SRC)
     mod = importlib.util.module_from_spec(spec)
