@@ -168,13 +168,34 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def _cpu_seconds():
+    """CPU time of this process and of the children it has waited for (what a test's commands cost)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item._cpu_started = _cpu_seconds()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The teardown report carries the test's CPU seconds (a worker's report reaches the
+    controller with its user_properties), for --durations-by-file."""
+    outcome = yield
+    if call.when == "teardown" and hasattr(item, "_cpu_started"):
+        report = outcome.get_result()
+        report.user_properties = list(report.user_properties) + [("cpu", _cpu_seconds() - item._cpu_started)]
+
+
 def pytest_runtest_logreport(report):
     durations = getattr(_CONFIG.get("config"), "_file_durations", None)
     if durations is not None:
         path = report.nodeid.split("::", 1)[0]
-        total, tests = durations.get(path, (0.0, set()))
+        total, cpu, tests = durations.get(path, (0.0, 0.0, set()))
         tests.add(report.nodeid)
-        durations[path] = (total + report.duration, tests)
+        durations[path] = (total + report.duration, cpu + dict(report.user_properties).get("cpu", 0.0), tests)
 
 
 _CONFIG = {}
@@ -197,9 +218,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     n = config.getoption("--durations-by-file")
     durations = getattr(config, "_file_durations", {})
     if n and durations:
-        terminalreporter.section(f"slowest {n} test files (setup + call + teardown)")
-        for path, (total, tests) in sorted(durations.items(), key=lambda kv: -kv[1][0])[:n]:
-            terminalreporter.write_line(f"{total:8.1f}s  {path}  ({len(tests)} test(s))")
+        terminalreporter.section(f"slowest {n} test files (setup + call + teardown; CPU: the worker's and "
+                                 f"its commands')")
+        for path, (total, cpu, tests) in sorted(durations.items(), key=lambda kv: -kv[1][0])[:n]:
+            terminalreporter.write_line(f"{total:8.1f}s  cpu {cpu:7.1f}s  {path}  ({len(tests)} test(s))")
         wall = time.monotonic() - _CONFIG.get("started", time.monotonic())
-        terminalreporter.write_line(f"{sum(t for t, _ in durations.values()):8.1f}s  all {len(durations)} "
+        terminalreporter.write_line(f"{sum(t for t, _, _ in durations.values()):8.1f}s  cpu "
+                                    f"{sum(c for _, c, _ in durations.values()):7.1f}s  all {len(durations)} "
                                     f"file(s); {wall:.1f}s wall clock")
