@@ -923,13 +923,38 @@ class PlanState(State):
         self._index = 1000        # ifindex of planned links
 
     def missing(self, error, made=None, exc=UsageError, said=None):
+        made = [made] if isinstance(made, Change) else list(made or [])
+        given = self._given_here(made)
+        if given:
+            # a plan of what a lesson will do to this host (--host): the uplink or namespace it
+            # names is this host's own, there before the plan; the plan builds on it
+            for change in given:
+                self.record(change)
+            return
         if not self.assume:
             raise exc(error)
         if error not in self._assumed:
             self._assumed.add(error)
             self.say(said or f"{error}; planned as if an earlier command made it")
-        for change in [made] if isinstance(made, Change) else made or []:
+        for change in made:
             self.record(change)
+
+    def _given_here(self, made):
+        """MADE as this host has them, when every one exists here and this plan is a fresh host's
+        that reads this host's facts (a lesson's --host plan); else []."""
+        here = getattr(self.base, "facts", None)
+        if not here or not made:
+            return []
+        given = []
+        for change in made:
+            if change.kind == "netns" and here.netns_exists(change.name):
+                given.append(change)
+            elif change.kind == "link" and here.link(change.name, change.ns):
+                link = here.link(change.name, change.ns)
+                given.append(Change.link(change.name, change.ns, link_kind(link) or None, link.get("mtu")))
+            else:
+                return []
+        return given
 
     def unknown(self, error, said):
         self.say(said)

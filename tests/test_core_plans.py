@@ -658,3 +658,18 @@ def test_cni_gc_plans_one_call_per_plugin_with_the_attachments_to_keep(capsys, t
     # CHECK needs the result ADD cached, which a dry run cannot know: it plans no call
     code, out, err = cli_plan(capsys, "cni", "check", "pod1", "--conf", str(conf), "--cni-path", str(tmp_path / "bin"))
     assert (code, err) == (0, "") and [line for line in out if not line.startswith("#")] == []
+
+
+def test_a_hosts_plan_builds_on_the_uplink_this_host_has_and_refuses_one_it_lacks():
+    # A lesson's --host plan is a fresh host's that reads this host's facts: an uplink the
+    # lesson names is this host's own (with its MTU); one this host lacks is refused as live.
+    class Here(cnikit.FreshHost):
+        def link(self, name, ns=None):
+            return {"ifname": name, "mtu": 9000, "flags": ["UP"]} if name == "eth1" and ns is None else None
+    r = cnikit.Runner(dry_run=True, out=io.StringIO())
+    r.state = cnikit.PlanState(cnikit.FreshHost(Here()), r.note)
+    assert cnikit.underlay_mtu(r, "eth1") == cnikit.DEFAULT_MTU     # not known before it is named
+    cnikit.vxlan_add(r, "vxlan0", 42, local="192.0.2.1", dev="eth1")
+    assert lines(r)[0] == "ip link add vxlan0 mtu 8950 type vxlan id 42 dstport 4789 local 192.0.2.1 dev eth1"
+    with pytest.raises(cnikit.UsageError, match="--dev eth2 does not exist"):
+        cnikit.vxlan_add(r, "vxlan1", 43, local="192.0.2.1", dev="eth2")
