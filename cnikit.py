@@ -3176,9 +3176,10 @@ def compiled_from(head, shebang, sha, magic=None):
             and (magic is None or stamp.get("magic") == magic))
 
 
-def is_compiled_plugin(path, state=None):
-    """An ELF binary (a compiled plugin, such as the reference ones): never cnikit's to
-    overwrite or remove. cnikit installs Python scripts (plain or compiled), which start with `#!`.
+def is_binary_plugin(path, state=None):
+    """A binary plugin (an ELF executable, such as the reference ones): never cnikit's to
+    overwrite or remove. cnikit installs Python scripts, plain or compiled (its own bytecode
+    form), which start with `#!`.
     STATE: as a runner's State sees it (a plan's planned files); else on disk."""
     try:
         if state is not None:
@@ -3243,8 +3244,8 @@ def cni_install(r, name=CNI_NET, subnet=None, plugin_dir=CNI_PLUGIN_DIR, conf_di
         shebang = None
     compiled = bool(shebang) and not plain and _is_python_script(src)
     dst = os.path.join(plugin_dir, ptype)
-    if is_compiled_plugin(dst, r.state):
-        raise UsageError(f"{dst} is a compiled plugin that cnikit did not install; not replacing it "
+    if is_binary_plugin(dst, r.state):
+        raise UsageError(f"{dst} is a binary plugin that cnikit did not install; not replacing it "
                          f"(choose another --type)")
     conf_path = cni_conf_file(conf_dir, name)
     text = json.dumps(cni_conflist(name, subnet, ptype, chain, version, extra), indent=2) + "\n"
@@ -3301,8 +3302,8 @@ def cni_uninstall(r, name=CNI_NET, plugin_dir=CNI_PLUGIN_DIR, conf_dir=CNI_CONF_
     dst = os.path.join(plugin_dir, ptype)
     if in_use:
         r.note(f"{dst} stays: {', '.join(in_use)} still uses type {ptype}")
-    elif is_compiled_plugin(dst, r.state):
-        r.note(f"{dst} stays: a compiled plugin, not one cnikit installed")
+    elif is_binary_plugin(dst, r.state):
+        r.note(f"{dst} stays: a binary plugin, not one cnikit installed")
     elif r.state.file_exists(dst):
         r.run(["rm", "-f", dst], creates=Change.file(dst).gone())
     return True

@@ -391,13 +391,13 @@ def test_install_and_uninstall_never_replace_or_remove_a_compiled_plugin():
     with open("/opt/cni/bin/portmap", "rb") as f:
         before = f.read()
     bad = cli("cni", "install", "--type", "portmap")
-    assert bad.returncode == 2 and "compiled plugin" in bad.stderr
+    assert bad.returncode == 2 and "binary plugin" in bad.stderr
     # a conflist naming that type, written by hand, then uninstalled: the binary stays
     os.makedirs(CONF_DIR, exist_ok=True)
     with open(os.path.join(CONF_DIR, "10-cnikit.conflist"), "w") as f:
         json.dump({"cniVersion": "1.0.0", "name": "cnikit", "plugins": [{"type": "portmap"}]}, f)
     out = run("cni", "uninstall").stdout
-    assert "stays: a compiled plugin" in out
+    assert "stays: a binary plugin" in out
     with open("/opt/cni/bin/portmap", "rb") as f:
         assert f.read() == before
 
