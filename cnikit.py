@@ -1117,8 +1117,9 @@ def _spawn_and_wait(argv, input=None, env=None, timeout=None):
     text=True) would, with os.posix_spawnp and pipes: `subprocess` alone costs a CLI start
     more than the rest of its imports (bench/cli_start.py). stdin is /dev/null unless INPUT
     (text, written while the output is read: no deadlock on big outputs); ENV is the whole
-    environment (None: cnikit's). A binary that cannot start raises its OSError; a TIMEOUT
-    or Ctrl-C kills and reaps the child, then raises (TimeoutError, KeyboardInterrupt)."""
+    environment (None: cnikit's; ARGV[0] is looked up in cnikit's own PATH). A binary that
+    cannot start raises its OSError; a TIMEOUT or Ctrl-C kills and reaps the child, then
+    raises (TimeoutError, KeyboardInterrupt)."""
     import select
     import _signal          # signal's C half: the `signal` module would import enum
     deadline = None if timeout is None else time.monotonic() + timeout
