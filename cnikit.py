@@ -38,7 +38,6 @@ Contents, top to bottom; each part uses only the parts above it (the CLI, last, 
     CLI              the verb table (VERBS): parser, help, dispatch; main
 """
 import os
-import subprocess
 import sys
 import time
 
@@ -56,8 +55,8 @@ class _Lazy:
         return getattr(module, attr)
 
 
-argparse, base64, ctypes, hashlib, ipaddress, json, re, shlex, textwrap = map(_Lazy, (
-    "argparse", "base64", "ctypes", "hashlib", "ipaddress", "json", "re", "shlex", "textwrap"))
+argparse, base64, ctypes, hashlib, ipaddress, json, re, shlex, subprocess, textwrap = map(_Lazy, (
+    "argparse", "base64", "ctypes", "hashlib", "ipaddress", "json", "re", "shlex", "subprocess", "textwrap"))
 
 # ---------------------------------------------------------------- constants
 
@@ -1205,6 +1204,126 @@ class PlanState(State):
 
 # ---------------------------------------------------------------- executor: the only place that runs
 
+class Finished:
+    """What a process cnikit waited for did, as subprocess.CompletedProcess says it: args,
+    returncode (-N: killed by signal N), stdout and stderr as text; NOT_UTF8: either held
+    bytes that are not UTF-8 (read as U+FFFD, so printing it never fails)."""
+
+    def __init__(self, args, returncode, stdout, stderr, not_utf8=False):
+        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
+        self.not_utf8 = not_utf8
+
+
+def _spawn_and_wait(argv, input=None, env=None, timeout=None):
+    """Run ARGV to its end and return its Finished, as subprocess.run(capture_output=True,
+    text=True) would, with os.posix_spawnp and pipes: `subprocess` alone costs a CLI start
+    more than the rest of its imports (bench/cli_start.py). stdin is /dev/null unless INPUT
+    (text, written while the output is read: no deadlock on big outputs); ENV is the whole
+    environment (None: cnikit's; ARGV[0] is looked up in cnikit's own PATH). A binary that
+    cannot start raises its OSError; a TIMEOUT or Ctrl-C kills and reaps the child, then
+    raises (TimeoutError, KeyboardInterrupt)."""
+    import select
+    import _signal          # signal's C half: the `signal` module would import enum
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ends = [fd for _ in range(2 if input is None else 3) for fd in os.pipe()]   # all close-on-exec
+    if min(ends) < 3:       # cnikit started with 0, 1 or 2 closed: a dup2 onto itself keeps close-on-exec
+        import fcntl
+        low, ends = ends, [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in ends]
+        for fd in low:
+            os.close(fd)
+    out_r, out_w, err_r, err_w = ends[:4]
+    in_r, in_w = ends[4:] or (None, None)
+    # The child gets its three pipes and no other descriptor: close the inheritable ones cnikit
+    # itself inherited (subprocess's close_fds).
+    actions = []
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+        except OSError:
+            pass            # listdir's own descriptor, closed by now
+    actions += [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
+                (os.POSIX_SPAWN_DUP2, in_r, 0) if input is not None
+                else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)]
+    pid, status, chunks = None, None, {out_r: [], err_r: []}
+    # Ctrl-C is held until the child's pid is kept (a KeyboardInterrupt raised as posix_spawnp
+    # returns would lose it); the child starts with no signal blocked, and gets SIGPIPE and SIGXFSZ
+    # back, which Python ignores (as subprocess does).
+    held = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT})
+    try:
+        try:
+            pid = os.posix_spawnp(argv[0], argv, os.environ if env is None else env, file_actions=actions,
+                                  setsigmask=(), setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
+        finally:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
+        for fd in (out_w, err_w, in_r):
+            if fd is not None:
+                os.close(fd)
+                ends.remove(fd)
+        poller = select.poll()
+        for fd in chunks:
+            poller.register(fd, select.POLLIN)
+        data = memoryview(input.encode()) if input is not None else b""
+        if in_w is not None:
+            os.set_blocking(in_w, False)
+            poller.register(in_w, select.POLLOUT)
+        open_fds = set(chunks) | ({in_w} if in_w is not None else set())
+        while open_fds:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError
+            for fd, _ in poller.poll(None if left is None else int(left * 1000) + 1):
+                if fd == in_w:
+                    try:
+                        data = data[os.write(fd, data[:65536]):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        data = b""      # the child stopped reading: so be it (as subprocess)
+                    done = not data
+                else:
+                    chunk = os.read(fd, 65536)
+                    chunks[fd].append(chunk)
+                    done = not chunk
+                if done:
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+                    os.close(fd)
+                    ends.remove(fd)
+        while status is None:   # the pipes are closed: the child is exiting, or closed them early
+            done_pid, st = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
+            if done_pid:
+                status = st
+            elif time.monotonic() >= deadline:
+                raise TimeoutError
+            else:
+                time.sleep(0.002)
+    except BaseException:
+        if pid is not None and status is None:
+            try:
+                os.kill(pid, 9)             # SIGKILL
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        raise
+    finally:
+        for fd in ends:
+            try:
+                os.close(fd)
+            except OSError:
+                pass        # closed already: Ctrl-C came between its close and its removal
+    texts, not_utf8 = [], False
+    for fd in (out_r, err_r):
+        raw = b"".join(chunks[fd])
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            text, not_utf8 = raw.decode(errors="replace"), True
+        texts.append(text.replace("\r\n", "\n").replace("\r", "\n"))    # text=True's universal newlines
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return Finished(argv, code, texts[0], texts[1], not_utf8)
+
+
 class Runner:
     """The Executor: executes and echoes argv lists, the only place cnikit runs anything,
     and the owner of the State the verbs ask and of the Journal of what they changed.
@@ -1347,20 +1466,19 @@ class Runner:
 
     # -- executing
     def execute(self, argv, input=None, env=None, timeout=None):
-        """Run ARGV without echo and return the CompletedProcess: every process cnikit
-        waits for starts here. It never reads the user's terminal (stdin is /dev/null
-        unless INPUT is given); ENV adds variables to cnikit's own environment."""
+        """Run ARGV without echo and return its Finished (args, returncode, stdout, stderr):
+        every process cnikit waits for starts here. It never reads the user's terminal (stdin
+        is /dev/null unless INPUT is given); ENV adds variables to cnikit's own environment."""
         try:
-            return subprocess.run(argv, capture_output=True, text=True, input=input,
-                                  stdin=subprocess.DEVNULL if input is None else None,
-                                  env=dict(os.environ, **env) if env else None, timeout=timeout)
+            return _spawn_and_wait(argv, input=input, env=dict(os.environ, **env) if env else None,
+                                   timeout=timeout)
         except FileNotFoundError:
             pkg = PACKAGES.get(argv[0], argv[0])
             raise CnikitError(f"{argv[0]} not found: install the Debian package {pkg}") from None
-        except PermissionError as e:
-            raise CnikitError(f"cannot run {argv[0]}: {e.strerror}") from None
-        except subprocess.TimeoutExpired:
+        except TimeoutError:
             raise CnikitError(f"{shell_join(argv)} did not finish within {timeout}s") from None
+        except OSError as e:        # not executable, not a program (ENOEXEC), ...
+            raise CnikitError(f"cannot run {argv[0]}: {e.strerror}") from None
 
     def run(self, argv, creates=None, check=True, input=None):
         """Echo ARGV, then run it; on success record CREATES (a Change or a list of
@@ -1425,7 +1543,7 @@ class Runner:
             raise CnikitError(f"{argv[0]} not found: install the Debian package {PACKAGES.get(argv[0], argv[0])}")
 
     def exchange(self, shown, argv, stdin_obj, env=None, keep=None, limit=None, timeout=None):
-        """Hand STDIN_OBJ as JSON to ARGV (a CNI plugin) and return the CompletedProcess, echoed
+        """Hand STDIN_OBJ as JSON to ARGV (a CNI plugin) and return the Finished, echoed
         as SHOWN with the JSON as a here-document (LIMIT: cut to that many characters unless -v).
         A plan echoes the JSON whole, so its script replays the call; KEEP names the shell
         variable the script keeps the answer in, and the answer is PlannedResult(KEEP) (None
@@ -1477,7 +1595,7 @@ class Runner:
             self.note(said.format(path))
 
     def read(self, argv):
-        """Run a read-only look-up and return the CompletedProcess (echoed with -v only):
+        """Run a read-only look-up and return the Finished (echoed with -v only):
         the States read the kernel through this."""
         if self.verbose:
             self.note("look-up: " + shell_join(argv))
@@ -2726,15 +2844,14 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None, ke
     plugin = r.state.find_plugin(ptype, cni_path)
     env = {"CNI_COMMAND": command, **env, "CNI_PATH": env.get("CNI_PATH", cni_path)}
     started = time.monotonic()
-    try:
-        # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
-        proc = r.exchange(cni_invocation_argv(env, plugin, host), in_netns([plugin], host), stdin_obj, env, keep,
-                          CNI_SHOW_MAX, CNI_TIMEOUT)
-    except UnicodeDecodeError:
-        raise CnikitError(f"CNI plugin {ptype} {command} printed bytes that are not UTF-8 text "
-                          "(a CNI answer is JSON)") from None
-    if not isinstance(proc, subprocess.CompletedProcess):
+    # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
+    proc = r.exchange(cni_invocation_argv(env, plugin, host), in_netns([plugin], host), stdin_obj, env, keep,
+                      CNI_SHOW_MAX, CNI_TIMEOUT)
+    if not isinstance(proc, Finished):
         return proc                 # a plan's: the script keeps the answer
+    if proc.not_utf8:
+        raise CnikitError(f"CNI plugin {ptype} {command} printed bytes that are not UTF-8 text "
+                          "(a CNI answer is JSON)")
     ms = (time.monotonic() - started) * 1000
     out = proc.stdout.strip()
     try:

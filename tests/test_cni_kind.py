@@ -1,6 +1,7 @@
 """The kind path of `cnikit cni`, without docker: the exact docker/kubectl commands of a dry
-run, and the real code path against a mocked `docker` (pytest-subprocess) where a path
-cannot be produced here: a node without python3 (install python3-minimal), a node that has it."""
+run, and the real code path against a fake `docker` and `kubectl` on PATH (tests/fake_tools.py)
+where a path cannot be produced here: a node without python3 (install python3-minimal), a node
+that has it."""
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 import cnikit
+from fake_tools import ANY, FakeTools
 from kernel import ROOT, cli
 
 PLUGIN = cnikit.CNI_PLUGIN_SRC
@@ -120,30 +122,31 @@ def test_kind_install_bad_cluster_name():
     assert proc.returncode == 2 and "kind cluster name" in proc.stderr
 
 
-def _mock_docker(fp, python_on):
+def _fake_docker(fake, python_on):
     """docker and kubectl answering as for a two-node kind cluster `demo`."""
-    fp.register(["docker", "ps", "--filter", "label=io.x-k8s.kind.cluster=demo", "--format", "{{.Names}}"],
+    fake.register(["docker", "ps", "--filter", "label=io.x-k8s.kind.cluster=demo", "--format", "{{.Names}}"],
                 stdout="demo-worker\ndemo-control-plane\n")
     for i, node in enumerate(("demo-control-plane", "demo-worker")):
-        fp.register(["kubectl", "--context", "kind-demo", "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"],
+        fake.register(["kubectl", "--context", "kind-demo", "get", "node", node, "-o", "jsonpath={.spec.podCIDR}"],
                     stdout=f"10.244.{i + 5}.0/24")
-        fp.register(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node],
+        fake.register(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", node],
                     stdout=f"172.18.0.{i + 2} ")
-        fp.register(["docker", "exec", node, "test", "-x", "/usr/bin/python3"],
+        fake.register(["docker", "exec", node, "test", "-x", "/usr/bin/python3"],
                     returncode=0 if node in python_on else 1)
-    fp.register(["docker", fp.any()], occurrences=100)
+    fake.register(["docker", ANY])
 
 
 @pytest.mark.noroot
-def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(fp, monkeypatch, capsys):
+def test_kind_install_against_a_fake_docker_installs_python3_only_where_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
-    _mock_docker(fp, python_on={"demo-worker"})
+    fake = FakeTools(tmp_path, monkeypatch)
+    _fake_docker(fake, python_on={"demo-worker"})
     r = cnikit.Runner(color=False)
     plan = cnikit.kind_install(r, "demo")
     out = capsys.readouterr().out
     assert plan == {"demo-control-plane": {"podCIDR": "10.244.5.0/24", "ip": "172.18.0.2", "python3": "installed"},
                     "demo-worker": {"podCIDR": "10.244.6.0/24", "ip": "172.18.0.3", "python3": "present"}}
-    calls = [list(c) for c in fp.calls]
+    calls = fake.calls()
     apt = [c for c in calls if "apt-get" in " ".join(c)]
     assert {c[c.index("apt-get") - 1] for c in apt} == {"demo-control-plane"}   # only where it was missing
     assert "demo-worker: /usr/bin/python3 is there" in out
@@ -164,23 +167,25 @@ def test_kind_install_against_mocked_docker_installs_python3_only_where_missing(
 
 
 @pytest.mark.noroot
-def test_kind_install_a_python3_that_cannot_compile_is_one_line_and_leaves_the_node_as_it_was(fp, monkeypatch):
+def test_kind_install_a_python3_that_cannot_compile_is_one_line_and_leaves_the_node_as_it_was(tmp_path,
+                                                                                               monkeypatch):
     """A node's python3 too old for the plugin's compile (cannot be had for real here: every
     Python of this machine compiles it)."""
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
     build = "/run/cnikit/build/cni-bash-compatible.py"
-    fp.register(["docker", "exec", "demo-worker", "/usr/bin/python3", "-I", "-S", build, "--compile", build,
+    fake = FakeTools(tmp_path, monkeypatch)
+    fake.register(["docker", "exec", "demo-worker", "/usr/bin/python3", "-I", "-S", build, "--compile", build,
                  "/opt/cni/bin/.cnikit.tmp"], returncode=1,
                 stderr="Traceback (most recent call last):\nTypeError: replace() got an unexpected keyword "
                        "argument 'co_linetable'\n")
-    _mock_docker(fp, python_on={"demo-control-plane", "demo-worker"})
+    _fake_docker(fake, python_on={"demo-control-plane", "demo-worker"})
     with pytest.raises(cnikit.CnikitError) as e:
         cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
     msg = str(e.value)
     assert msg == ("demo-worker: its /usr/bin/python3 cannot compile the plugin (TypeError: replace() got an "
                    "unexpected keyword argument 'co_linetable'): /opt/cni/bin/cnikit on demo-worker is unchanged; "
                    "demo-control-plane got it already; fix: --plain installs the readable file")
-    calls = [list(c) for c in fp.calls]
+    calls = fake.calls()
     # the worker's build dir and temp file go; its plugin file is never touched
     assert ["docker", "exec", "demo-worker", "rm", "-rf", "/run/cnikit/build", "/opt/cni/bin/.cnikit.tmp"] in calls
     assert ["docker", "exec", "demo-worker", "mv", "-f", "/opt/cni/bin/.cnikit.tmp", "/opt/cni/bin/cnikit"] \
@@ -190,37 +195,40 @@ def test_kind_install_a_python3_that_cannot_compile_is_one_line_and_leaves_the_n
 
 
 @pytest.mark.noroot
-def test_kind_install_no_nodes_is_a_usage_error(fp, monkeypatch):
+def test_kind_install_no_nodes_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}")
-    fp.register(["docker", "ps", fp.any()], stdout="")
+    fake = FakeTools(tmp_path, monkeypatch)
+    fake.register(["docker", "ps", ANY], stdout="")
     with pytest.raises(cnikit.UsageError, match="has no node containers"):
         cnikit.kind_install(cnikit.Runner(color=False), "demo")
 
 
-def _mock_node_without_python(fp, monkeypatch, update_rc, install_rc, install_err):
+def _fake_node_without_python(tmp_path, monkeypatch, update_rc, install_rc, install_err):
     monkeypatch.setattr(cnikit, "which", lambda tool: f"/usr/bin/{tool}" if tool == "docker" else None)
-    fp.register(["docker", "ps", fp.any()], stdout="demo-control-plane\n")
-    fp.register(["docker", "inspect", fp.any()], stdout="172.18.0.2")
-    fp.register(["docker", "exec", "demo-control-plane", "test", "-x", "/usr/bin/python3"], returncode=1)
-    fp.register(["docker", "exec", "demo-control-plane", "apt-get", "update", fp.any()], returncode=update_rc,
+    fake = FakeTools(tmp_path, monkeypatch)
+    fake.register(["docker", "ps", ANY], stdout="demo-control-plane\n")
+    fake.register(["docker", "inspect", ANY], stdout="172.18.0.2")
+    fake.register(["docker", "exec", "demo-control-plane", "test", "-x", "/usr/bin/python3"], returncode=1)
+    fake.register(["docker", "exec", "demo-control-plane", "apt-get", "update", ANY], returncode=update_rc,
                 stderr="" if update_rc == 0 else "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/"
                 "InRelease  Could not connect to deb.debian.org:80\nE: Some index files failed to download.\n")
-    fp.register(["docker", "exec", "-e", "DEBIAN_FRONTEND=noninteractive", "demo-control-plane", "apt-get",
-                 "install", fp.any()], returncode=install_rc, stderr=install_err)
+    fake.register(["docker", "exec", "-e", "DEBIAN_FRONTEND=noninteractive", "demo-control-plane", "apt-get",
+                   "install", ANY], returncode=install_rc, stderr=install_err)
+    return fake
 
 
 @pytest.mark.noroot
-def test_kind_install_apt_that_exits_0_without_lists_names_the_real_cause(fp, monkeypatch):
+def test_kind_install_apt_that_exits_0_without_lists_names_the_real_cause(tmp_path, monkeypatch):
     """An apt too old for Error-Mode=any: update exits 0 although no mirror answered, and the
     install then says "Unable to locate package" (apt-get's exit 0 cannot be made for real here)."""
-    _mock_node_without_python(fp, monkeypatch, 0, 100, "E: Unable to locate package python3-minimal\n")
+    fake = _fake_node_without_python(tmp_path, monkeypatch, 0, 100, "E: Unable to locate package python3-minimal\n")
     with pytest.raises(cnikit.CnikitError) as e:
         cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
     msg = str(e.value)
     assert msg.startswith("demo-control-plane has no python3") and "\n" not in msg
     assert "cannot reach a package mirror (apt-get update fetched no package lists)" in msg
     assert "make kind-up KIND_NODE=derived" in msg
-    assert not any("docker cp" in " ".join(c) for c in fp.calls)      # nothing written
+    assert not any("docker cp" in " ".join(c) for c in fake.calls())      # nothing written
 
 
 @pytest.mark.noroot
@@ -233,8 +241,8 @@ def test_python_failure_after_another_node_got_python3_says_so():
 
 
 @pytest.mark.noroot
-def test_kind_install_other_apt_failure_is_quoted(fp, monkeypatch):
-    _mock_node_without_python(fp, monkeypatch, 0, 100, "E: Could not get lock /var/lib/dpkg/lock-frontend\n")
+def test_kind_install_other_apt_failure_is_quoted(tmp_path, monkeypatch):
+    _fake_node_without_python(tmp_path, monkeypatch, 0, 100, "E: Could not get lock /var/lib/dpkg/lock-frontend\n")
     with pytest.raises(cnikit.CnikitError, match=r"apt-get failed \(E: Could not get lock"):
         cnikit.kind_install(cnikit.Runner(color=False, quiet=True), "demo")
 

@@ -1,34 +1,34 @@
-"""The runner's failure paths: a missing tool, a failing command, rollback.
-Mocks (pytest-subprocess) only where the path can't be produced for real."""
+"""The runner's failure paths: a missing tool, a failing command, a timeout, rollback. Real
+processes throughout; a fake program on PATH (tests/fake_tools.py) only where the path can't
+be produced for real (an `ip` that refuses an address without root)."""
 import io
 import os
 
 import pytest
 
 import cnikit
+from fake_tools import ANY, FakeTools
 from kernel import cli, links, snapshot
 
 
-def absent(fp, argv):
-    fp.register(argv, returncode=1, stderr='Device "x" does not exist.\n')
-
-
 @pytest.mark.noroot
-def test_failing_command_rolls_back_what_was_created_in_order(fp):
-    absent(fp, ["ip", "-j", "-d", "link", "show", "dev", "v0"])
-    absent(fp, ["ip", "-j", "-d", "link", "show", "dev", "v1"])
-    fp.register(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
-    fp.register(["ip", "link", "set", "dev", "v0", "alias", "cnikit"])
-    fp.register(["ip", "-j", "addr", "show", "dev", "v0"], stdout="[]")
-    fp.register(["ip", "addr", "add", "10.0.0.1/24", "dev", "v0"], returncode=2,
-                stderr="RTNETLINK answers: Permission denied\n")
-    fp.register(["ip", "link", "del", "v0"])
+def test_failing_command_rolls_back_what_was_created_in_order(tmp_path, monkeypatch):
+    fake = FakeTools(tmp_path, monkeypatch)
+    for dev in ("v0", "v1"):
+        fake.register(["ip", "-j", "-d", "link", "show", "dev", dev], returncode=1,
+                      stderr='Device "x" does not exist.\n')
+    fake.register(["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+    fake.register(["ip", "link", "set", "dev", "v0", "alias", "cnikit"])
+    fake.register(["ip", "-j", "addr", "show", "dev", "v0"], stdout="[]")
+    fake.register(["ip", "addr", "add", "10.0.0.1/24", "dev", "v0"], returncode=2,
+                  stderr="RTNETLINK answers: Permission denied\n")
+    fake.register(["ip", "link", "del", "v0"])
     out = io.StringIO()
     r = cnikit.Runner(out=out)
     with pytest.raises(cnikit.CommandFailed) as e:
         cnikit.veth_add(r, "v0", "v1", addr="10.0.0.1/24")
     assert "ip addr add 10.0.0.1/24 dev v0" in str(e.value) and "Permission denied" in str(e.value)
-    ran = [list(c) for c in fp.calls if "-j" not in c]
+    ran = [c for c in fake.calls() if "-j" not in c]
     assert ran == [["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
                    ["ip", "link", "set", "dev", "v0", "alias", "cnikit"],
                    ["ip", "addr", "add", "10.0.0.1/24", "dev", "v0"],
@@ -37,19 +37,39 @@ def test_failing_command_rolls_back_what_was_created_in_order(fp):
 
 
 @pytest.mark.noroot
-def test_missing_binary_names_the_debian_package(fp):
-    def not_there(process):
-        raise FileNotFoundError(2, "No such file or directory", "iptables")
-    fp.register(["iptables", fp.any()], callback=not_there)
+def test_missing_binary_names_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))          # a PATH without iptables
     with pytest.raises(cnikit.CnikitError, match="Debian package iptables"):
         cnikit.Runner(out=io.StringIO()).run(["iptables", "-t", "nat", "-S"])
 
 
 @pytest.mark.noroot
-def test_probe_reports_failure_without_raising(fp):
-    fp.register(["ping", fp.any()], returncode=1, stdout="1 packets transmitted, 0 received\n")
+def test_a_file_that_is_not_executable_is_one_line(tmp_path):
+    script = tmp_path / "tool"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    with pytest.raises(cnikit.CnikitError) as e:
+        cnikit.Runner(out=io.StringIO()).run([str(script)])
+    assert str(e.value) == f"cannot run {script}: {os.strerror(13)}"
+
+
+@pytest.mark.noroot
+def test_probe_reports_failure_without_raising(tmp_path, monkeypatch):
+    fake = FakeTools(tmp_path, monkeypatch)
+    fake.register(["ping", ANY], returncode=1, stdout="1 packets transmitted, 0 received\n")
     ok, out = cnikit.Runner(out=io.StringIO()).probe(["ping", "-c1", "192.0.2.1"])
     assert not ok and "0 received" in out
+    assert fake.calls() == [["ping", "-c1", "192.0.2.1"]]
+
+
+@pytest.mark.noroot
+def test_a_command_past_its_timeout_is_killed_and_reported(tmp_path):
+    pidfile = tmp_path / "pid"
+    argv = ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]
+    ok, out = cnikit.Runner(out=io.StringIO()).probe(argv, timeout=2)
+    assert not ok and out == f"{cnikit.shell_join(argv)} did not finish within 2s"
+    with pytest.raises(ProcessLookupError):         # killed and reaped: not even a zombie
+        os.kill(int(pidfile.read_text()), 0)
 
 
 def test_missing_tool_is_named_before_anything_changes(tmp_path):

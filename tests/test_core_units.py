@@ -1,6 +1,8 @@
 """Pure parts of cnikit.py: validation, argv builders, the echo, the parser."""
 import io
+import os
 import shlex
+import subprocess
 
 import pytest
 
@@ -116,7 +118,9 @@ def test_dry_run_executes_nothing(monkeypatch):
     # Every way cnikit starts a process is recorded: a dry run must start none.
     started = []
     for name in ("run", "Popen", "call"):
-        monkeypatch.setattr(cnikit.subprocess, name, lambda argv, *a, **kw: started.append(argv))
+        monkeypatch.setattr(subprocess, name, lambda argv, *a, **kw: started.append(argv))
+    for name in ("posix_spawn", "posix_spawnp", "fork", "execv", "execvp", "execvpe", "system"):
+        monkeypatch.setattr(os, name, lambda *a, **kw: started.append(a))
     out = io.StringIO()
     r = cnikit.Runner(dry_run=True, out=out)
     cnikit.netns_add(r, "ns1")
