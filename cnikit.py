@@ -328,24 +328,24 @@ def netns_add_argv(name):
     return [ip("netns", "add", name), tag_link("lo", ns=name)]
 
 
-def veth_add_argv(name, peer, netns=None, mtu=None, host=None):
+def veth_add_argv(name, peer, netns=None, mtu=None, ns=None):
     peer_opts = ["peer", "name", peer] + kv(mtu=mtu, netns=netns)
-    return ip("link", "add", name, *kv(mtu=mtu), "type", "veth", *peer_opts, ns=host)
+    return ip("link", "add", name, *kv(mtu=mtu), "type", "veth", *peer_opts, ns=ns)
 
 
-def bridge_add_argv(name, mtu=None, host=None, mac=None):
+def bridge_add_argv(name, mtu=None, ns=None, mac=None):
     # With an address of its own (addr_assign_type 3, NET_ADDR_SET) a bridge keeps its MAC;
     # without one it takes its lowest port's and moves when ports come and go, and pods keep
     # the gateway's old MAC in their neighbour table for tens of seconds.
-    return ip("link", "add", name, *kv(address=mac, mtu=mtu), "type", "bridge", ns=host)
+    return ip("link", "add", name, *kv(address=mac, mtu=mtu), "type", "bridge", ns=ns)
 
 
-def bridge_mac(name, host=None, machine_id=""):
+def bridge_mac(name, ns=None, machine_id=""):
     """The MAC cnikit gives bridge NAME: locally administered unicast, derived from this
     machine's id, the namespace and the name (as systemd's MACAddressPolicy=persistent does
     for virtual links), so the dry run prints the very line the real run runs, and bridges
     on two machines or in two simulated nodes get different MACs."""
-    digest = bytearray(hashlib.sha256(f"{TAG} bridge {machine_id} {host or ''} {name}".encode()).digest()[:6])
+    digest = bytearray(hashlib.sha256(f"{TAG} bridge {machine_id} {ns or ''} {name}".encode()).digest()[:6])
     digest[0] = digest[0] & 0xfe | 0x02         # clear the multicast bit, set the local one
     return ":".join(f"{b:02x}" for b in digest)
 
@@ -359,10 +359,10 @@ def machine_id():
         return os.uname().nodename
 
 
-def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, host=None,
+def vxlan_add_argv(name, vni, mtu, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT, ns=None,
                    learning=True):
     opts = kv(id=vni, dstport=dstport, remote=remote, group=group, local=local, dev=dev)
-    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, *([] if learning else ["nolearning"]), ns=host)
+    return ip("link", "add", name, "mtu", mtu, "type", "vxlan", *opts, *([] if learning else ["nolearning"]), ns=ns)
 
 
 def nat_comment(subnet):
@@ -1768,7 +1768,7 @@ def netns_exec(r, name, cmd):
 
 # ---------------------------------------------------------------- veth
 
-def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, host=None):
+def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, ns=None):
     """A veth pair NAME <-> PEER, PEER moved into NETNS, addresses set, both ends up.
 
     Re-run contract: if NAME already is a veth whose peer is PEER (in NETNS), only
@@ -1778,39 +1778,39 @@ def veth_add(r, name, peer, netns=None, addr=None, peer_addr=None, mtu=None, hos
     check_ifname(peer, "peer name")
     if netns:
         check_netns(netns)
-    if host:
-        check_netns(host)
+    if ns:
+        check_netns(ns)
     addr = check_ifaddr(addr, "--addr") if addr else None
     peer_addr = check_ifaddr(peer_addr, "--peer-addr") if peer_addr else None
     mtu = check_mtu(mtu)
     if netns is None and name == peer:
         raise UsageError("a veth's two ends in one namespace need two different names")
-    require_netns(r, host, "host namespace")
+    require_netns(r, ns)
     require_netns(r, netns)
-    peer_ns = netns or host
-    link, mark = get_link(r, name, host), r.mark()
+    peer_ns = netns or ns
+    link, mark = get_link(r, name, ns), r.mark()
     with r.transaction():
         if link:
-            _check_veth_peer(r, link, name, peer, peer_ns, host)
+            _check_veth_peer(r, link, name, peer, peer_ns, ns)
             r.note(f"veth {name} already exists with peer {peer}; checking the rest")
         else:
             if get_link(r, peer, peer_ns):
                 raise UsageError(f"{peer} already exists{' in ' + peer_ns if peer_ns else ''}; "
                                  "pick another peer name")
             # The peer goes with NAME: only NAME is undone.
-            r.run(veth_add_argv(name, peer, netns, mtu, host),
-                  creates=[Change.link(name, host, "veth", mtu, peer=peer, peer_ns=peer_ns),
-                           Change("link", peer, peer_ns, type="veth", mtu=mtu, peer=name, peer_ns=host)])
-            r.run(tag_link(name, host))
+            r.run(veth_add_argv(name, peer, netns, mtu, ns),
+                  creates=[Change.link(name, ns, "veth", mtu, peer=peer, peer_ns=peer_ns),
+                           Change("link", peer, peer_ns, type="veth", mtu=mtu, peer=name, peer_ns=ns)])
+            r.run(tag_link(name, ns))
         fresh = link is None
-        ensure_addrs(r, name, [addr], host, fresh)
+        ensure_addrs(r, name, [addr], ns, fresh)
         ensure_addrs(r, peer, [peer_addr], peer_ns, fresh)
-        ensure_up(r, name, host, fresh=fresh)
+        ensure_up(r, name, ns, fresh=fresh)
         ensure_up(r, peer, peer_ns, fresh=fresh)
     say_if_unchanged(r, mark, f"veth {name} <=> {peer}")
 
 
-def _check_veth_peer(r, link, name, peer, peer_ns, host):
+def _check_veth_peer(r, link, name, peer, peer_ns, ns):
     if link_kind(link) != "veth":
         raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-veth'} link, not a veth")
     if not is_veth_pair(link, get_link(r, peer, peer_ns)):
@@ -1828,28 +1828,28 @@ def is_veth_pair(link, other):
     return link.get("link_index") == other["ifindex"] and other.get("link_index") == link["ifindex"]
 
 
-def link_del(r, name, kind, host=None):
+def link_del(r, name, kind, ns=None):
     """Delete link NAME, which must be a KIND (veth, bridge, vxlan): cnikit never
     deletes a link of another kind by mistake. Re-run: absent is fine."""
     check_ifname(name, f"{kind} name")
-    require_netns(r, host, "host namespace")
-    link = get_link(r, name, host)
+    require_netns(r, ns)
+    link = get_link(r, name, ns)
     if not link:
         r.note(f"{kind} {name} does not exist; nothing to delete")
         return
     if link_kind(link) != kind:
         raise UsageError(f"{name} is a {link_kind(link) or 'plain'} link, not a {kind}; not deleting it")
-    r.run(ip("link", "del", name, ns=host), creates=Change.link(name, host, kind, peer=link.get("link")).gone())
+    r.run(ip("link", "del", name, ns=ns), creates=Change.link(name, ns, kind, peer=link.get("link")).gone())
 
 
-def veth_del(r, name, host=None):
+def veth_del(r, name, ns=None):
     """Delete veth NAME (its peer goes with it). Re-run: absent is fine."""
-    link_del(r, name, "veth", host)
+    link_del(r, name, "veth", ns)
 
 
 # ---------------------------------------------------------------- bridge
 
-def bridge_add(r, name, addr=None, mtu=None, host=None):
+def bridge_add(r, name, addr=None, mtu=None, ns=None):
     """A Linux bridge NAME, optionally holding the gateway ADDR, up.
 
     Re-run contract: an existing bridge NAME gets only what is missing; a non-bridge
@@ -1858,77 +1858,77 @@ def bridge_add(r, name, addr=None, mtu=None, host=None):
     check_ifname(name, "bridge name")
     addr = check_ifaddr(addr, "--addr") if addr else None
     mtu = check_mtu(mtu)
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
-    link, mark = get_link(r, name, host), r.mark()
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
+    link, mark = get_link(r, name, ns), r.mark()
     with r.transaction():
         if link:
             if link_kind(link) != "bridge":
                 raise UsageError(f"{name} already exists as a {link_kind(link) or 'non-bridge'} link")
             r.note(f"bridge {name} already exists; checking the rest")
-            pin_bridge_mac(r, name, link, host)
+            pin_bridge_mac(r, name, link, ns)
         else:
-            mac = bridge_mac(name, host, machine_id())
-            r.run(bridge_add_argv(name, mtu, host, mac), creates=Change.link(name, host, "bridge", mtu, address=mac))
-            r.run(tag_link(name, host))
-        ensure_addrs(r, name, [addr], host, fresh=link is None)
-        ensure_up(r, name, host, link, fresh=link is None)
-        bridge_forward_accept(r, name, host)
+            mac = bridge_mac(name, ns, machine_id())
+            r.run(bridge_add_argv(name, mtu, ns, mac), creates=Change.link(name, ns, "bridge", mtu, address=mac))
+            r.run(tag_link(name, ns))
+        ensure_addrs(r, name, [addr], ns, fresh=link is None)
+        ensure_up(r, name, ns, link, fresh=link is None)
+        bridge_forward_accept(r, name, ns)
     say_if_unchanged(r, mark, f"bridge {name}")
 
 
-def addr_assign_type(r, name, link, host=None):
+def addr_assign_type(r, name, link, ns=None):
     """How the kernel got LINK's MAC (0 permanent, 1 random, 2 stolen, 3 set); None: unknown."""
-    return r.state.addr_assign_type(name, link, host)
+    return r.state.addr_assign_type(name, link, ns)
 
 
-def pin_bridge_mac(r, name, link, host=None):
+def pin_bridge_mac(r, name, link, ns=None):
     """A bridge made without a MAC of its own (by an older cnikit or by hand) follows its
     lowest port's: give it its current MAC for good, which changes nothing now."""
-    kind = addr_assign_type(r, name, link, host)
+    kind = addr_assign_type(r, name, link, ns)
     if kind is None or kind == 3 or not link.get("address"):
         return
     r.note(f"{name}'s MAC follows its lowest port (addr_assign_type {kind}): keep {link['address']} for good")
-    r.run(ip("link", "set", "dev", name, "address", link["address"], ns=host))
+    r.run(ip("link", "set", "dev", name, "address", link["address"], ns=ns))
 
 
-def bridge_attach(r, name, ifaces, host=None):
+def bridge_attach(r, name, ifaces, ns=None):
     """Enslave each IFACE to bridge NAME and bring it up. Re-run: ports stay."""
     check_ifname(name, "bridge name")
     for iface in ifaces:
         check_ifname(iface)
     if not ifaces:
         raise UsageError("bridge attach needs at least one interface")
-    require_netns(r, host, "host namespace")
-    br = get_link(r, name, host)
-    ports = {iface: get_link(r, iface, host) for iface in ifaces}     # one look-up each
+    require_netns(r, ns)
+    br = get_link(r, name, ns)
+    ports = {iface: get_link(r, iface, ns) for iface in ifaces}     # one look-up each
     if link_kind(br) != "bridge":
         r.state.missing(f"bridge {name} does not exist (create it with: cnikit bridge add {name})",
-                        Change.link(name, host, "bridge"))
+                        Change.link(name, ns, "bridge"))
     for iface, link in ports.items():
         if not link:
-            r.state.missing(f"interface {iface} does not exist{' in ' + host if host else ''}", Change.link(iface, host))
+            r.state.missing(f"interface {iface} does not exist{' in ' + ns if ns else ''}", Change.link(iface, ns))
     for iface, link in ports.items():
         if link and link.get("master") == name:
             r.note(f"{iface} is already a port of {name}")
         else:
-            r.run(ip("link", "set", "dev", iface, "master", name, ns=host), creates=Change.master(iface, name, host))
-        ensure_up(r, iface, host, link)
+            r.run(ip("link", "set", "dev", iface, "master", name, ns=ns), creates=Change.master(iface, name, ns))
+        ensure_up(r, iface, ns, link)
 
 
-def bridge_del(r, name, host=None):
+def bridge_del(r, name, ns=None):
     """Delete bridge NAME (its ports stay, detached) and the FORWARD accepts bridge add
     gave it on a Docker host. Re-run: absent is fine."""
-    link_del(r, name, "bridge", host)
+    link_del(r, name, "bridge", ns)
     table, chain, spec = bridge_forward_rule(name)
     for family in IPTABLES_TOOL:
-        if r.state.has_rule(table, chain, spec, host, family):
-            r.run(iptables_rule("-D", table, chain, spec, host, family),
-                  creates=Change.rule(table, chain, spec, host, family).gone())
+        if r.state.has_rule(table, chain, spec, ns, family):
+            r.run(iptables_rule("-D", table, chain, spec, ns, family),
+                  creates=Change.rule(table, chain, spec, ns, family).gone())
 
 
-def bridge_forward_accept(r, name, host=None):
+def bridge_forward_accept(r, name, ns=None):
     """A Docker host drops bridged traffic: its (ip6)tables FORWARD policy is DROP, and with
     br_netfilter (net.bridge.bridge-nf-call-iptables=1, -ip6tables=1) even frames switched
     between two ports of one bridge traverse FORWARD. There, and only in the family where
@@ -1936,37 +1936,37 @@ def bridge_forward_accept(r, name, host=None):
     remove it), nothing else. Re-run: a rule already present is not added twice."""
     table, chain, spec = bridge_forward_rule(name)
     for family, tool in IPTABLES_TOOL.items():
-        if not (forward_drops(r, host, family) and bridged_frames_filtered(r, host, family)):
+        if not (forward_drops(r, ns, family) and bridged_frames_filtered(r, ns, family)):
             continue
         which_ = "" if family == 4 else f"{tool} "
         r.note(f"this host's {which_}FORWARD policy is DROP (Docker sets it) and br_netfilter sends {name}'s "
                f"switched frames through it (bridge-nf-call-{tool}=1): accept traffic between {name}'s own ports")
-        if r.state.has_rule(table, chain, spec, host, family):
+        if r.state.has_rule(table, chain, spec, ns, family):
             r.note(f"the {tool} FORWARD accept rule for {name} is already present")
             continue
-        r.run(iptables_rule("-A", table, chain, spec, host, family),
-              creates=Change.rule(table, chain, spec, host, family))
+        r.run(iptables_rule("-A", table, chain, spec, ns, family),
+              creates=Change.rule(table, chain, spec, ns, family))
 
 
-def forward_drops(r, host=None, family=4):
+def forward_drops(r, ns=None, family=4):
     """Is this host's (ip6)tables FORWARD policy DROP (as Docker sets it)? A plan for a fresh
     host: no (unless it plans what a lesson's --host will find); without the tool: no."""
-    return which(IPTABLES_TOOL[family]) is not None and r.state.forward_policy(host, family) == "DROP"
+    return which(IPTABLES_TOOL[family]) is not None and r.state.forward_policy(ns, family) == "DROP"
 
 
-def bridged_frames_filtered(r, host=None, family=4):
+def bridged_frames_filtered(r, ns=None, family=4):
     """Does br_netfilter pass bridged frames of FAMILY through (ip6)tables here (per namespace)?"""
-    return r.state.bridged_frames_filtered(host, family)
+    return r.state.bridged_frames_filtered(ns, family)
 
 
-def bridge_show(r, name, host=None):
+def bridge_show(r, name, ns=None):
     """Print the bridge's ports and the MAC addresses it has learned (its fdb)."""
     check_ifname(name, "bridge name")
-    require_netns(r, host, "host namespace")
-    if link_kind(get_link(r, name, host)) != "bridge":
+    require_netns(r, ns)
+    if link_kind(get_link(r, name, ns)) != "bridge":
         r.state.missing(f"bridge {name} does not exist")
-    ports = r.show(ip("-br", "link", "show", "master", name, ns=host))
-    fdb = r.show(bridge("fdb", "show", "br", name, ns=host))
+    ports = r.show(ip("-br", "link", "show", "master", name, ns=ns))
+    fdb = r.show(bridge("fdb", "show", "br", name, ns=ns))
     return ports, fdb
 
 
@@ -2029,13 +2029,13 @@ def route_del(r, dst, ns=None):
 
 # ---------------------------------------------------------------- nat
 
-def _cnikit_rules(r, host=None, subnet=None, tagged=None, family=4):
+def _cnikit_rules(r, ns=None, subnet=None, tagged=None, family=4):
     """cnikit's rules as (table, chain, spec), as `iptables -S` lists them: those its
     comment tags (the jumps, the CLI's NAT rules, the plugin's) and, with no SUBNET, every
     rule inside a chain of cnikit's. TAGGED: only the rules whose comment is exactly that."""
     found = []
     for table in IPTABLES_TABLES:
-        for chain, spec in r.state.rules(table, host, family) or []:
+        for chain, spec in r.state.rules(table, ns, family) or []:
             comment = _comment_of(spec) or None
             ours = comment is not None and (comment == TAG or comment.startswith(TAG + " "))
             if subnet is not None or tagged is not None:
@@ -2047,17 +2047,17 @@ def _cnikit_rules(r, host=None, subnet=None, tagged=None, family=4):
     return found
 
 
-def _cnikit_chains(r, host=None):
+def _cnikit_chains(r, ns=None):
     """The chains cnikit made, as (table, chain): their names carry its prefix."""
-    return [(table, chain) for table in IPTABLES_TABLES for chain in r.state.chains(table, host) or []
+    return [(table, chain) for table in IPTABLES_TABLES for chain in r.state.chains(table, ns) or []
             if chain.startswith(CHAIN_PREFIX)]
 
 
-def _remove_chains(r, chains, host=None, check=True):
+def _remove_chains(r, chains, ns=None, check=True):
     """Empty, then delete, each (table, chain): the jumps into them must be gone first."""
     for table, chain in chains:
-        r.run(iptables("-t", table, "-F", chain, ns=host), check=check)
-        r.run(iptables("-t", table, "-X", chain, ns=host), check=check, creates=Change.chain(table, chain, host).gone())
+        r.run(iptables("-t", table, "-F", chain, ns=ns), check=check)
+        r.run(iptables("-t", table, "-X", chain, ns=ns), check=check, creates=Change.chain(table, chain, ns).gone())
 
 
 def ensure_sysctl(r, key, value, ns=None):
@@ -2089,7 +2089,7 @@ def delete_rule(r, table, chain, spec, ns=None, family=4, check=True):
           creates=Change.rule(table, chain, spec, ns, family).gone())
 
 
-def nat_add(r, subnet, out_iface, host=None):
+def nat_add(r, subnet, out_iface, ns=None):
     """Egress for SUBNET through OUT: ip_forward on; in a chain of its own per table
     (CNIKIT-NAT-<hash>), MASQUERADE and the FORWARD accepts; one jump into each chain.
 
@@ -2098,63 +2098,63 @@ def nat_add(r, subnet, out_iface, host=None):
     """
     subnet = check_subnet(subnet)
     check_ifname(out_iface, "--out interface")
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
     require_tools("iptables", "sysctl")
-    if not get_link(r, out_iface, host):
-        r.state.missing(f"--out interface {out_iface} does not exist{' in ' + host if host else ''}: "
-                        "the rules would never match", Change.link(out_iface, host))
-    existing = _cnikit_rules(r, host, subnet)
+    if not get_link(r, out_iface, ns):
+        r.state.missing(f"--out interface {out_iface} does not exist{' in ' + ns if ns else ''}: "
+                        "the rules would never match", Change.link(out_iface, ns))
+    existing = _cnikit_rules(r, ns, subnet)
     for _, _, spec in existing:
         if "-o" in spec and spec[spec.index("-o") + 1] != out_iface:
             raise UsageError(f"NAT for {subnet} already leaves through {spec[spec.index('-o') + 1]}; "
                              f"run `cnikit nat del {subnet}` first")
-    if forward_drops(r, host):
+    if forward_drops(r, ns):
         r.note(f"this host's FORWARD policy is DROP (Docker sets it): only the FORWARD accept rules "
                f"below let {subnet}'s packets and their replies through")
     chain = nat_chain(subnet)
     with r.transaction():
         # Forwarding is what turns the host into a router; nat del leaves it on (others may rely on it).
-        ensure_sysctl(r, "net.ipv4.ip_forward", 1, host)
+        ensure_sysctl(r, "net.ipv4.ip_forward", 1, ns)
         for table in IPTABLES_TABLES:
-            ensure_chain(r, table, chain, host, said=f"chain {chain} ({table}) for {subnet} already exists")
+            ensure_chain(r, table, chain, ns, said=f"chain {chain} ({table}) for {subnet} already exists")
             # The chain is filled before the jump into it: no packet sees it half made.
             for t, c, spec in [rule for rule in nat_rules(subnet, out_iface) if rule[0] == table] + \
                     [jump for jump in nat_jumps(subnet) if jump[0] == table]:
-                ensure_rule(r, t, c, spec, host, said=f"{t} {c} {spec[-1]} rule for {subnet} already present")
+                ensure_rule(r, t, c, spec, ns, said=f"{t} {c} {spec[-1]} rule for {subnet} already present")
 
 
-def nat_del(r, subnet, host=None):
+def nat_del(r, subnet, ns=None):
     """Remove what `nat add SUBNET` made: the jumps, then its chains (flush, delete).
     Re-run: none left is fine."""
     subnet = check_subnet(subnet)
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
     require_tools("iptables")
     chain = nat_chain(subnet)
     # Rules in the chain go with it; tagged rules elsewhere (the jumps) are deleted one by one.
-    rules = [(t, c, spec) for t, c, spec in _cnikit_rules(r, host, subnet) if c != chain]
-    chains = [(t, c) for t, c in _cnikit_chains(r, host) if c == chain]
+    rules = [(t, c, spec) for t, c, spec in _cnikit_rules(r, ns, subnet) if c != chain]
+    chains = [(t, c) for t, c in _cnikit_chains(r, ns) if c == chain]
     if not rules and not chains:
         r.note(f"no cnikit NAT rules for {subnet}; nothing to delete")
     for table, c, spec in rules:
-        delete_rule(r, table, c, spec, host)
-    _remove_chains(r, chains, host)
+        delete_rule(r, table, c, spec, ns)
+    _remove_chains(r, chains, ns)
 
 
-def nat_show(r, host=None):
+def nat_show(r, ns=None):
     """Print cnikit's chains and rules, as iptables commands that would make them."""
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
     require_tools("iptables")
-    chains = _cnikit_chains(r, host)
-    rules = _cnikit_rules(r, host)
+    chains = _cnikit_chains(r, ns)
+    rules = _cnikit_rules(r, ns)
     lines = [shell_join(iptables("-t", table, "-N", chain)) for table, chain in chains]
     lines += [shell_join(iptables_rule("-A", table, chain, spec)) for table, chain, spec in rules]
-    r.note(f"cnikit's iptables chains and rules{' in ' + host if host else ''}: "
+    r.note(f"cnikit's iptables chains and rules{' in ' + ns if ns else ''}: "
            f"{len(chains)} chain(s), {len(rules)} rule(s)")
     r.output("\n".join(lines))
     return lines
@@ -2171,7 +2171,7 @@ def check_port_to(text):
     return addr, check_int(port, 1, 65535, "--to port")
 
 
-def nat_publish(r, port, to, bridge, proto="tcp", host=None):
+def nat_publish(r, port, to, bridge, proto="tcp", ns=None):
     """Publish PORT of this host as `docker run -p PORT:...` does with its userland proxy off:
     connections to PORT on any of the host's addresses (localhost and the host's own included)
     go to TO (IP:PORT) on BRIDGE; ip_forward and BRIDGE's route_localnet on (port_rules says
@@ -2184,56 +2184,56 @@ def nat_publish(r, port, to, bridge, proto="tcp", host=None):
     if proto not in PORT_PROTOS:
         raise UsageError(f"protocol {proto!r} is not one of {', '.join(PORT_PROTOS)}")
     check_ifname(bridge, "--bridge")
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
     require_tools("iptables", "sysctl")
-    if link_kind(get_link(r, bridge, host)) != "bridge":
-        r.state.missing(f"bridge {bridge} does not exist{' in ' + host if host else ''}: the container "
+    if link_kind(get_link(r, bridge, ns)) != "bridge":
+        r.state.missing(f"bridge {bridge} does not exist{' in ' + ns if ns else ''}: the container "
                         f"behind --to is on a bridge (create it with: cnikit bridge add {bridge})",
-                        Change.link(bridge, host, "bridge"))
-    for _, _, spec in _cnikit_rules(r, host, tagged=port_comment(port, proto)):
+                        Change.link(bridge, ns, "bridge"))
+    for _, _, spec in _cnikit_rules(r, ns, tagged=port_comment(port, proto)):
         if "DNAT" in spec and spec[-1] != f"{to_ip}:{to_port}":
             raise UsageError(f"port {proto}/{port} is already published to {spec[-1]}; "
                              f"run `cnikit nat unpublish {port}` first")
-    if forward_drops(r, host):
+    if forward_drops(r, ns):
         r.note(f"this host's FORWARD policy is DROP (Docker sets it): the FORWARD accept below lets "
                f"connections to {to_ip}:{to_port} through, and only them")
     with r.transaction():
         for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{bridge}.route_localnet"):
-            ensure_sysctl(r, key, 1, host)
-        ensure_chain(r, "nat", PORTS_CHAIN, host)
+            ensure_sysctl(r, key, 1, ns)
+        ensure_chain(r, "nat", PORTS_CHAIN, ns)
         for name, (table, chain, spec) in port_rules(port, to_ip, to_port, bridge, proto).items():
-            ensure_rule(r, table, chain, spec, host, said=f"the {name} rule for {proto}/{port} is already present")
+            ensure_rule(r, table, chain, spec, ns, said=f"the {name} rule for {proto}/{port} is already present")
     r.note(f"{proto}/{port} on every address of this host now leads to {to_ip}:{to_port}. Where br_netfilter is on, "
            f"the container calling its own published port also needs hairpin mode on its port of {bridge} "
            f"(bridge link set dev PORT hairpin on)")
 
 
-def nat_unpublish(r, port, proto="tcp", host=None):
+def nat_unpublish(r, port, proto="tcp", ns=None):
     """Remove what `nat publish PORT` made; with no port published any more, also the shared
     rules (the jumps, the local masquerades) and the chain. The sysctls stay (others may rely
     on them). Re-run: nothing left is fine."""
     port = check_int(port, 1, 65535, "port")
     if proto not in PORT_PROTOS:
         raise UsageError(f"protocol {proto!r} is not one of {', '.join(PORT_PROTOS)}")
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
     require_tools("iptables")
-    rules = _cnikit_rules(r, host, tagged=port_comment(port, proto))
+    rules = _cnikit_rules(r, ns, tagged=port_comment(port, proto))
     if not rules:
         r.note(f"{proto}/{port} is not published by cnikit; nothing to delete")
         return
     for table, chain, spec in rules:
-        delete_rule(r, table, chain, spec, host)
-    if any(_comment_of(spec).startswith(f"{TAG} port ") for _, _, spec in _cnikit_rules(r, host)):
+        delete_rule(r, table, chain, spec, ns)
+    if any(_comment_of(spec).startswith(f"{TAG} port ") for _, _, spec in _cnikit_rules(r, ns)):
         r.note("other ports stay published: the rules they share stay too")
         return
-    for table, chain, spec in _cnikit_rules(r, host, tagged=PORTS_COMMENT):
-        delete_rule(r, table, chain, spec, host)
-    if r.state.has_chain("nat", PORTS_CHAIN, host):
-        _remove_chains(r, [("nat", PORTS_CHAIN)], host)
+    for table, chain, spec in _cnikit_rules(r, ns, tagged=PORTS_COMMENT):
+        delete_rule(r, table, chain, spec, ns)
+    if r.state.has_chain("nat", PORTS_CHAIN, ns):
+        _remove_chains(r, [("nat", PORTS_CHAIN)], ns)
 
 
 def _comment_of(spec):
@@ -2242,12 +2242,12 @@ def _comment_of(spec):
 
 # ---------------------------------------------------------------- vxlan
 
-def underlay_mtu(r, dev=None, remote=None, host=None):
+def underlay_mtu(r, dev=None, remote=None, ns=None):
     """The MTU of the device the overlay rides on: DEV, else the route to REMOTE (a plan
     knows the links it planned itself, and reads this host's read-only)."""
     if not dev and remote:
-        dev = r.state.route_dev(remote, host)
-    link = get_link(r, dev, host) if dev else None
+        dev = r.state.route_dev(remote, ns)
+    link = get_link(r, dev, ns) if dev else None
     if link and link.get("mtu"):
         return link["mtu"]
     r.note(f"underlay MTU unknown here; assuming {DEFAULT_MTU}")
@@ -2255,7 +2255,7 @@ def underlay_mtu(r, dev=None, remote=None, host=None):
 
 
 def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstport=VXLAN_PORT,
-              bridge_name=None, mtu=None, host=None, learning=True):
+              bridge_name=None, mtu=None, ns=None, learning=True):
     """A VXLAN device NAME (VNI, UDP DSTPORT) to REMOTE or multicast GROUP, its MTU
     the underlay's minus 50, optionally a port of BRIDGE, up. LEARNING=False: its
     forwarding table holds only the entries it is given (flannel's `nolearning`).
@@ -2281,12 +2281,12 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
     if bridge_name:
         check_ifname(bridge_name, "--bridge")
     mtu = check_mtu(mtu)
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
-    if dev and not get_link(r, dev, host):
-        r.state.missing(f"--dev {dev} does not exist{' in ' + host if host else ''}", Change.link(dev, host))
-    link, mark = get_link(r, name, host), r.mark()
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
+    if dev and not get_link(r, dev, ns):
+        r.state.missing(f"--dev {dev} does not exist{' in ' + ns if ns else ''}", Change.link(dev, ns))
+    link, mark = get_link(r, name, ns), r.mark()
     with r.transaction():
         if link:
             have = link.get("linkinfo", {}).get("info_data", {}).get("id")
@@ -2295,42 +2295,42 @@ def vxlan_add(r, name, vni, remote=None, group=None, local=None, dev=None, dstpo
                                  f"{' with VNI ' + str(have) if have else ''}; not VNI {vni}")
             r.note(f"vxlan {name} (VNI {vni}) already exists; checking the rest")
         else:
-            mtu = mtu or underlay_mtu(r, dev, remote or group, host) - VXLAN_OVERHEAD
-            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, host, learning),
-                  creates=Change.link(name, host, "vxlan", mtu, vni=vni))
-            r.run(tag_link(name, host))
+            mtu = mtu or underlay_mtu(r, dev, remote or group, ns) - VXLAN_OVERHEAD
+            r.run(vxlan_add_argv(name, vni, mtu, remote, group, local, dev, dstport, ns, learning),
+                  creates=Change.link(name, ns, "vxlan", mtu, vni=vni))
+            r.run(tag_link(name, ns))
         if bridge_name:
-            if link_kind(get_link(r, bridge_name, host)) != "bridge":
-                r.state.missing(f"bridge {bridge_name} does not exist", Change.link(bridge_name, host, "bridge"))
+            if link_kind(get_link(r, bridge_name, ns)) != "bridge":
+                r.state.missing(f"bridge {bridge_name} does not exist", Change.link(bridge_name, ns, "bridge"))
             if not link or link.get("master") != bridge_name:
-                r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=host),
-                      creates=Change.master(name, bridge_name, host))
-        ensure_up(r, name, host, link, fresh=link is None)
+                r.run(ip("link", "set", "dev", name, "master", bridge_name, ns=ns),
+                      creates=Change.master(name, bridge_name, ns))
+        ensure_up(r, name, ns, link, fresh=link is None)
     say_if_unchanged(r, mark, f"vxlan {name}")
 
 
-def vxlan_fdb_add(r, name, mac, dst, host=None):
+def vxlan_fdb_add(r, name, mac, dst, ns=None):
     """Tell vxlan NAME that MAC lives behind underlay address DST. The all-zeros MAC
     is the flood entry (broadcast, ARP): it may have several destinations, so it is
     appended; re-run: an entry already there is left alone."""
     check_ifname(name, "vxlan name")
     mac = check_mac(mac)
     dst = check_ip(dst, "--dst")
-    if host:
-        check_netns(host)
-    require_netns(r, host, "host namespace")
-    if link_kind(get_link(r, name, host)) != "vxlan":
-        r.state.missing(f"vxlan {name} does not exist", Change.link(name, host, "vxlan"))
-    entries = r.state.fdb(name, host)
+    if ns:
+        check_netns(ns)
+    require_netns(r, ns)
+    if link_kind(get_link(r, name, ns)) != "vxlan":
+        r.state.missing(f"vxlan {name} does not exist", Change.link(name, ns, "vxlan"))
+    entries = r.state.fdb(name, ns)
     if any(e.get("mac") == mac and e.get("dst") == dst for e in entries):
         r.note(f"fdb entry {mac} dst {dst} on {name} already present")
         return
-    r.run(bridge("fdb", "append", mac, "dev", name, "dst", dst, ns=host))
+    r.run(bridge("fdb", "append", mac, "dev", name, "dst", dst, ns=ns))
 
 
-def vxlan_del(r, name, host=None):
+def vxlan_del(r, name, ns=None):
     """Delete vxlan NAME. Re-run: absent is fine."""
-    link_del(r, name, "vxlan", host)
+    link_del(r, name, "vxlan", ns)
 
 
 # ---------------------------------------------------------------- show
@@ -2464,62 +2464,62 @@ def show(r, as_json=False, only=None):
 
 # ---------------------------------------------------------------- cleanup
 
-def cleanup(r, host=None):
+def cleanup(r, ns=None):
     """Remove exactly what cnikit created: the attachments `cni add` made (DEL through the
     plugin, as libcni's GC does, so it releases addresses, veths and chains), what
     `cni install` put (conflists, plugin, the plugin's bridge once it has no ports, the
     network's empty address directory), its tagged iptables rules and CNIKIT- chains,
     routes carrying its protocol number, its tagged links, and namespaces whose lo
-    carries the tag. Anything else stays. HOST: only the rules, routes and links inside
+    carries the tag. Anything else stays. NS: only the rules, routes and links inside
     that namespace. Re-run: a second cleanup finds nothing and says so. Unlike other
     verbs, a dry run looks (read-only) at what exists now: its plan is what this cleanup
     would remove here."""
-    if host:
-        check_netns(host)
-        if not r.state.netns_exists(host):
-            raise UsageError(f"namespace {host!r} does not exist")
+    if ns:
+        check_netns(ns)
+        if not r.state.netns_exists(ns):
+            raise UsageError(f"namespace {ns!r} does not exist")
     removed, blind = 0, []
-    if not host:
+    if not ns:
         removed += cleanup_cni(r)
     if which("iptables"):
-        if r.state.rules("filter", host) is None:
+        if r.state.rules("filter", ns) is None:
             blind.append("iptables rules")
         # Jumps and tagged rules in built-in chains one by one; cnikit's own chains whole.
-        for table, chain, spec in _cnikit_rules(r, host):
+        for table, chain, spec in _cnikit_rules(r, ns):
             if not chain.startswith(CHAIN_PREFIX):
-                delete_rule(r, table, chain, spec, host, check=False)
+                delete_rule(r, table, chain, spec, ns, check=False)
                 removed += 1
-        chains = _cnikit_chains(r, host)
-        _remove_chains(r, chains, host, check=False)
+        chains = _cnikit_chains(r, ns)
+        _remove_chains(r, chains, ns, check=False)
         removed += len(chains)
     if which("ip6tables"):
         # IPv6: only the tagged accepts bridge add leaves in FORWARD (the CLI's NAT is IPv4).
-        for chain, spec in r.state.rules("filter", host, family=6) or []:
+        for chain, spec in r.state.rules("filter", ns, family=6) or []:
             if chain == "FORWARD" and _comment_of(spec).startswith(f"{TAG} bridge "):
-                delete_rule(r, "filter", "FORWARD", spec, host, family=6, check=False)
+                delete_rule(r, "filter", "FORWARD", spec, ns, family=6, check=False)
                 removed += 1
     for family in (4, 6):       # route add makes both
-        for route in r.state.routes(ns=host, proto=ROUTE_PROTO, family=family):
-            r.run(ip(*(["-6"] if family == 6 else []), "route", "del", route["dst"], "proto", ROUTE_PROTO, ns=host),
-                  check=False, creates=Change.route(route["dst"], host).gone())
+        for route in r.state.routes(ns=ns, proto=ROUTE_PROTO, family=family):
+            r.run(ip(*(["-6"] if family == 6 else []), "route", "del", route["dst"], "proto", ROUTE_PROTO, ns=ns),
+                  check=False, creates=Change.route(route["dst"], ns).gone())
             removed += 1
-    for link in r.state.links(host):
+    for link in r.state.links(ns):
         if link.get("ifalias") == TAG and link["ifname"] != "lo":
-            r.run(ip("link", "del", link["ifname"], ns=host), check=False,
-                  creates=Change.link(link["ifname"], host, peer=link.get("link")).gone())
+            r.run(ip("link", "del", link["ifname"], ns=ns), check=False,
+                  creates=Change.link(link["ifname"], ns, peer=link.get("link")).gone())
             removed += 1
-    for ns in [] if host else netns_names(r):
-        lo = r.state.link("lo", ns)
+    for space in [] if ns else netns_names(r):
+        lo = r.state.link("lo", space)
         if lo is None:
-            blind.append(f"namespace {ns}")
+            blind.append(f"namespace {space}")
         elif lo.get("ifalias") == TAG:
-            r.run(ip("netns", "del", ns), check=False, creates=Change.netns(ns).gone())
+            r.run(ip("netns", "del", space), check=False, creates=Change.netns(space).gone())
             removed += 1
     if blind:
         r.note("could not look at " + ", ".join(blind) + " (root needed): what cnikit made there is not listed")
     verb = r.tense("removed", "would remove")
-    inside = f" inside namespace {host} (the namespace itself stays: `cnikit cleanup` without -n removes it)" \
-        if host else ""
+    inside = f" inside namespace {ns} (the namespace itself stays: `cnikit cleanup` without -n removes it)" \
+        if ns else ""
     r.note(f"cleanup: {verb} {removed} object(s) cnikit had created{inside}" if removed
            else "cleanup: nothing of cnikit's is left" + (" that could be seen" if blind else "") + inside)
     return removed
@@ -2793,9 +2793,9 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
-def cni_invocation_argv(env, plugin, host=None):
+def cni_invocation_argv(env, plugin, ns=None):
     """One plugin call as a command a person can run: `env CNI_...=... PLUGIN`."""
-    return in_netns(["env"] + [f"{k}={v}" for k, v in env.items()] + [plugin], host)
+    return in_netns(["env"] + [f"{k}={v}" for k, v in env.items()] + [plugin], ns)
 
 
 class PlannedResult:
@@ -2836,7 +2836,7 @@ def echo_heredoc(r, argv, body, expands=False, capture=None):
         r.output(body + "\nEOF" + ("\n)" if capture else ""))
 
 
-def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None, keep=None):
+def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, ns=None, keep=None):
     """Run plugin TYPE for COMMAND the way a runtime does; echo the call, print what it
     answers. Returns the parsed result (None when the plugin prints nothing, and in a dry
     run, where KEEP names the shell variable the script keeps the answer in: then a
@@ -2845,7 +2845,7 @@ def cni_exec(r, ptype, command, env, stdin_obj, cni_path=CNI_PATH, host=None, ke
     env = {"CNI_COMMAND": command, **env, "CNI_PATH": env.get("CNI_PATH", cni_path)}
     started = time.monotonic()
     # Echoed with its stdin as a here-document: the lines paste into any sh (-v: stdin in full).
-    proc = r.exchange(cni_invocation_argv(env, plugin, host), in_netns([plugin], host), stdin_obj, env, keep,
+    proc = r.exchange(cni_invocation_argv(env, plugin, ns), in_netns([plugin], ns), stdin_obj, env, keep,
                       CNI_SHOW_MAX, CNI_TIMEOUT)
     if not isinstance(proc, Finished):
         return proc                 # a plan's: the script keeps the answer
@@ -2959,7 +2959,7 @@ class CniCall:
     """One attachment as a runtime sees it: network config, container id, netns, ifname."""
 
     def __init__(self, netns=None, conf=None, ifname="eth0", cid=None, conf_dir=CNI_CONF_DIR,
-                 cni_path=CNI_PATH, args=None, runtime_config=None, host=None, net=None, print_result=True):
+                 cni_path=CNI_PATH, args=None, runtime_config=None, ns=None, net=None, print_result=True):
         # NET: an already parsed config (cni_parse), e.g. for a dry run of a config not yet written
         self.net = net or cni_load(conf or cni_default_conf(conf_dir))
         self.print_result = print_result
@@ -2974,7 +2974,7 @@ class CniCall:
         if runtime_config is not None and not isinstance(runtime_config, dict):
             raise UsageError("--runtime-config must be a JSON object such as {\"portMappings\": [...]}")
         self.runtime_config = runtime_config or {}
-        self.host = check_netns(host) if host else None
+        self.ns = check_netns(ns) if ns else None
 
     def env(self, netns=None):
         return {"CNI_CONTAINERID": self.cid, "CNI_NETNS": self.netns if netns is None else netns,
@@ -2995,8 +2995,8 @@ def _cni_need_attachment(r, call, verb):
                          "(every /proc/PID/ns/net ends in `net`): give the container's --id")
     if not call.cid:
         raise UsageError(f"cni {verb} needs a NETNS (a name in {NETNS_DIR} or a path)")
-    if call.host:
-        require_netns(r, call.host, "node namespace")
+    if call.ns:
+        require_netns(r, call.ns, "node namespace")
 
 
 def cni_add(r, call):
@@ -3020,7 +3020,7 @@ def cni_add(r, call):
         r.state.find_plugin(plugin["type"], call.cni_path)
     r.note(f"ADD {call.cid} {call.ifname} to network {net['name']} ({net['path']}): "
            + " -> ".join(p["type"] for p in net["plugins"]))
-    if forward_drops(r, call.host):
+    if forward_drops(r, call.ns):
         r.note("this host's FORWARD policy is DROP (Docker sets it): a pod's forwarded traffic needs accept "
                "rules; cnikit's plugin adds them per pod in its own chain (forwardAccept), the reference bridge does not")
     prev = None
@@ -3028,7 +3028,7 @@ def cni_add(r, call):
     try:
         for i, plugin in enumerate(net["plugins"]):
             prev = cni_exec(r, plugin["type"], "ADD", call.env(),
-                            cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host,
+                            cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.ns,
                             keep=keep)
             if isinstance(prev, PlannedResult):
                 continue
@@ -3058,7 +3058,7 @@ def _cni_del_chain(r, call, prev, best_effort=False):
     for plugin in reversed(net["plugins"]):
         try:
             cni_exec(r, plugin["type"], "DEL", call.env(netns),
-                     cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.host)
+                     cni_plugin_stdin(net, plugin, prev, call.runtime_config), call.cni_path, call.ns)
         except CnikitError as e:
             if not best_effort:
                 raise
@@ -3115,7 +3115,7 @@ def cni_check(r, call):
     for plugin in net["plugins"]:
         cni_exec(r, plugin["type"], "CHECK", call.env(),
                  cni_plugin_stdin(net, plugin, cached["result"], cached.get("capabilityArgs")),
-                 call.cni_path, call.host)
+                 call.cni_path, call.ns)
     r.note(r.tense("CHECK passed: every plugin found its part in place",
                    "CHECK passes when every plugin finds its part in place"))
     return True
@@ -3129,7 +3129,7 @@ def cni_status(r, call):
         r.note(f"STATUS needs cniVersion 1.1.0; {net['path']} says {net['cniVersion']}: a runtime does not ask")
         return None
     for plugin in net["plugins"]:
-        cni_exec(r, plugin["type"], "STATUS", {}, cni_plugin_stdin(net, plugin), call.cni_path, call.host)
+        cni_exec(r, plugin["type"], "STATUS", {}, cni_plugin_stdin(net, plugin), call.cni_path, call.ns)
     r.note(f"STATUS: network {net['name']} is ready")
     return True
 
@@ -3156,7 +3156,7 @@ def cni_gc(r, call):
         conf = cni_plugin_stdin(net, plugin)
         conf["cni.dev/valid-attachments"] = keep
         conf["cni.dev/attachments"] = keep      # the key of the 1.1.0 draft some plugins read
-        cni_exec(r, plugin["type"], "GC", {}, conf, call.cni_path, call.host)
+        cni_exec(r, plugin["type"], "GC", {}, conf, call.cni_path, call.ns)
     return keep
 
 
@@ -3166,7 +3166,7 @@ def cni_version(r, call):
     for plugin in call.net["plugins"]:
         # As libcni (and so podman, before every ADD and DEL) asks: no pod, dummy values.
         answers[plugin["type"]] = cni_exec(r, plugin["type"], "VERSION", CNI_VERSION_ENV,
-                                           {"cniVersion": call.net["cniVersion"]}, call.cni_path, call.host)
+                                           {"cniVersion": call.net["cniVersion"]}, call.cni_path, call.ns)
         if answers[plugin["type"]] is not None and call.print_result:
             r.output(json.dumps(answers[plugin["type"]]))
     return answers
@@ -4032,22 +4032,22 @@ def _address(text):
         return None
 
 
-def doctor_walk(r, frm, to, proto="icmp", port=None, host=None, family=4):
+def doctor_walk(r, frm, to, proto="icmp", port=None, ns=None, family=4):
     """Walk the path from FROM ("host", a namespace, or an address of one: its source) to TO
     (an address or a namespace) and return the report: {"from", "to", "dst", "src", "hops":
     [...], "healthy", "broken"}. FAMILY (4 or 6): the addresses', when FROM or TO is one.
     Read-only: every look-up goes through r.live, the live kernel whatever the mode."""
     names = r.live.netns_names()
-    namespaces = [host] + [n for n in names if n != host] if host else [None] + names
+    namespaces = [ns] + [n for n in names if n != ns] if ns else [None] + names
     v = _View(r, namespaces, family)
-    src_ns, src = (host if frm == HOST_NAME else frm), None
+    src_ns, src = (ns if frm == HOST_NAME else frm), None
     if frm != HOST_NAME and _address(frm):
         src = str(_address(frm))
         owner = v.owner(src)
         if owner is None:
             raise UsageError(f"FROM {frm}: no namespace doctor can see has this address")
         src_ns = owner[0]
-    dst = _doctor_target(v, to, host)
+    dst = _doctor_target(v, to, ns)
     report = {"from": frm if src else _ns_name(src_ns), "to": to, "dst": dst, "src": None, "proto": proto,
               "port": port, "hops": [], "healthy": False, "broken": None}
     try:
@@ -4060,7 +4060,7 @@ def doctor_walk(r, frm, to, proto="icmp", port=None, host=None, family=4):
     return report
 
 
-def _doctor_target(v, to, host):
+def _doctor_target(v, to, ns):
     """TO as an address: itself, or the first address of the walk's family (IPv6: not a
     link-local one) of namespace TO on an up link."""
     if to != HOST_NAME:
@@ -4068,7 +4068,7 @@ def _doctor_target(v, to, host):
             return str(ipaddress.ip_address(to))
         except ValueError:
             pass
-    to_ns = host if to == HOST_NAME else to
+    to_ns = ns if to == HOST_NAME else to
     for link in v.links(to_ns):
         for a in link.get("addr_info", []):
             if a.get("family") == v.inet and _global(a) and link.get("ifname") != "lo" \
@@ -4654,7 +4654,7 @@ def doctor_text(report):
     return "\n".join(lines)
 
 
-def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False, family=None):
+def doctor(r, frm, to, proto=None, port=None, ns=None, as_json=False, family=None):
     """`cnikit doctor FROM TO`: print the path and its first broken hop; exit 0 when
     healthy, 1 when broken, 2 on bad input. Read-only: it changes nothing. FAMILY (4, 6,
     None): -4/-6, the walk's family when FROM and TO are names; an address decides itself."""
@@ -4683,12 +4683,12 @@ def doctor(r, frm, to, proto=None, port=None, host=None, as_json=False, family=N
         raise UsageError(f"--proto {proto!r}: use one of {', '.join(DOCTOR_PROTOS)}")
     if port and proto == "icmp":
         raise UsageError("--port goes with --proto tcp or udp, not icmp")
-    if host:
-        require_netns(r, host, "host namespace")
+    if ns:
+        require_netns(r, ns)
     if os.geteuid() != 0:
         raise UsageError("doctor looks inside namespaces and at iptables: run it as root (sudo)")
     require_tools("ip", "sysctl")
-    report = doctor_walk(r, frm, to, proto, port, host, family or 4)
+    report = doctor_walk(r, frm, to, proto, port, ns, family or 4)
     if as_json:
         print(json.dumps(report, indent=2), flush=True)
     else:
@@ -4889,7 +4889,7 @@ class Verb:
                  "check", "returns_code", "runner", "options")
 
     def __init__(self, path, func, help, args=(), examples=(), description=None, tools=("ip",), read_only=False,
-                 ns="host", fixed=None, check=None, returns_code=False, runner=True, options=True):
+                 ns="ns", fixed=None, check=None, returns_code=False, runner=True, options=True):
         self.path, self.func, self.help, self.args, self.examples = tuple(path.split()), func, help, args, examples
         self.description, self.tools, self.read_only, self.ns = description, tools, read_only, ns
         self.fixed, self.check, self.returns_code = fixed or {}, check, returns_code
@@ -4902,11 +4902,11 @@ def _after_dashes(cmd):
 
 
 def cni_call(r, command, netns=None, conf=None, ifname=CNI_VERB_DEFAULTS["ifname"], cid=None,
-             conf_dir=CNI_CONF_DIR, cni_path=CNI_PATH, cni_args=None, runtime_config=None, host=None):
+             conf_dir=CNI_CONF_DIR, cni_path=CNI_PATH, cni_args=None, runtime_config=None, ns=None):
     """`cnikit cni add|del|check|status|gc|version`: COMMAND (cni_add...) on one attachment,
     or on the network, called as libcni calls the plugin."""
     call = CniCall(netns=netns, conf=conf, ifname=ifname, cid=cid, conf_dir=conf_dir, cni_path=cni_path,
-                   args=cni_args, runtime_config=cni_runtime_config(runtime_config), host=host,
+                   args=cni_args, runtime_config=cni_runtime_config(runtime_config), ns=ns,
                    net=cni_planned_conf(r, conf, conf_dir))
     return command(r, call)
 
@@ -5200,7 +5200,7 @@ def _parse_simple(argv):
     row = _children(words[:-1]).get(words[-1]) if words else None
     if row is None or any(arg.kw.get("nargs") or arg.kw.get("action") not in _SIMPLE_ACTIONS for arg in row.args):
         return None
-    values = {"host": None, "dry_run": False, "quiet": False, "verbose": False, "sandbox": False, "color": "auto",
+    values = {"ns": None, "dry_run": False, "quiet": False, "verbose": False, "sandbox": False, "color": "auto",
               "row": row}
     values.update(zip(("obj", "verb", f"{words[1]}_verb" if len(words) > 2 else ""), words))
     values.pop("", None)
@@ -5209,7 +5209,7 @@ def _parse_simple(argv):
         action = arg.kw.get("action")
         values[arg.dest] = arg.kw.get("default", {"store_true": False, "store_false": True}.get(action))
         options.update(dict.fromkeys(arg.flags, arg) if arg.flags[0].startswith("-") else {})
-    common = {"-n": "host", "--in": "host", "--color": "color", "--dry-run": "dry_run", "-q": "quiet",
+    common = {"-n": "ns", "--in": "ns", "--color": "color", "--dry-run": "dry_run", "-q": "quiet",
               "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose", "--sandbox": "sandbox"}
     given, tokens = set(), list(argv)
     i, taken = 0, 0
@@ -5230,7 +5230,7 @@ def _parse_simple(argv):
             taken += 1
         elif flag in common and (i < at_verb or row.options):
             dest = common[flag]
-            if dest in ("host", "color"):
+            if dest in ("ns", "color"):
                 if not eq:
                     i += 1
                     value = tokens[i] if i < len(tokens) else "-"
@@ -5280,7 +5280,7 @@ def _common_options(p, top=True):
     repeats them without defaults, so `cnikit cleanup --dry-run` and `cnikit --dry-run
     cleanup` say the same."""
     d = {} if top else {"default": argparse.SUPPRESS}
-    p.add_argument("-n", "--in", dest="host", metavar="NS",
+    p.add_argument("-n", "--in", dest="ns", metavar="NS",
                    help="act inside namespace NS, standing for a host (like `ip -n NS`)", **d)
     p.add_argument("--dry-run", action="store_true", help="print the commands this host needs (it only reads); run nothing", **d)
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo commands", **d)
@@ -5364,7 +5364,7 @@ def verb_kwargs(row, args):
         value = getattr(args, arg.dest)
         kwargs[arg.dest] = arg.post(value) if arg.post else value
     if row.ns:
-        kwargs[row.ns] = args.host
+        kwargs[row.ns] = args.ns
     return kwargs
 
 
@@ -5404,9 +5404,9 @@ def main(argv=None):
             if extra:
                 _refuse_extra(parser, args, extra)
         row = args.row
-        if args.host:
-            check_netns(args.host)
-        if args.host and not row.ns:
+        if args.ns:
+            check_netns(args.ns)
+        if args.ns and not row.ns:
             takes = dict.fromkeys(v.path[0] for v in VERBS if v.ns)
             raise UsageError(f"-n/--in does not apply to {' '.join(row.path)}"
                              + (": namespace names are global (/run/netns)" if row.path[0] == "netns" else "")

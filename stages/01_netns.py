@@ -75,7 +75,7 @@ def build(L, fresh):
 
     L.step(f"give ns1 an interface of its own ({PRIVATE}, again a bridge device standing for any "
            "interface), then look for it from the host")
-    cnikit.bridge_add(r, PRIVATE, host=NS)
+    cnikit.bridge_add(r, PRIVATE, ns=NS)
     r.show(ip("-br", "link", "show", ns=NS))
     r.probe(ip("link", "show", "dev", PRIVATE), expect_fail=True)     # the host has no such device
     r.show(ip("-br", "link", "show"))

@@ -88,24 +88,24 @@ def build_node(L, role, underlay_ip, peer_ip, underlay_dev, host=None):
     where = f" on {host}" if host else ""
     # A pod's packet grows by 50 bytes on the underlay (its own Ethernet header 14 rides inside,
     # then VXLAN 8, UDP 8, outer IPv4 20): the overlay's MTU is the underlay's - 50.
-    mtu = cnikit.underlay_mtu(r, underlay_dev, host=host) - cnikit.VXLAN_OVERHEAD
+    mtu = cnikit.underlay_mtu(r, underlay_dev, ns=host) - cnikit.VXLAN_OVERHEAD
 
     L.step(f"{role}: its pod {pod} ({node['pod_addr']}) on a bridge{where}, MTU {mtu} so a full "
            "pod packet still fits in the tunnel")
     cnikit.netns_add(r, pod, lo_up=True)
-    cnikit.bridge_add(r, BRIDGE, host=host)
-    cnikit.veth_add(r, veth, "eth0", netns=pod, peer_addr=node["pod_addr"], mtu=mtu, host=host)
-    cnikit.bridge_attach(r, BRIDGE, [veth], host=host)
+    cnikit.bridge_add(r, BRIDGE, ns=host)
+    cnikit.veth_add(r, veth, "eth0", netns=pod, peer_addr=node["pod_addr"], mtu=mtu, ns=host)
+    cnikit.bridge_attach(r, BRIDGE, [veth], ns=host)
 
     if not L.step(f"{role}: vxlan0 (VNI {VNI}, UDP {PORT}) from {underlay_ip} on {underlay_dev}, a port "
                   "of br0: frames the bridge sends into it leave as UDP on the underlay", skip="vxlan"):
         return
     cnikit.vxlan_add(r, VXLAN, VNI, local=underlay_ip, dev=underlay_dev, dstport=PORT,
-                     bridge_name=BRIDGE, mtu=mtu, host=host)
+                     bridge_name=BRIDGE, mtu=mtu, ns=host)
 
     if L.step(f"{role}: the flood entry: frames for MACs vxlan0 does not know yet (ARP "
               f"broadcasts) go to the peer {peer_ip}", skip="fdb"):
-        cnikit.vxlan_fdb_add(r, VXLAN, FLOOD, peer_ip, host=host)
+        cnikit.vxlan_fdb_add(r, VXLAN, FLOOD, peer_ip, ns=host)
 
 
 def verify_pods(L, role, peer_ip, underlay_dev, host=None, peer_node=None):
@@ -189,7 +189,7 @@ def build(L):
     for role in NODES:
         cnikit.netns_add(r, role, lo_up=True)
     cnikit.veth_add(r, UNDERLAY_DEV, UNDERLAY_DEV, netns="node2", addr=NODES["node1"]["underlay"],
-                    peer_addr=NODES["node2"]["underlay"], host="node1")
+                    peer_addr=NODES["node2"]["underlay"], ns="node1")
     for role in NODES:
         build_node(L, role, ip_of(NODES[role]["underlay"]), ip_of(NODES[other(role)]["underlay"]),
                    UNDERLAY_DEV, host=role)

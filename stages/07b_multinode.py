@@ -93,7 +93,7 @@ LESSON = Lesson(
 def pod_call(L, node):
     path = cnikit.cni_conf_file(conf_dir(node), net_name(node))
     net = cnikit.cni_parse(json.dumps(node_conflist(node)).encode(), path) if L.r.dry_run else None
-    return cnikit.CniCall(NODES[node]["pod"], conf=path, net=net, host=node, print_result=not L.r.quiet)
+    return cnikit.CniCall(NODES[node]["pod"], conf=path, net=net, ns=node, print_result=not L.r.quiet)
 
 
 def node_conflist(node):
@@ -135,7 +135,7 @@ def build(L, pods):
            "will know only what it is told); its address is the network address of the node's pod "
            "subnet, its MAC what the node publishes (flanneld: a node annotation)")
     for node in NODES:
-        cnikit.vxlan_add(r, VXLAN, VNI, local=underlay_ip(node), dev="eth0", mtu=MTU, host=node,
+        cnikit.vxlan_add(r, VXLAN, VNI, local=underlay_ip(node), dev="eth0", mtu=MTU, ns=node,
                          learning=False)
         r.run(ip("link", "set", "dev", VXLAN, "address", vtep_mac(node), ns=node))
         cnikit.ensure_addrs(r, VXLAN, [vtep(node) + "/32"], ns=node)
@@ -153,7 +153,7 @@ def build(L, pods):
               skip="fdb"):
         for node in NODES:
             for peer in peers(node):
-                cnikit.vxlan_fdb_add(r, VXLAN, vtep_mac(peer), underlay_ip(peer), host=node)
+                cnikit.vxlan_fdb_add(r, VXLAN, vtep_mac(peer), underlay_ip(peer), ns=node)
 
     if L.step("each node routes each peer's pod subnet into vxlan0, via that peer's VXLAN address "
               "(onlink: it is on no local subnet)", skip="routes"):

@@ -79,7 +79,7 @@ def pod_call(L, node, pod):
     if L.r.dry_run:
         conflist = cnikit.cni_conflist(net_name(node), NODES[node]["pods"], extra=extra(node))
         net = cnikit.cni_parse(json.dumps(conflist).encode(), path)
-    return cnikit.CniCall(pod, conf=path, net=net, host=node, print_result=not L.r.quiet)
+    return cnikit.CniCall(pod, conf=path, net=net, ns=node, print_result=not L.r.quiet)
 
 
 def host_end(pods, pod):

@@ -56,8 +56,8 @@ def setup(L):
         pitfall.node_with_pods(L, node, "br0", None, {spec["pod"]: spec["pod_addr"]}, mtu=OVERLAY_MTU,
                                new_node=False)
         cnikit.vxlan_add(r, "vxlan0", VNI, local=spec["underlay"].split("/")[0], dev="eth0",
-                         bridge_name="br0", mtu=OVERLAY_MTU, host=node)
-        cnikit.vxlan_fdb_add(r, "vxlan0", FLOOD, peer, host=node)
+                         bridge_name="br0", mtu=OVERLAY_MTU, ns=node)
+        cnikit.vxlan_fdb_add(r, "vxlan0", FLOOD, peer, ns=node)
     L.step(f"pod2 counts the bytes it receives on tcp/{PORT} and says how many")
     # -T: a connection the black hole stalled ends after 5 s idle instead of lingering
     r.spawn(in_netns(["socat", "-T", "5", f"TCP-LISTEN:{PORT},bind={POD2_IP},reuseaddr,fork", "SYSTEM:wc -c"], "pod2"))

@@ -67,7 +67,7 @@ def works(L, expect_fail=False):
 
 
 def breakage(L):
-    cnikit.nat_add(L.r, NODES["node1"]["subnet"], "eth0", host="node1")
+    cnikit.nat_add(L.r, NODES["node1"]["subnet"], "eth0", ns="node1")
 
 
 def reveal(L):

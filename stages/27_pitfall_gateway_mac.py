@@ -52,9 +52,9 @@ def _pod(L, pod, cidr):
     """A pod as the plugin's ADD makes it: a veth into its namespace, the host end on the bridge."""
     r = L.r
     cnikit.netns_add(r, pod, lo_up=True)
-    cnikit.veth_add(r, f"veth-{pod}", "eth0", netns=pod, peer_addr=cidr, host=NODE)
+    cnikit.veth_add(r, f"veth-{pod}", "eth0", netns=pod, peer_addr=cidr, ns=NODE)
     r.run(ip("link", "set", "dev", f"veth-{pod}", "address", PORT_MACS[pod], ns=NODE))
-    cnikit.bridge_attach(r, BRIDGE, [f"veth-{pod}"], host=NODE)
+    cnikit.bridge_attach(r, BRIDGE, [f"veth-{pod}"], ns=NODE)
 
 
 def setup(L):

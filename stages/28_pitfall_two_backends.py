@@ -57,7 +57,7 @@ def setup(L):
            "back); the node's own rules accept the pod's forwarded traffic, as a CNI plugin's do")
     pitfall.node_with_pods(L, NODE, BRIDGE, GATEWAY, PODS)
     cnikit.netns_add(r, SERVER, lo_up=True)
-    cnikit.veth_add(r, UPLINK, "eth0", netns=SERVER, addr=UPLINK_ADDR, peer_addr=SERVER_ADDR, host=NODE)
+    cnikit.veth_add(r, UPLINK, "eth0", netns=SERVER, addr=UPLINK_ADDR, peer_addr=SERVER_ADDR, ns=NODE)
     cnikit.route_add(r, SUBNET, via=UPLINK_IP, ns=SERVER)
     L.sysctl("net.ipv4.ip_forward", 1, ns=NODE)
     for spec in NODE_RULES:

@@ -61,18 +61,18 @@ def node_with_pods(L, node, bridge_name, gateway, pods, mtu=None, default_route=
     r = L.r
     if new_node:
         cnikit.netns_add(r, node, lo_up=True)
-    cnikit.bridge_add(r, bridge_name, addr=gateway, host=node)
+    cnikit.bridge_add(r, bridge_name, addr=gateway, ns=node)
     for pod, cidr in pods.items():
         cnikit.netns_add(r, pod, lo_up=True)
-        cnikit.veth_add(r, f"veth-{pod}", "eth0", netns=pod, peer_addr=cidr, mtu=mtu, host=node)
-        cnikit.bridge_attach(r, bridge_name, [f"veth-{pod}"], host=node)
+        cnikit.veth_add(r, f"veth-{pod}", "eth0", netns=pod, peer_addr=cidr, mtu=mtu, ns=node)
+        cnikit.bridge_attach(r, bridge_name, [f"veth-{pod}"], ns=node)
         if default_route and gateway:
             cnikit.route_add(r, "default", via=gateway.split("/")[0], ns=pod)
 
 
 def link_between(L, left, left_dev, left_cidr, right, right_dev, right_cidr):
     """A veth between two namespaces, addressed at both ends: a cable between machines."""
-    cnikit.veth_add(L.r, left_dev, right_dev, netns=right, addr=left_cidr, peer_addr=right_cidr, host=left)
+    cnikit.veth_add(L.r, left_dev, right_dev, netns=right, addr=left_cidr, peer_addr=right_cidr, ns=left)
 
 
 def doctor(L, lab, expect=None):

@@ -145,7 +145,7 @@ def test_veth_add_with_ipv6_addresses():
 
 
 def test_veth_add_inside_a_host_namespace():
-    r = plan(step(cnikit.veth_add, "v1", "v2", host="node1"), given=[step(cnikit.netns_add, "node1")])
+    r = plan(step(cnikit.veth_add, "v1", "v2", ns="node1"), given=[step(cnikit.netns_add, "node1")])
     assert lines(r) == ["ip -n node1 link add v1 type veth peer name v2",
                         "ip -n node1 link set dev v1 alias cnikit",
                         "ip -n node1 link set dev v1 up",
@@ -166,8 +166,8 @@ def test_veth_add_twice_in_one_plan_plans_it_once():
 def test_veth_del_after_add_in_one_plan():
     r = plan(step(cnikit.veth_add, "v0", "v1"), step(cnikit.veth_del, "v0"))
     assert lines(r)[-1:] == ["ip link del v0"] and len(lines(r)) == 5
-    r = plan(step(cnikit.veth_del, "v0", host="node1"),
-             given=[step(cnikit.netns_add, "node1"), step(cnikit.veth_add, "v0", "v1", host="node1")])
+    r = plan(step(cnikit.veth_del, "v0", ns="node1"),
+             given=[step(cnikit.netns_add, "node1"), step(cnikit.veth_add, "v0", "v1", ns="node1")])
     assert lines(r) == ["ip -n node1 link del v0"]
     assert lines(plan(step(cnikit.veth_del, "v0"))) == []        # nothing there: nothing to delete
 
@@ -183,7 +183,7 @@ def test_bridge_add():
 
 
 def test_bridge_add_with_address_and_mtu_in_a_host_namespace():
-    r = plan(step(cnikit.bridge_add, "br0", addr="10.0.0.1/24", mtu=1400, host="node1"),
+    r = plan(step(cnikit.bridge_add, "br0", addr="10.0.0.1/24", mtu=1400, ns="node1"),
              given=[step(cnikit.netns_add, "node1")])
     assert lines(r) == [f"ip -n node1 link add br0 address {mac('br0', 'node1')} mtu 1400 type bridge",
                         "ip -n node1 link set dev br0 alias cnikit",
@@ -216,8 +216,8 @@ def test_bridge_add_twice_in_one_plan_brings_it_up_once():
 
 def test_bridge_del():
     assert lines(plan(step(cnikit.bridge_add, "br0"), step(cnikit.bridge_del, "br0")))[3:] == ["ip link del br0"]
-    assert lines(plan(step(cnikit.bridge_del, "br0", host="node1"),
-                      given=[step(cnikit.netns_add, "node1"), step(cnikit.bridge_add, "br0", host="node1")])) == \
+    assert lines(plan(step(cnikit.bridge_del, "br0", ns="node1"),
+                      given=[step(cnikit.netns_add, "node1"), step(cnikit.bridge_add, "br0", ns="node1")])) == \
         ["ip -n node1 link del br0"]
 
 
@@ -260,8 +260,8 @@ def test_nat_add():
 
 
 def test_nat_add_inside_a_host_namespace():
-    r = plan(step(cnikit.nat_add, "10.0.0.0/24", "uplink", host="inet"),
-             given=[step(cnikit.netns_add, "inet"), step(cnikit.veth_add, "uplink", "uplink-peer", host="inet")])
+    r = plan(step(cnikit.nat_add, "10.0.0.0/24", "uplink", ns="inet"),
+             given=[step(cnikit.netns_add, "inet"), step(cnikit.veth_add, "uplink", "uplink-peer", ns="inet")])
     assert lines(r) == [line.replace("sysctl ", "ip netns exec inet sysctl ", 1)
                         .replace("iptables ", "ip netns exec inet iptables ", 1) for line in NAT_ADD]
     assert {ns for _, _, ns, _ in made(r)} == {"inet"}
@@ -325,9 +325,9 @@ def test_vxlan_add_over_a_planned_underlay_takes_its_mtu_minus_50():
 
 def test_vxlan_add_with_every_option():
     r = plan(step(cnikit.vxlan_add, "vx0", 7, group="239.1.1.1", local="192.0.2.1", dev="eth0", dstport=8472,
-                  bridge_name="br0", mtu=1400, host="node1", learning=False),
-             given=[step(cnikit.netns_add, "node1"), step(cnikit.bridge_add, "br0", host="node1"),
-                    step(cnikit.veth_add, "eth0", "eth1", host="node1")])
+                  bridge_name="br0", mtu=1400, ns="node1", learning=False),
+             given=[step(cnikit.netns_add, "node1"), step(cnikit.bridge_add, "br0", ns="node1"),
+                    step(cnikit.veth_add, "eth0", "eth1", ns="node1")])
     assert lines(r) == ["ip -n node1 link add vx0 mtu 1400 type vxlan id 7 dstport 8472 group 239.1.1.1 "
                         "local 192.0.2.1 dev eth0 nolearning",
                         "ip -n node1 link set dev vx0 alias cnikit",
@@ -346,9 +346,9 @@ def test_vxlan_add_twice_in_one_plan_and_del():
 
 def test_vxlan_fdb_add():
     r = plan(step(cnikit.vxlan_fdb_add, "vx0", "02:00:00:00:00:02", "192.0.2.2"),
-             step(cnikit.vxlan_fdb_add, "vx0", "02:00:00:00:00:02", "192.0.2.2", host="node1"),
+             step(cnikit.vxlan_fdb_add, "vx0", "02:00:00:00:00:02", "192.0.2.2", ns="node1"),
              given=[step(cnikit.vxlan_add, "vx0", 42, mtu=1400), step(cnikit.netns_add, "node1"),
-                    step(cnikit.vxlan_add, "vx0", 42, mtu=1400, host="node1")])
+                    step(cnikit.vxlan_add, "vx0", 42, mtu=1400, ns="node1")])
     assert lines(r) == ["bridge fdb append 02:00:00:00:00:02 dev vx0 dst 192.0.2.2",
                         "bridge -n node1 fdb append 02:00:00:00:00:02 dev vx0 dst 192.0.2.2"]
     # an entry lives in its device: nothing of its own to undo
@@ -452,12 +452,12 @@ CLI_AND_LIBRARY = [
       "--mtu", "1400"],
      step(cnikit.veth_add, "v0", "eth0", netns="ns1", addr="10.0.0.1/24", peer_addr="10.0.0.2/24", mtu=1400)),
     (["-n", "node1", "bridge", "add", "br0", "--addr", "10.0.0.1/24"],
-     step(cnikit.bridge_add, "br0", addr="10.0.0.1/24", host="node1")),
+     step(cnikit.bridge_add, "br0", addr="10.0.0.1/24", ns="node1")),
     (["nat", "add", "10.0.0.0/24", "--out", "uplink"], step(cnikit.nat_add, "10.0.0.0/24", "uplink")),
     (["vxlan", "add", "vx0", "--id", "42", "--remote", "192.0.2.2", "--mtu", "1400", "--bridge", "br0"],
      step(cnikit.vxlan_add, "vx0", 42, remote="192.0.2.2", bridge_name="br0", mtu=1400)),
     (["-n", "node1", "vxlan", "fdb", "add", "vx0", "02:00:00:00:00:02", "--dst", "192.0.2.2"],
-     step(cnikit.vxlan_fdb_add, "vx0", "02:00:00:00:00:02", "192.0.2.2", host="node1")),
+     step(cnikit.vxlan_fdb_add, "vx0", "02:00:00:00:00:02", "192.0.2.2", ns="node1")),
     (["netns", "add", "ns1", "--lo-up"], step(cnikit.netns_add, "ns1", lo_up=True)),
     (["netns", "del", "ns1"], step(cnikit.netns_del, "ns1")),
     (["veth", "del", "v0"], step(cnikit.veth_del, "v0")),

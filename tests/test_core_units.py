@@ -70,7 +70,7 @@ def test_argv_builders_are_plain_iproute2():
     assert cnikit.veth_add_argv("v0", "eth0", netns="ns1", mtu=1400) == \
         ["ip", "link", "add", "v0", "mtu", "1400", "type", "veth", "peer", "name", "eth0", "mtu", "1400",
          "netns", "ns1"]
-    assert cnikit.vxlan_add_argv("vx0", 42, 1450, remote="192.0.2.2", dev="eth0", host="node1") == \
+    assert cnikit.vxlan_add_argv("vx0", 42, 1450, remote="192.0.2.2", dev="eth0", ns="node1") == \
         ["ip", "-n", "node1", "link", "add", "vx0", "mtu", "1450", "type", "vxlan", "id", "42", "dstport",
          "4789", "remote", "192.0.2.2", "dev", "eth0"]
     assert cnikit.netns_add_argv("ns1") == [["ip", "netns", "add", "ns1"],
