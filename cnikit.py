@@ -588,6 +588,16 @@ class Journal:
 
 # ---------------------------------------------------------------- state: the live kernel, or a plan's picture
 
+def json_answer(ok, out):
+    """A look-up's (ok, stdout) read as JSON (`ip -j ...`); None when it failed or said nothing."""
+    if not ok or not out.strip():
+        return None
+    try:
+        return json.loads(out)
+    except ValueError:
+        return None
+
+
 def _route_covers(cidr, addr):
     try:
         return ipaddress.ip_address(addr) in ipaddress.ip_interface(cidr).network
@@ -764,13 +774,7 @@ class LiveState(State):
         return proc.returncode == 0, proc.stdout
 
     def query_json(self, argv, what=None):
-        ok, out = self.query(argv, what)
-        if not ok or not out.strip():
-            return None
-        try:
-            return json.loads(out)
-        except ValueError:
-            return None
+        return json_answer(*self.query(argv, what))
 
     def netns_names(self):
         return sorted(n["name"] for n in self.query_json(ip("-j", "netns", "list")) or [])
@@ -1610,13 +1614,7 @@ class Runner:
         return proc.returncode == 0, proc.stdout
 
     def query_json(self, argv):
-        ok, out = self.query(argv)
-        if not ok or not out.strip():
-            return None
-        try:
-            return json.loads(out)
-        except ValueError:
-            return None
+        return json_answer(*self.query(argv))
 
     def rollback(self, since=0, why="rolling back what this command created"):
         """Undo, newest first, what this invocation made (the changes recorded after the
