@@ -19,8 +19,8 @@ container with `docker exec ... --role`, proves the overlay, and removes all it 
     python3 stages/06_vxlan.py --docker        # (sudo unless you are in the docker group)
     python3 stages/06_vxlan.py --docker --down # what a killed run left (by its label)
 
-The per-node steps are one function, build_node(), called with host=<node namespace>
-in the sandbox and host=None on a real machine (or in a container).
+The per-node steps are one function, build_node(), called with ns=<node namespace>
+in the sandbox and ns=None on a real machine (or in a container).
 """
 import os
 import signal
@@ -79,36 +79,36 @@ LESSON = Lesson(
 
 # ---------------------------------------------------------------- one node's half
 
-def build_node(L, role, underlay_ip, peer_ip, underlay_dev, host=None):
+def build_node(L, role, underlay_ip, peer_ip, underlay_dev, ns=None):
     """Everything ROLE's node needs: its pod on br0, and vxlan0 on br0 tunnelling to
-    PEER_IP from UNDERLAY_IP over UNDERLAY_DEV. HOST is the node's namespace in the
+    PEER_IP from UNDERLAY_IP over UNDERLAY_DEV. NS is the node's namespace in the
     sandbox, None on a real machine (the Vagrant VMs run exactly this)."""
     r, node = L.r, NODES[role]
     pod, veth = node["pod"], f"veth-{node['pod']}"
-    where = f" on {host}" if host else ""
+    where = f" on {ns}" if ns else ""
     # A pod's packet grows by 50 bytes on the underlay (its own Ethernet header 14 rides inside,
     # then VXLAN 8, UDP 8, outer IPv4 20): the overlay's MTU is the underlay's - 50.
-    mtu = cnikit.underlay_mtu(r, underlay_dev, ns=host) - cnikit.VXLAN_OVERHEAD
+    mtu = cnikit.underlay_mtu(r, underlay_dev, ns=ns) - cnikit.VXLAN_OVERHEAD
 
     L.step(f"{role}: its pod {pod} ({node['pod_addr']}) on a bridge{where}, MTU {mtu} so a full "
            "pod packet still fits in the tunnel")
     cnikit.netns_add(r, pod, lo_up=True)
-    cnikit.bridge_add(r, BRIDGE, ns=host)
-    cnikit.veth_add(r, veth, "eth0", netns=pod, peer_addr=node["pod_addr"], mtu=mtu, ns=host)
-    cnikit.bridge_attach(r, BRIDGE, [veth], ns=host)
+    cnikit.bridge_add(r, BRIDGE, ns=ns)
+    cnikit.veth_add(r, veth, "eth0", netns=pod, peer_addr=node["pod_addr"], mtu=mtu, ns=ns)
+    cnikit.bridge_attach(r, BRIDGE, [veth], ns=ns)
 
     if not L.step(f"{role}: vxlan0 (VNI {VNI}, UDP {PORT}) from {underlay_ip} on {underlay_dev}, a port "
                   "of br0: frames the bridge sends into it leave as UDP on the underlay", skip="vxlan"):
         return
     cnikit.vxlan_add(r, VXLAN, VNI, local=underlay_ip, dev=underlay_dev, dstport=PORT,
-                     bridge_name=BRIDGE, mtu=mtu, ns=host)
+                     bridge_name=BRIDGE, mtu=mtu, ns=ns)
 
     if L.step(f"{role}: the flood entry: frames for MACs vxlan0 does not know yet (ARP "
               f"broadcasts) go to the peer {peer_ip}", skip="fdb"):
-        cnikit.vxlan_fdb_add(r, VXLAN, FLOOD, peer_ip, ns=host)
+        cnikit.vxlan_fdb_add(r, VXLAN, FLOOD, peer_ip, ns=ns)
 
 
-def verify_pods(L, role, peer_ip, underlay_dev, host=None, peer_node=None):
+def verify_pods(L, role, peer_ip, underlay_dev, ns=None, peer_node=None):
     """From ROLE's pod, ping the other node's pod; prove the frames were encapsulated
     (tcpdump on the underlay when installed, vxlan0's counters always) and that
     vxlan0 learned the remote pod's MAC behind PEER_IP (that pod's own MAC when
@@ -122,14 +122,14 @@ def verify_pods(L, role, peer_ip, underlay_dev, host=None, peer_node=None):
               "8 bytes of UDP header, 8 of VXLAN header and 12 of inner MAC addresses) carrying ICMP "
               "(`udp[39] = 1`: the inner IPv4 header's protocol byte, 9 bytes into it); the pods' IPv6 "
               "chatter is left out")
-        capture = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", underlay_dev, "-c", "2", CAPTURE], host))
+        capture = r.spawn(in_netns(["tcpdump", "--immediate-mode", "-lni", underlay_dev, "-c", "2", CAPTURE], ns))
         if capture is not None and read_until(capture, "listening on", "stderr") is None:
             L.say("tcpdump did not start; the counters below are the proof")
     else:
         L.say("tcpdump (Debian package tcpdump) is not installed: vxlan0's counters are the proof")
-    before = _counters(r, host)
+    before = _counters(r, ns)
     L.check(f"{pod} on {role} reaches {target} on {other(role)}", L.ping(target, pod))
-    after = _counters(r, host)
+    after = _counters(r, ns)
 
     if capture is not None:
         out, _ = r.stop(capture, wait=CAPTURE_WAIT)
@@ -138,21 +138,21 @@ def verify_pods(L, role, peer_ip, underlay_dev, host=None, peer_node=None):
         # ICMP echo, wrapped in UDP between the two underlay addresses.
         L.check(f"the underlay carried {pod}'s ping inside UDP {PORT} (VNI {VNI}) to {peer_ip}",
                 f"> {peer_ip}.{PORT}: VXLAN" in out and f"vni {VNI}" in out and "ICMP echo request" in out)
-    r.probe(ip("-s", "link", "show", "dev", VXLAN, ns=host))
+    r.probe(ip("-s", "link", "show", "dev", VXLAN, ns=ns))
     L.check(f"vxlan0 sent and received packets during the ping (tx {before[0]}->{after[0]}, "
             f"rx {before[1]}->{after[1]})", after[0] > before[0] and after[1] > before[1])
 
-    check_learned(L, role, peer_ip, host, peer_node)
+    check_learned(L, role, peer_ip, ns, peer_node)
 
 
-def check_learned(L, role, peer_ip, host=None, peer_node=None):
+def check_learned(L, role, peer_ip, ns=None, peer_node=None):
     """ROLE's vxlan0 learned, from the ping, a MAC behind PEER_IP: the other pod's own
     eth0 MAC when PEER_NODE (the other node's namespace) can be looked at from here (the
     sandbox), any remote MAC otherwise (the other pod lives on another machine)."""
     r = L.r
     L.say(f"{role}'s vxlan0 forwarding table: `self` lines say behind which underlay address a MAC "
           f"lives (learned from the source of what arrived); {FLOOD} is the flood entry")
-    _, fdb = r.probe(bridge("fdb", "show", "dev", VXLAN, ns=host))
+    _, fdb = r.probe(bridge("fdb", "show", "dev", VXLAN, ns=ns))
     learned = [line.split()[0] for line in fdb.splitlines()
                if f"dst {peer_ip}" in line and not line.startswith(FLOOD)]
     if peer_node is None:
@@ -173,9 +173,9 @@ def check_learned(L, role, peer_ip, host=None, peer_node=None):
                   f"flooded to {role}, and vxlan0 learned their source like any other")
 
 
-def _counters(r, host):
+def _counters(r, ns):
     """(tx_packets, rx_packets) of vxlan0: a look-up, not a step."""
-    data = r.query_json(ip("-s", "-j", "link", "show", "dev", VXLAN, ns=host)) or [{}]
+    data = r.query_json(ip("-s", "-j", "link", "show", "dev", VXLAN, ns=ns)) or [{}]
     stats = data[0].get("stats64", {})
     return stats.get("tx", {}).get("packets", 0), stats.get("rx", {}).get("packets", 0)
 
@@ -192,13 +192,13 @@ def build(L):
                     peer_addr=NODES["node2"]["underlay"], ns="node1")
     for role in NODES:
         build_node(L, role, ip_of(NODES[role]["underlay"]), ip_of(NODES[other(role)]["underlay"]),
-                   UNDERLAY_DEV, host=role)
+                   UNDERLAY_DEV, ns=role)
 
 
 def verify(L):
-    verify_pods(L, "node1", ip_of(NODES["node2"]["underlay"]), UNDERLAY_DEV, host="node1", peer_node="node2")
+    verify_pods(L, "node1", ip_of(NODES["node2"]["underlay"]), UNDERLAY_DEV, ns="node1", peer_node="node2")
     # node2 learned too, from the frames that came in: pod1's MAC behind node1.
-    check_learned(L, "node2", ip_of(NODES["node1"]["underlay"]), host="node2", peer_node="node1")
+    check_learned(L, "node2", ip_of(NODES["node1"]["underlay"]), ns="node2", peer_node="node1")
 
 
 # ---------------------------------------------------------------- a real host: one node
