@@ -92,6 +92,7 @@ PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "iptables": "iptables", "sys
             "ping": "iputils-ping", "socat": "socat", "tcpdump": "tcpdump", "conntrack": "conntrack",
             "ss": "iproute2", "nsenter": "util-linux"}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")      # on root's PATH, not on a user's
 # The oldest Python cnikit runs on (shlex.join, as pyproject's requires-python says); 3.6 and 3.7
 # still parse this file, so main() tells them in one line.
 PYTHON_MIN = (3, 8)
@@ -439,9 +440,12 @@ def bridge_forward_rule(name):
 # ---------------------------------------------------------------- changes: what a command makes, and the journal
 
 def which(tool):
-    """TOOL's path on PATH, or None: shutil.which's answer for a plain name, without importing
-    shutil (a CLI start counts every module; see bench/cli_start.py)."""
-    for directory in [""] if os.path.dirname(tool) else os.environ.get("PATH", os.defpath).split(os.pathsep):
+    """TOOL's path on PATH, else in the sbin directories root's PATH has (an ordinary user's PATH
+    on Debian lacks them, and iptables and sysctl live there: a dry run plans for root), or None.
+    shutil.which's answer for a plain name, without importing shutil (a CLI start counts every
+    module; see bench/cli_start.py)."""
+    path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    for directory in [""] if os.path.dirname(tool) else path + [d for d in SBIN_DIRS if d not in path]:
         path = os.path.join(directory or os.curdir, tool) if directory else tool
         if os.access(path, os.X_OK) and not os.path.isdir(path):
             return path
@@ -1256,8 +1260,16 @@ def _spawn_and_wait(argv, input=None, env=None, timeout=None):
     held = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT})
     try:
         try:
-            pid = os.posix_spawnp(argv[0], argv, os.environ if env is None else env, file_actions=actions,
-                                  setsigmask=(), setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
+            how = dict(file_actions=actions, setsigmask=(), setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
+            try:
+                pid = os.posix_spawnp(argv[0], argv, os.environ if env is None else env, **how)
+            except FileNotFoundError:
+                # a tool in sbin, for a user whose PATH lacks it (`sysctl -n` reads as anyone)
+                sbin = [os.path.join(d, argv[0]) for d in SBIN_DIRS if "/" not in argv[0]]
+                exe = next((p for p in sbin if os.access(p, os.X_OK)), None)
+                if not exe:
+                    raise
+                pid = os.posix_spawn(exe, argv, os.environ if env is None else env, **how)
         finally:
             _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
         for fd in (out_w, err_w, in_r):

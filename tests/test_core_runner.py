@@ -38,7 +38,8 @@ def test_failing_command_rolls_back_what_was_created_in_order(tmp_path, monkeypa
 
 @pytest.mark.noroot
 def test_missing_binary_names_the_debian_package(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))          # a PATH without iptables
+    monkeypatch.setenv("PATH", str(tmp_path))          # a PATH without iptables,
+    monkeypatch.setattr(cnikit, "SBIN_DIRS", ())        # and no sbin to fall back on
     with pytest.raises(cnikit.CnikitError, match="Debian package iptables"):
         cnikit.Runner(out=io.StringIO()).run(["iptables", "-t", "nat", "-S"])
 
@@ -72,19 +73,20 @@ def test_a_command_past_its_timeout_is_killed_and_reported(tmp_path):
         os.kill(int(pidfile.read_text()), 0)
 
 
-def test_missing_tool_is_named_before_anything_changes(tmp_path):
-    # A PATH with ip but without iptables/sysctl: nat add must refuse up front.
+def test_missing_tool_is_named_before_anything_changes(tmp_path, monkeypatch, capsys):
+    # A PATH with ip but without iptables/sysctl (and no sbin to fall back on): nat add must
+    # refuse up front.
     bindir = tmp_path / "bin"
     bindir.mkdir()
     os.symlink("/usr/sbin/ip", bindir / "ip")
     before = snapshot()
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, cnikit.__file__, "nat", "add", "10.9.0.0/24", "--out", "lo"],
-                          capture_output=True, text=True, env={"PATH": str(bindir)})
-    assert proc.returncode == 2
-    assert "iptables not found" in proc.stderr and "apt-get install iptables" in proc.stderr
-    assert proc.stderr.count("\n") == 1
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setattr(cnikit, "SBIN_DIRS", ())
+    assert cnikit.main(["nat", "add", "10.9.0.0/24", "--out", "lo"]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "iptables not found" in err and "apt-get install iptables" in err
+    assert err.count("\n") == 1
     assert snapshot() == before
 
 
@@ -139,3 +141,19 @@ def test_cache_write_failure_is_one_line_and_rolled_back(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "ADD failed: DEL the whole chain" in proc.stdout
     assert "eth0" not in links("pod1")
+
+
+@pytest.mark.noroot
+def test_a_tool_in_sbin_is_found_and_run_for_a_user_whose_path_lacks_sbin(tmp_path, monkeypatch):
+    # Debian gives an ordinary user no sbin on PATH; iptables and sysctl live there
+    sbin, bin_ = tmp_path / "sbin", tmp_path / "bin"
+    sbin.mkdir(), bin_.mkdir()
+    (sbin / "cnikit-tool").write_text("#!/bin/sh\necho from sbin \"$@\"\n")
+    (sbin / "cnikit-tool").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))
+    monkeypatch.setattr(cnikit, "SBIN_DIRS", (str(sbin),))
+    assert cnikit.which("cnikit-tool") == str(sbin / "cnikit-tool")
+    assert cnikit.Runner(out=io.StringIO()).execute(["cnikit-tool", "-n"]).stdout == "from sbin -n\n"
+    (bin_ / "cnikit-tool").write_text("#!/bin/sh\necho from PATH\n")
+    (bin_ / "cnikit-tool").chmod(0o755)
+    assert cnikit.Runner(out=io.StringIO()).execute(["cnikit-tool"]).stdout == "from PATH\n"   # PATH first

@@ -127,7 +127,13 @@ def test_delegated_ipam_error_code_is_passed_through(plugin, fp):
 
 
 @pytest.mark.noroot
-def test_del_falls_back_to_iptables_save_when_the_known_rules_are_gone(plugin, fp):
+def test_del_falls_back_to_iptables_save_when_the_known_rules_are_gone(plugin, fp, tmp_path, monkeypatch):
+    # the plugin looks for the tools on PATH before it calls them (fp answers the calls): give it
+    # a PATH that has them, whatever this machine and user have
+    for tool in ("iptables-save", "iptables-restore"):
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
     fp.register(["iptables-restore", "-w", "--noflush"], returncode=1, stderr="Bad rule")
     chain = plugin.chain_name("unit", "p1", "eth0")
     saved = (f"*filter\n:FORWARD DROP [0:0]\n:{chain} - [0:0]\n-A FORWARD -s 10.244.0.5/32 -i cni0 -j {chain}\n"
