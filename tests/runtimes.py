@@ -220,7 +220,9 @@ class Containerd:
         if self.cri:
             self("-n", CRI_NAMESPACE, "images", "import",
                  docker_archive(os.path.join(self.dir, "pause.tar"), PAUSE_IMAGE, PAUSE_CMD))
-        proc = self("run", "--rm", IMAGE, "probe", "true", check=False)
+        # runc keeps its state under /run/containerd/runc/<namespace>/<id> whatever containerd's own
+        # state dir: an id of this process's, or two containerds at once (two workers) collide there
+        proc = self("run", "--rm", IMAGE, f"probe-{os.getpid()}", "true", check=False)
         if proc.returncode != 0:
             return f"containerd cannot start a container here (even without a network): {proc.stderr.strip()[-300:]}"
         return None
