@@ -71,7 +71,7 @@ check:
 	  echo "make check: $(VENV) belongs to $$(stat -L -c %U $(VENV)) and lacks pytest, pytest-subprocess or sh: sudo make deps (or sudo rm -rf $(VENV)), then make check"; \
 	  exit 2; fi
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
-	  echo "make check: $(PYTHON) -m venv failed: sudo apt-get install python3-venv, then make check"; exit 2; }
+	  echo "make check: $(PYTHON) -m venv failed: sudo apt-get install --no-install-recommends python3-venv, then make check"; exit 2; }
 	@$(VPY) -c 'import pytest, pytest_subprocess, sh' 2>/dev/null || $(VPY) -m pip install -q $(PY_CHECK_PKGS)
 	$(VPY) -m pytest -p no:cacheprovider -m noroot $(NOROOT_FILES) $(PYTEST_ARGS)
 
